@@ -1,0 +1,391 @@
+"""Hugging Face checkpoints in and out: config.json + (sharded) safetensors, FP8 block dequantisation,
+and the one table that maps HF tensor names to ours.
+
+Loading memory-maps each safetensors file, copies every tensor straight into its (pre-allocated) model
+parameter and drops the mapped pages again, so peak memory stays near the model's own size.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import Config
+from .model import Gate, Rope, Transformer
+
+# HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
+LAYER_MODULES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn.wq", "self_attn.q_a_proj": "attn.wq_a", "self_attn.q_a_layernorm": "attn.q_norm",
+    "self_attn.q_b_proj": "attn.wq_b", "self_attn.kv_a_proj_with_mqa": "attn.wkv_a",
+    "self_attn.kv_a_layernorm": "attn.kv_norm", "self_attn.kv_b_proj": "attn.wkv_b",
+    "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv", "self_attn.o_proj": "attn.wo",
+    "mlp.gate_proj": "ffn.w1", "mlp.up_proj": "ffn.w3", "mlp.down_proj": "ffn.w2",
+    "mlp.gate": "ffn.gate", "mlp.shared_experts.gate_proj": "ffn.shared.w1",
+    "mlp.shared_experts.up_proj": "ffn.shared.w3", "mlp.shared_experts.down_proj": "ffn.shared.w2",
+}
+TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
+MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+           "shared_head.norm.weight": "norm.weight"}
+MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of the model's own: not loaded
+EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+EXPERT_W = {"gate": "w1", "up": "w3", "down": "w2"}
+GATE_BIAS = ("e_score_correction_bias", "bias")  # the router's balancing bias: HF name, ours
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def hf_to_ours(name: str, c: Config) -> tuple[str, int | None] | None:
+    """HF tensor name -> (our parameter name, expert index or None); None for tensors we skip on purpose.
+    Raises KeyError for names that belong to no part of the model."""
+    if name in TOP:
+        return TOP[name], None
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if not m:
+        raise KeyError(name)
+    i, rest = int(m.group(1)), m.group(2)
+    if i < c.n_layers:
+        prefix = f"layers.{i}."
+    elif i < c.n_layers + c.n_mtp_layers:
+        prefix = f"mtp.{i - c.n_layers}."
+        if rest in MTP_OWN:
+            return prefix + MTP_OWN[rest], None
+        if rest in MTP_SHARED:
+            return None
+        prefix += "block."
+    else:
+        raise KeyError(name)
+    if em := EXPERT.fullmatch(rest):
+        return f"{prefix}ffn.experts.{EXPERT_W[em.group(2)]}", int(em.group(1))
+    module, param = rest.rsplit(".", 1)
+    if module not in LAYER_MODULES:
+        raise KeyError(name)
+    if module == "mlp.gate" and param == GATE_BIAS[0]:
+        param = GATE_BIAS[1]
+    return f"{prefix}{LAYER_MODULES[module]}.{param}", None
+
+
+def ours_to_hf(model: Transformer):
+    """Yield (HF name, tensor) for every tensor of the model, experts unstacked."""
+    c = model.config
+    inv_top = {v: k for k, v in TOP.items()}
+    inv_layer = {v: k for k, v in LAYER_MODULES.items()}
+    inv_mtp = {v: k for k, v in MTP_OWN.items()}
+    inv_expert = {v: k for k, v in EXPERT_W.items()}
+    for name, t in model.state_dict().items():
+        if name in inv_top:
+            if name == "head.weight" and c.tie_embeddings:
+                continue
+            yield inv_top[name], t
+            continue
+        kind, idx, rest = name.split(".", 2)
+        layer = int(idx) if kind == "layers" else c.n_layers + int(idx)
+        base = f"model.layers.{layer}."
+        if kind == "mtp":
+            if rest in inv_mtp:
+                yield base + inv_mtp[rest], t
+                continue
+            rest = rest.removeprefix("block.")
+        module, param = rest.rsplit(".", 1)
+        if module == "ffn.experts":
+            for e in range(t.shape[0]):
+                yield f"{base}mlp.experts.{e}.{inv_expert[param]}_proj.weight", t[e]
+        else:
+            if module == "ffn.gate" and param == GATE_BIAS[1]:
+                param = GATE_BIAS[0]
+            yield f"{base}{inv_layer[module]}.{param}", t
+
+
+# ---- reading safetensors ------------------------------------------------------------------------
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header; check every tensor lies inside the file. -> ({name: entry}, data start)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = struct.unpack("<Q", raw)[0]
+        if 8 + n > size:
+            raise ValueError(f"{path}: truncated safetensors file (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    for name, e in header.items():
+        if e.get("dtype") not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+        b, end = e["data_offsets"]
+        want = math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize
+        if end - b != want:
+            raise ValueError(f"{path}: tensor {name!r} has {end - b} bytes, its shape {e['shape']} needs {want}")
+        if 8 + n + end > size:
+            raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {8 + n + end}, "
+                             f"file has {size} (re-download or re-save the checkpoint)")
+    return header, 8 + n
+
+
+class SafetensorsFile:
+    """One memory-mapped safetensors file. `get` returns a zero-copy view; `release` drops its pages."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self.start = read_header(path)
+        self.f = open(path, "rb")
+        self.mm = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.header[name]
+        dtype = DTYPES[e["dtype"]]
+        b, end = e["data_offsets"]
+        if end == b:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(self.mm, dtype=dtype, count=(end - b) // dtype.itemsize,
+                                offset=self.start + b).view(e["shape"])
+
+    def release(self, name: str):
+        b, end = self.header[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        lo = (self.start + b) // page * page
+        if end > b:
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, self.start + end - lo)
+
+    def close(self):
+        if self.mm is not None:
+            self.mm.close()
+        self.f.close()
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors.index.json or the single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = {name: path / f for name, f in weight_map.items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: shard named in {index.name} is missing")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return {name: single for name in read_header(single)[0]}
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ValueError(f"{path}: only pickle weights (*.bin/*.pt) found; sobre loads safetensors only "
+                         "(pickles can run code). Convert them with a trusted tool first.")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 weight [rows, cols] times its per-block scale [ceil(rows/br), ceil(cols/bc)] -> fp32 [rows, cols]."""
+    rows, cols = w.shape
+    br, bc = block
+    if scale_inv.shape != (math.ceil(rows / br), math.ceil(cols / bc)):
+        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {(rows, cols)} in {block} blocks")
+    s = scale_inv.float().repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    return w.float() * s
+
+
+def fp8_block(hf: dict, source: str) -> tuple[int, int] | None:
+    q = hf.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"{source}: quantization_config {q} is not supported (only fp8 e4m3 block-scaled)")
+    block = tuple(q.get("weight_block_size") or (128, 128))
+    if len(block) != 2:
+        raise ValueError(f"{source}: quantization_config.weight_block_size must be [rows, cols]")
+    return block
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A local directory, or a Hugging Face Hub id fetched with huggingface_hub."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ValueError(f"{p}: expected a model directory (config.json + safetensors), got a file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.md"]))
+    raise FileNotFoundError(f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')")
+
+
+def load(path, dtype: torch.dtype | None = None, device=None, **overrides) -> Transformer:
+    """Load an HF checkpoint directory (or Hub id) into a sobre Transformer."""
+    path = resolve(path)
+    hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+    if hf is None:
+        raise FileNotFoundError(f"{path}: no config.json")
+    c = Config.from_hf(hf, str(path / "config.json")).replace(**overrides)
+    block = fp8_block(hf, str(path / "config.json"))
+    if dtype is None:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            hf.get("dtype", hf.get("torch_dtype")), torch.float32)
+    with torch.device("meta"):
+        model = Transformer(c)
+    model = model.to(dtype).to_empty(device="cpu")
+    model.rope = Rope(c)
+    if c.tie_embeddings:  # to_empty allocates every parameter afresh, untying them
+        model.head.weight = model.embed.weight
+    for m in model.modules():  # the router runs in fp32, as in the reference code and transformers
+        if isinstance(m, Gate):
+            m.weight.data = m.weight.data.float()
+            if m.bias is not None:
+                m.bias = m.bias.float()
+    load_weights(model, path, block)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None):
+    c = model.config
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    todo = {}  # our name -> expert indices still to fill (None for plain tensors)
+    for name, t in params.items():
+        if name.startswith("rope.") or t is None:
+            continue
+        todo[name] = set(range(t.shape[0])) if ".experts." in name else None
+    if c.tie_embeddings:
+        todo.pop("head.weight", None)
+    files = checkpoint_files(path)
+    opened: dict[Path, SafetensorsFile] = {}
+
+    def file(f):
+        if f not in opened:
+            opened[f] = SafetensorsFile(f)
+        return opened[f]
+
+    try:
+        for name, fpath in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
+            if name.endswith("weight_scale_inv"):
+                continue
+            try:
+                target = hf_to_ours(name, c)
+            except KeyError:
+                raise ValueError(f"{fpath}: unexpected tensor {name!r} (not part of a {c.arch} model with "
+                                 f"{c.n_layers} layers and {c.n_mtp_layers} MTP layers)") from None
+            if target is None or (target[0] == "head.weight" and c.tie_embeddings):
+                continue
+            ours, expert = target
+            src = file(fpath)
+            if name not in src.header:
+                raise ValueError(f"{fpath}: tensor {name!r} listed in the index is not in the file")
+            t = src.get(name)
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                sname = name.removesuffix("weight") + "weight_scale_inv"
+                if sname not in files:
+                    raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {sname!r}")
+                t = dequant_fp8(t, file(files[sname]).get(sname), block or (128, 128))
+            dst = params[ours] if expert is None else params[ours][expert]
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ValueError(f"{fpath}: tensor {name!r} has shape {tuple(t.shape)}, the model (from "
+                                 f"config.json) expects {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(t)
+            del t
+            src.release(name)
+            if expert is None:
+                todo.pop(ours, None)
+            elif ours in todo:
+                todo[ours].discard(expert)
+                if not todo[ours]:
+                    todo.pop(ours)
+    finally:
+        for f in opened.values():
+            f.close()
+    if todo:
+        missing = []
+        for ours, experts in todo.items():
+            missing += [n for n, _ in _hf_names(model, ours, experts)]
+        raise ValueError(f"{path}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
+                                                                    if len(missing) > 1 else ""))
+
+
+def _hf_names(model, ours, experts):
+    for hf_name, t in ours_to_hf(model):
+        target = hf_to_ours(hf_name, model.config)
+        if target and target[0] == ours and (experts is None or target[1] in experts):
+            yield hf_name, t
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes: int = 4 << 30,
+         tokenizer_dir=None):
+    """Write an HF directory (config.json, safetensors shards + index, model card) transformers loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    hf = c.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    shards, cur, size = [], {}, 0
+    for name, t in ours_to_hf(model):
+        t = t.detach().to("cpu", torch.float32 if name.endswith("e_score_correction_bias") else dtype)
+        cur[name] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+    if cur or not shards:
+        shards.append(cur)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        shard = {k: v.clone(memory_format=torch.contiguous_format) for k, v in shard.items()}  # no shared storage
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (Path(tokenizer_dir) / f).exists():
+                (path / f).write_bytes((Path(tokenizer_dir) / f).read_bytes())
+    (path / "README.md").write_text(model_card(model, dtype))
+    return path
+
+
+def model_card(model: Transformer, dtype) -> str:
+    from .stats import model_stats
+    c, s = model.config, model_stats(model.config)
+    return f"""---
+library_name: transformers
+license: apache-2.0
+tags: [sobre, {c.arch}, {"moe" if c.n_routed_experts else "dense"}]
+pipeline_tag: text-generation
+---
+
+# {c.arch} model exported by sobre
+
+A `{c.arch}` checkpoint in Hugging Face format written by [sobre](https://github.com/sobre-llm/sobre).
+transformers loads it with `AutoModelForCausalLM.from_pretrained(path)`; sobre with `sobre.load(path)`.
+
+| | |
+|---|---|
+| parameters | {s['params']:,} |
+| active parameters / token | {s['active_params']:,} |
+| layers | {c.n_layers} (+{c.n_mtp_layers} MTP) |
+| hidden size | {c.dim} |
+| routed experts | {c.n_routed_experts} (top-{c.n_activated_experts}) |
+| context | {c.max_seq_len} |
+| dtype | {str(dtype).removeprefix("torch.")} |
+"""

@@ -1,0 +1,389 @@
+"""One config dataclass for the whole model family, with the paper's names.
+
+HF `config.json` names live only at the boundary: `Config.from_hf` / `Config.to_hf` map them once, here.
+Supported `model_type`s: deepseek_v3 (V3, R1, V3.1), deepseek_v2 (V2, V2-Lite, V2.5), qwen2 and llama
+(the R1-Distill students).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
+
+
+@dataclass
+class Config:
+    arch: str = "deepseek_v3"
+    vocab_size: int = 512
+    dim: int = 64  # hidden_size
+    inter_dim: int = 128  # intermediate_size of dense FFNs
+    n_layers: int = 3
+    n_heads: int = 4
+    norm_eps: float = 1e-6
+    max_seq_len: int = 512  # max_position_embeddings
+    tie_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    # dense attention (qwen2 / llama): grouped-query heads
+    n_kv_heads: int = 0  # 0 -> n_heads
+    head_dim: int = 0  # 0 -> dim // n_heads
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # MLA (deepseek_v2 / v3)
+    q_lora_rank: int = 32  # 0 -> full-rank wq
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    # DeepSeekMoE
+    n_routed_experts: int = 8  # 0 -> every layer dense
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2  # num_experts_per_tok
+    moe_inter_dim: int = 32
+    n_dense_layers: int = 1  # first_k_dense_replace
+    moe_layer_freq: int = 1
+    n_expert_groups: int = 2  # n_group
+    n_limited_groups: int = 1  # topk_group
+    score_func: str = "sigmoid"  # sigmoid (V3) | softmax (V2)
+    topk_method: str = "noaux_tc"  # noaux_tc (V3) | greedy | group_limited_greedy (V2)
+    route_scale: float = 1.0  # routed_scaling_factor
+    norm_topk_prob: bool = True
+    # multi-token prediction
+    n_mtp_layers: int = 1  # num_nextn_predict_layers
+    # RoPE (+ YaRN / llama3 scaling)
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # default | yarn | llama3
+    rope_factor: float = 1.0
+    original_seq_len: int = 0  # original_max_position_embeddings
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs; Qwen/Llama rotate halves
+    # implementation switches (not part of the checkpoint)
+    attn_impl: str = "naive"  # naive (expand K/V) | absorb (attention in latent space)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.arch in MLA_ARCHS
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dense_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else self.dense_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_routed_experts > 0 and i >= self.n_dense_layers and i % self.moe_layer_freq == 0
+
+    def yarn_mscale(self, m: float) -> float:
+        if self.rope_type != "yarn" or self.rope_factor <= 1 or not m:
+            return 1.0
+        return 0.1 * m * math.log(self.rope_factor) + 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        d = self.qk_head_dim if self.is_mla else self.dense_head_dim
+        # YaRN's attention temperature, folded into the softmax scale as in DeepSeek's reference code
+        return d**-0.5 * self.yarn_mscale(self.mscale_all_dim) ** 2 if self.is_mla else d**-0.5
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self):
+        def bad(key, msg):
+            raise ValueError(f"config: {key}={getattr(self, key, None)!r}: {msg}")
+
+        if self.arch not in ARCHS:
+            bad("arch", f"unsupported model type, expected one of {ARCHS}")
+        for k in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, k) <= 0:
+                bad(k, "must be positive")
+        if self.attn_impl not in ("naive", "absorb"):
+            bad("attn_impl", "expected 'naive' or 'absorb'")
+        if self.rope_type not in ("default", "yarn", "llama3"):
+            bad("rope_type", "expected 'default', 'yarn' or 'llama3'")
+        if self.rope_type != "default" and self.original_seq_len <= 0:
+            bad("original_seq_len", f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
+        if self.rope_dim % 2:
+            bad("qk_rope_head_dim" if self.is_mla else "head_dim", "rotary dim must be even")
+        if self.is_mla:
+            for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, k) <= 0:
+                    bad(k, "must be positive for MLA models")
+            if self.q_lora_rank < 0:
+                bad("q_lora_rank", "must be >= 0 (0 means no query compression)")
+        else:
+            if self.head_dim == 0 and self.dim % self.n_heads:
+                bad("n_heads", f"hidden size {self.dim} is not divisible by {self.n_heads} heads")
+            if self.n_heads % self.kv_heads:
+                bad("n_kv_heads", f"{self.n_heads} heads are not divisible into {self.kv_heads} kv heads")
+            if self.n_routed_experts:
+                bad("n_routed_experts", f"{self.arch} models are dense")
+            if self.n_mtp_layers:
+                bad("n_mtp_layers", f"{self.arch} models have no MTP module")
+        if self.n_routed_experts:
+            if self.score_func not in ("sigmoid", "softmax"):
+                bad("score_func", "expected 'sigmoid' or 'softmax'")
+            if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+                bad("topk_method", "expected 'noaux_tc', 'greedy' or 'group_limited_greedy'")
+            if not 0 < self.n_activated_experts <= self.n_routed_experts:
+                bad("n_activated_experts", f"must be in 1..n_routed_experts={self.n_routed_experts}")
+            if self.n_expert_groups <= 0 or self.n_routed_experts % self.n_expert_groups:
+                bad("n_expert_groups", f"must divide n_routed_experts={self.n_routed_experts}")
+            if not 0 < self.n_limited_groups <= self.n_expert_groups:
+                bad("n_limited_groups", f"must be in 1..n_expert_groups={self.n_expert_groups}")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            if self.topk_method == "noaux_tc" and self.n_expert_groups > 1 and per_group < 2:
+                bad("n_expert_groups", "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group")
+            if self.n_limited_groups * per_group < self.n_activated_experts and self.topk_method != "greedy":
+                bad("n_limited_groups", "the selected groups hold fewer experts than n_activated_experts")
+            if self.moe_inter_dim <= 0 or self.moe_layer_freq <= 0:
+                bad("moe_inter_dim", "moe_inter_dim and moe_layer_freq must be positive")
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
+        return cls(**d)
+
+    def replace(self, **kw) -> Config:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> Config:
+        return _from_hf(hf, source)
+
+    def to_hf(self) -> dict:
+        return _to_hf(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        """Read an HF `config.json` (or the directory holding it)."""
+        p = Path(path)
+        p = p / "config.json" if p.is_dir() else p
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no config.json (is this a Hugging Face model directory?)")
+        try:
+            hf = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, str(p))
+
+
+# ---- presets: debug is what every test uses ----------------------------------------------------
+PRESETS = {
+    "debug": dict(),
+    "tiny": dict(vocab_size=4096, dim=256, inter_dim=512, n_layers=4, n_heads=4, max_seq_len=1024,
+                 q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                 n_routed_experts=16, n_activated_experts=4, moe_inter_dim=128, n_expert_groups=4,
+                 n_limited_groups=2, route_scale=2.5),
+    "small": dict(vocab_size=16384, dim=512, inter_dim=1408, n_layers=8, n_heads=8, max_seq_len=2048,
+                  q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                  n_routed_experts=32, n_activated_experts=4, moe_inter_dim=256, n_expert_groups=4,
+                  n_limited_groups=2, route_scale=2.5),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return Config(**{**PRESETS[name], **overrides})
+
+
+# ---- HF config.json <-> Config -----------------------------------------------------------------
+# (HF key, our field) pairs shared by every model type
+_COMMON = [("vocab_size", "vocab_size"), ("hidden_size", "dim"), ("intermediate_size", "inter_dim"),
+           ("num_hidden_layers", "n_layers"), ("num_attention_heads", "n_heads"), ("rms_norm_eps", "norm_eps"),
+           ("max_position_embeddings", "max_seq_len"), ("tie_word_embeddings", "tie_embeddings"),
+           ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "pad_token_id")]
+_MLA = [("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"), ("qk_nope_head_dim", "qk_nope_head_dim"),
+        ("qk_rope_head_dim", "qk_rope_head_dim"), ("v_head_dim", "v_head_dim"),
+        ("n_routed_experts", "n_routed_experts"), ("n_shared_experts", "n_shared_experts"),
+        ("num_experts_per_tok", "n_activated_experts"), ("moe_intermediate_size", "moe_inter_dim"),
+        ("first_k_dense_replace", "n_dense_layers"), ("moe_layer_freq", "moe_layer_freq"),
+        ("n_group", "n_expert_groups"), ("topk_group", "n_limited_groups"), ("scoring_func", "score_func"),
+        ("topk_method", "topk_method"), ("routed_scaling_factor", "route_scale"),
+        ("norm_topk_prob", "norm_topk_prob"), ("num_nextn_predict_layers", "n_mtp_layers")]
+_DENSE = [("num_key_value_heads", "n_kv_heads"), ("head_dim", "head_dim")]
+_ROPE = [("factor", "rope_factor"), ("original_max_position_embeddings", "original_seq_len"),
+         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
+         ("mscale_all_dim", "mscale_all_dim"), ("low_freq_factor", "low_freq_factor"),
+         ("high_freq_factor", "high_freq_factor")]
+# keys HF writes that carry no architecture (or that we check below): accepted and not mapped
+_IGNORED = {"architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
+            "initializer_range", "pretraining_tp", "attention_dropout", "output_router_logits", "aux_loss_alpha",
+            "router_aux_loss_coef", "seq_aux", "ep_size", "_name_or_path", "quantization_config", "hidden_act",
+            "model_type", "num_mtp_layers", "qk_head_dim", "rope_theta", "rope_scaling", "rope_parameters",
+            "rope_interleave", "attention_bias", "mlp_bias", "use_sliding_window", "sliding_window",
+            "max_window_layers", "layer_types", "num_key_value_heads", "head_dim", "use_mrope",
+            "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
+            "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
+            "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "tf_legacy_loss",
+            "use_bfloat16", "torchscript", "pruned_heads", "add_cross_attention", "is_decoder",
+            "cross_attention_hidden_size", "tie_encoder_decoder", "num_labels"}
+_DEFAULTS_V3 = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, moe_inter_dim=2048,
+                    n_dense_layers=3, n_expert_groups=8, n_limited_groups=4, route_scale=2.5, norm_topk_prob=True,
+                    score_func="sigmoid", topk_method="noaux_tc", n_mtp_layers=1)
+_DEFAULTS_V2 = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    n_routed_experts=64, n_shared_experts=2, moe_inter_dim=1407, n_dense_layers=0,
+                    n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False,
+                    score_func="softmax", topk_method="greedy", n_mtp_layers=0, bos_token_id=1, eos_token_id=2)
+_DEFAULTS_DENSE = dict(n_routed_experts=0, n_mtp_layers=0, rope_interleave=False, q_lora_rank=0)
+
+
+def _from_hf(hf: dict, source: str) -> Config:
+    def bad(key, msg):
+        raise ValueError(f"{source}: {key}={hf.get(key)!r}: {msg}")
+
+    arch = hf.get("model_type")
+    if arch not in ARCHS:
+        bad("model_type", f"unsupported model type; sobre loads {', '.join(ARCHS)}")
+    mapping = _COMMON + (_MLA if arch in MLA_ARCHS else _DENSE)
+    known = {k for k, _ in mapping} | _IGNORED
+    for key in hf:
+        if key not in known:
+            raise ValueError(f"{source}: unknown key {key!r} for model_type {arch!r}; "
+                             f"remove it or check the spelling (sobre never guesses what a key means)")
+    if hf.get("hidden_act", "silu") != "silu":
+        bad("hidden_act", "only silu (SwiGLU) FFNs are supported")
+    if hf.get("use_sliding_window"):
+        bad("use_sliding_window", "sliding-window attention is not supported")
+    if hf.get("use_mrope"):
+        bad("use_mrope", "multimodal rope is not supported")
+    if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        bad("layer_types", "only full_attention layers are supported")
+
+    kw: dict = {"arch": arch}
+    kw.update({"deepseek_v3": _DEFAULTS_V3, "deepseek_v2": _DEFAULTS_V2}.get(arch, _DEFAULTS_DENSE))
+    if arch == "deepseek_v2":
+        kw["rope_interleave"] = True  # V2 checkpoints always rotate interleaved pairs
+    for hf_key, ours in mapping:
+        if hf_key in hf:
+            kw[ours] = hf[hf_key]
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf and arch in MLA_ARCHS:
+        kw["n_mtp_layers"] = hf["num_mtp_layers"]
+    for k in ("q_lora_rank", "n_routed_experts", "head_dim", "n_kv_heads"):
+        if k in kw and kw[k] is None:
+            kw[k] = 0
+    if kw.get("n_expert_groups") is None:
+        kw["n_expert_groups"] = 1
+    if kw.get("n_limited_groups") is None:
+        kw["n_limited_groups"] = kw["n_expert_groups"]
+    if arch == "deepseek_v3":
+        kw["rope_interleave"] = bool(hf.get("rope_interleave", True))
+    if arch in MLA_ARCHS:
+        nkv = hf.get("num_key_value_heads")
+        if nkv not in (None, hf.get("num_attention_heads")):
+            bad("num_key_value_heads", "MLA has one latent shared by all heads; must equal num_attention_heads")
+        if "qk_head_dim" in hf and hf["qk_head_dim"] != kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"]:
+            bad("qk_head_dim", "must equal qk_nope_head_dim + qk_rope_head_dim")
+        if arch == "deepseek_v2" and kw["topk_method"] == "noaux_tc":
+            bad("topk_method", "deepseek_v2 routers are greedy or group_limited_greedy")
+    else:
+        kw["qkv_bias"] = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
+        kw["o_bias"] = False if arch == "qwen2" else bool(hf.get("attention_bias", False))
+        kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
+        if "intermediate_size" not in hf:
+            bad("intermediate_size", "missing")
+    _rope_from_hf(hf, kw, bad)
+    try:
+        return Config(**kw)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
+    # transformers 5 writes `rope_parameters` (with rope_theta inside); released checkpoints write
+    # `rope_theta` + `rope_scaling` (null when unscaled). Accept both, refuse what we would misread.
+    rp = dict(hf.get("rope_parameters") or {})
+    rs = dict(hf.get("rope_scaling") or {})
+    if rp and rs and {k: v for k, v in rp.items() if k in rs} != {k: v for k, v in rs.items() if k in rp}:
+        bad("rope_scaling", "disagrees with rope_parameters")
+    rope = {**rs, **rp}
+    kw["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype not in ("default", "yarn", "llama3"):
+        bad("rope_scaling", f"rope type {rtype!r} is not supported (default, yarn, llama3)")
+    kw["rope_type"] = rtype
+    if rtype == "default":
+        return
+    allowed = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+               "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor", "truncate",
+               "attention_factor"}
+    for k in rope:
+        if k not in allowed:
+            bad("rope_scaling", f"unknown rope parameter {k!r}")
+    if rope.get("truncate", True) is not True or rope.get("attention_factor") is not None:
+        bad("rope_scaling", "truncate=False / explicit attention_factor are not supported")
+    for hf_key, ours in _ROPE:
+        if rope.get(hf_key) is not None:
+            kw[ours] = rope[hf_key]
+    kw.setdefault("original_seq_len", hf.get("max_position_embeddings", 0))
+    if rtype == "yarn" and rope.get("mscale_all_dim") is None:
+        kw["mscale_all_dim"] = 0.0
+    if rtype == "yarn" and rope.get("mscale") is None:
+        kw["mscale"] = 0.0  # HF then falls back to mscale(factor) for the cos/sin scale
+
+
+def _to_hf(c: Config) -> dict:
+    out = {"architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                              "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[c.arch]],
+           "model_type": c.arch, "hidden_act": "silu"}
+    mapping = _COMMON + (_MLA if c.is_mla else _DENSE)
+    for hf_key, ours in mapping:
+        out[hf_key] = getattr(c, ours)
+    if c.is_mla:
+        out["q_lora_rank"] = c.q_lora_rank or None
+        out["num_key_value_heads"] = c.n_heads
+        if c.arch == "deepseek_v3":
+            out["rope_interleave"] = c.rope_interleave
+        if c.arch == "deepseek_v2":
+            out.pop("num_nextn_predict_layers")
+    else:
+        out["num_key_value_heads"] = c.kv_heads
+        out["head_dim"] = c.dense_head_dim
+        if c.arch == "llama":
+            out["attention_bias"] = c.qkv_bias
+            out["mlp_bias"] = c.mlp_bias
+    out["rope_theta"] = c.rope_theta
+    out["rope_scaling"] = None
+    if c.rope_type == "yarn":
+        out["rope_scaling"] = {"type": "yarn", "factor": c.rope_factor, "original_max_position_embeddings":
+                               c.original_seq_len, "beta_fast": c.beta_fast, "beta_slow": c.beta_slow,
+                               "mscale": c.mscale, "mscale_all_dim": c.mscale_all_dim}
+    elif c.rope_type == "llama3":
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_factor, "original_max_position_embeddings":
+                               c.original_seq_len, "low_freq_factor": c.low_freq_factor,
+                               "high_freq_factor": c.high_freq_factor}
+    return out

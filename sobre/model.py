@@ -1,0 +1,368 @@
+"""DeepSeek-V3 Transformer (and its V2 / Qwen2 / Llama relatives), read top to bottom.
+
+RMSNorm -> RoPE (+YaRN / llama3) -> MLA (naive | absorb) or GQA -> SwiGLU FFN or DeepSeekMoE -> MTP.
+Shapes: B batch, T new tokens, S cached+new tokens, H heads, D hidden, E experts, K experts per token.
+The model knows nothing about parallelism, checkpoints or sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---- rotary embeddings -------------------------------------------------------------------------
+def rope_inv_freq(c: Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rd/2] and the cos/sin magnitude (YaRN's attention factor)."""
+    d, base = c.rope_dim, c.rope_theta
+    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if c.rope_type == "yarn":
+        def corr_dim(n_rot):
+            return d * math.log(c.original_seq_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+        lo = max(math.floor(corr_dim(c.beta_fast)), 0)
+        hi = min(math.ceil(corr_dim(c.beta_slow)), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        inv = inv / c.rope_factor * ramp + inv * (1 - ramp)  # interpolate low freqs, keep high ones
+        if c.mscale and c.mscale_all_dim:
+            return inv, c.yarn_mscale(c.mscale) / c.yarn_mscale(c.mscale_all_dim)
+        return inv, 0.1 * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
+    if c.rope_type == "llama3":
+        wavelen = 2 * math.pi / inv
+        lo_wl, hi_wl = c.original_seq_len / c.low_freq_factor, c.original_seq_len / c.high_freq_factor
+        scaled = torch.where(wavelen > lo_wl, inv / c.rope_factor, inv)
+        smooth = (c.original_seq_len / wavelen - c.low_freq_factor) / (c.high_freq_factor - c.low_freq_factor)
+        mid = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+        inv = torch.where((wavelen >= hi_wl) & (wavelen <= lo_wl), mid, scaled)
+    return inv, 1.0
+
+
+class Rope(nn.Module):
+    """cos/sin tables for every position up to max_seq_len, looked up by position id."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        inv, mag = rope_inv_freq(c)
+        ang = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float32), inv)  # [max_seq_len, rd/2]
+        self.register_buffer("cos", ang.cos() * mag, persistent=False)
+        self.register_buffer("sin", ang.sin() * mag, persistent=False)
+        self.interleave = c.rope_interleave
+
+    def forward(self, pos: torch.Tensor):  # pos [B, T] -> cos, sin [B, T, 1, rd/2]
+        return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [B, T, H, rd]. Interleaved checkpoints pair (x0,x1),(x2,x3)...; others pair x[i], x[i+rd/2].
+    The output is always in half-split order: q and k get the same permutation, so q.k is unchanged."""
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+def attend(q, k, v, mask, scale):
+    """q [B, T, H, dq], k [B, S, H, dq], v [B, S, H, dv]; mask [B, 1, T, S] bool or None (causal, T == S)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, is_causal=mask is None, scale=scale)
+    return o.transpose(1, 2)  # [B, T, H, dv]
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. Only the latent c_kv [r] and the shared rope key k_pe [rd] are cached."""
+
+    def __init__(self, c: Config, layer_id: int):
+        super().__init__()
+        self.c, self.layer_id = c, layer_id
+        H, dq = c.n_heads, c.qk_head_dim
+        if c.q_lora_rank:
+            self.wq_a = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
+            self.wq_b = nn.Linear(c.q_lora_rank, H * dq, bias=False)
+        else:
+            self.wq = nn.Linear(c.dim, H * dq, bias=False)
+        self.wkv_a = nn.Linear(c.dim, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps)
+        self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * c.v_head_dim, c.dim, bias=False)
+
+    def forward(self, x, rope, mask, cache=None):
+        c = self.c
+        B, T, _ = x.shape
+        H, dn, dr, dv = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank else self.wq(x)
+        q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
+        q_pe = apply_rope(q_pe, *rope, c.rope_interleave)
+        kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, dr], dim=-1)
+        kv = self.kv_norm(kv)  # [B, T, r]
+        k_pe = apply_rope(k_pe.unsqueeze(2), *rope, c.rope_interleave).squeeze(2)  # [B, T, rd]
+        if cache is not None:
+            kv, k_pe = cache.update(self.layer_id, kv, k_pe)  # [B, S, r], [B, S, rd]
+        S = kv.shape[1]
+        if c.attn_impl == "naive":
+            k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
+            o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)
+        else:
+            # absorb W_UK into the query and W_UV into the output: attention runs on the r-dim latent
+            wkv_b = self.wkv_b.weight.view(H, dn + dv, c.kv_lora_rank)
+            q_lat = torch.einsum("bthd,hdr->bthr", q_nope, wkv_b[:, :dn])  # [B, T, H, r]
+            scores = (torch.einsum("bthr,bsr->bhts", q_lat, kv)
+                      + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * c.softmax_scale  # [B, H, T, S]
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+            o_lat = torch.einsum("bhts,bsr->bthr", scores, kv)  # [B, T, H, r]
+            o = torch.einsum("bthr,hdr->bthd", o_lat, wkv_b[:, dn:])  # [B, T, H, dv]
+        return self.wo(o.reshape(B, T, H * dv))
+
+
+class GQA(nn.Module):
+    """Grouped-query attention of the dense students (Qwen2 / Llama)."""
+
+    def __init__(self, c: Config, layer_id: int):
+        super().__init__()
+        self.c, self.layer_id = c, layer_id
+        hd = c.dense_head_dim
+        self.wq = nn.Linear(c.dim, c.n_heads * hd, bias=c.qkv_bias)
+        self.wk = nn.Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
+        self.wv = nn.Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.n_heads * hd, c.dim, bias=c.o_bias)
+
+    def forward(self, x, rope, mask, cache=None):
+        c = self.c
+        B, T, _ = x.shape
+        hd = c.dense_head_dim
+        q = apply_rope(self.wq(x).view(B, T, c.n_heads, hd), *rope, c.rope_interleave)
+        k = apply_rope(self.wk(x).view(B, T, c.kv_heads, hd), *rope, c.rope_interleave)
+        v = self.wv(x).view(B, T, c.kv_heads, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]
+        rep = c.n_heads // c.kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        return self.wo(attend(q, k, v, mask, c.softmax_scale).reshape(B, T, c.n_heads * hd))
+
+
+# ---- feed-forward ------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=bias)  # gate
+        self.w2 = nn.Linear(inter, dim, bias=bias)  # down
+        self.w3 = nn.Linear(dim, inter, bias=bias)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router. V3: sigmoid scores, `bias` (e_score_correction_bias) shifts selection only, groups ranked by
+    their top-2 sum. V2: softmax scores, greedy or groups ranked by their best expert."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.dim))
+        # aux-loss-free balancing bias: updated from measured load, never by gradients
+        self.register_buffer("bias", torch.zeros(c.n_routed_experts, dtype=torch.float32)
+                             if c.topk_method == "noaux_tc" else None)
+
+    def forward(self, x):  # x [N, D] -> weights [N, K] (x.dtype), indices [N, K]
+        c = self.c
+        logits = F.linear(x.float(), self.weight.float())  # [N, E], routed in fp32 like the reference
+        scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.bias is None else scores + self.bias
+        if c.n_expert_groups > 1 and c.topk_method != "greedy":
+            grouped = choice.view(-1, c.n_expert_groups, c.n_routed_experts // c.n_expert_groups)
+            if c.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            else:
+                group_score = grouped.amax(dim=-1)
+            keep = group_score.topk(c.n_limited_groups, dim=-1).indices  # [N, topk_group]
+            group_mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = choice.topk(c.n_activated_experts, dim=-1).indices  # [N, K]
+        w = scores.gather(1, idx)
+        if c.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return (w * c.route_scale).to(x.dtype), idx
+
+
+class Experts(nn.Module):
+    """All routed experts stacked: w1/w3 [E, I, D], w2 [E, D, I]."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        E, D, Inter = c.n_routed_experts, c.dim, c.moe_inter_dim
+        self.w1 = nn.Parameter(torch.empty(E, Inter, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, Inter))
+        self.w3 = nn.Parameter(torch.empty(E, Inter, D))
+
+    def forward(self, x, w, idx):
+        """Grouped dispatch: sort the N*K (token, expert) pairs by expert, one matmul pair per active expert.
+        x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
+        N, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        token = order // K
+        xs = x[token]  # [N*K, D]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start:start + n]
+                out[start:start + n] = (F.silu(seg @ self.w1[e].T) * (seg @ self.w3[e].T)) @ self.w2[e].T
+                start += n
+        out = out * w.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+class MoE(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate = Gate(c)
+        self.experts = Experts(c)
+        self.shared = MLP(c.dim, c.moe_inter_dim * c.n_shared_experts) if c.n_shared_experts else None
+        self.last_load = None  # [E] tokens per expert in the last forward (for balancing / stats)
+
+    def forward(self, x):  # [B, T, D]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = self.gate(x)
+        self.last_load = torch.bincount(idx.flatten(), minlength=self.gate.weight.shape[0]).detach()
+        y = self.experts(x, w, idx)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape)
+
+
+# ---- blocks and the model -----------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, c: Config, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attn = MLA(c, layer_id) if c.is_mla else GQA(c, layer_id)
+        self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.ffn = MoE(c) if c.is_moe_layer(layer_id) else MLP(c.dim, c.inter_dim, c.mlp_bias)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPLayer(nn.Module):
+    """Multi-token prediction module k: h_k = Block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})]))."""
+
+    def __init__(self, c: Config, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(c.dim, c.norm_eps)
+        self.hnorm = RMSNorm(c.dim, c.norm_eps)
+        self.eh_proj = nn.Linear(2 * c.dim, c.dim, bias=False)
+        self.block = Block(c, layer_id)
+        self.norm = RMSNorm(c.dim, c.norm_eps)  # shared_head.norm; the head itself is the model's
+
+    def forward(self, h, emb, rope, mask, cache=None):  # h, emb [B, T, D] -> [B, T, D] (normed)
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.norm(self.block(x, rope, mask, cache))
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPLayer(c, c.n_layers + k) for k in range(c.n_mtp_layers))
+        self.rope = Rope(c)
+
+    def positions(self, tokens, cache):
+        start = cache.length if cache is not None else 0
+        if start + tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len} (max_position_embeddings)")
+        return torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+
+    def hidden(self, tokens, cache=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, D]. With a cache, continues after cache.length."""
+        pos = self.positions(tokens, cache)
+        rope = self.rope(pos)
+        mask = None
+        if cache is not None and cache.length:  # new tokens see the whole cache plus their causal prefix
+            S = cache.length + tokens.shape[1]
+            mask = torch.ones(tokens.shape[1], S, dtype=torch.bool, device=tokens.device).tril(cache.length)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] of the main head."""
+        return self.head(self.hidden(tokens, cache))
+
+    def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Training-time MTP over full sequences. h [B, T, D] = self.hidden(tokens). Depth k (1-based) at
+        position i combines h_{k-1}[i] with emb(t[i+k]) and predicts t[i+k+1]: logits [B, T-k, V]."""
+        out = []
+        for k, layer in enumerate(self.mtp, start=1):
+            T = h.shape[1] - 1
+            pos = torch.arange(k, k + T, device=h.device).expand(h.shape[0], -1)
+            h = layer(h[:, :T], self.embed(tokens[:, k:k + T]), self.rope(pos), None)
+            out.append(self.head(h))
+        return out
+
+
+class Cache:
+    """Contiguous per-layer cache for B sequences that advance together. MLA layers store (c_kv, k_pe),
+    dense layers (k, v). The engine keeps its own paged pool; this one serves simple generation."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length, self.bufs = max_len, 0, {}
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = new[0].shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"cache of {self.max_len} tokens is full")
+        if layer_id not in self.bufs:
+            self.bufs[layer_id] = [t.new_zeros(t.shape[0], self.max_len, *t.shape[2:]) for t in new]
+        end = self.length + T
+        for buf, t in zip(self.bufs[layer_id], new):
+            buf[:, self.length:end] = t
+        return tuple(buf[:, :end] for buf in self.bufs[layer_id])
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for bufs in self.bufs.values() for b in bufs)
+
+
+def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:
+    """Fresh weights: normal(std) matrices, unit norms, zero biases (deterministic under `seed`)."""
+    g = torch.Generator().manual_seed(model.config.seed if seed is None else seed)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

@@ -1,0 +1,30 @@
+"""Slow, obviously-correct twins of the fast paths. Used by tests and benchmarks only.
+
+The naive MLA path (expand K/V through wkv_b) is the twin of the absorbed one and lives beside it in
+model.MLA, switched by Config.attn_impl, as in DeepSeek's reference code.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def moe_routed(experts, x, w, idx):
+    """Per-token loop twin of model.Experts.forward. x [N, D], w/idx [N, K] -> [N, D]."""
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            h = F.silu(experts.w1[e] @ x[t]) * (experts.w3[e] @ x[t])
+            y[t] += w[t, j] * (experts.w2[e] @ h)
+    return y
+
+
+def fp8_dequant(w, scale_inv, block=(128, 128)):
+    """Twin of checkpoint.dequant_fp8: every element times the scale of its block, one at a time by blocks."""
+    out = torch.empty(w.shape, dtype=torch.float32)
+    for bi in range(scale_inv.shape[0]):
+        for bj in range(scale_inv.shape[1]):
+            rows = slice(bi * block[0], (bi + 1) * block[0])
+            cols = slice(bj * block[1], (bj + 1) * block[1])
+            out[rows, cols] = w[rows, cols].float() * scale_inv[bi, bj]
+    return out

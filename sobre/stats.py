@@ -1,0 +1,69 @@
+"""Sizes computed from a Config alone (no weights needed): parameters, active parameters per token,
+FLOPs per token and KV-cache bytes per token. `sobre info` prints these."""
+
+from __future__ import annotations
+
+from .config import Config
+
+
+def attn_params(c: Config) -> int:
+    D, H = c.dim, c.n_heads
+    if c.is_mla:
+        q = D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim if c.q_lora_rank \
+            else D * H * c.qk_head_dim
+        kv = D * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank \
+            + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
+        return q + kv + H * c.v_head_dim * D
+    hd, kvh = c.dense_head_dim, c.kv_heads
+    bias = (H + 2 * kvh) * hd if c.qkv_bias else 0
+    return D * H * hd + 2 * D * kvh * hd + bias + H * hd * D + (D if c.o_bias else 0)
+
+
+def ffn_params(c: Config, layer: int) -> tuple[int, int]:
+    """(total, active per token) parameters of one layer's FFN."""
+    D = c.dim
+    if not c.is_moe_layer(layer):
+        n = 3 * D * c.inter_dim + ((2 * c.inter_dim + D) if c.mlp_bias else 0)
+        return n, n
+    expert = 3 * D * c.moe_inter_dim
+    shared = expert * c.n_shared_experts
+    gate = c.n_routed_experts * D
+    return gate + shared + expert * c.n_routed_experts, gate + shared + expert * c.n_activated_experts
+
+
+def layer_rows(c: Config) -> list[dict]:
+    rows = []
+    for i in range(c.n_layers + c.n_mtp_layers):
+        tot, act = ffn_params(c, i)
+        a = attn_params(c) + 2 * c.dim
+        extra = 3 * c.dim + 2 * c.dim * c.dim if i >= c.n_layers else 0  # MTP: enorm, hnorm, norm, eh_proj
+        rows.append(dict(layer=i, kind=("mtp " if i >= c.n_layers else "") + ("moe" if c.is_moe_layer(i) else "dense"),
+                         attn=a, ffn=tot, params=a + tot + extra, active=a + act + extra))
+    return rows
+
+
+def kv_bytes_per_token(c: Config, dtype_bytes: int = 2) -> dict:
+    """Cache bytes per token over all main layers: full K/V (naive) vs compressed latent (MLA)."""
+    if c.is_mla:
+        full = c.n_heads * (c.qk_head_dim + c.v_head_dim)
+        latent = c.kv_lora_rank + c.qk_rope_head_dim
+    else:
+        full = latent = 2 * c.kv_heads * c.dense_head_dim
+    return {"naive": full * c.n_layers * dtype_bytes, "latent": latent * c.n_layers * dtype_bytes,
+            "naive_values_per_layer": full, "latent_values_per_layer": latent}
+
+
+def model_stats(c: Config, ctx: int = 4096) -> dict:
+    rows = layer_rows(c)
+    main = [r for r in rows if r["layer"] < c.n_layers]
+    embed = c.vocab_size * c.dim
+    head = 0 if c.tie_embeddings else c.vocab_size * c.dim
+    params = embed + head + c.dim + sum(r["params"] for r in main)
+    active = embed + head + c.dim + sum(r["active"] for r in main)
+    # forward FLOPs: 2 per active matmul weight (the embedding is a lookup) + attention over ctx/2 on average
+    qk = c.qk_head_dim if c.is_mla else c.dense_head_dim
+    v = c.v_head_dim if c.is_mla else c.dense_head_dim
+    attn_flops = 2 * c.n_layers * c.n_heads * (qk + v) * ctx // 2
+    return dict(params=params, active_params=active, mtp_params=sum(r["params"] for r in rows[c.n_layers:]),
+                flops_per_token=2 * (active - embed) + attn_flops, ctx=ctx,
+                kv=kv_bytes_per_token(c), layers=rows)

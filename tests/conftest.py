@@ -1,0 +1,63 @@
+"""Shared helpers: tiny random HF checkpoints written by transformers' own save_pretrained."""
+
+import pytest
+import torch
+
+import sobre
+from sobre.model import Gate, Transformer, init_weights
+
+V3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+          num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32,
+          q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=2, topk_group=1,
+          num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256, routed_scaling_factor=2.5,
+          tie_word_embeddings=False, num_nextn_predict_layers=0)
+
+
+def randomize(model, seed=0, std=0.1):
+    """Weights large enough that routing, norms and rope all matter (HF's init is nearly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or "inv_freq" in name or name.startswith("rope."):
+                continue
+            if "norm" in name:
+                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
+            elif "e_score_correction_bias" in name or name.endswith("gate.bias"):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+            else:
+                t.copy_(std * torch.randn(t.shape, generator=g))
+    return model
+
+
+def hf_checkpoint(path, model_type, seed=0, dtype=torch.float32, **kw):
+    """Build a random transformers model of `model_type`, save it with save_pretrained, return the path."""
+    import transformers as tf
+    cls = {"deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
+           "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM)}
+    cfg_cls, model_cls = cls[model_type]
+    torch.manual_seed(seed)
+    model = randomize(model_cls(cfg_cls(**kw)), seed).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_logits(path, tokens, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def random_model(cfg=None, seed=0, std=0.1):
+    cfg = cfg or sobre.preset("debug")
+    model = randomize(init_weights(Transformer(cfg)), seed, std)
+    for m in model.modules():
+        if isinstance(m, Gate) and m.bias is not None:
+            m.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+@pytest.fixture
+def debug_model():
+    return random_model()
