@@ -18,6 +18,6 @@ speedrun: install
 # pytest exit code 5 ("no tests collected") counts as a failure
 test: install
 	$(VENV)/bin/ruff check sobre tests bench
-	$(PY) -m pytest -q -x --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 .PHONY: install speedrun test

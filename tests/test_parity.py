@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import V3, hf_checkpoint, hf_logits
 
 import sobre
+
+from conftest import V3, hf_checkpoint, hf_logits
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -86,9 +87,10 @@ def test_sobre_save_loads_in_transformers(tmp_path, case):
 
 def test_mtp_matches_transformers_mtp_model(tmp_path):
     """The MTP head (num_nextn_predict_layers=1) against transformers' own MtpModel on the same weights."""
-    from conftest import random_model
     from transformers import AutoModelForCausalLM
     from transformers.modeling_layers import MtpModel
+
+    from conftest import random_model
     c = sobre.Config.from_hf(dict(V3, model_type="deepseek_v3", num_nextn_predict_layers=1))
     model = random_model(c)
     path = sobre.save(model, tmp_path / "mtp")

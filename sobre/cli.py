@@ -1,0 +1,145 @@
+"""`sobre <verb>`: info, convert, generate, speedrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def cmd_info(args):
+    from .checkpoint import resolve
+    from .config import Config
+    from .stats import model_stats
+    path = Path(args.path)
+    c = Config.load(path if path.suffix == ".json" else resolve(path))
+    s = model_stats(c, ctx=args.ctx)
+    kv = s["kv"]
+    print(f"{c.arch}: {c.n_layers} layers (+{c.n_mtp_layers} MTP), hidden {c.dim}, {c.n_heads} heads, "
+          f"vocab {c.vocab_size}, context {c.max_seq_len}")
+    if c.n_routed_experts:
+        print(f"MoE: {c.n_routed_experts} routed experts (top-{c.n_activated_experts}, {c.n_expert_groups} groups "
+              f"-> {c.n_limited_groups}), {c.n_shared_experts} shared, first {c.n_dense_layers} layers dense")
+    print(f"params total          {human(s['params'])}  ({s['params']:,}; MTP module {human(s['mtp_params'])} more)")
+    print(f"params active/token   {human(s['active_params'])}  ({s['active_params']:,})")
+    print(f"FLOPs/token (fwd)     {human(s['flops_per_token'])}  (2 x active matmul params + attention at "
+          f"ctx {args.ctx})")
+    print(f"KV cache/token (bf16) naive K/V {human(kv['naive'], 'B')} ({kv['naive_values_per_layer']} values/layer)"
+          f"  latent {human(kv['latent'], 'B')} ({kv['latent_values_per_layer']} values/layer)"
+          f"  -> {kv['naive'] / kv['latent']:.1f}x smaller")
+    print(f"\n{'layers':>9} {'kind':<10} {'attn':>9} {'ffn':>9} {'params':>9} {'active':>9}")
+    rows = s["layers"]
+    i = 0
+    while i < len(rows):  # collapse runs of identical layers
+        j = i
+        same = ("kind", "attn", "ffn", "params", "active")
+        while j + 1 < len(rows) and all(rows[j + 1][k] == rows[i][k] for k in same):
+            j += 1
+        r = rows[i]
+        span = f"{i}" if i == j else f"{i}-{j}"
+        print(f"{span:>9} {r['kind']:<10} {human(r['attn']):>9} {human(r['ffn']):>9} {human(r['params']):>9} "
+              f"{human(r['active']):>9}")
+        i = j + 1
+    if args.json:
+        print(json.dumps({k: v for k, v in s.items() if k != "layers"}))
+
+
+def cmd_convert(args):
+    from .checkpoint import load, resolve, save
+    src = resolve(args.src)
+    model = load(src, dtype=DTYPES[args.dtype])
+    out = save(model, args.dst, shard_bytes=int(args.shard_gb * (1 << 30)), tokenizer_dir=src)
+    print(f"wrote {out} ({args.dtype})")
+
+
+def cmd_generate(args):
+    from .checkpoint import load, resolve
+    from .engine import generate
+    from .tokenizer import load_tokenizer
+    torch.set_num_threads(args.threads) if args.threads else None
+    path = resolve(args.path)
+    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None)
+    tok = load_tokenizer(path)
+    if args.ids:
+        prompt = [int(t) for t in args.ids.split(",")]
+    elif args.prompt is not None:
+        if tok is None:
+            sys.exit(f"{path}: no tokenizer.json; pass token ids with --ids 1,2,3")
+        prompt = tok.encode(args.prompt, add_bos=True)
+    else:
+        sys.exit("give --prompt TEXT or --ids 1,2,3")
+    eos = model.config.eos_token_id
+    stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    t0, out = time.perf_counter(), []
+    for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                      stop=stop):
+        out.append(t)
+        print(tok.decode([t]) if tok and not args.ids else f"{t} ", end="", flush=True)
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_speedrun(args):
+    from .speedrun import speedrun
+    speedrun(Path(args.out), args.preset, args.seed)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="sobre", description="sobre: an open, frugal DeepSeek-style LLM system")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("info", help="parameters, active parameters, FLOPs and KV-cache size of a model")
+    s.add_argument("path", help="model directory, config.json or Hugging Face Hub id")
+    s.add_argument("--ctx", type=int, default=4096, help="context length for the attention FLOPs term")
+    s.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="re-save a checkpoint (e.g. FP8 -> bf16) as a plain HF directory")
+    s.add_argument("src", help="model directory or Hub id")
+    s.add_argument("dst", help="output directory")
+    s.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    s.add_argument("--shard-gb", type=float, default=4.0, help="max shard size in GiB")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("generate", help="continue a prompt (greedy or sampled)")
+    s.add_argument("path", help="model directory or Hub id")
+    s.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
+    s.add_argument("--ids", help="comma-separated prompt token ids instead of text")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
+    s.add_argument("--out", default="runs/speedrun", help="run folder")
+    s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_speedrun)
+
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sobre {args.verb}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

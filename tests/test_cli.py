@@ -1,0 +1,79 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sobre
+
+from conftest import random_model
+from test_config import V3_RELEASE
+
+
+def run(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "sobre", *args], capture_output=True, text=True, check=check)
+
+
+def test_help_on_every_verb():
+    out = run("--help").stdout
+    for verb in ("info", "convert", "generate", "speedrun"):
+        assert verb in out
+        assert "usage: sobre " + verb in run(verb, "--help").stdout
+
+
+def test_info_on_the_real_v3_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(V3_RELEASE))
+    out = run("info", str(tmp_path), "--json").stdout
+    assert "params total          671.03B" in out
+    assert "params active/token   37.55B" in out
+    assert "576 values/layer" in out and "40960 values/layer" in out
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["kv"]["latent"] == 576 * 61 * 2
+
+
+def test_generate_greedy_ids_match_the_python_api(tmp_path):
+    model = random_model()
+    path = sobre.save(model, tmp_path / "m")
+    out = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8")
+    ids = [int(t) for t in out.stdout.split()]
+    assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
+    assert "tok/s" in out.stderr
+
+
+def test_generate_with_tokenizer_text_prompt(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    path = sobre.save(random_model(sobre.preset("debug", vocab_size=tok.get_vocab_size())), tmp_path / "m")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0.8",
+              "--seed", "3")
+    assert out.returncode == 0 and "tokens in" in out.stderr, out.stderr
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path):
+    out = run("info", str(tmp_path / "nope"), check=False)
+    assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
+    path = sobre.save(random_model(), tmp_path / "m")
+    out = run("generate", str(path), "--prompt", "hi", check=False)
+    assert out.returncode != 0 and "no tokenizer.json" in out.stderr
+
+
+def test_sampling_parameters_are_checked():
+    with pytest.raises(ValueError, match="top_p"):
+        list(sobre.generate(random_model(), [1, 2], temperature=1.0, top_p=0.0))
+    a = list(sobre.generate(random_model(), [1, 2], max_new_tokens=6, temperature=1.0, seed=7))
+    b = list(sobre.generate(random_model(), [1, 2], max_new_tokens=6, temperature=1.0, seed=7))
+    assert a == b
+
+
+def test_speedrun_writes_report(tmp_path):
+    out = run("speedrun", "--out", str(tmp_path / "run"), "--preset", "debug")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "greedy tokens equal: True" in report, out.stdout
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in lines} >= {"build", "export", "absorb", "generate", "transformers"}
+    assert torch.tensor([r.get("max_diff", 0) for r in lines]).max() < 1e-3

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+import sobre
+from sobre.config import Config
+from sobre.stats import model_stats
+
+V3_RELEASE = {  # config.json of deepseek-ai/DeepSeek-V3 (as released)
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, "aux_loss_alpha": 0.001,
+    "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "pretraining_tp": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                                    "quant_method": "fp8", "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                            "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_v3_release_config_sizes():
+    c = Config.from_hf(V3_RELEASE)
+    assert (c.n_layers, c.n_routed_experts, c.n_dense_layers, c.rope_type, c.rope_factor) == (61, 256, 3, "yarn", 40)
+    s = model_stats(c)
+    assert 670e9 < s["params"] < 672e9  # "671B total"
+    assert 36.5e9 < s["active_params"] < 37.7e9  # "37B activated per token"
+    assert 11e9 < s["mtp_params"] < 12e9  # + the MTP module (the release's 685B includes it and shared copies)
+    assert s["kv"]["latent_values_per_layer"] == 576 and s["kv"]["naive_values_per_layer"] == 40960
+
+
+def test_hf_roundtrip_keeps_architecture():
+    c = Config.from_hf(V3_RELEASE)
+    assert Config.from_hf(c.to_hf()) == c
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("n_routed_expert", 8, "unknown key 'n_routed_expert'"),
+    ("model_type", "gpt2", "model_type='gpt2': unsupported model type"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("n_group", 7, "n_expert_groups=7: must divide n_routed_experts=256"),
+    ("num_experts_per_tok", 300, "n_activated_experts=300"),
+    ("num_key_value_heads", 16, "num_key_value_heads=16: MLA has one latent"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope type 'dynamic' is not supported"),
+])
+def test_bad_config_keys_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config.from_hf({**V3_RELEASE, key: value})
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Config.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Config.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(V3_RELEASE))
+    assert Config.load(tmp_path).dim == 7168
+
+
+def test_presets_and_dict_roundtrip():
+    for name in ("debug", "tiny", "small"):
+        c = sobre.preset(name)
+        assert Config.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown preset"):
+        sobre.preset("huge")
+    with pytest.raises(ValueError, match="unknown key 'dimm'"):
+        Config.from_dict({"dimm": 3})

@@ -1,0 +1,102 @@
+"""Fast paths against their twins, and the router against a hand-worked example."""
+
+import pytest
+import torch
+
+import sobre
+from sobre import reference
+from sobre.model import Cache, Gate
+
+from conftest import random_model
+
+
+def test_naive_and_absorbed_mla_agree():
+    model = random_model()
+    x = torch.randint(0, 512, (3, 33))
+    with torch.no_grad():
+        naive = model(x)
+        model.config.attn_impl = "absorb"
+        absorbed = model(x)
+    assert (naive - absorbed).abs().max() < 1e-4 * naive.abs().max()
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama"])
+def test_cached_decode_equals_full_forward(attn_impl, arch):
+    cfg = sobre.preset("debug", attn_impl=attn_impl)
+    if arch == "llama":
+        cfg = sobre.Config(arch="llama", n_routed_experts=0, n_mtp_layers=0, n_kv_heads=2, qkv_bias=True,
+                           rope_interleave=False)
+    model = random_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(x)
+        cache = Cache(32)
+        steps = [model(x[:, :10], cache)] + [model(x[:, t:t + 1], cache) for t in range(10, 24)]
+    assert cache.length == 24
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4 * full.abs().max()
+
+
+def test_context_overflow_is_a_clear_error():
+    model = random_model()
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        model(torch.zeros(1, 513, dtype=torch.long))
+
+
+def test_grouped_moe_dispatch_equals_per_token_reference():
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                      n_limited_groups=2))
+    moe = model.layers[1].ffn
+    x = torch.randn(37, model.config.dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        w, idx = moe.gate(x)
+        fast = moe.experts(x, w, idx)
+        slow = reference.moe_routed(moe.experts, x, w, idx)
+    assert idx.unique().numel() > 4  # several experts really ran
+    assert (fast - slow).abs().max() < 1e-5
+
+
+def _gate(scores, bias, **kw):
+    """A V3 gate whose logits for input e_0 give exactly `scores` after the sigmoid."""
+    cfg = sobre.preset("debug", n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, n_activated_experts=2,
+                       route_scale=2.5, **kw)
+    gate = Gate(cfg)
+    s = torch.tensor(scores)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.log(s / (1 - s))
+        gate.bias.copy_(torch.tensor(bias))
+    x = torch.zeros(1, cfg.dim)
+    x[0, 0] = 1
+    return gate(x)
+
+
+def test_router_group_limited_selection_by_hand():
+    scores = [0.9, 0.1, 0.5, 0.6, 0.8, 0.05, 0.3, 0.3]
+    # no bias: groups (top-2 sums) = 1.0, 1.1, 0.85, 0.6 -> groups 1 and 0 -> experts 0 (0.9) and 3 (0.6)
+    w, idx = _gate(scores, [0.0] * 8)
+    assert sorted(idx[0].tolist()) == [0, 3]
+    # bias +0.5 on expert 5 lifts group 2 to 1.35: groups 2 and 1 -> experts 4 (0.8) and 3 (0.6); expert 0,
+    # the best single score, is out because its group lost. The bias picks experts, never weighs them:
+    w, idx = _gate(scores, [0, 0, 0, 0, 0, 0.5, 0, 0])
+    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    assert sorted(got) == [3, 4]
+    assert got[4] == pytest.approx(2.5 * 0.8 / 1.4, rel=1e-5)
+    assert got[3] == pytest.approx(2.5 * 0.6 / 1.4, rel=1e-5)
+
+
+def test_mtp_logits_shapes():
+    model = random_model(sobre.preset("debug", n_mtp_layers=2))
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        outs = model.mtp_logits(model.hidden(x), x)
+    assert [tuple(o.shape) for o in outs] == [(2, 15, 512), (2, 14, 512)]
+
+
+def test_fp8_dequant_matches_reference():
+    from sobre.checkpoint import dequant_fp8
+    w = (torch.randn(300, 200) * 3).to(torch.float8_e4m3fn)  # ragged edges: 300 = 2*128 + 44, 200 = 128 + 72
+    s = torch.rand(3, 2) + 0.5
+    assert torch.equal(dequant_fp8(w, s, (128, 128)), reference.fp8_dequant(w, s))
+    with pytest.raises(ValueError, match="scale shape"):
+        dequant_fp8(w, torch.rand(2, 2), (128, 128))
