@@ -72,3 +72,38 @@ def test_presets_and_dict_roundtrip():
         sobre.preset("huge")
     with pytest.raises(ValueError, match="unknown key 'dimm'"):
         Config.from_dict({"dimm": 3})
+
+
+R1_DISTILL_QWEN_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 131072, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.44.0",
+    "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": 151936}
+V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "auto_map": {}, "vocab_size": 102400, "hidden_size": 2048,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "ep_size": 1,
+    "routed_scaling_factor": 1.0, "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "num_experts_per_tok": 6, "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": False,
+    "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
+    "max_position_embeddings": 163840, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+    "pad_token_id": None, "bos_token_id": 100000, "eos_token_id": 100001, "pretraining_tp": 1,
+    "tie_word_embeddings": False, "rope_theta": 10000, "attention_bias": False, "attention_dropout": 0.0,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "model_type": "deepseek_v2", "torch_dtype": "bfloat16", "transformers_version": "4.39.3"}
+
+
+def test_other_released_configs_load_with_their_sizes():
+    q = Config.from_hf(R1_DISTILL_QWEN_1_5B)
+    assert (q.arch, q.kv_heads, q.qkv_bias, q.tie_embeddings, q.rope_interleave) == ("qwen2", 2, True, False, False)
+    assert 1.75e9 < model_stats(q)["params"] < 1.80e9  # "1.5B" backbone + untied 151936 x 1536 head
+    v2 = Config.from_hf(V2_LITE)
+    assert (v2.q_lora_rank, v2.score_func, v2.topk_method, v2.n_mtp_layers) == (0, "softmax", "greedy", 0)
+    s = model_stats(v2)
+    assert 15.5e9 < s["params"] < 16.0e9  # "15.7B total"
+    assert 2.3e9 < s["active_params"] < 2.9e9  # "2.4B activated" (ours counts embedding and head)
+    assert v2.softmax_scale == pytest.approx(192**-0.5 * (0.1 * 0.707 * __import__("math").log(40) + 1) ** 2)
