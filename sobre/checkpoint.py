@@ -223,13 +223,16 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')")
 
 
-def load(path, dtype: torch.dtype | None = None, device=None, **overrides) -> Transformer:
-    """Load an HF checkpoint directory (or Hub id) into a sobre Transformer."""
+def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, **overrides) -> Transformer:
+    """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
+    module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3)."""
     path = resolve(path)
     hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
     if hf is None:
         raise FileNotFoundError(f"{path}: no config.json")
-    c = Config.from_hf(hf, str(path / "config.json")).replace(**overrides)
+    c = Config.from_hf(hf, str(path / "config.json"))
+    mtp_in_file = c.n_mtp_layers
+    c = c.replace(**({} if mtp else {"n_mtp_layers": 0}), **overrides)
     block = fp8_block(hf, str(path / "config.json"))
     if dtype is None:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
@@ -245,13 +248,14 @@ def load(path, dtype: torch.dtype | None = None, device=None, **overrides) -> Tr
             m.weight.data = m.weight.data.float()
             if m.bias is not None:
                 m.bias = m.bias.float()
-    load_weights(model, path, block)
+    load_weights(model, path, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
     if device is not None:
         model.to(device)
     return model.eval()
 
 
-def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None):
+def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, skip_from: int | None = None):
+    """Fill the model's tensors from the checkpoint; decoder layers >= skip_from (MTP left out) are skipped."""
     c = model.config
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     todo = {}  # our name -> expert indices still to fill (None for plain tensors)
@@ -272,6 +276,9 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None):
     try:
         for name, fpath in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
             if name.endswith("weight_scale_inv"):
+                continue
+            layer = re.match(r"model\.layers\.(\d+)\.", name)
+            if skip_from is not None and layer and int(layer.group(1)) >= skip_from:
                 continue
             try:
                 target = hf_to_ours(name, c)

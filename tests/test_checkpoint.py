@@ -162,3 +162,14 @@ def test_load_1gb_with_bounded_peak_memory(tmp_path):
     weights, peak = int(out[0]), int(out[1])
     assert weights > 0.9e9
     assert peak <= 1.5 * weights, f"peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of weights"
+
+
+def test_load_without_mtp(tmp_path):
+    model = random_model()
+    assert model.config.n_mtp_layers == 1
+    path = sobre.save(model, tmp_path / "m")
+    lean = sobre.load(path, mtp=False)
+    assert lean.config.n_mtp_layers == 0 and len(lean.mtp) == 0
+    x = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(lean(x), model(x))
