@@ -219,7 +219,11 @@ def resolve(path: str | os.PathLike) -> Path:
         raise ValueError(f"{p}: expected a model directory (config.json + safetensors), got a file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.md"]))
+        try:
+            return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.md"]))
+        except Exception as e:  # offline, unknown repo, gated model: one clear line, not a traceback
+            raise FileNotFoundError(f"{path}: not a local directory, and fetching it from the Hugging Face Hub "
+                                    f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     raise FileNotFoundError(f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')")
 
 

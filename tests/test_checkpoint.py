@@ -173,3 +173,11 @@ def test_load_without_mtp(tmp_path):
     x = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         assert torch.equal(lean(x), model(x))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="fetching it from the Hugging Face Hub failed"):
+        sobre.load("sobre-tests/no-such-model-4f1c")  # never a real repo: nothing may download in tests
