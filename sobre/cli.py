@@ -86,7 +86,8 @@ def cmd_generate(args):
     stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     t0, out = time.perf_counter(), []
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                      stop=stop):
+                      stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty):
         out.append(t)
         print(tok.decode([t]) if tok and not args.ids else f"{t} ", end="", flush=True)
     dt = time.perf_counter() - t0
@@ -123,6 +124,10 @@ def main(argv=None):
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

@@ -1,0 +1,99 @@
+"""Sampling: per-request parameters, penalties, temperature / top-k / top-p / min-p, seeds and logprobs.
+
+Order, for each row: penalties on the raw logits -> temperature -> top-k -> top-p -> min-p -> draw.
+top-p and min-p both look at the distribution left after top-k (as in transformers).
+Reported logprobs are those of the model's own distribution (raw logits, before any of the above).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt+generated tokens
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings (matched on detokenized text by the engine)
+    seed: int | None = None
+    logprobs: int | None = None  # also return the top-n alternatives' logprobs per step
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 disables it)"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise ValueError(f"sampling parameter {name}={getattr(self, name)!r}: {msg}")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("sampling parameter stop: stop strings must be non-empty")
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor,
+                    params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] fp32; seen [B, V] bool (prompt + generated); generated [B, V] counts of generated tokens."""
+    rep = logits.new_tensor([p.repetition_penalty for p in params])[:, None]
+    pres = logits.new_tensor([p.presence_penalty for p in params])[:, None]
+    freq = logits.new_tensor([p.frequency_penalty for p in params])[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    return logits - pres * (generated > 0) - freq * generated
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on logits [B, V] (rows with temperature > 0); dropped tokens -> -inf."""
+    B, V = logits.shape
+    temp = logits.new_tensor([p.temperature or 1.0 for p in params])[:, None]
+    k = torch.tensor([p.top_k or V for p in params], device=logits.device).clamp(max=V)[:, None]
+    top_p = logits.new_tensor([p.top_p for p in params])[:, None]
+    min_p = logits.new_tensor([p.min_p for p in params])[:, None]
+    sorted_logits, order = (logits / temp).sort(dim=-1, descending=True)
+    drop = torch.arange(V, device=logits.device)[None] >= k  # top-k
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    p = sorted_logits.softmax(dim=-1)
+    drop |= (p.cumsum(dim=-1) - p) >= top_p  # top-p: the smallest prefix whose mass reaches top_p
+    drop |= p < min_p * p[:, :1]  # min-p: at least min_p times the most likely token
+    drop[:, 0] = False  # the most likely token always survives
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """logits [B, V] (already penalized) -> token ids [B]. Greedy rows take the argmax; others draw with their
+    own generator (per-request seed) so a request's tokens do not depend on its batch neighbours."""
+    logits = logits.float()
+    out = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        probs = filter_logits(logits[rows], [params[i] for i in rows]).softmax(dim=-1)
+        for j, i in enumerate(rows):
+            g = generators[i] if generators else None
+            out[i] = torch.multinomial(probs[j], 1, generator=g)[0]
+    return out
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int):
+    """Model log-probs of the chosen tokens [B] and the top-n alternatives ([B, n] values, [B, n] ids)."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens[:, None]).squeeze(1)
+    top = lp.topk(n, dim=-1) if n else (lp[:, :0], tokens[:, None][:, :0])
+    return chosen, top[0], top[1]

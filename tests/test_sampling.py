@@ -1,0 +1,95 @@
+"""Sampling filters against hand-computed distributions; penalties; seeds; bad parameters."""
+
+import math
+
+import pytest
+import torch
+
+from sobre import generate
+from sobre.sampling import SamplingParams, apply_penalties, filter_logits, sample, top_logprobs
+
+from conftest import random_model
+
+PROBS = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+LOGITS = PROBS.log()
+
+
+def kept(**kw):
+    out = filter_logits(LOGITS, [SamplingParams(temperature=1.0, **kw)]).softmax(-1)
+    return out[0]
+
+
+def test_top_k_renormalises_the_best_k():
+    assert torch.allclose(kept(top_k=2), torch.tensor([0.5, 0.2, 0, 0, 0]) / 0.7)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    assert torch.allclose(kept(top_p=0.7), torch.tensor([0.5, 0.2, 0, 0, 0]) / 0.7)  # 0.5 + 0.2 reaches 0.7
+    assert torch.allclose(kept(top_p=0.71), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    assert torch.allclose(kept(top_p=1e-6), torch.tensor([1.0, 0, 0, 0, 0]))
+
+
+def test_min_p_is_relative_to_the_top_token():
+    assert torch.allclose(kept(min_p=0.3), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)  # >= 0.15
+
+
+def test_temperature_sharpens():
+    t = 0.5
+    want = PROBS[0] ** (1 / t) / (PROBS[0] ** (1 / t)).sum()
+    assert torch.allclose(filter_logits(LOGITS, [SamplingParams(temperature=t)]).softmax(-1)[0], want)
+
+
+def test_penalties_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[2.0, 0.0, 0.0, 1.0]])
+    p = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, seen, counts, [p])
+    # token 0: 2/2 - 0.5 - 0.5 ; token 1: -1*2 ; token 2: untouched ; token 3: 1 - 0.5 - 0.25
+    assert torch.allclose(out, torch.tensor([[0.0, -2.0, 0.5, 0.25]]))
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = SamplingParams(temperature=1.0, top_k=3)
+    draws = torch.stack([sample(LOGITS, [p], [g]) for _ in range(6000)]).flatten()
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    want = torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85
+    chi2 = (((freq - want) ** 2 / want.clamp(min=1e-9))[:3] * len(draws)).sum()
+    assert freq[3:].sum() == 0 and chi2 < 13.8  # chi-square, 2 dof, p = 0.001
+
+
+def test_greedy_rows_and_seeded_rows_mix_in_one_batch():
+    logits = LOGITS.repeat(3, 1)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, seed=1)]
+    gens = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)]
+    out = sample(logits, params, gens)
+    assert out[0] == 0 and out[1] == out[2]
+
+
+def test_logprobs_are_the_model_distribution():
+    chosen, vals, ids = top_logprobs(LOGITS, torch.tensor([2]), 2)
+    assert chosen.item() == pytest.approx(math.log(0.15), rel=1e-5)
+    assert ids.tolist() == [[0, 1]] and torch.allclose(vals, torch.tensor([[math.log(0.5), math.log(0.2)]]))
+
+
+@pytest.mark.parametrize("kw,name", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                                     (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"),
+                                     (dict(repetition_penalty=0), "repetition_penalty"),
+                                     (dict(presence_penalty=3), "presence_penalty"),
+                                     (dict(max_new_tokens=0), "max_new_tokens"), (dict(logprobs=50), "logprobs")])
+def test_bad_parameters_are_rejected(kw, name):
+    with pytest.raises(ValueError, match=f"sampling parameter {name}="):
+        SamplingParams(**kw)
+
+
+def test_generate_seeded_sampling_reproducible_and_penalties_change_output():
+    model = random_model()
+    a = list(generate(model, [1, 2, 3], max_new_tokens=12, temperature=1.0, seed=5))
+    assert a == list(generate(model, [1, 2, 3], max_new_tokens=12, temperature=1.0, seed=5))
+    greedy = list(generate(model, [1, 2, 3], max_new_tokens=12))
+    no_repeat = list(generate(model, [1, 2, 3], max_new_tokens=12, repetition_penalty=1e6))
+    assert len(set(no_repeat)) == len(no_repeat) and not set(no_repeat) & {1, 2, 3}
+    assert greedy != no_repeat or len(set(greedy)) == len(greedy)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        list(generate(model, [10**6]))
