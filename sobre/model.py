@@ -296,26 +296,20 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(c, c.n_layers + k) for k in range(c.n_mtp_layers))
         self.rope = Rope(c)
 
-    def positions(self, tokens, cache):
-        start = cache.length if cache is not None else 0
-        if start + tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds the model's context of "
-                             f"{self.config.max_seq_len} (max_position_embeddings)")
-        return torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-
     def hidden(self, tokens, cache=None):
-        """tokens [B, T] -> final-normed hidden states [B, T, D]. With a cache, continues after cache.length."""
-        pos = self.positions(tokens, cache)
-        rope = self.rope(pos)
-        mask = None
-        if cache is not None and cache.length:  # new tokens see the whole cache plus their causal prefix
-            S = cache.length + tokens.shape[1]
-            mask = torch.ones(tokens.shape[1], S, dtype=torch.bool, device=tokens.device).tril(cache.length)
+        """tokens [B, T] -> final-normed hidden states [B, T, D]. A cache (model.Cache or the engine's paged
+        batch) says where the new tokens sit (positions, mask), stores their K/V and advances afterwards."""
+        pos = cache.positions(tokens) if cache is not None else \
+            torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        if int(pos.max()) >= self.config.max_seq_len:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len} (max_position_embeddings)")
+        rope, mask = self.rope(pos), cache.mask(tokens) if cache is not None else None
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
@@ -336,10 +330,20 @@ class Transformer(nn.Module):
 
 class Cache:
     """Contiguous per-layer cache for B sequences that advance together. MLA layers store (c_kv, k_pe),
-    dense layers (k, v). The engine keeps its own paged pool; this one serves simple generation."""
+    dense layers (k, v). The engine's paged batch (engine.PagedBatch) offers the same four methods."""
 
     def __init__(self, max_len: int):
         self.max_len, self.length, self.bufs = max_len, 0, {}
+
+    def positions(self, tokens):  # [B, T] positions of the new tokens
+        return torch.arange(self.length, self.length + tokens.shape[1], device=tokens.device).expand(
+            tokens.shape[0], -1)
+
+    def mask(self, tokens):  # [T, S] new tokens see the whole cache plus their causal prefix (None: plain causal)
+        if not self.length:
+            return None
+        T = tokens.shape[1]
+        return torch.ones(T, self.length + T, dtype=torch.bool, device=tokens.device).tril(self.length)
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = new[0].shape[1]
@@ -352,8 +356,8 @@ class Cache:
             buf[:, self.length:end] = t
         return tuple(buf[:, :end] for buf in self.bufs[layer_id])
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for bufs in self.bufs.values() for b in bufs)
+    def advance(self, T: int):
+        self.length += T
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:

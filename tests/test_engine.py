@@ -1,0 +1,137 @@
+"""The paged, batched engine against transformers, against the contiguous cache, and against itself."""
+
+import pytest
+import torch
+
+import sobre
+from sobre.engine import Engine, PagedBatch, PagedPool, Sequence
+from sobre.model import Cache
+from sobre.sampling import SamplingParams
+
+from conftest import V3, hf_checkpoint, random_model
+
+DENSE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+PROMPTS = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 3, 3, 90, 12, 6, 6, 1, 0, 77, 31], [64]]
+
+
+def hf_greedy(path, prompts, n):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    return [row[width:].tolist() for row in out]
+
+
+@pytest.mark.parametrize("model_type,kw", [("deepseek_v3", V3), ("qwen2", dict(DENSE, tie_word_embeddings=True)),
+                                           ("llama", DENSE)])
+def test_engine_greedy_equals_transformers(tmp_path, model_type, kw):
+    path = hf_checkpoint(tmp_path / model_type, model_type, **kw)
+    eng = Engine.from_pretrained(path, dtype=torch.float32)
+    assert eng.generate([PROMPTS[0]], max_new_tokens=12) == hf_greedy(path, [PROMPTS[0]], 12)
+    assert eng.generate(PROMPTS, max_new_tokens=12) == hf_greedy(path, PROMPTS, 12)
+
+
+def test_paged_decode_logits_equal_full_forward_naive_and_absorbed():
+    model = random_model()
+    x = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(3))  # crosses a 64-token block
+    with torch.no_grad():
+        full = model(x)
+        tol = 1e-4 * full.abs().max()
+        for impl in ("naive", "absorb"):
+            model.config.attn_impl = impl
+            pool = PagedPool(model, 8)
+            a, b = Sequence(0, [], SamplingParams()), Sequence(1, [], SamplingParams())
+            pool.reserve(a, 70)
+            pool.reserve(b, 70)
+            pre_a = model(x[:1, :30], PagedBatch(pool, [a], 30))
+            pre_b = torch.cat([model(x[1:, :5], PagedBatch(pool, [b], 5)),  # chunked prefill
+                               model(x[1:, 5:30], PagedBatch(pool, [b], 25))], dim=1)
+            dec = torch.cat([model(x[:, t:t + 1], PagedBatch(pool, [a, b], 1)) for t in range(30, 70)], dim=1)
+            assert (a.length, b.length) == (70, 70)
+            assert (pre_a - full[:1, :30]).abs().max() < tol, impl
+            assert (pre_b - full[1:, :30]).abs().max() < tol, impl
+            assert (dec - full[:, 30:]).abs().max() < tol, impl
+
+
+def test_paged_equals_contiguous_cache():
+    model = random_model(sobre.preset("debug", attn_impl="absorb"))
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        cache = Cache(32)
+        ref = [model(x[:, :8], cache)] + [model(x[:, t:t + 1], cache) for t in range(8, 20)]
+        pool, seq = PagedPool(model, 2), Sequence(0, [], SamplingParams())
+        pool.reserve(seq, 20)
+        got = [model(x[:, :8], PagedBatch(pool, [seq], 8))] + \
+              [model(x[:, t:t + 1], PagedBatch(pool, [seq], 1)) for t in range(8, 20)]
+    assert (torch.cat(got, 1) - torch.cat(ref, 1)).abs().max() < 1e-5
+
+
+def test_batch_invariance_greedy_and_seeded():
+    model = random_model()
+    eng = Engine(model)
+    alone = [eng.generate([p], max_new_tokens=10)[0] for p in PROMPTS]
+    assert eng.generate(PROMPTS, max_new_tokens=10) == alone
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=11)
+    alone = [eng.generate([p], **kw)[0] for p in PROMPTS]
+    assert eng.generate(PROMPTS, **kw) == alone
+    assert len(eng.pool.free) == eng.pool.n_blocks - 1  # every block came back
+
+
+def test_step_api_cancel_and_finish_reasons():
+    eng = Engine(random_model(), max_batch=2, cache_tokens=512)
+    a = eng.add_request([1, 2, 3], max_new_tokens=5)
+    b = eng.add_request([4, 5], max_new_tokens=50)
+    c = eng.add_request([6], max_new_tokens=3)  # waits: max_batch is 2
+    events = eng.step()
+    assert {e.rid for e in events} == {a, b} and not eng.collect()
+    eng.cancel(b)
+    done = {}
+    while eng.has_work():
+        for e in eng.step():
+            assert e.rid in (a, c)
+        done.update(eng.collect())
+    done.update(eng.collect())
+    assert done[a].finish_reason == "length" and len(done[a].out) == 5
+    assert done[c].finish_reason == "length" and len(done[c].out) == 3
+
+
+def test_stop_tokens_strings_and_logprobs():
+    model = random_model()
+    eng = Engine(model)
+    free_run = eng.generate([[1, 2, 3]], max_new_tokens=8)[0]
+    stop_at = free_run[3]
+    out = eng.generate([[1, 2, 3]], max_new_tokens=8, stop_token_ids=(stop_at,))[0]
+    assert out == free_run[:free_run.index(stop_at) + 1]
+
+    class Chars:  # a toy tokenizer: token i is chr(97 + i % 26)
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    eng = Engine(model, Chars())
+    text = Chars().decode(free_run)
+    rid = eng.add_request([1, 2, 3], max_new_tokens=8, stop=(text[4:6],), logprobs=3)
+    while eng.has_work():
+        eng.step()
+    seq = eng.collect()[rid]
+    assert seq.finish_reason == "stop" and seq.text == text[:text.index(text[4:6])]
+    chosen, top = seq.logprobs[0]
+    assert len(top) == 3 and chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy took the top token
+
+
+def test_bad_requests_are_rejected():
+    eng = Engine(random_model(), cache_tokens=128)
+    with pytest.raises(ValueError, match="does not fit the context of 512"):
+        eng.add_request(list(range(512)))
+    with pytest.raises(ValueError, match="sampling parameter top_p"):
+        eng.add_request([1], top_p=2.0)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        eng.add_request([1], stop=("x",))
+    with pytest.raises(ValueError, match="raise cache_tokens"):
+        eng.add_request([1] * 100, max_new_tokens=300)
+    with pytest.raises(ValueError, match="empty prompt"):
+        eng.add_request([])
