@@ -30,7 +30,7 @@ class PagedPool:
     def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK):
         c = model.config
         p = next(model.parameters())
-        shapes = [(c.kv_lora_rank,), (c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
+        shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
         self.block, self.n_blocks = block, n_blocks
         self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
                       for _ in range(c.n_layers + c.n_mtp_layers)]

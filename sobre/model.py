@@ -85,7 +85,8 @@ def attend(q, k, v, mask, scale):
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention. Only the latent c_kv [r] and the shared rope key k_pe [rd] are cached."""
+    """Multi-head latent attention. Only the latent c_kv [r] and the shared rope key k_pe [rd] are cached,
+    side by side in one [r + rd] vector per token."""
 
     def __init__(self, c: Config, layer_id: int):
         super().__init__()
@@ -110,26 +111,31 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
         q_pe = apply_rope(q_pe, *rope, c.rope_interleave)
         kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, dr], dim=-1)
-        kv = self.kv_norm(kv)  # [B, T, r]
         k_pe = apply_rope(k_pe.unsqueeze(2), *rope, c.rope_interleave).squeeze(2)  # [B, T, rd]
+        kv_pe = torch.cat([self.kv_norm(kv), k_pe], dim=-1)  # [B, T, r + rd]: all MLA caches per token
         if cache is not None:
-            kv, k_pe = cache.update(self.layer_id, kv, k_pe)  # [B, S, r], [B, S, rd]
-        S = kv.shape[1]
+            (kv_pe,) = cache.update(self.layer_id, kv_pe)  # [B, S, r + rd]
+        S, r = kv_pe.shape[1], c.kv_lora_rank
+        kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]
         if c.attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
             o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)
         else:
-            # absorb W_UK into the query and W_UV into the output: attention runs on the r-dim latent
-            wkv_b = self.wkv_b.weight.view(H, dn + dv, c.kv_lora_rank)
-            q_lat = torch.einsum("bthd,hdr->bthr", q_nope, wkv_b[:, :dn])  # [B, T, H, r]
-            scores = (torch.einsum("bthr,bsr->bhts", q_lat, kv)
-                      + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * c.softmax_scale  # [B, H, T, S]
+            # absorb W_UK into the query and W_UV into the output: attention runs on the r-dim latent,
+            # one [r + rd]-wide dot product per cached token (FlashMLA's layout)
+            w_uk, w_uv = self.wkv_b.weight.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
+            q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, dn), w_uk)  # [H, B*T, r]
+            q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
+            q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + dr)
+            scores = torch.bmm(q, kv_pe.transpose(1, 2)).view(B, T, H, S) * c.softmax_scale
             if mask is None:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            scores = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-            o_lat = torch.einsum("bhts,bsr->bthr", scores, kv)  # [B, T, H, r]
-            o = torch.einsum("bthr,hdr->bthd", o_lat, wkv_b[:, dn:])  # [B, T, H, dv]
+            mask = mask.transpose(-2, -3) if mask.dim() == 4 else mask.unsqueeze(1)  # -> [B|1, T, 1, S]
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+            o_lat = torch.bmm(probs.view(B, T * H, S), kv)  # [B, T*H, r]
+            o_lat = o_lat.view(B * T, H, r).transpose(0, 1)  # [H, B*T, r]
+            o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
         return self.wo(o.reshape(B, T, H * dv))
 
 

@@ -1,0 +1,107 @@
+"""Decode speed: sobre's Engine vs transformers `generate` on the same random DeepSeek-V3 checkpoint.
+
+Both run greedy, in the same process, same dtype and threads. Decode speed excludes prefill: every
+token is timestamped (sobre: per engine step; transformers: a streamer) and we time first -> last token.
+    python bench/engine.py [--quick] [--dtype float32|bfloat16]
+"""
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+import sobre
+from sobre.engine import Engine
+
+CFG = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermediate_size=768,
+           moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+           n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+           first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=32,
+           v_head_dim=32, max_position_embeddings=8192, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+           tie_word_embeddings=False)
+
+
+class Clock:
+    """transformers streamer that timestamps every token; put() first receives the prompt."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def decode_seconds_per_step(times):
+    """times[0] = prompt handed over / prefill started, times[1] = first new token. Decode = the rest."""
+    return (times[-1] - times[1]) / (len(times) - 2)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="shorter prompts and contexts (smoke run)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+
+    torch.manual_seed(0)
+    model = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(CFG)), std=0.05)
+    with tempfile.TemporaryDirectory() as tmp:
+        sobre.save(model, tmp)
+        ours = Engine.from_pretrained(tmp, dtype=dtype, max_batch=16, cache_tokens=16 * 700 + 8192)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(B, L):
+        return torch.randint(2, CFG["vocab_size"], (B, L), generator=g)
+
+    def gen_sobre(B, L, n):
+        for p in prompts(B, L).tolist():
+            ours.add_request(p, max_new_tokens=n)
+        times = [time.perf_counter()]
+        while ours.has_work():
+            ours.step()
+            times.append(time.perf_counter())
+        ours.collect()
+        return decode_seconds_per_step(times)
+
+    def gen_hf(B, L, n):
+        clock = Clock()
+        with torch.no_grad():
+            hf.generate(prompts(B, L), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                        streamer=clock)
+        return decode_seconds_per_step(clock.times)
+
+    def best(gen, B, L, n, repeat=2):
+        return min(gen(B, L, n) for _ in range(repeat))
+
+    plen, n = (128, 32) if args.quick else (512, 128)
+    print(f"random DeepSeek-V3: vocab 8192, hidden 256, 4 layers, 16 experts top-4, kv_lora 64, q_lora 96; "
+          f"{args.dtype}, {torch.get_num_threads()} threads")
+    print("| measure | sobre | transformers | sobre / transformers |")
+    print("|---|---|---|---|")
+    for B in (1, 16):
+        a, b = B / best(gen_sobre, B, plen, n), B / best(gen_hf, B, plen, n)
+        print(f"| decode tok/s, B={B}, {plen}-token prompt, {n} new | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    growth = {}
+    for ctx in ((256, 1024) if args.quick else (256, 1024, 4096)):
+        a, b = best(gen_sobre, 1, ctx, 32) * 1e3, best(gen_hf, 1, ctx, 32) * 1e3
+        growth[ctx] = (a, b)
+        print(f"| decode ms/token at context {ctx} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
+    lo, hi = min(growth), max(growth)
+    print(f"| decode time growth {lo} -> {hi} | {growth[hi][0] / growth[lo][0]:.2f}x | "
+          f"{growth[hi][1] / growth[lo][1]:.2f}x | |")
+    c = ours.model.config
+    per_tok = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers * dtype.itemsize
+    print(f"| cache bytes/token | {ours.pool.bytes_per_token} | {per_tok} (latent, re-expanded each step) | "
+          f"= (kv_lora_rank + qk_rope_head_dim) x layers x {dtype.itemsize} B |")
+
+
+if __name__ == "__main__":
+    main()

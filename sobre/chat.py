@@ -1,0 +1,110 @@
+"""Chat: render conversations with the checkpoint's own jinja chat template (as transformers does) or a
+DeepSeek-R1-style default, and split reasoning (<think>...</think>) from the answer, also while streaming."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+THINK, END_THINK = "<think>", "</think>"
+
+# DeepSeek-R1's conventions: earlier assistant turns lose their reasoning; a new turn opens with <think>
+DEFAULT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'].split('</think>')[-1].lstrip() }}"
+    "<｜end▁of▁sentence｜>"
+    "{% else %}{{ raise_exception('unknown role ' ~ m['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>\n{% endif %}{% endif %}"
+)
+
+
+def _raise(msg):
+    raise jinja2.exceptions.TemplateError(msg)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template)
+
+
+def render(messages: list[dict], template: str | None = None, add_generation_prompt: bool = True,
+           bos_token: str = "<｜begin▁of▁sentence｜>", eos_token: str = "<｜end▁of▁sentence｜>",
+           thinking: bool = True, **extra) -> str:
+    """Conversation -> prompt text. Messages are {"role": system|user|assistant, "content": str}."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+    try:
+        return _compile(template or DEFAULT_TEMPLATE).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+            eos_token=eos_token, thinking=thinking, **extra)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None
+
+
+def split_reasoning(text: str, started_thinking: bool = True) -> tuple[str, str]:
+    """Whole completion -> (reasoning_content, content). A completion that opened inside <think> (the
+    prompt ended with it) and never closed it is all reasoning."""
+    body = text.lstrip()
+    if body.startswith(THINK):
+        body, started_thinking = body[len(THINK):], True
+    if END_THINK in body:
+        reasoning, content = body.split(END_THINK, 1)
+        return reasoning.strip(), content.strip()
+    return (body.strip(), "") if started_thinking else ("", text.strip())
+
+
+class ReasoningStream:
+    """Incremental split_reasoning: feed text deltas, get (reasoning_delta, content_delta) back. Holds back
+    a partial tag ("</thi") until the next delta says what it is."""
+
+    def __init__(self, started_thinking: bool = True):
+        self.thinking, self.buf, self.seen_any = started_thinking, "", False
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        self.buf += delta
+        reasoning = content = ""
+        while self.buf:
+            if not self.seen_any:  # a completion may open with its own <think>
+                stripped = self.buf.lstrip()
+                if THINK.startswith(stripped) and len(stripped) < len(THINK):
+                    break
+                if stripped.startswith(THINK):
+                    self.buf, self.thinking = stripped[len(THINK):], True
+                self.seen_any = True
+                continue
+            tag = END_THINK if self.thinking else None
+            if tag and tag in self.buf:
+                before, self.buf = self.buf.split(tag, 1)
+                reasoning += before
+                self.thinking = False
+                self.buf = self.buf.lstrip()
+                continue
+            keep = _partial_suffix(self.buf, tag) if tag else 0
+            out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+            if self.thinking:
+                reasoning += out
+            else:
+                content += out
+            break
+        return reasoning, content
+
+    def flush(self) -> tuple[str, str]:
+        rest, self.buf = self.buf, ""
+        return (rest, "") if self.thinking else ("", rest)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
