@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import Transformer
-from .sampling import SamplingParams, apply_penalties, sample, top_logprobs
+from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
 
 BLOCK = 64
 
@@ -105,6 +105,7 @@ class Sequence:
     length: int = 0  # tokens whose K/V sit in the cache
     mtp_length: int = 0
     pending: int | None = None  # sampled, not yet fed to the model
+    mtp_todo: tuple | None = None  # (main hiddens [T, D], next tokens [T]) the MTP draft module has not seen
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
@@ -121,9 +122,13 @@ class Event:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
-                 block: int = BLOCK):
+                 block: int = BLOCK, speculative: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         c = model.config
+        if speculative and not c.n_mtp_layers:
+            raise ValueError("speculative decoding drafts with the MTP module; this model has none")
+        self.speculative = bool(speculative)
+        self.spec_stats = {"drafted": 0, "accepted": 0}
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block)
         self.device = next(model.parameters()).device
@@ -184,60 +189,106 @@ class Engine:
     # ---- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit and prefill waiting requests (each alone: no padding), then decode one token for every
-        running sequence in one batched forward."""
+        """Admit and prefill waiting requests (each alone: no padding), then decode every running sequence
+        in one batched forward (with speculative=True: draft with MTP, verify draft + 1 in one forward)."""
         events: list[Event] = []
         c = self.model.config
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            total = min(len(seq.prompt) + seq.params.max_new_tokens, c.max_seq_len)
+            total = min(len(seq.prompt) + seq.params.max_new_tokens + self.speculative, c.max_seq_len)
             if self.pool.blocks_for(total) > len(self.pool.free):
                 break  # wait until running sequences free their blocks
             self.waiting.pop(0)
             self.pool.reserve(seq, total)
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
-            h = self.model.hidden(torch.tensor([seq.prompt], device=self.device), PagedBatch(self.pool, [seq],
-                                                                                               len(seq.prompt)))
+            prompt = torch.tensor([seq.prompt], device=self.device)
+            h = self.model.hidden(prompt, PagedBatch(self.pool, [seq], len(seq.prompt)))
             self.running.append(seq)
-            events += self._sample([seq], self.model.head(h[:, -1]))
+            logits = self.model.head(h[:, -1])
+            events.append(self._emit(seq, int(self._choose([seq], logits)[0]), logits[0]))
+            if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
+                seq.mtp_todo = (h[0], seq.prompt[1:] + [seq.pending])
         live = [s for s in self.running if s.pending is not None]
-        if live:
-            c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
-            tokens = torch.tensor([[s.pending] for s in live], device=self.device)
-            h = self.model.hidden(tokens, PagedBatch(self.pool, live, 1))
-            events += self._sample(live, self.model.head(h[:, -1]))
+        c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
+        spec = [s for s in live if self.speculative and s.length + 2 <= c.max_seq_len]
+        plain = [s for s in live if s not in spec]
+        if spec:
+            events += self._speculate(spec)
+        if plain:
+            tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
+            logits = self.model.head(self.model.hidden(tokens, PagedBatch(self.pool, plain, 1))[:, -1])
+            chosen = self._choose(plain, logits)
+            events += [self._emit(s, int(chosen[i]), logits[i]) for i, s in enumerate(plain)]
         return events
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Event]:
+    def _speculate(self, seqs: list[Sequence]) -> list[Event]:
+        """One MTP draft token per sequence, verified with [pending, draft] in one main-model forward."""
+        m = self.model
+        by_len: dict[int, list[Sequence]] = {}
+        for s in seqs:
+            by_len.setdefault(len(s.mtp_todo[1]), []).append(s)
+        draft_logits = {}
+        for T, group in by_len.items():  # MTP catches up on the positions verified last step (1, 2 or a prompt)
+            h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, D]
+            tokens = torch.tensor([s.mtp_todo[1] for s in group], device=self.device)
+            g = m.mtp_hidden(h, tokens, PagedBatch(self.pool, group, T, mtp=True))
+            for s, row in zip(group, m.head(g[:, -1])):
+                draft_logits[s.rid] = row
+        q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
+        drafts = sample(q_logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = torch.tensor([[s.pending, int(d)] for s, d in zip(seqs, drafts)], device=self.device)
+        h = m.hidden(tokens, PagedBatch(self.pool, seqs, 2))  # [B, 2, D]
+        logits = m.head(h)  # [B, 2, V]
+        p_logits = self._penalized(seqs, logits[:, 0])
+        p_all, q_all = probs(p_logits, [s.params for s in seqs]), probs(q_logits, [s.params for s in seqs])
+        events = []
+        for i, s in enumerate(seqs):
+            d = int(drafts[i])
+            if s.params.temperature == 0:
+                ok, tok = int(p_logits[i].argmax()) == d, int(p_logits[i].argmax())
+            else:
+                ok, tok = speculative_accept(p_all[i], q_all[i], d, s.generator)
+            self.spec_stats["drafted"] += 1
+            self.spec_stats["accepted"] += ok
+            events.append(self._emit(s, tok, logits[i, 0]))
+            if not ok:
+                s.length -= 1  # the draft's cache entry is dropped (overwritten next step)
+                s.mtp_todo = (h[i, :1], [s.pending]) if s.pending is not None else None
+            elif s.finish_reason is None:
+                bonus = int(self._choose([s], logits[i, 1:])[0])
+                events.append(self._emit(s, bonus, logits[i, 1]))
+                s.mtp_todo = (h[i], [d, s.pending]) if s.pending is not None else None
+        return events
+
+    def _penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # [B, V]
-        params = [s.params for s in seqs]
         if any(s.seen is not None for s in seqs):
             V = logits.shape[-1]
             seen = torch.stack([s.seen if s.seen is not None else logits.new_zeros(V, dtype=torch.bool)
                                 for s in seqs])
             counts = torch.stack([s.counts if s.counts is not None else logits.new_zeros(V) for s in seqs])
-            logits = apply_penalties(logits, seen, counts, params)
-        tokens = sample(logits, params, [s.generator for s in seqs])
-        want = [s.params.logprobs for s in seqs]
-        if any(n is not None for n in want):
-            chosen, vals, ids = top_logprobs(logits, tokens, max(n or 0 for n in want))
-        events = []
-        for i, s in enumerate(seqs):
-            tok = int(tokens[i])
-            s.out.append(tok)
-            s.pending = tok
-            if s.params.logprobs is not None:
-                n = s.params.logprobs
-                s.logprobs.append((float(chosen[i]), dict(zip(ids[i, :n].tolist(), vals[i, :n].tolist()))))
-            if s.seen is not None:
-                s.seen[tok] = True
-                s.counts[tok] += 1
-            reason = self._stop_reason(s, tok)
-            if reason:
-                self.running.remove(s)
-                self._finish(s, reason)
-            events.append(Event(s.rid, tok, reason is not None, reason))
-        return events
+            logits = apply_penalties(logits, seen, counts, [s.params for s in seqs])
+        return logits
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        return sample(self._penalized(seqs, logits), [s.params for s in seqs], [s.generator for s in seqs])
+
+    def _emit(self, s: Sequence, tok: int, logits: torch.Tensor) -> Event:
+        """Append one chosen token (logits [V]: the model's raw row, for logprobs); finish if it stops."""
+        s.out.append(tok)
+        s.pending = tok
+        if s.params.logprobs is not None:
+            chosen, vals, ids = top_logprobs(logits[None], torch.tensor([tok], device=logits.device),
+                                             s.params.logprobs)
+            s.logprobs.append((float(chosen[0]), dict(zip(ids[0].tolist(), vals[0].tolist()))))
+        if s.seen is not None:
+            s.seen[tok] = True
+            s.counts[tok] += 1
+        reason = self._stop_reason(s, tok)
+        if reason:
+            self.running.remove(s)
+            self._finish(s, reason)
+        return Event(s.rid, tok, reason is not None, reason)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
         if tok in s.params.stop_token_ids:

@@ -322,6 +322,14 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V] of the main head."""
         return self.head(self.hidden(tokens, cache))
 
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Incremental first MTP module (the engine's draft model). h [B, T, D] are main-model hiddens at
+        positions i, tokens [B, T] the tokens at i + 1; returns the MTP hiddens that predict i + 2."""
+        pos = cache.positions(tokens)
+        out = self.mtp[0](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache)
+        cache.advance(tokens.shape[1])
+        return out
+
     def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over full sequences. h [B, T, D] = self.hidden(tokens). Depth k (1-based) at
         position i combines h_{k-1}[i] with emb(t[i+k]) and predicts t[i+k+1]: logits [B, T-k, V]."""

@@ -97,3 +97,22 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int):
     chosen = lp.gather(1, tokens[:, None]).squeeze(1)
     top = lp.topk(n, dim=-1) if n else (lp[:, :0], tokens[:, None][:, :0])
     return chosen, top[0], top[1]
+
+
+def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row samples from: [B, V]; one-hot argmax for greedy rows."""
+    out = filter_logits(logits.float(), params).softmax(dim=-1)
+    greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+    onehot = torch.zeros_like(out).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], onehot, out)
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, generator=None) -> tuple[bool, int]:
+    """Speculative sampling (Leviathan et al. 2023): keep `draft` ~ q with probability min(1, p/q), else draw
+    from the normalised residual max(0, p - q). The result is distributed exactly as p. p, q: [V]."""
+    if torch.rand((), generator=generator, device=p.device) * q[draft] < p[draft]:
+        return True, draft
+    residual = (p - q).clamp(min=0)
+    if residual.sum() <= 0:
+        residual = p
+    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
