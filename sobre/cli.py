@@ -1,4 +1,4 @@
-"""`sobre <verb>`: info, convert, generate, speedrun."""
+"""`sobre <verb>`: info, convert, generate, chat, speedrun."""
 
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ def cmd_convert(args):
 def cmd_generate(args):
     from .checkpoint import load, resolve
     from .engine import generate
-    from .tokenizer import load_tokenizer
-    torch.set_num_threads(args.threads) if args.threads else None
+    from .tokenizer import TextStream, load_tokenizer
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = resolve(args.path)
     model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None)
     tok = load_tokenizer(path)
@@ -85,13 +86,76 @@ def cmd_generate(args):
     eos = model.config.eos_token_id
     stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     t0, out = time.perf_counter(), []
+    text = TextStream(tok, skip_special=False) if tok and not args.ids else None
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty):
         out.append(t)
-        print(tok.decode([t]) if tok and not args.ids else f"{t} ", end="", flush=True)
+        print(text.feed(t) if text else f"{t} ", end="", flush=True)
     dt = time.perf_counter() - t0
     print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def cmd_chat(args):
+    """Interactive chat: streamed tokens, reasoning dimmed (or collapsed to a counter with /think)."""
+    from .chat import ReasoningStream
+    from .engine import Engine
+    from .tokenizer import TextStream
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eng = Engine.from_pretrained(args.path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
+                                 speculative=args.speculative)
+    tok = eng.tokenizer
+    if tok is None:
+        sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
+    eos = eng.model.config.eos_token_id
+    stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    stop += (tok.eos_id,) if tok.eos_id is not None else ()
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    show = not args.hide_reasoning
+    print("sobre chat: /reset clears the conversation, /think shows or hides reasoning, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("\n> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if line == "/think":
+            show = not show
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt_text = tok.apply_chat_template(history, thinking=not args.no_think)
+        split = ReasoningStream(started_thinking=prompt_text.rstrip().endswith("<think>"))
+        text, answer, n_think = TextStream(tok), "", 0
+        try:
+            for t in eng.stream(tok.encode(prompt_text), max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, stop_token_ids=stop):
+                reasoning, content = split.feed(text.feed(t))
+                answer += content
+                if reasoning:
+                    n_think += 1
+                    if show:
+                        print(DIM + reasoning + RESET, end="", flush=True)
+                    else:
+                        print(f"\r{DIM}[thinking... {n_think} tokens]{RESET}", end="", flush=True)
+                if content:
+                    print(("\n" if n_think and answer == content else "") + content, end="", flush=True)
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"\n[{e}; /reset to start over]", file=sys.stderr)
+            history.pop()
+            continue
+        answer += split.flush()[1]
+        history.append({"role": "assistant", "content": answer.strip()})
+    print()
 
 
 def cmd_speedrun(args):
@@ -132,6 +196,19 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat in the terminal (streamed, reasoning shown dimmed)")
+    s.add_argument("path", help="model directory or Hub id (with tokenizer.json)")
+    s.add_argument("--system", default="", help="system prompt")
+    s.add_argument("--max-new-tokens", type=int, default=1024)
+    s.add_argument("--temperature", type=float, default=0.6, help="R1's recommended 0.6")
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
+    s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
+    s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")

@@ -7,18 +7,24 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from .chat import render
+
+
+def _content(t):
+    return t.get("content") if isinstance(t, dict) else t
+
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, config: dict | None = None):
+    def __init__(self, tok: HFTokenizer, config: dict | None = None, chat_template: str | None = None):
         self.tok, self.config = tok, config or {}
-        self.bos_id = self._special("bos_token")
-        self.eos_id = self._special("eos_token")
-
-    def _special(self, key):
-        t = self.config.get(key)
-        if isinstance(t, dict):
-            t = t.get("content")
-        return self.tok.token_to_id(t) if t else None
+        self.bos_token = _content(self.config.get("bos_token"))
+        self.eos_token = _content(self.config.get("eos_token"))
+        self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        template = chat_template or self.config.get("chat_template")
+        if isinstance(template, list):  # HF allows named templates; use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template  # None -> sobre's DeepSeek-R1-style default
 
     @property
     def vocab_size(self) -> int:
@@ -31,6 +37,27 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            thinking: bool = True) -> str:
+        kw = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}
+        return render(messages, self.chat_template, add_generation_prompt, thinking=thinking, **kw)
+
+
+class TextStream:
+    """Incremental detokenisation: feed token ids, get the new text; a trailing partial UTF-8 character
+    (decoded as U+FFFD) is held back until the next token completes it."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self.tok, self.skip, self.ids, self.sent = tokenizer, skip_special, [], 0
+
+    def feed(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, self.skip)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
 
 def load_tokenizer(path) -> Tokenizer | None:
     """Tokenizer of a model directory, or None when it has no tokenizer.json."""
@@ -39,4 +66,6 @@ def load_tokenizer(path) -> Tokenizer | None:
         return None
     cfg = p / "tokenizer_config.json"
     config = json.loads(cfg.read_text()) if cfg.exists() else {}
-    return Tokenizer(HFTokenizer.from_file(str(p / "tokenizer.json")), config)
+    jinja = p / "chat_template.jinja"
+    template = jinja.read_text() if jinja.exists() else None
+    return Tokenizer(HFTokenizer.from_file(str(p / "tokenizer.json")), config, template)
