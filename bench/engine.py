@@ -35,9 +35,9 @@ class Clock:
         pass
 
 
-def decode_seconds_per_step(times):
-    """times[0] = prompt handed over / prefill started, times[1] = first new token. Decode = the rest."""
-    return (times[-1] - times[1]) / (len(times) - 2)
+def decode_rate(times, counts):
+    """Tokens/s after the first step (which holds the prefill): times[i] ends a step that emitted counts[i]."""
+    return sum(counts[1:]) / (times[-1] - times[0])
 
 
 def main():
@@ -55,31 +55,33 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         sobre.save(model, tmp)
         ours = Engine.from_pretrained(tmp, dtype=dtype, max_batch=16, cache_tokens=16 * 700 + 8192)
+        spec = Engine.from_pretrained(tmp, dtype=dtype, max_batch=1, cache_tokens=8192, speculative=True)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     g = torch.Generator().manual_seed(0)
 
     def prompts(B, L):
         return torch.randint(2, CFG["vocab_size"], (B, L), generator=g)
 
-    def gen_sobre(B, L, n):
+    def gen_sobre(B, L, n, engine=None):
+        engine = engine or ours
         for p in prompts(B, L).tolist():
-            ours.add_request(p, max_new_tokens=n)
-        times = [time.perf_counter()]
-        while ours.has_work():
-            ours.step()
+            engine.add_request(p, max_new_tokens=n)
+        times, counts = [], []
+        while engine.has_work():
+            counts.append(len(engine.step()))
             times.append(time.perf_counter())
-        ours.collect()
-        return decode_seconds_per_step(times)
+        engine.collect()
+        return decode_rate(times, counts)
 
     def gen_hf(B, L, n):
         clock = Clock()
         with torch.no_grad():
             hf.generate(prompts(B, L), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                         streamer=clock)
-        return decode_seconds_per_step(clock.times)
+        return decode_rate(clock.times[1:], [B] * (len(clock.times) - 1))  # times[0] is the prompt
 
-    def best(gen, B, L, n, repeat=2):
-        return min(gen(B, L, n) for _ in range(repeat))
+    def best(gen, B, L, n, repeat=3, **kw):
+        return max(gen(B, L, n, **kw) for _ in range(repeat))
 
     plen, n = (128, 32) if args.quick else (512, 128)
     print(f"random DeepSeek-V3: vocab 8192, hidden 256, 4 layers, 16 experts top-4, kv_lora 64, q_lora 96; "
@@ -87,16 +89,21 @@ def main():
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
     for B in (1, 16):
-        a, b = B / best(gen_sobre, B, plen, n), B / best(gen_hf, B, plen, n)
+        a, b = best(gen_sobre, B, plen, n), best(gen_hf, B, plen, n)
         print(f"| decode tok/s, B={B}, {plen}-token prompt, {n} new | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     growth = {}
     for ctx in ((256, 1024) if args.quick else (256, 1024, 4096)):
-        a, b = best(gen_sobre, 1, ctx, 32) * 1e3, best(gen_hf, 1, ctx, 32) * 1e3
+        a, b = 1e3 / best(gen_sobre, 1, ctx, 48), 1e3 / best(gen_hf, 1, ctx, 48)
         growth[ctx] = (a, b)
         print(f"| decode ms/token at context {ctx} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
     lo, hi = min(growth), max(growth)
     print(f"| decode time growth {lo} -> {hi} | {growth[hi][0] / growth[lo][0]:.2f}x | "
           f"{growth[hi][1] / growth[lo][1]:.2f}x | |")
+    plain = best(gen_sobre, 1, plen, n)
+    rate = best(gen_sobre, 1, plen, n, engine=spec)
+    acc = spec.spec_stats["accepted"] / max(spec.spec_stats["drafted"], 1)
+    print(f"| MTP speculative decode tok/s, B=1 (untrained MTP head: acceptance {acc:.0%}) | {rate:.1f} | "
+          f"plain sobre {plain:.1f} | {rate / plain:.2f}x vs plain |")
     c = ours.model.config
     per_tok = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers * dtype.itemsize
     print(f"| cache bytes/token | {ours.pool.bytes_per_token} | {per_tok} (latent, re-expanded each step) | "

@@ -14,6 +14,7 @@ positions of a ragged batch read from (and that masks then hide).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -53,24 +54,24 @@ class PagedPool:
 
 class PagedBatch:
     """One forward over B sequences with T new tokens each, in the model's cache protocol
-    (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths."""
+    (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths.
+    Reads gather whole blocks ([B, n_blocks, 64, ...], one index per block, not per token)."""
 
     def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: bool = False):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
         dev = pool.slots[0][0].device
         starts = torch.tensor([s.mtp_length if mtp else s.length for s in seqs], device=dev)
         ends = starts + T
-        S = int(ends.max())
-        nb = max(len(s.blocks) for s in seqs)
-        table = torch.tensor([s.blocks + [0] * (nb - len(s.blocks)) for s in seqs], device=dev)  # [B, nb]
-        key_pos = torch.arange(S, device=dev)[None]  # [1, S]
-        valid = key_pos < ends[:, None]  # [B, S]
-        slot_all = table.gather(1, (key_pos // pool.block).expand(len(seqs), -1)) * pool.block + key_pos % pool.block
-        self.slot_all = torch.where(valid, slot_all, 0)  # padding reads the null slot
+        self.S = int(ends.max())
+        nb = pool.blocks_for(self.S)
+        self.table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=dev)
         self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
-        self.slot_new = self.slot_all.gather(1, self.pos)  # [B, T]
+        self.slot_new = self.table.gather(1, self.pos // pool.block) * pool.block + self.pos % pool.block
+        key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]
         fresh = len(seqs) == 1 and int(starts[0]) == 0
-        self._mask = None if fresh else ((key_pos[:, None] <= self.pos[..., None]) & valid[:, None]).unsqueeze(1)
+        # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0)
+        self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
+                                         ).unsqueeze(1)
 
     def positions(self, tokens):
         return self.pos
@@ -80,9 +81,11 @@ class PagedBatch:
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = []
+        blk = self.pool.block
         for pool, t in zip(self.pool.slots[layer_id], new):
             pool[self.slot_new.flatten()] = t.reshape(-1, *t.shape[2:]).to(pool.dtype)
-            out.append(pool[self.slot_all])  # [B, S, ...]
+            blocks = pool.view(-1, blk, *pool.shape[1:])[self.table]  # [B, nb, block, ...]
+            out.append(blocks.flatten(1, 2)[:, :self.S])  # [B, S, ...]
         return tuple(out)
 
     def advance(self, T: int):
@@ -139,10 +142,19 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **kw) -> Engine:
+        """dtype None: on CPU float32 when it fits in half the RAM (measured faster than bf16 there, see
+        bench/engine.py --dtype), else the checkpoint's own dtype; on GPU the checkpoint's dtype."""
         from .checkpoint import load, resolve
+        from .config import Config
+        from .stats import model_stats
         from .tokenizer import load_tokenizer
         path = resolve(path)
-        return cls(load(path, dtype=dtype, device=device), load_tokenizer(path), **kw)
+        if dtype is None and torch.device(device or "cpu").type == "cpu":
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if model_stats(Config.load(path))["params"] * 4 <= ram / 2:
+                dtype = torch.float32
+        return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False)),
+                   load_tokenizer(path), **kw)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, **kw) -> int:
@@ -240,14 +252,18 @@ class Engine:
         h = m.hidden(tokens, PagedBatch(self.pool, seqs, 2))  # [B, 2, D]
         logits = m.head(h)  # [B, 2, V]
         p_logits = self._penalized(seqs, logits[:, 0])
-        p_all, q_all = probs(p_logits, [s.params for s in seqs]), probs(q_logits, [s.params for s in seqs])
+        sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        if sampled:
+            params = [seqs[i].params for i in sampled]
+            p_rows, q_rows = probs(p_logits[sampled], params), probs(q_logits[sampled], params)
         events = []
         for i, s in enumerate(seqs):
             d = int(drafts[i])
             if s.params.temperature == 0:
                 ok, tok = int(p_logits[i].argmax()) == d, int(p_logits[i].argmax())
             else:
-                ok, tok = speculative_accept(p_all[i], q_all[i], d, s.generator)
+                j = sampled.index(i)
+                ok, tok = speculative_accept(p_rows[j], q_rows[j], d, s.generator)
             self.spec_stats["drafted"] += 1
             self.spec_stats["accepted"] += ok
             events.append(self._emit(s, tok, logits[i, 0]))
