@@ -20,7 +20,8 @@ DEFAULT_TEMPLATE = (
     "<｜end▁of▁sentence｜>"
     "{% else %}{{ raise_exception('unknown role ' ~ m['role']) }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>\n{% endif %}{% endif %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking is not defined or thinking %}<think>\n{% endif %}"
+    "{% endif %}"
 )
 
 

@@ -1,4 +1,4 @@
-"""`sobre <verb>`: info, convert, generate, chat, speedrun."""
+"""`sobre <verb>`: info, convert, generate, chat, tokenizer-train, pretrain, speedrun."""
 
 from __future__ import annotations
 
@@ -158,6 +158,36 @@ def cmd_chat(args):
     print()
 
 
+def cmd_pretrain(args):
+    from .train import TrainArgs, pretrain
+    a = TrainArgs(**{f: getattr(args, f) for f in TrainArgs.__dataclass_fields__})
+    run = pretrain(a)
+    print(f"run folder: {run} (metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/)")
+
+
+def cmd_tokenizer_train(args):
+    from .data import builtin_docs, file_docs
+    from .tokenizer import bytes_per_token, train_tokenizer
+    docs = list(builtin_docs(args.max_bytes) if not args.input else (d for f in args.input for d in file_docs(f)))
+    held = [d for i, d in enumerate(docs) if i % 50 == 49]
+    tok = train_tokenizer((d for i, d in enumerate(docs) if i % 50 != 49), args.vocab_size, args.out)
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} tokens); held-out compression "
+          f"{bytes_per_token(tok, held):.2f} bytes/token over {len(held)} documents")
+
+
+def add_dataclass_flags(parser, cls):
+    """One flag per field of a config dataclass (--save-every for save_every), typed by its default."""
+    for name, f in cls.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=f.default)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="*", default=f.default, metavar="FILE", help="(default: built-in corpus)")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                metavar=type(f.default).__name__.upper(), help=f"(default: {f.default})")
+
+
 def cmd_speedrun(args):
     from .speedrun import speedrun
     speedrun(Path(args.out), args.preset, args.seed)
@@ -209,6 +239,18 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=cmd_chat)
+
+    from .train import TrainArgs
+    s = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch")
+    add_dataclass_flags(s, TrainArgs)
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("tokenizer-train", help="train a byte-level BPE tokenizer with DeepSeek's special tokens")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--input", nargs="*", default=(), help=".txt/.jsonl/.parquet files (default: built-in corpus)")
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--max-bytes", type=int, default=4 << 20, help="size of the built-in corpus sample")
+    s.set_defaults(fn=cmd_tokenizer_train)
 
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")

@@ -203,6 +203,13 @@ class Engine:
     def step(self) -> list[Event]:
         """Admit and prefill waiting requests (each alone: no padding), then decode every running sequence
         in one batched forward (with speculative=True: draft with MTP, verify draft + 1 in one forward)."""
+        impl = self.model.config.attn_impl
+        try:
+            return self._step()
+        finally:
+            self.model.config.attn_impl = impl  # the engine picks naive/absorb per phase, then leaves it be
+
+    def _step(self) -> list[Event]:
         events: list[Event] = []
         c = self.model.config
         while self.waiting and len(self.running) < self.max_batch:

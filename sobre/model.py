@@ -187,7 +187,7 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(c.n_routed_experts, dtype=torch.float32)
                              if c.topk_method == "noaux_tc" else None)
 
-    def forward(self, x):  # x [N, D] -> weights [N, K] (x.dtype), indices [N, K]
+    def forward(self, x):  # x [N, D] -> weights [N, K] (x.dtype), indices [N, K], scores [N, E] (fp32)
         c = self.c
         logits = F.linear(x.float(), self.weight.float())  # [N, E], routed in fp32 like the reference
         scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
@@ -205,7 +205,7 @@ class Gate(nn.Module):
         w = scores.gather(1, idx)
         if c.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return (w * c.route_scale).to(x.dtype), idx
+        return (w * c.route_scale).to(x.dtype), idx, scores
 
 
 class Experts(nn.Module):
@@ -245,12 +245,20 @@ class MoE(nn.Module):
         self.experts = Experts(c)
         self.shared = MLP(c.dim, c.moe_inter_dim * c.n_shared_experts) if c.n_shared_experts else None
         self.last_load = None  # [E] tokens per expert in the last forward (for balancing / stats)
+        self.balance_loss = None  # set by training-mode forwards
 
     def forward(self, x):  # [B, T, D]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        w, idx = self.gate(x)
-        self.last_load = torch.bincount(idx.flatten(), minlength=self.gate.weight.shape[0]).detach()
+        w, idx, scores = self.gate(x)
+        E = self.gate.weight.shape[0]
+        self.last_load = torch.bincount(idx.flatten(), minlength=E).detach()
+        if self.training:  # V3's sequence-wise balance term sum_i f_i P_i (the trainer weighs it by alpha)
+            B, T, K = shape[0], shape[1], idx.shape[1]
+            hits = torch.zeros(B * T, E, device=x.device).scatter_(1, idx, 1.0).view(B, T, E)
+            f = hits.sum(1) * E / (K * T)  # [B, E]
+            p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]
+            self.balance_loss = (f * p).sum(-1).mean()
         y = self.experts(x, w, idx)
         if self.shared is not None:
             y = y + self.shared(x)

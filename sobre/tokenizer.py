@@ -6,8 +6,14 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat import render
+from .chat import DEFAULT_TEMPLATE, render
+
+# DeepSeek's special tokens (the fullwidth bars and U+2581 are part of the names)
+SPECIAL = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+           "pad_token": "<｜▁pad▁｜>", "user": "<｜User｜>", "assistant": "<｜Assistant｜>",
+           "think": "<think>", "end_think": "</think>"}
 
 
 def _content(t):
@@ -69,3 +75,33 @@ def load_tokenizer(path) -> Tokenizer | None:
     jinja = p / "chat_template.jinja"
     template = jinja.read_text() if jinja.exists() else None
     return Tokenizer(HFTokenizer.from_file(str(p / "tokenizer.json")), config, template)
+
+
+def train_tokenizer(texts, vocab_size: int = 4096, out: str | Path | None = None,
+                    max_len: int = 4096) -> Tokenizer:
+    """Byte-level BPE (digits split one by one, as DeepSeek's) with DeepSeek's special tokens and the R1-style
+    chat template. Writes tokenizer.json + tokenizer_config.json (transformers' AutoTokenizer loads them)."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()), min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    config = {"bos_token": SPECIAL["bos_token"], "eos_token": SPECIAL["eos_token"], "pad_token": SPECIAL["pad_token"],
+              "chat_template": DEFAULT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast",
+              "model_max_length": max_len, "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return Tokenizer(tok, config)
+
+
+def bytes_per_token(tok: Tokenizer, texts) -> float:
+    n_bytes = n_tokens = 0
+    for t in texts:
+        n_bytes += len(t.encode())
+        n_tokens += len(tok.encode(t))
+    return n_bytes / max(n_tokens, 1)
