@@ -28,3 +28,16 @@ def fp8_dequant(w, scale_inv, block=(128, 128)):
             cols = slice(bj * block[1], (bj + 1) * block[1])
             out[rows, cols] = w[rows, cols].float() * scale_inv[bi, bj]
     return out
+
+
+def mtp_loss(model, x, y):
+    """Twin of train.losses' MTP term for depth 1, one position at a time: position i of the MTP module sees
+    the main model's hidden h[i] and the embedding of the next token x[i + 1], and predicts y[i + 1]."""
+    h = model.hidden(x)
+    layer, T = model.mtp[0], x.shape[1] - 1
+    total = 0.0
+    for i in range(T):
+        prefix = torch.arange(1, i + 2)[None].expand(x.shape[0], -1)  # positions of the tokens x[1..i+1]
+        g = layer(h[:, :i + 1], model.embed(x[:, 1:i + 2]), model.rope(prefix), None)
+        total = total + F.cross_entropy(model.head(g[:, -1]), y[:, i + 1], reduction="sum")
+    return total / (x.shape[0] * T)
