@@ -224,18 +224,23 @@ class Experts(nn.Module):
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
         token = order // K
-        xs = x[token]  # [N*K, D]
-        out = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                seg = xs[start:start + n]
-                out[start:start + n] = (F.silu(seg @ self.w1[e].T) * (seg @ self.w3[e].T)) @ self.w2[e].T
-                start += n
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        out = grouped_ffn(x[token], counts, self.w1, self.w2, self.w3)
         out = out * w.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token, out)
+
+
+def grouped_ffn(xs, counts: list[int], w1, w2, w3):
+    """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
+    out = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            seg = xs[start:start + n]
+            out[start:start + n] = (F.silu(seg @ w1[e].T) * (seg @ w3[e].T)) @ w2[e].T
+            start += n
+    return out
 
 
 class MoE(nn.Module):
@@ -324,9 +329,11 @@ class Transformer(nn.Module):
             cache.advance(tokens.shape[1])
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] of the main head."""
-        return self.head(self.hidden(tokens, cache))
+    def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False):
+        """tokens [B, T] -> logits [B, T, V] of the main head; with mtp=True also the MTP heads' logits
+        (training: one forward call, so wrappers such as FSDP see the whole computation)."""
+        h = self.hidden(tokens, cache)
+        return (self.head(h), self.mtp_logits(h, tokens)) if mtp else self.head(h)
 
     def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
         """Incremental first MTP module (the engine's draft model). h [B, T, D] are main-model hiddens at

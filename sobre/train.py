@@ -7,6 +7,7 @@ per optimizer step), checkpoints/ckpt-NNNNNNN.pt (last K), loss.png, expert_load
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,9 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import parallel
 from .checkpoint import save
 from .config import preset
 from .data import Batches, build, builtin_docs, file_docs
@@ -56,6 +59,8 @@ class TrainArgs:
     data_bytes: int = 2 << 20  # size of the built-in corpus
     vocab_size: int = 0  # 0 = the preset's
     threads: int = 0
+    expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
 
     def validate(self):
         for k in ("steps", "save_every", "keep", "batch_size", "seq_len", "grad_accum"):
@@ -86,9 +91,8 @@ def param_groups(model: Transformer, weight_decay: float):
 
 def losses(model: Transformer, x, y, a: TrainArgs) -> dict:
     """Main cross-entropy, MTP cross-entropy (mean over depths) and the balance term."""
-    h = model.hidden(x)
-    out = {"ce": F.cross_entropy(model.head(h).flatten(0, 1).float(), y.flatten())}
-    mtp = model.mtp_logits(h, x) if model.mtp and a.mtp_weight else []
+    logits, mtp = model(x, mtp=True) if model.mtp and a.mtp_weight else (model(x), [])
+    out = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())}
     out["mtp"] = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten())
                      for k, lg in enumerate(mtp, start=1)) / len(mtp) if mtp else torch.zeros(())
     moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -134,10 +138,14 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("ckpt-*.pt"))
 
 
-def save_checkpoint(run: Path, step: int, model, opt, keep: int):
+def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
+    """Full (unsharded) state, the same file for any world size; written by rank 0."""
+    msd, osd = parallel.full_state(model, opt)
+    if rank:
+        return
     d = run / "checkpoints"
     d.mkdir(exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+    state = {"step": step, "model": msd, "optimizer": osd, "rng": torch.get_rng_state()}
     tmp = d / f".ckpt-{step:07d}.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, d / f"ckpt-{step:07d}.pt")  # atomic: a kill leaves the old checkpoint or the new one
@@ -148,8 +156,7 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int):
 def load_checkpoint(path: Path, model, opt) -> int:
     try:
         state = torch.load(path, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        parallel.load_full_state(model, opt, state["model"], state["optimizer"])
         torch.set_rng_state(state["rng"])
     except Exception as e:
         raise ValueError(f"{path}: corrupted or incompatible checkpoint ({type(e).__name__}: {e}); delete it "
@@ -158,73 +165,108 @@ def load_checkpoint(path: Path, model, opt) -> int:
 
 
 def pretrain(a: TrainArgs) -> Path:
+    """Train; under torchrun each rank takes its slice of every global batch (FSDP2, optionally EP)."""
     a.validate()
+    rank, world, device = parallel.init()
+    if a.batch_size % world:
+        raise ValueError(f"--batch-size {a.batch_size} does not split over {world} processes")
     run = Path(a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
     if run.exists() and (run / "metrics.jsonl").exists() and not a.resume and checkpoints(run):
         raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
-    tok = prepare(a, run)
+    tok = prepare(a, run) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+        tok = tok or load_tokenizer(run / "tokenizer")
     torch.manual_seed(a.seed)
     cfg = preset(a.preset, vocab_size=tok.vocab_size, max_seq_len=max(preset(a.preset).max_seq_len, a.seq_len),
                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=a.seed)
-    (run / "config.json").write_text(json.dumps({"train": asdict(a), "model": cfg.to_dict()}, indent=2) + "\n")
-    model = init_weights(Transformer(cfg)).train()
+    model = init_weights(Transformer(cfg)).to(device).train()
+    if a.activation_checkpointing:
+        _checkpoint_blocks(model)
+    if world > 1:
+        if a.expert_parallel:
+            parallel.apply_expert_parallel(model)
+        parallel.apply_fsdp(model)
+    elif a.expert_parallel:
+        raise ValueError("--expert-parallel needs several processes: run under torchrun --nproc_per_node N")
     opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     train = Batches(run / "data", "train", a.seq_len, a.batch_size, a.seed)
     val = Batches(run / "data", "val", a.seq_len, a.batch_size, a.seed)
-    start = 0
-    if a.resume and checkpoints(run):
-        start = load_checkpoint(checkpoints(run)[-1], model, opt)
-    _truncate_metrics(run / "metrics.jsonl", start)
+    start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps({"train": asdict(a), "model": cfg.to_dict(), "world": world},
+                                                    indent=2) + "\n")
+        _truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     flops_tok = 3 * model_stats(cfg, ctx=a.seq_len)["flops_per_token"]
-    peak = matmul_peak_flops()
-    log = open(run / "metrics.jsonl", "a")
-    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="pretrain", unit="step")
+    peak = matmul_peak_flops() * world
+    log = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    rows = slice(rank * a.batch_size // world, (rank + 1) * a.batch_size // world)
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="pretrain", unit="step", disable=rank > 0)
     for step in bar:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
-        parts = {"ce": 0.0, "mtp": 0.0, "balance": 0.0}
+        parts = torch.zeros(3)
         for micro in range(a.grad_accum):
-            x, y = train.batch(step * a.grad_accum + micro)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            x, y = (t[rows].to(device) for t in train.batch(step * a.grad_accum + micro))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
                 out = losses(model, x, y, a)
             (out["total"] / a.grad_accum).backward()
-            for k in parts:
-                parts[k] += out[k].item() / a.grad_accum
+            parts += torch.stack([out[k].detach().float().cpu() for k in ("ce", "mtp", "balance")]) / a.grad_accum
             for m in moes:
                 loads[m] += m.last_load
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
+        if world > 1:
+            dist.all_reduce(parts)
+            parts /= world
+            for load in loads.values():
+                dist.all_reduce(load)
+        parallel.scale_expert_grads(model, world)
+        gnorm = parallel.clip_grad_norm_(model, a.clip, world)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             update_router_bias(loads, a.bias_update)
         dt = time.perf_counter() - t0
         ntok = a.batch_size * a.seq_len * a.grad_accum
-        rec = {"step": step + 1, "loss": parts["ce"], "mtp_loss": parts["mtp"], "balance_loss": parts["balance"],
-               "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, "tokens_per_s": ntok / dt,
-               "mfu": ntok * flops_tok / dt / peak,
+        rec = {"step": step + 1, "loss": parts[0].item(), "mtp_loss": parts[1].item(),
+               "balance_loss": parts[2].item(), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+               "tokens_per_s": ntok / dt, "mfu": ntok * flops_tok / dt / peak,
                "expert_load_max_over_mean": [float(v.max() / v.float().mean()) for v in loads.values()]}
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-            rec["val_loss"] = evaluate(model, val, a.eval_batches)
+            rec["val_loss"] = evaluate(model, val, a.eval_batches, rows, device)
             rec["val_bpb"] = rec["val_loss"] / math.log(2) / val.bytes_per_token
-        if (step + 1) % a.sample_every == 0 or step + 1 == a.steps:
+        if world == 1 and ((step + 1) % a.sample_every == 0 or step + 1 == a.steps):
             rec["sample"] = sample_text(model, tok)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        if log:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save_checkpoint(run, step + 1, model, opt, a.keep)
-    log.close()
-    model.eval()
-    save(model, run / "model", tokenizer_dir=run / "tokenizer")
-    from .report import plot_training
-    plot_training(run)
+            save_checkpoint(run, step + 1, model, opt, a.keep, rank)
+    msd, _ = parallel.full_state(model, opt)
+    if rank == 0:
+        log.close()
+        final = Transformer(cfg)
+        final.load_state_dict(msd)
+        save(final.eval(), run / "model", tokenizer_dir=run / "tokenizer")
+        from .report import plot_training
+        plot_training(run)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return run
+
+
+def _checkpoint_blocks(model: Transformer):
+    """Activation checkpointing, applied from outside: each block's forward is recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+    for block in list(model.layers) + [m.block for m in model.mtp]:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def _truncate_metrics(path: Path, step: int):
@@ -236,12 +278,17 @@ def _truncate_metrics(path: Path, step: int):
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val: Batches, n_batches: int) -> float:
+def evaluate(model: Transformer, val: Batches, n_batches: int, rows=slice(None), device="cpu") -> float:
+    """Mean validation cross-entropy over the first n_batches (each rank its rows, then averaged)."""
     was = model.training
     model.eval()
-    total = [F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item() for x, y in val.sequential(n_batches)]
+    total = torch.tensor([F.cross_entropy(model(x[rows].to(device)).flatten(0, 1).float(), y[rows].to(device).flatten())
+                          .item() for x, y in val.sequential(n_batches)]).mean()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
     model.train(was)
-    return sum(total) / len(total)
+    return total.item()
 
 
 def sample_text(model: Transformer, tok, prompt: str = "Question: What is 12 + 7?\n<think>\n", n: int = 32) -> str:

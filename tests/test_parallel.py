@@ -1,0 +1,52 @@
+"""torchrun with 2 gloo processes: expert-parallel MoE == single-process MoE; FSDP2 (and FSDP2 + EP) training
+gives the losses of one process on the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_expert_parallel_moe_equals_single_process(tmp_path):
+    out = tmp_path / "ep.json"
+    subprocess.run(TORCHRUN + [str(Path(__file__).parent / "dist" / "ep_moe.py"), str(out)], check=True,
+                   capture_output=True, env=ENV, timeout=120)
+    diff = json.loads(out.read_text())
+    assert all(v < 1e-5 for v in diff.values()), diff
+
+
+def train(tmp_path, name, *extra, procs=1, data_from=None):
+    run = tmp_path / name
+    if data_from:  # share the tokenizer and tokenised data: only the parallelism differs
+        run.mkdir()
+        for d in ("tokenizer", "data"):
+            shutil.copytree(data_from / d, run / d)
+    args = ["-m", "sobre", "pretrain", "--preset", "debug", "--out", str(run), "--steps", "6", "--save-every", "3",
+            "--batch-size", "8", "--seq-len", "64", "--eval-every", "3", "--data-bytes", "300000", *extra]
+    cmd = TORCHRUN + ["--no-python", sys.executable] + args if procs > 1 else [sys.executable] + args
+    subprocess.run(cmd, check=True, capture_output=True, env=ENV, timeout=600)
+    return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra", [(), ("--expert-parallel",)], ids=["fsdp", "fsdp+ep"])
+def test_two_processes_match_one(tmp_path, extra):
+    one_run, one = train(tmp_path, "one")
+    two_run, two = train(tmp_path, "two", *extra, procs=2, data_from=one_run)
+    assert [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        for key in ("loss", "mtp_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a["step"], a[key], b[key])
+        assert a["expert_load_max_over_mean"] == pytest.approx(b["expert_load_max_over_mean"], rel=1e-6)
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
+    # the checkpoint of the 2-process run resumes in one process (same file layout for any world size)
+    subprocess.run([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--out", str(two_run),
+                    "--steps", "7", "--save-every", "3", "--batch-size", "8", "--seq-len", "64", "--resume"],
+                   check=True, capture_output=True, env=ENV, timeout=300)
+    assert json.loads((two_run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7
