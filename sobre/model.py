@@ -232,15 +232,28 @@ class Experts(nn.Module):
 
 
 def grouped_ffn(xs, counts: list[int], w1, w2, w3):
-    """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
-    out = torch.empty_like(xs)
-    start = 0
+    """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e.
+    torch._grouped_mm runs each projection for all experts in one call (CPU and CUDA); without it, one
+    matmul per active expert over unbound weights (indexing a stacked parameter per expert would make
+    autograd allocate a full-size gradient for every expert)."""
+    if hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
+        offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+
+        def mm(a, w):  # a [rows, in] @ w[e].T for each expert's rows -> [rows, out]
+            out = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+            if out.requires_grad:
+                out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
+            return out
+
+        return mm(F.silu(mm(xs, w1)) * mm(xs, w3), w2)
+    w1s, w2s, w3s = w1.unbind(0), w2.unbind(0), w3.unbind(0)
+    outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
             seg = xs[start:start + n]
-            out[start:start + n] = (F.silu(seg @ w1[e].T) * (seg @ w3[e].T)) @ w2[e].T
+            outs.append((F.silu(seg @ w1s[e].T) * (seg @ w3s[e].T)) @ w2s[e].T)
             start += n
-    return out
+    return torch.cat(outs) if outs else xs[:0]
 
 
 class MoE(nn.Module):

@@ -56,6 +56,21 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
     assert (fast - slow).abs().max() < 1e-5
 
 
+def test_grouped_moe_gradients_equal_reference():
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                      n_limited_groups=2))
+    moe = model.layers[1].ffn
+    x = torch.randn(23, model.config.dim, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (moe.experts, lambda *a: reference.moe_routed(moe.experts, *a)):
+        moe.zero_grad()
+        w, idx, _ = moe.gate(x)
+        fn(x, w, idx).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.gate.weight)])
+    for fast, slow in zip(*grads):
+        assert (fast - slow).abs().max() < 1e-4 * slow.abs().max()
+
+
 def _gate(scores, bias, **kw):
     """A V3 gate whose logits for input e_0 give exactly `scores` after the sigmoid."""
     cfg = sobre.preset("debug", n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, n_activated_experts=2,

@@ -1,0 +1,98 @@
+"""Training throughput: sobre vs transformers' DeepseekV3 on the same config and batch, in the same run
+(forward + backward + AdamW step, fp32, no MTP in either), then sobre's `pretrain` with 1 vs 2 processes.
+    python bench/train.py [--steps 10] [--no-scaling]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sobre
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import CFG  # noqa: E402  the engine benchmark's model
+
+B, T = 8, 256
+
+
+def step_times(model, forward, steps, bf16=False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps + 2):
+        x = torch.randint(0, CFG["vocab_size"], (B, T + 1), generator=g)
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])  # the first two warm up
+
+
+def scaling(steps):
+    """tokens/s of `sobre pretrain` (tiny preset, B=8, T=256) with 1 and 2 processes on the same data."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = {}
+        for procs in (1, 2):
+            run = Path(tmp) / f"p{procs}"
+            args = ["-m", "sobre", "pretrain", "--preset", "tiny", "--out", str(run), "--steps", str(steps),
+                    "--save-every", str(steps), "--batch-size", str(B), "--seq-len", str(T), "--eval-every", "1000",
+                    "--sample-every", "1000", "--data-bytes", str(2 << 20)]
+            if procs == 1:
+                cmd = [sys.executable] + args
+            else:
+                run.mkdir()
+                for d in ("tokenizer", "data"):  # the same tokenised data as the 1-process run
+                    os.symlink(Path(tmp) / "p1" / d, run / d)
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "--no-python", sys.executable] + args
+            subprocess.run(cmd, check=True, capture_output=True, env=env if procs > 1 else os.environ)
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            rates[procs] = statistics.median(r["tokens_per_s"] for r in rows[2:])
+    return rates
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-scaling", action="store_true")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    cfg = dict(CFG, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    ours = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(cfg)), std=0.05).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        sobre.save(ours, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
+    print(f"random DeepSeek-V3 (bench/engine.py config, no MTP), B={B}, T={T}, AdamW, "
+          f"{torch.get_num_threads()} threads")
+    print("| measure | sobre | transformers | sobre / transformers |")
+    print("|---|---|---|---|")
+    for bf16 in (False, True):
+        a = step_times(ours, ours, args.steps, bf16)
+        b = step_times(hf, lambda x: hf(x).logits, args.steps, bf16)
+        print(f"| training tokens/s (fwd + bwd + step), {'bf16 autocast' if bf16 else 'fp32'} | {B * T / a:.0f} | "
+              f"{B * T / b:.0f} | {b / a:.2f}x |")
+    if not args.no_scaling:
+        r = scaling(args.steps + 2)
+        print(f"| `sobre pretrain --preset tiny` tokens/s, 1 vs 2 processes (gloo, same cores) | {r[1]:.0f} | "
+              f"{r[2]:.0f} (2 procs) | {r[2] / r[1]:.2f}x scaling |")
+
+
+if __name__ == "__main__":
+    main()
