@@ -190,7 +190,7 @@ def add_dataclass_flags(parser, cls):
 
 def cmd_speedrun(args):
     from .speedrun import speedrun
-    speedrun(Path(args.out), args.preset, args.seed)
+    speedrun(Path(args.out), args.preset, args.seed, args.steps)
 
 
 def main(argv=None):
@@ -255,6 +255,7 @@ def main(argv=None):
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")
     s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small")
+    s.add_argument("--steps", type=int, default=300, help="pretraining steps")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_speedrun)
 

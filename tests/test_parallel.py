@@ -14,10 +14,15 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def check(cmd, timeout):
+    """subprocess.run that fails with the child's stderr in the message."""
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stderr[-6000:]}"
+
+
 def test_expert_parallel_moe_equals_single_process(tmp_path):
     out = tmp_path / "ep.json"
-    subprocess.run(TORCHRUN + [str(Path(__file__).parent / "dist" / "ep_moe.py"), str(out)], check=True,
-                   capture_output=True, env=ENV, timeout=120)
+    check(TORCHRUN + [str(Path(__file__).parent / "dist" / "ep_moe.py"), str(out)], timeout=120)
     diff = json.loads(out.read_text())
     assert all(v < 1e-5 for v in diff.values()), diff
 
@@ -31,7 +36,7 @@ def train(tmp_path, name, *extra, procs=1, data_from=None):
     args = ["-m", "sobre", "pretrain", "--preset", "debug", "--out", str(run), "--steps", "6", "--save-every", "3",
             "--batch-size", "8", "--seq-len", "64", "--eval-every", "3", "--data-bytes", "300000", *extra]
     cmd = TORCHRUN + ["--no-python", sys.executable] + args if procs > 1 else [sys.executable] + args
-    subprocess.run(cmd, check=True, capture_output=True, env=ENV, timeout=600)
+    check(cmd, timeout=600)
     return run, [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -46,7 +51,6 @@ def test_two_processes_match_one(tmp_path, extra):
         assert a["expert_load_max_over_mean"] == pytest.approx(b["expert_load_max_over_mean"], rel=1e-6)
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
     # the checkpoint of the 2-process run resumes in one process (same file layout for any world size)
-    subprocess.run([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--out", str(two_run),
-                    "--steps", "7", "--save-every", "3", "--batch-size", "8", "--seq-len", "64", "--resume"],
-                   check=True, capture_output=True, env=ENV, timeout=300)
+    check([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--out", str(two_run), "--steps", "7",
+           "--save-every", "3", "--batch-size", "8", "--seq-len", "64", "--resume"], timeout=300)
     assert json.loads((two_run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7
