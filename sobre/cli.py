@@ -1,4 +1,5 @@
-"""`sobre <verb>`: info, convert, generate, chat, tokenizer-train, pretrain, speedrun."""
+"""`sobre <verb>`: info, convert, generate, chat, tokenizer-train, pretrain, sft, grpo, eval, rejection-sample,
+speedrun."""
 
 from __future__ import annotations
 
@@ -175,6 +176,39 @@ def cmd_tokenizer_train(args):
           f"{bytes_per_token(tok, held):.2f} bytes/token over {len(held)} documents")
 
 
+def run_dataclass(args, cls, fn, what: str):
+    a = cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+    print(f"run folder: {fn(a)} ({what})")
+
+
+def cmd_eval(args):
+    from .rollout import evaluate_task
+    from .sft import start_model
+    from .tasks import get_task
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = start_model(args.path)
+    print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
+    for name in args.task:
+        r = evaluate_task(model.eval(), tok, get_task(name, args.reward or None), args.n, args.samples,
+                          args.temperature, args.max_new_tokens, args.seed)
+        scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith(("pass@", "maj@", "format")))
+        print(f"{r['task']:<14} {r['problems']:>8} {r['samples']:>7}  {scores}  mean length {r['mean_length']:.1f}")
+        if args.json:
+            print(json.dumps(r))
+
+
+def cmd_rejection_sample(args):
+    from .rollout import rejection_sample
+    from .sft import start_model
+    from .tasks import get_task
+    model, tok = start_model(args.path)
+    r = rejection_sample(model.eval(), tok, get_task(args.task, args.reward or None), args.n, args.samples,
+                         Path(args.out), args.temperature, args.max_new_tokens, args.seed, args.keep)
+    print(f"kept {r['kept']} verified completions for {r['solved']}/{r['problems']} problems "
+          f"({r['samples']} samples) -> {r['file']} (train on it: sobre sft --data {r['file']})")
+
+
 def add_dataclass_flags(parser, cls):
     """One flag per field of a config dataclass (--save-every for save_every), typed by its default."""
     for name, f in cls.__dataclass_fields__.items():
@@ -182,7 +216,7 @@ def add_dataclass_flags(parser, cls):
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=f.default)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, nargs="*", default=f.default, metavar="FILE", help="(default: built-in corpus)")
+            parser.add_argument(flag, nargs="*", default=f.default, metavar="X")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
                                 metavar=type(f.default).__name__.upper(), help=f"(default: {f.default})")
@@ -244,6 +278,42 @@ def main(argv=None):
     s = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch")
     add_dataclass_flags(s, TrainArgs)
     s.set_defaults(fn=cmd_pretrain)
+
+    from .sft import SFTArgs, sft
+    s = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL and/or task reasoning traces")
+    add_dataclass_flags(s, SFTArgs)
+    s.set_defaults(fn=lambda a: run_dataclass(a, SFTArgs, sft, "metrics.jsonl, loss.png, model/"))
+
+    from .grpo import GRPOArgs, grpo
+    s = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO with verifiable rewards, rollouts on the engine")
+    add_dataclass_flags(s, GRPOArgs)
+    s.set_defaults(fn=lambda a: run_dataclass(a, GRPOArgs, grpo, "metrics.jsonl, eval.jsonl, reward.png, model/"))
+
+    s = sub.add_parser("eval", help="held-out pass@1 / pass@k / maj@k on reasoning tasks")
+    s.add_argument("path", help="model directory, sobre run folder or Hub id")
+    s.add_argument("--task", nargs="+", default=["countdown"], help="built-in task names or .jsonl files")
+    s.add_argument("--reward", default="", help="module:function scoring .jsonl tasks")
+    s.add_argument("--n", type=int, default=64, help="held-out problems per task")
+    s.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k, maj@k)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="also print each task's numbers as JSON")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("rejection-sample", help="sample, keep verified-correct completions, write an SFT set")
+    s.add_argument("path", help="model directory, sobre run folder or Hub id")
+    s.add_argument("--task", default="countdown")
+    s.add_argument("--reward", default="")
+    s.add_argument("--out", required=True, help="output JSONL")
+    s.add_argument("--n", type=int, default=256, help="train problems")
+    s.add_argument("--samples", type=int, default=8, help="completions per problem")
+    s.add_argument("--keep", type=int, default=1, help="distinct correct completions kept per problem")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_rejection_sample)
 
     s = sub.add_parser("tokenizer-train", help="train a byte-level BPE tokenizer with DeepSeek's special tokens")
     s.add_argument("--out", required=True, help="output directory")

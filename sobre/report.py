@@ -46,3 +46,27 @@ def plot_training(run: Path):
         fig.tight_layout()
         fig.savefig(Path(run) / "expert_load.png", dpi=100)
         plt.close(fig)
+
+
+def plot_grpo(run: Path):
+    """Reward and accuracy per GRPO step, held-out pass@1 at each evaluation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(run)
+    if not rows:
+        return
+    path = Path(run) / "eval.jsonl"
+    evals = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["reward_mean"] for r in rows], label="reward (mean)", alpha=0.7)
+    ax.plot(steps, [r["accuracy"] for r in rows], label="train accuracy", alpha=0.7)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["pass@1"] for e in evals], "o-", label="held-out pass@1 (greedy)")
+    ax.set_xlabel("GRPO step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(run) / "reward.png", dpi=100)
+    plt.close(fig)

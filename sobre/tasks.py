@@ -1,14 +1,24 @@
-"""Procedurally generated reasoning problems with step-by-step solutions and checkable answers.
+"""Reasoning tasks with verifiable answers: procedurally generated problems with step-by-step solutions (they
+feed the pretraining corpus, SFT traces and GRPO prompts) and user tasks from JSONL.
 
-Each generator takes a random.Random and returns a Problem. They feed the pretraining corpus now and the
-verifiable-reward tasks of the R1 stage later. Deterministic: the same seed gives the same problems.
+A Task gives deterministic train / held-out splits: a problem belongs to the held-out split when a hash of its
+prompt falls in one bucket of ten, so the splits are disjoint for any seed. Each task has a correctness
+function `correct(completion, reference) -> float` (built-ins live in sobre.rewards; user tasks name theirs
+as `module:function`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import itertools
+import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from . import rewards
 
 
 @dataclass
@@ -18,8 +28,13 @@ class Problem:
     answer: str
 
     def text(self) -> str:
-        """As a pretraining / SFT document: question, reasoning in <think>, then the answer."""
+        """As a pretraining document: question, reasoning in <think>, then the answer."""
         return f"Question: {self.prompt}\n<think>\n{self.reasoning}\n</think>\nAnswer: {self.answer}"
+
+    def messages(self) -> list[dict]:
+        """As a chat (SFT trace): the assistant reasons in <think> (DeepSeek-R1's format), then answers."""
+        return [{"role": "user", "content": self.prompt},
+                {"role": "assistant", "content": f"<think>\n{self.reasoning}\n</think>\n\nAnswer: {self.answer}"}]
 
 
 def arithmetic(rng: random.Random) -> Problem:
@@ -106,3 +121,77 @@ def problem_stream(seed: int = 0, kinds=tuple(GENERATORS)):
 
 def problems(n: int, seed: int = 0, kinds=tuple(GENERATORS)) -> list[Problem]:
     return list(itertools.islice(problem_stream(seed, kinds), n))
+
+
+# ---- tasks: splits and correctness ----------------------------------------------------------------
+def held_out(prompt: str) -> bool:
+    return hashlib.sha1(prompt.encode()).digest()[0] % 10 == 0
+
+
+@dataclass
+class Task:
+    name: str
+    correct: Callable[[str, str], float]  # (completion, reference answer) -> 1.0 correct / 0.0 wrong
+    make: Callable[[random.Random], Problem] | None = None  # generated task
+    rows: list[Problem] | None = None  # task from a file
+
+    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
+        """n problems of the split ("train" or "test"), the same for the same seed. A file task gives a seeded
+        sample of its rows (at most all of them)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        want, rng, out = split == "test", random.Random(f"{self.name}/{seed}"), []
+        if self.rows is not None:
+            rows = [p for p in self.rows if held_out(p.prompt) == want]
+            return rng.sample(rows, min(n, len(rows)))
+        for _ in range(1000 * n + 1000):
+            p = self.make(rng)
+            if held_out(p.prompt) == want:
+                out.append(p)
+                if len(out) == n:
+                    return out
+        raise ValueError(f"task {self.name}: could not draw {n} {split} problems")
+
+
+TASKS = {
+    "arithmetic": Task("arithmetic", rewards.numeric_correct, arithmetic),
+    "countdown": Task("countdown", rewards.countdown_correct, countdown),
+    "sorting": Task("sorting", rewards.list_correct, sorting),
+    "word_problem": Task("word_problem", rewards.numeric_correct, word_problem),
+}
+
+
+def get_task(name: str, reward: str | None = None) -> Task:
+    """A built-in task by name, or a JSONL file of {"prompt", "answer"} rows (optional "reasoning", used for
+    SFT traces) scored by `reward` ("module:function", default: numeric / exact answer match)."""
+    if name in TASKS and reward is None:
+        return TASKS[name]
+    if not name.endswith(".jsonl"):
+        raise ValueError(f"unknown task {name!r}: choose from {sorted(TASKS)} or give a .jsonl file")
+    path, rows = Path(name), []
+    if not path.exists():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            rows.append(Problem(str(d["prompt"]), str(d.get("reasoning", "")), str(d["answer"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: each line must be a JSON object with 'prompt' and 'answer' ({e})") \
+                from None
+    return Task(path.stem, load_reward(reward) if reward else rewards.answer_correct, rows=rows)
+
+
+def load_reward(spec: str) -> Callable[[str, str], float]:
+    """"module:function" -> the function, called as fn(completion, reference_answer) -> float."""
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise ValueError(f"reward must be given as module:function, got {spec!r}")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r}: {e}") from None
+    if not callable(f):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return f

@@ -27,6 +27,8 @@ class Tokenizer:
         self.eos_token = _content(self.config.get("eos_token"))
         self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        pad = _content(self.config.get("pad_token"))
+        self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None else (self.eos_id or 0)
         template = chat_template or self.config.get("chat_template")
         if isinstance(template, list):  # HF allows named templates; use "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)

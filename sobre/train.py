@@ -82,9 +82,11 @@ def lr_at(a: TrainArgs, step: int) -> float:
 
 
 def param_groups(model: Transformer, weight_decay: float):
-    """No weight decay on norms, biases and embeddings."""
+    """No weight decay on norms, biases and embeddings; frozen parameters left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.dim() < 2 or "embed" in name or "norm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -199,7 +201,7 @@ def pretrain(a: TrainArgs) -> Path:
     if rank == 0:
         (run / "config.json").write_text(json.dumps({"train": asdict(a), "model": cfg.to_dict(), "world": world},
                                                     indent=2) + "\n")
-        _truncate_metrics(run / "metrics.jsonl", start)
+        truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     flops_tok = 3 * model_stats(cfg, ctx=a.seq_len)["flops_per_token"]
     peak = matmul_peak_flops() * world
@@ -269,7 +271,7 @@ def _checkpoint_blocks(model: Transformer):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def _truncate_metrics(path: Path, step: int):
+def truncate_metrics(path: Path, step: int):
     """Drop metric lines past the checkpoint we resume from (a killed run may have logged further)."""
     if not path.exists():
         return

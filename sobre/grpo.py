@@ -1,0 +1,280 @@
+"""GRPO (DeepSeekMath / R1) with the Dr. GRPO and DAPO variants, rollouts on sobre's batched engine.
+
+Each step: P prompts x G completions sampled by the engine -> verifiable rewards -> group-relative
+advantages -> mu epochs of the clipped policy-gradient loss over the completion tokens, optionally with a
+k3 KL penalty toward the frozen starting model (beta, default 0 as in DAPO / Dr. GRPO).
+
+Loss variants (normalisation of the per-token clipped surrogate):
+  grpo     mean over each completion's tokens, then over completions; advantages (r - mean) / std
+  dr_grpo  sum over all tokens / (completions x max_new_tokens); advantages r - mean (no std scaling)
+  dapo     sum over all tokens / number of tokens; std-scaled advantages; clip-higher (epsilon_high 0.28),
+           dynamic sampling (drop groups whose rewards are all equal, sample more) and overlong filtering
+MoE: routers are frozen by default (router_bias_update 0: expert choice stays the one pretraining balanced);
+set router_bias_update > 0 to keep aux-loss-free balancing running on the rollout tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import save
+from .model import MoE, Transformer
+from .rewards import overlong_penalty
+from .rollout import Rollout, evaluate_task, rollouts
+from .sft import start_model
+from .tasks import get_task
+from .train import (
+    checkpoints,
+    load_checkpoint,
+    lr_at,
+    param_groups,
+    save_checkpoint,
+    truncate_metrics,
+    update_router_bias,
+)
+
+VARIANTS = ("grpo", "dr_grpo", "dapo")
+
+
+# ---- the math (tested against hand-computed values) -----------------------------------------------
+def advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P, G] -> group-relative advantages [P, G]: r - mean(group), divided by the group's std
+    (unbiased, as TRL) when scale."""
+    adv = rewards - rewards.mean(1, keepdim=True)
+    return adv / (rewards.std(1, keepdim=True) + eps) if scale else adv
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
+                n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
+    are the whole batch's (micro-batch losses then add up to the batch loss). Returns (loss, sums of stats)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_tok = per_tok + beta * kl
+    m = mask.to(per_tok.dtype)
+    if variant == "grpo":
+        loss = ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seqs
+    elif variant == "dapo":
+        loss = (per_tok * m).sum() / max(n_tokens, 1)
+    elif variant == "dr_grpo":
+        loss = (per_tok * m).sum() / (n_seqs * max_len)
+    else:
+        raise ValueError(f"loss must be one of {VARIANTS}, got {variant!r}")
+    with torch.no_grad():
+        stats = {"clip_low": (((ratio < 1 - eps_low) & (a < 0)) * m).sum().item(),
+                 "clip_high": (((ratio > 1 + eps_high) & (a > 0)) * m).sum().item(),
+                 "kl": (kl * m).sum().item()}
+    return loss, stats
+
+
+def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False):
+    """Log-probs of each completion's tokens under the model: [N, T] (right-padded), mask [N, T], and the
+    summed entropy of the model's distribution over the completion positions (when asked)."""
+    seqs = [r.prompt + r.ids for r in batch]
+    L, T = max(len(s) for s in seqs), max(len(r.ids) for r in batch)
+    x = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    logits = model(x).float()  # [N, L, V]
+    pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch]).clamp(max=L - 1)  # [N, T]
+    mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch])
+    lg = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [N, T, V]: predicts token t
+    logp_all = F.log_softmax(lg, -1)
+    tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch])
+    logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item() if entropy else 0.0
+    return logp, mask, ent
+
+
+# ---- the run --------------------------------------------------------------------------------------
+@dataclass
+class GRPOArgs:
+    out: str = "runs/grpo"
+    init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
+    preset: str = "debug"
+    task: str = "countdown"  # a built-in task or a .jsonl of {"prompt", "answer"}
+    reward: str = ""  # module:function scoring (completion, answer) for .jsonl tasks
+    steps: int = 50
+    prompts: int = 8  # P prompts per step
+    group: int = 8  # G completions per prompt
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss: str = "grpo"  # grpo | dr_grpo | dapo
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo
+    beta: float = 0.0  # k3 KL toward the starting model
+    mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
+    micro_batch: int = 32  # completions per forward/backward
+    dynamic_sampling: bool = False  # always on with --loss dapo
+    max_attempts: int = 3  # dynamic sampling: rollout rounds per step at most
+    overlong_filter: bool = False  # truncated completions leave the loss (always on with --loss dapo)
+    overlong_buffer: int = 0  # soft overlong punishment over the last N tokens (0 = off)
+    format_weight: float = 0.1  # reward = correct + format_weight * well-formed + overlong penalty
+    router_bias_update: float = 0.0
+    lr: float = 1e-4
+    min_lr_ratio: float = 1.0
+    warmup: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 10
+    eval_problems: int = 64
+    save_every: int = 25
+    keep: int = 2
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0
+
+    def validate(self):
+        if self.loss not in VARIANTS:
+            raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
+        for k in ("steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
+                  "save_every", "eval_every"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        if self.group < 2:
+            raise ValueError("--group must be >= 2: advantages are relative to the group")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0: a group of greedy completions has no spread")
+
+
+def grpo(a: GRPOArgs) -> Path:
+    a.validate()
+    dapo = a.loss == "dapo"
+    eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
+    dynamic, overlong = a.dynamic_sampling or dapo, a.overlong_filter or dapo
+    run = Path(a.out)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
+        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    task = get_task(a.task, a.reward or None)
+    model, tok = start_model(a.init, a.preset, run, a.seed)
+    model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta else None
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.99), eps=1e-8)
+    start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
+    (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
+    truncate_metrics(run / "metrics.jsonl", start)
+    moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
+    log = open(run / "metrics.jsonl", "a")
+
+    def held_out() -> float:
+        return evaluate_task(model, tok, task, a.eval_problems, max_new_tokens=a.max_new_tokens, seed=a.seed)["pass@1"]
+
+    truncate_metrics(run / "eval.jsonl", start if start else -1)
+    if start == 0:
+        _append(run / "eval.jsonl", {"step": 0, "pass@1": held_out()})
+    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"grpo ({a.loss})", unit="step"):
+        t0 = time.perf_counter()
+        kept, attempts, seen = [], 0, []
+        while attempts < (a.max_attempts if dynamic else 1) and len(kept) < a.prompts:
+            problems = task.problems("train", a.prompts, f"{a.seed}/{step}/{attempts}")
+            groups = rollouts(model, tok, task, problems, a.group, a.max_new_tokens, a.temperature, a.top_p,
+                              seed=(a.seed * 1_000_003 + step) * 8 + attempts)
+            attempts += 1
+            for g in groups:
+                r = torch.tensor([_reward(x, a) for x in g])
+                seen.append((g, r))
+                if not dynamic or r.std() > 0:
+                    kept.append((g, r))
+        kept = kept[:a.prompts]
+        t_roll = time.perf_counter() - t0
+        flat = [x for g, _ in seen for x in g]
+        rewards = torch.stack([r for _, r in seen])
+        rec = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "accuracy": sum(x.correct for x in flat) / len(flat), "format": sum(x.format for x in flat) / len(flat),
+               "completion_length": sum(len(x.ids) for x in flat) / len(flat),
+               "truncated": sum(x.truncated for x in flat) / len(flat), "groups_kept": len(kept),
+               "rollout_rounds": attempts}
+        for g in opt.param_groups:
+            g["lr"] = a.lr * lr_at(a, step)
+        if kept:
+            rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong))
+        rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
+                    "samples_per_s": len(flat) / (time.perf_counter() - t0)})
+        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
+            rec["heldout_pass@1"] = held_out()
+            _append(run / "eval.jsonl", {"step": step + 1, "pass@1": rec["heldout_pass@1"]})
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+            save_checkpoint(run, step + 1, model, opt, a.keep)
+    log.close()
+    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
+    from .report import plot_grpo
+    plot_grpo(run)
+    return run
+
+
+def _reward(x: Rollout, a: GRPOArgs) -> float:
+    return x.correct + a.format_weight * x.format + overlong_penalty(len(x.ids), a.max_new_tokens, a.overlong_buffer)
+
+
+def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool) -> dict:
+    """mu epochs of one optimizer step each over the kept groups."""
+    adv = advantages(torch.stack([r for _, r in kept]), scale=a.loss != "dr_grpo").flatten()
+    batch = [x for g, _ in kept for x in g]
+    use = [not (overlong and x.truncated) for x in batch]
+    batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use)]
+    if not batch:
+        return {"loss": 0.0}
+    n_tokens = sum(len(x.ids) for x in batch)
+    chunks = [range(i, min(i + a.micro_batch, len(batch))) for i in range(0, len(batch), a.micro_batch)]
+    model.train()
+    old = ref_lp = None
+    if a.mu > 1 or a.beta:
+        with torch.no_grad():
+            if a.mu > 1:
+                old = [token_logprobs(model, [batch[i] for i in c])[0] for c in chunks]
+            if a.beta:
+                ref_lp = [token_logprobs(ref, [batch[i] for i in c])[0] for c in chunks]
+    sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    for epoch in range(a.mu):
+        loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
+        for j, c in enumerate(chunks):
+            mb = [batch[i] for i in c]
+            logp, mask, ent = token_logprobs(model, mb, entropy=epoch == 0)
+            loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
+                                   a.epsilon_low, eps_high, len(batch), n_tokens, a.max_new_tokens, a.beta,
+                                   ref_lp[j] if ref_lp else None)
+            loss.backward()
+            sums["loss"] += loss.item() / a.mu
+            for k, v in st.items():
+                sums[k] += v / n_tokens / a.mu
+            sums["entropy"] += ent / n_tokens
+            for m in moes:
+                loads[m] += m.last_load
+        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)) / a.mu
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if a.router_bias_update and moes:
+            with torch.no_grad():
+                update_router_bias(loads, a.router_bias_update)
+    model.eval()
+    sums["clip_fraction"] = sums["clip_low"] + sums["clip_high"]
+    return sums
+
+
+def _append(path: Path, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

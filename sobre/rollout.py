@@ -1,0 +1,134 @@
+"""Sampling completions for task prompts on the batched engine, scoring them, and what is built on that:
+pass@k / maj@k evaluation (`sobre eval`) and rejection sampling into an SFT set (`sobre rejection-sample`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import Engine
+from .model import Transformer
+from .rewards import extract_answer, format_reward, value
+from .tasks import Problem, Task
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Rollout:
+    prompt: list[int]  # prompt token ids
+    ids: list[int]  # completion token ids (ending with end-of-sentence unless truncated)
+    text: str  # completion text, special tokens kept
+    truncated: bool  # stopped by max_new_tokens, not by end-of-sentence
+    correct: float
+    format: float
+    answer: str | None
+
+
+def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": problem.prompt}]))
+
+
+@torch.no_grad()
+def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int,
+             max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             max_batch: int = 256) -> list[list[Rollout]]:
+    """n completions per problem, all problems batched on one engine; seeded per (seed, problem, sample)."""
+    prompts = [prompt_ids(tok, p) for p in problems]
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > model.config.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of "
+                         f"{model.config.max_seq_len}")
+    was = model.training
+    eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(len(prompts) * n, max_batch) * (longest + 64))
+    rids = [[eng.add_request(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=(seed * 1_000_003 + i * n + j) % 2**63 if temperature else None,
+                             stop_token_ids=(tok.eos_id,))
+             for j in range(n)] for i, ids in enumerate(prompts)]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    model.train(was)
+    out = []
+    for p, ids, group in zip(problems, prompts, rids):
+        row = []
+        for rid in group:
+            s = done[rid]
+            text = tok.decode(s.out)
+            row.append(Rollout(ids, s.out, text, s.finish_reason == "length", float(task.correct(text, p.answer)),
+                               format_reward(text), extract_answer(text)))
+        out.append(row)
+    return out
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def maj_at_k(group: list[Rollout]) -> float:
+    """Correctness of the most common final answer (values compared exactly where they parse)."""
+    answers = [r for r in group if r.answer is not None]
+    if not answers:
+        return 0.0
+    key = [(str(value(r.answer)) if value(r.answer) is not None else r.answer.strip().lower()) for r in answers]
+    top = Counter(key).most_common(1)[0][0]
+    return next(r.correct for r, k in zip(answers, key) if k == top)
+
+
+def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: int = 64, samples: int = 1,
+                  temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0, split: str = "test") -> dict:
+    """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate and
+    mean completion length."""
+    problems = task.problems(split, n_problems, seed)
+    groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
+    n = samples
+    out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature,
+           "pass@1": sum(sum(r.correct for r in g) / n for g in groups) / len(groups)}
+    k = 2
+    while k <= n:
+        out[f"pass@{k}"] = sum(pass_at_k(n, int(sum(r.correct for r in g)), k) for g in groups) / len(groups)
+        k *= 2
+    if n > 1:
+        out[f"maj@{n}"] = sum(maj_at_k(g) for g in groups) / len(groups)
+    flat = [r for g in groups for r in g]
+    out["format"] = sum(r.format for r in flat) / len(flat)
+    out["mean_length"] = sum(len(r.ids) for r in flat) / len(flat)
+    return out
+
+
+# ---- rejection sampling (R1 stage 3) ---------------------------------------------------------------
+def rejection_sample(model: Transformer, tok: Tokenizer, task: Task, n_problems: int, samples: int,
+                     out: Path, temperature: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
+                     per_problem: int = 1) -> dict:
+    """Sample `samples` completions per train problem, keep up to `per_problem` distinct verified-correct and
+    well-formed ones, write them as chat JSONL ({"messages": [...]}) for `sobre sft --data`."""
+    problems = task.problems("train", n_problems, seed)
+    groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = solved = 0
+    with open(out, "w") as f:
+        for p, g in zip(problems, groups):
+            seen = set()
+            good = [r for r in g if r.correct > 0 and r.format > 0 and not r.truncated]
+            solved += bool(good)
+            for r in good:
+                body = r.text.split(tok.eos_token)[0] if tok.eos_token else r.text
+                if body in seen or len(seen) >= per_problem:
+                    continue
+                seen.add(body)
+                f.write(json.dumps({"messages": [{"role": "user", "content": p.prompt},
+                                                 {"role": "assistant", "content": "<think>\n" + body}]},
+                                   ensure_ascii=False) + "\n")
+                kept += 1
+    return {"problems": len(problems), "samples": len(problems) * samples, "solved": solved, "kept": kept,
+            "file": str(out)}

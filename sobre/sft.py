@@ -1,0 +1,274 @@
+"""Supervised fine-tuning (R1's cold start and stage 3): chat conversations or task-generated reasoning traces,
+loss on assistant tokens only, packed rows with per-document positions and attention, the pretraining
+machinery for checkpoints, exact resume, metrics and plots.
+
+Run folder: config.json, tokenizer/, metrics.jsonl, checkpoints/, loss.png, model/ (HF export).
+The MTP module is carried along unchanged (no MTP loss on packed rows); MoE router biases keep balancing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load, resolve, save
+from .config import preset
+from .data import builtin_docs
+from .model import MoE, Transformer, init_weights
+from .tasks import get_task
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .train import (
+    checkpoints,
+    load_checkpoint,
+    lr_at,
+    param_groups,
+    save_checkpoint,
+    truncate_metrics,
+    update_router_bias,
+)
+
+IGNORE = -100
+
+
+# ---- the starting model -------------------------------------------------------------------------
+def start_model(init: str, preset_name: str = "debug", run: Path | None = None,
+                seed: int = 0) -> tuple[Transformer, Tokenizer]:
+    """The model a post-training run starts from: `init` (a sobre run folder, an HF directory or a Hub id),
+    else a fresh `preset_name` model with a tokenizer trained on the built-in corpus. The tokenizer is
+    copied to run/tokenizer (reused on resume)."""
+    if init:
+        path = resolve(init)
+        path = path / "model" if (path / "model" / "config.json").exists() else path
+        tok = load_tokenizer(path)
+        if tok is None:
+            raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
+        if run is not None and not (run / "tokenizer").exists():
+            (run / "tokenizer").mkdir(parents=True)
+            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                if (path / f).exists():
+                    shutil.copy(path / f, run / "tokenizer" / f)
+        return load(path, dtype=torch.float32), tok
+    tok = load_tokenizer(run / "tokenizer") or train_tokenizer(builtin_docs(1 << 20, seed),
+                                                               preset(preset_name).vocab_size, run / "tokenizer")
+    torch.manual_seed(seed)
+    cfg = preset(preset_name, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=seed)
+    return init_weights(Transformer(cfg)), tok
+
+
+# ---- examples: prompt tokens (no loss) + completion tokens (loss) ---------------------------------
+def encode_turns(tok: Tokenizer, messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    """One (ids, loss mask) example per assistant turn, rendered with the tokenizer's chat template: the
+    earlier turns are the prompt; the turn itself, up to its end-of-sentence token, is the target. The
+    reasoning goes inside <think> (from the content itself or a DeepSeek-API-style `reasoning_content`)."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            continue
+        prompt = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: assistant content must be a string")
+        if m.get("reasoning_content"):
+            content = f"<think>\n{m['reasoning_content']}\n</think>\n\n{content}"
+        if prompt.endswith("<think>\n"):  # the template opened the reasoning block already
+            content = content.removeprefix("<think>\n") if content.startswith("<think>") else "</think>\n\n" + content
+        p, c = tok.encode(prompt), tok.encode(content) + [tok.eos_id]
+        out.append((p + c, [False] * len(p) + [True] * len(c)))
+    return out
+
+
+def read_examples(path: str | Path, tok: Tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """JSONL of {"messages": [...]} or {"prompt", "completion"} rows."""
+    path, out = Path(path), []
+    if not path.exists():
+        raise FileNotFoundError(f"SFT data {path} does not exist")
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            if "messages" in d:
+                msgs = d["messages"]
+            else:
+                msgs = [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["completion"]}]
+            turns = encode_turns(tok, msgs)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: expected {{'messages': [...]}} or {{'prompt', 'completion'}} ({e})") \
+                from None
+        if not turns:
+            raise ValueError(f"{path}:{n}: no assistant turn to learn from")
+        out += turns
+    return out
+
+
+def pack(examples, seq_len: int, pad_id: int, packing: bool = True):
+    """Examples -> rows (inputs [N, T], targets [N, T] with IGNORE off the loss, doc ids [N, T]); examples
+    are placed whole, first fit, and never see each other (see Packed). Longer examples are dropped."""
+    rows, fill = [], []
+    dropped = 0
+    for ids, mask in examples:
+        if len(ids) > seq_len + 1:
+            dropped += 1
+            continue
+        x, y = ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+        r = next((r for r, used in enumerate(fill) if packing and used + len(x) <= seq_len), None)
+        if r is None:
+            rows.append([])
+            fill.append(0)
+            r = len(rows) - 1
+        rows[r].append((x, y))
+        fill[r] += len(x)
+    if not rows:
+        raise ValueError(f"no example fits --seq-len {seq_len} (dropped {dropped})")
+    X = torch.full((len(rows), seq_len), pad_id)
+    Y = torch.full((len(rows), seq_len), IGNORE)
+    D = torch.full((len(rows), seq_len), -1)
+    for r, docs in enumerate(rows):
+        at = 0
+        for d, (x, y) in enumerate(docs):
+            X[r, at:at + len(x)], Y[r, at:at + len(y)], D[r, at:at + len(x)] = torch.tensor(x), torch.tensor(y), d
+            at += len(x)
+    return X, Y, D, dropped
+
+
+class Packed:
+    """The model's cache protocol used for attention structure only: positions restart at each document and
+    a token attends to the earlier tokens of its own document (padding, doc -1, only to itself)."""
+
+    def __init__(self, docs: torch.Tensor):  # docs [B, T]
+        self.docs = docs
+
+    def positions(self, tokens):
+        T = self.docs.shape[1]
+        idx = torch.arange(T, device=self.docs.device).expand_as(self.docs)
+        start = torch.where(torch.cat([torch.ones_like(self.docs[:, :1], dtype=torch.bool),
+                                       self.docs[:, 1:] != self.docs[:, :-1]], 1), idx, 0).cummax(1).values
+        return idx - start
+
+    def mask(self, tokens):  # [B, 1, T, T]
+        T = self.docs.shape[1]
+        same = self.docs[:, :, None] == self.docs[:, None, :]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.docs.device).tril()
+        return (same & causal)[:, None]
+
+    def update(self, layer_id, *new):
+        return new
+
+    def advance(self, T):
+        pass
+
+
+def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
+    logits = model(x, cache=Packed(docs))
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+
+
+# ---- the run --------------------------------------------------------------------------------------
+@dataclass
+class SFTArgs:
+    out: str = "runs/sft"
+    init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
+    preset: str = "debug"
+    data: tuple[str, ...] = ()  # chat JSONL files
+    task: tuple[str, ...] = ()  # task traces (train split) to add, e.g. countdown arithmetic
+    examples: int = 2000  # traces per task
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 256
+    packing: bool = True
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    bias_update: float = 1e-3  # aux-loss-free balancing keeps running
+    val_share: float = 0.05
+    eval_every: int = 50
+    save_every: int = 100
+    keep: int = 2
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0
+
+
+def sft(a: SFTArgs) -> Path:
+    run = Path(a.out)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
+        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    if not a.data and not a.task:
+        raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
+    run.mkdir(parents=True, exist_ok=True)
+    model, tok = start_model(a.init, a.preset, run, a.seed)
+    examples = [ex for f in a.data for ex in read_examples(f, tok)]
+    for name in a.task:
+        for p in get_task(name).problems("train", a.examples, a.seed):
+            examples += encode_turns(tok, p.messages())
+    random.Random(a.seed).shuffle(examples)
+    n_val = max(1, int(len(examples) * a.val_share)) if len(examples) > 1 else 0
+    X, Y, D, dropped = pack(examples[n_val:], a.seq_len, tok.pad_id, a.packing)
+    val = pack(examples[:n_val], a.seq_len, tok.pad_id, a.packing)[:3] if n_val else None
+    if model.config.max_seq_len < a.seq_len:
+        raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    model.train().mtp.requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
+    (run / "config.json").write_text(json.dumps({"sft": asdict(a), "model": model.config.to_dict(), "rows": len(X),
+                                                 "dropped_too_long": dropped}, indent=2) + "\n")
+    truncate_metrics(run / "metrics.jsonl", start)
+    moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
+    log = open(run / "metrics.jsonl", "a")
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(a.seed))
+    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="sft", unit="step"):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = a.lr * lr_at(a, step)
+        rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)]
+        loss = sft_loss(model, X[rows], Y[rows], D[rows])
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if a.bias_update and moes:
+            with torch.no_grad():
+                update_router_bias({m: m.last_load for m in moes}, a.bias_update)
+        ntok = int((Y[rows] != IGNORE).sum())
+        rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+               "target_tokens": ntok, "tokens_per_s": a.batch_size * a.seq_len / (time.perf_counter() - t0)}
+        if val is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
+            rec["val_loss"] = val_loss(model, *val, a.batch_size)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+            save_checkpoint(run, step + 1, model, opt, a.keep)
+    log.close()
+    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
+    from .report import plot_training
+    plot_training(run)
+    return run
+
+
+@torch.no_grad()
+def val_loss(model: Transformer, X, Y, D, batch_size: int) -> float:
+    was = model.training
+    model.eval()
+    total = n = 0
+    for i in range(0, len(X), batch_size):
+        y = Y[i:i + batch_size]
+        k = int((y != IGNORE).sum())
+        total += sft_loss(model, X[i:i + batch_size], y, D[i:i + batch_size]).item() * k
+        n += k
+    model.train(was)
+    return total / max(n, 1) if n else math.nan
+

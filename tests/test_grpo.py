@@ -1,0 +1,130 @@
+"""GRPO math against hand-computed values, a toy GRPO step, rollouts, pass@k / maj@k, rejection sampling, and
+the `sobre grpo` / `sobre eval` CLI contract."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss
+from sobre.rollout import Rollout, maj_at_k, pass_at_k
+
+from conftest import random_model
+
+# two completions: ratios 1.5, 0.9 (advantage +1) and 0.7, padding (advantage -1)
+RATIO = torch.tensor([[1.5, 0.9], [0.7, 1.0]])
+MASK = torch.tensor([[True, True], [True, False]])
+ADV = torch.tensor([1.0, -1.0])
+
+
+def loss_of(variant, eps_high=0.2, **kw):
+    return policy_loss(RATIO.log(), torch.zeros(2, 2), ADV, MASK, variant, 0.2, eps_high, n_seqs=2, n_tokens=3,
+                       max_len=2, **kw)
+
+
+def test_group_relative_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    assert torch.allclose(advantages(r)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert torch.equal(advantages(r)[1], torch.zeros(4))  # identical rewards: no signal
+    assert torch.equal(advantages(r, scale=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_loss_variants_match_hand_computed_values():
+    # per token: -min(r A, clip(r, 0.8, 1.2) A) -> seq 0: -1.2, -0.9; seq 1: +0.8 (its 2nd token is padding)
+    loss, st = loss_of("grpo")
+    assert loss.item() == pytest.approx(((-1.2 - 0.9) / 2 + 0.8) / 2)  # mean per sequence, then over sequences
+    assert st["clip_high"] == 1 and st["clip_low"] == 1  # 1.5 > 1.2 with A > 0; 0.7 < 0.8 with A < 0
+    assert loss_of("dapo")[0].item() == pytest.approx((-1.2 - 0.9 + 0.8) / 3)  # token-level mean
+    assert loss_of("dr_grpo")[0].item() == pytest.approx((-1.2 - 0.9 + 0.8) / (2 * 2))  # constant normaliser
+    assert loss_of("dapo", eps_high=0.28)[0].item() == pytest.approx((-1.28 - 0.9 + 0.8) / 3)  # clip-higher
+    with pytest.raises(ValueError, match="loss must be"):
+        loss_of("ppo")
+
+
+def test_k3_kl_and_the_beta_term():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert kl_k3(logp, ref).item() == pytest.approx(0.5 - math.log(0.5) - 1)
+    assert kl_k3(logp, logp).item() == 0
+    ref_lp = torch.full((2, 2), -1.0)
+    plain, _ = loss_of("dapo")
+    with_kl, st = loss_of("dapo", beta=0.1, ref_logp=ref_lp)
+    kl = kl_k3(RATIO.log(), ref_lp)[MASK]
+    assert st["kl"] == pytest.approx(kl.sum().item())
+    assert (with_kl - plain).item() == pytest.approx(0.1 * kl.sum().item() / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant):
+    torch.manual_seed(0)
+    model = random_model()
+    prompt, good, bad = [5, 6, 7], 11, 12
+
+    def p(tok):
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([prompt]))[0, -1], -1)[tok].item()
+
+    before = p(good), p(bad)
+    group = [Rollout(prompt, [t], "", False, float(t == good), 1.0, None) for t in (good, bad, bad, good)]
+    a = GRPOArgs(loss=variant, lr=1e-2, mu=2, max_new_tokens=1)
+    stats = _update(model, None, torch.optim.Adam(model.parameters(), lr=1e-2), [],
+                    [(group, torch.tensor([r.correct for r in group]))], a, 0.2, False)
+    assert p(good) > 5 * before[0] and p(bad) < before[1], (before, p(good), p(bad))
+    assert stats["entropy"] > 0 and 0 <= stats["clip_fraction"] <= 1
+
+
+def test_pass_at_k_and_majority():
+    assert pass_at_k(4, 0, 1) == 0 and pass_at_k(4, 4, 2) == 1
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3, 3) / C(5, 3)
+    group = [Rollout([], [], "", False, c, 1.0, a) for a, c in (("7", 1.0), ("8", 0.0), ("7.0", 1.0), (None, 0.0))]
+    assert maj_at_k(group) == 1.0  # "7" and "7.0" are the same value
+    assert maj_at_k(group[1:2] + group[3:]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    subprocess.run([sys.executable, "-m", "sobre", "grpo", "--preset", "debug", "--task", "countdown", "--out",
+                    str(out), "--steps", "2", "--prompts", "2", "--group", "4", "--max-new-tokens", "16",
+                    "--eval-problems", "4", "--loss", "dapo"], check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_grpo_cli_contract(grpo_run):
+    rows = [json.loads(line) for line in (grpo_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"reward_mean", "reward_std", "accuracy", "completion_length", "groups_kept"} <= set(r)
+    assert (grpo_run / "reward.png").exists() and (grpo_run / "model" / "config.json").exists()
+    r = subprocess.run([sys.executable, "-m", "sobre", "eval", str(grpo_run / "model"), "--task", "countdown",
+                        "--n", "4", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "pass@1" in r.stdout and "countdown" in r.stdout
+
+
+def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monkeypatch):
+    from sobre import rollout
+    from sobre.sft import start_model
+    from sobre.tasks import get_task
+    model, tok = start_model(str(grpo_run))
+    task = get_task("arithmetic")
+    problems = task.problems("train", 3)
+
+    def fake(model, tok, task, problems, n, *args, **kw):  # every other completion is right
+        out = []
+        for p in problems:
+            texts = [f"work\n</think>\n\nAnswer: {p.answer if j % 2 == 0 else 'no'}{tok.eos_token}" for j in range(n)]
+            out.append([Rollout([1], [2], t, False, task.correct(t, p.answer), 1.0, None) for t in texts])
+        return out
+
+    monkeypatch.setattr(rollout, "rollouts", fake)
+    r = rollout.rejection_sample(model, tok, task, 3, 4, tmp_path / "rs.jsonl", per_problem=2)
+    lines = [json.loads(x) for x in (tmp_path / "rs.jsonl").read_text().splitlines()]
+    assert r["kept"] == len(lines) == 3 and r["solved"] == 3  # duplicates kept once
+    for line, p in zip(lines, problems):
+        assert line["messages"][0]["content"] == p.prompt
+        assert line["messages"][1]["content"].endswith(f"Answer: {p.answer}")

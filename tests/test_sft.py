@@ -1,0 +1,87 @@
+"""SFT: loss only on assistant tokens, packed rows that equal separate forwards, the `sobre sft` run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sobre.data import builtin_docs
+from sobre.sft import IGNORE, Packed, encode_turns, pack, read_examples
+from sobre.tasks import TASKS
+from sobre.tokenizer import load_tokenizer, train_tokenizer
+
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(builtin_docs(300_000), 512, out)
+    return load_tokenizer(out)
+
+
+def test_loss_mask_covers_the_assistant_turns_only(tok):
+    p = TASKS["arithmetic"].problems("train", 1)[0]
+    (ids, mask), = encode_turns(tok, p.messages())
+    prompt = tok.decode([t for t, m in zip(ids, mask) if not m])
+    target = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert prompt.endswith("<｜Assistant｜><think>\n") and p.prompt in prompt and p.answer not in prompt.split("?")[-1]
+    assert target == f"{p.reasoning}\n</think>\n\nAnswer: {p.answer}<｜end▁of▁sentence｜>"
+    api_style = [{"role": "user", "content": p.prompt},
+                 {"role": "assistant", "reasoning_content": p.reasoning, "content": f"Answer: {p.answer}"}]
+    assert encode_turns(tok, api_style) == [(ids, mask)]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
+    turns = encode_turns(tok, chat)
+    assert len(turns) == 2  # one example per assistant turn
+    assert tok.decode([t for t, m in zip(*turns[0]) if m]) == "</think>\n\nhello<｜end▁of▁sentence｜>"
+    second = tok.decode(turns[1][0])
+    assert "hello" in second and second.endswith("add\n</think>\n\n4<｜end▁of▁sentence｜>")
+
+
+def test_packed_rows_equal_separate_forwards(tok):
+    model = random_model().eval()
+    docs = [([3, 4, 5, 6, 7], [False, False, True, True, True]), ([8, 9, 10, 11], [False, True, True, True])]
+    X, Y, D, dropped = pack(docs, seq_len=12, pad_id=0)
+    assert X.shape == (1, 12) and dropped == 0
+    assert Y[0].tolist()[:7] == [IGNORE, 5, 6, 7, 9, 10, 11] and set(Y[0, 7:].tolist()) == {IGNORE}
+    assert Packed(D).positions(X)[0].tolist()[:7] == [0, 1, 2, 3, 0, 1, 2]
+    with torch.no_grad():
+        packed = model(X, cache=Packed(D))[0]
+        a, b = model(torch.tensor([[3, 4, 5, 6]]))[0], model(torch.tensor([[8, 9, 10]]))[0]
+    assert torch.allclose(packed[:4], a, atol=1e-5) and torch.allclose(packed[4:7], b, atol=1e-5)
+    X, *_ = pack(docs, seq_len=12, pad_id=0, packing=False)
+    assert X.shape[0] == 2
+    with pytest.raises(ValueError, match="no example fits"):
+        pack(docs, seq_len=2, pad_id=0)
+
+
+def test_sft_data_errors(tok, tmp_path):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="chat.jsonl:1: no assistant turn"):
+        read_examples(f, tok)
+    f.write_text("not json\n")
+    with pytest.raises(ValueError, match="chat.jsonl:1"):
+        read_examples(f, tok)
+    f.write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    assert len(read_examples(f, tok)) == 1
+
+
+def test_sft_run_learns_the_format_and_resumes(tmp_path):
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "sobre", "sft", "--preset", "debug", "--task", "arithmetic", "--examples", "200",
+           "--out", str(out), "--batch-size", "8", "--seq-len", "192", "--save-every", "10", "--eval-every", "10"]
+    r = subprocess.run(cmd + ["--steps", "20"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == list(range(1, 21)) and rows[-1]["loss"] < rows[0]["loss"] - 1
+    assert "val_loss" in rows[-1] and (out / "model" / "tokenizer.json").exists()
+    r = subprocess.run(cmd + ["--steps", "20"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = subprocess.run(cmd + ["--steps", "22", "--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 22
