@@ -1,5 +1,5 @@
-"""`sobre <verb>`: info, convert, generate, chat, tokenizer-train, pretrain, sft, grpo, eval, rejection-sample,
-speedrun."""
+"""`sobre <verb>`: info, convert, generate, chat, tokenizer-train, pretrain, sft, grpo, distill, eval,
+rejection-sample, speedrun."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def add_dataclass_flags(parser, cls):
 
 def cmd_speedrun(args):
     from .speedrun import speedrun
-    speedrun(Path(args.out), args.preset, args.seed, args.steps)
+    speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems)
 
 
 def main(argv=None):
@@ -289,6 +289,11 @@ def main(argv=None):
     add_dataclass_flags(s, GRPOArgs)
     s.set_defaults(fn=lambda a: run_dataclass(a, GRPOArgs, grpo, "metrics.jsonl, eval.jsonl, reward.png, model/"))
 
+    from .distill import DistillArgs, distill
+    s = sub.add_parser("distill", help="distil a teacher's verified reasoning (and top-k logits) into a student")
+    add_dataclass_flags(s, DistillArgs)
+    s.set_defaults(fn=lambda a: run_dataclass(a, DistillArgs, distill, "traces-*.jsonl, metrics.jsonl, model/"))
+
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k / maj@k on reasoning tasks")
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
     s.add_argument("--task", nargs="+", default=["countdown"], help="built-in task names or .jsonl files")
@@ -325,7 +330,9 @@ def main(argv=None):
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")
     s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small")
-    s.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    s.add_argument("--steps", type=int, default=300, help="pretraining steps (the other stages scale with it)")
+    s.add_argument("--eval-problems", type=int, default=100, help="held-out problems per evaluation")
+    s.add_argument("--force", action="store_true", help="redo finished stages")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_speedrun)
 

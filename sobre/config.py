@@ -215,9 +215,16 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> Config:
+    """A preset; arch="qwen2" or "llama" gives its dense twin (same sizes, grouped-query attention with half as
+    many K/V heads, no MoE, no MTP), e.g. an R1-Distill-style student."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return Config(**{**PRESETS[name], **overrides})
+    kw = {**PRESETS[name], **overrides}
+    if kw.get("arch") in ("qwen2", "llama"):
+        heads = kw.get("n_heads", Config.n_heads)
+        kw = {"n_kv_heads": max(1, heads // 2), "qkv_bias": kw["arch"] == "qwen2", "rope_interleave": False,
+              **kw, "n_routed_experts": 0, "n_mtp_layers": 0}
+    return Config(**kw)
 
 
 # ---- HF config.json <-> Config -----------------------------------------------------------------

@@ -92,10 +92,11 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     x = torch.zeros(len(seqs), L, dtype=torch.long)
     for i, s in enumerate(seqs):
         x[i, :len(s)] = torch.tensor(s)
-    logits = model(x).float()  # [N, L, V]
+    h = model.hidden(x)  # [N, L, D]
     pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch]).clamp(max=L - 1)  # [N, T]
     mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch])
-    lg = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [N, T, V]: predicts token t
+    lg = model.head(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))).float()  # [N, T, V]: the head
+    # runs only where a completion token is predicted
     logp_all = F.log_softmax(lg, -1)
     tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch])
     logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)

@@ -37,7 +37,8 @@ def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
 def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int,
              max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_batch: int = 256) -> list[list[Rollout]]:
-    """n completions per problem, all problems batched on one engine; seeded per (seed, problem, sample)."""
+    """n completions per problem, all problems batched on one engine. Reproducible for the same arguments: the
+    draws come from the global generator, seeded here, in the engine's fixed batch order."""
     prompts = [prompt_ids(tok, p) for p in problems]
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > model.config.max_seq_len:
@@ -46,13 +47,14 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
     was = model.training
     eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(len(prompts) * n, max_batch) * (longest + 64))
     rids = [[eng.add_request(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             seed=(seed * 1_000_003 + i * n + j) % 2**63 if temperature else None,
                              stop_token_ids=(tok.eos_id,))
              for j in range(n)] for i, ids in enumerate(prompts)]
-    done = {}
+    done, rng = {}, torch.get_rng_state()
+    torch.manual_seed(seed)
     while eng.has_work():
         eng.step()
         done.update(eng.collect())
+    torch.set_rng_state(rng)  # the caller's random stream is left as it was
     model.train(was)
     out = []
     for p, ids, group in zip(problems, prompts, rids):

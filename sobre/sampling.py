@@ -63,6 +63,8 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     """Temperature, top-k, top-p, min-p on logits [B, V] (rows with temperature > 0); dropped tokens -> -inf."""
     B, V = logits.shape
     temp = logits.new_tensor([p.temperature or 1.0 for p in params])[:, None]
+    if all((p.top_k == 0 or p.top_k >= V) and p.top_p == 1 and p.min_p == 0 for p in params):
+        return logits / temp  # nothing to filter: skip the sort over the vocabulary
     k = torch.tensor([p.top_k or V for p in params], device=logits.device).clamp(max=V)[:, None]
     top_p = logits.new_tensor([p.top_p for p in params])[:, None]
     min_p = logits.new_tensor([p.min_p for p in params])[:, None]
@@ -85,9 +87,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
         probs = filter_logits(logits[rows], [params[i] for i in rows]).softmax(dim=-1)
-        for j, i in enumerate(rows):
-            g = generators[i] if generators else None
-            out[i] = torch.multinomial(probs[j], 1, generator=g)[0]
+        own = {j for j, i in enumerate(rows) if generators and generators[i] is not None}
+        for j in own:
+            out[rows[j]] = torch.multinomial(probs[j], 1, generator=generators[rows[j]])[0]
+        shared = [j for j in range(len(rows)) if j not in own]
+        if shared:  # rows without a seed draw together from the global generator
+            out[[rows[j] for j in shared]] = torch.multinomial(probs[shared], 1)[:, 0]
     return out
 
 

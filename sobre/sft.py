@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,11 +39,11 @@ IGNORE = -100
 
 
 # ---- the starting model -------------------------------------------------------------------------
-def start_model(init: str, preset_name: str = "debug", run: Path | None = None,
-                seed: int = 0) -> tuple[Transformer, Tokenizer]:
+def start_model(init: str, preset_name: str = "debug", run: Path | None = None, seed: int = 0,
+                arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None) -> tuple[Transformer, Tokenizer]:
     """The model a post-training run starts from: `init` (a sobre run folder, an HF directory or a Hub id),
-    else a fresh `preset_name` model with a tokenizer trained on the built-in corpus. The tokenizer is
-    copied to run/tokenizer (reused on resume)."""
+    else a fresh `preset_name` model of type `arch` with `tokenizer` or one trained on the built-in corpus. The
+    tokenizer is kept in run/tokenizer (reused on resume)."""
     if init:
         path = resolve(init)
         path = path / "model" if (path / "model" / "config.json").exists() else path
@@ -52,15 +51,15 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None,
         if tok is None:
             raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
         if run is not None and not (run / "tokenizer").exists():
-            (run / "tokenizer").mkdir(parents=True)
-            for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-                if (path / f).exists():
-                    shutil.copy(path / f, run / "tokenizer" / f)
+            tok.save(run / "tokenizer")
         return load(path, dtype=torch.float32), tok
+    if tokenizer is not None and not (run / "tokenizer").exists():
+        tokenizer.save(run / "tokenizer")
     tok = load_tokenizer(run / "tokenizer") or train_tokenizer(builtin_docs(1 << 20, seed),
                                                                preset(preset_name).vocab_size, run / "tokenizer")
     torch.manual_seed(seed)
-    cfg = preset(preset_name, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=seed)
+    cfg = preset(preset_name, arch=arch, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                 seed=seed)
     return init_weights(Transformer(cfg)), tok
 
 
@@ -178,6 +177,7 @@ class SFTArgs:
     out: str = "runs/sft"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
+    arch: str = "deepseek_v3"  # a fresh model's type: deepseek_v3 (MLA, MoE, MTP) or dense qwen2 / llama
     data: tuple[str, ...] = ()  # chat JSONL files
     task: tuple[str, ...] = ()  # task traces (train split) to add, e.g. countdown arithmetic
     examples: int = 2000  # traces per task
@@ -201,7 +201,8 @@ class SFTArgs:
     threads: int = 0
 
 
-def sft(a: SFTArgs) -> Path:
+def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
+    """Fine-tune; a fresh model (no a.init) uses `tokenizer` when given, else trains one."""
     run = Path(a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -210,32 +211,46 @@ def sft(a: SFTArgs) -> Path:
     if not a.data and not a.task:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
     run.mkdir(parents=True, exist_ok=True)
-    model, tok = start_model(a.init, a.preset, run, a.seed)
+    model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
         for p in get_task(name).problems("train", a.examples, a.seed):
             examples += encode_turns(tok, p.messages())
+    return fit(model, tok, run, a, *split_rows(examples, a, tok))
+
+
+def split_rows(examples, a: SFTArgs, tok: Tokenizer):
+    """Shuffle, hold out a.val_share of the examples, pack both parts: (train (X, Y, D), val or None, dropped)."""
     random.Random(a.seed).shuffle(examples)
     n_val = max(1, int(len(examples) * a.val_share)) if len(examples) > 1 else 0
     X, Y, D, dropped = pack(examples[n_val:], a.seq_len, tok.pad_id, a.packing)
     val = pack(examples[:n_val], a.seq_len, tok.pad_id, a.packing)[:3] if n_val else None
+    return (X, Y, D), val, dropped
+
+
+def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: int = 0, loss_fn=None) -> Path:
+    """The fine-tuning loop shared by SFT and distillation: batches of packed rows data = (X, Y, D), AdamW with
+    the pretraining schedule, checkpoints every a.save_every steps (exact resume), metrics.jsonl, loss.png and
+    the HF export in run/model. loss_fn(model, rows) -> loss (default: the SFT loss of those rows)."""
+    X, Y, D = data
+    loss_fn = loss_fn or (lambda model, rows: sft_loss(model, X[rows], Y[rows], D[rows]))
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
-    (run / "config.json").write_text(json.dumps({"sft": asdict(a), "model": model.config.to_dict(), "rows": len(X),
-                                                 "dropped_too_long": dropped}, indent=2) + "\n")
+    (run / "config.json").write_text(json.dumps({type(a).__name__: asdict(a), "model": model.config.to_dict(),
+                                                 "rows": len(X), "dropped_too_long": dropped}, indent=2) + "\n")
     truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
     log = open(run / "metrics.jsonl", "a")
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(a.seed))
-    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc="sft", unit="step"):
+    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=run.name, unit="step"):
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
         rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)]
-        loss = sft_loss(model, X[rows], Y[rows], D[rows])
+        loss = loss_fn(model, rows)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
         opt.step()

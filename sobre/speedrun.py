@@ -1,77 +1,115 @@
-"""`sobre speedrun`: the whole pipeline on built-in defaults, ending in a report card.
+"""`sobre speedrun`: the whole DeepSeek pipeline on built-in defaults, ending in a report card.
 
-Stages so far: train a BPE tokenizer and pretrain a DeepSeek-V3-style model (MLA, MoE with aux-loss-free
-balancing, MTP) on the built-in offline corpus -> export it as an HF checkpoint -> check transformers gives
-the same logits and greedy tokens -> answer a question with the engine, plain and with MTP speculative
-decoding (acceptance of the trained MTP head) -> report.md. SFT, GRPO and distillation join as they land.
+Stages, each in its own folder of the run: a finished stage is skipped, an interrupted one resumes from its
+last checkpoint, `--force` redoes them all:
+  pretrain   BPE tokenizer + DeepSeek-V3-style model (MLA, MoE with aux-loss-free balancing, MTP) on the
+             built-in offline corpus; HF export; transformers gives the same logits and greedy tokens;
+             engine speed plain vs MTP speculative decoding (acceptance of the trained MTP head)
+  sft        cold start on task reasoning traces (R1's format: <think> reasoning </think> answer)
+  grpo       GRPO with verifiable rewards on the engine's rollouts
+  distill    the GRPO model's verified traces and the task's own traces, with the GRPO model's top-k logits
+             -> a dense Qwen2-style student; and the same student trained on the task's own traces alone
+             (no teacher), for comparison
+  eval       held-out pass@1 of every stage's model
+-> report.md (+ the stages' PNG plots).
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load
+from .distill import DistillArgs, distill
 from .engine import Engine
+from .grpo import GRPOArgs, grpo
 from .report import read_metrics
+from .rollout import evaluate_task
+from .sft import SFTArgs, sft, start_model
 from .stats import model_stats
+from .tasks import get_task
 from .tokenizer import load_tokenizer
 from .train import TrainArgs, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
+TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 
 
-def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 300) -> dict:
+def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 300, force: bool = False,
+             eval_problems: int = 100) -> dict:
+    """`steps` sets the budget: pretraining and SFT steps; GRPO and distillation scale with it."""
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"preset": preset_name, "seed": seed}
-    log = open(out / "metrics.jsonl", "w")
+    results: dict = {"preset": preset_name, "seed": seed, "task": TASK}
 
-    def record(stage, **kw):
-        results[stage] = kw
-        log.write(json.dumps({"stage": stage, **kw}) + "\n")
-        log.flush()
+    def stage(name: str, fn):
+        done = out / name / "stage.json"
+        if done.exists() and not force:
+            results[name] = json.loads(done.read_text())
+            print(f"speedrun: {name} already done ({done}); --force redoes it")
+            return
+        if force and (out / name).exists():
+            shutil.rmtree(out / name)
+        t0 = time.perf_counter()
+        r = fn(out / name)
+        r["minutes"] = round((time.perf_counter() - t0) / 60, 2)
+        r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        done.write_text(json.dumps(r, indent=2) + "\n")
+        results[name] = r
 
-    t0 = time.perf_counter()
-    run = pretrain(TrainArgs(out=str(out / "pretrain"), preset=preset_name, steps=steps, seed=seed,
-                             save_every=max(steps // 3, 1), eval_every=max(steps // 6, 1),
-                             sample_every=max(steps // 3, 1), seq_len=256, batch_size=8,
+    stage("pretrain", lambda d: _pretrain(d, preset_name, seed, steps))
+    stage("sft", lambda d: _finished(sft(SFTArgs(
+        out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, steps * 20), steps=steps * 2,
+        batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1),
+        seed=seed, resume=True))))
+    stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
+        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 6, 2), prompts=8, group=8,
+        max_new_tokens=96, loss="dapo", lr=3e-5, eval_every=max(steps // 30, 1), eval_problems=eval_problems,
+        save_every=max(steps // 12, 1), seed=seed, resume=True))))
+    stage("distill", lambda d: _distill(d, out, preset_name, steps, seed))
+    stage("eval", lambda d: _evaluate(d, out, eval_problems, seed))
+    report(out, results)
+    return results
+
+
+def _finished(run: Path) -> dict:
+    rows = read_metrics(run)
+    return {"steps": rows[-1]["step"], "first_loss": rows[0].get("loss"), "final_loss": rows[-1].get("loss"),
+            "folder": str(run)}
+
+
+def _grpo_summary(run: Path) -> dict:
+    rows = read_metrics(run)
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    k = max(1, len(rows) // 5)
+    return {"steps": rows[-1]["step"], "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
+            "train_accuracy_first": sum(r["accuracy"] for r in rows[:k]) / k,
+            "train_accuracy_last": sum(r["accuracy"] for r in rows[-k:]) / k,
+            "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows)}
+
+
+def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
+    run = pretrain(TrainArgs(out=str(d), preset=preset_name, steps=steps, seed=seed, save_every=max(steps // 3, 1),
+                             eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=256, batch_size=8,
                              warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True))
     rows = read_metrics(run)
-    tok_stats = json.loads((run / "tokenizer" / "stats.json").read_text())
     val = [r for r in rows if "val_loss" in r]
-    record("pretrain", minutes=round((time.perf_counter() - t0) / 60, 2), steps=steps, first_loss=rows[0]["loss"],
-           final_loss=rows[-1]["loss"], val_loss=val[-1]["val_loss"], val_bpb=val[-1]["val_bpb"],
-           tokens_per_s=round(sum(r["tokens_per_s"] for r in rows[1:]) / max(len(rows) - 1, 1)),
-           tokenizer_bytes_per_token=round(tok_stats["heldout_bytes_per_token"], 3),
-           expert_load_max_over_mean=rows[-1]["expert_load_max_over_mean"])
-
-    model_dir = run / "model"
-    model, tok = load(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
+    r = {"steps": steps, "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
+         "val_loss": val[-1]["val_loss"], "val_bpb": val[-1]["val_bpb"],
+         "tokens_per_s": round(sum(x["tokens_per_s"] for x in rows[1:]) / max(len(rows) - 1, 1)),
+         "tokenizer_bytes_per_token": round(json.loads((run / "tokenizer" / "stats.json").read_text())
+                                            ["heldout_bytes_per_token"], 3),
+         "expert_load_max_over_mean": [round(x, 2) for x in rows[-1]["expert_load_max_over_mean"]]}
+    model, tok = load(run / "model", dtype=torch.float32), load_tokenizer(run / "model")
     s = model_stats(model.config)
-    x = torch.tensor([tok.encode(QUESTION + "12 + 7 = 19")])
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging
-        logging.set_verbosity_error()  # it would list our MTP tensors, which it does not use, as unexpected
-    except ImportError:
-        record("transformers", skipped="transformers is not installed (pip install 'sobre[test]')")
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        prompt = tok.encode(QUESTION)
-        with torch.no_grad():
-            ref = model(x)
-            diff = (hf(x).logits - ref).abs().max().item()
-            hf_gen = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, len(prompt):].tolist()
-        ours = Engine(model).generate([prompt], max_new_tokens=24)[0]
-        record("transformers", logits_max_diff=diff, logit_scale=ref.abs().max().item(),
-               greedy_tokens_equal=hf_gen == ours)
-
-    prompt = tok.encode(QUESTION)
-    rates = {}
+    r.update(params=s["params"], active_params=s["active_params"], kv_latent_bytes=s["kv"]["latent"],
+             kv_naive_bytes=s["kv"]["naive"])
+    r["transformers"] = _transformers_parity(run / "model", model, tok)
+    prompt, rates = tok.encode(QUESTION), {}
     for spec in (False, True):
         eng = Engine(model, tok, speculative=spec)
         eng.generate([prompt], max_new_tokens=8)  # warm up
@@ -79,34 +117,90 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
         answer = eng.generate([prompt], max_new_tokens=64)[0]
         rates[spec] = len(answer) / (time.perf_counter() - t0)
         if spec:
-            acc = eng.spec_stats["accepted"] / max(eng.spec_stats["drafted"], 1)
-    record("generate", answer=tok.decode(answer), tok_per_s=round(rates[False], 1),
-           speculative_tok_per_s=round(rates[True], 1), mtp_acceptance=round(acc, 3),
-           speculative_speedup=round(rates[True] / rates[False], 2), params=s["params"],
-           active_params=s["active_params"], kv_latent_bytes=s["kv"]["latent"], kv_naive_bytes=s["kv"]["naive"])
-    log.close()
-    report(out, results)
-    return results
+            r["mtp_acceptance"] = round(eng.spec_stats["accepted"] / max(eng.spec_stats["drafted"], 1), 3)
+    r.update(answer=tok.decode(answer), tok_per_s=round(rates[False], 1), speculative_tok_per_s=round(rates[True], 1),
+             speculative_speedup=round(rates[True] / rates[False], 2))
+    return r
+
+
+def _transformers_parity(path: Path, model, tok) -> dict:
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+        logging.set_verbosity_error()  # it would list our MTP tensors, which it does not use, as unexpected
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install 'sobre[test]')"}
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = tok.encode(QUESTION)
+    x = torch.tensor([tok.encode(QUESTION + "12 + 7 = 19")])
+    with torch.no_grad():
+        ref = model(x)
+        diff = (hf(x).logits - ref).abs().max().item()
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    ours = Engine(model).generate([prompt], max_new_tokens=24)[0]
+    return {"logits_max_diff": diff, "logit_scale": ref.abs().max().item(), "greedy_tokens_equal": theirs == ours}
+
+
+def _distill(d: Path, out: Path, preset_name: str, steps: int, seed: int) -> dict:
+    common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(1000, steps * 4), steps=steps,
+                  batch_size=16, seq_len=256, lr=2e-3,
+                  warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True)
+    student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=2, with_reference=True,
+                                  max_new_tokens=96, **common))
+    tok = load_tokenizer(out / "grpo" / "model")
+    baseline = sft(SFTArgs(out=str(d / "baseline"), **common), tokenizer=tok)
+    return {"student": _finished(student), "baseline": _finished(baseline)}
+
+
+def _evaluate(d: Path, out: Path, n: int, seed: int) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    task, r = get_task(TASK), {}
+    models = {"pretrain": out / "pretrain", "sft": out / "sft", "grpo": out / "grpo",
+              "student (distilled)": out / "distill" / "student", "student (no teacher)": out / "distill" / "baseline"}
+    for name, path in models.items():
+        model, tok = start_model(str(path))
+        r[name] = evaluate_task(model.eval(), tok, task, n, max_new_tokens=96, seed=seed)
+        r[name]["params"] = model_stats(model.config)["params"]
+    return r
 
 
 def report(out: Path, r: dict):
-    p, g, t = r["pretrain"], r["generate"], r["transformers"]
+    p, t = r["pretrain"], r["pretrain"]["transformers"]
     lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']})", "",
-             "| stage | result |", "|---|---|",
-             f"| tokenizer | byte-level BPE, {p['tokenizer_bytes_per_token']} bytes/token on held-out text |",
-             f"| pretrain | {p['steps']} steps in {p['minutes']} min at {p['tokens_per_s']} tok/s; loss "
-             f"{p['first_loss']:.2f} -> {p['final_loss']:.2f}; val loss {p['val_loss']:.3f} "
-             f"({p['val_bpb']:.3f} bits/byte); expert load max/mean {p['expert_load_max_over_mean']} |",
-             f"| model | {g['params']:,} params, {g['active_params']:,} active/token; KV cache {g['kv_latent_bytes']} "
-             f"B/token latent vs {g['kv_naive_bytes']} B/token full K/V |"]
+             "| stage | minutes | result |", "|---|---|---|",
+             f"| pretrain | {p['minutes']} | {p['steps']} steps at {p['tokens_per_s']} tok/s; loss "
+             f"{p['first_loss']:.2f} -> {p['final_loss']:.2f}; val loss {p['val_loss']:.3f} ({p['val_bpb']:.3f} "
+             f"bits/byte); tokenizer {p['tokenizer_bytes_per_token']} bytes/token; expert load max/mean "
+             f"{p['expert_load_max_over_mean']} |",
+             f"| model | | {p['params']:,} params, {p['active_params']:,} active/token; KV cache "
+             f"{p['kv_latent_bytes']} B/token latent vs {p['kv_naive_bytes']} B/token full K/V |"]
     if "skipped" in t:
-        lines.append(f"| transformers parity | skipped: {t['skipped']} |")
+        lines.append(f"| transformers parity | | skipped: {t['skipped']} |")
     else:
-        lines.append(f"| transformers parity | max logit diff {t['logits_max_diff']:.2e} (scale "
+        lines.append(f"| transformers parity | | max logit diff {t['logits_max_diff']:.2e} (scale "
                      f"{t['logit_scale']:.1f}); greedy tokens equal: {t['greedy_tokens_equal']} |")
-    lines += [f"| generate | {g['tok_per_s']} tok/s; MTP speculative {g['speculative_tok_per_s']} tok/s "
-              f"({g['speculative_speedup']}x, acceptance {g['mtp_acceptance']:.0%}) |",
-              "", "Sample answer to `What is 12 + 7?`:", "", "```", QUESTION + g["answer"], "```",
-              "", "Plots: `pretrain/loss.png`, `pretrain/expert_load.png`."]
+    lines.append(f"| generate | | {p['tok_per_s']} tok/s; MTP speculative {p['speculative_tok_per_s']} tok/s "
+                 f"({p['speculative_speedup']}x, acceptance {p['mtp_acceptance']:.0%}) |")
+    s, g = r["sft"], r["grpo"]
+    lines.append(f"| sft | {s['minutes']} | {s['steps']} steps; loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} |")
+    curve = ", ".join(f"{p:.2f}" for _, p in g["heldout_pass@1"])
+    lines.append(f"| grpo | {g['minutes']} | {g['steps']} steps at {g['samples_per_s']:.1f} samples/s; train accuracy "
+                 f"{g['train_accuracy_first']:.2f} -> {g['train_accuracy_last']:.2f} (first / last fifth); held-out "
+                 f"pass@1 every {g['heldout_pass@1'][1][0] if len(g['heldout_pass@1']) > 1 else '-'} steps: {curve} |")
+    dd = r["distill"]
+    lines.append(f"| distill | {dd['minutes']} | dense student {dd['student']['steps']} steps; baseline without "
+                 f"teacher {dd['baseline']['steps']} steps |")
+    e = r["eval"]
+    lines += ["", f"Held-out pass@1 on `{r['task']}` (greedy, {e['pretrain']['problems']} problems, "
+              f"{e['minutes']} min):", "", "| model | params | pass@1 | format |", "|---|---|---|---|"]
+    for name, v in e.items():
+        if isinstance(v, dict):
+            lines.append(f"| {name} | {v['params']:,} | {v['pass@1']:.3f} | {v['format']:.2f} |")
+    total = sum(r[s]["minutes"] for s in ("pretrain", "sft", "grpo", "distill", "eval"))
+    lines += ["", f"Total {total:.1f} minutes. Plots: `pretrain/loss.png`, `pretrain/expert_load.png`, "
+              "`sft/loss.png`, `grpo/reward.png`, `distill/student/loss.png`.",
+              "", "Pretrained model's answer to `What is 12 + 7?`:", "", "```", QUESTION + p["answer"], "```",
+              "", f"Chat with the result: `sobre chat {out / 'grpo' / 'model'}`"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

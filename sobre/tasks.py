@@ -9,6 +9,7 @@ as `module:function`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import itertools
@@ -37,11 +38,13 @@ class Problem:
                 {"role": "assistant", "content": f"<think>\n{self.reasoning}\n</think>\n\nAnswer: {self.answer}"}]
 
 
-def arithmetic(rng: random.Random) -> Problem:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    op = rng.choice("+-*")
+def arithmetic(rng: random.Random, level: int = 2) -> Problem:
+    """Level 1: two-digit + and -; 2: three-digit +, - and by-two-digit *; 3: four-digit, by-three-digit *."""
+    hi = (99, 999, 9999)[level - 1]
+    a, b = rng.randint(10, hi), rng.randint(10, hi)
+    op = rng.choice("+-" if level == 1 else "+-*")
     if op == "*":
-        b = rng.randint(2, 99)
+        b = rng.randint(2, (99, 99, 999)[level - 1])
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     if op == "+":
         steps = _column_addition(a, b)
@@ -65,9 +68,11 @@ def _column_addition(a: int, b: int) -> str:
     return "\n".join(steps) + f"\nSo {a} + {b} = {a + b}."
 
 
-def countdown(rng: random.Random) -> Problem:
-    """Reach a target from given numbers with + - *; the generator builds the target from a known solution."""
-    nums = [rng.randint(1, 25) for _ in range(rng.choice((3, 4)))]
+def countdown(rng: random.Random, level: int = 2) -> Problem:
+    """Reach a target from given numbers with + - *; the generator builds the target from a known solution.
+    Level 1: three numbers up to 10; 2: three or four up to 25; 3: four or five up to 50."""
+    count = {1: (3,), 2: (3, 4), 3: (4, 5)}[level]
+    nums = [rng.randint(1, (10, 25, 50)[level - 1]) for _ in range(rng.choice(count))]
     order = nums[:]
     rng.shuffle(order)
     expr, value, steps = str(order[0]), order[0], []
@@ -80,8 +85,10 @@ def countdown(rng: random.Random) -> Problem:
     return Problem(prompt, "\n".join(steps), expr[1:-1] if expr.startswith("(") else expr)
 
 
-def sorting(rng: random.Random) -> Problem:
-    xs = [rng.randint(0, 99) for _ in range(rng.randint(4, 8))]
+def sorting(rng: random.Random, level: int = 2) -> Problem:
+    """Level 1: three to five numbers below 20; 2: four to eight below 100; 3: six to twelve below 1000."""
+    lo, hi = {1: (3, 5), 2: (4, 8), 3: (6, 12)}[level]
+    xs = [rng.randint(0, (19, 99, 999)[level - 1]) for _ in range(rng.randint(lo, hi))]
     reverse = rng.random() < 0.5
     out = sorted(xs, reverse=reverse)
     steps, rest = [], xs[:]
@@ -97,10 +104,13 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
 ITEMS = ["apples", "books", "coins", "pencils", "stamps", "marbles"]
 
 
-def word_problem(rng: random.Random) -> Problem:
+def word_problem(rng: random.Random, level: int = 2) -> Problem:
+    """Level 1: small numbers; 2: up to 60 items, 40 packs of up to 6; 3: up to 600, 90 packs of up to 12."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start, got, gave = rng.randint(5, 60), rng.randint(2, 40), rng.randint(1, 30)
-    per = rng.randint(2, 6)
+    i = level - 1
+    start, got = rng.randint(5, (15, 60, 600)[i]), rng.randint(2, (10, 40, 90)[i])
+    gave = rng.randint(1, (8, 30, 300)[i])
+    per = rng.randint(2, (3, 6, 12)[i])
     total = start + got * per - gave
     prompt = (f"{name} has {start} {item}. {name} buys {got} packs of {per} {item} and gives away {gave}. "
               f"How many {item} does {name} have now?")
@@ -112,11 +122,12 @@ def word_problem(rng: random.Random) -> Problem:
 GENERATORS = {"arithmetic": arithmetic, "countdown": countdown, "sorting": sorting, "word_problem": word_problem}
 
 
-def problem_stream(seed: int = 0, kinds=tuple(GENERATORS)):
-    """An endless, seeded stream of problems of the given kinds."""
+def problem_stream(seed: int = 0, kinds=tuple(GENERATORS), levels=(1, 2)):
+    """An endless, seeded stream of problems of the given kinds and levels."""
     rng = random.Random(seed)
     while True:
-        yield GENERATORS[rng.choice(kinds)](rng)
+        kind = rng.choice(kinds)
+        yield GENERATORS[kind](rng, rng.choice(levels))
 
 
 def problems(n: int, seed: int = 0, kinds=tuple(GENERATORS)) -> list[Problem]:
@@ -132,8 +143,9 @@ def held_out(prompt: str) -> bool:
 class Task:
     name: str
     correct: Callable[[str, str], float]  # (completion, reference answer) -> 1.0 correct / 0.0 wrong
-    make: Callable[[random.Random], Problem] | None = None  # generated task
+    make: Callable[[random.Random, int], Problem] | None = None  # generated task
     rows: list[Problem] | None = None  # task from a file
+    level: int = 2  # difficulty of a generated task: 1 easy, 2 default, 3 hard
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
         """n problems of the split ("train" or "test"), the same for the same seed. A file task gives a seeded
@@ -145,7 +157,7 @@ class Task:
             rows = [p for p in self.rows if held_out(p.prompt) == want]
             return rng.sample(rows, min(n, len(rows)))
         for _ in range(1000 * n + 1000):
-            p = self.make(rng)
+            p = self.make(rng, self.level)
             if held_out(p.prompt) == want:
                 out.append(p)
                 if len(out) == n:
@@ -162,10 +174,14 @@ TASKS = {
 
 
 def get_task(name: str, reward: str | None = None) -> Task:
-    """A built-in task by name, or a JSONL file of {"prompt", "answer"} rows (optional "reasoning", used for
-    SFT traces) scored by `reward` ("module:function", default: numeric / exact answer match)."""
-    if name in TASKS and reward is None:
-        return TASKS[name]
+    """A built-in task by name, with an optional difficulty level ("countdown:1", levels 1-3, default 2), or a
+    JSONL file of {"prompt", "answer"} rows (optional "reasoning", used for SFT traces) scored by `reward`
+    ("module:function", default: numeric / exact answer match)."""
+    base, _, level = name.partition(":")
+    if base in TASKS and reward is None:
+        if level not in ("", "1", "2", "3"):
+            raise ValueError(f"task {name!r}: the level after ':' must be 1, 2 or 3")
+        return dataclasses.replace(TASKS[base], name=name, level=int(level or 2)) if level else TASKS[base]
     if not name.endswith(".jsonl"):
         raise ValueError(f"unknown task {name!r}: choose from {sorted(TASKS)} or give a .jsonl file")
     path, rows = Path(name), []

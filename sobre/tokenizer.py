@@ -45,6 +45,15 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def save(self, out):
+        """tokenizer.json + tokenizer_config.json (+ chat_template.jinja when it has its own template)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        if self.chat_template and self.chat_template != self.config.get("chat_template"):
+            (out / "chat_template.jinja").write_text(self.chat_template)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             thinking: bool = True) -> str:
         kw = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}

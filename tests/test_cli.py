@@ -69,12 +69,20 @@ def test_sampling_parameters_are_checked():
     assert a == b
 
 
-def test_speedrun_writes_report(tmp_path):
-    out = run("speedrun", "--out", str(tmp_path / "run"), "--preset", "debug", "--steps", "12")
+def test_speedrun_runs_every_stage_and_resumes(tmp_path):
+    args = ("speedrun", "--out", str(tmp_path / "run"), "--preset", "debug", "--steps", "12", "--eval-problems", "4")
+    out = run(*args)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "greedy tokens equal: True" in report, out.stdout
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in lines] == ["pretrain", "transformers", "generate"]
-    assert lines[0]["final_loss"] < lines[0]["first_loss"]
-    assert lines[1]["logits_max_diff"] < 1e-4 * max(1.0, lines[1]["logit_scale"])
-    assert (tmp_path / "run" / "pretrain" / "loss.png").exists()
+    stages = {s: json.loads((tmp_path / "run" / s / "stage.json").read_text())
+              for s in ("pretrain", "sft", "grpo", "distill", "eval")}
+    p = stages["pretrain"]
+    assert p["final_loss"] < p["first_loss"] and p["transformers"]["logits_max_diff"] < 1e-4 * max(
+        1.0, p["transformers"]["logit_scale"])
+    assert stages["sft"]["final_loss"] < stages["sft"]["first_loss"]
+    assert set(stages["eval"]) >= {"pretrain", "sft", "grpo", "student (distilled)", "student (no teacher)"}
+    assert all(0 <= v["pass@1"] <= 1 for v in stages["eval"].values() if isinstance(v, dict))
+    for f in ("pretrain/loss.png", "sft/loss.png", "grpo/reward.png", "distill/student/model/config.json"):
+        assert (tmp_path / "run" / f).exists(), f
+    again = run(*args)  # finished stages are skipped
+    assert again.stdout.count("already done") == 5

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import sobre
 from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss
 from sobre.rollout import Rollout, maj_at_k, pass_at_k
 
@@ -57,10 +58,11 @@ def test_k3_kl_and_the_beta_term():
     assert (with_kl - plain).item() == pytest.approx(0.1 * kl.sum().item() / 3, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
-def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant):
+@pytest.mark.parametrize("variant,arch", [("grpo", "deepseek_v3"), ("dr_grpo", "deepseek_v3"), ("dapo", "deepseek_v3"),
+                                          ("grpo", "qwen2")])
+def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch):
     torch.manual_seed(0)
-    model = random_model()
+    model = random_model(sobre.preset("debug", arch=arch))
     prompt, good, bad = [5, 6, 7], 11, 12
 
     def p(tok):

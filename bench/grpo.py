@@ -1,0 +1,104 @@
+"""GRPO throughput: sobre's `grpo` vs TRL's GRPOTrainer on the same model (exported to HF format), the same
+prompts (countdown), G, completion length, beta=0, fp32, in the same run. Samples/s = completions per second of
+whole GRPO steps (rollout + reward + update), median over the measured steps.
+    pip install trl   # the baseline, not a sobre dependency
+    python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sobre
+from sobre.data import builtin_docs
+from sobre.grpo import GRPOArgs, grpo
+from sobre.rollout import prompt_ids
+from sobre.tasks import get_task
+from sobre.tokenizer import train_tokenizer
+
+
+def fresh_model(path: Path, preset: str):
+    tok = train_tokenizer(builtin_docs(1 << 20), sobre.preset(preset).vocab_size, path)
+    cfg = sobre.preset(preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    sobre.save(sobre.init_weights(sobre.Transformer(cfg)), path, tokenizer_dir=path)
+
+
+def run_sobre(model_dir, a, out):
+    args = GRPOArgs(out=str(out), init=str(model_dir), task="countdown", steps=a.steps + 1, prompts=a.prompts,
+                    group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0, eval_every=10_000, eval_problems=1,
+                    save_every=10_000, lr=1e-5)
+    grpo(args)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
+    return statistics.median(r["samples_per_s"] for r in rows), statistics.mean(r["completion_length"] for r in rows)
+
+
+def run_trl(model_dir, a, out):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.utils import logging
+    from trl import GRPOConfig, GRPOTrainer
+    logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    task = get_task("countdown")
+    ours = sobre.load_tokenizer(model_dir)
+    problems = task.problems("train", a.prompts * (a.steps + 1))
+    data = Dataset.from_list([{"prompt": ours.decode(prompt_ids(ours, p)), "answer": p.answer} for p in problems])
+    lengths, times = [], []
+
+    def reward(completions, answer, **kw):
+        return [task.correct(c, r) for c, r in zip(completions, answer)]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
+                     max_completion_length=a.max_new_tokens, beta=0.0, learning_rate=1e-5, max_steps=a.steps + 1,
+                     use_cpu=True, bf16=False, logging_steps=1, report_to=[], save_strategy="no", temperature=1.0,
+                     loss_type="grpo", shuffle_dataset=False, disable_tqdm=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                callbacks=[Timer()]).train()
+    return a.prompts * a.group / statistics.median(times[1:]), statistics.mean(lengths)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--init", help="HF model directory with tokenizer (default: a fresh tiny model)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=4, help="measured GRPO steps (after one warm-up step)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = Path(a.init) if a.init else tmp / "model"
+        if not a.init:
+            fresh_model(model_dir, a.preset)
+        ours, ours_len = run_sobre(model_dir, a, tmp / "sobre")
+        theirs, theirs_len = run_trl(model_dir, a, tmp / "trl")
+    print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, fp32, "
+          f"{torch.get_num_threads()} threads ({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
+    print("| | samples/s (rollout + update) | mean completion tokens |")
+    print("|---|---|---|")
+    print(f"| TRL GRPOTrainer | {theirs:.1f} | {theirs_len:.1f} |")
+    print(f"| sobre grpo | {ours:.1f} | {ours_len:.1f} |")
+    print(f"| ratio | **{ours / theirs:.2f}x** | |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Distillation (DeepSeek-R1 -> R1-Distill-Qwen/Llama): the teacher answers train problems, its verified-correct
+reasoning traces become the student's SFT set, and optionally the student also matches the teacher's top-k
+next-token distribution on those traces (forward KL, Hinton-style temperature).
+
+    loss = (1 - logit_weight) * CE(student, trace) + logit_weight * tau^2 * KL(teacher_topk / tau || student / tau)
+
+The student is a fresh dense Qwen2/Llama-style model (default) or small MoE built with the teacher's
+tokenizer, or an existing checkpoint (`--init`), whose tokenizer must then equal the teacher's.
+Run folder: traces-<task>.jsonl (the teacher's kept traces), config.json, metrics.jsonl, loss.png, model/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .model import Transformer
+from .rollout import rejection_sample
+from .sft import IGNORE, Packed, SFTArgs, encode_turns, fit, read_examples, split_rows, start_model
+from .tasks import get_task
+from .tokenizer import Tokenizer
+from .train import checkpoints
+
+
+@dataclass
+class DistillArgs(SFTArgs):
+    out: str = "runs/distill"
+    teacher: str = ""  # sobre run folder, HF directory or Hub id
+    arch: str = "qwen2"  # the fresh student's type (qwen2 / llama dense, or deepseek_v3 for a small MoE)
+    preset: str = "tiny"  # the fresh student's sizes
+    task: tuple[str, ...] = ("countdown",)
+    examples: int = 512  # train problems per task the teacher answers
+    samples: int = 4  # teacher completions per problem (the first verified one is kept)
+    temperature: float = 0.6
+    max_new_tokens: int = 128
+    with_reference: bool = False  # also train on the tasks' own reference traces (with the teacher's logits)
+    logit_weight: float = 0.5  # 0 = SFT on the traces only
+    top_k: int = 32  # teacher logits kept per position
+    kd_temperature: float = 1.0
+
+
+def same_vocab(a: Tokenizer, b: Tokenizer) -> bool:
+    return a.tok.get_vocab(with_added_tokens=True) == b.tok.get_vocab(with_added_tokens=True)
+
+
+@torch.no_grad()
+def teacher_topk(teacher: Transformer, X, D, k: int, batch: int = 16):
+    """Top-k logits and their token ids of the teacher at every position of the packed rows: [N, T, k] each."""
+    vals, ids = [], []
+    for i in range(0, len(X), batch):
+        v, j = teacher(X[i:i + batch], cache=Packed(D[i:i + batch])).float().topk(k, dim=-1)
+        vals.append(v)
+        ids.append(j)
+    return torch.cat(vals), torch.cat(ids)
+
+
+def kd_loss(student_logits, t_vals, t_ids, mask, tau: float = 1.0) -> torch.Tensor:
+    """Forward KL(teacher || student) over the teacher's top-k tokens (teacher renormalised over them), mean over
+    masked positions, scaled by tau^2. student_logits [N, T, V], t_vals/t_ids [N, T, k], mask [N, T]."""
+    p = F.softmax(t_vals[mask] / tau, -1)  # [M, k]
+    logq = F.log_softmax(student_logits[mask].float() / tau, -1).gather(-1, t_ids[mask])  # [M, k]
+    return (p * (p.clamp_min(1e-30).log() - logq)).sum(-1).mean() * tau**2
+
+
+def distill(a: DistillArgs) -> Path:
+    if not a.teacher:
+        raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
+    if not 0 <= a.logit_weight <= 1:
+        raise ValueError(f"--logit-weight must be in [0, 1], got {a.logit_weight}")
+    run = Path(a.out)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
+        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    teacher, tok = start_model(a.teacher)
+    teacher.eval()
+    student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer=tok)
+    if not same_vocab(tok, s_tok):
+        raise ValueError(f"tokenizer mismatch: the student ({a.init}) and the teacher ({a.teacher}) have different "
+                         "vocabularies; logit distillation compares distributions token by token. Start a fresh "
+                         "student (no --init) to use the teacher's tokenizer")
+    examples = [ex for f in a.data for ex in read_examples(f, tok)]
+    for name in a.task:
+        traces = run / f"traces-{name.replace(':', '_')}.jsonl"
+        if not traces.exists():  # the teacher's verified answers, made once (kept on resume)
+            r = rejection_sample(teacher, tok, get_task(name), a.examples, a.samples, traces.with_suffix(".tmp"),
+                                 a.temperature, a.max_new_tokens, a.seed)
+            traces.with_suffix(".tmp").rename(traces)
+            print(f"teacher solved {r['solved']}/{r['problems']} {name} problems; {r['kept']} traces kept")
+        examples += read_examples(traces, tok)
+        if a.with_reference:
+            examples += [ex for p in get_task(name).problems("train", a.examples, a.seed)
+                         for ex in encode_turns(tok, p.messages())]
+    if not examples:
+        raise ValueError("the teacher solved none of the problems: no traces to distil (try more --samples, or "
+                         "--with-reference to distil the teacher's logits on the tasks' own traces)")
+    data, val, dropped = split_rows(examples, a, tok)
+    X, Y, D = data
+    if not a.logit_weight:
+        return fit(student, tok, run, a, data, val, dropped)
+    t_vals, t_ids = teacher_topk(teacher, X, D, a.top_k)
+    del teacher
+
+    def loss_fn(model, rows):
+        logits = model(X[rows], cache=Packed(D[rows]))
+        y = Y[rows]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+        # the teacher's distribution at the positions whose next token is a target
+        kd = kd_loss(logits, t_vals[rows], t_ids[rows], y != IGNORE, a.kd_temperature)
+        return (1 - a.logit_weight) * ce + a.logit_weight * kd
+
+    return fit(student, tok, run, a, data, val, dropped, loss_fn)
