@@ -1,7 +1,7 @@
 """GRPO throughput: sobre's `grpo` vs TRL's GRPOTrainer on the same model (exported to HF format), the same
 prompts (countdown), G, completion length, beta=0, fp32, in the same run. Samples/s = completions per second of
 whole GRPO steps (rollout + reward + update), median over the measured steps.
-    pip install trl   # the baseline, not a sobre dependency
+    pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64]
 """
 

@@ -22,7 +22,7 @@ from .rollout import rejection_sample
 from .sft import IGNORE, Packed, SFTArgs, encode_turns, fit, read_examples, split_rows, start_model
 from .tasks import get_task
 from .tokenizer import Tokenizer
-from .train import checkpoints
+from .train import open_run
 
 
 @dataclass
@@ -70,12 +70,7 @@ def distill(a: DistillArgs) -> Path:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     if not 0 <= a.logit_weight <= 1:
         raise ValueError(f"--logit-weight must be in [0, 1], got {a.logit_weight}")
-    run = Path(a.out)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
-        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run(a.out, a.resume, a.threads)
     teacher, tok = start_model(a.teacher)
     teacher.eval()
     student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer=tok)

@@ -25,18 +25,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import save
 from .model import MoE, Transformer
+from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import Rollout, evaluate_task, rollouts
 from .sft import start_model
 from .tasks import get_task
 from .train import (
     checkpoints,
+    end_step,
+    export,
     load_checkpoint,
     lr_at,
+    open_run,
     param_groups,
-    save_checkpoint,
     truncate_metrics,
     update_router_bias,
 )
@@ -162,12 +164,7 @@ def grpo(a: GRPOArgs) -> Path:
     dapo = a.loss == "dapo"
     eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
     dynamic, overlong = a.dynamic_sampling or dapo, a.overlong_filter or dapo
-    run = Path(a.out)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
-        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run(a.out, a.resume, a.threads)
     task = get_task(a.task, a.reward or None)
     model, tok = start_model(a.init, a.preset, run, a.seed)
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
@@ -216,15 +213,9 @@ def grpo(a: GRPOArgs) -> Path:
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
             rec["heldout_pass@1"] = held_out()
             _append(run / "eval.jsonl", {"step": step + 1, "pass@1": rec["heldout_pass@1"]})
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save_checkpoint(run, step + 1, model, opt, a.keep)
+        end_step(log, rec, run, step, a, model, opt)
     log.close()
-    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
-    from .report import plot_grpo
-    plot_grpo(run)
-    return run
+    return export(model, run, plot_grpo)
 
 
 def _reward(x: Rollout, a: GRPOArgs) -> float:

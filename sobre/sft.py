@@ -19,18 +19,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load, resolve, save
+from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
 from .model import MoE, Transformer, init_weights
+from .report import plot_training
 from .tasks import get_task
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .train import (
     checkpoints,
+    end_step,
+    export,
     load_checkpoint,
     lr_at,
+    open_run,
     param_groups,
-    save_checkpoint,
     truncate_metrics,
     update_router_bias,
 )
@@ -203,14 +206,9 @@ class SFTArgs:
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     """Fine-tune; a fresh model (no a.init) uses `tokenizer` when given, else trains one."""
-    run = Path(a.out)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
-        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     if not a.data and not a.task:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run(a.out, a.resume, a.threads)
     model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
@@ -263,15 +261,9 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
                "target_tokens": ntok, "tokens_per_s": a.batch_size * a.seq_len / (time.perf_counter() - t0)}
         if val is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             rec["val_loss"] = val_loss(model, *val, a.batch_size)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save_checkpoint(run, step + 1, model, opt, a.keep)
+        end_step(log, rec, run, step, a, model, opt)
     log.close()
-    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
-    from .report import plot_training
-    plot_training(run)
-    return run
+    return export(model, run, plot_training)
 
 
 @torch.no_grad()

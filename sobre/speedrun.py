@@ -84,7 +84,7 @@ def _finished(run: Path) -> dict:
 
 def _grpo_summary(run: Path) -> dict:
     rows = read_metrics(run)
-    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    evals = read_metrics(run, "eval.jsonl")
     k = max(1, len(rows) // 5)
     return {"steps": rows[-1]["step"], "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
             "train_accuracy_first": sum(r["accuracy"] for r in rows[:k]) / k,

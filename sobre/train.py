@@ -166,6 +166,32 @@ def load_checkpoint(path: Path, model, opt) -> int:
     return state["step"]
 
 
+def open_run(out: str, resume: bool, threads: int = 0) -> Path:
+    """The run folder of a single-process run (SFT, GRPO, distillation); refuses to overwrite a finished one."""
+    run = Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    if (run / "metrics.jsonl").exists() and checkpoints(run) and not resume:
+        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def end_step(log, rec: dict, run: Path, step: int, a, model, opt):
+    """One metrics line per optimizer step; a checkpoint every a.save_every steps and at the end."""
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+        save_checkpoint(run, step + 1, model, opt, a.keep)
+
+
+def export(model: Transformer, run: Path, plot) -> Path:
+    """The trained model as an HF checkpoint in run/model (with the run's tokenizer), then the run's plots."""
+    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
+    plot(run)
+    return run
+
+
 def pretrain(a: TrainArgs) -> Path:
     """Train; under torchrun each rank takes its slice of every global batch (FSDP2, optionally EP)."""
     a.validate()
