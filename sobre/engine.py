@@ -212,6 +212,7 @@ class Engine:
     def _step(self) -> list[Event]:
         events: list[Event] = []
         c = self.model.config
+        prefilled: dict[tuple, tuple[Sequence, torch.Tensor]] = {}  # prompt -> (sequence, last logits), this step
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             total = min(len(seq.prompt) + seq.params.max_new_tokens + self.speculative, c.max_seq_len)
@@ -219,6 +220,12 @@ class Engine:
                 break  # wait until running sequences free their blocks
             self.waiting.pop(0)
             self.pool.reserve(seq, total)
+            twin = prefilled.get(tuple(seq.prompt))
+            if twin is not None:  # the same prompt was just prefilled (n samples, GRPO groups): copy its cache
+                self._copy_prompt(twin[0], seq)
+                self.running.append(seq)
+                events.append(self._emit(seq, int(self._choose([seq], twin[1])[0]), twin[1][0]))
+                continue
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
             prompt = torch.tensor([seq.prompt], device=self.device)
             h = self.model.hidden(prompt, PagedBatch(self.pool, [seq], len(seq.prompt)))
@@ -227,6 +234,8 @@ class Engine:
             events.append(self._emit(seq, int(self._choose([seq], logits)[0]), logits[0]))
             if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
                 seq.mtp_todo = (h[0], seq.prompt[1:] + [seq.pending])
+            elif not self.speculative and seq.finish_reason is None:  # (a finished one has freed its blocks)
+                prefilled[tuple(seq.prompt)] = (seq, logits)
         live = [s for s in self.running if s.pending is not None]
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
         spec = [s for s in live if self.speculative and s.length + 2 <= c.max_seq_len]
@@ -282,6 +291,16 @@ class Engine:
                 events.append(self._emit(s, bonus, logits[i, 1]))
                 s.mtp_todo = (h[i], [d, s.pending]) if s.pending is not None else None
         return events
+
+    def _copy_prompt(self, src: Sequence, dst: Sequence):
+        """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""
+        blk, n = self.pool.block, len(src.prompt)
+        pos = torch.arange(n, device=self.device)
+        slots = [torch.tensor(s.blocks, device=self.device)[pos // blk] * blk + pos % blk for s in (src, dst)]
+        for layer in self.pool.slots:
+            for t in layer:
+                t[slots[1]] = t[slots[0]]
+        dst.length = n
 
     def _penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()  # [B, V]

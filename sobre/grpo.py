@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import MoE, Transformer
+from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import Rollout, evaluate_task, rollouts
@@ -86,21 +86,44 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
     return loss, stats
 
 
+class SharedPrefix(Cache):
+    """The model's cache protocol for one prompt and its G completions: the prompt [1, Lp] runs once, then the
+    completions [G, T] attend to its K/V (or MLA latents) broadcast over G, with gradients summed back."""
+
+    def __init__(self):
+        super().__init__(max_len=1 << 30)
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.length:
+            self.bufs[layer_id] = new
+            return new
+        G = new[0].shape[0]
+        return tuple(torch.cat([p.expand(G, *p.shape[1:]), n], 1) for p, n in zip(self.bufs[layer_id], new))
+
+
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False):
     """Log-probs of each completion's tokens under the model: [N, T] (right-padded), mask [N, T], and the
-    summed entropy of the model's distribution over the completion positions (when asked)."""
-    seqs = [r.prompt + r.ids for r in batch]
-    L, T = max(len(s) for s in seqs), max(len(r.ids) for r in batch)
-    x = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-    h = model.hidden(x)  # [N, L, D]
-    pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch]).clamp(max=L - 1)  # [N, T]
+    summed entropy of the model's distribution over the completion positions (when asked). Completions of one
+    prompt share its forward (SharedPrefix); a mixed batch runs padded (the reference the test compares to)."""
+    T = max(len(r.ids) for r in batch)
     mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch])
-    lg = model.head(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))).float()  # [N, T, V]: the head
-    # runs only where a completion token is predicted
-    logp_all = F.log_softmax(lg, -1)
-    tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch])
+    tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch])  # [N, T]
+    if all(r.prompt == batch[0].prompt for r in batch):
+        cache = SharedPrefix()
+        last = model.hidden(torch.tensor([batch[0].prompt]), cache)[:, -1:]  # [1, 1, D]: predicts token 0
+        h = last.expand(len(batch), 1, -1)
+        if T > 1:  # token t > 0 is predicted at completion position t - 1
+            h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
+    else:
+        seqs = [r.prompt + r.ids for r in batch]
+        L = max(len(s) for s in seqs)
+        x = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, :len(s)] = torch.tensor(s)
+        pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch]).clamp(max=L - 1)  # [N, T]
+        h = model.hidden(x)  # [N, L, D]
+        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
+    logp_all = F.log_softmax(model.head(h).float(), -1)  # [N, T, V]: the head runs only where a token is predicted
     logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item() if entropy else 0.0
     return logp, mask, ent
@@ -231,7 +254,12 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     if not batch:
         return {"loss": 0.0}
     n_tokens = sum(len(x.ids) for x in batch)
-    chunks = [range(i, min(i + a.micro_batch, len(batch))) for i in range(0, len(batch), a.micro_batch)]
+    chunks = []  # each chunk: completions of one prompt (one shared prompt forward), at most micro_batch of them
+    for i, x in enumerate(batch):
+        if chunks and x.prompt == batch[chunks[-1][0]].prompt and len(chunks[-1]) < a.micro_batch:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
     model.train()
     old = ref_lp = None
     if a.mu > 1 or a.beta:

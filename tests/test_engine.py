@@ -135,3 +135,26 @@ def test_bad_requests_are_rejected():
         eng.add_request([1] * 100, max_new_tokens=300)
     with pytest.raises(ValueError, match="empty prompt"):
         eng.add_request([])
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
+def test_repeated_prompts_share_one_prefill_and_match_separate_runs(arch):
+    model = random_model(sobre.preset("debug", arch=arch))
+    p, q = [5, 9, 3, 7, 2, 8, 1] * 10, [4, 4, 6]  # 70 tokens: the copied prompt spans two cache blocks
+    reqs = [(p, 1), (p, 2), (q, 3), (p, 4), (p, None)]
+    eng = Engine(model, max_batch=8)
+    rids = [eng.add_request(x, max_new_tokens=10, temperature=1.0 if s else 0.0, seed=s, repetition_penalty=1.3)
+            for x, s in reqs]
+    calls = []
+    hidden = model.hidden
+    model.hidden = lambda tokens, cache=None: calls.append(tokens.shape) or hidden(tokens, cache)
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    del model.hidden
+    assert sum(1 for shape in calls if shape[1] > 1) == 2  # one prefill per distinct prompt
+    for rid, (x, s) in zip(rids, reqs):
+        alone = Engine(model).generate([x], max_new_tokens=10, temperature=1.0 if s else 0.0, seed=s,
+                                       repetition_penalty=1.3)[0]
+        assert done[rid].out == alone, (x[:3], s)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sobre
-from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss
+from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k
 
 from conftest import random_model
@@ -130,3 +130,22 @@ def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monke
     for line, p in zip(lines, problems):
         assert line["messages"][0]["content"] == p.prompt
         assert line["messages"][1]["content"].endswith(f"Answer: {p.answer}")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
+def test_shared_prompt_forward_equals_the_padded_reference(arch):
+    model = random_model(sobre.preset("debug", arch=arch)).train()
+    prompt = [3, 14, 15, 9, 2, 6]
+    group = [Rollout(prompt, ids, "", False, 0.0, 0.0, None) for ids in ([5, 8, 9, 7], [11], [4, 4, 4, 4, 4, 2])]
+    other = Rollout([7, 7], [1, 2], "", False, 0.0, 0.0, None)  # a different prompt: the batch runs padded
+    shared, mask, ent = token_logprobs(model, group, entropy=True)
+    padded, mask2, ent2 = token_logprobs(model, group + [other], entropy=True)
+    assert torch.equal(mask, mask2[:3, :mask.shape[1]])
+    assert torch.allclose(shared[mask], padded[:3, :mask.shape[1]][mask], atol=1e-5)
+    grads = []
+    for lp, m in ((shared, mask), (padded[:3, :mask.shape[1]], mask)):
+        model.zero_grad()
+        lp[m].sum().backward(retain_graph=True)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
+    assert ent > 0
