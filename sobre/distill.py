@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .model import Transformer
 from .rollout import rejection_sample
-from .sft import IGNORE, Packed, SFTArgs, encode_turns, fit, read_examples, split_rows, start_model
+from .sft import IGNORE, Packed, SFTArgs, fit, read_examples, split_rows, start_model, task_examples
 from .tasks import get_task
 from .tokenizer import Tokenizer
 from .train import open_run
@@ -88,8 +88,7 @@ def distill(a: DistillArgs) -> Path:
             print(f"teacher solved {r['solved']}/{r['problems']} {name} problems; {r['kept']} traces kept")
         examples += read_examples(traces, tok)
         if a.with_reference:
-            examples += [ex for p in get_task(name).problems("train", a.examples, a.seed)
-                         for ex in encode_turns(tok, p.messages())]
+            examples += task_examples(tok, name, a.examples, a.seed)
     if not examples:
         raise ValueError("the teacher solved none of the problems: no traces to distil (try more --samples, or "
                          "--with-reference to distil the teacher's logits on the tasks' own traces)")

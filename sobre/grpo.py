@@ -39,6 +39,7 @@ from .train import (
     lr_at,
     open_run,
     param_groups,
+    require_positive,
     truncate_metrics,
     update_router_bias,
 )
@@ -172,10 +173,8 @@ class GRPOArgs:
     def validate(self):
         if self.loss not in VARIANTS:
             raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
-        for k in ("steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
-                  "save_every", "eval_every"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
+                         "save_every", "eval_every")
         if self.group < 2:
             raise ValueError("--group must be >= 2: advantages are relative to the group")
         if self.temperature <= 0:

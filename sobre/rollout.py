@@ -47,8 +47,7 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
     was = model.training
     eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(len(prompts) * n, max_batch) * (longest + 64))
     rids = [[eng.add_request(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             stop_token_ids=(tok.eos_id,))
-             for j in range(n)] for i, ids in enumerate(prompts)]
+                             stop_token_ids=(tok.eos_id,)) for _ in range(n)] for ids in prompts]
     done, rng = {}, torch.get_rng_state()
     torch.manual_seed(seed)
     while eng.has_work():

@@ -88,6 +88,11 @@ def encode_turns(tok: Tokenizer, messages: list[dict]) -> list[tuple[list[int], 
     return out
 
 
+def task_examples(tok: Tokenizer, task: str, n: int, seed: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """The reasoning traces of n train problems of a task, as SFT examples."""
+    return [ex for p in get_task(task).problems("train", n, seed) for ex in encode_turns(tok, p.messages())]
+
+
 def read_examples(path: str | Path, tok: Tokenizer) -> list[tuple[list[int], list[bool]]]:
     """JSONL of {"messages": [...]} or {"prompt", "completion"} rows."""
     path, out = Path(path), []
@@ -212,8 +217,7 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
-        for p in get_task(name).problems("train", a.examples, a.seed):
-            examples += encode_turns(tok, p.messages())
+        examples += task_examples(tok, name, a.examples, a.seed)
     return fit(model, tok, run, a, *split_rows(examples, a, tok))
 
 

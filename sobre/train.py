@@ -63,11 +63,16 @@ class TrainArgs:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
 
     def validate(self):
-        for k in ("steps", "save_every", "keep", "batch_size", "seq_len", "grad_accum"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        require_positive(self, "steps", "save_every", "keep", "batch_size", "seq_len", "grad_accum")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
+
+
+def require_positive(args, *fields: str):
+    """ValueError naming the first of `fields` of a run's arguments that is not positive, as its CLI flag."""
+    for k in fields:
+        if getattr(args, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
 
 
 def lr_at(a: TrainArgs, step: int) -> float:
@@ -167,7 +172,7 @@ def load_checkpoint(path: Path, model, opt) -> int:
 
 
 def open_run(out: str, resume: bool, threads: int = 0) -> Path:
-    """The run folder of a single-process run (SFT, GRPO, distillation); refuses to overwrite a finished one."""
+    """The run folder; refuses to overwrite a run that has checkpoints unless resuming."""
     run = Path(out)
     if threads:
         torch.set_num_threads(threads)
@@ -177,12 +182,14 @@ def open_run(out: str, resume: bool, threads: int = 0) -> Path:
     return run
 
 
-def end_step(log, rec: dict, run: Path, step: int, a, model, opt):
-    """One metrics line per optimizer step; a checkpoint every a.save_every steps and at the end."""
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0):
+    """One metrics line per optimizer step (log is None off rank 0); a checkpoint every a.save_every steps and
+    at the end (every rank joins it, rank 0 writes it)."""
+    if log:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
     if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-        save_checkpoint(run, step + 1, model, opt, a.keep)
+        save_checkpoint(run, step + 1, model, opt, a.keep, rank)
 
 
 def export(model: Transformer, run: Path, plot) -> Path:
@@ -198,12 +205,7 @@ def pretrain(a: TrainArgs) -> Path:
     rank, world, device = parallel.init()
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} does not split over {world} processes")
-    run = Path(a.out)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if run.exists() and (run / "metrics.jsonl").exists() and not a.resume and checkpoints(run):
-        raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
+    run = open_run(a.out, a.resume, a.threads)
     tok = prepare(a, run) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()
@@ -270,12 +272,8 @@ def pretrain(a: TrainArgs) -> Path:
             rec["val_bpb"] = rec["val_loss"] / math.log(2) / val.bytes_per_token
         if world == 1 and ((step + 1) % a.sample_every == 0 or step + 1 == a.steps):
             rec["sample"] = sample_text(model, tok)
-        if log:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            save_checkpoint(run, step + 1, model, opt, a.keep, rank)
+        end_step(log, rec, run, step, a, model, opt, rank)
     msd, _ = parallel.full_state(model, opt)
     if rank == 0:
         log.close()
