@@ -87,7 +87,7 @@ def cmd_generate(args):
     eos = model.config.eos_token_id
     stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     t0, out = time.perf_counter(), []
-    text = TextStream(tok, skip_special=False) if tok and not args.ids else None
+    text = TextStream(tok) if tok and not args.ids else None
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty):
@@ -227,6 +227,27 @@ def cmd_speedrun(args):
     speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems)
 
 
+def cmd_serve(args):
+    import logging
+
+    import uvicorn
+
+    from .checkpoint import resolve
+    from .engine import Engine
+    from .serve import create_app
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    path = resolve(args.path)
+    eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
+                                 cache_tokens=args.cache_tokens, speculative=args.speculative)
+    name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
+    app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
+    print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+    app.state.server.loop.close()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sobre", description="sobre: an open, frugal DeepSeek-style LLM system")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -273,6 +294,21 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API + web chat page (continuous batching)")
+    s.add_argument("path", help="model directory or Hub id (with tokenizer.json)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
+    s.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
+    s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(fn=cmd_serve)
 
     from .train import TrainArgs
     s = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch")

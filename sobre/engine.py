@@ -121,6 +121,7 @@ class Event:
     token: int
     finished: bool
     finish_reason: str | None = None
+    logprob: tuple[float, dict[int, float]] | None = None  # (chosen token's, {top-n id: logprob}) when asked
 
 
 class Engine:
@@ -159,6 +160,21 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, **kw) -> int:
         params = params or SamplingParams(**kw)
+        self.check(prompt, params)
+        c = self.model.config
+        seq = Sequence(self.next_id, list(prompt), params,
+                       torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None)
+        if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+            seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[prompt] = True
+            seq.counts = torch.zeros(c.vocab_size, device=self.device)
+        self.next_id += 1
+        self.waiting.append(seq)
+        return seq.rid
+
+    def check(self, prompt: list[int], params: SamplingParams):
+        """ValueError unless the request can run: ids in the vocabulary, prompt inside the context, cache room.
+        Reads only the configuration, so a server may call it from any thread."""
         c = self.model.config
         if not prompt:
             raise ValueError("empty prompt")
@@ -173,15 +189,6 @@ class Engine:
         if need > self.pool.n_blocks - 1:
             raise ValueError(f"request needs {need} cache blocks, the pool has {self.pool.n_blocks - 1}; "
                              "raise cache_tokens")
-        seq = Sequence(self.next_id, list(prompt), params,
-                       torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None)
-        if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
-            seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
-            seq.seen[prompt] = True
-            seq.counts = torch.zeros(c.vocab_size, device=self.device)
-        self.next_id += 1
-        self.waiting.append(seq)
-        return seq.rid
 
     def cancel(self, rid: int):
         for q in (self.waiting, self.running):
@@ -330,13 +337,16 @@ class Engine:
         if reason:
             self.running.remove(s)
             self._finish(s, reason)
-        return Event(s.rid, tok, reason is not None, reason)
+        lp = s.logprobs[-1] if s.params.logprobs is not None else None
+        return Event(s.rid, tok, reason is not None, reason, lp)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
         if tok in s.params.stop_token_ids:
             return "stop"
         if s.params.stop:
-            s.text = self.tokenizer.decode(s.out)
+            t = self.tokenizer  # the text as streamed (TextStream): begin/end/pad tokens dropped
+            drop = {getattr(t, name, None) for name in ("bos_id", "eos_id", "pad_id")}
+            s.text = t.decode([x for x in s.out if x not in drop])
             hits = [s.text.find(x) for x in s.params.stop if x in s.text]
             if hits:
                 s.text = s.text[:min(hits)]  # the stop string itself is not part of the answer

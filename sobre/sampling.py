@@ -15,7 +15,7 @@ import torch
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy (below 1e-5 too, as in vLLM: dividing by it would overflow)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -42,6 +42,8 @@ class SamplingParams:
         for name, ok, msg in checks:
             if not ok:
                 raise ValueError(f"sampling parameter {name}={getattr(self, name)!r}: {msg}")
+        if self.temperature < 1e-5:
+            self.temperature = 0.0
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
@@ -56,7 +58,7 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.T
     freq = logits.new_tensor([p.frequency_penalty for p in params])[:, None]
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
-    return logits - pres * (generated > 0) - freq * generated
+    return (logits - pres * (generated > 0) - freq * generated).clamp(-1e30, 1e30)  # tiny penalties: no inf
 
 
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -65,7 +67,7 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     temp = logits.new_tensor([p.temperature or 1.0 for p in params])[:, None]
     if all((p.top_k == 0 or p.top_k >= V) and p.top_p == 1 and p.min_p == 0 for p in params):
         return logits / temp  # nothing to filter: skip the sort over the vocabulary
-    k = torch.tensor([p.top_k or V for p in params], device=logits.device).clamp(max=V)[:, None]
+    k = torch.tensor([min(p.top_k or V, V) for p in params], device=logits.device)[:, None]
     top_p = logits.new_tensor([p.top_p for p in params])[:, None]
     min_p = logits.new_tensor([p.min_p for p in params])[:, None]
     sorted_logits, order = (logits / temp).sort(dim=-1, descending=True)

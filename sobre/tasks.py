@@ -49,8 +49,7 @@ def arithmetic(rng: random.Random, level: int = 2) -> Problem:
     if op == "+":
         steps = _column_addition(a, b)
     elif op == "-":
-        tens = b // 10 * 10
-        steps = f"{a} - {b}: take {tens} from {a} to get {a - tens}, then take {b % 10} to get {result}."
+        steps = _column_subtraction(a, b)
     else:
         tens, ones = b // 10 * 10, b % 10
         steps = f"{a} * {b} = {a} * {tens} + {a} * {ones} = {a * tens} + {a * ones} = {result}."
@@ -66,6 +65,24 @@ def _column_addition(a: int, b: int) -> str:
                      + (", carry 1" if d >= 10 else ""))
         carry, x, y, place = d // 10, x // 10, y // 10, place * 10
     return "\n".join(steps) + f"\nSo {a} + {b} = {a + b}."
+
+
+def _column_subtraction(a: int, b: int) -> str:
+    """Column by column with borrows; a smaller minus a larger number is the negated reverse difference."""
+    if a < b:
+        return f"{a} is less than {b}, so {a} - {b} = -({b} - {a}).\n" + _column_subtraction(b, a) + \
+            f"\nSo {a} - {b} = {a - b}."
+    steps, borrow, place = [], 0, 1
+    x, y = a, b
+    while x:
+        top = x % 10 - borrow
+        line = f"{place}s: {x % 10}" + (" - 1" if borrow else "") + f" - {y % 10}"
+        borrow = int(top < y % 10)
+        line += f", borrow 10: {top + 10} - {y % 10}" if borrow else ""
+        d = top + 10 * borrow - y % 10
+        steps.append(f"{line} = {d}, write {d}")
+        x, y, place = x // 10, y // 10, place * 10
+    return "\n".join(steps) + f"\nSo {a} - {b} = {a - b}."
 
 
 def countdown(rng: random.Random, level: int = 2) -> Problem:

@@ -62,16 +62,26 @@ class Tokenizer:
 
 class TextStream:
     """Incremental detokenisation: feed token ids, get the new text; a trailing partial UTF-8 character
-    (decoded as U+FFFD) is held back until the next token completes it."""
+    (decoded as U+FFFD) is held back until the next token completes it. Begin/end-of-sentence and padding
+    tokens are dropped, every other special token is kept: `<think>`/`</think>` carry the reasoning split."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
-        self.tok, self.skip, self.ids, self.sent = tokenizer, skip_special, [], 0
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok, self.ids, self.sent = tokenizer, [], 0
+        self.drop = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id} - {None}
 
     def feed(self, token: int) -> str:
+        if token in self.drop:
+            return ""
         self.ids.append(token)
-        text = self.tok.decode(self.ids, self.skip)
+        text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+    def flush(self) -> str:
+        """The held-back rest at the end of a stream (invalid bytes come out as U+FFFD, as in decode)."""
+        text = self.tok.decode(self.ids)
         delta, self.sent = text[self.sent:], len(text)
         return delta
 

@@ -78,6 +78,18 @@ def test_text_stream_holds_back_partial_utf8():
     pieces = [stream.feed(i) for i in ids]
     assert "".join(pieces) == tok.decode(ids) == "héllo wörld 😀 ok"
     assert all("\ufffd" not in p for p in pieces)
+    stream = TextStream(tok)  # a stream cut inside a character ends with U+FFFD, as decode does
+    cut = ids[:-1] if tok.decode(ids[:-1]).endswith("\ufffd") else ids[:-2]
+    assert "".join(stream.feed(i) for i in cut) + stream.flush() == tok.decode(cut)
+
+
+def test_text_stream_keeps_think_tags_drops_eos():
+    tok = toy_tokenizer()
+    ids = tok.encode("<think> reasoning </think> answer") + [tok.eos_id]
+    stream = TextStream(tok)
+    text = "".join(stream.feed(i) for i in ids)
+    assert text == "<think> reasoning </think> answer"
+    assert split_reasoning(text, False) == ("reasoning", "answer")
 
 
 def test_sobre_chat_end_to_end(tmp_path):

@@ -21,6 +21,9 @@ def kept(**kw):
 
 def test_top_k_renormalises_the_best_k():
     assert torch.allclose(kept(top_k=2), torch.tensor([0.5, 0.2, 0, 0, 0]) / 0.7)
+    assert SamplingParams(temperature=1e-300).temperature == 0  # greedy, not an overflow
+    assert torch.allclose(kept(top_k=2**62, top_p=0.999), kept())  # beyond the vocabulary: no filter (found by
+    # schemathesis: it overflowed)
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
@@ -47,6 +50,8 @@ def test_penalties_by_hand():
     out = apply_penalties(logits, seen, counts, [p])
     # token 0: 2/2 - 0.5 - 0.5 ; token 1: -1*2 ; token 2: untouched ; token 3: 1 - 0.5 - 0.25
     assert torch.allclose(out, torch.tensor([[0.0, -2.0, 0.5, 0.25]]))
+    extreme = apply_penalties(logits, seen, counts, [SamplingParams(repetition_penalty=1e-300)])
+    assert torch.isfinite(extreme).all()  # found by schemathesis: an overflow made the draw fail
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():

@@ -1,0 +1,124 @@
+"""Serving benchmark, like vLLM's `bench serve`: one `sobre serve` process, streaming /v1/completions clients at
+concurrency 1 / 4 / 16 / 64; TTFT, TPOT, ITL (p50 / p99) and aggregate output tok/s.
+
+The model is bench/engine.py's random DeepSeek-V3 (vocab 8192, hidden 256, 4 layers, 16 experts top-4) with a
+BPE tokenizer trained on the built-in corpus; prompts are random token ids, every request generates exactly
+--max-tokens tokens (ignore_eos), greedy.
+    python bench/serve.py [--quick] [--prompt-len 128] [--max-tokens 128]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+
+import sobre
+from sobre.data import builtin_docs
+from sobre.tokenizer import train_tokenizer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from engine import CFG  # noqa: E402
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+async def one(client, prompt, max_tokens):
+    t0 = time.perf_counter()
+    stamps, usage = [], None
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("usage"):
+                usage = obj["usage"]
+            elif obj["choices"] and obj["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    n = usage["completion_tokens"]
+    return {"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / max(n - 1, 1),
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": n}
+
+
+async def level(url, concurrency, n_requests, prompts, max_tokens):
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+        async def run(p):
+            async with sem:
+                return await one(c, p, max_tokens)
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(run(prompts[i % len(prompts)]) for i in range(n_requests)))
+        wall = time.perf_counter() - t0
+    itl = [x for r in res for x in r["itl"]]
+    return {"concurrency": concurrency, "requests": n_requests, "tok_s": sum(r["tokens"] for r in res) / wall,
+            "ttft_p50": pct([r["ttft"] for r in res], 50), "ttft_p99": pct([r["ttft"] for r in res], 99),
+            "tpot_p50": pct([r["tpot"] for r in res], 50), "tpot_p99": pct([r["tpot"] for r in res], 99),
+            "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99), "tpot_mean": statistics.mean(r["tpot"] for r in res)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: torch's default)")
+    args = ap.parse_args()
+    levels = (1, 4, 16) if args.quick else (1, 4, 16, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(builtin_docs(1 << 20), vocab_size=CFG["vocab_size"], out=tmp)
+        torch.manual_seed(0)
+        cfg = sobre.Config.from_hf({**CFG, "vocab_size": tok.vocab_size, "num_nextn_predict_layers": 0})
+        sobre.save(sobre.init_weights(sobre.Transformer(cfg), std=0.05), tmp)
+        tok.save(tmp)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "sobre", "serve", tmp, "--port", str(port), "--max-batch", "64",
+               "--dtype", "float32"] + (["--threads", str(args.threads)] if args.threads else [])
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            rng = random.Random(0)
+            special = {tok.bos_id, tok.eos_id, tok.pad_id}
+            pool = [i for i in range(tok.vocab_size) if i not in special]
+            prompts = [[rng.choice(pool) for _ in range(args.prompt_len)] for _ in range(64)]
+            asyncio.run(level(url, 4, 4, prompts, 8))  # warm-up
+            rows = [asyncio.run(level(url, c, max(2 * c, 8) if not args.quick else max(c, 4), prompts,
+                                      args.max_tokens)) for c in levels]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"\nsobre serve, {args.prompt_len}-token prompts, {args.max_tokens} new tokens each, greedy, fp32, "
+          f"torch threads {args.threads or torch.get_num_threads()}\n")
+    print("| concurrency | requests | output tok/s | vs concurrency 1 | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
+          "| ITL p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / rows[0]['tok_s']:.2f}x "
+              f"| {r['ttft_p50'] * 1e3:.0f} / {r['ttft_p99'] * 1e3:.0f} | {r['tpot_p50'] * 1e3:.1f} / "
+              f"{r['tpot_p99'] * 1e3:.1f} | {r['itl_p50'] * 1e3:.1f} / {r['itl_p99'] * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The API's routes: /v1/chat/completions, /v1/completions, /v1/models (responses in OpenAI's shapes; chat adds
+DeepSeek's `reasoning_content`, also streamed as deltas)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from .protocol import APIError, ChatRequest, CompletionRequest
+from .serve import Server, request_id, split_final, sse
+
+
+def routes(app: FastAPI, srv: Server, auth):
+    tok = srv.tok
+
+    @app.get("/v1/models", dependencies=[auth])
+    async def models():
+        return {"object": "list", "data": [model_card(srv)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[auth])
+    async def model(model_id: str):
+        srv.check_model(model_id)
+        return model_card(srv)
+
+    @app.post("/v1/chat/completions", dependencies=[auth])
+    async def chat(req: ChatRequest, request: Request):
+        srv.check_model(req.model)
+        if req.tools:
+            raise APIError(400, "tool calls are not supported", param="tools")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                    for i, m in enumerate(req.messages)]
+        try:
+            text = tok.apply_chat_template(messages, **(req.chat_template_kwargs or {}))
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        prompt = tok.encode(text)
+        thinking = text.rstrip().endswith("<think>")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        choices = await srv.start([prompt], req.n, lambda n, j: srv.params(req, n, max_tokens, top, j), thinking,
+                                  "messages")
+        rid, created = request_id("chatcmpl"), int(time.time())
+        request.state.prompt_tokens = len(prompt) * req.n
+        head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}
+
+        if not req.stream:
+            async for _ in srv.events(choices, request):
+                pass
+            request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+            out = []
+            for c in choices:
+                reasoning, content = split_final(c, thinking)
+                msg = {"role": "assistant", "content": content}
+                if reasoning is not None:
+                    msg["reasoning_content"] = reasoning
+                out.append({"index": c.index, "message": msg, "finish_reason": c.finish_reason,
+                            "logprobs": srv.chat_logprobs(c.logprobs) if top is not None else None})
+            return {**head, "object": "chat.completion", "choices": out,
+                    "usage": srv.usage([prompt], req.n, choices)}
+
+        usage = req.stream_options is not None and req.stream_options.include_usage
+
+        def chunk(index, delta, finish=None, logprobs=None):
+            obj = {**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            return sse({**obj, "usage": None} if usage else obj)
+
+        async def stream():
+            try:
+                for c in choices:
+                    yield chunk(c.index, {"role": "assistant", "content": ""})
+                sent_lp = {c.index: 0 for c in choices}
+                async for c, text, final in srv.events(choices, request):
+                    reasoning, content = c.split_delta(text, final)
+                    lp = None
+                    if top is not None and len(c.logprobs) > sent_lp[c.index]:
+                        lp = srv.chat_logprobs(c.logprobs[sent_lp[c.index]:])
+                        sent_lp[c.index] = len(c.logprobs)
+                    delta = {}
+                    if reasoning:
+                        delta["reasoning_content"] = reasoning
+                    if content:
+                        delta["content"] = content
+                    if delta or lp:
+                        yield chunk(c.index, delta, logprobs=lp)
+                    if final:
+                        yield chunk(c.index, {}, c.finish_reason)
+                request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+                if usage:
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                               "usage": srv.usage([prompt], req.n, choices)})
+            except APIError as e:
+                yield sse(e.body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions", dependencies=[auth])
+    async def completions(req: CompletionRequest, request: Request):
+        srv.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
+        prompts = to_prompts(req.prompt, tok)
+        choices = await srv.start(prompts, req.n, lambda n, j: srv.params(req, n, req.max_tokens, req.logprobs, j),
+                                  False, "prompt")
+        rid, created = request_id("cmpl"), int(time.time())
+        request.state.prompt_tokens = sum(len(p) for p in prompts) * req.n
+        head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}
+        echo = {c.index: tok.decode(prompts[c.index // req.n]) if req.echo else "" for c in choices}
+
+        if not req.stream:
+            async for _ in srv.events(choices, request):
+                pass
+            request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+            out = [{"index": c.index, "text": echo[c.index] + c.full, "finish_reason": c.finish_reason,
+                    "logprobs": srv.completion_logprobs(c.logprobs, len(echo[c.index]))
+                    if req.logprobs is not None else None} for c in choices]
+            return {**head, "object": "text_completion", "choices": out,
+                    "usage": srv.usage(prompts, req.n, choices)}
+
+        usage = req.stream_options is not None and req.stream_options.include_usage
+
+        async def stream():
+            try:
+                for c in choices:
+                    if echo[c.index]:
+                        yield sse({**head, "object": "text_completion", "choices": [
+                            {"index": c.index, "text": echo[c.index], "logprobs": None, "finish_reason": None}]})
+                async for c, text, final in srv.events(choices, request):
+                    obj = {**head, "object": "text_completion", "choices": [
+                        {"index": c.index, "text": text, "logprobs": None,
+                         "finish_reason": c.finish_reason if final else None}]}
+                    yield sse({**obj, "usage": None} if usage else obj)
+                request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+                if usage:
+                    yield sse({**head, "object": "text_completion", "choices": [],
+                               "usage": srv.usage(prompts, req.n, choices)})
+            except APIError as e:
+                yield sse(e.body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+def model_card(srv: Server) -> dict:
+    return {"id": srv.name, "object": "model", "created": srv.created, "owned_by": "sobre",
+            "max_model_len": srv.context}
+
+
+def to_prompts(prompt, tok) -> list[list[int]]:
+    """OpenAI's four prompt forms: text, list of texts, token ids, list of token-id lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]
+    out = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    if len(out) > 64:
+        raise APIError(400, "at most 64 prompts per request", param="prompt")
+    if any(not p for p in out):
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return out
+

@@ -1,0 +1,429 @@
+"""`sobre serve`: an OpenAI / DeepSeek-compatible API over the batched engine, with continuous batching, SSE
+streaming, `reasoning_content`, Prometheus metrics and the web chat page at `/`.
+
+One thread owns the engine (EngineLoop): requests join between decode steps and leave when they finish, are
+cancelled (client gone, timeout) or fail; each request's tokens reach its handler through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+
+from .chat import ReasoningStream, split_reasoning
+from .engine import Engine, Event, Sequence
+from .protocol import APIError, error_body
+from .sampling import SamplingParams
+from .tokenizer import TextStream
+
+log = logging.getLogger("sobre.serve")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+STATIC = Path(__file__).parent / "static"
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+# ---- the engine thread ----------------------------------------------------------------------------
+@dataclass
+class Sink:
+    """Where one engine request's events go: an asyncio queue read by the request's handler."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    rid: int | None = None
+
+    def put(self, item):  # from the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class EngineLoop:
+    """Owns the engine: between steps it admits new requests and cancellations from its inbox; it steps while
+    any sequence is waiting or running and sleeps otherwise."""
+
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine, self.max_queue = engine, max_queue
+        self.inbox: queue.Queue = queue.Queue()
+        self.sinks: dict[int, Sink] = {}
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="sobre-engine", daemon=True)
+        self.thread.start()
+
+    def queued(self) -> int:
+        return len(self.engine.waiting) + self.inbox.qsize()
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink):
+        self.engine.check(prompt, params)  # ValueError -> 400 in the caller's thread
+        if self.queued() >= self.max_queue:
+            raise APIError(503, f"server overloaded: {self.queued()} requests waiting (--max-queue "
+                           f"{self.max_queue}); retry shortly", code="server_overloaded", headers={"Retry-After": "1"})
+        self.inbox.put(("add", prompt, params, sink))
+
+    def cancel(self, sink: Sink):
+        self.inbox.put(("cancel", sink))
+
+    def close(self):
+        self.stopped = True
+        self.inbox.put(("stop",))
+        self.thread.join(timeout=10)
+
+    def _run(self):
+        while not self.stopped:
+            self._drain(block=not self.engine.has_work())
+            if self.engine.has_work():
+                self._step()
+
+    def _drain(self, block: bool):
+        while True:
+            try:
+                cmd = self.inbox.get(timeout=1.0) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if cmd[0] == "add":
+                _, prompt, params, sink = cmd
+                try:
+                    sink.rid = self.engine.add_request(prompt, params)
+                    self.sinks[sink.rid] = sink
+                except ValueError as e:
+                    sink.put(e)
+            elif cmd[0] == "cancel" and cmd[1].rid in self.sinks:
+                self.sinks.pop(cmd[1].rid)
+                self.engine.cancel(cmd[1].rid)
+                self.engine.collect()
+
+    def _step(self):
+        try:
+            events = self.engine.step()
+        except Exception as e:  # an engine failure fails the requests in flight, never the server
+            log.exception("engine step failed")
+            for rid, sink in list(self.sinks.items()):
+                self.engine.cancel(rid)
+                sink.put(RuntimeError(f"engine failure: {e}"))
+            self.sinks.clear()
+            self.engine.collect()
+            return
+        for ev in events:
+            if ev.rid in self.sinks:
+                self.sinks[ev.rid].put(ev)
+        for rid, seq in self.engine.collect().items():
+            sink = self.sinks.pop(rid, None)
+            if sink is not None:
+                sink.put(seq)
+
+
+# ---- one completion (choice) of a request ---------------------------------------------------------
+class Choice:
+    """Turns one engine request's events into text deltas: incremental detokenisation, stop strings held back
+    until they cannot match any more, reasoning split from the answer (chat)."""
+
+    def __init__(self, index: int, sink: Sink, tok, params: SamplingParams, reasoning: ReasoningStream | None):
+        self.index, self.sink, self.tok, self.params, self.split = index, sink, tok, params, reasoning
+        self.stream, self.full, self.sent = TextStream(tok), "", 0
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.logprobs: list = []
+        self.finish_reason: str | None = None
+        self.t_first: float | None = None
+
+    def feed(self, item) -> str | None:
+        """One queue item -> the new text it makes safe to send ('' if none yet); None when it was the end."""
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, Sequence):  # the end: stop strings cut the text where they matched
+            self.finish_reason = "stop" if item.finish_reason in ("stop", "cancelled") else item.finish_reason
+            self.full += self.stream.flush()
+            end = len(self.full)
+            if self.params.stop and item.finish_reason == "stop" and item.text is not None:
+                end = min(end, len(item.text))
+            out, self.sent = self.full[self.sent:end], max(self.sent, end)
+            self.full = self.full[:end]
+            return out if out else None
+        ev: Event = item
+        self.t_first = self.t_first or time.perf_counter()
+        self.tokens.append(ev.token)
+        if ev.logprob is not None:
+            self.logprobs.append((ev.token, *ev.logprob))
+        self.full += self.stream.feed(ev.token)
+        if ev.finished:  # the Sequence that follows says where a stop string cut the text
+            return ""
+        safe = len(self.full) - self.holdback
+        out, self.sent = self.full[self.sent:safe], max(self.sent, safe)
+        return out
+
+    def split_delta(self, text: str, final: bool = False) -> tuple[str, str]:
+        if self.split is None:
+            return "", text
+        r, c = self.split.feed(text)
+        if final:
+            fr, fc = self.split.flush()
+            r, c = r + fr, c + fc
+        return r, c
+
+
+# ---- the app --------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_queue: int = 256,
+                 timeout: float = 600.0, max_body: int = 8 << 20):
+        if engine.tokenizer is None:
+            raise ValueError("serving needs a tokenizer (tokenizer.json in the model folder)")
+        self.engine, self.tok, self.name, self.api_key = engine, engine.tokenizer, name, api_key
+        self.timeout, self.max_body, self.created = timeout, max_body, int(time.time())
+        self.context = engine.model.config.max_seq_len
+        eos = engine.model.config.eos_token_id
+        eos = list(eos) if isinstance(eos, list) else [eos]
+        self.eos = tuple({t for t in eos + [self.tok.eos_id] if t is not None})
+        self.loop = EngineLoop(engine, max_queue)
+        self._metrics()
+
+    def _metrics(self):
+        r = self.registry = CollectorRegistry()
+        self.m_requests = Counter("sobre_requests", "finished requests", ["endpoint", "status"], registry=r)
+        self.m_prompt = Counter("sobre_prompt_tokens", "prompt tokens", registry=r)
+        self.m_generated = Counter("sobre_generation_tokens", "generated tokens", registry=r)
+        Gauge("sobre_queue_depth", "requests waiting for a batch slot", registry=r).set_function(self.loop.queued)
+        Gauge("sobre_running_sequences", "sequences in the running batch",
+              registry=r).set_function(lambda: len(self.engine.running))
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.m_ttft = Histogram("sobre_time_to_first_token_seconds", "TTFT", registry=r, buckets=buckets)
+        self.m_tpot = Histogram("sobre_time_per_output_token_seconds", "TPOT", registry=r, buckets=buckets)
+
+    # ---- validation ----------------------------------------------------------------------------
+    def check_key(self, request: Request):
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
+                           code="invalid_api_key")
+
+    def check_model(self, model: str | None):
+        if model is not None and model != self.name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+    def params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, seed_offset: int
+               ) -> SamplingParams:
+        room = self.context - prompt_len
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
+                           f"{prompt_len}", param="messages", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens; you asked for "
+                           f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
+                           param="max_tokens", code="context_length_exceeded")
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens or room, temperature=req.temperature, top_k=max(req.top_k, 0),
+                top_p=req.top_p, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                stop_token_ids=() if req.ignore_eos else self.eos, stop=tuple(req.stop or ()),
+                seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    # ---- running requests --------------------------------------------------------------------------
+    async def start(self, prompts: list[list[int]], n: int, make_params, reasoning: bool, param: str
+                    ) -> list[Choice]:
+        loop, choices = asyncio.get_running_loop(), []
+        try:
+            for p, prompt in enumerate(prompts):
+                for j in range(n):
+                    params = make_params(len(prompt), j)
+                    sink = Sink(loop)
+                    self.loop.submit(prompt, params, sink)
+                    choices.append(Choice(p * n + j, sink, self.tok, params,
+                                          ReasoningStream(True) if reasoning else None))
+        except ValueError as e:
+            self.stop(choices)
+            raise APIError(400, str(e), param=param) from None
+        except APIError:
+            self.stop(choices)
+            raise
+        self.m_prompt.inc(sum(len(p) for p in prompts) * n)
+        return choices
+
+    def stop(self, choices: list[Choice]):
+        for c in choices:
+            if c.finish_reason is None:
+                self.loop.cancel(c.sink)
+
+    async def events(self, choices: list[Choice], request: Request):
+        """Yield (choice, text delta, final) until every choice has finished; cancel all on timeout or when the
+        client goes away."""
+        deadline, t0 = time.monotonic() + self.timeout, time.perf_counter()
+        live = {id(c.sink.queue): c for c in choices}
+        getters: dict = {}
+        try:
+            while live:
+                for key, c in live.items():
+                    if key not in getters:
+                        getters[key] = asyncio.ensure_future(c.sink.queue.get())
+                done, _ = await asyncio.wait(getters.values(), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                if time.monotonic() > deadline:
+                    raise APIError(408, f"request timed out after {self.timeout:g} s", "timeout_error",
+                                   code="timeout")
+                if not done and await request.is_disconnected():
+                    raise asyncio.CancelledError
+                for key in [k for k, g in getters.items() if g in done]:
+                    c = live[key]
+                    try:
+                        text = c.feed(getters.pop(key).result())
+                    except ValueError as e:
+                        raise APIError(400, str(e)) from None
+                    except RuntimeError as e:
+                        raise APIError(500, str(e), "internal_error") from None
+                    if text is None or c.finish_reason is not None:
+                        del live[key]
+                        self._observe(c, t0)
+                        yield c, text or "", True
+                    elif text:
+                        yield c, text, False
+        finally:
+            for g in getters.values():
+                g.cancel()
+            self.stop(choices)
+
+    def count(self, path: str, status: int):
+        endpoint = path if path in ENDPOINTS else "other"
+        self.m_requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def _observe(self, c: Choice, t0: float):
+        self.m_generated.inc(len(c.tokens))
+        if c.t_first is not None:
+            self.m_ttft.observe(c.t_first - t0)
+            if len(c.tokens) > 1:
+                self.m_tpot.observe((time.perf_counter() - c.t_first) / (len(c.tokens) - 1))
+
+    # ---- response pieces ----------------------------------------------------------------------------
+    def usage(self, prompts: list[list[int]], n: int, choices: list[Choice]) -> dict:
+        p, c = sum(len(x) for x in prompts) * n, sum(len(x.tokens) for x in choices)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def chat_logprobs(self, entries: list) -> dict:
+        def item(t, lp):
+            s = self.tok.decode([t])
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"content": [dict(item(t, lp), top_logprobs=[item(i, v) for i, v in top.items()])
+                            for t, lp, top in entries]}
+
+    def completion_logprobs(self, entries: list, offset: int) -> dict:
+        tokens = [self.tok.decode([t]) for t, _, _ in entries]
+        offsets, pos = [], offset
+        for s in tokens:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{self.tok.decode([i]): v for i, v in top.items()} for _, _, top in entries],
+                "text_offset": offsets}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, name: str = "sobre", api_key: str | None = None, max_queue: int = 256,
+               timeout: float = 600.0) -> FastAPI:
+    """The ASGI app. `app.state.server` holds the Server (its EngineLoop thread runs until server.loop.close())."""
+    from .api import routes
+    srv = Server(engine, name, api_key, max_queue, timeout)
+    app = FastAPI(title="sobre", version="0.1.0", description="OpenAI / DeepSeek-compatible API")
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        status = 400 if err.get("type") == "json_invalid" else 422
+        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg')}"
+        return JSONResponse(error_body(msg, "invalid_request_error", ".".join(loc) or None, err.get("type")),
+                            status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        return JSONResponse(error_body(str(e.detail), ERROR_TYPES.get(e.status_code, "invalid_request_error"),
+                                       code=str(e.status_code)), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("internal error")
+        return JSONResponse(error_body(f"internal error: {e}", "internal_error"), status_code=500)
+
+    app.add_middleware(RequestLog, max_body=srv.max_body, on_done=srv.count)
+    routes(app, srv, Depends(srv.check_key))
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse((STATIC / "chat.html").read_text())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": srv.name, "running": len(engine.running), "waiting": srv.loop.queued()}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(generate_latest(srv.registry), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class RequestLog:
+    """ASGI middleware: refuses bodies over max_body (413) and logs one line per request when its response
+    ends (streams included): method, path, status, milliseconds, tokens."""
+
+    def __init__(self, app, max_body: int, on_done=None):
+        self.app, self.max_body, self.on_done = app, max_body, on_done
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+        headers = dict(scope.get("headers") or [])
+        size = headers.get(b"content-length", b"0")
+        if size.isdigit() and int(size) > self.max_body:
+            body = json.dumps(error_body(f"request body of {int(size)} bytes is over the limit of {self.max_body}",
+                                         "invalid_request_error", code="request_too_large")).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            status[0] = 413
+        else:
+            async def logged(msg):
+                if msg["type"] == "http.response.start":
+                    status[0] = msg["status"]
+                await send(msg)
+            await self.app(scope, receive, logged)
+        state = scope.get("state") or {}
+        tokens = f" prompt={state['prompt_tokens']} completion={state.get('completion_tokens', '-')}" \
+            if "prompt_tokens" in state else ""
+        if self.on_done is not None:
+            self.on_done(scope["path"], status[0])
+        client = scope.get("client") or ("-", 0)
+        log.info("%s %s %s %d %.1fms%s", client[0], scope["method"], scope["path"], status[0],
+                 (time.perf_counter() - t0) * 1e3, tokens)
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def split_final(choice: Choice, started_thinking: bool) -> tuple[str | None, str]:
+    """Non-streamed chat: (reasoning_content or None, content) of a finished choice."""
+    reasoning, content = split_reasoning(choice.full, started_thinking)
+    return (reasoning if (started_thinking or reasoning) else None), content

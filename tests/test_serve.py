@@ -1,0 +1,330 @@
+"""`sobre serve`: the real openai client against a live server, concurrency, cancellation, overload, timeouts,
+a bad-input storm, schemathesis over /openapi.json, and the chat page in headless Chromium."""
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+import sobre
+from sobre.chat import split_reasoning
+from sobre.engine import Engine
+from sobre.serve import create_app
+from sobre.tokenizer import train_tokenizer
+
+from conftest import random_model
+
+CORPUS = ["What is 12 + 7? Let me think step by step about the numbers.", "The answer is 19. Sort 3 1 2.",
+          "Hello there, how are you today? I am fine, thank you."] * 30
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    tok = train_tokenizer(CORPUS, vocab_size=300, out=path)
+    cfg = sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, max_seq_len=256)
+    model = random_model(cfg, seed=3)
+    with torch.no_grad():  # greedy text stays readable: byte fragments and bos/pad never win the argmax
+        for i in range(tok.vocab_size):
+            if "\ufffd" in tok.decode([i]) or i in (tok.bos_id, tok.pad_id):
+                model.head.weight[i] = 0
+    sobre.save(model, path)
+    tok.save(path)
+    return path
+
+
+class Live:
+    """A uvicorn server on 127.0.0.1 (random port) in a thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.srv = app.state.server
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.srv.loop.close()
+
+
+@pytest.fixture(scope="module")
+def live(ckpt):
+    s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=16), "tiny"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return Engine.from_pretrained(ckpt)
+
+
+def greedy(ref, prompt_ids, n):
+    """The engine's greedy tokens and their text as the server streams it (no begin/end/pad tokens)."""
+    t = ref.tokenizer
+    out = ref.generate([prompt_ids], max_new_tokens=n, stop_token_ids=(t.eos_id,))[0]
+    return out, t.decode([x for x in out if x not in (t.bos_id, t.eos_id, t.pad_id)])
+
+
+def chat_ids(ref, messages):
+    return ref.tokenizer.encode(ref.tokenizer.apply_chat_template(messages))
+
+
+def test_openai_client_chat_and_completions(live, ref):
+    from openai import OpenAI
+    client = OpenAI(base_url=live.url + "/v1", api_key="none")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 7?"}]
+    ids, text = greedy(ref, chat_ids(ref, msgs), 24)
+    want_reasoning, want_content = split_reasoning(text, True)
+
+    r = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=24)
+    msg = r.choices[0].message
+    assert (msg.model_extra["reasoning_content"], msg.content) == (want_reasoning, want_content)
+    assert r.usage.completion_tokens == len(ids) and r.usage.prompt_tokens == len(chat_ids(ref, msgs))
+    assert r.choices[0].finish_reason == ("stop" if ids[-1] == ref.tokenizer.eos_id else "length")
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks
+                        if c.choices)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert (reasoning.strip(), content.strip()) == (want_reasoning, want_content)
+    assert chunks[-1].usage.completion_tokens == len(ids)
+
+    prompt = "What is 12 + 7?"
+    ids, text = greedy(ref, ref.tokenizer.encode(prompt), 16)
+    r = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=16, logprobs=3)
+    assert r.choices[0].text == text and len(r.choices[0].logprobs.tokens) == len(ids)
+    assert all(len(t) <= 3 for t in r.choices[0].logprobs.top_logprobs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=ref.tokenizer.encode(prompt), temperature=0, max_tokens=16, stream=True))
+    assert streamed == text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_logprobs_stop_strings_n_and_seed(live, ref):
+    from openai import OpenAI
+    client = OpenAI(base_url=live.url + "/v1", api_key="none")
+    msgs = [{"role": "user", "content": "Sort 3 1 2."}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=8, logprobs=True,
+                                       top_logprobs=2)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens and all(len(x.top_logprobs) == 2 for x in lp)
+    assert all(x.logprob <= x.top_logprobs[0].logprob + 1e-5 for x in lp)
+    _, text = greedy(ref, ref.tokenizer.encode("The answer"), 30)
+    stop = text[5:8]
+    for stream in (False, True):
+        res = client.completions.create(model="tiny", prompt="The answer", temperature=0, max_tokens=30, stop=[stop],
+                                        stream=stream)
+        out = "".join(c.choices[0].text for c in res) if stream else res.choices[0].text
+        assert out == text[:text.find(stop)]
+    a, b = (client.chat.completions.create(model="tiny", messages=msgs, temperature=1.0, max_tokens=12, n=3, seed=7)
+            for _ in range(2))
+    texts = [[(c.message.model_extra["reasoning_content"], c.message.content) for c in r.choices] for r in (a, b)]
+    assert len(texts[0]) == 3 and texts[0] == texts[1]  # seeded: reproducible
+
+
+def test_sixteen_concurrent_streams_match_solo_greedy(live, ref):
+    from openai import OpenAI
+    prompts = [f"What is {i} + {2 * i}? Hello there" for i in range(16)]
+    want = [greedy(ref, ref.tokenizer.encode(p), 40)[1] for p in prompts]
+
+    def one(p):
+        client = OpenAI(base_url=live.url + "/v1", api_key="none")
+        return "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt=p, temperature=0, max_tokens=40, stream=True))
+
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(one, prompts))
+    assert got == want
+
+
+def test_disconnect_cancels_and_frees_cache(live):
+    free = len(live.srv.engine.pool.free)
+    with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 200,
+                                                                  "ignore_eos": True, "stream": True}) as r:
+        next(r.iter_lines())
+    deadline = time.time() + 10
+    while (live.srv.engine.running or len(live.srv.engine.pool.free) != free) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not live.srv.engine.running and len(live.srv.engine.pool.free) == free
+
+
+BAD = [  # (body, content-type, status)
+    (b"{not json", "application/json", 400),
+    (b"\xff\xfe\x00garbage", "application/json", 400),
+    (json.dumps({"messages": "hi"}).encode(), "application/json", 422),
+    (json.dumps({}).encode(), "application/json", 422),
+    (json.dumps({"messages": []}).encode(), "application/json", 422),
+    (json.dumps({"messages": [{"role": "user"}]}).encode(), "application/json", 400),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), "application/json", 422),
+    (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), "application/json", 404),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}).encode(), "application/json", 422),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}).encode(),
+     "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(),
+     "application/json", 422),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 1000}).encode(), "application/json", 422),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [""]}).encode(), "application/json", 422),
+    (json.dumps({"messages": [{"role": "user", "content": "hello " * 400}]}).encode(), "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
+     "application/json", 400),
+    (b"x" * (9 << 20), "application/json", 413),
+]
+
+
+def check_error(r, status):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_bad_input_storm_gets_4xx_and_server_survives(live):
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        for body, ctype, status in BAD:
+            check_error(c.post("/v1/chat/completions", content=body, headers={"content-type": ctype}), status)
+        check_error(c.post("/v1/completions", json={"prompt": [10**9]}), 400)
+        check_error(c.post("/v1/completions", json={"prompt": []}), 400)
+        check_error(c.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
+        check_error(c.get("/v1/nope"), 404)
+        check_error(c.get("/v1/models/gpt-9"), 404)
+        check_error(c.get("/v1/chat/completions"), 405)
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        assert c.get("/health").json()["status"] == "ok"
+        metrics = c.get("/metrics").text
+        for name in ("sobre_requests_total", "sobre_queue_depth", "sobre_running_sequences",
+                     "sobre_time_to_first_token_seconds_bucket", "sobre_time_per_output_token_seconds_bucket",
+                     "sobre_generation_tokens_total"):
+            assert name in metrics
+
+
+def test_api_key_overload_and_timeout(ckpt):
+    s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=1), "tiny", api_key="k", max_queue=1))
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            check_error(c.post("/v1/chat/completions", json=body), 401)
+            check_error(c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer no"}), 401)
+            ok = {"Authorization": "Bearer k"}
+            assert c.post("/v1/chat/completions", json=body, headers=ok).status_code == 200
+            assert c.get("/health").status_code == 200  # no key needed
+            gate, step = threading.Event(), s.srv.engine.step
+            s.srv.engine.step = lambda: gate.wait() and step()  # the engine stalls until the gate opens
+            first = ThreadPoolExecutor(1).submit(c.post, "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                                 headers=ok)
+            deadline = time.time() + 10
+            while s.srv.loop.queued() < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=ok)
+            check_error(r, 503)  # max_queue 1: one request waits, the next is turned away
+            assert r.headers["retry-after"] == "1"
+            gate.set()
+            assert first.result(timeout=30).status_code == 200
+            s.srv.engine.step = step
+        s.srv.timeout = 0.05
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 240, "ignore_eos": True}, headers=ok)
+            check_error(r, 408)
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_schemathesis_no_5xx(ckpt):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    app = create_app(Engine.from_pretrained(ckpt, max_batch=16), "tiny")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+    try:
+        for op in schema.get_all_operations():
+            for mode in schemathesis.GenerationMode:  # valid bodies, then invalid ones
+
+                @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+                @given(case=op.ok().as_strategy(mode))
+                def run(case):
+                    r = case.call()
+                    if r.status_code >= 500:
+                        failures.append((case.method, case.path, case.body, r.status_code, r.text[:200]))
+                try:
+                    run()
+                except Unsatisfiable:  # no invalid input exists (GET /health)
+                    assert mode == schemathesis.GenerationMode.NEGATIVE
+    finally:
+        app.state.server.loop.close()
+    assert not failures, failures[:3]
+
+
+def test_chat_page_in_headless_chromium(live, ref, tmp_path):
+    if not os.path.exists("/usr/bin/chromium"):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (apt-get install -y chromium)")
+        pytest.skip("no /usr/bin/chromium")
+    from playwright.sync_api import sync_playwright
+    msgs = [{"role": "user", "content": "What is 12 + 7?"}]
+    _, text = greedy(ref, chat_ids(ref, msgs), 20)
+    want_reasoning, want_content = split_reasoning(text, True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.goto(live.url + "/")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "20")
+        page.fill("#prompt", "What is 12 + 7?")
+        page.click("#send")
+        page.wait_for_selector(".assistant[data-done='1']", timeout=30000)
+        reply = page.locator(".assistant").last
+        assert reply.locator(".thinking div").text_content().strip() == want_reasoning  # collapsed panel
+        assert reply.locator(".content").text_content().strip() == want_content
+        reply.locator(".thinking summary").click()  # expands the reasoning
+        assert reply.locator(".thinking div").is_visible()
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        assert (tmp_path / "chat.png").stat().st_size > 1000
+        page.reload()  # the conversation is kept in localStorage
+        page.wait_for_selector(".user")
+        assert page.locator(".user .content").first.text_content() == "What is 12 + 7?"
+        browser.close()
+
+
+def test_sobre_serve_cli_logs_one_line_per_request(ckpt):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sobre", "serve", str(ckpt), "--port", str(port), "--api-key", "k",
+                             "--max-batch", "4"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3},
+                       headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    lines = [x for x in err.splitlines() if "sobre.serve" in x]
+    assert any("POST /v1/completions 200" in x and "prompt=" in x for x in lines), err
+    assert any("GET /v1/models 401" in x for x in lines), err
