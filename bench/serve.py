@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: sobre serve's default)")
     args = ap.parse_args()
     levels = (1, 4, 16) if args.quick else (1, 4, 16, 64)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,7 @@ def main():
             server.terminate()
             server.wait(timeout=30)
     print(f"\nsobre serve, {args.prompt_len}-token prompts, {args.max_tokens} new tokens each, greedy, fp32, "
-          f"torch threads {args.threads or torch.get_num_threads()}\n")
+          f"server torch threads {args.threads or max(1, (os.cpu_count() or 2) - 1)}\n")
     print("| concurrency | requests | output tok/s | vs concurrency 1 | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
           "| ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|")

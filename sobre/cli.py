@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -235,8 +236,9 @@ def cmd_serve(args):
     from .checkpoint import resolve
     from .engine import Engine
     from .serve import create_app
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # on CPU one core is left to the HTTP event loop: OpenMP matmuls whose threads get descheduled stall the
+    # whole step (bench/serve.py: 2 cores, 1 torch thread serves 2.2x the tokens of 2)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = resolve(args.path)
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
@@ -307,7 +309,7 @@ def main(argv=None):
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: CPU cores - 1)")
     s.set_defaults(fn=cmd_serve)
 
     from .train import TrainArgs

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -40,13 +40,17 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 # ---- the engine thread ----------------------------------------------------------------------------
 @dataclass
 class Sink:
-    """Where one engine request's events go: an asyncio queue read by the request's handler."""
+    """Where one engine request's events go: (index, item) onto its HTTP request's asyncio queue."""
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue
+    index: int
     rid: int | None = None
 
-    def put(self, item):  # from the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+def deliver(batch: list[tuple[Sink, object]]):
+    """Called on the event loop, once per engine step (one wake-up, however many tokens)."""
+    for sink, item in batch:
+        sink.queue.put_nowait((sink.index, item))
 
 
 class EngineLoop:
@@ -98,7 +102,7 @@ class EngineLoop:
                     sink.rid = self.engine.add_request(prompt, params)
                     self.sinks[sink.rid] = sink
                 except ValueError as e:
-                    sink.put(e)
+                    self._send([(sink, e)])
             elif cmd[0] == "cancel" and cmd[1].rid in self.sinks:
                 self.sinks.pop(cmd[1].rid)
                 self.engine.cancel(cmd[1].rid)
@@ -109,19 +113,25 @@ class EngineLoop:
             events = self.engine.step()
         except Exception as e:  # an engine failure fails the requests in flight, never the server
             log.exception("engine step failed")
-            for rid, sink in list(self.sinks.items()):
+            for rid in self.sinks:
                 self.engine.cancel(rid)
-                sink.put(RuntimeError(f"engine failure: {e}"))
+            self._send([(sink, RuntimeError(f"engine failure: {e}")) for sink in self.sinks.values()])
             self.sinks.clear()
             self.engine.collect()
             return
-        for ev in events:
-            if ev.rid in self.sinks:
-                self.sinks[ev.rid].put(ev)
+        out = [(self.sinks[ev.rid], ev) for ev in events if ev.rid in self.sinks]
         for rid, seq in self.engine.collect().items():
-            sink = self.sinks.pop(rid, None)
-            if sink is not None:
-                sink.put(seq)
+            if rid in self.sinks:
+                out.append((self.sinks.pop(rid), seq))
+        self._send(out)
+
+    @staticmethod
+    def _send(items: list[tuple[Sink, object]]):
+        loops: dict = {}
+        for sink, item in items:
+            loops.setdefault(sink.loop, []).append((sink, item))
+        for loop, batch in loops.items():
+            loop.call_soon_threadsafe(deliver, batch)
 
 
 # ---- one completion (choice) of a request ---------------------------------------------------------
@@ -237,12 +247,12 @@ class Server:
     # ---- running requests --------------------------------------------------------------------------
     async def start(self, prompts: list[list[int]], n: int, make_params, reasoning: bool, param: str
                     ) -> list[Choice]:
-        loop, choices = asyncio.get_running_loop(), []
+        loop, q, choices = asyncio.get_running_loop(), asyncio.Queue(), []
         try:
             for p, prompt in enumerate(prompts):
                 for j in range(n):
                     params = make_params(len(prompt), j)
-                    sink = Sink(loop)
+                    sink = Sink(loop, q, p * n + j)
                     self.loop.submit(prompt, params, sink)
                     choices.append(Choice(p * n + j, sink, self.tok, params,
                                           ReasoningStream(True) if reasoning else None))
@@ -261,40 +271,50 @@ class Server:
                 self.loop.cancel(c.sink)
 
     async def events(self, choices: list[Choice], request: Request):
-        """Yield (choice, text delta, final) until every choice has finished; cancel all on timeout or when the
-        client goes away."""
-        deadline, t0 = time.monotonic() + self.timeout, time.perf_counter()
-        live = {id(c.sink.queue): c for c in choices}
-        getters: dict = {}
+        """Yield (choice, text delta, final) until every choice has finished, merging the tokens that arrived
+        together; cancel them all on timeout or when the client goes away."""
+        q, t0, live = choices[0].sink.queue, time.perf_counter(), len(choices)
+        watch = asyncio.ensure_future(self._watch(q, request))
         try:
             while live:
-                for key, c in live.items():
-                    if key not in getters:
-                        getters[key] = asyncio.ensure_future(c.sink.queue.get())
-                done, _ = await asyncio.wait(getters.values(), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-                if time.monotonic() > deadline:
-                    raise APIError(408, f"request timed out after {self.timeout:g} s", "timeout_error",
-                                   code="timeout")
-                if not done and await request.is_disconnected():
-                    raise asyncio.CancelledError
-                for key in [k for k, g in getters.items() if g in done]:
-                    c = live[key]
+                items = [await q.get()]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                text: dict[int, str] = {}
+                for index, item in items:
+                    if index is None:  # from the watchdog
+                        raise item
+                    c = choices[index]
                     try:
-                        text = c.feed(getters.pop(key).result())
+                        delta = c.feed(item)
                     except ValueError as e:
                         raise APIError(400, str(e)) from None
                     except RuntimeError as e:
                         raise APIError(500, str(e), "internal_error") from None
-                    if text is None or c.finish_reason is not None:
-                        del live[key]
+                    text[index] = text.get(index, "") + (delta or "")
+                for index, delta in text.items():
+                    c = choices[index]
+                    if c.finish_reason is not None:
+                        live -= 1
                         self._observe(c, t0)
-                        yield c, text or "", True
-                    elif text:
-                        yield c, text, False
+                        yield c, delta, True
+                    elif delta:
+                        yield c, delta, False
         finally:
-            for g in getters.values():
-                g.cancel()
+            watch.cancel()
             self.stop(choices)
+
+    async def _watch(self, q: asyncio.Queue, request: Request):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0.001)))
+            if time.monotonic() >= deadline:
+                q.put_nowait((None, APIError(408, f"request timed out after {self.timeout:g} s", "timeout_error",
+                                             code="timeout")))
+                return
+            if await request.is_disconnected():
+                q.put_nowait((None, asyncio.CancelledError()))
+                return
 
     def count(self, path: str, status: int):
         endpoint = path if path in ENDPOINTS else "other"
