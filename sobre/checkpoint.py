@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Config
+from .manifest import write_manifest
 from .model import Gate, Rope, Transformer
 
 # HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
@@ -336,7 +337,8 @@ def _hf_names(model, ours, experts):
 # ---- writing -------------------------------------------------------------------------------------
 def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes: int = 4 << 30,
          tokenizer_dir=None):
-    """Write an HF directory (config.json, safetensors shards + index, model card) transformers loads."""
+    """Write an HF directory (config.json, safetensors shards + index, model card) transformers loads, with
+    manifest.json (sha256 of every file, config, command, git commit; `sobre verify` checks it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -372,6 +374,7 @@ def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes
             if (Path(tokenizer_dir) / f).exists():
                 (path / f).write_bytes((Path(tokenizer_dir) / f).read_bytes())
     (path / "README.md").write_text(model_card(model, dtype))
+    write_manifest(path)
     return path
 
 

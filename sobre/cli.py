@@ -228,6 +228,27 @@ def cmd_speedrun(args):
     speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems)
 
 
+def cmd_verify(args):
+    from .manifest import verify
+    try:
+        problems = verify(Path(args.path))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+    for p in problems:
+        print(p)
+    print(f"{args.path}: " + ("OK, every file matches manifest.json" if not problems else
+                              f"{len(problems)} problem(s)"), file=sys.stderr)
+    sys.exit(1 if problems else 0)
+
+
+def cmd_report(args):
+    from .speedrun import report
+    try:
+        print(report(Path(args.path)))
+    except FileNotFoundError as e:
+        sys.exit(f"{args.path}: not a finished speedrun folder ({e.filename} is missing)")
+
+
 def cmd_serve(args):
     import logging
 
@@ -296,6 +317,14 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("verify", help="check a checkpoint's files against its manifest.json (sha256)")
+    s.add_argument("path", help="model directory written by sobre")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("report", help="print a speedrun folder's report card")
+    s.add_argument("path", help="the speedrun's --out folder")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API + web chat page (continuous batching)")
     s.add_argument("path", help="model directory or Hub id (with tokenizer.json)")

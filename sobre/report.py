@@ -66,3 +66,36 @@ def plot_grpo(run: Path):
     if evals:
         ax.plot([e["step"] for e in evals], [e["pass@1"] for e in evals], "o-", label="held-out pass@1 (greedy)")
     _save(fig, ax, Path(run) / "reward.png", "GRPO step")
+
+
+def expert_loads(model, ids: list[int], chunk: int = 256) -> list[list[float]]:
+    """Share of routed (token, expert) pairs per expert, per MoE layer [layers][experts], measured on ids."""
+    import torch
+
+    from .model import MoE
+    moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the main layers (not MTP)
+    totals = [0] * len(moes)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, chunk):
+            model(torch.tensor([ids[i:i + chunk]], device=next(model.parameters()).device))
+            totals = [t + m.last_load.float().cpu() for t, m in zip(totals, moes)]
+    model.train(was)
+    return [(t / t.sum()).tolist() for t in totals]
+
+
+def plot_expert_heatmap(loads: list[list[float]], path: Path):
+    """expert_heatmap.png: MoE layer x expert, each cell the expert's share of its layer's routed tokens."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(loads)))
+    E = len(loads[0])
+    im = ax.imshow([[x * E for x in row] for row in loads], aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax, label="load / uniform share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

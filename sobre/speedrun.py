@@ -17,6 +17,7 @@ last checkpoint, `--force` redoes them all:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import time
@@ -25,10 +26,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load
+from .config import Config
 from .distill import DistillArgs, distill
 from .engine import Engine
 from .grpo import GRPOArgs, grpo
-from .report import read_metrics
+from .report import expert_loads, plot_expert_heatmap, read_metrics
 from .rollout import evaluate_task
 from .sft import SFTArgs, sft, start_model
 from .stats import model_stats
@@ -45,6 +47,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
     """`steps` sets the budget: pretraining and SFT steps; GRPO and distillation scale with it."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"preset": preset_name, "seed": seed, "task": TASK}
+    (out / "speedrun.json").write_text(json.dumps(results) + "\n")
 
     def stage(name: str, fn):
         done = out / name / "stage.json"
@@ -63,30 +66,39 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
 
     stage("pretrain", lambda d: _pretrain(d, preset_name, seed, steps))
     stage("sft", lambda d: _finished(sft(SFTArgs(
-        out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, steps * 20), steps=steps * 2,
+        out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, steps * 20), steps=steps * 3 // 2,
         batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1),
-        seed=seed, resume=True))))
+        seed=seed, resume=True)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
-        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 6, 2), prompts=8, group=8,
-        max_new_tokens=96, loss="dapo", lr=3e-5, eval_every=max(steps // 30, 1), eval_problems=eval_problems,
-        save_every=max(steps // 12, 1), seed=seed, resume=True))))
+        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 5, 2), prompts=8, group=8,
+        max_new_tokens=128, loss="dapo", lr=3e-5, eval_every=max(steps // 30, 1), eval_problems=eval_problems,
+        save_every=max(steps // 12, 1), seed=seed, resume=True)), 8 * 8))
     stage("distill", lambda d: _distill(d, out, preset_name, steps, seed))
     stage("eval", lambda d: _evaluate(d, out, eval_problems, seed))
-    report(out, results)
+    print(report(out))
     return results
 
 
-def _finished(run: Path) -> dict:
+def _finished(run: Path, tokens_per_step: int) -> dict:
+    """A training stage's summary; FLOPs ~ 3 forward passes (forward + backward) over every token."""
     rows = read_metrics(run)
+    tokens = rows[-1]["step"] * tokens_per_step
     return {"steps": rows[-1]["step"], "first_loss": rows[0].get("loss"), "final_loss": rows[-1].get("loss"),
-            "folder": str(run)}
+            "folder": str(run), "tokens": tokens, "flops": 3 * _flops_per_token(run) * tokens}
 
 
-def _grpo_summary(run: Path) -> dict:
+def _flops_per_token(run: Path, ctx: int = 256) -> int:
+    return model_stats(Config.load(Path(run) / "model"), ctx=ctx)["flops_per_token"]
+
+
+def _grpo_summary(run: Path, samples_per_step: int) -> dict:
+    """FLOPs ~ one forward per generated token (rollout) + three for the update."""
     rows = read_metrics(run)
     evals = read_metrics(run, "eval.jsonl")
     k = max(1, len(rows) // 5)
-    return {"steps": rows[-1]["step"], "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
+    tokens = round(sum(r["completion_length"] * samples_per_step * r.get("rollout_rounds", 1) for r in rows))
+    return {"tokens": tokens, "flops": 4 * _flops_per_token(run) * tokens, "steps": rows[-1]["step"],
+            "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
             "train_accuracy_first": sum(r["accuracy"] for r in rows[:k]) / k,
             "train_accuracy_last": sum(r["accuracy"] for r in rows[-k:]) / k,
             "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows)}
@@ -105,6 +117,13 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
                                             ["heldout_bytes_per_token"], 3),
          "expert_load_max_over_mean": [round(x, 2) for x in rows[-1]["expert_load_max_over_mean"]]}
     model, tok = load(run / "model", dtype=torch.float32), load_tokenizer(run / "model")
+    r["tokens"] = steps * 8 * 256
+    r["flops"] = 3 * _flops_per_token(run) * r["tokens"]
+    held_out = "\n\n".join(p.text() for p in get_task(TASK).problems("test", 100, seed))
+    loads = expert_loads(model, tok.encode(held_out))
+    plot_expert_heatmap(loads, d / "expert_heatmap.png")
+    E = len(loads[0])
+    r["expert_share_max_over_uniform"] = [round(max(row) * E, 2) for row in loads]
     s = model_stats(model.config)
     r.update(params=s["params"], active_params=s["active_params"], kv_latent_bytes=s["kv"]["latent"],
              kv_naive_bytes=s["kv"]["naive"])
@@ -147,25 +166,42 @@ def _distill(d: Path, out: Path, preset_name: str, steps: int, seed: int) -> dic
                   batch_size=16, seq_len=256, lr=2e-3,
                   warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True)
     student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=2, with_reference=True,
-                                  max_new_tokens=96, **common))
+                                  max_new_tokens=128, **common))
     tok = load_tokenizer(out / "grpo" / "model")
     baseline = sft(SFTArgs(out=str(d / "baseline"), **common), tokenizer=tok)
-    return {"student": _finished(student), "baseline": _finished(baseline)}
+    return {"student": _finished(student, 16 * 256), "baseline": _finished(baseline, 16 * 256)}
 
 
 def _evaluate(d: Path, out: Path, n: int, seed: int) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     task, r = get_task(TASK), {}
     models = {"pretrain": out / "pretrain", "sft": out / "sft", "grpo": out / "grpo",
-              "student (distilled)": out / "distill" / "student", "student (no teacher)": out / "distill" / "baseline"}
+              "distill": out / "distill" / "student", "distill_baseline": out / "distill" / "baseline"}
     for name, path in models.items():
         model, tok = start_model(str(path))
-        r[name] = evaluate_task(model.eval(), tok, task, n, max_new_tokens=96, seed=seed)
+        r[name] = evaluate_task(model.eval(), tok, task, n, max_new_tokens=128, seed=seed)
         r[name]["params"] = model_stats(model.config)["params"]
     return r
 
 
-def report(out: Path, r: dict):
+STAGES = ("pretrain", "sft", "grpo", "distill", "eval")
+WATTS_PER_CORE = 15  # a typical busy server / laptop core; an estimate, not a measurement
+CORES = os.cpu_count() or 1
+MODELS = {"pretrain": "pretrain", "sft": "sft", "grpo": "grpo", "distill": "student (distilled)",
+          "distill_baseline": "student (no teacher)"}
+
+
+def report(out: Path) -> str:
+    """report.md + report.json from the stages' stage.json files; returns the markdown (`sobre report DIR`)."""
+    out = Path(out)
+    r = json.loads((out / "speedrun.json").read_text())
+    for name in STAGES:
+        r[name] = json.loads((out / name / "stage.json").read_text())
+    total = sum(r[s]["minutes"] for s in STAGES)
+    summary = {"preset": r["preset"], "seed": r["seed"], "task": r["task"], "wall_time_s": round(total * 60, 1),
+               "stages": {s: r[s] for s in STAGES if s != "eval"},
+               "eval": {m: {r["task"]: v["pass@1"]} for m, v in r["eval"].items() if isinstance(v, dict)}}
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     p, t = r["pretrain"], r["pretrain"]["transformers"]
     lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']})", "",
              "| stage | minutes | result |", "|---|---|---|",
@@ -174,7 +210,9 @@ def report(out: Path, r: dict):
              f"bits/byte); tokenizer {p['tokenizer_bytes_per_token']} bytes/token; expert load max/mean "
              f"{p['expert_load_max_over_mean']} |",
              f"| model | | {p['params']:,} params, {p['active_params']:,} active/token; KV cache "
-             f"{p['kv_latent_bytes']} B/token latent vs {p['kv_naive_bytes']} B/token full K/V |"]
+             f"{p['kv_latent_bytes']} B/token latent vs {p['kv_naive_bytes']} B/token full K/V |",
+             f"| expert balance | | busiest expert's share of routed tokens over a uniform share, per MoE layer, on "
+             f"held-out problems: {p.get('expert_share_max_over_uniform')} (`pretrain/expert_heatmap.png`) |"]
     if "skipped" in t:
         lines.append(f"| transformers parity | | skipped: {t['skipped']} |")
     else:
@@ -191,16 +229,24 @@ def report(out: Path, r: dict):
     dd = r["distill"]
     lines.append(f"| distill | {dd['minutes']} | dense student {dd['student']['steps']} steps; baseline without "
                  f"teacher {dd['baseline']['steps']} steps |")
+    lines += ["", f"Cost (FLOPs estimated from the active parameters; energy assumes {WATTS_PER_CORE} W per busy "
+              f"core, {CORES} cores: this machine has no power meter):", "",
+              "| stage | tokens | FLOPs | energy (Wh) |", "|---|---|---|---|"]
+    for name in ("pretrain", "sft", "grpo", "distill"):
+        v = r[name] if name != "distill" else {k: r[name]["student"].get(k, 0) + r[name]["baseline"].get(k, 0)
+                                               for k in ("tokens", "flops")}
+        wh = r[name]["minutes"] / 60 * CORES * WATTS_PER_CORE
+        lines.append(f"| {name} | {v.get('tokens', 0):,} | {v.get('flops', 0):.2e} | {wh:.1f} |")
     e = r["eval"]
     lines += ["", f"Held-out pass@1 on `{r['task']}` (greedy, {e['pretrain']['problems']} problems, "
               f"{e['minutes']} min):", "", "| model | params | pass@1 | format |", "|---|---|---|---|"]
     for name, v in e.items():
         if isinstance(v, dict):
-            lines.append(f"| {name} | {v['params']:,} | {v['pass@1']:.3f} | {v['format']:.2f} |")
-    total = sum(r[s]["minutes"] for s in ("pretrain", "sft", "grpo", "distill", "eval"))
+            lines.append(f"| {MODELS.get(name, name)} | {v['params']:,} | {v['pass@1']:.3f} | {v['format']:.2f} |")
     lines += ["", f"Total {total:.1f} minutes. Plots: `pretrain/loss.png`, `pretrain/expert_load.png`, "
-              "`sft/loss.png`, `grpo/reward.png`, `distill/student/loss.png`.",
+              "`pretrain/expert_heatmap.png`, `sft/loss.png`, `grpo/reward.png`, `distill/student/loss.png`.",
               "", "Pretrained model's answer to `What is 12 + 7?`:", "", "```", QUESTION + p["answer"], "```",
               "", f"Chat with the result: `sobre chat {out / 'grpo' / 'model'}`"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text

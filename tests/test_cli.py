@@ -16,7 +16,7 @@ def run(*args, check=True):
 
 def test_help_on_every_verb():
     out = run("--help").stdout
-    for verb in ("info", "convert", "generate", "speedrun"):
+    for verb in ("info", "convert", "generate", "speedrun", "serve", "verify", "report"):
         assert verb in out
         assert "usage: sobre " + verb in run(verb, "--help").stdout
 
@@ -80,9 +80,34 @@ def test_speedrun_runs_every_stage_and_resumes(tmp_path):
     assert p["final_loss"] < p["first_loss"] and p["transformers"]["logits_max_diff"] < 1e-4 * max(
         1.0, p["transformers"]["logit_scale"])
     assert stages["sft"]["final_loss"] < stages["sft"]["first_loss"]
-    assert set(stages["eval"]) >= {"pretrain", "sft", "grpo", "student (distilled)", "student (no teacher)"}
-    assert all(0 <= v["pass@1"] <= 1 for v in stages["eval"].values() if isinstance(v, dict))
+    summary = json.loads((tmp_path / "run" / "report.json").read_text())  # the CLI contract
+    assert set(summary["eval"]) == {"pretrain", "sft", "grpo", "distill", "distill_baseline"}
+    assert all(0 <= v["arithmetic:1"] <= 1 for v in summary["eval"].values())
+    assert set(summary["stages"]) == {"pretrain", "sft", "grpo", "distill"} and summary["wall_time_s"] > 0
+    assert run("report", str(tmp_path / "run")).stdout.strip() == report.strip()
+    assert run("verify", str(tmp_path / "run" / "grpo" / "model")).returncode == 0
     for f in ("pretrain/loss.png", "sft/loss.png", "grpo/reward.png", "distill/student/model/config.json"):
         assert (tmp_path / "run" / f).exists(), f
     again = run(*args)  # finished stages are skipped
     assert again.stdout.count("already done") == 5
+
+
+def test_verify_reports_changed_missing_and_added_files(tmp_path):
+    path = sobre.save(random_model(), tmp_path / "m")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"config.json", "generation_config.json", "model.safetensors", "README.md"}
+    assert manifest["config"]["model_type"] and "command" in manifest and "git_commit" in manifest
+    assert run("verify", str(path)).returncode == 0
+    with open(path / "model.safetensors", "r+b") as f:  # flip one byte of the weights
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    (path / "README.md").unlink()
+    (path / "extra.bin").write_bytes(b"x")
+    out = run("verify", str(path), check=False)
+    assert out.returncode == 1
+    assert "changed: model.safetensors" in out.stdout and "missing: README.md" in out.stdout
+    assert "added: extra.bin" in out.stdout
+    out = run("verify", str(tmp_path), check=False)
+    assert out.returncode != 0 and "no manifest.json" in out.stderr
