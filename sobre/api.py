@@ -48,7 +48,7 @@ def routes(app: FastAPI, srv: Server, auth):
         if not req.stream:
             async for _ in srv.events(choices, request):
                 pass
-            request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+            usage = finish(request, srv, [prompt], req.n, choices)
             out = []
             for c in choices:
                 reasoning, content = split_final(c, thinking)
@@ -57,8 +57,7 @@ def routes(app: FastAPI, srv: Server, auth):
                     msg["reasoning_content"] = reasoning
                 out.append({"index": c.index, "message": msg, "finish_reason": c.finish_reason,
                             "logprobs": srv.chat_logprobs(c.logprobs) if top is not None else None})
-            return {**head, "object": "chat.completion", "choices": out,
-                    "usage": srv.usage([prompt], req.n, choices)}
+            return {**head, "object": "chat.completion", "choices": out, "usage": usage}
 
         usage = req.stream_options is not None and req.stream_options.include_usage
 
@@ -67,35 +66,28 @@ def routes(app: FastAPI, srv: Server, auth):
                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             return sse({**obj, "usage": None} if usage else obj)
 
-        async def stream():
-            try:
-                for c in choices:
-                    yield chunk(c.index, {"role": "assistant", "content": ""})
-                sent_lp = {c.index: 0 for c in choices}
-                async for c, text, final in srv.events(choices, request):
-                    reasoning, content = c.split_delta(text, final)
-                    lp = None
-                    if top is not None and len(c.logprobs) > sent_lp[c.index]:
-                        lp = srv.chat_logprobs(c.logprobs[sent_lp[c.index]:])
-                        sent_lp[c.index] = len(c.logprobs)
-                    delta = {}
-                    if reasoning:
-                        delta["reasoning_content"] = reasoning
-                    if content:
-                        delta["content"] = content
-                    if delta or lp:
-                        yield chunk(c.index, delta, logprobs=lp)
-                    if final:
-                        yield chunk(c.index, {}, c.finish_reason)
-                request.state.completion_tokens = sum(len(c.tokens) for c in choices)
-                if usage:
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                               "usage": srv.usage([prompt], req.n, choices)})
-            except APIError as e:
-                yield sse(e.body())
-            yield "data: [DONE]\n\n"
+        async def body():
+            for c in choices:
+                yield chunk(c.index, {"role": "assistant", "content": ""})
+            sent_lp = {c.index: 0 for c in choices}
+            async for c, text, final in srv.events(choices, request):
+                reasoning, content = c.split_delta(text, final)
+                lp = None
+                if top is not None and len(c.logprobs) > sent_lp[c.index]:
+                    lp = srv.chat_logprobs(c.logprobs[sent_lp[c.index]:])
+                    sent_lp[c.index] = len(c.logprobs)
+                delta = {}
+                if reasoning:
+                    delta["reasoning_content"] = reasoning
+                if content:
+                    delta["content"] = content
+                if delta or lp:
+                    yield chunk(c.index, delta, logprobs=lp)
+                if final:
+                    yield chunk(c.index, {}, c.finish_reason)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return event_stream(body(), lambda: finish(request, srv, [prompt], req.n, choices),
+                            {**head, "object": "chat.completion.chunk"} if usage else None)
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest, request: Request):
@@ -115,35 +107,50 @@ def routes(app: FastAPI, srv: Server, auth):
         if not req.stream:
             async for _ in srv.events(choices, request):
                 pass
-            request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+            usage = finish(request, srv, prompts, req.n, choices)
             out = [{"index": c.index, "text": echo[c.index] + c.full, "finish_reason": c.finish_reason,
                     "logprobs": srv.completion_logprobs(c.logprobs, len(echo[c.index]))
                     if req.logprobs is not None else None} for c in choices]
-            return {**head, "object": "text_completion", "choices": out,
-                    "usage": srv.usage(prompts, req.n, choices)}
+            return {**head, "object": "text_completion", "choices": out, "usage": usage}
 
         usage = req.stream_options is not None and req.stream_options.include_usage
 
-        async def stream():
-            try:
-                for c in choices:
-                    if echo[c.index]:
-                        yield sse({**head, "object": "text_completion", "choices": [
-                            {"index": c.index, "text": echo[c.index], "logprobs": None, "finish_reason": None}]})
-                async for c, text, final in srv.events(choices, request):
-                    obj = {**head, "object": "text_completion", "choices": [
-                        {"index": c.index, "text": text, "logprobs": None,
-                         "finish_reason": c.finish_reason if final else None}]}
-                    yield sse({**obj, "usage": None} if usage else obj)
-                request.state.completion_tokens = sum(len(c.tokens) for c in choices)
-                if usage:
-                    yield sse({**head, "object": "text_completion", "choices": [],
-                               "usage": srv.usage(prompts, req.n, choices)})
-            except APIError as e:
-                yield sse(e.body())
-            yield "data: [DONE]\n\n"
+        async def body():
+            for c in choices:
+                if echo[c.index]:
+                    yield sse({**head, "object": "text_completion", "choices": [
+                        {"index": c.index, "text": echo[c.index], "logprobs": None, "finish_reason": None}]})
+            async for c, text, final in srv.events(choices, request):
+                obj = {**head, "object": "text_completion", "choices": [
+                    {"index": c.index, "text": text, "logprobs": None,
+                     "finish_reason": c.finish_reason if final else None}]}
+                yield sse({**obj, "usage": None} if usage else obj)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return event_stream(body(), lambda: finish(request, srv, prompts, req.n, choices),
+                            {**head, "object": "text_completion"} if usage else None)
+
+
+def finish(request: Request, srv: Server, prompts, n: int, choices) -> dict:
+    """A finished request's usage; its completion tokens also go to the request's log line."""
+    request.state.completion_tokens = sum(len(c.tokens) for c in choices)
+    return srv.usage(prompts, n, choices)
+
+
+def event_stream(body, done, usage_head: dict | None) -> StreamingResponse:
+    """SSE: the body's chunks, then done() (-> usage), sent as a last chunk when the client asked for it
+    (usage_head: that chunk's id/object fields), an error event if the request fails midway (timeout, engine
+    failure), and the closing [DONE]."""
+    async def run():
+        try:
+            async for piece in body:
+                yield piece
+            usage = done()
+            if usage_head is not None:
+                yield sse({**usage_head, "choices": [], "usage": usage})
+        except APIError as e:
+            yield sse(e.body())
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(run(), media_type="text/event-stream")
 
 
 def model_card(srv: Server) -> dict:

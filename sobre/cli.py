@@ -70,7 +70,7 @@ def cmd_convert(args):
 
 def cmd_generate(args):
     from .checkpoint import load, resolve
-    from .engine import generate
+    from .engine import eos_ids, generate
     from .tokenizer import TextStream, load_tokenizer
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +85,7 @@ def cmd_generate(args):
         prompt = tok.encode(args.prompt, add_bos=True)
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
-    eos = model.config.eos_token_id
-    stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    stop = eos_ids(model.config)
     t0, out = time.perf_counter(), []
     text = TextStream(tok) if tok and not args.ids else None
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
@@ -104,7 +103,7 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 def cmd_chat(args):
     """Interactive chat: streamed tokens, reasoning dimmed (or collapsed to a counter with /think)."""
     from .chat import ReasoningStream
-    from .engine import Engine
+    from .engine import Engine, eos_ids
     from .tokenizer import TextStream
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,9 +112,7 @@ def cmd_chat(args):
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
-    eos = eng.model.config.eos_token_id
-    stop = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    stop += (tok.eos_id,) if tok.eos_id is not None else ()
+    stop = eos_ids(eng.model.config, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     show = not args.hide_reasoning
     print("sobre chat: /reset clears the conversation, /think shows or hides reasoning, /exit quits", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
+from .tokenizer import framing_ids
 
 BLOCK = 64
 
@@ -128,6 +129,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
         if speculative and not c.n_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
@@ -344,9 +346,7 @@ class Engine:
         if tok in s.params.stop_token_ids:
             return "stop"
         if s.params.stop:
-            t = self.tokenizer  # the text as streamed (TextStream): begin/end/pad tokens dropped
-            drop = {getattr(t, name, None) for name in ("bos_id", "eos_id", "pad_id")}
-            s.text = t.decode([x for x in s.out if x not in drop])
+            s.text = self.tokenizer.decode([x for x in s.out if x not in self.framing])
             hits = [s.text.find(x) for x in s.params.stop if x in s.text]
             if hits:
                 s.text = s.text[:min(hits)]  # the stop string itself is not part of the answer
@@ -378,6 +378,13 @@ class Engine:
                 if ev.rid == rid:
                     yield ev.token
         self.finished.pop(rid, None)
+
+
+def eos_ids(config, tokenizer=None) -> tuple[int, ...]:
+    """End-of-sequence ids: the config's (one id or a list) and the tokenizer's, each once."""
+    eos = config.eos_token_id
+    ids = (list(eos) if isinstance(eos, list) else [eos]) + [getattr(tokenizer, "eos_id", None)]
+    return tuple(dict.fromkeys(t for t in ids if t is not None))
 
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 32, temperature: float = 0.0,

@@ -12,23 +12,28 @@ def read_metrics(run: Path, name: str = "metrics.jsonl") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _figure():
+def _figure(size=(7, 4)):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(7, 4))
+    return plt.subplots(figsize=size)
+
+
+def _write(fig, path: Path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _save(fig, ax, path: Path, xlabel: str, ylabel: str | None = None):
-    import matplotlib.pyplot as plt
+    """A line plot's labels, legend and grid, then the PNG."""
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write(fig, path)
 
 
 def plot_training(run: Path):
@@ -87,15 +92,10 @@ def expert_loads(model, ids: list[int], chunk: int = 256) -> list[list[float]]:
 
 def plot_expert_heatmap(loads: list[list[float]], path: Path):
     """expert_heatmap.png: MoE layer x expert, each cell the expert's share of its layer's routed tokens."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(loads)))
+    fig, ax = _figure((7, 0.5 + 0.45 * len(loads)))
     E = len(loads[0])
     im = ax.imshow([[x * E for x in row] for row in loads], aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     fig.colorbar(im, ax=ax, label="load / uniform share")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write(fig, path)

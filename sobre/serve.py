@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.exceptions import HTTPException
 
 from .chat import ReasoningStream, split_reasoning
-from .engine import Engine, Event, Sequence
+from .engine import Engine, Event, Sequence, eos_ids
 from .protocol import APIError, error_body
 from .sampling import SamplingParams
 from .tokenizer import TextStream
@@ -139,8 +139,8 @@ class Choice:
     """Turns one engine request's events into text deltas: incremental detokenisation, stop strings held back
     until they cannot match any more, reasoning split from the answer (chat)."""
 
-    def __init__(self, index: int, sink: Sink, tok, params: SamplingParams, reasoning: ReasoningStream | None):
-        self.index, self.sink, self.tok, self.params, self.split = index, sink, tok, params, reasoning
+    def __init__(self, sink: Sink, tok, params: SamplingParams, reasoning: ReasoningStream | None):
+        self.index, self.sink, self.tok, self.params, self.split = sink.index, sink, tok, params, reasoning
         self.stream, self.full, self.sent = TextStream(tok), "", 0
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.tokens: list[int] = []
@@ -192,9 +192,7 @@ class Server:
         self.engine, self.tok, self.name, self.api_key = engine, engine.tokenizer, name, api_key
         self.timeout, self.max_body, self.created = timeout, max_body, int(time.time())
         self.context = engine.model.config.max_seq_len
-        eos = engine.model.config.eos_token_id
-        eos = list(eos) if isinstance(eos, list) else [eos]
-        self.eos = tuple({t for t in eos + [self.tok.eos_id] if t is not None})
+        self.eos = eos_ids(engine.model.config, self.tok)
         self.loop = EngineLoop(engine, max_queue)
         self._metrics()
 
@@ -254,8 +252,7 @@ class Server:
                     params = make_params(len(prompt), j)
                     sink = Sink(loop, q, p * n + j)
                     self.loop.submit(prompt, params, sink)
-                    choices.append(Choice(p * n + j, sink, self.tok, params,
-                                          ReasoningStream(True) if reasoning else None))
+                    choices.append(Choice(sink, self.tok, params, ReasoningStream(True) if reasoning else None))
         except ValueError as e:
             self.stop(choices)
             raise APIError(400, str(e), param=param) from None

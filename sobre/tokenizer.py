@@ -60,6 +60,11 @@ class Tokenizer:
         return render(messages, self.chat_template, add_generation_prompt, thinking=thinking, **kw)
 
 
+def framing_ids(tokenizer) -> set[int]:
+    """Begin/end-of-sentence and padding ids: what streamed text leaves out (any object with those attributes)."""
+    return {getattr(tokenizer, name, None) for name in ("bos_id", "eos_id", "pad_id")} - {None}
+
+
 class TextStream:
     """Incremental detokenisation: feed token ids, get the new text; a trailing partial UTF-8 character
     (decoded as U+FFFD) is held back until the next token completes it. Begin/end-of-sentence and padding
@@ -67,7 +72,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok, self.ids, self.sent = tokenizer, [], 0
-        self.drop = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id} - {None}
+        self.drop = framing_ids(tokenizer)
 
     def feed(self, token: int) -> str:
         if token in self.drop:
