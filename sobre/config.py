@@ -1,8 +1,9 @@
 """One config dataclass for the whole model family, with the paper's names.
 
 HF `config.json` names live only at the boundary: `Config.from_hf` / `Config.to_hf` map them once, here.
-Supported `model_type`s: deepseek_v3 (V3, R1, V3.1), deepseek_v2 (V2, V2-Lite, V2.5), qwen2 and llama
-(the R1-Distill students).
+Supported `model_type`s: deepseek_v3 (V3, R1, V3.1), deepseek_v32 (V3.2: V3 with DeepSeek Sparse Attention),
+deepseek_v2 (V2, V2-Lite, V2.5), qwen2 and llama (the R1-Distill students). sobre's own extension: attn_type
+"nsa" (Native Sparse Attention on grouped-query heads) on a deepseek_v3 model.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
-MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
+ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "qwen2", "llama")
+MLA_ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
+ATTN_TYPES = ("full", "nsa", "dsa")
 
 
 @dataclass
@@ -70,17 +72,34 @@ class Config:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs; Qwen/Llama rotate halves
+    # sparse attention (sparse.py): "full" | "nsa" (deepseek_v3 with GQA heads) | "dsa" (= deepseek_v32)
+    attn_type: str = "full"
+    nsa_block: int = 32  # compression block length l
+    nsa_stride: int = 16  # compression stride d
+    nsa_select: int = 64  # selection block length l'
+    nsa_top_n: int = 16  # selected blocks per query (incl. the first and two local ones)
+    nsa_window: int = 512  # sliding window w
+    index_n_heads: int = 4  # DSA lightning indexer
+    index_head_dim: int = 16
+    index_topk: int = 2048
     # implementation switches (not part of the checkpoint)
     attn_impl: str = "naive"  # naive (expand K/V) | absorb (attention in latent space)
     seed: int = 0
 
     def __post_init__(self):
+        if self.attn_type == "dsa" and self.arch == "deepseek_v3" or self.arch == "deepseek_v32" and \
+                self.attn_type == "full":  # V3.2 is V3 with DSA: one model, two spellings
+            self.arch, self.attn_type = "deepseek_v32", "dsa"
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
     def is_mla(self) -> bool:
-        return self.arch in MLA_ARCHS
+        return self.arch in MLA_ARCHS and self.attn_type != "nsa"
+
+    @property
+    def is_dense_arch(self) -> bool:  # qwen2 / llama: no MoE, no MTP
+        return self.arch not in MLA_ARCHS
 
     @property
     def qk_head_dim(self) -> int:
@@ -130,6 +149,24 @@ class Config:
             bad("original_seq_len", f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
         if self.rope_dim % 2:
             bad("qk_rope_head_dim" if self.is_mla else "head_dim", "rotary dim must be even")
+        if self.attn_type not in ATTN_TYPES:
+            bad("attn_type", f"expected one of {ATTN_TYPES}")
+        if (self.attn_type == "dsa") != (self.arch == "deepseek_v32"):
+            bad("attn_type", "DeepSeek Sparse Attention is the deepseek_v32 model type (MLA + indexer)")
+        if self.attn_type == "nsa":
+            if self.arch != "deepseek_v3":
+                bad("attn_type", "nsa replaces the attention of a deepseek_v3 model")
+            for k in ("nsa_block", "nsa_stride", "nsa_select", "nsa_top_n", "nsa_window"):
+                if getattr(self, k) <= 0:
+                    bad(k, "must be positive")
+            if self.nsa_stride > self.nsa_block:
+                bad("nsa_stride", f"must be <= nsa_block={self.nsa_block} (blocks overlap or touch, never skip)")
+        if self.attn_type == "dsa":
+            for k in ("index_n_heads", "index_head_dim", "index_topk", "q_lora_rank"):
+                if getattr(self, k) <= 0:
+                    bad(k, "must be positive for DSA (the indexer reads the compressed query)")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                bad("index_head_dim", f"must hold the rope slice ({self.qk_rope_head_dim})")
         if self.is_mla:
             for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 if getattr(self, k) <= 0:
@@ -141,10 +178,13 @@ class Config:
                 bad("n_heads", f"hidden size {self.dim} is not divisible by {self.n_heads} heads")
             if self.n_heads % self.kv_heads:
                 bad("n_kv_heads", f"{self.n_heads} heads are not divisible into {self.kv_heads} kv heads")
+        if self.is_dense_arch:
             if self.n_routed_experts:
                 bad("n_routed_experts", f"{self.arch} models are dense")
             if self.n_mtp_layers:
                 bad("n_mtp_layers", f"{self.arch} models have no MTP module")
+            if self.attn_type != "full":
+                bad("attn_type", f"{self.arch} models use full attention")
         if self.n_routed_experts:
             if self.score_func not in ("sigmoid", "softmax"):
                 bad("score_func", "expected 'sigmoid' or 'softmax'")
@@ -214,6 +254,22 @@ PRESETS = {
 }
 
 
+def parse_overrides(items) -> dict:
+    """["nsa_window=256", "attn_impl=absorb"] -> {"nsa_window": 256, "attn_impl": "absorb"}, typed by the field."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        f = Config.__dataclass_fields__.get(key)
+        if not sep or f is None or key == "arch":
+            raise ValueError(f"model override {item!r}: expected KEY=VALUE with KEY a Config field (not arch)")
+        kind = type(f.default)
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"model override {item!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
 def preset(name: str, **overrides) -> Config:
     """A preset; arch="qwen2" or "llama" gives its dense twin (same sizes, grouped-query attention with half as
     many K/V heads, no MoE, no MTP), e.g. an R1-Distill-style student."""
@@ -242,6 +298,9 @@ _MLA = [("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"), ("qk_n
         ("topk_method", "topk_method"), ("routed_scaling_factor", "route_scale"),
         ("norm_topk_prob", "norm_topk_prob"), ("num_nextn_predict_layers", "n_mtp_layers")]
 _DENSE = [("num_key_value_heads", "n_kv_heads"), ("head_dim", "head_dim")]
+_DSA = [("index_n_heads", "index_n_heads"), ("index_head_dim", "index_head_dim"), ("index_topk", "index_topk")]
+_NSA = [("attn_type", "attn_type"), ("nsa_block_size", "nsa_block"), ("nsa_block_stride", "nsa_stride"),
+        ("nsa_select_size", "nsa_select"), ("nsa_top_n", "nsa_top_n"), ("nsa_window", "nsa_window")]
 _ROPE = [("factor", "rope_factor"), ("original_max_position_embeddings", "original_seq_len"),
          ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
          ("mscale_all_dim", "mscale_all_dim"), ("low_freq_factor", "low_freq_factor"),
@@ -252,7 +311,7 @@ _IGNORED = {"architectures", "auto_map", "transformers_version", "torch_dtype", 
             "router_aux_loss_coef", "seq_aux", "ep_size", "_name_or_path", "quantization_config", "hidden_act",
             "model_type", "num_mtp_layers", "qk_head_dim", "rope_theta", "rope_scaling", "rope_parameters",
             "rope_interleave", "attention_bias", "mlp_bias", "use_sliding_window", "sliding_window",
-            "max_window_layers", "layer_types", "num_key_value_heads", "head_dim", "use_mrope",
+            "max_window_layers", "layer_types", "mlp_layer_types", "num_key_value_heads", "head_dim", "use_mrope",
             "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
             "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
             "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "tf_legacy_loss",
@@ -262,6 +321,7 @@ _DEFAULTS_V3 = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk
                     n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, moe_inter_dim=2048,
                     n_dense_layers=3, n_expert_groups=8, n_limited_groups=4, route_scale=2.5, norm_topk_prob=True,
                     score_func="sigmoid", topk_method="noaux_tc", n_mtp_layers=1)
+_DEFAULTS_V32 = dict(_DEFAULTS_V3, n_mtp_layers=0, index_n_heads=64, index_head_dim=128, index_topk=2048)
 _DEFAULTS_V2 = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     n_routed_experts=64, n_shared_experts=2, moe_inter_dim=1407, n_dense_layers=0,
                     n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False,
@@ -276,7 +336,10 @@ def _from_hf(hf: dict, source: str) -> Config:
     arch = hf.get("model_type")
     if arch not in ARCHS:
         bad("model_type", f"unsupported model type; sobre loads {', '.join(ARCHS)}")
-    mapping = _COMMON + (_MLA if arch in MLA_ARCHS else _DENSE)
+    mapping = _COMMON + (_MLA if arch in MLA_ARCHS else _DENSE) + (_DSA if arch == "deepseek_v32" else [])
+    nsa = arch == "deepseek_v3" and hf.get("attn_type", "full") != "full"
+    if nsa:  # sobre's NSA models: grouped-query heads instead of MLA
+        mapping += _DENSE + _NSA
     known = {k for k, _ in mapping} | _IGNORED
     for key in hf:
         if key not in known:
@@ -288,11 +351,13 @@ def _from_hf(hf: dict, source: str) -> Config:
         bad("use_sliding_window", "sliding-window attention is not supported")
     if hf.get("use_mrope"):
         bad("use_mrope", "multimodal rope is not supported")
-    if any(t != "full_attention" for t in hf.get("layer_types") or []):
-        bad("layer_types", "only full_attention layers are supported")
+    attention = "indexed_attention" if arch == "deepseek_v32" else "full_attention"
+    if any(t != attention for t in hf.get("layer_types") or []):
+        bad("layer_types", f"only {attention} layers are supported for {arch}")
 
     kw: dict = {"arch": arch}
-    kw.update({"deepseek_v3": _DEFAULTS_V3, "deepseek_v2": _DEFAULTS_V2}.get(arch, _DEFAULTS_DENSE))
+    kw.update({"deepseek_v3": _DEFAULTS_V3, "deepseek_v32": _DEFAULTS_V32, "deepseek_v2": _DEFAULTS_V2}.get(
+        arch, _DEFAULTS_DENSE))
     if arch == "deepseek_v2":
         kw["rope_interleave"] = True  # V2 checkpoints always rotate interleaved pairs
     for hf_key, ours in mapping:
@@ -307,9 +372,9 @@ def _from_hf(hf: dict, source: str) -> Config:
         kw["n_expert_groups"] = 1
     if kw.get("n_limited_groups") is None:
         kw["n_limited_groups"] = kw["n_expert_groups"]
-    if arch == "deepseek_v3":
+    if arch in ("deepseek_v3", "deepseek_v32"):
         kw["rope_interleave"] = bool(hf.get("rope_interleave", True))
-    if arch in MLA_ARCHS:
+    if arch in MLA_ARCHS and not nsa:
         nkv = hf.get("num_key_value_heads")
         if nkv not in (None, hf.get("num_attention_heads")):
             bad("num_key_value_heads", "MLA has one latent shared by all heads; must equal num_attention_heads")
@@ -325,9 +390,13 @@ def _from_hf(hf: dict, source: str) -> Config:
             bad("intermediate_size", "missing")
     _rope_from_hf(hf, kw, bad)
     try:
-        return Config(**kw)
+        c = Config(**kw)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    if "mlp_layer_types" in hf and hf["mlp_layer_types"] != [
+            "sparse" if c.is_moe_layer(i) else "dense" for i in range(c.n_layers)]:
+        bad("mlp_layer_types", "disagrees with first_k_dense_replace / moe_layer_freq")
+    return c
 
 
 def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
@@ -364,17 +433,18 @@ def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
 
 
 def _to_hf(c: Config) -> dict:
-    out = {"architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                              "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[c.arch]],
+    out = {"architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+                              "deepseek_v2": "DeepseekV2ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                              "llama": "LlamaForCausalLM"}[c.arch]],
            "model_type": c.arch, "hidden_act": "silu"}
-    mapping = _COMMON + (_MLA if c.is_mla else _DENSE)
+    mapping = _COMMON + (_MLA if c.arch in MLA_ARCHS else []) + (_DSA if c.attn_type == "dsa" else []) + \
+        (_NSA if c.attn_type == "nsa" else [])
     for hf_key, ours in mapping:
         out[hf_key] = getattr(c, ours)
-    if c.is_mla:
+    if c.arch in MLA_ARCHS:
         out["q_lora_rank"] = c.q_lora_rank or None
+    if c.is_mla:
         out["num_key_value_heads"] = c.n_heads
-        if c.arch == "deepseek_v3":
-            out["rope_interleave"] = c.rope_interleave
         if c.arch == "deepseek_v2":
             out.pop("num_nextn_predict_layers")
     else:
@@ -383,6 +453,8 @@ def _to_hf(c: Config) -> dict:
         if c.arch == "llama":
             out["attention_bias"] = c.qkv_bias
             out["mlp_bias"] = c.mlp_bias
+    if c.arch in ("deepseek_v3", "deepseek_v32"):
+        out["rope_interleave"] = c.rope_interleave
     out["rope_theta"] = c.rope_theta
     out["rope_scaling"] = None
     if c.rope_type == "yarn":

@@ -33,6 +33,8 @@ class PagedPool:
         c = model.config
         p = next(model.parameters())
         shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
+        if c.attn_type == "dsa":
+            shapes.append((c.index_head_dim,))  # the lightning indexer's key per token
         self.block, self.n_blocks = block, n_blocks
         self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
                       for _ in range(c.n_layers + c.n_mtp_layers)]

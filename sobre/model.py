@@ -1,6 +1,7 @@
 """DeepSeek-V3 Transformer (and its V2 / Qwen2 / Llama relatives), read top to bottom.
 
-RMSNorm -> RoPE (+YaRN / llama3) -> MLA (naive | absorb) or GQA -> SwiGLU FFN or DeepSeekMoE -> MTP.
+RMSNorm -> RoPE (+YaRN / llama3) -> MLA (naive | absorb; + DSA indexer), GQA or NSA -> SwiGLU FFN or
+DeepSeekMoE -> MTP.
 Shapes: B batch, T new tokens, S cached+new tokens, H heads, D hidden, E experts, K experts per token.
 The model knows nothing about parallelism, checkpoints or sampling.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sparse
 from .config import Config
 
 
@@ -100,29 +102,42 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps)
         self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.wo = nn.Linear(H * c.v_head_dim, c.dim, bias=False)
+        if c.attn_type == "dsa":
+            self.indexer = Indexer(c)
+            self.dense_warmup = False  # DSA training stage 1: dense attention, only the indexer learns
+            self.indexer_loss = None
 
     def forward(self, x, rope, mask, cache=None):
         c = self.c
         B, T, _ = x.shape
         H, dn, dr, dv = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank else self.wq(x)
+        q_lat = self.q_norm(self.wq_a(x)) if c.q_lora_rank else None  # [B, T, q_lora_rank]
+        q = self.wq_b(q_lat) if c.q_lora_rank else self.wq(x)
         q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
         q_pe = apply_rope(q_pe, *rope, c.rope_interleave)
         kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, dr], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), *rope, c.rope_interleave).squeeze(2)  # [B, T, rd]
         kv_pe = torch.cat([self.kv_norm(kv), k_pe], dim=-1)  # [B, T, r + rd]: all MLA caches per token
+        # (q_idx, k_idx, w_idx); the indexer's inputs are detached: only its KL loss trains it (V3.2's recipe)
+        idx = self.indexer(x.detach(), q_lat.detach(), rope) if c.attn_type == "dsa" else None
         if cache is not None:
-            (kv_pe,) = cache.update(self.layer_id, kv_pe)  # [B, S, r + rd]
+            kv_pe, *k_idx = cache.update(self.layer_id, kv_pe, *idx[1:2] if idx else ())  # [B, S, r + rd]
+            idx = (idx[0], k_idx[0], idx[2]) if idx else None
         S, r = kv_pe.shape[1], c.kv_lora_rank
         kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]
-        if c.attn_impl == "naive":
+        w_uk, w_uv = self.wkv_b.weight.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
+        if idx is not None:
+            see = sparse.visible(mask, T, S, x.device)  # [B|1, T, S]
+            q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, r + rd]
+            o = self.dsa(q_full, kv_pe, idx, see)  # [B, T, H, r]
+            o = torch.einsum("bthr,hvr->bthv", o, w_uv)
+        elif c.attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
             o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)
         else:
             # absorb W_UK into the query and W_UV into the output: attention runs on the r-dim latent,
             # one [r + rd]-wide dot product per cached token (FlashMLA's layout)
-            w_uk, w_uv = self.wkv_b.weight.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
             q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, dn), w_uk)  # [H, B*T, r]
             q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
             q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + dr)
@@ -135,6 +150,42 @@ class MLA(nn.Module):
             o_lat = o_lat.view(B * T, H, r).transpose(0, 1)  # [H, B*T, r]
             o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
         return self.wo(o.reshape(B, T, H * dv))
+
+    def dsa(self, q, kv_pe, idx, see):
+        """DSA: latent attention over the indexer's top-k tokens (attn_impl naive: the dense-mask reference,
+        absorb: the chunked gather). In training also sets self.indexer_loss, the KL from the main attention
+        to the indexer (over every visible token during the dense warm-up, over the selected ones after)."""
+        c = self.c
+        kw = dict(rank=c.kv_lora_rank, topk=c.index_topk, scale=c.softmax_scale, see=see)
+        if self.training:
+            self.indexer_loss = sparse.indexer_kl(q.detach(), kv_pe.detach(), *idx, dense=self.dense_warmup, **kw)
+            if self.dense_warmup:
+                return sparse.dsa_reference(q, kv_pe, *idx, **dict(kw, topk=kv_pe.shape[1]))
+        return (sparse.dsa_reference if c.attn_impl == "naive" else sparse.dsa_attention)(q, kv_pe, *idx, **kw)
+
+
+class Indexer(nn.Module):
+    """DSA's lightning indexer, as transformers' DeepseekV32Indexer: Hi ReLU heads over the compressed query,
+    one LayerNorm'd key per token with half-split RoPE on its first rd dims, per-head weights from x.
+    Returns q_idx [B, T, Hi, Di], k_idx [B, T, Di], w_idx [B, T, Hi] (the scales folded into w_idx)."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c = c
+        self.wq_b = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.index_head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(c.index_head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
+
+    def forward(self, x, q_lat, rope):
+        c = self.c
+        B, T, _ = x.shape
+        Hi, Di, rd = c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim
+        q = self.wq_b(q_lat).view(B, T, Hi, Di)
+        k = self.k_norm(self.wk(x)).unsqueeze(2)  # [B, T, 1, Di]
+        q = torch.cat([apply_rope(q[..., :rd], *rope, False), q[..., rd:]], dim=-1)
+        k = torch.cat([apply_rope(k[..., :rd], *rope, False), k[..., rd:]], dim=-1).squeeze(2)
+        return q, k, self.weights_proj(x).float() * (Hi * Di) ** -0.5
 
 
 class GQA(nn.Module):
@@ -161,6 +212,79 @@ class GQA(nn.Module):
         rep = c.n_heads // c.kv_heads
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         return self.wo(attend(q, k, v, mask, c.softmax_scale).reshape(B, T, c.n_heads * hd))
+
+
+class NSA(nn.Module):
+    """Native sparse attention (sparse.nsa_attention) on grouped-query heads: RoPE'd q/k, per-head sigmoid gates
+    for the compressed / selected / window branches, MLP compressors for keys and values. With model.Cache
+    the decode state is the raw K/V heads-first plus the compressed blocks, extended as blocks complete."""
+
+    def __init__(self, c: Config, layer_id: int):
+        super().__init__()
+        self.c, self.layer_id = c, layer_id
+        hd, H, Hkv = c.dense_head_dim, c.n_heads, c.kv_heads
+        self.wq = nn.Linear(c.dim, H * hd, bias=False)
+        self.wk = nn.Linear(c.dim, Hkv * hd, bias=False)
+        self.wv = nn.Linear(c.dim, Hkv * hd, bias=False)
+        self.wo = nn.Linear(H * hd, c.dim, bias=False)
+        self.gate = nn.Linear(c.dim, H * 3, bias=False)
+        self.cmp_k, self.cmp_v = BlockCompressor(c.nsa_block, hd), BlockCompressor(c.nsa_block, hd)
+
+    def forward(self, x, rope, mask, cache=None):
+        c = self.c
+        B, T, _ = x.shape
+        hd, H, Hkv = c.dense_head_dim, c.n_heads, c.kv_heads
+        q = apply_rope(self.wq(x).view(B, T, H, hd), *rope, c.rope_interleave)
+        k = apply_rope(self.wk(x).view(B, T, Hkv, hd), *rope, c.rope_interleave)
+        v = self.wv(x).view(B, T, Hkv, hd)
+        gates = self.gate(x).view(B, T, H, 3).sigmoid()
+        kw = dict(block=c.nsa_block, stride=c.nsa_stride, select=c.nsa_select, top_n=c.nsa_top_n,
+                  window=c.nsa_window, scale=c.softmax_scale)
+        cmp = (self.cmp_k.weights(), self.cmp_v.weights())
+        if cache is None:
+            o = sparse.nsa_attention(q, k, v, gates, *cmp, **kw)
+        elif hasattr(cache, "layer_state"):
+            o = self.decode(q, k, v, gates, cache, kw)
+        else:  # the engine's paged batch: rows at their own positions, compressed afresh from the gathered K/V
+            k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]
+            ends = sparse.visible(mask, T, k.shape[1], x.device)[:, -1].sum(-1).expand(B).tolist()  # keys of each row
+            o = torch.cat([sparse.nsa_attention(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], gates[b:b + 1], *cmp, **kw)
+                           for b, e in enumerate(ends)])
+        return self.wo(o.reshape(B, T, H * hd))
+
+    def decode(self, q, k, v, gates, cache, kw):
+        c = self.c
+        B, T, Hkv, hd = k.shape
+        st, t0 = cache.layer_state(self.layer_id), cache.length
+        if not st:  # raw K/V heads-first in whole selection blocks, compressed blocks as they complete
+            L = -(-cache.max_len // c.nsa_select) * c.nsa_select
+            N = sparse.n_complete(cache.max_len, c.nsa_block, c.nsa_stride)
+            st.update(k=k.new_zeros(B, Hkv, L, hd), v=k.new_zeros(B, Hkv, L, hd), kc=k.new_zeros(B, Hkv, N, hd),
+                      vc=k.new_zeros(B, Hkv, N, hd), n=0)
+        st["k"][:, :, t0:t0 + T] = k.transpose(1, 2)
+        st["v"][:, :, t0:t0 + T] = v.transpose(1, 2)
+        n = sparse.n_complete(t0 + T, c.nsa_block, c.nsa_stride)
+        if n > st["n"]:
+            lo, hi = st["n"] * c.nsa_stride, (n - 1) * c.nsa_stride + c.nsa_block
+            for name, cmp in (("k", self.cmp_k), ("v", self.cmp_v)):
+                new = sparse.compress(st[name][:, :, lo:hi].transpose(1, 2), cmp.weights(), c.nsa_block, c.nsa_stride)
+                st[name + "c"][:, :, st["n"]:n] = new.transpose(1, 2)
+            st["n"] = n
+        return sparse.nsa_sparse(q, st["k"], st["v"], st["kc"][:, :, :n], st["vc"][:, :, :n], gates, t0, **kw)
+
+
+class BlockCompressor(nn.Module):
+    """NSA's phi: a block of `block` keys (or values) plus a learned intra-block position embedding, flattened,
+    through a two-layer MLP to one vector."""
+
+    def __init__(self, block: int, d: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(block, d))
+        self.w1 = nn.Parameter(torch.empty(block * d, d))
+        self.w2 = nn.Parameter(torch.empty(d, d))
+
+    def weights(self) -> sparse.Compressor:
+        return sparse.Compressor(self.pos, self.w1, self.w2)
 
 
 # ---- feed-forward ------------------------------------------------------------------------------
@@ -288,7 +412,7 @@ class Block(nn.Module):
     def __init__(self, c: Config, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(c.dim, c.norm_eps)
-        self.attn = MLA(c, layer_id) if c.is_mla else GQA(c, layer_id)
+        self.attn = MLA(c, layer_id) if c.is_mla else NSA(c, layer_id) if c.attn_type == "nsa" else GQA(c, layer_id)
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
         self.ffn = MoE(c) if c.is_moe_layer(layer_id) else MLP(c.dim, c.inter_dim, c.mlp_bias)
 
@@ -396,6 +520,10 @@ class Cache:
             buf[:, self.length:end] = t
         return tuple(buf[:, :end] for buf in self.bufs[layer_id])
 
+    def layer_state(self, layer_id: int) -> dict:
+        """Free-form per-layer decode state (NSA keeps its own K/V layout and compressed blocks here)."""
+        return self.bufs.setdefault(("state", layer_id), {})
+
     def advance(self, T: int):
         self.length += T
 
@@ -407,6 +535,8 @@ def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None)
         with torch.no_grad():
             if p.dim() == 1:
                 p.fill_(1.0 if "norm" in name else 0.0)
+            elif ".cmp_" in name and not name.endswith("pos"):  # NSA compressor MLP: keep the key scale
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[0] ** -0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model

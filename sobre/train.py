@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from . import parallel
 from .checkpoint import save
-from .config import preset
+from .config import Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
-from .model import MoE, Transformer, init_weights
+from .model import MLA, MoE, Transformer, init_weights
 from .stats import model_stats
 from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
 
@@ -61,11 +61,26 @@ class TrainArgs:
     threads: int = 0
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
+    attn: str = "full"  # full | nsa (Native Sparse Attention) | dsa (DeepSeek Sparse Attention = deepseek_v32)
+    dsa_warmup: int = 0  # DSA stage 1: steps of dense attention in which only the indexer trains
+    model_overrides: tuple[str, ...] = ()  # Config fields as KEY=VALUE, e.g. nsa_window=256 index_topk=512
 
     def validate(self):
         require_positive(self, "steps", "save_every", "keep", "batch_size", "seq_len", "grad_accum")
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
+        if self.attn not in ("full", "nsa", "dsa"):
+            raise ValueError(f"--attn must be full, nsa or dsa, got {self.attn!r}")
+        if self.dsa_warmup and self.attn != "dsa":
+            raise ValueError("--dsa-warmup trains the DSA indexer: use it with --attn dsa")
+
+    def model_config(self, **fields) -> Config:
+        """The preset with the run's attention choice and --model-overrides applied (fields: vocab, tokens...)."""
+        base = preset(self.preset)
+        kw = {"attn_type": self.attn}
+        if self.attn == "nsa":  # NSA shares its block choice within a group of query heads
+            kw["n_kv_heads"] = max(1, base.n_heads // 4)
+        return preset(self.preset, **fields, **kw, **parse_overrides(self.model_overrides))
 
 
 def require_positive(args, *fields: str):
@@ -97,15 +112,31 @@ def param_groups(model: Transformer, weight_decay: float):
 
 
 def losses(model: Transformer, x, y, a: TrainArgs) -> dict:
-    """Main cross-entropy, MTP cross-entropy (mean over depths) and the balance term."""
+    """Main cross-entropy, MTP cross-entropy (mean over depths), the balance term and DSA's indexer KL (which
+    reaches only the indexers: they see detached inputs)."""
+    indexed = [m for m in model.modules() if isinstance(m, MLA) and hasattr(m, "indexer")]
+    for m in indexed:
+        m.indexer_loss = None
     logits, mtp = model(x, mtp=True) if model.mtp and a.mtp_weight else (model(x), [])
     out = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())}
     out["mtp"] = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten())
                      for k, lg in enumerate(mtp, start=1)) / len(mtp) if mtp else torch.zeros(())
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     out["balance"] = sum(m.balance_loss for m in moes) if moes else torch.zeros(())
-    out["total"] = out["ce"] + a.mtp_weight * out["mtp"] + a.balance_alpha * out["balance"]
+    kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
+    out["indexer"] = sum(kls) / len(kls) if kls else torch.zeros(())
+    out["total"] = out["ce"] + a.mtp_weight * out["mtp"] + a.balance_alpha * out["balance"] + out["indexer"]
     return out
+
+
+def set_dsa_warmup(model: Transformer, on: bool):
+    """DSA's two stages: warm-up (on) runs dense attention and trains only the indexers; then sparse attention
+    and every parameter trains (the indexers still learn only from their KL)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(not on or ".indexer." in name)
+    for m in model.modules():
+        if isinstance(m, MLA) and hasattr(m, "indexer"):
+            m.dense_warmup = on
 
 
 def update_router_bias(loads: dict, gamma: float):
@@ -211,8 +242,8 @@ def pretrain(a: TrainArgs) -> Path:
         torch.distributed.barrier()
         tok = tok or load_tokenizer(run / "tokenizer")
     torch.manual_seed(a.seed)
-    cfg = preset(a.preset, vocab_size=tok.vocab_size, max_seq_len=max(preset(a.preset).max_seq_len, a.seq_len),
-                 bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=a.seed)
+    cfg = a.model_config(vocab_size=tok.vocab_size, max_seq_len=max(preset(a.preset).max_seq_len, a.seq_len),
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=a.seed)
     model = init_weights(Transformer(cfg)).to(device).train()
     if a.activation_checkpointing:
         _checkpoint_blocks(model)
@@ -241,13 +272,16 @@ def pretrain(a: TrainArgs) -> Path:
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
-        parts = torch.zeros(3)
+        parts = torch.zeros(4)
+        if a.dsa_warmup:
+            set_dsa_warmup(model, step < a.dsa_warmup)
         for micro in range(a.grad_accum):
             x, y = (t[rows].to(device) for t in train.batch(step * a.grad_accum + micro))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
                 out = losses(model, x, y, a)
             (out["total"] / a.grad_accum).backward()
-            parts += torch.stack([out[k].detach().float().cpu() for k in ("ce", "mtp", "balance")]) / a.grad_accum
+            parts += torch.stack([out[k].detach().float().cpu() for k in ("ce", "mtp", "balance", "indexer")]
+                                 ) / a.grad_accum
             for m in moes:
                 loads[m] += m.last_load
         if world > 1:
@@ -260,13 +294,16 @@ def pretrain(a: TrainArgs) -> Path:
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            update_router_bias(loads, a.bias_update)
+            if step >= a.dsa_warmup:  # the warm-up trains the indexers alone
+                update_router_bias(loads, a.bias_update)
         dt = time.perf_counter() - t0
         ntok = a.batch_size * a.seq_len * a.grad_accum
         rec = {"step": step + 1, "loss": parts[0].item(), "mtp_loss": parts[1].item(),
                "balance_loss": parts[2].item(), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
                "tokens_per_s": ntok / dt, "mfu": ntok * flops_tok / dt / peak,
                "expert_load_max_over_mean": [float(v.max() / v.float().mean()) for v in loads.values()]}
+        if a.attn == "dsa":
+            rec["indexer_kl"] = parts[3].item()
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
             rec["val_loss"] = evaluate(model, val, a.eval_batches, rows, device)
             rec["val_bpb"] = rec["val_loss"] / math.log(2) / val.bytes_per_token

@@ -33,6 +33,7 @@ def hf_checkpoint(path, model_type, seed=0, dtype=torch.float32, **kw):
     """Build a random transformers model of `model_type`, save it with save_pretrained, return the path."""
     import transformers as tf
     cls = {"deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
+           "deepseek_v32": (tf.DeepseekV32Config, tf.DeepseekV32ForCausalLM),
            "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM)}
     cfg_cls, model_cls = cls[model_type]

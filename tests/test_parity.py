@@ -24,6 +24,9 @@ CASES = {
     "v3-yarn": ("deepseek_v3", dict(V3, rope_scaling=YARN)),
     "v3-yarn-mscale-split": ("deepseek_v3", dict(V3, rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=1.0))),
     "v3-half-split-rope": ("deepseek_v3", dict(V3, rope_interleave=False)),
+    "v32-dsa-top16": ("deepseek_v32", dict(V3, index_topk=16, index_n_heads=16, index_head_dim=16)),
+    "v32-dsa-yarn-no-mtp": ("deepseek_v32", dict(V3, index_topk=8, index_n_heads=16, index_head_dim=24,
+                                                 rope_scaling=YARN, num_nextn_predict_layers=0)),
     "v2-softmax-greedy": ("deepseek_v2", V2),
     "v2-group-limited-yarn": ("deepseek_v2", dict(V2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                                    rope_scaling=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
@@ -73,7 +76,8 @@ def test_bf16_parity(tmp_path):
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("case", ["v3-qlora", "v2-softmax-greedy", "qwen2-tied", "llama-llama3-rope"])
+@pytest.mark.parametrize("case", ["v3-qlora", "v32-dsa-top16", "v2-softmax-greedy", "qwen2-tied",
+                                  "llama-llama3-rope"])
 def test_sobre_save_loads_in_transformers(tmp_path, case):
     model_type, kw = CASES[case]
     model = sobre.load(hf_checkpoint(tmp_path / "src", model_type, **kw))

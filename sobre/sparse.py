@@ -1,0 +1,362 @@
+"""DeepSeek's sparse attention: NSA and DSA, each as a short dense reference and a fast path that takes the
+same arguments (tests assert they agree; bench/sparse.py times both against full attention).
+
+NSA — Native Sparse Attention (Yuan et al., 2025). Three branches per query, mixed by per-head gates:
+    o = g_cmp * attn(q, compressed blocks) + g_slc * attn(q, top-n selected blocks) + g_win * attn(q, window)
+
+    nsa_reference(q, k, v, gates, cmp_k, cmp_v, *, block=32, stride=16, select=64, top_n=16, window=512,
+                  scale=None) -> o
+    nsa_attention(<the same arguments>) -> o
+
+    q      [B, T, Hq, D]   queries of the last T of S positions (prefill: T = S; decode: T = 1)
+    k      [B, S, Hkv, D]  keys of all S positions, RoPE applied; Hq % Hkv == 0 (a GQA group of Hq/Hkv heads)
+    v      [B, S, Hkv, Dv]
+    gates  [B, T, Hq, 3]   branch weights (the model's sigmoid outputs): compressed, selected, window
+    cmp_k  Compressor(pos [block, D], w1 [block*D, D], w2 [D, D]): phi(x) = silu(flatten(x + pos) @ w1) @ w2
+    cmp_v  Compressor(pos [block, Dv], w1 [block*Dv, Dv], w2 [Dv, Dv])
+    scale  softmax scale, default D**-0.5
+    o      [B, T, Hq, Dv]
+
+  - compressed block i covers tokens [i*stride, i*stride + block); a query at t sees it once complete
+    (i*stride + block - 1 <= t). A query that sees no block yet gets zero from this branch.
+  - selection block j covers tokens [j*select, (j+1)*select). Its importance for a GQA group is the compressed
+    attention probability of every compressed block overlapping it, summed over the group's heads; the group
+    attends to the top_n blocks (block 0 and the two local blocks — the one holding t and the one before —
+    always among them), tokens after t masked.
+  - the window branch sees tokens (t - window, t].
+
+DSA — DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer scores every earlier token,
+I[t, s] = sum_h w[t, h] * relu(q_idx[t, h] . k_idx[s]), and MLA attends (in latent space) to the top-k only.
+
+    dsa_reference(q, kv, q_idx, k_idx, w_idx, *, rank, topk=2048, scale=None, see=None) -> o
+    dsa_attention(<the same arguments>) -> o
+
+    q      [B, T, H, r + rd]   absorbed MLA queries (q_nope @ W_UK ; q_pe) of the last T of S positions
+    kv     [B, S, r + rd]      MLA's latent cache (c_kv ; k_pe); rank = r
+    q_idx  [B, T, Hi, Di], k_idx [B, S, Di], w_idx [B, T, Hi]   indexer queries, keys, head weights
+    see    [B|1, T, S] bool    keys each query may attend (padding, ragged batches); None = causal
+    o      [B, T, H, r]        attention over c_kv; the caller applies W_UV and the output projection
+  The indexer is trained by indexer_kl (the KL from the main attention to the indexer's distribution).
+
+The fast paths never build a [T, S] matrix: they run over chunks of queries (compressed scores
+[chunk, S/stride], gathered blocks / tokens [chunk, top_n*select | topk]) and, under autograd, recompute each
+chunk in the backward pass (activation checkpointing) so memory stays O(chunk * S / stride).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class Compressor(NamedTuple):
+    pos: torch.Tensor  # [block, D] intra-block position embedding
+    w1: torch.Tensor  # [block * D, D]
+    w2: torch.Tensor  # [D, D]
+
+
+def compress(x: torch.Tensor, cmp: Compressor, block: int, stride: int) -> torch.Tensor:
+    """x [B, S, H, D] -> [B, N, H, D] for the N = (S - block) // stride + 1 complete blocks (0 if S < block)."""
+    B, S, H, D = x.shape
+    if S < block:
+        return x.new_zeros(B, 0, H, cmp.w2.shape[-1])
+    blocks = x.unfold(1, block, stride).transpose(-1, -2) + cmp.pos  # [B, N, H, block, D]
+    return F.silu(blocks.flatten(-2) @ cmp.w1) @ cmp.w2
+
+
+def n_complete(length: int, block: int, stride: int) -> int:
+    """How many compressed blocks the first `length` tokens complete."""
+    return (length - block) // stride + 1 if length >= block else 0
+
+
+def _softmax(scores: torch.Tensor, see: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of fp32 scores where see is True; rows that see nothing give zeros (no NaN,
+    in the backward pass either)."""
+    empty = ~see.any(-1, keepdim=True)
+    scores = scores.masked_fill(~see, float("-inf")).masked_fill(empty, 0.0)
+    return scores.softmax(-1) * ~empty
+
+
+def _check(q, k, v, gates):
+    B, T, Hq, _ = q.shape
+    if k.dim() != 4 or v.shape[:3] != k.shape[:3] or k.shape[0] != B or Hq % k.shape[2]:
+        raise ValueError(f"nsa: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected q [B, T, Hq, D],"
+                         f" k/v [B, S, Hkv, D] with Hq a multiple of Hkv")
+    if T > k.shape[1] or gates.shape != (B, T, Hq, 3):
+        raise ValueError(f"nsa: {T} queries for {k.shape[1]} keys, gates {tuple(gates.shape)} (want [B, T, Hq, 3])")
+
+
+# ---- NSA: the reference --------------------------------------------------------------------------------
+def _masked_attention(q, k, v, see, scale):
+    """q [B, T, Hq, D], k/v [B, N, Hkv, D|Dv], see broadcastable to [B, Hq, T, N] -> o [B, T, Hq, Dv], probs."""
+    G = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+    p = _softmax(torch.einsum("bthd,bnhd->bhtn", q, k).float() * scale, see)
+    return torch.einsum("bhtn,bnhd->bthd", p.to(v.dtype), v), p
+
+
+def nsa_reference(q, k, v, gates, cmp_k: Compressor, cmp_v: Compressor, *, block=32, stride=16, select=64,
+                  top_n=16, window=512, scale=None):
+    """Dense NSA: every branch is full attention under a boolean mask (O(T*S) memory). See the module doc."""
+    _check(q, k, v, gates)
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G, scale, dev = Hq // Hkv, scale or D**-0.5, q.device
+    t = torch.arange(S - T, S, device=dev)[:, None]  # [T, 1] query positions
+    s = torch.arange(S, device=dev)  # [S] key positions
+
+    def phi(x, cmp):  # one block [B, block, H, D] -> [B, H, D]
+        return F.silu((x.transpose(1, 2) + cmp.pos).flatten(-2) @ cmp.w1) @ cmp.w2
+
+    n = n_complete(S, block, stride)
+    kc = torch.stack([phi(k[:, i * stride:i * stride + block], cmp_k) for i in range(n)], 1) if n else \
+        k.new_zeros(B, 0, Hkv, cmp_k.w2.shape[-1])
+    vc = torch.stack([phi(v[:, i * stride:i * stride + block], cmp_v) for i in range(n)], 1) if n else \
+        v.new_zeros(B, 0, Hkv, cmp_v.w2.shape[-1])
+    ends = torch.arange(n, device=dev) * stride + block - 1
+    o_cmp, p_cmp = _masked_attention(q, kc, vc, ends <= t, scale)  # p_cmp [B, Hq, T, n]
+
+    ns = -(-S // select)
+    j = torch.arange(ns, device=dev)
+    starts = torch.arange(n, device=dev)[:, None] * stride
+    overlap = (starts < (j + 1) * select) & (starts + block > j * select)  # [n, ns]
+    imp = (p_cmp @ overlap.float()).unflatten(1, (Hkv, G)).sum(2)  # [B, Hkv, T, ns]
+    cur = t // select
+    imp = imp.masked_fill((j == 0) | (j == cur) | (j == cur - 1), float("inf")).masked_fill(j > cur, float("-inf"))
+    top = imp.topk(min(top_n, ns), dim=-1)
+    chosen = torch.zeros_like(imp, dtype=torch.bool).scatter(-1, top.indices, top.values > float("-inf"))
+    see = chosen[..., s // select] & (s <= t)  # [B, Hkv, T, S]
+    o_slc, _ = _masked_attention(q, k, v, see.repeat_interleave(G, 1), scale)
+    o_win, _ = _masked_attention(q, k, v, (s <= t) & (s > t - window), scale)
+    g = gates.unsqueeze(-1)
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+
+
+# ---- NSA: the fast path --------------------------------------------------------------------------------
+def nsa_attention(q, k, v, gates, cmp_k: Compressor, cmp_v: Compressor, *, block=32, stride=16, select=64,
+                  top_n=16, window=512, scale=None):
+    """Chunked NSA (same arguments and result as nsa_reference; see the module doc)."""
+    _check(q, k, v, gates)
+    S = k.shape[1]
+    kc, vc = compress(k, cmp_k, block, stride), compress(v, cmp_v, block, stride)
+    pad = -S % select  # whole selection blocks, so that they are views of the cache
+
+    def heads_first(x):  # [B, S, H, D] -> [B, H, S + pad, D]
+        return F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(1, 2).contiguous()
+
+    return nsa_sparse(q, heads_first(k), heads_first(v), kc.transpose(1, 2), vc.transpose(1, 2), gates,
+                      S - q.shape[1], block=block, stride=stride, select=select, top_n=top_n, window=window,
+                      scale=scale)
+
+
+def nsa_sparse(q, k, v, kc, vc, gates, t0: int, *, block, stride, select, top_n, window, scale=None,
+               chunk=128, select_chunk=128):
+    """NSA on the decode cache's layout: k/v [B, Hkv, L, D|Dv] hold at least t0+T positions (later ones are
+    never read; L % select == 0), kc/vc [B, Hkv, N, D|Dv] the compressed blocks so far. q [B, T, Hq, D] and
+    gates [B, T, Hq, 3] belong to positions t0 .. t0+T-1. Returns [B, T, Hq, Dv].
+    Compressed scores and the window run in chunks of `chunk` queries; the selected branch in larger chunks,
+    so that its per-block matmuls are big."""
+    T, scale = q.shape[1], scale or q.shape[-1] ** -0.5
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, kc, vc, gates))
+
+    def run(fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+
+    fn = partial(_compressed_and_window, block=block, stride=stride, select=select, top_n=top_n, window=window,
+                 scale=scale)
+    out, idx, ok = zip(*(run(fn, q[:, c0:c0 + chunk], gates[:, c0:c0 + chunk], k, v, kc, vc, t0 + c0)
+                         for c0 in range(0, T, chunk)))
+    idx, ok = torch.cat(idx, 2), torch.cat(ok, 2)  # [B, Hkv, T, top_n]
+    fn = partial(_selected, select=select, scale=scale)
+    slc = [run(fn, q[:, c0:c0 + select_chunk], gates[:, c0:c0 + select_chunk, :, 1], k, v,
+               idx[:, :, c0:c0 + select_chunk], ok[:, :, c0:c0 + select_chunk], t0 + c0)
+           for c0 in range(0, T, select_chunk)]
+    return torch.cat(out, 1) + torch.cat(slc, 1)
+
+
+def _compressed_and_window(q, gates, k, v, kc, vc, t0, *, block, stride, select, top_n, window, scale):
+    """The compressed and window branches (gated, [B, C, Hq, Dv]) and the selection: block indices and their
+    validity [B, Hkv, C, top_n]."""
+    B, C, Hq, D = q.shape
+    Hkv, Dv, dev = k.shape[1], v.shape[-1], q.device
+    G, last = Hq // Hkv, t0 + C - 1
+    t = torch.arange(t0, t0 + C, device=dev)  # [C] query positions
+    qh = (q * scale).view(B, C, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, C * G, D)  # a group's rows, scaled
+
+    # compressed branch over the blocks complete by the chunk's last query; only the last few need a mask
+    n, n_all = min(n_complete(last + 1, block, stride), kc.shape[2]), n_complete(t0 + 1, block, stride)
+    sc = (qh @ kc[:, :, :n].transpose(-1, -2)).view(B, Hkv, C, G, n)
+    ends = torch.arange(n_all, n, device=dev) * stride + block - 1
+    sc[..., n_all:].masked_fill_((ends > t[:, None])[:, None], float("-inf"))
+    p_cmp = sc.float().softmax(-1)  # [B, Hkv, C, G, n]
+    if t0 < block - 1:  # queries before the first complete block see nothing: zero, not NaN
+        p_cmp = torch.where((t >= block - 1)[:, None, None], p_cmp, 0.0)
+    o_cmp = p_cmp.to(vc.dtype).flatten(2, 3) @ vc[:, :, :n]  # [B, Hkv, C*G, Dv]
+
+    # block importance -> top-n selection blocks per (query, group)
+    ns = last // select + 1
+    with torch.no_grad():
+        p_grp = p_cmp.sum(3)  # [B, Hkv, C, n]
+        first = torch.arange(n, device=dev) * stride
+        imp = p_grp.new_zeros(B, Hkv, C, ns)
+        for off in range((block - 1) // select + 2):  # each compressed block overlaps at most this many
+            j = first // select + off
+            hit = (j * select < first + block) & (j < ns)
+            imp.scatter_add_(-1, j.clamp(max=ns - 1).expand_as(p_grp), p_grp * hit)
+        j, cur = torch.arange(ns, device=dev), (t // select)[:, None]
+        imp.masked_fill_((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+        imp.masked_fill_(j > cur, float("-inf"))
+        top = imp.topk(min(top_n, ns), dim=-1)  # [B, Hkv, C, n_sel]
+        idx = F.pad(top.indices, (0, top_n - top.indices.shape[-1]))
+        ok = F.pad(top.values > float("-inf"), (0, top_n - top.indices.shape[-1]))
+
+    # sliding window over (t - window, t]: fused attention under a band mask
+    lo = max(0, t0 - window + 1)
+    s = torch.arange(lo, last + 1, device=dev)
+    band = ((s <= t[:, None]) & (s > t[:, None] - window)).repeat_interleave(G, 0)  # [C*G, keys]
+    o_win = F.scaled_dot_product_attention(qh, k[:, :, lo:last + 1], v[:, :, lo:last + 1], attn_mask=band, scale=1.0)
+
+    g = gates.view(B, C, Hkv, G, 3).transpose(1, 2).reshape(B, Hkv, C * G, 1, 3)
+    o = o_cmp * g[..., 0] + o_win * g[..., 2]  # [B, Hkv, C*G, Dv]
+    return o.view(B, Hkv, C, G, Dv).transpose(1, 2).reshape(B, C, Hq, Dv), idx, ok
+
+
+def _selected(q, gate, k, v, idx, ok, t0, *, select, scale):
+    """The selected branch, gated: q [B, C, Hq, D], gate [B, C, Hq], k/v [B, Hkv, L, D|Dv], idx/ok [B, Hkv, C, n]
+    (blocks, valid) -> [B, C, Hq, Dv]. Few queries (decode): gather each query's blocks as whole [select, D]
+    rows and run one fused attention. Many queries (prefill): go block by block (_selected_by_block)."""
+    B, C, Hq, D = q.shape
+    Hkv, n, Dv, dev = k.shape[1], idx.shape[-1], v.shape[-1], q.device
+    G, nb = Hq // Hkv, k.shape[2] // select
+    qh = (q * scale).view(B, C, Hkv, G, D).transpose(1, 2).reshape(B * Hkv * C, G, D)
+    gid = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * nb + idx).flatten()  # [P] block of each pair
+    kb, vb = k.reshape(B * Hkv * nb, select, D), v.reshape(B * Hkv * nb, select, Dv)  # views of the cache
+    pos = idx[..., None] * select + torch.arange(select, device=dev)  # [B, Hkv, C, n, select]
+    see = (pos <= torch.arange(t0, t0 + C, device=dev)[:, None, None]) & ok[..., None]
+    if C > 16:
+        o = _selected_by_block(qh, kb, vb, gid, see.view(-1, select))
+    else:
+        ks, vs = kb[gid].view(B * Hkv * C, 1, n * select, D), vb[gid].view(B * Hkv * C, 1, n * select, Dv)
+        o = F.scaled_dot_product_attention(qh[:, None], ks, vs, attn_mask=see.view(B * Hkv * C, 1, 1, n * select),
+                                           scale=1.0)
+    return o.view(B, Hkv, C, G, Dv).transpose(1, 2).reshape(B, C, Hq, Dv) * gate[..., None]
+
+
+def _selected_by_block(q, kb, vb, gid, see):
+    """q [R, G, D]: R query rows (a GQA group's heads each), n pairs per row; gid [R*n] the key block of each
+    pair in kb/vb [blocks, select, D|Dv]; see [R*n, select] -> [R, G, Dv].
+    Pairs sorted by block run as one grouped matmul per projection over the touched blocks (gathering queries
+    is 8x less copying than gathering every query's keys). Every pair is exponentiated against its row's max,
+    so partial outputs and sums just add up per row (flash attention's merge)."""
+    R, G, D = q.shape
+    order = gid.argsort(stable=True)
+    blocks, counts = gid[order].unique_consecutive(return_counts=True)
+    row = order // (gid.numel() // R)  # [P] query row of each sorted pair
+    s = grouped_mm(q[row].view(-1, D), kb[blocks].transpose(1, 2), counts * G).float().view(-1, G, kb.shape[1])
+    s = s.masked_fill(~see[order, None], float("-inf"))  # [P, G, select]
+    with torch.no_grad():
+        m = s.new_full((R, G), float("-inf")).scatter_reduce_(0, row[:, None].expand(-1, G), s.amax(-1), "amax")
+    e = (s - m[row, :, None]).exp()  # 0 where unseen
+    o = grouped_mm(e.to(vb.dtype).view(-1, kb.shape[1]), vb[blocks], counts * G).view(-1, G * vb.shape[-1])
+    out = o.new_zeros(R, o.shape[-1]).index_add(0, row, o).view(R, G, -1)
+    total = e.new_zeros(R, G).index_add(0, row, e.sum(-1))
+    return (out / total[..., None]).to(vb.dtype)
+
+
+def grouped_mm(a, b, counts):
+    """Rows of a [M, K] in consecutive groups of counts[i] rows, each times b[i] [K, N] -> [M, N]."""
+    if hasattr(torch, "_grouped_mm") and a.dtype in (torch.float32, torch.bfloat16) and \
+            a.shape[-1] * a.element_size() % 16 == 0 and b.shape[-1] * b.element_size() % 16 == 0:
+        return torch._grouped_mm(a, b, offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([x @ w for x, w in zip(a.split(counts.tolist()), b.unbind(0))])
+
+
+# ---- DSA -----------------------------------------------------------------------------------------------
+def index_scores(q_idx, k_idx, w_idx):
+    """Lightning indexer: q_idx [B, T, Hi, Di], k_idx [B, S, Di], w_idx [B, T, Hi] -> I [B, T, S] (fp32).
+    Exact ties (tokens every head's ReLU zeroed) go to the later token: + s * 1e-30 moves no other score (far
+    below an ulp), so top-k picks the same tokens in prefill and in decode."""
+    s = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float()).relu()
+    pos = torch.arange(k_idx.shape[1], device=k_idx.device) * 1e-30
+    return torch.einsum("bth,bths->bts", w_idx.float(), s) + pos
+
+
+def visible(see, T: int, S: int, device) -> torch.Tensor:
+    """[B|1, T, S] bool: which keys each query may see; None means causal, queries at the last T of S positions.
+    A model mask [T, S] or [B, 1, T, S] is accepted as is."""
+    if see is None:
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None]
+    return see[:, 0] if see.dim() == 4 else see if see.dim() == 3 else see[None]
+
+
+def _check_dsa(q, kv, q_idx, k_idx, w_idx, rank):
+    B, T = q.shape[:2]
+    if kv.dim() != 3 or q.shape[-1] != kv.shape[-1] or not 0 < rank < kv.shape[-1] or T > kv.shape[1]:
+        raise ValueError(f"dsa: q {tuple(q.shape)}, kv {tuple(kv.shape)}, rank {rank}: expected q [B, T, H, r+rd], "
+                         f"kv [B, S, r+rd] with 0 < rank < r+rd and T <= S")
+    if q_idx.shape[:2] != (B, T) or k_idx.shape[:2] != kv.shape[:2] or w_idx.shape != q_idx.shape[:3]:
+        raise ValueError(f"dsa: indexer q {tuple(q_idx.shape)}, k {tuple(k_idx.shape)}, w {tuple(w_idx.shape)} "
+                         f"do not match q [B, T, ...] and kv [B, S, ...]")
+
+
+def dsa_reference(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None):
+    """Dense DSA: full index scores, top-k as a boolean mask over full latent attention. See the module doc;
+    see [B|1, T, S] (optional) says which keys each query may attend (default: causal)."""
+    _check_dsa(q, kv, q_idx, k_idx, w_idx, rank)
+    T, S = q.shape[1], kv.shape[1]
+    see = visible(see, T, S, q.device)
+    scores = index_scores(q_idx, k_idx, w_idx).masked_fill(~see, float("-inf"))
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores.topk(min(topk, S), -1).indices, True)
+    p = _softmax(torch.einsum("bthd,bsd->bths", q, kv).float() * (scale or q.shape[-1] ** -0.5),
+                 (chosen & see)[:, :, None])
+    return torch.einsum("bths,bsr->bthr", p.to(kv.dtype), kv[..., :rank])
+
+
+def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, chunk=128):
+    """Chunked DSA (same arguments and result as dsa_reference): per chunk of queries, index scores over the
+    keys it may see, top-k token indices, latent attention over the gathered entries only."""
+    _check_dsa(q, kv, q_idx, k_idx, w_idx, rank)
+    T, S = q.shape[1], kv.shape[1]
+    fn = partial(_dsa_chunk, rank=rank, scale=scale or q.shape[-1] ** -0.5)
+    grad = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    outs = []
+    for c0 in range(0, T, chunk):
+        c1 = min(c0 + chunk, T)
+        keys = S if see is not None else S - T + c1  # causal: only the prefix the chunk can see
+        vis = visible(see, T, S, q.device)[:, c0:c1] if see is not None else \
+            visible(None, c1 - c0, keys, q.device)
+        with torch.no_grad():  # selection is discrete: no gradient flows through the indexer here
+            scores = index_scores(q_idx[:, c0:c1], k_idx[:, :keys], w_idx[:, c0:c1]).masked_fill(~vis, float("-inf"))
+            sel = scores.topk(min(topk, keys), -1).indices  # [B, C, k]
+            ok = vis.expand(len(sel), -1, -1).gather(-1, sel)
+        args = (q[:, c0:c1], kv, sel, ok)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return torch.cat(outs, 1)
+
+
+def _dsa_chunk(q, kv, sel, ok, *, rank, scale):
+    g = kv[torch.arange(q.shape[0], device=q.device)[:, None, None], sel]  # [B, C, k, r + rd]
+    p = _softmax((q @ g.transpose(-1, -2)).float() * scale, ok[:, :, None])  # [B, C, H, k]
+    return p.to(kv.dtype) @ g[..., :rank]  # [B, C, H, r]
+
+
+def indexer_kl(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, dense=False):
+    """DSA's indexer loss: KL(p || softmax(I)) per query, p = the main attention distribution summed over heads
+    and renormalised (a constant target), over every visible token (dense warm-up) or over the indexer's own
+    top-k (sparse stage). Mean over queries; the arguments are dsa_reference's."""
+    T, S = q.shape[1], kv.shape[1]
+    see = visible(see, T, S, q.device)
+    scores = index_scores(q_idx, k_idx, w_idx).masked_fill(~see, float("-inf"))  # [B, T, S]
+    if not dense:
+        see = see & torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores.topk(min(topk, S), -1).indices, True)
+        scores = scores.masked_fill(~see, float("-inf"))
+    with torch.no_grad():
+        p = _softmax(torch.einsum("bthd,bsd->bths", q, kv).float() * (scale or q.shape[-1] ** -0.5),
+                     see[:, :, None]).sum(2)
+        p = p / p.sum(-1, keepdim=True)
+    kl = p * (p.clamp_min(1e-30).log() - scores.log_softmax(-1))
+    return kl.masked_fill(~see, 0.0).sum(-1).mean()
