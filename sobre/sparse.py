@@ -218,7 +218,8 @@ def _compressed_and_window(q, gates, k, v, kc, vc, t0, *, block, stride, select,
     lo = max(0, t0 - window + 1)
     s = torch.arange(lo, last + 1, device=dev)
     band = ((s <= t[:, None]) & (s > t[:, None] - window)).repeat_interleave(G, 0)  # [C*G, keys]
-    o_win = F.scaled_dot_product_attention(qh, k[:, :, lo:last + 1], v[:, :, lo:last + 1], attn_mask=band, scale=1.0)
+    o_win = F.scaled_dot_product_attention(qh, k[:, :, lo:last + 1], v[:, :, lo:last + 1], scale=1.0,
+                                           attn_mask=band if C > 1 else None)  # one query sees all of them
 
     g = gates.view(B, C, Hkv, G, 3).transpose(1, 2).reshape(B, Hkv, C * G, 1, 3)
     o = o_cmp * g[..., 0] + o_win * g[..., 2]  # [B, Hkv, C*G, Dv]
@@ -240,9 +241,9 @@ def _selected(q, gate, k, v, idx, ok, t0, *, select, scale):
     if C > 16:
         o = _selected_by_block(qh, kb, vb, gid, see.view(-1, select))
     else:
-        ks, vs = kb[gid].view(B * Hkv * C, 1, n * select, D), vb[gid].view(B * Hkv * C, 1, n * select, Dv)
-        o = F.scaled_dot_product_attention(qh[:, None], ks, vs, attn_mask=see.view(B * Hkv * C, 1, 1, n * select),
-                                           scale=1.0)
+        ks = kb.index_select(0, gid).view(B * Hkv * C, n * select, D)
+        vs = vb.index_select(0, gid).view(B * Hkv * C, n * select, Dv)
+        o = _softmax((qh @ ks.transpose(1, 2)).float(), see.view(B * Hkv * C, 1, n * select)).to(vs.dtype) @ vs
     return o.view(B, Hkv, C, G, Dv).transpose(1, 2).reshape(B, C, Hq, Dv) * gate[..., None]
 
 
@@ -339,9 +340,11 @@ def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, sc
 
 
 def _dsa_chunk(q, kv, sel, ok, *, rank, scale):
-    g = kv[torch.arange(q.shape[0], device=q.device)[:, None, None], sel]  # [B, C, k, r + rd]
+    B, C, k = sel.shape
+    rows = (sel + torch.arange(B, device=q.device).view(B, 1, 1) * kv.shape[1]).flatten()
+    g = kv.reshape(-1, kv.shape[-1]).index_select(0, rows).view(B, C, k, -1)  # [B, C, k, r + rd] row copies
     p = _softmax((q @ g.transpose(-1, -2)).float() * scale, ok[:, :, None])  # [B, C, H, k]
-    return p.to(kv.dtype) @ g[..., :rank]  # [B, C, H, r]
+    return (p.to(kv.dtype) @ g)[..., :rank]  # [B, C, H, r]: the rope dims ride along (no strided copy of g)
 
 
 def indexer_kl(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, dense=False):
