@@ -1,7 +1,7 @@
 """Sparse attention vs full attention at long context: NSA and DSA (sobre.sparse) against
 torch's fused `scaled_dot_product_attention` with the same heads and dims, measured in the same run.
 
-    python bench/sparse.py [--sizes 4096 8192 16384 32768] [--reps 2] [--quick]
+    python bench/sparse.py [--sizes 4096 8192 16384 32768] [--reps 2] [--kinds nsa dsa] [--max-train-len N]
 
 Per context length: prefill forward, prefill forward+backward, and one decode step at the end of the context
 (the cache already built), each the best of --reps runs; peak memory is the extra resident memory of each
@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--kinds", nargs="*", default=["nsa", "dsa"])
+    ap.add_argument("--modes", nargs="*", default=["prefill", "fwd+bwd", "decode"])
+    ap.add_argument("--max-train-len", type=int, default=32768, help="fwd+bwd only up to this context")
     ap.add_argument("--quick", action="store_true", help="4k and 8k only, one rep")
     a = ap.parse_args()
     sizes, reps = ([4096, 8192], 1) if a.quick else (a.sizes, a.reps)
@@ -124,7 +126,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for kind in a.kinds:
         for S in sizes:
-            for mode in ("prefill", "fwd+bwd", "decode"):
+            for mode in a.modes:
+                if mode == "fwd+bwd" and S > a.max_train_len:
+                    continue
                 r = reps if mode != "decode" else max(reps, 5)
                 (tf, mf), (ts, ms) = (measure(kind, impl, mode, S, r) for impl in ("full", "sparse"))
                 fmt = (lambda t: f"{t * 1e3:.2f} ms") if mode == "decode" else (lambda t: f"{t:.2f} s")

@@ -281,9 +281,10 @@ def index_scores(q_idx, k_idx, w_idx):
     """Lightning indexer: q_idx [B, T, Hi, Di], k_idx [B, S, Di], w_idx [B, T, Hi] -> I [B, T, S] (fp32).
     Exact ties (tokens every head's ReLU zeroed) go to the later token: + s * 1e-30 moves no other score (far
     below an ulp), so top-k picks the same tokens in prefill and in decode."""
-    s = torch.einsum("bthd,bsd->bths", q_idx.float(), k_idx.float()).relu()
-    pos = torch.arange(k_idx.shape[1], device=k_idx.device) * 1e-30
-    return torch.einsum("bth,bths->bts", w_idx.float(), s) + pos
+    B, T, Hi, _ = q_idx.shape
+    s = (q_idx.float().flatten(1, 2) @ k_idx.float().transpose(1, 2)).relu_()  # [B, T*Hi, S]
+    s = (w_idx.float().unsqueeze(2) @ s.view(B, T, Hi, -1)).squeeze(2)  # [B, T, S]: sum over heads as a matmul
+    return s + torch.arange(k_idx.shape[1], device=k_idx.device) * 1e-30
 
 
 def visible(see, T: int, S: int, device) -> torch.Tensor:
@@ -333,13 +334,25 @@ def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, sc
         with torch.no_grad():  # selection is discrete: no gradient flows through the indexer here
             scores = index_scores(q_idx[:, c0:c1], k_idx[:, :keys], w_idx[:, c0:c1]).masked_fill(~vis, float("-inf"))
             sel = scores.topk(min(topk, keys), -1).indices  # [B, C, k]
-            ok = vis.expand(len(sel), -1, -1).gather(-1, sel)
-        args = (q[:, c0:c1], kv, sel, ok)
+            if keys <= 4 * topk:  # most keys chosen: a masked dense pass beats gathering them (measured on CPU)
+                sel = vis & torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, sel, True)  # [B, C, keys]
+                ok = None
+            else:
+                ok = vis.expand(len(sel), -1, -1).gather(-1, sel)
+        args = (q[:, c0:c1], kv[:, :keys], sel, ok)
         outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
     return torch.cat(outs, 1)
 
 
 def _dsa_chunk(q, kv, sel, ok, *, rank, scale):
+    """Latent attention of a chunk of queries q [B, C, H, r + rd] over kv [B, keys, r + rd]: either over the
+    gathered top-k (sel [B, C, k] token indices, ok [B, C, k] valid) or, with ok None, densely under the
+    boolean mask sel [B, C, keys]."""
+    if ok is None:
+        B, C, H, _ = q.shape
+        s = (q.flatten(1, 2) @ kv.transpose(1, 2)).view(B, C, H, -1)  # [B, C, H, keys], one matmul per batch row
+        p = _softmax(s.float() * scale, sel[:, :, None])
+        return (p.to(kv.dtype).flatten(1, 2) @ kv).view(B, C, H, -1)[..., :rank]
     B, C, k = sel.shape
     rows = (sel + torch.arange(B, device=q.device).view(B, 1, 1) * kv.shape[1]).flatten()
     g = kv.reshape(-1, kv.shape[-1]).index_select(0, rows).view(B, C, k, -1)  # [B, C, k, r + rd] row copies
