@@ -33,6 +33,11 @@ def cmd_info(args):
     kv = s["kv"]
     print(f"{c.arch}: {c.n_layers} layers (+{c.n_mtp_layers} MTP), hidden {c.dim}, {c.n_heads} heads, "
           f"vocab {c.vocab_size}, context {c.max_seq_len}")
+    if c.attn_type == "nsa":
+        print(f"attention: NSA, {c.kv_heads} K/V heads; compressed blocks {c.nsa_block} / stride {c.nsa_stride}, "
+              f"top-{c.nsa_top_n} blocks of {c.nsa_select}, window {c.nsa_window}")
+    if c.attn_type == "dsa":
+        print(f"attention: MLA + DSA, indexer {c.index_n_heads} heads x {c.index_head_dim}, top-{c.index_topk} tokens")
     if c.n_routed_experts:
         print(f"MoE: {c.n_routed_experts} routed experts (top-{c.n_activated_experts}, {c.n_expert_groups} groups "
               f"-> {c.n_limited_groups}), {c.n_shared_experts} shared, first {c.n_dense_layers} layers dense")
@@ -41,7 +46,8 @@ def cmd_info(args):
     print(f"FLOPs/token (fwd)     {human(s['flops_per_token'])}  (2 x active matmul params + attention at "
           f"ctx {args.ctx})")
     print(f"KV cache/token (bf16) naive K/V {human(kv['naive'], 'B')} ({kv['naive_values_per_layer']} values/layer)"
-          f"  latent {human(kv['latent'], 'B')} ({kv['latent_values_per_layer']} values/layer)"
+          f"  {'cached' if c.attn_type == 'nsa' else 'latent'} {human(kv['latent'], 'B')} "
+          f"({kv['latent_values_per_layer']:g} values/layer)"
           f"  -> {kv['naive'] / kv['latent']:.1f}x smaller")
     print(f"\n{'layers':>9} {'kind':<10} {'attn':>9} {'ffn':>9} {'params':>9} {'active':>9}")
     rows = s["layers"]

@@ -13,10 +13,15 @@ def attn_params(c: Config) -> int:
             else D * H * c.qk_head_dim
         kv = D * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank \
             + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim)
-        return q + kv + H * c.v_head_dim * D
+        # DSA's lightning indexer: wq_b, wk, k_norm (LayerNorm), weights_proj
+        indexer = c.q_lora_rank * c.index_n_heads * c.index_head_dim + D * c.index_head_dim \
+            + 2 * c.index_head_dim + D * c.index_n_heads if c.attn_type == "dsa" else 0
+        return q + kv + H * c.v_head_dim * D + indexer
     hd, kvh = c.dense_head_dim, c.kv_heads
     bias = (H + 2 * kvh) * hd if c.qkv_bias else 0
-    return D * H * hd + 2 * D * kvh * hd + bias + H * hd * D + (D if c.o_bias else 0)
+    # NSA: branch gates + two block compressors (intra-block positions, two-layer MLP)
+    nsa = D * H * 3 + 2 * (c.nsa_block * hd + c.nsa_block * hd * hd + hd * hd) if c.attn_type == "nsa" else 0
+    return D * H * hd + 2 * D * kvh * hd + bias + H * hd * D + (D if c.o_bias else 0) + nsa
 
 
 def ffn_params(c: Config, layer: int) -> tuple[int, int]:
@@ -43,12 +48,15 @@ def layer_rows(c: Config) -> list[dict]:
 
 
 def kv_bytes_per_token(c: Config, dtype_bytes: int = 2) -> dict:
-    """Cache bytes per token over all main layers: full K/V (naive) vs compressed latent (MLA)."""
+    """Cache bytes per token over all main layers: full K/V (naive) vs what sobre caches (MLA: the latent,
+    + DSA's indexer key; NSA: K/V + a compressed K/V pair every nsa_stride tokens)."""
     if c.is_mla:
         full = c.n_heads * (c.qk_head_dim + c.v_head_dim)
-        latent = c.kv_lora_rank + c.qk_rope_head_dim
+        latent = c.kv_lora_rank + c.qk_rope_head_dim + (c.index_head_dim if c.attn_type == "dsa" else 0)
     else:
         full = latent = 2 * c.kv_heads * c.dense_head_dim
+        if c.attn_type == "nsa":
+            latent = full + full / c.nsa_stride
     return {"naive": full * c.n_layers * dtype_bytes, "latent": latent * c.n_layers * dtype_bytes,
             "naive_values_per_layer": full, "latent_values_per_layer": latent}
 
@@ -63,7 +71,12 @@ def model_stats(c: Config, ctx: int = 4096) -> dict:
     # forward FLOPs: 2 per active matmul weight (the embedding is a lookup) + attention over ctx/2 on average
     qk = c.qk_head_dim if c.is_mla else c.dense_head_dim
     v = c.v_head_dim if c.is_mla else c.dense_head_dim
-    attn_flops = 2 * c.n_layers * c.n_heads * (qk + v) * ctx // 2
+    keys = ctx // 2  # per query on average; sparse attention reads fewer (plus DSA's indexer over all of them)
+    if c.attn_type == "nsa":
+        keys = min(keys, c.nsa_window) + min(keys, c.nsa_top_n * c.nsa_select) + keys // c.nsa_stride
+    attn_flops = 2 * c.n_layers * c.n_heads * (qk + v) * min(keys, c.index_topk if c.attn_type == "dsa" else keys)
+    if c.attn_type == "dsa":
+        attn_flops += 2 * c.n_layers * c.index_n_heads * c.index_head_dim * ctx // 2
     return dict(params=params, active_params=active, mtp_params=sum(r["params"] for r in rows[c.n_layers:]),
                 flops_per_token=2 * (active - embed) + attn_flops, ctx=ctx,
                 kv=kv_bytes_per_token(c), layers=rows)

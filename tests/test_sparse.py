@@ -2,14 +2,17 @@
 decode token by token like one prefill (model cache and batched engine), and DSA's indexer learns from its KL.
 (V3.2 = DSA logit parity with transformers lives in test_parity.py.)"""
 
+import json
+
 import pytest
 import torch
 
+import sobre
 from sobre import Engine
 from sobre.config import preset
 from sobre.model import MLA, Cache, Transformer, init_weights
 from sobre.sparse import Compressor, dsa_attention, dsa_reference, nsa_attention, nsa_reference
-from sobre.train import set_dsa_warmup
+from sobre.train import TrainArgs, pretrain, set_dsa_warmup
 
 SMALL_NSA = dict(block=8, stride=4, select=16)
 
@@ -180,6 +183,31 @@ def test_indexer_warmup_lowers_its_kl():
         kls.append(kl.item())
     assert kls[-1] < 0.5 * kls[0]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items() if "gate.bias" not in k)
+
+
+@pytest.mark.parametrize("attn", ["nsa", "dsa"])
+def test_pretrain_with_sparse_attention(tmp_path, attn):
+    """`sobre pretrain --attn nsa|dsa` trains, logs the indexer KL (DSA), exports a checkpoint sobre reloads."""
+    overrides = ("nsa_block=16", "nsa_stride=8", "nsa_select=32", "nsa_window=32") if attn == "nsa" else \
+        ("index_topk=24",)
+    run = pretrain(TrainArgs(out=str(tmp_path / attn), steps=4, save_every=4, eval_every=4, sample_every=4,
+                             data_bytes=200_000, batch_size=2, seq_len=96, attn=attn, model_overrides=overrides,
+                             dsa_warmup=2 if attn == "dsa" else 0))
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert len(recs) == 4 and all(r["loss"] > 0 for r in recs)
+    assert all("indexer_kl" in r for r in recs) == (attn == "dsa")
+    model = sobre.load(run / "model")
+    assert model.config.attn_type == attn and model.config.arch == ("deepseek_v32" if attn == "dsa" else "deepseek_v3")
+    with pytest.raises(ValueError, match="dsa-warmup"):
+        TrainArgs(attn="nsa", dsa_warmup=3).validate()
+
+
+@pytest.mark.parametrize("kind", sorted(SPARSE_MODELS))
+def test_info_counts_sparse_parameters(kind):
+    from sobre.stats import model_stats
+    c = preset("tiny", **SPARSE_MODELS[kind])
+    model = Transformer(c)
+    assert model_stats(c)["params"] == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp"))
 
 
 def test_bad_shapes_are_clear_errors():
