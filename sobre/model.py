@@ -126,12 +126,20 @@ class MLA(nn.Module):
         S, r = kv_pe.shape[1], c.kv_lora_rank
         kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]
         w_uk, w_uv = self.wkv_b.weight.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
-        if idx is not None:
+        if idx is not None:  # DSA: attend to the indexer's top-k (everything visible during the dense warm-up)
             see = sparse.visible(mask, T, S, x.device)  # [B|1, T, S]
-            q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, r + rd]
-            o = self.dsa(q_full, kv_pe, idx, see)  # [B, T, H, r]
-            o = torch.einsum("bthr,hvr->bthv", o, w_uv)
-        elif c.attn_impl == "naive":
+            kw = dict(rank=r, topk=c.index_topk, scale=c.softmax_scale, see=see)
+            dense = self.training and self.dense_warmup
+            if self.training:  # the indexer's KL to the main attention; the only loss that reaches the indexer
+                q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1).detach()
+                self.indexer_loss = sparse.indexer_kl(q_full, kv_pe.detach(), *idx, dense=dense, **kw)
+            if not dense:  # latent attention over the chosen rows, whatever attn_impl says (the fast path
+                # in prefill, training and decode alike; sparse.dsa_reference is its twin)
+                q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, r + rd]
+                o = torch.einsum("bthr,hvr->bthv", sparse.dsa_attention(q_full, kv_pe, *idx, **kw), w_uv)
+                return self.wo(o.reshape(B, T, H * dv))
+            mask = see[:, None]  # the dense warm-up: plain MLA below
+        if c.attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
             o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)
@@ -150,18 +158,6 @@ class MLA(nn.Module):
             o_lat = o_lat.view(B * T, H, r).transpose(0, 1)  # [H, B*T, r]
             o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
         return self.wo(o.reshape(B, T, H * dv))
-
-    def dsa(self, q, kv_pe, idx, see):
-        """DSA: latent attention over the indexer's top-k tokens (attn_impl naive: the dense-mask reference,
-        absorb: the chunked gather). In training also sets self.indexer_loss, the KL from the main attention
-        to the indexer (over every visible token during the dense warm-up, over the selected ones after)."""
-        c = self.c
-        kw = dict(rank=c.kv_lora_rank, topk=c.index_topk, scale=c.softmax_scale, see=see)
-        if self.training:
-            self.indexer_loss = sparse.indexer_kl(q.detach(), kv_pe.detach(), *idx, dense=self.dense_warmup, **kw)
-            if self.dense_warmup:
-                return sparse.dsa_reference(q, kv_pe, *idx, **dict(kw, topk=kv_pe.shape[1]))
-        return (sparse.dsa_reference if c.attn_impl == "naive" else sparse.dsa_attention)(q, kv_pe, *idx, **kw)
 
 
 class Indexer(nn.Module):

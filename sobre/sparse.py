@@ -170,7 +170,9 @@ def nsa_sparse(q, k, v, kc, vc, gates, t0: int, *, block, stride, select, top_n,
                  scale=scale)
     out, idx, ok = zip(*(run(fn, q[:, c0:c0 + chunk], gates[:, c0:c0 + chunk], k, v, kc, vc, t0 + c0)
                          for c0 in range(0, T, chunk)))
-    idx, ok = torch.cat(idx, 2), torch.cat(ok, 2)  # [B, Hkv, T, top_n]
+    idx, ok = torch.cat(idx, 2), torch.cat(ok, 2)  # [B, Hkv, T, top_n], valid blocks first
+    n = int(ok.sum(-1).max()) if ok.numel() else 0  # short contexts have fewer than top_n blocks: drop the padding
+    idx, ok = idx[..., :max(n, 1)], ok[..., :max(n, 1)]
     fn = partial(_selected, select=select, scale=scale)
     slc = [run(fn, q[:, c0:c0 + select_chunk], gates[:, c0:c0 + select_chunk, :, 1], k, v,
                idx[:, :, c0:c0 + select_chunk], ok[:, :, c0:c0 + select_chunk], t0 + c0)
@@ -309,13 +311,17 @@ def dsa_reference(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, sc
     """Dense DSA: full index scores, top-k as a boolean mask over full latent attention. See the module doc;
     see [B|1, T, S] (optional) says which keys each query may attend (default: causal)."""
     _check_dsa(q, kv, q_idx, k_idx, w_idx, rank)
-    T, S = q.shape[1], kv.shape[1]
-    see = visible(see, T, S, q.device)
-    scores = index_scores(q_idx, k_idx, w_idx).masked_fill(~see, float("-inf"))
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores.topk(min(topk, S), -1).indices, True)
     p = _softmax(torch.einsum("bthd,bsd->bths", q, kv).float() * (scale or q.shape[-1] ** -0.5),
-                 (chosen & see)[:, :, None])
+                 dsa_mask(q_idx, k_idx, w_idx, topk=topk, see=see)[:, :, None])
     return torch.einsum("bths,bsr->bthr", p.to(kv.dtype), kv[..., :rank])
+
+
+def dsa_mask(q_idx, k_idx, w_idx, *, topk: int, see=None) -> torch.Tensor:
+    """[B, T, S] bool: the top-k visible keys of each query by index score (the dense form of the selection)."""
+    T, S = q_idx.shape[1], k_idx.shape[1]
+    see = visible(see, T, S, q_idx.device)
+    scores = index_scores(q_idx, k_idx, w_idx).masked_fill(~see, float("-inf"))
+    return see & torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(min(topk, S), -1).indices, True)
 
 
 def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, chunk=128):
@@ -360,19 +366,27 @@ def _dsa_chunk(q, kv, sel, ok, *, rank, scale):
     return (p.to(kv.dtype) @ g)[..., :rank]  # [B, C, H, r]: the rope dims ride along (no strided copy of g)
 
 
-def indexer_kl(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, dense=False):
+def indexer_kl(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, dense=False,
+               chunk=256):
     """DSA's indexer loss: KL(p || softmax(I)) per query, p = the main attention distribution summed over heads
     and renormalised (a constant target), over every visible token (dense warm-up) or over the indexer's own
-    top-k (sparse stage). Mean over queries; the arguments are dsa_reference's."""
-    T, S = q.shape[1], kv.shape[1]
-    see = visible(see, T, S, q.device)
-    scores = index_scores(q_idx, k_idx, w_idx).masked_fill(~see, float("-inf"))  # [B, T, S]
-    if not dense:
-        see = see & torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores.topk(min(topk, S), -1).indices, True)
-        scores = scores.masked_fill(~see, float("-inf"))
-    with torch.no_grad():
-        p = _softmax(torch.einsum("bthd,bsd->bths", q, kv).float() * (scale or q.shape[-1] ** -0.5),
-                     see[:, :, None]).sum(2)
-        p = p / p.sum(-1, keepdim=True)
-    kl = p * (p.clamp_min(1e-30).log() - scores.log_softmax(-1))
-    return kl.masked_fill(~see, 0.0).sum(-1).mean()
+    top-k (sparse stage). Mean over queries; the arguments are dsa_reference's. Runs in chunks of queries."""
+    B, T, H, _ = q.shape
+    S, scale = kv.shape[1], scale or q.shape[-1] ** -0.5
+    vis_all, total = visible(see, T, S, q.device), 0.0
+    for c0 in range(0, T, chunk):
+        c1 = min(c0 + chunk, T)
+        keys = S if see is not None else S - T + c1  # causal: only the prefix the chunk can see
+        vis = vis_all[:, c0:c1, :keys]
+        scores = index_scores(q_idx[:, c0:c1], k_idx[:, :keys], w_idx[:, c0:c1]).masked_fill(~vis, float("-inf"))
+        if not dense:
+            top = scores.topk(min(topk, keys), -1).indices
+            vis = vis & torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+            scores = scores.masked_fill(~vis, float("-inf"))
+        with torch.no_grad():
+            s = (q[:, c0:c1].flatten(1, 2) @ kv[:, :keys].transpose(1, 2)).view(B, c1 - c0, H, keys)
+            p = _softmax(s.float() * scale, vis[:, :, None]).sum(2)
+            p = p / p.sum(-1, keepdim=True)
+        kl = p * (p.clamp_min(1e-30).log() - scores.log_softmax(-1))
+        total = total + kl.masked_fill(~vis, 0.0).sum()
+    return total / (B * T)
