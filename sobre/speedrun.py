@@ -39,6 +39,8 @@ from .tokenizer import load_tokenizer
 from .train import TrainArgs, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
+# each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
+SHARES = {"pretrain": 0.144, "sft": 0.278, "grpo": 0.174, "distill": 0.396, "eval": 0.008}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 
 
@@ -49,6 +51,8 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
     results: dict = {"preset": preset_name, "seed": seed, "task": TASK}
     (out / "speedrun.json").write_text(json.dumps(results) + "\n")
 
+    start, ran = time.perf_counter(), []  # ran: stages this invocation has timed, for the ETA
+
     def stage(name: str, fn):
         done = out / name / "stage.json"
         if done.exists() and not force:
@@ -57,12 +61,22 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
             return
         if force and (out / name).exists():
             shutil.rmtree(out / name)
+        print(f"speedrun: stage {list(SHARES).index(name) + 1}/{len(SHARES)} {name}" + eta(), flush=True)
         t0 = time.perf_counter()
         r = fn(out / name)
         r["minutes"] = round((time.perf_counter() - t0) / 60, 2)
         r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         done.write_text(json.dumps(r, indent=2) + "\n")
         results[name] = r
+        ran.append(name)
+
+    def eta() -> str:
+        """Time left for the stages still to run, from the pace of those this invocation ran so far."""
+        if not ran:
+            return ""
+        pace = (time.perf_counter() - start) / sum(SHARES[n] for n in ran)  # seconds per unit of share
+        left = sum(v for n, v in SHARES.items() if n not in results)
+        return f" (elapsed {(time.perf_counter() - start) / 60:.1f} min, about {pace * left / 60:.1f} min to go)"
 
     stage("pretrain", lambda d: _pretrain(d, preset_name, seed, steps))
     stage("sft", lambda d: _finished(sft(SFTArgs(

@@ -74,6 +74,7 @@ def test_speedrun_runs_every_stage_and_resumes(tmp_path):
     out = run(*args)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "greedy tokens equal: True" in report, out.stdout
+    assert "stage 1/5 pretrain" in out.stdout and "stage 5/5 eval (elapsed" in out.stdout and "min to go" in out.stdout
     stages = {s: json.loads((tmp_path / "run" / s / "stage.json").read_text())
               for s in ("pretrain", "sft", "grpo", "distill", "eval")}
     p = stages["pretrain"]
