@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "qwen2", "llama")
+ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "qwen2", "llama", "deepseek_v4")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
 ATTN_TYPES = ("full", "nsa", "dsa")
+V4_LAYER_TYPES = ("sliding", "csa", "hca")  # HF: sliding_attention, compressed_sparse_attention, heavily_compressed_...
 
 
 @dataclass
@@ -82,6 +83,19 @@ class Config:
     index_n_heads: int = 4  # DSA lightning indexer
     index_head_dim: int = 16
     index_topk: int = 2048
+    # DeepSeek-V4 (v4.py): hybrid sliding / CSA / HCA attention, mHC residual streams, hash-routed MoE
+    layer_types: list = dataclasses.field(default_factory=list)  # per layer: sliding | csa | hca
+    sliding_window: int = 128
+    compress_rate_csa: int = 4
+    compress_rate_hca: int = 128
+    compress_rope_theta: float = 160000.0
+    o_groups: int = 2  # grouped low-rank output projection
+    o_lora_rank: int = 32
+    hc_mult: int = 4  # mHC streams
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    n_hash_layers: int = 0  # the first n MoE layers route by a fixed token -> experts table
+    swiglu_limit: float = 0.0  # clamp of the SwiGLU pre-activations (0: off)
     # implementation switches (not part of the checkpoint)
     attn_impl: str = "naive"  # naive (expand K/V) | absorb (attention in latent space)
     seed: int = 0
@@ -99,7 +113,7 @@ class Config:
 
     @property
     def is_dense_arch(self) -> bool:  # qwen2 / llama: no MoE, no MTP
-        return self.arch not in MLA_ARCHS
+        return self.arch in ("qwen2", "llama")
 
     @property
     def qk_head_dim(self) -> int:
@@ -115,7 +129,7 @@ class Config:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.is_mla else self.dense_head_dim
+        return self.qk_rope_head_dim if self.is_mla or self.arch == "deepseek_v4" else self.dense_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.n_dense_layers and i % self.moe_layer_freq == 0
@@ -185,9 +199,11 @@ class Config:
                 bad("n_mtp_layers", f"{self.arch} models have no MTP module")
             if self.attn_type != "full":
                 bad("attn_type", f"{self.arch} models use full attention")
+        if self.arch == "deepseek_v4":
+            self._validate_v4(bad)
         if self.n_routed_experts:
-            if self.score_func not in ("sigmoid", "softmax"):
-                bad("score_func", "expected 'sigmoid' or 'softmax'")
+            if self.score_func not in ("sigmoid", "softmax", "sqrtsoftplus"):
+                bad("score_func", "expected 'sigmoid', 'softmax' or 'sqrtsoftplus'")
             if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
                 bad("topk_method", "expected 'noaux_tc', 'greedy' or 'group_limited_greedy'")
             if not 0 < self.n_activated_experts <= self.n_routed_experts:
@@ -203,6 +219,24 @@ class Config:
                 bad("n_limited_groups", "the selected groups hold fewer experts than n_activated_experts")
             if self.moe_inter_dim <= 0 or self.moe_layer_freq <= 0:
                 bad("moe_inter_dim", "moe_inter_dim and moe_layer_freq must be positive")
+
+    def _validate_v4(self, bad):
+        if len(self.layer_types) != self.n_layers or set(self.layer_types) - set(V4_LAYER_TYPES):
+            bad("layer_types", f"need one of {V4_LAYER_TYPES} per layer ({self.n_layers} layers)")
+        for k in ("head_dim", "q_lora_rank", "sliding_window", "compress_rate_csa", "compress_rate_hca", "o_groups",
+                  "o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "n_routed_experts"):
+            if getattr(self, k) <= 0:
+                bad(k, "must be positive for deepseek_v4")
+        if self.kv_heads != 1:
+            bad("n_kv_heads", "deepseek_v4 attention has one shared K=V head")
+        if not 0 < self.qk_rope_head_dim <= self.head_dim:
+            bad("qk_rope_head_dim", f"the rope slice must fit in head_dim={self.head_dim}")
+        if self.n_heads % self.o_groups:
+            bad("o_groups", f"must divide n_heads={self.n_heads}")
+        if not 0 <= self.n_hash_layers <= self.n_layers:
+            bad("n_hash_layers", f"must be in 0..n_layers={self.n_layers}")
+        if "csa" in self.layer_types and self.index_head_dim < self.qk_rope_head_dim:
+            bad("index_head_dim", f"must hold the rope slice ({self.qk_rope_head_dim})")
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -329,6 +363,82 @@ _DEFAULTS_V2 = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk
 _DEFAULTS_DENSE = dict(n_routed_experts=0, n_mtp_layers=0, rope_interleave=False, q_lora_rank=0)
 
 
+_V4 = [("vocab_size", "vocab_size"), ("hidden_size", "dim"), ("num_hidden_layers", "n_layers"),
+       ("num_attention_heads", "n_heads"), ("num_key_value_heads", "n_kv_heads"), ("head_dim", "head_dim"),
+       ("rms_norm_eps", "norm_eps"), ("max_position_embeddings", "max_seq_len"),
+       ("tie_word_embeddings", "tie_embeddings"), ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+       ("pad_token_id", "pad_token_id"), ("q_lora_rank", "q_lora_rank"), ("n_routed_experts", "n_routed_experts"),
+       ("n_shared_experts", "n_shared_experts"), ("num_experts_per_tok", "n_activated_experts"),
+       ("moe_intermediate_size", "moe_inter_dim"), ("scoring_func", "score_func"),
+       ("routed_scaling_factor", "route_scale"), ("norm_topk_prob", "norm_topk_prob"),
+       ("qk_rope_head_dim", "qk_rope_head_dim"), ("compress_rope_theta", "compress_rope_theta"),
+       ("sliding_window", "sliding_window"), ("o_groups", "o_groups"), ("o_lora_rank", "o_lora_rank"),
+       ("hc_mult", "hc_mult"), ("hc_sinkhorn_iters", "hc_sinkhorn_iters"), ("hc_eps", "hc_eps"),
+       ("swiglu_limit", "swiglu_limit"), ("index_n_heads", "index_n_heads"), ("index_head_dim", "index_head_dim"),
+       ("index_topk", "index_topk")]
+_V4_LAYER = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
+             "heavily_compressed_attention": "hca"}
+_DEFAULTS_V4 = dict(vocab_size=129280, dim=4096, n_layers=43, n_heads=64, n_kv_heads=1, head_dim=512,
+                    q_lora_rank=1024, qk_rope_head_dim=64, n_routed_experts=256, n_shared_experts=1,
+                    n_activated_experts=6, moe_inter_dim=2048, n_dense_layers=0, n_expert_groups=1,
+                    n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, n_mtp_layers=0,
+                    sliding_window=128, o_groups=8, o_lora_rank=1024, swiglu_limit=10.0, index_n_heads=64,
+                    index_head_dim=128, index_topk=512, compress_rate_csa=4, compress_rate_hca=128,
+                    max_seq_len=1048576, rope_interleave=True)
+
+
+def _v4_from_hf(hf: dict, source: str, bad) -> Config:
+    """DeepSeek-V4's config.json (transformers' deepseek_v4 names, with the legacy spellings it also reads)."""
+    known = {k for k, _ in _V4} | _IGNORED | {"compress_rates", "compress_ratios", "compress_rate_csa",
+                                              "compress_rate_hca", "num_hash_layers", "partial_rotary_factor",
+                                              "num_nextn_predict_layers", "router_jitter_noise", "n_group",
+                                              "topk_group", "topk_method", "moe_layer_freq", "first_k_dense_replace"}
+    for key in hf:
+        if key not in known:
+            raise ValueError(f"{source}: unknown key {key!r} for model_type 'deepseek_v4'")
+    if hf.get("hidden_act", "silu") != "silu":
+        bad("hidden_act", "only silu (SwiGLU) FFNs are supported")
+    kw = {"arch": "deepseek_v4", **_DEFAULTS_V4}
+    kw.update({ours: hf[k] for k, ours in _V4 if k in hf})
+    if "qk_rope_head_dim" not in hf and "partial_rotary_factor" in hf:
+        kw["qk_rope_head_dim"] = int(kw["head_dim"] * hf["partial_rotary_factor"])
+    n = kw["n_layers"]
+    rates = {**{_V4_LAYER[k]: v for k, v in (hf.get("compress_rates") or {}).items()},
+             **{k[-3:]: hf[k] for k in ("compress_rate_csa", "compress_rate_hca") if k in hf}}
+    kw["compress_rate_csa"], kw["compress_rate_hca"] = rates.get("csa", 4), rates.get("hca", 128)
+    if hf.get("layer_types"):
+        if any(t not in _V4_LAYER for t in hf["layer_types"]):
+            bad("layer_types", f"expected entries from {sorted(_V4_LAYER)}")
+        kw["layer_types"] = [_V4_LAYER[t] for t in hf["layer_types"][:n]]
+    elif hf.get("compress_ratios"):
+        by_rate = {0: "sliding", kw["compress_rate_csa"]: "csa", kw["compress_rate_hca"]: "hca"}
+        kw["layer_types"] = [by_rate[r] for r in hf["compress_ratios"][:n]]
+    else:  # transformers' default: two HCA layers, then CSA / HCA alternating
+        kw["layer_types"] = ["hca"] * min(n, 2) + ["csa" if i % 2 else "hca" for i in range(max(n - 2, 0))]
+    mlp = hf.get("mlp_layer_types")
+    kw["n_hash_layers"] = mlp.count("hash_moe") if mlp else min(n, hf.get("num_hash_layers", 3))
+    if mlp and mlp != ["hash_moe"] * kw["n_hash_layers"] + ["moe"] * (n - kw["n_hash_layers"]):
+        bad("mlp_layer_types", "expected hash_moe layers first, then moe")
+    rp = hf.get("rope_parameters") or {}
+    if "main" in rp:  # transformers' nested form; else the flat form describes the compressed layers' rope
+        main, comp = rp["main"] or {}, rp.get("compress") or {}
+    else:
+        main, comp = {}, {**(hf.get("rope_scaling") or {}), **rp}
+    if main.get("rope_type", "default") != "default":
+        bad("rope_parameters", "the main (sliding-window) rope must be unscaled")
+    kw["compress_rope_theta"] = float(comp.get("rope_theta", kw["compress_rope_theta"]))
+    comp = {k: v for k, v in comp.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if comp.get("attention_factor", 1.0) != 1.0:
+        bad("rope_parameters", "V4's compressed rope leaves cos/sin unscaled (attention_factor 1.0)")
+    comp.pop("attention_factor", None)
+    _rope_from_hf({"rope_parameters": comp, "max_position_embeddings": kw["max_seq_len"]}, kw, bad)
+    kw["rope_theta"] = float(main.get("rope_theta", hf.get("rope_theta", 10000.0)))  # the sliding layers' rope
+    try:
+        return Config(**kw)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
 def _from_hf(hf: dict, source: str) -> Config:
     def bad(key, msg):
         raise ValueError(f"{source}: {key}={hf.get(key)!r}: {msg}")
@@ -336,6 +446,8 @@ def _from_hf(hf: dict, source: str) -> Config:
     arch = hf.get("model_type")
     if arch not in ARCHS:
         bad("model_type", f"unsupported model type; sobre loads {', '.join(ARCHS)}")
+    if arch == "deepseek_v4":
+        return _v4_from_hf(hf, source, bad)
     mapping = _COMMON + (_MLA if arch in MLA_ARCHS else _DENSE) + (_DSA if arch == "deepseek_v32" else [])
     nsa = arch == "deepseek_v3" and hf.get("attn_type", "full") != "full"
     if nsa:  # sobre's NSA models: grouped-query heads instead of MLA

@@ -223,7 +223,7 @@ class NSA(nn.Module):
         self.wk = nn.Linear(c.dim, Hkv * hd, bias=False)
         self.wv = nn.Linear(c.dim, Hkv * hd, bias=False)
         self.wo = nn.Linear(H * hd, c.dim, bias=False)
-        self.gate = nn.Linear(c.dim, H * 3, bias=False)
+        self.gate = nn.Linear(c.dim, H * 3)  # init_weights starts it at the window branch (bias -2, -2, +2)
         self.cmp_k, self.cmp_v = BlockCompressor(c.nsa_block, hd), BlockCompressor(c.nsa_block, hd)
 
     def forward(self, x, rope, mask, cache=None):
@@ -529,10 +529,14 @@ def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None)
     g = torch.Generator().manual_seed(model.config.seed if seed is None else seed)
     for name, p in model.named_parameters():
         with torch.no_grad():
-            if p.dim() == 1:
+            if name.endswith("attn.gate.weight"):  # NSA: gates start at the sliding window (sigmoid 0.12, 0.12,
+                p.zero_()  # 0.88): the compressed/selected branches are noise until their keys mean something, and
+            elif name.endswith("attn.gate.bias"):  # with them open from step 0 retrieval tasks never leave chance
+                p.copy_(torch.tensor([-2.0, -2.0, 2.0]).repeat(p.numel() // 3))
+            elif p.dim() == 1:
                 p.fill_(1.0 if "norm" in name else 0.0)
             elif ".cmp_" in name and not name.endswith("pos"):  # NSA compressor MLP: keep the key scale
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[0] ** -0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model

@@ -12,7 +12,8 @@ NSA — Native Sparse Attention (Yuan et al., 2025). Three branches per query, m
     k      [B, S, Hkv, D]  keys of all S positions, RoPE applied; Hq % Hkv == 0 (a GQA group of Hq/Hkv heads)
     v      [B, S, Hkv, Dv]
     gates  [B, T, Hq, 3]   branch weights (the model's sigmoid outputs): compressed, selected, window
-    cmp_k  Compressor(pos [block, D], w1 [block*D, D], w2 [D, D]): phi(x) = silu(flatten(x + pos) @ w1) @ w2
+    cmp_k  Compressor(pos [block, D], w1 [block*D, D], w2 [D, D]):
+           phi(x) = silu(flatten(x + pos) @ w1 / sqrt(block)) @ w2
     cmp_v  Compressor(pos [block, Dv], w1 [block*Dv, Dv], w2 [Dv, Dv])
     scale  softmax scale, default D**-0.5
     o      [B, T, Hq, Dv]
@@ -65,7 +66,8 @@ def compress(x: torch.Tensor, cmp: Compressor, block: int, stride: int) -> torch
     if S < block:
         return x.new_zeros(B, 0, H, cmp.w2.shape[-1])
     blocks = x.unfold(1, block, stride).transpose(-1, -2) + cmp.pos  # [B, N, H, block, D]
-    return F.silu(blocks.flatten(-2) @ cmp.w1) @ cmp.w2
+    return F.silu(blocks.flatten(-2) @ cmp.w1 * block**-0.5) @ cmp.w2  # the 1/sqrt(block) fan-in multiplier keeps
+    # Adam's steps on w1 from swinging the output block-times harder than other layers' (mu-P style)
 
 
 def n_complete(length: int, block: int, stride: int) -> int:
@@ -110,7 +112,7 @@ def nsa_reference(q, k, v, gates, cmp_k: Compressor, cmp_v: Compressor, *, block
     s = torch.arange(S, device=dev)  # [S] key positions
 
     def phi(x, cmp):  # one block [B, block, H, D] -> [B, H, D]
-        return F.silu((x.transpose(1, 2) + cmp.pos).flatten(-2) @ cmp.w1) @ cmp.w2
+        return F.silu((x.transpose(1, 2) + cmp.pos).flatten(-2) @ cmp.w1 * block**-0.5) @ cmp.w2
 
     n = n_complete(S, block, stride)
     kc = torch.stack([phi(k[:, i * stride:i * stride + block], cmp_k) for i in range(n)], 1) if n else \

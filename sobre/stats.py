@@ -19,8 +19,8 @@ def attn_params(c: Config) -> int:
         return q + kv + H * c.v_head_dim * D + indexer
     hd, kvh = c.dense_head_dim, c.kv_heads
     bias = (H + 2 * kvh) * hd if c.qkv_bias else 0
-    # NSA: branch gates + two block compressors (intra-block positions, two-layer MLP)
-    nsa = D * H * 3 + 2 * (c.nsa_block * hd + c.nsa_block * hd * hd + hd * hd) if c.attn_type == "nsa" else 0
+    # NSA: branch gates (with bias) + two block compressors (intra-block positions, two-layer MLP)
+    nsa = (D + 1) * H * 3 + 2 * (c.nsa_block * hd + c.nsa_block * hd * hd + hd * hd) if c.attn_type == "nsa" else 0
     return D * H * hd + 2 * D * kvh * hd + bias + H * hd * D + (D if c.o_bias else 0) + nsa
 
 

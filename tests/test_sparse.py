@@ -25,8 +25,8 @@ def nsa_inputs(S, T, Hq, Hkv, D=16, Dv=8, block=8, seed=0):
 
     q, k, v = rnd(2, T, Hq, D), rnd(2, S, Hkv, D), rnd(2, S, Hkv, Dv)
     gates = torch.rand(2, T, Hq, 3, generator=g).requires_grad_()
-    def compressor(d):  # fan-in scaled, so compressed keys stay the size of keys
-        return Compressor(rnd(block, d, scale=0.3), rnd(block * d, d, scale=(block * d) ** -0.5),
+    def compressor(d):  # scaled as init_weights does, so compressed keys stay the size of keys
+        return Compressor(rnd(block, d, scale=0.3), rnd(block * d, d, scale=d**-0.5),
                           rnd(d, d, scale=d**-0.5))
 
     cmp_k, cmp_v = compressor(D), compressor(Dv)

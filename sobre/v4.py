@@ -1,0 +1,301 @@
+"""DeepSeek-V4: hybrid sliding-window / CSA / HCA attention, mHC residual streams, hash-routed MoE.
+
+A readable reference of the architecture as transformers' `deepseek_v4` implements it (logit parity is tested
+in tests/test_v4.py). Every layer attends over a sliding window of raw tokens; CSA layers add compressed
+entries (one per `compress_rate_csa` tokens, overlapping windows) of which a lightning indexer keeps the top-k
+per query; HCA layers add all causal entries of a heavy compression (one per `compress_rate_hca` tokens).
+One K=V head is shared by all query heads, the rope slice is the *trailing* `qk_rope_head_dim` channels and
+the output's rope slice is rotated back (so each entry contributes by relative position), every head has a
+learned attention sink, and the output projection is grouped low-rank. The residual is `hc_mult` streams
+mixed by manifold-constrained hyper-connections (Sinkhorn-projected doubly-stochastic mixing).
+
+Tensor names are transformers' (`model.` prefix dropped), so HF checkpoints map one to one.
+Rope: sliding layers use plain rope (`rope_theta`); CSA/HCA layers and the compressed entries use
+`compress_rope_theta` with the config's rope scaling (YaRN), cos/sin unscaled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .model import RMSNorm, rope_inv_freq
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, computed in fp32."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing 2 * cos.shape[-1] channels of x [..., D] in interleaved pairs, in place order.
+    cos/sin broadcast against x[..., :1] with a last dim of rd/2."""
+    rd = 2 * cos.shape[-1]
+    x1, x2 = x[..., -rd::2].float(), x[..., -rd + 1::2].float()
+    rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([x[..., :-rd], rot.to(x.dtype)], dim=-1)
+
+
+class Rope2(nn.Module):
+    """cos/sin [T, rd/2] for the "main" (sliding layers) and "compress" (CSA/HCA layers, entries) ropes."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        main = rope_inv_freq(c.replace(rope_type="default"))[0]
+        comp = rope_inv_freq(c.replace(rope_theta=c.compress_rope_theta))[0]  # cos/sin unscaled (factor 1)
+        self.register_buffer("main", main, persistent=False)
+        self.register_buffer("compress", comp, persistent=False)
+
+    def forward(self, pos: torch.Tensor, kind: str):  # pos [...] -> cos, sin [..., rd/2]
+        ang = pos[..., None].float() * getattr(self, kind)
+        return ang.cos(), ang.sin()
+
+
+class Compressor(nn.Module):
+    """One gated-pooled entry per `rate` tokens. overlap (CSA): entry w pools window w-1's first half-channels
+    and window w's second half over 2*rate slots; else (HCA) window w alone. kv_norm, then rope at w*rate."""
+
+    def __init__(self, c: Config, rate: int, dim: int, overlap: bool):
+        super().__init__()
+        self.rate, self.dim, self.overlap = rate, dim, overlap
+        width = 2 * dim if overlap else dim
+        self.kv_proj = nn.Linear(c.dim, width, bias=False)
+        self.gate_proj = nn.Linear(c.dim, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, width))
+        self.kv_norm = RMSNorm(dim, c.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope2) -> torch.Tensor:  # x [B, T, D] -> entries [B, T//rate, d]
+        B, T, _ = x.shape
+        m, d, n = self.rate, self.dim, T // self.rate
+        kv = self.kv_proj(x[:, :n * m]).view(B, n, m, -1)
+        gate = self.gate_proj(x[:, :n * m]).view(B, n, m, -1) + self.position_bias
+        if self.overlap:  # slots [0, m): the previous window's first half (none before window 0); [m, 2m): own
+            prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
+            prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)  # [B, n, 2m, d]
+            gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+        return rope_tail(self.kv_norm(pooled), *rope(torch.arange(n, device=x.device) * m, "compress"))
+
+
+class Indexer(Compressor):
+    """CSA's lightning indexer: its own small overlapping compressor gives keys [B, N, Di]; queries come from
+    the attention's q latent; score(t, s) = sum_h w_th * relu(q_th . k_s)."""
+
+    def __init__(self, c: Config):
+        super().__init__(c, c.compress_rate_csa, c.index_head_dim, overlap=True)
+        self.c = c
+        self.q_b_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.scorer = nn.Module()
+        self.scorer.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
+
+    def select(self, x, q_lat, pos, rope, visible) -> torch.Tensor:
+        """-> bool [B, T, N]: the top-k of the visible compressed entries for each query."""
+        c = self.c
+        B, T, _ = x.shape
+        k = self(x, rope).float()  # [B, N, Di]
+        cos, sin = rope(pos, "compress")
+        q = rope_tail(self.q_b_proj(q_lat).view(B, T, c.index_n_heads, -1), cos[:, None], sin[:, None])
+        s = torch.einsum("bthd,bnd->bthn", q.float(), k).relu() * c.index_head_dim**-0.5
+        w = self.scorer.weights_proj(x).float() * c.index_n_heads**-0.5  # [B, T, Hi]
+        score = (s * w[..., None]).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
+        top = score.topk(min(c.index_topk, score.shape[-1]), dim=-1).indices
+        return torch.zeros_like(visible).scatter_(-1, top, True) & visible
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config, kind: str):
+        super().__init__()
+        self.c, self.kind = c, kind
+        H, D = c.n_heads, c.head_dim
+        self.q_a_proj = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, H * D, bias=False)
+        self.kv_proj = nn.Linear(c.dim, D, bias=False)
+        self.kv_norm = RMSNorm(D, c.norm_eps)
+        self.o_a_proj = nn.Linear(H * D // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # per group
+        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(H))
+        if kind != "sliding":
+            rate = c.compress_rate_csa if kind == "csa" else c.compress_rate_hca
+            self.compressor = Compressor(c, rate, D, overlap=kind == "csa")
+            if kind == "csa":
+                self.compressor.indexer = Indexer(c)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rope2) -> torch.Tensor:
+        """x [B, T, dim], pos [T] -> [B, T, dim]. Dense scores under masks (the reference)."""
+        c = self.c
+        B, T, _ = x.shape
+        H, D, G = c.n_heads, c.head_dim, c.o_groups
+        cos, sin = rope(pos, "main" if self.kind == "sliding" else "compress")  # [T, rd/2]
+        q_lat = self.q_a_norm(self.q_a_proj(x))
+        q = rope_tail(unit_rms(self.q_b_proj(q_lat).view(B, T, H, D), c.norm_eps), cos[:, None], sin[:, None])
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, D]: key and value alike
+        d = pos[:, None] - pos[None, :]
+        see = ((d >= 0) & (d < c.sliding_window)).expand(B, T, T)  # [B, T, T]
+        if self.kind != "sliding":
+            ent = self.compressor(x, rope)  # [B, N, D]
+            causal = torch.arange(ent.shape[1], device=x.device) < ((pos + 1) // self.compressor.rate)[:, None]
+            causal = causal.expand(B, -1, -1)  # [B, T, N]: entry w is complete once token (w+1)*rate-1 is seen
+            if self.kind == "csa":
+                causal = self.compressor.indexer.select(x, q_lat, pos, rope, causal)
+            kv, see = torch.cat([kv, ent], dim=1), torch.cat([see, causal], dim=-1)
+        s = torch.einsum("bthd,bsd->bhts", q, kv).float() * D**-0.5
+        s = s.masked_fill(~see[:, None], float("-inf"))
+        s = torch.cat([s, self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+        p = s.softmax(-1)[..., :-1].to(kv.dtype)  # the sink takes its share of the mass, then is dropped
+        o = rope_tail(torch.einsum("bhts,bsd->bthd", p, kv), cos[:, None], -sin[:, None])  # rotate back
+        o = o.reshape(B, T, G, H * D // G)
+        w = self.o_a_proj.weight.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block
+        return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
+
+
+class HyperConnection(nn.Module):
+    """mHC: from the N streams, pre (collapse weights), post (expand weights) and comb (stream mixing,
+    Sinkhorn-projected to doubly stochastic)."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c, N = c, c.hc_mult
+        self.fn = nn.Parameter(torch.zeros((2 + N) * N, N * c.dim))
+        self.base = nn.Parameter(torch.zeros((2 + N) * N))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, h: torch.Tensor):  # h [B, T, N, D] -> post [B, T, N], comb [B, T, N, N], x [B, T, D]
+        c, N = self.c, self.c.hc_mult
+        mix = F.linear(unit_rms(h.flatten(2).float(), c.norm_eps), self.fn.float())
+        pre, post, comb = (mix * self.scale.repeat_interleave(torch.tensor([N, N, N * N]))
+                           + self.base).split([N, N, N * N], dim=-1)
+        pre = pre.sigmoid() + c.hc_eps
+        post = 2 * post.sigmoid()
+        comb = comb.view(*comb.shape[:-1], N, N).softmax(-1) + c.hc_eps
+        comb = comb / (comb.sum(-2, keepdim=True) + c.hc_eps)
+        for _ in range(c.hc_sinkhorn_iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + c.hc_eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + c.hc_eps)
+        return post, comb, (pre[..., None] * h).sum(2).to(h.dtype)
+
+
+def hc_apply(h, post, comb, out):
+    """New streams: post-weighted block output plus the comb-mixed old streams. h [B, T, N, D], out [B, T, D]."""
+    return post.to(h.dtype)[..., None] * out[..., None, :] + comb.to(h.dtype).transpose(-1, -2) @ h
+
+
+class HyperHead(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.c, N = c, c.hc_mult
+        self.hc_fn = nn.Parameter(torch.zeros(N, N * c.dim))
+        self.hc_base = nn.Parameter(torch.zeros(N))
+        self.hc_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, h):  # [B, T, N, D] -> [B, T, D]
+        mix = F.linear(unit_rms(h.flatten(2).float(), self.c.norm_eps), self.hc_fn.float())
+        pre = (mix * self.hc_scale + self.hc_base).sigmoid() + self.c.hc_eps
+        return (pre[..., None] * h).sum(2).to(h.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.limit = c.swiglu_limit
+        self.gate_proj = nn.Linear(c.dim, c.moe_inter_dim, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.moe_inter_dim, bias=False)
+        self.down_proj = nn.Linear(c.moe_inter_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+
+
+class Router(nn.Module):
+    """sqrt(softplus) (or sigmoid / softmax) scores; experts = top-k of score + bias, or tid2eid[token] in hash
+    layers; weights = the chosen scores renormalised, times route_scale."""
+
+    def __init__(self, c: Config, hashed: bool):
+        super().__init__()
+        self.c, self.hashed = c, hashed
+        self.weight = nn.Parameter(torch.zeros(c.n_routed_experts, c.dim))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(c.vocab_size, c.n_activated_experts, dtype=torch.long))
+        else:
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts))
+
+    def forward(self, x, tokens):  # x [N, D], tokens [N] -> weights [N, k], experts [N, k]
+        logits = F.linear(x.float(), self.weight.float())
+        f = self.c.score_func
+        scores = F.softplus(logits).sqrt() if f == "sqrtsoftplus" else logits.sigmoid() if f == "sigmoid" \
+            else logits.softmax(-1)
+        idx = self.tid2eid[tokens] if self.hashed else \
+            (scores + self.e_score_correction_bias).topk(self.c.n_activated_experts, dim=-1).indices
+        w = scores.gather(1, idx)
+        return w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.route_scale, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, c: Config, hashed: bool):
+        super().__init__()
+        E, D, inter = c.n_routed_experts, c.dim, c.moe_inter_dim
+        self.c = c
+        self.gate = Router(c, hashed)
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * inter, D))
+        self.experts.down_proj = nn.Parameter(torch.zeros(E, D, inter))
+        self.shared_experts = MLP(c)
+
+    def forward(self, x, tokens):  # x [B, T, D], tokens [B, T]
+        flat = x.flatten(0, 1)
+        w, idx = self.gate(flat, tokens.flatten())
+        out = torch.zeros_like(flat)
+        for e in idx.unique().tolist():  # reference: one matmul pair per used expert
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            g, u = F.linear(flat[rows], self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(swiglu(g, u, self.c.swiglu_limit), self.experts.down_proj[e])
+            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+        return out.view_as(x) + self.shared_experts(x)
+
+
+class Layer(nn.Module):
+    def __init__(self, c: Config, i: int):
+        super().__init__()
+        self.self_attn = Attention(c, c.layer_types[i])
+        self.mlp = MoE(c, hashed=i < c.n_hash_layers)
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.attn_hc, self.ffn_hc = HyperConnection(c), HyperConnection(c)
+
+    def forward(self, h, tokens, pos, rope):  # h [B, T, N, D]
+        post, comb, x = self.attn_hc(h)
+        h = hc_apply(h, post, comb, self.self_attn(self.input_layernorm(x), pos, rope))
+        post, comb, x = self.ffn_hc(h)
+        return hc_apply(h, post, comb, self.mlp(self.post_attention_layernorm(x), tokens))
+
+
+class V4Transformer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Layer(c, i) for i in range(c.n_layers))
+        self.hc_head = HyperHead(c)
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.rope = Rope2(c)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (full-sequence reference forward)."""
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.embed_tokens(tokens)
+        h = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, N, D]
+        for layer in self.layers:
+            h = layer(h, tokens, pos, self.rope)
+        return self.lm_head(self.norm(self.hc_head(h)))

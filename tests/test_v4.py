@@ -1,0 +1,58 @@
+"""DeepSeek-V4 (sobre/v4.py): logits equal transformers' DeepseekV4ForCausalLM on the same weights."""
+
+import pytest
+import torch
+
+from sobre.config import Config
+from sobre.v4 import V4Transformer
+
+transformers = pytest.importorskip("transformers")
+
+HF = dict(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+          head_dim=32, q_lora_rank=32, n_routed_experts=8, num_experts_per_tok=2, sliding_window=8, o_groups=2,
+          o_lora_rank=16, index_n_heads=16, index_head_dim=16, index_topk=4, partial_rotary_factor=0.25, hc_mult=2,
+          layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                       "compressed_sparse_attention"],
+          compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+          max_position_embeddings=256)
+
+
+def hf_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV4Config(**{**HF, **kw})
+    cfg._attn_implementation = "eager"
+    m = transformers.DeepseekV4ForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers zero-inits sinks, biases, hc weights: randomise them all
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 1 else 0.05) + (1 if "norm" in name
+                                                                                            else 0))
+        for mod in m.modules():
+            if hasattr(mod, "tid2eid"):
+                mod.tid2eid.copy_(torch.randint(0, cfg.n_routed_experts, mod.tid2eid.shape, generator=g))
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.copy_(torch.randn(mod.e_score_correction_bias.shape, generator=g) * .1)
+    return m
+
+
+def ours_from(hf) -> V4Transformer:
+    c = Config.from_hf(hf.config.to_dict())
+    m = V4Transformer(c).eval()
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return m
+
+
+@pytest.mark.parametrize("kw", [{}, dict(hc_mult=4, o_groups=4, num_hidden_layers=3, layer_types=[
+    "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"], mlp_layer_types=[
+    "hash_moe", "moe", "moe"]), dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 64})])
+def test_logits_match_transformers(kw):
+    hf = hf_model(**kw)
+    ours = ours_from(hf)
+    x = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(x).logits
+        got = ours(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1), (got - want).abs().max()
