@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .config import Config
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer
+from .v4 import Rope2, V4Transformer
 
 # HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
 LAYER_MODULES = {
@@ -50,9 +51,44 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+# DeepSeek-V4's released tensor names -> transformers' module names, which v4.py keeps (the same table
+# transformers applies; names already in transformers' form pass through unchanged)
+V4_RENAMES = [(r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."), (r"\.indexer\.compressor\.", ".compressor.indexer."),
+              (r"^embed\.weight", "embed_tokens.weight"), (r"^head\.weight", "lm_head.weight"),
+              (r"^hc_head_(fn|base|scale)", r"hc_head.hc_\1"), (r"\.attn_norm\.", ".input_layernorm."),
+              (r"\.ffn_norm\.", ".post_attention_layernorm."), (r"\.hc_(attn|ffn)_(fn|base|scale)", r".\1_hc.\2"),
+              (r"\.attn_sink", ".sinks"), (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
+              (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."), (r"\.norm\.", ".kv_norm."),
+              (r"\.ape$", ".position_bias"), (r"\.wq_a\.", ".q_a_proj."),
+              (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."),
+              (r"\.wkv\.", ".kv_proj."), (r"\.wgate\.", ".gate_proj."), (r"\.wo_a\.", ".o_a_proj."),
+              (r"\.wo_b\.", ".o_b_proj."), (r"\.q_norm\.", ".q_a_norm."),
+              (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+              (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."),
+              (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
+              (r"\.shared_experts\.w3\.", ".shared_experts.up_proj.")]
+V4_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(w1|w2|w3)\.weight")
+
+
+def v4_name(name: str):
+    """-> (our name, expert index | (expert, half of gate_up_proj) | None), or None for MTP layers (not built,
+    as in transformers)."""
+    name = name.removeprefix("model.")
+    if re.match(r"mtp\.", name):
+        return None
+    for pat, rep in V4_RENAMES:
+        name = re.sub(pat, rep, name)
+    if m := V4_EXPERT.fullmatch(name):  # per-expert w1/w3 halves of gate_up_proj [E, 2I, D]; w2 -> down_proj
+        e, w = int(m.group(2)), m.group(3)
+        return (f"{m.group(1)}.down_proj", e) if w == "w2" else (f"{m.group(1)}.gate_up_proj", (e, w == "w3"))
+    return name, None
+
+
 def hf_to_ours(name: str, c: Config) -> tuple[str, int | None] | None:
     """HF tensor name -> (our parameter name, expert index or None); None for tensors we skip on purpose.
     Raises KeyError for names that belong to no part of the model."""
+    if c.arch == "deepseek_v4":
+        return v4_name(name)
     if name in TOP:
         return TOP[name], None
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -83,6 +119,9 @@ def hf_to_ours(name: str, c: Config) -> tuple[str, int | None] | None:
 def ours_to_hf(model: Transformer):
     """Yield (HF name, tensor) for every tensor of the model, experts unstacked."""
     c = model.config
+    if c.arch == "deepseek_v4":
+        yield from ((n if n == "lm_head.weight" else "model." + n, t) for n, t in model.state_dict().items())
+        return
     inv_top = {v: k for k, v in TOP.items()}
     inv_layer = {v: k for k, v in LAYER_MODULES.items()}
     inv_mtp = {v: k for k, v in MTP_OWN.items()}
@@ -245,12 +284,16 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     if dtype is None:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             hf.get("dtype", hf.get("torch_dtype")), torch.float32)
+    v4 = c.arch == "deepseek_v4"
     with torch.device("meta"):
-        model = Transformer(c)
+        model = V4Transformer(c) if v4 else Transformer(c)
     model = model.to(dtype).to_empty(device="cpu")
-    model.rope = Rope(c)
+    model.rope = Rope2(c) if v4 else Rope(c)
     if c.tie_embeddings:  # to_empty allocates every parameter afresh, untying them
-        model.head.weight = model.embed.weight
+        if v4:
+            model.lm_head.weight = model.embed_tokens.weight
+        else:
+            model.head.weight = model.embed.weight
     for m in model.modules():  # the router runs in fp32, as in the reference code and transformers
         if isinstance(m, Gate):
             m.weight.data = m.weight.data.float()
@@ -273,6 +316,7 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
         todo[name] = set(range(t.shape[0])) if ".experts." in name else None
     if c.tie_embeddings:
         todo.pop("head.weight", None)
+        todo.pop("lm_head.weight", None)
     files = checkpoint_files(path)
     opened: dict[Path, SafetensorsFile] = {}
 
@@ -293,9 +337,11 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
             except KeyError:
                 raise ValueError(f"{fpath}: unexpected tensor {name!r} (not part of a {c.arch} model with "
                                  f"{c.n_layers} layers and {c.n_mtp_layers} MTP layers)") from None
-            if target is None or (target[0] == "head.weight" and c.tie_embeddings):
+            if target is None or (target[0] in ("head.weight", "lm_head.weight") and c.tie_embeddings):
                 continue
             ours, expert = target
+            if ours not in params:
+                raise ValueError(f"{fpath}: unexpected tensor {name!r} (not part of this {c.arch} model)")
             src = file(fpath)
             if name not in src.header:
                 raise ValueError(f"{fpath}: tensor {name!r} listed in the index is not in the file")
@@ -305,7 +351,11 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
                 if sname not in files:
                     raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {sname!r}")
                 t = dequant_fp8(t, file(files[sname]).get(sname), block or (128, 128))
-            dst = params[ours] if expert is None else params[ours][expert]
+            if isinstance(expert, tuple):  # V4: one half of an expert's stacked gate/up matrix
+                expert, half = expert
+                dst = params[ours][expert].chunk(2, dim=0)[half]
+            else:
+                dst = params[ours] if expert is None else params[ours][expert]
             if tuple(t.shape) != tuple(dst.shape):
                 raise ValueError(f"{fpath}: tensor {name!r} has shape {tuple(t.shape)}, the model (from "
                                  f"config.json) expects {tuple(dst.shape)}")
@@ -342,9 +392,11 @@ def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes
          tokenizer_dir=None):
     """Write an HF directory (config.json, safetensors shards + index, model card) transformers loads, with
     manifest.json (sha256 of every file, config, command, git commit; `sobre verify` checks it)."""
+    c = model.config
+    if c.arch == "deepseek_v4":
+        raise ValueError("saving deepseek_v4 models is not supported yet (loading is)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    c = model.config
     dtype = dtype or next(model.parameters()).dtype
     hf = c.to_hf()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")

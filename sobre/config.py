@@ -544,7 +544,26 @@ def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
         kw["mscale"] = 0.0  # HF then falls back to mscale(factor) for the cos/sin scale
 
 
+def _v4_to_hf(c: Config) -> dict:
+    out = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "hidden_act": "silu",
+           **{k: getattr(c, ours) for k, ours in _V4}}
+    inv = {v: k for k, v in _V4_LAYER.items()}
+    out["layer_types"] = [inv[t] for t in c.layer_types]
+    out["compress_rates"] = {inv["csa"]: c.compress_rate_csa, inv["hca"]: c.compress_rate_hca}
+    out["mlp_layer_types"] = ["hash_moe"] * c.n_hash_layers + ["moe"] * (c.n_layers - c.n_hash_layers)
+    out["partial_rotary_factor"] = c.qk_rope_head_dim / c.head_dim
+    del out["qk_rope_head_dim"]
+    comp = {"rope_type": c.rope_type, "rope_theta": c.compress_rope_theta}
+    if c.rope_type == "yarn":
+        comp.update(factor=c.rope_factor, original_max_position_embeddings=c.original_seq_len,
+                    beta_fast=c.beta_fast, beta_slow=c.beta_slow)
+    out["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": c.rope_theta}, "compress": comp}
+    return out
+
+
 def _to_hf(c: Config) -> dict:
+    if c.arch == "deepseek_v4":
+        return _v4_to_hf(c)
     out = {"architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
                               "deepseek_v2": "DeepseekV2ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                               "llama": "LlamaForCausalLM"}[c.arch]],

@@ -56,3 +56,29 @@ def test_logits_match_transformers(kw):
         want = hf(x).logits
         got = ours(x)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max().clamp(min=1), (got - want).abs().max()
+
+
+def test_config_round_trip_and_errors():
+    c = Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict())
+    assert c.layer_types == ["sliding", "csa", "hca", "csa"] and c.n_hash_layers == 3
+    assert c.qk_rope_head_dim == 8 and c.compress_rate_hca == 8 and c.score_func == "sqrtsoftplus"
+    assert Config.from_hf(c.to_hf()) == c
+    assert transformers.DeepseekV4Config(**c.to_hf()).layer_types == HF["layer_types"]  # transformers reads it
+    with pytest.raises(ValueError, match="unknown key 'hc_multt'"):
+        Config.from_hf({**c.to_hf(), "hc_multt": 2})
+    with pytest.raises(ValueError, match="layer_types"):
+        Config.from_hf({**c.to_hf(), "layer_types": ["full_attention"] * 4})
+    with pytest.raises(ValueError, match="o_groups"):
+        Config.from_hf({**c.to_hf(), "o_groups": 3})
+
+
+def test_load_hf_directory(tmp_path):
+    import sobre
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path / "v4")
+    ours = sobre.load(tmp_path / "v4")
+    x = torch.randint(0, 128, (1, 29), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="not supported yet"):
+        sobre.save(ours, tmp_path / "out")
