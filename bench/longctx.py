@@ -76,7 +76,9 @@ def train(attn: str, a, log) -> dict:
         log.write(json.dumps(row) + "\n")
         if step % 25 == 0 or step == len(todo) - 1:
             print(row, flush=True)
-    return {"minutes": (time.perf_counter() - t0) / 60, **evaluate(model, a)}
+    out = {"minutes": (time.perf_counter() - t0) / 60, **evaluate(model, a)}
+    print(f"{attn}: held-out accuracy {out['acc']:.3f} at {a.len} tokens after {out['minutes']:.1f} min", flush=True)
+    return out
 
 
 @torch.no_grad()
