@@ -38,6 +38,11 @@ def cmd_info(args):
               f"top-{c.nsa_top_n} blocks of {c.nsa_select}, window {c.nsa_window}")
     if c.attn_type == "dsa":
         print(f"attention: MLA + DSA, indexer {c.index_n_heads} heads x {c.index_head_dim}, top-{c.index_topk} tokens")
+    if c.arch == "deepseek_v4":
+        kinds = "/".join(str(c.layer_types.count(k)) for k in ("sliding", "csa", "hca"))
+        print(f"attention: {kinds} sliding/CSA/HCA layers, 1 K=V head x {c.head_dim}, window {c.sliding_window}, "
+              f"CSA 1/{c.compress_rate_csa} + top-{c.index_topk}, HCA 1/{c.compress_rate_hca}; mHC x{c.hc_mult}; "
+              f"first {c.n_hash_layers} MoE layers hash-routed")
     if c.n_routed_experts:
         print(f"MoE: {c.n_routed_experts} routed experts (top-{c.n_activated_experts}, {c.n_expert_groups} groups "
               f"-> {c.n_limited_groups}), {c.n_shared_experts} shared, first {c.n_dense_layers} layers dense")
@@ -45,9 +50,10 @@ def cmd_info(args):
     print(f"params active/token   {human(s['active_params'])}  ({s['active_params']:,})")
     print(f"FLOPs/token (fwd)     {human(s['flops_per_token'])}  (2 x active matmul params + attention at "
           f"ctx {args.ctx})")
+    v4 = c.arch == "deepseek_v4"
     print(f"KV cache/token (bf16) naive K/V {human(kv['naive'], 'B')} ({kv['naive_values_per_layer']} values/layer)"
-          f"  {'cached' if c.attn_type == 'nsa' else 'latent'} {human(kv['latent'], 'B')} "
-          f"({kv['latent_values_per_layer']:g} values/layer)"
+          f"  {'cached' if c.attn_type == 'nsa' or v4 else 'latent'} {human(kv['latent'], 'B')} "
+          f"({kv['latent_values_per_layer']:.4g} values/layer{f' at ctx {args.ctx}' if v4 else ''})"
           f"  -> {kv['naive'] / kv['latent']:.1f}x smaller")
     print(f"\n{'layers':>9} {'kind':<10} {'attn':>9} {'ffn':>9} {'params':>9} {'active':>9}")
     rows = s["layers"]

@@ -6,8 +6,27 @@ from __future__ import annotations
 from .config import Config
 
 
-def attn_params(c: Config) -> int:
+def v4_attn_params(c: Config, kind: str) -> int:
+    """One DeepSeek-V4 attention: low-rank q, one K=V head, grouped low-rank output, sinks, + its compressor(s)."""
+    D, H, hd, qr = c.dim, c.n_heads, c.head_dim, c.q_lora_rank
+
+    def compressor(rate, d, overlap):  # kv_proj + gate_proj + position_bias + kv_norm
+        w = 2 * d if overlap else d
+        return 2 * D * w + rate * w + d
+
+    n = D * qr + qr + qr * H * hd + D * hd + hd + H * hd * c.o_lora_rank + c.o_groups * c.o_lora_rank * D + H
+    if kind == "csa":
+        n += compressor(c.compress_rate_csa, hd, True) + compressor(c.compress_rate_csa, c.index_head_dim, True)
+        n += qr * c.index_n_heads * c.index_head_dim + D * c.index_n_heads  # indexer q_b_proj, weights_proj
+    if kind == "hca":
+        n += compressor(c.compress_rate_hca, hd, False)
+    return n
+
+
+def attn_params(c: Config, layer: int = 0) -> int:
     D, H = c.dim, c.n_heads
+    if c.arch == "deepseek_v4":
+        return v4_attn_params(c, c.layer_types[layer])
     if c.is_mla:
         q = D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim if c.q_lora_rank \
             else D * H * c.qk_head_dim
@@ -31,7 +50,7 @@ def ffn_params(c: Config, layer: int) -> tuple[int, int]:
         n = 3 * D * c.inter_dim + ((2 * c.inter_dim + D) if c.mlp_bias else 0)
         return n, n
     expert = 3 * D * c.moe_inter_dim
-    shared = expert * c.n_shared_experts
+    shared = expert * (1 if c.arch == "deepseek_v4" else c.n_shared_experts)  # V4: one shared expert, always
     gate = c.n_routed_experts * D
     return gate + shared + expert * c.n_routed_experts, gate + shared + expert * c.n_activated_experts
 
@@ -40,17 +59,35 @@ def layer_rows(c: Config) -> list[dict]:
     rows = []
     for i in range(c.n_layers + c.n_mtp_layers):
         tot, act = ffn_params(c, i)
-        a = attn_params(c) + 2 * c.dim
+        a = attn_params(c, min(i, c.n_layers - 1)) + 2 * c.dim
+        if c.arch == "deepseek_v4":  # + two mHC maps (fn, base, scale) per layer
+            N = c.hc_mult
+            a += 2 * ((2 + N) * N * (N * c.dim + 1) + 3)
         extra = 3 * c.dim + 2 * c.dim * c.dim if i >= c.n_layers else 0  # MTP: enorm, hnorm, norm, eh_proj
         rows.append(dict(layer=i, kind=("mtp " if i >= c.n_layers else "") + ("moe" if c.is_moe_layer(i) else "dense"),
                          attn=a, ffn=tot, params=a + tot + extra, active=a + act + extra))
     return rows
 
 
-def kv_bytes_per_token(c: Config, dtype_bytes: int = 2) -> dict:
+def v4_cache_values(c: Config, ctx: int) -> int:
+    """Values a DeepSeek-V4 cache holds at context ctx: every layer's window of K=V rows, CSA layers' compressed
+    entries + indexer keys (one per compress_rate_csa tokens), HCA layers' entries (one per compress_rate_hca)."""
+    n = 0
+    for kind in c.layer_types:
+        n += min(ctx, c.sliding_window) * c.head_dim
+        if kind == "csa":
+            n += ctx // c.compress_rate_csa * (c.head_dim + c.index_head_dim)
+        if kind == "hca":
+            n += ctx // c.compress_rate_hca * c.head_dim
+    return n
+
+
+def kv_bytes_per_token(c: Config, dtype_bytes: int = 2, ctx: int = 4096) -> dict:
     """Cache bytes per token over all main layers: full K/V (naive) vs what sobre caches (MLA: the latent,
     + DSA's indexer key; NSA: K/V + a compressed K/V pair every nsa_stride tokens)."""
-    if c.is_mla:
+    if c.arch == "deepseek_v4":  # naive: every token's K=V row in every layer; cached: amortised at ctx
+        full, latent = c.head_dim, v4_cache_values(c, ctx) / ctx / c.n_layers
+    elif c.is_mla:
         full = c.n_heads * (c.qk_head_dim + c.v_head_dim)
         latent = c.kv_lora_rank + c.qk_rope_head_dim + (c.index_head_dim if c.attn_type == "dsa" else 0)
     else:
@@ -66,17 +103,26 @@ def model_stats(c: Config, ctx: int = 4096) -> dict:
     main = [r for r in rows if r["layer"] < c.n_layers]
     embed = c.vocab_size * c.dim
     head = 0 if c.tie_embeddings else c.vocab_size * c.dim
-    params = embed + head + c.dim + sum(r["params"] for r in main)
-    active = embed + head + c.dim + sum(r["active"] for r in main)
+    top = c.dim + (c.hc_mult * (c.hc_mult * c.dim + 1) + 1 if c.arch == "deepseek_v4" else 0)  # norm, hyper head
+    params = embed + head + top + sum(r["params"] for r in main)
+    active = embed + head + top + sum(r["active"] for r in main)
     # forward FLOPs: 2 per active matmul weight (the embedding is a lookup) + attention over ctx/2 on average
     qk = c.qk_head_dim if c.is_mla else c.dense_head_dim
     v = c.v_head_dim if c.is_mla else c.dense_head_dim
+    if c.arch == "deepseek_v4":
+        qk = v = c.head_dim
     keys = ctx // 2  # per query on average; sparse attention reads fewer (plus DSA's indexer over all of them)
     if c.attn_type == "nsa":
         keys = min(keys, c.nsa_window) + min(keys, c.nsa_top_n * c.nsa_select) + keys // c.nsa_stride
+    if c.arch == "deepseek_v4":  # per layer: the window + its compressed entries (CSA: the indexer's top-k)
+        keys = sum(min(ctx // 2, c.sliding_window) + (min(ctx // 2 // c.compress_rate_csa, c.index_topk) if t == "csa"
+                   else ctx // 2 // c.compress_rate_hca if t == "hca" else 0) for t in c.layer_types) / c.n_layers
     attn_flops = 2 * c.n_layers * c.n_heads * (qk + v) * min(keys, c.index_topk if c.attn_type == "dsa" else keys)
     if c.attn_type == "dsa":
         attn_flops += 2 * c.n_layers * c.index_n_heads * c.index_head_dim * ctx // 2
+    if c.arch == "deepseek_v4":  # the CSA indexers score every compressed entry
+        attn_flops += 2 * c.layer_types.count("csa") * c.index_n_heads * c.index_head_dim * ctx // 2 \
+            // c.compress_rate_csa
     return dict(params=params, active_params=active, mtp_params=sum(r["params"] for r in rows[c.n_layers:]),
                 flops_per_token=2 * (active - embed) + attn_flops, ctx=ctx,
-                kv=kv_bytes_per_token(c), layers=rows)
+                kv=kv_bytes_per_token(c, ctx=ctx), layers=rows)

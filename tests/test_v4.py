@@ -82,3 +82,30 @@ def test_load_hf_directory(tmp_path):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="not supported yet"):
         sobre.save(ours, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(n_layers=3, hc_mult=4, o_groups=4, layer_types=["csa", "hca", "sliding"],
+                                          n_hash_layers=1, tie_embeddings=True)])
+def test_stats_count_the_model(kw):
+    from sobre.stats import model_stats, v4_cache_values
+    c = Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict()).replace(**kw)
+    with torch.device("meta"):
+        m = V4Transformer(c)
+        if c.tie_embeddings:
+            m.lm_head.weight = m.embed_tokens.weight
+    s = model_stats(c, ctx=1000)
+    assert s["params"] == sum(p.numel() for p in m.parameters())
+    routed = c.n_layers * (c.n_routed_experts - c.n_activated_experts) * 3 * c.dim * c.moe_inter_dim
+    assert s["active_params"] == s["params"] - routed
+    want = sum(8 * 32 + (250 * (32 + 16) if t == "csa" else 125 * 32 if t == "hca" else 0) for t in c.layer_types)
+    assert v4_cache_values(c, 1000) == want  # window 8, CSA 1/4 (+ 16-dim indexer keys), HCA 1/8, head_dim 32
+
+
+def test_info_on_a_v4_config(tmp_path, capsys):
+    import json
+
+    from sobre.cli import main
+    (tmp_path / "config.json").write_text(json.dumps(transformers.DeepseekV4Config(**HF).to_dict()))
+    main(["info", str(tmp_path), "--ctx", "1000"])
+    out = capsys.readouterr().out
+    assert "1/2/1 sliding/CSA/HCA" in out and "hash-routed" in out and "cached" in out
