@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .config import Config
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer
-from .v4 import Rope2, V4Transformer
+from .v4 import Rope2, V4Transformer, keep_fp32
 
 # HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
 LAYER_MODULES = {
@@ -289,6 +289,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
         model = V4Transformer(c) if v4 else Transformer(c)
     model = model.to(dtype).to_empty(device="cpu")
     model.rope = Rope2(c) if v4 else Rope(c)
+    if v4:
+        keep_fp32(model)
     if c.tie_embeddings:  # to_empty allocates every parameter afresh, untying them
         if v4:
             model.lm_head.weight = model.embed_tokens.weight

@@ -21,7 +21,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import RMSNorm, rope_inv_freq
+from .model import rope_inv_freq
+
+# kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
+# biases, the router's balancing bias and every norm weight
+FP32 = ("attn_hc.", "ffn_hc.", "hc_head.", "sinks", "position_bias", "e_score_correction_bias", "norm.weight")
+
+
+def keep_fp32(model: nn.Module) -> nn.Module:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if any(k in name for k in FP32) and t.is_floating_point():
+            t.data = t.data.float()
+    return model
+
+
+class RMSNorm(nn.Module):
+    """V4's norm: normalise and scale in fp32 (the weight stays fp32), cast once at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return (self.weight.float() * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
 
 
 def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,6 +56,7 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     """Rotate the trailing 2 * cos.shape[-1] channels of x [..., D] in interleaved pairs, in place order.
     cos/sin broadcast against x[..., :1] with a last dim of rd/2."""
     rd = 2 * cos.shape[-1]
+    cos, sin = cos.to(x.dtype).float(), sin.to(x.dtype).float()  # tables in the model dtype, as transformers
     x1, x2 = x[..., -rd::2].float(), x[..., -rd + 1::2].float()
     rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
     return torch.cat([x[..., :-rd], rot.to(x.dtype)], dim=-1)
@@ -142,7 +166,7 @@ class Attention(nn.Module):
             if self.kind == "csa":
                 causal = self.compressor.indexer.select(x, q_lat, pos, rope, causal)
             kv, see = torch.cat([kv, ent], dim=1), torch.cat([see, causal], dim=-1)
-        s = torch.einsum("bthd,bsd->bhts", q, kv).float() * D**-0.5
+        s = (torch.einsum("bthd,bsd->bhts", q, kv) * D**-0.5).float()
         s = s.masked_fill(~see[:, None], float("-inf"))
         s = torch.cat([s, self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
         p = s.softmax(-1)[..., :-1].to(kv.dtype)  # the sink takes its share of the mass, then is dropped
@@ -229,7 +253,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts))
 
     def forward(self, x, tokens):  # x [N, D], tokens [N] -> weights [N, k], experts [N, k]
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x, self.weight)  # in the model dtype (transformers does not upcast the router)
         f = self.c.score_func
         scores = F.softplus(logits).sqrt() if f == "sqrtsoftplus" else logits.sigmoid() if f == "sigmoid" \
             else logits.softmax(-1)

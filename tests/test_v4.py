@@ -109,3 +109,20 @@ def test_info_on_a_v4_config(tmp_path, capsys):
     main(["info", str(tmp_path), "--ctx", "1000"])
     out = capsys.readouterr().out
     assert "1/2/1 sliding/CSA/HCA" in out and "hash-routed" in out and "cached" in out
+
+
+def test_bf16_parity(tmp_path):
+    import sobre
+    hf_model(seed=7).save_pretrained(tmp_path / "v4")
+    ref_model = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path / "v4", dtype=torch.bfloat16,
+                                                                    attn_implementation="eager").eval()
+    ours = sobre.load(tmp_path / "v4", dtype=torch.bfloat16)
+    assert ours.layers[0].self_attn.sinks.dtype == torch.float32  # kept in fp32 like transformers keeps it
+    assert ours.layers[0].self_attn.q_b_proj.weight.dtype == torch.bfloat16
+    x = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, got = ref_model(x).logits, ours(x)
+    assert got.dtype == torch.bfloat16
+    err, scale = (got.float() - ref.float()).abs().max().item(), ref.float().abs().max().item()
+    assert err <= 2e-2 * max(scale, 1.0), (err, scale)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
