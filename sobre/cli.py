@@ -72,6 +72,25 @@ def cmd_info(args):
         print(json.dumps({k: v for k, v in s.items() if k != "layers"}))
 
 
+def cmd_eplb(args):
+    from .eplb import gpu_loads, imbalance, naive_gpu_loads, rebalance_experts, run_loads
+    w = run_loads(args.run, args.last)
+    L, n = w.shape
+    replicas = args.replicas or -(-n // args.gpus) * args.gpus + args.gpus  # + one redundant expert per GPU
+    phy2log, _, logcnt = rebalance_experts(w, replicas, args.groups, args.nodes, args.gpus)
+    before = imbalance(naive_gpu_loads(w, args.gpus))
+    after = imbalance(gpu_loads(w, phy2log, logcnt, args.gpus))
+    policy = "hierarchical" if args.groups % args.nodes == 0 and args.groups > 1 else "global"
+    print(f"EPLB ({policy}): {L} MoE layers x {n} experts -> {replicas} replicas on {args.gpus} GPUs "
+          f"({args.nodes} nodes, {args.groups} groups); GPU load max/mean before -> after")
+    per_gpu = replicas // args.gpus
+    for i in range(L):
+        gpus = " | ".join(" ".join(str(e) for e in phy2log[i, g * per_gpu:(g + 1) * per_gpu].tolist())
+                          for g in range(args.gpus))
+        print(f"layer {i}: {before[i]:.2f} -> {after[i]:.2f}   experts per GPU: {gpus}")
+    print(f"mean over layers: {before.mean():.2f} -> {after.mean():.2f}")
+
+
 def cmd_convert(args):
     from .checkpoint import load, resolve, save
     src = resolve(args.src)
@@ -289,6 +308,15 @@ def main(argv=None):
     s.add_argument("--ctx", type=int, default=4096, help="context length for the attention FLOPs term")
     s.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("eplb", help="expert-parallel placement (DeepSeek's EPLB) from a run's measured expert loads")
+    s.add_argument("run", help="a `sobre pretrain` run folder (metrics.jsonl) or a JSON [layers][experts] load matrix")
+    s.add_argument("--gpus", type=int, default=4)
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--groups", type=int, default=1, help="expert groups (hierarchical policy when nodes divide it)")
+    s.add_argument("--replicas", type=int, default=0, help="physical experts (default: experts + one per GPU)")
+    s.add_argument("--last", type=int, default=0, help="use the last N steps' loads (default: the whole run)")
+    s.set_defaults(fn=cmd_eplb)
 
     s = sub.add_parser("convert", help="re-save a checkpoint (e.g. FP8 -> bf16) as a plain HF directory")
     s.add_argument("src", help="model directory or Hub id")

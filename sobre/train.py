@@ -301,7 +301,8 @@ def pretrain(a: TrainArgs) -> Path:
         rec = {"step": step + 1, "loss": parts[0].item(), "mtp_loss": parts[1].item(),
                "balance_loss": parts[2].item(), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
                "tokens_per_s": ntok / dt, "mfu": ntok * flops_tok / dt / peak,
-               "expert_load_max_over_mean": [float(v.max() / v.float().mean()) for v in loads.values()]}
+               "expert_load_max_over_mean": [float(v.max() / v.float().mean()) for v in loads.values()],
+               "expert_load": [[round(float(x)) for x in v] for v in loads.values()]}  # tokens per expert (EPLB)
         if a.attn == "dsa":
             rec["indexer_kl"] = parts[3].item()
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:

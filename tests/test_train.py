@@ -149,8 +149,9 @@ def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
     subprocess.run(pretrain_cmd(run, "--resume"), check=True, capture_output=True)
     full, resumed = metrics(tmp_path / "full"), metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, 61))
-    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "expert_load_max_over_mean"):
+    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "expert_load_max_over_mean", "expert_load"):
         assert [r[key] for r in resumed] == [r[key] for r in full], key
+    assert len({sum(layer) for layer in full[0]["expert_load"]}) == 1  # every MoE layer routes the same tokens
     assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in full]
     assert (run / "loss.png").exists() and (run / "model" / "config.json").exists()
     assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) == 3  # --keep 3
