@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import v4
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
@@ -35,11 +36,14 @@ class PagedPool:
         shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
         if c.attn_type == "dsa":
             shapes.append((c.index_head_dim,))  # the lightning indexer's key per token
+        per_layer = [v4.cache_shapes(c, i) if c.arch == "deepseek_v4" else shapes
+                     for i in range(c.n_layers + c.n_mtp_layers)]
         self.block, self.n_blocks = block, n_blocks
-        self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
-                      for _ in range(c.n_layers + c.n_mtp_layers)]
+        self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in layer]
+                      for layer in per_layer]
         self.free = list(range(n_blocks - 1, 0, -1))
-        self.bytes_per_token = sum(t[0].numel() * t.element_size() for t in self.slots[0]) * c.n_layers
+        self.bytes_per_token = sum(t[0].numel() * t.element_size() for layer in self.slots[:c.n_layers]
+                                   for t in layer)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import Config
 from .model import rope_inv_freq
+from .sparse import visible
 
 # kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
 # biases, the router's balancing bias and every norm weight
@@ -79,7 +80,8 @@ class Rope2(nn.Module):
 
 class Compressor(nn.Module):
     """One gated-pooled entry per `rate` tokens. overlap (CSA): entry w pools window w-1's first half-channels
-    and window w's second half over 2*rate slots; else (HCA) window w alone. kv_norm, then rope at w*rate."""
+    and window w's second half over 2*rate slots; else (HCA) window w alone. kv_norm, then rope at w*rate.
+    The per-token projections are what a cache keeps; entries are pooled from them."""
 
     def __init__(self, c: Config, rate: int, dim: int, overlap: bool):
         super().__init__()
@@ -90,18 +92,24 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
         self.kv_norm = RMSNorm(dim, c.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope2) -> torch.Tensor:  # x [B, T, D] -> entries [B, T//rate, d]
-        B, T, _ = x.shape
-        m, d, n = self.rate, self.dim, T // self.rate
-        kv = self.kv_proj(x[:, :n * m]).view(B, n, m, -1)
-        gate = self.gate_proj(x[:, :n * m]).view(B, n, m, -1) + self.position_bias
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x [B, T, D] -> 2 x [B, T, width]
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, rope: Rope2) -> torch.Tensor:
+        """Projections of tokens 0..S-1 [B, S, width] -> entries of the S // rate complete windows [B, N, d]."""
+        B, S, _ = kv.shape
+        m, d, n = self.rate, self.dim, S // self.rate
+        if n == 0:
+            return kv.new_zeros(B, 0, d)
+        kv = kv[:, :n * m].view(B, n, m, kv.shape[-1])
+        gate = gate[:, :n * m].view(B, n, m, gate.shape[-1]) + self.position_bias
         if self.overlap:  # slots [0, m): the previous window's first half (none before window 0); [m, 2m): own
             prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
             prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
             kv = torch.cat([prev_kv, kv[..., d:]], dim=2)  # [B, n, 2m, d]
             gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        return rope_tail(self.kv_norm(pooled), *rope(torch.arange(n, device=x.device) * m, "compress"))
+        return rope_tail(self.kv_norm(pooled), *rope(torch.arange(n, device=kv.device) * m, "compress"))
 
 
 class Indexer(Compressor):
@@ -115,24 +123,31 @@ class Indexer(Compressor):
         self.scorer = nn.Module()
         self.scorer.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
 
-    def select(self, x, q_lat, pos, rope, visible) -> torch.Tensor:
-        """-> bool [B, T, N]: the top-k of the visible compressed entries for each query."""
+    def select(self, x, q_lat, pos, rope, visible, k) -> torch.Tensor:
+        """Queries x/q_lat [B, T, .] at pos [B, T], keys k [B, N, Di] -> bool [B, T, N]: each query's top-k of
+        its visible compressed entries."""
         c = self.c
         B, T, _ = x.shape
-        k = self(x, rope).float()  # [B, N, Di]
         cos, sin = rope(pos, "compress")
-        q = rope_tail(self.q_b_proj(q_lat).view(B, T, c.index_n_heads, -1), cos[:, None], sin[:, None])
-        s = torch.einsum("bthd,bnd->bthn", q.float(), k).relu() * c.index_head_dim**-0.5
+        q = rope_tail(self.q_b_proj(q_lat).view(B, T, c.index_n_heads, -1), cos[:, :, None], sin[:, :, None])
+        s = torch.einsum("bthd,bnd->bthn", q.float(), k.float()).relu() * c.index_head_dim**-0.5
         w = self.scorer.weights_proj(x).float() * c.index_n_heads**-0.5  # [B, T, Hi]
         score = (s * w[..., None]).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
         top = score.topk(min(c.index_topk, score.shape[-1]), dim=-1).indices
         return torch.zeros_like(visible).scatter_(-1, top, True) & visible
 
 
+def cache_shapes(c: Config, layer: int) -> list[tuple[int]]:
+    """Per-token cache rows of one layer: the K=V row, + the compressor's (kv, gate) projections, + (CSA)
+    the indexer's. Entries are pooled from them as windows complete."""
+    kind, D, Di = c.layer_types[layer], c.head_dim, c.index_head_dim
+    return [(D,)] + {"sliding": [], "hca": [(D,)] * 2, "csa": [(2 * D,)] * 2 + [(2 * Di,)] * 2}[kind]
+
+
 class Attention(nn.Module):
-    def __init__(self, c: Config, kind: str):
+    def __init__(self, c: Config, kind: str, layer_id: int):
         super().__init__()
-        self.c, self.kind = c, kind
+        self.c, self.kind, self.layer_id = c, kind, layer_id
         H, D = c.n_heads, c.head_dim
         self.q_a_proj = nn.Linear(c.dim, c.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
@@ -148,29 +163,36 @@ class Attention(nn.Module):
             if kind == "csa":
                 self.compressor.indexer = Indexer(c)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rope2) -> torch.Tensor:
-        """x [B, T, dim], pos [T] -> [B, T, dim]. Dense scores under masks (the reference)."""
+    def forward(self, x, pos, rope, see, cache=None) -> torch.Tensor:
+        """x [B, T, dim] at positions pos [B, T]; see [B|1, T, S] bool: the cached + new tokens each query may
+        read (causal, valid). Dense scores under masks (the reference). -> [B, T, dim]"""
         c = self.c
         B, T, _ = x.shape
         H, D, G = c.n_heads, c.head_dim, c.o_groups
-        cos, sin = rope(pos, "main" if self.kind == "sliding" else "compress")  # [T, rd/2]
+        cos, sin = rope(pos, "main" if self.kind == "sliding" else "compress")  # [B, T, rd/2]
         q_lat = self.q_a_norm(self.q_a_proj(x))
-        q = rope_tail(unit_rms(self.q_b_proj(q_lat).view(B, T, H, D), c.norm_eps), cos[:, None], sin[:, None])
-        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, D]: key and value alike
-        d = pos[:, None] - pos[None, :]
-        see = ((d >= 0) & (d < c.sliding_window)).expand(B, T, T)  # [B, T, T]
+        q = rope_tail(unit_rms(self.q_b_proj(q_lat).view(B, T, H, D), c.norm_eps), cos[:, :, None], sin[:, :, None])
+        new = [rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)]  # [B, T, D]: key and value alike
         if self.kind != "sliding":
-            ent = self.compressor(x, rope)  # [B, N, D]
-            causal = torch.arange(ent.shape[1], device=x.device) < ((pos + 1) // self.compressor.rate)[:, None]
-            causal = causal.expand(B, -1, -1)  # [B, T, N]: entry w is complete once token (w+1)*rate-1 is seen
+            new += self.compressor.project(x)
             if self.kind == "csa":
-                causal = self.compressor.indexer.select(x, q_lat, pos, rope, causal)
+                new += self.compressor.indexer.project(x)
+        rows = cache.update(self.layer_id, *new) if cache is not None else new  # [B, S, .] each
+        kv, S = rows[0], rows[0].shape[1]
+        near = (pos[..., None] - torch.arange(S, device=x.device)) < c.sliding_window  # [B, T, S]
+        see = (see & near).expand(B, T, S)
+        if self.kind != "sliding":
+            ent = self.compressor.pool(rows[1], rows[2], rope)  # [B, N, D]
+            causal = torch.arange(ent.shape[1], device=x.device) < ((pos + 1) // self.compressor.rate)[..., None]
+            if self.kind == "csa":  # entry w is complete once token (w+1)*rate-1 is seen; CSA reads the top-k
+                idx = self.compressor.indexer
+                causal = idx.select(x, q_lat, pos, rope, causal, idx.pool(rows[3], rows[4], rope))
             kv, see = torch.cat([kv, ent], dim=1), torch.cat([see, causal], dim=-1)
         s = (torch.einsum("bthd,bsd->bhts", q, kv) * D**-0.5).float()
         s = s.masked_fill(~see[:, None], float("-inf"))
         s = torch.cat([s, self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
         p = s.softmax(-1)[..., :-1].to(kv.dtype)  # the sink takes its share of the mass, then is dropped
-        o = rope_tail(torch.einsum("bhts,bsd->bthd", p, kv), cos[:, None], -sin[:, None])  # rotate back
+        o = rope_tail(torch.einsum("bhts,bsd->bthd", p, kv), cos[:, :, None], -sin[:, :, None])  # rotate back
         o = o.reshape(B, T, G, H * D // G)
         w = self.o_a_proj.weight.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
@@ -289,15 +311,15 @@ class MoE(nn.Module):
 class Layer(nn.Module):
     def __init__(self, c: Config, i: int):
         super().__init__()
-        self.self_attn = Attention(c, c.layer_types[i])
+        self.self_attn = Attention(c, c.layer_types[i], i)
         self.mlp = MoE(c, hashed=i < c.n_hash_layers)
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.attn_hc, self.ffn_hc = HyperConnection(c), HyperConnection(c)
 
-    def forward(self, h, tokens, pos, rope):  # h [B, T, N, D]
+    def forward(self, h, tokens, pos, rope, see, cache):  # h [B, T, N, D]
         post, comb, x = self.attn_hc(h)
-        h = hc_apply(h, post, comb, self.self_attn(self.input_layernorm(x), pos, rope))
+        h = hc_apply(h, post, comb, self.self_attn(self.input_layernorm(x), pos, rope, see, cache))
         post, comb, x = self.ffn_hc(h)
         return hc_apply(h, post, comb, self.mlp(self.post_attention_layernorm(x), tokens))
 
@@ -313,13 +335,33 @@ class V4Transformer(nn.Module):
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.rope = Rope2(c)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (full-sequence reference forward)."""
-        if tokens.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        pos = torch.arange(tokens.shape[1], device=tokens.device)
+    def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """tokens [B, T] -> final hidden states [B, T, D]. A cache (model.Cache or the engine's paged batch)
+        says where the new tokens sit, keeps their per-layer rows (cache_shapes) and advances afterwards."""
+        B, T = tokens.shape
+        pos = cache.positions(tokens) if cache is not None else torch.arange(T, device=tokens.device).expand(B, -1)
+        if int(pos.max()) >= self.config.max_seq_len:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len} (max_position_embeddings)")
+        S = int(pos.max()) + 1 if cache is None else None
+        mask = cache.mask(tokens) if cache is not None else None
+        see = visible(mask, T, S if S is not None else _cached_len(cache, T), tokens.device)  # [B|1, T, S]
         h = self.embed_tokens(tokens)
         h = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, N, D]
         for layer in self.layers:
-            h = layer(h, tokens, pos, self.rope)
-        return self.lm_head(self.norm(self.hc_head(h)))
+            h = layer(h, tokens, pos, self.rope, see, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(self.hc_head(h))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
+    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V]."""
+        return self.lm_head(self.hidden(tokens, cache))
+
+
+def _cached_len(cache, T: int) -> int:
+    """Keys a layer will see: the engine's paged batch knows its S; a model.Cache holds length + T."""
+    return cache.S if hasattr(cache, "S") else cache.length + T
