@@ -70,6 +70,49 @@ V4_RENAMES = [(r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."), (r"\.indexer\
 V4_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(w1|w2|w3)\.weight")
 
 
+V4_SAVE = [(r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+            (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+            (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."), (r"\.self_attn\.", ".attn."),
+            (r"\.mlp\.shared_experts\.gate_proj\.", ".ffn.shared_experts.w1."),
+            (r"\.mlp\.shared_experts\.down_proj\.", ".ffn.shared_experts.w2."),
+            (r"\.mlp\.shared_experts\.up_proj\.", ".ffn.shared_experts.w3."),
+            (r"\.mlp\.gate\.e_score_correction_bias$", ".ffn.gate.bias"), (r"\.mlp\.", ".ffn."),
+            (r"\.input_layernorm\.", ".attn_norm."), (r"\.post_attention_layernorm\.", ".ffn_norm."),
+            (r"\.(attn|ffn)_hc\.(fn|base|scale)$", r".hc_\1_\2"), (r"\.sinks$", ".attn_sink"),
+            (r"\.kv_norm\.", ".norm."), (r"\.position_bias$", ".ape"), (r"\.q_a_proj\.", ".wq_a."),
+            (r"\.attn\.q_b_proj\.", ".attn.wq_b."), (r"\.kv_proj\.", ".wkv."), (r"\.gate_proj\.", ".wgate."),
+            (r"\.o_a_proj\.", ".wo_a."), (r"\.o_b_proj\.", ".wo_b."), (r"\.q_a_norm\.", ".q_norm.")]
+
+
+V4_FP32 = re.compile(r"hc_|attn_sink$|\.ape$|norm\.weight$|gate\.bias$")  # saved in fp32, as transformers keeps them
+
+
+def v4_saved(model):
+    """(name, tensor) in the layout transformers writes for deepseek_v4: DeepSeek's names inside the layers,
+    experts one matrix each (w1 / w3 = the halves of gate_up_proj, w2 = down_proj)."""
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            yield "head.weight", t
+            continue
+        if not name.startswith("layers."):
+            yield "model." + name, t
+            continue
+        out = "model." + name
+        for pat, rep in V4_SAVE:
+            out = re.sub(pat, rep, out)
+        if out.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            base = out.rsplit(".", 1)[0]
+            for e in range(t.shape[0]):
+                if out.endswith("gate_up_proj"):
+                    w1, w3 = t[e].chunk(2, dim=0)
+                    yield f"{base}.{e}.w1.weight", w1
+                    yield f"{base}.{e}.w3.weight", w3
+                else:
+                    yield f"{base}.{e}.w2.weight", t[e]
+            continue
+        yield out, t
+
+
 def v4_name(name: str):
     """-> (our name, expert index | (expert, half of gate_up_proj) | None), or None for MTP layers (not built,
     as in transformers)."""
@@ -120,7 +163,7 @@ def ours_to_hf(model: Transformer):
     """Yield (HF name, tensor) for every tensor of the model, experts unstacked."""
     c = model.config
     if c.arch == "deepseek_v4":
-        yield from ((n if n == "lm_head.weight" else "model." + n, t) for n, t in model.state_dict().items())
+        yield from v4_saved(model)
         return
     inv_top = {v: k for k, v in TOP.items()}
     inv_layer = {v: k for k, v in LAYER_MODULES.items()}
@@ -395,8 +438,6 @@ def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes
     """Write an HF directory (config.json, safetensors shards + index, model card) transformers loads, with
     manifest.json (sha256 of every file, config, command, git commit; `sobre verify` checks it)."""
     c = model.config
-    if c.arch == "deepseek_v4":
-        raise ValueError("saving deepseek_v4 models is not supported yet (loading is)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
@@ -407,7 +448,8 @@ def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shards, cur, size = [], {}, 0
     for name, t in ours_to_hf(model):
-        t = t.detach().to("cpu", torch.float32 if name.endswith("e_score_correction_bias") else dtype)
+        keep32 = name.endswith("e_score_correction_bias") or c.arch == "deepseek_v4" and V4_FP32.search(name)
+        t = t.detach().to("cpu", torch.float32 if keep32 else dtype if t.is_floating_point() else t.dtype)
         cur[name] = t
         size += t.numel() * t.element_size()
         if size >= shard_bytes:

@@ -310,6 +310,16 @@ def preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     kw = {**PRESETS[name], **overrides}
+    if kw.get("arch") == "deepseek_v4":  # the V4 twin: same sizes, V4's attention, mHC and routing
+        dim, heads = kw.get("dim", Config.dim), kw.get("n_heads", Config.n_heads)
+        n = kw.get("n_layers", Config.n_layers)
+        kw = {**PRESETS[name], **dict(
+            n_kv_heads=1, head_dim=2 * dim // heads, layer_types=["sliding"] + ["csa", "hca"] * (n // 2),
+            sliding_window=64, compress_rate_csa=4, compress_rate_hca=32, index_n_heads=4, index_head_dim=32,
+            index_topk=64, o_groups=2 if heads % 2 == 0 else 1, o_lora_rank=dim // 2, hc_mult=4, n_hash_layers=1,
+            swiglu_limit=10.0, score_func="sqrtsoftplus", n_expert_groups=1, n_limited_groups=1, n_dense_layers=0,
+            n_mtp_layers=0, route_scale=1.5), **overrides}
+        kw["layer_types"] = kw["layer_types"][:n]
     if kw.get("arch") in ("qwen2", "llama"):
         heads = kw.get("n_heads", Config.n_heads)
         kw = {"n_kv_heads": max(1, heads // 2), "qkv_bias": kw["arch"] == "qwen2", "rope_interleave": False,

@@ -376,6 +376,16 @@ def grouped_ffn(xs, counts: list[int], w1, w2, w3):
     return torch.cat(outs) if outs else xs[:0]
 
 
+def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """V3's sequence-wise balance term sum_i f_i P_i, averaged over sequences (the trainer weighs it by alpha).
+    idx [B*T, K] chosen experts, scores [B*T, E] router scores."""
+    E, K = scores.shape[-1], idx.shape[1]
+    hits = torch.zeros(B * T, E, device=idx.device).scatter_(1, idx, 1.0).view(B, T, E)
+    f = hits.sum(1) * E / (K * T)  # [B, E]
+    p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]
+    return (f * p).sum(-1).mean()
+
+
 class MoE(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -391,12 +401,8 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(x)
         E = self.gate.weight.shape[0]
         self.last_load = torch.bincount(idx.flatten(), minlength=E).detach()
-        if self.training:  # V3's sequence-wise balance term sum_i f_i P_i (the trainer weighs it by alpha)
-            B, T, K = shape[0], shape[1], idx.shape[1]
-            hits = torch.zeros(B * T, E, device=x.device).scatter_(1, idx, 1.0).view(B, T, E)
-            f = hits.sum(1) * E / (K * T)  # [B, E]
-            p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)  # [B, E]
-            self.balance_loss = (f * p).sum(-1).mean()
+        if self.training:
+            self.balance_loss = sequence_balance_loss(idx, scores, shape[0], shape[1])
         y = self.experts(x, w, idx)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -526,6 +532,9 @@ class Cache:
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:
     """Fresh weights: normal(std) matrices, unit norms, zero biases (deterministic under `seed`)."""
+    if model.config.arch == "deepseek_v4":
+        from .v4 import init_weights as v4_init
+        return v4_init(model, std, seed)
     g = torch.Generator().manual_seed(model.config.seed if seed is None else seed)
     for name, p in model.named_parameters():
         with torch.no_grad():

@@ -28,6 +28,8 @@ from .engine import generate
 from .model import MLA, MoE, Transformer, init_weights
 from .stats import model_stats
 from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
+from .v4 import MoE as V4MoE
+from .v4 import V4Transformer
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainArgs:
     threads: int = 0
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
+    arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash MoE)
     attn: str = "full"  # full | nsa (Native Sparse Attention) | dsa (DeepSeek Sparse Attention = deepseek_v32)
     dsa_warmup: int = 0  # DSA stage 1: steps of dense attention in which only the indexer trains
     model_overrides: tuple[str, ...] = ()  # Config fields as KEY=VALUE, e.g. nsa_window=256 index_topk=512
@@ -73,10 +76,16 @@ class TrainArgs:
             raise ValueError(f"--attn must be full, nsa or dsa, got {self.attn!r}")
         if self.dsa_warmup and self.attn != "dsa":
             raise ValueError("--dsa-warmup trains the DSA indexer: use it with --attn dsa")
+        if self.arch not in ("deepseek_v3", "deepseek_v4"):
+            raise ValueError(f"--arch must be deepseek_v3 or deepseek_v4, got {self.arch!r}")
+        if self.arch == "deepseek_v4" and self.attn != "full":
+            raise ValueError("--attn picks a deepseek_v3 attention; deepseek_v4 brings its own (sliding/CSA/HCA)")
 
     def model_config(self, **fields) -> Config:
         """The preset with the run's attention choice and --model-overrides applied (fields: vocab, tokens...)."""
         base = preset(self.preset)
+        if self.arch == "deepseek_v4":
+            return preset(self.preset, arch="deepseek_v4", **fields, **parse_overrides(self.model_overrides))
         kw = {"attn_type": self.attn}
         if self.attn == "nsa":  # NSA shares its block choice within a group of query heads
             kw["n_kv_heads"] = max(1, base.n_heads // 4)
@@ -114,14 +123,14 @@ def param_groups(model: Transformer, weight_decay: float):
 def losses(model: Transformer, x, y, a: TrainArgs) -> dict:
     """Main cross-entropy, MTP cross-entropy (mean over depths), the balance term and DSA's indexer KL (which
     reaches only the indexers: they see detached inputs)."""
-    indexed = [m for m in model.modules() if isinstance(m, MLA) and hasattr(m, "indexer")]
+    indexed = [m for m in model.modules() if hasattr(m, "indexer_loss")]  # DSA's MLA, V4's CSA attention
     for m in indexed:
         m.indexer_loss = None
     logits, mtp = model(x, mtp=True) if model.mtp and a.mtp_weight else (model(x), [])
     out = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())}
     out["mtp"] = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten())
                      for k, lg in enumerate(mtp, start=1)) / len(mtp) if mtp else torch.zeros(())
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    moes = moe_layers(model)
     out["balance"] = sum(m.balance_loss for m in moes) if moes else torch.zeros(())
     kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
     out["indexer"] = sum(kls) / len(kls) if kls else torch.zeros(())
@@ -139,11 +148,22 @@ def set_dsa_warmup(model: Transformer, on: bool):
             m.dense_warmup = on
 
 
+def build_model(cfg: Config):
+    """The model class for a config: sobre's Transformer, or v4.V4Transformer for deepseek_v4."""
+    return V4Transformer(cfg) if cfg.arch == "deepseek_v4" else Transformer(cfg)
+
+
+def moe_layers(model) -> list:
+    """Every MoE layer (V3's model.MoE, V4's v4.MoE): they expose gate, last_load and balance_loss."""
+    return [m for m in model.modules() if isinstance(m, (MoE, V4MoE))]
+
+
 def update_router_bias(loads: dict, gamma: float):
     """Aux-loss-free balancing: raise the bias of under-loaded experts by gamma, lower over-loaded ones."""
     for moe, load in loads.items():
-        load = load.float()
-        moe.gate.bias += gamma * torch.sign(load.mean() - load)
+        load, bias = load.float(), moe.gate.bias
+        if bias is not None:  # (V4's hash-routed layers have none: their experts are fixed per token)
+            bias += gamma * torch.sign(load.mean() - load)
 
 
 def matmul_peak_flops() -> float:
@@ -244,7 +264,9 @@ def pretrain(a: TrainArgs) -> Path:
     torch.manual_seed(a.seed)
     cfg = a.model_config(vocab_size=tok.vocab_size, max_seq_len=max(preset(a.preset).max_seq_len, a.seq_len),
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=a.seed)
-    model = init_weights(Transformer(cfg)).to(device).train()
+    model = init_weights(build_model(cfg)).to(device).train()
+    if cfg.arch == "deepseek_v4" and (world > 1 or a.activation_checkpointing):
+        raise ValueError("deepseek_v4 pretraining runs in one process, without activation checkpointing, for now")
     if a.activation_checkpointing:
         _checkpoint_blocks(model)
     if world > 1:
@@ -261,7 +283,7 @@ def pretrain(a: TrainArgs) -> Path:
         (run / "config.json").write_text(json.dumps({"train": asdict(a), "model": cfg.to_dict(), "world": world},
                                                     indent=2) + "\n")
         truncate_metrics(run / "metrics.jsonl", start)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    moes = moe_layers(model)
     flops_tok = 3 * model_stats(cfg, ctx=a.seq_len)["flops_per_token"]
     peak = matmul_peak_flops() * world
     log = open(run / "metrics.jsonl", "a") if rank == 0 else None
@@ -271,7 +293,7 @@ def pretrain(a: TrainArgs) -> Path:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
-        loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
+        loads = {m: torch.zeros(m.gate.weight.shape[0], device=m.gate.weight.device) for m in moes}
         parts = torch.zeros(4)
         if a.dsa_warmup:
             set_dsa_warmup(model, step < a.dsa_warmup)
@@ -303,7 +325,7 @@ def pretrain(a: TrainArgs) -> Path:
                "tokens_per_s": ntok / dt, "mfu": ntok * flops_tok / dt / peak,
                "expert_load_max_over_mean": [float(v.max() / v.float().mean()) for v in loads.values()],
                "expert_load": [[round(float(x)) for x in v] for v in loads.values()]}  # tokens per expert (EPLB)
-        if a.attn == "dsa":
+        if a.attn == "dsa" or "csa" in cfg.layer_types:
             rec["indexer_kl"] = parts[3].item()
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
             rec["val_loss"] = evaluate(model, val, a.eval_batches, rows, device)
@@ -315,7 +337,7 @@ def pretrain(a: TrainArgs) -> Path:
     msd, _ = parallel.full_state(model, opt)
     if rank == 0:
         log.close()
-        final = Transformer(cfg)
+        final = build_model(cfg)
         final.load_state_dict(msd)
         save(final.eval(), run / "model", tokenizer_dir=run / "tokenizer")
         from .report import plot_training

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import rope_inv_freq
+from .model import rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 # kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
@@ -123,9 +123,9 @@ class Indexer(Compressor):
         self.scorer = nn.Module()
         self.scorer.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
 
-    def select(self, x, q_lat, pos, rope, visible, k) -> torch.Tensor:
-        """Queries x/q_lat [B, T, .] at pos [B, T], keys k [B, N, Di] -> bool [B, T, N]: each query's top-k of
-        its visible compressed entries."""
+    def select(self, x, q_lat, pos, rope, visible, k) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries x/q_lat [B, T, .] at pos [B, T], keys k [B, N, Di] -> (bool [B, T, N]: each query's top-k of
+        its visible compressed entries, the fp32 scores [B, T, N] with -inf where not visible)."""
         c = self.c
         B, T, _ = x.shape
         cos, sin = rope(pos, "compress")
@@ -134,7 +134,20 @@ class Indexer(Compressor):
         w = self.scorer.weights_proj(x).float() * c.index_n_heads**-0.5  # [B, T, Hi]
         score = (s * w[..., None]).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
         top = score.topk(min(c.index_topk, score.shape[-1]), dim=-1).indices
-        return torch.zeros_like(visible).scatter_(-1, top, True) & visible
+        return torch.zeros_like(visible).scatter_(-1, top, True) & visible, score
+
+
+def indexer_kl(target_scores: torch.Tensor, index_scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """KL(main attention over the visible entries, summed over heads || the indexer's softmax), averaged over
+    queries that see an entry: V3.2's indexer loss, on V4's compressed entries. target_scores [B, H, T, N]
+    (detached), index_scores [B, T, N], visible [B, T, N]."""
+    rows = visible.any(-1)  # [B, T]
+    if not rows.any():
+        return index_scores.new_zeros(())
+    p = target_scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1).nan_to_num().mean(1)  # [B, T, N]
+    logq = index_scores.masked_fill(~visible, float("-inf")).log_softmax(-1)
+    kl = torch.where(visible, p * (p.clamp_min(1e-30).log() - logq.clamp_min(-1e30)), 0.0).sum(-1)
+    return kl[rows].mean()
 
 
 def cache_shapes(c: Config, layer: int) -> list[tuple[int]]:
@@ -157,6 +170,7 @@ class Attention(nn.Module):
         self.o_a_proj = nn.Linear(H * D // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # per group
         self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(H))
+        self.indexer_loss = None  # CSA training forwards: the indexer's KL to the main attention
         if kind != "sliding":
             rate = c.compress_rate_csa if kind == "csa" else c.compress_rate_hca
             self.compressor = Compressor(c, rate, D, overlap=kind == "csa")
@@ -175,8 +189,8 @@ class Attention(nn.Module):
         new = [rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)]  # [B, T, D]: key and value alike
         if self.kind != "sliding":
             new += self.compressor.project(x)
-            if self.kind == "csa":
-                new += self.compressor.indexer.project(x)
+            if self.kind == "csa":  # the indexer sees detached inputs: only its KL loss trains it (V3.2's recipe)
+                new += self.compressor.indexer.project(x.detach())
         rows = cache.update(self.layer_id, *new) if cache is not None else new  # [B, S, .] each
         kv, S = rows[0], rows[0].shape[1]
         near = (pos[..., None] - torch.arange(S, device=x.device)) < c.sliding_window  # [B, T, S]
@@ -186,7 +200,12 @@ class Attention(nn.Module):
             causal = torch.arange(ent.shape[1], device=x.device) < ((pos + 1) // self.compressor.rate)[..., None]
             if self.kind == "csa":  # entry w is complete once token (w+1)*rate-1 is seen; CSA reads the top-k
                 idx = self.compressor.indexer
-                causal = idx.select(x, q_lat, pos, rope, causal, idx.pool(rows[3], rows[4], rope))
+                chosen, score = idx.select(x.detach(), q_lat.detach(), pos, rope, causal,
+                                           idx.pool(rows[3], rows[4], rope))
+                if self.training:
+                    target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5
+                    self.indexer_loss = indexer_kl(target, score, causal)
+                causal = chosen
             kv, see = torch.cat([kv, ent], dim=1), torch.cat([see, causal], dim=-1)
         s = (torch.einsum("bthd,bsd->bhts", q, kv) * D**-0.5).float()
         s = s.masked_fill(~see[:, None], float("-inf"))
@@ -274,7 +293,11 @@ class Router(nn.Module):
         else:
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts))
 
-    def forward(self, x, tokens):  # x [N, D], tokens [N] -> weights [N, k], experts [N, k]
+    @property
+    def bias(self) -> torch.Tensor | None:  # the balancing bias training nudges (none in hash layers)
+        return None if self.hashed else self.e_score_correction_bias
+
+    def forward(self, x, tokens):  # x [N, D], tokens [N] -> weights [N, k], experts [N, k], scores [N, E]
         logits = F.linear(x, self.weight)  # in the model dtype (transformers does not upcast the router)
         f = self.c.score_func
         scores = F.softplus(logits).sqrt() if f == "sqrtsoftplus" else logits.sigmoid() if f == "sigmoid" \
@@ -282,7 +305,7 @@ class Router(nn.Module):
         idx = self.tid2eid[tokens] if self.hashed else \
             (scores + self.e_score_correction_bias).topk(self.c.n_activated_experts, dim=-1).indices
         w = scores.gather(1, idx)
-        return w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.route_scale, idx
+        return w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.route_scale, idx, scores
 
 
 class MoE(nn.Module):
@@ -295,10 +318,16 @@ class MoE(nn.Module):
         self.experts.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * inter, D))
         self.experts.down_proj = nn.Parameter(torch.zeros(E, D, inter))
         self.shared_experts = MLP(c)
+        self.last_load = None  # [E] tokens per expert in the last forward (balancing, EPLB)
+        self.balance_loss = None  # training forwards of learned-routing layers
 
     def forward(self, x, tokens):  # x [B, T, D], tokens [B, T]
         flat = x.flatten(0, 1)
-        w, idx = self.gate(flat, tokens.flatten())
+        w, idx, scores = self.gate(flat, tokens.flatten())
+        self.last_load = torch.bincount(idx.flatten(), minlength=self.c.n_routed_experts).detach()
+        if self.training:
+            self.balance_loss = torch.zeros((), device=x.device) if self.gate.hashed else \
+                sequence_balance_loss(idx, scores.float(), x.shape[0], x.shape[1])
         out = torch.zeros_like(flat)
         for e in idx.unique().tolist():  # reference: one matmul pair per used expert
             rows, slot = (idx == e).nonzero(as_tuple=True)
@@ -334,6 +363,7 @@ class V4Transformer(nn.Module):
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.rope = Rope2(c)
+        self.mtp = nn.ModuleList()  # V4's MTP layer is not built (as in transformers)
 
     def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, D]. A cache (model.Cache or the engine's paged batch)
@@ -365,3 +395,23 @@ class V4Transformer(nn.Module):
 def _cached_len(cache, T: int) -> int:
     """Keys a layer will see: the engine's paged batch knows its S; a model.Cache holds length + T."""
     return cache.S if hasattr(cache, "S") else cache.length + T
+
+
+def init_weights(model: V4Transformer, std: float = 0.02, seed: int | None = None) -> V4Transformer:
+    """Fresh weights: normal(std) matrices (mHC maps included), unit norms and mHC scales, zero biases, sinks
+    and position biases; hash layers get a fixed random table of distinct experts per token."""
+    c = model.config
+    g = torch.Generator().manual_seed(c.seed if seed is None else seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name or name.endswith("scale") else 0.0)
+            elif name.endswith("position_bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for m in model.modules():
+            if isinstance(m, Router) and m.hashed:
+                table = torch.rand(c.vocab_size, c.n_routed_experts, generator=g).argsort(-1)  # a permutation per token
+                m.tid2eid.copy_(table[:, :m.tid2eid.shape[1]])
+    return model
