@@ -123,7 +123,8 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict
     world size (expert-parallel slices are gathered back into [E, ...] tensors). Valid on rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd, osd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+    opts_ = getattr(opt, "optimizers", opt)  # optim.Optimizers (Muon + AdamW): checkpoint them together
+    msd, osd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opts_, options=opts)
     for name, m in model.named_modules():
         if isinstance(m, ExpertParallel):  # every rank joins each gather; rank 0 keeps the result
             for w in ("w1", "w2", "w3"):
@@ -155,7 +156,7 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd
                         osd["state"][key][k] = v[lo:lo + m.local]
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, msd, options=opts)
-    set_optimizer_state_dict(model, opt, osd, options=opts)
+    set_optimizer_state_dict(model, getattr(opt, "optimizers", opt), osd, options=opts)
 
 
 def _gather(t: torch.Tensor, group) -> torch.Tensor:

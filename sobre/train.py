@@ -26,6 +26,7 @@ from .config import Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
 from .model import MLA, MoE, Transformer, init_weights
+from .optim import Muon, Optimizers, muon_params
 from .stats import model_stats
 from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
 from .v4 import MoE as V4MoE
@@ -49,6 +50,7 @@ class TrainArgs:
     warmup: int = 20
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, last 20% decays)
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (hidden matrices, experts too; AdamW for embeddings, head, norms)
     clip: float = 1.0
     bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32)
     mtp_weight: float = 0.3  # lambda
@@ -76,6 +78,10 @@ class TrainArgs:
             raise ValueError(f"--attn must be full, nsa or dsa, got {self.attn!r}")
         if self.dsa_warmup and self.attn != "dsa":
             raise ValueError("--dsa-warmup trains the DSA indexer: use it with --attn dsa")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.expert_parallel:
+            raise ValueError("--optimizer muon does not run with --expert-parallel yet")
         if self.arch not in ("deepseek_v3", "deepseek_v4"):
             raise ValueError(f"--arch must be deepseek_v3 or deepseek_v4, got {self.arch!r}")
         if self.arch == "deepseek_v4" and self.attn != "full":
@@ -243,6 +249,18 @@ def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0)
         save_checkpoint(run, step + 1, model, opt, a.keep, rank)
 
 
+def make_optimizer(model, a: TrainArgs):
+    """AdamW (betas 0.9 / 0.95), or Muon on the hidden matrices + AdamW on the rest (--optimizer muon)."""
+    groups = param_groups(model, a.weight_decay)
+    if a.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    muon, _ = muon_params(model)
+    ids = {id(p) for p in muon}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+    return Optimizers(Muon(muon, lr=a.lr, weight_decay=a.weight_decay),
+                      torch.optim.AdamW([g for g in rest if g["params"]], lr=a.lr, betas=(0.9, 0.95), eps=1e-8))
+
+
 def export(model: Transformer, run: Path, plot) -> Path:
     """The trained model as an HF checkpoint in run/model (with the run's tokenizer), then the run's plots."""
     save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
@@ -275,7 +293,7 @@ def pretrain(a: TrainArgs) -> Path:
         parallel.apply_fsdp(model)
     elif a.expert_parallel:
         raise ValueError("--expert-parallel needs several processes: run under torchrun --nproc_per_node N")
-    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = make_optimizer(model, a)
     train = Batches(run / "data", "train", a.seq_len, a.batch_size, a.seed)
     val = Batches(run / "data", "val", a.seq_len, a.batch_size, a.seed)
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
