@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Config
+from .fp8 import FP8Experts, FP8Linear, dequantize
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer
 from .v4 import Rope2, V4Transformer, keep_fp32
@@ -274,16 +275,6 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """FP8 weight [rows, cols] times its per-block scale [ceil(rows/br), ceil(cols/bc)] -> fp32 [rows, cols]."""
-    rows, cols = w.shape
-    br, bc = block
-    if scale_inv.shape != (math.ceil(rows / br), math.ceil(cols / bc)):
-        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {(rows, cols)} in {block} blocks")
-    s = scale_inv.float().repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
-    return w.float() * s
-
-
 def fp8_block(hf: dict, source: str) -> tuple[int, int] | None:
     q = hf.get("quantization_config")
     if not q:
@@ -313,9 +304,12 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')")
 
 
-def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, **overrides) -> Transformer:
+def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
+         **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
-    module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3)."""
+    module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3).
+    fp8=True keeps an FP8 checkpoint's e4m3 weights in memory (fp8.FP8Linear / FP8Experts) instead of
+    dequantising them on load."""
     path = resolve(path)
     hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
     if hf is None:
@@ -344,10 +338,34 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
             m.weight.data = m.weight.data.float()
             if m.bias is not None:
                 m.bias = m.bias.float()
+    if fp8 and block is not None:
+        keep_fp8(model, path, block)
     load_weights(model, path, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def keep_fp8(model: Transformer, path: Path, block: tuple[int, int]):
+    """Swap the modules whose checkpoint weights are FP8 for their FP8 twins (weights filled by load_weights)."""
+    fp8 = {name for f in set(checkpoint_files(path).values()) for name, e in read_header(f)[0].items()
+           if e["dtype"].startswith("F8")}
+    for name in sorted(fp8):
+        target = hf_to_ours(name, model.config)
+        if target is None or model.config.arch == "deepseek_v4":
+            continue
+        ours, expert = target
+        path_, _, leaf = ours.rpartition(".")
+        mod = model.get_submodule(path_) if expert is None else None
+        if isinstance(mod, torch.nn.Linear) and leaf == "weight" and mod.bias is None:
+            new = FP8Linear(mod.in_features, mod.out_features, block)
+        elif expert is not None and not isinstance(model.get_submodule(path_), FP8Experts):
+            E, inter, dim = model.get_submodule(path_).w1.shape
+            new = FP8Experts(E, inter, dim, block)
+        else:
+            continue
+        parent, _, child = path_.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
 
 
 def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, skip_from: int | None = None):
@@ -364,6 +382,29 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
         todo.pop("lm_head.weight", None)
     files = checkpoint_files(path)
     opened: dict[Path, SafetensorsFile] = {}
+    halves = set()  # (name, expert, half) of V4's gate_up_proj filled so far
+
+    def dst_dtype(ours):
+        return params[ours].dtype if ours in params else None
+
+    def copy(dst, t, what):
+        if tuple(t.shape) != tuple(dst.shape):
+            raise ValueError(f"{what} has shape {tuple(t.shape)}, the model (from config.json) expects "
+                             f"{tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(t)
+
+    def fill(ours, expert, t, what):  # copy into a parameter / buffer (one expert's slice) and tick it off
+        copy(params[ours] if expert is None else params[ours][expert], t, what)
+        tick(ours, expert)
+
+    def tick(ours, expert):
+        if expert is None:
+            todo.pop(ours, None)
+        elif ours in todo:
+            todo[ours].discard(expert)
+            if not todo[ours]:
+                todo.pop(ours)
 
     def file(f):
         if f not in opened:
@@ -395,32 +436,29 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
                 sname = name.removesuffix("weight") + "weight_scale_inv"
                 if sname not in files:
                     raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {sname!r}")
-                t = dequant_fp8(t, file(files[sname]).get(sname), block or (128, 128))
-            if isinstance(expert, tuple):  # V4: one half of an expert's stacked gate/up matrix
-                expert, half = expert
-                dst = params[ours][expert].chunk(2, dim=0)[half]
+                scale = file(files[sname]).get(sname)
+                if dst_dtype(ours) == t.dtype:  # fp8=True: keep the e4m3 weight, its scale beside it
+                    own = ours + "_scale_inv" if expert is not None else ours.removesuffix("weight") + "scale_inv"
+                    fill(own, expert, scale, f"{fpath}: tensor {sname!r}")
+                else:
+                    t = dequantize(t, scale, block or (128, 128))
+            if isinstance(expert, tuple):  # V4: w1 / w3 are the halves of an expert's stacked gate_up_proj
+                e, half = expert
+                copy(params[ours][e].chunk(2, dim=0)[half], t, f"{fpath}: tensor {name!r}")
+                halves.add((ours, e, half))
+                if (ours, e, 1 - half) in halves:
+                    tick(ours, e)
             else:
-                dst = params[ours] if expert is None else params[ours][expert]
-            if tuple(t.shape) != tuple(dst.shape):
-                raise ValueError(f"{fpath}: tensor {name!r} has shape {tuple(t.shape)}, the model (from "
-                                 f"config.json) expects {tuple(dst.shape)}")
-            with torch.no_grad():
-                dst.copy_(t)
+                fill(ours, expert, t, f"{fpath}: tensor {name!r}")
             del t
             src.release(name)
-            if expert is None:
-                todo.pop(ours, None)
-            elif ours in todo:
-                todo[ours].discard(expert)
-                if not todo[ours]:
-                    todo.pop(ours)
     finally:
         for f in opened.values():
             f.close()
     if todo:
         missing = []
         for ours, experts in todo.items():
-            missing += [n for n, _ in _hf_names(model, ours, experts)]
+            missing += [n for n, _ in _hf_names(model, ours, experts)] or [ours]
         raise ValueError(f"{path}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)"
                                                                     if len(missing) > 1 else ""))
 

@@ -20,7 +20,7 @@ def moe_routed(experts, x, w, idx):
 
 
 def fp8_dequant(w, scale_inv, block=(128, 128)):
-    """Twin of checkpoint.dequant_fp8: every element times the scale of its block, one at a time by blocks."""
+    """Twin of fp8.dequantize: every element times the scale of its block, one at a time by blocks."""
     out = torch.empty(w.shape, dtype=torch.float32)
     for bi in range(scale_inv.shape[0]):
         for bj in range(scale_inv.shape[1]):

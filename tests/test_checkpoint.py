@@ -73,10 +73,19 @@ def test_fp8_checkpoint_dequantises_and_matches(tmp_path):
     assert torch.equal(w, expected["model.layers.1.mlp.experts.3.gate_proj.weight"])
     assert torch.equal(model.layers[0].attn.wkv_b.weight, expected["model.layers.0.self_attn.kv_b_proj.weight"])
 
+    # fp8=True keeps the e4m3 weights (a slice dequantised per matmul): the same logits, far fewer weight bytes
+    from sobre.fp8 import FP8Experts, FP8Linear, weight_bytes
+    kept = sobre.load(out, dtype=torch.float32, fp8=True)
+    assert isinstance(kept.layers[0].attn.wkv_b, FP8Linear) and isinstance(kept.layers[1].ffn.experts, FP8Experts)
+    assert not isinstance(kept.head, FP8Linear)  # stored high-precision, kept so
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), model(x), atol=1e-5, rtol=1e-5)
+    assert weight_bytes(kept) < 0.5 * weight_bytes(model)
+
     # `sobre convert` writes the dequantised bf16 directory; transformers gives the same logits on it
     subprocess.run([sys.executable, "-m", "sobre", "convert", str(out), str(tmp_path / "deq"), "--dtype", "float32"],
                    check=True)
-    x = tokens()
     with torch.no_grad():
         ours = model(x)
     ref = hf_logits(tmp_path / "deq", x)

@@ -109,7 +109,7 @@ def test_mtp_logits_shapes():
 
 
 def test_fp8_dequant_matches_reference():
-    from sobre.checkpoint import dequant_fp8
+    from sobre.fp8 import dequantize as dequant_fp8
     w = (torch.randn(300, 200) * 3).to(torch.float8_e4m3fn)  # ragged edges: 300 = 2*128 + 44, 200 = 128 + 72
     s = torch.rand(3, 2) + 0.5
     assert torch.equal(dequant_fp8(w, s, (128, 128)), reference.fp8_dequant(w, s))

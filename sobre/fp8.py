@@ -1,0 +1,117 @@
+"""FP8 (e4m3) block-scaled weights kept in memory and computed with: half of bf16's weight bytes.
+
+DeepSeek releases V3 / R1 / V3.2 with e4m3 weights and one fp32 `scale_inv` per 128 x 128 block. By default
+`sobre.load` dequantises them once; `sobre.load(path, fp8=True)` keeps them: every FP8 linear layer becomes
+an `FP8Linear` and the routed experts an `FP8Experts`, which dequantise a slice of rows (or one expert's
+matrices) at a time right before its matmul, so only that slice ever exists in high precision. The
+dequantise-on-load model is the reference twin (tests hold their logits equal); `quantize_model` turns a
+high-precision model's linears into FP8 the same way and reports each layer's weight error.
+
+On GPUs with FP8 tensor cores the matmul itself could run in FP8 (torch._scaled_mm with block scales); that
+path is not written yet (no GPU to test it on), so GPUs also dequantise per slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3_MAX = 448.0
+
+
+def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 weight [..., rows, cols] times its per-block scale [..., ceil(rows/br), ceil(cols/bc)] -> fp32."""
+    rows, cols = w.shape[-2:]
+    br, bc = block
+    if scale_inv.shape[-2:] != (math.ceil(rows / br), math.ceil(cols / bc)):
+        raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {(rows, cols)} in {block} blocks")
+    s = scale_inv.float().repeat_interleave(br, -2)[..., :rows, :].repeat_interleave(bc, -1)[..., :cols]
+    return w.float() * s
+
+
+def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, cols] -> (e4m3 weight, fp32 scale_inv per block): each block's absmax maps to e4m3's 448."""
+    rows, cols = w.shape
+    br, bc = block
+    nr, nc = math.ceil(rows / br), math.ceil(cols / bc)
+    padded = F.pad(w.float(), (0, nc * bc - cols, 0, nr * br - rows))
+    blocks = padded.view(nr, br, nc, bc)
+    scale = (blocks.abs().amax(dim=(1, 3)) / E4M3_MAX).clamp(min=1e-12)  # [nr, nc]
+    q = (blocks / scale[:, None, :, None]).view(nr * br, nc * bc)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn), scale
+
+
+class FP8Linear(nn.Module):
+    """y = x @ dequant(W).T, W kept in e4m3 with per-block scales; dequantised `chunk` rows at a time."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128), chunk: int = 1024):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, tuple(block)
+        self.chunk = max(block[0], chunk // block[0] * block[0])  # whole row blocks per slice
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
+        self.register_buffer("scale_inv", torch.empty(math.ceil(out_features / block[0]),
+                                                      math.ceil(in_features / block[1])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        br = self.block[0]
+        outs = [F.linear(x, dequantize(self.weight[r:r + self.chunk], self.scale_inv[r // br:(r + self.chunk) // br],
+                                       self.block).to(x.dtype))
+                for r in range(0, self.out_features, self.chunk)]
+        return torch.cat(outs, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, e4m3 blocks {self.block}"
+
+
+class FP8Experts(nn.Module):
+    """model.Experts with w1 / w2 / w3 [E, out, in] in e4m3 (+ w*_scale_inv [E, blocks, blocks]); each active
+    expert's three matrices are dequantised for its own rows only."""
+
+    def __init__(self, E: int, inter: int, dim: int, block: tuple[int, int] = (128, 128)):
+        super().__init__()
+        self.block = tuple(block)
+        for name, (o, i) in (("w1", (inter, dim)), ("w2", (dim, inter)), ("w3", (inter, dim))):
+            self.register_buffer(name, torch.empty(E, o, i, dtype=torch.float8_e4m3fn))
+            self.register_buffer(name + "_scale_inv", torch.empty(E, math.ceil(o / block[0]), math.ceil(i / block[1])))
+
+    def forward(self, x, w, idx):  # the dispatch of model.Experts, one dequantised expert at a time
+        N, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        xs, outs, start = x[token], [], 0
+        for e, n in enumerate(counts):
+            if n:
+                w1, w2, w3 = (dequantize(getattr(self, k)[e], getattr(self, k + "_scale_inv")[e], self.block)
+                              .to(x.dtype) for k in ("w1", "w2", "w3"))
+                seg = xs[start:start + n]
+                outs.append((F.silu(seg @ w1.T) * (seg @ w3.T)) @ w2.T)
+                start += n
+        out = torch.cat(outs) * w.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token, out)
+
+
+def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=("embed", "head", "gate.")) -> dict:
+    """Replace every nn.Linear (but embeddings, output heads, routers) by an FP8Linear, in place.
+    -> {layer name: relative weight error ||W - dequant(quant(W))|| / ||W||}."""
+    report = {}
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or mod.bias is not None or any(s in name + "." for s in skip):
+            continue
+        q, s = quantize(mod.weight.detach(), block)
+        new = FP8Linear(mod.in_features, mod.out_features, block)
+        new.weight.copy_(q)
+        new.scale_inv.copy_(s)
+        report[name] = float((dequantize(q, s, block) - mod.weight.float()).norm() / mod.weight.float().norm())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return report
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (FP8 weights count 1 byte each)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
