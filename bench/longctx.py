@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sobre.config import preset
+from sobre.config import parse_overrides, preset
 from sobre.model import Transformer, init_weights
 
 FILLER, MARKS, CUE = (2, 128), (128, 256), 1  # token ranges, the cue token
@@ -37,7 +37,7 @@ def batch(n: int, length: int, span: int, g: torch.Generator):
     return x
 
 
-def model_for(attn: str, length: int) -> Transformer:
+def model_for(attn: str, length: int, overrides=()) -> Transformer:
     kw = dict(vocab_size=VOCAB, dim=128, inter_dim=256, n_layers=2, n_heads=4, max_seq_len=length,
               n_routed_experts=0, n_mtp_layers=0, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
               qk_rope_head_dim=16, v_head_dim=32, rope_theta=100000.0)
@@ -45,6 +45,8 @@ def model_for(attn: str, length: int) -> Transformer:
         kw.update(attn_type="nsa", n_kv_heads=1)
     if attn == "dsa":
         kw.update(attn_type="dsa", index_topk=256, index_n_heads=4, index_head_dim=32)
+    if attn != "full":
+        kw.update(parse_overrides(overrides))
     return init_weights(Transformer(preset("debug", **kw)), seed=0)
 
 
@@ -59,7 +61,7 @@ def span_loss(model, x, span: int):
 
 def train(attn: str, a, log) -> dict:
     torch.manual_seed(0)
-    model = model_for(attn, a.len).train()
+    model = model_for(attn, a.len, a.overrides).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     plan = [tuple(int(v) for v in st.split(":")) for st in a.schedule.split(",")]  # (length, steps, batch)
     todo = [(L, B) for L, n, B in plan for _ in range(n)]
@@ -101,6 +103,7 @@ def main():
     ap.add_argument("--eval", type=int, default=64, help="held-out sequences")
     ap.add_argument("--attn", nargs="*", default=["full", "nsa", "dsa"])
     ap.add_argument("--log", default="longctx.jsonl", help="per-step metrics (JSONL)")
+    ap.add_argument("--overrides", nargs="*", default=(), help="Config fields for the sparse models, KEY=VALUE")
     a = ap.parse_args()
     with open(a.log, "w") as log:
         rows = {attn: train(attn, a, log) for attn in a.attn}
