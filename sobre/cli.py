@@ -106,7 +106,7 @@ def cmd_generate(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
-    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None, fp8=args.fp8)
     tok = load_tokenizer(path)
     if args.ids:
         prompt = [int(t) for t in args.ids.split(",")]
@@ -139,7 +139,7 @@ def cmd_chat(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = Engine.from_pretrained(args.path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
-                                 speculative=args.speculative)
+                                 speculative=args.speculative, fp8=args.fp8)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -291,7 +291,7 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = resolve(args.path)
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
-                                 cache_tokens=args.cache_tokens, speculative=args.speculative)
+                                 cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
@@ -339,6 +339,7 @@ def main(argv=None):
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     s.set_defaults(fn=cmd_generate)
 
@@ -352,6 +353,7 @@ def main(argv=None):
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=cmd_chat)
 
@@ -375,6 +377,7 @@ def main(argv=None):
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: CPU cores - 1)")
     s.set_defaults(fn=cmd_serve)
 

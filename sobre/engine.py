@@ -150,7 +150,7 @@ class Engine:
         self.next_id = 0
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **kw) -> Engine:
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
         """dtype None: on CPU float32 when it fits in half the RAM (measured faster than bf16 there, see
         bench/engine.py --dtype), else the checkpoint's own dtype; on GPU the checkpoint's dtype."""
         from .checkpoint import load, resolve
@@ -162,7 +162,7 @@ class Engine:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             if model_stats(Config.load(path))["params"] * 4 <= ram / 2:
                 dtype = torch.float32
-        return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False)),
+        return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8),
                    load_tokenizer(path), **kw)
 
     # ---- requests ---------------------------------------------------------------------------

@@ -82,6 +82,9 @@ def test_fp8_checkpoint_dequantises_and_matches(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(kept(x), model(x), atol=1e-5, rtol=1e-5)
     assert weight_bytes(kept) < 0.5 * weight_bytes(model)
+    gen = subprocess.run([sys.executable, "-m", "sobre", "generate", str(out), "--ids", "1,2,3", "--fp8",
+                          "--max-new-tokens", "4"], capture_output=True, text=True, check=True)
+    assert len(gen.stdout.split()) == 4
 
     # `sobre convert` writes the dequantised bf16 directory; transformers gives the same logits on it
     subprocess.run([sys.executable, "-m", "sobre", "convert", str(out), str(tmp_path / "deq"), "--dtype", "float32"],
