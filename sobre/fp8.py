@@ -62,6 +62,10 @@ class FP8Linear(nn.Module):
                 for r in range(0, self.out_features, self.chunk)]
         return torch.cat(outs, dim=-1)
 
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The whole weight in high precision (for code that reads it directly, e.g. MLA's absorbed W_UK/W_UV)."""
+        return dequantize(self.weight, self.scale_inv, self.block).to(dtype)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, e4m3 blocks {self.block}"
 

@@ -125,7 +125,8 @@ class MLA(nn.Module):
             idx = (idx[0], k_idx[0], idx[2]) if idx else None
         S, r = kv_pe.shape[1], c.kv_lora_rank
         kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]
-        w_uk, w_uv = self.wkv_b.weight.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
+        w = self.wkv_b.dequantized(x.dtype) if hasattr(self.wkv_b, "dequantized") else self.wkv_b.weight  # (FP8)
+        w_uk, w_uv = w.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
         if idx is not None:  # DSA: attend to the indexer's top-k (everything visible during the dense warm-up)
             see = sparse.visible(mask, T, S, x.device)  # [B|1, T, S]
             kw = dict(rank=r, topk=c.index_topk, scale=c.softmax_scale, see=see)
