@@ -42,6 +42,7 @@ QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
 SHARES = {"pretrain": 0.144, "sft": 0.278, "grpo": 0.174, "distill": 0.396, "eval": 0.008}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
+EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
 
 
 def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 300, force: bool = False,
@@ -55,7 +56,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
 
     def stage(name: str, fn):
         done = out / name / "stage.json"
-        if done.exists() and not force:
+        if done.exists() and not force and current(name, json.loads(done.read_text())):
             results[name] = json.loads(done.read_text())
             print(f"speedrun: {name} already done ({done}); --force redoes it")
             return
@@ -69,6 +70,9 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
         done.write_text(json.dumps(r, indent=2) + "\n")
         results[name] = r
         ran.append(name)
+
+    def current(name: str, r: dict) -> bool:  # a finished eval from an older sobre may lack today's tasks
+        return name != "eval" or all(t in r.get("pretrain", {}) for t in EVAL_TASKS)
 
     def eta() -> str:
         """Time left for the stages still to run, from the pace of those this invocation ran so far."""
@@ -187,14 +191,18 @@ def _distill(d: Path, out: Path, preset_name: str, steps: int, seed: int) -> dic
 
 
 def _evaluate(d: Path, out: Path, n: int, seed: int) -> dict:
+    """{model: {"params", task: evaluate_task's record}}: every stage's model on every EVAL_TASKS task (the
+    trained task gets n problems, the others n // 2)."""
     d.mkdir(parents=True, exist_ok=True)
-    task, r = get_task(TASK), {}
+    r = {}
     models = {"pretrain": out / "pretrain", "sft": out / "sft", "grpo": out / "grpo",
               "distill": out / "distill" / "student", "distill_baseline": out / "distill" / "baseline"}
     for name, path in models.items():
         model, tok = start_model(str(path))
-        r[name] = evaluate_task(model.eval(), tok, task, n, max_new_tokens=128, seed=seed)
-        r[name]["params"] = model_stats(model.config)["params"]
+        r[name] = {"params": model_stats(model.config)["params"]}
+        for t in EVAL_TASKS:
+            r[name][t] = evaluate_task(model.eval(), tok, get_task(t), n if t == TASK else max(n // 2, 1),
+                                       max_new_tokens=128, seed=seed)
     return r
 
 
@@ -214,7 +222,8 @@ def report(out: Path) -> str:
     total = sum(r[s]["minutes"] for s in STAGES)
     summary = {"preset": r["preset"], "seed": r["seed"], "task": r["task"], "wall_time_s": round(total * 60, 1),
                "stages": {s: r[s] for s in STAGES if s != "eval"},
-               "eval": {m: {r["task"]: v["pass@1"]} for m, v in r["eval"].items() if isinstance(v, dict)}}
+               "eval": {m: {t: v[t]["pass@1"] for t in EVAL_TASKS} for m, v in r["eval"].items()
+                        if isinstance(v, dict)}}
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     p, t = r["pretrain"], r["pretrain"]["transformers"]
     lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']})", "",
@@ -252,11 +261,14 @@ def report(out: Path) -> str:
         wh = r[name]["minutes"] / 60 * CORES * WATTS_PER_CORE
         lines.append(f"| {name} | {v.get('tokens', 0):,} | {v.get('flops', 0):.2e} | {wh:.1f} |")
     e = r["eval"]
-    lines += ["", f"Held-out pass@1 on `{r['task']}` (greedy, {e['pretrain']['problems']} problems, "
-              f"{e['minutes']} min):", "", "| model | params | pass@1 | format |", "|---|---|---|---|"]
+    sizes = ", ".join(f"`{t}` {e['pretrain'][t]['problems']}" for t in EVAL_TASKS)
+    lines += ["", f"Held-out pass@1 (greedy; problems: {sizes}; trained on `{r['task']}` only; {e['minutes']} min):",
+              "", "| model | params | " + " | ".join(f"`{t}`" for t in EVAL_TASKS) + f" | format (`{TASK}`) |",
+              "|---|---|" + "---|" * (len(EVAL_TASKS) + 1)]
     for name, v in e.items():
         if isinstance(v, dict):
-            lines.append(f"| {MODELS.get(name, name)} | {v['params']:,} | {v['pass@1']:.3f} | {v['format']:.2f} |")
+            lines.append(f"| {MODELS.get(name, name)} | {v['params']:,} | "
+                         + " | ".join(f"{v[t]['pass@1']:.3f}" for t in EVAL_TASKS) + f" | {v[TASK]['format']:.2f} |")
     lines += ["", f"Total {total:.1f} minutes. Plots: `pretrain/loss.png`, `pretrain/expert_load.png`, "
               "`pretrain/expert_heatmap.png`, `sft/loss.png`, `grpo/reward.png`, `distill/student/loss.png`.",
               "", "Pretrained model's answer to `What is 12 + 7?`:", "", "```", QUESTION + p["answer"], "```",

@@ -83,7 +83,8 @@ def test_speedrun_runs_every_stage_and_resumes(tmp_path):
     assert stages["sft"]["final_loss"] < stages["sft"]["first_loss"]
     summary = json.loads((tmp_path / "run" / "report.json").read_text())  # the CLI contract
     assert set(summary["eval"]) == {"pretrain", "sft", "grpo", "distill", "distill_baseline"}
-    assert all(0 <= v["arithmetic:1"] <= 1 for v in summary["eval"].values())
+    assert all(set(v) == {"arithmetic:1", "arithmetic:2", "sorting:1"} and all(0 <= x <= 1 for x in v.values())
+               for v in summary["eval"].values())
     assert set(summary["stages"]) == {"pretrain", "sft", "grpo", "distill"} and summary["wall_time_s"] > 0
     assert run("report", str(tmp_path / "run")).stdout.strip() == report.strip()
     assert run("verify", str(tmp_path / "run" / "grpo" / "model")).returncode == 0
