@@ -40,7 +40,7 @@ from .train import TrainArgs, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
-SHARES = {"pretrain": 0.144, "sft": 0.278, "grpo": 0.174, "distill": 0.396, "eval": 0.008}
+SHARES = {"pretrain": 0.138, "sft": 0.285, "grpo": 0.178, "distill": 0.384, "eval": 0.015}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
 
