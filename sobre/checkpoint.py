@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from .config import Config
 from .fp8 import FP8Experts, FP8Linear, dequantize
 from .manifest import write_manifest
-from .model import Gate, Rope, Transformer
-from .v4 import Rope2, V4Transformer, keep_fp32
+from .model import Gate, Rope, Transformer, build_model
+from .v4 import Rope2, keep_fp32
 
 # HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
 LAYER_MODULES = {
@@ -323,7 +323,7 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
             hf.get("dtype", hf.get("torch_dtype")), torch.float32)
     v4 = c.arch == "deepseek_v4"
     with torch.device("meta"):
-        model = V4Transformer(c) if v4 else Transformer(c)
+        model = build_model(c)
     model = model.to(dtype).to_empty(device="cpu")
     model.rope = Rope2(c) if v4 else Rope(c)
     if v4:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import dispatch, grouped_ffn
+
 E4M3_MAX = 448.0
 
 
@@ -81,22 +83,18 @@ class FP8Experts(nn.Module):
             self.register_buffer(name, torch.empty(E, o, i, dtype=torch.float8_e4m3fn))
             self.register_buffer(name + "_scale_inv", torch.empty(E, math.ceil(o / block[0]), math.ceil(i / block[1])))
 
-    def forward(self, x, w, idx):  # the dispatch of model.Experts, one dequantised expert at a time
-        N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // K
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        xs, outs, start = x[token], [], 0
+    def forward(self, x, w, idx):  # model.Experts' dispatch
+        return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
+
+    def ffn(self, xs, counts: list[int]):  # rows sorted by expert; each active expert dequantised for its rows
+        outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
                 w1, w2, w3 = (dequantize(getattr(self, k)[e], getattr(self, k + "_scale_inv")[e], self.block)
-                              .to(x.dtype) for k in ("w1", "w2", "w3"))
-                seg = xs[start:start + n]
-                outs.append((F.silu(seg @ w1.T) * (seg @ w3.T)) @ w2.T)
+                              .to(xs.dtype)[None] for k in ("w1", "w2", "w3"))
+                outs.append(grouped_ffn(xs[start:start + n], [n], w1, w2, w3))
                 start += n
-        out = torch.cat(outs) * w.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return torch.cat(outs) if outs else xs[:0]
 
 
 def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=("embed", "head", "gate.")) -> dict:

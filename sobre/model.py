@@ -340,16 +340,21 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, Inter, D))
 
     def forward(self, x, w, idx):
-        """Grouped dispatch: sort the N*K (token, expert) pairs by expert, one matmul pair per active expert.
-        x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
-        N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
-        token = order // K
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        out = grouped_ffn(x[token], counts, self.w1, self.w2, self.w3)
-        out = out * w.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        """x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
+        return dispatch(x, w, idx, self.w1.shape[0], lambda xs, counts: grouped_ffn(xs, counts, self.w1, self.w2,
+                                                                                      self.w3))
+
+
+def dispatch(x, w, idx, n_experts: int, ffn):
+    """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, counts) over them (counts[e]
+    rows for expert e), weigh each by its routing weight and sum back per token. x [N, D], w/idx [N, K]."""
+    K = idx.shape[1]
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
+    token = order // K
+    out = ffn(x[token], torch.bincount(flat, minlength=n_experts).tolist())
+    out = out * w.flatten()[order].unsqueeze(-1)
+    return torch.zeros_like(x).index_add_(0, token, out)
 
 
 def grouped_ffn(xs, counts: list[int], w1, w2, w3):
@@ -456,11 +461,7 @@ class Transformer(nn.Module):
     def hidden(self, tokens, cache=None):
         """tokens [B, T] -> final-normed hidden states [B, T, D]. A cache (model.Cache or the engine's paged
         batch) says where the new tokens sit (positions, mask), stores their K/V and advances afterwards."""
-        pos = cache.positions(tokens) if cache is not None else \
-            torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        if int(pos.max()) >= self.config.max_seq_len:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
-                             f"{self.config.max_seq_len} (max_position_embeddings)")
+        pos = positions(tokens, cache, self.config.max_seq_len)
         rope, mask = self.rope(pos), cache.mask(tokens) if cache is not None else None
         x = self.embed(tokens)
         for layer in self.layers:
@@ -493,6 +494,16 @@ class Transformer(nn.Module):
             h = layer(h[:, :T], self.embed(tokens[:, k:k + T]), self.rope(pos), None)
             out.append(self.head(h))
         return out
+
+
+def positions(tokens: torch.Tensor, cache, max_seq_len: int) -> torch.Tensor:
+    """[B, T] positions of the new tokens (from the cache, else 0..T-1); a clear error past the context."""
+    pos = cache.positions(tokens) if cache is not None else \
+        torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+    if int(pos.max()) >= max_seq_len:
+        raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
+                         f"{max_seq_len} (max_position_embeddings)")
+    return pos
 
 
 class Cache:
@@ -529,6 +540,14 @@ class Cache:
 
     def advance(self, T: int):
         self.length += T
+
+
+def build_model(c: Config):
+    """The model class for a config: Transformer, or v4.V4Transformer for deepseek_v4."""
+    if c.arch == "deepseek_v4":
+        from .v4 import V4Transformer
+        return V4Transformer(c)
+    return Transformer(c)
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:

@@ -25,12 +25,11 @@ from .checkpoint import save
 from .config import Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
-from .model import MLA, MoE, Transformer, init_weights
+from .model import MLA, MoE, Transformer, build_model, init_weights
 from .optim import Muon, Optimizers, muon_params
 from .stats import model_stats
 from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
 from .v4 import MoE as V4MoE
-from .v4 import V4Transformer
 
 
 @dataclass
@@ -152,11 +151,6 @@ def set_dsa_warmup(model: Transformer, on: bool):
     for m in model.modules():
         if isinstance(m, MLA) and hasattr(m, "indexer"):
             m.dense_warmup = on
-
-
-def build_model(cfg: Config):
-    """The model class for a config: sobre's Transformer, or v4.V4Transformer for deepseek_v4."""
-    return V4Transformer(cfg) if cfg.arch == "deepseek_v4" else Transformer(cfg)
 
 
 def moe_layers(model) -> list:

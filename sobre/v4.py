@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import rope_inv_freq, sequence_balance_loss
+from .model import positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 # kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
@@ -369,10 +369,7 @@ class V4Transformer(nn.Module):
         """tokens [B, T] -> final hidden states [B, T, D]. A cache (model.Cache or the engine's paged batch)
         says where the new tokens sit, keeps their per-layer rows (cache_shapes) and advances afterwards."""
         B, T = tokens.shape
-        pos = cache.positions(tokens) if cache is not None else torch.arange(T, device=tokens.device).expand(B, -1)
-        if int(pos.max()) >= self.config.max_seq_len:
-            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
-                             f"{self.config.max_seq_len} (max_position_embeddings)")
+        pos = positions(tokens, cache, self.config.max_seq_len)
         S = int(pos.max()) + 1 if cache is None else None
         mask = cache.mask(tokens) if cache is not None else None
         see = visible(mask, T, S if S is not None else _cached_len(cache, T), tokens.device)  # [B|1, T, S]
