@@ -91,6 +91,21 @@ def cmd_eplb(args):
     print(f"mean over layers: {before.mean():.2f} -> {after.mean():.2f}")
 
 
+def cmd_dualpipe(args):
+    from .dualpipe import Times, dualpipe, plot, simulate, table
+    times = Times(args.F, args.B, args.W, args.FB)
+    P, M = args.ranks, args.micro_batches
+    print(f"pipeline schedules, {P} ranks, {M} micro-batches, F={times.F} B={times.B} W={times.W} "
+          f"F&B={times.F + times.B if times.FB is None else times.FB} (simulated; formula from DualPipe's README)")
+    print(f"{'method':<10} {'bubble':>8} {'formula':>8} {'params':>7} {'activation':>11} {'makespan':>9}")
+    for r in table(P, M, times):
+        print(f"{r['method']:<10} {r['bubble']:>8.2f} {r['bubble_formula']:>8.2f} {r['params']:>6}x "
+              f"{r['activation']:>11} {r['makespan']:>9.2f}")
+    if args.plot:
+        plot(simulate(dualpipe(P, M), times, dualpipe=True), args.plot)
+        print(f"wrote {args.plot}")
+
+
 def cmd_convert(args):
     from .checkpoint import load, resolve, save
     src = resolve(args.src)
@@ -317,6 +332,16 @@ def main(argv=None):
     s.add_argument("--replicas", type=int, default=0, help="physical experts (default: experts + one per GPU)")
     s.add_argument("--last", type=int, default=0, help="use the last N steps' loads (default: the whole run)")
     s.set_defaults(fn=cmd_eplb)
+
+    s = sub.add_parser("dualpipe", help="DualPipe / 1F1B / ZB1P pipeline schedules: simulated bubbles and memory")
+    s.add_argument("--ranks", type=int, default=8, help="pipeline ranks (even for DualPipe)")
+    s.add_argument("--micro-batches", type=int, default=20, help="micro-batches (even, >= 2 * ranks)")
+    s.add_argument("--F", type=float, default=1.0, help="time of a forward chunk")
+    s.add_argument("--B", type=float, default=2.0, help="time of a full backward chunk")
+    s.add_argument("--W", type=float, default=1.0, help="time of its weight-gradient part")
+    s.add_argument("--FB", type=float, default=None, help="time of an overlapped F&B pair (default F + B)")
+    s.add_argument("--plot", help="write the DualPipe timeline to this PNG")
+    s.set_defaults(fn=cmd_dualpipe)
 
     s = sub.add_parser("convert", help="re-save a checkpoint (e.g. FP8 -> bf16) as a plain HF directory")
     s.add_argument("src", help="model directory or Hub id")
