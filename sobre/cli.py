@@ -132,15 +132,49 @@ def cmd_generate(args):
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
     stop = eos_ids(model.config)
+    rank = _expert_parallel(model, args, prompt) if args.expert_parallel else 0
     t0, out = time.perf_counter(), []
     text = TextStream(tok) if tok and not args.ids else None
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty):
         out.append(t)
-        print(text.feed(t) if text else f"{t} ", end="", flush=True)
+        if rank == 0:
+            print(text.feed(t) if text else f"{t} ", end="", flush=True)
     dt = time.perf_counter() - t0
-    print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+    if rank == 0:
+        print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+    if args.expert_parallel:
+        import torch.distributed as dist
+        dist.barrier()  # no rank leaves while another still has collectives in flight
+        dist.destroy_process_group()
+
+
+def _expert_parallel(model, args, prompt) -> int:
+    """Shard the experts over the torchrun ranks (EPLB placement for redundant experts); every rank runs the
+    same requests, so a sampling seed is drawn on rank 0 and shared. Returns this rank."""
+    import torch.distributed as dist
+
+    from .eplb import run_loads
+    from .parallel import expert_parallel_inference, init
+    rank, world, _ = init()
+    if world < 2:
+        sys.exit("--expert-parallel runs under torchrun: torchrun --nproc-per-node N -m sobre generate ...")
+    if args.seed is None:
+        seed = torch.randint(0, 2**31 - 1, (1,))
+        dist.broadcast(seed, 0)
+        args.seed = int(seed)
+    loads = run_loads(args.expert_loads) if args.expert_loads else None
+    placement = expert_parallel_inference(model, args.redundant_experts, loads, calibrate=prompt)
+    if rank == 0:
+        E = model.config.n_routed_experts
+        slots = E + args.redundant_experts
+        where = ""
+        if placement is not None:
+            hot = (torch.bincount(placement[0], minlength=E) > 1).nonzero().flatten().tolist()
+            where = f"; EPLB replicated experts {hot} in layer 0"
+        print(f"[expert parallel: {E} experts in {slots} slots over {world} ranks{where}]", file=sys.stderr)
+    return rank
 
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -366,6 +400,12 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    s.add_argument("--expert-parallel", action="store_true",
+                   help="shard the MoE experts over torchrun ranks (all-to-all dispatch)")
+    s.add_argument("--redundant-experts", type=int, default=0,
+                   help="extra expert copies per layer, placed by EPLB (with --expert-parallel)")
+    s.add_argument("--expert-loads", help="EPLB loads: a `sobre pretrain` run folder or a JSON [layers][experts] "
+                   "matrix (default: measured on the prompt)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat in the terminal (streamed, reasoning shown dimmed)")

@@ -7,8 +7,11 @@ matrices) at a time right before its matmul, so only that slice ever exists in h
 dequantise-on-load model is the reference twin (tests hold their logits equal); `quantize_model` turns a
 high-precision model's linears into FP8 the same way and reports each layer's weight error.
 
-On GPUs with FP8 tensor cores the matmul itself could run in FP8 (torch._scaled_mm with block scales); that
-path is not written yet (no GPU to test it on), so GPUs also dequantise per slice.
+`fp8_linear` is the FP8 compute path (DeepGEMM's recipe): activations quantised to e4m3 per 1 x 128 tile, one
+`torch._scaled_mm` per 128-wide K block with row-wise scales (tile scale x weight block scale), accumulated
+in fp32. FP8Linear uses it on CUDA GPUs with FP8 tensor cores (sm89+); `set_compute(model, "scaled_mm")`
+forces it anywhere torch._scaled_mm runs (CPU too: that is how the tests check it against the dequantised
+twin).
 """
 
 from __future__ import annotations
@@ -46,8 +49,38 @@ def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torc
     return q.to(torch.float8_e4m3fn), scale
 
 
+def quantize_tiles(x: torch.Tensor, tile: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (e4m3 [M, K], fp32 scale [M, ceil(K / tile)]): each 1 x tile's absmax -> 448."""
+    M, K = x.shape
+    n = math.ceil(K / tile)
+    tiles = F.pad(x.float(), (0, n * tile - K)).view(M, n, tile)
+    scale = (tiles.abs().amax(-1) / E4M3_MAX).clamp(min=1e-12)  # [M, n]
+    return (tiles / scale[..., None]).view(M, n * tile)[:, :K].to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K]).T computed in FP8: both operands e4m3, one scaled matmul per K block
+    (block[1] wide, the activation tile too), fp32 accumulation. Returns x's dtype."""
+    br, bc = block
+    N, K = weight.shape
+    xq, xs = quantize_tiles(x.reshape(-1, K), bc)
+    ws = scale_inv.float().repeat_interleave(br, 0)[:N]  # [N, K blocks]: each output row's block scale
+    out = torch.zeros(xq.shape[0], N, dtype=torch.float32, device=x.device)
+    for b, k in enumerate(range(0, K, bc)):
+        out += torch._scaled_mm(xq[:, k:k + bc].contiguous(), weight[:, k:k + bc].contiguous().t(),
+                                scale_a=xs[:, b:b + 1].contiguous(), scale_b=ws[None, :, b].contiguous(),
+                                out_dtype=torch.float32)
+    return out.to(x.dtype).view(*x.shape[:-1], N)
+
+
+def tensor_cores(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or newer."""
+    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 class FP8Linear(nn.Module):
-    """y = x @ dequant(W).T, W kept in e4m3 with per-block scales; dequantised `chunk` rows at a time."""
+    """y = x @ dequant(W).T, W kept in e4m3 with per-block scales. compute: "auto" (fp8_linear on FP8 tensor
+    cores, else dequantise `chunk` rows at a time), "dequant" or "scaled_mm"."""
 
     def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128), chunk: int = 1024):
         super().__init__()
@@ -56,8 +89,12 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
         self.register_buffer("scale_inv", torch.empty(math.ceil(out_features / block[0]),
                                                       math.ceil(in_features / block[1])))
+        self.compute = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        aligned = self.in_features % self.block[1] == 0 and self.out_features % 16 == 0  # cuBLAS FP8 shapes
+        if self.compute == "scaled_mm" or (self.compute == "auto" and aligned and tensor_cores(x.device)):
+            return fp8_linear(x, self.weight, self.scale_inv, self.block)
         br = self.block[0]
         outs = [F.linear(x, dequantize(self.weight[r:r + self.chunk], self.scale_inv[r // br:(r + self.chunk) // br],
                                        self.block).to(x.dtype))
@@ -108,10 +145,21 @@ def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=(
         new = FP8Linear(mod.in_features, mod.out_features, block)
         new.weight.copy_(q)
         new.scale_inv.copy_(s)
-        report[name] = float((dequantize(q, s, block) - mod.weight.float()).norm() / mod.weight.float().norm())
+        w = mod.weight.detach().float()
+        report[name] = float((dequantize(q, s, block) - w).norm() / w.norm())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return report
+
+
+def set_compute(model: nn.Module, compute: str) -> nn.Module:
+    """Every FP8Linear's matmul: "auto", "dequant" (the reference) or "scaled_mm" (FP8 operands)."""
+    if compute not in ("auto", "dequant", "scaled_mm"):
+        raise ValueError(f"FP8 compute must be auto, dequant or scaled_mm, not {compute!r}")
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            m.compute = compute
+    return model
 
 
 def weight_bytes(model: nn.Module) -> int:

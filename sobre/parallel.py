@@ -9,7 +9,6 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from .model import Experts, MoE, Transformer, grouped_ffn
 
@@ -28,50 +27,136 @@ def init() -> tuple[int, int, torch.device]:
 
 
 class ExpertParallel(nn.Module):
-    """Drop-in for model.Experts holding only this rank's slice of the experts."""
+    """Drop-in for model.Experts holding only this rank's physical experts. tokens go to the rank holding
+    their expert and back with two all-to-alls.
 
-    def __init__(self, experts: Experts, group=None):
+    placement (phy2log [slots], e.g. one layer of EPLB's rebalance_experts) names the logical expert in each
+    physical slot, slots / world consecutive slots per rank; default: slot e holds expert e (no redundancy).
+    A token's pair for expert e goes to replica (token index % replicas of e), so a hot expert's tokens spread
+    over its copies. Redundant copies are for inference: training keeps one copy of each expert.
+    replicated_input: every rank holds the same tokens (the engine runs one batch on every rank); each rank
+    dispatches its 1/world share and the outputs are all-gathered (inference only)."""
+
+    def __init__(self, experts: Experts, group=None, placement=None, replicated_input=False):
         super().__init__()
-        self.group = group
-        self.world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if type(experts) is not Experts:
+            raise ValueError(f"expert parallel shards plain model.Experts, not {type(experts).__name__} "
+                             "(load the model without --fp8)")
+        self.group, self.replicated_input = group, replicated_input
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         E = experts.w1.shape[0]
-        if E % self.world:
-            raise ValueError(f"expert parallel: {E} experts do not divide over {self.world} ranks")
-        self.n_experts, self.local = E, E // self.world
-        lo = rank * self.local
-        self.w1 = nn.Parameter(experts.w1.detach()[lo:lo + self.local].clone())
-        self.w2 = nn.Parameter(experts.w2.detach()[lo:lo + self.local].clone())
-        self.w3 = nn.Parameter(experts.w3.detach()[lo:lo + self.local].clone())
+        placement = torch.arange(E) if placement is None else torch.as_tensor(placement, dtype=torch.long).cpu()
+        if placement.numel() % self.world:
+            raise ValueError(f"expert parallel: {placement.numel()} physical experts do not divide over "
+                             f"{self.world} ranks")
+        count = torch.bincount(placement, minlength=E)
+        if placement.min() < 0 or len(count) > E or (count == 0).any():
+            raise ValueError(f"expert parallel: the placement must hold each of the {E} experts at least once")
+        self.n_experts, self.n_slots, self.local = E, placement.numel(), placement.numel() // self.world
+        mine = placement[self.rank * self.local:(self.rank + 1) * self.local]
+        self.w1 = nn.Parameter(experts.w1.detach()[mine].clone())
+        self.w2 = nn.Parameter(experts.w2.detach()[mine].clone())
+        self.w3 = nn.Parameter(experts.w3.detach()[mine].clone())
+        by_expert = placement.argsort(stable=True)  # slots grouped by the expert they hold
+        first = count.cumsum(0) - count
+        j = torch.minimum(torch.arange(int(count.max()))[None], count[:, None] - 1)  # pad with the last copy
+        replicas = by_expert[first[:, None] + j]  # [E, max copies]: the slots holding each expert
+        device = experts.w1.device
+        self.register_buffer("replicas", replicas.to(device), persistent=False)
+        self.register_buffer("count", count.to(device), persistent=False)
 
-    def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] with global expert ids -> [N, D]
+    def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] with logical expert ids -> [N, D]
+        if not self.replicated_input:
+            return self._dispatch(x, w, idx, 0)
+        sizes = [len(c) for c in torch.arange(x.shape[0]).tensor_split(self.world)]
+        lo, n = sum(sizes[:self.rank]), sizes[self.rank]
+        y = x.new_zeros(max(sizes), x.shape[1])
+        y[:n] = self._dispatch(x[lo:lo + n], w[lo:lo + n], idx[lo:lo + n], lo)
+        parts = [torch.empty_like(y) for _ in range(self.world)]
+        dist.all_gather(parts, y, group=self.group)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+    def _dispatch(self, x, w, idx, first_token: int):
         N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # pairs grouped by expert, hence by owning rank
+        token_id = torch.arange(first_token, first_token + N, device=idx.device).unsqueeze(1)
+        slot = self.replicas[idx, token_id % self.count[idx]].flatten()  # [N*K] physical slot of each pair
+        order = slot.argsort(stable=True)  # pairs grouped by slot, hence by owning rank
         token = order // K
-        counts = torch.bincount(flat, minlength=self.n_experts)  # [world * local]: what we send, per expert
+        counts = torch.bincount(slot, minlength=self.n_slots)  # [world * local]: what we send, per slot
+        self.last_slot_load = counts.detach()  # this rank's pairs per physical slot (replica use, stats)
         recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # [source rank, local expert]
+        dist.all_to_all_single(recv_counts, counts, group=self.group)  # [source rank, local slot]
         send = counts.view(self.world, self.local).sum(1).tolist()
         recv = recv_counts.view(self.world, self.local).sum(1).tolist()
-        group = self.group or dist.group.WORLD
-        got = all_to_all_single_autograd(x[token], recv, send, group)  # [sum(recv), D], differentiable
-        # received rows come in [source][local expert] blocks: regroup by expert, run, restore the order
-        expert_of_row = torch.arange(self.local, device=x.device).repeat(self.world).repeat_interleave(recv_counts)
-        perm = expert_of_row.argsort(stable=True)
+        got = _AllToAll.apply(x[token], recv, send, self.group)  # [sum(recv), D]
+        # received rows come in [source][local slot] blocks: regroup by slot, run, restore the order
+        slot_of_row = torch.arange(self.local, device=x.device).repeat(self.world).repeat_interleave(recv_counts)
+        perm = slot_of_row.argsort(stable=True)
         out = grouped_ffn(got[perm], recv_counts.view(self.world, self.local).sum(0).tolist(),
                           self.w1, self.w2, self.w3)
         out = out[perm.argsort()]
-        back = all_to_all_single_autograd(out, send, recv, group)  # [N*K, D]
+        back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D]
         back = back * w.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add(0, token, back)
 
 
-def apply_expert_parallel(model: Transformer, group=None) -> Transformer:
-    """Swap every MoE's experts for this rank's slice."""
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.experts = ExpertParallel(m.experts, group)
+def _exchange(x, recv: list[int], send: list[int], group):
+    """Rows x [sum(send), D] leave in `send` blocks (one per rank) and arrive in `recv` blocks."""
+    out = x.new_empty(sum(recv), x.shape[1])
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """_exchange whose gradient takes the way back (a blocking collective: functional collectives' async
+    work left gloo aborting at exit now and then)."""
+
+    @staticmethod
+    def forward(ctx, x, recv, send, group):
+        ctx.route = (send, recv, group)
+        return _exchange(x, recv, send, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad, *ctx.route), None, None, None
+
+
+def apply_expert_parallel(model: Transformer, group=None, placement=None, replicated_input=False) -> Transformer:
+    """Swap every MoE's experts for this rank's slice. placement: one phy2log row per MoE of the main layers
+    (MTP layers keep one copy of each expert); None = no redundant experts."""
+    main = [m for m in model.layers.modules() if isinstance(m, MoE)]
+    if placement is not None and len(placement) != len(main):
+        raise ValueError(f"expert placement has {len(placement)} rows for {len(main)} MoE layers")
+    rows = {id(m): p for m, p in zip(main, placement if placement is not None else [None] * len(main))}
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        raise ValueError("expert parallel: the model has no DeepSeek-V3-style MoE layers")
+    for m in moes:
+        m.experts = ExpertParallel(m.experts, group, rows.get(id(m)), replicated_input)
     return model
+
+
+def expert_parallel_inference(model: Transformer, redundant: int = 0, loads=None, calibrate: list[int] = ()):
+    """Shard a loaded model's experts over the torchrun ranks for the engine (every rank runs the same batch).
+    With `redundant` extra physical experts per layer, EPLB places them from `loads` ([moe layers, experts]:
+    a training run's expert_load or a JSON matrix, see eplb.run_loads) or, without loads, from the loads
+    measured on the `calibrate` token ids. Returns the placement (phy2log [layers, slots])."""
+    from .eplb import rebalance_experts
+    from .report import expert_loads
+    world = dist.get_world_size()
+    E = model.config.n_routed_experts
+    placement = None
+    if redundant:
+        if loads is None:
+            if len(calibrate) < 2:
+                raise ValueError("redundant experts need expert loads (--expert-loads) or a prompt to measure")
+            loads = expert_loads(model, list(calibrate))
+        loads = torch.as_tensor(loads, dtype=torch.float64)
+        if loads.shape[-1] != E:
+            raise ValueError(f"expert loads have {loads.shape[-1]} experts per layer; the model has {E}")
+        placement, _, _ = rebalance_experts(loads, E + redundant, 1, 1, world)
+    apply_expert_parallel(model, placement=placement, replicated_input=True)
+    return placement
 
 
 def apply_fsdp(model: Transformer):

@@ -1,10 +1,20 @@
-"""FP8 block quantisation: round trip error, FP8Linear == dequantised linear, quantize_model's report."""
+"""FP8 block quantisation: round trip error, FP8Linear == dequantised linear, quantize_model's report; the FP8
+matmul (e4m3 activations x e4m3 weights, torch._scaled_mm) against its dequantised twin."""
 
 import torch
 
 from sobre import reference
 from sobre.config import preset
-from sobre.fp8 import FP8Linear, dequantize, quantize, quantize_model, weight_bytes
+from sobre.fp8 import (
+    FP8Linear,
+    dequantize,
+    fp8_linear,
+    quantize,
+    quantize_model,
+    quantize_tiles,
+    set_compute,
+    weight_bytes,
+)
 from sobre.model import Transformer, init_weights
 
 
@@ -35,3 +45,37 @@ def test_quantize_model_reports_and_stays_close():
     assert "layers.0.attn.wq_a" in report and not any("head" in k or "embed" in k for k in report)
     assert weight_bytes(model) < before
     assert (got - ref).norm() < 0.15 * ref.norm()  # e4m3: 3 mantissa bits, ~3% per weight, a few layers deep
+
+
+def test_fp8_matmul_against_the_dequantised_twin():
+    """fp8_linear quantises the activations too (1 x 128 tiles): its error over the dequantised-weight matmul
+    is that of one more e4m3 rounding (~2-3%), on ragged shapes as well."""
+    g = torch.Generator().manual_seed(0)
+    for N, K, M in ((256, 384, 7), (200, 130, 5)):
+        w, x = torch.randn(N, K, generator=g) * 0.05, torch.randn(3, M, K, generator=g)
+        q, s = quantize(w)
+        ref = x @ dequantize(q, s, (128, 128)).T
+        got = fp8_linear(x, q, s, (128, 128))
+        assert got.shape == ref.shape and got.dtype == x.dtype
+        assert (got - ref).norm() / ref.norm() < 0.04
+        xb = x.bfloat16()
+        assert (fp8_linear(xb, q, s, (128, 128)).float() - ref).norm() / ref.norm() < 0.05
+    xq, xs = quantize_tiles(torch.tensor([[1.0, -2.0, 448.0]]), tile=2)
+    assert xs.shape == (1, 2) and xq.float()[0, 2] == 448.0  # each tile's absmax maps onto e4m3's 448
+
+
+def test_fp8_compute_switch_on_a_model():
+    model = init_weights(Transformer(preset("debug", dim=256, moe_inter_dim=128, q_lora_rank=128,
+                                            kv_lora_rank=128))).eval()
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    quantize_model(model)
+    with torch.no_grad():
+        twin = set_compute(model, "dequant")(x)
+        fp8 = set_compute(model, "scaled_mm")(x)
+    assert not torch.equal(fp8, twin) and (fp8 - twin).norm() < 0.15 * twin.norm()  # one more e4m3 rounding per layer
+    try:
+        set_compute(model, "fast")
+    except ValueError as e:
+        assert "auto, dequant or scaled_mm" in str(e)
+    else:
+        raise AssertionError("an unknown compute mode must raise")

@@ -27,6 +27,33 @@ def test_expert_parallel_moe_equals_single_process(tmp_path):
     assert all(v < 1e-5 for v in diff.values()), diff
 
 
+def test_expert_parallel_engine_equals_single_process(tmp_path):
+    """The engine with experts sharded over 2 ranks, hot experts copied by EPLB: same logits, greedy and
+    seeded-sampled tokens as one process; every copy of a hot expert gets tokens."""
+    out = tmp_path / "ep.json"
+    check(TORCHRUN + [str(Path(__file__).parent / "dist" / "ep_generate.py"), str(out)], timeout=180)
+    r = json.loads(out.read_text())
+    assert r["logits_diff"] < 1e-5 and r["greedy_equal"] and r["sampled_equal"], r
+    assert r["slots_per_rank"] == [4, 4, 4] and r["hot_copies"] == [2, 2, 2] and all(r["copies_used"]), r
+
+
+def test_generate_cli_expert_parallel(tmp_path):
+    """`torchrun ... sobre generate --expert-parallel --redundant-experts 2` prints what one process prints."""
+    import sobre
+
+    from conftest import random_model
+    path = tmp_path / "m"
+    sobre.save(random_model(sobre.preset("debug", n_mtp_layers=0)), path)
+    args = ["-m", "sobre", "generate", str(path), "--ids", "5,9,12,40,7", "--max-new-tokens", "10"]
+    one = subprocess.run([sys.executable] + args, capture_output=True, text=True, env=ENV, timeout=120)
+    two = subprocess.run(TORCHRUN + ["--no-python", sys.executable] + args
+                         + ["--expert-parallel", "--redundant-experts", "2"],
+                         capture_output=True, text=True, env=ENV, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert len(one.stdout.split()) == 10 and two.stdout == one.stdout
+    assert "EPLB replicated experts" in two.stderr
+
+
 def train(tmp_path, name, *extra, procs=1, data_from=None):
     run = tmp_path / name
     if data_from:  # share the tokenizer and tokenised data: only the parallelism differs
