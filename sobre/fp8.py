@@ -66,10 +66,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     xq, xs = quantize_tiles(x.reshape(-1, K), bc)
     ws = scale_inv.float().repeat_interleave(br, 0)[:N]  # [N, K blocks]: each output row's block scale
     out = torch.zeros(xq.shape[0], N, dtype=torch.float32, device=x.device)
+    block_dtype = torch.bfloat16 if x.is_cuda else torch.float32  # cuBLAS row-wise scaling outputs bf16 only
     for b, k in enumerate(range(0, K, bc)):
         out += torch._scaled_mm(xq[:, k:k + bc].contiguous(), weight[:, k:k + bc].contiguous().t(),
                                 scale_a=xs[:, b:b + 1].contiguous(), scale_b=ws[None, :, b].contiguous(),
-                                out_dtype=torch.float32)
+                                out_dtype=block_dtype)
     return out.to(x.dtype).view(*x.shape[:-1], N)
 
 
