@@ -14,7 +14,9 @@ and an op of two parts is an overlapped F&B pair. `simulate` runs the lists with
 unit), honouring the dependencies (F after the previous stage's F; B/I after the next stage's B/I and this
 stage's F; W after this stage's I), and reports per-rank bubble (idle time inside the makespan) and peak
 activation memory (micro-batch chunks held from F until their full B or W). A schedule that cannot run
-(deadlock) or that runs an F/B/W twice or never raises ValueError.
+(deadlock) or that runs an F/B/W twice or never raises ValueError. `execute` runs one rank's op list for
+real over torch.distributed point-to-point (gloo on CPU, NCCL on GPU) and `sync_copies` sums the gradients of
+DualPipe's two copies of each chunk; a test checks the gradients against one process.
 
     sobre dualpipe --ranks 8 --micro-batches 20      # the DualPipe README's comparison table, simulated
 """
@@ -215,6 +217,87 @@ def table(P: int, M: int, times: Times) -> list[dict]:
 def _check(P: int, M: int):
     if P < 2 or M < 1 or not (isinstance(P, int) and isinstance(M, int)):
         raise ValueError(f"need at least 2 ranks and 1 micro-batch; got P={P}, M={M}")
+
+
+def execute(ops: list[Op], chunks: dict, inputs: dict, targets: dict, loss_fn, shape, group=None) -> float:
+    """Run this rank's ops: chunks {direction: the module this rank runs for it}; inputs / targets
+    {(direction, mb): tensor} where that direction starts / ends; activations and gradients crossing ranks
+    have `shape`. Parameter gradients accumulate in the chunks (summed over micro-batches). F&B pairs run
+    one after the other (overlapping them needs streams, not a CPU). Returns the summed loss of the
+    directions that end on this rank."""
+    import torch
+    import torch.distributed as dist
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    saved, pending, sends, total = {}, {}, [], 0.0
+
+    def stage(d):
+        return r if d == 0 else P - 1 - r
+
+    def peer(d, ahead):  # the rank running the next (ahead) or previous stage of direction d
+        return r + (1 if (d == 0) == ahead else -1)
+
+    def tag(grad, d, mb):
+        return (2 * grad + d) * (1 << 20) + mb
+
+    for op in ops:
+        for kind, d, mb in op:
+            s = stage(d)
+            if kind == "F":
+                x = inputs[d, mb] if s == 0 else torch.empty(shape)
+                if s > 0:
+                    dist.recv(x, peer(d, False), group, tag=tag(0, d, mb))
+                    x.requires_grad_()
+                y = chunks[d](x)
+                if s == P - 1:
+                    y = loss_fn(y, targets[d, mb])
+                    total += float(y.detach())
+                else:
+                    out = y.detach().contiguous()
+                    sends.append((dist.isend(out, peer(d, True), group, tag=tag(0, d, mb)), out))
+                saved[d, mb] = (x, y)
+            elif kind in "BI":
+                x, y = saved.pop((d, mb))
+                g = None
+                if s < P - 1:
+                    g = torch.empty(shape)
+                    dist.recv(g, peer(d, True), group, tag=tag(1, d, mb))
+                if kind == "B":
+                    torch.autograd.backward(y, g)  # parameter and input gradients at once
+                    gx = x.grad
+                else:  # input gradient now, the weight gradient (W) later from the kept graph
+                    gx = torch.autograd.grad(y, x, g, retain_graph=True)[0] if s > 0 else None
+                    pending[d, mb] = (y, g)
+                if s > 0:
+                    sends.append((dist.isend(gx.contiguous(), peer(d, False), group, tag=tag(1, d, mb)), gx))
+            else:  # W
+                y, g = pending.pop((d, mb))
+                params = [p for p in chunks[d].parameters() if p.requires_grad]
+                for p, gp in zip(params, torch.autograd.grad(y, params, g)):
+                    p.grad = gp if p.grad is None else p.grad + gp
+    for work, _ in sends:
+        work.wait()
+    return total
+
+
+def sync_copies(chunks: dict, group=None):
+    """DualPipe keeps chunk s on ranks s (direction 0) and P-1-s (direction 1): ranks r and P-1-r hold the same
+    two chunks, so they swap gradients and each adds its partner's copy to its own."""
+    import torch
+    import torch.distributed as dist
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    partner = P - 1 - r
+    flat = [torch.cat([p.grad.flatten() for p in chunks[d].parameters()]) for d in (0, 1)]
+    theirs = [torch.empty_like(f) for f in flat]
+    works = [dist.isend(flat[d], partner, group, tag=d) for d in (0, 1)]
+    for d in (0, 1):
+        dist.recv(theirs[d], partner, group, tag=d)
+    for w in works:
+        w.wait()
+    for d in (0, 1):  # my copy of direction d's chunk is the partner's copy for the other direction
+        i = 0
+        for p in chunks[d].parameters():
+            p.grad += theirs[1 - d][i:i + p.numel()].view_as(p)
+            i += p.numel()
 
 
 def plot(res: Result, path: str):
