@@ -112,7 +112,8 @@ class FP8Linear(nn.Module):
 
 class FP8Experts(nn.Module):
     """model.Experts with w1 / w2 / w3 [E, out, in] in e4m3 (+ w*_scale_inv [E, blocks, blocks]); each active
-    expert's three matrices are dequantised for its own rows only."""
+    expert's three matrices are dequantised for its own rows only, or (compute as FP8Linear's) multiplied in
+    FP8 by fp8_linear."""
 
     def __init__(self, E: int, inter: int, dim: int, block: tuple[int, int] = (128, 128)):
         super().__init__()
@@ -120,19 +121,31 @@ class FP8Experts(nn.Module):
         for name, (o, i) in (("w1", (inter, dim)), ("w2", (dim, inter)), ("w3", (inter, dim))):
             self.register_buffer(name, torch.empty(E, o, i, dtype=torch.float8_e4m3fn))
             self.register_buffer(name + "_scale_inv", torch.empty(E, math.ceil(o / block[0]), math.ceil(i / block[1])))
+        self.compute = "auto"
 
     def forward(self, x, w, idx):  # model.Experts' dispatch
         return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
 
     def ffn(self, xs, counts: list[int]):  # rows sorted by expert; each active expert dequantised for its rows
+        inter, dim = self.w1.shape[1:]
+        aligned = dim % self.block[1] == 0 and inter % self.block[1] == 0
+        fp8 = self.compute == "scaled_mm" or (self.compute == "auto" and aligned and tensor_cores(xs.device))
         outs, start = [], 0
         for e, n in enumerate(counts):
-            if n:
+            if n and fp8:
+                seg = xs[start:start + n]
+                h = F.silu(self._fp8_mm(seg, "w1", e)) * self._fp8_mm(seg, "w3", e)
+                outs.append(self._fp8_mm(h, "w2", e))
+                start += n
+            elif n:
                 w1, w2, w3 = (dequantize(getattr(self, k)[e], getattr(self, k + "_scale_inv")[e], self.block)
                               .to(xs.dtype)[None] for k in ("w1", "w2", "w3"))
                 outs.append(grouped_ffn(xs[start:start + n], [n], w1, w2, w3))
                 start += n
         return torch.cat(outs) if outs else xs[:0]
+
+    def _fp8_mm(self, a, name: str, e: int):
+        return fp8_linear(a, getattr(self, name)[e], getattr(self, name + "_scale_inv")[e], self.block)
 
 
 def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=("embed", "head", "gate.")) -> dict:
@@ -154,11 +167,11 @@ def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=(
 
 
 def set_compute(model: nn.Module, compute: str) -> nn.Module:
-    """Every FP8Linear's matmul: "auto", "dequant" (the reference) or "scaled_mm" (FP8 operands)."""
+    """Every FP8Linear's / FP8Experts' matmul: "auto", "dequant" (the reference) or "scaled_mm" (FP8 operands)."""
     if compute not in ("auto", "dequant", "scaled_mm"):
         raise ValueError(f"FP8 compute must be auto, dequant or scaled_mm, not {compute!r}")
     for m in model.modules():
-        if isinstance(m, FP8Linear):
+        if isinstance(m, (FP8Linear, FP8Experts)):
             m.compute = compute
     return model
 

@@ -102,9 +102,10 @@ class SharedPrefix(Cache):
         return tuple(torch.cat([p.expand(G, *p.shape[1:]), n], 1) for p, n in zip(self.bufs[layer_id], new))
 
 
-def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False):
-    """Log-probs of each completion's tokens under the model: [N, T] (right-padded), mask [N, T], and the
-    summed entropy of the model's distribution over the completion positions (when asked). Completions of one
+def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0):
+    """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
+    policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
+    distribution over the completion positions (when asked). Completions of one
     prompt share its forward (SharedPrefix); a mixed batch runs padded (the reference the test compares to)."""
     T = max(len(r.ids) for r in batch)
     mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch])
@@ -124,7 +125,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch]).clamp(max=L - 1)  # [N, T]
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
-    logp_all = F.log_softmax(model.head(h).float(), -1)  # [N, T, V]: the head runs only where a token is predicted
+    logp_all = F.log_softmax(model.head(h).float() / temperature, -1)  # [N, T, V]: the head only where predicting
     logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item() if entropy else 0.0
     return logp, mask, ent
@@ -264,15 +265,15 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     if a.mu > 1 or a.beta:
         with torch.no_grad():
             if a.mu > 1:
-                old = [token_logprobs(model, [batch[i] for i in c])[0] for c in chunks]
+                old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
             if a.beta:
-                ref_lp = [token_logprobs(ref, [batch[i] for i in c])[0] for c in chunks]
+                ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for epoch in range(a.mu):
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
             mb = [batch[i] for i in c]
-            logp, mask, ent = token_logprobs(model, mb, entropy=epoch == 0)
+            logp, mask, ent = token_logprobs(model, mb, entropy=epoch == 0, temperature=a.temperature)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, len(batch), n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None)

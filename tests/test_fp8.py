@@ -79,3 +79,27 @@ def test_fp8_compute_switch_on_a_model():
         assert "auto, dequant or scaled_mm" in str(e)
     else:
         raise AssertionError("an unknown compute mode must raise")
+
+
+def test_fp8_experts_matmul_against_the_dequantised_twin():
+    from sobre.fp8 import FP8Experts
+    from sobre.model import Experts
+    c = preset("debug", dim=256, moe_inter_dim=128)
+    g = torch.Generator().manual_seed(0)
+    ref = Experts(c)
+    fp8 = FP8Experts(c.n_routed_experts, c.moe_inter_dim, c.dim)
+    with torch.no_grad():
+        for k in ("w1", "w2", "w3"):
+            getattr(ref, k).copy_(torch.randn(getattr(ref, k).shape, generator=g) * 0.05)
+            for e in range(c.n_routed_experts):
+                q, s = quantize(getattr(ref, k)[e])
+                getattr(fp8, k)[e] = q
+                getattr(fp8, k + "_scale_inv")[e] = s
+        x = torch.randn(10, c.dim, generator=g)
+        idx = torch.stack([torch.randperm(c.n_routed_experts, generator=g)[:2] for _ in range(10)])
+        w = torch.rand(10, 2, generator=g)
+        twin = set_compute(fp8, "dequant")(x, w, idx)
+        got = set_compute(fp8, "scaled_mm")(x, w, idx)
+        exact = ref(x, w, idx)
+    assert (twin - exact).norm() < 0.05 * exact.norm()
+    assert not torch.equal(got, twin) and (got - twin).norm() < 0.06 * twin.norm()
