@@ -358,28 +358,27 @@ def dispatch(x, w, idx, n_experts: int, ffn):
 
 
 def grouped_ffn(xs, counts: list[int], w1, w2, w3):
-    """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e.
-    torch._grouped_mm runs each projection for all experts in one call (CPU and CUDA); without it, one
-    matmul per active expert over unbound weights (indexing a stacked parameter per expert would make
-    autograd allocate a full-size gradient for every expert)."""
+    """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
+    return grouped_mm(F.silu(grouped_mm(xs, w1, counts)) * grouped_mm(xs, w3, counts), w2, counts)
+
+
+def grouped_mm(xs, w, counts: list[int]):
+    """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in].
+    torch._grouped_mm runs all experts in one call (CPU and CUDA); without it, one matmul per active expert
+    over unbound weights (indexing a stacked parameter per expert would make autograd allocate a full-size
+    gradient for every expert)."""
     if hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
         offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
-
-        def mm(a, w):  # a [rows, in] @ w[e].T for each expert's rows -> [rows, out]
-            out = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
-            if out.requires_grad:
-                out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
-            return out
-
-        return mm(F.silu(mm(xs, w1)) * mm(xs, w3), w2)
-    w1s, w2s, w3s = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-    outs, start = [], 0
+        out = torch._grouped_mm(xs, w.transpose(1, 2), offs=offs)
+        if out.requires_grad:
+            out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
+        return out
+    ws, outs, start = w.unbind(0), [], 0
     for e, n in enumerate(counts):
         if n:
-            seg = xs[start:start + n]
-            outs.append((F.silu(seg @ w1s[e].T) * (seg @ w3s[e].T)) @ w2s[e].T)
+            outs.append(xs[start:start + n] @ ws[e].T)
             start += n
-    return torch.cat(outs) if outs else xs[:0]
+    return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
 
 def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor, B: int, T: int) -> torch.Tensor:

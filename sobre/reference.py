@@ -19,6 +19,19 @@ def moe_routed(experts, x, w, idx):
     return y
 
 
+def v4_moe(moe, x, w, idx):
+    """Per-expert loop twin of v4.MoE's grouped routed experts. x [N, D], w/idx [N, K] -> [N, D]."""
+    out = torch.zeros_like(x)
+    for e in idx.unique().tolist():
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        g, u = F.linear(x[rows], moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        if moe.c.swiglu_limit:
+            g, u = g.clamp(max=moe.c.swiglu_limit), u.clamp(-moe.c.swiglu_limit, moe.c.swiglu_limit)
+        y = F.linear(F.silu(g) * u, moe.experts.down_proj[e])
+        out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+    return out
+
+
 def fp8_dequant(w, scale_inv, block=(128, 128)):
     """Twin of fp8.dequantize: every element times the scale of its block, one at a time by blocks."""
     out = torch.empty(w.shape, dtype=torch.float32)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import positions, rope_inv_freq, sequence_balance_loss
+from .model import dispatch, grouped_mm, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 # kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
@@ -328,13 +328,12 @@ class MoE(nn.Module):
         if self.training:
             self.balance_loss = torch.zeros((), device=x.device) if self.gate.hashed else \
                 sequence_balance_loss(idx, scores.float(), x.shape[0], x.shape[1])
-        out = torch.zeros_like(flat)
-        for e in idx.unique().tolist():  # reference: one matmul pair per used expert
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            g, u = F.linear(flat[rows], self.experts.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(swiglu(g, u, self.c.swiglu_limit), self.experts.down_proj[e])
-            out.index_add_(0, rows, y * w[rows, slot, None].to(y.dtype))
+        out = dispatch(flat, w.to(flat.dtype), idx, self.c.n_routed_experts, self.routed)  # twin: reference.v4_moe
         return out.view_as(x) + self.shared_experts(x)
+
+    def routed(self, xs, counts: list[int]):  # rows sorted by expert -> their experts' SwiGLU (clipped)
+        g, u = grouped_mm(xs, self.experts.gate_up_proj, counts).chunk(2, dim=-1)
+        return grouped_mm(swiglu(g, u, self.c.swiglu_limit), self.experts.down_proj, counts)
 
 
 class Layer(nn.Module):
