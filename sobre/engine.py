@@ -5,6 +5,11 @@ layer; decode runs absorbed attention on them. Dense models cache K/V. The pool 
 tokens (as FlashMLA); a sequence owns a list of blocks. Block 0 is a zero "null" block that padded
 positions of a ragged batch read from (and that masks then hide).
 
+Prefix cache (prefix_cache=True, as vLLM's automatic prefix caching): every block filled entirely with prompt
+tokens is keyed by a sha256 chained over the prompt up to its end and kept after its sequence finishes (LRU,
+evicted only when blocks run out). A new prompt starting with cached blocks shares them (reference counts)
+and prefills only the rest; `Sequence.cached` counts the reused tokens.
+
     eng = Engine(model, tokenizer)
     rid = eng.add_request([1, 2, 3], temperature=0.7, seed=1)
     while eng.has_work():
@@ -14,7 +19,9 @@ positions of a ragged batch read from (and that masks then hide).
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -42,21 +49,65 @@ class PagedPool:
         self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in layer]
                       for layer in per_layer]
         self.free = list(range(n_blocks - 1, 0, -1))
+        self.users = [0] * n_blocks  # sequences holding each block
+        self.cached: OrderedDict[bytes, int] = OrderedDict()  # prefix key -> block, least recently used first
+        self.key_of: dict[int, bytes] = {}
         self.bytes_per_token = sum(t[0].numel() * t.element_size() for layer in self.slots[:c.n_layers]
                                    for t in layer)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)
 
+    def available(self) -> int:
+        """Blocks a reservation may take: free ones and cached ones no sequence holds (evicted on demand)."""
+        return len(self.free) + sum(1 for b in self.cached.values() if not self.users[b])
+
     def reserve(self, seq: Sequence, n_tokens: int):
         need = self.blocks_for(n_tokens) - len(seq.blocks)
-        if need > len(self.free):
+        if need > self.available():
             raise RuntimeError("cache pool exhausted")
-        seq.blocks += [self.free.pop() for _ in range(max(need, 0))]
+        for _ in range(max(need, 0)):
+            if not self.free:  # evict the least recently used cached block nobody holds
+                key = next(k for k, b in self.cached.items() if not self.users[b])
+                self.free.append(self.cached.pop(key))
+                del self.key_of[self.free[-1]]
+            b = self.free.pop()
+            self.users[b] += 1
+            seq.blocks.append(b)
 
     def release(self, seq: Sequence):
-        self.free += seq.blocks
+        for b in seq.blocks:
+            self.users[b] -= 1
+            if not self.users[b] and b not in self.key_of:
+                self.free.append(b)
         seq.blocks = []
+
+    def prefix_keys(self, prompt: list[int]) -> list[bytes]:
+        """One key per full block of the prompt: sha256 chained over the tokens up to the block's end."""
+        keys, h = [], hashlib.sha256()
+        for i in range(len(prompt) // self.block):
+            h.update(torch.tensor(prompt[i * self.block:(i + 1) * self.block], dtype=torch.int64).numpy().tobytes())
+            keys.append(h.copy().digest())
+        return keys
+
+    def match(self, seq: Sequence) -> int:
+        """Give seq the cached blocks its prompt starts with (leaving >= 1 token to prefill); -> tokens reused."""
+        n = 0
+        for key in self.prefix_keys(seq.prompt[:-1]):
+            b = self.cached.get(key)
+            if b is None:
+                break
+            self.cached.move_to_end(key)
+            self.users[b] += 1
+            seq.blocks.append(b)
+            n += self.block
+        return n
+
+    def remember(self, seq: Sequence):
+        """Key seq's full prompt blocks (just prefilled) so later prompts can reuse them."""
+        for key, b in zip(self.prefix_keys(seq.prompt), seq.blocks):
+            if key not in self.cached and b not in self.key_of:
+                self.cached[key], self.key_of[b] = b, key
 
 
 class PagedBatch:
@@ -117,6 +168,7 @@ class Sequence:
     pending: int | None = None  # sampled, not yet fed to the model
     mtp_todo: tuple | None = None  # (main hiddens [T, D], next tokens [T]) the MTP draft module has not seen
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cached: int = 0  # prompt tokens whose cache came from the prefix cache
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
@@ -133,7 +185,7 @@ class Event:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
-                 block: int = BLOCK, speculative: bool = False):
+                 block: int = BLOCK, speculative: bool = False, prefix_cache: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
@@ -141,6 +193,11 @@ class Engine:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
+        if prefix_cache and (speculative or c.arch == "deepseek_v4" or c.attn_type == "nsa"):
+            raise ValueError("the prefix cache needs per-token cache entries and no MTP draft state: not with "
+                             "speculative decoding, deepseek_v4 or NSA models")
+        self.prefix_cache = prefix_cache
+        self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block)
         self.device = next(model.parameters()).device
@@ -231,9 +288,11 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             total = min(len(seq.prompt) + seq.params.max_new_tokens + self.speculative, c.max_seq_len)
-            if self.pool.blocks_for(total) > len(self.pool.free):
+            if self.pool.blocks_for(total) > self.pool.available():
                 break  # wait until running sequences free their blocks
             self.waiting.pop(0)
+            if self.prefix_cache:
+                seq.cached = seq.length = self.pool.match(seq)
             self.pool.reserve(seq, total)
             twin = prefilled.get(tuple(seq.prompt))
             if twin is not None:  # the same prompt was just prefilled (n samples, GRPO groups): copy its cache
@@ -242,8 +301,12 @@ class Engine:
                 events.append(self._emit(seq, int(self._choose([seq], twin[1])[0]), twin[1][0]))
                 continue
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
-            prompt = torch.tensor([seq.prompt], device=self.device)
-            h = self.model.hidden(prompt, PagedBatch(self.pool, [seq], len(seq.prompt)))
+            prompt = torch.tensor([seq.prompt[seq.length:]], device=self.device)
+            h = self.model.hidden(prompt, PagedBatch(self.pool, [seq], prompt.shape[1]))
+            if self.prefix_cache:
+                self.pool.remember(seq)
+                self.prefix_stats["hit"] += seq.cached
+                self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
             self.running.append(seq)
             logits = self.model.head(h[:, -1])
             events.append(self._emit(seq, int(self._choose([seq], logits)[0]), logits[0]))

@@ -146,6 +146,7 @@ class Choice:
         self.tokens: list[int] = []
         self.logprobs: list = []
         self.finish_reason: str | None = None
+        self.cached = 0  # prompt tokens served from the prefix cache
         self.t_first: float | None = None
 
     def feed(self, item) -> str | None:
@@ -154,6 +155,7 @@ class Choice:
             raise item
         if isinstance(item, Sequence):  # the end: stop strings cut the text where they matched
             self.finish_reason = "stop" if item.finish_reason in ("stop", "cancelled") else item.finish_reason
+            self.cached = item.cached
             self.full += self.stream.flush()
             end = len(self.full)
             if self.params.stop and item.finish_reason == "stop" and item.text is not None:
@@ -327,7 +329,9 @@ class Server:
     # ---- response pieces ----------------------------------------------------------------------------
     def usage(self, prompts: list[list[int]], n: int, choices: list[Choice]) -> dict:
         p, c = sum(len(x) for x in prompts) * n, sum(len(x.tokens) for x in choices)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        hit = sum(x.cached for x in choices)  # DeepSeek API's cache fields, and OpenAI's cached_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "prompt_cache_hit_tokens": hit,
+                "prompt_cache_miss_tokens": p - hit, "prompt_tokens_details": {"cached_tokens": hit}}
 
     def chat_logprobs(self, entries: list) -> dict:
         def item(t, lp):

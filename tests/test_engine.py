@@ -158,3 +158,36 @@ def test_repeated_prompts_share_one_prefill_and_match_separate_runs(arch):
         alone = Engine(model).generate([x], max_new_tokens=10, temperature=1.0 if s else 0.0, seed=s,
                                        repetition_penalty=1.3)[0]
         assert done[rid].out == alone, (x[:3], s)
+
+
+@pytest.mark.parametrize("cfg", [None, "dense"], ids=["mla", "gqa"])
+def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
+    """Requests sharing a long system prefix: with the prefix cache the later ones prefill only their own tail
+    (whole 64-token blocks reused, counted in prefix_stats / Sequence.cached), outputs (greedy and seeded)
+    equal an engine without it; a small pool evicts least-recently-used cached blocks and still agrees."""
+    model = random_model(sobre.preset("debug", arch="qwen2") if cfg else None)
+    g = torch.Generator().manual_seed(0)
+    system = torch.randint(3, 500, (150,), generator=g).tolist()
+    prompts = [system + torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 20, 1)] + [system[:130]]
+    ref = Engine(model).generate(prompts, max_new_tokens=8)
+    eng = Engine(model, prefix_cache=True)
+    assert eng.generate(prompts[:1], max_new_tokens=8) == ref[:1]
+    assert eng.prefix_stats == {"hit": 0, "miss": 155}
+    rids = [eng.add_request(p, max_new_tokens=8) for p in prompts[1:]]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    assert [done[r].out for r in rids] == ref[1:]
+    assert [done[r].cached for r in rids] == [128, 128, 128]  # two full blocks of the shared system prompt
+    assert eng.prefix_stats["hit"] == 3 * 128
+    seeded = dict(max_new_tokens=8, temperature=1.0, seed=3)
+    assert eng.generate(prompts, **seeded) == Engine(model).generate(prompts, **seeded)
+    # a pool of 8 blocks: every new prompt needs room, so cached blocks nobody holds are evicted
+    small = Engine(model, prefix_cache=True, cache_tokens=8 * 64)
+    others = [torch.randint(3, 500, (140,), generator=g).tolist() for _ in range(4)]
+    for p in others + prompts:
+        assert small.generate([p], max_new_tokens=4) == Engine(model).generate([p], max_new_tokens=4)
+    assert small.pool.available() == small.pool.n_blocks - 1  # nothing leaked
+    with pytest.raises(ValueError, match="prefix cache"):
+        Engine(sobre.model.Transformer(sobre.preset("debug")), speculative=True, prefix_cache=True)

@@ -61,7 +61,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(ckpt):
-    s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=16), "tiny"))
+    s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=16, prefix_cache=True), "tiny"))
     yield s
     s.close()
 
@@ -80,6 +80,28 @@ def greedy(ref, prompt_ids, n):
 
 def chat_ids(ref, messages):
     return ref.tokenizer.encode(ref.tokenizer.apply_chat_template(messages))
+
+
+def test_prefix_cache_hits_show_in_usage(live, ref):
+    """A long shared system prompt: the second request reuses its cached blocks (DeepSeek's
+    prompt_cache_hit/miss_tokens, OpenAI's cached_tokens) and answers exactly as without a cache."""
+    system = {"role": "system", "content": " ".join(CORPUS[:6])}
+    usages = []
+    for q in ("What is 12 + 7?", "Sort 3 1 2."):
+        msgs = [system, {"role": "user", "content": q}]
+        ids, text = greedy(ref, chat_ids(ref, msgs), 8)
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "tiny", "messages": msgs, "temperature": 0, "max_tokens": 8})
+        body = r.json()
+        assert r.status_code == 200 and body["usage"]["completion_tokens"] == len(ids)
+        msg = body["choices"][0]["message"]
+        assert (msg.get("reasoning_content") or "") + (msg["content"] or "") == "".join(split_reasoning(text, True)[i]
+                                                                                    or "" for i in (0, 1))
+        usages.append(body["usage"])
+    n = len(chat_ids(ref, [system]))
+    assert n > 64 and usages[1]["prompt_cache_hit_tokens"] >= 64 * ((n - 8) // 64)
+    assert usages[1]["prompt_cache_hit_tokens"] + usages[1]["prompt_cache_miss_tokens"] == usages[1]["prompt_tokens"]
+    assert usages[1]["prompt_tokens_details"] == {"cached_tokens": usages[1]["prompt_cache_hit_tokens"]}
 
 
 def test_openai_client_chat_and_completions(live, ref):
