@@ -3,8 +3,9 @@ concurrency 1 / 4 / 16 / 64; TTFT, TPOT, ITL (p50 / p99) and aggregate output to
 
 The model is bench/engine.py's random DeepSeek-V3 (vocab 8192, hidden 256, 4 layers, 16 experts top-4) with a
 BPE tokenizer trained on the built-in corpus; prompts are random token ids, every request generates exactly
---max-tokens tokens (ignore_eos), greedy.
-    python bench/serve.py [--quick] [--prompt-len 128] [--max-tokens 128]
+--max-tokens tokens (ignore_eos), greedy. --shared-prefix N starts every prompt with the same N tokens (a long
+system prompt); --prefix-cache serves with `sobre serve --prefix-cache`.
+    python bench/serve.py [--quick] [--prompt-len 128] [--max-tokens 128] [--shared-prefix 0] [--prefix-cache]
 """
 
 import argparse
@@ -77,8 +78,11 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: sobre serve's default)")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    ap.add_argument("--prefix-cache", action="store_true", help="serve with --prefix-cache")
+    ap.add_argument("--levels", default="", help="comma-separated concurrencies (default 1,4,16,64; quick 1,4,16)")
     args = ap.parse_args()
-    levels = (1, 4, 16) if args.quick else (1, 4, 16, 64)
+    levels = tuple(map(int, args.levels.split(","))) if args.levels else (1, 4, 16) if args.quick else (1, 4, 16, 64)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(builtin_docs(1 << 20), vocab_size=CFG["vocab_size"], out=tmp)
         torch.manual_seed(0)
@@ -89,7 +93,8 @@ def main():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "sobre", "serve", tmp, "--port", str(port), "--max-batch", "64",
-               "--dtype", "float32"] + (["--threads", str(args.threads)] if args.threads else [])
+               "--dtype", "float32"] + (["--threads", str(args.threads)] if args.threads else []) + \
+            (["--prefix-cache"] if args.prefix_cache else [])
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -102,15 +107,17 @@ def main():
             rng = random.Random(0)
             special = {tok.bos_id, tok.eos_id, tok.pad_id}
             pool = [i for i in range(tok.vocab_size) if i not in special]
-            prompts = [[rng.choice(pool) for _ in range(args.prompt_len)] for _ in range(64)]
+            shared = [rng.choice(pool) for _ in range(args.shared_prefix)]
+            prompts = [shared + [rng.choice(pool) for _ in range(args.prompt_len - len(shared))] for _ in range(64)]
             asyncio.run(level(url, 4, 4, prompts, 8))  # warm-up
             rows = [asyncio.run(level(url, c, max(2 * c, 8) if not args.quick else max(c, 4), prompts,
                                       args.max_tokens)) for c in levels]
         finally:
             server.terminate()
             server.wait(timeout=30)
-    print(f"\nsobre serve, {args.prompt_len}-token prompts, {args.max_tokens} new tokens each, greedy, fp32, "
-          f"server torch threads {args.threads or max(1, (os.cpu_count() or 2) - 1)}\n")
+    print(f"\nsobre serve, {args.prompt_len}-token prompts ({args.shared_prefix} shared), {args.max_tokens} new tokens "
+          f"each, greedy, fp32, prefix cache {'on' if args.prefix_cache else 'off'}, server torch threads "
+          f"{args.threads or max(1, (os.cpu_count() or 2) - 1)}\n")
     print("| concurrency | requests | output tok/s | vs concurrency 1 | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
           "| ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|")
