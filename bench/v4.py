@@ -1,0 +1,81 @@
+"""DeepSeek-V4 decode: sobre's Engine vs transformers `generate` on the same random V4 checkpoint (saved by
+transformers' own save_pretrained), and the cache bytes per token of V4 vs V3 from the engines' allocations.
+
+Greedy, fp32, same process and threads; decode time excludes prefill (first -> last token, as bench/engine.py).
+    python bench/v4.py [--quick]
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import sobre
+from sobre.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine import CFG as V3  # noqa: E402
+from engine import Clock, decode_rate  # noqa: E402
+
+V4 = dict(vocab_size=8192, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+          head_dim=64, q_lora_rank=96, n_routed_experts=16, num_experts_per_tok=4, sliding_window=128, o_groups=2,
+          o_lora_rank=64, index_n_heads=8, index_head_dim=32, index_topk=256, partial_rotary_factor=0.5,
+          hc_mult=4, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                  "heavily_compressed_attention", "compressed_sparse_attention"],
+          compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+          max_position_embeddings=16384)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short contexts (smoke run)")
+    args = ap.parse_args()
+    import transformers
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**V4)).eval()
+    with torch.no_grad():  # transformers zero-inits several V4 weights: give every one a scale
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn(p.shape) * (0.5 if p.dim() == 1 else 0.05) + (1 if "norm" in name else 0))
+    ctxs = (512, 1024) if args.quick else (1024, 8192)
+    n = 16 if args.quick else 32
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = Engine.from_pretrained(tmp, dtype=torch.float32, max_batch=1, cache_tokens=max(ctxs) + 2 * n)
+    g = torch.Generator().manual_seed(0)
+
+    def sobre_ms(L):
+        ours.add_request(torch.randint(2, V4["vocab_size"], (L,), generator=g).tolist(), max_new_tokens=n)
+        times, counts = [], []
+        while ours.has_work():
+            counts.append(len(ours.step()))
+            times.append(time.perf_counter())
+        ours.collect()
+        return 1e3 / decode_rate(times, counts)
+
+    def hf_ms(L):
+        clock = Clock()
+        with torch.no_grad():
+            hf.generate(torch.randint(2, V4["vocab_size"], (1, L), generator=g), max_new_tokens=n,
+                        min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
+        return 1e3 / decode_rate(clock.times[1:], [1] * (len(clock.times) - 1))
+
+    print(f"random DeepSeek-V4: vocab 8192, hidden 256, 4 layers (sliding, CSA 4, HCA 128, CSA 4), window 128, "
+          f"hc 4, 16 experts top-4; fp32, {torch.get_num_threads()} threads, {n} new tokens")
+    print("| measure | sobre | transformers | sobre / transformers |")
+    print("|---|---|---|---|")
+    for L in ctxs:
+        a, b = min(sobre_ms(L) for _ in range(2)), min(hf_ms(L) for _ in range(2))
+        print(f"| decode ms/token at context {L} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
+    v3 = Engine(sobre.Transformer(sobre.Config.from_hf({**V3, "num_nextn_predict_layers": 0})), cache_tokens=64)
+    b4, b3 = ours.pool.bytes_per_token, v3.pool.bytes_per_token
+    print(f"| engine cache bytes/token (allocated, all layers) | V4 {b4} | V3 {b3} (bench/engine.py's model) | "
+          f"V4 / V3 = {b4 / b3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
