@@ -4,8 +4,8 @@ concurrency 1 / 4 / 16 / 64; TTFT, TPOT, ITL (p50 / p99) and aggregate output to
 The model is bench/engine.py's random DeepSeek-V3 (vocab 8192, hidden 256, 4 layers, 16 experts top-4) with a
 BPE tokenizer trained on the built-in corpus; prompts are random token ids, every request generates exactly
 --max-tokens tokens (ignore_eos), greedy. --shared-prefix N starts every prompt with the same N tokens (a long
-system prompt); --prefix-cache serves with `sobre serve --prefix-cache`.
-    python bench/serve.py [--quick] [--prompt-len 128] [--max-tokens 128] [--shared-prefix 0] [--prefix-cache]
+system prompt); --no-prefix-cache serves with `sobre serve --no-prefix-cache` (the cache is on by default).
+    python bench/serve.py [--quick] [--prompt-len 128] [--max-tokens 128] [--shared-prefix 0] [--no-prefix-cache]
 """
 
 import argparse
@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="server torch threads (0: sobre serve's default)")
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
-    ap.add_argument("--prefix-cache", action="store_true", help="serve with --prefix-cache")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="serve with --no-prefix-cache")
     ap.add_argument("--levels", default="", help="comma-separated concurrencies (default 1,4,16,64; quick 1,4,16)")
     args = ap.parse_args()
     levels = tuple(map(int, args.levels.split(","))) if args.levels else (1, 4, 16) if args.quick else (1, 4, 16, 64)
@@ -94,7 +94,7 @@ def main():
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "sobre", "serve", tmp, "--port", str(port), "--max-batch", "64",
                "--dtype", "float32"] + (["--threads", str(args.threads)] if args.threads else []) + \
-            (["--prefix-cache"] if args.prefix_cache else [])
+            (["--no-prefix-cache"] if args.no_prefix_cache else [])
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -116,7 +116,7 @@ def main():
             server.terminate()
             server.wait(timeout=30)
     print(f"\nsobre serve, {args.prompt_len}-token prompts ({args.shared_prefix} shared), {args.max_tokens} new tokens "
-          f"each, greedy, fp32, prefix cache {'on' if args.prefix_cache else 'off'}, server torch threads "
+          f"each, greedy, fp32, prefix cache {'off' if args.no_prefix_cache else 'on'}, server torch threads "
           f"{args.threads or max(1, (os.cpu_count() or 2) - 1)}\n")
     print("| concurrency | requests | output tok/s | vs concurrency 1 | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
           "| ITL p50 / p99 ms |")

@@ -332,6 +332,7 @@ def cmd_serve(args):
     import uvicorn
 
     from .checkpoint import resolve
+    from .config import Config
     from .engine import Engine
     from .serve import create_app
     # on CPU one core is left to the HTTP event loop: OpenMP matmuls whose threads get descheduled stall the
@@ -341,7 +342,8 @@ def cmd_serve(args):
     path = resolve(args.path)
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                                  cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8,
-                                 prefix_cache=args.prefix_cache)
+                                 prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(
+                                     Config.load(path), args.speculative))
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
@@ -439,8 +441,8 @@ def main(argv=None):
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     s.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
-    s.add_argument("--prefix-cache", action="store_true",
-                   help="reuse the cache of shared prompt prefixes (whole 64-token blocks) across requests")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the cache of shared prompt prefixes (on by default where the model allows)")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")

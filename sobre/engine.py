@@ -193,7 +193,7 @@ class Engine:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
-        if prefix_cache and (speculative or c.arch == "deepseek_v4" or c.attn_type == "nsa"):
+        if prefix_cache and not self.prefix_cache_fits(c, speculative):
             raise ValueError("the prefix cache needs per-token cache entries and no MTP draft state: not with "
                              "speculative decoding, deepseek_v4 or NSA models")
         self.prefix_cache = prefix_cache
@@ -205,6 +205,11 @@ class Engine:
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
+
+    @staticmethod
+    def prefix_cache_fits(c, speculative: bool = False) -> bool:
+        """Whether a model's cache rows are plain per-token entries a later prompt may share."""
+        return not speculative and c.arch != "deepseek_v4" and c.attn_type != "nsa"
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
