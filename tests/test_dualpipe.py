@@ -104,3 +104,13 @@ def test_schedules_execute_over_gloo_with_single_process_gradients(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     for name, v in json.loads(out.read_text()).items():
         assert v["grad_diff"] < 1e-4 and abs(v["loss"] - v["ref_loss"]) < 1e-5 * v["ref_loss"], (name, v)
+
+
+def test_cli_prints_the_table_and_plots(tmp_path, capsys):
+    from sobre.cli import main
+    main(["dualpipe", "--ranks", "4", "--micro-batches", "8", "--plot", str(tmp_path / "dp.png")])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
+    assert rows["1F1B"][:2] == ["9.00", "9.00"] and rows["ZB1P"][:2] == ["3.00", "3.00"]
+    assert rows["DualPipe"][:4] == ["2.00", "2.00", "2x", "5"]
+    assert (tmp_path / "dp.png").stat().st_size > 10_000

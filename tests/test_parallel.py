@@ -52,6 +52,9 @@ def test_generate_cli_expert_parallel(tmp_path):
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert len(one.stdout.split()) == 10 and two.stdout == one.stdout
     assert "EPLB replicated experts" in two.stderr
+    alone = subprocess.run([sys.executable] + args + ["--expert-parallel"], capture_output=True, text=True, env=ENV,
+                           timeout=120)  # outside torchrun: a one-line error, no traceback
+    assert alone.returncode != 0 and "torchrun" in alone.stderr and "Traceback" not in alone.stderr
 
 
 def train(tmp_path, name, *extra, procs=1, data_from=None):
