@@ -341,8 +341,13 @@ class Experts(nn.Module):
 
     def forward(self, x, w, idx):
         """x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
-        return dispatch(x, w, idx, self.w1.shape[0], lambda xs, counts: grouped_ffn(xs, counts, self.w1, self.w2,
+        return dispatch(x, w, idx, self.w1.shape[0], lambda xs, counts: self.grouped(xs, counts, self.w1, self.w2,
                                                                                       self.w3))
+
+    def grouped(self, xs, counts: list[int], w1, w2, w3):
+        """The experts' FFN on rows sorted by expert, with the given (possibly sharded) stacked weights: the
+        contract expert parallel uses (parameters stacked on dim 0, in named_parameters order)."""
+        return grouped_ffn(xs, counts, w1, w2, w3)
 
 
 def dispatch(x, w, idx, n_experts: int, ffn):
@@ -412,6 +417,12 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)
+
+
+def moe_layers(module: nn.Module) -> list[nn.Module]:
+    """Every MoE layer under module (this file's MoE, v4.MoE): a router `gate`, routed `experts` (stacked
+    weights + `grouped`, or an expert-parallel / FP8 stand-in) and `last_load`."""
+    return [m for m in module.modules() if hasattr(m, "last_load") and hasattr(m, "experts")]
 
 
 # ---- blocks and the model -----------------------------------------------------------------------

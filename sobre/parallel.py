@@ -4,13 +4,14 @@ their experts and back with two all-to-alls). gloo on CPU, NCCL on GPU."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model import Experts, MoE, Transformer, grouped_ffn
+from .model import Transformer, moe_layers
 
 
 def init() -> tuple[int, int, torch.device]:
@@ -27,8 +28,9 @@ def init() -> tuple[int, int, torch.device]:
 
 
 class ExpertParallel(nn.Module):
-    """Drop-in for model.Experts holding only this rank's physical experts. tokens go to the rank holding
-    their expert and back with two all-to-alls.
+    """Drop-in for a routed-experts module (model.Experts, v4.Experts: stacked [E, ...] parameters and a
+    `grouped(rows, counts, *weights)` method) holding only this rank's physical experts, under the same
+    parameter names. Tokens go to the rank holding their expert and back with two all-to-alls.
 
     placement (phy2log [slots], e.g. one layer of EPLB's rebalance_experts) names the logical expert in each
     physical slot, slots / world consecutive slots per rank; default: slot e holds expert e (no redundancy).
@@ -37,14 +39,16 @@ class ExpertParallel(nn.Module):
     replicated_input: every rank holds the same tokens (the engine runs one batch on every rank); each rank
     dispatches its 1/world share and the outputs are all-gathered (inference only)."""
 
-    def __init__(self, experts: Experts, group=None, placement=None, replicated_input=False):
+    def __init__(self, experts: nn.Module, group=None, placement=None, replicated_input=False):
         super().__init__()
-        if type(experts) is not Experts:
-            raise ValueError(f"expert parallel shards plain model.Experts, not {type(experts).__name__} "
+        if not hasattr(experts, "grouped"):
+            raise ValueError(f"expert parallel shards stacked bf16/fp32 experts, not {type(experts).__name__} "
                              "(load the model without --fp8)")
         self.group, self.replicated_input = group, replicated_input
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        E = experts.w1.shape[0]
+        self.names = [n for n, _ in experts.named_parameters()]
+        first = getattr(experts, self.names[0])
+        E = first.shape[0]
         placement = torch.arange(E) if placement is None else torch.as_tensor(placement, dtype=torch.long).cpu()
         if placement.numel() % self.world:
             raise ValueError(f"expert parallel: {placement.numel()} physical experts do not divide over "
@@ -54,14 +58,16 @@ class ExpertParallel(nn.Module):
             raise ValueError(f"expert parallel: the placement must hold each of the {E} experts at least once")
         self.n_experts, self.n_slots, self.local = E, placement.numel(), placement.numel() // self.world
         mine = placement[self.rank * self.local:(self.rank + 1) * self.local]
-        self.w1 = nn.Parameter(experts.w1.detach()[mine].clone())
-        self.w2 = nn.Parameter(experts.w2.detach()[mine].clone())
-        self.w3 = nn.Parameter(experts.w3.detach()[mine].clone())
+        for n in self.names:
+            setattr(self, n, nn.Parameter(getattr(experts, n).detach()[mine].clone()))
+        impl = copy.copy(experts)  # the experts' FFN without their weights (it gets this rank's slices)
+        impl._parameters = {}
+        self.grouped = impl.grouped
         by_expert = placement.argsort(stable=True)  # slots grouped by the expert they hold
         first = count.cumsum(0) - count
         j = torch.minimum(torch.arange(int(count.max()))[None], count[:, None] - 1)  # pad with the last copy
         replicas = by_expert[first[:, None] + j]  # [E, max copies]: the slots holding each expert
-        device = experts.w1.device
+        device = first.device
         self.register_buffer("replicas", replicas.to(device), persistent=False)
         self.register_buffer("count", count.to(device), persistent=False)
 
@@ -92,8 +98,8 @@ class ExpertParallel(nn.Module):
         # received rows come in [source][local slot] blocks: regroup by slot, run, restore the order
         slot_of_row = torch.arange(self.local, device=x.device).repeat(self.world).repeat_interleave(recv_counts)
         perm = slot_of_row.argsort(stable=True)
-        out = grouped_ffn(got[perm], recv_counts.view(self.world, self.local).sum(0).tolist(),
-                          self.w1, self.w2, self.w3)
+        out = self.grouped(got[perm], recv_counts.view(self.world, self.local).sum(0).tolist(),
+                           *(getattr(self, n) for n in self.names))
         out = out[perm.argsort()]
         back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D]
         back = back * w.flatten()[order].unsqueeze(-1)
@@ -124,13 +130,13 @@ class _AllToAll(torch.autograd.Function):
 def apply_expert_parallel(model: Transformer, group=None, placement=None, replicated_input=False) -> Transformer:
     """Swap every MoE's experts for this rank's slice. placement: one phy2log row per MoE of the main layers
     (MTP layers keep one copy of each expert); None = no redundant experts."""
-    main = [m for m in model.layers.modules() if isinstance(m, MoE)]
+    main = moe_layers(model.layers)
     if placement is not None and len(placement) != len(main):
         raise ValueError(f"expert placement has {len(placement)} rows for {len(main)} MoE layers")
     rows = {id(m): p for m, p in zip(main, placement if placement is not None else [None] * len(main))}
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    moes = moe_layers(model)
     if not moes:
-        raise ValueError("expert parallel: the model has no DeepSeek-V3-style MoE layers")
+        raise ValueError("expert parallel: the model has no MoE layers")
     for m in moes:
         m.experts = ExpertParallel(m.experts, group, rows.get(id(m)), replicated_input)
     return model
@@ -212,7 +218,7 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict
     msd, osd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opts_, options=opts)
     for name, m in model.named_modules():
         if isinstance(m, ExpertParallel):  # every rank joins each gather; rank 0 keeps the result
-            for w in ("w1", "w2", "w3"):
+            for w in m.names:
                 key, p = f"{name}.{w}", getattr(m, w)
                 full = _gather(p.detach(), m.group)
                 if msd:
@@ -233,7 +239,7 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd
     for name, m in model.named_modules():
         if isinstance(m, ExpertParallel):
             lo = dist.get_rank(m.group) * m.local
-            for w in ("w1", "w2", "w3"):
+            for w in m.names:
                 key = f"{name}.{w}"
                 msd[key] = msd[key][lo:lo + m.local]
                 for k, v in osd["state"].get(key, {}).items():

@@ -25,11 +25,10 @@ from .checkpoint import save
 from .config import Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
-from .model import MLA, MoE, Transformer, build_model, init_weights
+from .model import MLA, Transformer, build_model, init_weights, moe_layers
 from .optim import Muon, Optimizers, muon_params
 from .stats import model_stats
 from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
-from .v4 import MoE as V4MoE
 
 
 @dataclass
@@ -153,11 +152,6 @@ def set_dsa_warmup(model: Transformer, on: bool):
             m.dense_warmup = on
 
 
-def moe_layers(model) -> list:
-    """Every MoE layer (V3's model.MoE, V4's v4.MoE): they expose gate, last_load and balance_loss."""
-    return [m for m in model.modules() if isinstance(m, (MoE, V4MoE))]
-
-
 def update_router_bias(loads: dict, gamma: float):
     """Aux-loss-free balancing: raise the bias of under-loaded experts by gamma, lower over-loaded ones."""
     for moe, load in loads.items():
@@ -277,8 +271,6 @@ def pretrain(a: TrainArgs) -> Path:
     cfg = a.model_config(vocab_size=tok.vocab_size, max_seq_len=max(preset(a.preset).max_seq_len, a.seq_len),
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=a.seed)
     model = init_weights(build_model(cfg)).to(device).train()
-    if cfg.arch == "deepseek_v4" and a.expert_parallel:
-        raise ValueError("--expert-parallel shards DeepSeek-V3-style experts; deepseek_v4 runs FSDP2 only for now")
     if a.activation_checkpointing:
         _checkpoint_blocks(model)
     if world > 1:

@@ -308,15 +308,31 @@ class Router(nn.Module):
         return w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.route_scale, idx, scores
 
 
+class Experts(nn.Module):
+    """Routed experts, transformers' layout: gate_up_proj [E, 2I, D] (gate and up fused), down_proj [E, D, I]."""
+
+    def __init__(self, E: int, D: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * inter, D))
+        self.down_proj = nn.Parameter(torch.zeros(E, D, inter))
+
+    def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] -> [N, D]
+        return dispatch(x, w, idx, self.gate_up_proj.shape[0],
+                        lambda xs, counts: self.grouped(xs, counts, self.gate_up_proj, self.down_proj))
+
+    def grouped(self, xs, counts: list[int], gate_up, down):  # rows sorted by expert -> clipped SwiGLU
+        g, u = grouped_mm(xs, gate_up, counts).chunk(2, dim=-1)
+        return grouped_mm(swiglu(g, u, self.limit), down, counts)
+
+
 class MoE(nn.Module):
     def __init__(self, c: Config, hashed: bool):
         super().__init__()
         E, D, inter = c.n_routed_experts, c.dim, c.moe_inter_dim
         self.c = c
         self.gate = Router(c, hashed)
-        self.experts = nn.Module()
-        self.experts.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * inter, D))
-        self.experts.down_proj = nn.Parameter(torch.zeros(E, D, inter))
+        self.experts = Experts(E, D, inter, c.swiglu_limit)
         self.shared_experts = MLP(c)
         self.last_load = None  # [E] tokens per expert in the last forward (balancing, EPLB)
         self.balance_loss = None  # training forwards of learned-routing layers
@@ -328,12 +344,8 @@ class MoE(nn.Module):
         if self.training:
             self.balance_loss = torch.zeros((), device=x.device) if self.gate.hashed else \
                 sequence_balance_loss(idx, scores.float(), x.shape[0], x.shape[1])
-        out = dispatch(flat, w.to(flat.dtype), idx, self.c.n_routed_experts, self.routed)  # twin: reference.v4_moe
+        out = self.experts(flat, w.to(flat.dtype), idx)  # twin: reference.v4_moe
         return out.view_as(x) + self.shared_experts(x)
-
-    def routed(self, xs, counts: list[int]):  # rows sorted by expert -> their experts' SwiGLU (clipped)
-        g, u = grouped_mm(xs, self.experts.gate_up_proj, counts).chunk(2, dim=-1)
-        return grouped_mm(swiglu(g, u, self.c.swiglu_limit), self.experts.down_proj, counts)
 
 
 class Layer(nn.Module):

@@ -37,13 +37,18 @@ def test_expert_parallel_engine_equals_single_process(tmp_path):
     assert r["slots_per_rank"] == [4, 4, 4] and r["hot_copies"] == [2, 2, 2] and all(r["copies_used"]), r
 
 
-def test_generate_cli_expert_parallel(tmp_path):
-    """`torchrun ... sobre generate --expert-parallel --redundant-experts 2` prints what one process prints."""
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v4"])
+def test_generate_cli_expert_parallel(tmp_path, arch):
+    """`torchrun ... sobre generate --expert-parallel --redundant-experts 2` prints what one process prints
+    (V3's experts and V4's fused, clipped ones alike)."""
     import sobre
 
     from conftest import random_model
     path = tmp_path / "m"
-    sobre.save(random_model(sobre.preset("debug", n_mtp_layers=0)), path)
+    if arch == "deepseek_v4":
+        sobre.save(sobre.init_weights(sobre.model.build_model(sobre.preset("debug", arch=arch)), std=0.1), path)
+    else:
+        sobre.save(random_model(sobre.preset("debug", n_mtp_layers=0)), path)
     args = ["-m", "sobre", "generate", str(path), "--ids", "5,9,12,40,7", "--max-new-tokens", "10"]
     one = subprocess.run([sys.executable] + args, capture_output=True, text=True, env=ENV, timeout=120)
     two = subprocess.run(TORCHRUN + ["--no-python", sys.executable] + args
@@ -86,14 +91,15 @@ def test_two_processes_match_one(tmp_path, extra):
     assert json.loads((two_run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7
 
 
-def test_v4_fsdp_and_activation_checkpointing_match_one_process(tmp_path):
-    """DeepSeek-V4 (CSA/HCA, mHC, hash MoE) under FSDP2 on 2 processes, and with activation checkpointing in
-    one: the same losses, indexer KL, grad norms and expert loads as the plain one-process run."""
+def test_v4_fsdp_ep_and_activation_checkpointing_match_one_process(tmp_path):
+    """DeepSeek-V4 (CSA/HCA, mHC, hash MoE) under FSDP2 on 2 processes, FSDP2 + expert parallel, and with
+    activation checkpointing in one: the same losses, indexer KL, grad norms and expert loads as one process."""
     v4 = ("--arch", "deepseek_v4")
     one_run, one = train(tmp_path, "one", *v4)
     _, two = train(tmp_path, "two", *v4, procs=2, data_from=one_run)
+    _, ep = train(tmp_path, "ep", *v4, "--expert-parallel", procs=2, data_from=one_run)
     _, ckpt = train(tmp_path, "ckpt", *v4, "--activation-checkpointing", data_from=one_run)
-    for other in (two, ckpt):
+    for other in (two, ep, ckpt):
         assert [r["step"] for r in other] == list(range(1, 7))
         for a, b in zip(one, other):
             for key in ("loss", "indexer_kl", "grad_norm"):
@@ -101,4 +107,7 @@ def test_v4_fsdp_and_activation_checkpointing_match_one_process(tmp_path):
             assert a["expert_load"] == b["expert_load"]
     check([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--arch", "deepseek_v4", "--out",
            str(tmp_path / "two"), "--steps", "7", "--save-every", "3", "--batch-size", "8", "--seq-len", "64",
-           "--resume"], timeout=300)  # the 2-process checkpoint resumes in one process
+           "--resume"], timeout=300)  # the 2-process checkpoints resume in one process
+    check([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--arch", "deepseek_v4", "--out",
+           str(tmp_path / "ep"), "--steps", "7", "--save-every", "3", "--batch-size", "8", "--seq-len", "64",
+           "--resume"], timeout=300)
