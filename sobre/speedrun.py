@@ -89,7 +89,8 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
         seed=seed, resume=True)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
         out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 5, 2), prompts=8, group=8,
-        max_new_tokens=128, loss="dapo", lr=3e-5, eval_every=max(steps // 30, 1), eval_problems=eval_problems,
+        max_new_tokens=128, loss="dapo", lr=2e-5, warmup=max(steps // 30, 1),  # Adam's first steps hurt most
+        eval_every=max(steps // 30, 1), eval_problems=eval_problems,
         save_every=max(steps // 12, 1), seed=seed, resume=True)), 8 * 8))
     stage("distill", lambda d: _distill(d, out, preset_name, steps, seed))
     stage("eval", lambda d: _evaluate(d, out, eval_problems, seed))
