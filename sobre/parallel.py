@@ -47,8 +47,8 @@ class ExpertParallel(nn.Module):
         self.group, self.replicated_input = group, replicated_input
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.names = [n for n, _ in experts.named_parameters()]
-        first = getattr(experts, self.names[0])
-        E = first.shape[0]
+        weight = getattr(experts, self.names[0])
+        E = weight.shape[0]
         placement = torch.arange(E) if placement is None else torch.as_tensor(placement, dtype=torch.long).cpu()
         if placement.numel() % self.world:
             raise ValueError(f"expert parallel: {placement.numel()} physical experts do not divide over "
@@ -67,9 +67,8 @@ class ExpertParallel(nn.Module):
         first = count.cumsum(0) - count
         j = torch.minimum(torch.arange(int(count.max()))[None], count[:, None] - 1)  # pad with the last copy
         replicas = by_expert[first[:, None] + j]  # [E, max copies]: the slots holding each expert
-        device = first.device
-        self.register_buffer("replicas", replicas.to(device), persistent=False)
-        self.register_buffer("count", count.to(device), persistent=False)
+        self.register_buffer("replicas", replicas.to(weight.device), persistent=False)
+        self.register_buffer("count", count.to(weight.device), persistent=False)
 
     def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] with logical expert ids -> [N, D]
         if not self.replicated_input:
