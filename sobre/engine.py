@@ -90,10 +90,11 @@ class PagedPool:
             keys.append(h.copy().digest())
         return keys
 
-    def match(self, seq: Sequence) -> int:
-        """Give seq the cached blocks its prompt starts with (leaving >= 1 token to prefill); -> tokens reused."""
+    def match(self, seq: Sequence, keys: list[bytes]) -> int:
+        """Give seq the cached blocks its prompt (keys: prefix_keys of it) starts with, leaving >= 1 token to
+        prefill; -> tokens reused."""
         n = 0
-        for key in self.prefix_keys(seq.prompt[:-1]):
+        for key in keys[:(len(seq.prompt) - 1) // self.block]:
             b = self.cached.get(key)
             if b is None:
                 break
@@ -103,9 +104,9 @@ class PagedPool:
             n += self.block
         return n
 
-    def remember(self, seq: Sequence):
-        """Key seq's full prompt blocks (just prefilled) so later prompts can reuse them."""
-        for key, b in zip(self.prefix_keys(seq.prompt), seq.blocks):
+    def remember(self, seq: Sequence, keys: list[bytes]):
+        """Key seq's full prompt blocks (just prefilled; keys: prefix_keys of its prompt) for later prompts."""
+        for key, b in zip(keys, seq.blocks):
             if key not in self.cached and b not in self.key_of:
                 self.cached[key], self.key_of[b] = b, key
 
@@ -296,8 +297,9 @@ class Engine:
             if self.pool.blocks_for(total) > self.pool.available():
                 break  # wait until running sequences free their blocks
             self.waiting.pop(0)
+            keys = self.pool.prefix_keys(seq.prompt) if self.prefix_cache else []
             if self.prefix_cache:
-                seq.cached = seq.length = self.pool.match(seq)
+                seq.cached = seq.length = self.pool.match(seq, keys)
             self.pool.reserve(seq, total)
             twin = prefilled.get(tuple(seq.prompt))
             if twin is not None:  # the same prompt was just prefilled (n samples, GRPO groups): copy its cache
@@ -309,7 +311,7 @@ class Engine:
             prompt = torch.tensor([seq.prompt[seq.length:]], device=self.device)
             h = self.model.hidden(prompt, PagedBatch(self.pool, [seq], prompt.shape[1]))
             if self.prefix_cache:
-                self.pool.remember(seq)
+                self.pool.remember(seq, keys)
                 self.prefix_stats["hit"] += seq.cached
                 self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
             self.running.append(seq)
