@@ -88,7 +88,7 @@ def distill(a: DistillArgs) -> Path:
             print(f"teacher solved {r['solved']}/{r['problems']} {name} problems; {r['kept']} traces kept")
         examples += read_examples(traces, tok)
         if a.with_reference:
-            examples += task_examples(tok, name, a.examples, a.seed)
+            examples += task_examples(tok, name, a.examples, a.seed, a.direct)
     if not examples:
         raise ValueError("the teacher solved none of the problems: no traces to distil (try more --samples, or "
                          "--with-reference to distil the teacher's logits on the tasks' own traces)")

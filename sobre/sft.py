@@ -88,9 +88,13 @@ def encode_turns(tok: Tokenizer, messages: list[dict]) -> list[tuple[list[int], 
     return out
 
 
-def task_examples(tok: Tokenizer, task: str, n: int, seed: int = 0) -> list[tuple[list[int], list[bool]]]:
-    """The reasoning traces of n train problems of a task, as SFT examples."""
-    return [ex for p in get_task(task).problems("train", n, seed) for ex in encode_turns(tok, p.messages())]
+def task_examples(tok: Tokenizer, task: str, n: int, seed: int = 0, direct: float = 0.0) \
+        -> list[tuple[list[int], list[bool]]]:
+    """The reasoning traces of n train problems of a task, as SFT examples; a seeded `direct` share of them
+    answers without the worked steps (an empty <think> block)."""
+    rng = random.Random(f"direct/{seed}")
+    return [ex for p in get_task(task).problems("train", n, seed)
+            for ex in encode_turns(tok, p.messages(think=rng.random() >= direct))]
 
 
 def read_examples(path: str | Path, tok: Tokenizer) -> list[tuple[list[int], list[bool]]]:
@@ -189,6 +193,7 @@ class SFTArgs:
     data: tuple[str, ...] = ()  # chat JSONL files
     task: tuple[str, ...] = ()  # task traces (train split) to add, e.g. countdown arithmetic
     examples: int = 2000  # traces per task
+    direct: float = 0.0  # share of the task traces that answer straight away, with an empty <think> block
     steps: int = 200
     batch_size: int = 16
     seq_len: int = 256
@@ -217,7 +222,7 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
-        examples += task_examples(tok, name, a.examples, a.seed)
+        examples += task_examples(tok, name, a.examples, a.seed, a.direct)
     return fit(model, tok, run, a, *split_rows(examples, a, tok))
 
 

@@ -5,8 +5,10 @@ last checkpoint, `--force` redoes them all:
   pretrain   BPE tokenizer + DeepSeek-V3-style model (MLA, MoE with aux-loss-free balancing, MTP) on the
              built-in offline corpus; HF export; transformers gives the same logits and greedy tokens;
              engine speed plain vs MTP speculative decoding (acceptance of the trained MTP head)
-  sft        cold start on task reasoning traces (R1's format: <think> reasoning </think> answer)
-  grpo       GRPO with verifiable rewards on the engine's rollouts
+  sft        cold start on task traces in R1's format (<think> reasoning </think> answer); a DIRECT share of
+             them answers at once with an empty <think> block (DeepSeek's non-thinking mode)
+  grpo       GRPO with the correctness reward alone on the engine's rollouts: the policy learns when thinking
+             pays off (the report shows the share of completions that think, before and after)
   distill    the GRPO model's verified traces and the task's own traces, with the GRPO model's top-k logits
              -> a dense Qwen2-style student; and the same student trained on the task's own traces alone
              (no teacher), for comparison
@@ -42,6 +44,7 @@ QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
 SHARES = {"pretrain": 0.138, "sft": 0.285, "grpo": 0.178, "distill": 0.384, "eval": 0.015}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
+DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
 
 
@@ -49,7 +52,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
              eval_problems: int = 100) -> dict:
     """`steps` sets the budget: pretraining and SFT steps; GRPO and distillation scale with it."""
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"preset": preset_name, "seed": seed, "task": TASK}
+    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT}
     (out / "speedrun.json").write_text(json.dumps(results) + "\n")
 
     start, ran = time.perf_counter(), []  # ran: stages this invocation has timed, for the ETA
@@ -84,12 +87,13 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
 
     stage("pretrain", lambda d: _pretrain(d, preset_name, seed, steps))
     stage("sft", lambda d: _finished(sft(SFTArgs(
-        out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, steps * 20), steps=steps * 3 // 2,
-        batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1),
-        seed=seed, resume=True)), 16 * 256))
+        out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, steps * 20), direct=DIRECT,
+        steps=steps * 3 // 2, batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1),
+        save_every=max(steps // 2, 1), seed=seed, resume=True)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
         out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 5, 2), prompts=8, group=8,
-        max_new_tokens=128, loss="dapo", lr=2e-5, warmup=max(steps // 30, 1),  # Adam's first steps hurt most
+        max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(steps // 30, 1),  # Adam's first steps hurt most
+        format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
         eval_every=max(steps // 30, 1), eval_problems=eval_problems,
         save_every=max(steps // 12, 1), seed=seed, resume=True)), 8 * 8))
     stage("distill", lambda d: _distill(d, out, preset_name, steps, seed))
@@ -120,6 +124,8 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
             "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
             "train_accuracy_first": sum(r["accuracy"] for r in rows[:k]) / k,
             "train_accuracy_last": sum(r["accuracy"] for r in rows[-k:]) / k,
+            "thinking_first": sum(r["format"] for r in rows[:k]) / k,  # completions with worked steps
+            "thinking_last": sum(r["format"] for r in rows[-k:]) / k,
             "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows)}
 
 
@@ -181,7 +187,8 @@ def _transformers_parity(path: Path, model, tok) -> dict:
 
 
 def _distill(d: Path, out: Path, preset_name: str, steps: int, seed: int) -> dict:
-    common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(1000, steps * 4), steps=steps,
+    common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(1000, steps * 4), direct=DIRECT,
+                  steps=steps,
                   batch_size=16, seq_len=256, lr=2e-3,
                   warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True)
     student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=2, with_reference=True,
@@ -221,7 +228,8 @@ def report(out: Path) -> str:
     for name in STAGES:
         r[name] = json.loads((out / name / "stage.json").read_text())
     total = sum(r[s]["minutes"] for s in STAGES)
-    summary = {"preset": r["preset"], "seed": r["seed"], "task": r["task"], "wall_time_s": round(total * 60, 1),
+    summary = {"preset": r["preset"], "seed": r["seed"], "task": r["task"], "direct": r.get("direct", 0),
+               "wall_time_s": round(total * 60, 1),
                "stages": {s: r[s] for s in STAGES if s != "eval"},
                "eval": {m: {t: v[t]["pass@1"] for t in EVAL_TASKS} for m, v in r["eval"].items()
                         if isinstance(v, dict)}}
@@ -245,10 +253,12 @@ def report(out: Path) -> str:
     lines.append(f"| generate | | {p['tok_per_s']} tok/s; MTP speculative {p['speculative_tok_per_s']} tok/s "
                  f"({p['speculative_speedup']}x, acceptance {p['mtp_acceptance']:.0%}) |")
     s, g = r["sft"], r["grpo"]
-    lines.append(f"| sft | {s['minutes']} | {s['steps']} steps; loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} |")
+    lines.append(f"| sft | {s['minutes']} | {s['steps']} steps; loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}; "
+                 f"{r.get('direct', 0):.0%} of the traces answer without worked steps |")
     curve = ", ".join(f"{p:.2f}" for _, p in g["heldout_pass@1"])
     lines.append(f"| grpo | {g['minutes']} | {g['steps']} steps at {g['samples_per_s']:.1f} samples/s; train accuracy "
-                 f"{g['train_accuracy_first']:.2f} -> {g['train_accuracy_last']:.2f} (first / last fifth); held-out "
+                 f"{g['train_accuracy_first']:.2f} -> {g['train_accuracy_last']:.2f}, completions that think "
+                 f"{g.get('thinking_first', 1):.2f} -> {g.get('thinking_last', 1):.2f} (first / last fifth); held-out "
                  f"pass@1 every {g['heldout_pass@1'][1][0] if len(g['heldout_pass@1']) > 1 else '-'} steps: {curve} |")
     dd = r["distill"]
     lines.append(f"| distill | {dd['minutes']} | dense student {dd['student']['steps']} steps; baseline without "

@@ -32,10 +32,12 @@ class Problem:
         """As a pretraining document: question, reasoning in <think>, then the answer."""
         return f"Question: {self.prompt}\n<think>\n{self.reasoning}\n</think>\nAnswer: {self.answer}"
 
-    def messages(self) -> list[dict]:
-        """As a chat (SFT trace): the assistant reasons in <think> (DeepSeek-R1's format), then answers."""
+    def messages(self, think: bool = True) -> list[dict]:
+        """As a chat (SFT trace): the assistant reasons in <think> (DeepSeek-R1's format), then answers; with
+        think=False the thinking block is empty (DeepSeek's non-thinking answer: straight to the result)."""
+        reasoning = f"\n{self.reasoning}\n" if think else "\n"
         return [{"role": "user", "content": self.prompt},
-                {"role": "assistant", "content": f"<think>\n{self.reasoning}\n</think>\n\nAnswer: {self.answer}"}]
+                {"role": "assistant", "content": f"<think>{reasoning}</think>\n\nAnswer: {self.answer}"}]
 
 
 def arithmetic(rng: random.Random, level: int = 2) -> Problem:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sobre.data import builtin_docs
-from sobre.sft import IGNORE, Packed, encode_turns, pack, read_examples
+from sobre.sft import IGNORE, Packed, encode_turns, pack, read_examples, task_examples
 from sobre.tasks import TASKS
 from sobre.tokenizer import load_tokenizer, train_tokenizer
 
@@ -40,6 +40,20 @@ def test_loss_mask_covers_the_assistant_turns_only(tok):
     assert tok.decode([t for t, m in zip(*turns[0]) if m]) == "</think>\n\nhello<｜end▁of▁sentence｜>"
     second = tok.decode(turns[1][0])
     assert "hello" in second and second.endswith("add\n</think>\n\n4<｜end▁of▁sentence｜>")
+
+
+def test_direct_share_answers_without_worked_steps(tok):
+    """--direct: a seeded share of the task traces has an empty <think> block (DeepSeek's non-thinking answer)."""
+    targets = [tok.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in
+               task_examples(tok, "arithmetic:1", 200, seed=3, direct=0.6)]
+    direct = [t for t in targets if t.startswith("</think>")]
+    assert 0.5 < len(direct) / len(targets) < 0.7
+    assert all(t.startswith("</think>\n\nAnswer: ") and t.count("\n") == 2 for t in direct)
+    assert all("s: " in t.split("</think>")[0] for t in targets if t not in direct)  # the worked columns
+    assert targets == [tok.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in
+                       task_examples(tok, "arithmetic:1", 200, seed=3, direct=0.6)]  # reproducible
+    assert not any(t.startswith("</think>") for t in [tok.decode([t for t, m in zip(*ex) if m]) for ex in
+                                                      task_examples(tok, "arithmetic:1", 50, seed=3)])
 
 
 def test_packed_rows_equal_separate_forwards(tok):
