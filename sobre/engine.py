@@ -50,8 +50,9 @@ class PagedPool:
                       for layer in per_layer]
         self.free = list(range(n_blocks - 1, 0, -1))
         self.users = [0] * n_blocks  # sequences holding each block
-        self.cached: OrderedDict[bytes, int] = OrderedDict()  # prefix key -> block, least recently used first
+        self.cached: dict[bytes, int] = {}  # prefix key -> block
         self.key_of: dict[int, bytes] = {}
+        self.idle: OrderedDict[bytes, int] = OrderedDict()  # cached blocks nobody holds, least recently freed first
         self.bytes_per_token = sum(t[0].numel() * t.element_size() for layer in self.slots[:c.n_layers]
                                    for t in layer)
 
@@ -60,26 +61,31 @@ class PagedPool:
 
     def available(self) -> int:
         """Blocks a reservation may take: free ones and cached ones no sequence holds (evicted on demand)."""
-        return len(self.free) + sum(1 for b in self.cached.values() if not self.users[b])
+        return len(self.free) + len(self.idle)
 
     def reserve(self, seq: Sequence, n_tokens: int):
         need = self.blocks_for(n_tokens) - len(seq.blocks)
         if need > self.available():
             raise RuntimeError("cache pool exhausted")
         for _ in range(max(need, 0)):
-            if not self.free:  # evict the least recently used cached block nobody holds
-                key = next(k for k, b in self.cached.items() if not self.users[b])
-                self.free.append(self.cached.pop(key))
-                del self.key_of[self.free[-1]]
+            if not self.free:  # evict the least recently freed cached block
+                key, b = self.idle.popitem(last=False)
+                del self.cached[key], self.key_of[b]
+                self.free.append(b)
             b = self.free.pop()
             self.users[b] += 1
             seq.blocks.append(b)
 
     def release(self, seq: Sequence):
-        for b in seq.blocks:
+        """Give back seq's blocks, last first: under eviction a cached prompt loses its tail before its head,
+        and a head is what later prompts can still match."""
+        for b in reversed(seq.blocks):
             self.users[b] -= 1
-            if not self.users[b] and b not in self.key_of:
-                self.free.append(b)
+            if not self.users[b]:
+                if b in self.key_of:
+                    self.idle[self.key_of[b]] = b
+                else:
+                    self.free.append(b)
         seq.blocks = []
 
     def prefix_keys(self, prompt: list[int]) -> list[bytes]:
@@ -98,7 +104,7 @@ class PagedPool:
             b = self.cached.get(key)
             if b is None:
                 break
-            self.cached.move_to_end(key)
+            self.idle.pop(key, None)
             self.users[b] += 1
             seq.blocks.append(b)
             n += self.block

@@ -42,7 +42,7 @@ from .train import TrainArgs, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
-SHARES = {"pretrain": 0.138, "sft": 0.285, "grpo": 0.178, "distill": 0.384, "eval": 0.015}
+SHARES = {"pretrain": 0.142, "sft": 0.273, "grpo": 0.326, "distill": 0.242, "eval": 0.017}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
@@ -91,7 +91,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
         steps=steps * 3 // 2, batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1),
         save_every=max(steps // 2, 1), seed=seed, resume=True)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
-        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 5, 2), prompts=8, group=8,
+        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 3, 2), prompts=8, group=8,
         max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(steps // 30, 1),  # Adam's first steps hurt most
         format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
         eval_every=max(steps // 30, 1), eval_problems=eval_problems,
@@ -188,7 +188,7 @@ def _transformers_parity(path: Path, model, tok) -> dict:
 
 def _distill(d: Path, out: Path, preset_name: str, steps: int, seed: int) -> dict:
     common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(1000, steps * 4), direct=DIRECT,
-                  steps=steps,
+                  steps=max(steps * 2 // 3, 1),
                   batch_size=16, seq_len=256, lr=2e-3,
                   warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True)
     student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=2, with_reference=True,
