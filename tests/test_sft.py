@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sobre.data import builtin_docs
-from sobre.sft import IGNORE, Packed, encode_turns, pack, read_examples, task_examples
+from sobre.sft import IGNORE, Packed, SFTArgs, encode_turns, pack, read_examples, sft, task_examples
 from sobre.tasks import TASKS
 from sobre.tokenizer import load_tokenizer, train_tokenizer
 
@@ -54,6 +54,8 @@ def test_direct_share_answers_without_worked_steps(tok):
                        task_examples(tok, "arithmetic:1", 200, seed=3, direct=0.6)]  # reproducible
     assert not any(t.startswith("</think>") for t in [tok.decode([t for t, m in zip(*ex) if m]) for ex in
                                                       task_examples(tok, "arithmetic:1", 50, seed=3)])
+    with pytest.raises(ValueError, match="--direct is a share"):
+        sft(SFTArgs(task=("arithmetic:1",), direct=1.5))
 
 
 def test_packed_rows_equal_separate_forwards(tok):
