@@ -303,8 +303,9 @@ class Engine:
             if self.pool.blocks_for(total) > self.pool.available():
                 break  # wait until running sequences free their blocks
             self.waiting.pop(0)
-            keys = self.pool.prefix_keys(seq.prompt) if self.prefix_cache else []
+            keys = []
             if self.prefix_cache:
+                keys = self.pool.prefix_keys(seq.prompt)
                 seq.cached = seq.length = self.pool.match(seq, keys)
             self.pool.reserve(seq, total)
             twin = prefilled.get(tuple(seq.prompt))

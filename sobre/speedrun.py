@@ -119,14 +119,16 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
     rows = read_metrics(run)
     evals = read_metrics(run, "eval.jsonl")
     k = max(1, len(rows) // 5)
+
+    def mean(key, part):
+        return sum(r[key] for r in part) / len(part)
+
     tokens = round(sum(r["completion_length"] * samples_per_step * r.get("rollout_rounds", 1) for r in rows))
     return {"tokens": tokens, "flops": 4 * _flops_per_token(run) * tokens, "steps": rows[-1]["step"],
             "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
-            "train_accuracy_first": sum(r["accuracy"] for r in rows[:k]) / k,
-            "train_accuracy_last": sum(r["accuracy"] for r in rows[-k:]) / k,
-            "thinking_first": sum(r["format"] for r in rows[:k]) / k,  # completions with worked steps
-            "thinking_last": sum(r["format"] for r in rows[-k:]) / k,
-            "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows)}
+            "train_accuracy_first": mean("accuracy", rows[:k]), "train_accuracy_last": mean("accuracy", rows[-k:]),
+            "thinking_first": mean("format", rows[:k]),  # completions with worked steps
+            "thinking_last": mean("format", rows[-k:]), "samples_per_s": mean("samples_per_s", rows)}
 
 
 def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
