@@ -59,22 +59,29 @@ def arithmetic(rng: random.Random, level: int = 2) -> Problem:
 
 
 def _column_addition(a: int, b: int) -> str:
-    steps, carry, place = [], 0, 1
+    """Column by column with carries; each line ends with the digits written so far (the newest in front), so
+    the result is read off the last line instead of being reassembled from the columns."""
+    steps, carry, place, digits = [], 0, 1, ""
     x, y = a, b
     while x or y or carry:
         d = x % 10 + y % 10 + carry
-        steps.append(f"{place}s: {x % 10} + {y % 10}" + (f" + {carry}" if carry else "") + f" = {d}, write {d % 10}"
-                     + (", carry 1" if d >= 10 else ""))
+        digits = str(d % 10) + digits
+        if x or y:
+            steps.append(f"{place}s: {x % 10} + {y % 10}" + (f" + {carry}" if carry else "") + f" = {d}, "
+                         f"write {d % 10}" + (", carry 1" if d >= 10 else "") + f". So far: {digits}")
+        else:
+            steps.append(f"{place}s: carry 1. So far: {digits}")
         carry, x, y, place = d // 10, x // 10, y // 10, place * 10
-    return "\n".join(steps) + f"\nSo {a} + {b} = {a + b}."
+    return "\n".join(steps) + f"\nSo the sum is {a + b}."
 
 
 def _column_subtraction(a: int, b: int) -> str:
-    """Column by column with borrows; a smaller minus a larger number is the negated reverse difference."""
+    """Column by column with borrows, digits so far at the end of each line (leading zeros dropped only in the
+    result); a smaller minus a larger number is the negated reverse difference."""
     if a < b:
-        return f"{a} is less than {b}, so {a} - {b} = -({b} - {a}).\n" + _column_subtraction(b, a) + \
-            f"\nSo {a} - {b} = {a - b}."
-    steps, borrow, place = [], 0, 1
+        return f"{a} is less than {b}, so {a} - {b} = -({b} - {a}).\n" + \
+            _column_subtraction(b, a).rsplit("\n", 1)[0] + f"\nSo the difference is {a - b}."
+    steps, borrow, place, digits = [], 0, 1, ""
     x, y = a, b
     while x:
         top = x % 10 - borrow
@@ -82,9 +89,10 @@ def _column_subtraction(a: int, b: int) -> str:
         borrow = int(top < y % 10)
         line += f", borrow 10: {top + 10} - {y % 10}" if borrow else ""
         d = top + 10 * borrow - y % 10
-        steps.append(f"{line} = {d}, write {d}")
+        digits = str(d) + digits
+        steps.append(f"{line} = {d}, write {d}. So far: {digits}")
         x, y, place = x // 10, y // 10, place * 10
-    return "\n".join(steps) + f"\nSo {a} - {b} = {a - b}."
+    return "\n".join(steps) + f"\nSo the difference is {a - b}."
 
 
 def countdown(rng: random.Random, level: int = 2) -> Problem:

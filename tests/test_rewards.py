@@ -15,7 +15,7 @@ from sobre.rewards import (
     overlong_penalty,
     value,
 )
-from sobre.tasks import TASKS, get_task
+from sobre.tasks import TASKS, _column_addition, _column_subtraction, get_task
 
 
 def done(answer, reasoning="some steps"):
@@ -101,3 +101,16 @@ def test_user_task_from_jsonl_with_pluggable_reward(tmp_path, monkeypatch):
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         get_task(str(bad))
+
+
+@pytest.mark.parametrize("a,b", [(72, 49), (99, 1), (5, 7), (98, 93), (57, 72), (100, 1), (1234, 987), (10, 10)])
+def test_column_traces_read_the_result_off_the_last_line(a, b):
+    """Every column line carries the digits written so far; the last of them is the result (leading zeros aside)."""
+    for op, result, trace in (("+", a + b, _column_addition(a, b)), ("-", a - b, _column_subtraction(a, b))):
+        lines = trace.splitlines()
+        so_far = [line.rsplit("So far: ", 1)[1] for line in lines if "So far: " in line]
+        assert all(later.endswith(earlier) and len(later) == len(earlier) + 1
+                   for earlier, later in zip(so_far, so_far[1:])), trace
+        assert int(so_far[-1]) == abs(result) and lines[-1].endswith(f" is {result}."), (op, trace)
+        written = [int(line.split("write ")[1][0]) for line in lines if "write " in line]
+        assert written[::-1] == [int(d) for d in so_far[-1][-len(written):]], trace
