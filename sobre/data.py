@@ -87,8 +87,9 @@ def file_docs(path: str | Path, tokenizer=None) -> Iterator[str]:
 
 def build(docs: Iterable[str], tokenizer, out: str | Path, val_every: int = 50, shard_tokens: int = 1 << 26,
           batch_docs: int = 256) -> dict:
-    """Tokenise documents once into out/{train,val}-NNNNN.bin + manifest.json. Every val_every-th document
-    goes to the validation split. Each document ends with EOS."""
+    """Tokenise documents once into out/{train,val}-NNNNN.bin + manifest.json. A document goes to the
+    validation split while that split holds under 1/val_every of the tokens so far (a share of the tokens, not
+    of the documents: corpora mix long files and short problems). Each document ends with EOS."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer.eos_id is None:
@@ -112,16 +113,15 @@ def build(docs: Iterable[str], tokenizer, out: str | Path, val_every: int = 50, 
             info["tokens"] += int(take.size)
             ids = ids[take.size:]
 
-    batch, index = [], 0
+    batch = []
 
     def flush():
-        nonlocal index
         for text, enc in zip(batch, tokenizer.tok.encode_batch(batch, add_special_tokens=False)):
-            split = "val" if val_every and index % val_every == val_every - 1 else "train"
+            val_short = splits["val"]["tokens"] * (val_every - 1) < splits["train"]["tokens"]
+            split = "val" if val_every and val_short else "train"
             write(split, np.asarray(enc.ids + [tokenizer.eos_id], dtype=dtype))
             splits[split]["bytes"] += len(text.encode())
             splits[split]["docs"] += 1
-            index += 1
         batch.clear()
 
     for doc in docs:
