@@ -42,7 +42,7 @@ from .train import TrainArgs, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
-SHARES = {"pretrain": 0.142, "sft": 0.273, "grpo": 0.326, "distill": 0.242, "eval": 0.017}
+SHARES = {"pretrain": 0.159, "sft": 0.304, "grpo": 0.210, "distill": 0.308, "eval": 0.019}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
@@ -91,11 +91,12 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
         steps=steps * 3 // 2, batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1),
         save_every=max(steps // 2, 1), seed=seed, resume=True)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
-        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 3, 2), prompts=8, group=8,
+        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 6, 2), prompts=8, group=8,
         max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(steps // 30, 1),  # Adam's first steps hurt most
+        min_lr_ratio=0.1,  # cosine decay: the policy switches to thinking early; later updates are mostly noise
         format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
-        eval_every=max(steps // 30, 1), eval_problems=eval_problems,
-        save_every=max(steps // 12, 1), seed=seed, resume=True)), 8 * 8))
+        eval_every=max(steps // 60, 1), eval_problems=eval_problems,
+        save_every=max(steps // 24, 1), seed=seed, resume=True)), 8 * 8))
     stage("distill", lambda d: _distill(d, out, preset_name, steps, seed))
     stage("eval", lambda d: _evaluate(d, out, eval_problems, seed))
     print(report(out))
