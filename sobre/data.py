@@ -117,8 +117,8 @@ def build(docs: Iterable[str], tokenizer, out: str | Path, val_every: int = 50, 
 
     def flush():
         for text, enc in zip(batch, tokenizer.tok.encode_batch(batch, add_special_tokens=False)):
-            val_short = splits["val"]["tokens"] * (val_every - 1) < splits["train"]["tokens"]
-            split = "val" if val_every and val_short else "train"
+            short = val_every and splits["val"]["tokens"] * (val_every - 1) < splits["train"]["tokens"]
+            split = "val" if short else "train"
             write(split, np.asarray(enc.ids + [tokenizer.eos_id], dtype=dtype))
             splits[split]["bytes"] += len(text.encode())
             splits[split]["docs"] += 1

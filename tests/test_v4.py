@@ -185,7 +185,7 @@ def test_pretrain_a_v4_model(tmp_path):
                 model_overrides=("compress_rate_hca=8",))
     run = pretrain(TrainArgs(**args))
     recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert len(recs) == 12 and sum(r["loss"] for r in recs[-3:]) / 3 < recs[0]["loss"] - 0.4
+    assert len(recs) == 12 and recs[-1]["loss"] < recs[0]["loss"] - 0.5
     assert len(recs[0]["expert_load"]) == 3 and "val_loss" in recs[-1]
     assert all(r["indexer_kl"] > 0 for r in recs)  # the CSA indexer learns from its KL to the main attention
     model = sobre.load(run / "model")
