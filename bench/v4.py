@@ -60,10 +60,13 @@ def main():
     def hf_ms(L):
         clock = Clock()
         with torch.no_grad():
-            hf.generate(torch.randint(2, V4["vocab_size"], (1, L), generator=g), max_new_tokens=n,
-                        min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
+            out = hf.generate(torch.randint(2, V4["vocab_size"], (1, L), generator=g), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock,
+                              return_dict_in_generate=True)
+        hf_bytes[L] = cache_bytes(out.past_key_values)
         return 1e3 / decode_rate(clock.times[1:], [1] * (len(clock.times) - 1))
 
+    hf_bytes = {}
     print(f"random DeepSeek-V4: vocab 8192, hidden 256, 4 layers (sliding, CSA 4, HCA 128, CSA 4), window 128, "
           f"hc 4, 16 experts top-4; fp32, {torch.get_num_threads()} threads, {n} new tokens")
     print("| measure | sobre | transformers | sobre / transformers |")
@@ -71,10 +74,35 @@ def main():
     for L in ctxs:
         a, b = min(sobre_ms(L) for _ in range(2)), min(hf_ms(L) for _ in range(2))
         print(f"| decode ms/token at context {L} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
+    pool = ours.pool  # entries grow with the context; window and projection rings are fixed per sequence
+    for L in ctxs:
+        ctx = L + n
+        mine = pool.bytes_per_token * ctx + pool.lane_bytes
+        print(f"| cache KiB of one sequence at context {ctx} | {mine / 1024:.0f} | {hf_bytes[L] / 1024:.0f} | "
+              f"{hf_bytes[L] / mine:.2f}x smaller |")
     v3 = Engine(sobre.Transformer(sobre.Config.from_hf({**V3, "num_nextn_predict_layers": 0})), cache_tokens=64)
-    b4, b3 = ours.pool.bytes_per_token, v3.pool.bytes_per_token
-    print(f"| engine cache bytes/token (allocated, all layers) | V4 {b4} | V3 {b3} (bench/engine.py's model) | "
-          f"V4 / V3 = {b4 / b3:.2f} |")
+    b4, b3 = pool.bytes_per_token, v3.pool.bytes_per_token
+    print(f"| engine cache bytes per token of context (allocated, all layers) | V4 {b4:g} (+ {pool.lane_bytes} per "
+          f"sequence) | V3 {b3:g} (bench/engine.py's model) | V4 / V3 = {b4 / b3:.3f} |")
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every distinct tensor a transformers cache holds (V4's K=V share storage: counted once)."""
+    seen, stack, visited = {}, [cache], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            seen[obj.data_ptr()] = obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            stack += obj.values()
+        elif isinstance(obj, (list, tuple)):
+            stack += obj
+        elif hasattr(obj, "__dict__"):
+            stack += vars(obj).values()
+    return sum(seen.values())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import v4
+from . import v4cache
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
@@ -37,24 +37,29 @@ BLOCK = 64
 class PagedPool:
     """Per-layer slot arrays [n_blocks * block, ...] and a free list of blocks (block 0 stays reserved)."""
 
-    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK):
+    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64):
         c = model.config
         p = next(model.parameters())
-        shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
-        if c.attn_type == "dsa":
-            shapes.append((c.index_head_dim,))  # the lightning indexer's key per token
-        per_layer = [v4.cache_shapes(c, i) if c.arch == "deepseek_v4" else shapes
-                     for i in range(c.n_layers + c.n_mtp_layers)]
         self.block, self.n_blocks = block, n_blocks
-        self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in layer]
-                      for layer in per_layer]
+        if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache)
+            self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device)
+        else:
+            shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
+            if c.attn_type == "dsa":
+                shapes.append((c.index_head_dim,))  # the lightning indexer's key per token
+            self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
+                          for _ in range(c.n_layers + c.n_mtp_layers)]
+            self.rings = []
         self.free = list(range(n_blocks - 1, 0, -1))
+        self.lanes = list(range(lanes - 1, -1, -1))  # a running sequence's row in the rings
         self.users = [0] * n_blocks  # sequences holding each block
         self.cached: dict[bytes, int] = {}  # prefix key -> block
         self.key_of: dict[int, bytes] = {}
         self.idle: OrderedDict[bytes, int] = OrderedDict()  # cached blocks nobody holds, least recently freed first
-        self.bytes_per_token = sum(t[0].numel() * t.element_size() for layer in self.slots[:c.n_layers]
-                                   for t in layer)
+        # per token of context (what grows with it), and per running sequence (fixed: the rings)
+        self.bytes_per_token = sum(t[0].numel() * t.element_size() * (t.shape[0] // n_blocks)
+                                   for layer in self.slots[:c.n_layers] for t in layer) / block
+        self.lane_bytes = sum(t[0].numel() * t.element_size() for layer in self.rings for t in layer)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)
@@ -75,6 +80,8 @@ class PagedPool:
             b = self.free.pop()
             self.users[b] += 1
             seq.blocks.append(b)
+        if seq.lane is None:
+            seq.lane = self.lanes.pop()
 
     def release(self, seq: Sequence):
         """Give back seq's blocks, last first: under eviction a cached prompt loses its tail before its head,
@@ -87,6 +94,9 @@ class PagedPool:
                 else:
                     self.free.append(b)
         seq.blocks = []
+        if seq.lane is not None:
+            self.lanes.append(seq.lane)
+            seq.lane = None
 
     def prefix_keys(self, prompt: list[int]) -> list[bytes]:
         """One key per full block of the prompt: sha256 chained over the tokens up to the block's end."""
@@ -170,6 +180,7 @@ class Sequence:
     out: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    lane: int | None = None  # row in the pool's per-sequence rings (deepseek_v4)
     length: int = 0  # tokens whose K/V sit in the cache
     mtp_length: int = 0
     pending: int | None = None  # sampled, not yet fed to the model
@@ -206,7 +217,7 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
-        self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block)
+        self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -316,7 +327,7 @@ class Engine:
                 continue
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
             prompt = torch.tensor([seq.prompt[seq.length:]], device=self.device)
-            h = self.model.hidden(prompt, PagedBatch(self.pool, [seq], prompt.shape[1]))
+            h = self.model.hidden(prompt, self._batch([seq], prompt.shape[1]))
             if self.prefix_cache:
                 self.pool.remember(seq, keys)
                 self.prefix_stats["hit"] += seq.cached
@@ -336,7 +347,7 @@ class Engine:
             events += self._speculate(spec)
         if plain:
             tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
-            logits = self.model.head(self.model.hidden(tokens, PagedBatch(self.pool, plain, 1))[:, -1])
+            logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
             chosen = self._choose(plain, logits)
             events += [self._emit(s, int(chosen[i]), logits[i]) for i, s in enumerate(plain)]
         return events
@@ -384,9 +395,16 @@ class Engine:
                 s.mtp_todo = (h[i], [d, s.pending]) if s.pending is not None else None
         return events
 
+    def _batch(self, seqs: list[Sequence], T: int):
+        return v4cache.V4Batch(self.pool, seqs, T) if self.pool.rings else PagedBatch(self.pool, seqs, T)
+
     def _copy_prompt(self, src: Sequence, dst: Sequence):
         """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""
         blk, n = self.pool.block, len(src.prompt)
+        if self.pool.rings:
+            v4cache.copy_prompt(self.pool, src, dst, n)
+            dst.length = n
+            return
         pos = torch.arange(n, device=self.device)
         slots = [torch.tensor(s.blocks, device=self.device)[pos // blk] * blk + pos % blk for s in (src, dst)]
         for layer in self.pool.slots:

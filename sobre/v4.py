@@ -95,21 +95,28 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x [B, T, D] -> 2 x [B, T, width]
         return self.kv_proj(x), self.gate_proj(x)
 
-    def pool(self, kv: torch.Tensor, gate: torch.Tensor, rope: Rope2) -> torch.Tensor:
-        """Projections of tokens 0..S-1 [B, S, width] -> entries of the S // rate complete windows [B, N, d]."""
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, rope: Rope2, first=0, prev=None) -> torch.Tensor:
+        """Projections [B, S, width] of the tokens from window `first` on (an int, or [B] per sequence) ->
+        entries of the S // rate complete windows [B, n, d], roped at their first token. Overlap: prev =
+        window first-1's (kv, gate) [B, rate, width] (None: -inf gates, as before window 0)."""
         B, S, _ = kv.shape
         m, d, n = self.rate, self.dim, S // self.rate
         if n == 0:
             return kv.new_zeros(B, 0, d)
         kv = kv[:, :n * m].view(B, n, m, kv.shape[-1])
         gate = gate[:, :n * m].view(B, n, m, gate.shape[-1]) + self.position_bias
-        if self.overlap:  # slots [0, m): the previous window's first half (none before window 0); [m, 2m): own
-            prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
-            prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
-            kv = torch.cat([prev_kv, kv[..., d:]], dim=2)  # [B, n, 2m, d]
-            gate = torch.cat([prev_gate, gate[..., d:]], dim=2)
+        if self.overlap:  # slots [0, m): the previous window's first half; [m, 2m): the window's own second half
+            if prev is None:
+                lead_kv = kv.new_zeros(B, 1, m, d)
+                lead_gate = gate.new_full((B, 1, m, d), float("-inf"))
+            else:
+                lead_kv, lead_gate = prev[0][:, None, :, :d], (prev[1] + self.position_bias)[:, None, :, :d]
+            kv = torch.cat([torch.cat([lead_kv, kv[:, :-1, :, :d]], 1), kv[..., d:]], dim=2)  # [B, n, 2m, d]
+            gate = torch.cat([torch.cat([lead_gate, gate[:, :-1, :, :d]], 1), gate[..., d:]], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        return rope_tail(self.kv_norm(pooled), *rope(torch.arange(n, device=kv.device) * m, "compress"))
+        w = torch.as_tensor(first, device=kv.device).reshape(-1, 1) + torch.arange(n, device=kv.device)  # [B|1, n]
+        cos, sin = rope(w * m, "compress")
+        return rope_tail(self.kv_norm(pooled), cos, sin)
 
 
 class Indexer(Compressor):
@@ -150,13 +157,6 @@ def indexer_kl(target_scores: torch.Tensor, index_scores: torch.Tensor, visible:
     return kl[rows].mean()
 
 
-def cache_shapes(c: Config, layer: int) -> list[tuple[int]]:
-    """Per-token cache rows of one layer: the K=V row, + the compressor's (kv, gate) projections, + (CSA)
-    the indexer's. Entries are pooled from them as windows complete."""
-    kind, D, Di = c.layer_types[layer], c.head_dim, c.index_head_dim
-    return [(D,)] + {"sliding": [], "hca": [(D,)] * 2, "csa": [(2 * D,)] * 2 + [(2 * Di,)] * 2}[kind]
-
-
 class Attention(nn.Module):
     def __init__(self, c: Config, kind: str, layer_id: int):
         super().__init__()
@@ -191,22 +191,18 @@ class Attention(nn.Module):
             new += self.compressor.project(x)
             if self.kind == "csa":  # the indexer sees detached inputs: only its KL loss trains it (V3.2's recipe)
                 new += self.compressor.indexer.project(x.detach())
-        rows = cache.update(self.layer_id, *new) if cache is not None else new  # [B, S, .] each
-        kv, S = rows[0], rows[0].shape[1]
-        near = (pos[..., None] - torch.arange(S, device=x.device)) < c.sliding_window  # [B, T, S]
-        see = (see & near).expand(B, T, S)
-        if self.kind != "sliding":
-            ent = self.compressor.pool(rows[1], rows[2], rope)  # [B, N, D]
-            causal = torch.arange(ent.shape[1], device=x.device) < ((pos + 1) // self.compressor.rate)[..., None]
-            if self.kind == "csa":  # entry w is complete once token (w+1)*rate-1 is seen; CSA reads the top-k
-                idx = self.compressor.indexer
-                chosen, score = idx.select(x.detach(), q_lat.detach(), pos, rope, causal,
-                                           idx.pool(rows[3], rows[4], rope))
-                if self.training:
-                    target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5
-                    self.indexer_loss = indexer_kl(target, score, causal)
-                causal = chosen
-            kv, see = torch.cat([kv, ent], dim=1), torch.cat([see, causal], dim=-1)
+        if hasattr(cache, "context"):  # the engine's incremental cache (v4cache.V4Batch)
+            kv, see, ent, causal, keys = cache.context(self, new, rope)
+        else:
+            kv, see, ent, causal, keys = self.context(new, pos, rope, see, cache)
+        if self.kind == "csa":  # entry w is complete once token (w+1)*rate-1 is seen; CSA reads the top-k
+            chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
+            if self.training:
+                target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5
+                self.indexer_loss = indexer_kl(target, score, causal)
+            causal = chosen
+        if ent is not None:
+            kv, see = torch.cat([kv, ent], dim=1), torch.cat([see.expand(B, -1, -1), causal], dim=-1)
         s = (torch.einsum("bthd,bsd->bhts", q, kv) * D**-0.5).float()
         s = s.masked_fill(~see[:, None], float("-inf"))
         s = torch.cat([s, self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
@@ -215,6 +211,21 @@ class Attention(nn.Module):
         o = o.reshape(B, T, G, H * D // G)
         w = self.o_a_proj.weight.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
+
+    def context(self, new, pos, rope, see, cache=None):
+        """The simple twin of v4cache.V4Batch.context: every token's rows kept (model.Cache) and every window
+        pooled afresh. -> (K=V rows [B, S, D], see [B, T, S] (causal, valid, within the window), entries
+        [B, N, D] | None, causal [B, T, N] | None, indexer keys [B, N, Di] | None)."""
+        rows = cache.update(self.layer_id, *new) if cache is not None else new  # [B, S, .] each
+        kv, S = rows[0], rows[0].shape[1]
+        near = (pos[..., None] - torch.arange(S, device=kv.device)) < self.c.sliding_window  # [B, T, S]
+        see = see & near
+        if self.kind == "sliding":
+            return kv, see, None, None, None
+        ent = self.compressor.pool(rows[1], rows[2], rope)  # [B, N, D]
+        causal = torch.arange(ent.shape[1], device=kv.device) < ((pos + 1) // self.compressor.rate)[..., None]
+        keys = self.compressor.indexer.pool(rows[3], rows[4], rope) if self.kind == "csa" else None
+        return kv, see, ent, causal, keys
 
 
 class HyperConnection(nn.Module):
@@ -378,12 +389,15 @@ class V4Transformer(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, D]. A cache (model.Cache or the engine's paged batch)
-        says where the new tokens sit, keeps their per-layer rows (cache_shapes) and advances afterwards."""
+        says where the new tokens sit, keeps what attention needs (model.Cache: every token's rows;
+        v4cache.V4Batch: windows, pooled entries) and advances afterwards."""
         B, T = tokens.shape
         pos = positions(tokens, cache, self.config.max_seq_len)
-        S = int(pos.max()) + 1 if cache is None else None
-        mask = cache.mask(tokens) if cache is not None else None
-        see = visible(mask, T, S if S is not None else _cached_len(cache, T), tokens.device)  # [B|1, T, S]
+        if hasattr(cache, "context"):  # the engine's incremental cache masks each layer itself
+            see = None
+        else:
+            S = int(pos.max()) + 1 if cache is None else cache.length + T
+            see = visible(cache.mask(tokens) if cache is not None else None, T, S, tokens.device)  # [B|1, T, S]
         h = self.embed_tokens(tokens)
         h = h[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, N, D]
         for layer in self.layers:
@@ -398,11 +412,6 @@ class V4Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]."""
         return self.lm_head(self.hidden(tokens, cache))
-
-
-def _cached_len(cache, T: int) -> int:
-    """Keys a layer will see: the engine's paged batch knows its S; a model.Cache holds length + T."""
-    return cache.S if hasattr(cache, "S") else cache.length + T
 
 
 def init_weights(model: V4Transformer, std: float = 0.02, seed: int | None = None) -> V4Transformer:

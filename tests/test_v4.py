@@ -127,8 +127,8 @@ def test_bf16_parity(tmp_path):
 
 
 def test_decode_with_caches_equals_one_forward():
-    """Token-by-token decode (model.Cache) and the engine's ragged paged batches give the full forward's logits
-    and greedy tokens: windows, compressed entries and indexer picks are rebuilt from the cached rows."""
+    """Token-by-token decode (model.Cache: every token's rows, windows re-pooled) and the engine's incremental
+    cache (v4cache: window rings, entries pooled once) give the full forward's logits and greedy tokens."""
     from sobre import Engine
     from sobre.model import Cache
     hf = hf_model(seed=2, sliding_window=4, compress_rates={"compressed_sparse_attention": 4,
@@ -141,8 +141,10 @@ def test_decode_with_caches_equals_one_forward():
         steps = [m(x[:, :11], cache)]
         steps += [m(x[:, t:t + 1], cache) for t in range(11, 30)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    prompts = [x[0, :9].tolist(), x[1, :17].tolist(), x[0, :3].tolist()]
-    eng = Engine(m, max_batch=3, block=8)
+    # ragged lengths; two lanes for four requests (the last two reuse lanes that hold stale rows), and those two
+    # share a prompt (the second copies the first's prefilled cache)
+    prompts = [x[0, :9].tolist(), x[1, :17].tolist(), x[0, :5].tolist(), x[0, :5].tolist()]
+    eng = Engine(m, max_batch=2, block=8)
     got = eng.generate(prompts, max_new_tokens=12)
     for p, g in zip(prompts, got):  # greedy by repeated full forwards
         seq = list(p)
@@ -218,3 +220,18 @@ def test_grouped_moe_equals_the_per_expert_loop():
     grads = [torch.autograd.grad(y.pow(2).sum(), moe.experts.parameters()) for y in (fast, ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_engine_cache_grows_by_compressed_entries_only():
+    """The engine keeps per token only the pooled entries (CSA: head_dim + index_head_dim per 4 tokens; HCA:
+    head_dim per 8, one slot per block of 8); windows and projections sit in fixed per-lane rings."""
+    from sobre import Engine
+    m = ours_from(hf_model(seed=2))
+    eng = Engine(m, max_batch=3, block=8, cache_tokens=64)
+    c = m.config
+    assert eng.pool.bytes_per_token == 4 * (2 * (c.head_dim + c.index_head_dim) / 4 + c.head_dim / 8)
+    # K=V window rings (4 layers); kv + gate rings of the last 2 * rate tokens (CSA: compressor + indexer, 2x
+    # wide for the overlap) or the last rate (HCA)
+    rings = 4 * c.sliding_window * c.head_dim + 2 * 2 * (2 * 4) * 2 * (c.head_dim + c.index_head_dim)
+    rings += 2 * 8 * c.head_dim
+    assert eng.pool.lane_bytes == 4 * rings  # fp32, per running sequence
