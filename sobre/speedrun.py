@@ -42,7 +42,7 @@ from .train import TrainArgs, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
-SHARES = {"pretrain": 0.159, "sft": 0.304, "grpo": 0.210, "distill": 0.308, "eval": 0.019}
+SHARES = {"pretrain": 0.137, "sft": 0.286, "grpo": 0.155, "distill": 0.404, "eval": 0.018}
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
@@ -91,7 +91,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
         steps=steps * 3 // 2, batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1),
         save_every=max(steps // 2, 1), seed=seed, resume=True)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
-        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps // 6, 2), prompts=8, group=8,
+        out=str(d), init=str(out / "sft"), task=TASK, steps=max(steps * 2 // 15, 2), prompts=8, group=8,
         max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(steps // 30, 1),  # Adam's first steps hurt most
         min_lr_ratio=0.1,  # cosine decay: the policy switches to thinking early; later updates are mostly noise
         format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
@@ -190,11 +190,12 @@ def _transformers_parity(path: Path, model, tok) -> dict:
 
 
 def _distill(d: Path, out: Path, preset_name: str, steps: int, seed: int) -> dict:
-    common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(1000, steps * 4), direct=DIRECT,
-                  steps=max(steps * 2 // 3, 1),
-                  batch_size=16, seq_len=256, lr=2e-3,
+    # students from random weights learn the columns late (at 200 steps both sat near 0.05; at 300 the distilled
+    # one reached 0.31, the baseline 0.15): they get as many steps as pretraining, on 3000 problems
+    common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(3000, steps * 10), direct=DIRECT,
+                  steps=steps, batch_size=16, seq_len=256, lr=2e-3,
                   warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True)
-    student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=2, with_reference=True,
+    student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=1, with_reference=True,
                                   max_new_tokens=128, **common))
     tok = load_tokenizer(out / "grpo" / "model")
     baseline = sft(SFTArgs(out=str(d / "baseline"), **common), tokenizer=tok)

@@ -63,7 +63,8 @@ class TrainArgs:
     threads: int = 0
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
-    arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash MoE)
+    arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash
+    # MoE) | qwen2 / llama (the preset's dense twin, as the distilled students)
     attn: str = "full"  # full | nsa (Native Sparse Attention) | dsa (DeepSeek Sparse Attention = deepseek_v32)
     dsa_warmup: int = 0  # DSA stage 1: steps of dense attention in which only the indexer trains
     model_overrides: tuple[str, ...] = ()  # Config fields as KEY=VALUE, e.g. nsa_window=256 index_topk=512
@@ -80,16 +81,16 @@ class TrainArgs:
             raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.expert_parallel:
             raise ValueError("--optimizer muon does not run with --expert-parallel yet")
-        if self.arch not in ("deepseek_v3", "deepseek_v4"):
-            raise ValueError(f"--arch must be deepseek_v3 or deepseek_v4, got {self.arch!r}")
-        if self.arch == "deepseek_v4" and self.attn != "full":
-            raise ValueError("--attn picks a deepseek_v3 attention; deepseek_v4 brings its own (sliding/CSA/HCA)")
+        if self.arch not in ("deepseek_v3", "deepseek_v4", "qwen2", "llama"):
+            raise ValueError(f"--arch must be deepseek_v3, deepseek_v4, qwen2 or llama, got {self.arch!r}")
+        if self.arch != "deepseek_v3" and self.attn != "full":
+            raise ValueError(f"--attn picks a deepseek_v3 attention; {self.arch} brings its own")
 
     def model_config(self, **fields) -> Config:
         """The preset with the run's attention choice and --model-overrides applied (fields: vocab, tokens...)."""
         base = preset(self.preset)
-        if self.arch == "deepseek_v4":
-            return preset(self.preset, arch="deepseek_v4", **fields, **parse_overrides(self.model_overrides))
+        if self.arch != "deepseek_v3":
+            return preset(self.preset, arch=self.arch, **fields, **parse_overrides(self.model_overrides))
         kw = {"attn_type": self.attn}
         if self.attn == "nsa":  # NSA shares its block choice within a group of query heads
             kw["n_kv_heads"] = max(1, base.n_heads // 4)

@@ -172,3 +172,22 @@ def test_corrupt_checkpoint_and_reused_folder_are_clear_errors(tmp_path):
     out = subprocess.run(pretrain_cmd(tmp_path / "x", "--data", str(tmp_path / "nope.txt")), capture_output=True,
                          text=True)
     assert out.returncode != 0 and "no such data file" in out.stderr
+
+
+def test_pretrain_a_dense_student(tmp_path):
+    """`sobre pretrain --arch qwen2`: the preset's dense twin (a distillation student's shape) trains and its
+    export loads in transformers with the same logits."""
+    from sobre.train import pretrain
+    transformers = pytest.importorskip("transformers")
+    run = pretrain(TrainArgs(out=str(tmp_path / "dense"), steps=10, save_every=10, eval_every=10, sample_every=10,
+                             data_bytes=200_000, batch_size=4, seq_len=64, arch="qwen2", lr=3e-3, warmup=2))
+    recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5 and recs[-1]["expert_load"] == []
+    model = sobre.load(run / "model")
+    assert model.config.arch == "qwen2"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="--arch must be"):
+        TrainArgs(arch="gpt2").validate()
