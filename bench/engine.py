@@ -106,7 +106,7 @@ def main():
           f"plain sobre {plain:.1f} | {rate / plain:.2f}x vs plain |")
     c = ours.model.config
     per_tok = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers * dtype.itemsize
-    print(f"| cache bytes/token | {ours.pool.bytes_per_token} | {per_tok} (latent, re-expanded each step) | "
+    print(f"| cache bytes/token | {ours.pool.bytes_per_token:g} | {per_tok} (latent, re-expanded each step) | "
           f"= (kv_lora_rank + qk_rope_head_dim) x layers x {dtype.itemsize} B |")
 
 
