@@ -57,6 +57,8 @@ def main():
         ours.collect()
         return 1e3 / decode_rate(times, counts)
 
+    hf_bytes = {}  # context -> transformers' cache bytes after generate
+
     def hf_ms(L):
         clock = Clock()
         with torch.no_grad():
@@ -66,7 +68,6 @@ def main():
         hf_bytes[L] = cache_bytes(out.past_key_values)
         return 1e3 / decode_rate(clock.times[1:], [1] * (len(clock.times) - 1))
 
-    hf_bytes = {}
     print(f"random DeepSeek-V4: vocab 8192, hidden 256, 4 layers (sliding, CSA 4, HCA 128, CSA 4), window 128, "
           f"hc 4, 16 experts top-4; fp32, {torch.get_num_threads()} threads, {n} new tokens")
     print("| measure | sobre | transformers | sobre / transformers |")
@@ -79,7 +80,7 @@ def main():
         ctx = L + n
         mine = pool.bytes_per_token * ctx + pool.lane_bytes
         print(f"| cache KiB of one sequence at context {ctx} | {mine / 1024:.0f} | {hf_bytes[L] / 1024:.0f} | "
-              f"{hf_bytes[L] / mine:.2f}x smaller |")
+              f"transformers / sobre = {hf_bytes[L] / mine:.2f} |")
     v3 = Engine(sobre.Transformer(sobre.Config.from_hf({**V3, "num_nextn_predict_layers": 0})), cache_tokens=64)
     b4, b3 = pool.bytes_per_token, v3.pool.bytes_per_token
     print(f"| engine cache bytes per token of context (allocated, all layers) | V4 {b4:g} (+ {pool.lane_bytes} per "

@@ -40,7 +40,7 @@ class PagedPool:
     def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64):
         c = model.config
         p = next(model.parameters())
-        self.block, self.n_blocks = block, n_blocks
+        self.block, self.n_blocks, self.device = block, n_blocks, p.device
         if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache)
             self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device)
         else:
@@ -63,6 +63,11 @@ class PagedPool:
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)
+
+    def block_table(self, seqs: list[Sequence], n_tokens: int) -> torch.Tensor:
+        """[B, blocks_for(n_tokens)]: each sequence's blocks covering n_tokens, padded with the null block 0."""
+        nb = self.blocks_for(n_tokens)
+        return torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=self.device)
 
     def available(self) -> int:
         """Blocks a reservation may take: free ones and cached ones no sequence holds (evicted on demand)."""
@@ -134,12 +139,11 @@ class PagedBatch:
 
     def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: bool = False):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
-        dev = pool.slots[0][0].device
+        dev = pool.device
         starts = torch.tensor([s.mtp_length if mtp else s.length for s in seqs], device=dev)
         ends = starts + T
         self.S = int(ends.max())
-        nb = pool.blocks_for(self.S)
-        self.table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=dev)
+        self.table = pool.block_table(seqs, self.S)
         self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
         self.slot_new = self.table.gather(1, self.pos // pool.block) * pool.block + self.pos % pool.block
         key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]

@@ -75,14 +75,13 @@ class V4Batch:
 
     def __init__(self, pool, seqs, T: int):
         self.pool, self.seqs, self.T = pool, seqs, T
-        dev = pool.rings[0][0].device
-        starts = torch.tensor([s.length for s in seqs], device=dev)
-        if T > 1 and int(starts.max()):
+        if T > 1 and any(s.length for s in seqs):
             raise ValueError("deepseek_v4 engine: a forward of several tokens must start at position 0")
-        self.pos = starts[:, None] + torch.arange(T, device=dev)  # [B, T]
+        self.end = max(s.length for s in seqs) + T  # tokens the longest sequence will hold
+        dev = pool.device
+        self.pos = torch.tensor([s.length for s in seqs], device=dev)[:, None] + torch.arange(T, device=dev)  # [B, T]
         self.lanes = torch.tensor([s.lane for s in seqs], device=dev)
-        nb = max(pool.blocks_for(int(self.pos.max()) + 1), 1)
-        self.table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=dev)
+        self.table = pool.block_table(seqs, self.end)
 
     def positions(self, tokens):
         return self.pos
@@ -100,15 +99,13 @@ class V4Batch:
         causal [B, T, N] | None, indexer keys [B, N, Di] | None)."""
         c, pos, lanes, T = attn.c, self.pos, self.lanes, self.T
         rings, entries = self.pool.rings[attn.layer_id], self.pool.slots[attn.layer_id]
-        W = c.sliding_window
+        ring_write(rings[0], lanes, pos, new[0])
         if T == 1:  # decode: the window's K=V rows come from the ring
-            ring_write(rings[0], lanes, pos, new[0])
             kv, kpos = ring_read(rings[0], lanes, pos[:, -1])
             see = (kpos >= 0)[:, None]  # [B, 1, W]
         else:  # prefill from 0: the new rows themselves
             kv, q = new[0], torch.arange(T, device=pos.device)
-            see = ((q[None] <= q[:, None]) & (q[:, None] - q[None] < W))[None]  # [1, T, T]
-            ring_write(rings[0], lanes, pos, new[0])
+            see = ((q[None] <= q[:, None]) & (q[:, None] - q[None] < c.sliding_window))[None]  # [1, T, T]
         if attn.kind == "sliding":
             return kv, see, None, None, None
         comp = attn.compressor
@@ -121,9 +118,9 @@ class V4Batch:
         """Pool the windows this forward completes into `store`, keep the projections the next windows need
         in the rings, and read every entry the sequences have: -> [B, N, d]."""
         m, pos, lanes, blk = comp.rate, self.pos, self.lanes, self.pool.block
+        for ring, t in zip(rings, new):
+            ring_write(ring, lanes, pos, t)
         if self.T == 1:
-            for ring, t in zip(rings, new):
-                ring_write(ring, lanes, pos, t)
             (kv, kpos), (gate, _) = (ring_read(r, lanes, pos[:, -1]) for r in rings)  # [B, R, width]
             gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
             w = (pos[:, -1] + 1) // m - 1  # [B] the window the new token may complete
@@ -133,12 +130,10 @@ class V4Batch:
             rows = torch.where(done, entry_rows(self.table, w.clamp_min(0)[:, None], m, blk)[:, 0], len(store) - 1)
         else:
             pooled = comp.pool(*new, rope)  # [B, n, d]: windows 0..n-1
-            for ring, t in zip(rings, new):
-                ring_write(ring, lanes, pos, t)
             n = pooled.shape[1]
             rows = entry_rows(self.table, torch.arange(n, device=pos.device).expand(len(lanes), n), m, blk)
         store[rows.flatten()] = pooled.flatten(0, 1).to(store.dtype)
-        N = int(pos[:, -1].max() + 1) // m
+        N = self.end // m
         w = torch.arange(N, device=pos.device).expand(len(lanes), N)
         return store[entry_rows(self.table, w, m, blk)]  # [B, N, d] (past a sequence's own: masked)
 
