@@ -63,17 +63,23 @@ def test_logits_match_transformers(tmp_path, case):
 
 
 def test_bf16_parity(tmp_path):
+    """bf16 rounds differently in different attention kernels (sobre's fused SDPA accumulates in fp32; for MLA,
+    whose V head is narrower than Q/K, transformers falls back to the math kernel), and one rounding difference
+    can flip a token's top-k experts, so the bf16 logits are not compared element by element: sobre's must be
+    as close to the fp32 logits of the same checkpoint (transformers' fp32 run) as transformers' bf16 ones are."""
     path = hf_checkpoint(tmp_path / "bf16", "deepseek_v3", dtype=torch.bfloat16, **dict(V3, rope_scaling=YARN))
     x = tokens()
-    ref = hf_logits(path, x, torch.bfloat16)
+    ref, exact = hf_logits(path, x, torch.bfloat16).float(), hf_logits(path, x, torch.float32)
     model = sobre.load(path)
     assert next(model.parameters()).dtype == torch.bfloat16
     with torch.no_grad():
         ours = model(x)
     assert ours.dtype == torch.bfloat16
-    # bf16 keeps ~3 significant digits; compare against the logit scale and check the rankings agree
-    assert_close(ours, ref, rel=2e-2)
-    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+    ours_err, ref_err = (ours.float() - exact).abs(), (ref - exact).abs()
+    assert ours_err.mean() <= 1.2 * ref_err.mean(), (ours_err.mean(), ref_err.mean())
+    assert ours_err.amax(-1).median() <= 1.2 * ref_err.amax(-1).median()  # per token, robust to a routing flip
+    top = exact.argmax(-1)  # ranks: sobre's bf16 keeps the fp32 top token as often (one token of 80 is 0.0125)
+    assert (ours.argmax(-1) == top).float().mean() >= (ref.argmax(-1) == top).float().mean() - 0.0125
 
 
 @pytest.mark.parametrize("case", ["v3-qlora", "v32-dsa-top16", "v2-softmax-greedy", "qwen2-tied",
