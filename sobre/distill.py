@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .model import Transformer
 from .rollout import rejection_sample
-from .sft import IGNORE, Packed, SFTArgs, fit, read_examples, split_rows, start_model, task_examples
+from .sft import IGNORE, Packed, SFTArgs, fit, read_examples, split_rows, start_model, target_logits, task_examples
 from .tasks import get_task
 from .tokenizer import Tokenizer
 from .train import open_run
@@ -57,11 +57,11 @@ def teacher_topk(teacher: Transformer, X, D, k: int, batch: int = 16):
     return torch.cat(vals), torch.cat(ids)
 
 
-def kd_loss(student_logits, t_vals, t_ids, mask, tau: float = 1.0) -> torch.Tensor:
+def kd_loss(student_logits, t_vals, t_ids, tau: float = 1.0) -> torch.Tensor:
     """Forward KL(teacher || student) over the teacher's top-k tokens (teacher renormalised over them), mean over
-    masked positions, scaled by tau^2. student_logits [N, T, V], t_vals/t_ids [N, T, k], mask [N, T]."""
-    p = F.softmax(t_vals[mask] / tau, -1)  # [M, k]
-    logq = F.log_softmax(student_logits[mask].float() / tau, -1).gather(-1, t_ids[mask])  # [M, k]
+    the positions, scaled by tau^2. student_logits [M, V], t_vals/t_ids [M, k]."""
+    p = F.softmax(t_vals / tau, -1)  # [M, k]
+    logq = F.log_softmax(student_logits.float() / tau, -1).gather(-1, t_ids)  # [M, k]
     return (p * (p.clamp_min(1e-30).log() - logq)).sum(-1).mean() * tau**2
 
 
@@ -100,11 +100,11 @@ def distill(a: DistillArgs) -> Path:
     del teacher
 
     def loss_fn(model, rows):
-        logits = model(X[rows], cache=Packed(D[rows]))
-        y = Y[rows]
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+        logits, y = target_logits(model, X[rows], Y[rows], D[rows])  # [M, V], [M]
+        ce = F.cross_entropy(logits.float(), y)
         # the teacher's distribution at the positions whose next token is a target
-        kd = kd_loss(logits, t_vals[rows], t_ids[rows], y != IGNORE, a.kd_temperature)
+        keep = Y[rows] != IGNORE
+        kd = kd_loss(logits, t_vals[rows][keep], t_ids[rows][keep], a.kd_temperature)
         return (1 - a.logit_weight) * ce + a.logit_weight * kd
 
     return fit(student, tok, run, a, data, val, dropped, loss_fn)

@@ -178,9 +178,16 @@ class Packed:
         pass
 
 
+def target_logits(model: Transformer, x, y, docs) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y, docs [B, T] packed rows -> logits [M, V] and targets [M] at the M positions that have a target:
+    the head (a small model's largest matmul) skips prompts and padding, a quarter of the positions here."""
+    keep = y != IGNORE
+    return model.head(model.hidden(x, cache=Packed(docs))[keep]), y[keep]
+
+
 def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
-    logits = model(x, cache=Packed(docs))
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+    logits, y = target_logits(model, x, y, docs)
+    return F.cross_entropy(logits.float(), y) if len(y) else logits.sum() * 0  # (a batch of prompts only: no signal)
 
 
 # ---- the run --------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sobre.data import builtin_docs
-from sobre.sft import IGNORE, Packed, SFTArgs, encode_turns, pack, read_examples, sft, task_examples
+from sobre.sft import IGNORE, Packed, SFTArgs, encode_turns, pack, read_examples, sft, sft_loss, task_examples
 from sobre.tasks import TASKS
 from sobre.tokenizer import load_tokenizer, train_tokenizer
 
@@ -69,6 +70,16 @@ def test_packed_rows_equal_separate_forwards(tok):
         packed = model(X, cache=Packed(D))[0]
         a, b = model(torch.tensor([[3, 4, 5, 6]]))[0], model(torch.tensor([[8, 9, 10]]))[0]
     assert torch.allclose(packed[:4], a, atol=1e-5) and torch.allclose(packed[4:7], b, atol=1e-5)
+    # the loss computes the head at target positions only: the same value and gradients as the full logits
+    loss = sft_loss(model, X, Y, D)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    full = F.cross_entropy(model(X, cache=Packed(D)).flatten(0, 1), Y.flatten(), ignore_index=IGNORE)
+    full.backward()
+    assert torch.allclose(loss, full, atol=1e-6)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, [p for p in model.parameters()
+                                                                           if p.grad is not None]))
     X, *_ = pack(docs, seq_len=12, pad_id=0, packing=False)
     assert X.shape[0] == 2
     with pytest.raises(ValueError, match="no example fits"):
