@@ -302,7 +302,7 @@ def add_dataclass_flags(parser, cls):
 
 def cmd_speedrun(args):
     from .speedrun import speedrun
-    speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems)
+    speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems, args.minutes)
 
 
 def cmd_verify(args):
@@ -507,7 +507,10 @@ def main(argv=None):
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")
     s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small")
-    s.add_argument("--steps", type=int, default=300, help="pretraining steps (the other stages scale with it)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="pretraining steps; the other stages scale with it (default: 300, fewer where this machine "
+                        "would not finish them within --minutes)")
+    s.add_argument("--minutes", type=float, default=30.0, help="wall-time budget that sets the default --steps")
     s.add_argument("--eval-problems", type=int, default=100, help="held-out problems per evaluation")
     s.add_argument("--force", action="store_true", help="redo finished stages")
     s.add_argument("--seed", type=int, default=0)

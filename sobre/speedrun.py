@@ -28,17 +28,18 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load
-from .config import Config
+from .config import Config, preset
 from .distill import DistillArgs, distill
 from .engine import Engine
 from .grpo import GRPOArgs, grpo
+from .model import Transformer, init_weights
 from .report import expert_loads, plot_expert_heatmap, read_metrics
 from .rollout import evaluate_task
 from .sft import SFTArgs, sft, start_model
 from .stats import model_stats
 from .tasks import get_task
 from .tokenizer import load_tokenizer
-from .train import TrainArgs, pretrain
+from .train import TrainArgs, losses, pretrain
 
 QUESTION = "Question: What is 12 + 7?\n<think>\n"
 # each stage's share of the default run's wall time (README, 2-core CPU): the pipeline ETA scales these
@@ -46,13 +47,19 @@ SHARES = {"pretrain": 0.137, "sft": 0.286, "grpo": 0.155, "distill": 0.404, "eva
 TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minutes
 DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
+STEPS = 300  # the default run: pretraining steps (SFT 1.5x, GRPO 2/15, distillation 1x)
+COST = 2000  # the default run's wall time over one pretraining step's (`pretrain_step_seconds`), any machine
 
 
-def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 300, force: bool = False,
-             eval_problems: int = 100) -> dict:
-    """`steps` sets the budget: pretraining and SFT steps; GRPO and distillation scale with it."""
+def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | None = None, force: bool = False,
+             eval_problems: int = 100, minutes: float = 30.0) -> dict:
+    """`steps` sets the size of the run: pretraining steps; SFT, GRPO and distillation scale with it. None: the
+    default recipe (STEPS), cut down where this machine could not run it in `minutes` (see `fit_steps`)."""
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT}
+    old = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() else {}
+    if steps is None:  # a resumed run keeps the size it started with
+        steps = old["steps"] if "steps" in old and not force else fit_steps(preset_name, minutes)
+    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT, "steps": steps}
     (out / "speedrun.json").write_text(json.dumps(results) + "\n")
 
     start, ran = time.perf_counter(), []  # ran: stages this invocation has timed, for the ETA
@@ -101,6 +108,35 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int = 3
     stage("eval", lambda d: _evaluate(d, out, eval_problems, seed))
     print(report(out))
     return results
+
+
+def fit_steps(preset_name: str, minutes: float) -> int:
+    """The default size (STEPS) if this machine runs it within 90% of `minutes`, else a proportionally smaller one.
+    The estimate times a few pretraining steps of the run's model here: a whole default run costs about COST such
+    steps (measured: see the README), whatever the machine; 2-core CPUs differ by 1.6x and more."""
+    step_s = pretrain_step_seconds(preset_name)
+    estimate = COST * step_s / 60  # minutes at STEPS
+    steps = STEPS if estimate <= 0.9 * minutes else max(int(STEPS * 0.9 * minutes / estimate), 30)
+    print(f"speedrun: a pretraining step takes {step_s:.2f} s here, so the default run ({STEPS} steps) would take "
+          f"about {estimate:.0f} minutes; running {steps} steps to fit {minutes:g} minutes (--steps sets it)")
+    return steps
+
+
+def pretrain_step_seconds(preset_name: str, reps: int = 3) -> float:
+    """Seconds of one pretraining step (forward with MTP, backward, AdamW; the fastest of `reps`) of a fresh
+    preset model on the speedrun's batch (8 x 256 random tokens); leaves the global RNG alone."""
+    cfg, times = preset(preset_name), []
+    with torch.random.fork_rng():
+        model = init_weights(Transformer(cfg), seed=0).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, cfg.vocab_size, (8, 257))
+        for _ in range(reps + 2):  # the first two warm up
+            t0 = time.perf_counter()
+            losses(model, x[:, :-1], x[:, 1:], TrainArgs())["total"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+    return min(times[2:])
 
 
 def _finished(run: Path, tokens_per_step: int) -> dict:
