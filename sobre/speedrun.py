@@ -48,7 +48,11 @@ TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minu
 DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
 STEPS = 300  # the default run: pretraining steps (SFT 1.5x, GRPO 2/15, distillation 1x)
-COST = 2000  # the default run's wall time over one pretraining step's (`pretrain_step_seconds`), any machine
+# the default run's wall time over one timed pretraining step (`pretrain_step_seconds`), and that of the stages
+# after pretraining over the pretraining stage's own pace: measured 1650-1850 on the faster 2-core machines here,
+# 2090 on a 1.7x slower one (runs/speedrun17), whose rollouts and students are slower still than its pretraining
+COST = 2450
+REST = 2100
 
 
 def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | None = None, force: bool = False,
@@ -57,9 +61,13 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
     default recipe (STEPS), cut down where this machine could not run it in `minutes` (see `fit_steps`)."""
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() else {}
-    if steps is None:  # a resumed run keeps the size it started with
-        steps = old["steps"] if "steps" in old and not force else fit_steps(preset_name, minutes)
-    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT, "steps": steps}
+    later = steps  # the size of the stages after pretraining
+    if steps is None:  # a resumed run keeps the sizes it started with
+        resumed = "steps" in old and not force
+        steps = old["steps"] if resumed else fit_steps(preset_name, minutes)
+        later = old.get("later_steps") if resumed else None  # set from pretraining's pace
+    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT, "steps": steps,
+                     "minutes_budget": minutes}
     (out / "speedrun.json").write_text(json.dumps(results) + "\n")
 
     start, ran = time.perf_counter(), []  # ran: stages this invocation has timed, for the ETA
@@ -93,6 +101,9 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         return f" (elapsed {(time.perf_counter() - start) / 60:.1f} min, about {pace * left / 60:.1f} min to go)"
 
     stage("pretrain", lambda d: _pretrain(d, preset_name, seed, steps))
+    results["later_steps"] = later = later or fit_later(results["pretrain"], minutes)
+    (out / "speedrun.json").write_text(json.dumps({k: v for k, v in results.items() if k not in STAGES}) + "\n")
+    steps = later
     stage("sft", lambda d: _finished(sft(SFTArgs(
         out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, steps * 20), direct=DIRECT,
         steps=steps * 3 // 2, batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(steps // 2, 1),
@@ -122,8 +133,23 @@ def fit_steps(preset_name: str, minutes: float) -> int:
     return steps
 
 
-def pretrain_step_seconds(preset_name: str, reps: int = 3) -> float:
-    """Seconds of one pretraining step (forward with MTP, backward, AdamW; the fastest of `reps`) of a fresh
+def fit_later(p: dict, minutes: float) -> int:
+    """The size of the stages after pretraining (SFT, GRPO, distillation, eval): STEPS if they fit what is left
+    of the budget at the pace pretraining measured here (finer than fit_steps' estimate), else less. REST is the
+    slow machines' ratio, an upper bound on the fast ones', so no 10% margin here: SFT and the students learn the
+    arithmetic late (301 SFT steps gave 0.01 held-out, 450 gave 0.28-0.50), and a smaller run loses it."""
+    step_s = 8 * 256 / p["tokens_per_s"]
+    left = minutes - p["minutes"]
+    estimate = REST * step_s / 60  # minutes at STEPS
+    steps = STEPS if estimate <= left else max(int(STEPS * left / estimate), 30)
+    if steps < STEPS:
+        print(f"speedrun: pretraining ran at {step_s:.2f} s/step: the later stages at {STEPS} steps would take "
+              f"about {estimate:.0f} minutes, {left:.0f} are left; running them at {steps} steps")
+    return steps
+
+
+def pretrain_step_seconds(preset_name: str, reps: int = 5) -> float:
+    """Seconds of one pretraining step (forward with MTP, backward, AdamW; the median of `reps`) of a fresh
     preset model on the speedrun's batch (8 x 256 random tokens); leaves the global RNG alone."""
     cfg, times = preset(preset_name), []
     with torch.random.fork_rng():
@@ -136,7 +162,7 @@ def pretrain_step_seconds(preset_name: str, reps: int = 3) -> float:
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-    return min(times[2:])
+    return sorted(times[2:])[reps // 2]
 
 
 def _finished(run: Path, tokens_per_step: int) -> dict:
@@ -275,7 +301,9 @@ def report(out: Path) -> str:
                         if isinstance(v, dict)}}
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     p, t = r["pretrain"], r["pretrain"]["transformers"]
-    lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']})", "",
+    size = (f"; sized for {r['minutes_budget']:g} minutes on this machine: {r['steps']} pretraining steps, later "
+            f"stages at {r['later_steps']}" if r.get("later_steps", STEPS) < STEPS or r["steps"] < STEPS else "")
+    lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']}{size})", "",
              "| stage | minutes | result |", "|---|---|---|",
              f"| pretrain | {p['minutes']} | {p['steps']} steps at {p['tokens_per_s']} tok/s; loss "
              f"{p['first_loss']:.2f} -> {p['final_loss']:.2f}; val loss {p['val_loss']:.3f} ({p['val_bpb']:.3f} "
