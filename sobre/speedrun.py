@@ -61,13 +61,13 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
     default recipe (STEPS), cut down where this machine could not run it in `minutes` (see `fit_steps`)."""
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() else {}
-    later = steps  # the size of the stages after pretraining
-    if steps is None:  # a resumed run keeps the sizes it started with
+    later, sized = steps, steps is None  # later: the size of the stages after pretraining
+    if sized:  # a resumed run keeps the sizes it started with
         resumed = "steps" in old and not force
         steps = old["steps"] if resumed else fit_steps(preset_name, minutes)
         later = old.get("later_steps") if resumed else None  # set from pretraining's pace
     results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT, "steps": steps,
-                     "minutes_budget": minutes}
+                     "minutes_budget": minutes if sized else None}
     (out / "speedrun.json").write_text(json.dumps(results) + "\n")
 
     start, ran = time.perf_counter(), []  # ran: stages this invocation has timed, for the ETA
@@ -302,7 +302,8 @@ def report(out: Path) -> str:
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     p, t = r["pretrain"], r["pretrain"]["transformers"]
     size = (f"; sized for {r['minutes_budget']:g} minutes on this machine: {r['steps']} pretraining steps, later "
-            f"stages at {r['later_steps']}" if r.get("later_steps", STEPS) < STEPS or r["steps"] < STEPS else "")
+            f"stages at {r['later_steps']}" if r.get("minutes_budget") and min(r["steps"], r["later_steps"]) < STEPS
+            else "")
     lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']}{size})", "",
              "| stage | minutes | result |", "|---|---|---|",
              f"| pretrain | {p['minutes']} | {p['steps']} steps at {p['tokens_per_s']} tok/s; loss "
