@@ -48,11 +48,14 @@ TASK = "arithmetic:1"  # two-digit + and -: within reach of a tiny model in minu
 DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest work the columns out in <think>
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
 STEPS = 300  # the default run: pretraining steps (SFT 1.5x, GRPO 2/15, distillation 1x)
-# the default run's wall time over one timed pretraining step (`pretrain_step_seconds`), and that of the stages
-# after pretraining over the pretraining stage's own pace: measured 1650-1850 on the faster 2-core machines here,
-# 2090 on a 1.7x slower one (runs/speedrun17), whose rollouts and students are slower still than its pretraining
-COST = 2450
-REST = 2100
+PRETRAIN_COST = 330  # the pretraining stage's wall time (tokenizer, checks, engine timing included) in steps
+
+
+def rest_cost(step_s: float) -> float:
+    """Wall time of the default run's later stages (SFT, GRPO, distillation, eval) over one pretraining step's,
+    for a machine that pretrains at step_s seconds per step: 1833 measured at 0.74 s (runs/speedrun16), 2090 at
+    1.21 s (runs/speedrun17, scaled to 300 steps): slower machines lose more on rollouts and small students."""
+    return 1833 + 554 * max(step_s - 0.743, 0.0)
 
 
 def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | None = None, force: bool = False,
@@ -123,10 +126,10 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
 
 def fit_steps(preset_name: str, minutes: float) -> int:
     """The default size (STEPS) if this machine runs it within 90% of `minutes`, else a proportionally smaller one.
-    The estimate times a few pretraining steps of the run's model here: a whole default run costs about COST such
-    steps (measured: see the README), whatever the machine; 2-core CPUs differ by 1.6x and more."""
+    The estimate times a few pretraining steps of the run's model here (2-core CPUs differ by 1.7x and more) and
+    scales them by the measured cost of a default run in such steps."""
     step_s = pretrain_step_seconds(preset_name)
-    estimate = COST * step_s / 60  # minutes at STEPS
+    estimate = (PRETRAIN_COST + rest_cost(step_s)) * step_s / 60  # minutes at STEPS
     steps = STEPS if estimate <= 0.9 * minutes else max(int(STEPS * 0.9 * minutes / estimate), 30)
     print(f"speedrun: a pretraining step takes {step_s:.2f} s here, so the default run ({STEPS} steps) would take "
           f"about {estimate:.0f} minutes; running {steps} steps to fit {minutes:g} minutes (--steps sets it)")
@@ -135,12 +138,12 @@ def fit_steps(preset_name: str, minutes: float) -> int:
 
 def fit_later(p: dict, minutes: float) -> int:
     """The size of the stages after pretraining (SFT, GRPO, distillation, eval): STEPS if they fit what is left
-    of the budget at the pace pretraining measured here (finer than fit_steps' estimate), else less. REST is the
-    slow machines' ratio, an upper bound on the fast ones', so no 10% margin here: SFT and the students learn the
-    arithmetic late (301 SFT steps gave 0.01 held-out, 450 gave 0.28-0.50), and a smaller run loses it."""
+    of the budget at the pace pretraining measured here (finer than fit_steps' estimate), else less. No margin:
+    SFT and the students learn the arithmetic late (301 SFT steps gave 0.01 held-out, 450 gave 0.28-0.50), so a
+    smaller run loses the gain, and shrinks only where the full one clearly would not fit."""
     step_s = 8 * 256 / p["tokens_per_s"]
     left = minutes - p["minutes"]
-    estimate = REST * step_s / 60  # minutes at STEPS
+    estimate = rest_cost(step_s) * step_s / 60  # minutes at STEPS
     steps = STEPS if estimate <= left else max(int(STEPS * left / estimate), 30)
     if steps < STEPS:
         print(f"speedrun: pretraining ran at {step_s:.2f} s/step: the later stages at {STEPS} steps would take "
