@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .model import Transformer
 from .rollout import rejection_sample
-from .sft import IGNORE, Packed, SFTArgs, fit, read_examples, split_rows, start_model, target_logits, task_examples
+from .sft import Packed, SFTArgs, fit, read_examples, split_rows, start_model, target_logits, task_examples
 from .tasks import get_task
 from .tokenizer import Tokenizer
 from .train import open_run
@@ -100,10 +100,9 @@ def distill(a: DistillArgs) -> Path:
     del teacher
 
     def loss_fn(model, rows):
-        logits, y = target_logits(model, X[rows], Y[rows], D[rows])  # [M, V], [M]
-        ce = F.cross_entropy(logits.float(), y)
+        logits, keep = target_logits(model, X[rows], Y[rows], D[rows])  # [M, V], [B, T]
+        ce = F.cross_entropy(logits.float(), Y[rows][keep])
         # the teacher's distribution at the positions whose next token is a target
-        keep = Y[rows] != IGNORE
         kd = kd_loss(logits, t_vals[rows][keep], t_ids[rows][keep], a.kd_temperature)
         return (1 - a.logit_weight) * ce + a.logit_weight * kd
 

@@ -179,14 +179,15 @@ class Packed:
 
 
 def target_logits(model: Transformer, x, y, docs) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y, docs [B, T] packed rows -> logits [M, V] and targets [M] at the M positions that have a target:
-    the head (a small model's largest matmul) skips prompts and padding, a quarter of the positions here."""
+    """x, y, docs [B, T] packed rows -> logits [M, V] at the M positions that have a target, and that mask
+    keep [B, T]: the head (a small model's largest matmul) skips prompts and padding, a quarter of the positions."""
     keep = y != IGNORE
-    return model.head(model.hidden(x, cache=Packed(docs))[keep]), y[keep]
+    return model.head(model.hidden(x, cache=Packed(docs))[keep]), keep
 
 
 def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
-    logits, y = target_logits(model, x, y, docs)
+    logits, keep = target_logits(model, x, y, docs)
+    y = y[keep]
     return F.cross_entropy(logits.float(), y) if len(y) else logits.sum() * 0  # (a batch of prompts only: no signal)
 
 

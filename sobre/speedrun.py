@@ -49,6 +49,7 @@ DIRECT = 0.5  # share of the cold-start traces without worked steps; the rest wo
 EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder level of it, one it never saw
 STEPS = 300  # the default run: pretraining steps (SFT 1.5x, GRPO 2/15, distillation 1x)
 PRETRAIN_COST = 330  # the pretraining stage's wall time (tokenizer, checks, engine timing included) in steps
+BATCH, SEQ = 8, 256  # the pretraining batch
 
 
 def rest_cost(step_s: float) -> float:
@@ -130,7 +131,7 @@ def fit_steps(preset_name: str, minutes: float) -> int:
     scales them by the measured cost of a default run in such steps."""
     step_s = pretrain_step_seconds(preset_name)
     estimate = (PRETRAIN_COST + rest_cost(step_s)) * step_s / 60  # minutes at STEPS
-    steps = STEPS if estimate <= 0.9 * minutes else max(int(STEPS * 0.9 * minutes / estimate), 30)
+    steps = sized_steps(estimate, 0.9 * minutes)
     print(f"speedrun: a pretraining step takes {step_s:.2f} s here, so the default run ({STEPS} steps) would take "
           f"about {estimate:.0f} minutes; running {steps} steps to fit {minutes:g} minutes (--steps sets it)")
     return steps
@@ -141,24 +142,30 @@ def fit_later(p: dict, minutes: float) -> int:
     of the budget at the pace pretraining measured here (finer than fit_steps' estimate), else less. No margin:
     SFT and the students learn the arithmetic late (301 SFT steps gave 0.01 held-out, 450 gave 0.28-0.50), so a
     smaller run loses the gain, and shrinks only where the full one clearly would not fit."""
-    step_s = 8 * 256 / p["tokens_per_s"]
+    step_s = BATCH * SEQ / p["tokens_per_s"]
     left = minutes - p["minutes"]
     estimate = rest_cost(step_s) * step_s / 60  # minutes at STEPS
-    steps = STEPS if estimate <= left else max(int(STEPS * left / estimate), 30)
+    steps = sized_steps(estimate, left)
     if steps < STEPS:
         print(f"speedrun: pretraining ran at {step_s:.2f} s/step: the later stages at {STEPS} steps would take "
               f"about {estimate:.0f} minutes, {left:.0f} are left; running them at {steps} steps")
     return steps
 
 
+def sized_steps(estimate: float, room: float) -> int:
+    """STEPS if a run estimated at `estimate` minutes (at STEPS) fits `room` minutes, else proportionally fewer
+    (at least 30)."""
+    return STEPS if estimate <= room else max(int(STEPS * room / estimate), 30)
+
+
 def pretrain_step_seconds(preset_name: str, reps: int = 5) -> float:
     """Seconds of one pretraining step (forward with MTP, backward, AdamW; the median of `reps`) of a fresh
-    preset model on the speedrun's batch (8 x 256 random tokens); leaves the global RNG alone."""
+    preset model on the speedrun's pretraining batch (random tokens); leaves the global RNG alone."""
     cfg, times = preset(preset_name), []
     with torch.random.fork_rng():
         model = init_weights(Transformer(cfg), seed=0).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randint(0, cfg.vocab_size, (8, 257))
+        x = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
         for _ in range(reps + 2):  # the first two warm up
             t0 = time.perf_counter()
             losses(model, x[:, :-1], x[:, 1:], TrainArgs())["total"].backward()
@@ -199,8 +206,8 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
 
 def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
     run = pretrain(TrainArgs(out=str(d), preset=preset_name, steps=steps, seed=seed, save_every=max(steps // 3, 1),
-                             eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=256, batch_size=8,
-                             warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True))
+                             eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=SEQ,
+                             batch_size=BATCH, warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True))
     rows = read_metrics(run)
     val = [r for r in rows if "val_loss" in r]
     r = {"steps": steps, "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
@@ -210,7 +217,7 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
                                             ["heldout_bytes_per_token"], 3),
          "expert_load_max_over_mean": [round(x, 2) for x in rows[-1]["expert_load_max_over_mean"]]}
     model, tok = load(run / "model", dtype=torch.float32), load_tokenizer(run / "model")
-    r["tokens"] = steps * 8 * 256
+    r["tokens"] = steps * BATCH * SEQ
     r["flops"] = 3 * _flops_per_token(run) * r["tokens"]
     held_out = "\n\n".join(p.text() for p in get_task(TASK).problems("test", 100, seed))
     loads = expert_loads(model, tok.encode(held_out))
