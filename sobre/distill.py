@@ -57,11 +57,12 @@ def teacher_topk(teacher: Transformer, X, D, k: int, batch: int = 16):
     return torch.cat(vals), torch.cat(ids)
 
 
-def kd_loss(student_logits, t_vals, t_ids, tau: float = 1.0) -> torch.Tensor:
+def kd_loss(student_logprobs, t_vals, t_ids, tau: float = 1.0) -> torch.Tensor:
     """Forward KL(teacher || student) over the teacher's top-k tokens (teacher renormalised over them), mean over
-    the positions, scaled by tau^2. student_logits [M, V], t_vals/t_ids [M, k]."""
+    the positions, scaled by tau^2. student_logprobs [M, V] = log_softmax(student logits / tau) (at tau = 1 the
+    cross-entropy's own), t_vals/t_ids [M, k]."""
     p = F.softmax(t_vals / tau, -1)  # [M, k]
-    logq = F.log_softmax(student_logits.float() / tau, -1).gather(-1, t_ids)  # [M, k]
+    logq = student_logprobs.gather(-1, t_ids)  # [M, k]
     return (p * (p.clamp_min(1e-30).log() - logq)).sum(-1).mean() * tau**2
 
 
@@ -101,9 +102,12 @@ def distill(a: DistillArgs) -> Path:
 
     def loss_fn(model, rows):
         logits, keep = target_logits(model, X[rows], Y[rows], D[rows])  # [M, V], [B, T]
-        ce = F.cross_entropy(logits.float(), Y[rows][keep])
+        logp = F.log_softmax(logits.float(), -1)  # one log-softmax for both terms at tau = 1 (the default)
+        ce = F.nll_loss(logp, Y[rows][keep])
+        tau = a.kd_temperature
+        logq = logp if tau == 1 else F.log_softmax(logits.float() / tau, -1)
         # the teacher's distribution at the positions whose next token is a target
-        kd = kd_loss(logits, t_vals[rows][keep], t_ids[rows][keep], a.kd_temperature)
+        kd = kd_loss(logq, t_vals[rows][keep], t_ids[rows][keep], tau)
         return (1 - a.logit_weight) * ce + a.logit_weight * kd
 
     return fit(student, tok, run, a, data, val, dropped, loss_fn)

@@ -22,13 +22,17 @@ def test_kd_loss_is_forward_kl_over_the_teachers_top_k():
     vals, ids = t.topk(10, -1)  # k = V: the exact KL
     p, logq = F.softmax(t[mask], -1), F.log_softmax(s[mask], -1)
     exact = (p * (p.log() - logq)).sum(-1).mean()
-    assert kd_loss(s[mask], vals[mask], ids[mask]).item() == pytest.approx(exact.item(), rel=1e-5)
-    assert kd_loss(t[mask], vals[mask], ids[mask]).item() == pytest.approx(0, abs=1e-6)  # student == teacher
+    assert kd_loss(logq, vals[mask], ids[mask]).item() == pytest.approx(exact.item(), rel=1e-5)
+    same = kd_loss(F.log_softmax(t[mask], -1), vals[mask], ids[mask])  # student == teacher
+    assert same.item() == pytest.approx(0, abs=1e-6)
     v3, i3 = t.topk(3, -1)  # k < V: the teacher renormalised over its top 3
     p3 = F.softmax(v3[mask], -1)
     want = (p3 * (p3.log() - F.log_softmax(s[mask], -1).gather(-1, i3[mask]))).sum(-1).mean()
-    assert kd_loss(s[mask], v3[mask], i3[mask]).item() == pytest.approx(want.item(), rel=1e-5)
-    assert kd_loss(s[mask], v3[mask], i3[mask], tau=2.0).item() != pytest.approx(want.item())
+    assert kd_loss(logq, v3[mask], i3[mask]).item() == pytest.approx(want.item(), rel=1e-5)
+    p2 = F.softmax(v3[mask] / 2, -1)  # temperature 2: both distributions softened, the KL scaled by tau^2
+    want2 = 4 * (p2 * (p2.log() - F.log_softmax(s[mask] / 2, -1).gather(-1, i3[mask]))).sum(-1).mean()
+    got2 = kd_loss(F.log_softmax(s[mask] / 2, -1), v3[mask], i3[mask], tau=2.0)
+    assert got2.item() == pytest.approx(want2.item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
