@@ -508,9 +508,10 @@ def main(argv=None):
     s.add_argument("--out", default="runs/speedrun", help="run folder")
     s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small")
     s.add_argument("--steps", type=int, default=None,
-                   help="pretraining steps; the other stages scale with it (default: 300, fewer where this machine "
-                        "would not finish them within --minutes)")
-    s.add_argument("--minutes", type=float, default=30.0, help="wall-time budget that sets the default --steps")
+                   help="pretraining steps; the other stages scale with it (default: the 300-step recipe, cut "
+                        "where this machine would not finish it within --minutes)")
+    s.add_argument("--minutes", type=float, default=30.0,
+                   help="wall-time budget the default run is sized to (ignored with --steps)")
     s.add_argument("--eval-problems", type=int, default=100, help="held-out problems per evaluation")
     s.add_argument("--force", action="store_true", help="redo finished stages")
     s.add_argument("--seed", type=int, default=0)

@@ -1,34 +1,105 @@
-"""The speedrun's size: the default recipe where the machine runs it within the budget, proportionally less
-where it cannot (the end-to-end run itself is tests/test_cli.py's)."""
+"""The speedrun's size: the default recipe where the machine runs it within the budget, cut where the result
+loses least where it cannot, replanned from the pace the finished stages showed (the end-to-end run itself is
+tests/test_cli.py's; here the stages are stand-ins that take the time the cost model gives them)."""
+
+import json
 
 import pytest
 
 from sobre import speedrun as sr
 
 
-@pytest.mark.parametrize("step_s", [0.5, 0.74, 1.25, 3.0])
-def test_fit_steps_sizes_the_run_to_the_budget(monkeypatch, step_s):
-    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name: step_s)
-    steps = sr.fit_steps("tiny", minutes=30)
-    at_default = (sr.PRETRAIN_COST + sr.rest_cost(step_s)) * step_s / 60
-    if at_default <= 27:
-        assert steps == sr.STEPS
-    else:  # proportionally fewer steps: the estimate at that size is within 90% of the budget
-        assert 30 <= steps < sr.STEPS
-        assert at_default * steps / sr.STEPS <= 27 + 1e-9
-    assert sr.fit_steps("tiny", minutes=600) == sr.STEPS
-    if step_s <= 0.74:  # the machine behind runs/speedrun16 (0.74 s a step) runs the default recipe
-        assert steps == sr.STEPS
+def test_fit_plan_keeps_the_recipe_when_it_fits_and_cuts_in_order():
+    full = sr.cost(sr.RECIPE)
+    assert sr.fit_plan(sr.RECIPE, full) == sr.RECIPE
+    assert sr.fit_plan(sr.RECIPE, full - 100) == dict(sr.RECIPE, pretrain=200)  # pretraining first
+    plan = sr.fit_plan(sr.RECIPE, full - 200 - 5 * sr.STEP_COST["grpo"] + 0.5)  # pretraining at its floor, then GRPO
+    assert plan["pretrain"] == sr.CUTS["pretrain"] and plan["grpo"] == sr.RECIPE["grpo"] - 5
+    assert {k: plan[k] for k in ("sft", "student", "baseline")} == {k: sr.RECIPE[k] for k in ("sft", "student",
+                                                                                             "baseline")}
+    cut = sr.cost(dict(sr.RECIPE, pretrain=100, grpo=20, baseline=0))
+    plan = sr.fit_plan(sr.RECIPE, cut)  # then the no-teacher student goes, whole
+    assert plan == dict(sr.RECIPE, pretrain=100, grpo=20, baseline=0)
+    plan = sr.fit_plan(sr.RECIPE, cut + 10 * sr.STEP_COST["grpo"])  # what it frees goes back to GRPO first
+    assert plan == dict(sr.RECIPE, pretrain=100, grpo=30, baseline=0)
+    plan = sr.fit_plan(sr.RECIPE, cut + 20 * sr.STEP_COST["grpo"] + 50)  # then to pretraining
+    assert plan == dict(sr.RECIPE, pretrain=150, grpo=40, baseline=0)
+    for room in (cut, cut - 300, 300, 100):
+        plan = sr.fit_plan(sr.RECIPE, room)
+        assert sr.cost(plan) <= room or all(n <= 1 for n in plan.values())
+        if plan["sft"] < sr.RECIPE["sft"]:  # SFT and the student shrink last, in proportion
+            assert plan["baseline"] == 0 and plan["grpo"] <= sr.CUTS["grpo"]
+            assert plan["sft"] / sr.RECIPE["sft"] == pytest.approx(plan["student"] / sr.RECIPE["student"], abs=0.01)
 
 
-def test_fit_later_uses_the_pace_and_time_pretraining_took():
-    fast = {"tokens_per_s": 2800, "minutes": 4.0}  # a machine that runs the default recipe in ~25 minutes
-    assert sr.fit_later(fast, minutes=30) == sr.STEPS
-    slow = {"tokens_per_s": 1697, "minutes": 4.06}  # runs/speedrun17: 1.21 s/step
-    later = sr.fit_later(slow, minutes=30)
-    assert 30 <= later < sr.STEPS
-    step_s = 8 * 256 / slow["tokens_per_s"]
-    minutes = slow["minutes"] + sr.rest_cost(step_s) * step_s / 60 * later / sr.STEPS
-    assert minutes <= 30 + 1e-9
-    assert sr.fit_later(dict(slow, minutes=6.0), minutes=30) < later  # a longer pretraining leaves less time
-    assert sr.fit_later(dict(slow, minutes=40.0), minutes=30) == 30  # never below the floor
+class Clock:  # stands in for the time module: the stages advance it
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self):
+        return self.t
+
+
+def fake_stages(monkeypatch, clock: Clock, timed: float, real: float) -> dict:
+    """Stages that take `real` seconds per pretraining step of cost; a pretraining step times at `timed`."""
+    got = {}
+
+    def work(d, parts: dict):  # parts {}: the evaluation
+        d.mkdir(parents=True, exist_ok=True)
+        got.update(parts)
+        clock.t += (sr.cost(parts) if not parts else sr.cost(parts) - sr.FIXED_COST["eval"]) * real
+        return d
+
+    monkeypatch.setattr(sr, "time", clock)
+    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name: timed)
+    monkeypatch.setattr(sr, "_pretrain", lambda d, p, seed, steps: {"steps": work(d, {"pretrain": steps}) and steps})
+    monkeypatch.setattr(sr, "sft", lambda a: work(sr.Path(a.out), {"sft": a.steps}))
+    monkeypatch.setattr(sr, "grpo", lambda a: work(sr.Path(a.out), {"grpo": a.steps}))
+    monkeypatch.setattr(sr, "_finished", lambda run, n: {})
+    monkeypatch.setattr(sr, "_grpo_summary", lambda run, n: {})
+    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed:
+                        {"dir": str(work(d, {"student": student, "baseline": baseline}))})
+    monkeypatch.setattr(sr, "_evaluate", lambda d, out, n, seed: work(d, {}) and {})
+    monkeypatch.setattr(sr, "report", lambda out: "")
+    return got
+
+
+def total_minutes(out) -> float:
+    return sum(json.loads((out / s / "stage.json").read_text())["minutes"] for s in sr.STAGES)
+
+
+def test_a_fast_machine_runs_the_recipe(tmp_path, monkeypatch):
+    clock = Clock()
+    got = fake_stages(monkeypatch, clock, timed=0.6, real=0.6)
+    r = sr.speedrun(tmp_path / "run", minutes=30)
+    assert r["plan"] == sr.RECIPE and got == sr.RECIPE
+    assert total_minutes(tmp_path / "run") <= 30
+
+
+def test_a_slower_machine_than_timed_gets_its_later_stages_cut_and_fits(tmp_path, monkeypatch):
+    clock, out = Clock(), tmp_path / "run"
+    got = fake_stages(monkeypatch, clock, timed=1.0, real=1.25)
+    r = sr.speedrun(out, minutes=30)
+    assert got == r["plan"] and json.loads((out / "speedrun.json").read_text())["plan"] == r["plan"]
+    # planned on the timed step: pretraining cut, the baseline out, the time it freed back to GRPO and pretraining
+    assert sr.CUTS["pretrain"] < r["plan"]["pretrain"] < sr.RECIPE["pretrain"] and r["plan"]["baseline"] == 0
+    # pretraining's pace showed the rest would not fit: GRPO at its floor, SFT and the student shrink
+    assert r["plan"]["grpo"] <= sr.CUTS["grpo"] and r["plan"]["sft"] < sr.RECIPE["sft"]
+    assert 28 <= total_minutes(out) <= 30
+    # an interrupted run: SFT had started (its folder exists), the rest had not; this time the machine is fast
+    for s in sr.STAGES[1:]:
+        (out / s / "stage.json").unlink()
+    for s in sr.STAGES[2:]:
+        sr.shutil.rmtree(out / s)
+    got.clear()
+    monkeypatch.setattr(sr, "_minutes", lambda o, s: 0.01)  # the finished pretraining looks quick now
+    r2 = sr.speedrun(out, minutes=30)
+    assert got["sft"] == r["plan"]["sft"]  # a started stage keeps its size (its checkpoints, its lr schedule)
+    assert got["grpo"] == sr.RECIPE["grpo"] and got["baseline"] == sr.RECIPE["baseline"] == r2["plan"]["baseline"]
+
+
+def test_steps_sets_the_size_without_timing(tmp_path, monkeypatch):
+    clock = Clock()
+    got = fake_stages(monkeypatch, clock, timed=float("nan"), real=1.0)
+    sr.speedrun(tmp_path / "run", steps=12)
+    assert got == sr.scaled_plan(12) == {"pretrain": 12, "sft": 18, "grpo": 2, "student": 12, "baseline": 12}
