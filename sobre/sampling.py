@@ -89,13 +89,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
         probs = filter_logits(logits[rows], [params[i] for i in rows]).softmax(dim=-1)
-        own = {j for j, i in enumerate(rows) if generators and generators[i] is not None}
-        for j in own:
-            out[rows[j]] = torch.multinomial(probs[j], 1, generator=generators[rows[j]])[0]
-        shared = [j for j in range(len(rows)) if j not in own]
-        if shared:  # rows without a seed draw together from the global generator
-            out[[rows[j] for j in shared]] = torch.multinomial(probs[shared], 1)[:, 0]
+        gens = [generators[i] if generators else None for i in rows]  # None: the global generator
+        u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in gens])
+        out[rows] = draw(probs, u)
     return out
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, all rows at once: row i takes the first token whose cumulative probability exceeds
+    u[i] times the row's total (u uniform in [0, 1)). One random number a row where torch.multinomial (the
+    reference, tested equal in distribution) draws one per token: 4096 of them, 0.11 ms, per row and step.
+    probs [R, V] -> ids [R]; a zero-probability token is never drawn."""
+    cdf = probs.cumsum(dim=-1)  # [R, V], non-decreasing
+    total = cdf[:, -1:]
+    v = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total: a token
+    return torch.searchsorted(cdf, v, right=True)[:, 0]  # first index with cdf > v: its probability is > 0
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sobre import generate
-from sobre.sampling import SamplingParams, apply_penalties, filter_logits, sample, top_logprobs
+from sobre.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample, top_logprobs
 
 from conftest import random_model
 
@@ -62,6 +62,20 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     want = torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85
     chi2 = (((freq - want) ** 2 / want.clamp(min=1e-9))[:3] * len(draws)).sum()
     assert freq[3:].sum() == 0 and chi2 < 13.8  # chi-square, 2 dof, p = 0.001
+
+
+def test_inverse_cdf_draw_matches_multinomial_in_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.0, 0.3, 0.0, 0.05, 0.45, 0.2, 0.0])  # zeros inside and at both ends
+    n = 40_000
+    ours = draw(p.repeat(n, 1), torch.rand(n, generator=g))
+    ref = torch.multinomial(p, n, replacement=True, generator=g)  # the reference twin
+    for ids in (ours, ref):
+        freq = torch.bincount(ids, minlength=7).float() / n
+        chi2 = ((freq - p) ** 2 / p.clamp(min=1e-9))[p > 0].sum() * n
+        assert freq[p == 0].sum() == 0 and chi2 < 16.3  # chi-square, 3 dof, p = 0.001
+    edges = draw(p.repeat(3, 1) * 3.0, torch.tensor([0.0, 0.5, 1 - 2**-24]))  # unnormalised rows too
+    assert edges.tolist() == [1, 4, 5]  # the first and last tokens with mass, never a zero-probability one
 
 
 def test_greedy_rows_and_seeded_rows_mix_in_one_batch():
