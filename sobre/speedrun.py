@@ -100,12 +100,12 @@ def pace(out: Path, plan: dict, done) -> float | None:
     """Seconds per pretraining step this machine has shown: the `done` stages' wall time over their cost."""
     if not done:
         return None
-    spent = sum(_minutes(out, s) for s in done) * 60
-    return spent / (cost({k: plan[k] for s in done for k in PARTS[s]}) - FIXED_COST["eval"])
+    return _spent(out, done) / (cost({k: plan[k] for s in done for k in PARTS[s]}) - FIXED_COST["eval"])
 
 
-def _minutes(out: Path, stage: str) -> float:
-    return json.loads((out / stage / "stage.json").read_text())["minutes"]
+def _spent(out: Path, done) -> float:
+    """Seconds the finished stages `done` took (their stage.json)."""
+    return sum(json.loads((out / s / "stage.json").read_text())["minutes"] for s in done) * 60
 
 
 def pretrain_step_seconds(preset_name: str, reps: int = 5) -> float:
@@ -153,8 +153,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
             fresh = {k: RECIPE[k] for s in later if force or not (out / s).exists() for k in PARTS[s]}
             started = {k: plan[k] for s in later for k in PARTS[s] if k not in fresh}
             sec = pace(out, plan, done) or pretrain_step_seconds(preset_name)
-            spent = sum(_minutes(out, s) for s in done) * 60
-            room = (MARGIN * minutes * 60 - spent) / sec - (cost(started) - FIXED_COST["eval"])
+            room = (MARGIN * minutes * 60 - _spent(out, done)) / sec - (cost(started) - FIXED_COST["eval"])
             plan.update(fit_plan(fresh, room))
             if first == "pretrain":
                 print(f"speedrun: a pretraining step takes {sec:.2f} s here; the default run would take about "

@@ -92,7 +92,7 @@ def test_a_slower_machine_than_timed_gets_its_later_stages_cut_and_fits(tmp_path
     for s in sr.STAGES[2:]:
         sr.shutil.rmtree(out / s)
     got.clear()
-    monkeypatch.setattr(sr, "_minutes", lambda o, s: 0.01)  # the finished pretraining looks quick now
+    monkeypatch.setattr(sr, "_spent", lambda o, done: 0.6 * len(done))  # the finished pretraining looks quick now
     r2 = sr.speedrun(out, minutes=30)
     assert got["sft"] == r["plan"]["sft"]  # a started stage keeps its size (its checkpoints, its lr schedule)
     assert got["grpo"] == sr.RECIPE["grpo"] and got["baseline"] == sr.RECIPE["baseline"] == r2["plan"]["baseline"]
