@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .parallel import pick_device
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -121,7 +123,8 @@ def cmd_generate(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
-    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None, fp8=args.fp8)
+    device = "cpu" if args.expert_parallel else pick_device(args.device)  # expert parallel: each rank's, below
+    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None, device=device, fp8=args.fp8)
     tok = load_tokenizer(path)
     if args.ids:
         prompt = [int(t) for t in args.ids.split(",")]
@@ -157,7 +160,8 @@ def _expert_parallel(model, args, prompt) -> int:
 
     from .eplb import run_loads
     from .parallel import expert_parallel_inference, init
-    rank, world, _ = init()
+    rank, world, device = init(args.device)
+    model.to(device)
     if world < 2:
         sys.exit("--expert-parallel runs under torchrun: torchrun --nproc-per-node N -m sobre generate ...")
     if args.seed is None:
@@ -188,7 +192,7 @@ def cmd_chat(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = Engine.from_pretrained(args.path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
-                                 speculative=args.speculative, fp8=args.fp8)
+                                 device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -265,7 +269,7 @@ def cmd_eval(args):
     from .tasks import get_task
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = start_model(args.path)
+    model, tok = start_model(args.path, device=args.device)
     print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
     for name in args.task:
         r = evaluate_task(model.eval(), tok, get_task(name, args.reward or None), args.n, args.samples,
@@ -280,11 +284,16 @@ def cmd_rejection_sample(args):
     from .rollout import rejection_sample
     from .sft import start_model
     from .tasks import get_task
-    model, tok = start_model(args.path)
+    model, tok = start_model(args.path, device=args.device)
     r = rejection_sample(model.eval(), tok, get_task(args.task, args.reward or None), args.n, args.samples,
                          Path(args.out), args.temperature, args.max_new_tokens, args.seed, args.keep)
     print(f"kept {r['kept']} verified completions for {r['solved']}/{r['problems']} problems "
           f"({r['samples']} samples) -> {r['file']} (train on it: sobre sft --data {r['file']})")
+
+
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", help="auto (the GPU when torch sees one, else the CPU), cpu, "
+                        "cuda, cuda:N or mps")
 
 
 def add_dataclass_flags(parser, cls):
@@ -302,7 +311,8 @@ def add_dataclass_flags(parser, cls):
 
 def cmd_speedrun(args):
     from .speedrun import speedrun
-    speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems, args.minutes)
+    speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems, args.minutes,
+             args.device, args.nproc)
 
 
 def cmd_verify(args):
@@ -341,6 +351,7 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = resolve(args.path)
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
+                                 device=pick_device(args.device),
                                  cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8,
                                  prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(
                                      Config.load(path), args.speculative))
@@ -409,6 +420,7 @@ def main(argv=None):
                    help="extra expert copies per layer, placed by EPLB (with --expert-parallel)")
     s.add_argument("--expert-loads", help="EPLB loads: a `sobre pretrain` run folder or a JSON [layers][experts] "
                    "matrix (default: measured on the prompt)")
+    add_device_flag(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat in the terminal (streamed, reasoning shown dimmed)")
@@ -423,6 +435,7 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
     s.add_argument("--threads", type=int, default=0)
+    add_device_flag(s)
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("verify", help="check a checkpoint's files against its manifest.json (sha256)")
@@ -449,6 +462,7 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: CPU cores - 1)")
+    add_device_flag(s)
     s.set_defaults(fn=cmd_serve)
 
     from .train import TrainArgs
@@ -482,6 +496,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", action="store_true", help="also print each task's numbers as JSON")
+    add_device_flag(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("rejection-sample", help="sample, keep verified-correct completions, write an SFT set")
@@ -495,6 +510,7 @@ def main(argv=None):
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
+    add_device_flag(s)
     s.set_defaults(fn=cmd_rejection_sample)
 
     s = sub.add_parser("tokenizer-train", help="train a byte-level BPE tokenizer with DeepSeek's special tokens")
@@ -506,7 +522,7 @@ def main(argv=None):
 
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")
-    s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small")
+    s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small (for a GPU)")
     s.add_argument("--steps", type=int, default=None,
                    help="pretraining steps; the other stages scale with it (default: the 300-step recipe, cut "
                         "where this machine would not finish it within --minutes)")
@@ -515,6 +531,9 @@ def main(argv=None):
     s.add_argument("--eval-problems", type=int, default=100, help="held-out problems per evaluation")
     s.add_argument("--force", action="store_true", help="redo finished stages")
     s.add_argument("--seed", type=int, default=0)
+    add_device_flag(s)
+    s.add_argument("--nproc", type=int, default=1,
+                   help="pretrain in N torchrun processes (FSDP2; one per GPU with cuda, N x the batch)")
     s.set_defaults(fn=cmd_speedrun)
 
     args = p.parse_args(argv)

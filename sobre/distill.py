@@ -72,9 +72,9 @@ def distill(a: DistillArgs) -> Path:
     if not 0 <= a.logit_weight <= 1:
         raise ValueError(f"--logit-weight must be in [0, 1], got {a.logit_weight}")
     run = open_run(a.out, a.resume, a.threads)
-    teacher, tok = start_model(a.teacher)
+    teacher, tok = start_model(a.teacher, device=a.device)
     teacher.eval()
-    student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer=tok)
+    student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tok, a.device)
     if not same_vocab(tok, s_tok):
         raise ValueError(f"tokenizer mismatch: the student ({a.init}) and the teacher ({a.teacher}) have different "
                          "vocabularies; logit distillation compares distributions token by token. Start a fresh "
@@ -94,7 +94,7 @@ def distill(a: DistillArgs) -> Path:
         raise ValueError("the teacher solved none of the problems: no traces to distil (try more --samples, or "
                          "--with-reference to distil the teacher's logits on the tasks' own traces)")
     data, val, dropped = split_rows(examples, a, tok)
-    X, Y, D = data
+    X, Y, D = data = tuple(t.to(next(student.parameters()).device) for t in data)
     if not a.logit_weight:
         return fit(student, tok, run, a, data, val, dropped)
     t_vals, t_ids = teacher_topk(teacher, X, D, a.top_k)

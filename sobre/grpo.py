@@ -107,22 +107,21 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
     distribution over the completion positions (when asked). Completions of one
     prompt share its forward (SharedPrefix); a mixed batch runs padded (the reference the test compares to)."""
+    dev = next(model.parameters()).device
     T = max(len(r.ids) for r in batch)
-    mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch])
-    tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch])  # [N, T]
+    mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch], device=dev)
+    tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch], device=dev)  # [N, T]
     if all(r.prompt == batch[0].prompt for r in batch):
         cache = SharedPrefix()
-        last = model.hidden(torch.tensor([batch[0].prompt]), cache)[:, -1:]  # [1, 1, D]: predicts token 0
+        last = model.hidden(torch.tensor([batch[0].prompt], device=dev), cache)[:, -1:]  # [1, 1, D]: predicts token 0
         h = last.expand(len(batch), 1, -1)
         if T > 1:  # token t > 0 is predicted at completion position t - 1
             h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
     else:
         seqs = [r.prompt + r.ids for r in batch]
         L = max(len(s) for s in seqs)
-        x = torch.zeros(len(seqs), L, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            x[i, :len(s)] = torch.tensor(s)
-        pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch]).clamp(max=L - 1)  # [N, T]
+        x = torch.tensor([s + [0] * (L - len(s)) for s in seqs], device=dev)  # [N, L]
+        pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], device=dev).clamp(max=L - 1)
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
     logp_all = F.log_softmax(model.head(h).float() / temperature, -1)  # [N, T, V]: the head only where predicting
@@ -170,6 +169,7 @@ class GRPOArgs:
     resume: bool = False
     seed: int = 0
     threads: int = 0
+    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps
 
     def validate(self):
         if self.loss not in VARIANTS:
@@ -189,7 +189,7 @@ def grpo(a: GRPOArgs) -> Path:
     dynamic, overlong = a.dynamic_sampling or dapo, a.overlong_filter or dapo
     run = open_run(a.out, a.resume, a.threads)
     task = get_task(a.task, a.reward or None)
-    model, tok = start_model(a.init, a.preset, run, a.seed)
+    model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device)
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
     ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta else None
     opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -250,7 +250,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     adv = advantages(torch.stack([r for _, r in kept]), scale=a.loss != "dr_grpo").flatten()
     batch = [x for g, _ in kept for x in g]
     use = [not (overlong and x.truncated) for x in batch]
-    batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use)]
+    batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use)].to(next(model.parameters()).device)
     if not batch:
         return {"loss": 0.0}
     n_tokens = sum(len(x.ids) for x in batch)

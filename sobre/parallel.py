@@ -14,11 +14,33 @@ from torch import nn
 from .model import Transformer, moe_layers
 
 
-def init() -> tuple[int, int, torch.device]:
-    """(rank, world, device); a plain `python` run is rank 0 of 1."""
+def pick_device(name: str = "auto") -> torch.device:
+    """A --device value: `auto` (the GPU when torch sees one, else the CPU) or a torch device name (cpu, cuda,
+    cuda:N, mps); a device this machine does not have is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (a CPU-only torch build, or no GPU); "
+                         "use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple's MPS backend is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: sobre runs on cpu, cuda or mps")
+    return dev
+
+
+def init(device: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world, device); a plain `python` run is rank 0 of 1 on `device` (pick_device). Under torchrun
+    each rank takes the GPU of its LOCAL_RANK (NCCL) unless --device cpu (gloo)."""
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cpu")
-    cuda = torch.cuda.is_available()
+        return 0, 1, pick_device(device)
+    cuda = pick_device(device).type == "cuda"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

@@ -37,8 +37,9 @@ def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
 def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int,
              max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_batch: int = 256) -> list[list[Rollout]]:
-    """n completions per problem, all problems batched on one engine. Reproducible for the same arguments: the
-    draws come from the global generator, seeded here, in the engine's fixed batch order."""
+    """n completions per problem, all problems batched on one engine (on the model's device). Reproducible for the
+    same arguments: the draws come from the global generator (the device's), seeded here, in the engine's fixed
+    batch order."""
     prompts = [prompt_ids(tok, p) for p in problems]
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > model.config.max_seq_len:
@@ -48,12 +49,12 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
     eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(len(prompts) * n, max_batch) * (longest + 64))
     rids = [[eng.add_request(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              stop_token_ids=(tok.eos_id,)) for _ in range(n)] for ids in prompts]
-    done, rng = {}, torch.get_rng_state()
-    torch.manual_seed(seed)
-    while eng.has_work():
-        eng.step()
-        done.update(eng.collect())
-    torch.set_rng_state(rng)  # the caller's random stream is left as it was
+    done, cuda = {}, [eng.device] if eng.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        while eng.has_work():
+            eng.step()
+            done.update(eng.collect())
     model.train(was)
     out = []
     for p, ids, group in zip(problems, prompts, rids):

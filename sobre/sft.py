@@ -23,6 +23,7 @@ from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
 from .model import MoE, Transformer, init_weights
+from .parallel import pick_device
 from .report import plot_training
 from .tasks import get_task
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -43,10 +44,12 @@ IGNORE = -100
 
 # ---- the starting model -------------------------------------------------------------------------
 def start_model(init: str, preset_name: str = "debug", run: Path | None = None, seed: int = 0,
-                arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None) -> tuple[Transformer, Tokenizer]:
-    """The model a post-training run starts from: `init` (a sobre run folder, an HF directory or a Hub id),
-    else a fresh `preset_name` model of type `arch` with `tokenizer` or one trained on the built-in corpus. The
-    tokenizer is kept in run/tokenizer (reused on resume)."""
+                arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None, device: str = "cpu") \
+        -> tuple[Transformer, Tokenizer]:
+    """The model a post-training run starts from, in fp32 on `device` (a --device value): `init` (a sobre run
+    folder, an HF directory or a Hub id), else a fresh `preset_name` model of type `arch` with `tokenizer` or one
+    trained on the built-in corpus. The tokenizer is kept in run/tokenizer (reused on resume)."""
+    dev = pick_device(device)
     if init:
         path = resolve(init)
         path = path / "model" if (path / "model" / "config.json").exists() else path
@@ -55,7 +58,7 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
             raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
         if run is not None and not (run / "tokenizer").exists():
             tok.save(run / "tokenizer")
-        return load(path, dtype=torch.float32), tok
+        return load(path, dtype=torch.float32, device=dev), tok
     if tokenizer is not None and not (run / "tokenizer").exists():
         tokenizer.save(run / "tokenizer")
     tok = load_tokenizer(run / "tokenizer") or train_tokenizer(builtin_docs(1 << 20, seed),
@@ -63,7 +66,7 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
     torch.manual_seed(seed)
     cfg = preset(preset_name, arch=arch, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                  seed=seed)
-    return init_weights(Transformer(cfg)), tok
+    return init_weights(Transformer(cfg)).to(dev), tok
 
 
 # ---- examples: prompt tokens (no loss) + completion tokens (loss) ---------------------------------
@@ -220,6 +223,7 @@ class SFTArgs:
     resume: bool = False
     seed: int = 0
     threads: int = 0
+    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps
 
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
@@ -229,7 +233,7 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     if not 0 <= a.direct <= 1:
         raise ValueError(f"--direct is a share of the task traces, in [0, 1]; got {a.direct}")
     run = open_run(a.out, a.resume, a.threads)
-    model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer)
+    model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
         examples += task_examples(tok, name, a.examples, a.seed, a.direct)
@@ -248,8 +252,11 @@ def split_rows(examples, a: SFTArgs, tok: Tokenizer):
 def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: int = 0, loss_fn=None) -> Path:
     """The fine-tuning loop shared by SFT and distillation: batches of packed rows data = (X, Y, D), AdamW with
     the pretraining schedule, checkpoints every a.save_every steps (exact resume), metrics.jsonl, loss.png and
-    the HF export in run/model. loss_fn(model, rows) -> loss (default: the SFT loss of those rows)."""
-    X, Y, D = data
+    the HF export in run/model. loss_fn(model, rows) -> loss (default: the SFT loss of those rows). The rows
+    move to the model's device once; `rows` index them there."""
+    dev = next(model.parameters()).device
+    X, Y, D = (t.to(dev) for t in data)
+    val = val and tuple(t.to(dev) for t in val)
     loss_fn = loss_fn or (lambda model, rows: sft_loss(model, X[rows], Y[rows], D[rows]))
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
@@ -266,7 +273,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
-        rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)]
+        rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)].to(dev)
         loss = loss_fn(model, rows)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))

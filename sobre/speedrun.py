@@ -24,7 +24,10 @@ import math
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from .distill import DistillArgs, distill
 from .engine import Engine
 from .grpo import GRPOArgs, grpo
 from .model import Transformer, init_weights
+from .parallel import pick_device
 from .report import expert_loads, plot_expert_heatmap, read_metrics
 from .rollout import evaluate_task
 from .sft import SFTArgs, sft, start_model
@@ -108,19 +112,22 @@ def _spent(out: Path, done) -> float:
     return sum(json.loads((out / s / "stage.json").read_text())["minutes"] for s in done) * 60
 
 
-def pretrain_step_seconds(preset_name: str, reps: int = 5) -> float:
+def pretrain_step_seconds(preset_name: str, device: str = "cpu", reps: int = 5) -> float:
     """Seconds of one pretraining step (forward with MTP, backward, AdamW; the median of `reps`) of a fresh
-    preset model on the speedrun's pretraining batch (random tokens); leaves the global RNG alone."""
-    cfg, times = preset(preset_name), []
-    with torch.random.fork_rng():
-        model = init_weights(Transformer(cfg), seed=0).train()
+    preset model on the speedrun's pretraining batch (random tokens, one process's share) on `device`; leaves the
+    global RNG alone."""
+    cfg, times, dev = preset(preset_name), [], torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        model = init_weights(Transformer(cfg), seed=0).to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
+        x = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1)).to(dev)
         for _ in range(reps + 2):  # the first two warm up
             t0 = time.perf_counter()
             losses(model, x[:, :-1], x[:, 1:], TrainArgs())["total"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
     return sorted(times[2:])[reps // 2]
 
@@ -135,13 +142,21 @@ def cuts(plan: dict) -> str:
 
 # ---- the run -------------------------------------------------------------------------------------
 def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | None = None, force: bool = False,
-             eval_problems: int = 100, minutes: float = 30.0) -> dict:
+             eval_problems: int = 100, minutes: float = 30.0, device: str = "auto", nproc: int = 1) -> dict:
     """`steps` sets the size of the run (see scaled_plan). None: the default RECIPE, cut where this machine could
     not run it in `minutes`: planned from a timed pretraining step, replanned before every stage from the pace
-    the finished ones showed. A stage once started keeps its size (resume)."""
+    the finished ones showed. A stage once started keeps its size (resume). Every stage runs on `device` (a
+    --device value); pretraining runs in `nproc` torchrun processes (FSDP2; each with its own GPU on cuda, the
+    global batch nproc x the one-process batch), the later stages (small batches) in this one."""
+    dev = str(pick_device(device))
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1 and dev.startswith("cuda") and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc}: one process per GPU, and this machine has {torch.cuda.device_count()}")
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() and not force else {}
-    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT,
+    results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT, "device": dev,
+                     "nproc": nproc,
                      "plan": scaled_plan(steps) if steps else old.get("plan", dict(RECIPE)),
                      "minutes_budget": None if steps else minutes}
     start, plan = time.perf_counter(), results["plan"]
@@ -152,7 +167,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
             later, done = STAGES[STAGES.index(first):], STAGES[:STAGES.index(first)]
             fresh = {k: RECIPE[k] for s in later if force or not (out / s).exists() for k in PARTS[s]}
             started = {k: plan[k] for s in later for k in PARTS[s] if k not in fresh}
-            sec = pace(out, plan, done) or pretrain_step_seconds(preset_name)
+            sec = pace(out, plan, done) or pretrain_step_seconds(preset_name, dev)
             room = (MARGIN * minutes * 60 - _spent(out, done)) / sec - (cost(started) - FIXED_COST["eval"])
             plan.update(fit_plan(fresh, room))
             if first == "pretrain":
@@ -190,20 +205,20 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         left = cost({k: plan[k] for s in STAGES[STAGES.index(name):] for k in PARTS[s]}) * sec
         return f" (elapsed {(time.perf_counter() - start) / 60:.1f} min, about {left / 60:.1f} min to go)"
 
-    stage("pretrain", lambda d: _pretrain(d, preset_name, seed, plan["pretrain"]))
+    stage("pretrain", lambda d: _pretrain(d, preset_name, seed, plan["pretrain"], dev, nproc))
     stage("sft", lambda d: _finished(sft(SFTArgs(
         out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, 12 * plan["sft"]), direct=DIRECT,
         steps=plan["sft"], batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(plan["sft"] // 3, 1),
-        save_every=max(plan["sft"] // 3, 1), seed=seed, resume=True)), 16 * 256))
+        save_every=max(plan["sft"] // 3, 1), seed=seed, resume=True, device=dev)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
         out=str(d), init=str(out / "sft"), task=TASK, steps=plan["grpo"], prompts=8, group=8,
         max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(plan["grpo"] // 4, 1),  # Adam's first steps hurt most
         min_lr_ratio=0.1,  # cosine decay: the policy switches to thinking early; later updates are mostly noise
         format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
         eval_every=max(min(5, plan["grpo"] // 4), 1), eval_problems=eval_problems,
-        save_every=max(plan["grpo"] // 3, 1), seed=seed, resume=True)), 8 * 8))
-    stage("distill", lambda d: _distill(d, out, preset_name, plan["student"], plan["baseline"], seed))
-    stage("eval", lambda d: _evaluate(d, out, eval_problems, seed))
+        save_every=max(plan["grpo"] // 3, 1), seed=seed, resume=True, device=dev)), 8 * 8))
+    stage("distill", lambda d: _distill(d, out, preset_name, plan["student"], plan["baseline"], seed, dev))
+    stage("eval", lambda d: _evaluate(d, out, eval_problems, seed, dev))
     print(report(out))
     return results
 
@@ -237,10 +252,11 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
             "thinking_last": mean("format", rows[-k:]), "samples_per_s": mean("samples_per_s", rows)}
 
 
-def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
-    run = pretrain(TrainArgs(out=str(d), preset=preset_name, steps=steps, seed=seed, save_every=max(steps // 3, 1),
-                             eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=SEQ,
-                             batch_size=BATCH, warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True))
+def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "cpu", nproc: int = 1) -> dict:
+    a = TrainArgs(out=str(d), preset=preset_name, steps=steps, seed=seed, save_every=max(steps // 3, 1),
+                  eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=SEQ, batch_size=BATCH * nproc,
+                  warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True, device=device)
+    run = pretrain(a) if nproc == 1 else _torchrun(a, nproc)
     rows = read_metrics(run)
     val = [r for r in rows if "val_loss" in r]
     r = {"steps": steps, "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
@@ -249,8 +265,8 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
          "tokenizer_bytes_per_token": round(json.loads((run / "tokenizer" / "stats.json").read_text())
                                             ["heldout_bytes_per_token"], 3),
          "expert_load_max_over_mean": [round(x, 2) for x in rows[-1]["expert_load_max_over_mean"]]}
-    model, tok = load(run / "model", dtype=torch.float32), load_tokenizer(run / "model")
-    r["tokens"] = steps * BATCH * SEQ
+    model, tok = load(run / "model", dtype=torch.float32, device=device), load_tokenizer(run / "model")
+    r["tokens"] = steps * a.batch_size * SEQ
     r["flops"] = 3 * _flops_per_token(run) * r["tokens"]
     held_out = "\n\n".join(p.text() for p in get_task(TASK).problems("test", 100, seed))
     loads = expert_loads(model, tok.encode(held_out))
@@ -275,6 +291,24 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int) -> dict:
     return r
 
 
+def _torchrun(a: TrainArgs, nproc: int) -> Path:
+    """`sobre pretrain` with the arguments `a` in nproc torchrun processes on this machine; its run folder."""
+    flags = []
+    for f in fields(a):
+        v, flag = getattr(a, f.name), "--" + f.name.replace("_", "-")
+        if v is True:  # store_true flags and nargs="*" lists, as cli.add_dataclass_flags makes them
+            flags.append(flag)
+        elif isinstance(v, tuple) and v:
+            flags += [flag, *map(str, v)]
+        elif not isinstance(v, (bool, tuple)):
+            flags += [flag, str(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--no-python", sys.executable, "-m", "sobre", "pretrain", *flags]
+    if subprocess.run(cmd).returncode:
+        raise RuntimeError(f"pretraining under torchrun failed (its output is above): {' '.join(cmd)}")
+    return Path(a.out)
+
+
 def _transformers_parity(path: Path, model, tok) -> dict:
     try:
         from transformers import AutoModelForCausalLM
@@ -282,24 +316,26 @@ def _transformers_parity(path: Path, model, tok) -> dict:
         logging.set_verbosity_error()  # it would list our MTP tensors, which it does not use, as unexpected
     except ImportError:
         return {"skipped": "transformers is not installed (pip install 'sobre[test]')"}
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dev = next(model.parameters()).device
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
     prompt = tok.encode(QUESTION)
-    x = torch.tensor([tok.encode(QUESTION + "12 + 7 = 19")])
+    x = torch.tensor([tok.encode(QUESTION + "12 + 7 = 19")], device=dev)
     with torch.no_grad():
         ref = model(x)
         diff = (hf(x).logits - ref).abs().max().item()
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+        theirs = hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=24, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0, len(prompt):].tolist()
     ours = Engine(model).generate([prompt], max_new_tokens=24)[0]
     return {"logits_max_diff": diff, "logit_scale": ref.abs().max().item(), "greedy_tokens_equal": theirs == ours}
 
 
-def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, seed: int) -> dict:
+def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, seed: int, device: str = "cpu") -> dict:
     # students from random weights learn the columns late (at 200 steps both sat near 0.05; at 300 the distilled
     # one reached 0.31, the baseline 0.15): 300 steps by default, on 3000 problems
     common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(3000, steps * 10), direct=DIRECT,
                   steps=steps, batch_size=16, seq_len=256, lr=2e-3,
-                  warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True)
+                  warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True,
+                  device=device)
     student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=1, with_reference=True,
                                   max_new_tokens=128, **common))
     r = {"student": _finished(student, 16 * 256)}
@@ -309,7 +345,7 @@ def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, se
     return r
 
 
-def _evaluate(d: Path, out: Path, n: int, seed: int) -> dict:
+def _evaluate(d: Path, out: Path, n: int, seed: int, device: str = "cpu") -> dict:
     """{model: {"params", task: evaluate_task's record}}: every stage's model on every EVAL_TASKS task (the
     trained task gets n problems, the others n // 2)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -319,7 +355,7 @@ def _evaluate(d: Path, out: Path, n: int, seed: int) -> dict:
     for name, path in models.items():
         if not (path / "model").exists():  # no baseline student in a budget-sized run
             continue
-        model, tok = start_model(str(path))
+        model, tok = start_model(str(path), device=device)
         r[name] = {"params": model_stats(model.config)["params"]}
         for t in EVAL_TASKS:
             r[name][t] = evaluate_task(model.eval(), tok, get_task(t), n if t == TASK else max(n // 2, 1),
@@ -328,6 +364,7 @@ def _evaluate(d: Path, out: Path, n: int, seed: int) -> dict:
 
 
 WATTS_PER_CORE = 15  # a typical busy server / laptop core; an estimate, not a measurement
+WATTS_PER_GPU = 700  # an H100 / H200 SXM's board power
 CORES = os.cpu_count() or 1
 MODELS = {"pretrain": "pretrain", "sft": "sft", "grpo": "grpo", "distill": "student (distilled)",
           "distill_baseline": "student (no teacher)"}
@@ -349,7 +386,9 @@ def report(out: Path) -> str:
     p, t = r["pretrain"], r["pretrain"]["transformers"]
     left_out = cuts(r["plan"]) if r.get("minutes_budget") and "plan" in r else ""
     size = f"; sized for {r['minutes_budget']:g} minutes on this machine: {left_out}" if left_out else ""
-    lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']}{size})", "",
+    dev, nproc = r.get("device", "cpu"), r.get("nproc", 1)
+    where = f", {dev}" + (f", pretraining in {nproc} processes" if nproc > 1 else "")
+    lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']}{where}{size})", "",
              "| stage | minutes | result |", "|---|---|---|",
              f"| pretrain | {p['minutes']} | {p['steps']} steps at {p['tokens_per_s']} tok/s; loss "
              f"{p['first_loss']:.2f} -> {p['final_loss']:.2f}; val loss {p['val_loss']:.3f} ({p['val_bpb']:.3f} "
@@ -378,13 +417,16 @@ def report(out: Path) -> str:
     lines.append(f"| distill | {dd['minutes']} | dense student {dd['student']['steps']} steps; "
                  + (f"the same student without teacher {dd['baseline']['steps']} steps |" if "baseline" in dd else
                     "no student without teacher (left out to fit the budget) |"))
-    lines += ["", f"Cost (FLOPs estimated from the active parameters; energy assumes {WATTS_PER_CORE} W per busy "
-              f"core, {CORES} cores: this machine has no power meter):", "",
+    gpus = nproc if dev.startswith("cuda") else 0  # the later stages use one of them
+    watts = {s: (nproc if s == "pretrain" else 1) * WATTS_PER_GPU if gpus else CORES * WATTS_PER_CORE for s in STAGES}
+    power = f"{WATTS_PER_GPU} W per busy GPU" if gpus else f"{WATTS_PER_CORE} W per busy core, {CORES} cores"
+    lines += ["", f"Cost (FLOPs estimated from the active parameters; energy assumes {power}: there is no power "
+              "meter here):", "",
               "| stage | tokens | FLOPs | energy (Wh) |", "|---|---|---|---|"]
     for name in ("pretrain", "sft", "grpo", "distill"):
         v = r[name] if name != "distill" else {k: sum(x.get(k, 0) for x in r[name].values() if isinstance(x, dict))
                                                for k in ("tokens", "flops")}
-        wh = r[name]["minutes"] / 60 * CORES * WATTS_PER_CORE
+        wh = r[name]["minutes"] / 60 * watts[name]
         lines.append(f"| {name} | {v.get('tokens', 0):,} | {v.get('flops', 0):.2e} | {wh:.1f} |")
     e = r["eval"]
     sizes = ", ".join(f"`{t}` {e['pretrain'][t]['problems']}" for t in EVAL_TASKS)

@@ -61,6 +61,7 @@ class TrainArgs:
     data_bytes: int = 2 << 20  # size of the built-in corpus
     vocab_size: int = 0  # 0 = the preset's
     threads: int = 0
+    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash
@@ -161,14 +162,20 @@ def update_router_bias(loads: dict, gamma: float):
             bias += gamma * torch.sign(load.mean() - load)
 
 
-def matmul_peak_flops() -> float:
-    """Measured fp32 matmul throughput of this machine, the denominator of the MFU estimate."""
-    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+def matmul_peak_flops(device: torch.device, bf16: bool = False) -> float:
+    """Measured matmul throughput of one device (fp32, or bf16 when training autocasts to it), the denominator of
+    the MFU estimate: 1024^2 matmuls on a CPU, 8192^2 on a GPU."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    a = a.to(device, torch.bfloat16 if bf16 else torch.float32)
     a @ a
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     for _ in range(5):
         a @ a
-    return 5 * 2 * 1024**3 / (time.perf_counter() - t0)
+    sync()
+    return 5 * 2 * n**3 / (time.perf_counter() - t0)
 
 
 def prepare(a: TrainArgs, run: Path):
@@ -199,6 +206,8 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
     d = run / "checkpoints"
     d.mkdir(exist_ok=True)
     state = {"step": step, "model": msd, "optimizer": osd, "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     tmp = d / f".ckpt-{step:07d}.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, d / f"ckpt-{step:07d}.pt")  # atomic: a kill leaves the old checkpoint or the new one
@@ -211,6 +220,8 @@ def load_checkpoint(path: Path, model, opt) -> int:
         state = torch.load(path, weights_only=True)
         parallel.load_full_state(model, opt, state["model"], state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     except Exception as e:
         raise ValueError(f"{path}: corrupted or incompatible checkpoint ({type(e).__name__}: {e}); delete it "
                          "to resume from the one before") from None
@@ -260,7 +271,7 @@ def export(model: Transformer, run: Path, plot) -> Path:
 def pretrain(a: TrainArgs) -> Path:
     """Train; under torchrun each rank takes its slice of every global batch (FSDP2, optionally EP)."""
     a.validate()
-    rank, world, device = parallel.init()
+    rank, world, device = parallel.init(a.device)
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} does not split over {world} processes")
     run = open_run(a.out, a.resume, a.threads)
@@ -290,7 +301,7 @@ def pretrain(a: TrainArgs) -> Path:
         truncate_metrics(run / "metrics.jsonl", start)
     moes = moe_layers(model)
     flops_tok = 3 * model_stats(cfg, ctx=a.seq_len)["flops_per_token"]
-    peak = matmul_peak_flops() * world
+    peak = matmul_peak_flops(device, a.bf16) * world
     log = open(run / "metrics.jsonl", "a") if rank == 0 else None
     rows = slice(rank * a.batch_size // world, (rank + 1) * a.batch_size // world)
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="pretrain", unit="step", disable=rank > 0)

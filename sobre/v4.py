@@ -242,8 +242,8 @@ class HyperConnection(nn.Module):
     def forward(self, h: torch.Tensor):  # h [B, T, N, D] -> post [B, T, N], comb [B, T, N, N], x [B, T, D]
         c, N = self.c, self.c.hc_mult
         mix = F.linear(unit_rms(h.flatten(2).float(), c.norm_eps), self.fn.float())
-        pre, post, comb = (mix * self.scale.repeat_interleave(torch.tensor([N, N, N * N]))
-                           + self.base).split([N, N, N * N], dim=-1)
+        scale = torch.cat([self.scale[:1].expand(N), self.scale[1:2].expand(N), self.scale[2:].expand(N * N)])
+        pre, post, comb = (mix * scale + self.base).split([N, N, N * N], dim=-1)
         pre = pre.sigmoid() + c.hc_eps
         post = 2 * post.sigmoid()
         comb = comb.view(*comb.shape[:-1], N, N).softmax(-1) + c.hc_eps

@@ -5,6 +5,7 @@ tests/test_cli.py's; here the stages are stand-ins that take the time the cost m
 import json
 
 import pytest
+import torch
 
 from sobre import speedrun as sr
 
@@ -50,16 +51,20 @@ def fake_stages(monkeypatch, clock: Clock, timed: float, real: float) -> dict:
         clock.t += (sr.cost(parts) if not parts else sr.cost(parts) - sr.FIXED_COST["eval"]) * real
         return d
 
+    def on(stage, device, nproc=1):  # where each stage was told to run: got["where"]
+        got.setdefault("where", {})[stage] = (device, nproc)
+
     monkeypatch.setattr(sr, "time", clock)
-    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name: timed)
-    monkeypatch.setattr(sr, "_pretrain", lambda d, p, seed, steps: {"steps": work(d, {"pretrain": steps}) and steps})
-    monkeypatch.setattr(sr, "sft", lambda a: work(sr.Path(a.out), {"sft": a.steps}))
-    monkeypatch.setattr(sr, "grpo", lambda a: work(sr.Path(a.out), {"grpo": a.steps}))
+    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name, device: timed)
+    monkeypatch.setattr(sr, "_pretrain", lambda d, p, seed, steps, device, nproc: on("pretrain", device, nproc) or
+                        {"steps": work(d, {"pretrain": steps}) and steps})
+    monkeypatch.setattr(sr, "sft", lambda a: on("sft", a.device) or work(sr.Path(a.out), {"sft": a.steps}))
+    monkeypatch.setattr(sr, "grpo", lambda a: on("grpo", a.device) or work(sr.Path(a.out), {"grpo": a.steps}))
     monkeypatch.setattr(sr, "_finished", lambda run, n: {})
     monkeypatch.setattr(sr, "_grpo_summary", lambda run, n: {})
-    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed:
+    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed, device: on("distill", device) or
                         {"dir": str(work(d, {"student": student, "baseline": baseline}))})
-    monkeypatch.setattr(sr, "_evaluate", lambda d, out, n, seed: work(d, {}) and {})
+    monkeypatch.setattr(sr, "_evaluate", lambda d, out, n, seed, device: on("eval", device) or work(d, {}) and {})
     monkeypatch.setattr(sr, "report", lambda out: "")
     return got
 
@@ -72,6 +77,7 @@ def test_a_fast_machine_runs_the_recipe(tmp_path, monkeypatch):
     clock = Clock()
     got = fake_stages(monkeypatch, clock, timed=0.6, real=0.6)
     r = sr.speedrun(tmp_path / "run", minutes=30)
+    got.pop("where")
     assert r["plan"] == sr.RECIPE and got == sr.RECIPE
     assert total_minutes(tmp_path / "run") <= 30
 
@@ -80,6 +86,7 @@ def test_a_slower_machine_than_timed_gets_its_later_stages_cut_and_fits(tmp_path
     clock, out = Clock(), tmp_path / "run"
     got = fake_stages(monkeypatch, clock, timed=1.0, real=1.25)
     r = sr.speedrun(out, minutes=30)
+    got.pop("where")
     assert got == r["plan"] and json.loads((out / "speedrun.json").read_text())["plan"] == r["plan"]
     # planned on the timed step: pretraining cut, the baseline out, the time it freed back to GRPO and pretraining
     assert sr.CUTS["pretrain"] < r["plan"]["pretrain"] < sr.RECIPE["pretrain"] and r["plan"]["baseline"] == 0
@@ -101,5 +108,19 @@ def test_a_slower_machine_than_timed_gets_its_later_stages_cut_and_fits(tmp_path
 def test_steps_sets_the_size_without_timing(tmp_path, monkeypatch):
     clock = Clock()
     got = fake_stages(monkeypatch, clock, timed=float("nan"), real=1.0)
-    sr.speedrun(tmp_path / "run", steps=12)
+    sr.speedrun(tmp_path / "run", steps=12, device="cpu", nproc=2)
+    assert got.pop("where") == {"pretrain": ("cpu", 2), "sft": ("cpu", 1), "grpo": ("cpu", 1), "distill": ("cpu", 1),
+                                "eval": ("cpu", 1)}  # every stage on --device; pretraining in --nproc processes
     assert got == sr.scaled_plan(12) == {"pretrain": 12, "sft": 18, "grpo": 2, "student": 12, "baseline": 12}
+    assert json.loads((tmp_path / "run" / "speedrun.json").read_text())["nproc"] == 2
+
+
+def test_bad_device_or_process_count_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a device name"):
+        sr.speedrun(tmp_path / "a", steps=2, device="gpu0")
+    with pytest.raises(ValueError, match="--nproc must be >= 1"):
+        sr.speedrun(tmp_path / "b", steps=2, device="cpu", nproc=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            sr.speedrun(tmp_path / "c", steps=2, device="cuda")
+    assert sr.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
