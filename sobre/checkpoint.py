@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Config
-from .fp8 import FP8Experts, FP8Linear, dequantize
+from .fp8 import FP8Experts, FP8Linear, dequantize, dequantize_fp4
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer, build_model
 from .v4 import Rope2, keep_fp32
@@ -49,7 +49,8 @@ GATE_BIAS = ("e_score_correction_bias", "bias")  # the router's balancing bias: 
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "F8_E8M0": torch.float8_e8m0fnu}
 
 
 # DeepSeek-V4's released tensor names -> transformers' module names, which v4.py keeps (the same table
@@ -349,7 +350,7 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
 def keep_fp8(model: Transformer, path: Path, block: tuple[int, int]):
     """Swap the modules whose checkpoint weights are FP8 for their FP8 twins (weights filled by load_weights)."""
     fp8 = {name for f in set(checkpoint_files(path).values()) for name, e in read_header(f)[0].items()
-           if e["dtype"].startswith("F8")}
+           if e["dtype"] in ("F8_E4M3", "F8_E5M2")}
     for name in sorted(fp8):
         target = hf_to_ours(name, model.config)
         if target is None or model.config.arch == "deepseek_v4":
@@ -432,8 +433,10 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
             if name not in src.header:
                 raise ValueError(f"{fpath}: tensor {name!r} listed in the index is not in the file")
             t = src.get(name)
-            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                sname = name.removesuffix("weight") + "weight_scale_inv"
+            sname = name.removesuffix("weight") + "weight_scale_inv"
+            if t.dtype in (torch.int8, torch.uint8) and sname in files:  # V4's FP4 experts: two codes per byte
+                t = dequantize_fp4(t, file(files[sname]).get(sname))
+            elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 if sname not in files:
                     raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {sname!r}")
                 scale = file(files[sname]).get(sname)

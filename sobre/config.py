@@ -402,10 +402,14 @@ def _v4_from_hf(hf: dict, source: str, bad) -> Config:
     known = {k for k, _ in _V4} | _IGNORED | {"compress_rates", "compress_ratios", "compress_rate_csa",
                                               "compress_rate_hca", "num_hash_layers", "partial_rotary_factor",
                                               "num_nextn_predict_layers", "router_jitter_noise", "n_group",
-                                              "topk_group", "topk_method", "moe_layer_freq", "first_k_dense_replace"}
+                                              "topk_group", "topk_method", "moe_layer_freq", "first_k_dense_replace",
+                                              "expert_dtype"}  # fp4: the experts' weights (checkpoint.load_weights)
     for key in hf:
         if key not in known:
             raise ValueError(f"{source}: unknown key {key!r} for model_type 'deepseek_v4'")
+    expert_dtype = hf.get("expert_dtype", (hf.get("quantization_config") or {}).get("expert_dtype"))
+    if expert_dtype not in (None, "fp4", "fp8", "bf16"):
+        raise ValueError(f"{source}: expert_dtype {expert_dtype!r} is not one of fp4, fp8, bf16")
     if hf.get("hidden_act", "silu") != "silu":
         bad("hidden_act", "only silu (SwiGLU) FFNs are supported")
     kw = {"arch": "deepseek_v4", **_DEFAULTS_V4}

@@ -1,11 +1,12 @@
 """FP8 (e4m3) block-scaled weights kept in memory and computed with: half of bf16's weight bytes.
 
-DeepSeek releases V3 / R1 / V3.2 with e4m3 weights and one fp32 `scale_inv` per 128 x 128 block. By default
-`sobre.load` dequantises them once; `sobre.load(path, fp8=True)` keeps them: every FP8 linear layer becomes
-an `FP8Linear` and the routed experts an `FP8Experts`, which dequantise a slice of rows (or one expert's
-matrices) at a time right before its matmul, so only that slice ever exists in high precision. The
-dequantise-on-load model is the reference twin (tests hold their logits equal); `quantize_model` turns a
-high-precision model's linears into FP8 the same way and reports each layer's weight error.
+DeepSeek releases V3 / R1 / V3.2 with e4m3 weights and one fp32 `scale_inv` per 128 x 128 block (V4 too, its
+routed experts in FP4: `dequantize_fp4`). By default `sobre.load` dequantises them once; `sobre.load(path,
+fp8=True)` keeps the e4m3 ones (V3-style models): every FP8 linear layer becomes an `FP8Linear` and the
+routed experts an `FP8Experts`, which dequantise a slice of rows (or one expert's matrices) at a time right
+before its matmul, so only that slice ever exists in high precision. The dequantise-on-load model is the
+reference twin (tests hold their logits equal); `quantize_model` turns a high-precision model's linears into
+FP8 the same way and reports each layer's weight error.
 
 `fp8_linear` is the FP8 compute path (DeepGEMM's recipe): activations quantised to e4m3 per 1 x 128 tile, one
 `torch._scaled_mm` per 128-wide K block with row-wise scales (tile scale x weight block scale), accumulated
@@ -35,6 +36,24 @@ def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int])
         raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight {(rows, cols)} in {block} blocks")
     s = scale_inv.float().repeat_interleave(br, -2)[..., :rows, :].repeat_interleave(bc, -1)[..., :cols]
     return w.float() * s
+
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 (e2m1) magnitudes by code; code bit 3 is the sign
+
+
+def dequantize_fp4(w: torch.Tensor, scale: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """FP4 weight [rows, cols / 2] (int8 / uint8: two e2m1 codes per byte, the low nibble first) times its scale
+    per 1 x `group` columns [rows, cols / group] (ue8m0 powers of two, their uint8 exponents, or floats) -> fp32
+    [rows, cols]. The layout of DeepSeek-V4's released routed experts (`expert_dtype: fp4`)."""
+    u = w.view(torch.uint8)
+    lut = torch.tensor(E2M1 + tuple(-x for x in E2M1), device=w.device)
+    x = lut[torch.stack([u & 15, u >> 4], -1).long()].flatten(-2)  # [rows, cols]
+    rows, cols = x.shape
+    if cols % group or tuple(scale.shape) != (rows, cols // group):
+        raise ValueError(f"FP4 scale shape {tuple(scale.shape)} does not match weight {(rows, cols)} in 1 x {group} "
+                         "groups")
+    s = torch.exp2(scale.float() - 127) if scale.dtype == torch.uint8 else scale.float()
+    return (x.view(rows, cols // group, group) * s[..., None]).view(rows, cols)
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -235,3 +235,71 @@ def test_engine_cache_grows_by_compressed_entries_only():
     rings = 4 * c.sliding_window * c.head_dim + 2 * 2 * (2 * 4) * 2 * (c.head_dim + c.index_head_dim)
     rings += 2 * 8 * c.head_dim
     assert eng.pool.lane_bytes == 4 * rings  # fp32, per running sequence
+
+
+def fp4_quantize(w: torch.Tensor, group: int = 32):
+    """The test's own FP4 encoder (OCP MX e2m1, power-of-two scale per 1 x 32): (packed int8 [r, c/2], scale
+    [r, c/group] as float8_e8m0fnu, the exact values those codes stand for [r, c])."""
+    mags = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    r, c = w.shape
+    g = w.float().view(r, c // group, group)
+    scale = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-30) / 6)))  # absmax -> at most 6
+    x = g / scale[..., None]
+    mag = (x.abs()[..., None] - mags).abs().argmin(-1)
+    code = (mag | (x < 0).long() << 3).view(r, c)
+    packed = (code[:, 0::2] | code[:, 1::2] << 4).to(torch.uint8).view(torch.int8)  # even column in the low nibble
+    value = (mags[mag] * torch.where(x < 0, -1.0, 1.0) * scale[..., None]).view(r, c)
+    return packed, scale.to(torch.float8_e8m0fnu), value
+
+
+@pytest.mark.parametrize("scale_as", ["e8m0", "uint8"])
+def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as):
+    """A V4 checkpoint with its routed experts in FP4 (int8, two e2m1 codes per byte, a ue8m0 scale per 32 columns,
+    as DeepSeek releases V4) loads dequantised: the same logits as the model holding the exact FP4 values, and as
+    transformers loading it with FineGrainedFP8Config(dequantize=True)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    import sobre
+    m = ours_from(hf_model(seed=9))
+    path = sobre.save(m, tmp_path / "v4")
+    tensors, exact = {}, {}
+    for name, t in load_file(path / "model.safetensors").items():
+        if ".experts." in name and name.endswith(".weight"):
+            packed, scale, exact[name] = fp4_quantize(t)
+            tensors[name] = packed
+            tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale if scale_as == "e8m0" else \
+                scale.view(torch.uint8)  # the exponent byte itself
+        else:
+            tensors[name] = t
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                  "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    cfg["expert_dtype"] = "fp4"
+    (path / "config.json").write_text(json.dumps(cfg))
+    from sobre.checkpoint import v4_saved
+    with torch.no_grad():  # the reference: the model with the exact values the FP4 codes stand for
+        for name, t in v4_saved(m):
+            if name in exact:
+                t.copy_(exact[name])
+    x = torch.randint(0, 128, (1, 33), generator=torch.Generator().manual_seed(8))
+    ours = sobre.load(path)
+    assert ours.layers[1].mlp.experts.gate_up_proj.dtype == torch.float32
+    with torch.no_grad():
+        want = m(x)
+        torch.testing.assert_close(ours(x), want, atol=1e-4, rtol=0)
+        if scale_as == "e8m0":  # transformers reads float scales (uint8 is MXFP8's exponent-byte form)
+            hf = transformers.DeepseekV4ForCausalLM.from_pretrained(
+                path, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32,
+                attn_implementation="eager").eval()
+            torch.testing.assert_close(hf(x).logits, want, atol=1e-4, rtol=0)
+    tensors[next(n for n in tensors if n.endswith("w1.weight_scale_inv"))] = torch.ones(3, 3)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="FP4 scale shape"):
+        sobre.load(path)
+    cfg["expert_dtype"] = "fp2"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="expert_dtype 'fp2'"):
+        sobre.load(path)
