@@ -414,8 +414,8 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
 
     try:
         for name, fpath in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
-            if name.endswith("weight_scale_inv"):
-                continue
+            if name.endswith(".weight_scale_inv") or (name.endswith(".scale") and name[:-6] + ".weight" in files):
+                continue  # a quantised weight's scale, read with it
             layer = re.match(r"model\.layers\.(\d+)\.", name)
             if skip_from is not None and layer and int(layer.group(1)) >= skip_from:
                 continue
@@ -433,12 +433,14 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
             if name not in src.header:
                 raise ValueError(f"{fpath}: tensor {name!r} listed in the index is not in the file")
             t = src.get(name)
-            sname = name.removesuffix("weight") + "weight_scale_inv"
-            if t.dtype in (torch.int8, torch.uint8) and sname in files:  # V4's FP4 experts: two codes per byte
+            base = name.removesuffix(".weight")  # its scale: X.weight_scale_inv (HF) or X.scale (DeepSeek-V4)
+            sname = next((n for n in (base + ".weight_scale_inv", base + ".scale") if n in files), None)
+            if t.dtype in (torch.int8, torch.uint8) and sname:  # V4's FP4 experts: two codes per byte
                 t = dequantize_fp4(t, file(files[sname]).get(sname))
             elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                if sname not in files:
-                    raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {sname!r}")
+                if sname is None:
+                    raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {base + '.weight_scale_inv'!r} (or "
+                                     f"{base + '.scale'!r})")
                 scale = file(files[sname]).get(sname)
                 if dst_dtype(ours) == t.dtype:  # fp8=True: keep the e4m3 weight, its scale beside it
                     own = ours + "_scale_inv" if expert is not None else ours.removesuffix("weight") + "scale_inv"

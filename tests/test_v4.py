@@ -252,25 +252,31 @@ def fp4_quantize(w: torch.Tensor, group: int = 32):
     return packed, scale.to(torch.float8_e8m0fnu), value
 
 
-@pytest.mark.parametrize("scale_as", ["e8m0", "uint8"])
-def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as):
+@pytest.mark.parametrize("scale_as,suffix", [("e8m0", ".weight_scale_inv"), ("e8m0", ".scale"),
+                                             ("uint8", ".weight_scale_inv")])
+def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as, suffix):
     """A V4 checkpoint with its routed experts in FP4 (int8, two e2m1 codes per byte, a ue8m0 scale per 32 columns,
-    as DeepSeek releases V4) loads dequantised: the same logits as the model holding the exact FP4 values, and as
-    transformers loading it with FineGrainedFP8Config(dequantize=True)."""
+    as DeepSeek releases V4; scales named X.weight_scale_inv as HF writes them or X.scale as DeepSeek does, the
+    latter beside FP8 attention weights) loads dequantised: the same logits as the model holding the exact FP4 / FP8
+    values, and as transformers loading it with FineGrainedFP8Config(dequantize=True)."""
     import json
 
     from safetensors.torch import load_file, save_file
 
     import sobre
+    from sobre.fp8 import dequantize, quantize
     m = ours_from(hf_model(seed=9))
     path = sobre.save(m, tmp_path / "v4")
     tensors, exact = {}, {}
     for name, t in load_file(path / "model.safetensors").items():
+        base = name.removesuffix(".weight")
         if ".experts." in name and name.endswith(".weight"):
             packed, scale, exact[name] = fp4_quantize(t)
             tensors[name] = packed
-            tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale if scale_as == "e8m0" else \
-                scale.view(torch.uint8)  # the exponent byte itself
+            tensors[base + suffix] = scale if scale_as == "e8m0" else scale.view(torch.uint8)  # the exponent byte
+        elif suffix == ".scale" and name.endswith("wq_a.weight"):
+            tensors[name], tensors[base + suffix] = quantize(t)
+            exact[name] = dequantize(*quantize(t), (128, 128))
         else:
             tensors[name] = t
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
@@ -295,7 +301,7 @@ def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as):
                 path, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32,
                 attn_implementation="eager").eval()
             torch.testing.assert_close(hf(x).logits, want, atol=1e-4, rtol=0)
-    tensors[next(n for n in tensors if n.endswith("w1.weight_scale_inv"))] = torch.ones(3, 3)
+    tensors[next(n for n in tensors if n.endswith("w1" + suffix))] = torch.ones(3, 3)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="FP4 scale shape"):
         sobre.load(path)
