@@ -305,10 +305,17 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')")
 
 
+def mtp_tensor(name: str, c: Config) -> bool:
+    """Whether a checkpoint tensor belongs to the MTP module: V3's layers past n_layers, V4's `mtp.*`."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return bool(re.match(r"(model\.)?mtp\.", name) or m and int(m.group(1)) >= c.n_layers)
+
+
 def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
          **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
-    module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3).
+    module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3); so does a
+    checkpoint without its tensors (as transformers saves DeepSeek models), whatever its config says.
     fp8=True keeps an FP8 checkpoint's e4m3 weights in memory (fp8.FP8Linear / FP8Experts) instead of
     dequantising them on load."""
     path = resolve(path)
@@ -316,6 +323,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     if hf is None:
         raise FileNotFoundError(f"{path}: no config.json")
     c = Config.from_hf(hf, str(path / "config.json"))
+    if c.n_mtp_layers and not any(mtp_tensor(n, c) for n in checkpoint_files(path)):
+        c = c.replace(n_mtp_layers=0)  # saved without its MTP module (transformers drops it)
     mtp_in_file = c.n_mtp_layers
     c = c.replace(**({} if mtp else {"n_mtp_layers": 0}), **overrides)
     block = fp8_block(hf, str(path / "config.json"))

@@ -191,6 +191,21 @@ def test_load_without_mtp(tmp_path):
         assert torch.equal(lean(x), model(x))
 
 
+def test_a_checkpoint_saved_without_its_mtp_module_loads_without_it(tmp_path):
+    """transformers keeps num_nextn_predict_layers in config.json but drops the MTP tensors on save: the model
+    loads without an MTP module and gives transformers' logits; an MTP module only partly there is an error."""
+    path = hf_checkpoint(tmp_path / "hf", "deepseek_v3", **{**V3, "num_nextn_predict_layers": 1})
+    assert json.loads((path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    model = sobre.load(path)
+    assert model.config.n_mtp_layers == 0 and len(model.mtp) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), hf_logits(path, tokens()), atol=1e-4, rtol=1e-4)
+    ours = sobre.save(random_model(), tmp_path / "ours")  # debug preset: 3 layers + 1 MTP layer
+    _rewrite(ours, lambda t: t.pop("model.layers.3.eh_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.3\.eh_proj\.weight'"):
+        sobre.load(ours)
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
