@@ -91,36 +91,59 @@ V4_FP32 = re.compile(r"hc_|attn_sink$|\.ape$|norm\.weight$|gate\.bias$")  # save
 
 def v4_saved(model):
     """(name, tensor) in the layout transformers writes for deepseek_v4: DeepSeek's names inside the layers,
-    experts one matrix each (w1 / w3 = the halves of gate_up_proj, w2 = down_proj)."""
+    experts one matrix each (w1 / w3 = the halves of gate_up_proj, w2 = down_proj); MTP modules under DeepSeek's
+    own names (mtp.K.e_proj, mtp.K.hc_head_fn, mtp.K.<its layer's tensors>), which transformers skips."""
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
             yield "head.weight", t
-            continue
-        if not name.startswith("layers."):
+        elif m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name):
+            k, rest = m.groups()
+            if rest.startswith("block."):
+                for n, x in _v4_layer_saved("layers.0." + rest.removeprefix("block."), t):
+                    yield n.replace("model.layers.0.", f"mtp.{k}.", 1), x
+            else:
+                yield f"mtp.{k}." + re.sub(r"^hc_head\.hc_", "hc_head_", rest), t
+        elif name.startswith("layers."):
+            yield from _v4_layer_saved(name, t)
+        else:
             yield "model." + name, t
-            continue
-        out = "model." + name
-        for pat, rep in V4_SAVE:
-            out = re.sub(pat, rep, out)
-        if out.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            base = out.rsplit(".", 1)[0]
-            for e in range(t.shape[0]):
-                if out.endswith("gate_up_proj"):
-                    w1, w3 = t[e].chunk(2, dim=0)
-                    yield f"{base}.{e}.w1.weight", w1
-                    yield f"{base}.{e}.w3.weight", w3
-                else:
-                    yield f"{base}.{e}.w2.weight", t[e]
-            continue
+
+
+def _v4_layer_saved(name: str, t: torch.Tensor):
+    out = "model." + name
+    for pat, rep in V4_SAVE:
+        out = re.sub(pat, rep, out)
+    if not out.endswith(("experts.gate_up_proj", "experts.down_proj")):
         yield out, t
+        return
+    base = out.rsplit(".", 1)[0]
+    for e in range(t.shape[0]):
+        if out.endswith("gate_up_proj"):
+            w1, w3 = t[e].chunk(2, dim=0)
+            yield f"{base}.{e}.w1.weight", w1
+            yield f"{base}.{e}.w3.weight", w3
+        else:
+            yield f"{base}.{e}.w2.weight", t[e]
 
 
-def v4_name(name: str):
-    """-> (our name, expert index | (expert, half of gate_up_proj) | None), or None for MTP layers (not built,
-    as in transformers)."""
+V4_MTP_OWN = ("e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "norm.weight")
+V4_MTP_SHARED = ("embed.weight", "head.weight", "embed_tokens.weight", "shared_head.head.weight")  # the main model's
+
+
+def v4_name(name: str, n_mtp: int = 0):
+    """-> (our name, expert index | (expert, half of gate_up_proj) | None), or None for a tensor left out on
+    purpose (an MTP module beyond n_mtp, the MTP's copies of the shared embedding and head)."""
     name = name.removeprefix("model.")
-    if re.match(r"mtp\.", name):
-        return None
+    if m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name):
+        k, rest = int(m.group(1)), m.group(2)
+        if k >= n_mtp or rest in V4_MTP_SHARED:
+            return None
+        if rest in V4_MTP_OWN:
+            return f"mtp.{k}.{rest}", None
+        if h := re.fullmatch(r"hc_head_(fn|base|scale)", rest):
+            return f"mtp.{k}.hc_head.hc_{h.group(1)}", None
+        ours, idx = v4_name("layers.0." + rest)
+        return ours.replace("layers.0.", f"mtp.{k}.block.", 1), idx
     for pat, rep in V4_RENAMES:
         name = re.sub(pat, rep, name)
     if m := V4_EXPERT.fullmatch(name):  # per-expert w1/w3 halves of gate_up_proj [E, 2I, D]; w2 -> down_proj
@@ -133,7 +156,7 @@ def hf_to_ours(name: str, c: Config) -> tuple[str, int | None] | None:
     """HF tensor name -> (our parameter name, expert index or None); None for tensors we skip on purpose.
     Raises KeyError for names that belong to no part of the model."""
     if c.arch == "deepseek_v4":
-        return v4_name(name)
+        return v4_name(name, c.n_mtp_layers)
     if name in TOP:
         return TOP[name], None
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)

@@ -318,7 +318,7 @@ def preset(name: str, **overrides) -> Config:
             sliding_window=64, compress_rate_csa=4, compress_rate_hca=32, index_n_heads=4, index_head_dim=32,
             index_topk=64, o_groups=2 if heads % 2 == 0 else 1, o_lora_rank=dim // 2, hc_mult=4, n_hash_layers=1,
             swiglu_limit=10.0, score_func="sqrtsoftplus", n_expert_groups=1, n_limited_groups=1, n_dense_layers=0,
-            n_mtp_layers=0, route_scale=1.5), **overrides}
+            n_mtp_layers=1, route_scale=1.5), **overrides}
         kw["layer_types"] = kw["layer_types"][:n]
     if kw.get("arch") in ("qwen2", "llama"):
         heads = kw.get("n_heads", Config.n_heads)
@@ -385,7 +385,7 @@ _V4 = [("vocab_size", "vocab_size"), ("hidden_size", "dim"), ("num_hidden_layers
        ("sliding_window", "sliding_window"), ("o_groups", "o_groups"), ("o_lora_rank", "o_lora_rank"),
        ("hc_mult", "hc_mult"), ("hc_sinkhorn_iters", "hc_sinkhorn_iters"), ("hc_eps", "hc_eps"),
        ("swiglu_limit", "swiglu_limit"), ("index_n_heads", "index_n_heads"), ("index_head_dim", "index_head_dim"),
-       ("index_topk", "index_topk")]
+       ("index_topk", "index_topk"), ("num_nextn_predict_layers", "n_mtp_layers")]
 _V4_LAYER = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
              "heavily_compressed_attention": "hca"}
 _DEFAULTS_V4 = dict(vocab_size=129280, dim=4096, n_layers=43, n_heads=64, n_kv_heads=1, head_dim=512,
@@ -401,7 +401,7 @@ def _v4_from_hf(hf: dict, source: str, bad) -> Config:
     """DeepSeek-V4's config.json (transformers' deepseek_v4 names, with the legacy spellings it also reads)."""
     known = {k for k, _ in _V4} | _IGNORED | {"compress_rates", "compress_ratios", "compress_rate_csa",
                                               "compress_rate_hca", "num_hash_layers", "partial_rotary_factor",
-                                              "num_nextn_predict_layers", "router_jitter_noise", "n_group",
+                                              "router_jitter_noise", "n_group",
                                               "topk_group", "topk_method", "moe_layer_freq", "first_k_dense_replace",
                                               "expert_dtype"}  # fp4: the experts' weights (checkpoint.load_weights)
     for key in hf:

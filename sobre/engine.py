@@ -213,6 +213,9 @@ class Engine:
         c = model.config
         if speculative and not c.n_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
+        if speculative and c.arch == "deepseek_v4":
+            raise ValueError("speculative decoding does not run deepseek_v4's MTP module yet (it trains, loads and "
+                             "saves; drafting needs its layer in the V4 cache)")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
         if prefix_cache and not self.prefix_cache_fits(c, speculative):

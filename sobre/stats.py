@@ -25,8 +25,8 @@ def v4_attn_params(c: Config, kind: str) -> int:
 
 def attn_params(c: Config, layer: int = 0) -> int:
     D, H = c.dim, c.n_heads
-    if c.arch == "deepseek_v4":
-        return v4_attn_params(c, c.layer_types[layer])
+    if c.arch == "deepseek_v4":  # an MTP module's layer (layer >= n_layers) is a sliding-window one
+        return v4_attn_params(c, c.layer_types[layer] if layer < c.n_layers else "sliding")
     if c.is_mla:
         q = D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim if c.q_lora_rank \
             else D * H * c.qk_head_dim
@@ -59,11 +59,15 @@ def layer_rows(c: Config) -> list[dict]:
     rows = []
     for i in range(c.n_layers + c.n_mtp_layers):
         tot, act = ffn_params(c, i)
-        a = attn_params(c, min(i, c.n_layers - 1)) + 2 * c.dim
+        a = attn_params(c, i if c.arch == "deepseek_v4" else min(i, c.n_layers - 1)) + 2 * c.dim
         if c.arch == "deepseek_v4":  # + two mHC maps (fn, base, scale) per layer
             N = c.hc_mult
             a += 2 * ((2 + N) * N * (N * c.dim + 1) + 3)
-        extra = 3 * c.dim + 2 * c.dim * c.dim if i >= c.n_layers else 0  # MTP: enorm, hnorm, norm, eh_proj
+        extra = 0
+        if i >= c.n_layers:  # MTP: enorm, hnorm, norm, eh_proj (V4: e_proj + h_proj, and its own hyper head)
+            extra = 3 * c.dim + 2 * c.dim * c.dim
+            if c.arch == "deepseek_v4":
+                extra += c.hc_mult * (c.hc_mult * c.dim + 1) + 1
         rows.append(dict(layer=i, kind=("mtp " if i >= c.n_layers else "") + ("moe" if c.is_moe_layer(i) else "dense"),
                          attn=a, ffn=tot, params=a + tot + extra, active=a + act + extra))
     return rows

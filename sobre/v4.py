@@ -360,9 +360,9 @@ class MoE(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, c: Config, i: int):
+    def __init__(self, c: Config, i: int):  # i >= n_layers: an MTP module's layer (sliding window, learned routing)
         super().__init__()
-        self.self_attn = Attention(c, c.layer_types[i], i)
+        self.self_attn = Attention(c, c.layer_types[i] if i < c.n_layers else "sliding", i)
         self.mlp = MoE(c, hashed=i < c.n_hash_layers)
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
@@ -375,6 +375,27 @@ class Layer(nn.Module):
         return hc_apply(h, post, comb, self.mlp(self.post_attention_layernorm(x), tokens))
 
 
+class MTPLayer(nn.Module):
+    """Multi-token prediction module k, as DeepSeek ships V4's (and SGLang runs it): the previous depth's streams
+    h [B, T, N, D] (depth 1: the main model's, before its hyper head) and the embedding of the token k ahead go
+    through one sliding-window layer as h_proj(hnorm(h)) + e_proj(enorm(emb)) (the embedding added to every
+    stream); its own hyper head and norm feed the shared lm_head."""
+
+    def __init__(self, c: Config, layer_id: int):
+        super().__init__()
+        self.enorm, self.hnorm = RMSNorm(c.dim, c.norm_eps), RMSNorm(c.dim, c.norm_eps)
+        self.e_proj = nn.Linear(c.dim, c.dim, bias=False)
+        self.h_proj = nn.Linear(c.dim, c.dim, bias=False)
+        self.block = Layer(c, layer_id)
+        self.hc_head = HyperHead(c)
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+
+    def forward(self, h, emb, tokens, pos, rope, see, cache=None):  # -> streams [B, T, N, D], normed [B, T, D]
+        x = self.h_proj(self.hnorm(h)) + self.e_proj(self.enorm(emb))[:, :, None]
+        x = self.block(x, tokens, pos, rope, see, cache)
+        return x, self.norm(self.hc_head(x))
+
+
 class V4Transformer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
@@ -385,12 +406,16 @@ class V4Transformer(nn.Module):
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         self.rope = Rope2(c)
-        self.mtp = nn.ModuleList()  # V4's MTP layer is not built (as in transformers)
+        self.mtp = nn.ModuleList(MTPLayer(c, c.n_layers + k) for k in range(c.n_mtp_layers))  # (transformers has none)
 
     def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, D]. A cache (model.Cache or the engine's paged batch)
         says where the new tokens sit, keeps what attention needs (model.Cache: every token's rows;
         v4cache.V4Batch: windows, pooled entries) and advances afterwards."""
+        return self.norm(self.hc_head(self.streams(tokens, cache)))
+
+    def streams(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """tokens [B, T] -> the last layer's mHC streams [B, T, N, D] (before the hyper head)."""
         B, T = tokens.shape
         pos = positions(tokens, cache, self.config.max_seq_len)
         if hasattr(cache, "context"):  # the engine's incremental cache masks each layer itself
@@ -404,14 +429,30 @@ class V4Transformer(nn.Module):
             h = layer(h, tokens, pos, self.rope, see, cache)
         if cache is not None:
             cache.advance(T)
-        return self.norm(self.hc_head(h))
+        return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
 
-    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V]."""
-        return self.lm_head(self.hidden(tokens, cache))
+    def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False):
+        """tokens [B, T] -> logits [B, T, V]; with mtp=True also the MTP modules' logits (see mtp_logits)."""
+        if not mtp:
+            return self.lm_head(self.hidden(tokens, cache))
+        h = self.streams(tokens, cache)
+        return self.lm_head(self.norm(self.hc_head(h))), self.mtp_logits(h, tokens)
+
+    def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Training-time MTP over full sequences, as model.Transformer's: h = self.streams(tokens); depth k at
+        position i predicts t[i+k+1] from depth k-1's streams at i and emb(t[i+k]): logits [B, T-k, V]. Its
+        one layer is a sliding window, so positions 0.. give what the true ones (k..) would (relative RoPE)."""
+        out = []
+        for k, layer in enumerate(self.mtp, start=1):
+            T = h.shape[1] - 1
+            nxt = tokens[:, k:k + T]
+            pos = torch.arange(T, device=h.device).expand(h.shape[0], -1)
+            h, x = layer(h[:, :T], self.embed_tokens(nxt), nxt, pos, self.rope, visible(None, T, T, h.device))
+            out.append(self.lm_head(x))
+        return out
 
 
 def init_weights(model: V4Transformer, std: float = 0.02, seed: int | None = None) -> V4Transformer:

@@ -36,7 +36,7 @@ def hf_model(seed=0, **kw):
 
 
 def ours_from(hf) -> V4Transformer:
-    c = Config.from_hf(hf.config.to_dict())
+    c = Config.from_hf(hf.config.to_dict()).replace(n_mtp_layers=0)  # transformers builds no MTP module
     m = V4Transformer(c).eval()
     sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
     missing, unexpected = m.load_state_dict(sd, strict=False)
@@ -92,7 +92,8 @@ def test_stats_count_the_model(kw):
         if c.tie_embeddings:
             m.lm_head.weight = m.embed_tokens.weight
     s = model_stats(c, ctx=1000)
-    assert s["params"] == sum(p.numel() for p in m.parameters())
+    assert c.n_mtp_layers == 1 and s["mtp_params"] == sum(p.numel() for p in m.mtp.parameters())
+    assert s["params"] + s["mtp_params"] == sum(p.numel() for p in m.parameters())
     routed = c.n_layers * (c.n_routed_experts - c.n_activated_experts) * 3 * c.dim * c.moe_inter_dim
     assert s["active_params"] == s["params"] - routed
     want = sum(8 * 32 + (250 * (32 + 16) if t == "csa" else 125 * 32 if t == "hca" else 0) for t in c.layer_types)
@@ -160,7 +161,7 @@ def test_save_round_trips_through_transformers(tmp_path, dtype):
     from sobre.checkpoint import v4_name, v4_saved
     m = ours_from(hf_model(seed=9))
     names = {n for n, _ in m.state_dict().items()}
-    mapped = {v4_name(n)[0] for n, _ in v4_saved(m)}
+    mapped = {v4_name(n, m.config.n_mtp_layers)[0] for n, _ in v4_saved(m)}
     assert mapped == names  # every tensor maps back (experts: 8 x w1/w3 -> gate_up_proj, w2 -> down_proj)
     sobre.save(m, tmp_path / "out", dtype=dtype)
     ref = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype,
@@ -176,8 +177,9 @@ def test_save_round_trips_through_transformers(tmp_path, dtype):
 
 
 def test_pretrain_a_v4_model(tmp_path):
-    """`sobre pretrain --arch deepseek_v4`: the preset's V4 twin trains (loss falls, the learned routers' balancing
-    bias moves, hash layers stay fixed), resumes, and its export loads in transformers with the same logits."""
+    """`sobre pretrain --arch deepseek_v4`: the preset's V4 twin trains (loss and MTP loss fall, the learned routers'
+    balancing bias moves, hash layers stay fixed), resumes, and its export loads in transformers with the same
+    logits (transformers skips the MTP module) and in sobre with the MTP module's weights too."""
     import json
 
     import sobre
@@ -188,11 +190,16 @@ def test_pretrain_a_v4_model(tmp_path):
     run = pretrain(TrainArgs(**args))
     recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert len(recs) == 12 and recs[-1]["loss"] < recs[0]["loss"] - 0.5
-    assert len(recs[0]["expert_load"]) == 3 and "val_loss" in recs[-1]
+    assert recs[-1]["mtp_loss"] < recs[0]["mtp_loss"] - 0.5
+    assert len(recs[0]["expert_load"]) == 4 and "val_loss" in recs[-1]  # 3 layers + the MTP module's
     assert all(r["indexer_kl"] > 0 for r in recs)  # the CSA indexer learns from its KL to the main attention
     model = sobre.load(run / "model")
     assert model.config.arch == "deepseek_v4" and model.config.layer_types == ["sliding", "csa", "hca"]
     assert model.layers[0].mlp.gate.hashed and model.layers[1].mlp.gate.bias.abs().sum() > 0
+    assert model.config.n_mtp_layers == 1 and not model.mtp[0].block.mlp.gate.hashed
+    trained = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model"]
+    for name, t in model.mtp.state_dict().items():  # the exported MTP module is the trained one
+        torch.testing.assert_close(t, trained["mtp." + name], atol=0, rtol=0)
     ref = transformers.DeepseekV4ForCausalLM.from_pretrained(run / "model", attn_implementation="eager").eval()
     x = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -309,3 +316,30 @@ def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as, suff
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="expert_dtype 'fp2'"):
         sobre.load(path)
+
+
+def test_mtp_module_predicts_two_ahead_causally():
+    """V4's MTP module (not in transformers; DeepSeek's layout): depth-1 logits at position i see tokens up to
+    i + 1 only, the main logits are the same with or without it, and save -> load keeps its weights."""
+    import sobre
+    from sobre.v4 import init_weights
+    c = Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict())
+    assert c.n_mtp_layers == 1  # num_nextn_predict_layers
+    m = init_weights(V4Transformer(c), std=0.1, seed=0).eval()
+    x = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[0, 20] = (x[0, 20] + 1) % 128
+    with torch.no_grad():
+        (logits, (mtp,)), (_, (mtp_y,)) = m(x, mtp=True), m(y, mtp=True)
+        torch.testing.assert_close(logits, m(x), atol=0, rtol=0)
+    assert mtp.shape == (1, 29, 128)
+    assert (mtp[:, :19] - mtp_y[:, :19]).abs().max() < 1e-5 and (mtp[:, 19] - mtp_y[:, 19]).abs().max() > 1e-2
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        back = sobre.load(sobre.save(m, d))
+        assert back.config.n_mtp_layers == 1
+        with torch.no_grad():
+            torch.testing.assert_close(back(x, mtp=True)[1][0], mtp, atol=1e-5, rtol=0)
+        assert len(sobre.load(d, mtp=False).mtp) == 0
+    with pytest.raises(ValueError, match="does not run deepseek_v4's MTP module"):
+        sobre.Engine(m, speculative=True)
