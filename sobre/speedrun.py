@@ -187,10 +187,14 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         if force and (out / name).exists():
             shutil.rmtree(out / name)
         print(f"speedrun: stage {STAGES.index(name) + 1}/{len(STAGES)} {name}" + eta(name), flush=True)
-        t0 = time.perf_counter()
+        t0, cuda = time.perf_counter(), dev.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         r = fn(out / name)
         r["minutes"] = round((time.perf_counter() - t0) / 60, 2)
         r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        if cuda:  # this process's (pretraining under torchrun runs in others)
+            r["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         done.write_text(json.dumps(r, indent=2) + "\n")
         results[name] = r
 
