@@ -245,7 +245,8 @@ def cmd_pretrain(args):
     from .train import TrainArgs, pretrain
     a = TrainArgs(**{f: getattr(args, f) for f in TrainArgs.__dataclass_fields__})
     run = pretrain(a)
-    print(f"run folder: {run} (metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/)")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
+        print(f"run folder: {run} (metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/)")
 
 
 def cmd_tokenizer_train(args):

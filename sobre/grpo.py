@@ -162,6 +162,7 @@ class GRPOArgs:
     schedule: str = "cosine"
     weight_decay: float = 0.0
     clip: float = 1.0
+    bf16: bool = False  # autocast the update's matmuls to bf16 (rollouts and the parameters stay in fp32)
     eval_every: int = 10
     eval_problems: int = 64
     save_every: int = 25
@@ -262,8 +263,12 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             chunks.append([i])
     model.train()
     old = ref_lp = None
+
+    def amp():  # --bf16: every log-prob of the update under the same autocast (ratios start at 1)
+        return torch.autocast(adv.device.type, dtype=torch.bfloat16, enabled=a.bf16)
+
     if a.mu > 1 or a.beta:
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             if a.mu > 1:
                 old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
             if a.beta:
@@ -273,7 +278,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
             mb = [batch[i] for i in c]
-            logp, mask, ent = token_logprobs(model, mb, entropy=epoch == 0, temperature=a.temperature)
+            with amp():
+                logp, mask, ent = token_logprobs(model, mb, entropy=epoch == 0, temperature=a.temperature)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, len(batch), n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None)

@@ -215,6 +215,7 @@ class SFTArgs:
     schedule: str = "cosine"
     weight_decay: float = 0.0
     clip: float = 1.0
+    bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32), as pretraining's --bf16
     bias_update: float = 1e-3  # aux-loss-free balancing keeps running
     val_share: float = 0.05
     eval_every: int = 50
@@ -274,7 +275,8 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
         rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)].to(dev)
-        loss = loss_fn(model, rows)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+            loss = loss_fn(model, rows)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
         opt.step()

@@ -58,9 +58,10 @@ def test_k3_kl_and_the_beta_term():
     assert (with_kl - plain).item() == pytest.approx(0.1 * kl.sum().item() / 3, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant,arch", [("grpo", "deepseek_v3"), ("dr_grpo", "deepseek_v3"), ("dapo", "deepseek_v3"),
-                                          ("grpo", "qwen2")])
-def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch):
+@pytest.mark.parametrize("variant,arch,bf16", [("grpo", "deepseek_v3", False), ("dr_grpo", "deepseek_v3", False),
+                                               ("dapo", "deepseek_v3", False), ("grpo", "qwen2", False),
+                                               ("dapo", "deepseek_v3", True)])
+def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, bf16):
     torch.manual_seed(0)
     model = random_model(sobre.preset("debug", arch=arch))
     prompt, good, bad = [5, 6, 7], 11, 12
@@ -71,7 +72,7 @@ def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch):
 
     before = p(good), p(bad)
     group = [Rollout(prompt, [t], "", False, float(t == good), 1.0, None) for t in (good, bad, bad, good)]
-    a = GRPOArgs(loss=variant, lr=1e-2, mu=2, max_new_tokens=1)
+    a = GRPOArgs(loss=variant, lr=1e-2, mu=2, max_new_tokens=1, bf16=bf16)  # bf16: the update under autocast
     stats = _update(model, None, torch.optim.Adam(model.parameters(), lr=1e-2), [],
                     [(group, torch.tensor([r.correct for r in group]))], a, 0.2, False)
     assert p(good) > 5 * before[0] and p(bad) < before[1], (before, p(good), p(bad))
