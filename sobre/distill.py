@@ -71,7 +71,7 @@ def distill(a: DistillArgs) -> Path:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     if not 0 <= a.logit_weight <= 1:
         raise ValueError(f"--logit-weight must be in [0, 1], got {a.logit_weight}")
-    run = open_run(a.out, a.resume, a.threads)
+    run = open_run(a.out, a.resume, a.threads, a.device)
     teacher, tok = start_model(a.teacher, device=a.device)
     teacher.eval()
     student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tok, a.device)

@@ -233,7 +233,7 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
     if not 0 <= a.direct <= 1:
         raise ValueError(f"--direct is a share of the task traces, in [0, 1]; got {a.direct}")
-    run = open_run(a.out, a.resume, a.threads)
+    run = open_run(a.out, a.resume, a.threads, a.device)
     model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:

@@ -228,8 +228,10 @@ def load_checkpoint(path: Path, model, opt) -> int:
     return state["step"]
 
 
-def open_run(out: str, resume: bool, threads: int = 0) -> Path:
-    """The run folder; refuses to overwrite a run that has checkpoints unless resuming."""
+def open_run(out: str, resume: bool, threads: int = 0, device: str = "cpu") -> Path:
+    """The run folder; refuses to overwrite a run that has checkpoints unless resuming, or to start one on a
+    device this machine lacks (a --device value)."""
+    parallel.pick_device(device)
     run = Path(out)
     if threads:
         torch.set_num_threads(threads)

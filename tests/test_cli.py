@@ -59,6 +59,10 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
     path = sobre.save(random_model(), tmp_path / "m")
     out = run("generate", str(path), "--prompt", "hi", check=False)
     assert out.returncode != 0 and "no tokenizer.json" in out.stderr
+    for verb in (("generate", str(path), "--ids", "1"), ("sft", "--task", "arithmetic", "--out", str(tmp_path / "s"))):
+        out = run(*verb, "--device", "gpu0", check=False)  # a device name torch does not know, before any work
+        assert out.returncode != 0 and "--device 'gpu0' is not a device name" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and not (tmp_path / "s").exists()
 
 
 def test_sampling_parameters_are_checked():
