@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -334,6 +335,22 @@ def mtp_tensor(name: str, c: Config) -> bool:
     return bool(re.match(r"(model\.)?mtp\.", name) or m and int(m.group(1)) >= c.n_layers)
 
 
+def foreign_mtp_tensor(path: Path, c: Config) -> str | None:
+    """The first of the checkpoint's MTP tensors that maps onto nothing in the MTP module `c` builds (another
+    release's MTP layout, e.g. a later model's extra draft heads), or None."""
+    with torch.device("meta"):
+        ours = set(build_model(c).state_dict())
+    for name in checkpoint_files(path):
+        if mtp_tensor(name, c) and not name.endswith((".weight_scale_inv", ".scale")):
+            try:
+                target = hf_to_ours(name, c)
+            except KeyError:
+                return name
+            if target is not None and target[0] not in ours:
+                return name
+    return None
+
+
 def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
          **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
@@ -348,6 +365,10 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     c = Config.from_hf(hf, str(path / "config.json"))
     if c.n_mtp_layers and not any(mtp_tensor(n, c) for n in checkpoint_files(path)):
         c = c.replace(n_mtp_layers=0)  # saved without its MTP module (transformers drops it)
+    if c.n_mtp_layers and mtp and (odd := foreign_mtp_tensor(path, c)):
+        warnings.warn(f"{path}: MTP tensor {odd!r} fits no MTP module sobre builds for {c.arch}; loading the model "
+                      "without its MTP module (only MTP training and speculative decoding need it)", stacklevel=2)
+        c = c.replace(n_mtp_layers=0)
     mtp_in_file = c.n_mtp_layers
     c = c.replace(**({} if mtp else {"n_mtp_layers": 0}), **overrides)
     block = fp8_block(hf, str(path / "config.json"))

@@ -341,5 +341,14 @@ def test_mtp_module_predicts_two_ahead_causally():
         with torch.no_grad():
             torch.testing.assert_close(back(x, mtp=True)[1][0], mtp, atol=1e-5, rtol=0)
         assert len(sobre.load(d, mtp=False).mtp) == 0
+        from safetensors.torch import load_file, save_file
+        t = load_file(f"{d}/model.safetensors")
+        t["mtp.0.markov_head.markov_w1.weight"] = torch.zeros(128, 8)  # another release's extra draft head
+        save_file(t, f"{d}/model.safetensors", metadata={"format": "pt"})
+        with pytest.warns(UserWarning, match="markov_head.*without its MTP module"):
+            lean = sobre.load(d)
+        assert len(lean.mtp) == 0
+        with torch.no_grad():
+            torch.testing.assert_close(lean(x), logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="does not run deepseek_v4's MTP module"):
         sobre.Engine(m, speculative=True)
