@@ -335,13 +335,19 @@ def mtp_tensor(name: str, c: Config) -> bool:
     return bool(re.match(r"(model\.)?mtp\.", name) or m and int(m.group(1)) >= c.n_layers)
 
 
-def foreign_mtp_tensor(path: Path, c: Config) -> str | None:
-    """The first of the checkpoint's MTP tensors that maps onto nothing in the MTP module `c` builds (another
-    release's MTP layout, e.g. a later model's extra draft heads), or None."""
+def is_scale(name: str, files) -> bool:
+    """Whether a checkpoint tensor is a quantised weight's scale (read with its weight): X.weight_scale_inv as HF
+    writes it, or X.scale beside X.weight as DeepSeek-V4 does."""
+    return name.endswith(".weight_scale_inv") or (name.endswith(".scale") and name[:-6] + ".weight" in files)
+
+
+def foreign_mtp_tensor(files: dict, c: Config) -> str | None:
+    """The first of the checkpoint's MTP tensors (`files`: checkpoint_files) that maps onto nothing in the MTP
+    module `c` builds (another release's MTP layout, e.g. a later model's extra draft heads), or None."""
     with torch.device("meta"):
         ours = set(build_model(c).state_dict())
-    for name in checkpoint_files(path):
-        if mtp_tensor(name, c) and not name.endswith((".weight_scale_inv", ".scale")):
+    for name in files:
+        if mtp_tensor(name, c) and not is_scale(name, files):
             try:
                 target = hf_to_ours(name, c)
             except KeyError:
@@ -362,10 +368,10 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
     if hf is None:
         raise FileNotFoundError(f"{path}: no config.json")
-    c = Config.from_hf(hf, str(path / "config.json"))
-    if c.n_mtp_layers and not any(mtp_tensor(n, c) for n in checkpoint_files(path)):
+    c, files = Config.from_hf(hf, str(path / "config.json")), checkpoint_files(path)
+    if c.n_mtp_layers and not any(mtp_tensor(n, c) for n in files):
         c = c.replace(n_mtp_layers=0)  # saved without its MTP module (transformers drops it)
-    if c.n_mtp_layers and mtp and (odd := foreign_mtp_tensor(path, c)):
+    if c.n_mtp_layers and mtp and (odd := foreign_mtp_tensor(files, c)):
         warnings.warn(f"{path}: MTP tensor {odd!r} fits no MTP module sobre builds for {c.arch}; loading the model "
                       "without its MTP module (only MTP training and speculative decoding need it)", stacklevel=2)
         c = c.replace(n_mtp_layers=0)
@@ -393,16 +399,17 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
             if m.bias is not None:
                 m.bias = m.bias.float()
     if fp8 and block is not None:
-        keep_fp8(model, path, block)
-    load_weights(model, path, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
+        keep_fp8(model, files, block)
+    load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
     if device is not None:
         model.to(device)
     return model.eval()
 
 
-def keep_fp8(model: Transformer, path: Path, block: tuple[int, int]):
-    """Swap the modules whose checkpoint weights are FP8 for their FP8 twins (weights filled by load_weights)."""
-    fp8 = {name for f in set(checkpoint_files(path).values()) for name, e in read_header(f)[0].items()
+def keep_fp8(model: Transformer, files: dict, block: tuple[int, int]):
+    """Swap the modules whose checkpoint weights (`files`: checkpoint_files) are FP8 for their FP8 twins (weights
+    filled by load_weights)."""
+    fp8 = {name for f in set(files.values()) for name, e in read_header(f)[0].items()
            if e["dtype"] in ("F8_E4M3", "F8_E5M2")}
     for name in sorted(fp8):
         target = hf_to_ours(name, model.config)
@@ -422,8 +429,10 @@ def keep_fp8(model: Transformer, path: Path, block: tuple[int, int]):
         setattr(model.get_submodule(parent), child, new)
 
 
-def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, skip_from: int | None = None):
-    """Fill the model's tensors from the checkpoint; decoder layers >= skip_from (MTP left out) are skipped."""
+def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, int] | None,
+                 skip_from: int | None = None):
+    """Fill the model's tensors from the checkpoint at `path` (`files`: its checkpoint_files); decoder layers
+    >= skip_from (MTP left out) are skipped."""
     c = model.config
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     todo = {}  # our name -> expert indices still to fill (None for plain tensors)
@@ -434,7 +443,6 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
     if c.tie_embeddings:
         todo.pop("head.weight", None)
         todo.pop("lm_head.weight", None)
-    files = checkpoint_files(path)
     opened: dict[Path, SafetensorsFile] = {}
     halves = set()  # (name, expert, half) of V4's gate_up_proj filled so far
 
@@ -467,8 +475,8 @@ def load_weights(model: Transformer, path: Path, block: tuple[int, int] | None, 
 
     try:
         for name, fpath in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
-            if name.endswith(".weight_scale_inv") or (name.endswith(".scale") and name[:-6] + ".weight" in files):
-                continue  # a quantised weight's scale, read with it
+            if is_scale(name, files):
+                continue  # read with its weight
             layer = re.match(r"model\.layers\.(\d+)\.", name)
             if skip_from is not None and layer and int(layer.group(1)) >= skip_from:
                 continue

@@ -310,6 +310,20 @@ def add_dataclass_flags(parser, cls):
                                 metavar=type(f.default).__name__.upper(), help=f"(default: {f.default})")
 
 
+def dataclass_argv(a) -> list[str]:
+    """The command-line flags that give back the config dataclass `a` (the inverse of add_dataclass_flags)."""
+    argv = []
+    for name in a.__dataclass_fields__:
+        v, flag = getattr(a, name), "--" + name.replace("_", "-")
+        if v is True:  # store_true
+            argv.append(flag)
+        elif isinstance(v, tuple) and v:  # nargs="*"
+            argv += [flag, *map(str, v)]
+        elif not isinstance(v, (bool, tuple)):
+            argv += [flag, str(v)]
+    return argv
+
+
 def cmd_speedrun(args):
     from .speedrun import speedrun
     speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems, args.minutes,

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -297,17 +296,9 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "c
 
 def _torchrun(a: TrainArgs, nproc: int) -> Path:
     """`sobre pretrain` with the arguments `a` in nproc torchrun processes on this machine; its run folder."""
-    flags = []
-    for f in fields(a):
-        v, flag = getattr(a, f.name), "--" + f.name.replace("_", "-")
-        if v is True:  # store_true flags and nargs="*" lists, as cli.add_dataclass_flags makes them
-            flags.append(flag)
-        elif isinstance(v, tuple) and v:
-            flags += [flag, *map(str, v)]
-        elif not isinstance(v, (bool, tuple)):
-            flags += [flag, str(v)]
+    from .cli import dataclass_argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--no-python", sys.executable, "-m", "sobre", "pretrain", *flags]
+           "--no-python", sys.executable, "-m", "sobre", "pretrain", *dataclass_argv(a)]
     if subprocess.run(cmd).returncode:
         raise RuntimeError(f"pretraining under torchrun failed (its output is above): {' '.join(cmd)}")
     return Path(a.out)
