@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Config
-from .fp8 import FP8Experts, FP8Linear, dequantize, dequantize_fp4
+from .fp8 import FP8Experts, FP8Linear, V4QuantExperts, dequantize, dequantize_fp4, ue8m0
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer, build_model
+from .v4 import Experts as V4Experts
 from .v4 import Rope2, keep_fp32
 
 # HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
@@ -362,8 +363,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
     module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3); so does a
     checkpoint without its tensors (as transformers saves DeepSeek models), whatever its config says.
-    fp8=True keeps an FP8 checkpoint's e4m3 weights in memory (fp8.FP8Linear / FP8Experts) instead of
-    dequantising them on load."""
+    fp8=True keeps a quantised checkpoint's weights in memory (fp8.FP8Linear / FP8Experts / V4QuantExperts: e4m3
+    and V4's FP4 experts) instead of dequantising them on load."""
     path = resolve(path)
     hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
     if hf is None:
@@ -398,7 +399,7 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
             m.weight.data = m.weight.data.float()
             if m.bias is not None:
                 m.bias = m.bias.float()
-    if fp8 and block is not None:
+    if fp8:
         keep_fp8(model, files, block)
     load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
     if device is not None:
@@ -406,27 +407,38 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     return model.eval()
 
 
-def keep_fp8(model: Transformer, files: dict, block: tuple[int, int]):
-    """Swap the modules whose checkpoint weights (`files`: checkpoint_files) are FP8 for their FP8 twins (weights
-    filled by load_weights)."""
-    fp8 = {name for f in set(files.values()) for name, e in read_header(f)[0].items()
-           if e["dtype"] in ("F8_E4M3", "F8_E5M2")}
-    for name in sorted(fp8):
-        target = hf_to_ours(name, model.config)
-        if target is None or model.config.arch == "deepseek_v4":
+def keep_fp8(model: Transformer, files: dict, block: tuple[int, int] | None):
+    """Swap the modules whose checkpoint weights (`files`: checkpoint_files) are quantised for their quantised
+    twins (weights filled by load_weights): FP8 linears -> FP8Linear; routed experts -> FP8Experts (V3-style) or
+    V4QuantExperts (V4: FP4 codes, int8 with a scale beside them, or e4m3)."""
+    quant = {name: e["dtype"] for f in set(files.values()) for name, e in read_header(f)[0].items()
+             if e["dtype"] in ("F8_E4M3", "F8_E5M2") or e["dtype"] in ("I8", "U8") and scale_name(name, files)}
+    c, block = model.config, block or (128, 128)
+    for name in sorted(quant):
+        target = hf_to_ours(name, c)
+        if target is None:
             continue
         ours, expert = target
         path_, _, leaf = ours.rpartition(".")
         mod = model.get_submodule(path_) if expert is None else None
-        if isinstance(mod, torch.nn.Linear) and leaf == "weight" and mod.bias is None:
+        if isinstance(mod, torch.nn.Linear) and leaf == "weight" and mod.bias is None and quant[name] != "I8":
             new = FP8Linear(mod.in_features, mod.out_features, block)
-        elif expert is not None and not isinstance(model.get_submodule(path_), FP8Experts):
+        elif expert is not None and isinstance(old := model.get_submodule(path_), V4Experts):
+            E, D, inter = old.down_proj.shape
+            new = V4QuantExperts(E, D, inter, old.limit, "fp4" if quant[name] in ("I8", "U8") else "fp8", block)
+        elif expert is not None and not isinstance(model.get_submodule(path_), (FP8Experts, V4QuantExperts)):
             E, inter, dim = model.get_submodule(path_).w1.shape
             new = FP8Experts(E, inter, dim, block)
         else:
             continue
         parent, _, child = path_.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+
+
+def scale_name(name: str, files) -> str | None:
+    """A quantised weight's scale in the checkpoint: X.weight_scale_inv (HF) or X.scale (DeepSeek-V4), if any."""
+    base = name.removesuffix(".weight")
+    return next((n for n in (base + ".weight_scale_inv", base + ".scale") if n in files), None)
 
 
 def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, int] | None,
@@ -456,7 +468,14 @@ def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, 
         with torch.no_grad():
             dst.copy_(t)
 
-    def fill(ours, expert, t, what):  # copy into a parameter / buffer (one expert's slice) and tick it off
+    def put(ours, expert, t, what):  # copy into a parameter / buffer (or one expert's slice) and tick it off
+        if isinstance(expert, tuple):  # V4: w1 / w3 are the halves of an expert's stacked gate_up_proj
+            e, half = expert
+            copy(params[ours][e].chunk(2, dim=0)[half], t, what)
+            halves.add((ours, e, half))
+            if (ours, e, 1 - half) in halves:
+                tick(ours, e)
+            return
         copy(params[ours] if expert is None else params[ours][expert], t, what)
         tick(ours, expert)
 
@@ -494,28 +513,22 @@ def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, 
             if name not in src.header:
                 raise ValueError(f"{fpath}: tensor {name!r} listed in the index is not in the file")
             t = src.get(name)
-            base = name.removesuffix(".weight")  # its scale: X.weight_scale_inv (HF) or X.scale (DeepSeek-V4)
-            sname = next((n for n in (base + ".weight_scale_inv", base + ".scale") if n in files), None)
-            if t.dtype in (torch.int8, torch.uint8) and sname:  # V4's FP4 experts: two codes per byte
-                t = dequantize_fp4(t, file(files[sname]).get(sname))
-            elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            sname = scale_name(name, files)
+            fp4 = t.dtype in (torch.int8, torch.uint8) and sname is not None  # V4's experts: two codes per byte
+            if fp4 or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 if sname is None:
+                    base = name.removesuffix(".weight")
                     raise ValueError(f"{fpath}: FP8 tensor {name!r} has no {base + '.weight_scale_inv'!r} (or "
                                      f"{base + '.scale'!r})")
                 scale = file(files[sname]).get(sname)
-                if dst_dtype(ours) == t.dtype:  # fp8=True: keep the e4m3 weight, its scale beside it
-                    own = ours + "_scale_inv" if expert is not None else ours.removesuffix("weight") + "scale_inv"
-                    fill(own, expert, scale, f"{fpath}: tensor {sname!r}")
+                if dst_dtype(ours) == (torch.int8 if fp4 else t.dtype):  # fp8=True: keep it, its scale beside it
+                    own = next(n for n in (ours + "_scale_inv", ours + "_scale",
+                                           ours.removesuffix("weight") + "scale_inv") if n in params)
+                    put(own, expert, ue8m0(scale) if fp4 else scale, f"{fpath}: tensor {sname!r}")
+                    t = t.view(dst_dtype(ours))
                 else:
-                    t = dequantize(t, scale, block or (128, 128))
-            if isinstance(expert, tuple):  # V4: w1 / w3 are the halves of an expert's stacked gate_up_proj
-                e, half = expert
-                copy(params[ours][e].chunk(2, dim=0)[half], t, f"{fpath}: tensor {name!r}")
-                halves.add((ours, e, half))
-                if (ours, e, 1 - half) in halves:
-                    tick(ours, e)
-            else:
-                fill(ours, expert, t, f"{fpath}: tensor {name!r}")
+                    t = dequantize_fp4(t, scale) if fp4 else dequantize(t, scale, block or (128, 128))
+            put(ours, expert, t, f"{fpath}: tensor {name!r}")
             del t
             src.release(name)
     finally:

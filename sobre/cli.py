@@ -292,6 +292,9 @@ def cmd_rejection_sample(args):
           f"({r['samples']} samples) -> {r['file']} (train on it: sobre sft --data {r['file']})")
 
 
+FP8_HELP = "keep a quantised checkpoint's weights in memory (FP8 e4m3, V4's FP4 experts)"
+
+
 def add_device_flag(parser):
     parser.add_argument("--device", default="auto", help="auto (the GPU when torch sees one, else the CPU), cpu, "
                         "cuda, cuda:N or mps")
@@ -427,7 +430,7 @@ def main(argv=None):
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
-    s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
+    s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     s.add_argument("--expert-parallel", action="store_true",
                    help="shard the MoE experts over torchrun ranks (all-to-all dispatch)")
@@ -448,7 +451,7 @@ def main(argv=None):
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
+    s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0)
     add_device_flag(s)
     s.set_defaults(fn=cmd_chat)
@@ -475,7 +478,7 @@ def main(argv=None):
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    s.add_argument("--fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights in memory")
+    s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: CPU cores - 1)")
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)

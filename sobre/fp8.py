@@ -2,9 +2,10 @@
 
 DeepSeek releases V3 / R1 / V3.2 with e4m3 weights and one fp32 `scale_inv` per 128 x 128 block (V4 too, its
 routed experts in FP4: `dequantize_fp4`). By default `sobre.load` dequantises them once; `sobre.load(path,
-fp8=True)` keeps the e4m3 ones (V3-style models): every FP8 linear layer becomes an `FP8Linear` and the
-routed experts an `FP8Experts`, which dequantise a slice of rows (or one expert's matrices) at a time right
-before its matmul, so only that slice ever exists in high precision. The dequantise-on-load model is the
+fp8=True)` keeps them: every FP8 linear layer becomes an `FP8Linear`, the routed experts an `FP8Experts`
+(V3-style) or a `V4QuantExperts` (V4: FP4 codes at half a byte per weight, or e4m3), which dequantise a slice
+of rows (or one expert's matrices) at a time right before its matmul, so only that slice ever exists in high
+precision. The dequantise-on-load model is the
 reference twin (tests hold their logits equal); `quantize_model` turns a high-precision model's linears into
 FP8 the same way and reports each layer's weight error.
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import dispatch, grouped_ffn
+from .v4 import swiglu
 
 E4M3_MAX = 448.0
 
@@ -54,6 +56,19 @@ def dequantize_fp4(w: torch.Tensor, scale: torch.Tensor, group: int = 32) -> tor
                          "groups")
     s = torch.exp2(scale.float() - 127) if scale.dtype == torch.uint8 else scale.float()
     return (x.view(rows, cols // group, group) * s[..., None]).view(rows, cols)
+
+
+def ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scales as their ue8m0 exponent bytes (uint8; 2 ** (byte - 127)): e8m0 tensors by their bits,
+    float ones by log2 (ValueError for a scale that is no power of two)."""
+    if scale.dtype == torch.uint8:
+        return scale
+    if scale.dtype == torch.float8_e8m0fnu:
+        return scale.view(torch.uint8)
+    e = torch.log2(scale.float()) + 127
+    if not torch.equal(e, e.round()) or e.min() < 0 or e.max() > 254:
+        raise ValueError("FP4 scales must be powers of two (ue8m0) to be kept packed")
+    return e.to(torch.uint8)
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +180,55 @@ class FP8Experts(nn.Module):
 
     def _fp8_mm(self, a, name: str, e: int):
         return fp8_linear(a, getattr(self, name)[e], getattr(self, name + "_scale_inv")[e], self.block)
+
+
+class V4QuantExperts(nn.Module):
+    """v4.Experts (gate_up_proj [E, 2I, D] = gate and up stacked, down_proj [E, D, I], clipped SwiGLU) with the
+    checkpoint's quantised weights kept, each beside its `_scale`: fmt "fp4" (int8, two e2m1 codes per byte, a
+    ue8m0 exponent byte per 1 x `group` columns: 0.53 bytes per weight) or "fp8" (e4m3, an fp32 scale per block;
+    gate and up keep their own block grids, stacked the same way). Each active expert is dequantised for its own
+    rows only."""
+
+    def __init__(self, E: int, D: int, inter: int, limit: float, fmt: str, block: tuple[int, int] = (128, 128),
+                 group: int = 32):
+        super().__init__()
+        if fmt not in ("fp4", "fp8"):
+            raise ValueError(f"quantised V4 experts are fp4 or fp8, not {fmt!r}")
+        self.limit, self.fmt, self.block, self.group = limit, fmt, tuple(block), group
+        for name, rows, cols, halves in (("gate_up_proj", inter, D, 2), ("down_proj", D, inter, 1)):
+            if fmt == "fp4":
+                data = torch.empty(E, halves * rows, cols // 2, dtype=torch.int8)
+                scale = torch.empty(E, halves * rows, cols // group, dtype=torch.uint8)
+            else:
+                data = torch.empty(E, halves * rows, cols, dtype=torch.float8_e4m3fn)
+                scale = torch.empty(E, halves * math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+            self.register_buffer(name, data)
+            self.register_buffer(name + "_scale", scale)
+
+    def forward(self, x, w, idx):  # v4.Experts' dispatch
+        return dispatch(x, w, idx, self.gate_up_proj.shape[0], self.ffn)
+
+    def weight(self, name: str, e: int, dtype=torch.float32) -> torch.Tensor:
+        """Expert e's gate_up_proj [2I, D] or down_proj [D, I] in high precision."""
+        halves = 2 if name == "gate_up_proj" else 1
+        data, scale = getattr(self, name)[e].chunk(halves), getattr(self, name + "_scale")[e].chunk(halves)
+        if self.fmt == "fp4":
+            parts = [dequantize_fp4(d, s, self.group) for d, s in zip(data, scale)]
+        else:
+            parts = [dequantize(d, s, self.block) for d, s in zip(data, scale)]
+        return torch.cat(parts).to(dtype)
+
+    def ffn(self, xs, counts: list[int]):  # rows sorted by expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                g, u = (xs[start:start + n] @ self.weight("gate_up_proj", e, xs.dtype).T).chunk(2, dim=-1)
+                outs.append(swiglu(g, u, self.limit) @ self.weight("down_proj", e, xs.dtype).T)
+                start += n
+        return torch.cat(outs) if outs else xs[:0]
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, experts={self.gate_up_proj.shape[0]}"
 
 
 def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=("embed", "head", "gate.")) -> dict:

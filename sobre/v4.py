@@ -209,7 +209,8 @@ class Attention(nn.Module):
         p = s.softmax(-1)[..., :-1].to(kv.dtype)  # the sink takes its share of the mass, then is dropped
         o = rope_tail(torch.einsum("bhts,bsd->bthd", p, kv), cos[:, :, None], -sin[:, :, None])  # rotate back
         o = o.reshape(B, T, G, H * D // G)
-        w = self.o_a_proj.weight.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block
+        w = self.o_a_proj.dequantized(o.dtype) if hasattr(self.o_a_proj, "dequantized") else self.o_a_proj.weight
+        w = w.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block (FP8: dequantised)
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
 
     def context(self, new, pos, rope, see, cache=None):

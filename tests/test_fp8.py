@@ -1,6 +1,7 @@
 """FP8 block quantisation: round trip error, FP8Linear == dequantised linear, quantize_model's report; the FP8
 matmul (e4m3 activations x e4m3 weights, torch._scaled_mm) against its dequantised twin."""
 
+import pytest
 import torch
 
 from sobre import reference
@@ -103,3 +104,17 @@ def test_fp8_experts_matmul_against_the_dequantised_twin():
         exact = ref(x, w, idx)
     assert (twin - exact).norm() < 0.05 * exact.norm()
     assert not torch.equal(got, twin) and (got - twin).norm() < 0.06 * twin.norm()
+
+
+def test_ue8m0_exponent_bytes():
+    """FP4 scales kept packed as ue8m0 exponent bytes: from e8m0 bits, uint8 as is, float powers of two by log2;
+    a scale that is no power of two is an error (it would not round-trip)."""
+    from sobre.fp8 import dequantize_fp4, ue8m0
+    s = torch.tensor([[0.25, 1.0, 8.0]])
+    assert ue8m0(s).tolist() == [[125, 127, 130]]
+    assert torch.equal(ue8m0(s.to(torch.float8_e8m0fnu)), ue8m0(s))
+    assert torch.equal(ue8m0(ue8m0(s)), ue8m0(s))
+    w = torch.randint(-128, 128, (1, 48), dtype=torch.int8)
+    assert torch.equal(dequantize_fp4(w, ue8m0(s)), dequantize_fp4(w, s))
+    with pytest.raises(ValueError, match="powers of two"):
+        ue8m0(torch.tensor([[0.3]]))

@@ -259,29 +259,32 @@ def fp4_quantize(w: torch.Tensor, group: int = 32):
     return packed, scale.to(torch.float8_e8m0fnu), value
 
 
-@pytest.mark.parametrize("scale_as,suffix", [("e8m0", ".weight_scale_inv"), ("e8m0", ".scale"),
-                                             ("uint8", ".weight_scale_inv")])
-def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as, suffix):
+@pytest.mark.parametrize("scale_as,suffix,experts", [("e8m0", ".weight_scale_inv", "fp4"), ("e8m0", ".scale", "fp4"),
+                                                      ("uint8", ".weight_scale_inv", "fp4"),
+                                                      ("float", ".scale", "fp8")])
+def test_quantised_experts_load_like_transformers(tmp_path, scale_as, suffix, experts):
     """A V4 checkpoint with its routed experts in FP4 (int8, two e2m1 codes per byte, a ue8m0 scale per 32 columns,
     as DeepSeek releases V4; scales named X.weight_scale_inv as HF writes them or X.scale as DeepSeek does, the
-    latter beside FP8 attention weights) loads dequantised: the same logits as the model holding the exact FP4 / FP8
-    values, and as transformers loading it with FineGrainedFP8Config(dequantize=True)."""
+    latter beside FP8 attention weights) or in FP8 loads dequantised: the same logits as the model holding the exact
+    quantised values, and as transformers loading it with FineGrainedFP8Config(dequantize=True). With fp8=True it
+    keeps them quantised in memory (V4QuantExperts, FP8Linear): the same logits and engine tokens, fewer bytes."""
     import json
 
     from safetensors.torch import load_file, save_file
 
     import sobre
-    from sobre.fp8 import dequantize, quantize
+    from sobre import Engine
+    from sobre.fp8 import FP8Linear, V4QuantExperts, dequantize, quantize, weight_bytes
     m = ours_from(hf_model(seed=9))
     path = sobre.save(m, tmp_path / "v4")
     tensors, exact = {}, {}
     for name, t in load_file(path / "model.safetensors").items():
         base = name.removesuffix(".weight")
-        if ".experts." in name and name.endswith(".weight"):
+        if ".experts." in name and name.endswith(".weight") and experts == "fp4":
             packed, scale, exact[name] = fp4_quantize(t)
             tensors[name] = packed
             tensors[base + suffix] = scale if scale_as == "e8m0" else scale.view(torch.uint8)  # the exponent byte
-        elif suffix == ".scale" and name.endswith("wq_a.weight"):
+        elif suffix == ".scale" and (name.endswith(("wq_a.weight", "wo_a.weight")) or ".experts." in name):
             tensors[name], tensors[base + suffix] = quantize(t)
             exact[name] = dequantize(*quantize(t), (128, 128))
         else:
@@ -290,24 +293,34 @@ def test_fp4_experts_load_dequantised_like_transformers(tmp_path, scale_as, suff
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
                                   "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-    cfg["expert_dtype"] = "fp4"
+    cfg["expert_dtype"] = experts
     (path / "config.json").write_text(json.dumps(cfg))
     from sobre.checkpoint import v4_saved
-    with torch.no_grad():  # the reference: the model with the exact values the FP4 codes stand for
+    with torch.no_grad():  # the reference: the model with the exact values the FP4 / FP8 codes stand for
         for name, t in v4_saved(m):
             if name in exact:
                 t.copy_(exact[name])
     x = torch.randint(0, 128, (1, 33), generator=torch.Generator().manual_seed(8))
-    ours = sobre.load(path)
+    ours, kept = sobre.load(path), sobre.load(path, fp8=True)
     assert ours.layers[1].mlp.experts.gate_up_proj.dtype == torch.float32
+    q = kept.layers[1].mlp.experts
+    assert isinstance(q, V4QuantExperts) and q.fmt == experts
+    assert q.gate_up_proj.dtype == (torch.int8 if experts == "fp4" else torch.float8_e4m3fn)
+    assert isinstance(kept.layers[0].self_attn.q_a_proj, FP8Linear) == (suffix == ".scale")
+    assert weight_bytes(kept) < weight_bytes(ours) * 0.6
     with torch.no_grad():
         want = m(x)
         torch.testing.assert_close(ours(x), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(kept(x), ours(x), atol=1e-5, rtol=0)
         if scale_as == "e8m0":  # transformers reads float scales (uint8 is MXFP8's exponent-byte form)
             hf = transformers.DeepseekV4ForCausalLM.from_pretrained(
                 path, quantization_config=transformers.FineGrainedFP8Config(dequantize=True), dtype=torch.float32,
                 attn_implementation="eager").eval()
             torch.testing.assert_close(hf(x).logits, want, atol=1e-4, rtol=0)
+    prompts = [x[0, :9].tolist(), x[0, 9:14].tolist()]
+    assert Engine(kept).generate(prompts, max_new_tokens=6) == Engine(ours).generate(prompts, max_new_tokens=6)
+    if experts == "fp8":
+        return
     tensors[next(n for n in tensors if n.endswith("w1" + suffix))] = torch.ones(3, 3)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="FP4 scale shape"):
