@@ -37,12 +37,13 @@ BLOCK = 64
 class PagedPool:
     """Per-layer slot arrays [n_blocks * block, ...] and a free list of blocks (block 0 stays reserved)."""
 
-    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64):
+    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64, slack: int = 0):
         c = model.config
         p = next(model.parameters())
-        self.block, self.n_blocks, self.device = block, n_blocks, p.device
-        if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache)
-            self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device)
+        self.block, self.n_blocks, self.device, self.slack = block, n_blocks, p.device, slack
+        if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache;
+            # slack: the rings' extra rows for speculative verify forwards)
+            self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device, slack)
         else:
             shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
             if c.attn_type == "dsa":
@@ -213,9 +214,6 @@ class Engine:
         c = model.config
         if speculative and not c.n_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
-        if speculative and c.arch == "deepseek_v4":
-            raise ValueError("speculative decoding does not run deepseek_v4's MTP module yet (it trains, loads and "
-                             "saves; drafting needs its layer in the V4 cache)")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
         if prefix_cache and not self.prefix_cache_fits(c, speculative):
@@ -224,7 +222,7 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
-        self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
+        self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch, slack=int(self.speculative))
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -334,7 +332,7 @@ class Engine:
                 continue
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
             prompt = torch.tensor([seq.prompt[seq.length:]], device=self.device)
-            h = self.model.hidden(prompt, self._batch([seq], prompt.shape[1]))
+            h, state = self.model.hidden_state(prompt, self._batch([seq], prompt.shape[1]))
             if self.prefix_cache:
                 self.pool.remember(seq, keys)
                 self.prefix_stats["hit"] += seq.cached
@@ -343,7 +341,7 @@ class Engine:
             logits = self.model.head(h[:, -1])
             events.append(self._emit(seq, int(self._choose([seq], logits)[0]), logits[0]))
             if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
-                seq.mtp_todo = (h[0], seq.prompt[1:] + [seq.pending])
+                seq.mtp_todo = (state[0], seq.prompt[1:] + [seq.pending])
             elif not self.speculative and seq.finish_reason is None:  # (a finished one has freed its blocks)
                 prefilled[tuple(seq.prompt)] = (seq, logits)
         live = [s for s in self.running if s.pending is not None]
@@ -367,15 +365,15 @@ class Engine:
             by_len.setdefault(len(s.mtp_todo[1]), []).append(s)
         draft_logits = {}
         for T, group in by_len.items():  # MTP catches up on the positions verified last step (1, 2 or a prompt)
-            h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, D]
+            h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, ...] the draft's input (hidden_state)
             tokens = torch.tensor([s.mtp_todo[1] for s in group], device=self.device)
-            g = m.mtp_hidden(h, tokens, PagedBatch(self.pool, group, T, mtp=True))
+            g = m.mtp_hidden(h, tokens, self._batch(group, T, mtp=True))
             for s, row in zip(group, m.head(g[:, -1])):
                 draft_logits[s.rid] = row
         q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
         drafts = sample(q_logits, [s.params for s in seqs], [s.generator for s in seqs])
         tokens = torch.tensor([[s.pending, int(d)] for s, d in zip(seqs, drafts)], device=self.device)
-        h = m.hidden(tokens, PagedBatch(self.pool, seqs, 2))  # [B, 2, D]
+        h, state = m.hidden_state(tokens, self._batch(seqs, 2))  # [B, 2, D], [B, 2, ...]
         logits = m.head(h)  # [B, 2, V]
         p_logits = self._penalized(seqs, logits[:, 0])
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
@@ -395,15 +393,15 @@ class Engine:
             events.append(self._emit(s, tok, logits[i, 0]))
             if not ok:
                 s.length -= 1  # the draft's cache entry is dropped (overwritten next step)
-                s.mtp_todo = (h[i, :1], [s.pending]) if s.pending is not None else None
+                s.mtp_todo = (state[i, :1], [s.pending]) if s.pending is not None else None
             elif s.finish_reason is None:
                 bonus = int(self._choose([s], logits[i, 1:])[0])
                 events.append(self._emit(s, bonus, logits[i, 1]))
-                s.mtp_todo = (h[i], [d, s.pending]) if s.pending is not None else None
+                s.mtp_todo = (state[i], [d, s.pending]) if s.pending is not None else None
         return events
 
-    def _batch(self, seqs: list[Sequence], T: int):
-        return v4cache.V4Batch(self.pool, seqs, T) if self.pool.rings else PagedBatch(self.pool, seqs, T)
+    def _batch(self, seqs: list[Sequence], T: int, mtp: bool = False):
+        return (v4cache.V4Batch if self.pool.rings else PagedBatch)(self.pool, seqs, T, mtp)
 
     def _copy_prompt(self, src: Sequence, dst: Sequence):
         """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""

@@ -495,6 +495,11 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, cache)
         return (self.head(h), self.mtp_logits(h, tokens)) if mtp else self.head(h)
 
+    def hidden_state(self, tokens, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [B, T, D], the MTP draft's input at the same positions): here the hidden itself."""
+        h = self.hidden(tokens, cache)
+        return h, h
+
     def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
         """Incremental first MTP module (the engine's draft model). h [B, T, D] are main-model hiddens at
         positions i, tokens [B, T] the tokens at i + 1; returns the MTP hiddens that predict i + 2."""

@@ -435,6 +435,19 @@ class V4Transformer(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
 
+    def hidden_state(self, tokens, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [B, T, D], the MTP draft's input: the last layer's streams [B, T, N, D])."""
+        h = self.streams(tokens, cache)
+        return self.norm(self.hc_head(h)), h
+
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """Incremental first MTP module (the engine's draft model): h [B, T, N, D] main streams at positions i,
+        tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict i + 2."""
+        pos = positions(tokens, cache, self.config.max_seq_len)
+        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache)
+        cache.advance(tokens.shape[1])
+        return x
+
     def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False):
         """tokens [B, T] -> logits [B, T, V]; with mtp=True also the MTP modules' logits (see mtp_logits)."""
         if not mtp:

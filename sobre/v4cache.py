@@ -12,6 +12,10 @@ when its window completes, so a decode step pools at most one entry per compress
 plus the entries. Per-token cost at long context: (D + Di) / rate (CSA) or D / rate (HCA) values per layer,
 where the simple twin (the model.Cache path of v4.Attention) keeps every token's rows and re-pools all
 windows each step; tests/test_v4.py checks both against full forwards.
+With `slack` s the rings hold s more rows, so a forward may also continue a sequence by up to s + 1 tokens
+(speculative decoding verifies [pending, draft]): every window it completes is still in the ring. A rejected
+draft's rows are simply overwritten by the next forward (nothing reads past a sequence's length). MTP
+modules' layers (sliding window) get rings too, after the main layers'.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import torch
 from .config import Config
 
 
-def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> tuple[list, list]:
-    """(entries, rings) per layer. entries: [n_blocks * per_block + 1, width] (compressor, + CSA indexer keys;
-    the last row takes the pooled rows of windows that are not complete yet); rings: window K=V ring, then
-    the (kv, gate) projection rings of the compressor (and of the CSA indexer)."""
+def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device, slack: int = 0) -> tuple[list, list]:
+    """(entries, rings) per layer, MTP layers last. entries: [n_blocks * per_block + 1, width] (compressor, + CSA
+    indexer keys; the last row takes the pooled rows of windows that are not complete yet); rings: window K=V
+    ring, then the (kv, gate) projection rings of the compressor (and of the CSA indexer); `slack` more rows
+    each."""
     entries, rings = [], []
-    for kind in c.layer_types:
+    for kind in list(c.layer_types) + ["sliding"] * c.n_mtp_layers:
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        rings.append([z(lanes, c.sliding_window, c.head_dim)])
+        rings.append([z(lanes, c.sliding_window + slack, c.head_dim)])
         entries.append([])
         if kind == "sliding":
             continue
@@ -41,7 +46,7 @@ def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> 
         for d in dims:
             width = 2 * d if kind == "csa" else d
             entries[-1].append(z(rows, d))
-            rings[-1] += [z(lanes, R, width), z(lanes, R, width)]
+            rings[-1] += [z(lanes, R + slack, width), z(lanes, R + slack, width)]
     return entries, rings
 
 
@@ -53,11 +58,13 @@ def entry_rows(table: torch.Tensor, w: torch.Tensor, rate: int, block: int) -> t
     return table.gather(1, (p // block).clamp_max(table.shape[1] - 1)) * per_block + (p % block) // rate
 
 
-def ring_read(ring: torch.Tensor, lanes: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The R rows a lane's ring holds, oldest first, for sequences whose newest position is `last` [B]:
-    -> rows [B, R, ...], positions [B, R] (negative: none)."""
+def ring_read(ring: torch.Tensor, lanes: torch.Tensor, last: torch.Tensor, n: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n rows (default: all R the ring holds) ending at position `last` [B] of each lane, oldest first
+    -> rows [B, n, ...], positions [B, n] (negative: none)."""
     R = ring.shape[1]
-    pos = last[:, None] - R + 1 + torch.arange(R, device=ring.device)  # [B, R]
+    n = n or R
+    pos = last[:, None] - n + 1 + torch.arange(n, device=ring.device)  # [B, n]
     return ring[lanes[:, None], pos % R], pos
 
 
@@ -70,16 +77,20 @@ def ring_write(ring: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor, rows:
 
 class V4Batch:
     """One engine forward of a V4 model over B running sequences: T new tokens each, either a prefill from
-    position 0 or a decode step (T = 1). Same protocol as engine.PagedBatch (positions / mask / advance) plus
-    `context`, which v4.Attention calls instead of `update`."""
+    position 0 or a continuation by at most 1 + the pool's ring slack tokens (a decode step: 1; speculative
+    verify: 2). Same protocol as engine.PagedBatch (positions / mask / advance; `mtp`: the MTP layers' own
+    lengths) plus `context`, which v4.Attention calls instead of `update`."""
 
-    def __init__(self, pool, seqs, T: int):
-        self.pool, self.seqs, self.T = pool, seqs, T
-        if T > 1 and any(s.length for s in seqs):
-            raise ValueError("deepseek_v4 engine: a forward of several tokens must start at position 0")
-        self.end = max(s.length for s in seqs) + T  # tokens the longest sequence will hold
+    def __init__(self, pool, seqs, T: int, mtp: bool = False):
+        self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
+        lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.prefill = T > 1 + pool.slack
+        if self.prefill and any(lengths):
+            raise ValueError(f"deepseek_v4 engine: a forward of {T} tokens must start at position 0 (continuing a "
+                             f"sequence takes at most {1 + pool.slack})")
+        self.end = max(lengths) + T  # tokens the longest sequence will hold
         dev = pool.device
-        self.pos = torch.tensor([s.length for s in seqs], device=dev)[:, None] + torch.arange(T, device=dev)  # [B, T]
+        self.pos = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)  # [B, T]
         self.lanes = torch.tensor([s.lane for s in seqs], device=dev)
         self.table = pool.block_table(seqs, self.end)
 
@@ -91,7 +102,10 @@ class V4Batch:
 
     def advance(self, T: int):
         for s in self.seqs:
-            s.length += T
+            if self.mtp:
+                s.mtp_length += T
+            else:
+                s.length += T
 
     def context(self, attn, new: list[torch.Tensor], rope):
         """new: this forward's K=V rows [B, T, D], then the compressor's (kv, gate) and the CSA indexer's
@@ -100,9 +114,10 @@ class V4Batch:
         c, pos, lanes, T = attn.c, self.pos, self.lanes, self.T
         rings, entries = self.pool.rings[attn.layer_id], self.pool.slots[attn.layer_id]
         ring_write(rings[0], lanes, pos, new[0])
-        if T == 1:  # decode: the window's K=V rows come from the ring
-            kv, kpos = ring_read(rings[0], lanes, pos[:, -1])
-            see = (kpos >= 0)[:, None]  # [B, 1, W]
+        if not self.prefill:  # decode / verify: the window's K=V rows come from the ring
+            kv, kpos = ring_read(rings[0], lanes, pos[:, -1], c.sliding_window + T - 1)  # [B, L, D], [B, L]
+            kpos, q = kpos[:, None], pos[..., None]  # [B, 1, L], [B, T, 1]
+            see = (kpos >= 0) & (kpos <= q) & (q - kpos < c.sliding_window)  # [B, T, L]
         else:  # prefill from 0: the new rows themselves
             kv, q = new[0], torch.arange(T, device=pos.device)
             see = ((q[None] <= q[:, None]) & (q[:, None] - q[None] < c.sliding_window))[None]  # [1, T, T]
@@ -120,19 +135,22 @@ class V4Batch:
         m, pos, lanes, blk = comp.rate, self.pos, self.lanes, self.pool.block
         for ring, t in zip(rings, new):
             ring_write(ring, lanes, pos, t)
-        if self.T == 1:
-            (kv, kpos), (gate, _) = (ring_read(r, lanes, pos[:, -1]) for r in rings)  # [B, R, width]
-            gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
-            w = (pos[:, -1] + 1) // m - 1  # [B] the window the new token may complete
-            prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
-            pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w.clamp_min(0), prev=prev)  # [B, 1, d]
-            done = (pos[:, -1] + 1) % m == 0
-            rows = torch.where(done, entry_rows(self.table, w.clamp_min(0)[:, None], m, blk)[:, 0], len(store) - 1)
+        if not self.prefill:  # each new token may complete a window: pool it from the rings
+            R = 2 * m if comp.overlap else m
+            for t in range(self.T):
+                (kv, kpos), (gate, _) = (ring_read(r, lanes, pos[:, t], R) for r in rings)  # [B, R, width]
+                gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
+                w = (pos[:, t] + 1) // m - 1  # [B] the window token t may complete
+                prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
+                pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w.clamp_min(0), prev=prev)  # [B, 1, d]
+                done = (pos[:, t] + 1) % m == 0
+                rows = torch.where(done, entry_rows(self.table, w.clamp_min(0)[:, None], m, blk)[:, 0], len(store) - 1)
+                store[rows] = pooled[:, 0].to(store.dtype)
         else:
             pooled = comp.pool(*new, rope)  # [B, n, d]: windows 0..n-1
             n = pooled.shape[1]
             rows = entry_rows(self.table, torch.arange(n, device=pos.device).expand(len(lanes), n), m, blk)
-        store[rows.flatten()] = pooled.flatten(0, 1).to(store.dtype)
+            store[rows.flatten()] = pooled.flatten(0, 1).to(store.dtype)
         N = self.end // m
         w = torch.arange(N, device=pos.device).expand(len(lanes), N)
         return store[entry_rows(self.table, w, m, blk)]  # [B, N, d] (past a sequence's own: masked)

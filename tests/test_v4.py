@@ -363,5 +363,40 @@ def test_mtp_module_predicts_two_ahead_causally():
         assert len(lean.mtp) == 0
         with torch.no_grad():
             torch.testing.assert_close(lean(x), logits, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="does not run deepseek_v4's MTP module"):
-        sobre.Engine(m, speculative=True)
+
+
+def test_speculative_decoding_with_the_mtp_module(monkeypatch):
+    """The engine drafts with V4's MTP module and verifies [pending, draft] in one forward (rings one row longer,
+    windows completed by either token pooled): greedy tokens equal plain greedy, batched and alone; with an
+    oracle draft (the main model's own next hidden) every draft is accepted, two tokens per step, and the MTP
+    layer's own incremental hiddens (its cache catching up two positions a step) equal the module run over the
+    whole sequence."""
+    import sobre
+    from sobre.v4 import init_weights
+    c = Config.from_hf(transformers.DeepseekV4Config(**{**HF, "sliding_window": 4}).to_dict())
+    m = init_weights(V4Transformer(c), std=0.1, seed=3).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 1, 17, 6)]
+    plain = sobre.Engine(m, max_batch=2, block=8).generate(prompts, max_new_tokens=14)
+    eng = sobre.Engine(m, max_batch=2, block=8, speculative=True)
+    assert eng.generate(prompts, max_new_tokens=14) == plain
+    assert [eng.generate([p], max_new_tokens=14)[0] for p in prompts] == plain
+    mtp_hidden, drafted = m.mtp_hidden, []
+
+    def oracle(h, tokens, cache):
+        out = mtp_hidden(h, tokens, cache)
+        drafted.extend((s.rid, cache.pos[b], out[b]) for b, s in enumerate(cache.seqs))  # the module's own
+        out = out.clone()
+        for b, s in enumerate(cache.seqs):  # the draft: the main model's next hidden, always right
+            out[b, -1] = m.hidden(torch.tensor([s.prompt + s.out]))[0, -1]
+        return out
+
+    monkeypatch.setattr(m, "mtp_hidden", oracle)
+    eng = sobre.Engine(m, max_batch=2, block=8, speculative=True)
+    assert eng.generate(prompts, max_new_tokens=14) == plain
+    with torch.no_grad():  # the MTP layer's incremental hiddens (catching up 2 tokens a step) == the module run
+        for rid, p in enumerate(prompts):  # over the whole sequence (training's mtp_logits)
+            full = m(torch.tensor([p + plain[rid]]), mtp=True)[1][0][0]  # [L - 1, V]
+            for pos, h in [(pos, h) for r, pos, h in drafted if r == rid]:
+                torch.testing.assert_close(m.head(h), full[pos], atol=1e-4, rtol=0)
+    assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 20
