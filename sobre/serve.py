@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.exceptions import HTTPException
 
 from .chat import ReasoningStream, split_reasoning
@@ -186,6 +187,24 @@ class Choice:
 
 
 # ---- the app --------------------------------------------------------------------------------------
+class EngineCounts:
+    """The engine's own running counts, read at scrape time: MTP drafts proposed / accepted (acceptance =
+    their ratio), prompt tokens served from the prefix cache / prefilled."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        for name, doc, value in (("sobre_spec_draft_tokens", "MTP draft tokens proposed", e.spec_stats["drafted"]),
+                                 ("sobre_spec_accepted_tokens", "MTP draft tokens accepted", e.spec_stats["accepted"]),
+                                 ("sobre_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
+                                  e.prefix_stats["hit"]),
+                                 ("sobre_prefix_cache_miss_tokens", "prompt tokens prefilled with the prefix cache on",
+                                  e.prefix_stats["miss"])):
+            yield CounterMetricFamily(name, doc, value=value)
+
+
 class Server:
     def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_queue: int = 256,
                  timeout: float = 600.0, max_body: int = 8 << 20):
@@ -209,6 +228,8 @@ class Server:
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.m_ttft = Histogram("sobre_time_to_first_token_seconds", "TTFT", registry=r, buckets=buckets)
         self.m_tpot = Histogram("sobre_time_per_output_token_seconds", "TPOT", registry=r, buckets=buckets)
+        r.register(EngineCounts(self.engine))
+
 
     # ---- validation ----------------------------------------------------------------------------
     def check_key(self, request: Request):
