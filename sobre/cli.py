@@ -124,7 +124,8 @@ def cmd_generate(args):
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
     device = "cpu" if args.expert_parallel else pick_device(args.device)  # expert parallel: each rank's, below
-    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None, device=device, fp8=args.fp8)
+    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None, device=device, fp8=args.fp8,
+                 mtp=args.speculative)
     tok = load_tokenizer(path)
     if args.ids:
         prompt = [int(t) for t in args.ids.split(",")]
@@ -140,7 +141,8 @@ def cmd_generate(args):
     text = TextStream(tok) if tok and not args.ids else None
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty):
+                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                      speculative=args.speculative):
         out.append(t)
         if rank == 0:
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
@@ -429,6 +431,7 @@ def main(argv=None):
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

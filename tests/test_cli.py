@@ -38,6 +38,8 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path):
     ids = [int(t) for t in out.stdout.split()]
     assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
     assert "tok/s" in out.stderr
+    spec = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--speculative")  # MTP draft
+    assert [int(t) for t in spec.stdout.split()] == ids
 
 
 def test_generate_with_tokenizer_text_prompt(tmp_path):
