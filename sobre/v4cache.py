@@ -83,7 +83,7 @@ class V4Batch:
 
     def __init__(self, pool, seqs, T: int, mtp: bool = False):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
-        lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.lengths = lengths = [s.mtp_length if mtp else s.length for s in seqs]
         self.prefill = T > 1 + pool.slack
         if self.prefill and any(lengths):
             raise ValueError(f"deepseek_v4 engine: a forward of {T} tokens must start at position 0 (continuing a "
@@ -138,6 +138,8 @@ class V4Batch:
         if not self.prefill:  # each new token may complete a window: pool it from the rings
             R = 2 * m if comp.overlap else m
             for t in range(self.T):
+                if all((n + t + 1) % m for n in self.lengths):
+                    continue  # token t completes no sequence's window (known on the host: no device sync)
                 (kv, kpos), (gate, _) = (ring_read(r, lanes, pos[:, t], R) for r in rings)  # [B, R, width]
                 gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
                 w = (pos[:, t] + 1) // m - 1  # [B] the window token t may complete

@@ -400,3 +400,30 @@ def test_speculative_decoding_with_the_mtp_module(monkeypatch):
             for pos, h in [(pos, h) for r, pos, h in drafted if r == rid]:
                 torch.testing.assert_close(m.head(h), full[pos], atol=1e-4, rtol=0)
     assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 20
+
+
+def test_sinkhorn_projection_is_doubly_stochastic():
+    """mHC's comb matrices: rows and columns sum to 1 (all positive) after the Sinkhorn-Knopp iterations, from
+    the projection itself and from a hyper-connection's forward; the numpy path (a decode step's few rows on
+    the CPU) equals the torch path (autograd, or many rows)."""
+    from sobre.v4 import HyperConnection, sinkhorn
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(5, 3, 4, 4, generator=g).softmax(-1) + 1e-6  # (sharper inputs converge slower in 20 rounds)
+    fast = sinkhorn(raw, 20, 1e-6)
+    slow = sinkhorn(raw.clone().requires_grad_(), 20, 1e-6)  # autograd: the torch path
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-7, rtol=0)
+    big = sinkhorn(raw.repeat(20, 1, 1, 1), 20, 1e-6)  # > 1024 values: the torch path
+    torch.testing.assert_close(big[:5], fast, atol=1e-7, rtol=0)
+    for comb in (fast, slow.detach()):
+        assert (comb > 0).all()
+        torch.testing.assert_close(comb.sum(-1), torch.ones(5, 3, 4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(comb.sum(-2), torch.ones(5, 3, 4), atol=1e-5, rtol=0)
+    c = Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict())
+    hc = HyperConnection(c)
+    with torch.no_grad():
+        hc.fn.normal_(0, 0.05, generator=g)
+        hc.base.normal_(0, 0.5, generator=g)
+        post, comb, x = hc(torch.randn(2, 7, c.hc_mult, c.dim, generator=g))
+    assert comb.shape == (2, 7, c.hc_mult, c.hc_mult) and x.shape == (2, 7, c.dim)
+    torch.testing.assert_close(comb.sum(-1), torch.ones(2, 7, c.hc_mult), atol=1e-5, rtol=0)
+    torch.testing.assert_close(comb.sum(-2), torch.ones(2, 7, c.hc_mult), atol=1e-5, rtol=0)
