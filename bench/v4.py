@@ -1,7 +1,8 @@
 """DeepSeek-V4 decode: sobre's Engine vs transformers `generate` on the same random V4 checkpoint (saved by
 transformers' own save_pretrained), and the cache bytes per token of V4 vs V3 from the engines' allocations.
 
-Greedy, fp32, same process and threads; decode time excludes prefill (first -> last token, as bench/engine.py).
+Greedy, fp32, same process and threads; decode time excludes prefill (first -> last token, as bench/engine.py);
+the best of 3 runs each, sobre and transformers alternating.
     python bench/v4.py [--quick]
 """
 
@@ -73,7 +74,8 @@ def main():
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
     for L in ctxs:
-        a, b = min(sobre_ms(L) for _ in range(2)), min(hf_ms(L) for _ in range(2))
+        pairs = [(sobre_ms(L), hf_ms(L)) for _ in range(3)]  # alternating: this CPU's speed drifts
+        a, b = min(p[0] for p in pairs), min(p[1] for p in pairs)
         print(f"| decode ms/token at context {L} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
     pool = ours.pool  # entries grow with the context; window and projection rings are fixed per sequence
     for L in ctxs:

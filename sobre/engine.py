@@ -37,13 +37,12 @@ BLOCK = 64
 class PagedPool:
     """Per-layer slot arrays [n_blocks * block, ...] and a free list of blocks (block 0 stays reserved)."""
 
-    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64, slack: int = 0):
+    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64):
         c = model.config
         p = next(model.parameters())
-        self.block, self.n_blocks, self.device, self.slack = block, n_blocks, p.device, slack
-        if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache;
-            # slack: the rings' extra rows for speculative verify forwards)
-            self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device, slack)
+        self.block, self.n_blocks, self.device = block, n_blocks, p.device
+        if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache)
+            self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device)
         else:
             shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
             if c.attn_type == "dsa":
@@ -208,8 +207,11 @@ class Event:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
-                 block: int = BLOCK, speculative: bool = False, prefix_cache: bool = False):
+                 block: int = BLOCK, speculative: bool = False, prefix_cache: bool = False, prefill_chunk: int = 1024):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
         if speculative and not c.n_mtp_layers:
@@ -222,7 +224,7 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
-        self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch, slack=int(self.speculative))
+        self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -331,8 +333,7 @@ class Engine:
                 events.append(self._emit(seq, int(self._choose([seq], twin[1])[0]), twin[1][0]))
                 continue
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
-            prompt = torch.tensor([seq.prompt[seq.length:]], device=self.device)
-            h, state = self.model.hidden_state(prompt, self._batch([seq], prompt.shape[1]))
+            h, state = self._prefill(seq)
             if self.prefix_cache:
                 self.pool.remember(seq, keys)
                 self.prefix_stats["hit"] += seq.cached
@@ -367,7 +368,9 @@ class Engine:
         for T, group in by_len.items():  # MTP catches up on the positions verified last step (1, 2 or a prompt)
             h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, ...] the draft's input (hidden_state)
             tokens = torch.tensor([s.mtp_todo[1] for s in group], device=self.device)
-            g = m.mtp_hidden(h, tokens, self._batch(group, T, mtp=True))
+            for i in range(0, T, self._chunk(T)):  # (a prompt: in chunks, as it was prefilled)
+                g = m.mtp_hidden(h[:, i:i + self._chunk(T)], tokens[:, i:i + self._chunk(T)],
+                                 self._batch(group, min(self._chunk(T), T - i), mtp=True))
             for s, row in zip(group, m.head(g[:, -1])):
                 draft_logits[s.rid] = row
         q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
@@ -399,6 +402,21 @@ class Engine:
                 events.append(self._emit(s, bonus, logits[i, 1]))
                 s.mtp_todo = (state[i], [d, s.pending]) if s.pending is not None else None
         return events
+
+    def _chunk(self, T: int) -> int:
+        """Tokens per forward for T new ones: deepseek_v4 at most prefill_chunk (its reference attention scores
+        every key of a forward: a 32k prompt at once would need tens of GB); other models all at once."""
+        return min(T, self.prefill_chunk) if self.pool.rings else T
+
+    def _prefill(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's uncached tokens through the model -> (hidden [1, 1, D] at the last one, the MTP draft's
+        input over all of them when speculative)."""
+        todo, states = seq.prompt[seq.length:], []
+        for i in range(0, len(todo), self._chunk(len(todo))):
+            chunk = torch.tensor([todo[i:i + self._chunk(len(todo))]], device=self.device)
+            h, state = self.model.hidden_state(chunk, self._batch([seq], chunk.shape[1]))
+            states += [state] if self.speculative else []
+        return h[:, -1:], torch.cat(states, 1) if states else None
 
     def _batch(self, seqs: list[Sequence], T: int, mtp: bool = False):
         return (v4cache.V4Batch if self.pool.rings else PagedBatch)(self.pool, seqs, T, mtp)

@@ -131,9 +131,9 @@ class Indexer(Compressor):
         self.scorer = nn.Module()
         self.scorer.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
 
-    def select(self, x, q_lat, pos, rope, visible, k) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries x/q_lat [B, T, .] at pos [B, T], keys k [B, N, Di] -> (bool [B, T, N]: each query's top-k of
-        its visible compressed entries, the fp32 scores [B, T, N] with -inf where not visible)."""
+    def select(self, x, q_lat, pos, rope, visible, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries x/q_lat [B, T, .] at pos [B, T], keys k [B, N, Di] -> (each query's top-k compressed entries
+        [B, T, k], whether each is visible [B, T, k], the fp32 scores [B, T, N] with -inf where not visible)."""
         c = self.c
         B, T, _ = x.shape
         cos, sin = rope(pos, "compress")
@@ -142,7 +142,7 @@ class Indexer(Compressor):
         w = self.scorer.weights_proj(x).float() * c.index_n_heads**-0.5  # [B, T, Hi]
         score = (s * w[..., None]).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
         top = score.topk(min(c.index_topk, score.shape[-1]), dim=-1).indices
-        return torch.zeros_like(visible).scatter_(-1, top, True) & visible, score
+        return top, visible.gather(-1, top), score
 
 
 def indexer_kl(target_scores: torch.Tensor, index_scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -196,19 +196,30 @@ class Attention(nn.Module):
             kv, see, ent, causal, keys = cache.context(self, new, rope)
         else:
             kv, see, ent, causal, keys = self.context(new, pos, rope, see, cache)
+        mine = None  # CSA: each query's own top-k entries [B, T, k, D]
         if self.kind == "csa":  # entry w is complete once token (w+1)*rate-1 is seen; CSA reads the top-k
-            chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
+            top, chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
             if self.training:
                 target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5
                 self.indexer_loss = indexer_kl(target, score, causal)
-            causal = chosen
-        if ent is not None:
+            mine = ent[torch.arange(B, device=x.device)[:, None, None], top]  # gathered: O(k), not O(N)
+            ent = None
+        if ent is not None:  # HCA: every causal entry
             kv, see = torch.cat([kv, ent], dim=1), torch.cat([see.expand(B, -1, -1), causal], dim=-1)
-        s = (torch.einsum("bthd,bsd->bhts", q, kv) * D**-0.5).float()
-        s = s.masked_fill(~see[:, None], float("-inf"))
+        s = torch.einsum("bthd,bsd->bhts", q, kv)  # [B, H, T, S]
+        if mine is not None:
+            s = torch.cat([s, torch.einsum("bthd,btkd->bhtk", q, mine)], dim=-1)  # [B, H, T, S + k]
+            see = torch.cat([see.expand(B, -1, -1), chosen], dim=-1)
+        s = (s * D**-0.5).float().masked_fill(~see[:, None], float("-inf"))
         s = torch.cat([s, self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
         p = s.softmax(-1)[..., :-1].to(kv.dtype)  # the sink takes its share of the mass, then is dropped
-        o = rope_tail(torch.einsum("bhts,bsd->bthd", p, kv), cos[:, :, None], -sin[:, :, None])  # rotate back
+        if mine is None:
+            o = torch.einsum("bhts,bsd->bthd", p, kv)
+        else:  # window + chosen entries accumulated in fp32 and rounded once, as one product over both would be
+            S = kv.shape[1]
+            o = (torch.einsum("bhts,bsd->bthd", p[..., :S].float(), kv.float())
+                 + torch.einsum("bhtk,btkd->bthd", p[..., S:].float(), mine.float())).to(kv.dtype)
+        o = rope_tail(o, cos[:, :, None], -sin[:, :, None])  # rotate back
         o = o.reshape(B, T, G, H * D // G)
         w = self.o_a_proj.dequantized(o.dtype) if hasattr(self.o_a_proj, "dequantized") else self.o_a_proj.weight
         w = w.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block (FP8: dequantised)

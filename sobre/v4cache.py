@@ -12,10 +12,11 @@ when its window completes, so a decode step pools at most one entry per compress
 plus the entries. Per-token cost at long context: (D + Di) / rate (CSA) or D / rate (HCA) values per layer,
 where the simple twin (the model.Cache path of v4.Attention) keeps every token's rows and re-pools all
 windows each step; tests/test_v4.py checks both against full forwards.
-With `slack` s the rings hold s more rows, so a forward may also continue a sequence by up to s + 1 tokens
-(speculative decoding verifies [pending, draft]): every window it completes is still in the ring. A rejected
-draft's rows are simply overwritten by the next forward (nothing reads past a sequence's length). MTP
-modules' layers (sliding window) get rings too, after the main layers'.
+A forward reads the rings (the rows before its first new token) before it writes its own rows, so it may
+hold any number of new tokens from any position: a whole prompt or a chunk of one, a decode step, a
+speculative verify of [pending, draft]. A rejected draft's rows are simply overwritten by the next forward
+(nothing reads past a sequence's length). MTP modules' layers (sliding window) get rings too, after the main
+layers'.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ import torch
 from .config import Config
 
 
-def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device, slack: int = 0) -> tuple[list, list]:
+def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> tuple[list, list]:
     """(entries, rings) per layer, MTP layers last. entries: [n_blocks * per_block + 1, width] (compressor, + CSA
     indexer keys; the last row takes the pooled rows of windows that are not complete yet); rings: window K=V
-    ring, then the (kv, gate) projection rings of the compressor (and of the CSA indexer); `slack` more rows
-    each."""
+    ring, then the (kv, gate) projection rings of the compressor (and of the CSA indexer)."""
     entries, rings = [], []
     for kind in list(c.layer_types) + ["sliding"] * c.n_mtp_layers:
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        rings.append([z(lanes, c.sliding_window + slack, c.head_dim)])
+        rings.append([z(lanes, c.sliding_window, c.head_dim)])
         entries.append([])
         if kind == "sliding":
             continue
@@ -46,7 +46,7 @@ def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device, sla
         for d in dims:
             width = 2 * d if kind == "csa" else d
             entries[-1].append(z(rows, d))
-            rings[-1] += [z(lanes, R + slack, width), z(lanes, R + slack, width)]
+            rings[-1] += [z(lanes, R, width), z(lanes, R, width)]
     return entries, rings
 
 
@@ -76,21 +76,18 @@ def ring_write(ring: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor, rows:
 
 
 class V4Batch:
-    """One engine forward of a V4 model over B running sequences: T new tokens each, either a prefill from
-    position 0 or a continuation by at most 1 + the pool's ring slack tokens (a decode step: 1; speculative
-    verify: 2). Same protocol as engine.PagedBatch (positions / mask / advance; `mtp`: the MTP layers' own
-    lengths) plus `context`, which v4.Attention calls instead of `update`."""
+    """One engine forward of a V4 model over B running sequences: T new tokens each, from each sequence's own
+    length on (a prompt or a chunk of one, a decode step, a speculative verify). Same protocol as
+    engine.PagedBatch (positions / mask / advance; `mtp`: the MTP layers' own lengths) plus `context`, which
+    v4.Attention calls instead of `update`. Every layer reads what the rings hold from before the new tokens,
+    then writes the new tokens' rows."""
 
     def __init__(self, pool, seqs, T: int, mtp: bool = False):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
-        self.lengths = lengths = [s.mtp_length if mtp else s.length for s in seqs]
-        self.prefill = T > 1 + pool.slack
-        if self.prefill and any(lengths):
-            raise ValueError(f"deepseek_v4 engine: a forward of {T} tokens must start at position 0 (continuing a "
-                             f"sequence takes at most {1 + pool.slack})")
-        self.end = max(lengths) + T  # tokens the longest sequence will hold
+        self.lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.end = max(self.lengths) + T  # tokens the longest sequence will hold
         dev = pool.device
-        self.pos = torch.tensor(lengths, device=dev)[:, None] + torch.arange(T, device=dev)  # [B, T]
+        self.pos = torch.tensor(self.lengths, device=dev)[:, None] + torch.arange(T, device=dev)  # [B, T]
         self.lanes = torch.tensor([s.lane for s in seqs], device=dev)
         self.table = pool.block_table(seqs, self.end)
 
@@ -111,16 +108,11 @@ class V4Batch:
         """new: this forward's K=V rows [B, T, D], then the compressor's (kv, gate) and the CSA indexer's
         projections [B, T, width] -> (kv [B, L, D], see [B, T, L], entries [B, N, D] | None,
         causal [B, T, N] | None, indexer keys [B, N, Di] | None)."""
-        c, pos, lanes, T = attn.c, self.pos, self.lanes, self.T
+        pos, W = self.pos, attn.c.sliding_window
         rings, entries = self.pool.rings[attn.layer_id], self.pool.slots[attn.layer_id]
-        ring_write(rings[0], lanes, pos, new[0])
-        if not self.prefill:  # decode / verify: the window's K=V rows come from the ring
-            kv, kpos = ring_read(rings[0], lanes, pos[:, -1], c.sliding_window + T - 1)  # [B, L, D], [B, L]
-            kpos, q = kpos[:, None], pos[..., None]  # [B, 1, L], [B, T, 1]
-            see = (kpos >= 0) & (kpos <= q) & (q - kpos < c.sliding_window)  # [B, T, L]
-        else:  # prefill from 0: the new rows themselves
-            kv, q = new[0], torch.arange(T, device=pos.device)
-            see = ((q[None] <= q[:, None]) & (q[:, None] - q[None] < c.sliding_window))[None]  # [1, T, T]
+        kv, kpos = self._with_past(rings[0], new[0], W - 1)  # the window before the new tokens, then them
+        q, kpos = pos[..., None], kpos[:, None]  # [B, T, 1], [B, 1, L]
+        see = (kpos >= 0) & (kpos <= q) & (q - kpos < W)  # [B, T, L]
         if attn.kind == "sliding":
             return kv, see, None, None, None
         comp = attn.compressor
@@ -129,32 +121,32 @@ class V4Batch:
         causal = torch.arange(ent.shape[1], device=pos.device) < ((pos + 1) // comp.rate)[..., None]  # [B, T, N]
         return kv, see, ent, causal, keys
 
+    def _with_past(self, ring, rows, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n rows a lane's ring holds before the new ones, then the new rows [B, T, ...] (stored in the ring
+        afterwards): -> [B, n + T, ...] and their positions [B, n + T] (negative: none)."""
+        old, opos = ring_read(ring, self.lanes, self.pos[:, 0] - 1, n)
+        ring_write(ring, self.lanes, self.pos, rows)
+        return torch.cat([old, rows.to(old.dtype)], 1), torch.cat([opos, self.pos], 1)
+
     def _entries(self, comp, rope, new, rings, store) -> torch.Tensor:
-        """Pool the windows this forward completes into `store`, keep the projections the next windows need
-        in the rings, and read every entry the sequences have: -> [B, N, d]."""
-        m, pos, lanes, blk = comp.rate, self.pos, self.lanes, self.pool.block
-        for ring, t in zip(rings, new):
-            ring_write(ring, lanes, pos, t)
-        if not self.prefill:  # each new token may complete a window: pool it from the rings
-            R = 2 * m if comp.overlap else m
-            for t in range(self.T):
-                if all((n + t + 1) % m for n in self.lengths):
-                    continue  # token t completes no sequence's window (known on the host: no device sync)
-                (kv, kpos), (gate, _) = (ring_read(r, lanes, pos[:, t], R) for r in rings)  # [B, R, width]
-                gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
-                w = (pos[:, t] + 1) // m - 1  # [B] the window token t may complete
-                prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
-                pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w.clamp_min(0), prev=prev)  # [B, 1, d]
-                done = (pos[:, t] + 1) % m == 0
-                rows = torch.where(done, entry_rows(self.table, w.clamp_min(0)[:, None], m, blk)[:, 0], len(store) - 1)
-                store[rows] = pooled[:, 0].to(store.dtype)
-        else:
-            pooled = comp.pool(*new, rope)  # [B, n, d]: windows 0..n-1
-            n = pooled.shape[1]
-            rows = entry_rows(self.table, torch.arange(n, device=pos.device).expand(len(lanes), n), m, blk)
-            store[rows.flatten()] = pooled.flatten(0, 1).to(store.dtype)
+        """Pool the windows the new tokens complete into `store` (a token at position p completes window
+        (p + 1) / rate - 1 when rate divides p + 1), keep the projections the next windows need in the rings,
+        and read every entry the sequences have: -> [B, N, d]."""
+        m, pos, blk = comp.rate, self.pos, self.pool.block
+        R = 2 * m if comp.overlap else m  # the rows one entry pools (CSA: the previous window's too)
+        (kv, kpos), (gate, _) = (self._with_past(r, t, R - 1) for r, t in zip(rings, new))  # [B, R - 1 + T, .]
+        gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
+        done = [(b, t) for b, n in enumerate(self.lengths) for t in range(self.T) if (n + t + 1) % m == 0]
+        if done:  # (known on the host from the lengths: no device sync)
+            b, t = (torch.tensor(x, device=pos.device) for x in zip(*done))
+            rows = t[:, None] + torch.arange(R, device=pos.device)  # the R rows ending at token t
+            kv, gate = kv[b[:, None], rows], gate[b[:, None], rows]  # [n, R, width]
+            w = (pos[b, t] + 1) // m - 1  # [n]
+            prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
+            pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w, prev=prev)  # [n, 1, d]
+            store[entry_rows(self.table[b], w[:, None], m, blk)[:, 0]] = pooled[:, 0].to(store.dtype)
         N = self.end // m
-        w = torch.arange(N, device=pos.device).expand(len(lanes), N)
+        w = torch.arange(N, device=pos.device).expand(len(self.lengths), N)
         return store[entry_rows(self.table, w, m, blk)]  # [B, N, d] (past a sequence's own: masked)
 
 

@@ -129,7 +129,8 @@ def test_bf16_parity(tmp_path):
 
 def test_decode_with_caches_equals_one_forward():
     """Token-by-token decode (model.Cache: every token's rows, windows re-pooled) and the engine's incremental
-    cache (v4cache: window rings, entries pooled once) give the full forward's logits and greedy tokens."""
+    cache (v4cache: window rings, entries pooled once; prompts whole or in chunks) give the full forward's
+    logits and greedy tokens."""
     from sobre import Engine
     from sobre.model import Cache
     hf = hf_model(seed=2, sliding_window=4, compress_rates={"compressed_sparse_attention": 4,
@@ -147,6 +148,8 @@ def test_decode_with_caches_equals_one_forward():
     prompts = [x[0, :9].tolist(), x[1, :17].tolist(), x[0, :5].tolist(), x[0, :5].tolist()]
     eng = Engine(m, max_batch=2, block=8)
     got = eng.generate(prompts, max_new_tokens=12)
+    # prompts prefilled in chunks of 3 tokens (chunks start and end inside windows of the rings and entries)
+    assert Engine(m, max_batch=2, block=8, prefill_chunk=3).generate(prompts, max_new_tokens=12) == got
     for p, g in zip(prompts, got):  # greedy by repeated full forwards
         seq = list(p)
         for _ in range(12):
@@ -366,11 +369,11 @@ def test_mtp_module_predicts_two_ahead_causally():
 
 
 def test_speculative_decoding_with_the_mtp_module(monkeypatch):
-    """The engine drafts with V4's MTP module and verifies [pending, draft] in one forward (rings one row longer,
-    windows completed by either token pooled): greedy tokens equal plain greedy, batched and alone; with an
-    oracle draft (the main model's own next hidden) every draft is accepted, two tokens per step, and the MTP
-    layer's own incremental hiddens (its cache catching up two positions a step) equal the module run over the
-    whole sequence."""
+    """The engine drafts with V4's MTP module and verifies [pending, draft] in one forward (rings read before
+    the new rows are written, windows completed by either token pooled): greedy tokens equal plain greedy,
+    batched and alone; with an oracle draft (the main model's own next hidden) every draft is accepted, two
+    tokens per step, and the MTP layer's own incremental hiddens (its cache catching up two positions a step)
+    equal the module run over the whole sequence."""
     import sobre
     from sobre.v4 import init_weights
     c = Config.from_hf(transformers.DeepseekV4Config(**{**HF, "sliding_window": 4}).to_dict())
@@ -381,6 +384,8 @@ def test_speculative_decoding_with_the_mtp_module(monkeypatch):
     eng = sobre.Engine(m, max_batch=2, block=8, speculative=True)
     assert eng.generate(prompts, max_new_tokens=14) == plain
     assert [eng.generate([p], max_new_tokens=14)[0] for p in prompts] == plain
+    chunked = sobre.Engine(m, max_batch=2, block=8, speculative=True, prefill_chunk=5)  # MTP catches up in chunks
+    assert chunked.generate(prompts, max_new_tokens=14) == plain
     mtp_hidden, drafted = m.mtp_hidden, []
 
     def oracle(h, tokens, cache):
