@@ -169,10 +169,7 @@ class PagedBatch:
 
     def advance(self, T: int):
         for s in self.seqs:
-            if self.mtp:
-                s.mtp_length += T
-            else:
-                s.length += T
+            s.advance(T, self.mtp)
 
 
 @dataclass
@@ -194,6 +191,13 @@ class Sequence:
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
+
+    def advance(self, T: int, mtp: bool = False):
+        """T more tokens in the cache (of the main model, or of the MTP draft module)."""
+        if mtp:
+            self.mtp_length += T
+        else:
+            self.length += T
 
 
 @dataclass

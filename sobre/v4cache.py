@@ -99,10 +99,7 @@ class V4Batch:
 
     def advance(self, T: int):
         for s in self.seqs:
-            if self.mtp:
-                s.mtp_length += T
-            else:
-                s.length += T
+            s.advance(T, self.mtp)
 
     def context(self, attn, new: list[torch.Tensor], rope):
         """new: this forward's K=V rows [B, T, D], then the compressor's (kv, gate) and the CSA indexer's
