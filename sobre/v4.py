@@ -202,9 +202,11 @@ class Attention(nn.Module):
             if self.training:
                 target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5
                 self.indexer_loss = indexer_kl(target, score, causal)
-            mine = ent[torch.arange(B, device=x.device)[:, None, None], top]  # gathered: O(k), not O(N)
-            ent = None
-        if ent is not None:  # HCA: every causal entry
+            if T * top.shape[-1] < ent.shape[1]:  # decode: gather each query's k entries, O(k) not O(N) per step
+                mine, ent = ent[torch.arange(B, device=x.device)[:, None, None], top], None  # [B, T, k, D]
+            else:  # many queries (training, prefill): the entries shared, each query's choice as a mask
+                causal = torch.zeros_like(causal).scatter_(-1, top, chosen)
+        if ent is not None:  # HCA: every causal entry; CSA: the chosen ones
             kv, see = torch.cat([kv, ent], dim=1), torch.cat([see.expand(B, -1, -1), causal], dim=-1)
         s = torch.einsum("bthd,bsd->bhts", q, kv)  # [B, H, T, S]
         if mine is not None:
