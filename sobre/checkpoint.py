@@ -410,9 +410,10 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
 def keep_fp8(model: Transformer, files: dict, block: tuple[int, int] | None):
     """Swap the modules whose checkpoint weights (`files`: checkpoint_files) are quantised for their quantised
     twins (weights filled by load_weights): FP8 linears -> FP8Linear; routed experts -> FP8Experts (V3-style) or
-    V4QuantExperts (V4: FP4 codes, int8 with a scale beside them, or e4m3)."""
+    V4QuantExperts (V4: FP4 codes, int8 with a scale beside them, or e4m3). Anything else (e5m2) loads
+    dequantised."""
     quant = {name: e["dtype"] for f in set(files.values()) for name, e in read_header(f)[0].items()
-             if e["dtype"] in ("F8_E4M3", "F8_E5M2") or e["dtype"] in ("I8", "U8") and scale_name(name, files)}
+             if e["dtype"] == "F8_E4M3" or e["dtype"] in ("I8", "U8") and scale_name(name, files)}
     c, block = model.config, block or (128, 128)
     for name in sorted(quant):
         target = hf_to_ours(name, c)
@@ -421,7 +422,7 @@ def keep_fp8(model: Transformer, files: dict, block: tuple[int, int] | None):
         ours, expert = target
         path_, _, leaf = ours.rpartition(".")
         mod = model.get_submodule(path_) if expert is None else None
-        if isinstance(mod, torch.nn.Linear) and leaf == "weight" and mod.bias is None and quant[name] != "I8":
+        if isinstance(mod, torch.nn.Linear) and leaf == "weight" and mod.bias is None and quant[name] == "F8_E4M3":
             new = FP8Linear(mod.in_features, mod.out_features, block)
         elif expert is not None and isinstance(old := model.get_submodule(path_), V4Experts):
             E, D, inter = old.down_proj.shape
