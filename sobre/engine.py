@@ -372,9 +372,10 @@ class Engine:
         for T, group in by_len.items():  # MTP catches up on the positions verified last step (1, 2 or a prompt)
             h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, ...] the draft's input (hidden_state)
             tokens = torch.tensor([s.mtp_todo[1] for s in group], device=self.device)
-            for i in range(0, T, self._chunk(T)):  # (a prompt: in chunks, as it was prefilled)
-                g = m.mtp_hidden(h[:, i:i + self._chunk(T)], tokens[:, i:i + self._chunk(T)],
-                                 self._batch(group, min(self._chunk(T), T - i), mtp=True))
+            step = self._chunk(T)
+            for i in range(0, T, step):  # (a prompt: in chunks, as it was prefilled)
+                batch = self._batch(group, min(step, T - i), mtp=True)
+                g = m.mtp_hidden(h[:, i:i + step], tokens[:, i:i + step], batch)
             for s, row in zip(group, m.head(g[:, -1])):
                 draft_logits[s.rid] = row
         q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
@@ -416,8 +417,9 @@ class Engine:
         """The prompt's uncached tokens through the model -> (hidden [1, 1, D] at the last one, the MTP draft's
         input over all of them when speculative)."""
         todo, states = seq.prompt[seq.length:], []
-        for i in range(0, len(todo), self._chunk(len(todo))):
-            chunk = torch.tensor([todo[i:i + self._chunk(len(todo))]], device=self.device)
+        step = self._chunk(len(todo))
+        for i in range(0, len(todo), step):
+            chunk = torch.tensor([todo[i:i + step]], device=self.device)
             h, state = self.model.hidden_state(chunk, self._batch([seq], chunk.shape[1]))
             states += [state] if self.speculative else []
         return h[:, -1:], torch.cat(states, 1) if states else None

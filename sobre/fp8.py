@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import dispatch, grouped_ffn
-from .v4 import swiglu
+from .v4 import grouped_swiglu
 
 E4M3_MAX = 448.0
 
@@ -222,8 +222,8 @@ class V4QuantExperts(nn.Module):
         outs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                g, u = (xs[start:start + n] @ self.weight("gate_up_proj", e, xs.dtype).T).chunk(2, dim=-1)
-                outs.append(swiglu(g, u, self.limit) @ self.weight("down_proj", e, xs.dtype).T)
+                gate_up, down = (self.weight(k, e, xs.dtype)[None] for k in ("gate_up_proj", "down_proj"))
+                outs.append(grouped_swiglu(xs[start:start + n], [n], gate_up, down, self.limit))
                 start += n
         return torch.cat(outs) if outs else xs[:0]
 

@@ -230,7 +230,6 @@ class Server:
         self.m_tpot = Histogram("sobre_time_per_output_token_seconds", "TPOT", registry=r, buckets=buckets)
         r.register(EngineCounts(self.engine))
 
-
     # ---- validation ----------------------------------------------------------------------------
     def check_key(self, request: Request):
         if self.api_key is None:

@@ -27,9 +27,9 @@ from .config import Config
 
 
 def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> tuple[list, list]:
-    """(entries, rings) per layer, MTP layers last. entries: [n_blocks * per_block + 1, width] (compressor, + CSA
-    indexer keys; the last row takes the pooled rows of windows that are not complete yet); rings: window K=V
-    ring, then the (kv, gate) projection rings of the compressor (and of the CSA indexer)."""
+    """(entries, rings) per layer, MTP layers last. entries: [n_blocks * per_block, width] (compressor, + CSA
+    indexer keys); rings: window K=V ring, then the (kv, gate) projection rings of the compressor (and of the
+    CSA indexer)."""
     entries, rings = [], []
     for kind in list(c.layer_types) + ["sliding"] * c.n_mtp_layers:
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
@@ -41,7 +41,7 @@ def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> 
         if block % rate and rate % block:
             raise ValueError(f"deepseek_v4 engine cache: block {block} and compress rate {rate} must divide one "
                              "another")
-        rows = n_blocks * max(block // rate, 1) + 1
+        rows = n_blocks * max(block // rate, 1)
         R, dims = (2 * rate, [c.head_dim, c.index_head_dim]) if kind == "csa" else (rate, [c.head_dim])
         for d in dims:
             width = 2 * d if kind == "csa" else d
@@ -58,12 +58,10 @@ def entry_rows(table: torch.Tensor, w: torch.Tensor, rate: int, block: int) -> t
     return table.gather(1, (p // block).clamp_max(table.shape[1] - 1)) * per_block + (p % block) // rate
 
 
-def ring_read(ring: torch.Tensor, lanes: torch.Tensor, last: torch.Tensor, n: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n rows (default: all R the ring holds) ending at position `last` [B] of each lane, oldest first
+def ring_read(ring: torch.Tensor, lanes: torch.Tensor, last: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n (<= R, the ring's length) rows ending at position `last` [B] of each lane, oldest first
     -> rows [B, n, ...], positions [B, n] (negative: none)."""
     R = ring.shape[1]
-    n = n or R
     pos = last[:, None] - n + 1 + torch.arange(n, device=ring.device)  # [B, n]
     return ring[lanes[:, None], pos % R], pos
 
@@ -152,7 +150,7 @@ def copy_prompt(pool, src, dst, n: int):
     nb = pool.blocks_for(n)
     for entries, rings in zip(pool.slots, pool.rings):
         for t in entries:
-            pb = (t.shape[0] - 1) // pool.n_blocks  # entry rows per block
+            pb = t.shape[0] // pool.n_blocks  # entry rows per block
             a, b = (torch.tensor(s.blocks[:nb], device=t.device)[:, None] * pb + torch.arange(pb, device=t.device)
                     for s in (src, dst))
             t[b.flatten()] = t[a.flatten()]
