@@ -75,12 +75,14 @@ def n_complete(length: int, block: int, stride: int) -> int:
     return (length - block) // stride + 1 if length >= block else 0
 
 
-def _softmax(scores: torch.Tensor, see: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of fp32 scores where see is True; rows that see nothing give zeros (no NaN,
-    in the backward pass either)."""
-    empty = ~see.any(-1, keepdim=True)
+def _softmax(scores: torch.Tensor, see: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Softmax over dim of fp32 scores where see is True (None: everywhere); rows that see nothing give zeros
+    (no NaN, in the backward pass either)."""
+    if see is None:
+        return scores.softmax(dim)
+    empty = ~see.any(dim, keepdim=True)
     scores = scores.masked_fill(~see, float("-inf")).masked_fill(empty, 0.0)
-    return scores.softmax(-1) * ~empty
+    return scores.softmax(dim) * ~empty
 
 
 def _check(q, k, v, gates):
@@ -282,13 +284,19 @@ def grouped_mm(a, b, counts):
 
 # ---- DSA -----------------------------------------------------------------------------------------------
 def index_scores(q_idx, k_idx, w_idx):
-    """Lightning indexer: q_idx [B, T, Hi, Di], k_idx [B, S, Di], w_idx [B, T, Hi] -> I [B, T, S] (fp32).
-    Exact ties (tokens every head's ReLU zeroed) go to the later token: + s * 1e-30 moves no other score (far
-    below an ulp), so top-k picks the same tokens in prefill and in decode."""
+    """Lightning indexer: q_idx [B, T, Hi, Di], k_idx [B, S, Di], w_idx [B, T, Hi] -> I [B, T, S] (fp32), in tiles
+    of keys so each [T*Hi, tile] ReLU block (~2 MB) is summed over heads while still in cache. Exact ties (tokens
+    every head's ReLU zeroed) go to the later token: + s * 1e-30 moves no other score (far below an ulp), so top-k
+    picks the same tokens in prefill and in decode."""
     B, T, Hi, _ = q_idx.shape
-    s = (q_idx.float().flatten(1, 2) @ k_idx.float().transpose(1, 2)).relu_()  # [B, T*Hi, S]
-    s = (w_idx.float().unsqueeze(2) @ s.view(B, T, Hi, -1)).squeeze(2)  # [B, T, S]: sum over heads as a matmul
-    return s + torch.arange(k_idx.shape[1], device=k_idx.device) * 1e-30
+    q, k = q_idx.float().flatten(1, 2), k_idx.float()  # [B, T*Hi, Di], [B, S, Di]
+    w = w_idx.float().reshape(B * T, 1, Hi)
+    tie = torch.arange(k.shape[1], device=k.device) * 1e-30
+    tile, tiles = max(2048, (1 << 19) // (B * T * Hi)), []
+    for t0 in range(0, k.shape[1], tile):
+        s = (q @ k[:, t0:t0 + tile].transpose(1, 2)).relu_().view(B * T, Hi, -1)  # [B*T, Hi, tile]
+        tiles.append(torch.baddbmm(tie[t0:t0 + tile].expand(B * T, 1, -1), w, s))  # the sum over heads as a matmul
+    return torch.cat(tiles, -1).view(B, T, -1)
 
 
 def visible(see, T: int, S: int, device) -> torch.Tensor:
@@ -326,46 +334,77 @@ def dsa_mask(q_idx, k_idx, w_idx, *, topk: int, see=None) -> torch.Tensor:
     return see & torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(min(topk, S), -1).indices, True)
 
 
-def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, chunk=128):
+def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, chunk=None,
+                  rows=2):
     """Chunked DSA (same arguments and result as dsa_reference): per chunk of queries, index scores over the
-    keys it may see, top-k token indices, latent attention over the gathered entries only."""
+    keys it may see and their top-k token indices, then latent attention over the chosen entries: while the chunk
+    sees few keys (<= 3 x topk, where on CPU a fused pass beats gathering), fused SDPA under the selection as a
+    mask; past that, over gathered rows, `rows` queries at a time so their copies stay in cache. Under autograd
+    each chunk is recomputed in the backward pass and gathered at once (chunk default: 128 there, else 32)."""
     _check_dsa(q, kv, q_idx, k_idx, w_idx, rank)
     T, S = q.shape[1], kv.shape[1]
-    fn = partial(_dsa_chunk, rank=rank, scale=scale or q.shape[-1] ** -0.5)
     grad = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    chunk = chunk or (128 if grad else 32)
+    fn = partial(_dsa_chunk, rank=rank, scale=scale or q.shape[-1] ** -0.5, rows=None if grad else rows)
     outs = []
     for c0 in range(0, T, chunk):
         c1 = min(c0 + chunk, T)
-        keys = S if see is not None else S - T + c1  # causal: only the prefix the chunk can see
-        vis = visible(see, T, S, q.device)[:, c0:c1] if see is not None else \
-            visible(None, c1 - c0, keys, q.device)
+        C = c1 - c0
+        if see is None:  # causal: the chunk sees the prefix up to its last query (built below when needed)
+            keys, vis = S - T + c1, None
+        else:  # up to the last key any query of the chunk sees
+            vis = visible(see, T, S, q.device)[:, c0:c1]
+            seen = vis.flatten(0, 1).any(0).nonzero()
+            keys = int(seen[-1]) + 1 if len(seen) else 1
+            vis = vis[..., :keys]
         with torch.no_grad():  # selection is discrete: no gradient flows through the indexer here
-            scores = index_scores(q_idx[:, c0:c1], k_idx[:, :keys], w_idx[:, c0:c1]).masked_fill(~vis, float("-inf"))
-            sel = scores.topk(min(topk, keys), -1).indices  # [B, C, k]
-            if keys <= 4 * topk:  # most keys chosen: a masked dense pass beats gathering them (measured on CPU)
-                sel = vis & torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, sel, True)  # [B, C, keys]
+            scores = index_scores(q_idx[:, c0:c1], k_idx[:, :keys], w_idx[:, c0:c1])  # [B, C, keys]
+            if vis is None:  # only the last C keys are hidden from some query of the chunk
+                scores[..., keys - C:].masked_fill_(~torch.ones(C, C, dtype=torch.bool, device=q.device).tril(),
+                                                   float("-inf"))
+                if keys <= 3 * topk or keys - C + 1 < topk:  # the mask form, or queries that see < topk keys
+                    vis = visible(None, C, keys, q.device)
+            else:
+                scores.masked_fill_(~vis, float("-inf"))
+            sel = scores.topk(min(topk, keys), -1, sorted=False).indices  # [B, C, k]
+            if keys <= 3 * topk:
+                sel = vis & torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, sel, True)  # [B, C, keys] mask
                 ok = None
             else:
-                ok = vis.expand(len(sel), -1, -1).gather(-1, sel)
-        args = (q[:, c0:c1], kv[:, :keys], sel, ok)
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+                sel = sel.sort(-1).values  # rows gathered in memory order
+                ok = None if vis is None else vis.expand(len(sel), -1, -1).gather(-1, sel)
+                ok = None if ok is None or ok.all() else ok
+        dense = sel.dtype == torch.bool
+        args = (q[:, c0:c1], kv[:, :keys] if dense else kv, sel, ok)  # (gathering reads rows of the whole kv)
+        # under autograd the gathered copies are recomputed in the backward pass; SDPA keeps only its output
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad and not dense else fn(*args))
     return torch.cat(outs, 1)
 
 
-def _dsa_chunk(q, kv, sel, ok, *, rank, scale):
-    """Latent attention of a chunk of queries q [B, C, H, r + rd] over kv [B, keys, r + rd]: either over the
-    gathered top-k (sel [B, C, k] token indices, ok [B, C, k] valid) or, with ok None, densely under the
-    boolean mask sel [B, C, keys]."""
-    if ok is None:
-        B, C, H, _ = q.shape
-        s = (q.flatten(1, 2) @ kv.transpose(1, 2)).view(B, C, H, -1)  # [B, C, H, keys], one matmul per batch row
-        p = _softmax(s.float() * scale, sel[:, :, None])
-        return (p.to(kv.dtype).flatten(1, 2) @ kv).view(B, C, H, -1)[..., :rank]
-    B, C, k = sel.shape
-    rows = (sel + torch.arange(B, device=q.device).view(B, 1, 1) * kv.shape[1]).flatten()
-    g = kv.reshape(-1, kv.shape[-1]).index_select(0, rows).view(B, C, k, -1)  # [B, C, k, r + rd] row copies
-    p = _softmax((q @ g.transpose(-1, -2)).float() * scale, ok[:, :, None])  # [B, C, H, k]
-    return (p.to(kv.dtype) @ g)[..., :rank]  # [B, C, H, r]: the rope dims ride along (no strided copy of g)
+def _dsa_chunk(q, kv, sel, ok, *, rank, scale, rows):
+    """Latent attention of a chunk of queries q [B, C, H, r + rd] over kv [B, S, r + rd]: densely under the
+    boolean mask sel [B, C, S], or over the rows sel [B, C, k] (token indices) picks, where ok [B, C, k]
+    (None: all) is True, copying them for `rows` queries at a time into one reused buffer (None: all at once,
+    as autograd needs: the backward of each copy adds into a zero tensor of kv's size)."""
+    B, C, H, D = q.shape
+    if sel.dtype == torch.bool:  # one fused pass; rows that see nothing give zeros, as _softmax does
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kv[:, None], kv[:, None], attn_mask=sel[:, None],
+                                           scale=scale, enable_gqa=True).transpose(1, 2)[..., :rank]
+        return torch.where(sel.any(-1)[..., None, None], o, 0.0)
+    k = sel.shape[-1]
+    idx = (sel + torch.arange(B, device=q.device).view(B, 1, 1) * kv.shape[1]).flatten(0, 1)  # [B*C, k] rows of flat
+    flat, qs = kv.reshape(-1, D), q.flatten(0, 1) * scale  # [B*keys, D], [B*C, H, D]
+    rows = rows or B * C
+    buf = kv.new_empty(rows * k, D) if rows < B * C else None
+    outs = []
+    for a0 in range(0, B * C, rows):
+        n = min(rows, B * C - a0)
+        g = torch.index_select(flat, 0, idx[a0:a0 + n].flatten(), out=None if buf is None else buf[:n * k])
+        g = g.view(n, k, D)  # [n, k, r + rd]
+        s = torch.bmm(g, qs[a0:a0 + n].transpose(1, 2)).float()  # [n, k, H]: each gathered row feeds every head
+        p = _softmax(s, None if ok is None else ok.flatten(0, 1)[a0:a0 + n, :, None], dim=1)
+        outs.append(torch.bmm(g[..., :rank].transpose(1, 2), p.to(g.dtype)).transpose(1, 2))  # [n, H, r]
+    return torch.cat(outs).view(B, C, H, rank)
 
 
 def indexer_kl(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, scale=None, see=None, dense=False,
