@@ -32,6 +32,7 @@ from .rollout import Rollout, evaluate_task, rollouts
 from .sft import start_model
 from .tasks import get_task
 from .train import (
+    RunArgs,
     checkpoints,
     end_step,
     export,
@@ -132,7 +133,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class GRPOArgs:
+class GRPOArgs(RunArgs):  # --bf16 autocasts the update only: rollouts and the parameters stay fp32
     out: str = "runs/grpo"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -159,18 +160,11 @@ class GRPOArgs:
     lr: float = 1e-4
     min_lr_ratio: float = 1.0
     warmup: int = 0
-    schedule: str = "cosine"
     weight_decay: float = 0.0
-    clip: float = 1.0
-    bf16: bool = False  # autocast the update's matmuls to bf16 (rollouts and the parameters stay in fp32)
     eval_every: int = 10
     eval_problems: int = 64
     save_every: int = 25
     keep: int = 2
-    resume: bool = False
-    seed: int = 0
-    threads: int = 0
-    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps
 
     def validate(self):
         if self.loss not in VARIANTS:

@@ -28,6 +28,7 @@ from .report import plot_training
 from .tasks import get_task
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .train import (
+    RunArgs,
     checkpoints,
     end_step,
     export,
@@ -196,7 +197,7 @@ def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class SFTArgs:
+class SFTArgs(RunArgs):
     out: str = "runs/sft"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -212,19 +213,12 @@ class SFTArgs:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup: int = 10
-    schedule: str = "cosine"
     weight_decay: float = 0.0
-    clip: float = 1.0
-    bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32), as pretraining's --bf16
     bias_update: float = 1e-3  # aux-loss-free balancing keeps running
     val_share: float = 0.05
     eval_every: int = 50
     save_every: int = 100
     keep: int = 2
-    resume: bool = False
-    seed: int = 0
-    threads: int = 0
-    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps
 
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:

@@ -32,25 +32,32 @@ from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
 
 
 @dataclass
-class TrainArgs:
+class RunArgs:
+    """The flags every training verb (pretrain, sft, grpo, distill) shares, with the same defaults."""
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, last 20% decays)
+    clip: float = 1.0
+    bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32)
+    resume: bool = False
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
+
+
+@dataclass
+class TrainArgs(RunArgs):
     out: str = "runs/pretrain"
     preset: str = "debug"
     steps: int = 200
     save_every: int = 50
     keep: int = 3
-    resume: bool = False
-    seed: int = 0
     batch_size: int = 8
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 20
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, last 20% decays)
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # adamw | muon (hidden matrices, experts too; AdamW for embeddings, head, norms)
-    clip: float = 1.0
-    bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32)
     mtp_weight: float = 0.3  # lambda
     balance_alpha: float = 1e-4  # sequence-wise balance loss
     bias_update: float = 1e-3  # gamma of aux-loss-free balancing
@@ -60,8 +67,6 @@ class TrainArgs:
     data: tuple[str, ...] = ()  # user files (.txt/.jsonl/.parquet); empty = built-in corpus
     data_bytes: int = 2 << 20  # size of the built-in corpus
     vocab_size: int = 0  # 0 = the preset's
-    threads: int = 0
-    device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash
