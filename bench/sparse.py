@@ -2,6 +2,7 @@
 torch's fused `scaled_dot_product_attention` with the same heads and dims, measured in the same run.
 
     python bench/sparse.py [--sizes 4096 8192 16384 32768] [--reps 2] [--kinds nsa dsa] [--max-train-len N]
+    python bench/sparse.py --engine [--sizes ...]   # NSA decode in sobre's engine: paged compressed blocks vs afresh
 
 Per context length: prefill forward, prefill forward+backward, and one decode step at the end of the context
 (the cache already built), each the best of --reps runs; peak memory is the extra resident memory of each
@@ -111,6 +112,22 @@ def measure(kind, impl, mode, S, reps):
     return res
 
 
+def engine_decode(S: int, block: int, new: int = 16) -> float:
+    """ms per decode step of sobre's engine on a small random NSA model (the preset "debug" sizes, l=32, d=16,
+    l'=64, n=16, w=512) after an S-token prompt. block 64: compressed blocks kept in the engine's pool; block 60
+    (the stride does not divide it): the reference twin, compressing every block afresh each step."""
+    from sobre import Transformer, init_weights, preset
+    from sobre.engine import Engine
+    model = init_weights(Transformer(preset("debug", attn_type="nsa", max_seq_len=S + new + 64))).eval()
+    eng = Engine(model, max_batch=1, block=block, cache_tokens=S + new + 128)
+    eng.add_request(torch.randint(3, model.config.vocab_size, (S,)).tolist(), max_new_tokens=new)
+    eng.step()  # the prefill
+    t0, n = time.perf_counter(), 0
+    while eng.has_work():
+        n += len(eng.step())
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
@@ -119,8 +136,17 @@ def main():
     ap.add_argument("--modes", nargs="*", default=["prefill", "fwd+bwd", "decode"])
     ap.add_argument("--max-train-len", type=int, default=32768, help="fwd+bwd only up to this context")
     ap.add_argument("--quick", action="store_true", help="4k and 8k only, one rep")
+    ap.add_argument("--engine", action="store_true", help="NSA decode in the engine: paged compressed blocks vs "
+                    "compressing afresh each step")
     a = ap.parse_args()
     sizes, reps = ([4096, 8192], 1) if a.quick else (a.sizes, a.reps)
+    if a.engine:
+        print("| NSA engine decode | context | compressed blocks paged | compressed afresh | speed-up |")
+        print("|---|---|---|---|---|")
+        for S in sizes:
+            kept, fresh = (min(engine_decode(S, b) for _ in range(reps)) for b in (64, 60))
+            print(f"| ms / token | {S} | {kept:.2f} | {fresh:.2f} | {fresh / kept:.1f}x |", flush=True)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; best of {reps}")
     print("| attention | context | mode | full | sparse | speed-up | full peak MB | sparse peak MB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import v4cache
+from . import sparse, v4cache
 from .model import Transformer
 from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
@@ -40,7 +40,7 @@ class PagedPool:
     def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64):
         c = model.config
         p = next(model.parameters())
-        self.block, self.n_blocks, self.device = block, n_blocks, p.device
+        self.config, self.block, self.n_blocks, self.device = c, block, n_blocks, p.device
         if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache)
             self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device)
         else:
@@ -50,6 +50,11 @@ class PagedPool:
             self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
                           for _ in range(c.n_layers + c.n_mtp_layers)]
             self.rings = []
+        # NSA: compressed K/V entries paged like the tokens, entry i in the block of its first token i * stride
+        self.per_block = block // c.nsa_stride if c.attn_type == "nsa" and block % c.nsa_stride == 0 else 0
+        self.compressed = [[torch.zeros(n_blocks * self.per_block, c.kv_heads, c.dense_head_dim, dtype=p.dtype,
+                                        device=p.device) for _ in range(2)] for _ in range(c.n_layers)] \
+            if self.per_block else []
         self.free = list(range(n_blocks - 1, 0, -1))
         self.lanes = list(range(lanes - 1, -1, -1))  # a running sequence's row in the rings
         self.users = [0] * n_blocks  # sequences holding each block
@@ -58,7 +63,7 @@ class PagedPool:
         self.idle: OrderedDict[bytes, int] = OrderedDict()  # cached blocks nobody holds, least recently freed first
         # per token of context (what grows with it), and per running sequence (fixed: the rings)
         self.bytes_per_token = sum(t[0].numel() * t.element_size() * (t.shape[0] // n_blocks)
-                                   for layer in self.slots[:c.n_layers] for t in layer) / block
+                                   for layer in self.slots[:c.n_layers] + self.compressed for t in layer) / block
         self.lane_bytes = sum(t[0].numel() * t.element_size() for layer in self.rings for t in layer)
 
     def blocks_for(self, n_tokens: int) -> int:
@@ -151,6 +156,11 @@ class PagedBatch:
         # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0)
         self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
                                          ).unsqueeze(1)
+        self.entries = None  # NSA: per row, (compressed entries already stored, entries complete after this forward)
+        if pool.compressed and not mtp:
+            c = pool.config
+            self.entries = [(s.entries, sparse.n_complete(e, c.nsa_block, c.nsa_stride))
+                            for s, e in zip(seqs, ends.tolist())]
 
     def positions(self, tokens):
         return self.pos
@@ -167,9 +177,31 @@ class PagedBatch:
             out.append(blocks.flatten(1, 2)[:, :self.S])  # [B, S, ...]
         return tuple(out)
 
+    def compressed(self, layer_id: int, k, v, cmp_k, cmp_v) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """NSA: each row's compressed K/V entries so far ([n, Hkv, hd] each), compressing only the blocks this
+        forward completes (k/v [B, S, Hkv, hd]: the rows update() returned); None where the pool keeps none
+        (the model then compresses afresh: the reference twin)."""
+        if self.entries is None:
+            return None
+        c, per = self.pool.config, self.pool.per_block
+        out = []
+        for b, (n0, n1) in enumerate(self.entries):
+            table = self.table[b]
+            if n1 > n0:  # entries n0.. cover tokens n0 * stride .. (n1 - 1) * stride + block
+                i = torch.arange(n0, n1, device=table.device)
+                lo, hi = n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block
+                for pool, x, cmp in zip(self.pool.compressed[layer_id], (k, v), (cmp_k, cmp_v)):
+                    pool[table[i // per] * per + i % per] = sparse.compress(x[b:b + 1, lo:hi], cmp, c.nsa_block,
+                                                                            c.nsa_stride)[0].to(pool.dtype)
+            rows = (table[:, None] * per + torch.arange(per, device=table.device)).flatten()[:n1]
+            out.append(tuple(pool[rows] for pool in self.pool.compressed[layer_id]))
+        return out
+
     def advance(self, T: int):
         for s in self.seqs:
             s.advance(T, self.mtp)
+        for s, (_, n1) in zip(self.seqs, self.entries or ()):
+            s.entries = n1
 
 
 @dataclass
@@ -188,6 +220,7 @@ class Sequence:
     mtp_todo: tuple | None = None  # (main hiddens [T, D], next tokens [T]) the MTP draft module has not seen
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cached: int = 0  # prompt tokens whose cache came from the prefix cache
+    entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's are recomputed once)
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)

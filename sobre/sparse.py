@@ -145,8 +145,14 @@ def nsa_attention(q, k, v, gates, cmp_k: Compressor, cmp_v: Compressor, *, block
                   top_n=16, window=512, scale=None):
     """Chunked NSA (same arguments and result as nsa_reference; see the module doc)."""
     _check(q, k, v, gates)
-    S = k.shape[1]
     kc, vc = compress(k, cmp_k, block, stride), compress(v, cmp_v, block, stride)
+    return nsa_compressed(q, k, v, kc, vc, gates, block=block, stride=stride, select=select, top_n=top_n,
+                          window=window, scale=scale)
+
+
+def nsa_compressed(q, k, v, kc, vc, gates, *, block, stride, select, top_n, window, scale=None):
+    """nsa_attention with the compressed blocks kc/vc [B, N, Hkv, D|Dv] given (the engine keeps them)."""
+    S = k.shape[1]
     pad = -S % select  # whole selection blocks, so that they are views of the cache
 
     def heads_first(x):  # [B, S, H, D] -> [B, H, S + pad, D]

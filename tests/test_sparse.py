@@ -166,6 +166,33 @@ def test_engine_batches_sparse_models(kind):
     assert out == [greedy(p) for p in prompts]
 
 
+def test_engine_keeps_nsa_compressed_blocks():
+    """The engine pages NSA's compressed blocks, compressing only those a forward completes (a copied prompt's
+    once, at its first decode step): each token's logprobs equal those of its reference twin, which compresses
+    every block afresh each step (a pool block the stride does not divide), for copies of one prompt beside
+    others, sampled with seeds."""
+    c = preset("debug", **SPARSE_MODELS["nsa"])
+    model = init_weights(Transformer(c), seed=2).eval()
+    prompts = [torch.randint(2, c.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (41, 41, 41, 9, 70)]
+    prompts[1] = prompts[2] = prompts[0]
+
+    def run(block):
+        eng = Engine(model, block=block)
+        assert bool(eng.pool.compressed) == (block % c.nsa_stride == 0)
+        rids = [eng.add_request(p, max_new_tokens=40, temperature=1.0, seed=i, logprobs=0)
+                for i, p in enumerate(prompts)]
+        while eng.has_work():
+            eng.step()
+        done = eng.collect()
+        return [done[r] for r in rids]
+
+    paged, fresh = run(64), run(30)
+    for a, b in zip(paged, fresh):
+        assert a.out == b.out
+        torch.testing.assert_close([lp for lp, _ in a.logprobs], [lp for lp, _ in b.logprobs], atol=1e-4, rtol=0)
+
+
 def test_indexer_warmup_lowers_its_kl():
     """Stage 1 of DSA training: dense attention, every weight frozen but the indexer's, which learns to match
     the main attention (KL falls); the rest of the model does not move."""
