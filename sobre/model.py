@@ -133,9 +133,9 @@ class MLA(nn.Module):
         w = self.wkv_b.dequantized(x.dtype) if hasattr(self.wkv_b, "dequantized") else self.wkv_b.weight  # (FP8)
         w_uk, w_uv = w.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
         if idx is not None:  # DSA: attend to the indexer's top-k (everything visible during the dense warm-up)
-            see = sparse.visible(mask, T, S, x.device)  # [B|1, T, S]
+            see = None if mask is None else sparse.visible(mask, T, S, x.device)  # [B|1, T, S]; None: causal
             kw = dict(rank=r, topk=c.index_topk, scale=c.softmax_scale, see=see)
-            dense = self.training and self.dense_warmup
+            dense = self.training and self.dense_warmup  # the warm-up stage: plain MLA below
             if self.training:  # the indexer's KL to the main attention; the only loss that reaches the indexer
                 q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1).detach()
                 self.indexer_loss = sparse.indexer_kl(q_full, kv_pe.detach(), *idx, dense=dense, **kw)
@@ -144,7 +144,6 @@ class MLA(nn.Module):
                 q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, r + rd]
                 o = torch.einsum("bthr,hvr->bthv", sparse.dsa_attention(q_full, kv_pe, *idx, **kw), w_uv)
                 return self.wo(o.reshape(B, T, H * dv))
-            mask = see[:, None]  # the dense warm-up: plain MLA below
         if c.attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
