@@ -114,8 +114,9 @@ def measure(kind, impl, mode, S, reps):
 
 def engine_decode(S: int, block: int, new: int = 16) -> float:
     """ms per decode step of sobre's engine on a small random NSA model (the preset "debug" sizes, l=32, d=16,
-    l'=64, n=16, w=512) after an S-token prompt. block 64: compressed blocks kept in the engine's pool; block 60
-    (the stride does not divide it): the reference twin, compressing every block afresh each step."""
+    l'=64, n=16, w=512) after an S-token prompt. block 64: compressed blocks kept in the engine's pool, decode
+    reading the window, chosen and compressed blocks from it; block 60 (the stride does not divide it): the
+    reference twin, gathering the row's K/V and compressing every block afresh each step."""
     from sobre import Transformer, init_weights, preset
     from sobre.engine import Engine
     model = init_weights(Transformer(preset("debug", attn_type="nsa", max_seq_len=S + new + 64))).eval()
@@ -141,7 +142,8 @@ def main():
     a = ap.parse_args()
     sizes, reps = ([4096, 8192], 1) if a.quick else (a.sizes, a.reps)
     if a.engine:
-        print("| NSA engine decode | context | compressed blocks paged | compressed afresh | speed-up |")
+        print("| NSA engine decode | context | paged (window, chosen, compressed) | gathered, compressed afresh | "
+              "speed-up |")
         print("|---|---|---|---|---|")
         for S in sizes:
             kept, fresh = (min(engine_decode(S, b) for _ in range(reps)) for b in (64, 60))

@@ -156,11 +156,12 @@ class PagedBatch:
         # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0)
         self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
                                          ).unsqueeze(1)
+        self.ends = ends.tolist()
         self.entries = None  # NSA: per row, (compressed entries already stored, entries complete after this forward)
         if pool.compressed and not mtp:
             c = pool.config
             self.entries = [(s.entries, sparse.n_complete(e, c.nsa_block, c.nsa_stride))
-                            for s, e in zip(seqs, ends.tolist())]
+                            for s, e in zip(seqs, self.ends)]
 
     def positions(self, tokens):
         return self.pos
@@ -168,34 +169,58 @@ class PagedBatch:
     def mask(self, tokens):  # [B, 1, T, S] or None for a lone sequence starting at 0 (plain causal)
         return self._mask
 
-    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = []
-        blk = self.pool.block
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Pool rows of each sequence's positions pos [B, X]."""
+        return self.table.gather(1, pos // self.pool.block) * self.pool.block + pos % self.pool.block
+
+    def write(self, layer_id: int, *new: torch.Tensor):
         for pool, t in zip(self.pool.slots[layer_id], new):
             pool[self.slot_new.flatten()] = t.reshape(-1, *t.shape[2:]).to(pool.dtype)
-            blocks = pool.view(-1, blk, *pool.shape[1:])[self.table]  # [B, nb, block, ...]
-            out.append(blocks.flatten(1, 2)[:, :self.S])  # [B, S, ...]
-        return tuple(out)
 
-    def compressed(self, layer_id: int, k, v, cmp_k, cmp_v) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """NSA: each row's compressed K/V entries so far ([n, Hkv, hd] each), compressing only the blocks this
-        forward completes (k/v [B, S, Hkv, hd]: the rows update() returned); None where the pool keeps none
-        (the model then compresses afresh: the reference twin)."""
+    def read(self, layer_id: int, n: int) -> tuple[torch.Tensor, ...]:
+        """Every row's entries [B, S, ...] of the layer's first n slot arrays (whole blocks gathered)."""
+        blk = self.pool.block
+        return tuple(pool.view(-1, blk, *pool.shape[1:])[self.table].flatten(1, 2)[:, :self.S]
+                     for pool in self.pool.slots[layer_id][:n])
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.write(layer_id, *new)
+        return self.read(layer_id, len(new))
+
+    def nsa(self, layer_id: int, q, k, v, gates, cmp, kw) -> torch.Tensor:
+        """NSA over the pool (q [B, T, Hq, D], gates [B, T, Hq, 3], the new k/v [B, T, Hkv, hd]) -> [B, T, Hq, Dv].
+        Decode reads the window, the chosen blocks and the kept compressed blocks from the pool; prompts gather
+        each row's K/V. The reference twin (a pool block the stride does not divide: no compressed blocks
+        kept) gathers and compresses every block afresh at every step."""
         if self.entries is None:
-            return None
-        c, per = self.pool.config, self.pool.per_block
-        out = []
+            k, v = self.update(layer_id, k, v)  # [B, S, Hkv, hd]
+            return torch.cat([sparse.nsa_attention(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], gates[b:b + 1], *cmp,
+                                                   **kw) for b, e in enumerate(self.ends)])
+        self.write(layer_id, k, v)
+        kc, vc = self.compressed(layer_id, *cmp)  # [B, N, Hkv, hd]
+        n = [n1 for _, n1 in self.entries]
+        if self.T == 1:
+            return sparse.nsa_paged_decode(q[:, 0], gates[:, 0], *self.pool.slots[layer_id], self.slots, kc, vc,
+                                           torch.tensor(n, device=q.device), self.pos[:, 0], **kw)[:, None]
+        k, v = self.read(layer_id, 2)
+        return torch.cat([sparse.nsa_compressed(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], kc[b:b + 1, :n[b]],
+                                                vc[b:b + 1, :n[b]], gates[b:b + 1], **kw)
+                          for b, e in enumerate(self.ends)])
+
+    def compressed(self, layer_id: int, cmp_k, cmp_v) -> tuple[torch.Tensor, torch.Tensor]:
+        """NSA: the compressed K/V entries of every row [B, N, Hkv, hd] (row b's first entries[b][1] valid),
+        compressing from the pool's tokens only the blocks this forward completes."""
+        c, per, blk, (kp, vp) = self.pool.config, self.pool.per_block, self.pool.block, self.pool.slots[layer_id]
         for b, (n0, n1) in enumerate(self.entries):
-            table = self.table[b]
             if n1 > n0:  # entries n0.. cover tokens n0 * stride .. (n1 - 1) * stride + block
-                i = torch.arange(n0, n1, device=table.device)
-                lo, hi = n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block
-                for pool, x, cmp in zip(self.pool.compressed[layer_id], (k, v), (cmp_k, cmp_v)):
-                    pool[table[i // per] * per + i % per] = sparse.compress(x[b:b + 1, lo:hi], cmp, c.nsa_block,
-                                                                            c.nsa_stride)[0].to(pool.dtype)
-            rows = (table[:, None] * per + torch.arange(per, device=table.device)).flatten()[:n1]
-            out.append(tuple(pool[rows] for pool in self.pool.compressed[layer_id]))
-        return out
+                i = torch.arange(n0, n1, device=kp.device)
+                p = torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block, device=kp.device)
+                tok = self.table[b, p // blk] * blk + p % blk  # their pool rows
+                for pool, x, cmp in zip(self.pool.compressed[layer_id], (kp, vp), (cmp_k, cmp_v)):
+                    pool[self.table[b, i // per] * per + i % per] = sparse.compress(
+                        x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(pool.dtype)
+        rows = (self.table[..., None] * per + torch.arange(per, device=kp.device)).flatten(1)  # [B, nb * per]
+        return tuple(pool[rows] for pool in self.pool.compressed[layer_id])
 
     def advance(self, T: int):
         for s in self.seqs:

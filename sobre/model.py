@@ -246,15 +246,8 @@ class NSA(nn.Module):
             o = sparse.nsa_attention(q, k, v, gates, *cmp, **kw)
         elif hasattr(cache, "layer_state"):
             o = self.decode(q, k, v, gates, cache, kw)
-        else:  # the engine's paged batch: rows at their own positions
-            k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]
-            ends = sparse.visible(mask, T, k.shape[1], x.device)[:, -1].sum(-1).expand(B).tolist()  # keys of each row
-            entries = cache.compressed(self.layer_id, k, v, *cmp)  # per row (kc, vc), or None: compress afresh
-            o = torch.cat([sparse.nsa_attention(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], gates[b:b + 1], *cmp, **kw)
-                           if entries is None else sparse.nsa_compressed(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e],
-                                                                         *(x[None] for x in entries[b]), gates[b:b + 1],
-                                                                         **kw)
-                           for b, e in enumerate(ends)])
+        else:  # the engine's paged batch: rows at their own positions (engine.PagedBatch.nsa)
+            o = cache.nsa(self.layer_id, q, k, v, gates, cmp, kw)
         return self.wo(o.reshape(B, T, H * hd))
 
     def decode(self, q, k, v, gates, cache, kw):

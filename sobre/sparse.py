@@ -190,6 +190,39 @@ def nsa_sparse(q, k, v, kc, vc, gates, t0: int, *, block, stride, select, top_n,
     return torch.cat(out, 1) + torch.cat(slc, 1)
 
 
+def nsa_paged_decode(q, gates, k_pool, v_pool, slots, kc, vc, n_cmp, t, *, block, stride, select, top_n, window,
+                     scale=None):
+    """NSA for one new token per row that reads K/V straight from paged token slots: only the window, the chosen
+    blocks and the compressed blocks, O(window + top_n * select + N) per row instead of O(context). q [B, Hq, D],
+    gates [B, Hq, 3] at positions t [B]; k_pool [P, Hkv, D], v_pool [P, Hkv, Dv] every token's K/V and
+    slots(pos [B, X]) -> their rows [B, X]; kc/vc [B, N, Hkv, D|Dv] compressed blocks, the first n_cmp [B] of each
+    row valid. -> [B, Hq, Dv], nsa_attention's output for each row's last query."""
+    B, Hq, D = q.shape
+    Hkv, dev = k_pool.shape[1], q.device
+    qh = (q * (scale or D**-0.5)).view(B, Hkv, Hq // Hkv, D)  # a group's rows, scaled
+    heads = torch.arange(Hkv, device=dev)[:, None]
+
+    def attend(k, v, see):  # k/v [B, Hkv, X, D|Dv], see [B, Hkv|1, X] -> [B, Hkv, G, Dv]
+        return _softmax((qh @ k.transpose(-1, -2)).float(), see[:, :, None]).to(v.dtype) @ v
+
+    def rows(pos):  # pos [B, Hkv, X] -> each head's K, V at its own positions [B, Hkv, X, D|Dv]
+        r = slots(pos.clamp(min=0).flatten(1)).view(pos.shape) * Hkv + heads
+        return k_pool.flatten(0, 1)[r], v_pool.flatten(0, 1)[r]
+
+    see = (torch.arange(kc.shape[1], device=dev) < n_cmp[:, None])[:, None]  # [B, 1, N]
+    p_cmp = _softmax((qh @ kc.permute(0, 2, 3, 1)).float(), see[:, :, None])  # [B, Hkv, G, N]
+    o_cmp = p_cmp.to(vc.dtype) @ vc.transpose(1, 2)
+    with torch.no_grad():
+        idx, ok = _choose_blocks(p_cmp.sum(2, keepdim=True), (t // select).view(B, 1, 1, 1),
+                                 int(t.max()) // select + 1, block=block, stride=stride, select=select, top_n=top_n)
+    pos = (idx[:, :, 0, :, None] * select + torch.arange(select, device=dev)).flatten(2)  # [B, Hkv, n * select]
+    o_slc = attend(*rows(pos), ok[:, :, 0].repeat_interleave(select, -1) & (pos <= t.view(B, 1, 1)))
+    pos = (t[:, None] - window + 1 + torch.arange(window, device=dev))[:, None].expand(B, Hkv, window)
+    o_win = attend(*rows(pos), pos[:, :1] >= 0)
+    g = gates.view(B, Hkv, -1, 3)
+    return (o_cmp * g[..., :1] + o_slc * g[..., 1:2] + o_win * g[..., 2:]).view(B, Hq, -1)
+
+
 def _compressed_and_window(q, gates, k, v, kc, vc, t0, *, block, stride, select, top_n, window, scale):
     """The compressed and window branches (gated, [B, C, Hq, Dv]) and the selection: block indices and their
     validity [B, Hkv, C, top_n]."""
@@ -210,21 +243,9 @@ def _compressed_and_window(q, gates, k, v, kc, vc, t0, *, block, stride, select,
     o_cmp = p_cmp.to(vc.dtype).flatten(2, 3) @ vc[:, :, :n]  # [B, Hkv, C*G, Dv]
 
     # block importance -> top-n selection blocks per (query, group)
-    ns = last // select + 1
     with torch.no_grad():
-        p_grp = p_cmp.sum(3)  # [B, Hkv, C, n]
-        first = torch.arange(n, device=dev) * stride
-        imp = p_grp.new_zeros(B, Hkv, C, ns)
-        for off in range((block - 1) // select + 2):  # each compressed block overlaps at most this many
-            j = first // select + off
-            hit = (j * select < first + block) & (j < ns)
-            imp.scatter_add_(-1, j.clamp(max=ns - 1).expand_as(p_grp), p_grp * hit)
-        j, cur = torch.arange(ns, device=dev), (t // select)[:, None]
-        imp.masked_fill_((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
-        imp.masked_fill_(j > cur, float("-inf"))
-        top = imp.topk(min(top_n, ns), dim=-1)  # [B, Hkv, C, n_sel]
-        idx = F.pad(top.indices, (0, top_n - top.indices.shape[-1]))
-        ok = F.pad(top.values > float("-inf"), (0, top_n - top.indices.shape[-1]))
+        idx, ok = _choose_blocks(p_cmp.sum(3), (t // select)[:, None], last // select + 1, block=block,
+                                 stride=stride, select=select, top_n=top_n)
 
     # sliding window over (t - window, t]: fused attention under a band mask
     lo = max(0, t0 - window + 1)
@@ -236,6 +257,25 @@ def _compressed_and_window(q, gates, k, v, kc, vc, t0, *, block, stride, select,
     g = gates.view(B, C, Hkv, G, 3).transpose(1, 2).reshape(B, Hkv, C * G, 1, 3)
     o = o_cmp * g[..., 0] + o_win * g[..., 2]  # [B, Hkv, C*G, Dv]
     return o.view(B, Hkv, C, G, Dv).transpose(1, 2).reshape(B, C, Hq, Dv), idx, ok
+
+
+def _choose_blocks(p_grp, cur, ns: int, *, block, stride, select, top_n):
+    """NSA's selection: p_grp [B, Hkv, C, n] the compressed attention summed over a group's heads, cur the
+    selection block of each query (broadcast to [B, Hkv, C, 1]), ns the blocks there are -> the top_n blocks by
+    summed probability of the compressed blocks overlapping them, block 0 and the two local ones always among
+    them, later ones never: idx, ok [B, Hkv, C, top_n] (valid ones first)."""
+    first = torch.arange(p_grp.shape[-1], device=p_grp.device) * stride
+    imp = p_grp.new_zeros(*p_grp.shape[:-1], ns)
+    for off in range((block - 1) // select + 2):  # each compressed block overlaps at most this many
+        j = first // select + off
+        hit = (j * select < first + block) & (j < ns)
+        imp.scatter_add_(-1, j.clamp(max=ns - 1).expand_as(p_grp), p_grp * hit)
+    j = torch.arange(ns, device=p_grp.device)
+    imp.masked_fill_((j == 0) | (j == cur) | (j == cur - 1), float("inf"))
+    imp.masked_fill_(j > cur, float("-inf"))
+    top = imp.topk(min(top_n, ns), dim=-1)  # [B, Hkv, C, n_sel]
+    return F.pad(top.indices, (0, top_n - top.indices.shape[-1])), \
+        F.pad(top.values > float("-inf"), (0, top_n - top.indices.shape[-1]))
 
 
 def _selected(q, gate, k, v, idx, ok, t0, *, select, scale):

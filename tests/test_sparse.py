@@ -168,9 +168,10 @@ def test_engine_batches_sparse_models(kind):
 
 def test_engine_keeps_nsa_compressed_blocks():
     """The engine pages NSA's compressed blocks, compressing only those a forward completes (a copied prompt's
-    once, at its first decode step): each token's logprobs equal those of its reference twin, which compresses
-    every block afresh each step (a pool block the stride does not divide), for copies of one prompt beside
-    others, sampled with seeds."""
+    once, at its first decode step), and decodes from the window, chosen and compressed blocks in its pool
+    (sparse.nsa_paged_decode): each token's logprobs equal those of its reference twin, which gathers every
+    row's K/V and compresses every block afresh each step (a pool block the stride does not divide), for copies
+    of one prompt beside others, sampled with seeds."""
     c = preset("debug", **SPARSE_MODELS["nsa"])
     model = init_weights(Transformer(c), seed=2).eval()
     prompts = [torch.randint(2, c.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
