@@ -205,8 +205,9 @@ def nsa_paged_decode(q, gates, k_pool, v_pool, slots, kc, vc, n_cmp, t, *, block
     def attend(k, v, see):  # k/v [B, Hkv, X, D|Dv], see [B, Hkv|1, X] -> [B, Hkv, G, Dv]
         return _softmax((qh @ k.transpose(-1, -2)).float(), see[:, :, None]).to(v.dtype) @ v
 
-    def rows(pos):  # pos [B, Hkv, X] -> each head's K, V at its own positions [B, Hkv, X, D|Dv]
-        r = slots(pos.clamp(min=0).flatten(1)).view(pos.shape) * Hkv + heads
+    def rows(pos):  # pos [B, Hkv, X] -> each head's K, V there [B, Hkv, X, D|Dv]; positions outside [0, t]
+        # (masked anyway) read position 0 or t, which every row holds
+        r = slots(torch.minimum(pos.clamp(min=0), t.view(B, 1, 1)).flatten(1)).view(pos.shape) * Hkv + heads
         return k_pool.flatten(0, 1)[r], v_pool.flatten(0, 1)[r]
 
     see = (torch.arange(kc.shape[1], device=dev) < n_cmp[:, None])[:, None]  # [B, 1, N]

@@ -188,10 +188,12 @@ def test_engine_keeps_nsa_compressed_blocks():
         done = eng.collect()
         return [done[r] for r in rids]
 
-    paged, fresh = run(64), run(30)
-    for a, b in zip(paged, fresh):
-        assert a.out == b.out
-        torch.testing.assert_close([lp for lp, _ in a.logprobs], [lp for lp, _ in b.logprobs], atol=1e-4, rtol=0)
+    fresh = run(30)
+    for block in (64, 8):  # 8: a selection block (16) spans two pool blocks
+        for a, b in zip(run(block), fresh):
+            assert a.out == b.out
+            torch.testing.assert_close([lp for lp, _ in a.logprobs], [lp for lp, _ in b.logprobs], atol=1e-4,
+                                       rtol=0)
 
 
 def test_indexer_warmup_lowers_its_kl():
