@@ -39,6 +39,9 @@ I[t, s] = sum_h w[t, h] * relu(q_idx[t, h] . k_idx[s]), and MLA attends (in late
     o      [B, T, H, r]        attention over c_kv; the caller applies W_UV and the output projection
   The indexer is trained by indexer_kl (the KL from the main attention to the indexer's distribution).
 
+In sobre's engine NSA decode reads paged token slots directly (nsa_paged_decode: the window, the chosen blocks
+and the compressed blocks the engine keeps; tested equal to nsa_attention through the engine).
+
 The fast paths never build a [T, S] matrix: they run over chunks of queries (compressed scores
 [chunk, S/stride], gathered blocks / tokens [chunk, top_n*select | topk]) and, under autograd, recompute each
 chunk in the backward pass (activation checkpointing) so memory stays O(chunk * S / stride).
