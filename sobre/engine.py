@@ -137,6 +137,12 @@ class PagedPool:
                 self.cached[key], self.key_of[b] = b, key
 
 
+def paged_rows(table: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows of a pool paged in blocks of `size` rows: idx [B, X] (each sequence's own positions, or entry numbers)
+    through the block table [B, nb] -> [B, X]."""
+    return table.gather(1, idx // size) * size + idx % size
+
+
 class PagedBatch:
     """One forward over B sequences with T new tokens each, in the model's cache protocol
     (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths.
@@ -145,18 +151,18 @@ class PagedBatch:
     def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: bool = False):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
         dev = pool.device
-        starts = torch.tensor([s.mtp_length if mtp else s.length for s in seqs], device=dev)
-        ends = starts + T
-        self.S = int(ends.max())
+        lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.ends = [n + T for n in lengths]  # each row's keys after this forward (host-side: no device sync)
+        self.S = max(self.ends)
+        starts, ends = (torch.tensor(x, device=dev) for x in (lengths, self.ends))
         self.table = pool.block_table(seqs, self.S)
         self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
-        self.slot_new = self.table.gather(1, self.pos // pool.block) * pool.block + self.pos % pool.block
+        self.slot_new = self.slots(self.pos)
         key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]
-        fresh = len(seqs) == 1 and int(starts[0]) == 0
+        fresh = len(seqs) == 1 and lengths[0] == 0
         # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0)
         self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
                                          ).unsqueeze(1)
-        self.ends = ends.tolist()
         self.entries = None  # NSA: per row, (compressed entries already stored, entries complete after this forward)
         if pool.compressed and not mtp:
             c = pool.config
@@ -171,7 +177,7 @@ class PagedBatch:
 
     def slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Pool rows of each sequence's positions pos [B, X]."""
-        return self.table.gather(1, pos // self.pool.block) * self.pool.block + pos % self.pool.block
+        return paged_rows(self.table, pos, self.pool.block)
 
     def write(self, layer_id: int, *new: torch.Tensor):
         for pool, t in zip(self.pool.slots[layer_id], new):
@@ -213,14 +219,14 @@ class PagedBatch:
         c, per, blk, (kp, vp) = self.pool.config, self.pool.per_block, self.pool.block, self.pool.slots[layer_id]
         for b, (n0, n1) in enumerate(self.entries):
             if n1 > n0:  # entries n0.. cover tokens n0 * stride .. (n1 - 1) * stride + block
-                i = torch.arange(n0, n1, device=kp.device)
-                p = torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block, device=kp.device)
-                tok = self.table[b, p // blk] * blk + p % blk  # their pool rows
+                table = self.table[b:b + 1]
+                tok = paged_rows(table, torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block,
+                                                     device=kp.device)[None], blk)[0]  # their pool rows
                 for pool, x, cmp in zip(self.pool.compressed[layer_id], (kp, vp), (cmp_k, cmp_v)):
-                    pool[self.table[b, i // per] * per + i % per] = sparse.compress(
+                    pool[paged_rows(table, torch.arange(n0, n1, device=kp.device)[None], per)[0]] = sparse.compress(
                         x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(pool.dtype)
-        rows = (self.table[..., None] * per + torch.arange(per, device=kp.device)).flatten(1)  # [B, nb * per]
-        return tuple(pool[rows] for pool in self.pool.compressed[layer_id])
+        every = torch.arange(self.table.shape[1] * per, device=kp.device).expand(len(self.seqs), -1)
+        return tuple(pool[paged_rows(self.table, every, per)] for pool in self.pool.compressed[layer_id])
 
     def advance(self, T: int):
         for s in self.seqs:
@@ -493,7 +499,7 @@ class Engine:
             dst.length = n
             return
         pos = torch.arange(n, device=self.device)
-        slots = [torch.tensor(s.blocks, device=self.device)[pos // blk] * blk + pos % blk for s in (src, dst)]
+        slots = [paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], blk)[0] for s in (src, dst)]
         for layer in self.pool.slots:
             for t in layer:
                 t[slots[1]] = t[slots[0]]
