@@ -236,8 +236,10 @@ def _compressed_and_window(q, gates, k, v, kc, vc, t0, *, block, stride, select,
     t = torch.arange(t0, t0 + C, device=dev)  # [C] query positions
     qh = (q * scale).view(B, C, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, C * G, D)  # a group's rows, scaled
 
-    # compressed branch over the blocks complete by the chunk's last query; only the last few need a mask
-    n, n_all = min(n_complete(last + 1, block, stride), kc.shape[2]), n_complete(t0 + 1, block, stride)
+    # compressed branch over the blocks complete by the chunk's last query; only the last few need a mask. Their
+    # count rounded up to a multiple of 8 (later blocks masked) where kc has them: an odd count made the matmul
+    # 1.6x slower on CPU
+    n, n_all = min(-(-n_complete(last + 1, block, stride) // 8) * 8, kc.shape[2]), n_complete(t0 + 1, block, stride)
     sc = (qh @ kc[:, :, :n].transpose(-1, -2)).view(B, Hkv, C, G, n)
     ends = torch.arange(n_all, n, device=dev) * stride + block - 1
     sc[..., n_all:].masked_fill_((ends > t[:, None])[:, None], float("-inf"))
@@ -282,30 +284,48 @@ def _choose_blocks(p_grp, cur, ns: int, *, block, stride, select, top_n):
         F.pad(top.values > float("-inf"), (0, top_n - top.indices.shape[-1]))
 
 
-def _selected(q, gate, k, v, idx, ok, t0, *, select, scale):
+def _selected(q, gate, k, v, idx, ok, t0, *, select, scale, rows=4):
     """The selected branch, gated: q [B, C, Hq, D], gate [B, C, Hq], k/v [B, Hkv, L, D|Dv], idx/ok [B, Hkv, C, n]
-    (blocks, valid) -> [B, C, Hq, Dv]. Few queries (decode): gather each query's blocks as whole [select, D]
-    rows and run one fused attention. Many queries (prefill): go block by block (_selected_by_block)."""
+    (blocks, valid) -> [B, C, Hq, Dv]. Outside autograd each query's n blocks are copied as whole [select, D] rows,
+    `rows` queries at a time into one reused buffer (still in cache when the matmuls read it), and multiplied as
+    [n*select, D] x [D, G] so each copied key feeds the group's G heads. Under autograd pairs go block by block
+    (_selected_by_block): copying a chunk's keys at once, and the backward of those copies, was 2x slower."""
     B, C, Hq, D = q.shape
     Hkv, n, Dv, dev = k.shape[1], idx.shape[-1], v.shape[-1], q.device
-    G, nb = Hq // Hkv, k.shape[2] // select
-    qh = (q * scale).view(B, C, Hkv, G, D).transpose(1, 2).reshape(B * Hkv * C, G, D)
-    gid = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * nb + idx).flatten()  # [P] block of each pair
-    kb, vb = k.reshape(B * Hkv * nb, select, D), v.reshape(B * Hkv * nb, select, Dv)  # views of the cache
+    G, nb, R = Hq // Hkv, k.shape[2] // select, B * Hkv * C
+    qh = (q * scale).view(B, C, Hkv, G, D).transpose(1, 2).reshape(R, G, D)
+    gid = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * nb + idx).view(R, n)  # [R, n] blocks of the cache
+    kb, vb = k.reshape(-1, select, D), v.reshape(-1, select, Dv)  # views of the cache, one block per row
     pos = idx[..., None] * select + torch.arange(select, device=dev)  # [B, Hkv, C, n, select]
-    see = (pos <= torch.arange(t0, t0 + C, device=dev)[:, None, None]) & ok[..., None]
-    if C > 16:
-        o = _selected_by_block(qh, kb, vb, gid, see.view(-1, select))
+    # keys a query may not see: later ones, unused block slots (its own token is always there: no empty rows)
+    hide = (pos > torch.arange(t0, t0 + C, device=dev)[:, None, None]) | ~ok[..., None]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o = _selected_by_block(qh, kb, vb, gid.flatten(), hide.view(R * n, select))
     else:
-        ks = kb.index_select(0, gid).view(B * Hkv * C, n * select, D)
-        vs = vb.index_select(0, gid).view(B * Hkv * C, n * select, Dv)
-        o = _softmax((qh @ ks.transpose(1, 2)).float(), see.view(B * Hkv * C, 1, n * select)).to(vs.dtype) @ vs
+        o = _selected_by_query(qh, kb.flatten(1), vb.flatten(1), gid, hide.view(R, n * select, 1), rows)
     return o.view(B, Hkv, C, G, Dv).transpose(1, 2).reshape(B, C, Hq, Dv) * gate[..., None]
 
 
-def _selected_by_block(q, kb, vb, gid, see):
+def _selected_by_query(q, kb, vb, gid, hide, rows):
+    """q [R, G, D] scaled query rows; kb/vb [blocks, select*D|Dv]; gid [R, n] each row's blocks; hide
+    [R, n*select, 1] -> [R, G, Dv]."""
+    R, D, n = q.shape[0], q.shape[2], gid.shape[1]
+    rows = min(rows, R)
+    kbuf, vbuf = kb.new_empty(rows * n, kb.shape[1]), vb.new_empty(rows * n, vb.shape[1])
+    outs = []
+    for a0 in range(0, R, rows):
+        m, g = min(rows, R - a0), gid[a0:a0 + rows].flatten()
+        ks = torch.index_select(kb, 0, g, out=kbuf[:m * n]).view(m, -1, D)  # [m, n*select, D]
+        vs = torch.index_select(vb, 0, g, out=vbuf[:m * n]).view(m, ks.shape[1], -1)
+        s = torch.bmm(ks, q[a0:a0 + m].transpose(1, 2)).float()  # [m, n*select, G]
+        p = s.masked_fill_(hide[a0:a0 + m], float("-inf")).softmax(1)
+        outs.append(torch.bmm(vs.transpose(1, 2), p.to(vs.dtype)).transpose(1, 2))  # [m, G, Dv]
+    return torch.cat(outs)
+
+
+def _selected_by_block(q, kb, vb, gid, hide):
     """q [R, G, D]: R query rows (a GQA group's heads each), n pairs per row; gid [R*n] the key block of each
-    pair in kb/vb [blocks, select, D|Dv]; see [R*n, select] -> [R, G, Dv].
+    pair in kb/vb [blocks, select, D|Dv]; hide [R*n, select] -> [R, G, Dv].
     Pairs sorted by block run as one grouped matmul per projection over the touched blocks (gathering queries
     is 8x less copying than gathering every query's keys). Every pair is exponentiated against its row's max,
     so partial outputs and sums just add up per row (flash attention's merge)."""
@@ -314,10 +334,10 @@ def _selected_by_block(q, kb, vb, gid, see):
     blocks, counts = gid[order].unique_consecutive(return_counts=True)
     row = order // (gid.numel() // R)  # [P] query row of each sorted pair
     s = grouped_mm(q[row].view(-1, D), kb[blocks].transpose(1, 2), counts * G).float().view(-1, G, kb.shape[1])
-    s = s.masked_fill(~see[order, None], float("-inf"))  # [P, G, select]
+    s = s.masked_fill(hide[order, None], float("-inf"))  # [P, G, select]
     with torch.no_grad():
         m = s.new_full((R, G), float("-inf")).scatter_reduce_(0, row[:, None].expand(-1, G), s.amax(-1), "amax")
-    e = (s - m[row, :, None]).exp()  # 0 where unseen
+    e = (s - m[row, :, None]).exp()  # 0 where hidden
     o = grouped_mm(e.to(vb.dtype).view(-1, kb.shape[1]), vb[blocks], counts * G).view(-1, G * vb.shape[-1])
     out = o.new_zeros(R, o.shape[-1]).index_add(0, row, o).view(R, G, -1)
     total = e.new_zeros(R, G).index_add(0, row, e.sum(-1))

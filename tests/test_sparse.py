@@ -54,6 +54,9 @@ def test_nsa_fast_equals_reference(S, T, Hq, Hkv, top_n, window):
     kw = dict(SMALL_NSA, top_n=top_n, window=window)
     assert_close_with_grads(lambda *a: nsa_reference(*a, **kw), lambda *a: nsa_attention(*a, **kw),
                             (q, k, v, gates, cmp_k, cmp_v))
+    with torch.no_grad():  # inference: each query's blocks copied a few queries at a time into one buffer
+        torch.testing.assert_close(nsa_attention(q, k, v, gates, cmp_k, cmp_v, **kw),
+                                   nsa_reference(q, k, v, gates, cmp_k, cmp_v, **kw))
 
 
 def test_nsa_paper_defaults():
