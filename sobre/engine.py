@@ -50,8 +50,11 @@ class PagedPool:
             self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
                           for _ in range(c.n_layers + c.n_mtp_layers)]
             self.rings = []
-        # NSA: compressed K/V entries paged like the tokens, entry i in the block of its first token i * stride
+        # NSA: compressed K/V entries paged like the tokens, entry i in the block of its last token
+        # i * stride + nsa_block - 1 (so a block's entries depend on its own and earlier tokens only: shareable by
+        # the prefix cache), at row i + entry_shift of the per-block entry rows
         self.per_block = block // c.nsa_stride if c.attn_type == "nsa" and block % c.nsa_stride == 0 else 0
+        self.entry_shift = (c.nsa_block - 1) // c.nsa_stride if self.per_block else 0
         self.compressed = [[torch.zeros(n_blocks * self.per_block, c.kv_heads, c.dense_head_dim, dtype=p.dtype,
                                         device=p.device) for _ in range(2)] for _ in range(c.n_layers)] \
             if self.per_block else []
@@ -216,17 +219,18 @@ class PagedBatch:
     def compressed(self, layer_id: int, cmp_k, cmp_v) -> tuple[torch.Tensor, torch.Tensor]:
         """NSA: the compressed K/V entries of every row [B, N, Hkv, hd] (row b's first entries[b][1] valid),
         compressing from the pool's tokens only the blocks this forward completes."""
-        c, per, blk, (kp, vp) = self.pool.config, self.pool.per_block, self.pool.block, self.pool.slots[layer_id]
+        pool = self.pool
+        c, per, blk, shift, (kp, vp) = pool.config, pool.per_block, pool.block, pool.entry_shift, pool.slots[layer_id]
         for b, (n0, n1) in enumerate(self.entries):
             if n1 > n0:  # entries n0.. cover tokens n0 * stride .. (n1 - 1) * stride + block
                 table = self.table[b:b + 1]
                 tok = paged_rows(table, torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block,
                                                      device=kp.device)[None], blk)[0]  # their pool rows
-                for pool, x, cmp in zip(self.pool.compressed[layer_id], (kp, vp), (cmp_k, cmp_v)):
-                    pool[paged_rows(table, torch.arange(n0, n1, device=kp.device)[None], per)[0]] = sparse.compress(
-                        x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(pool.dtype)
-        every = torch.arange(self.table.shape[1] * per, device=kp.device).expand(len(self.seqs), -1)
-        return tuple(pool[paged_rows(self.table, every, per)] for pool in self.pool.compressed[layer_id])
+                rows = paged_rows(table, torch.arange(n0 + shift, n1 + shift, device=kp.device)[None], per)[0]
+                for entries, x, cmp in zip(pool.compressed[layer_id], (kp, vp), (cmp_k, cmp_v)):
+                    entries[rows] = sparse.compress(x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(entries.dtype)
+        every = torch.arange(shift, self.table.shape[1] * per, device=kp.device).expand(len(self.seqs), -1)
+        return tuple(entries[paged_rows(self.table, every, per)] for entries in pool.compressed[layer_id])
 
     def advance(self, T: int):
         for s in self.seqs:
@@ -251,7 +255,7 @@ class Sequence:
     mtp_todo: tuple | None = None  # (main hiddens [T, D], next tokens [T]) the MTP draft module has not seen
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cached: int = 0  # prompt tokens whose cache came from the prefix cache
-    entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's are recomputed once)
+    entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's own are recomputed once)
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
@@ -287,8 +291,8 @@ class Engine:
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
         if prefix_cache and not self.prefix_cache_fits(c, speculative):
-            raise ValueError("the prefix cache needs per-token cache entries and no MTP draft state: not with "
-                             "speculative decoding, deepseek_v4 or NSA models")
+            raise ValueError("the prefix cache needs cache entries per token or per block and no MTP draft state: "
+                             "not with speculative decoding or deepseek_v4 models")
         self.prefix_cache = prefix_cache
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
@@ -302,7 +306,7 @@ class Engine:
     @staticmethod
     def prefix_cache_fits(c, speculative: bool = False) -> bool:
         """Whether a model's cache rows are plain per-token entries a later prompt may share."""
-        return not speculative and c.arch != "deepseek_v4" and c.attn_type != "nsa"
+        return not speculative and c.arch != "deepseek_v4"
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
@@ -393,6 +397,8 @@ class Engine:
             if self.prefix_cache:
                 keys = self.pool.prefix_keys(seq.prompt)
                 seq.cached = seq.length = self.pool.match(seq, keys)
+                if self.pool.per_block:  # NSA: the reused blocks hold the entries their tokens complete
+                    seq.entries = sparse.n_complete(seq.length, c.nsa_block, c.nsa_stride)
             self.pool.reserve(seq, total)
             twin = prefilled.get(tuple(seq.prompt))
             if twin is not None:  # the same prompt was just prefilled (n samples, GRPO groups): copy its cache

@@ -174,26 +174,30 @@ def test_engine_keeps_nsa_compressed_blocks():
     once, at its first decode step), and decodes from the window, chosen and compressed blocks in its pool
     (sparse.nsa_paged_decode): each token's logprobs equal those of its reference twin, which gathers every
     row's K/V and compresses every block afresh each step (a pool block the stride does not divide), for copies
-    of one prompt beside others, sampled with seeds."""
+    of one prompt beside others, sampled with seeds; also with the prefix cache, prompts sharing 70 tokens then
+    diverging running side by side (a compressed block spanning the shared and the own tokens is kept in the
+    block of its last token, so shared blocks hold only what their tokens determine)."""
     c = preset("debug", **SPARSE_MODELS["nsa"])
     model = init_weights(Transformer(c), seed=2).eval()
     prompts = [torch.randint(2, c.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-               for n in (41, 41, 41, 9, 70)]
+               for n in (41, 41, 41, 9, 70, 10, 25)]
     prompts[1] = prompts[2] = prompts[0]
+    prompts[5], prompts[6] = prompts[4] + prompts[5], prompts[4] + prompts[6]
 
-    def run(block):
-        eng = Engine(model, block=block)
+    def run(block, prefix_cache=False):
+        eng = Engine(model, block=block, prefix_cache=prefix_cache)
         assert bool(eng.pool.compressed) == (block % c.nsa_stride == 0)
         rids = [eng.add_request(p, max_new_tokens=40, temperature=1.0, seed=i, logprobs=0)
                 for i, p in enumerate(prompts)]
         while eng.has_work():
             eng.step()
         done = eng.collect()
+        assert eng.prefix_stats["hit"] == 128 * prefix_cache  # the two longer prompts reuse 64 tokens each
         return [done[r] for r in rids]
 
     fresh = run(30)
-    for block in (64, 8):  # 8: a selection block (16) spans two pool blocks
-        for a, b in zip(run(block), fresh):
+    for block, prefix_cache in ((64, False), (8, False), (64, True), (8, True)):  # 8: a selection block (16)
+        for a, b in zip(run(block, prefix_cache), fresh):                       # spans two pool blocks
             assert a.out == b.out
             torch.testing.assert_close([lp for lp, _ in a.logprobs], [lp for lp, _ in b.logprobs], atol=1e-4,
                                        rtol=0)
