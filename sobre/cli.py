@@ -373,8 +373,7 @@ def cmd_serve(args):
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                                  device=pick_device(args.device),
                                  cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8,
-                                 prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(
-                                     Config.load(path), args.speculative))
+                                 prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(Config.load(path)))
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)

@@ -111,12 +111,19 @@ class PagedPool:
             self.lanes.append(seq.lane)
             seq.lane = None
 
-    def prefix_keys(self, prompt: list[int]) -> list[bytes]:
-        """One key per full block of the prompt: sha256 chained over the tokens up to the block's end."""
+    def prefix_keys(self, prompt: list[int], ahead: int = 0) -> list[bytes]:
+        """One key per full block of the prompt: sha256 chained over the tokens up to the block's end, and the
+        `ahead` tokens after it (an MTP draft layer's row at a position depends on the next token too)."""
         keys, h = [], hashlib.sha256()
-        for i in range(len(prompt) // self.block):
-            h.update(torch.tensor(prompt[i * self.block:(i + 1) * self.block], dtype=torch.int64).numpy().tobytes())
-            keys.append(h.copy().digest())
+
+        def digest(x):
+            return torch.tensor(x, dtype=torch.int64).numpy().tobytes()
+
+        for end in range(self.block, len(prompt) - ahead + 1, self.block):
+            h.update(digest(prompt[end - self.block:end]))
+            key = h.copy()
+            key.update(digest(prompt[end:end + ahead]))
+            keys.append(key.digest())
         return keys
 
     def match(self, seq: Sequence, keys: list[bytes]) -> int:
@@ -290,10 +297,11 @@ class Engine:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
-        if prefix_cache and not self.prefix_cache_fits(c, speculative):
-            raise ValueError("the prefix cache needs cache entries per token or per block and no MTP draft state: "
-                             "not with speculative decoding or deepseek_v4 models")
+        if prefix_cache and not self.prefix_cache_fits(c):
+            raise ValueError("the prefix cache needs cache entries per token or per block: not with deepseek_v4 "
+                             "models (their cache keeps per-sequence rings)")
         self.prefix_cache = prefix_cache
+        self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
@@ -304,9 +312,9 @@ class Engine:
         self.next_id = 0
 
     @staticmethod
-    def prefix_cache_fits(c, speculative: bool = False) -> bool:
-        """Whether a model's cache rows are plain per-token entries a later prompt may share."""
-        return not speculative and c.arch != "deepseek_v4"
+    def prefix_cache_fits(c) -> bool:
+        """Whether a model's cache rows are per-token (or, NSA, per-block) entries a later prompt may share."""
+        return c.arch != "deepseek_v4"
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
@@ -395,8 +403,8 @@ class Engine:
             self.waiting.pop(0)
             keys = []
             if self.prefix_cache:
-                keys = self.pool.prefix_keys(seq.prompt)
-                seq.cached = seq.length = self.pool.match(seq, keys)
+                keys = self.pool.prefix_keys(seq.prompt, ahead=int(self.speculative))
+                seq.cached = seq.length = seq.mtp_length = self.pool.match(seq, keys)
                 if self.pool.per_block:  # NSA: the reused blocks hold the entries their tokens complete
                     seq.entries = sparse.n_complete(seq.length, c.nsa_block, c.nsa_stride)
             self.pool.reserve(seq, total)
@@ -409,14 +417,17 @@ class Engine:
             c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
             h, state = self._prefill(seq)
             if self.prefix_cache:
-                self.pool.remember(seq, keys)
+                if self.speculative:
+                    self.unkeyed[seq.rid] = keys
+                else:
+                    self.pool.remember(seq, keys)
                 self.prefix_stats["hit"] += seq.cached
                 self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
             self.running.append(seq)
             logits = self.model.head(h[:, -1])
             events.append(self._emit(seq, int(self._choose([seq], logits)[0]), logits[0]))
             if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
-                seq.mtp_todo = (state[0], seq.prompt[1:] + [seq.pending])
+                seq.mtp_todo = (state[0], seq.prompt[seq.cached + 1:] + [seq.pending])
             elif not self.speculative and seq.finish_reason is None:  # (a finished one has freed its blocks)
                 prefilled[tuple(seq.prompt)] = (seq, logits)
         live = [s for s in self.running if s.pending is not None]
@@ -448,6 +459,8 @@ class Engine:
                 g = m.mtp_hidden(h[:, i:i + step], tokens[:, i:i + step], batch)
             for s, row in zip(group, m.head(g[:, -1])):
                 draft_logits[s.rid] = row
+                if s.rid in self.unkeyed:  # the MTP layer's rows of the prompt are in: others may share it now
+                    self.pool.remember(s, self.unkeyed.pop(s.rid))
         q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
         drafts = sample(q_logits, [s.params for s in seqs], [s.generator for s in seqs])
         tokens = torch.tensor([[s.pending, int(d)] for s, d in zip(seqs, drafts)], device=self.device)
@@ -557,6 +570,7 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str):
         s.finish_reason, s.pending = reason, None
+        self.unkeyed.pop(s.rid, None)
         self.pool.release(s)
         self.finished[s.rid] = s
 

@@ -190,4 +190,40 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
         assert small.generate([p], max_new_tokens=4) == Engine(model).generate([p], max_new_tokens=4)
     assert small.pool.available() == small.pool.n_blocks - 1  # nothing leaked
     with pytest.raises(ValueError, match="prefix cache"):
-        Engine(sobre.model.Transformer(sobre.preset("debug")), speculative=True, prefix_cache=True)
+        Engine(sobre.model.build_model(sobre.preset("debug", arch="deepseek_v4")), prefix_cache=True)
+
+
+def test_prefix_cache_with_speculative_decoding():
+    """With MTP drafting, a block is shared only when the token after it matches too (the MTP layer's row at a
+    position reads the next token) and only once the MTP layer has its rows: prompts sharing 70 tokens reuse
+    one block, prompts sharing exactly 64 reuse none; every MTP row of a running sequence equals the one an
+    engine without the cache computes, and greedy output equals plain greedy."""
+    model = random_model()
+    c = model.config
+    g = torch.Generator().manual_seed(1)
+    system = torch.randint(3, 500, (70,), generator=g).tolist()
+    tails = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 30, 12)]
+    prompts = [system + tails[0], system + tails[1], system[:64] + tails[2]]
+
+    def mtp_rows(eng):  # each running sequence's MTP-layer cache rows over its prompt, after one decode step
+        rids = [eng.add_request(p, max_new_tokens=12) for p in prompts[:1]]
+        eng.step(), eng.step()  # the first prompt's MTP rows are in (the second step drafts)
+        rids += [eng.add_request(p, max_new_tokens=12) for p in prompts[1:]]
+        eng.step(), eng.step()
+        rows = {}
+        for s in eng.running:
+            slots = sobre.engine.paged_rows(torch.tensor([s.blocks]), torch.arange(len(s.prompt))[None], 64)[0]
+            rows[s.rid] = eng.pool.slots[c.n_layers][0][slots]
+        while eng.has_work():
+            eng.step()
+        done = eng.collect()
+        return rows, [done[r].out for r in rids]
+
+    rows, out = mtp_rows(Engine(model, speculative=True))
+    cached = Engine(model, speculative=True, prefix_cache=True)
+    rows_c, out_c = mtp_rows(cached)
+    assert cached.prefix_stats["hit"] == 64  # the second prompt only: the third differs at token 64
+    assert out_c == out == [Engine(model).generate([p], max_new_tokens=12)[0] for p in prompts]
+    assert rows_c.keys() == rows.keys() and len(rows) == 3
+    for rid in rows:
+        torch.testing.assert_close(rows_c[rid], rows[rid], atol=1e-5, rtol=0)
