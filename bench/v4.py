@@ -4,9 +4,16 @@ transformers' own save_pretrained), and the cache bytes per token of V4 vs V3 fr
 Greedy, fp32, same process and threads; decode time excludes prefill (first -> last token, as bench/engine.py);
 the best of 3 runs each, sobre and transformers alternating.
     python bench/v4.py [--quick]
+    python bench/v4.py --long [--sizes 4096 8192]   # long forwards: chunked vs dense reference attention
+
+--long times sobre's own model forward (prefill) and forward + backward (training, the CSA indexers' KL
+included) at T tokens with attention in chunks of 1024 queries (v4.ATTN_CHUNK) against one dense chunk (the
+reference), each in its own process (best of 2, extra peak memory beside it).
 """
 
 import argparse
+import multiprocessing as mp
+import resource
 import sys
 import tempfile
 import time
@@ -31,10 +38,63 @@ V4 = dict(vocab_size=8192, hidden_size=256, moe_intermediate_size=128, num_hidde
 HF_MAX = 8192  # transformers' V4 prefill scores every key densely: ~40 GB at 32k, past this machine
 
 
+def long_case(T: int, chunk: int, grad: bool, out):
+    """One long forward (+ backward) in its own process -> (best seconds of 2, extra peak MB)."""
+    import transformers
+
+    import sobre.v4
+    sobre.v4.ATTN_CHUNK = chunk
+    c = sobre.Config.from_hf(transformers.DeepseekV4Config(**V4).to_dict()).replace(n_mtp_layers=0)
+    m = sobre.v4.init_weights(sobre.v4.V4Transformer(c), std=0.05, seed=0).train(grad)
+    x = torch.randint(0, V4["vocab_size"], (1, T), generator=torch.Generator().manual_seed(0))
+    base, best = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            y = m(x)
+            if grad:
+                kl = [a.indexer_loss for a in m.modules() if isinstance(a, sobre.v4.Attention) and a.kind == "csa"]
+                (y.square().mean() + sum(kl)).backward()
+        best = min(best, time.perf_counter() - t0)
+        del y
+    out.put((best, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))
+
+
+def long_forwards(sizes, max_dense_train: int):
+    ctx = mp.get_context("spawn")
+    print(f"sobre's V4 model (this config), B=1, fp32, {torch.get_num_threads()} threads; attention in chunks of "
+          f"1024 queries vs one dense chunk")
+    print("| tokens | mode | dense | chunked | speed-up | dense / chunked peak MB |")
+    print("|---|---|---|---|---|---|")
+    for T in sizes:
+        for grad in (False, True):
+            res = []
+            for chunk in (T, 1024):
+                if chunk == T and grad and T > max_dense_train:
+                    res.append(None)  # the dense scores and their gradients: ~8 GB at 4096, x4 per doubling
+                    continue
+                q = ctx.Queue()
+                p = ctx.Process(target=long_case, args=(T, chunk, grad, q))
+                p.start()
+                res.append(q.get())
+                p.join()
+            (tc, mc), mode = res[1], "fwd+bwd" if grad else "prefill"
+            if res[0] is None:
+                print(f"| {T} | {mode} | not run (memory) | {tc:.2f} s | | - / {mc:.0f} |", flush=True)
+                continue
+            td, md = res[0]
+            print(f"| {T} | {mode} | {td:.2f} s | {tc:.2f} s | {td / tc:.1f}x | {md:.0f} / {mc:.0f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short contexts (smoke run)")
+    ap.add_argument("--long", action="store_true", help="long forwards: chunked vs dense attention")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192])
+    ap.add_argument("--max-dense-train", type=int, default=4096, help="--long: dense fwd+bwd only up to this T")
     args = ap.parse_args()
+    if args.long:
+        return long_forwards(args.sizes, args.max_dense_train)
     import transformers
     from transformers.utils import logging
     logging.set_verbosity_error()

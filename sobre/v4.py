@@ -20,10 +20,13 @@ import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .model import dispatch, grouped_mm, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
+
+ATTN_CHUNK = 1024  # queries per chunk of a long forward's attention (each chunk sees a window band + entries)
 
 # kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
 # biases, the router's balancing bias and every norm weight
@@ -180,7 +183,9 @@ class Attention(nn.Module):
 
     def forward(self, x, pos, rope, see, cache=None) -> torch.Tensor:
         """x [B, T, dim] at positions pos [B, T]; see [B|1, T, S] bool: the cached + new tokens each query may
-        read (causal, valid). Dense scores under masks (the reference). -> [B, T, dim]"""
+        read (causal, valid). Scores under masks: over all of them up to ATTN_CHUNK queries (the reference),
+        past that chunk by chunk over the band of rows each chunk sees (recomputed in the backward pass).
+        -> [B, T, dim]"""
         c = self.c
         B, T, _ = x.shape
         H, D, G = c.n_heads, c.head_dim, c.o_groups
@@ -196,18 +201,57 @@ class Attention(nn.Module):
             kv, see, ent, causal, keys = cache.context(self, new, rope)
         else:
             kv, see, ent, causal, keys = self.context(new, pos, rope, see, cache)
-        mine = None  # CSA: each query's own top-k entries [B, T, k, D]
-        if self.kind == "csa":  # entry w is complete once token (w+1)*rate-1 is seen; CSA reads the top-k
+        if self.kind == "csa" and T * min(c.index_topk, keys.shape[1]) < keys.shape[1]:
+            # decode: gather each query's top-k entries, O(k) not O(N) per step
             top, chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
             if self.training:
-                target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5
-                self.indexer_loss = indexer_kl(target, score, causal)
-            if T * top.shape[-1] < ent.shape[1]:  # decode: gather each query's k entries, O(k) not O(N) per step
-                mine, ent = ent[torch.arange(B, device=x.device)[:, None, None], top], None  # [B, T, k, D]
-            else:  # many queries (training, prefill): the entries shared, each query's choice as a mask
+                self.indexer_loss = indexer_kl(torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5,
+                                               score, causal)
+            mine = ent[torch.arange(B, device=x.device)[:, None, None], top]  # [B, T, k, D]
+            o = self.attend(q, kv, see, mine, chosen)
+        else:  # many queries (training, prefill): the entries shared, in chunks of queries past ATTN_CHUNK
+            spans = [(c0, min(c0 + ATTN_CHUNK, T)) for c0 in range(0, T, ATTN_CHUNK)]
+            grad = torch.is_grad_enabled() and q.requires_grad and len(spans) > 1
+            parts = [checkpoint(self.queries, *args, use_reentrant=False) if grad else self.queries(*args)
+                     for args in ((q, x, q_lat, pos, rope, kv, see, ent, causal, keys, c0, c1, len(spans) > 1)
+                                  for c0, c1 in spans)]
+            o = torch.cat([p[0] for p in parts], 1)
+            if self.kind == "csa" and self.training:  # the KL averaged over every query that sees an entry
+                kl, rows = zip(*[p[1:] for p in parts])
+                self.indexer_loss = kl[0] if len(kl) == 1 else sum(k * r for k, r in zip(kl, rows)) / max(
+                    sum(rows), 1)
+        o = rope_tail(o, cos[:, :, None], -sin[:, :, None])  # rotate back
+        o = o.reshape(B, T, G, H * D // G)
+        w = self.o_a_proj.dequantized(o.dtype) if hasattr(self.o_a_proj, "dequantized") else self.o_a_proj.weight
+        w = w.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block (FP8: dequantised)
+        return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
+
+    def queries(self, q, x, q_lat, pos, rope, kv, see, ent, causal, keys, c0: int, c1: int, narrow: bool):
+        """Attention of the queries c0..c1 over the rows they see (narrow: only the columns some query of the
+        chunk sees, a window's band) and the shared entries (HCA: the causal ones; CSA: each query's top-k, as
+        a mask). -> (o [B, C, H, D], the CSA indexer's KL and the queries it averages over, when training)."""
+        q, see = q[:, c0:c1], see[:, c0:c1]
+        if narrow:
+            cols = see.flatten(0, 1).any(0).nonzero()
+            lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+            kv, see = kv[:, lo:hi], see[..., lo:hi]
+        kl = rows = None
+        if ent is not None:
+            causal = causal[:, c0:c1]
+            if self.kind == "csa":
+                top, chosen, score = self.compressor.indexer.select(x[:, c0:c1].detach(), q_lat[:, c0:c1].detach(),
+                                                                    pos[:, c0:c1], rope, causal, keys)
+                if self.training:
+                    target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * q.shape[-1]**-0.5
+                    kl, rows = indexer_kl(target, score, causal), int(causal.any(-1).sum())
                 causal = torch.zeros_like(causal).scatter_(-1, top, chosen)
-        if ent is not None:  # HCA: every causal entry; CSA: the chosen ones
-            kv, see = torch.cat([kv, ent], dim=1), torch.cat([see.expand(B, -1, -1), causal], dim=-1)
+            kv, see = torch.cat([kv, ent], dim=1), torch.cat([see.expand(len(q), -1, -1), causal], dim=-1)
+        return self.attend(q, kv, see), kl, rows
+
+    def attend(self, q, kv, see, mine=None, chosen=None):
+        """q [B, T, H, D] over the rows kv [B, S, D] where see [B|1, T, S], plus (decode) each query's own
+        entries mine [B, T, k, D] where chosen [B, T, k], and the per-head sink -> [B, T, H, D]."""
+        B, T, H, D = q.shape
         s = torch.einsum("bthd,bsd->bhts", q, kv)  # [B, H, T, S]
         if mine is not None:
             s = torch.cat([s, torch.einsum("bthd,btkd->bhtk", q, mine)], dim=-1)  # [B, H, T, S + k]
@@ -216,16 +260,10 @@ class Attention(nn.Module):
         s = torch.cat([s, self.sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
         p = s.softmax(-1)[..., :-1].to(kv.dtype)  # the sink takes its share of the mass, then is dropped
         if mine is None:
-            o = torch.einsum("bhts,bsd->bthd", p, kv)
-        else:  # window + chosen entries accumulated in fp32 and rounded once, as one product over both would be
-            S = kv.shape[1]
-            o = (torch.einsum("bhts,bsd->bthd", p[..., :S].float(), kv.float())
-                 + torch.einsum("bhtk,btkd->bthd", p[..., S:].float(), mine.float())).to(kv.dtype)
-        o = rope_tail(o, cos[:, :, None], -sin[:, :, None])  # rotate back
-        o = o.reshape(B, T, G, H * D // G)
-        w = self.o_a_proj.dequantized(o.dtype) if hasattr(self.o_a_proj, "dequantized") else self.o_a_proj.weight
-        w = w.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block (FP8: dequantised)
-        return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
+            return torch.einsum("bhts,bsd->bthd", p, kv)
+        S = kv.shape[1]  # window + chosen entries accumulated in fp32 and rounded once, as one product would be
+        return (torch.einsum("bhts,bsd->bthd", p[..., :S].float(), kv.float())
+                + torch.einsum("bhtk,btkd->bthd", p[..., S:].float(), mine.float())).to(kv.dtype)
 
     def context(self, new, pos, rope, see, cache=None):
         """The simple twin of v4cache.V4Batch.context: every token's rows kept (model.Cache) and every window
