@@ -7,8 +7,9 @@ the best of 3 runs each, sobre and transformers alternating.
     python bench/v4.py --long [--sizes 4096 8192]   # long forwards: chunked vs dense reference attention
 
 --long times sobre's own model forward (prefill) and forward + backward (training, the CSA indexers' KL
-included) at T tokens with attention in chunks of 1024 queries (v4.ATTN_CHUNK) against one dense chunk (the
-reference), each in its own process (best of 2, extra peak memory beside it).
+included) at T tokens with attention in chunks of 1024 queries (v4.ATTN_CHUNK, CSA gathering each query's top-k
+past 4 x k entries) against one dense masked chunk (the reference), each in its own process (best of 2, extra
+peak memory beside it).
 """
 
 import argparse
@@ -44,6 +45,8 @@ def long_case(T: int, chunk: int, grad: bool, out):
 
     import sobre.v4
     sobre.v4.ATTN_CHUNK = chunk
+    if chunk >= T:  # the reference: one chunk, CSA as a mask over every entry
+        sobre.v4.CSA_GATHER = 1 << 30
     c = sobre.Config.from_hf(transformers.DeepseekV4Config(**V4).to_dict()).replace(n_mtp_layers=0)
     m = sobre.v4.init_weights(sobre.v4.V4Transformer(c), std=0.05, seed=0).train(grad)
     x = torch.randint(0, V4["vocab_size"], (1, T), generator=torch.Generator().manual_seed(0))

@@ -26,6 +26,7 @@ from .config import Config
 from .model import dispatch, grouped_mm, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
+CSA_GATHER = 4  # long forwards: CSA gathers each query's top-k entries once there are more than 4 x k
 ATTN_CHUNK = 1024  # queries per chunk of a long forward's attention (each chunk sees a window band + entries)
 
 # kept in fp32 whatever the model dtype (as transformers keeps them): mHC maps, sinks, compressor position
@@ -244,6 +245,9 @@ class Attention(nn.Module):
                 if self.training:
                     target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * q.shape[-1]**-0.5
                     kl, rows = indexer_kl(target, score, causal), int(causal.any(-1).sum())
+                if ent.shape[1] > CSA_GATHER * top.shape[-1]:  # few chosen of many: gather each query's own
+                    mine = ent[torch.arange(len(q), device=q.device)[:, None, None], top]  # [B, C, k, D]
+                    return self.attend(q, kv, see, mine, chosen), kl, rows
                 causal = torch.zeros_like(causal).scatter_(-1, top, chosen)
             kv, see = torch.cat([kv, ent], dim=1), torch.cat([see.expand(len(q), -1, -1), causal], dim=-1)
         return self.attend(q, kv, see), kl, rows

@@ -436,32 +436,41 @@ def test_sinkhorn_projection_is_doubly_stochastic():
 
 def test_chunked_attention_equals_the_dense_reference(monkeypatch):
     """Past ATTN_CHUNK queries attention runs chunk by chunk over the window band each chunk sees plus the
-    entries (recomputed in the backward pass): logits, every gradient and the CSA indexers' KL equal the
-    one-chunk dense reference, in training and in the engine's prompt forwards."""
+    entries (recomputed in the backward pass), and CSA gathers each query's top-k entries once there are more
+    than CSA_GATHER x k of them: logits, every gradient and the CSA indexers' KL equal the one-chunk dense
+    masked reference, in training and in the engine's prompt forwards."""
     import sobre
     import sobre.v4
     from sobre.engine import Engine
     from sobre.v4 import init_weights
     c = Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict())
     m = init_weights(V4Transformer(c), std=0.1, seed=0).train()
-    x = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 128, (2, 70), generator=torch.Generator().manual_seed(1))  # 17 CSA entries, top-4
 
-    def run(chunk):
+    def setup(chunk, gather):
         monkeypatch.setattr(sobre.v4, "ATTN_CHUNK", chunk)
+        monkeypatch.setattr(sobre.v4, "CSA_GATHER", gather)
+
+    def run(chunk, gather):
+        setup(chunk, gather)
         m.zero_grad()
         logits, (mtp,) = m(x, mtp=True)
         kl = [a.indexer_loss for a in m.modules() if isinstance(a, sobre.v4.Attention) and a.kind == "csa"]
         (logits.square().mean() + mtp.square().mean() + sum(kl)).backward()
         return logits, torch.stack(kl), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
-    (want, kl, grads), (got, kl_c, grads_c) = run(1024), run(16)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kl_c, kl, atol=1e-6, rtol=1e-5)
-    assert grads_c.keys() == grads.keys()
-    for n in grads:
-        assert (grads_c[n] - grads[n]).abs().max() <= 1e-4 * grads[n].abs().max() + 1e-7, n
+    want, kl, grads = run(1024, 10**9)
+    for chunk, gather in ((16, 10**9), (16, 4), (1024, 4)):
+        got, kl_c, grads_c = run(chunk, gather)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kl_c, kl, atol=1e-6, rtol=1e-5)
+        assert grads_c.keys() == grads.keys()
+        for n in grads:
+            assert (grads_c[n] - grads[n]).abs().max() <= 1e-4 * grads[n].abs().max() + 1e-7, (chunk, gather, n)
     m.eval()
     prompts = [x[0].tolist(), x[1, :45].tolist()]
-    chunked = Engine(m, prefill_chunk=64).generate(prompts, max_new_tokens=8)  # (ATTN_CHUNK still 16)
-    monkeypatch.setattr(sobre.v4, "ATTN_CHUNK", 1024)
-    assert Engine(m, prefill_chunk=64).generate(prompts, max_new_tokens=8) == chunked
+    setup(1024, 10**9)
+    ref = Engine(m, prefill_chunk=64).generate(prompts, max_new_tokens=8)
+    for chunk, gather in ((16, 10**9), (16, 4)):
+        setup(chunk, gather)
+        assert Engine(m, prefill_chunk=64).generate(prompts, max_new_tokens=8) == ref, (chunk, gather)
