@@ -206,8 +206,7 @@ class Attention(nn.Module):
             # decode: gather each query's top-k entries, O(k) not O(N) per step
             top, chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
             if self.training:
-                self.indexer_loss = indexer_kl(torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * D**-0.5,
-                                               score, causal)
+                self.indexer_loss = self.indexer_kl(q, ent, score, causal)
             mine = ent[torch.arange(B, device=x.device)[:, None, None], top]  # [B, T, k, D]
             o = self.attend(q, kv, see, mine, chosen)
         else:  # many queries (training, prefill): the entries shared, in chunks of queries past ATTN_CHUNK
@@ -229,8 +228,9 @@ class Attention(nn.Module):
 
     def queries(self, q, x, q_lat, pos, rope, kv, see, ent, causal, keys, c0: int, c1: int, narrow: bool):
         """Attention of the queries c0..c1 over the rows they see (narrow: only the columns some query of the
-        chunk sees, a window's band) and the shared entries (HCA: the causal ones; CSA: each query's top-k, as
-        a mask). -> (o [B, C, H, D], the CSA indexer's KL and the queries it averages over, when training)."""
+        chunk sees, a window's band) and the entries (HCA: the causal ones; CSA: each query's top-k, gathered
+        once the entries outnumber CSA_GATHER x k, else as a mask over the shared ones). -> (o [B, C, H, D], the
+        CSA indexer's KL and the queries it averages over, when training)."""
         q, see = q[:, c0:c1], see[:, c0:c1]
         if narrow:
             cols = see.flatten(0, 1).any(0).nonzero()
@@ -243,8 +243,7 @@ class Attention(nn.Module):
                 top, chosen, score = self.compressor.indexer.select(x[:, c0:c1].detach(), q_lat[:, c0:c1].detach(),
                                                                     pos[:, c0:c1], rope, causal, keys)
                 if self.training:
-                    target = torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * q.shape[-1]**-0.5
-                    kl, rows = indexer_kl(target, score, causal), int(causal.any(-1).sum())
+                    kl, rows = self.indexer_kl(q, ent, score, causal), int(causal.any(-1).sum())
                 if ent.shape[1] > CSA_GATHER * top.shape[-1]:  # few chosen of many: gather each query's own
                     mine = ent[torch.arange(len(q), device=q.device)[:, None, None], top]  # [B, C, k, D]
                     return self.attend(q, kv, see, mine, chosen), kl, rows
@@ -253,7 +252,7 @@ class Attention(nn.Module):
         return self.attend(q, kv, see), kl, rows
 
     def attend(self, q, kv, see, mine=None, chosen=None):
-        """q [B, T, H, D] over the rows kv [B, S, D] where see [B|1, T, S], plus (decode) each query's own
+        """q [B, T, H, D] over the rows kv [B, S, D] where see [B|1, T, S], plus (CSA, gathered) each query's own
         entries mine [B, T, k, D] where chosen [B, T, k], and the per-head sink -> [B, T, H, D]."""
         B, T, H, D = q.shape
         s = torch.einsum("bthd,bsd->bhts", q, kv)  # [B, H, T, S]
@@ -268,6 +267,11 @@ class Attention(nn.Module):
         S = kv.shape[1]  # window + chosen entries accumulated in fp32 and rounded once, as one product would be
         return (torch.einsum("bhts,bsd->bthd", p[..., :S].float(), kv.float())
                 + torch.einsum("bhtk,btkd->bthd", p[..., S:].float(), mine.float())).to(kv.dtype)
+
+    @staticmethod
+    def indexer_kl(q, ent, score, causal) -> torch.Tensor:
+        """The CSA indexer's loss toward the main attention (q [B, T, H, D]) over the entries ent [B, N, D]."""
+        return indexer_kl(torch.einsum("bthd,bnd->bhtn", q, ent).detach().float() * q.shape[-1]**-0.5, score, causal)
 
     def context(self, new, pos, rope, see, cache=None):
         """The simple twin of v4cache.V4Batch.context: every token's rows kept (model.Cache) and every window
