@@ -23,6 +23,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -128,7 +129,7 @@ class PagedPool:
 
     def match(self, seq: Sequence, keys: list[bytes]) -> int:
         """Give seq the cached blocks its prompt (keys: prefix_keys of it) starts with, leaving >= 1 token to
-        prefill; -> tokens reused."""
+        prefill (NSA: with the compressed entries those blocks hold); -> tokens reused."""
         n = 0
         for key in keys[:(len(seq.prompt) - 1) // self.block]:
             b = self.cached.get(key)
@@ -138,6 +139,8 @@ class PagedPool:
             self.users[b] += 1
             seq.blocks.append(b)
             n += self.block
+        if self.per_block:  # a block keeps the entries ending in it: those its tokens complete
+            seq.entries = sparse.n_complete(n, self.config.nsa_block, self.config.nsa_stride)
         return n
 
     def remember(self, seq: Sequence, keys: list[bytes]):
@@ -226,18 +229,26 @@ class PagedBatch:
     def compressed(self, layer_id: int, cmp_k, cmp_v) -> tuple[torch.Tensor, torch.Tensor]:
         """NSA: the compressed K/V entries of every row [B, N, Hkv, hd] (row b's first entries[b][1] valid),
         compressing from the pool's tokens only the blocks this forward completes."""
-        pool = self.pool
-        c, per, blk, shift, (kp, vp) = pool.config, pool.per_block, pool.block, pool.entry_shift, pool.slots[layer_id]
+        c, (kp, vp), store = self.pool.config, self.pool.slots[layer_id], self.pool.compressed[layer_id]
+        for tok, rows in self.entry_rows[0]:
+            for entries, x, cmp in zip(store, (kp, vp), (cmp_k, cmp_v)):
+                entries[rows] = sparse.compress(x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(entries.dtype)
+        return tuple(entries[self.entry_rows[1]] for entries in store)
+
+    @cached_property
+    def entry_rows(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """NSA, the same for every layer of this forward: per row completing entries, (the pool rows of the
+        tokens they cover, their own pool rows), and the pool rows of every row's entries [B, N]."""
+        c, per, shift, dev = self.pool.config, self.pool.per_block, self.pool.entry_shift, self.pool.device
+        new = []
         for b, (n0, n1) in enumerate(self.entries):
             if n1 > n0:  # entries n0.. cover tokens n0 * stride .. (n1 - 1) * stride + block
                 table = self.table[b:b + 1]
-                tok = paged_rows(table, torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block,
-                                                     device=kp.device)[None], blk)[0]  # their pool rows
-                rows = paged_rows(table, torch.arange(n0 + shift, n1 + shift, device=kp.device)[None], per)[0]
-                for entries, x, cmp in zip(pool.compressed[layer_id], (kp, vp), (cmp_k, cmp_v)):
-                    entries[rows] = sparse.compress(x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(entries.dtype)
-        every = torch.arange(shift, self.table.shape[1] * per, device=kp.device).expand(len(self.seqs), -1)
-        return tuple(entries[paged_rows(self.table, every, per)] for entries in pool.compressed[layer_id])
+                tok = torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block, device=dev)
+                own = torch.arange(n0 + shift, n1 + shift, device=dev)
+                new.append((paged_rows(table, tok[None], self.pool.block)[0], paged_rows(table, own[None], per)[0]))
+        every = torch.arange(shift, self.table.shape[1] * per, device=dev).expand(len(self.seqs), -1)
+        return new, paged_rows(self.table, every, per)
 
     def advance(self, T: int):
         for s in self.seqs:
@@ -405,8 +416,6 @@ class Engine:
             if self.prefix_cache:
                 keys = self.pool.prefix_keys(seq.prompt, ahead=int(self.speculative))
                 seq.cached = seq.length = seq.mtp_length = self.pool.match(seq, keys)
-                if self.pool.per_block:  # NSA: the reused blocks hold the entries their tokens complete
-                    seq.entries = sparse.n_complete(seq.length, c.nsa_block, c.nsa_stride)
             self.pool.reserve(seq, total)
             twin = prefilled.get(tuple(seq.prompt))
             if twin is not None:  # the same prompt was just prefilled (n samples, GRPO groups): copy its cache
