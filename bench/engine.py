@@ -44,6 +44,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter prompts and contexts (smoke run)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True) against the eager engine")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     from transformers import AutoModelForCausalLM
@@ -57,6 +58,8 @@ def main():
         ours = Engine.from_pretrained(tmp, dtype=dtype, max_batch=16, cache_tokens=16 * 700 + 8192)
         spec = Engine.from_pretrained(tmp, dtype=dtype, max_batch=1, cache_tokens=8192, speculative=True)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+        compiled = args.compile and Engine.from_pretrained(tmp, dtype=dtype, max_batch=16,
+                                                           cache_tokens=16 * 700 + 8192, compile=True)
     g = torch.Generator().manual_seed(0)
 
     def prompts(B, L):
@@ -104,6 +107,12 @@ def main():
     acc = spec.spec_stats["accepted"] / max(spec.spec_stats["drafted"], 1)
     print(f"| MTP speculative decode tok/s, B=1 (untrained MTP head: acceptance {acc:.0%}) | {rate:.1f} | "
           f"plain sobre {plain:.1f} | {rate / plain:.2f}x vs plain |")
+    if compiled:
+        for B in (1, 16):
+            gen_sobre(B, plen, 8, engine=compiled)  # compiles (the first call of each batch shape)
+            a, b = best(gen_sobre, B, plen, n, engine=compiled), best(gen_sobre, B, plen, n)
+            print(f"| decode tok/s, B={B}, Engine(compile=True) | {a:.1f} | eager sobre {b:.1f} | "
+                  f"{a / b:.2f}x vs eager |")
     c = ours.model.config
     per_tok = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers * dtype.itemsize
     print(f"| cache bytes/token | {ours.pool.bytes_per_token:g} | {per_tok} (latent, re-expanded each step) | "

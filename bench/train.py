@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sobre
+from sobre.train import compile_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import CFG  # noqa: E402  the engine benchmark's model
@@ -69,6 +70,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time sobre with its blocks torch.compile'd")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -83,11 +85,18 @@ def main():
           f"{torch.get_num_threads()} threads")
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
+    hf_fp32 = None
     for bf16 in (False, True):
         a = step_times(ours, ours, args.steps, bf16)
         b = step_times(hf, lambda x: hf(x).logits, args.steps, bf16)
+        hf_fp32 = hf_fp32 or b
         print(f"| training tokens/s (fwd + bwd + step), {'bf16 autocast' if bf16 else 'fp32'} | {B * T / a:.0f} | "
               f"{B * T / b:.0f} | {b / a:.2f}x |")
+    if args.compile:  # the first two steps (compiling) are left out of the median, as every warm-up
+        compile_blocks(ours)
+        a = step_times(ours, ours, args.steps)
+        print(f"| the same, fp32, `--compile` (each block torch.compile'd) | {B * T / a:.0f} | {B * T / hf_fp32:.0f} | "
+              f"{hf_fp32 / a:.2f}x |")
     if not args.no_scaling:
         r = scaling(args.steps + 2)
         print(f"| `sobre pretrain --preset tiny` tokens/s, 1 vs 2 processes (gloo, same cores) | {r[1]:.0f} | "

@@ -142,7 +142,7 @@ def cmd_generate(args):
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                      speculative=args.speculative):
+                      speculative=args.speculative, compile=args.compile):
         out.append(t)
         if rank == 0:
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
@@ -194,7 +194,8 @@ def cmd_chat(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = Engine.from_pretrained(args.path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
-                                 device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8)
+                                 device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
+                                 compile=args.compile)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -373,6 +374,7 @@ def cmd_serve(args):
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                                  device=pick_device(args.device),
                                  cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8,
+                                 compile=args.compile,
                                  prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(Config.load(path)))
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
@@ -431,6 +433,7 @@ def main(argv=None):
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain on CPU)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -452,6 +455,7 @@ def main(argv=None):
     s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain on CPU)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0)
@@ -479,6 +483,7 @@ def main(argv=None):
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
     s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain on CPU)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: CPU cores - 1)")

@@ -246,7 +246,7 @@ class NSA(nn.Module):
             o = sparse.nsa_attention(q, k, v, gates, *cmp, **kw)
         elif hasattr(cache, "layer_state"):
             o = self.decode(q, k, v, gates, cache, kw)
-        else:  # the engine's paged batch: rows at their own positions (engine.PagedBatch.nsa)
+        else:  # the engine's paged batch: rows at their own positions (paged.PagedBatch.nsa)
             o = cache.nsa(self.layer_id, q, k, v, gates, cmp, kw)
         return self.wo(o.reshape(B, T, H * hd))
 
@@ -351,6 +351,7 @@ class Experts(nn.Module):
         return grouped_ffn(xs, counts, w1, w2, w3)
 
 
+@torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
 def dispatch(x, w, idx, n_experts: int, ffn):
     """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, counts) over them (counts[e]
     rows for expert e), weigh each by its routing weight and sum back per token. x [N, D], w/idx [N, K]."""
@@ -391,6 +392,12 @@ def grouped_mm(xs, w, counts: list[int]):
     return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
 
+def expert_load(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] of the choices idx [N, K] (a fixed-size count: no graph break under compile)."""
+    flat = idx.flatten()
+    return flat.new_zeros(n_experts).index_add_(0, flat, torch.ones_like(flat))
+
+
 def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """V3's sequence-wise balance term sum_i f_i P_i, averaged over sequences (the trainer weighs it by alpha).
     idx [B*T, K] chosen experts, scores [B*T, E] router scores."""
@@ -415,7 +422,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         w, idx, scores = self.gate(x)
         E = self.gate.weight.shape[0]
-        self.last_load = torch.bincount(idx.flatten(), minlength=E).detach()
+        self.last_load = expert_load(idx, E)
         if self.training:
             self.balance_loss = sequence_balance_loss(idx, scores, shape[0], shape[1])
         y = self.experts(x, w, idx)
@@ -528,7 +535,7 @@ def positions(tokens: torch.Tensor, cache, max_seq_len: int) -> torch.Tensor:
 
 class Cache:
     """Contiguous per-layer cache for B sequences that advance together. MLA layers store (c_kv, k_pe),
-    dense layers (k, v). The engine's paged batch (engine.PagedBatch) offers the same four methods."""
+    dense layers (k, v). The engine's paged batch (paged.PagedBatch) offers the same four methods."""
 
     def __init__(self, max_len: int):
         self.max_len, self.length, self.bufs = max_len, 0, {}

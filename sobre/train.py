@@ -41,6 +41,7 @@ class RunArgs:
     seed: int = 0
     threads: int = 0
     device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
+    compile: bool = False  # torch.compile each block for the training forwards (no gain measured on a 2-core CPU)
 
 
 @dataclass
@@ -292,6 +293,8 @@ def pretrain(a: TrainArgs) -> Path:
     model = init_weights(build_model(cfg)).to(device).train()
     if a.activation_checkpointing:
         _checkpoint_blocks(model)
+    if a.compile:
+        compile_blocks(model)
     if world > 1:
         if a.expert_parallel:
             parallel.apply_expert_parallel(model)
@@ -371,11 +374,30 @@ def pretrain(a: TrainArgs) -> Path:
     return run
 
 
+def blocks(model: Transformer) -> list[torch.nn.Module]:
+    """The model's transformer blocks, the MTP modules' included."""
+    return list(model.layers) + [m.block for m in model.mtp]
+
+
 def _checkpoint_blocks(model: Transformer):
     """Activation checkpointing, applied from outside: each block's forward is recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
-    for block in list(model.layers) + [m.block for m in model.mtp]:
+    for block in blocks(model):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_blocks(model: Transformer):
+    """--compile, applied from outside (after activation checkpointing, before FSDP, as torchtitan does): each
+    block's cache-free forwards (training, evaluation) run torch.compile'd, one graph per block, the routed
+    experts' grouped matmuls eagerly (model.grouped_mm). Forwards with a cache (sampling, GRPO's rollouts in
+    the engine) stay eager: their per-layer cache lookups would recompile each block once per layer."""
+    for block in blocks(model):
+        block.forward = _compiled_without_cache(block.forward)
+
+
+def _compiled_without_cache(forward):
+    compiled = torch.compile(forward)
+    return lambda *args: (compiled if args[-1] is None else forward)(*args)  # every block call passes its cache
 
 
 def truncate_metrics(path: Path, step: int):

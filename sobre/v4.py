@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .model import dispatch, grouped_mm, positions, rope_inv_freq, sequence_balance_loss
+from .model import dispatch, expert_load, grouped_mm, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 CSA_GATHER = 4  # long forwards: CSA gathers each query's top-k entries once there are more than 4 x k
@@ -433,7 +433,7 @@ class MoE(nn.Module):
     def forward(self, x, tokens):  # x [B, T, D], tokens [B, T]
         flat = x.flatten(0, 1)
         w, idx, scores = self.gate(flat, tokens.flatten())
-        self.last_load = torch.bincount(idx.flatten(), minlength=self.c.n_routed_experts).detach()
+        self.last_load = expert_load(idx, self.c.n_routed_experts)
         if self.training:
             self.balance_loss = torch.zeros((), device=x.device) if self.gate.hashed else \
                 sequence_balance_loss(idx, scores.float(), x.shape[0], x.shape[1])

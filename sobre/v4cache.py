@@ -76,7 +76,7 @@ def ring_write(ring: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor, rows:
 class V4Batch:
     """One engine forward of a V4 model over B running sequences: T new tokens each, from each sequence's own
     length on (a prompt or a chunk of one, a decode step, a speculative verify). Same protocol as
-    engine.PagedBatch (positions / mask / advance; `mtp`: the MTP layers' own lengths) plus `context`, which
+    paged.PagedBatch (positions / mask / advance; `mtp`: the MTP layers' own lengths) plus `context`, which
     v4.Attention calls instead of `update`. Every layer reads what the rings hold from before the new tokens,
     then writes the new tokens' rows."""
 

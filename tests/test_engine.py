@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sobre
-from sobre.engine import Engine, PagedBatch, PagedPool, Sequence
+from sobre.engine import Engine, Sequence
 from sobre.model import Cache
+from sobre.paged import PagedBatch, PagedPool
 from sobre.sampling import SamplingParams
 
 from conftest import V3, hf_checkpoint, random_model
@@ -212,7 +213,7 @@ def test_prefix_cache_with_speculative_decoding():
         eng.step(), eng.step()
         rows = {}
         for s in eng.running:
-            slots = sobre.engine.paged_rows(torch.tensor([s.blocks]), torch.arange(len(s.prompt))[None], 64)[0]
+            slots = sobre.paged.paged_rows(torch.tensor([s.blocks]), torch.arange(len(s.prompt))[None], 64)[0]
             rows[s.rid] = eng.pool.slots[c.n_layers][0][slots]
         while eng.has_work():
             eng.step()

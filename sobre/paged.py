@@ -1,0 +1,248 @@
+"""The engine's paged cache: a pool of fixed-size blocks every sequence's cache rows live in (as vLLM and
+FlashMLA page theirs), and one forward's view of it in the model's cache protocol (PagedBatch).
+
+MLA models keep the latent c_kv [kv_lora_rank] and the rope key k_pe [qk_rope_head_dim] per token and layer,
+dense models K/V, DSA the indexer key beside, NSA also its compressed entries per block; deepseek_v4 keeps
+per-block compressed entries plus per-sequence rings (v4cache). Block 0 is a zero "null" block that padded
+positions of a ragged batch read from (and that masks then hide). Prefix-cache keys live here too: every block
+filled entirely with prompt tokens is keyed by a sha256 chained over the prompt up to its end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import sparse, v4cache
+from .model import Transformer
+
+if TYPE_CHECKING:
+    from .engine import Sequence
+
+BLOCK = 64
+
+
+class PagedPool:
+    """Per-layer slot arrays [n_blocks * block, ...] and a free list of blocks (block 0 stays reserved)."""
+
+    def __init__(self, model: Transformer, n_blocks: int, block: int = BLOCK, lanes: int = 64):
+        c = model.config
+        p = next(model.parameters())
+        self.config, self.block, self.n_blocks, self.device = c, block, n_blocks, p.device
+        if c.arch == "deepseek_v4":  # compressed entries by block, windows and projections per lane (v4cache)
+            self.slots, self.rings = v4cache.storage(c, n_blocks, block, lanes, p.dtype, p.device)
+        else:
+            shapes = [(c.kv_lora_rank + c.qk_rope_head_dim,)] if c.is_mla else [(c.kv_heads, c.dense_head_dim)] * 2
+            if c.attn_type == "dsa":
+                shapes.append((c.index_head_dim,))  # the lightning indexer's key per token
+            self.slots = [[torch.zeros(n_blocks * block, *s, dtype=p.dtype, device=p.device) for s in shapes]
+                          for _ in range(c.n_layers + c.n_mtp_layers)]
+            self.rings = []
+        # NSA: compressed K/V entries paged like the tokens, entry i in the block of its last token
+        # i * stride + nsa_block - 1 (so a block's entries depend on its own and earlier tokens only: shareable by
+        # the prefix cache), at row i + entry_shift of the per-block entry rows
+        self.per_block = block // c.nsa_stride if c.attn_type == "nsa" and block % c.nsa_stride == 0 else 0
+        self.entry_shift = (c.nsa_block - 1) // c.nsa_stride if self.per_block else 0
+        self.compressed = [[torch.zeros(n_blocks * self.per_block, c.kv_heads, c.dense_head_dim, dtype=p.dtype,
+                                        device=p.device) for _ in range(2)] for _ in range(c.n_layers)] \
+            if self.per_block else []
+        self.free = list(range(n_blocks - 1, 0, -1))
+        self.lanes = list(range(lanes - 1, -1, -1))  # a running sequence's row in the rings
+        self.users = [0] * n_blocks  # sequences holding each block
+        self.cached: dict[bytes, int] = {}  # prefix key -> block
+        self.key_of: dict[int, bytes] = {}
+        self.idle: OrderedDict[bytes, int] = OrderedDict()  # cached blocks nobody holds, least recently freed first
+        # per token of context (what grows with it), and per running sequence (fixed: the rings)
+        self.bytes_per_token = sum(t[0].numel() * t.element_size() * (t.shape[0] // n_blocks)
+                                   for layer in self.slots[:c.n_layers] + self.compressed for t in layer) / block
+        self.lane_bytes = sum(t[0].numel() * t.element_size() for layer in self.rings for t in layer)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block)
+
+    def block_table(self, seqs: list[Sequence], n_tokens: int) -> torch.Tensor:
+        """[B, blocks_for(n_tokens)]: each sequence's blocks covering n_tokens, padded with the null block 0."""
+        nb = self.blocks_for(n_tokens)
+        return torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=self.device)
+
+    def available(self) -> int:
+        """Blocks a reservation may take: free ones and cached ones no sequence holds (evicted on demand)."""
+        return len(self.free) + len(self.idle)
+
+    def reserve(self, seq: Sequence, n_tokens: int):
+        need = self.blocks_for(n_tokens) - len(seq.blocks)
+        if need > self.available():
+            raise RuntimeError("cache pool exhausted")
+        for _ in range(max(need, 0)):
+            if not self.free:  # evict the least recently freed cached block
+                key, b = self.idle.popitem(last=False)
+                del self.cached[key], self.key_of[b]
+                self.free.append(b)
+            b = self.free.pop()
+            self.users[b] += 1
+            seq.blocks.append(b)
+        if seq.lane is None:
+            seq.lane = self.lanes.pop()
+
+    def release(self, seq: Sequence):
+        """Give back seq's blocks, last first: under eviction a cached prompt loses its tail before its head,
+        and a head is what later prompts can still match."""
+        for b in reversed(seq.blocks):
+            self.users[b] -= 1
+            if not self.users[b]:
+                if b in self.key_of:
+                    self.idle[self.key_of[b]] = b
+                else:
+                    self.free.append(b)
+        seq.blocks = []
+        if seq.lane is not None:
+            self.lanes.append(seq.lane)
+            seq.lane = None
+
+    def prefix_keys(self, prompt: list[int], ahead: int = 0) -> list[bytes]:
+        """One key per full block of the prompt: sha256 chained over the tokens up to the block's end, and the
+        `ahead` tokens after it (an MTP draft layer's row at a position depends on the next token too)."""
+        keys, h = [], hashlib.sha256()
+
+        def digest(x):
+            return torch.tensor(x, dtype=torch.int64).numpy().tobytes()
+
+        for end in range(self.block, len(prompt) - ahead + 1, self.block):
+            h.update(digest(prompt[end - self.block:end]))
+            key = h.copy()
+            key.update(digest(prompt[end:end + ahead]))
+            keys.append(key.digest())
+        return keys
+
+    def match(self, seq: Sequence, keys: list[bytes]) -> int:
+        """Give seq the cached blocks its prompt (keys: prefix_keys of it) starts with, leaving >= 1 token to
+        prefill (NSA: with the compressed entries those blocks hold); -> tokens reused."""
+        n = 0
+        for key in keys[:(len(seq.prompt) - 1) // self.block]:
+            b = self.cached.get(key)
+            if b is None:
+                break
+            self.idle.pop(key, None)
+            self.users[b] += 1
+            seq.blocks.append(b)
+            n += self.block
+        if self.per_block:  # a block keeps the entries ending in it: those its tokens complete
+            seq.entries = sparse.n_complete(n, self.config.nsa_block, self.config.nsa_stride)
+        return n
+
+    def remember(self, seq: Sequence, keys: list[bytes]):
+        """Key seq's full prompt blocks (just prefilled; keys: prefix_keys of its prompt) for later prompts."""
+        for key, b in zip(keys, seq.blocks):
+            if key not in self.cached and b not in self.key_of:
+                self.cached[key], self.key_of[b] = b, key
+
+
+def paged_rows(table: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows of a pool paged in blocks of `size` rows: idx [B, X] (each sequence's own positions, or entry numbers)
+    through the block table [B, nb] -> [B, X]."""
+    return table.gather(1, idx // size) * size + idx % size
+
+
+class PagedBatch:
+    """One forward over B sequences with T new tokens each, in the model's cache protocol
+    (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths.
+    Reads gather whole blocks ([B, n_blocks, 64, ...], one index per block, not per token)."""
+
+    def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: bool = False):
+        self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
+        dev = pool.device
+        lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.ends = [n + T for n in lengths]  # each row's keys after this forward (host-side: no device sync)
+        self.S = max(self.ends)
+        starts, ends = (torch.tensor(x, device=dev) for x in (lengths, self.ends))
+        self.table = pool.block_table(seqs, self.S)
+        self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
+        self.slot_new = self.slots(self.pos)
+        key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]
+        fresh = len(seqs) == 1 and lengths[0] == 0
+        # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0)
+        self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
+                                         ).unsqueeze(1)
+        self.entries = None  # NSA: per row, (compressed entries already stored, entries complete after this forward)
+        if pool.compressed and not mtp:
+            c = pool.config
+            self.entries = [(s.entries, sparse.n_complete(e, c.nsa_block, c.nsa_stride))
+                            for s, e in zip(seqs, self.ends)]
+
+    def positions(self, tokens):
+        return self.pos
+
+    def mask(self, tokens):  # [B, 1, T, S] or None for a lone sequence starting at 0 (plain causal)
+        return self._mask
+
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Pool rows of each sequence's positions pos [B, X]."""
+        return paged_rows(self.table, pos, self.pool.block)
+
+    def write(self, layer_id: int, *new: torch.Tensor):
+        for pool, t in zip(self.pool.slots[layer_id], new):
+            pool[self.slot_new.flatten()] = t.reshape(-1, *t.shape[2:]).to(pool.dtype)
+
+    def read(self, layer_id: int, n: int) -> tuple[torch.Tensor, ...]:
+        """Every row's entries [B, S, ...] of the layer's first n slot arrays (whole blocks gathered)."""
+        blk = self.pool.block
+        return tuple(pool.view(-1, blk, *pool.shape[1:])[self.table].flatten(1, 2)[:, :self.S]
+                     for pool in self.pool.slots[layer_id][:n])
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.write(layer_id, *new)
+        return self.read(layer_id, len(new))
+
+    def nsa(self, layer_id: int, q, k, v, gates, cmp, kw) -> torch.Tensor:
+        """NSA over the pool (q [B, T, Hq, D], gates [B, T, Hq, 3], the new k/v [B, T, Hkv, hd]) -> [B, T, Hq, Dv].
+        Decode reads the window, the chosen blocks and the kept compressed blocks from the pool; prompts gather
+        each row's K/V. The reference twin (a pool block the stride does not divide: no compressed blocks
+        kept) gathers and compresses every block afresh at every step."""
+        if self.entries is None:
+            k, v = self.update(layer_id, k, v)  # [B, S, Hkv, hd]
+            return torch.cat([sparse.nsa_attention(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], gates[b:b + 1], *cmp,
+                                                   **kw) for b, e in enumerate(self.ends)])
+        self.write(layer_id, k, v)
+        kc, vc = self.compressed(layer_id, *cmp)  # [B, N, Hkv, hd]
+        n = [n1 for _, n1 in self.entries]
+        if self.T == 1:
+            return sparse.nsa_paged_decode(q[:, 0], gates[:, 0], *self.pool.slots[layer_id], self.slots, kc, vc,
+                                           torch.tensor(n, device=q.device), self.pos[:, 0], **kw)[:, None]
+        k, v = self.read(layer_id, 2)
+        return torch.cat([sparse.nsa_compressed(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], kc[b:b + 1, :n[b]],
+                                                vc[b:b + 1, :n[b]], gates[b:b + 1], **kw)
+                          for b, e in enumerate(self.ends)])
+
+    def compressed(self, layer_id: int, cmp_k, cmp_v) -> tuple[torch.Tensor, torch.Tensor]:
+        """NSA: the compressed K/V entries of every row [B, N, Hkv, hd] (row b's first entries[b][1] valid),
+        compressing from the pool's tokens only the blocks this forward completes."""
+        c, (kp, vp), store = self.pool.config, self.pool.slots[layer_id], self.pool.compressed[layer_id]
+        for tok, rows in self.entry_rows[0]:
+            for entries, x, cmp in zip(store, (kp, vp), (cmp_k, cmp_v)):
+                entries[rows] = sparse.compress(x[tok][None], cmp, c.nsa_block, c.nsa_stride)[0].to(entries.dtype)
+        return tuple(entries[self.entry_rows[1]] for entries in store)
+
+    @cached_property
+    def entry_rows(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """NSA, the same for every layer of this forward: per row completing entries, (the pool rows of the
+        tokens they cover, their own pool rows), and the pool rows of every row's entries [B, N]."""
+        c, per, shift, dev = self.pool.config, self.pool.per_block, self.pool.entry_shift, self.pool.device
+        new = []
+        for b, (n0, n1) in enumerate(self.entries):
+            if n1 > n0:  # entries n0.. cover tokens n0 * stride .. (n1 - 1) * stride + block
+                table = self.table[b:b + 1]
+                tok = torch.arange(n0 * c.nsa_stride, (n1 - 1) * c.nsa_stride + c.nsa_block, device=dev)
+                own = torch.arange(n0 + shift, n1 + shift, device=dev)
+                new.append((paged_rows(table, tok[None], self.pool.block)[0], paged_rows(table, own[None], per)[0]))
+        every = torch.arange(shift, self.table.shape[1] * per, device=dev).expand(len(self.seqs), -1)
+        return new, paged_rows(self.table, every, per)
+
+    def advance(self, T: int):
+        for s in self.seqs:
+            s.advance(T, self.mtp)
+        for s, (_, n1) in zip(self.seqs, self.entries or ()):
+            s.entries = n1
