@@ -5,6 +5,7 @@ import sys
 import pytest
 
 import sobre
+from sobre.cli import main
 
 from conftest import random_model
 from test_config import V3_RELEASE
@@ -14,11 +15,16 @@ def run(*args, check=True):
     return subprocess.run([sys.executable, "-m", "sobre", *args], capture_output=True, text=True, check=check)
 
 
-def test_help_on_every_verb():
-    out = run("--help").stdout
-    for verb in ("info", "convert", "generate", "speedrun", "serve", "verify", "report"):
-        assert verb in out
-        assert "usage: sobre " + verb in run(verb, "--help").stdout
+def test_help_on_every_verb(capsys):
+    out = run("--help").stdout  # the installed entry point once; every verb's parser in this process
+    listed = out.split("VERB\n", 1)[1].split("\noptions:", 1)[0]
+    verbs = [line.split()[0] for line in listed.splitlines() if line.startswith("    ") and line[4] != " "]
+    assert {"info", "convert", "generate", "chat", "serve", "pretrain", "sft", "grpo", "distill", "eval",
+            "speedrun", "verify", "report"} <= set(verbs)
+    for verb in verbs:
+        with pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0 and "usage: sobre " + verb in capsys.readouterr().out
 
 
 def test_info_on_the_real_v3_config(tmp_path):
