@@ -372,8 +372,8 @@ def grouped_ffn(xs, counts: list[int], w1, w2, w3):
 def grouped_mm(xs, w, counts: list[int]):
     """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in].
     torch._grouped_mm runs all experts in one call (CPU and CUDA); without it, one matmul per active expert
-    over unbound weights (indexing a stacked parameter per expert would make autograd allocate a full-size
-    gradient for every expert). On CPU torch._grouped_mm runs one matmul per expert, empty ones included, so
+    (under autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate
+    a full-size gradient for every expert). On CPU torch._grouped_mm runs one matmul per expert, empty ones included, so
     inference there takes the loop when at most a quarter of the experts have rows (a B=1 decode step); with
     more, _grouped_mm was 10-15% faster (a one-off microbenchmark at 4-256 tokens, 16 experts top-4)."""
     few = xs.device.type == "cpu" and 4 * sum(1 for n in counts if n) <= len(counts)
@@ -384,7 +384,8 @@ def grouped_mm(xs, w, counts: list[int]):
         if out.requires_grad:
             out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
         return out
-    ws, outs, start = w.unbind(0), [], 0
+    ws = w if inference else w.unbind(0)  # inference indexes only the active experts (no gradient to allocate)
+    outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
             outs.append(xs[start:start + n] @ ws[e].T)

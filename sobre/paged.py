@@ -190,7 +190,8 @@ class PagedBatch:
     def read(self, layer_id: int, n: int) -> tuple[torch.Tensor, ...]:
         """Every row's entries [B, S, ...] of the layer's first n slot arrays (whole blocks gathered)."""
         blk = self.pool.block
-        return tuple(pool.view(-1, blk, *pool.shape[1:])[self.table].flatten(1, 2)[:, :self.S]
+        B, rows = len(self.seqs), self.table.flatten()  # index_select: 2.5x faster than pool[table] on CPU
+        return tuple(pool.view(-1, blk, *pool.shape[1:]).index_select(0, rows).view(B, -1, *pool.shape[1:])[:, :self.S]
                      for pool in self.pool.slots[layer_id][:n])
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
