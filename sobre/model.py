@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32, scale in the input dtype (as the reference code)
+        if x.dtype == self.weight.dtype == torch.float32:  # the same in one op (a decode step has 17 of them)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -119,9 +121,9 @@ class MLA(nn.Module):
         q_lat = self.q_norm(self.wq_a(x)) if c.q_lora_rank else None  # [B, T, q_lora_rank]
         q = self.wq_b(q_lat) if c.q_lora_rank else self.wq(x)
         q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
-        q_pe = apply_rope(q_pe, *rope, c.rope_interleave)
         kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, dr], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), *rope, c.rope_interleave).squeeze(2)  # [B, T, rd]
+        pe = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), *rope, c.rope_interleave)  # q and k at once
+        q_pe, k_pe = pe[:, :, :H], pe[:, :, H]  # [B, T, H, rd], [B, T, rd]
         kv_pe = torch.cat([self.kv_norm(kv), k_pe], dim=-1)  # [B, T, r + rd]: all MLA caches per token
         # (q_idx, k_idx, w_idx); the indexer's inputs are detached: only its KL loss trains it (V3.2's recipe)
         idx = self.indexer(x.detach(), q_lat.detach(), rope) if c.attn_type == "dsa" else None
@@ -388,7 +390,7 @@ def grouped_mm(xs, w, counts: list[int]):
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(xs[start:start + n] @ ws[e].T)
+            outs.append(F.linear(xs[start:start + n], ws[e]))
             start += n
     return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
