@@ -30,6 +30,7 @@ from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .train import (
     RunArgs,
     checkpoints,
+    compile_blocks,
     end_step,
     export,
     load_checkpoint,
@@ -159,6 +160,8 @@ class Packed:
     """The model's cache protocol used for attention structure only: positions restart at each document and
     a token attends to the earlier tokens of its own document (padding, doc -1, only to itself)."""
 
+    stateless = True  # no per-layer state: blocks compiled by train.compile_blocks run compiled with it
+
     def __init__(self, docs: torch.Tensor):  # docs [B, T]
         self.docs = docs
 
@@ -219,6 +222,7 @@ class SFTArgs(RunArgs):
     eval_every: int = 50
     save_every: int = 100
     keep: int = 2
+    compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
 
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
@@ -256,6 +260,8 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
+    if a.compile:
+        compile_blocks(model)
     opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     (run / "config.json").write_text(json.dumps({type(a).__name__: asdict(a), "model": model.config.to_dict(),

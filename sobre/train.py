@@ -41,7 +41,6 @@ class RunArgs:
     seed: int = 0
     threads: int = 0
     device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
-    compile: bool = False  # torch.compile each block for the training forwards (no gain measured on a 2-core CPU)
 
 
 @dataclass
@@ -70,6 +69,7 @@ class TrainArgs(RunArgs):
     vocab_size: int = 0  # 0 = the preset's
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
+    compile: bool = False  # torch.compile each block's training forward (0-7% on a 2-core CPU; meant for GPUs)
     arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash
     # MoE) | qwen2 / llama (the preset's dense twin, as the distilled students)
     attn: str = "full"  # full | nsa (Native Sparse Attention) | dsa (DeepSeek Sparse Attention = deepseek_v32)
@@ -388,16 +388,20 @@ def _checkpoint_blocks(model: Transformer):
 
 def compile_blocks(model: Transformer):
     """--compile, applied from outside (after activation checkpointing, before FSDP, as torchtitan does): each
-    block's cache-free forwards (training, evaluation) run torch.compile'd, one graph per block, the routed
-    experts' grouped matmuls eagerly (model.grouped_mm). Forwards with a cache (sampling, GRPO's rollouts in
-    the engine) stay eager: their per-layer cache lookups would recompile each block once per layer."""
+    block's cache-free forwards (training, evaluation; SFT's `stateless` packed-document mask too) run
+    torch.compile'd, one graph per block, the routed experts' dispatch eagerly (model.dispatch). Forwards with a
+    cache (sampling, the engine, GRPO's shared-prompt update) stay eager: their per-layer cache lookups would
+    recompile each block once per layer."""
     for block in blocks(model):
         block.forward = _compiled_without_cache(block.forward)
 
 
 def _compiled_without_cache(forward):
     compiled = torch.compile(forward)
-    return lambda *args: (compiled if args[-1] is None else forward)(*args)  # every block call passes its cache
+    def run(*args):  # every block call passes its cache last
+        cache = args[-1]
+        return (compiled if cache is None or getattr(cache, "stateless", False) else forward)(*args)
+    return run
 
 
 def truncate_metrics(path: Path, step: int):

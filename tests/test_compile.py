@@ -4,14 +4,16 @@ import torch
 from torch._dynamo.utils import counters
 
 from sobre.engine import Engine
+from sobre.sft import sft_loss
 from sobre.train import compile_blocks
 
 from conftest import random_model
 
 
 def test_compiled_blocks_train_like_eager():
-    """compile_blocks (pretrain/sft/grpo/distill --compile): the same MTP training loss, balance loss and
-    gradients as eager on a MoE model (dense + MoE blocks, one MTP module); cached forwards stay eager."""
+    """compile_blocks (pretrain / sft / distill --compile): the same MTP training loss, balance loss and
+    gradients as eager on a MoE model (dense + MoE blocks, one MTP module), the same SFT loss over packed
+    documents; forwards with the engine's cache stay eager."""
     eager, compiled = random_model().train(), random_model().train()
     compile_blocks(compiled)
     counters.clear()
@@ -25,6 +27,11 @@ def test_compiled_blocks_train_like_eager():
         results.append((loss.detach(), balance.detach(), {n: p.grad for n, p in m.named_parameters()
                                                          if p.grad is not None}))
     assert counters["stats"]["unique_graphs"] >= 2  # the blocks did go through dynamo
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])  # SFT's packed rows: a stateless cache, compiled too
+    graphs = counters["stats"]["unique_graphs"]
+    y = [sft_loss(m, x, x, docs) for m in (eager, compiled)]
+    torch.testing.assert_close(y[1], y[0], rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] > graphs
     (l0, b0, g0), (l1, b1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b1, b0, rtol=1e-5, atol=1e-6)
