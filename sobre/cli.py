@@ -376,6 +376,9 @@ def cmd_serve(args):
                                  cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8,
                                  compile=args.compile,
                                  prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(Config.load(path)))
+    if args.compile:
+        print("sobre serve: compiling the decode step", file=sys.stderr)
+        eng.warm_up()
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)

@@ -76,6 +76,12 @@ class Engine:
         # compile: plain decode steps through torch.compile (dynamic shapes: batch and context vary); prompts and
         # speculative forwards stay eager. No gain measured on a 2-core CPU (README); meant for GPUs
         self.decode_hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+        if compile:  # the MoE dispatch breaks the graph, so every block compiles on its own (its cache is looked
+            # up by layer): raise dynamo's per-function limit (8) above the layer count, or deeper layers run eager
+            import torch._dynamo.config as dynamo
+            n = model.config.n_layers + model.config.n_mtp_layers
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
@@ -119,6 +125,13 @@ class Engine:
                 dtype = torch.float32
         return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8),
                    load_tokenizer(path), **kw)
+
+    def warm_up(self):
+        """compile=True: compile the decode step for one and for several sequences now (a server before its
+        first request), not while the first requests wait (later batches may still add a graph or two)."""
+        for n in (2, 1):
+            self.generate([[0, 0]] * n, max_new_tokens=3)
+        self.spec_stats, self.prefix_stats = {"drafted": 0, "accepted": 0}, {"hit": 0, "miss": 0}
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, **kw) -> int:
