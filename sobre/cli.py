@@ -303,6 +303,13 @@ def add_device_flag(parser):
                         "cuda, cuda:N or mps")
 
 
+def add_decode_flags(parser):
+    """The engine's decode options, shared by generate, chat and serve."""
+    parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain "
+                        "on CPU)")
+
+
 def add_dataclass_flags(parser, cls):
     """One flag per field of a config dataclass (--save-every for save_every), typed by its default."""
     for name, f in cls.__dataclass_fields__.items():
@@ -435,8 +442,7 @@ def main(argv=None):
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain on CPU)")
+    add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -457,8 +463,7 @@ def main(argv=None):
     s.add_argument("--top-p", type=float, default=0.95)
     s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
-    s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain on CPU)")
+    add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0)
@@ -485,8 +490,7 @@ def main(argv=None):
                    help="do not reuse the cache of shared prompt prefixes (on by default where the model allows)")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
-    s.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (for GPUs: no gain on CPU)")
+    add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: CPU cores - 1)")

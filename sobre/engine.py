@@ -75,10 +75,11 @@ class Engine:
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # compile: plain decode steps through torch.compile (dynamic shapes: batch and context vary); prompts and
         # speculative forwards stay eager. No gain measured on a 2-core CPU (README); meant for GPUs
-        self.decode_hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+        self.decode_hidden = model.hidden
         if compile:  # the MoE dispatch breaks the graph, so every block compiles on its own (its cache is looked
             # up by layer): raise dynamo's per-function limit (8) above the layer count, or deeper layers run eager
             import torch._dynamo.config as dynamo
+            self.decode_hidden = torch.compile(model.hidden, dynamic=True)
             n = model.config.n_layers + model.config.n_mtp_layers
             dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
@@ -131,7 +132,7 @@ class Engine:
         first request), not while the first requests wait (later batches may still add a graph or two)."""
         for n in (2, 1):
             self.generate([[0, 0]] * n, max_new_tokens=3)
-        self.spec_stats, self.prefix_stats = {"drafted": 0, "accepted": 0}, {"hit": 0, "miss": 0}
+        self.spec_stats, self.prefix_stats = dict.fromkeys(self.spec_stats, 0), dict.fromkeys(self.prefix_stats, 0)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None, **kw) -> int:

@@ -375,9 +375,9 @@ def grouped_mm(xs, w, counts: list[int]):
     """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in].
     torch._grouped_mm runs all experts in one call (CPU and CUDA); without it, one matmul per active expert
     (under autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate
-    a full-size gradient for every expert). On CPU torch._grouped_mm runs one matmul per expert, empty ones included, so
-    inference there takes the loop when at most a quarter of the experts have rows (a B=1 decode step); with
-    more, _grouped_mm was 10-15% faster (a one-off microbenchmark at 4-256 tokens, 16 experts top-4)."""
+    a full-size gradient for every expert). On CPU torch._grouped_mm runs one matmul per expert, empty ones
+    included, so inference there takes the loop when at most a quarter of the experts have rows (a B=1 decode
+    step); with more, _grouped_mm was 10-15% faster (a one-off microbenchmark at 4-256 tokens, 16 experts top-4)."""
     few = xs.device.type == "cpu" and 4 * sum(1 for n in counts if n) <= len(counts)
     inference = not (torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad))
     if hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16) and not (few and inference):
