@@ -368,25 +368,71 @@ def dispatch(x, w, idx, n_experts: int, ffn):
 
 def grouped_ffn(xs, counts: list[int], w1, w2, w3):
     """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
-    return grouped_mm(F.silu(grouped_mm(xs, w1, counts)) * grouped_mm(xs, w3, counts), w2, counts)
+    g = Groups(counts, xs, w1)
+    t = g.pack(xs)
+    return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
 
 
 def grouped_mm(xs, w, counts: list[int]):
-    """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in].
-    torch._grouped_mm runs all experts in one call (CPU and CUDA); without it, one matmul per active expert
-    (under autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate
-    a full-size gradient for every expert). On CPU torch._grouped_mm runs one matmul per expert, empty ones
-    included, so inference there takes the loop when at most a quarter of the experts have rows (a B=1 decode
-    step); with more, _grouped_mm was 10-15% faster (a one-off microbenchmark at 4-256 tokens, 16 experts top-4)."""
-    few = xs.device.type == "cpu" and 4 * sum(1 for n in counts if n) <= len(counts)
-    inference = not (torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad))
-    if hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16) and not (few and inference):
-        offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
-        out = torch._grouped_mm(xs, w.transpose(1, 2), offs=offs)
-        if out.requires_grad:
-            out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
-        return out
-    ws = w if inference else w.unbind(0)  # inference indexes only the active experts (no gradient to allocate)
+    """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in]."""
+    g = Groups(counts, xs, w)
+    return g.unpack(g.mm(g.pack(xs), w))
+
+
+PAD_ROWS = 32  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
+
+
+class Groups:
+    """How rows sorted by expert (counts[e] rows for expert e) meet the stacked expert weights w [E, out, in].
+    torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty
+    ones included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts
+    when at most a quarter have rows (a B=1 decode step), or holds the rows zero-padded as [E, C, in] (C = the
+    largest count, up to PAD_ROWS: batched decode) so each matmul is one bmm, 2-4x faster there
+    (`python bench/moe.py`). Elementwise work between matmuls runs on either layout (padding rows stay zero
+    through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound weights: indexing a stacked
+    parameter per expert would make autograd allocate a full-size gradient for every expert)."""
+
+    def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
+        self.counts = counts
+        grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
+        cpu_inference = xs.device.type == "cpu" and not grad
+        if cpu_inference and 4 * sum(1 for n in counts if n) <= len(counts):
+            self.mode = "loop"
+        elif cpu_inference and max(counts, default=0) <= PAD_ROWS:
+            self.mode = "padded"
+            C = self.C = max(counts)
+            self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
+        elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
+            self.mode = "grouped"
+            self.offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+        else:
+            self.mode = "loop"
+        self.unbind = grad
+
+    def pack(self, xs):  # [sum(counts), in] -> this layout
+        if self.mode != "padded":
+            return xs
+        E = len(self.counts)
+        return xs.new_zeros(E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(E, self.C, -1)
+
+    def unpack(self, t):  # this layout -> [sum(counts), out]
+        return t.view(-1, t.shape[-1]).index_select(0, self.dest) if self.mode == "padded" else t
+
+    def mm(self, t, w):  # each expert's rows @ w[e].T, in this layout
+        if self.mode == "padded":
+            return torch.bmm(t, w.transpose(1, 2))
+        if self.mode == "grouped":
+            out = torch._grouped_mm(t, w.transpose(1, 2), offs=self.offs)
+            if out.requires_grad:
+                out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
+            return out
+        return looped_mm(t, w, self.counts, self.unbind)
+
+
+def looped_mm(xs, w, counts: list[int], unbind: bool = False):
+    """grouped_mm's reference twin: one matmul per active expert; unbind=True indexes the unbound weights (under
+    autograd: no full-size gradient allocated per indexed expert)."""
+    ws = w.unbind(0) if unbind else w
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:

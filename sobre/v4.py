@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .model import dispatch, expert_load, grouped_mm, positions, rope_inv_freq, sequence_balance_loss
+from .model import Groups, dispatch, expert_load, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 CSA_GATHER = 4  # long forwards: CSA gathers each query's top-k entries once there are more than 4 x k
@@ -415,8 +415,9 @@ class Experts(nn.Module):
 def grouped_swiglu(xs, counts: list[int], gate_up, down, limit: float):
     """Clipped SwiGLU experts on rows sorted by expert (counts[e] rows for expert e): gate_up [E, 2I, D] (gate
     and up stacked), down [E, D, I]."""
-    g, u = grouped_mm(xs, gate_up, counts).chunk(2, dim=-1)
-    return grouped_mm(swiglu(g, u, limit), down, counts)
+    grp = Groups(counts, xs, gate_up)
+    g, u = grp.mm(grp.pack(xs), gate_up).chunk(2, dim=-1)
+    return grp.unpack(grp.mm(swiglu(g, u, limit), down))
 
 
 class MoE(nn.Module):

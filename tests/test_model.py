@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sobre
 from sobre import reference
-from sobre.model import Cache, Gate
+from sobre.model import Cache, Gate, Groups, grouped_ffn, grouped_mm, looped_mm
 
 from conftest import random_model
 
@@ -57,6 +58,21 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
     with torch.no_grad():  # one token: 4 of 16 experts, the CPU loop over active experts instead of _grouped_mm
         w, idx, _ = moe.gate(x[:1])
         assert (moe.experts(x[:1], w, idx) - reference.moe_routed(moe.experts, x[:1], w, idx)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("counts, mode", [([0, 1, 0, 0, 0, 0, 0, 2], "loop"), ([3, 0, 5, 1, 1, 2, 0, 4], "padded"),
+                                          ([40, 0, 7, 33, 1, 0, 9, 50], "grouped")])
+def test_expert_groups_equal_looped(counts, mode):
+    """CPU inference loops over few active experts, pads up to PAD_ROWS rows per expert into one bmm, else runs
+    _grouped_mm: each matmul and a whole SwiGLU through the layout equal the per-expert loop."""
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(sum(counts), 24, generator=g)
+    w1, w2, w3 = (torch.randn(8, *shape, generator=g) for shape in ((40, 24), (24, 40), (40, 24)))
+    with torch.no_grad():
+        assert Groups(counts, xs, w1).mode == mode
+        assert (grouped_mm(xs, w1, counts) - looped_mm(xs, w1, counts)).abs().max() < 1e-5
+        ref = looped_mm(F.silu(looped_mm(xs, w1, counts)) * looped_mm(xs, w3, counts), w2, counts)
+        assert (grouped_ffn(xs, counts, w1, w2, w3) - ref).abs().max() < 1e-4
 
 
 def test_grouped_moe_gradients_equal_reference():
