@@ -22,10 +22,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import v4cache
 from .model import Transformer
-from .paged import BLOCK, PagedBatch, PagedPool, paged_rows
+from .paged import BLOCK, PagedBatch, PagedPool, PagedStep, paged_rows
 from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
 
@@ -73,16 +74,11 @@ class Engine:
                  block: int = BLOCK, speculative: bool = False, prefix_cache: bool = False, prefill_chunk: int = 1024,
                  compile: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
-        # compile: plain decode steps through torch.compile (dynamic shapes: batch and context vary); prompts and
-        # speculative forwards stay eager. No gain measured on a 2-core CPU (README); meant for GPUs
-        self.decode_hidden = model.hidden
-        if compile:  # the MoE dispatch breaks the graph, so every block compiles on its own (its cache is looked
-            # up by layer): raise dynamo's per-function limit (8) above the layer count, or deeper layers run eager
-            import torch._dynamo.config as dynamo
-            self.decode_hidden = torch.compile(model.hidden, dynamic=True)
-            n = model.config.n_layers + model.config.n_mtp_layers
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
+        self.compiled = compiled_decode(model, block, self.supports_compile(model.config)) if compile else None
+        # MoE: the compiled step gathers each (token, expert) pair's weights, worth it while the pairs number at
+        # most the experts; larger batches decode eagerly (grouped, padded experts)
+        c = model.config
+        self.compiled_batch = max(1, c.n_routed_experts // c.n_activated_experts) if c.n_routed_experts else max_batch
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
@@ -105,6 +101,13 @@ class Engine:
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
+
+    @staticmethod
+    def supports_compile(c) -> str | None:
+        """Why compile=True cannot serve this model (None: it can)."""
+        if c.arch == "deepseek_v4" or c.attn_type != "full":
+            return f"compile=True compiles the decode step of full-attention models, not {c.arch} / {c.attn_type}"
+        return None
 
     @staticmethod
     def prefix_cache_fits(c) -> bool:
@@ -238,7 +241,14 @@ class Engine:
             events += self._speculate(spec)
         if plain:
             tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
-            logits = self.model.head(self.decode_hidden(tokens, self._batch(plain, 1))[:, -1])
+            batch = self._batch(plain, 1)
+            if self.compiled and len(plain) <= self.compiled_batch:  # (>= 2 blocks, the null block pads: one
+                # graph for every context length)
+                logits = self.compiled(tokens, batch.pos, F.pad(batch.table, (0, max(0, 2 - batch.table.shape[1]))),
+                                       self.pool.slots)
+                batch.advance(1)
+            else:
+                logits = self.model.head(self.model.hidden(tokens, batch)[:, -1])
             chosen = self._choose(plain, logits)
             events += [self._emit(s, int(chosen[i]), logits[i]) for i, s in enumerate(plain)]
         return events
@@ -392,6 +402,33 @@ class Engine:
                 if ev.rid == rid:
                     yield ev.token
         self.finished.pop(rid, None)
+
+
+def compiled_decode(model: Transformer, block: int, unsupported: str | None):
+    """torch.compile'd decode step: (tokens [B, 1], positions [B, 1], block table [B, nb], the pool's slot
+    arrays) -> logits [B, V]. One graph for B = 1 and one for B > 1, any context (dynamic shapes without duck
+    sizing, which would tie B to nb when they happen to be equal; dynamo specialises size 1), the routed experts
+    gathered per (token, expert) pair (model.dispatch), the weights frozen in (inductor's freezing:
+    constant-folded, the matmuls' weights prepacked), so the model must not change afterwards: GRPO's rollout
+    engines stay eager."""
+    if unsupported:
+        raise ValueError(unsupported)
+    import torch._dynamo.config as dynamo
+    from torch.fx.experimental import _config as fx_config
+    n = model.config.n_layers + model.config.n_mtp_layers  # (an eager MoE dispatch, FP8 experts, breaks the graph
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)  # in every block, each compiled on its own)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
+
+    def step(tokens, pos, table, slots):
+        return model.head(model.hidden(tokens, PagedStep(slots, table, pos, block))[:, -1])
+
+    compiled = torch.compile(step, dynamic=True, options={"freezing": True})
+
+    def run(*args):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return run
 
 
 def eos_ids(config, tokenizer=None) -> tuple[int, ...]:

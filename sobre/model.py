@@ -344,31 +344,45 @@ class Experts(nn.Module):
 
     def forward(self, x, w, idx):
         """x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
-        return dispatch(x, w, idx, self.w1.shape[0], lambda xs, counts: self.grouped(xs, counts, self.w1, self.w2,
-                                                                                      self.w3))
+        return dispatch(x, w, idx, self.w1.shape[0],
+                        lambda xs, groups: self.grouped(xs, groups, self.w1, self.w2, self.w3), traceable=True)
 
-    def grouped(self, xs, counts: list[int], w1, w2, w3):
+    def grouped(self, xs, counts: list[int] | Groups, w1, w2, w3):
         """The experts' FFN on rows sorted by expert, with the given (possibly sharded) stacked weights: the
         contract expert parallel uses (parameters stacked on dim 0, in named_parameters order)."""
         return grouped_ffn(xs, counts, w1, w2, w3)
 
 
+def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False):
+    """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, groups) over them (groups: the
+    counts per expert, or a Groups layout), weigh each by its routing weight and sum back per token.
+    x [N, D], w/idx [N, K]. traceable=True (ffn takes a Groups): under torch.compile without autograd, when the
+    pairs number at most the experts (a decode step of one or a few tokens), each pair multiplies its own
+    gathered copy of its expert's weights: static shapes, no host sync, so the step compiles to one graph.
+    Otherwise eager (host-side counts)."""
+    if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
+        return _dispatch(x, w, idx, ffn, Groups.gathered)
+    return eager_dispatch(x, w, idx, n_experts, ffn)
+
+
 @torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
-def dispatch(x, w, idx, n_experts: int, ffn):
-    """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, counts) over them (counts[e]
-    rows for expert e), weigh each by its routing weight and sum back per token. x [N, D], w/idx [N, K]."""
+def eager_dispatch(x, w, idx, n_experts: int, ffn):
+    return _dispatch(x, w, idx, ffn, lambda experts: torch.bincount(experts, minlength=n_experts).tolist())
+
+
+def _dispatch(x, w, idx, ffn, grouping):
     K = idx.shape[1]
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
     token = order // K
-    out = ffn(x[token], torch.bincount(flat, minlength=n_experts).tolist())
+    out = ffn(x[token], grouping(flat[order]))
     out = out * w.flatten()[order].unsqueeze(-1)
     return torch.zeros_like(x).index_add_(0, token, out)
 
 
-def grouped_ffn(xs, counts: list[int], w1, w2, w3):
+def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
     """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
-    g = Groups(counts, xs, w1)
+    g = Groups.of(counts, xs, w1)
     t = g.pack(xs)
     return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
 
@@ -388,12 +402,14 @@ class Groups:
     ones included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts
     when at most a quarter have rows (a B=1 decode step), or holds the rows zero-padded as [E, C, in] (C = the
     largest count, up to PAD_ROWS: batched decode) so each matmul is one bmm, 2-4x faster there
-    (`python bench/moe.py`). Elementwise work between matmuls runs on either layout (padding rows stay zero
-    through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound weights: indexing a stacked
-    parameter per expert would make autograd allocate a full-size gradient for every expert)."""
+    (`python bench/moe.py`). Traced by torch.compile (Groups.gathered, a decode step of a few tokens): each row
+    with its own gathered copy of its expert's weights. Elementwise work between matmuls runs on any layout
+    (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
+    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for
+    every expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
-        self.counts = counts
+        self.counts, self.E = counts, len(counts)
         grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
         cpu_inference = xs.device.type == "cpu" and not grad
         if cpu_inference and 4 * sum(1 for n in counts if n) <= len(counts):
@@ -409,18 +425,33 @@ class Groups:
             self.mode = "loop"
         self.unbind = grad
 
+    @classmethod
+    def of(cls, counts: list[int] | Groups, xs: torch.Tensor, w: torch.Tensor) -> Groups:
+        return counts if isinstance(counts, Groups) else cls(counts, xs, w)
+
+    @classmethod
+    def gathered(cls, experts: torch.Tensor) -> Groups:
+        """Each row with its own copy of its expert's weights (experts [R]: the rows' experts, a tensor): one
+        bmm over [R, 1, in] rows, static shapes (dispatch under torch.compile)."""
+        g = cls.__new__(cls)
+        g.mode, g.experts, g.counts, g.unbind = "gathered", experts, None, False
+        return g
+
     def pack(self, xs):  # [sum(counts), in] -> this layout
-        if self.mode != "padded":
-            return xs
-        E = len(self.counts)
-        return xs.new_zeros(E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(E, self.C, -1)
+        if self.mode == "padded":
+            return xs.new_zeros(self.E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(self.E, self.C, -1)
+        return xs.unsqueeze(1) if self.mode == "gathered" else xs
 
     def unpack(self, t):  # this layout -> [sum(counts), out]
-        return t.view(-1, t.shape[-1]).index_select(0, self.dest) if self.mode == "padded" else t
+        if self.mode == "padded":
+            return t.view(-1, t.shape[-1]).index_select(0, self.dest)
+        return t.squeeze(1) if self.mode == "gathered" else t
 
     def mm(self, t, w):  # each expert's rows @ w[e].T, in this layout
         if self.mode == "padded":
             return torch.bmm(t, w.transpose(1, 2))
+        if self.mode == "gathered":
+            return torch.bmm(t, w[self.experts].transpose(1, 2))
         if self.mode == "grouped":
             out = torch._grouped_mm(t, w.transpose(1, 2), offs=self.offs)
             if out.requires_grad:
@@ -576,7 +607,7 @@ def positions(tokens: torch.Tensor, cache, max_seq_len: int) -> torch.Tensor:
     """[B, T] positions of the new tokens (from the cache, else 0..T-1); a clear error past the context."""
     pos = cache.positions(tokens) if cache is not None else \
         torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-    if int(pos.max()) >= max_seq_len:
+    if not torch.compiler.is_compiling() and int(pos.max()) >= max_seq_len:  # (the engine checks before decode)
         raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
                          f"{max_seq_len} (max_position_embeddings)")
     return pos

@@ -147,13 +147,54 @@ def paged_rows(table: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tenso
     return table.gather(1, idx // size) * size + idx % size
 
 
-class PagedBatch:
+class PagedStep:
+    """One decode step (a new token per row at positions pos [B, 1]) over the pool's per-layer slot arrays, from
+    tensors alone: what Engine(compile=True) traces, one graph for any batch size and context (no sequences, no
+    host-side lengths). Every row reads all its blocks (table [B, nb]); the mask hides keys past its position.
+    Reads gather whole blocks ([B, nb, 64, ...], one index per block, not per token)."""
+
+    def __init__(self, layers: list[list[torch.Tensor]], table: torch.Tensor, pos: torch.Tensor, block: int):
+        self.layers, self.table, self.pos, self.block = layers, table, pos, block
+        self.S = table.shape[1] * block
+        self.slot_new = self.slots(pos)
+        keys = torch.arange(self.S, device=pos.device)
+        self._mask = (keys <= pos[..., None]).unsqueeze(1)  # [B, 1, 1, S]
+
+    def positions(self, tokens):
+        return self.pos
+
+    def mask(self, tokens):  # [B, 1, T, S] or None for a lone sequence starting at 0 (plain causal)
+        return self._mask
+
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """Pool rows of each sequence's positions pos [B, X]."""
+        return paged_rows(self.table, pos, self.block)
+
+    def write(self, layer_id: int, *new: torch.Tensor):
+        for pool, t in zip(self.layers[layer_id], new):
+            pool[self.slot_new.flatten()] = t.reshape(-1, *t.shape[2:]).to(pool.dtype)
+
+    def read(self, layer_id: int, n: int) -> tuple[torch.Tensor, ...]:
+        """Every row's entries [B, S, ...] of the layer's first n slot arrays (whole blocks gathered)."""
+        B, rows = self.table.shape[0], self.table.flatten()  # index_select: 2.5x pool[table] on CPU (one-off timing)
+        return tuple(pool.view(-1, self.block, *pool.shape[1:]).index_select(0, rows).view(B, -1, *pool.shape[1:])
+                     [:, :self.S] for pool in self.layers[layer_id][:n])
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.write(layer_id, *new)
+        return self.read(layer_id, len(new))
+
+    def advance(self, T: int):  # the engine advances its sequences itself
+        pass
+
+
+class PagedBatch(PagedStep):
     """One forward over B sequences with T new tokens each, in the model's cache protocol
-    (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths.
-    Reads gather whole blocks ([B, n_blocks, 64, ...], one index per block, not per token)."""
+    (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths."""
 
     def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: bool = False):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
+        self.layers, self.block = pool.slots, pool.block
         dev = pool.device
         lengths = [s.mtp_length if mtp else s.length for s in seqs]
         self.ends = [n + T for n in lengths]  # each row's keys after this forward (host-side: no device sync)
@@ -172,31 +213,6 @@ class PagedBatch:
             c = pool.config
             self.entries = [(s.entries, sparse.n_complete(e, c.nsa_block, c.nsa_stride))
                             for s, e in zip(seqs, self.ends)]
-
-    def positions(self, tokens):
-        return self.pos
-
-    def mask(self, tokens):  # [B, 1, T, S] or None for a lone sequence starting at 0 (plain causal)
-        return self._mask
-
-    def slots(self, pos: torch.Tensor) -> torch.Tensor:
-        """Pool rows of each sequence's positions pos [B, X]."""
-        return paged_rows(self.table, pos, self.pool.block)
-
-    def write(self, layer_id: int, *new: torch.Tensor):
-        for pool, t in zip(self.pool.slots[layer_id], new):
-            pool[self.slot_new.flatten()] = t.reshape(-1, *t.shape[2:]).to(pool.dtype)
-
-    def read(self, layer_id: int, n: int) -> tuple[torch.Tensor, ...]:
-        """Every row's entries [B, S, ...] of the layer's first n slot arrays (whole blocks gathered)."""
-        blk = self.pool.block
-        B, rows = len(self.seqs), self.table.flatten()  # index_select: 2.5x pool[table] on CPU (one-off timing)
-        return tuple(pool.view(-1, blk, *pool.shape[1:]).index_select(0, rows).view(B, -1, *pool.shape[1:])[:, :self.S]
-                     for pool in self.pool.slots[layer_id][:n])
-
-    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.write(layer_id, *new)
-        return self.read(layer_id, len(new))
 
     def nsa(self, layer_id: int, q, k, v, gates, cmp, kw) -> torch.Tensor:
         """NSA over the pool (q [B, T, Hq, D], gates [B, T, Hq, 3], the new k/v [B, T, Hkv, hd]) -> [B, T, Hq, Dv].

@@ -1,8 +1,10 @@
 """torch.compile options (--compile): compiled forwards equal the eager ones."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import sobre
 from sobre.engine import Engine
 from sobre.sft import sft_loss
 from sobre.train import compile_blocks
@@ -43,14 +45,34 @@ def test_compiled_blocks_train_like_eager():
             Engine(eager).generate([[5, 9, 17]], max_new_tokens=6)
 
 
+def _decode(eng, prompts, n):
+    """Greedy tokens and the chosen tokens' logprobs per prompt, all prompts in one ragged batch."""
+    rids = [eng.add_request(p, max_new_tokens=n, logprobs=0) for p in prompts]
+    while eng.has_work():
+        eng.step()
+    done = eng.collect()
+    return [done[r].out for r in rids], torch.tensor([lp for r in rids for lp, _ in done[r].logprobs])
+
+
 def test_compiled_engine_decodes_like_eager():
-    """Engine(compile=True): ragged batched greedy decode equals the eager engine's, sequences finishing apart."""
+    """Engine(compile=True): after warm_up, one graph for one sequence and one for several, whatever the
+    context (a prompt crosses a 64-token block); decode logprobs equal the eager engine's in a ragged batch of
+    sequences finishing apart; a batch above compiled_batch (8 experts top-2: 4) decodes eagerly, still equal."""
     model = random_model()
-    prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 3, 3, 90, 12, 6, 6, 1, 0, 77, 31], [64]]
-    want = Engine(model).generate(prompts, max_new_tokens=10)
-    eng = Engine(model, compile=True)
+    prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 3, 3, 90, 12, 6, 6, 1, 0, 77, 31] * 7, [64]]
+    eager, eng = Engine(model), Engine(model, compile=True)
+    assert eng.compiled_batch == 4
     counters.clear()
     eng.warm_up()  # (what `sobre serve --compile` does before it listens)
-    assert counters["stats"]["unique_graphs"] >= 1 and eng.prefix_stats == {"hit": 0, "miss": 0}
-    assert eng.generate(prompts, max_new_tokens=10) == want
-    assert eng.generate(prompts[1:2], max_new_tokens=5) == [want[1][:5]]
+    assert counters["stats"]["unique_graphs"] == 2 and eng.prefix_stats == {"hit": 0, "miss": 0}
+    for batch in (prompts, prompts[1:2], prompts + prompts[:2]):
+        want, want_lp = _decode(eager, batch, 10)
+        got, got_lp = _decode(eng, batch, 10)
+        assert got == want
+        torch.testing.assert_close(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2  # no recompiles: batch sizes and contexts are dynamic
+
+
+def test_compile_rejects_models_it_cannot_trace():
+    with pytest.raises(ValueError, match="full-attention"):
+        Engine(random_model(sobre.preset("debug", attn_type="nsa")), compile=True)
