@@ -131,8 +131,8 @@ class Engine:
                    load_tokenizer(path), **kw)
 
     def warm_up(self):
-        """compile=True: compile the decode step for one and for several sequences now (a server before its
-        first request), not while the first requests wait (later batches may still add a graph or two)."""
+        """compile=True: compile the decode step's two graphs, for one and for several sequences, now (a server
+        before its first request), not while the first requests wait."""
         for n in (2, 1):
             self.generate([[0, 0]] * n, max_new_tokens=3)
         self.spec_stats, self.prefix_stats = dict.fromkeys(self.spec_stats, 0), dict.fromkeys(self.prefix_stats, 0)
@@ -422,7 +422,9 @@ def compiled_decode(model: Transformer, block: int, unsupported: str | None):
     def step(tokens, pos, table, slots):
         return model.head(model.hidden(tokens, PagedStep(slots, table, pos, block))[:, -1])
 
-    compiled = torch.compile(step, dynamic=True, options={"freezing": True})
+    # the weights are frozen in, so guards on the modules' attributes go too (guard checks: 0.6 -> 0.2 ms per step)
+    compiled = torch.compile(step, dynamic=True, options={
+        "freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def run(*args):
         with fx_config.patch(use_duck_shape=False):
