@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import v4cache
 from .model import Transformer
@@ -241,14 +240,15 @@ class Engine:
             events += self._speculate(spec)
         if plain:
             tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
-            batch = self._batch(plain, 1)
-            if self.compiled and len(plain) <= self.compiled_batch:  # (>= 2 blocks, the null block pads: one
-                # graph for every context length)
-                logits = self.compiled(tokens, batch.pos, F.pad(batch.table, (0, max(0, 2 - batch.table.shape[1]))),
-                                       self.pool.slots)
-                batch.advance(1)
+            if self.compiled and len(plain) <= self.compiled_batch:  # block tables of >= 2 blocks (null-padded):
+                # one graph for every context
+                pos = torch.tensor([[s.length] for s in plain], device=self.device)
+                table = self.pool.block_table(plain, max(max(s.length for s in plain) + 1, 2 * self.pool.block))
+                logits = self.compiled(tokens, pos, table, self.pool.slots)
+                for s in plain:
+                    s.advance(1)
             else:
-                logits = self.model.head(self.model.hidden(tokens, batch)[:, -1])
+                logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
             chosen = self._choose(plain, logits)
             events += [self._emit(s, int(chosen[i]), logits[i]) for i, s in enumerate(plain)]
         return events

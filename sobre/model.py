@@ -361,21 +361,19 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False):
     gathered copy of its expert's weights: static shapes, no host sync, so the step compiles to one graph.
     Otherwise eager (host-side counts)."""
     if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
-        return _dispatch(x, w, idx, ffn, Groups.gathered)
+        N, K = idx.shape  # (pairs in token order: nothing to sort)
+        out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
+        return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1)
     return eager_dispatch(x, w, idx, n_experts, ffn)
 
 
 @torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
 def eager_dispatch(x, w, idx, n_experts: int, ffn):
-    return _dispatch(x, w, idx, ffn, lambda experts: torch.bincount(experts, minlength=n_experts).tolist())
-
-
-def _dispatch(x, w, idx, ffn, grouping):
     K = idx.shape[1]
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
     token = order // K
-    out = ffn(x[token], grouping(flat[order]))
+    out = ffn(x[token], torch.bincount(flat, minlength=n_experts).tolist())
     out = out * w.flatten()[order].unsqueeze(-1)
     return torch.zeros_like(x).index_add_(0, token, out)
 
@@ -431,8 +429,8 @@ class Groups:
 
     @classmethod
     def gathered(cls, experts: torch.Tensor) -> Groups:
-        """Each row with its own copy of its expert's weights (experts [R]: the rows' experts, a tensor): one
-        bmm over [R, 1, in] rows, static shapes (dispatch under torch.compile)."""
+        """Each row with its own copy of its expert's weights (experts [R]: the rows' experts, a tensor, rows in
+        any order): one bmm over [R, 1, in] rows, static shapes (dispatch under torch.compile)."""
         g = cls.__new__(cls)
         g.mode, g.experts, g.counts, g.unbind = "gathered", experts, None, False
         return g

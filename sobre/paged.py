@@ -149,7 +149,7 @@ def paged_rows(table: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tenso
 
 class PagedStep:
     """One decode step (a new token per row at positions pos [B, 1]) over the pool's per-layer slot arrays, from
-    tensors alone: what Engine(compile=True) traces, one graph for any batch size and context (no sequences, no
+    tensors alone: what Engine(compile=True) traces, with batch size and context dynamic (no sequences, no
     host-side lengths). Every row reads all its blocks (table [B, nb]); the mask hides keys past its position.
     Reads gather whole blocks ([B, nb, 64, ...], one index per block, not per token)."""
 

@@ -64,7 +64,8 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
                                           ([40, 0, 7, 33, 1, 0, 9, 50], "grouped")])
 def test_expert_groups_equal_looped(counts, mode):
     """CPU inference loops over few active experts, pads up to PAD_ROWS rows per expert into one bmm, else runs
-    _grouped_mm: each matmul and a whole SwiGLU through the layout equal the per-expert loop."""
+    _grouped_mm: each matmul and a whole SwiGLU through the layout equal the per-expert loop; so does the
+    SwiGLU with every row's expert weights gathered (Groups.gathered)."""
     g = torch.Generator().manual_seed(3)
     xs = torch.randn(sum(counts), 24, generator=g)
     w1, w2, w3 = (torch.randn(8, *shape, generator=g) for shape in ((40, 24), (24, 40), (40, 24)))
@@ -72,7 +73,9 @@ def test_expert_groups_equal_looped(counts, mode):
         assert Groups(counts, xs, w1).mode == mode
         assert (grouped_mm(xs, w1, counts) - looped_mm(xs, w1, counts)).abs().max() < 1e-5
         ref = looped_mm(F.silu(looped_mm(xs, w1, counts)) * looped_mm(xs, w3, counts), w2, counts)
-        assert (grouped_ffn(xs, counts, w1, w2, w3) - ref).abs().max() < 1e-4
+        torch.testing.assert_close(grouped_ffn(xs, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
+        experts = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))  # (compiled decode's layout)
+        torch.testing.assert_close(grouped_ffn(xs, Groups.gathered(experts), w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_grouped_moe_gradients_equal_reference():
