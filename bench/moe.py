@@ -1,7 +1,7 @@
 """One MoE layer's forward at decode-to-prefill token counts: sobre vs transformers' DeepseekV3MoE.
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
-of each, no_grad, fp32, best of several runs. sobre picks its CPU path from the rows per expert (model.grouped_mm:
+of each, no_grad, fp32, best of several runs. sobre picks its CPU path from the rows per expert (experts.Groups:
 a loop over the active experts, one zero-padded bmm, or torch._grouped_mm); the third column forces
 _grouped_mm wherever padded_mm would run, to show what the padded path buys.
     python bench/moe.py
@@ -14,7 +14,7 @@ import torch
 from engine import CFG
 
 import sobre
-from sobre import model as M
+from sobre import experts as M
 
 
 def best_ms(fns: dict, repeat=15, inner=20) -> dict:

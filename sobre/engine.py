@@ -408,7 +408,7 @@ def compiled_decode(model: Transformer, block: int, unsupported: str | None):
     """torch.compile'd decode step: (tokens [B, 1], positions [B, 1], block table [B, nb], the pool's slot
     arrays) -> logits [B, V]. One graph for B = 1 and one for B > 1, any context (dynamic shapes without duck
     sizing, which would tie B to nb when they happen to be equal; dynamo specialises size 1), the routed experts
-    gathered per (token, expert) pair (model.dispatch), the weights frozen in (inductor's freezing:
+    gathered per (token, expert) pair (experts.dispatch), the weights frozen in (inductor's freezing:
     constant-folded, the matmuls' weights prepacked), so the model must not change afterwards: GRPO's rollout
     engines stay eager."""
     if unsupported:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import dispatch, grouped_ffn
+from .experts import dispatch, grouped_ffn
 from .v4 import grouped_swiglu
 
 E4M3_MAX = 448.0

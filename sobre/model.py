@@ -16,6 +16,7 @@ from torch import nn
 
 from . import sparse
 from .config import Config
+from .experts import Groups, dispatch, expert_load, grouped_ffn
 
 
 class RMSNorm(nn.Module):
@@ -351,129 +352,6 @@ class Experts(nn.Module):
         """The experts' FFN on rows sorted by expert, with the given (possibly sharded) stacked weights: the
         contract expert parallel uses (parameters stacked on dim 0, in named_parameters order)."""
         return grouped_ffn(xs, counts, w1, w2, w3)
-
-
-def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False):
-    """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, groups) over them (groups: the
-    counts per expert, or a Groups layout), weigh each by its routing weight and sum back per token.
-    x [N, D], w/idx [N, K]. traceable=True (ffn takes a Groups): under torch.compile without autograd, when the
-    pairs number at most the experts (a decode step of one or a few tokens), each pair multiplies its own
-    gathered copy of its expert's weights: static shapes, no host sync, so the step compiles to one graph.
-    Otherwise eager (host-side counts)."""
-    if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
-        N, K = idx.shape  # (pairs in token order: nothing to sort)
-        out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
-        return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1)
-    return eager_dispatch(x, w, idx, n_experts, ffn)
-
-
-@torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
-def eager_dispatch(x, w, idx, n_experts: int, ffn):
-    K = idx.shape[1]
-    flat = idx.flatten()
-    order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
-    token = order // K
-    out = ffn(x[token], torch.bincount(flat, minlength=n_experts).tolist())
-    out = out * w.flatten()[order].unsqueeze(-1)
-    return torch.zeros_like(x).index_add_(0, token, out)
-
-
-def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
-    """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
-    g = Groups.of(counts, xs, w1)
-    t = g.pack(xs)
-    return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
-
-
-def grouped_mm(xs, w, counts: list[int]):
-    """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in]."""
-    g = Groups(counts, xs, w)
-    return g.unpack(g.mm(g.pack(xs), w))
-
-
-PAD_ROWS = 32  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
-
-
-class Groups:
-    """How rows sorted by expert (counts[e] rows for expert e) meet the stacked expert weights w [E, out, in].
-    torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty
-    ones included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts
-    when at most a quarter have rows (a B=1 decode step), or holds the rows zero-padded as [E, C, in] (C = the
-    largest count, up to PAD_ROWS: batched decode) so each matmul is one bmm, 2-4x faster there
-    (`python bench/moe.py`). Traced by torch.compile (Groups.gathered, a decode step of a few tokens): each row
-    with its own gathered copy of its expert's weights. Elementwise work between matmuls runs on any layout
-    (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
-    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for
-    every expert)."""
-
-    def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
-        self.counts, self.E = counts, len(counts)
-        grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
-        cpu_inference = xs.device.type == "cpu" and not grad
-        if cpu_inference and 4 * sum(1 for n in counts if n) <= len(counts):
-            self.mode = "loop"
-        elif cpu_inference and max(counts, default=0) <= PAD_ROWS:
-            self.mode = "padded"
-            C = self.C = max(counts)
-            self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
-        elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
-            self.mode = "grouped"
-            self.offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
-        else:
-            self.mode = "loop"
-        self.unbind = grad
-
-    @classmethod
-    def of(cls, counts: list[int] | Groups, xs: torch.Tensor, w: torch.Tensor) -> Groups:
-        return counts if isinstance(counts, Groups) else cls(counts, xs, w)
-
-    @classmethod
-    def gathered(cls, experts: torch.Tensor) -> Groups:
-        """Each row with its own copy of its expert's weights (experts [R]: the rows' experts, a tensor, rows in
-        any order): one bmm over [R, 1, in] rows, static shapes (dispatch under torch.compile)."""
-        g = cls.__new__(cls)
-        g.mode, g.experts, g.counts, g.unbind = "gathered", experts, None, False
-        return g
-
-    def pack(self, xs):  # [sum(counts), in] -> this layout
-        if self.mode == "padded":
-            return xs.new_zeros(self.E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(self.E, self.C, -1)
-        return xs.unsqueeze(1) if self.mode == "gathered" else xs
-
-    def unpack(self, t):  # this layout -> [sum(counts), out]
-        if self.mode == "padded":
-            return t.view(-1, t.shape[-1]).index_select(0, self.dest)
-        return t.squeeze(1) if self.mode == "gathered" else t
-
-    def mm(self, t, w):  # each expert's rows @ w[e].T, in this layout
-        if self.mode == "padded":
-            return torch.bmm(t, w.transpose(1, 2))
-        if self.mode == "gathered":
-            return torch.bmm(t, w[self.experts].transpose(1, 2))
-        if self.mode == "grouped":
-            out = torch._grouped_mm(t, w.transpose(1, 2), offs=self.offs)
-            if out.requires_grad:
-                out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
-            return out
-        return looped_mm(t, w, self.counts, self.unbind)
-
-
-def looped_mm(xs, w, counts: list[int], unbind: bool = False):
-    """grouped_mm's reference twin: one matmul per active expert; unbind=True indexes the unbound weights (under
-    autograd: no full-size gradient allocated per indexed expert)."""
-    ws = w.unbind(0) if unbind else w
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            outs.append(F.linear(xs[start:start + n], ws[e]))
-            start += n
-    return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
-
-
-def expert_load(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens per expert [E] of the choices idx [N, K] (a fixed-size count: no graph break under compile)."""
-    flat = idx.flatten()
-    return flat.new_zeros(n_experts).index_add_(0, flat, torch.ones_like(flat))
 
 
 def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor, B: int, T: int) -> torch.Tensor:

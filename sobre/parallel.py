@@ -92,7 +92,7 @@ class ExpertParallel(nn.Module):
         self.register_buffer("replicas", replicas.to(weight.device), persistent=False)
         self.register_buffer("count", count.to(weight.device), persistent=False)
 
-    @torch.compiler.disable  # eager under --compile, as model.dispatch: host-side counts, collectives
+    @torch.compiler.disable  # eager under --compile, as experts.dispatch: host-side counts, collectives
     def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] with logical expert ids -> [N, D]
         if not self.replicated_input:
             return self._dispatch(x, w, idx, 0)

@@ -344,7 +344,7 @@ def _selected_by_block(q, kb, vb, gid, hide):
     return (out / total[..., None]).to(vb.dtype)
 
 
-@torch.compiler.disable  # eager under torch.compile, as model.dispatch (no fp32 fake _grouped_mm in torch 2.13)
+@torch.compiler.disable  # eager under torch.compile, as experts.dispatch (no fp32 fake _grouped_mm in torch 2.13)
 def grouped_mm(a, b, counts):
     """Rows of a [M, K] in consecutive groups of counts[i] rows, each times b[i] [K, N] -> [M, N]."""
     if hasattr(torch, "_grouped_mm") and a.dtype in (torch.float32, torch.bfloat16) and \

@@ -389,7 +389,7 @@ def _checkpoint_blocks(model: Transformer):
 def compile_blocks(model: Transformer):
     """--compile, applied from outside (after activation checkpointing, before FSDP, as torchtitan does): each
     block's cache-free forwards (training, evaluation; SFT's `stateless` packed-document mask too) run
-    torch.compile'd, one graph per block, the routed experts' dispatch eagerly (model.dispatch). Forwards with a
+    torch.compile'd, one graph per block, the routed experts' dispatch eagerly (experts.dispatch). Forwards with a
     cache (sampling, the engine, GRPO's shared-prompt update) stay eager: their per-layer cache lookups would
     recompile each block once per layer."""
     for block in blocks(model):

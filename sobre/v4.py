@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .model import Groups, dispatch, expert_load, positions, rope_inv_freq, sequence_balance_loss
+from .experts import Groups, dispatch, expert_load
+from .model import positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 CSA_GATHER = 4  # long forwards: CSA gathers each query's top-k entries once there are more than 4 x k

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import sobre
 from sobre import reference
-from sobre.model import Cache, Gate, Groups, grouped_ffn, grouped_mm, looped_mm
+from sobre.experts import Groups, grouped_ffn, grouped_mm, looped_mm
+from sobre.model import Cache, Gate
 
 from conftest import random_model
 
