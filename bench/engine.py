@@ -116,7 +116,7 @@ def main():
                 a, e, b = (max(a, gen_sobre(B, plen, n, engine=compiled)), max(e, gen_sobre(B, plen, n)),
                            max(b, gen_hf(B, plen, n)))
             print(f"| decode tok/s, B={B}, Engine(compile=True) | {a:.1f} | {b:.1f} | {a / b:.2f}x "
-                  f"(eager sobre {e:.1f}: {a / e:.2f}x) |")
+                  f"(eager sobre {e:.1f}; compiled / eager {a / e:.2f}x) |")
     c = ours.model.config
     per_tok = (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers * dtype.itemsize
     print(f"| cache bytes/token | {ours.pool.bytes_per_token:g} | {per_tok} (latent, re-expanded each step) | "

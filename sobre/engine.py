@@ -408,15 +408,15 @@ def compiled_decode(model: Transformer, block: int, unsupported: str | None):
     """torch.compile'd decode step: (tokens [B, 1], positions [B, 1], block table [B, nb], the pool's slot
     arrays) -> logits [B, V]. One graph for B = 1 and one for B > 1, any context (dynamic shapes without duck
     sizing, which would tie B to nb when they happen to be equal; dynamo specialises size 1), the routed experts
-    gathered per (token, expert) pair (experts.dispatch), the weights frozen in (inductor's freezing:
-    constant-folded, the matmuls' weights prepacked), so the model must not change afterwards: GRPO's rollout
-    engines stay eager."""
+    gathered per (token, expert) pair (experts.dispatch), the weights frozen in as constants (inductor's
+    freezing), so the model must not change afterwards: GRPO's rollout engines stay eager."""
     if unsupported:
         raise ValueError(unsupported)
     import torch._dynamo.config as dynamo
     from torch.fx.experimental import _config as fx_config
-    n = model.config.n_layers + model.config.n_mtp_layers  # (an eager MoE dispatch, FP8 experts, breaks the graph
-    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)  # in every block, each compiled on its own)
+    # an eager MoE dispatch (FP8 experts) breaks the graph in every block, each then compiled on its own
+    n = model.config.n_layers + model.config.n_mtp_layers
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
 
     def step(tokens, pos, table, slots):
