@@ -44,12 +44,6 @@ def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
     return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
 
 
-def grouped_mm(xs, w, counts: list[int]):
-    """Rows sorted by expert [sum(counts), in] @ w[e].T for each expert's rows -> [sum(counts), out]; w [E, out, in]."""
-    g = Groups(counts, xs, w)
-    return g.unpack(g.mm(g.pack(xs), w))
-
-
 PAD_ROWS = 32  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
 
 
@@ -58,12 +52,12 @@ class Groups:
     torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty
     ones included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts
     when at most a quarter have rows (a B=1 decode step), or holds the rows zero-padded as [E, C, in] (C = the
-    largest count, up to PAD_ROWS: batched decode) so each matmul is one bmm, 2-4x faster there
-    (`python bench/moe.py`). Traced by torch.compile (Groups.gathered, a decode step of a few tokens): each row
-    with its own gathered copy of its expert's weights. Elementwise work between matmuls runs on any layout
-    (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
-    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for
-    every expert)."""
+    largest count, up to PAD_ROWS: batched decode) so each matmul is one bmm (2-4x faster with the weights in
+    cache, 1.1-1.4x for a whole MoE layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a
+    decode step of a few tokens): each row with its own gathered copy of its expert's weights. Elementwise work
+    between matmuls runs on any layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop
+    (under autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate
+    a full-size gradient for every expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
         self.counts, self.E = counts, len(counts)
@@ -118,8 +112,8 @@ class Groups:
 
 
 def looped_mm(xs, w, counts: list[int], unbind: bool = False):
-    """grouped_mm's reference twin: one matmul per active expert; unbind=True indexes the unbound weights (under
-    autograd: no full-size gradient allocated per indexed expert)."""
+    """The reference twin of every Groups layout: one matmul per active expert; unbind=True indexes the unbound
+    weights (under autograd: no full-size gradient allocated per indexed expert)."""
     ws = w.unbind(0) if unbind else w
     outs, start = [], 0
     for e, n in enumerate(counts):

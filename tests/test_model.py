@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sobre
 from sobre import reference
-from sobre.experts import Groups, grouped_ffn, grouped_mm, looped_mm
+from sobre.experts import Groups, grouped_ffn, looped_mm
 from sobre.model import Cache, Gate
 
 from conftest import random_model
@@ -71,8 +71,9 @@ def test_expert_groups_equal_looped(counts, mode):
     xs = torch.randn(sum(counts), 24, generator=g)
     w1, w2, w3 = (torch.randn(8, *shape, generator=g) for shape in ((40, 24), (24, 40), (40, 24)))
     with torch.no_grad():
-        assert Groups(counts, xs, w1).mode == mode
-        assert (grouped_mm(xs, w1, counts) - looped_mm(xs, w1, counts)).abs().max() < 1e-5
+        g = Groups(counts, xs, w1)
+        assert g.mode == mode
+        assert (g.unpack(g.mm(g.pack(xs), w1)) - looped_mm(xs, w1, counts)).abs().max() < 1e-5
         ref = looped_mm(F.silu(looped_mm(xs, w1, counts)) * looped_mm(xs, w3, counts), w2, counts)
         torch.testing.assert_close(grouped_ffn(xs, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
         experts = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))  # (compiled decode's layout)
