@@ -3,7 +3,7 @@ transformers' own save_pretrained), and the cache bytes per token of V4 vs V3 fr
 
 Greedy, fp32, same process and threads; decode time excludes prefill (first -> last token, as bench/engine.py);
 the best of 3 runs each, sobre and transformers alternating.
-    python bench/v4.py [--quick]
+    python bench/v4.py [--quick] [--compile]   # --compile: Engine(compile=True) too (B=1 graph compiled first)
     python bench/v4.py --long [--sizes 4096 8192]   # long forwards: chunked vs dense reference attention
 
 --long times sobre's own model forward (prefill) and forward + backward (training, the CSA indexers' KL
@@ -93,6 +93,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short contexts (smoke run)")
     ap.add_argument("--long", action="store_true", help="long forwards: chunked vs dense attention")
+    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--max-dense-train", type=int, default=4096, help="--long: dense fwd+bwd only up to this T")
     args = ap.parse_args()
@@ -111,15 +112,20 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = Engine.from_pretrained(tmp, dtype=torch.float32, max_batch=1, cache_tokens=max(ctxs) + 2 * n)
+    compiled = args.compile and Engine(ours.model, max_batch=1, cache_tokens=max(ctxs) + 2 * n, compile=True)
+    if compiled:
+        t0 = time.perf_counter()
+        compiled.generate([[0, 0]], max_new_tokens=3)  # compiles the B=1 graph (one for every context)
+        print(f"compiled the B=1 decode step in {time.perf_counter() - t0:.0f} s")
     g = torch.Generator().manual_seed(0)
 
-    def sobre_ms(L):
-        ours.add_request(torch.randint(2, V4["vocab_size"], (L,), generator=g).tolist(), max_new_tokens=n)
+    def sobre_ms(L, engine=ours):
+        engine.add_request(torch.randint(2, V4["vocab_size"], (L,), generator=g).tolist(), max_new_tokens=n)
         times, counts = [], []
-        while ours.has_work():
-            counts.append(len(ours.step()))
+        while engine.has_work():
+            counts.append(len(engine.step()))
             times.append(time.perf_counter())
-        ours.collect()
+        engine.collect()
         return 1e3 / decode_rate(times, counts)
 
     hf_bytes = {}  # context -> transformers' cache bytes after generate
@@ -141,10 +147,17 @@ def main():
         if L > HF_MAX:
             a = min(sobre_ms(L) for _ in range(2))
             print(f"| decode ms/token at context {L} | {a:.2f} | not run (dense prefill) | |")
+            if compiled:
+                a = min(sobre_ms(L, compiled) for _ in range(2))
+                print(f"| decode ms/token at context {L}, Engine(compile=True) | {a:.2f} | not run | |")
             continue
-        pairs = [(sobre_ms(L), hf_ms(L)) for _ in range(3)]  # alternating: this CPU's speed drifts
-        a, b = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        runs = [(sobre_ms(L), hf_ms(L), compiled and sobre_ms(L, compiled)) for _ in range(3)]  # alternating:
+        a, b = min(r[0] for r in runs), min(r[1] for r in runs)  # this CPU's speed drifts
         print(f"| decode ms/token at context {L} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
+        if compiled:
+            e = min(r[2] for r in runs)
+            print(f"| decode ms/token at context {L}, Engine(compile=True) | {e:.2f} | {b:.2f} | {b / e:.2f}x faster "
+                  f"(compiled / eager {a / e:.2f}x) |")
     pool = ours.pool  # entries grow with the context; window and projection rings are fixed per sequence
     for L in [L for L in ctxs if L in hf_bytes]:
         ctx = L + n

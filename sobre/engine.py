@@ -73,7 +73,6 @@ class Engine:
                  block: int = BLOCK, speculative: bool = False, prefix_cache: bool = False, prefill_chunk: int = 1024,
                  compile: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
-        self.compiled = compiled_decode(model, block, self.supports_compile(model.config)) if compile else None
         # MoE: the compiled step gathers each (token, expert) pair's weights, worth it while the pairs number at
         # most the experts; larger batches decode eagerly (grouped, padded experts)
         c = model.config
@@ -95,6 +94,7 @@ class Engine:
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
+        self.compiled = compiled_decode(model, self.pool, self.supports_compile(c)) if compile else None
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -104,8 +104,8 @@ class Engine:
     @staticmethod
     def supports_compile(c) -> str | None:
         """Why compile=True cannot serve this model (None: it can)."""
-        if c.arch == "deepseek_v4" or c.attn_type != "full":
-            return f"compile=True compiles the decode step of full-attention models, not {c.arch} / {c.attn_type}"
+        if c.attn_type != "full":
+            return f"compile=True compiles the decode step of full-attention and DeepSeek-V4 models, not {c.attn_type}"
         return None
 
     @staticmethod
@@ -240,11 +240,8 @@ class Engine:
             events += self._speculate(spec)
         if plain:
             tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
-            if self.compiled and len(plain) <= self.compiled_batch:  # block tables of >= 2 blocks (null-padded):
-                # one graph for every context
-                pos = torch.tensor([[s.length] for s in plain], device=self.device)
-                table = self.pool.block_table(plain, max(max(s.length for s in plain) + 1, 2 * self.pool.block))
-                logits = self.compiled(tokens, pos, table, self.pool.slots)
+            if self.compiled and len(plain) <= self.compiled_batch:
+                logits = self.compiled(tokens, plain)
                 for s in plain:
                     s.advance(1)
             else:
@@ -404,31 +401,43 @@ class Engine:
         self.finished.pop(rid, None)
 
 
-def compiled_decode(model: Transformer, block: int, unsupported: str | None):
-    """torch.compile'd decode step: (tokens [B, 1], positions [B, 1], block table [B, nb], the pool's slot
-    arrays) -> logits [B, V]. One graph for B = 1 and one for B > 1, any context (dynamic shapes without duck
-    sizing, which would tie B to nb when they happen to be equal; dynamo specialises size 1), the routed experts
-    gathered per (token, expert) pair (experts.dispatch), the weights frozen in as constants (inductor's
-    freezing), so the model must not change afterwards: GRPO's rollout engines stay eager."""
+def compiled_decode(model: Transformer, pool: PagedPool, unsupported: str | None):
+    """torch.compile'd decode step: (tokens [B, 1], the B running sequences) -> logits [B, V], traced over the
+    pool's tensors alone (paged.PagedStep, DeepSeek-V4: v4cache.V4Step). One graph for B = 1 and one for B > 1,
+    any context: dynamic shapes without duck sizing (which would tie B to a block count when they happen to be
+    equal), block tables null-padded to sizes dynamo does not specialise (it does 0 and 1: at least 2 blocks, and
+    2 entries of every compressed layer); the routed experts gathered per (token, expert) pair
+    (experts.dispatch); the weights frozen in as constants (inductor's freezing), so the model must not change
+    afterwards: GRPO's rollout engines stay eager."""
     if unsupported:
         raise ValueError(unsupported)
     import torch._dynamo.config as dynamo
     from torch.fx.experimental import _config as fx_config
+    c, block = model.config, pool.block
     # an eager MoE dispatch (FP8 experts) breaks the graph in every block, each then compiled on its own
-    n = model.config.n_layers + model.config.n_mtp_layers
+    n = c.n_layers + c.n_mtp_layers
     dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
+    rates = [c.compress_rate_csa if t == "csa" else c.compress_rate_hca for t in c.layer_types if t != "sliding"] \
+        if c.arch == "deepseek_v4" else []
+    min_tokens = 2 * max([block, *rates])
 
-    def step(tokens, pos, table, slots):
-        return model.head(model.hidden(tokens, PagedStep(slots, table, pos, block))[:, -1])
+    def step(tokens, pos, table, lanes, slots, rings):
+        cache = v4cache.V4Step(rings, slots, table, pos, lanes, block) if rings else \
+            PagedStep(slots, table, pos, block)
+        return model.head(model.hidden(tokens, cache)[:, -1])
 
     # the weights are frozen in, so guards on the modules' attributes go too (guard checks: 0.6 -> 0.2 ms per step)
     compiled = torch.compile(step, dynamic=True, options={
         "freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-    def run(*args):
-        with fx_config.patch(use_duck_shape=False):
-            return compiled(*args)
+    def run(tokens, seqs):
+        dev = tokens.device
+        pos = torch.tensor([[s.length] for s in seqs], device=dev)
+        table = pool.block_table(seqs, max(max(s.length for s in seqs) + 1, min_tokens))
+        lanes = torch.tensor([s.lane or 0 for s in seqs], device=dev)
+        with fx_config.patch(use_duck_shape=False), dynamo.patch(specialize_int=True, specialize_float=True):
+            return compiled(tokens, pos, table, lanes, pool.slots, pool.rings)
 
     return run
 

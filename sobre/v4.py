@@ -146,7 +146,7 @@ class Indexer(Compressor):
         s = torch.einsum("bthd,bnd->bthn", q.float(), k.float()).relu() * c.index_head_dim**-0.5
         w = self.scorer.weights_proj(x).float() * c.index_n_heads**-0.5  # [B, T, Hi]
         score = (s * w[..., None]).sum(2).masked_fill(~visible, float("-inf"))  # [B, T, N]
-        top = score.topk(min(c.index_topk, score.shape[-1]), dim=-1).indices
+        top = score.topk(torch.sym_min(c.index_topk, score.shape[-1]), dim=-1).indices  # (no guard on N)
         return top, visible.gather(-1, top), score
 
 
@@ -203,8 +203,9 @@ class Attention(nn.Module):
             kv, see, ent, causal, keys = cache.context(self, new, rope)
         else:
             kv, see, ent, causal, keys = self.context(new, pos, rope, see, cache)
-        if self.kind == "csa" and T * min(c.index_topk, keys.shape[1]) < keys.shape[1]:
-            # decode: gather each query's top-k entries, O(k) not O(N) per step
+        if self.kind == "csa" and (torch.compiler.is_compiling()
+                                   or T * min(c.index_topk, keys.shape[1]) < keys.shape[1]):
+            # decode: gather each query's top-k entries, O(k) not O(N) per step (compiled: at any N, one graph)
             top, chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
             if self.training:
                 self.indexer_loss = self.indexer_kl(q, ent, score, causal)
@@ -317,7 +318,8 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     divided by its sum + eps (transformers' order). A decode step's few rows on the CPU (no autograd) take the
     same float32 arithmetic in numpy, whose per-call cost is about half of torch's on tiny arrays: this is ~120
     calls per hyper-connection, 8 of them per step of the debug V4 (tested equal to the torch path)."""
-    if comb.device.type == "cpu" and comb.numel() <= 1024 and not (torch.is_grad_enabled() and comb.requires_grad):
+    if comb.device.type == "cpu" and comb.numel() <= 1024 and not (torch.is_grad_enabled() and comb.requires_grad) \
+            and not torch.compiler.is_compiling():
         a, e = comb.float().numpy(force=True), numpy.float32(eps)
         a = a / (a.sum(-2, keepdims=True) + e)
         for _ in range(iters - 1):
@@ -407,16 +409,16 @@ class Experts(nn.Module):
 
     def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] -> [N, D]
         return dispatch(x, w, idx, self.gate_up_proj.shape[0],
-                        lambda xs, counts: self.grouped(xs, counts, self.gate_up_proj, self.down_proj))
+                        lambda xs, counts: self.grouped(xs, counts, self.gate_up_proj, self.down_proj), traceable=True)
 
-    def grouped(self, xs, counts: list[int], gate_up, down):  # rows sorted by expert -> clipped SwiGLU
+    def grouped(self, xs, counts: list[int] | Groups, gate_up, down):  # rows sorted by expert -> clipped SwiGLU
         return grouped_swiglu(xs, counts, gate_up, down, self.limit)
 
 
-def grouped_swiglu(xs, counts: list[int], gate_up, down, limit: float):
-    """Clipped SwiGLU experts on rows sorted by expert (counts[e] rows for expert e): gate_up [E, 2I, D] (gate
-    and up stacked), down [E, D, I]."""
-    grp = Groups(counts, xs, gate_up)
+def grouped_swiglu(xs, counts: list[int] | Groups, gate_up, down, limit: float):
+    """Clipped SwiGLU experts on rows sorted by expert (counts[e] rows for expert e, or a Groups layout):
+    gate_up [E, 2I, D] (gate and up stacked), down [E, D, I]."""
+    grp = Groups.of(counts, xs, gate_up)
     g, u = grp.mm(grp.pack(xs), gate_up).chunk(2, dim=-1)
     return grp.unpack(grp.mm(swiglu(g, u, limit), down))
 

@@ -73,21 +73,18 @@ def ring_write(ring: torch.Tensor, lanes: torch.Tensor, pos: torch.Tensor, rows:
     ring[lanes[:, None], pos[:, keep] % R] = rows[:, keep].to(ring.dtype)
 
 
-class V4Batch:
-    """One engine forward of a V4 model over B running sequences: T new tokens each, from each sequence's own
-    length on (a prompt or a chunk of one, a decode step, a speculative verify). Same protocol as
-    paged.PagedBatch (positions / mask / advance; `mtp`: the MTP layers' own lengths) plus `context`, which
-    v4.Attention calls instead of `update`. Every layer reads what the rings hold from before the new tokens,
-    then writes the new tokens' rows."""
+class V4Step:
+    """One decode step from tensors alone (what Engine(compile=True) traces): B sequences with a new token at
+    positions pos [B, 1], their ring lanes [B] and block tables [B, nb] (null-padded). Same protocol as
+    paged.PagedStep (positions / mask / advance, a no-op: the engine advances its sequences) plus `context`,
+    which v4.Attention calls instead of `update`. Every layer reads what the rings hold from before the new
+    tokens, then writes the new tokens' rows. Every row pools the window its token would complete and stores the
+    entry only if it does (elsewhere the row written keeps its value), then reads all the entries its blocks
+    hold (the causal mask hides those past it): static shapes, nothing decided on the host."""
 
-    def __init__(self, pool, seqs, T: int, mtp: bool = False):
-        self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
-        self.lengths = [s.mtp_length if mtp else s.length for s in seqs]
-        self.end = max(self.lengths) + T  # tokens the longest sequence will hold
-        dev = pool.device
-        self.pos = torch.tensor(self.lengths, device=dev)[:, None] + torch.arange(T, device=dev)  # [B, T]
-        self.lanes = torch.tensor([s.lane for s in seqs], device=dev)
-        self.table = pool.block_table(seqs, self.end)
+    def __init__(self, rings: list, slots: list, table: torch.Tensor, pos: torch.Tensor, lanes: torch.Tensor,
+                 block: int):
+        self.rings, self.slots, self.table, self.pos, self.lanes, self.block = rings, slots, table, pos, lanes, block
 
     def positions(self, tokens):
         return self.pos
@@ -96,15 +93,14 @@ class V4Batch:
         return None  # each layer builds its own from positions
 
     def advance(self, T: int):
-        for s in self.seqs:
-            s.advance(T, self.mtp)
+        pass
 
     def context(self, attn, new: list[torch.Tensor], rope):
         """new: this forward's K=V rows [B, T, D], then the compressor's (kv, gate) and the CSA indexer's
         projections [B, T, width] -> (kv [B, L, D], see [B, T, L], entries [B, N, D] | None,
         causal [B, T, N] | None, indexer keys [B, N, Di] | None)."""
         pos, W = self.pos, attn.c.sliding_window
-        rings, entries = self.pool.rings[attn.layer_id], self.pool.slots[attn.layer_id]
+        rings, entries = self.rings[attn.layer_id], self.slots[attn.layer_id]
         kv, kpos = self._with_past(rings[0], new[0], W - 1)  # the window before the new tokens, then them
         q, kpos = pos[..., None], kpos[:, None]  # [B, T, 1], [B, 1, L]
         see = (kpos >= 0) & (kpos <= q) & (q - kpos < W)  # [B, T, L]
@@ -127,22 +123,62 @@ class V4Batch:
         """Pool the windows the new tokens complete into `store` (a token at position p completes window
         (p + 1) / rate - 1 when rate divides p + 1), keep the projections the next windows need in the rings,
         and read every entry the sequences have: -> [B, N, d]."""
-        m, pos, blk = comp.rate, self.pos, self.pool.block
+        m = comp.rate
         R = 2 * m if comp.overlap else m  # the rows one entry pools (CSA: the previous window's too)
         (kv, kpos), (gate, _) = (self._with_past(r, t, R - 1) for r, t in zip(rings, new))  # [B, R - 1 + T, .]
         gate = gate.masked_fill((kpos < 0)[..., None], float("-inf"))  # before position 0: nothing
+        self._pool(comp, rope, kv, gate, store)
+        N = self._n_entries(m)
+        w = torch.arange(N, device=kv.device).expand(kv.shape[0], N)
+        return store[entry_rows(self.table, w, m, self.block)]  # [B, N, d] (past a sequence's own: masked)
+
+    def _pool(self, comp, rope, kv, gate, store):
+        """One new token per row: its row [B] of R rows ending at it pooled, stored where the window completes."""
+        m, p = comp.rate, self.pos[:, -1]
+        done = (p + 1) % m == 0  # [B]
+        w = ((p + 1) // m - 1).clamp_min(0)
+        prev = (kv[:, -2 * m:-m], gate[:, -2 * m:-m]) if comp.overlap else None
+        pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w, prev=prev)[:, 0]  # [B, d]
+        rows = entry_rows(self.table, w[:, None], m, self.block)[:, 0]
+        store[rows] = torch.where(done[:, None], pooled.to(store.dtype), store[rows])
+
+    def _n_entries(self, m: int) -> int:
+        return self.table.shape[1] * self.block // m
+
+
+class V4Batch(V4Step):
+    """One engine forward of a V4 model over B running sequences: T new tokens each, from each sequence's own
+    length on (a prompt or a chunk of one, a decode step, a speculative verify); `mtp`: the MTP layers' own
+    lengths. Which windows the new tokens complete is known on the host from the lengths: only those pool."""
+
+    def __init__(self, pool, seqs, T: int, mtp: bool = False):
+        self.seqs, self.T, self.mtp = seqs, T, mtp
+        self.lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.end = max(self.lengths) + T  # tokens the longest sequence will hold
+        dev = pool.device
+        super().__init__(pool.rings, pool.slots, pool.block_table(seqs, self.end),
+                         torch.tensor(self.lengths, device=dev)[:, None] + torch.arange(T, device=dev),  # [B, T]
+                         torch.tensor([s.lane for s in seqs], device=dev), pool.block)
+
+    def advance(self, T: int):
+        for s in self.seqs:
+            s.advance(T, self.mtp)
+
+    def _pool(self, comp, rope, kv, gate, store):
+        m, pos = comp.rate, self.pos
+        R = 2 * m if comp.overlap else m
         done = [(b, t) for b, n in enumerate(self.lengths) for t in range(self.T) if (n + t + 1) % m == 0]
-        if done:  # (known on the host from the lengths: no device sync)
+        if done:  # (no device sync)
             b, t = (torch.tensor(x, device=pos.device) for x in zip(*done))
             rows = t[:, None] + torch.arange(R, device=pos.device)  # the R rows ending at token t
             kv, gate = kv[b[:, None], rows], gate[b[:, None], rows]  # [n, R, width]
             w = (pos[b, t] + 1) // m - 1  # [n]
             prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
             pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w, prev=prev)  # [n, 1, d]
-            store[entry_rows(self.table[b], w[:, None], m, blk)[:, 0]] = pooled[:, 0].to(store.dtype)
-        N = self.end // m
-        w = torch.arange(N, device=pos.device).expand(len(self.lengths), N)
-        return store[entry_rows(self.table, w, m, blk)]  # [B, N, d] (past a sequence's own: masked)
+            store[entry_rows(self.table[b], w[:, None], m, self.block)[:, 0]] = pooled[:, 0].to(store.dtype)
+
+    def _n_entries(self, m: int) -> int:
+        return self.end // m
 
 
 def copy_prompt(pool, src, dst, n: int):

@@ -474,3 +474,32 @@ def test_chunked_attention_equals_the_dense_reference(monkeypatch):
     for chunk, gather in ((16, 10**9), (16, 4)):
         setup(chunk, gather)
         assert Engine(m, prefill_chunk=64).generate(prompts, max_new_tokens=8) == ref, (chunk, gather)
+
+
+def test_compiled_engine_decodes_like_eager(monkeypatch):
+    """Engine(compile=True) on a V4 model (v4cache.V4Step: every row pools the window its token may complete,
+    stored only where it does; CSA always gathers its top-k): a ragged batch of three decodes across window,
+    compression (4, 8) and block boundaries and past the indexer's top-k, in one graph, with the eager engine's
+    greedy tokens and chosen-token logprobs. Traced by dynamo and AOT autograd (functionalised cache writes)
+    without inductor's C++ build (~150 s here; test_compile.py builds the V3 step with it)."""
+    from torch._dynamo.utils import counters
+
+    from sobre import Engine
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, options: real(fn, dynamic=dynamic, backend="aot_eager"))
+    m = ours_from(hf_model(seed=2, sliding_window=4, num_hidden_layers=3, hc_sinkhorn_iters=3, layer_types=[
+        "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]))
+    prompts = [list(range(5, 14)), list(range(40, 57)), [3, 4]]  # ends at 9, 17, 2: windows complete apart
+    runs = []
+    counters.clear()
+    for compile in (False, True):
+        eng = Engine(m, max_batch=3, block=8, compile=compile)
+        rids = [eng.add_request(p, max_new_tokens=20, logprobs=0) for p in prompts]
+        while eng.has_work():
+            eng.step()
+        done = eng.collect()
+        runs.append(([done[r].out for r in rids], torch.tensor([lp for r in rids for lp, _ in done[r].logprobs])))
+    (want, want_lp), (got, got_lp) = runs
+    assert got == want and all(len(o) == 20 for o in got)
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1  # B = 3 at every context: one dynamic graph
