@@ -307,7 +307,7 @@ def add_decode_flags(parser):
     """The engine's decode options, shared by generate, chat and serve."""
     parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, weights frozen in: "
-                        "a minute or two of compiling, then faster decode of up to experts / top-k sequences")
+                        "1-5 minutes of compiling, then faster decode of up to experts / top-k sequences")
 
 
 def add_dataclass_flags(parser, cls):

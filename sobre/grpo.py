@@ -125,9 +125,11 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], device=dev).clamp(max=L - 1)
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
-    logp_all = F.log_softmax(model.head(h).float() / temperature, -1)  # [N, T, V]: the head only where predicting
+    logits = model.head(h).float()  # [N, T, V]: the head only where predicting
+    logp_all = F.log_softmax(logits / temperature if temperature != 1 else logits, -1)
     logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item() if entropy else 0.0
+    with torch.no_grad():  # a statistic, outside the autograd graph
+        ent = -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item() if entropy else 0.0
     return logp, mask, ent
 
 

@@ -4,7 +4,8 @@ Muon (Keller Jordan et al.): SGD-momentum whose update is orthogonalised by a fe
 `Muon` here is torch.optim.Muon's algorithm (same defaults; tests hold the two equal on 2-D weights) extended to
 stacked matrices: a [E, A, B] expert tensor is E matrices, each orthogonalised on its own. With
 adjust_lr="match_rms_adamw" (the default here, as Moonlight and DeepSeek-V4 do) the update is scaled to
-AdamW's RMS, 0.2 * sqrt(max(A, B)), so AdamW's learning rate and weight decay carry over.
+AdamW's RMS, 0.2 * sqrt(max(A, B)), so AdamW's learning rate and weight decay carry over. Newton-Schulz runs
+in bf16 as the reference does, in fp32 on CPU (`ns_dtype`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 NS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (torch.optim.Muon's defaults)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5, coeffs=NS, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, coeffs=NS, eps: float = 1e-7, dtype=None) -> torch.Tensor:
     """g [..., A, B] -> approximately U V^T of each matrix's SVD (singular values pushed into ~[0.5, 1.5]),
-    computed in bf16 like the reference."""
+    computed in `dtype`: None = bf16 like the reference, except on CPU, where it is fp32 (CPUs without native
+    bf16 matmuls emulate them: 5x slower than fp32 here, and Muon's step took 12 s for the tiny preset)."""
     a, b, c = coeffs
-    x = g.bfloat16()
+    x = g.to(dtype or (torch.float32 if g.device.type == "cpu" else torch.bfloat16))
     tall = g.shape[-2] > g.shape[-1]
     if tall:
         x = x.mT
@@ -40,11 +42,11 @@ def lr_scale(shape: torch.Size, adjust_lr: str) -> float:
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, adjust_lr: str = "match_rms_adamw"):
+                 nesterov: bool = True, ns_steps: int = 5, adjust_lr: str = "match_rms_adamw", ns_dtype=None):
         if adjust_lr not in ("original", "match_rms_adamw"):
             raise ValueError(f"adjust_lr must be 'original' or 'match_rms_adamw', got {adjust_lr!r}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps, adjust_lr=adjust_lr))
+                                      ns_steps=ns_steps, adjust_lr=adjust_lr, ns_dtype=ns_dtype))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() < 2:
@@ -63,7 +65,7 @@ class Muon(torch.optim.Optimizer):
                 buf = st["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - m)
                 update = p.grad.lerp(buf, m) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"])
+                update = orthogonalize(update, group["ns_steps"], dtype=group["ns_dtype"])
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * lr_scale(p.shape, group["adjust_lr"]))
 

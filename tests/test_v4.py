@@ -47,7 +47,10 @@ def ours_from(hf) -> V4Transformer:
 @pytest.mark.parametrize("kw", [{}, dict(hc_mult=4, o_groups=4, num_hidden_layers=3, layer_types=[
     "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"], mlp_layer_types=[
     "hash_moe", "moe", "moe"]), dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                                      "original_max_position_embeddings": 64})])
+                                                      "original_max_position_embeddings": 64}),
+    dict(o_groups=1, layer_types=["heavily_compressed_attention", "sliding_attention", "compressed_sparse_attention",
+                                  "heavily_compressed_attention"],
+         mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"])])
 def test_logits_match_transformers(kw):
     hf = hf_model(**kw)
     ours = ours_from(hf)
