@@ -490,8 +490,9 @@ def test_compiled_engine_decodes_like_eager(monkeypatch):
     from sobre import Engine
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, dynamic, options: real(fn, dynamic=dynamic, backend="aot_eager"))
-    m = ours_from(hf_model(seed=2, sliding_window=4, num_hidden_layers=3, hc_sinkhorn_iters=3, layer_types=[
-        "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]))
+    m = ours_from(hf_model(seed=2, sliding_window=4, num_hidden_layers=2, hc_sinkhorn_iters=3, mlp_layer_types=[
+        "hash_moe", "moe"], layer_types=[
+        "compressed_sparse_attention", "heavily_compressed_attention"]))
     prompts = [list(range(5, 14)), list(range(40, 57)), [3, 4]]  # ends at 9, 17, 2: windows complete apart
     runs = []
     counters.clear()
