@@ -88,8 +88,9 @@ class TrainArgs(RunArgs):
             raise ValueError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.expert_parallel:
             raise ValueError("--optimizer muon does not run with --expert-parallel yet")
+        self.arch = {"v3": "deepseek_v3", "v4": "deepseek_v4"}.get(self.arch, self.arch)  # --arch v4 as the issue
         if self.arch not in ("deepseek_v3", "deepseek_v4", "qwen2", "llama"):
-            raise ValueError(f"--arch must be deepseek_v3, deepseek_v4, qwen2 or llama, got {self.arch!r}")
+            raise ValueError(f"--arch must be deepseek_v3 (v3), deepseek_v4 (v4), qwen2 or llama, got {self.arch!r}")
         if self.arch != "deepseek_v3" and self.attn != "full":
             raise ValueError(f"--attn picks a deepseek_v3 attention; {self.arch} brings its own")
 

@@ -214,6 +214,9 @@ def test_pretrain_a_v4_model(tmp_path):
     assert len([json.loads(line) for line in open(resumed / "metrics.jsonl")]) == 14
     with pytest.raises(ValueError, match="brings its own"):
         TrainArgs(arch="deepseek_v4", attn="nsa").validate()
+    short = TrainArgs(arch="v4")  # `sobre pretrain --arch v4`
+    short.validate()
+    assert short.arch == "deepseek_v4"
 
 
 def test_grouped_moe_equals_the_per_expert_loop():
