@@ -31,11 +31,11 @@ def main():
     a = p.parse_args()
     out = Path(a.out)
     runs, minutes = {}, {}
+    first = out / f"{a.archs[0]}-adamw"
     for arch in a.archs:
         for opt in ("adamw", "muon"):
             run = out / f"{arch}-{opt}"
             shutil.rmtree(run, ignore_errors=True)
-            first = out / f"{a.archs[0]}-adamw"
             if run != first:  # the same tokenizer and token shards for every run (prepare() reuses them)
                 for d in ("tokenizer", "data"):
                     shutil.copytree(first / d, run / d)

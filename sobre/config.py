@@ -131,6 +131,9 @@ class Config:
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.is_mla or self.arch == "deepseek_v4" else self.dense_head_dim
 
+    def compress_rate(self, kind: str) -> int:  # deepseek_v4: tokens per compressed entry of a csa / hca layer
+        return self.compress_rate_csa if kind == "csa" else self.compress_rate_hca
+
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.n_dense_layers and i % self.moe_layer_freq == 0
 

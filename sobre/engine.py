@@ -418,8 +418,7 @@ def compiled_decode(model: Transformer, pool: PagedPool, unsupported: str | None
     n = c.n_layers + c.n_mtp_layers
     dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
-    rates = [c.compress_rate_csa if t == "csa" else c.compress_rate_hca for t in c.layer_types if t != "sliding"] \
-        if c.arch == "deepseek_v4" else []
+    rates = [c.compress_rate(t) for t in c.layer_types if t != "sliding"] if c.arch == "deepseek_v4" else []
     min_tokens = 2 * max([block, *rates])
 
     def step(tokens, pos, table, lanes, slots, rings):

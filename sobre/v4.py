@@ -178,8 +178,7 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(H))
         self.indexer_loss = None  # CSA training forwards: the indexer's KL to the main attention
         if kind != "sliding":
-            rate = c.compress_rate_csa if kind == "csa" else c.compress_rate_hca
-            self.compressor = Compressor(c, rate, D, overlap=kind == "csa")
+            self.compressor = Compressor(c, c.compress_rate(kind), D, overlap=kind == "csa")
             if kind == "csa":
                 self.compressor.indexer = Indexer(c)
 

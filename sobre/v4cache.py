@@ -37,7 +37,7 @@ def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> 
         entries.append([])
         if kind == "sliding":
             continue
-        rate = c.compress_rate_csa if kind == "csa" else c.compress_rate_hca
+        rate = c.compress_rate(kind)
         if block % rate and rate % block:
             raise ValueError(f"deepseek_v4 engine cache: block {block} and compress rate {rate} must divide one "
                              "another")
@@ -133,14 +133,13 @@ class V4Step:
         return store[entry_rows(self.table, w, m, self.block)]  # [B, N, d] (past a sequence's own: masked)
 
     def _pool(self, comp, rope, kv, gate, store):
-        """One new token per row: its row [B] of R rows ending at it pooled, stored where the window completes."""
+        """One new token per row, so kv/gate [B, R, width] are the R rows ending at it: every row pools its
+        window, stored only where the token completes it."""
         m, p = comp.rate, self.pos[:, -1]
         done = (p + 1) % m == 0  # [B]
         w = ((p + 1) // m - 1).clamp_min(0)
-        prev = (kv[:, -2 * m:-m], gate[:, -2 * m:-m]) if comp.overlap else None
-        pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w, prev=prev)[:, 0]  # [B, d]
         rows = entry_rows(self.table, w[:, None], m, self.block)[:, 0]
-        store[rows] = torch.where(done[:, None], pooled.to(store.dtype), store[rows])
+        store[rows] = torch.where(done[:, None], pool_window(comp, rope, kv, gate, w).to(store.dtype), store[rows])
 
     def _n_entries(self, m: int) -> int:
         return self.table.shape[1] * self.block // m
@@ -173,12 +172,19 @@ class V4Batch(V4Step):
             rows = t[:, None] + torch.arange(R, device=pos.device)  # the R rows ending at token t
             kv, gate = kv[b[:, None], rows], gate[b[:, None], rows]  # [n, R, width]
             w = (pos[b, t] + 1) // m - 1  # [n]
-            prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
-            pooled = comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w, prev=prev)  # [n, 1, d]
-            store[entry_rows(self.table[b], w[:, None], m, self.block)[:, 0]] = pooled[:, 0].to(store.dtype)
+            store[entry_rows(self.table[b], w[:, None], m, self.block)[:, 0]] = \
+                pool_window(comp, rope, kv, gate, w).to(store.dtype)
 
     def _n_entries(self, m: int) -> int:
         return self.end // m
+
+
+def pool_window(comp, rope, kv: torch.Tensor, gate: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Entry w [n] of each row from the R projection rows kv/gate [n, R, width] ending at its window's last token
+    (CSA: the previous window's m rows first) -> [n, d]."""
+    m = comp.rate
+    prev = (kv[:, :m], gate[:, :m]) if comp.overlap else None
+    return comp.pool(kv[:, -m:], gate[:, -m:], rope, first=w, prev=prev)[:, 0]
 
 
 def copy_prompt(pool, src, dst, n: int):
