@@ -373,19 +373,19 @@ def cmd_serve(args):
     from .config import Config
     from .engine import Engine
     from .serve import create_app
-    # on CPU one core is left to the HTTP event loop: OpenMP matmuls whose threads get descheduled stall the
-    # whole step (bench/serve.py: 2 cores, 1 torch thread serves 2.2x the tokens of 2)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    from .worker import EngineProcess
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = resolve(args.path)
-    eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
-                                 device=pick_device(args.device),
-                                 cache_tokens=args.cache_tokens, speculative=args.speculative, fp8=args.fp8,
-                                 compile=args.compile,
-                                 prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(Config.load(path)))
     if args.compile:
         print("sobre serve: compiling the decode step", file=sys.stderr)
-        eng.warm_up()
+    # the engine runs in its own process (its Python between ops never waits for the event loop's GIL); on CPU
+    # one core is left to the HTTP side: OpenMP matmuls whose threads get descheduled stall the whole step
+    # (bench/serve.py, 2 cores: 1 torch thread serves 3x the tokens of 2 at concurrency 1)
+    eng = EngineProcess(path, threads=args.threads or max(1, (os.cpu_count() or 2) - 1), warm_up=args.compile,
+                        dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
+                        device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
+                        fp8=args.fp8, compile=args.compile,
+                        prefix_cache=not args.no_prefix_cache and Engine.prefix_cache_fits(Config.load(path)))
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)

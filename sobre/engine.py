@@ -59,6 +59,32 @@ class Sequence:
             self.length += T
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a request must fit: the vocabulary, the context, the cache pool. Plain values (a server checks
+    requests against them in its own process, the engine may live in another)."""
+    vocab_size: int
+    max_seq_len: int
+    block: int
+    blocks: int  # usable cache blocks
+    tokenizer: bool
+
+    def check(self, prompt: list[int], params: SamplingParams):
+        """ValueError unless the request can run: ids in the vocabulary, prompt inside the context, cache room."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len} "
+                             "(max_position_embeddings) with room for one new token")
+        if params.stop and not self.tokenizer:
+            raise ValueError("stop strings need a tokenizer (Engine(model, tokenizer))")
+        need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
+        if need > self.blocks:
+            raise ValueError(f"request needs {need} cache blocks, the pool has {self.blocks}; raise cache_tokens")
+
+
 @dataclass
 class Event:
     rid: int
@@ -94,6 +120,7 @@ class Engine:
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
+        self.limits = Limits(c.vocab_size, c.max_seq_len, block, self.pool.n_blocks - 1, tokenizer is not None)
         self.compiled = compiled_decode(model, self.pool, self.supports_compile(c)) if compile else None
         self.device = next(model.parameters()).device
         self.waiting: list[Sequence] = []
@@ -152,22 +179,7 @@ class Engine:
         return seq.rid
 
     def check(self, prompt: list[int], params: SamplingParams):
-        """ValueError unless the request can run: ids in the vocabulary, prompt inside the context, cache room.
-        Reads only the configuration, so a server may call it from any thread."""
-        c = self.model.config
-        if not prompt:
-            raise ValueError("empty prompt")
-        if min(prompt) < 0 or max(prompt) >= c.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {c.vocab_size})")
-        if len(prompt) >= c.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {c.max_seq_len} "
-                             "(max_position_embeddings) with room for one new token")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (Engine(model, tokenizer))")
-        need = self.pool.blocks_for(min(len(prompt) + params.max_new_tokens, c.max_seq_len))
-        if need > self.pool.n_blocks - 1:
-            raise ValueError(f"request needs {need} cache blocks, the pool has {self.pool.n_blocks - 1}; "
-                             "raise cache_tokens")
+        self.limits.check(prompt, params)
 
     def cancel(self, rid: int):
         for q in (self.waiting, self.running):
@@ -187,8 +199,9 @@ class Engine:
     # ---- the step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit and prefill waiting requests (each alone: no padding), then decode every running sequence
-        in one batched forward (with speculative=True: draft with MTP, verify draft + 1 in one forward)."""
+        """Admit and prefill waiting requests (prompts of close lengths together, padded; others alone), then
+        decode every running sequence in one batched forward (with speculative=True: draft with MTP, verify
+        draft + 1 in one forward)."""
         impl = self.model.config.attn_impl
         try:
             return self._step()
@@ -198,40 +211,52 @@ class Engine:
     def _step(self) -> list[Event]:
         events: list[Event] = []
         c = self.model.config
-        prefilled: dict[tuple, tuple[Sequence, torch.Tensor]] = {}  # prompt -> (sequence, last logits), this step
-        while self.waiting and len(self.running) < self.max_batch:
+        admitted: list[tuple[Sequence, list[bytes]]] = []  # (sequence, its prompt's prefix keys)
+        twins: dict[int, list[Sequence]] = {}  # rid -> later sequences with the same prompt (n samples, GRPO)
+        first: dict[tuple, Sequence] = {}
+        filling: set[bytes] = set()  # prefix keys of the blocks this step's prefills will fill
+        while self.waiting and len(self.running) + len(admitted) + sum(map(len, twins.values())) < self.max_batch:
             seq = self.waiting[0]
             total = min(len(seq.prompt) + seq.params.max_new_tokens + self.speculative, c.max_seq_len)
             if self.pool.blocks_for(total) > self.pool.available():
                 break  # wait until running sequences free their blocks
+            keys = self.pool.prefix_keys(seq.prompt, ahead=int(self.speculative)) if self.prefix_cache else []
+            twin = None if self.speculative else first.get(tuple(seq.prompt))
+            if twin is None and filling.intersection(keys[:(len(seq.prompt) - 1) // self.pool.block]):
+                break  # it starts with blocks an earlier prompt is about to fill: it matches them next step
             self.waiting.pop(0)
-            keys = []
             if self.prefix_cache:
-                keys = self.pool.prefix_keys(seq.prompt, ahead=int(self.speculative))
                 seq.cached = seq.length = seq.mtp_length = self.pool.match(seq, keys)
             self.pool.reserve(seq, total)
-            twin = prefilled.get(tuple(seq.prompt))
-            if twin is not None:  # the same prompt was just prefilled (n samples, GRPO groups): copy its cache
-                self._copy_prompt(twin[0], seq)
-                self.running.append(seq)
-                events.append(self._emit(seq, int(self._choose([seq], twin[1])[0]), twin[1][0]))
+            if twin is not None:  # its cache is copied from the twin's once that is prefilled
+                twins.setdefault(twin.rid, []).append(seq)
                 continue
-            c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
-            h, state = self._prefill(seq)
-            if self.prefix_cache:
-                if self.speculative:
-                    self.unkeyed[seq.rid] = keys
-                else:
-                    self.pool.remember(seq, keys)
-                self.prefix_stats["hit"] += seq.cached
-                self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
-            self.running.append(seq)
-            logits = self.model.head(h[:, -1])
-            events.append(self._emit(seq, int(self._choose([seq], logits)[0]), logits[0]))
-            if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
-                seq.mtp_todo = (state[0], seq.prompt[seq.cached + 1:] + [seq.pending])
-            elif not self.speculative and seq.finish_reason is None:  # (a finished one has freed its blocks)
-                prefilled[tuple(seq.prompt)] = (seq, logits)
+            first[tuple(seq.prompt)] = seq
+            if not self.speculative:  # (speculative: keyed once the MTP layer fills its rows, a step later)
+                filling.update(keys[seq.cached // self.pool.block:])
+            admitted.append((seq, keys))
+        c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
+        for group in self._prefill_groups(admitted):
+            seqs = [s for s, _ in group]
+            h, states = self._prefill(seqs)
+            logits = self.model.head(h)  # [B, V]
+            chosen = self._choose(seqs, logits)
+            for i, (seq, keys) in enumerate(group):
+                for twin in twins.get(seq.rid, ()):  # before seq's first token may finish it and free its blocks
+                    self._copy_prompt(seq, twin)
+                    self.running.append(twin)
+                    events.append(self._emit(twin, int(self._choose([twin], logits[i:i + 1])[0]), logits[i]))
+                if self.prefix_cache:
+                    if self.speculative:
+                        self.unkeyed[seq.rid] = keys
+                    else:
+                        self.pool.remember(seq, keys)
+                    self.prefix_stats["hit"] += seq.cached
+                    self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
+                self.running.append(seq)
+                events.append(self._emit(seq, int(chosen[i]), logits[i]))
+                if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
+                    seq.mtp_todo = (states[i], seq.prompt[seq.cached + 1:] + [seq.pending])
         live = [s for s in self.running if s.pending is not None]
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
         spec = [s for s in live if self.speculative and s.length + 2 <= c.max_seq_len]
@@ -303,16 +328,44 @@ class Engine:
         every key of a forward: a 32k prompt at once would need tens of GB); other models all at once."""
         return min(T, self.prefill_chunk) if self.pool.rings else T
 
-    def _prefill(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prompt's uncached tokens through the model -> (hidden [1, 1, D] at the last one, the MTP draft's
-        input over all of them when speculative)."""
-        todo, states = seq.prompt[seq.length:], []
-        step = self._chunk(len(todo))
-        for i in range(0, len(todo), step):
-            chunk = torch.tensor([todo[i:i + step]], device=self.device)
-            h, state = self.model.hidden_state(chunk, self._batch([seq], chunk.shape[1]))
-            states += [state] if self.speculative else []
-        return h[:, -1:], torch.cat(states, 1) if states else None
+    def _prefill_groups(self, admitted: list) -> list[list]:
+        """Prompts prefilled together, padded to the longest of their group: sorted by length, a group grows
+        while padding stays under a quarter of its tokens (at most 4096 padded tokens, each member's reserved
+        blocks holding its padding). deepseek_v4 (its rings), NSA / DSA (their per-block entries) and lone
+        prompts go alone."""
+        if len(admitted) < 2 or self.pool.rings or self.model.config.attn_type != "full":
+            return [[a] for a in admitted]
+        groups: list[list] = []
+        for a in sorted(admitted, key=lambda a: len(a[0].prompt) - a[0].length):
+            g = groups[-1] if groups else None
+            T = len(a[0].prompt) - a[0].length  # the longest so far: its own padding is none
+            if g and (len(g) + 1) * T <= min(1.25 * (sum(len(s.prompt) - s.length for s, _ in g) + T), 4096) \
+                    and all(self.pool.blocks_for(s.length + T) <= len(s.blocks) for s, _ in g):
+                g.append(a)
+            else:
+                groups.append([a])
+        return groups
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The prompts' uncached tokens through the model, padded to the longest -> (hidden at each one's last
+        token [B, D], per sequence the MTP draft's input over its tokens [T_i, ...] when speculative). A lone
+        prompt goes through in chunks of _chunk tokens."""
+        todo = [s.prompt[s.length:] for s in seqs]
+        if len(seqs) == 1:
+            states, step = [], self._chunk(len(todo[0]))
+            for i in range(0, len(todo[0]), step):
+                chunk = torch.tensor([todo[0][i:i + step]], device=self.device)
+                h, state = self.model.hidden_state(chunk, self._batch(seqs, chunk.shape[1]))
+                states += [state[0]] if self.speculative else []
+            return h[:, -1], [torch.cat(states)] if states else None
+        T, ends = max(map(len, todo)), [s.length + len(t) for s, t in zip(seqs, todo)]
+        tokens = torch.tensor([t + [0] * (T - len(t)) for t in todo], device=self.device)
+        h, state = self.model.hidden_state(tokens, self._batch(seqs, T))  # [B, T, D]
+        for s, end in zip(seqs, ends):
+            s.length = end  # (the forward advanced every row by T; the padding's entries are left unread)
+        last = torch.tensor([len(t) - 1 for t in todo], device=self.device)
+        return h[torch.arange(len(seqs), device=self.device), last], \
+            [state[b, :len(t)] for b, t in enumerate(todo)] if self.speculative else None
 
     def _batch(self, seqs: list[Sequence], T: int, mtp: bool = False):
         return (v4cache.V4Batch if self.pool.rings else PagedBatch)(self.pool, seqs, T, mtp)

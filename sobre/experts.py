@@ -22,7 +22,7 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False):
     if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
         N, K = idx.shape  # (pairs in token order: nothing to sort)
         out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
-        return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1)
+        return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1).to(x.dtype)
     return eager_dispatch(x, w, idx, n_experts, ffn)
 
 
@@ -33,8 +33,8 @@ def eager_dispatch(x, w, idx, n_experts: int, ffn):
     order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
     token = order // K
     out = ffn(x[token], torch.bincount(flat, minlength=n_experts).tolist())
-    out = out * w.flatten()[order].unsqueeze(-1)
-    return torch.zeros_like(x).index_add_(0, token, out)
+    out = out * w.flatten()[order].unsqueeze(-1)  # (w fp32: the weighted sum in fp32, once rounded to x's dtype)
+    return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
 
 
 def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):

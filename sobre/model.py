@@ -312,7 +312,7 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(c.n_routed_experts, dtype=torch.float32)
                              if c.topk_method == "noaux_tc" else None)
 
-    def forward(self, x):  # x [N, D] -> weights [N, K] (x.dtype), indices [N, K], scores [N, E] (fp32)
+    def forward(self, x):  # x [N, D] -> weights [N, K], indices [N, K], scores [N, E] (all fp32, as the reference)
         c = self.c
         logits = F.linear(x.float(), self.weight.float())  # [N, E], routed in fp32 like the reference
         scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
@@ -330,7 +330,7 @@ class Gate(nn.Module):
         w = scores.gather(1, idx)
         if c.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return (w * c.route_scale).to(x.dtype), idx, scores
+        return w * c.route_scale, idx, scores  # (expert outputs are weighed and summed in fp32: bf16 rounds less)
 
 
 class Experts(nn.Module):

@@ -125,7 +125,7 @@ class ExpertParallel(nn.Module):
         out = out[perm.argsort()]
         back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D]
         back = back * w.flatten()[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add(0, token, back)
+        return torch.zeros_like(x, dtype=back.dtype).index_add(0, token, back).to(x.dtype)
 
 
 def _exchange(x, recv: list[int], send: list[int], group):

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 
 
 def moe_routed(experts, x, w, idx):
-    """Per-token loop twin of model.Experts.forward. x [N, D], w/idx [N, K] -> [N, D]."""
-    y = torch.zeros_like(x)
+    """Per-token loop twin of model.Experts.forward. x [N, D], w/idx [N, K] -> [N, D] (summed in fp32)."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = int(idx[t, j])
             h = F.silu(experts.w1[e] @ x[t]) * (experts.w3[e] @ x[t])
             y[t] += w[t, j] * (experts.w2[e] @ h)
-    return y
+    return y.to(x.dtype)
 
 
 def v4_moe(moe, x, w, idx):

@@ -1,8 +1,9 @@
 """`sobre serve`: an OpenAI / DeepSeek-compatible API over the batched engine, with continuous batching, SSE
 streaming, `reasoning_content`, Prometheus metrics and the web chat page at `/`.
 
-One thread owns the engine (EngineLoop): requests join between decode steps and leave when they finish, are
-cancelled (client gone, timeout) or fail; each request's tokens reach its handler through an asyncio queue.
+The engine runs in its own process (`sobre serve`) or in a thread (an Engine made in Python), behind the same
+front end (worker.py): requests join between decode steps and leave when they finish, are cancelled (client
+gone, timeout) or fail; each request's tokens reach its handler through an asyncio queue.
 """
 
 from __future__ import annotations
@@ -10,25 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from .chat import ReasoningStream, split_reasoning
-from .engine import Engine, Event, Sequence, eos_ids
+from .engine import Engine, Event, eos_ids
 from .protocol import APIError, error_body
 from .sampling import SamplingParams
 from .tokenizer import TextStream
+from .worker import Done, EngineClient, EngineThread, Sink
 
 log = logging.getLogger("sobre.serve")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
@@ -36,103 +35,6 @@ STATIC = Path(__file__).parent / "static"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
-
-
-# ---- the engine thread ----------------------------------------------------------------------------
-@dataclass
-class Sink:
-    """Where one engine request's events go: (index, item) onto its HTTP request's asyncio queue."""
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    index: int
-    rid: int | None = None
-
-
-def deliver(batch: list[tuple[Sink, object]]):
-    """Called on the event loop, once per engine step (one wake-up, however many tokens)."""
-    for sink, item in batch:
-        sink.queue.put_nowait((sink.index, item))
-
-
-class EngineLoop:
-    """Owns the engine: between steps it admits new requests and cancellations from its inbox; it steps while
-    any sequence is waiting or running and sleeps otherwise."""
-
-    def __init__(self, engine: Engine, max_queue: int = 256):
-        self.engine, self.max_queue = engine, max_queue
-        self.inbox: queue.Queue = queue.Queue()
-        self.sinks: dict[int, Sink] = {}
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="sobre-engine", daemon=True)
-        self.thread.start()
-
-    def queued(self) -> int:
-        return len(self.engine.waiting) + self.inbox.qsize()
-
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink):
-        self.engine.check(prompt, params)  # ValueError -> 400 in the caller's thread
-        if self.queued() >= self.max_queue:
-            raise APIError(503, f"server overloaded: {self.queued()} requests waiting (--max-queue "
-                           f"{self.max_queue}); retry shortly", code="server_overloaded", headers={"Retry-After": "1"})
-        self.inbox.put(("add", prompt, params, sink))
-
-    def cancel(self, sink: Sink):
-        self.inbox.put(("cancel", sink))
-
-    def close(self):
-        self.stopped = True
-        self.inbox.put(("stop",))
-        self.thread.join(timeout=10)
-
-    def _run(self):
-        while not self.stopped:
-            self._drain(block=not self.engine.has_work())
-            if self.engine.has_work():
-                self._step()
-
-    def _drain(self, block: bool):
-        while True:
-            try:
-                cmd = self.inbox.get(timeout=1.0) if block else self.inbox.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if cmd[0] == "add":
-                _, prompt, params, sink = cmd
-                try:
-                    sink.rid = self.engine.add_request(prompt, params)
-                    self.sinks[sink.rid] = sink
-                except ValueError as e:
-                    self._send([(sink, e)])
-            elif cmd[0] == "cancel" and cmd[1].rid in self.sinks:
-                self.sinks.pop(cmd[1].rid)
-                self.engine.cancel(cmd[1].rid)
-                self.engine.collect()
-
-    def _step(self):
-        try:
-            events = self.engine.step()
-        except Exception as e:  # an engine failure fails the requests in flight, never the server
-            log.exception("engine step failed")
-            for rid in self.sinks:
-                self.engine.cancel(rid)
-            self._send([(sink, RuntimeError(f"engine failure: {e}")) for sink in self.sinks.values()])
-            self.sinks.clear()
-            self.engine.collect()
-            return
-        out = [(self.sinks[ev.rid], ev) for ev in events if ev.rid in self.sinks]
-        for rid, seq in self.engine.collect().items():
-            if rid in self.sinks:
-                out.append((self.sinks.pop(rid), seq))
-        self._send(out)
-
-    @staticmethod
-    def _send(items: list[tuple[Sink, object]]):
-        loops: dict = {}
-        for sink, item in items:
-            loops.setdefault(sink.loop, []).append((sink, item))
-        for loop, batch in loops.items():
-            loop.call_soon_threadsafe(deliver, batch)
 
 
 # ---- one completion (choice) of a request ---------------------------------------------------------
@@ -154,7 +56,7 @@ class Choice:
         """One queue item -> the new text it makes safe to send ('' if none yet); None when it was the end."""
         if isinstance(item, Exception):
             raise item
-        if isinstance(item, Sequence):  # the end: stop strings cut the text where they matched
+        if isinstance(item, Done):  # the end: stop strings cut the text where they matched
             self.finish_reason = "stop" if item.finish_reason in ("stop", "cancelled") else item.finish_reason
             self.cached = item.cached
             self.full += self.stream.flush()
@@ -188,33 +90,39 @@ class Choice:
 
 # ---- the app --------------------------------------------------------------------------------------
 class EngineCounts:
-    """The engine's own running counts, read at scrape time: MTP drafts proposed / accepted (acceptance =
-    their ratio), prompt tokens served from the prefix cache / prefilled."""
+    """The engine's own counts, read at scrape time from its latest snapshot: MTP drafts proposed / accepted
+    (acceptance = their ratio), prompt tokens served from the prefix cache / prefilled, cache blocks in use."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
 
     def collect(self):
-        e = self.engine
-        for name, doc, value in (("sobre_spec_draft_tokens", "MTP draft tokens proposed", e.spec_stats["drafted"]),
-                                 ("sobre_spec_accepted_tokens", "MTP draft tokens accepted", e.spec_stats["accepted"]),
-                                 ("sobre_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
-                                  e.prefix_stats["hit"]),
-                                 ("sobre_prefix_cache_miss_tokens", "prompt tokens prefilled with the prefix cache on",
-                                  e.prefix_stats["miss"])):
-            yield CounterMetricFamily(name, doc, value=value)
+        n = self.engine.counts
+        for name, doc, key in (("sobre_spec_draft_tokens", "MTP draft tokens proposed", "spec_drafted"),
+                               ("sobre_spec_accepted_tokens", "MTP draft tokens accepted", "spec_accepted"),
+                               ("sobre_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
+                                "prefix_hit"),
+                               ("sobre_prefix_cache_miss_tokens", "prompt tokens prefilled with the prefix cache on",
+                                "prefix_miss")):
+            yield CounterMetricFamily(name, doc, value=n[key])
+        yield GaugeMetricFamily("sobre_running_sequences", "sequences in the running batch", value=n["running"])
+        yield GaugeMetricFamily("sobre_kv_cache_usage", "fraction of the cache pool's blocks in use",
+                                value=1 - n["blocks_free"] / n["blocks"])
 
 
 class Server:
-    def __init__(self, engine: Engine, name: str, api_key: str | None = None, max_queue: int = 256,
+    """The API's state: the engine's front end (an Engine made in Python is run in a thread), the tokenizer,
+    limits and metrics."""
+
+    def __init__(self, engine: Engine | EngineClient, name: str, api_key: str | None = None, max_queue: int = 256,
                  timeout: float = 600.0, max_body: int = 8 << 20):
         if engine.tokenizer is None:
             raise ValueError("serving needs a tokenizer (tokenizer.json in the model folder)")
-        self.engine, self.tok, self.name, self.api_key = engine, engine.tokenizer, name, api_key
+        self.loop = engine if isinstance(engine, EngineClient) else EngineThread(engine)
+        self.tok, self.name, self.api_key, self.max_queue = engine.tokenizer, name, api_key, max_queue
         self.timeout, self.max_body, self.created = timeout, max_body, int(time.time())
-        self.context = engine.model.config.max_seq_len
-        self.eos = eos_ids(engine.model.config, self.tok)
-        self.loop = EngineLoop(engine, max_queue)
+        self.context = self.loop.config.max_seq_len
+        self.eos = eos_ids(self.loop.config, self.tok)
         self._metrics()
 
     def _metrics(self):
@@ -223,12 +131,10 @@ class Server:
         self.m_prompt = Counter("sobre_prompt_tokens", "prompt tokens", registry=r)
         self.m_generated = Counter("sobre_generation_tokens", "generated tokens", registry=r)
         Gauge("sobre_queue_depth", "requests waiting for a batch slot", registry=r).set_function(self.loop.queued)
-        Gauge("sobre_running_sequences", "sequences in the running batch",
-              registry=r).set_function(lambda: len(self.engine.running))
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.m_ttft = Histogram("sobre_time_to_first_token_seconds", "TTFT", registry=r, buckets=buckets)
         self.m_tpot = Histogram("sobre_time_per_output_token_seconds", "TPOT", registry=r, buckets=buckets)
-        r.register(EngineCounts(self.engine))
+        r.register(EngineCounts(self.loop))
 
     # ---- validation ----------------------------------------------------------------------------
     def check_key(self, request: Request):
@@ -268,6 +174,9 @@ class Server:
     async def start(self, prompts: list[list[int]], n: int, make_params, reasoning: bool, param: str
                     ) -> list[Choice]:
         loop, q, choices = asyncio.get_running_loop(), asyncio.Queue(), []
+        if self.loop.queued() >= self.max_queue:
+            raise APIError(503, f"server overloaded: {self.loop.queued()} requests waiting (--max-queue "
+                           f"{self.max_queue}); retry shortly", code="server_overloaded", headers={"Retry-After": "1"})
         try:
             for p, prompt in enumerate(prompts):
                 for j in range(n):
@@ -278,6 +187,8 @@ class Server:
         except ValueError as e:
             self.stop(choices)
             raise APIError(400, str(e), param=param) from None
+        except RuntimeError as e:  # the engine's process is gone
+            raise APIError(503, str(e), "overloaded_error", code="engine_unavailable") from None
         except APIError:
             self.stop(choices)
             raise
@@ -375,9 +286,10 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, name: str = "sobre", api_key: str | None = None, max_queue: int = 256,
+def create_app(engine: Engine | EngineClient, name: str = "sobre", api_key: str | None = None, max_queue: int = 256,
                timeout: float = 600.0) -> FastAPI:
-    """The ASGI app. `app.state.server` holds the Server (its EngineLoop thread runs until server.loop.close())."""
+    """The ASGI app over an Engine (run in a thread here) or an EngineProcess. `app.state.server` holds the
+    Server; server.loop.close() stops the engine."""
     from .api import routes
     srv = Server(engine, name, api_key, max_queue, timeout)
     app = FastAPI(title="sobre", version="0.1.0", description="OpenAI / DeepSeek-compatible API")
@@ -415,7 +327,11 @@ def create_app(engine: Engine, name: str = "sobre", api_key: str | None = None, 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": srv.name, "running": len(engine.running), "waiting": srv.loop.queued()}
+        if srv.loop.error:
+            return JSONResponse(error_body(srv.loop.error, "overloaded_error", code="engine_unavailable"),
+                                status_code=503)
+        return {"status": "ok", "model": srv.name, "running": srv.loop.counts["running"],
+                "waiting": srv.loop.queued()}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():

@@ -66,22 +66,22 @@ def framing_ids(tokenizer) -> set[int]:
 
 
 class TextStream:
-    """Incremental detokenisation: feed token ids, get the new text; a trailing partial UTF-8 character
-    (decoded as U+FFFD) is held back until the next token completes it. Begin/end-of-sentence and padding
-    tokens are dropped, every other special token is kept: `<think>`/`</think>` carry the reasoning split."""
+    """Incremental detokenisation with the tokenizers library's DecodeStream (each token decodes against a few
+    before it, not the whole text again): feed token ids, get the new text; a trailing partial UTF-8 character
+    is held back until the next token completes it. Begin/end-of-sentence and padding tokens are dropped, every
+    other special token is kept: `<think>`/`</think>` carry the reasoning split."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok, self.ids, self.sent = tokenizer, [], 0
         self.drop = framing_ids(tokenizer)
+        self.decoder = decoders.DecodeStream(skip_special_tokens=False)
 
     def feed(self, token: int) -> str:
         if token in self.drop:
             return ""
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[self.sent:], len(text)
+        delta = self.decoder.step(self.tok.tok, token) or ""
+        self.sent += len(delta)
         return delta
 
     def flush(self) -> str:

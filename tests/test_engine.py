@@ -161,6 +161,37 @@ def test_repeated_prompts_share_one_prefill_and_match_separate_runs(arch):
         assert done[rid].out == alone, (x[:3], s)
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_prompts_of_close_lengths_prefill_together_and_match_alone(speculative):
+    """Prompts admitted in one step go through one forward, padded to the longest, when padding stays under a
+    quarter of the group's tokens; tokens and logprobs (and with MTP drafting, the drafts' acceptance) equal
+    each prompt run alone."""
+    model = random_model()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (44, 6, 40, 50, 47)]
+    kw = dict(max_new_tokens=6, logprobs=2)
+    eng = Engine(model, max_batch=8, speculative=speculative)
+    calls = []
+    hidden = model.hidden
+    model.hidden = lambda tokens, cache=None: calls.append(tuple(tokens.shape)) or hidden(tokens, cache)
+    rids = [eng.add_request(p, **kw) for p in prompts]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    del model.hidden
+    assert calls[:2] == [(1, 6), (4, 50)]  # the short prompt alone, the other four in one padded forward
+    for rid, p in zip(rids, prompts):
+        alone = Engine(model, speculative=speculative)
+        r = alone.add_request(p, **kw)
+        while alone.has_work():
+            alone.step()
+        ref = alone.collect()[r]
+        assert done[rid].out == ref.out
+        for (lp, top), (lp_ref, top_ref) in zip(done[rid].logprobs, ref.logprobs):
+            assert lp == pytest.approx(lp_ref, abs=1e-4) and top.keys() == top_ref.keys()
+
+
 @pytest.mark.parametrize("cfg", [None, "dense"], ids=["mla", "gqa"])
 def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     """Requests sharing a long system prefix: with the prefix cache the later ones prefill only their own tail

@@ -34,6 +34,7 @@ def test_quantize_round_trip_and_twin():
 
 
 def test_quantize_model_reports_and_stays_close():
+    torch.manual_seed(0)  # (the error moves with the weights: 0.08-0.12 of the logits' norm over 8 seeds)
     model = init_weights(Transformer(preset("debug", dim=256, moe_inter_dim=128, q_lora_rank=128,
                                             kv_lora_rank=128))).eval()
     x = torch.randint(0, 512, (2, 24))

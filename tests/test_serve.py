@@ -3,6 +3,8 @@ a bad-input storm, schemathesis over /openapi.json, and the chat page in headles
 
 import json
 import os
+import shutil
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from sobre.chat import split_reasoning
 from sobre.engine import Engine
 from sobre.serve import create_app
 from sobre.tokenizer import train_tokenizer
+from sobre.worker import EngineProcess
 
 from conftest import random_model
 
@@ -60,8 +63,8 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(ckpt):
-    s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=16, prefix_cache=True), "tiny"))
+def live(ckpt):  # the engine in its own process, as `sobre serve` runs it (the other servers here: in a thread)
+    s = Live(create_app(EngineProcess(ckpt, max_batch=16, prefix_cache=True), "tiny"))
     yield s
     s.close()
 
@@ -174,14 +177,17 @@ def test_sixteen_concurrent_streams_match_solo_greedy(live, ref):
 
 
 def test_disconnect_cancels_and_frees_cache(live):
-    free = len(live.srv.engine.pool.free)
+    counts = live.srv.loop.counts  # the engine process's latest snapshot
+    free = counts["blocks_free"]
     with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 200,
                                                                   "ignore_eos": True, "stream": True}) as r:
         next(r.iter_lines())
+        assert live.srv.loop.counts["running"] == 1 and live.srv.loop.counts["blocks_free"] < free
     deadline = time.time() + 10
-    while (live.srv.engine.running or len(live.srv.engine.pool.free) != free) and time.time() < deadline:
+    while (live.srv.loop.counts["running"] or live.srv.loop.counts["blocks_free"] != free) and time.time() < deadline:
         time.sleep(0.05)
-    assert not live.srv.engine.running and len(live.srv.engine.pool.free) == free
+    assert live.srv.loop.counts["running"] == 0 and live.srv.loop.counts["blocks_free"] == free
+    assert "sobre_kv_cache_usage 0.0" in httpx.get(live.url + "/metrics").text
 
 
 BAD = [  # (body, content-type, status)
@@ -244,8 +250,9 @@ def test_api_key_overload_and_timeout(ckpt):
             ok = {"Authorization": "Bearer k"}
             assert c.post("/v1/chat/completions", json=body, headers=ok).status_code == 200
             assert c.get("/health").status_code == 200  # no key needed
-            gate, step = threading.Event(), s.srv.engine.step
-            s.srv.engine.step = lambda: gate.wait() and step()  # the engine stalls until the gate opens
+            engine = s.srv.loop.engine  # (in a thread of this process)
+            gate, step = threading.Event(), engine.step
+            engine.step = lambda: gate.wait() and step()  # the engine stalls until the gate opens
             first = ThreadPoolExecutor(1).submit(c.post, "/v1/completions", json={"prompt": "x", "max_tokens": 2},
                                                  headers=ok)
             deadline = time.time() + 10
@@ -256,13 +263,42 @@ def test_api_key_overload_and_timeout(ckpt):
             assert r.headers["retry-after"] == "1"
             gate.set()
             assert first.result(timeout=30).status_code == 200
-            s.srv.engine.step = step
+            engine.step = step
         s.srv.timeout = 0.05
         with httpx.Client(base_url=s.url, timeout=60) as c:
             r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 240, "ignore_eos": True}, headers=ok)
             check_error(r, 408)
     finally:
         s.close()
+
+
+def test_engine_process_death_fails_its_requests_and_health(ckpt):
+    eng = EngineProcess(ckpt, max_batch=4)
+    s = Live(create_app(eng, "tiny"))
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                os.kill(eng.proc.pid, signal.SIGKILL)
+                rest = [x for x in lines if x.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]"
+            assert "the engine process exited" in json.loads(rest[-2][6:])["error"]["message"]
+            check_error(c.get("/health"), 503)
+            check_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503)
+    finally:
+        s.close()
+    assert not eng.proc.is_alive()
+
+
+def test_engine_process_that_cannot_start_says_why(ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="the engine process could not start"):
+        EngineProcess(bad)
 
 
 @pytest.mark.slow
