@@ -188,6 +188,7 @@ class Server:
             self.stop(choices)
             raise APIError(400, str(e), param=param) from None
         except RuntimeError as e:  # the engine's process is gone
+            self.stop(choices)
             raise APIError(503, str(e), "overloaded_error", code="engine_unavailable") from None
         except APIError:
             self.stop(choices)

@@ -75,7 +75,7 @@ class Worker:
 
     def counts(self) -> dict:
         e = self.engine
-        return {"running": len(e.running), "waiting": len(e.waiting), "blocks": e.pool.n_blocks - 1,
+        return {"running": len(e.running), "blocks": e.pool.n_blocks - 1,
                 "blocks_free": e.pool.available(), **{f"spec_{k}": v for k, v in e.spec_stats.items()},
                 **{f"prefix_{k}": v for k, v in e.prefix_stats.items()}}
 
@@ -188,8 +188,6 @@ class EngineProcess(EngineClient):
 
     def __init__(self, path, threads: int = 1, warm_up: bool = False, **kw):
         from .checkpoint import resolve
-        from .config import Config
-        from .tokenizer import load_tokenizer
         path = str(resolve(path))
         ctx = mp.get_context("spawn")  # (fork would copy a CUDA context, and OpenMP's threads, broken)
         inbox, (self.conn, out), self.closing = ctx.Queue(), ctx.Pipe(duplex=False), False
@@ -204,7 +202,7 @@ class EngineProcess(EngineClient):
         if msg[0] == "failed":
             self.proc.join(10)
             raise RuntimeError(f"the engine process could not start ({msg[1]}; exit code {self.proc.exitcode})")
-        super().__init__(inbox, Config.load(path), load_tokenizer(path), *msg[1:])
+        super().__init__(inbox, *msg[1:])  # the engine's own config and tokenizer: nothing loaded twice here
         self.reader = threading.Thread(target=self._read, name="sobre-engine-reader", daemon=True)
         self.reader.start()
 
@@ -219,7 +217,7 @@ class EngineProcess(EngineClient):
             self.error = f"the engine process exited (code {self.proc.exitcode}); restart the server"
             log.error(self.error)
             self.deliver([(key, RuntimeError(self.error)) for key in list(self.sinks)],
-                         {**self.counts, "running": 0, "waiting": 0})
+                         {**self.counts, "running": 0})
 
     def close(self):
         self.closing = True
@@ -234,8 +232,8 @@ class EngineProcess(EngineClient):
 
 
 def engine_process(path: str, kw: dict, threads: int, warm_up: bool, inbox, out):
-    """The engine process: load, report ("ready", limits, counts) or ("failed", why), then run the Worker until
-    a stop command or until the server's process is gone."""
+    """The engine process: load, report ("ready", config, tokenizer, limits, counts) or ("failed", why), then
+    run the Worker until a stop command or until the server's process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops this process
     torch.set_num_threads(threads)
     try:
@@ -248,5 +246,5 @@ def engine_process(path: str, kw: dict, threads: int, warm_up: bool, inbox, out)
     parent = os.getppid()
     worker = Worker(engine, inbox, lambda items, counts: out.send((items, counts)),
                     alive=lambda: os.getppid() == parent)
-    out.send(("ready", engine.limits, worker.counts()))
+    out.send(("ready", engine.model.config, engine.tokenizer, engine.limits, worker.counts()))
     worker.run()
