@@ -125,7 +125,7 @@ def main():
         tok.save(tmp)
         rows = [r for cache in modes for r in measure(tmp, tok, args, levels, cache)]
     print(f"\nsobre serve, {args.prompt_len}-token prompts ({args.shared_prefix} shared), {args.max_tokens} new tokens "
-          f"each, greedy, fp32, server torch threads {args.threads or max(1, (os.cpu_count() or 2) - 1)}\n")
+          f"each, greedy, fp32, server torch threads {args.threads or os.cpu_count()}\n")
     print("| concurrency | prefix cache | requests | output tok/s | vs concurrency 1 | TTFT p50 / p99 ms "
           "| TTFT p50 vs cache off | TPOT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|")

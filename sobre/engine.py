@@ -26,7 +26,7 @@ import torch
 from . import v4cache
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, PagedStep, paged_rows
-from .sampling import SamplingParams, apply_penalties, probs, sample, speculative_accept, top_logprobs
+from .sampling import SamplingParams, apply_penalties, greedy, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
 
 
@@ -307,7 +307,8 @@ class Engine:
         for i, s in enumerate(seqs):
             d = int(drafts[i])
             if s.params.temperature == 0:
-                ok, tok = int(p_logits[i].argmax()) == d, int(p_logits[i].argmax())
+                tok = int(greedy(p_logits[i]))
+                ok = tok == d
             else:
                 j = sampled.index(i)
                 ok, tok = speculative_accept(p_rows[j], q_rows[j], d, s.generator)
