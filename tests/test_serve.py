@@ -63,8 +63,8 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(ckpt):  # the engine in its own process, as `sobre serve` runs it (the other servers here: in a thread)
-    s = Live(create_app(EngineProcess(ckpt, max_batch=16, prefix_cache=True), "tiny"))
+def live(ckpt):  # the engine in its own process on every core, as `sobre serve` runs it (others here: in a thread)
+    s = Live(create_app(EngineProcess(ckpt, threads=os.cpu_count() or 1, max_batch=16, prefix_cache=True), "tiny"))
     yield s
     s.close()
 
