@@ -35,7 +35,9 @@ def run_sobre(model_dir, a, out):
                     save_every=10_000, lr=1e-5)
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
-    return statistics.median(r["samples_per_s"] for r in rows), statistics.mean(r["completion_length"] for r in rows)
+    split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s")}
+    length = statistics.mean(r["completion_length"] for r in rows)
+    return statistics.median(r["samples_per_s"] for r in rows), length, split
 
 
 def run_trl(model_dir, a, out):
@@ -89,7 +91,7 @@ def main():
         model_dir = Path(a.init) if a.init else tmp / "model"
         if not a.init:
             fresh_model(model_dir, a.preset)
-        ours, ours_len = run_sobre(model_dir, a, tmp / "sobre")
+        ours, ours_len, split = run_sobre(model_dir, a, tmp / "sobre")
         theirs, theirs_len = run_trl(model_dir, a, tmp / "trl")
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, fp32, "
           f"{torch.get_num_threads()} threads ({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
@@ -98,6 +100,7 @@ def main():
     print(f"| TRL GRPOTrainer | {theirs:.1f} | {theirs_len:.1f} |")
     print(f"| sobre grpo | {ours:.1f} | {ours_len:.1f} |")
     print(f"| ratio | **{ours / theirs:.2f}x** | |")
+    print(f"\nsobre's step (median): rollout {split['rollout_s']:.2f} s, update {split['update_s']:.2f} s")
 
 
 if __name__ == "__main__":

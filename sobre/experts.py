@@ -32,8 +32,9 @@ def eager_dispatch(x, w, idx, n_experts: int, ffn):
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
     token = order // K
-    out = ffn(x[token], torch.bincount(flat, minlength=n_experts).tolist())
-    out = out * w.flatten()[order].unsqueeze(-1)  # (w fp32: the weighted sum in fp32, once rounded to x's dtype)
+    # index_select, not x[token]: its backward is an index_add_ (CPU: 7x faster than indexing's index_put_)
+    out = ffn(x.index_select(0, token), torch.bincount(flat, minlength=n_experts).tolist())
+    out = out * w.flatten().index_select(0, order).unsqueeze(-1)  # (w fp32: the weighted sum in fp32, rounded once)
     return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
 
 

@@ -89,33 +89,60 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
 
 
 class SharedPrefix(Cache):
-    """The model's cache protocol for one prompt and its G completions: the prompt [1, Lp] runs once, then the
-    completions [G, T] attend to its K/V (or MLA latents) broadcast over G, with gradients summed back."""
+    """The model's cache protocol for prompts and their completions: the prompts [P, Lp] (right-padded to the
+    longest) run once, then the completions [N, T] (row i continuing prompt of[i]) attend to their own prompt's
+    K/V (or MLA latents), gathered per row, and to their causal prefix; gradients flow back into the prompts'
+    forward. Pad keys are masked; padding after a prompt's last token never reaches its real tokens (causal)."""
 
-    def __init__(self):
+    def __init__(self, lengths: list[int], of: list[int], device):
         super().__init__(max_len=1 << 30)
+        self.padded = len(set(lengths)) > 1
+        self.lengths = torch.tensor(lengths, device=device)  # [P]
+        self.of = torch.tensor(of, device=device)  # [N]
+
+    def positions(self, tokens):  # prompts: 0..Lp-1; completion token t of row i: len(prompt of[i]) + t
+        if not self.length:
+            return super().positions(tokens)
+        return self.lengths[self.of][:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+
+    def mask(self, tokens):  # prompts: causal; completions: [N, 1, T, Lp + T] (or [T, Lp + T] without padding)
+        if not self.length or not self.padded:
+            return super().mask(tokens)
+        T = tokens.shape[1]
+        own = torch.arange(self.length, device=tokens.device) < self.lengths[self.of][:, None]  # [N, Lp]
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        return torch.cat([own[:, None].expand(-1, T, -1), causal.expand(len(own), T, T)], -1)[:, None]
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.length:
             self.bufs[layer_id] = new
             return new
-        G = new[0].shape[0]
-        return tuple(torch.cat([p.expand(G, *p.shape[1:]), n], 1) for p, n in zip(self.bufs[layer_id], new))
+        return tuple(torch.cat([p.index_select(0, self.of), n], 1) for p, n in zip(self.bufs[layer_id], new))
 
 
-def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0):
+def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
+                   shared: bool = True):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
-    distribution over the completion positions (when asked). Completions of one
-    prompt share its forward (SharedPrefix); a mixed batch runs padded (the reference the test compares to)."""
+    distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
+    its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: NSA's
+    and V4's compressed blocks would pool the padding); shared=False or otherwise: every row is prompt +
+    completion, padded (the reference the test compares to)."""
     dev = next(model.parameters()).device
+    c = model.config
     T = max(len(r.ids) for r in batch)
     mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch], device=dev)
     tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch], device=dev)  # [N, T]
-    if all(r.prompt == batch[0].prompt for r in batch):
-        cache = SharedPrefix()
-        last = model.hidden(torch.tensor([batch[0].prompt], device=dev), cache)[:, -1:]  # [1, 1, D]: predicts token 0
-        h = last.expand(len(batch), 1, -1)
+    prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
+    lengths = [len(p) for p in prompts]
+    if shared and (len(set(lengths)) == 1 or c.attn_type == "full" and c.arch != "deepseek_v4"):
+        row = {p: i for i, p in enumerate(prompts)}
+        of = [row[tuple(r.prompt)] for r in batch]
+        cache = SharedPrefix(lengths, of, dev)
+        L = max(lengths)
+        h = model.hidden(torch.tensor([list(p) + [0] * (L - len(p)) for p in prompts], device=dev), cache)
+        last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
+        h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
         if T > 1:  # token t > 0 is predicted at completion position t - 1
             h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
     else:
@@ -251,12 +278,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     if not batch:
         return {"loss": 0.0}
     n_tokens = sum(len(x.ids) for x in batch)
-    chunks = []  # each chunk: completions of one prompt (one shared prompt forward), at most micro_batch of them
-    for i, x in enumerate(batch):
-        if chunks and x.prompt == batch[chunks[-1][0]].prompt and len(chunks[-1]) < a.micro_batch:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
+    # micro-batches of micro_batch completions, each prompt in one forward (token_logprobs)
+    chunks = [list(range(i, min(i + a.micro_batch, len(batch)))) for i in range(0, len(batch), a.micro_batch)]
     model.train()
     old = ref_lp = None
 

@@ -116,15 +116,15 @@ class ExpertParallel(nn.Module):
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # [source rank, local slot]
         send = counts.view(self.world, self.local).sum(1).tolist()
         recv = recv_counts.view(self.world, self.local).sum(1).tolist()
-        got = _AllToAll.apply(x[token], recv, send, self.group)  # [sum(recv), D]
+        got = _AllToAll.apply(x.index_select(0, token), recv, send, self.group)  # [sum(recv), D]
         # received rows come in [source][local slot] blocks: regroup by slot, run, restore the order
         slot_of_row = torch.arange(self.local, device=x.device).repeat(self.world).repeat_interleave(recv_counts)
         perm = slot_of_row.argsort(stable=True)
-        out = self.grouped(got[perm], recv_counts.view(self.world, self.local).sum(0).tolist(),
+        out = self.grouped(got.index_select(0, perm), recv_counts.view(self.world, self.local).sum(0).tolist(),
                            *(getattr(self, n) for n in self.names))
-        out = out[perm.argsort()]
+        out = out.index_select(0, perm.argsort())
         back = _AllToAll.apply(out, send, recv, self.group)  # [N*K, D]
-        back = back * w.flatten()[order].unsqueeze(-1)
+        back = back * w.flatten().index_select(0, order).unsqueeze(-1)
         return torch.zeros_like(x, dtype=back.dtype).index_add(0, token, back).to(x.dtype)
 
 

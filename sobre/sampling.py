@@ -91,12 +91,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """logits [B, V] (already penalized) -> token ids [B]. Greedy rows take the argmax; others draw with their
     own generator (per-request seed) so a request's tokens do not depend on its batch neighbours."""
     logits = logits.float()
-    out = greedy(logits)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if len(rows) < len(params):
+        out = greedy(logits)
     if rows:
-        probs = filter_logits(logits[rows], [params[i] for i in rows]).softmax(dim=-1)
+        every = len(rows) == len(params)  # (a GRPO rollout: no row gathered, no argmax computed for nothing)
+        probs = filter_logits(logits if every else logits[rows], [params[i] for i in rows]).softmax(dim=-1)
         gens = [generators[i] if generators else None for i in rows]  # None: the global generator
-        u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in gens])
+        if all(g is None for g in gens):
+            u = torch.rand(len(rows), device=probs.device)
+        else:
+            u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in gens])
+        if every:
+            return draw(probs, u)
         out[rows] = draw(probs, u)
     return out
 

@@ -136,17 +136,23 @@ def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monke
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
 def test_shared_prompt_forward_equals_the_padded_reference(arch):
     model = random_model(sobre.preset("debug", arch=arch)).train()
-    prompt = [3, 14, 15, 9, 2, 6]
-    group = [Rollout(prompt, ids, "", False, 0.0, 0.0, None) for ids in ([5, 8, 9, 7], [11], [4, 4, 4, 4, 4, 2])]
-    other = Rollout([7, 7], [1, 2], "", False, 0.0, 0.0, None)  # a different prompt: the batch runs padded
-    shared, mask, ent = token_logprobs(model, group, entropy=True)
-    padded, mask2, ent2 = token_logprobs(model, group + [other], entropy=True)
-    assert torch.equal(mask, mask2[:3, :mask.shape[1]])
-    assert torch.allclose(shared[mask], padded[:3, :mask.shape[1]][mask], atol=1e-5)
-    grads = []
-    for lp, m in ((shared, mask), (padded[:3, :mask.shape[1]], mask)):
-        model.zero_grad()
-        lp[m].sum().backward(retain_graph=True)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-4)
-    assert ent > 0
+    p1, p2 = [3, 14, 15, 9, 2, 6], [7, 7]  # prompts of different lengths: the shorter one is padded, masked
+    batch = [Rollout(p1, ids, "", False, 0.0, 0.0, None) for ids in ([5, 8, 9, 7], [11], [4, 4, 4, 4, 4, 2])]
+    batch.insert(1, Rollout(p2, [1, 2], "", False, 0.0, 0.0, None))
+    seen = []  # the token batches the model embeds: the shared path runs [P, Lp] prompts, then [N, T - 1]
+    embed = model.embed if hasattr(model, "embed") else model.embed_tokens
+    embed.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    for rows, P in ((batch[:1] + batch[2:], 1), (batch, 2)):  # one prompt; two prompts, interleaved
+        seen.clear()
+        shared, mask, ent = token_logprobs(model, rows, entropy=True)
+        assert seen == [(P, 6), (len(rows), 5)]
+        padded, mask2, ent2 = token_logprobs(model, rows, entropy=True, shared=False)
+        assert torch.equal(mask, mask2)
+        assert torch.allclose(shared[mask], padded[mask], atol=1e-5) and ent == pytest.approx(ent2, rel=1e-4)
+        grads = []
+        for lp in (shared, padded):
+            model.zero_grad()
+            lp[mask].sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert torch.allclose(grads[0], grads[1], atol=1e-4)
+        assert ent > 0
