@@ -33,6 +33,7 @@ from .sft import start_model
 from .tasks import get_task
 from .train import (
     RunArgs,
+    adamw,
     checkpoints,
     end_step,
     export,
@@ -216,7 +217,7 @@ def grpo(a: GRPOArgs) -> Path:
     model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device)
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
     ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta else None
-    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.99), eps=1e-8)
+    opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
     truncate_metrics(run / "metrics.jsonl", start)

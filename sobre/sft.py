@@ -29,6 +29,7 @@ from .tasks import get_task
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .train import (
     RunArgs,
+    adamw,
     checkpoints,
     compile_blocks,
     end_step,
@@ -262,7 +263,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     model.train().mtp.requires_grad_(False)
     if a.compile:
         compile_blocks(model)
-    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = adamw(param_groups(model, a.weight_decay), a.lr)
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     (run / "config.json").write_text(json.dumps({type(a).__name__: asdict(a), "model": model.config.to_dict(),
                                                  "rows": len(X), "dropped_too_long": dropped}, indent=2) + "\n")

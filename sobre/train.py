@@ -258,16 +258,25 @@ def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0)
         save_checkpoint(run, step + 1, model, opt, a.keep, rank)
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW (eps 1e-8), fused (one kernel over every parameter: the step 3x faster than foreach's on a 2-core
+    CPU, 6 vs 19 ms for the tiny preset) where torch has it: CPU or CUDA, and not FSDP's DTensors mixed with
+    expert parallel's plain tensors."""
+    params = [p for g in groups for p in g["params"]]
+    fused = params[0].device.type in ("cpu", "cuda") and len({type(p.data) for p in params}) == 1
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused or None)
+
+
 def make_optimizer(model, a: TrainArgs):
     """AdamW (betas 0.9 / 0.95), or Muon on the hidden matrices + AdamW on the rest (--optimizer muon)."""
     groups = param_groups(model, a.weight_decay)
     if a.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+        return adamw(groups, a.lr)
     muon, _ = muon_params(model)
     ids = {id(p) for p in muon}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
     return Optimizers(Muon(muon, lr=a.lr, weight_decay=a.weight_decay),
-                      torch.optim.AdamW([g for g in rest if g["params"]], lr=a.lr, betas=(0.9, 0.95), eps=1e-8))
+                      adamw([g for g in rest if g["params"]], a.lr))
 
 
 def export(model: Transformer, run: Path, plot) -> Path:
