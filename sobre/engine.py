@@ -7,7 +7,9 @@ tokens (as FlashMLA); a sequence owns a list of blocks.
 Prefix cache (prefix_cache=True, as vLLM's automatic prefix caching): every block filled entirely with prompt
 tokens is keyed by a sha256 chained over the prompt up to its end and kept after its sequence finishes (LRU,
 evicted only when blocks run out). A new prompt starting with cached blocks shares them (reference counts)
-and prefills only the rest; `Sequence.cached` counts the reused tokens.
+and prefills only the rest; `Sequence.cached` counts the reused tokens. DeepSeek-V4 (per-sequence rings beside
+the blocks): a prompt's prefill also keeps its rings' rows at each of its full blocks' ends (paged.PagedPool.
+rings_at, budgeted), and a match restores the last matched block's into the new sequence's lane.
 
     eng = Engine(model, tokenizer)
     rid = eng.add_request([1, 2, 3], temperature=0.7, seed=1)
@@ -47,6 +49,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cached: int = 0  # prompt tokens whose cache came from the prefix cache
     entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's own are recomputed once)
+    rings_at: dict = field(default_factory=dict)  # deepseek_v4 prefix cache: block end -> its ring rows (prefill)
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
@@ -112,9 +115,9 @@ class Engine:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
-        if prefix_cache and not self.prefix_cache_fits(c):
-            raise ValueError("the prefix cache needs cache entries per token or per block: not with deepseek_v4 "
-                             "models (their cache keeps per-sequence rings)")
+        if prefix_cache and not self.prefix_cache_fits(c, speculative):
+            raise ValueError("the prefix cache of a deepseek_v4 model keeps its rings' rows at each cached block's "
+                             "end for the main layers only: not with speculative decoding (the MTP layer's ring)")
         self.prefix_cache = prefix_cache
         self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
@@ -136,9 +139,10 @@ class Engine:
         return None
 
     @staticmethod
-    def prefix_cache_fits(c) -> bool:
-        """Whether a model's cache rows are per-token (or, NSA, per-block) entries a later prompt may share."""
-        return c.arch != "deepseek_v4"
+    def prefix_cache_fits(c, speculative: bool = False) -> bool:
+        """Whether a later prompt may share this model's cache: per-token (or, NSA, per-block) entries, and for
+        deepseek_v4 the rings' rows kept at each cached block's end (main layers: not with speculative)."""
+        return c.arch != "deepseek_v4" or not speculative
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
@@ -356,7 +360,7 @@ class Engine:
             states, step = [], self._chunk(len(todo[0]))
             for i in range(0, len(todo[0]), step):
                 chunk = torch.tensor([todo[0][i:i + step]], device=self.device)
-                h, state = self.model.hidden_state(chunk, self._batch(seqs, chunk.shape[1]))
+                h, state = self.model.hidden_state(chunk, self._batch(seqs, chunk.shape[1], prefill=True))
                 states += [state[0]] if self.speculative else []
             return h[:, -1], [torch.cat(states)] if states else None
         T, ends = max(map(len, todo)), [s.length + len(t) for s, t in zip(seqs, todo)]
@@ -368,8 +372,10 @@ class Engine:
         return h[torch.arange(len(seqs), device=self.device), last], \
             [state[b, :len(t)] for b, t in enumerate(todo)] if self.speculative else None
 
-    def _batch(self, seqs: list[Sequence], T: int, mtp: bool = False):
-        return (v4cache.V4Batch if self.pool.rings else PagedBatch)(self.pool, seqs, T, mtp)
+    def _batch(self, seqs: list[Sequence], T: int, mtp: bool = False, prefill: bool = False):
+        if self.pool.rings:  # (a prompt's prefill under the prefix cache keeps the rings' rows at its block ends)
+            return v4cache.V4Batch(self.pool, seqs, T, mtp, keep=prefill and self.prefix_cache)
+        return PagedBatch(self.pool, seqs, T, mtp)
 
     def _copy_prompt(self, src: Sequence, dst: Sequence):
         """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""

@@ -56,10 +56,14 @@ class PagedPool:
         self.cached: dict[bytes, int] = {}  # prefix key -> block
         self.key_of: dict[int, bytes] = {}
         self.idle: OrderedDict[bytes, int] = OrderedDict()  # cached blocks nobody holds, least recently freed first
+        # deepseek_v4: a lane's ring rows at a cached block's end (main layers), least recently used first, at most
+        # as many bytes as the blocks themselves (a lane's rings weigh ~11 blocks' entries for the debug model)
+        self.rings_at: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
         # per token of context (what grows with it), and per running sequence (fixed: the rings)
         self.bytes_per_token = sum(t[0].numel() * t.element_size() * (t.shape[0] // n_blocks)
                                    for layer in self.slots[:c.n_layers] + self.compressed for t in layer) / block
         self.lane_bytes = sum(t[0].numel() * t.element_size() for layer in self.rings for t in layer)
+        self.max_rings_at = max(1, int(self.bytes_per_token * block * n_blocks // self.lane_bytes)) if self.rings else 0
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)
@@ -81,6 +85,7 @@ class PagedPool:
             if not self.free:  # evict the least recently freed cached block
                 key, b = self.idle.popitem(last=False)
                 del self.cached[key], self.key_of[b]
+                self.rings_at.pop(key, None)
                 self.free.append(b)
             b = self.free.pop()
             self.users[b] += 1
@@ -120,25 +125,50 @@ class PagedPool:
 
     def match(self, seq: Sequence, keys: list[bytes]) -> int:
         """Give seq the cached blocks its prompt (keys: prefix_keys of it) starts with, leaving >= 1 token to
-        prefill (NSA: with the compressed entries those blocks hold); -> tokens reused."""
-        n = 0
+        prefill (NSA: with the compressed entries those blocks hold; deepseek_v4: up to the last block whose ring
+        rows are kept, restored into seq's lane); -> tokens reused."""
+        hits = []
         for key in keys[:(len(seq.prompt) - 1) // self.block]:
-            b = self.cached.get(key)
-            if b is None:
+            if key not in self.cached:
                 break
+            hits.append(key)
+        while self.rings and hits and hits[-1] not in self.rings_at:
+            hits.pop()
+        for key in hits:
             self.idle.pop(key, None)
+            b = self.cached[key]
             self.users[b] += 1
             seq.blocks.append(b)
-            n += self.block
+        n = len(hits) * self.block
         if self.per_block:  # a block keeps the entries ending in it: those its tokens complete
             seq.entries = sparse.n_complete(n, self.config.nsa_block, self.config.nsa_stride)
+        if self.rings and hits:
+            self.restore_rings(seq, hits[-1], n)
         return n
 
+    def restore_rings(self, seq: Sequence, key: bytes, n: int):
+        """deepseek_v4: seq's lane (taken now) gets the ring rows kept at the end of the cached block `key`,
+        as if seq had prefilled its first n tokens itself."""
+        if seq.lane is None:
+            seq.lane = self.lanes.pop()
+        self.rings_at.move_to_end(key)
+        lane = torch.tensor([seq.lane], device=self.device)
+        for ring, rows in zip((r for layer in self.rings for r in layer), self.rings_at[key]):
+            pos = torch.arange(n - len(rows), n, device=self.device)
+            v4cache.ring_write(ring, lane, pos[None], rows[None])
+
     def remember(self, seq: Sequence, keys: list[bytes]):
-        """Key seq's full prompt blocks (just prefilled; keys: prefix_keys of its prompt) for later prompts."""
-        for key, b in zip(keys, seq.blocks):
+        """Key seq's full prompt blocks (just prefilled; keys: prefix_keys of its prompt) for later prompts
+        (deepseek_v4: with the ring rows its prefill kept at their ends)."""
+        for i, (key, b) in enumerate(zip(keys, seq.blocks)):
             if key not in self.cached and b not in self.key_of:
                 self.cached[key], self.key_of[b] = b, key
+            rows = seq.rings_at.get((i + 1) * self.block)
+            if rows is not None and self.cached.get(key) == b and key not in self.rings_at:
+                self.rings_at[key] = rows
+                if len(self.rings_at) > self.max_rings_at:
+                    self.rings_at.popitem(last=False)
+        seq.rings_at = {}
 
 
 def paged_rows(table: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:

@@ -150,9 +150,12 @@ class V4Batch(V4Step):
     length on (a prompt or a chunk of one, a decode step, a speculative verify); `mtp`: the MTP layers' own
     lengths. Which windows the new tokens complete is known on the host from the lengths: only those pool."""
 
-    def __init__(self, pool, seqs, T: int, mtp: bool = False):
+    def __init__(self, pool, seqs, T: int, mtp: bool = False, keep: bool = False):
         self.seqs, self.T, self.mtp = seqs, T, mtp
         self.lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        blk = pool.block  # keep: the prompt's block ends among the new tokens, whose ring rows the prefix cache keeps
+        self.keep = [list(range((n // blk + 1) * blk, min(n + T, len(s.prompt)) + 1, blk))
+                     for s, n in zip(seqs, self.lengths)] if keep else None
         self.end = max(self.lengths) + T  # tokens the longest sequence will hold
         dev = pool.device
         super().__init__(pool.rings, pool.slots, pool.block_table(seqs, self.end),
@@ -162,6 +165,14 @@ class V4Batch(V4Step):
     def advance(self, T: int):
         for s in self.seqs:
             s.advance(T, self.mtp)
+
+    def _with_past(self, ring, rows, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv, kpos = super()._with_past(ring, rows, n)  # row i of kv holds position length - n + i
+        for b, ends in enumerate(self.keep or ()):  # what the ring holds before a block end e: e - n .. e - 1
+            for e in ends:
+                i = e - self.lengths[b]
+                self.seqs[b].rings_at.setdefault(e, []).append(kv[b, i:i + n].clone())
+        return kv, kpos
 
     def _pool(self, comp, rope, kv, gate, store):
         m, pos = comp.rate, self.pos

@@ -220,9 +220,7 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     others = [torch.randint(3, 500, (140,), generator=g).tolist() for _ in range(4)]
     for p in others + prompts:
         assert small.generate([p], max_new_tokens=4) == Engine(model).generate([p], max_new_tokens=4)
-    assert small.pool.available() == small.pool.n_blocks - 1  # nothing leaked
-    with pytest.raises(ValueError, match="prefix cache"):
-        Engine(sobre.model.build_model(sobre.preset("debug", arch="deepseek_v4")), prefix_cache=True)
+    assert small.pool.available() == small.pool.n_blocks - 1  # nothing leaked (V4: tests/test_v4.py)
 
 
 def test_prefix_cache_with_speculative_decoding():

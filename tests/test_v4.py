@@ -510,3 +510,42 @@ def test_compiled_engine_decodes_like_eager(monkeypatch):
     assert got == want and all(len(o) == 20 for o in got)
     torch.testing.assert_close(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1  # B = 3 at every context: one dynamic graph
+
+
+@pytest.mark.parametrize("window", [4, 12])  # the window ring shorter than a block, and spanning two
+def test_prefix_cache_restores_the_rings_and_changes_nothing(window):
+    """The engine's prefix cache on a V4 model: cached blocks hold the compressed entries, and the rings' rows at
+    each cached block's end are kept and restored into the lane of a later prompt that starts with those blocks,
+    which then prefills only its tail (whole, or in chunks): greedy output equals an engine without the cache.
+    The kept rows are budgeted (least recently used dropped first: a match backs off to the last block that
+    still has them); speculative engines refuse the cache."""
+    from sobre import Engine
+    hf = hf_model(seed=3, sliding_window=window, compress_rates={"compressed_sparse_attention": 4,
+                                                                 "heavily_compressed_attention": 16})
+    m = ours_from(hf)
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(0, 128, (30,), generator=g).tolist()
+    prompts = [system + torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 13, 1)] + [system[:27]]
+    ref = Engine(m, block=8).generate(prompts, max_new_tokens=8)
+    for chunk in (1024, 5):
+        eng = Engine(m, block=8, prefix_cache=True, prefill_chunk=chunk)
+        assert eng.generate(prompts[:1], max_new_tokens=8) == ref[:1]
+        assert len(eng.pool.rings_at) == 4  # the first prompt's four full blocks
+        rids = [eng.add_request(p, max_new_tokens=8) for p in prompts[1:]]
+        done = {}
+        while eng.has_work():
+            eng.step()
+            done.update(eng.collect())
+        assert [done[r].out for r in rids] == ref[1:]
+        assert [done[r].cached for r in rids] == [24, 24, 24]  # the system prompt's three full blocks
+    eng = Engine(m, block=8, prefix_cache=True)
+    eng.pool.max_rings_at = 2  # room for two blocks' ring rows: the first prompt's last two keep theirs
+    eng.generate(prompts[:1], max_new_tokens=8)
+    assert eng.generate(prompts[1:2], max_new_tokens=8) == ref[1:2] and eng.prefix_stats["hit"] == 24  # block 3's
+    eng = Engine(m, block=8, prefix_cache=True)
+    eng.pool.max_rings_at = 1  # only the first prompt's 4th block: the second prompt shares blocks 1-3, none kept
+    eng.generate(prompts[:1], max_new_tokens=8)
+    assert eng.generate(prompts[1:2], max_new_tokens=8) == ref[1:2] and eng.prefix_stats["hit"] == 0
+    with pytest.raises(ValueError, match="speculative"):  # (the MTP layer's ring is not kept)
+        Engine(V4Transformer(Config.from_hf(hf.config.to_dict()).replace(n_mtp_layers=1)), prefix_cache=True,
+               speculative=True)
