@@ -153,9 +153,12 @@ class V4Batch(V4Step):
     def __init__(self, pool, seqs, T: int, mtp: bool = False, keep: bool = False):
         self.seqs, self.T, self.mtp = seqs, T, mtp
         self.lengths = [s.mtp_length if mtp else s.length for s in seqs]
-        blk = pool.block  # keep: the prompt's block ends among the new tokens, whose ring rows the prefix cache keeps
-        self.keep = [list(range((n // blk + 1) * blk, min(n + T, len(s.prompt)) + 1, blk))
-                     for s, n in zip(seqs, self.lengths)] if keep else None
+        # keep: the prompt's block ends among the new tokens whose ring rows the prefix cache keeps (the last
+        # max_rings_at of the prompt: it would drop earlier ones at once)
+        blk, most = pool.block, pool.max_rings_at
+        self.keep = None if not keep else [list(range(max(n // blk + 1, len(s.prompt) // blk - most + 1) * blk,
+                                                      min(n + T, len(s.prompt)) + 1, blk))
+                                           for s, n in zip(seqs, self.lengths)]
         self.end = max(self.lengths) + T  # tokens the longest sequence will hold
         dev = pool.device
         super().__init__(pool.rings, pool.slots, pool.block_table(seqs, self.end),
