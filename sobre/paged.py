@@ -164,7 +164,7 @@ class PagedPool:
             if key not in self.cached and b not in self.key_of:
                 self.cached[key], self.key_of[b] = b, key
             rows = seq.rings_at.get((i + 1) * self.block)
-            if rows is not None and self.cached.get(key) == b and key not in self.rings_at:
+            if rows is not None and key in self.cached and key not in self.rings_at:  # (rows: the prefix's alone)
                 self.rings_at[key] = rows
                 if len(self.rings_at) > self.max_rings_at:
                     self.rings_at.popitem(last=False)
