@@ -1,5 +1,6 @@
 """Training throughput: sobre vs transformers' DeepseekV3 on the same config and batch, in the same run
-(forward + backward + AdamW step, fp32, no MTP in either), then sobre's `pretrain` with 1 vs 2 processes.
+(forward + backward + AdamW step, fp32, no MTP in either; each computes the loss as its trainer does: sobre
+without materialising the logits, loss.head_cross_entropy), then sobre's `pretrain` with 1 vs 2 processes.
     python bench/train.py [--steps 10] [--no-scaling]
 """
 
@@ -25,7 +26,8 @@ from engine import CFG  # noqa: E402  the engine benchmark's model
 B, T = 8, 256
 
 
-def step_times(model, forward, steps, bf16=False):
+def step_times(model, loss_fn, steps, bf16=False):
+    """Median seconds of a training step: loss_fn(inputs, targets) -> loss, backward, AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     times = []
@@ -33,8 +35,7 @@ def step_times(model, forward, steps, bf16=False):
         x = torch.randint(0, CFG["vocab_size"], (B, T + 1), generator=g)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(x[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            loss = loss_fn(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,15 +87,21 @@ def main():
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
     hf_fp32 = None
+    def sobre_loss(x, y):  # as `sobre pretrain` computes it: the head's cross-entropy in row chunks
+        return ours(x, targets=y)[0]
+
+    def hf_loss(x, y):  # (HF's own loss_function upcasts the logits to fp32 the same way)
+        return F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y.flatten())
+
     for bf16 in (False, True):
-        a = step_times(ours, ours, args.steps, bf16)
-        b = step_times(hf, lambda x: hf(x).logits, args.steps, bf16)
+        a = step_times(ours, sobre_loss, args.steps, bf16)
+        b = step_times(hf, hf_loss, args.steps, bf16)
         hf_fp32 = hf_fp32 or b
         print(f"| training tokens/s (fwd + bwd + step), {'bf16 autocast' if bf16 else 'fp32'} | {B * T / a:.0f} | "
               f"{B * T / b:.0f} | {b / a:.2f}x |")
     if args.compile:  # the first two steps (compiling) are left out of the median, as every warm-up
         compile_blocks(ours)
-        a = step_times(ours, ours, args.steps)
+        a = step_times(ours, sobre_loss, args.steps)
         print(f"| the same, fp32, `--compile` (each block torch.compile'd) | {B * T / a:.0f} | {B * T / hf_fp32:.0f} | "
               f"{hf_fp32 / a:.2f}x |")
     if not args.no_scaling:

@@ -17,6 +17,7 @@ from torch import nn
 from . import sparse
 from .config import Config
 from .experts import Groups, dispatch, expert_load, grouped_ffn
+from .loss import head_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -448,11 +449,16 @@ class Transformer(nn.Module):
             cache.advance(tokens.shape[1])
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False):
-        """tokens [B, T] -> logits [B, T, V] of the main head; with mtp=True also the MTP heads' logits
-        (training: one forward call, so wrappers such as FSDP see the whole computation)."""
+    def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False, targets: torch.Tensor | None = None):
+        """tokens [B, T] -> logits [B, T, V] of the main head; with mtp=True also the MTP heads' logits. With
+        targets [B, T]: (mean cross-entropy, [MTP depth k's against targets[:, k:]]) instead, no logits made
+        (loss.head_cross_entropy). Training calls this once, so wrappers such as FSDP see the whole computation."""
         h = self.hidden(tokens, cache)
-        return (self.head(h), self.mtp_logits(h, tokens)) if mtp else self.head(h)
+        xs = self.mtp_hiddens(h, tokens) if mtp else []
+        if targets is not None:
+            return head_loss(self.head, h, targets), [head_loss(self.head, x, targets[:, k:]) for k, x in
+                                                      enumerate(xs, start=1)]
+        return (self.head(h), [self.head(x) for x in xs]) if mtp else self.head(h)
 
     def hidden_state(self, tokens, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [B, T, D], the MTP draft's input at the same positions): here the hidden itself."""
@@ -468,15 +474,23 @@ class Transformer(nn.Module):
         return out
 
     def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        return [self.head(x) for x in self.mtp_hiddens(h, tokens)]
+
+    def mtp_hiddens(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over full sequences. h [B, T, D] = self.hidden(tokens). Depth k (1-based) at
-        position i combines h_{k-1}[i] with emb(t[i+k]) and predicts t[i+k+1]: logits [B, T-k, V]."""
+        position i combines h_{k-1}[i] with emb(t[i+k]) and predicts t[i+k+1]: hiddens [B, T-k, D]."""
         out = []
         for k, layer in enumerate(self.mtp, start=1):
             T = h.shape[1] - 1
             pos = torch.arange(k, k + T, device=h.device).expand(h.shape[0], -1)
             h = layer(h[:, :T], self.embed(tokens[:, k:k + T]), self.rope(pos), None)
-            out.append(self.head(h))
+            out.append(h)
         return out
+
+
+def head_loss(head: nn.Linear, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of head(h) [B, T, V] against targets [B, T], the logits never made whole."""
+    return head_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
 
 
 def positions(tokens: torch.Tensor, cache, max_seq_len: int) -> torch.Tensor:

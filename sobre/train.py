@@ -139,10 +139,8 @@ def losses(model: Transformer, x, y, a: TrainArgs) -> dict:
     indexed = [m for m in model.modules() if hasattr(m, "indexer_loss")]  # DSA's MLA, V4's CSA attention
     for m in indexed:
         m.indexer_loss = None
-    logits, mtp = model(x, mtp=True) if model.mtp and a.mtp_weight else (model(x), [])
-    out = {"ce": F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())}
-    out["mtp"] = sum(F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten())
-                     for k, lg in enumerate(mtp, start=1)) / len(mtp) if mtp else torch.zeros(())
+    ce, mtp = model(x, mtp=bool(model.mtp and a.mtp_weight), targets=y)  # (the logits never made whole)
+    out = {"ce": ce, "mtp": sum(mtp) / len(mtp) if mtp else torch.zeros(())}
     moes = moe_layers(model)
     out["balance"] = sum(m.balance_loss for m in moes) if moes else torch.zeros(())
     kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]

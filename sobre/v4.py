@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .experts import Groups, dispatch, expert_load
-from .model import positions, rope_inv_freq, sequence_balance_loss
+from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
 CSA_GATHER = 4  # long forwards: CSA gathers each query's top-k entries once there are more than 4 x k
@@ -532,16 +532,20 @@ class V4Transformer(nn.Module):
         cache.advance(tokens.shape[1])
         return x
 
-    def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False):
-        """tokens [B, T] -> logits [B, T, V]; with mtp=True also the MTP modules' logits (see mtp_logits)."""
-        if not mtp:
-            return self.lm_head(self.hidden(tokens, cache))
+    def forward(self, tokens: torch.Tensor, cache=None, mtp: bool = False, targets: torch.Tensor | None = None):
+        """tokens [B, T] -> logits [B, T, V]; with mtp=True also the MTP modules' logits (see mtp_hiddens); with
+        targets, the cross-entropies instead (as model.Transformer.forward)."""
         h = self.streams(tokens, cache)
-        return self.lm_head(self.norm(self.hc_head(h))), self.mtp_logits(h, tokens)
+        x = self.norm(self.hc_head(h))
+        xs = self.mtp_hiddens(h, tokens) if mtp else []
+        if targets is not None:
+            return head_loss(self.lm_head, x, targets), [head_loss(self.lm_head, y, targets[:, k:]) for k, y in
+                                                         enumerate(xs, start=1)]
+        return (self.lm_head(x), [self.lm_head(y) for y in xs]) if mtp else self.lm_head(x)
 
-    def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_hiddens(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over full sequences, as model.Transformer's: h = self.streams(tokens); depth k at
-        position i predicts t[i+k+1] from depth k-1's streams at i and emb(t[i+k]): logits [B, T-k, V]. Its
+        position i predicts t[i+k+1] from depth k-1's streams at i and emb(t[i+k]): hiddens [B, T-k, D]. Its
         one layer is a sliding window, so positions 0.. give what the true ones (k..) would (relative RoPE)."""
         out = []
         for k, layer in enumerate(self.mtp, start=1):
@@ -549,7 +553,7 @@ class V4Transformer(nn.Module):
             nxt = tokens[:, k:k + T]
             pos = torch.arange(T, device=h.device).expand(h.shape[0], -1)
             h, x = layer(h[:, :T], self.embed_tokens(nxt), nxt, pos, self.rope, visible(None, T, T, h.device))
-            out.append(self.lm_head(x))
+            out.append(x)
         return out
 
 

@@ -139,3 +139,40 @@ def test_fp8_dequant_matches_reference():
     assert torch.equal(dequant_fp8(w, s, (128, 128)), reference.fp8_dequant(w, s))
     with pytest.raises(ValueError, match="scale shape"):
         dequant_fp8(w, torch.rand(2, 2), (128, 128))
+
+
+def test_head_cross_entropy_equals_the_plain_path(monkeypatch):
+    """loss.head_cross_entropy (row chunks, gradients made in the forward) against its twin
+    F.cross_entropy(F.linear(h, w).float(), y): loss and both gradients, fp32 and under bf16 autocast, a last
+    chunk shorter than the others, and the forward alone when nothing needs a gradient. The models' forward
+    with targets gives the same loss as their logits (MTP depths included)."""
+    import sobre.loss
+    monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 rows over 30: the last one of 2
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(30, 16, generator=g), torch.randn(50, 16, generator=g) * 0.3
+    y = torch.randint(0, 50, (30,), generator=g)
+
+    def run(fn, bf16):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fn(h, w)
+        (2 * loss).backward()
+        return loss.detach(), h.grad, w.grad
+
+    for bf16, tol in ((False, 1e-6), (True, 2e-2)):
+        ours = run(lambda h, w: sobre.loss.head_cross_entropy(h, w, y), bf16)
+        ref = run(lambda h, w: F.cross_entropy(F.linear(h, w).float(), y), bf16)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(sobre.loss.head_cross_entropy(h0, w0, y), F.cross_entropy(h0 @ w0.T, y))
+    for model in (random_model(), sobre.v4.init_weights(sobre.model.build_model(sobre.preset("debug",
+                                                                                          arch="deepseek_v4")))):
+        x = torch.randint(0, 500, (2, 12), generator=g)
+        t = torch.randint(0, 500, (2, 12), generator=g)
+        with torch.no_grad():
+            logits, mtp = model(x, mtp=True)
+            ce, mtp_ce = model(x, mtp=True, targets=t)
+        torch.testing.assert_close(ce, F.cross_entropy(logits.flatten(0, 1), t.flatten()))
+        assert len(mtp_ce) == len(mtp) == 1
+        torch.testing.assert_close(mtp_ce[0], F.cross_entropy(mtp[0].flatten(0, 1), t[:, 1:].flatten()))
