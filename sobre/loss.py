@@ -42,7 +42,9 @@ class _HeadCE(torch.autograd.Function):
                 g = g.div_(N).to(mm)
                 if want_h:
                     grad_h[i:i + step] = (g @ weight.to(mm)).to(h.dtype)
-                if want_w:
+                if want_w and mm == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)  # (accumulated in place: no [V, D] temporary per chunk)
+                elif want_w:
                     grad_w += (g.t() @ hc.to(mm)).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         return loss / N
