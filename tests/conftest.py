@@ -62,3 +62,13 @@ def random_model(cfg=None, seed=0, std=0.1):
 @pytest.fixture
 def debug_model():
     return random_model()
+
+
+def run_requests(eng, prompts, **kw) -> list:
+    """Add every prompt to the engine at once and step until all finish: their Sequences, in prompt order."""
+    rids = [eng.add_request(p, **kw) for p in prompts]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    return [done[r] for r in rids]

@@ -9,7 +9,7 @@ from sobre.model import Cache
 from sobre.paged import PagedBatch, PagedPool
 from sobre.sampling import SamplingParams
 
-from conftest import V3, hf_checkpoint, random_model
+from conftest import V3, hf_checkpoint, random_model, run_requests
 
 DENSE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -205,13 +205,9 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     eng = Engine(model, prefix_cache=True)
     assert eng.generate(prompts[:1], max_new_tokens=8) == ref[:1]
     assert eng.prefix_stats == {"hit": 0, "miss": 155}
-    rids = [eng.add_request(p, max_new_tokens=8) for p in prompts[1:]]
-    done = {}
-    while eng.has_work():
-        eng.step()
-        done.update(eng.collect())
-    assert [done[r].out for r in rids] == ref[1:]
-    assert [done[r].cached for r in rids] == [128, 128, 128]  # two full blocks of the shared system prompt
+    done = run_requests(eng, prompts[1:], max_new_tokens=8)
+    assert [s.out for s in done] == ref[1:]
+    assert [s.cached for s in done] == [128, 128, 128]  # two full blocks of the shared system prompt
     assert eng.prefix_stats["hit"] == 3 * 128
     seeded = dict(max_new_tokens=8, temperature=1.0, seed=3)
     assert eng.generate(prompts, **seeded) == Engine(model).generate(prompts, **seeded)

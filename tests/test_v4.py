@@ -6,6 +6,8 @@ import torch
 from sobre.config import Config
 from sobre.v4 import V4Transformer
 
+from conftest import run_requests
+
 transformers = pytest.importorskip("transformers")
 
 HF = dict(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -531,13 +533,9 @@ def test_prefix_cache_restores_the_rings_and_changes_nothing(window):
         eng = Engine(m, block=8, prefix_cache=True, prefill_chunk=chunk)
         assert eng.generate(prompts[:1], max_new_tokens=8) == ref[:1]
         assert len(eng.pool.rings_at) == 4  # the first prompt's four full blocks
-        rids = [eng.add_request(p, max_new_tokens=8) for p in prompts[1:]]
-        done = {}
-        while eng.has_work():
-            eng.step()
-            done.update(eng.collect())
-        assert [done[r].out for r in rids] == ref[1:]
-        assert [done[r].cached for r in rids] == [24, 24, 24]  # the system prompt's three full blocks
+        done = run_requests(eng, prompts[1:], max_new_tokens=8)
+        assert [s.out for s in done] == ref[1:]
+        assert [s.cached for s in done] == [24, 24, 24]  # the system prompt's three full blocks
     eng = Engine(m, block=8, prefix_cache=True)
     eng.pool.max_rings_at = 2  # room for two blocks' ring rows: the first prompt's last two keep theirs
     eng.generate(prompts[:1], max_new_tokens=8)
