@@ -1,6 +1,7 @@
 """Post-training costs: each of sobre's cheaper paths beside its reference twin, timed in the same run on a fresh
 tiny model (medians of --reps, the two interleaved so that a machine's drift hits both alike):
-  SFT step            the LM head at target positions only (sft.target_logits) vs over every position
+  SFT step            sft.sft_loss (the LM head at target positions only, through loss.head_cross_entropy)
+                      vs logits and cross-entropy over every position
   distillation loss   one log-softmax for the cross-entropy and the KL term (tau = 1) vs one each
   sampled rollout     inverse-CDF draws (sampling.draw) vs a torch.multinomial per row, G x 128 new tokens
     python bench/posttrain.py [--reps 5] [--group 64]

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
+from .loss import head_cross_entropy
 from .model import MoE, Transformer, init_weights
 from .parallel import pick_device
 from .report import plot_training
@@ -194,9 +194,11 @@ def target_logits(model: Transformer, x, y, docs) -> tuple[torch.Tensor, torch.T
 
 
 def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
-    logits, keep = target_logits(model, x, y, docs)
-    y = y[keep]
-    return F.cross_entropy(logits.float(), y) if len(y) else logits.sum() * 0  # (a batch of prompts only: no signal)
+    """Mean cross-entropy at the target positions, the head's logits never made whole (loss.head_cross_entropy;
+    target_logits is its plain twin, what distillation needs)."""
+    keep = y != IGNORE
+    h = model.hidden(x, cache=Packed(docs))[keep]  # [M, D]
+    return head_cross_entropy(h, model.head.weight, y[keep]) if len(h) else h.sum() * 0  # (prompts only: no signal)
 
 
 # ---- the run --------------------------------------------------------------------------------------

@@ -516,8 +516,9 @@ class V4Transformer(nn.Module):
             cache.advance(T)
         return h
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+    @property
+    def head(self) -> nn.Linear:  # model.head(h) and model.head.weight, as model.Transformer's
+        return self.lm_head
 
     def hidden_state(self, tokens, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [B, T, D], the MTP draft's input: the last layer's streams [B, T, N, D])."""
