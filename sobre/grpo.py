@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from .loss import head_logprobs
 from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
@@ -153,12 +153,10 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], device=dev).clamp(max=L - 1)
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
-    logits = model.head(h).float()  # [N, T, V]: the head only where predicting
-    logp_all = F.log_softmax(logits / temperature if temperature != 1 else logits, -1)
-    logp = logp_all.gather(-1, tgt[..., None]).squeeze(-1)
-    with torch.no_grad():  # a statistic, outside the autograd graph
-        ent = -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item() if entropy else 0.0
-    return logp, mask, ent
+    # the head only where predicting, in row chunks: no [N, T, V] logits (loss.head_logprobs)
+    logp, ents = head_logprobs(h.flatten(0, 1), model.head.weight, tgt.flatten(), temperature, entropy)
+    ent = ents.view(mask.shape)[mask].sum().item() if entropy else 0.0  # (a statistic: no gradient)
+    return logp.view(mask.shape), mask, ent
 
 
 # ---- the run --------------------------------------------------------------------------------------

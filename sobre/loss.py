@@ -1,10 +1,11 @@
-"""The LM head's cross-entropy without the [N, V] logits (as Liger's fused linear cross-entropy).
+"""The LM head's cross-entropy (pretraining, SFT) and per-token log-probs (GRPO) without the [N, V] logits
+(as Liger's fused linear cross-entropy).
 
 Rows go through in chunks small enough for the CPU's caches: each chunk's logits, loss and gradients are
 computed together in the forward (the head's three matmuls, nothing recomputed), and the backward only scales
 the kept gradients. The plain path, F.cross_entropy(F.linear(h, w).float(), y), materialises the logits, their
 log-softmax and its gradient, each [N, V] in fp32 (67 MB apiece at 2048 x 8192): on a 2-core CPU its
-elementwise passes cost about as much as the head's matmuls. Its twin is that plain path (tests/test_model.py).
+elementwise passes cost about as much as the head's matmuls. The twins are the plain paths (tests/test_model.py).
 """
 
 from __future__ import annotations
@@ -54,3 +55,56 @@ class _HeadCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
                 grad_w * grad_out if grad_w is not None else None, None)
+
+
+def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of targets under softmax(h @ weight.T / temperature) (fp32) -> [N], and (entropy=True) each
+    row's entropy [N] (a statistic: no gradient). h [N, D], weight [V, D], targets [N]. Chunked as
+    head_cross_entropy, but the loss on top is the caller's (GRPO's clipped ratios), so the backward recomputes
+    each chunk's logits: four matmuls instead of three, and no [N, V] tensor kept between the two passes."""
+    return _HeadLogprobs.apply(h, weight, targets, temperature, entropy)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, entropy):
+        N, V = h.shape[0], weight.shape[0]
+        step = max(1, CHUNK_LOGITS // V)
+        lp = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(lp)
+        ent = torch.empty(N if entropy else 0, dtype=torch.float32, device=h.device)
+        mm = h.dtype
+        for i in range(0, N, step):
+            out = F.linear(h[i:i + step], weight)  # (under autocast a bf16 matmul: the backward repeats it so)
+            mm, logits = out.dtype, out.float().div_(temperature)
+            lse[i:i + step] = logits.logsumexp(-1)
+            lp[i:i + step] = logits.gather(1, targets[i:i + step, None])[:, 0] - lse[i:i + step]
+            if entropy:  # H = lse - sum(p * logits)
+                p = (logits - lse[i:i + step, None]).exp_()
+                ent[i:i + step] = lse[i:i + step] - (p * logits).sum(-1)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature, ctx.mm, ctx.step = temperature, mm, step
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g, _):  # d lp_i / d logits_i = (onehot(y_i) - softmax_i) / temperature
+        h, weight, targets, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        mm, w = ctx.mm, weight.to(ctx.mm)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        for i in range(0, h.shape[0], ctx.step):
+            hc, gc = h[i:i + ctx.step].to(mm), g[i:i + ctx.step].float()
+            logits = F.linear(hc, w).float().div_(ctx.temperature)
+            d = logits.sub_(lse[i:i + ctx.step, None]).exp_().mul_(-gc[:, None])  # -g * softmax
+            d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
+            d = d.div_(ctx.temperature).to(mm)
+            if want_h:
+                grad_h[i:i + ctx.step] = (d @ w).to(h.dtype)
+            if want_w and mm == grad_w.dtype:
+                grad_w.addmm_(d.t(), hc)
+            elif want_w:
+                grad_w += (d.t() @ hc).float()
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None

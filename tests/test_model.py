@@ -141,11 +141,12 @@ def test_fp8_dequant_matches_reference():
         dequant_fp8(w, torch.rand(2, 2), (128, 128))
 
 
-def test_head_cross_entropy_equals_the_plain_path(monkeypatch):
+def test_head_losses_equal_the_plain_paths(monkeypatch):
     """loss.head_cross_entropy (row chunks, gradients made in the forward) against its twin
     F.cross_entropy(F.linear(h, w).float(), y): loss and both gradients, fp32 and under bf16 autocast, a last
-    chunk shorter than the others, and the forward alone when nothing needs a gradient. The models' forward
-    with targets gives the same loss as their logits (MTP depths included)."""
+    chunk shorter than the others, and the forward alone when nothing needs a gradient; loss.head_logprobs
+    (GRPO's log-probs, with a temperature and the entropies) against log_softmax + gather the same way. The
+    models' forward with targets gives the same loss as their logits (MTP depths included)."""
     import sobre.loss
     monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 rows over 30: the last one of 2
     g = torch.Generator().manual_seed(0)
@@ -166,6 +167,23 @@ def test_head_cross_entropy_equals_the_plain_path(monkeypatch):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     with torch.no_grad():
         torch.testing.assert_close(sobre.loss.head_cross_entropy(h0, w0, y), F.cross_entropy(h0 @ w0.T, y))
+
+    def plain_logprobs(h, w):  # GRPO's per-token log-probs at temperature 0.7, and the entropies
+        la = F.log_softmax(F.linear(h, w).float() / 0.7, -1)
+        return la.gather(1, y[:, None])[:, 0], -(la.exp() * la).sum(-1).detach()
+
+    g_out = torch.randn(30, generator=g)
+    for bf16, tol in ((False, 1e-6), (True, 2e-2)):  # head_logprobs: the backward recomputes the logits
+        got, want = [], []
+        for fn, res in ((lambda h, w: sobre.loss.head_logprobs(h, w, y, 0.7, entropy=True), got),
+                        (plain_logprobs, want)):
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                lp, ent = fn(h, w)
+            (lp * g_out).sum().backward()
+            res += [lp.detach(), ent, h.grad, w.grad]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     for model in (random_model(), sobre.v4.init_weights(sobre.model.build_model(sobre.preset("debug",
                                                                                           arch="deepseek_v4")))):
         x = torch.randint(0, 500, (2, 12), generator=g)
