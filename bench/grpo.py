@@ -2,7 +2,7 @@
 prompts (countdown), G, completion length, beta=0, fp32, in the same run. Samples/s = completions per second of
 whole GRPO steps (rollout + reward + update), median over the measured steps.
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
-    python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64]
+    python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
 """
 
 import argparse
@@ -85,23 +85,27 @@ def main():
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = Path(a.init) if a.init else tmp / "model"
         if not a.init:
             fresh_model(model_dir, a.preset)
-        ours, ours_len, split = run_sobre(model_dir, a, tmp / "sobre")
-        theirs, theirs_len = run_trl(model_dir, a, tmp / "trl")
+        for r in range(a.rounds):
+            ours, ours_len, split = run_sobre(model_dir, a, tmp / f"sobre{r}")
+            theirs, theirs_len = run_trl(model_dir, a, tmp / f"trl{r}")
+            rows.append((theirs, ours, split, theirs_len, ours_len))
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, fp32, "
           f"{torch.get_num_threads()} threads ({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
-    print("| | samples/s (rollout + update) | mean completion tokens |")
-    print("|---|---|---|")
-    print(f"| TRL GRPOTrainer | {theirs:.1f} | {theirs_len:.1f} |")
-    print(f"| sobre grpo | {ours:.1f} | {ours_len:.1f} |")
-    print(f"| ratio | **{ours / theirs:.2f}x** | |")
-    print(f"\nsobre's step (median): rollout {split['rollout_s']:.2f} s, update {split['update_s']:.2f} s")
-
+    print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | mean completion "
+          "tokens TRL / sobre |")
+    print("|---|---|---|---|---|---|")
+    for r, (theirs, ours, split, theirs_len, ours_len) in enumerate(rows, start=1):
+        print(f"| {r} | {theirs:.1f} | {ours:.1f} | **{ours / theirs:.2f}x** | {split['rollout_s']:.2f} / "
+              f"{split['update_s']:.2f} | {theirs_len:.1f} / {ours_len:.1f} |")
 
 if __name__ == "__main__":
     sys.exit(main())
