@@ -40,13 +40,7 @@ class _HeadCE(torch.autograd.Function):
             if want_h or want_w:  # d(mean CE)/d(logits) = (softmax - onehot) / N
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
-                g = g.div_(N).to(mm)
-                if want_h:
-                    grad_h[i:i + step] = (g @ weight.to(mm)).to(h.dtype)
-                if want_w and mm == grad_w.dtype:
-                    grad_w.addmm_(g.t(), hc)  # (accumulated in place: no [V, D] temporary per chunk)
-                elif want_w:
-                    grad_w += (g.t() @ hc.to(mm)).float()
+                _chunk_grads(g.div_(N).to(mm), hc.to(mm), weight.to(mm), grad_h, grad_w, slice(i, i + step))
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         return loss / N
 
@@ -100,11 +94,17 @@ class _HeadLogprobs(torch.autograd.Function):
             logits = F.linear(hc, w).float().div_(ctx.temperature)
             d = logits.sub_(lse[i:i + ctx.step, None]).exp_().mul_(-gc[:, None])  # -g * softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
-            d = d.div_(ctx.temperature).to(mm)
-            if want_h:
-                grad_h[i:i + ctx.step] = (d @ w).to(h.dtype)
-            if want_w and mm == grad_w.dtype:
-                grad_w.addmm_(d.t(), hc)
-            elif want_w:
-                grad_w += (d.t() @ hc).float()
+            _chunk_grads(d.div_(ctx.temperature).to(mm), hc, w, grad_h, grad_w, slice(i, i + ctx.step))
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def _chunk_grads(d, hc, w, grad_h, grad_w, rows: slice):
+    """d: dL/dlogits of a chunk of rows [n, V], in the dtype of the matmuls (hc [n, D], w [V, D] cast to it)
+    -> those rows of grad_h, and grad_w (fp32) accumulated (in place when the dtypes allow: no [V, D]
+    temporary per chunk). A None gradient is not wanted."""
+    if grad_h is not None:
+        grad_h[rows] = (d @ w).to(grad_h.dtype)
+    if grad_w is not None and d.dtype == grad_w.dtype:
+        grad_w.addmm_(d.t(), hc)
+    elif grad_w is not None:
+        grad_w += (d.t() @ hc).float()
