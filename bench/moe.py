@@ -2,8 +2,8 @@
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
 of each, no_grad, fp32, best of several runs. sobre picks its CPU path from the rows per expert (experts.Groups:
-a loop over the active experts, one zero-padded bmm, or torch._grouped_mm); the third column forces
-_grouped_mm wherever padded_mm would run, to show what the padded path buys.
+a loop over the active experts, one zero-padded bmm, or torch._grouped_mm); the next three columns force each
+layout at every size, to show what the choice buys.
     python bench/moe.py
 """
 
@@ -30,18 +30,19 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
     return best
 
 
-class forced_grouped:
-    """sobre's MoE with padded_mm switched off (PAD_ROWS = 0) while it runs."""
+class forced:
+    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_ROWS)."""
 
-    def __init__(self, moe):
-        self.moe = moe
+    def __init__(self, moe, loop: float, pad: int):
+        self.moe, self.loop, self.pad = moe, loop, pad
 
     def __call__(self, x):
-        pad, M.PAD_ROWS = M.PAD_ROWS, 0
+        was = M.LOOP_EXPERTS, M.PAD_ROWS
+        M.LOOP_EXPERTS, M.PAD_ROWS = self.loop, self.pad
         try:
             return self.moe(x)
         finally:
-            M.PAD_ROWS = pad
+            M.LOOP_EXPERTS, M.PAD_ROWS = was
 
 
 def main():
@@ -54,24 +55,26 @@ def main():
         sobre.save(model, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     ours, theirs = model.layers[1].ffn, hf.model.layers[1].mlp
-    forced = forced_grouped(ours)
+    layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30), "grouped": forced(ours, 0.0, 0)}
     E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
     print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), fp32, "
           f"{torch.get_num_threads()} threads")
-    print("| tokens | rows per expert (mean / max) | sobre path | sobre ms | sobre, _grouped_mm forced ms | "
-          "transformers ms | sobre / transformers |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tokens | rows per expert (mean / max) | sobre path | sobre ms | loop forced | padded bmm forced | "
+          "_grouped_mm forced | transformers ms | sobre / transformers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n in (1, 4, 16, 64, 256, 1024):
+        for n in (1, 2, 4, 16, 64, 256, 1024):
             x = torch.randn(1, n, CFG["hidden_size"], generator=g)
             assert (ours(x) - theirs(x)).abs().max() < 1e-4  # same layer, same output
             counts = ours.last_load.tolist()
             active, top = sum(1 for c in counts if c), max(counts)
-            path = "loop" if 4 * active <= E else "padded bmm" if top <= M.PAD_ROWS else "_grouped_mm"
-            t = best_ms({"a": lambda x=x: ours(x), "forced": lambda x=x: forced(x), "b": lambda x=x: theirs(x)})
+            path = "loop" if active <= M.LOOP_EXPERTS * E else "padded bmm" if top <= M.PAD_ROWS else "_grouped_mm"
+            t = best_ms({"a": lambda x=x: ours(x), **{k: lambda x=x, f=f: f(x) for k, f in layouts.items()},
+                         "b": lambda x=x: theirs(x)})
             a, b = t["a"], t["b"]
-            print(f"| {n} | {n * K / E:.1f} / {top} | {path} | {a:.3f} | {t['forced']:.3f} | {b:.3f} | {b / a:.2f}x |")
+            print(f"| {n} | {n * K / E:.1f} / {top} | {path} | {a:.3f} | {t['loop']:.3f} | {t['padded']:.3f} | "
+                  f"{t['grouped']:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -298,20 +298,21 @@ class Engine:
                 if s.rid in self.unkeyed:  # the MTP layer's rows of the prompt are in: others may share it now
                     self.pool.remember(s, self.unkeyed.pop(s.rid))
         q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
-        drafts = sample(q_logits, [s.params for s in seqs], [s.generator for s in seqs])
-        tokens = torch.tensor([[s.pending, int(d)] for s, d in zip(seqs, drafts)], device=self.device)
+        drafts = sample(q_logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        tokens = torch.tensor([[s.pending, d] for s, d in zip(seqs, drafts)], device=self.device)
         h, state = m.hidden_state(tokens, self._batch(seqs, 2))  # [B, 2, D], [B, 2, ...]
         logits = m.head(h)  # [B, 2, V]
-        p_logits = self._penalized(seqs, logits[:, 0])
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if sampled:
             params = [seqs[i].params for i in sampled]
-            p_rows, q_rows = probs(p_logits[sampled], params), probs(q_logits[sampled], params)
+            p_logits = self._penalized([seqs[i] for i in sampled], logits[sampled, 0])
+            p_rows, q_rows = probs(p_logits, params), probs(q_logits[sampled], params)
+        # greedy rows without penalties: both positions' picks in one call (penalties move with the first token)
+        picks = greedy(logits).tolist() if len(sampled) < len(seqs) else None  # [B][2]
         events = []
-        for i, s in enumerate(seqs):
-            d = int(drafts[i])
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
             if s.params.temperature == 0:
-                tok = int(greedy(p_logits[i]))
+                tok = picks[i][0] if s.seen is None else int(greedy(self._penalized([s], logits[i:i + 1, 0])[0]))
                 ok = tok == d
             else:
                 j = sampled.index(i)
@@ -323,7 +324,8 @@ class Engine:
                 s.length -= 1  # the draft's cache entry is dropped (overwritten next step)
                 s.mtp_todo = (state[i, :1], [s.pending]) if s.pending is not None else None
             elif s.finish_reason is None:
-                bonus = int(self._choose([s], logits[i, 1:])[0])
+                plain = s.params.temperature == 0 and s.seen is None
+                bonus = picks[i][1] if plain else int(self._choose([s], logits[i, 1:])[0])
                 events.append(self._emit(s, bonus, logits[i, 1]))
                 s.mtp_todo = (state[i], [d, s.pending]) if s.pending is not None else None
         return events

@@ -45,6 +45,7 @@ def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
     return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
 
 
+LOOP_EXPERTS = 0.5  # CPU inference: a loop over the active experts while at most this fraction of them have rows
 PAD_ROWS = 32  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
 
 
@@ -52,9 +53,10 @@ class Groups:
     """How rows sorted by expert (counts[e] rows for expert e) meet the stacked expert weights w [E, out, in].
     torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty
     ones included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts
-    when at most a quarter have rows (a B=1 decode step), or holds the rows zero-padded as [E, C, in] (C = the
-    largest count, up to PAD_ROWS: batched decode) so each matmul is one bmm (2-4x faster with the weights in
-    cache, 1.1-1.4x for a whole MoE layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a
+    when at most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every
+    expert's weights), or holds the rows zero-padded as [E, C, in] (C = the largest count, up to PAD_ROWS:
+    batched decode) so each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE
+    layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a
     decode step of a few tokens): each row with its own gathered copy of its expert's weights. Elementwise work
     between matmuls runs on any layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop
     (under autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate
@@ -64,7 +66,7 @@ class Groups:
         self.counts, self.E = counts, len(counts)
         grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
         cpu_inference = xs.device.type == "cpu" and not grad
-        if cpu_inference and 4 * sum(1 for n in counts if n) <= len(counts):
+        if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
         elif cpu_inference and max(counts, default=0) <= PAD_ROWS:
             self.mode = "padded"

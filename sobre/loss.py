@@ -31,16 +31,17 @@ class _HeadCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        mm = matmul_dtype(h, weight)  # the gradients' matmuls run in the forward matmul's dtype
+        w = weight.to(mm)  # cast once, not per chunk (a [V, D] copy each)
         for i in range(0, N, step):
-            hc, yc = h[i:i + step], targets[i:i + step]
-            out = F.linear(hc, weight)  # [n, V] (under autocast a bf16 matmul, as in the plain path)
-            mm, logits = out.dtype, out.float()  # the gradients' matmuls run in the forward matmul's dtype
+            hc, yc = h[i:i + step].to(mm), targets[i:i + step]
+            logits = F.linear(hc, w).float()  # [n, V]
             lse = logits.logsumexp(-1)
             loss += (lse - logits.gather(1, yc[:, None])[:, 0]).sum()
             if want_h or want_w:  # d(mean CE)/d(logits) = (softmax - onehot) / N
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(yc), device=g.device), yc] -= 1
-                _chunk_grads(g.div_(N).to(mm), hc.to(mm), weight.to(mm), grad_h, grad_w, slice(i, i + step))
+                _chunk_grads(g.div_(N).to(mm), hc, w, grad_h, grad_w, slice(i, i + step))
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         return loss / N
 
@@ -68,10 +69,10 @@ class _HeadLogprobs(torch.autograd.Function):
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(lp)
         ent = torch.empty(N if entropy else 0, dtype=torch.float32, device=h.device)
-        mm = h.dtype
+        mm = matmul_dtype(h, weight)  # (under autocast bf16: the backward repeats the matmuls so)
+        w = weight.to(mm)
         for i in range(0, N, step):
-            out = F.linear(h[i:i + step], weight)  # (under autocast a bf16 matmul: the backward repeats it so)
-            mm, logits = out.dtype, out.float().div_(temperature)
+            logits = F.linear(h[i:i + step].to(mm), w).float().div_(temperature)
             lse[i:i + step] = logits.logsumexp(-1)
             lp[i:i + step] = logits.gather(1, targets[i:i + step, None])[:, 0] - lse[i:i + step]
             if entropy:  # H = lse - sum(p * logits)
@@ -96,6 +97,14 @@ class _HeadLogprobs(torch.autograd.Function):
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             _chunk_grads(d.div_(ctx.temperature).to(mm), hc, w, grad_h, grad_w, slice(i, i + ctx.step))
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(h, weight) computes in: autocast's, where it is on for their device."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
 
 
 def _chunk_grads(d, hc, w, grad_h, grad_w, rows: slice):

@@ -19,11 +19,8 @@ def test_speculative_greedy_equals_plain_greedy():
     assert eng.spec_stats["accepted"] < eng.spec_stats["drafted"]  # a random MTP head is mostly wrong
 
 
-def test_a_perfect_draft_is_always_accepted(monkeypatch):
-    """Replace the MTP head by an oracle (the main model's own next hidden, from a full forward): every
-    draft must be accepted, two tokens per step, and the output still equals plain greedy."""
-    model = random_model()
-    plain = Engine(model).generate(PROMPTS, max_new_tokens=15)
+def use_oracle(model, monkeypatch):
+    """Replace the MTP head by an oracle: the main model's own next hidden, from a full forward."""
     mtp_hidden = model.mtp_hidden
 
     def oracle(h, tokens, cache):
@@ -33,6 +30,14 @@ def test_a_perfect_draft_is_always_accepted(monkeypatch):
         return out
 
     monkeypatch.setattr(model, "mtp_hidden", oracle)
+
+
+def test_a_perfect_draft_is_always_accepted(monkeypatch):
+    """With the oracle every draft must be accepted, two tokens per step, and the output still equals plain
+    greedy."""
+    model = random_model()
+    plain = Engine(model).generate(PROMPTS, max_new_tokens=15)
+    use_oracle(model, monkeypatch)
     eng = Engine(model, speculative=True)
     steps = 0
     rids = [eng.add_request(p, max_new_tokens=15) for p in PROMPTS]
@@ -45,6 +50,33 @@ def test_a_perfect_draft_is_always_accepted(monkeypatch):
     assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
     assert steps <= 9  # prefill step + 7 steps of 2 tokens for 15 tokens
     assert len(eng.pool.free) == eng.pool.n_blocks - 1
+
+
+def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
+    """Greedy rows with and without penalties in one batch (their picks are made apart: a penalty moves with
+    the token accepted before it), beside a sampled row: with the random MTP head most drafts are rejected, with
+    the oracle (its draft penalized as the verify's pick) every one is accepted."""
+    model = random_model()
+    kinds = [{}, {"repetition_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": 0.5}]
+
+    def run(eng):
+        rids = [eng.add_request(p, max_new_tokens=12, **k) for p, k in zip(PROMPTS, kinds)]
+        rids.append(eng.add_request(PROMPTS[3], max_new_tokens=12, temperature=1.0, seed=3))
+        done = {}
+        while eng.has_work():
+            eng.step()
+            done.update(eng.collect())
+        return [done[r].out for r in rids[:3]]
+
+    plain = run(Engine(model))
+    assert plain[1] != Engine(model).generate([PROMPTS[1]], max_new_tokens=12)[0]  # the penalty matters
+    eng = Engine(model, speculative=True)
+    assert run(eng) == plain
+    assert eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
+    use_oracle(model, monkeypatch)
+    eng = Engine(model, speculative=True)
+    assert run(eng) == plain
+    assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
 
 
 def test_speculative_sampling_keeps_the_distribution():
