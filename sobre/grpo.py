@@ -178,7 +178,7 @@ class GRPOArgs(RunArgs):  # --bf16 autocasts the update only: rollouts and the p
     epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo
     beta: float = 0.0  # k3 KL toward the starting model
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
-    micro_batch: int = 32  # completions per forward/backward
+    micro_batch: int = 64  # completions per forward/backward (the defaults: a whole step, 8 x 8, in one)
     dynamic_sampling: bool = False  # always on with --loss dapo
     max_attempts: int = 3  # dynamic sampling: rollout rounds per step at most
     overlong_filter: bool = False  # truncated completions leave the loss (always on with --loss dapo)

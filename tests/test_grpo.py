@@ -79,6 +79,35 @@ def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, b
     assert stats["entropy"] > 0 and 0 <= stats["clip_fraction"] <= 1
 
 
+@pytest.mark.parametrize("variant", ["grpo", "dapo"])
+def test_micro_batches_add_up_to_the_whole_batch(variant):
+    """An update in micro-batches of 4 completions (groups of 3 split across them, ragged lengths) takes the
+    same step as one forward over all 9: every loss is normalised by the whole batch's counts."""
+    import copy
+    torch.manual_seed(0)
+    model = random_model()
+    prompts = [[5, 6, 7], [9, 3], [4, 4, 8, 1]]
+    g = torch.Generator().manual_seed(1)
+    groups = []
+    for i, prompt in enumerate(prompts):
+        rows = [Rollout(prompt, torch.randint(10, 60, (1 + (i + j) % 4,), generator=g).tolist(), "", False,
+                        float((i + j) % 2), 1.0, None) for j in range(3)]
+        groups.append((rows, torch.tensor([r.correct for r in rows])))
+    steps = []
+    for micro in (4, 64):
+        m = copy.deepcopy(model)
+        a = GRPOArgs(loss=variant, micro_batch=micro, max_new_tokens=4)
+        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
+        steps.append((stats, dict(m.named_parameters())))
+    (s1, p1), (s2, p2) = steps
+    assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-6) and s1["entropy"] == pytest.approx(s2["entropy"])
+    moved = 0
+    for name, w in p1.items():
+        assert torch.allclose(w, p2[name], atol=1e-6), name
+        moved += not torch.equal(w, model.state_dict()[name])
+    assert moved > 10
+
+
 def test_pass_at_k_and_majority():
     assert pass_at_k(4, 0, 1) == 0 and pass_at_k(4, 4, 2) == 1
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
