@@ -56,11 +56,11 @@ class Groups:
     when at most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every
     expert's weights), or holds the rows zero-padded as [E, C, in] (C = the largest count, up to PAD_ROWS:
     batched decode) so each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE
-    layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a
-    decode step of a few tokens): each row with its own gathered copy of its expert's weights. Elementwise work
-    between matmuls runs on any layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop
-    (under autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate
-    a full-size gradient for every expert)."""
+    layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a decode step of a few tokens):
+    each row with its own gathered copy of its expert's weights. Elementwise work between matmuls runs on any
+    layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
+    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for
+    every expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
         self.counts, self.E = counts, len(counts)
