@@ -370,8 +370,6 @@ def cmd_serve(args):
     import uvicorn
 
     from .checkpoint import resolve
-    from .config import Config
-    from .engine import Engine
     from .serve import create_app
     from .worker import EngineProcess
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -385,8 +383,7 @@ def cmd_serve(args):
     eng = EngineProcess(path, threads=args.threads or os.cpu_count() or 1, warm_up=args.compile,
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
-                        fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache
-                        and Engine.prefix_cache_fits(Config.load(path), args.speculative))
+                        fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)

@@ -9,7 +9,8 @@ tokens is keyed by a sha256 chained over the prompt up to its end and kept after
 evicted only when blocks run out). A new prompt starting with cached blocks shares them (reference counts)
 and prefills only the rest; `Sequence.cached` counts the reused tokens. DeepSeek-V4 (per-sequence rings beside
 the blocks): a prompt's prefill also keeps its rings' rows at each of its full blocks' ends (paged.PagedPool.
-rings_at, budgeted), and a match restores the last matched block's into the new sequence's lane.
+rings_at, budgeted; speculative: the MTP layer's too, when it catches up on the prompt), and a match restores
+the last matched block's into the new sequence's lane.
 
     eng = Engine(model, tokenizer)
     rid = eng.add_request([1, 2, 3], temperature=0.7, seed=1)
@@ -115,9 +116,6 @@ class Engine:
             raise ValueError("speculative decoding drafts with the MTP module; this model has none")
         self.speculative = bool(speculative)
         self.spec_stats = {"drafted": 0, "accepted": 0}
-        if prefix_cache and not self.prefix_cache_fits(c, speculative):
-            raise ValueError("the prefix cache of a deepseek_v4 model keeps its rings' rows at each cached block's "
-                             "end for the main layers only: not with speculative decoding (the MTP layer's ring)")
         self.prefix_cache = prefix_cache
         self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
@@ -137,12 +135,6 @@ class Engine:
         if c.attn_type != "full":
             return f"compile=True compiles the decode step of full-attention and DeepSeek-V4 models, not {c.attn_type}"
         return None
-
-    @staticmethod
-    def prefix_cache_fits(c, speculative: bool = False) -> bool:
-        """Whether a later prompt may share this model's cache: per-token (or, NSA, per-block) entries, and for
-        deepseek_v4 the rings' rows kept at each cached block's end (main layers: not with speculative)."""
-        return c.arch != "deepseek_v4" or not speculative
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
@@ -290,8 +282,8 @@ class Engine:
             h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, ...] the draft's input (hidden_state)
             tokens = torch.tensor([s.mtp_todo[1] for s in group], device=self.device)
             step = self._chunk(T)
-            for i in range(0, T, step):  # (a prompt: in chunks, as it was prefilled)
-                batch = self._batch(group, min(step, T - i), mtp=True)
+            for i in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
+                batch = self._batch(group, min(step, T - i), mtp=True, prefill=True)  # rows kept at block ends)
                 g = m.mtp_hidden(h[:, i:i + step], tokens[:, i:i + step], batch)
             for s, row in zip(group, m.head(g[:, -1])):
                 draft_logits[s.rid] = row

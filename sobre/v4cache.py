@@ -17,7 +17,8 @@ hold any number of new tokens from any position: a whole prompt or a chunk of on
 speculative verify of [pending, draft]. A rejected draft's rows are simply overwritten by the next forward
 (nothing reads past a sequence's length). MTP modules' layers (sliding window) get rings too, after the main
 layers'. Under the engine's prefix cache a prompt's prefill (V4Batch keep=True) also copies out what its rings
-hold at each of its full blocks' ends; a later prompt matching those blocks gets them written into its lane.
+hold at each of its full blocks' ends (speculative: the MTP layer's catch-up on the prompt appends its ring's,
+in the rings' order); a later prompt matching those blocks gets them written into its lane.
 """
 
 from __future__ import annotations

@@ -520,7 +520,7 @@ def test_prefix_cache_restores_the_rings_and_changes_nothing(window):
     each cached block's end are kept and restored into the lane of a later prompt that starts with those blocks,
     which then prefills only its tail (whole, or in chunks): greedy output equals an engine without the cache.
     The kept rows are budgeted (least recently used dropped first: a match backs off to the last block that
-    still has them); speculative engines refuse the cache."""
+    still has them)."""
     from sobre import Engine
     hf = hf_model(seed=3, sliding_window=window, compress_rates={"compressed_sparse_attention": 4,
                                                                  "heavily_compressed_attention": 16})
@@ -544,6 +544,41 @@ def test_prefix_cache_restores_the_rings_and_changes_nothing(window):
     eng.pool.max_rings_at = 1  # only the first prompt's 4th block: the second prompt shares blocks 1-3, none kept
     eng.generate(prompts[:1], max_new_tokens=8)
     assert eng.generate(prompts[1:2], max_new_tokens=8) == ref[1:2] and eng.prefix_stats["hit"] == 0
-    with pytest.raises(ValueError, match="speculative"):  # (the MTP layer's ring is not kept)
-        Engine(V4Transformer(Config.from_hf(hf.config.to_dict()).replace(n_mtp_layers=1)), prefix_cache=True,
-               speculative=True)
+
+
+@pytest.mark.parametrize("window", [4, 12])
+def test_prefix_cache_keeps_the_mtp_ring_for_speculative_decoding(window, monkeypatch):
+    """With speculative decoding the prefix cache also keeps the MTP layer's ring rows at each cached block's end
+    (taken when that layer catches up on the prompt, the step after its prefill): a later prompt sharing those
+    blocks gets them restored, and the MTP layer's hiddens (each draft's input) equal an engine's without the
+    cache, as do the greedy tokens (prompts whole or in chunks)."""
+    from sobre import Engine
+    from sobre.v4 import init_weights
+    c = Config.from_hf(transformers.DeepseekV4Config(**{**HF, "sliding_window": window}).to_dict())
+    m = init_weights(V4Transformer(c), std=0.1, seed=3).eval()
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(0, 128, (30,), generator=g).tolist()
+    prompts = [system + torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 13, 1)]
+    mtp_hidden, log = m.mtp_hidden, {}
+
+    def record(h, tokens, cache):
+        out = mtp_hidden(h, tokens, cache)
+        for b, s in enumerate(cache.seqs):
+            log.setdefault(s.rid, []).append(out[b, -1].clone())
+        return out
+
+    monkeypatch.setattr(m, "mtp_hidden", record)
+    runs = []
+    for chunk in (1024, 5):
+        for cache in (False, True):
+            log = {}
+            eng = Engine(m, block=8, speculative=True, prefix_cache=cache, prefill_chunk=chunk)
+            out = eng.generate(prompts[:1], max_new_tokens=8) + [s.out for s in run_requests(
+                eng, prompts[1:], max_new_tokens=8)]
+            runs.append((out, log, eng.prefix_stats["hit"], eng.spec_stats["drafted"]))
+    (out, log, hit, drafted), (out_c, log_c, hit_c, drafted_c) = runs[:2]
+    assert out_c == out == runs[2][0] == runs[3][0] and drafted_c == drafted > 0
+    assert hit == 0 and hit_c == runs[3][2] == 48  # the system prompt's three full blocks, twice
+    assert log_c.keys() == log.keys() and len(log) == 3
+    for rid in log:  # (one MTP call a step: the prompt's catch-up, then a draft per verify)
+        torch.testing.assert_close(torch.stack(log_c[rid]), torch.stack(log[rid]), atol=1e-5, rtol=0)
