@@ -1,6 +1,7 @@
 """GRPO math against hand-computed values, a toy GRPO step, rollouts, pass@k / maj@k, rejection sampling, and
 the `sobre grpo` / `sobre eval` CLI contract."""
 
+import copy
 import json
 import math
 import subprocess
@@ -83,7 +84,6 @@ def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, b
 def test_micro_batches_add_up_to_the_whole_batch(variant):
     """An update in micro-batches of 4 completions (groups of 3 split across them, ragged lengths) takes the
     same step as one forward over all 9: every loss is normalised by the whole batch's counts."""
-    import copy
     torch.manual_seed(0)
     model = random_model()
     prompts = [[5, 6, 7], [9, 3], [4, 4, 8, 1]]
