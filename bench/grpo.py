@@ -107,5 +107,6 @@ def main():
         print(f"| {r} | {theirs:.1f} | {ours:.1f} | **{ours / theirs:.2f}x** | {split['rollout_s']:.2f} / "
               f"{split['update_s']:.2f} | {theirs_len:.1f} / {ours_len:.1f} |")
 
+
 if __name__ == "__main__":
     sys.exit(main())

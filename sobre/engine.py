@@ -300,11 +300,12 @@ class Engine:
             p_logits = self._penalized([seqs[i] for i in sampled], logits[sampled, 0])
             p_rows, q_rows = probs(p_logits, params), probs(q_logits[sampled], params)
         # greedy rows without penalties: both positions' picks in one call (penalties move with the first token)
-        picks = greedy(logits).tolist() if len(sampled) < len(seqs) else None  # [B][2]
+        plain = [s.params.temperature == 0 and s.seen is None for s in seqs]
+        picks = greedy(logits).tolist() if any(plain) else None  # [B][2]
         events = []
         for i, (s, d) in enumerate(zip(seqs, drafts)):
             if s.params.temperature == 0:
-                tok = picks[i][0] if s.seen is None else int(greedy(self._penalized([s], logits[i:i + 1, 0])[0]))
+                tok = picks[i][0] if plain[i] else int(greedy(self._penalized([s], logits[i:i + 1, 0])[0]))
                 ok = tok == d
             else:
                 j = sampled.index(i)
@@ -316,8 +317,7 @@ class Engine:
                 s.length -= 1  # the draft's cache entry is dropped (overwritten next step)
                 s.mtp_todo = (state[i, :1], [s.pending]) if s.pending is not None else None
             elif s.finish_reason is None:
-                plain = s.params.temperature == 0 and s.seen is None
-                bonus = picks[i][1] if plain else int(self._choose([s], logits[i, 1:])[0])
+                bonus = picks[i][1] if plain[i] else int(self._choose([s], logits[i, 1:])[0])
                 events.append(self._emit(s, bonus, logits[i, 1]))
                 s.mtp_todo = (state[i], [d, s.pending]) if s.pending is not None else None
         return events

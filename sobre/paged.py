@@ -56,8 +56,9 @@ class PagedPool:
         self.cached: dict[bytes, int] = {}  # prefix key -> block
         self.key_of: dict[int, bytes] = {}
         self.idle: OrderedDict[bytes, int] = OrderedDict()  # cached blocks nobody holds, least recently freed first
-        # deepseek_v4: a lane's ring rows at a cached block's end (main layers), least recently used first, at most
-        # as many bytes as the blocks themselves (a lane's rings weigh ~11 blocks' entries for the debug model)
+        # deepseek_v4: a lane's ring rows at a cached block's end (the MTP layer's too when speculative), least
+        # recently used first, at most as many bytes as the blocks themselves (a lane's rings weigh ~11 blocks'
+        # entries for the debug model)
         self.rings_at: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
         # per token of context (what grows with it), and per running sequence (fixed: the rings)
         self.bytes_per_token = sum(t[0].numel() * t.element_size() * (t.shape[0] // n_blocks)

@@ -53,8 +53,9 @@ EVAL_TASKS = (TASK, "arithmetic:2", "sorting:1")  # the trained task, a harder l
 BATCH, SEQ = 8, 256  # the pretraining batch
 
 # ---- the run's size ------------------------------------------------------------------------------
-# The plan: steps per part of the run. RECIPE is the default run (runs/speedrun16); a machine that cannot run
-# it within the budget saves first where the end result loses least, in this order, down to these steps:
+# The plan: steps per part of the run. RECIPE is the default run (runs/speedrun16; the students at 450 steps since
+# runs/speedrun22b); a machine that cannot run it within the budget saves first where the end result loses
+# least, in this order, down to these steps:
 # pretraining length matters little to it, GRPO's held-out gain is mostly in by step 20, the no-teacher
 # student is only a comparison; SFT and the distilled student need all their tokens (README, "On a slower
 # machine"). Only then does every part shrink in proportion.
