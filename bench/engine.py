@@ -13,6 +13,7 @@ import torch
 
 import sobre
 from sobre.engine import Engine
+from sobre.parallel import keep_freed_memory
 
 CFG = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermediate_size=768,
            moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="also time Engine(compile=True) (its B=1 and largest compiled batch)")
     args = ap.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     dtype = getattr(torch, args.dtype)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging

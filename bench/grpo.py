@@ -18,6 +18,7 @@ import torch
 import sobre
 from sobre.data import builtin_docs
 from sobre.grpo import GRPOArgs, grpo
+from sobre.parallel import keep_freed_memory
 from sobre.rollout import prompt_ids
 from sobre.tasks import get_task
 from sobre.tokenizer import train_tokenizer
@@ -88,6 +89,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

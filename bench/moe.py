@@ -15,6 +15,7 @@ from engine import CFG
 
 import sobre
 from sobre import experts as M
+from sobre.parallel import keep_freed_memory
 
 
 def best_ms(fns: dict, repeat=15, inner=20) -> dict:
@@ -46,6 +47,7 @@ class forced:
 
 
 def main():
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.set_verbosity_error()

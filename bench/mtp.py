@@ -15,6 +15,7 @@ import time
 import torch
 
 from sobre.engine import Engine
+from sobre.parallel import keep_freed_memory
 from sobre.tasks import problem_stream
 
 
@@ -31,6 +32,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
     args = ap.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     print(f"greedy, B=1, {args.prompts} prompts of 32 tokens, {args.new} new tokens each; fp32, "
           f"{torch.get_num_threads()} threads")
     print("| model | arch | plain tok/s | speculative tok/s | speed-up | acceptance |")

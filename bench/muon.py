@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib
 
+from sobre.parallel import keep_freed_memory
 from sobre.report import read_metrics
 from sobre.train import TrainArgs, pretrain
 
@@ -29,6 +30,7 @@ def main():
     p.add_argument("--archs", nargs="+", default=["deepseek_v3", "deepseek_v4"])
     p.add_argument("--out", default="runs/bench-muon")
     a = p.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     out = Path(a.out)
     runs, minutes = {}, {}
     first = out / f"{a.archs[0]}-adamw"

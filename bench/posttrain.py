@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import sobre.engine
 from sobre.distill import kd_loss
 from sobre.engine import Engine
+from sobre.parallel import keep_freed_memory
 from sobre.sampling import SamplingParams, filter_logits
 from sobre.sft import IGNORE, Packed, SFTArgs, sft_loss, split_rows, start_model, task_examples
 from sobre.train import param_groups
@@ -109,6 +110,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--group", type=int, default=64)
     a = ap.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = start_model("", "tiny", Path(tmp), arch="deepseek_v3")

@@ -30,6 +30,7 @@ import torch
 
 import sobre
 from sobre.data import builtin_docs
+from sobre.parallel import keep_freed_memory
 from sobre.tokenizer import train_tokenizer
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -121,6 +122,7 @@ def main():
                     help="both: measure a server without the prefix cache, then one with it")
     ap.add_argument("--levels", default="", help="comma-separated concurrencies (default 1,4,16,64; quick 1,4,16)")
     args = ap.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     levels = tuple(map(int, args.levels.split(","))) if args.levels else (1, 4, 16) if args.quick else (1, 4, 16, 64)
     modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.prefix_cache]
     with tempfile.TemporaryDirectory() as tmp:

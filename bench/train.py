@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import sobre
+from sobre.parallel import keep_freed_memory
 from sobre.train import compile_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,6 +74,7 @@ def main():
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time sobre with its blocks torch.compile'd")
     args = ap.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.set_verbosity_error()

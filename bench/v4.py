@@ -24,6 +24,7 @@ import torch
 
 import sobre
 from sobre.engine import Engine
+from sobre.parallel import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import CFG as V3  # noqa: E402
@@ -97,6 +98,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--max-dense-train", type=int, default=4096, help="--long: dense fwd+bwd only up to this T")
     args = ap.parse_args()
+    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     if args.long:
         return long_forwards(args.sizes, args.max_dense_train)
     import transformers

@@ -29,6 +29,7 @@ import torch
 from . import v4cache
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, PagedStep, paged_rows
+from .parallel import keep_freed_memory
 from .sampling import SamplingParams, apply_penalties, greedy, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
 
@@ -124,6 +125,8 @@ class Engine:
         self.limits = Limits(c.vocab_size, c.max_seq_len, block, self.pool.n_blocks - 1, tokenizer is not None)
         self.compiled = compiled_decode(model, self.pool, self.supports_compile(c)) if compile else None
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}

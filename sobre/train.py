@@ -236,7 +236,8 @@ def load_checkpoint(path: Path, model, opt) -> int:
 def open_run(out: str, resume: bool, threads: int = 0, device: str = "cpu") -> Path:
     """The run folder; refuses to overwrite a run that has checkpoints unless resuming, or to start one on a
     device this machine lacks (a --device value)."""
-    parallel.pick_device(device)
+    if parallel.pick_device(device).type == "cpu":
+        parallel.keep_freed_memory()
     run = Path(out)
     if threads:
         torch.set_num_threads(threads)

@@ -111,3 +111,39 @@ def test_v4_fsdp_ep_and_activation_checkpointing_match_one_process(tmp_path):
     check([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--arch", "deepseek_v4", "--out",
            str(tmp_path / "ep"), "--steps", "7", "--save-every", "3", "--batch-size", "8", "--seq-len", "64",
            "--resume"], timeout=300)
+
+
+KEEP_FREED = """
+import ctypes, json, os, torch
+from sobre.parallel import keep_freed_memory
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+
+def mapped():  # bytes a fresh 64 MB tensor adds to malloc's mmapped regions
+    before = libc.mallinfo2().hblkhd
+    x = torch.empty(1 << 24)
+    return libc.mallinfo2().hblkhd - before
+
+os.environ["SOBRE_KEEP_FREED_MEMORY"] = "0"
+out = {"off": keep_freed_memory.__wrapped__(), "off_mapped": mapped()}
+del os.environ["SOBRE_KEEP_FREED_MEMORY"]
+out.update(on=keep_freed_memory.__wrapped__(), on_mapped=mapped())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_takes_large_buffers_from_the_heap():
+    """glibc maps a 64 MB buffer fresh from the kernel (page faults on every first touch) unless sobre told its
+    malloc to keep freed memory; SOBRE_KEEP_FREED_MEMORY=0 leaves malloc as it is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    r = subprocess.run([sys.executable, "-c", KEEP_FREED], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["off"] is False and out["off_mapped"] >= 1 << 26, out
+    assert out["on"] is True and out["on_mapped"] == 0, out
