@@ -27,21 +27,23 @@ from engine import CFG  # noqa: E402  the engine benchmark's model
 B, T = 8, 256
 
 
-def step_times(model, loss_fn, steps, bf16=False):
-    """Median seconds of a training step: loss_fn(inputs, targets) -> loss, backward, AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step_times(runs, steps, bf16=False):
+    """Median seconds of a training step for each (model, loss_fn): loss_fn(inputs, targets) -> loss, backward,
+    AdamW. The models take turns, one step each on the same batch, so a drifting machine slows them alike."""
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model, _ in runs]
     g = torch.Generator().manual_seed(0)
-    times = []
+    times = [[] for _ in runs]
     for _ in range(steps + 2):
         x = torch.randint(0, CFG["vocab_size"], (B, T + 1), generator=g)
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])  # the first two warm up
+        for (_, loss_fn), opt, t in zip(runs, opts, times):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t[2:]) for t in times]  # the first two warm up
 
 
 def scaling(steps):
@@ -96,14 +98,13 @@ def main():
         return F.cross_entropy(hf(x).logits.flatten(0, 1).float(), y.flatten())
 
     for bf16 in (False, True):
-        a = step_times(ours, sobre_loss, args.steps, bf16)
-        b = step_times(hf, hf_loss, args.steps, bf16)
+        a, b = step_times([(ours, sobre_loss), (hf, hf_loss)], args.steps, bf16)
         hf_fp32 = hf_fp32 or b
         print(f"| training tokens/s (fwd + bwd + step), {'bf16 autocast' if bf16 else 'fp32'} | {B * T / a:.0f} | "
               f"{B * T / b:.0f} | {b / a:.2f}x |")
     if args.compile:  # the first two steps (compiling) are left out of the median, as every warm-up
         compile_blocks(ours)
-        a = step_times(ours, sobre_loss, args.steps)
+        a, = step_times([(ours, sobre_loss)], args.steps)
         print(f"| the same, fp32, `--compile` (each block torch.compile'd) | {B * T / a:.0f} | {B * T / hf_fp32:.0f} | "
               f"{hf_fp32 / a:.2f}x |")
     if not args.no_scaling:

@@ -44,10 +44,10 @@ def keep_freed_memory() -> bool:
     MALLOC_TRIM_THRESHOLD_=2147483647 in the environment would; True when set. By default glibc maps every
     large allocation (above 128 KB, a threshold that rises to at most 32 MB) fresh from the kernel and unmaps
     it when freed, and trims the heap's free top, so a [256, 4096] fp32 temporary made each step page-faults
-    its 1024 pages again every time; on the 2-core VMs measured here that cost more than the arithmetic (a
-    GRPO step of bench/grpo.py: rollout 1.12 -> 0.72 s, update 1.09 -> 0.70 s). Memory freed stays reserved
-    by the process (up to 2 GiB of heap top; above that glibc trims as before). Called by CPU engines and
-    runs; nothing changes off Linux/glibc, or when the environment sets MALLOC_MMAP_MAX_ or
+    its 1024 pages again every time; on the 2-core VMs measured here that can cost more than the arithmetic
+    (bench/grpo.py's update, the two settings taking turns in one process: 1.38 -> 0.90 s). Memory freed
+    stays reserved by the process (up to 2 GiB of heap top; above that glibc trims as before). Called by CPU
+    engines and runs; nothing changes off Linux/glibc, or when the environment sets MALLOC_MMAP_MAX_ or
     MALLOC_TRIM_THRESHOLD_ itself, or SOBRE_KEEP_FREED_MEMORY=0."""
     env = os.environ
     if (sys.platform != "linux" or env.get("SOBRE_KEEP_FREED_MEMORY") == "0"
