@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .loss import head_logprobs
+from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
@@ -47,6 +47,7 @@ from .train import (
 )
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
+LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
 
 
 # ---- the math (tested against hand-computed values) -----------------------------------------------
@@ -73,20 +74,32 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta:
         per_tok = per_tok + beta * kl
+    loss = (per_tok * token_weights(mask, variant, n_seqs, n_tokens, max_len)).sum()
     m = mask.to(per_tok.dtype)
-    if variant == "grpo":
-        loss = ((per_tok * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seqs
-    elif variant == "dapo":
-        loss = (per_tok * m).sum() / max(n_tokens, 1)
-    elif variant == "dr_grpo":
-        loss = (per_tok * m).sum() / (n_seqs * max_len)
-    else:
-        raise ValueError(f"loss must be one of {VARIANTS}, got {variant!r}")
     with torch.no_grad():
         stats = {"clip_low": (((ratio < 1 - eps_low) & (a < 0)) * m).sum().item(),
                  "clip_high": (((ratio > 1 + eps_high) & (a > 0)) * m).sum().item(),
                  "kl": (kl * m).sum().item()}
     return loss, stats
+
+
+def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) -> torch.Tensor:
+    """Each completion token's weight in the loss [N, T] (0 on padding): grpo 1 / (its sequence's length *
+    n_seqs), dapo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len)."""
+    m = mask.float()
+    if variant == "grpo":
+        return m / m.sum(1, keepdim=True).clamp(min=1) / n_seqs
+    if variant == "dapo":
+        return m / max(n_tokens, 1)
+    if variant == "dr_grpo":
+        return m / (n_seqs * max_len)
+    raise ValueError(f"loss must be one of {VARIANTS}, got {variant!r}")
+
+
+def completion_mask(batch: list[Rollout], device) -> torch.Tensor:
+    """[N, T]: True at each completion's tokens, right-padded to the longest."""
+    T = max(len(r.ids) for r in batch)
+    return torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch], device=device)
 
 
 class SharedPrefix(Cache):
@@ -122,17 +135,19 @@ class SharedPrefix(Cache):
 
 
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
-                   shared: bool = True):
+                   shared: bool = True, coef: torch.Tensor | None = None):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
     distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
     its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: NSA's
     and V4's compressed blocks would pool the padding); shared=False or otherwise: every row is prompt +
-    completion, padded (the reference the test compares to)."""
+    completion, padded (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with
+    these coefficients): a fourth value, that loss, whose gradients the head makes in its forward
+    (loss.head_weighted_logprobs); the log-probs then carry none."""
     dev = next(model.parameters()).device
     c = model.config
-    T = max(len(r.ids) for r in batch)
-    mask = torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch], device=dev)
+    mask = completion_mask(batch, dev)
+    T = mask.shape[1]
     tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch], device=dev)  # [N, T]
     prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
     lengths = [len(p) for p in prompts]
@@ -154,9 +169,13 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
     # the head only where predicting, in row chunks: no [N, T, V] logits (loss.head_logprobs)
-    logp, ents = head_logprobs(h.flatten(0, 1), model.head.weight, tgt.flatten(), temperature, entropy)
+    if coef is None:
+        logp, ents = head_logprobs(h.flatten(0, 1), model.head.weight, tgt.flatten(), temperature, entropy)
+    else:
+        linear, logp, ents = head_weighted_logprobs(h.flatten(0, 1), model.head.weight, tgt.flatten(),
+                                                    coef.flatten(), temperature, entropy)
     ent = ents.view(mask.shape)[mask].sum().item() if entropy else 0.0  # (a statistic: no gradient)
-    return logp.view(mask.shape), mask, ent
+    return (logp.view(mask.shape), mask, ent) + ((linear,) if coef is not None else ())
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -291,17 +310,25 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                 old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
             if a.beta:
                 ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
+    # one epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
+    # log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward
+    linear = LINEAR_SURROGATE and a.mu == 1 and not a.beta
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for epoch in range(a.mu):
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
             mb = [batch[i] for i in c]
+            coef = None
+            if linear:
+                w = token_weights(completion_mask(mb, adv.device), a.loss, len(batch), n_tokens, a.max_new_tokens)
+                coef = -adv[list(c), None] * w
             with amp():
-                logp, mask, ent = token_logprobs(model, mb, entropy=epoch == 0, temperature=a.temperature)
+                logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0,
+                                                             temperature=a.temperature, coef=coef)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, len(batch), n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None)
-            loss.backward()
+            (surrogate[0] if linear else loss).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():
                 sums[k] += v / n_tokens / a.mu

@@ -19,37 +19,62 @@ CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in fp32)
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the head logits h @ weight.T (computed in fp32) against targets.
     h [N, D], weight [V, D], targets [N] (every row has one) -> scalar."""
-    return _HeadCE.apply(h, weight, targets)
+    return _HeadCE.apply(h, weight, targets, None, 1.0, False)[0]
+
+
+def head_weighted_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+                           temperature: float = 1.0, entropy: bool = False):
+    """sum_i coef[i] * log p(targets[i]) under softmax(h @ weight.T / temperature) (fp32), with its gradients made
+    in the forward as head_cross_entropy's (three matmuls; head_logprobs' backward recomputes the logits: four),
+    for a loss linear in the log-probs with coefficients known beforehand (GRPO's surrogate at ratio 1).
+    h [N, D], weight [V, D], targets / coef [N] -> (that sum, the log-probs [N] and the entropies [N] when asked
+    (else [0]), these two without gradient)."""
+    return _HeadCE.apply(h, weight, targets, -coef, temperature, entropy)  # (sum -coef_i * CE_i)
 
 
 class _HeadCE(torch.autograd.Function):
+    """sum_i row_weights[i] * CE_i (row_weights None: the mean), the log-probs and (entropy) entropies."""
+
     @staticmethod
-    def forward(ctx, h, weight, targets):
+    def forward(ctx, h, weight, targets, row_weights, temperature, entropy):
         N, V = h.shape[0], weight.shape[0]
         step = max(1, CHUNK_LOGITS // V)
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        lp = torch.empty(N, dtype=torch.float32, device=h.device)
+        ent = torch.empty(N if entropy else 0, dtype=torch.float32, device=h.device)
         mm = matmul_dtype(h, weight)  # the gradients' matmuls run in the forward matmul's dtype
         w = weight.to(mm)  # cast once, not per chunk (a [V, D] copy each)
         for i in range(0, N, step):
-            hc, yc = h[i:i + step].to(mm), targets[i:i + step]
+            rows = slice(i, i + step)
+            hc, yc = h[rows].to(mm), targets[rows]
             logits = F.linear(hc, w).float()  # [n, V]
+            if temperature != 1:
+                logits.div_(temperature)
             lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, yc[:, None])[:, 0]).sum()
-            if want_h or want_w:  # d(mean CE)/d(logits) = (softmax - onehot) / N
-                g = logits.sub_(lse[:, None]).exp_()
-                g[torch.arange(len(yc), device=g.device), yc] -= 1
-                _chunk_grads(g.div_(N).to(mm), hc, w, grad_h, grad_w, slice(i, i + step))
+            lp[rows] = logits.gather(1, yc[:, None])[:, 0] - lse
+            scale = None if row_weights is None else row_weights[rows].float()
+            loss -= lp[rows].sum() if scale is None else (lp[rows] * scale).sum()
+            if want_h or want_w or entropy:
+                logp = logits.sub_(lse[:, None])  # [n, V]
+                p = logp.exp() if entropy else logp.exp_()
+                if entropy:
+                    ent[rows] = -(p * logp).sum(-1)
+                if want_h or want_w:  # d(sum_i w_i CE_i)/d(logits_i) = w_i (softmax_i - onehot_i) / temperature
+                    p[torch.arange(len(yc), device=p.device), yc] -= 1
+                    d = p.div_(N * temperature) if scale is None else p.mul_(scale[:, None] / temperature)
+                    _chunk_grads(d.to(mm), hc, w, grad_h, grad_w, rows)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
-        return loss / N
+        ctx.mark_non_differentiable(lp, ent)
+        return (loss / N if row_weights is None else loss), lp, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _lp, _ent):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None)
+                grad_w * grad_out if grad_w is not None else None, None, None, None, None)
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -80,12 +80,8 @@ def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, b
     assert stats["entropy"] > 0 and 0 <= stats["clip_fraction"] <= 1
 
 
-@pytest.mark.parametrize("variant", ["grpo", "dapo"])
-def test_micro_batches_add_up_to_the_whole_batch(variant):
-    """An update in micro-batches of 4 completions (groups of 3 split across them, ragged lengths) takes the
-    same step as one forward over all 9: every loss is normalised by the whole batch's counts."""
-    torch.manual_seed(0)
-    model = random_model()
+def ragged_groups():
+    """Three prompts x 3 completions of 1-4 tokens, rewards alternating."""
     prompts = [[5, 6, 7], [9, 3], [4, 4, 8, 1]]
     g = torch.Generator().manual_seed(1)
     groups = []
@@ -93,12 +89,11 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
         rows = [Rollout(prompt, torch.randint(10, 60, (1 + (i + j) % 4,), generator=g).tolist(), "", False,
                         float((i + j) % 2), 1.0, None) for j in range(3)]
         groups.append((rows, torch.tensor([r.correct for r in rows])))
-    steps = []
-    for micro in (4, 64):
-        m = copy.deepcopy(model)
-        a = GRPOArgs(loss=variant, micro_batch=micro, max_new_tokens=4)
-        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
-        steps.append((stats, dict(m.named_parameters())))
+    return groups
+
+
+def same_step(model, steps):
+    """Two (stats, parameters) after _update from the same model: equal loss, entropy and parameters, which moved."""
     (s1, p1), (s2, p2) = steps
     assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-6) and s1["entropy"] == pytest.approx(s2["entropy"])
     moved = 0
@@ -106,6 +101,36 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
         assert torch.allclose(w, p2[name], atol=1e-6), name
         moved += not torch.equal(w, model.state_dict()[name])
     assert moved > 10
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dapo"])
+def test_micro_batches_add_up_to_the_whole_batch(variant):
+    """An update in micro-batches of 4 completions (groups of 3 split across them, ragged lengths) takes the
+    same step as one forward over all 9: every loss is normalised by the whole batch's counts."""
+    torch.manual_seed(0)
+    model, groups, steps = random_model(), ragged_groups(), []
+    for micro in (4, 64):
+        m = copy.deepcopy(model)
+        a = GRPOArgs(loss=variant, micro_batch=micro, max_new_tokens=4)
+        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
+        steps.append((stats, dict(m.named_parameters())))
+    same_step(model, steps)
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_linear_surrogate_takes_the_general_step(variant, monkeypatch):
+    """mu = 1, beta = 0: the head makes its gradients in the forward from d loss / d logp = -advantage x token
+    weight (grpo.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
+    (micro-batches of 4 over ragged groups)."""
+    torch.manual_seed(0)
+    model, groups, steps = random_model(), ragged_groups(), []
+    for linear in (True, False):
+        monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
+        m = copy.deepcopy(model)
+        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9)  # no clipping: scales count
+        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
+        steps.append((stats, dict(m.named_parameters())))
+    same_step(model, steps)
 
 
 def test_pass_at_k_and_majority():

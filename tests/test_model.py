@@ -145,7 +145,8 @@ def test_head_losses_equal_the_plain_paths(monkeypatch):
     """loss.head_cross_entropy (row chunks, gradients made in the forward) against its twin
     F.cross_entropy(F.linear(h, w).float(), y): loss and both gradients, fp32 and under bf16 autocast, a last
     chunk shorter than the others, and the forward alone when nothing needs a gradient; loss.head_logprobs
-    (GRPO's log-probs, with a temperature and the entropies) against log_softmax + gather the same way. The
+    (GRPO's log-probs, with a temperature and the entropies) and loss.head_weighted_logprobs (a weighted sum of
+    them, its gradients made in the forward) against log_softmax + gather the same way. The
     models' forward with targets gives the same loss as their logits (MTP depths included)."""
     import sobre.loss
     monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 rows over 30: the last one of 2
@@ -172,18 +173,23 @@ def test_head_losses_equal_the_plain_paths(monkeypatch):
         la = F.log_softmax(F.linear(h, w).float() / 0.7, -1)
         return la.gather(1, y[:, None])[:, 0], -(la.exp() * la).sum(-1).detach()
 
+    def weighted(h, w):  # the same sum, gradients made in the forward (GRPO's surrogate at ratio 1)
+        total, lp, ent = sobre.loss.head_weighted_logprobs(h, w, y, g_out, 0.7, entropy=True)
+        return lp, ent, total
+
     g_out = torch.randn(30, generator=g)
     for bf16, tol in ((False, 1e-6), (True, 2e-2)):  # head_logprobs: the backward recomputes the logits
-        got, want = [], []
-        for fn, res in ((lambda h, w: sobre.loss.head_logprobs(h, w, y, 0.7, entropy=True), got),
-                        (plain_logprobs, want)):
+        results = []
+        for fn in (lambda h, w: sobre.loss.head_logprobs(h, w, y, 0.7, entropy=True), weighted, plain_logprobs):
             h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                lp, ent = fn(h, w)
-            (lp * g_out).sum().backward()
-            res += [lp.detach(), ent, h.grad, w.grad]
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+                lp, ent, *total = fn(h, w)
+            total = total[0] if total else (lp * g_out).sum()
+            total.backward()
+            results.append([total.detach(), lp.detach(), ent, h.grad, w.grad])
+        for got in results[:2]:
+            for a, b in zip(got, results[2]):
+                torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     for model in (random_model(), sobre.v4.init_weights(sobre.model.build_model(sobre.preset("debug",
                                                                                           arch="deepseek_v4")))):
         x = torch.randint(0, 500, (2, 12), generator=g)
