@@ -92,8 +92,15 @@ def ragged_groups():
     return groups
 
 
+def sgd_step(model, groups, a: GRPOArgs):
+    """(stats, parameters) of a copy of model after one _update with SGD at lr 1."""
+    m = copy.deepcopy(model)
+    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
+    return stats, dict(m.named_parameters())
+
+
 def same_step(model, steps):
-    """Two (stats, parameters) after _update from the same model: equal loss, entropy and parameters, which moved."""
+    """Two sgd_step results from the same model: equal loss, entropy and parameters, which moved."""
     (s1, p1), (s2, p2) = steps
     assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-6) and s1["entropy"] == pytest.approx(s2["entropy"])
     moved = 0
@@ -108,13 +115,9 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
     """An update in micro-batches of 4 completions (groups of 3 split across them, ragged lengths) takes the
     same step as one forward over all 9: every loss is normalised by the whole batch's counts."""
     torch.manual_seed(0)
-    model, groups, steps = random_model(), ragged_groups(), []
-    for micro in (4, 64):
-        m = copy.deepcopy(model)
-        a = GRPOArgs(loss=variant, micro_batch=micro, max_new_tokens=4)
-        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
-        steps.append((stats, dict(m.named_parameters())))
-    same_step(model, steps)
+    model, groups = random_model(), ragged_groups()
+    same_step(model, [sgd_step(model, groups, GRPOArgs(loss=variant, micro_batch=micro, max_new_tokens=4))
+                      for micro in (4, 64)])
 
 
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
@@ -126,10 +129,8 @@ def test_linear_surrogate_takes_the_general_step(variant, monkeypatch):
     model, groups, steps = random_model(), ragged_groups(), []
     for linear in (True, False):
         monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
-        m = copy.deepcopy(model)
         a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9)  # no clipping: scales count
-        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
-        steps.append((stats, dict(m.named_parameters())))
+        steps.append(sgd_step(model, groups, a))
     same_step(model, steps)
 
 
