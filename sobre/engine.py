@@ -271,7 +271,7 @@ class Engine:
             else:
                 logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
             chosen = self._choose(plain, logits)
-            events += [self._emit(s, int(chosen[i]), logits[i]) for i, s in enumerate(plain)]
+            events += [self._emit(s, t, row) for s, t, row in zip(plain, chosen.tolist(), logits.unbind(0))]
         return events
 
     def _speculate(self, seqs: list[Sequence]) -> list[Event]:

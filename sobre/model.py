@@ -158,11 +158,14 @@ class MLA(nn.Module):
             q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, dn), w_uk)  # [H, B*T, r]
             q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
             q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + dr)
-            scores = torch.bmm(q, kv_pe.transpose(1, 2)).view(B, T, H, S) * c.softmax_scale
+            scores = torch.bmm(q, kv_pe.transpose(1, 2)).view(B, T, H, S)
             if mask is None:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             mask = mask.transpose(-2, -3) if mask.dim() == 4 else mask.unsqueeze(1)  # -> [B|1, T, 1, S]
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
+            # an additive -inf bias, scaled scores added in one op (CPU: a masked_fill broadcast over the heads
+            # took ~90 us at B=64, the bias ~20)
+            bias = torch.where(mask, 0.0, float("-inf"))
+            probs = torch.add(bias, scores, alpha=c.softmax_scale).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
             o_lat = torch.bmm(probs.view(B, T * H, S), kv)  # [B, T*H, r]
             o_lat = o_lat.view(B * T, H, r).transpose(0, 1)  # [H, B*T, r]
             o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
