@@ -1,6 +1,10 @@
 """GRPO throughput: sobre's `grpo` vs TRL's GRPOTrainer on the same model (exported to HF format), the same
-prompts (countdown), G, completion length, beta=0, fp32, in the same run. Samples/s = completions per second of
-whole GRPO steps (rollout + reward + update), median over the measured steps.
+prompts (countdown), reward, G, completion length, beta=0, fp32, in the same run. Samples/s = completions per
+second of whole GRPO steps (rollout + reward + update), median over the measured steps.
+
+The reward is countdown's correctness plus 0.1 x the completion's share of digits, so that a random model's
+groups do not all score 0: sobre leaves completions with advantage 0 out of its update (TRL trains on them), and
+with countdown's reward alone a fresh model's update would train on nothing.
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
 """
@@ -30,13 +34,29 @@ def fresh_model(path: Path, preset: str):
     sobre.save(sobre.init_weights(sobre.Transformer(cfg)), path, tokenizer_dir=path)
 
 
+def shaped_reward(completion: str, answer: str) -> float:
+    """Countdown's correctness + 0.1 x the share of digits in the completion (both sides score with this)."""
+    return get_task("countdown").correct(completion, answer) + 0.1 * sum(map(str.isdigit, completion)) / max(
+        len(completion), 1)
+
+
+def countdown_jsonl(path: Path, n: int) -> Path:
+    """Countdown problems as a JSONL task, scored by shaped_reward (a built-in task takes no reward)."""
+    task = get_task("countdown")  # (and a few held-out ones for the run's step-0 evaluation)
+    rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems("train", n) + task.problems("test", 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_sobre(model_dir, a, out):
-    args = GRPOArgs(out=str(out), init=str(model_dir), task="countdown", steps=a.steps + 1, prompts=a.prompts,
+    task = str(countdown_jsonl(out.parent / f"{out.name}.jsonl", a.prompts * (a.steps + 1) * 4))
+    args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward="grpo:shaped_reward", steps=a.steps + 1,
+                    prompts=a.prompts,
                     group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0, eval_every=10_000, eval_problems=1,
                     save_every=10_000, lr=1e-5, micro_batch=a.prompts * a.group)  # one forward, as TRL's batch
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
-    split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s")}
+    split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s", "signal")}
     length = statistics.mean(r["completion_length"] for r in rows)
     return statistics.median(r["samples_per_s"] for r in rows), length, split
 
@@ -55,7 +75,7 @@ def run_trl(model_dir, a, out):
     lengths, times = [], []
 
     def reward(completions, answer, **kw):
-        return [task.correct(c, r) for c, r in zip(completions, answer)]
+        return [shaped_reward(c, r) for c, r in zip(completions, answer)]
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *args, **kw):
@@ -103,11 +123,11 @@ def main():
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, fp32, "
           f"{torch.get_num_threads()} threads ({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
     print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | mean completion "
-          "tokens TRL / sobre |")
-    print("|---|---|---|---|---|---|")
+          "tokens TRL / sobre | sobre: share trained |")
+    print("|---|---|---|---|---|---|---|")
     for r, (theirs, ours, split, theirs_len, ours_len) in enumerate(rows, start=1):
         print(f"| {r} | {theirs:.1f} | {ours:.1f} | **{ours / theirs:.2f}x** | {split['rollout_s']:.2f} / "
-              f"{split['update_s']:.2f} | {theirs_len:.1f} / {ours_len:.1f} |")
+              f"{split['update_s']:.2f} | {theirs_len:.1f} / {ours_len:.1f} | {split['signal']:.2f} |")
 
 
 if __name__ == "__main__":

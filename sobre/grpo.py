@@ -9,6 +9,9 @@ Loss variants (normalisation of the per-token clipped surrogate):
   dr_grpo  sum over all tokens / (completions x max_new_tokens); advantages r - mean (no std scaling)
   dapo     sum over all tokens / number of tokens; std-scaled advantages; clip-higher (epsilon_high 0.28),
            dynamic sampling (drop groups whose rewards are all equal, sample more) and overlong filtering
+With beta = 0 a completion whose advantage is 0 (every completion of a group with equal rewards) has no
+gradient, so the update leaves it out (the normalisers still count it; `signal` logs the share that trains;
+`entropy` is the mean over the completions the update ran). TRL trains on them all.
 MoE: routers are frozen by default (router_bias_update 0: expert choice stays the one pretraining balanced);
 set router_bias_update > 0 to keep aux-loss-free balancing running on the rollout tokens.
 """
@@ -48,13 +51,14 @@ from .train import (
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
 LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
+SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
 
 
 # ---- the math (tested against hand-computed values) -----------------------------------------------
 def advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """rewards [P, G] -> group-relative advantages [P, G]: r - mean(group), divided by the group's std
-    (unbiased, as TRL) when scale."""
-    adv = rewards - rewards.mean(1, keepdim=True)
+    (unbiased, as TRL) when scale. A group of equal rewards gets exactly 0 (its mean can round off them)."""
+    adv = (rewards - rewards.mean(1, keepdim=True)).masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0)
     return adv / (rewards.std(1, keepdim=True) + eps) if scale else adv
 
 
@@ -295,7 +299,15 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use)].to(next(model.parameters()).device)
     if not batch:
         return {"loss": 0.0}
-    n_tokens = sum(len(x.ids) for x in batch)
+    n_seqs, n_tokens = len(batch), sum(len(x.ids) for x in batch)  # the normalisers: the whole batch's
+    signal = int((adv != 0).sum())
+    if SKIP_ZERO_ADVANTAGE and not a.beta and not a.router_bias_update:
+        # beta = 0: a completion with advantage 0 (a group of equal rewards) has a zero surrogate at every ratio,
+        # so no gradient: left out of the forward and backward. With none left, the shortest stays in, so the
+        # step (zero gradients; AdamW's moments decay) touches the parameters the full step would.
+        keep = [i for i, v in enumerate(adv.tolist()) if v] or [min(range(n_seqs), key=lambda i: len(batch[i].ids))]
+        batch, adv = [batch[i] for i in keep], adv[keep]
+    seen_tokens = sum(len(x.ids) for x in batch)  # (in the forward: the entropy's denominator)
     # micro-batches of micro_batch completions, each prompt in one forward (token_logprobs)
     chunks = [list(range(i, min(i + a.micro_batch, len(batch)))) for i in range(0, len(batch), a.micro_batch)]
     model.train()
@@ -320,19 +332,19 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             mb = [batch[i] for i in c]
             coef = None
             if linear:
-                w = token_weights(completion_mask(mb, adv.device), a.loss, len(batch), n_tokens, a.max_new_tokens)
+                w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
                 coef = -adv[list(c), None] * w
             with amp():
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0,
                                                              temperature=a.temperature, coef=coef)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
-                                   a.epsilon_low, eps_high, len(batch), n_tokens, a.max_new_tokens, a.beta,
+                                   a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None)
             (surrogate[0] if linear else loss).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():
                 sums[k] += v / n_tokens / a.mu
-            sums["entropy"] += ent / n_tokens
+            sums["entropy"] += ent / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
         sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)) / a.mu
@@ -343,6 +355,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                 update_router_bias(loads, a.router_bias_update)
     model.eval()
     sums["clip_fraction"] = sums["clip_low"] + sums["clip_high"]
+    sums["signal"] = signal / n_seqs  # the share of completions with a nonzero advantage
     return sums
 
 

@@ -33,6 +33,9 @@ def test_group_relative_advantages():
     assert torch.allclose(advantages(r)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
     assert torch.equal(advantages(r)[1], torch.zeros(4))  # identical rewards: no signal
     assert torch.equal(advantages(r, scale=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    equal = torch.full((1, 7), 1.3)  # its mean rounds to 1.3 + 1.2e-7 (1e-3 once std-scaled): 0 all the same
+    assert torch.equal(advantages(equal), torch.zeros(1, 7))
+    assert torch.equal(advantages(equal, scale=False), torch.zeros(1, 7))
 
 
 def test_loss_variants_match_hand_computed_values():
@@ -132,6 +135,38 @@ def test_linear_surrogate_takes_the_general_step(variant, monkeypatch):
         a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9)  # no clipping: scales count
         steps.append(sgd_step(model, groups, a))
     same_step(model, steps)
+
+
+@pytest.mark.parametrize("variant,mu", [("grpo", 1), ("dr_grpo", 1), ("dapo", 2)])
+def test_completions_without_advantage_leave_the_update(variant, mu, monkeypatch):
+    """beta = 0: completions with advantage 0 (a group of equal rewards; here one of three) are left out of
+    the forward and backward: the step equals training on all of them; with every group's rewards equal, so
+    does the step (zero gradients: SGD's momentum and weight decay still move every parameter)."""
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    groups[1] = (groups[1][0], torch.ones(3))  # all correct: no signal
+    a = GRPOArgs(loss=variant, mu=mu, micro_batch=4, max_new_tokens=4, clip=1e9)
+    steps = []
+    for skip in (True, False):
+        monkeypatch.setattr(sobre.grpo, "SKIP_ZERO_ADVANTAGE", skip)
+        steps.append(sgd_step(model, groups, a))
+    (s1, p1), (s2, p2) = steps
+    assert s1["signal"] == s2["signal"] == pytest.approx(2 / 3)
+    assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-6) and s1["grad_norm"] == pytest.approx(s2["grad_norm"])
+    for name, w in p1.items():
+        assert torch.allclose(w, p2[name], atol=1e-6), name
+    flat = [(g, torch.zeros(len(g))) for g, _ in groups]
+    after = []
+    for skip in (True, False):
+        monkeypatch.setattr(sobre.grpo, "SKIP_ZERO_ADVANTAGE", skip)
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        _update(m, None, opt, [], groups, a, 0.2, False)
+        stats = _update(m, None, opt, [], flat, a, 0.2, False)
+        assert stats["signal"] == 0 and stats["grad_norm"] == 0
+        after.append(dict(m.named_parameters()))
+    for name, w in after[0].items():
+        assert torch.allclose(w, after[1][name], atol=1e-6), name
 
 
 def test_pass_at_k_and_majority():
