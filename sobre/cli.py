@@ -277,9 +277,10 @@ def cmd_eval(args):
     print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
     for name in args.task:
         r = evaluate_task(model.eval(), tok, get_task(name, args.reward or None), args.n, args.samples,
-                          args.temperature, args.max_new_tokens, args.seed)
+                          args.temperature, args.max_new_tokens, args.seed, loss=True)
         scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith(("pass@", "maj@", "format")))
-        print(f"{r['task']:<14} {r['problems']:>8} {r['samples']:>7}  {scores}  mean length {r['mean_length']:.1f}")
+        print(f"{r['task']:<14} {r['problems']:>8} {r['samples']:>7}  {scores}  mean length {r['mean_length']:.1f}"
+              f"  val loss {r['val_loss']:.3f} ({r['val_bpb']:.3f} bits/byte)")
         if args.json:
             print(json.dumps(r))
 
@@ -515,7 +516,7 @@ def main(argv=None):
     add_dataclass_flags(s, DistillArgs)
     s.set_defaults(fn=lambda a: run_dataclass(a, DistillArgs, distill, "traces-*.jsonl, metrics.jsonl, model/"))
 
-    s = sub.add_parser("eval", help="held-out pass@1 / pass@k / maj@k on reasoning tasks")
+    s = sub.add_parser("eval", help="held-out pass@1 / pass@k / maj@k and reference-solution loss on reasoning tasks")
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
     s.add_argument("--task", nargs="+", default=["countdown"], help="built-in task names or .jsonl files")
     s.add_argument("--reward", default="", help="module:function scoring .jsonl tasks")

@@ -14,6 +14,7 @@ import torch
 from .engine import Engine
 from .model import Transformer
 from .rewards import extract_answer, format_reward, value
+from .sft import encode_turns, pack, val_loss
 from .tasks import Problem, Task
 from .tokenizer import Tokenizer
 
@@ -87,10 +88,13 @@ def maj_at_k(group: list[Rollout]) -> float:
 
 
 def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: int = 64, samples: int = 1,
-                  temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0, split: str = "test") -> dict:
+                  temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0, split: str = "test",
+                  loss: bool = False) -> dict:
     """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate and
-    mean completion length."""
+    mean completion length; loss=True: also val_loss / val_bpb of the reference solutions (reference_loss)."""
     problems = task.problems(split, n_problems, seed)
+    if not problems:
+        raise ValueError(f"task {task.name!r} has no {split} problems to evaluate")
     groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
     n = samples
     out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature,
@@ -104,7 +108,24 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     flat = [r for g in groups for r in g]
     out["format"] = sum(r.format for r in flat) / len(flat)
     out["mean_length"] = sum(len(r.ids) for r in flat) / len(flat)
-    return out
+    return out | (reference_loss(model, tok, problems) if loss else {})
+
+
+def reference_loss(model: Transformer, tok: Tokenizer, problems: list[Problem], batch_size: int = 16) -> dict:
+    """Teacher-forced loss of the problems' reference solutions after their prompts (the SFT trace: <think> the
+    worked steps </think>, the answer, end-of-sentence): val_loss, nats per target token, and val_bpb, bits per
+    byte of the target text (the end-of-sentence token's loss counts, its bytes do not). Solutions longer than
+    the model's context are left out."""
+    fits = [(ids, m) for p in problems for ids, m in encode_turns(tok, p.messages())
+            if len(ids) <= model.config.max_seq_len]
+    if not fits:
+        raise ValueError(f"no reference solution fits the model's context of {model.config.max_seq_len} tokens")
+    X, Y, D, _ = pack(fits, max(len(ids) for ids, _ in fits) - 1, tok.pad_id)
+    dev = next(model.parameters()).device
+    nats = val_loss(model, X.to(dev), Y.to(dev), D.to(dev), batch_size)  # mean over the target tokens
+    targets = [[t for t, keep in zip(ids[1:], m[1:]) if keep] for ids, m in fits]
+    n_bytes = sum(len(tok.decode([t for t in ts if t != tok.eos_id]).encode()) for ts in targets)
+    return {"val_loss": nats, "val_bpb": nats * sum(map(len, targets)) / math.log(2) / max(n_bytes, 1)}
 
 
 # ---- rejection sampling (R1 stage 3) ---------------------------------------------------------------

@@ -196,7 +196,33 @@ def test_grpo_cli_contract(grpo_run):
     r = subprocess.run([sys.executable, "-m", "sobre", "eval", str(grpo_run / "model"), "--task", "countdown",
                         "--n", "4", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "pass@1" in r.stdout and "countdown" in r.stdout
+    assert "pass@1" in r.stdout and "countdown" in r.stdout and "bits/byte" in r.stdout
+
+
+def test_reference_loss_is_each_solutions_own_cross_entropy(grpo_run):
+    """val_loss / val_bpb of held-out reference solutions (packed several to a row) equal each solution's
+    cross-entropy after its own prompt, one forward per solution."""
+    import torch.nn.functional as F
+
+    from sobre.rollout import reference_loss
+    from sobre.sft import encode_turns, start_model
+    from sobre.tasks import get_task
+    model, tok = start_model(str(grpo_run))
+    problems = get_task("arithmetic").problems("test", 5)
+    got = reference_loss(model.eval(), tok, problems, batch_size=2)
+    nats = n = n_bytes = 0
+    with torch.no_grad():
+        for p in problems:
+            (ids, m), = encode_turns(tok, p.messages())
+            keep = torch.tensor(m[1:])
+            logits = model(torch.tensor([ids[:-1]]))[0][keep]
+            y = torch.tensor(ids[1:])[keep]
+            nats += F.cross_entropy(logits, y, reduction="sum").item()
+            n += len(y)
+            n_bytes += len(tok.decode(y[:-1].tolist()).encode())  # (the last target: end-of-sentence)
+    assert y[-1].item() == tok.eos_id
+    assert got["val_loss"] == pytest.approx(nats / n, rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monkeypatch):
