@@ -2,11 +2,14 @@
 prompts (countdown), reward, G, completion length, beta=0, fp32, in the same run. Samples/s = completions per
 second of whole GRPO steps (rollout + reward + update), median over the measured steps.
 
-The reward is countdown's correctness plus 0.1 x the completion's share of digits, so that a random model's
-groups do not all score 0: sobre leaves completions with advantage 0 out of its update (TRL trains on them), and
-with countdown's reward alone a fresh model's update would train on nothing.
+The reward is countdown's correctness plus a small score that differs between completions, so that a random
+model's groups do not all score 0: sobre leaves completions with advantage 0 out of its update (TRL trains on
+them all), so with countdown's reward alone a fresh model's update would train on nothing. `--reward spread`
+(the default): 0.1 x a hash of the text in [0, 1), every completion trained by both sides (equal work);
+`--reward digits`: 0.1 x the share of digits, which many random completions lack (groups of equal rewards).
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
+                         [--reward spread|digits]
 """
 
 import argparse
@@ -15,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -34,14 +38,19 @@ def fresh_model(path: Path, preset: str):
     sobre.save(sobre.init_weights(sobre.Transformer(cfg)), path, tokenizer_dir=path)
 
 
-def shaped_reward(completion: str, answer: str) -> float:
-    """Countdown's correctness + 0.1 x the share of digits in the completion (both sides score with this)."""
+def spread_reward(completion: str, answer: str) -> float:
+    """Countdown's correctness + 0.1 x a hash of the completion in [0, 1) (both sides score with it)."""
+    return get_task("countdown").correct(completion, answer) + 0.1 * zlib.crc32(completion.encode()) / 2**32
+
+
+def digits_reward(completion: str, answer: str) -> float:
+    """Countdown's correctness + 0.1 x the share of digits in the completion."""
     return get_task("countdown").correct(completion, answer) + 0.1 * sum(map(str.isdigit, completion)) / max(
         len(completion), 1)
 
 
 def countdown_jsonl(path: Path, n: int) -> Path:
-    """Countdown problems as a JSONL task, scored by shaped_reward (a built-in task takes no reward)."""
+    """Countdown problems as a JSONL task (a built-in task takes no reward function)."""
     task = get_task("countdown")  # (and a few held-out ones for the run's step-0 evaluation)
     rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems("train", n) + task.problems("test", 4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -50,7 +59,7 @@ def countdown_jsonl(path: Path, n: int) -> Path:
 
 def run_sobre(model_dir, a, out):
     task = str(countdown_jsonl(out.parent / f"{out.name}.jsonl", a.prompts * (a.steps + 1) * 4))
-    args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward="grpo:shaped_reward", steps=a.steps + 1,
+    args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward=f"grpo:{a.reward}_reward", steps=a.steps + 1,
                     prompts=a.prompts,
                     group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0, eval_every=10_000, eval_problems=1,
                     save_every=10_000, lr=1e-5, micro_batch=a.prompts * a.group)  # one forward, as TRL's batch
@@ -68,14 +77,14 @@ def run_trl(model_dir, a, out):
     from trl import GRPOConfig, GRPOTrainer
     logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    task = get_task("countdown")
+    task, score = get_task("countdown"), globals()[f"{a.reward}_reward"]
     ours = sobre.load_tokenizer(model_dir)
     problems = task.problems("train", a.prompts * (a.steps + 1))
     data = Dataset.from_list([{"prompt": ours.decode(prompt_ids(ours, p)), "answer": p.answer} for p in problems])
     lengths, times = [], []
 
     def reward(completions, answer, **kw):
-        return [shaped_reward(c, r) for c, r in zip(completions, answer)]
+        return [score(c, r) for c, r in zip(completions, answer)]
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *args, **kw):
@@ -106,6 +115,8 @@ def main():
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--reward", choices=("spread", "digits"), default="spread",
+                   help="countdown + 0.1 x a hash of the text (spread) or x its share of digits (see above)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
@@ -121,7 +132,8 @@ def main():
             theirs, theirs_len = run_trl(model_dir, a, tmp / f"trl{r}")
             rows.append((theirs, ours, split, theirs_len, ours_len))
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, fp32, "
-          f"{torch.get_num_threads()} threads ({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
+          f"{a.reward} reward, {torch.get_num_threads()} threads "
+          f"({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
     print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | mean completion "
           "tokens TRL / sobre | sobre: share trained |")
     print("|---|---|---|---|---|---|---|")

@@ -72,9 +72,9 @@ MARGIN = 0.95  # plan for this share of the budget: a 2-core machine's speed var
 
 
 def scaled_plan(steps: int) -> dict:
-    """`--steps N`: N pretraining steps; SFT 1.5x, GRPO 2/15, the students 1x."""
-    return {"pretrain": steps, "sft": steps * 3 // 2, "grpo": max(steps * 2 // 15, 2), "student": steps,
-            "baseline": steps}
+    """`--steps N`: N pretraining steps; SFT and the students 1.5x, GRPO 2/15 (N = 300: RECIPE)."""
+    return {"pretrain": steps, "sft": steps * 3 // 2, "grpo": max(steps * 2 // 15, 2), "student": steps * 3 // 2,
+            "baseline": steps * 3 // 2}
 
 
 def cost(plan: dict) -> float:
