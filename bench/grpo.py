@@ -59,10 +59,10 @@ def countdown_jsonl(path: Path, n: int) -> Path:
 
 def run_sobre(model_dir, a, out):
     task = str(countdown_jsonl(out.parent / f"{out.name}.jsonl", a.prompts * (a.steps + 1) * 4))
-    args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward=f"grpo:{a.reward}_reward", steps=a.steps + 1,
-                    prompts=a.prompts,
-                    group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0, eval_every=10_000, eval_problems=1,
-                    save_every=10_000, lr=1e-5, micro_batch=a.prompts * a.group)  # one forward, as TRL's batch
+    args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward=f"grpo:{a.reward}_reward",
+                    steps=a.steps + 1, prompts=a.prompts, group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0,
+                    eval_every=10_000, eval_problems=1, save_every=10_000, lr=1e-5,
+                    micro_batch=a.prompts * a.group)  # one forward, as TRL's batch
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s", "signal")}
