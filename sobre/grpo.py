@@ -248,8 +248,13 @@ def grpo(a: GRPOArgs) -> Path:
     def held_out() -> float:
         return evaluate_task(model, tok, task, a.eval_problems, max_new_tokens=a.max_new_tokens, seed=a.seed)["pass@1"]
 
+    if not task.problems("train", 1, a.seed):
+        raise ValueError(f"task {task.name!r} has no train problems (a .jsonl task holds out ~10% of its rows)")
+    evaluate = bool(task.problems("test", 1, a.seed))  # a small .jsonl task may hold out none of its rows
+    if not evaluate:
+        tqdm.write(f"task {task.name!r} holds out no problems: no held-out evaluation (eval.jsonl)")
     truncate_metrics(run / "eval.jsonl", start if start else -1)
-    if start == 0:
+    if start == 0 and evaluate:
         _append(run / "eval.jsonl", {"step": 0, "pass@1": held_out()})
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"grpo ({a.loss})", unit="step"):
         t0 = time.perf_counter()
@@ -279,7 +284,7 @@ def grpo(a: GRPOArgs) -> Path:
             rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong))
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
                     "samples_per_s": len(flat) / (time.perf_counter() - t0)})
-        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
+        if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             rec["heldout_pass@1"] = held_out()
             _append(run / "eval.jsonl", {"step": step + 1, "pass@1": rec["heldout_pass@1"]})
         end_step(log, rec, run, step, a, model, opt)

@@ -225,6 +225,25 @@ def test_reference_loss_is_each_solutions_own_cross_entropy(grpo_run):
     assert got["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
+def test_grpo_on_a_small_jsonl_task_without_held_out_rows(tmp_path):
+    """A user task whose rows all fall in the train split runs without held-out evaluation (it crashed on an
+    empty evaluation); one with no train rows is refused clearly."""
+    from sobre.grpo import grpo
+    from sobre.tasks import held_out
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(40)]
+    train = [r for r in rows if not held_out(r["prompt"])][:4]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    a = GRPOArgs(out=str(tmp_path / "run"), preset="debug", task=str(tmp_path / "train.jsonl"), steps=1, prompts=2,
+                 group=2, max_new_tokens=4, eval_problems=2)
+    grpo(a)
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (tmp_path / "run" / "eval.jsonl").exists() or not (tmp_path / "run" / "eval.jsonl").read_text()
+    test = [r for r in rows if held_out(r["prompt"])][:2]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    with pytest.raises(ValueError, match="no train problems"):
+        grpo(GRPOArgs(out=str(tmp_path / "run2"), preset="debug", task=str(tmp_path / "test.jsonl"), steps=1))
+
+
 def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monkeypatch):
     from sobre import rollout
     from sobre.sft import start_model
