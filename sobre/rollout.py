@@ -41,6 +41,8 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
     """n completions per problem, all problems batched on one engine (on the model's device). Reproducible for the
     same arguments: the draws come from the global generator (the device's), seeded here, in the engine's fixed
     batch order."""
+    if not problems:
+        raise ValueError(f"task {task.name!r}: no problems to sample (a .jsonl task holds out ~10% of its rows)")
     prompts = [prompt_ids(tok, p) for p in problems]
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > model.config.max_seq_len:
@@ -93,8 +95,6 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate and
     mean completion length; loss=True: also val_loss / val_bpb of the reference solutions (reference_loss)."""
     problems = task.problems(split, n_problems, seed)
-    if not problems:
-        raise ValueError(f"task {task.name!r} has no {split} problems to evaluate")
     groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
     n = samples
     out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature,

@@ -227,7 +227,8 @@ def test_reference_loss_is_each_solutions_own_cross_entropy(grpo_run):
 
 def test_grpo_on_a_small_jsonl_task_without_held_out_rows(tmp_path):
     """A user task whose rows all fall in the train split runs without held-out evaluation (it crashed on an
-    empty evaluation); one with no train rows is refused clearly."""
+    empty evaluation); one with no train rows is refused clearly (rollouts of no problems: as in eval, distill
+    and rejection sampling)."""
     from sobre.grpo import grpo
     from sobre.tasks import held_out
     rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(40)]
@@ -240,7 +241,7 @@ def test_grpo_on_a_small_jsonl_task_without_held_out_rows(tmp_path):
     assert not (tmp_path / "run" / "eval.jsonl").exists() or not (tmp_path / "run" / "eval.jsonl").read_text()
     test = [r for r in rows if held_out(r["prompt"])][:2]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
-    with pytest.raises(ValueError, match="no train problems"):
+    with pytest.raises(ValueError, match="no problems to sample"):
         grpo(GRPOArgs(out=str(tmp_path / "run2"), preset="debug", task=str(tmp_path / "test.jsonl"), steps=1))
 
 
