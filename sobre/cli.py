@@ -306,7 +306,8 @@ def add_device_flag(parser):
 
 def add_decode_flags(parser):
     """The engine's decode options, shared by generate, chat and serve."""
-    parser.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    parser.add_argument("--speculative", nargs="?", const=True, default=False, type=int, metavar="K",
+                        help="MTP speculative decoding, K draft tokens a step (default: one per MTP layer)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, weights frozen in: "
                         "1-5 minutes of compiling, then faster decode of up to experts / top-k sequences")
 

@@ -45,9 +45,10 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     lane: int | None = None  # row in the pool's per-sequence rings (deepseek_v4)
     length: int = 0  # tokens whose K/V sit in the cache
-    mtp_length: int = 0
+    mtp_length: list[int] = field(default_factory=list)  # per MTP layer k: its valid cache entries (positions)
     pending: int | None = None  # sampled, not yet fed to the model
-    mtp_todo: tuple | None = None  # (main hiddens [T, D], next tokens [T]) the MTP draft module has not seen
+    # per MTP layer k: the hiddens of layer k - 1 (k = 0: the main model's) at positions mtp_length[k].., [T, D]
+    mtp_in: list[torch.Tensor] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cached: int = 0  # prompt tokens whose cache came from the prefix cache
     entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's own are recomputed once)
@@ -56,12 +57,18 @@ class Sequence:
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
 
-    def advance(self, T: int, mtp: bool = False):
-        """T more tokens in the cache (of the main model, or of the MTP draft module)."""
-        if mtp:
-            self.mtp_length += T
-        else:
+    def advance(self, T: int, mtp: int | None = None):
+        """T more tokens in the cache (of the main model, or of MTP layer `mtp`)."""
+        if mtp is None:
             self.length += T
+        else:
+            self.mtp_length[mtp] += T
+
+    def ahead(self, lo: int, hi: int, drafts: list[int]) -> list[int]:
+        """Tokens lo..hi-1 of prompt + output + drafts (an MTP layer's inputs), without copying the prompt."""
+        n = len(self.prompt)
+        tokens = self.prompt[lo:] + self.out if lo < n else self.out[lo - n:]
+        return (tokens + drafts)[:hi - lo]
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,8 @@ class Event:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
-                 block: int = BLOCK, speculative: bool = False, prefix_cache: bool = False, prefill_chunk: int = 1024,
+                 block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
+                 prefill_chunk: int = 1024,
                  compile: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # MoE: the compiled step gathers each (token, expert) pair's weights, worth it while the pairs number at
@@ -113,10 +121,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
-        if speculative and not c.n_mtp_layers:
-            raise ValueError("speculative decoding drafts with the MTP module; this model has none")
-        self.speculative = bool(speculative)
-        self.spec_stats = {"drafted": 0, "accepted": 0}
+        self.drafts = self.draft_tokens(c, speculative)  # MTP draft tokens per verify (0: plain decoding)
+        self.speculative = self.drafts > 0
+        self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0}  # drafts checked, kept; verify rows
         self.prefix_cache = prefix_cache
         self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
@@ -131,6 +138,22 @@ class Engine:
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
+
+    @staticmethod
+    def draft_tokens(c, speculative: bool | int) -> int:
+        """speculative=True drafts with every MTP layer (DeepSeek-V3/R1 checkpoints have one; deepseek_v4 drafts
+        one token), an int k with the first k: layer k reads layer k-1's hidden and the k-th draft, as trained."""
+        if not speculative:
+            return 0
+        if not c.n_mtp_layers:
+            raise ValueError("speculative decoding drafts with the MTP module; this model has none")
+        most = 1 if c.arch == "deepseek_v4" else c.n_mtp_layers
+        k = most if speculative is True else int(speculative)
+        if not 1 <= k <= most:
+            v4 = ", deepseek_v4 drafts one" if most < c.n_mtp_layers else ""
+            raise ValueError(f"speculative={speculative}: this model drafts 1..{most} tokens a step "
+                             f"({c.n_mtp_layers} MTP layers{v4})")
+        return k
 
     @staticmethod
     def supports_compile(c) -> str | None:
@@ -168,7 +191,8 @@ class Engine:
         self.check(prompt, params)
         c = self.model.config
         seq = Sequence(self.next_id, list(prompt), params,
-                       torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None)
+                       torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None,
+                       mtp_length=[0] * self.drafts)
         if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
             seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
             seq.seen[prompt] = True
@@ -216,16 +240,17 @@ class Engine:
         filling: set[bytes] = set()  # prefix keys of the blocks this step's prefills will fill
         while self.waiting and len(self.running) + len(admitted) + sum(map(len, twins.values())) < self.max_batch:
             seq = self.waiting[0]
-            total = min(len(seq.prompt) + seq.params.max_new_tokens + self.speculative, c.max_seq_len)
+            total = min(len(seq.prompt) + seq.params.max_new_tokens + self.drafts, c.max_seq_len)
             if self.pool.blocks_for(total) > self.pool.available():
                 break  # wait until running sequences free their blocks
-            keys = self.pool.prefix_keys(seq.prompt, ahead=int(self.speculative)) if self.prefix_cache else []
+            keys = self.pool.prefix_keys(seq.prompt, ahead=self.drafts) if self.prefix_cache else []
             twin = None if self.speculative else first.get(tuple(seq.prompt))
             if twin is None and filling.intersection(keys[:(len(seq.prompt) - 1) // self.pool.block]):
                 break  # it starts with blocks an earlier prompt is about to fill: it matches them next step
             self.waiting.pop(0)
             if self.prefix_cache:
-                seq.cached = seq.length = seq.mtp_length = self.pool.match(seq, keys)
+                seq.cached = seq.length = self.pool.match(seq, keys)
+                seq.mtp_length = [seq.cached] * self.drafts
             self.pool.reserve(seq, total)
             if twin is not None:  # its cache is copied from the twin's once that is prefilled
                 twins.setdefault(twin.rid, []).append(seq)
@@ -255,10 +280,10 @@ class Engine:
                 self.running.append(seq)
                 events.append(self._emit(seq, int(chosen[i]), logits[i]))
                 if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
-                    seq.mtp_todo = (states[i], seq.prompt[seq.cached + 1:] + [seq.pending])
+                    seq.mtp_in = [states[i]] + [states[i][:0]] * (self.drafts - 1)
         live = [s for s in self.running if s.pending is not None]
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
-        spec = [s for s in live if self.speculative and s.length + 2 <= c.max_seq_len]
+        spec = [s for s in live if self.speculative and s.length + self.drafts + 1 <= c.max_seq_len]
         plain = [s for s in live if s not in spec]
         if spec:
             events += self._speculate(spec)
@@ -275,54 +300,80 @@ class Engine:
         return events
 
     def _speculate(self, seqs: list[Sequence]) -> list[Event]:
-        """One MTP draft token per sequence, verified with [pending, draft] in one main-model forward."""
-        m = self.model
-        by_len: dict[int, list[Sequence]] = {}
+        """self.drafts MTP draft tokens per sequence, verified with [pending, d_1, ..] in one main-model forward.
+        MTP layer k at position i reads layer k-1's hidden there (k = 0: the main model's) and token i + k + 1,
+        as in training: each layer first catches up on the positions verified since it last ran (a prompt, or
+        1 + the drafts accepted), its last one reading the previous layer's draft."""
+        m, D = self.model, self.drafts
+        drafts: list[list[int]] = [[] for _ in seqs]  # d_1 .. d_k so far, per sequence
+        q_logits, inputs = [], []  # per layer: draft logits [B, V]; its input rows per sequence
+        for k in range(D):
+            ins = [s.mtp_in[k] for s in seqs]  # [T_i, ...]: positions mtp_length[k] .. length - 1
+            inputs.append(ins)
+            outs = [None] * len(seqs)
+            by_len: dict[int, list[int]] = {}
+            for i, h in enumerate(ins):
+                by_len.setdefault(h.shape[0], []).append(i)
+            for T, idx in by_len.items():
+                group = [seqs[i] for i in idx]
+                h = torch.stack([ins[i] for i in idx])  # [B, T, ...]
+                tokens = torch.tensor([s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[i])
+                                       for s, i in zip(group, idx)], device=self.device)
+                step, g = self._chunk(T), []
+                for j in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
+                    batch = self._batch(group, min(step, T - j), mtp=k, prefill=True)  # rows kept at block ends)
+                    g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k))
+                for i, row in zip(idx, torch.cat(g, 1)):
+                    outs[i] = row  # [T, D]
+            q_logits.append(self._penalized(seqs, m.head(torch.stack([o[-1] for o in outs]))))
+            picked = sample(q_logits[-1], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            for d, t in zip(drafts, picked):
+                d.append(t)
+            if k + 1 < D:
+                for s, o in zip(seqs, outs):
+                    s.mtp_in[k + 1] = torch.cat([s.mtp_in[k + 1], o])
         for s in seqs:
-            by_len.setdefault(len(s.mtp_todo[1]), []).append(s)
-        draft_logits = {}
-        for T, group in by_len.items():  # MTP catches up on the positions verified last step (1, 2 or a prompt)
-            h = torch.stack([s.mtp_todo[0] for s in group])  # [B, T, ...] the draft's input (hidden_state)
-            tokens = torch.tensor([s.mtp_todo[1] for s in group], device=self.device)
-            step = self._chunk(T)
-            for i in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
-                batch = self._batch(group, min(step, T - i), mtp=True, prefill=True)  # rows kept at block ends)
-                g = m.mtp_hidden(h[:, i:i + step], tokens[:, i:i + step], batch)
-            for s, row in zip(group, m.head(g[:, -1])):
-                draft_logits[s.rid] = row
-                if s.rid in self.unkeyed:  # the MTP layer's rows of the prompt are in: others may share it now
-                    self.pool.remember(s, self.unkeyed.pop(s.rid))
-        q_logits = self._penalized(seqs, torch.stack([draft_logits[s.rid] for s in seqs]))
-        drafts = sample(q_logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        tokens = torch.tensor([[s.pending, d] for s, d in zip(seqs, drafts)], device=self.device)
-        h, state = m.hidden_state(tokens, self._batch(seqs, 2))  # [B, 2, D], [B, 2, ...]
-        logits = m.head(h)  # [B, 2, V]
-        sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
-        if sampled:
-            params = [seqs[i].params for i in sampled]
-            p_logits = self._penalized([seqs[i] for i in sampled], logits[sampled, 0])
-            p_rows, q_rows = probs(p_logits, params), probs(q_logits[sampled], params)
-        # greedy rows without penalties: both positions' picks in one call (penalties move with the first token)
+            if s.rid in self.unkeyed:  # the MTP layers' rows of the prompt are in: others may share it now
+                self.pool.remember(s, self.unkeyed.pop(s.rid))
+        tokens = torch.tensor([[s.pending] + d for s, d in zip(seqs, drafts)], device=self.device)
+        h, state = m.hidden_state(tokens, self._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
+        logits = m.head(h)  # [B, D + 1, V]
+        q_rows = [probs(q, [s.params for s in seqs]) for q in q_logits] if any(
+            s.params.temperature > 0 for s in seqs) else None
+        # greedy rows without penalties: every position's pick in one call (penalties move with the tokens before)
         plain = [s.params.temperature == 0 and s.seen is None for s in seqs]
-        picks = greedy(logits).tolist() if any(plain) else None  # [B][2]
+        picks = greedy(logits).tolist() if any(plain) else None  # [B][D + 1]
         events = []
+        self.spec_stats["verified"] += len(seqs)
         for i, (s, d) in enumerate(zip(seqs, drafts)):
-            if s.params.temperature == 0:
-                tok = picks[i][0] if plain[i] else int(greedy(self._penalized([s], logits[i:i + 1, 0])[0]))
-                ok = tok == d
-            else:
-                j = sampled.index(i)
-                ok, tok = speculative_accept(p_rows[j], q_rows[j], d, s.generator)
-            self.spec_stats["drafted"] += 1
-            self.spec_stats["accepted"] += ok
-            events.append(self._emit(s, tok, logits[i, 0]))
-            if not ok:
-                s.length -= 1  # the draft's cache entry is dropped (overwritten next step)
-                s.mtp_todo = (state[i, :1], [s.pending]) if s.pending is not None else None
-            elif s.finish_reason is None:
-                bonus = picks[i][1] if plain[i] else int(self._choose([s], logits[i, 1:])[0])
-                events.append(self._emit(s, bonus, logits[i, 1]))
-                s.mtp_todo = (state[i], [d, s.pending]) if s.pending is not None else None
+            L, a = s.length - D - 1, 0  # (the verify advanced the cache over every draft)
+            for j in range(D + 1):
+                if plain[i]:
+                    tok = picks[i][j]
+                elif s.params.temperature == 0:
+                    tok = int(greedy(self._penalized([s], logits[i, j:j + 1]))[0])
+                elif j == D:
+                    tok = int(self._choose([s], logits[i, j:j + 1])[0])
+                else:
+                    p = probs(self._penalized([s], logits[i, j:j + 1]), [s.params])[0]
+                    tok = speculative_accept(p, q_rows[j][i], d[j], s.generator)[1]
+                events.append(self._emit(s, tok, logits[i, j]))
+                if j == D:
+                    break
+                ok = tok == d[j]  # (sampled: speculative_accept's verdict; a residual draw is never the draft)
+                self.spec_stats["drafted"] += 1
+                self.spec_stats["accepted"] += ok
+                if not ok or s.finish_reason is not None:
+                    break
+                a += 1
+            if s.finish_reason is not None:
+                continue
+            s.length = L + 1 + a  # the rejected drafts' entries are overwritten later
+            # layer k's rows at positions past L + a - k read a rejected draft: it redoes them next step, from
+            # layer k-1's rows of this step (kept) and that layer's new ones
+            s.mtp_length = [min(L, L + a - k) for k in range(D)]
+            s.mtp_in = [state[i, :a + 1]] + [keep(inputs[k][i], L, s.mtp_length[k], s.mtp_length[k - 1])
+                                             for k in range(1, D)]
         return events
 
     def _chunk(self, T: int) -> int:
@@ -369,7 +420,7 @@ class Engine:
         return h[torch.arange(len(seqs), device=self.device), last], \
             [state[b, :len(t)] for b, t in enumerate(todo)] if self.speculative else None
 
-    def _batch(self, seqs: list[Sequence], T: int, mtp: bool = False, prefill: bool = False):
+    def _batch(self, seqs: list[Sequence], T: int, mtp: int | None = None, prefill: bool = False):
         if self.pool.rings:  # (a prompt's prefill under the prefix cache keeps the rings' rows at its block ends)
             return v4cache.V4Batch(self.pool, seqs, T, mtp, keep=prefill and self.prefix_cache)
         return PagedBatch(self.pool, seqs, T, mtp)
@@ -496,6 +547,12 @@ def compiled_decode(model: Transformer, pool: PagedPool, unsupported: str | None
             return compiled(tokens, pos, table, lanes, pool.slots, pool.rings)
 
     return run
+
+
+def keep(rows: torch.Tensor, end: int, lo: int, hi: int) -> torch.Tensor:
+    """Of hiddens [T, D] at positions end - T .. end - 1, those at lo .. hi - 1."""
+    start = end - rows.shape[0]
+    return rows[lo - start:hi - start]
 
 
 def eos_ids(config, tokenizer=None) -> tuple[int, ...]:

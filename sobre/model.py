@@ -468,11 +468,12 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, cache)
         return h, h
 
-    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """Incremental first MTP module (the engine's draft model). h [B, T, D] are main-model hiddens at
-        positions i, tokens [B, T] the tokens at i + 1; returns the MTP hiddens that predict i + 2."""
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0) -> torch.Tensor:
+        """Incremental MTP module k (0-based; the engine's draft model). h [B, T, D] are the hiddens of module
+        k - 1 (k = 0: the main model's) at positions i, tokens [B, T] the tokens at i + k + 1; returns the MTP
+        hiddens that predict i + k + 2."""
         pos = cache.positions(tokens)
-        out = self.mtp[0](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache)
+        out = self.mtp[k](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache)
         cache.advance(tokens.shape[1])
         return out
 

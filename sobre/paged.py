@@ -221,13 +221,13 @@ class PagedStep:
 
 class PagedBatch(PagedStep):
     """One forward over B sequences with T new tokens each, in the model's cache protocol
-    (positions / mask / update / advance). `mtp` selects the MTP layers' own lengths."""
+    (positions / mask / update / advance). `mtp`: MTP layer k's forward, from that layer's own lengths."""
 
-    def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: bool = False):
+    def __init__(self, pool: PagedPool, seqs: list[Sequence], T: int, mtp: int | None = None):
         self.pool, self.seqs, self.T, self.mtp = pool, seqs, T, mtp
         self.layers, self.block = pool.slots, pool.block
         dev = pool.device
-        lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        lengths = [s.length if mtp is None else s.mtp_length[mtp] for s in seqs]
         self.ends = [n + T for n in lengths]  # each row's keys after this forward (host-side: no device sync)
         self.S = max(self.ends)
         starts, ends = (torch.tensor(x, device=dev) for x in (lengths, self.ends))
@@ -240,7 +240,7 @@ class PagedBatch(PagedStep):
         self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
                                          ).unsqueeze(1)
         self.entries = None  # NSA: per row, (compressed entries already stored, entries complete after this forward)
-        if pool.compressed and not mtp:
+        if pool.compressed and mtp is None:
             c = pool.config
             self.entries = [(s.entries, sparse.n_complete(e, c.nsa_block, c.nsa_stride))
                             for s, e in zip(seqs, self.ends)]

@@ -525,11 +525,12 @@ class V4Transformer(nn.Module):
         h = self.streams(tokens, cache)
         return self.norm(self.hc_head(h)), h
 
-    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """Incremental first MTP module (the engine's draft model): h [B, T, N, D] main streams at positions i,
-        tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict i + 2."""
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0) -> torch.Tensor:
+        """Incremental first MTP module (the engine's draft model; it drafts one token, k = 0): h [B, T, N, D]
+        main streams at positions i, tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict
+        i + 2."""
         pos = positions(tokens, cache, self.config.max_seq_len)
-        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache)
+        _, x = self.mtp[k](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache)
         cache.advance(tokens.shape[1])
         return x
 

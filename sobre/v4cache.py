@@ -149,12 +149,13 @@ class V4Step:
 
 class V4Batch(V4Step):
     """One engine forward of a V4 model over B running sequences: T new tokens each, from each sequence's own
-    length on (a prompt or a chunk of one, a decode step, a speculative verify); `mtp`: the MTP layers' own
-    lengths. Which windows the new tokens complete is known on the host from the lengths: only those pool."""
+    length on (a prompt or a chunk of one, a decode step, a speculative verify); `mtp`: MTP layer k's forward,
+    from that layer's own lengths. Which windows the new tokens complete is known on the host from the lengths:
+    only those pool."""
 
-    def __init__(self, pool, seqs, T: int, mtp: bool = False, keep: bool = False):
+    def __init__(self, pool, seqs, T: int, mtp: int | None = None, keep: bool = False):
         self.seqs, self.T, self.mtp = seqs, T, mtp
-        self.lengths = [s.mtp_length if mtp else s.length for s in seqs]
+        self.lengths = [s.length if mtp is None else s.mtp_length[mtp] for s in seqs]
         # keep: the prompt's block ends among the new tokens whose ring rows the prefix cache keeps (the last
         # max_rings_at of the prompt: it would drop earlier ones at once)
         blk, most = pool.block, pool.max_rings_at

@@ -38,14 +38,17 @@ def test_info_on_the_real_v3_config(tmp_path):
 
 
 def test_generate_greedy_ids_match_the_python_api(tmp_path):
-    model = random_model()
+    model = random_model(sobre.preset("debug", n_mtp_layers=2))
     path = sobre.save(model, tmp_path / "m")
     out = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8")
     ids = [int(t) for t in out.stdout.split()]
     assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
     assert "tok/s" in out.stderr
-    spec = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--speculative")  # MTP draft
-    assert [int(t) for t in spec.stdout.split()] == ids
+    for k in ([], ["1"]):  # MTP drafts: one per MTP layer (2), or 1
+        spec = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--speculative", *k)
+        assert [int(t) for t in spec.stdout.split()] == ids
+    bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "3", check=False)
+    assert bad.returncode == 1 and "drafts 1..2 tokens a step" in bad.stderr
 
 
 def test_generate_with_tokenizer_text_prompt(tmp_path):

@@ -219,12 +219,13 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     assert small.pool.available() == small.pool.n_blocks - 1  # nothing leaked (V4: tests/test_v4.py)
 
 
-def test_prefix_cache_with_speculative_decoding():
-    """With MTP drafting, a block is shared only when the token after it matches too (the MTP layer's row at a
-    position reads the next token) and only once the MTP layer has its rows: prompts sharing 70 tokens reuse
-    one block, prompts sharing exactly 64 reuse none; every MTP row of a running sequence equals the one an
-    engine without the cache computes, and greedy output equals plain greedy."""
-    model = random_model()
+@pytest.mark.parametrize("mtp_layers", [1, 2])
+def test_prefix_cache_with_speculative_decoding(mtp_layers):
+    """With MTP drafting, a block is shared only when the tokens after it match too (MTP layer k's row at a
+    position reads the token k + 1 ahead) and only once the MTP layers have their rows: prompts sharing 70 tokens
+    reuse one block, prompts sharing exactly 64 reuse none; every MTP row of a running sequence equals the one
+    an engine without the cache computes, and greedy output equals plain greedy. Two MTP layers: two drafts."""
+    model = random_model(sobre.preset("debug", n_mtp_layers=mtp_layers))
     c = model.config
     g = torch.Generator().manual_seed(1)
     system = torch.randint(3, 500, (70,), generator=g).tolist()
@@ -239,7 +240,7 @@ def test_prefix_cache_with_speculative_decoding():
         rows = {}
         for s in eng.running:
             slots = sobre.paged.paged_rows(torch.tensor([s.blocks]), torch.arange(len(s.prompt))[None], 64)[0]
-            rows[s.rid] = eng.pool.slots[c.n_layers][0][slots]
+            rows[s.rid] = torch.stack([eng.pool.slots[c.n_layers + k][0][slots] for k in range(mtp_layers)])
         while eng.has_work():
             eng.step()
         done = eng.collect()

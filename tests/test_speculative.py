@@ -1,5 +1,6 @@
 """MTP speculative decoding: greedy output identical to plain greedy; sampled output keeps the distribution."""
 
+import pytest
 import torch
 
 import sobre
@@ -20,13 +21,17 @@ def test_speculative_greedy_equals_plain_greedy():
 
 
 def use_oracle(model, monkeypatch):
-    """Replace the MTP head by an oracle: the main model's own next hidden, from a full forward."""
+    """Replace the MTP layers by an oracle: layer k's last hidden is the main model's after k more greedy
+    tokens (full forwards), so its draft is the main model's own greedy token k + 1 ahead."""
     mtp_hidden = model.mtp_hidden
 
-    def oracle(h, tokens, cache):
-        out = mtp_hidden(h, tokens, cache).clone()  # keeps the MTP cache bookkeeping real
+    def oracle(h, tokens, cache, k=0):
+        out = mtp_hidden(h, tokens, cache, k).clone()  # keeps the MTP cache bookkeeping real
         for b, s in enumerate(cache.seqs):
-            out[b, -1] = model.hidden(torch.tensor([s.prompt + s.out]))[0, -1]
+            seq = s.prompt + s.out
+            for _ in range(k):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            out[b, -1] = model.hidden(torch.tensor([seq]))[0, -1]
         return out
 
     monkeypatch.setattr(model, "mtp_hidden", oracle)
@@ -106,3 +111,104 @@ def test_speculative_sampling_keeps_the_distribution():
     dof = int(keep.sum())  # kept cells + the pooled rest - 1
     assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
     assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)  # far beyond p = 0.001 only if the law is wrong
+
+
+def two_drafts(cfg=None, **kw):
+    return random_model(cfg or sobre.preset("debug", n_mtp_layers=2), **kw)
+
+
+def test_two_mtp_layers_draft_two_tokens():
+    """A model with two MTP layers drafts two tokens a step (layer 2 reads layer 1's hidden and draft), greedy
+    output equals plain greedy batched and alone; speculative=1 drafts with the first layer only; more drafts
+    than layers is a clear error."""
+    model = two_drafts()
+    plain = Engine(model).generate(PROMPTS, max_new_tokens=20)
+    eng = Engine(model, speculative=True)
+    assert eng.drafts == 2
+    assert eng.generate(PROMPTS, max_new_tokens=20) == plain
+    assert [eng.generate([p], max_new_tokens=20)[0] for p in PROMPTS] == plain
+    assert 0 < eng.spec_stats["drafted"] and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
+    one = Engine(model, speculative=1)
+    assert one.drafts == 1 and one.generate(PROMPTS, max_new_tokens=20) == plain
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="drafts 1..2 tokens"):
+            Engine(model, speculative=bad)
+
+
+def test_two_perfect_drafts_are_always_accepted(monkeypatch):
+    """With the oracle both drafts are always right: three tokens a step, the same output as plain greedy, and
+    the MTP layers' incremental rows (caught up over 1 or 3 positions, the second layer reading the first's) equal
+    the two layers run over the whole sequence at the end."""
+    model = two_drafts()
+    plain = Engine(model).generate(PROMPTS, max_new_tokens=16)
+    use_oracle(model, monkeypatch)
+    eng = Engine(model, speculative=True)
+    rids = [eng.add_request(p, max_new_tokens=16) for p in PROMPTS]
+    steps, done = 0, {}
+    while eng.has_work():
+        eng.step()
+        steps += 1
+        done.update(eng.collect())
+    assert [done[r].out for r in rids] == plain
+    assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
+    assert steps == 5  # the first step prefills (1 token) and verifies 2 drafts (3), then 4 steps of 3 tokens
+    assert len(eng.pool.free) == eng.pool.n_blocks - 1
+
+
+def test_two_drafts_mtp_hiddens_equal_the_whole_sequence_run(monkeypatch):
+    """Whatever is accepted or rejected, every row each MTP layer computes while drafting (the catch-up over
+    the positions verified since it last ran, and the draft's own) equals the training-time MTP layers run over
+    the whole sequence with the drafts appended (mtp_hiddens: layer k at i reads layer k-1 at i and token
+    i + k + 1), so the layers' caches hold the right rows. A vocabulary of 8: drafts are often right."""
+    model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=8), std=0.3)
+    mtp_hidden, drafted, checked = model.mtp_hidden, {}, []
+
+    def check(h, tokens, cache, k=0):
+        out = mtp_hidden(h, tokens, cache, k)
+        for b, s in enumerate(cache.seqs):
+            drafted[s.rid] = [] if k == 0 else drafted[s.rid] + [int(tokens[b, -1])]  # d_1 .. d_k
+            seq = torch.tensor([s.prompt + s.out + drafted[s.rid]])
+            ref = model.mtp_hiddens(model.hidden(seq), seq)[k][0]  # [len - k - 1, D]
+            end = len(s.prompt) + len(s.out) - 1  # the pending token's position: rows end just before it
+            torch.testing.assert_close(out[b], ref[end - out.shape[1]:end], atol=1e-4, rtol=0)
+            checked.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(model, "mtp_hidden", check)
+    eng = Engine(model, speculative=True)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [5, 5, 2, 7]]
+    plain = Engine(model).generate(prompts, max_new_tokens=30)
+    assert eng.generate(prompts, max_new_tokens=30) == plain
+    assert 0 < eng.spec_stats["accepted"] < eng.spec_stats["drafted"], eng.spec_stats
+    assert max(checked) >= 3 and checked.count(1) > 0  # prompts, accepted drafts' catch-up, rejections
+
+
+def test_two_drafts_sampling_keeps_the_distribution():
+    """Joint law of the first three sampled tokens (the second and third go through two drafts and one verify:
+    accept d_1, then d_2, each with min(1, p/q), else a residual draw that ends the step) against the exact
+    one from full forwards; chi-square goodness of fit."""
+    V = 5
+    model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=V, n_layers=2, max_seq_len=16), std=0.5)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p0 = model(torch.tensor([prompt]))[0, -1].softmax(-1)  # [V]
+        p1 = model(torch.tensor([prompt + [a] for a in range(V)]))[:, -1].softmax(-1)  # [V, V]
+        p2 = model(torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)]))[:, -1].softmax(-1)
+    exact = (p0[:, None, None] * p1[:, :, None] * p2.view(V, V, V)).flatten()
+    n = 4000
+    eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600)
+    rids = [eng.add_request(prompt, max_new_tokens=3, temperature=1.0, seed=i) for i in range(n)]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    counts = torch.bincount(torch.tensor([(a * V + b) * V + c for a, b, c in (done[r].out for r in rids)]),
+                            minlength=V ** 3).float()
+    expected = exact * n
+    keep = expected >= 5
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum() + \
+        ((counts[~keep].sum() - expected[~keep].sum()) ** 2 / expected[~keep].sum().clamp(min=1e-9))
+    dof = int(keep.sum())
+    assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
+    assert eng.spec_stats["drafted"] > n  # second drafts were checked (after an accepted first one)
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
