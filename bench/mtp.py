@@ -6,12 +6,14 @@ MODEL: an exported sobre model folder with its MTP module (`sobre pretrain` writ
 --drafts: speculative engines drafting this many tokens a step (at most the model's MTP layers; default all).
 Prompts: the first 32 tokens of reasoning documents the built-in corpus generates with a seed training did not
 use (same distribution, new problems). B = 1, each prompt alone, fp32; tok/s over the new tokens including the
-prefill (the same for both), best of 4 passes, plain and speculative passes alternating (this shared CPU's speed
-drifts by +-15% within a minute); acceptance = accepted drafts / drafts checked (a draft after a rejected
+prefill (the same for both); plain and speculative passes take turns (--rounds of each; this shared CPU's speed
+drifts by +-15% within a minute): the tok/s columns are the best pass, the speed-up the median over rounds of
+speculative / plain in the same round; acceptance = accepted drafts / drafts checked (a draft after a rejected
 one is not checked); tokens / step = tokens a speculative step emits (1 + the drafts accepted).
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -33,6 +35,7 @@ def main():
     ap.add_argument("models", nargs="+")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=6, help="passes of every engine in turn")
     ap.add_argument("--drafts", type=int, nargs="*", help="draft tokens a step (default: one per MTP layer)")
     args = ap.parse_args()
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
@@ -48,13 +51,12 @@ def main():
         for e in [plain, *specs]:
             e.generate([prompts[0]], max_new_tokens=8)  # warm up
             e.spec_stats = dict.fromkeys(e.spec_stats, 0)
-        best = [0.0] * (1 + len(specs))
-        for _ in range(4):
-            best = [max(b, rate(e, prompts, args.new)) for b, e in zip(best, [plain, *specs])]
-        for e, b in zip(specs, best[1:]):
-            st = e.spec_stats
+        rates = [[rate(e, prompts, args.new) for e in [plain, *specs]] for _ in range(args.rounds)]
+        best = [max(r) for r in zip(*rates)]
+        for j, e in enumerate(specs, start=1):
+            st, ratio = e.spec_stats, statistics.median(r[j] / r[0] for r in rates)
             acc, per = st["accepted"] / max(st["drafted"], 1), 1 + st["accepted"] / max(st["verified"], 1)
-            print(f"| {path} | {plain.model.config.arch} | {e.drafts} | {best[0]:.1f} | {b:.1f} | {b / best[0]:.2f}x "
+            print(f"| {path} | {plain.model.config.arch} | {e.drafts} | {best[0]:.1f} | {best[j]:.1f} | {ratio:.2f}x "
                   f"| {acc:.0%} | {per:.2f} |")
 
 
