@@ -109,8 +109,7 @@ class Event:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
-                 prefill_chunk: int = 1024,
-                 compile: bool = False):
+                 prefill_chunk: int = 1024, compile: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # MoE: the compiled step gathers each (token, expert) pair's weights, worth it while the pairs number at
         # most the experts; larger batches decode eagerly (grouped, padded experts)

@@ -135,6 +135,32 @@ def test_two_mtp_layers_draft_two_tokens():
             Engine(model, speculative=bad)
 
 
+def test_two_drafts_with_penalties_and_logprobs_equal_plain():
+    """Greedy rows with penalties beside a sampled row, two drafts: each verified position picks after the
+    tokens accepted before it (penalties move with them), and the logprobs are the verify's rows: output and
+    logprobs equal plain decoding's."""
+    model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=16), std=0.3)
+    kinds = [{}, {"repetition_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": 0.5}]
+    prompts = [[1, 2, 3, 4], [5], [7, 7, 1]]
+
+    def run(eng):
+        rids = [eng.add_request(p, max_new_tokens=24, logprobs=2, **k) for p, k in zip(prompts, kinds)]
+        eng.add_request(prompts[0], max_new_tokens=24, temperature=1.0, seed=3)
+        done = {}
+        while eng.has_work():
+            eng.step()
+            done.update(eng.collect())
+        return [(done[r].out, done[r].logprobs) for r in rids]
+
+    plain, spec = run(Engine(model)), Engine(model, speculative=True)
+    ours = run(spec)
+    assert 0 < spec.spec_stats["accepted"] < spec.spec_stats["drafted"]
+    for (out, lp), (out_s, lp_s) in zip(plain, ours):
+        assert out_s == out
+        for (c, top), (c_s, top_s) in zip(lp, lp_s):
+            assert abs(c - c_s) < 1e-4 and top.keys() == top_s.keys()
+
+
 def test_two_perfect_drafts_are_always_accepted(monkeypatch):
     """With the oracle both drafts are always right: three tokens a step, the same output as plain greedy, and
     the MTP layers' incremental rows (caught up over 1 or 3 positions, the second layer reading the first's) equal
