@@ -84,6 +84,27 @@ def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
     assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
 
 
+def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, n: int) -> Engine:
+    """Sample n continuations of `new` tokens (seeds 0..n-1) with MTP drafting; chi-square goodness of fit of
+    their joint counts against the exact law [V ** new] (cells expected under 5 pooled). Returns the engine."""
+    V = model.config.vocab_size
+    eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600)
+    rids = [eng.add_request(prompt, max_new_tokens=new, temperature=1.0, seed=i) for i in range(n)]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    cells = [sum(t * V ** (new - 1 - j) for j, t in enumerate(done[r].out)) for r in rids]
+    counts = torch.bincount(torch.tensor(cells), minlength=V ** new).float()
+    expected = exact * n
+    keep = expected >= 5
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum() + \
+        ((counts[~keep].sum() - expected[~keep].sum()) ** 2 / expected[~keep].sum().clamp(min=1e-9))
+    dof = int(keep.sum())  # kept cells + the pooled rest - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)  # far beyond p = 0.001 only if the law is wrong
+    return eng
+
+
 def test_speculative_sampling_keeps_the_distribution():
     """Joint law of the first two sampled tokens (the second one goes through draft/verify) against the
     exact one computed from full forwards; chi-square goodness of fit."""
@@ -94,23 +115,8 @@ def test_speculative_sampling_keeps_the_distribution():
         p0 = model(torch.tensor([prompt]))[0, -1].softmax(-1)
         pairs = torch.tensor([prompt + [a] for a in range(6)])
         p1 = model(pairs)[:, -1].softmax(-1)  # [6, 6]
-    exact = (p0[:, None] * p1).flatten()
-    n = 3000
-    eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600)
-    rids = [eng.add_request(prompt, max_new_tokens=2, temperature=1.0, seed=i) for i in range(n)]
-    done = {}
-    while eng.has_work():
-        eng.step()
-        done.update(eng.collect())
-    outs = [done[r].out for r in rids]
-    counts = torch.bincount(torch.tensor([a * 6 + b for a, b in outs]), minlength=36).float()
-    expected = exact * n
-    keep = expected >= 5
-    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum() + \
-        ((counts[~keep].sum() - expected[~keep].sum()) ** 2 / expected[~keep].sum().clamp(min=1e-9))
-    dof = int(keep.sum())  # kept cells + the pooled rest - 1
+    eng = assert_sampled_law(model, prompt, (p0[:, None] * p1).flatten(), new=2, n=3000)
     assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
-    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)  # far beyond p = 0.001 only if the law is wrong
 
 
 def two_drafts(cfg=None, **kw):
@@ -221,20 +227,6 @@ def test_two_drafts_sampling_keeps_the_distribution():
         p1 = model(torch.tensor([prompt + [a] for a in range(V)]))[:, -1].softmax(-1)  # [V, V]
         p2 = model(torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)]))[:, -1].softmax(-1)
     exact = (p0[:, None, None] * p1[:, :, None] * p2.view(V, V, V)).flatten()
-    n = 4000
-    eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600)
-    rids = [eng.add_request(prompt, max_new_tokens=3, temperature=1.0, seed=i) for i in range(n)]
-    done = {}
-    while eng.has_work():
-        eng.step()
-        done.update(eng.collect())
-    counts = torch.bincount(torch.tensor([(a * V + b) * V + c for a, b, c in (done[r].out for r in rids)]),
-                            minlength=V ** 3).float()
-    expected = exact * n
-    keep = expected >= 5
-    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum() + \
-        ((counts[~keep].sum() - expected[~keep].sum()) ** 2 / expected[~keep].sum().clamp(min=1e-9))
-    dof = int(keep.sum())
+    eng = assert_sampled_law(model, prompt, exact, new=3, n=4000)
     assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
-    assert eng.spec_stats["drafted"] > n  # second drafts were checked (after an accepted first one)
-    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
+    assert eng.spec_stats["drafted"] > 4000  # second drafts were checked (after an accepted first one)
