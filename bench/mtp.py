@@ -8,8 +8,8 @@ Prompts: the first 32 tokens of reasoning documents the built-in corpus generate
 use (same distribution, new problems). B = 1, each prompt alone, fp32; tok/s over the new tokens including the
 prefill (the same for both); plain and speculative passes take turns (--rounds of each; this shared CPU's speed
 drifts by +-15% within a minute): the tok/s columns are the best pass, the speed-up the median over rounds of
-speculative / plain in the same round; acceptance = accepted drafts / drafts checked (a draft after a rejected
-one is not checked); tokens / step = tokens a speculative step emits (1 + the drafts accepted).
+speculative / plain in the same round; acceptance = accepted drafts / drafts proposed (K a step, as vLLM counts);
+tokens / step = tokens a speculative step emits (1 + the drafts accepted).
 """
 
 import argparse

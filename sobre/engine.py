@@ -122,7 +122,7 @@ class Engine:
         c = model.config
         self.drafts = self.draft_tokens(c, speculative)  # MTP draft tokens per verify (0: plain decoding)
         self.speculative = self.drafts > 0
-        self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0}  # drafts checked, kept; verify rows
+        self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0}  # (vLLM's) drafts proposed, kept; verifies
         self.prefix_cache = prefix_cache
         self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
@@ -344,6 +344,7 @@ class Engine:
         picks = greedy(logits).tolist() if any(plain) else None  # [B][D + 1]
         events = []
         self.spec_stats["verified"] += len(seqs)
+        self.spec_stats["drafted"] += D * len(seqs)
         for i, (s, d) in enumerate(zip(seqs, drafts)):
             L, a = s.length - D - 1, 0  # (the verify advanced the cache over every draft)
             for j in range(D + 1):
@@ -360,7 +361,6 @@ class Engine:
                 if j == D:
                     break
                 ok = tok == d[j]  # (sampled: speculative_accept's verdict; a residual draw is never the draft)
-                self.spec_stats["drafted"] += 1
                 self.spec_stats["accepted"] += ok
                 if not ok or s.finish_reason is not None:
                     break

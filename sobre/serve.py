@@ -100,6 +100,8 @@ class EngineCounts:
         n = self.engine.counts
         for name, doc, key in (("sobre_spec_draft_tokens", "MTP draft tokens proposed", "spec_drafted"),
                                ("sobre_spec_accepted_tokens", "MTP draft tokens accepted", "spec_accepted"),
+                               ("sobre_spec_drafts", "speculative steps: verify forwards, per sequence",
+                                "spec_verified"),
                                ("sobre_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
                                 "prefix_hit"),
                                ("sobre_prefix_cache_miss_tokens", "prompt tokens prefilled with the prefix cache on",

@@ -236,7 +236,8 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
         for name in ("sobre_requests_total", "sobre_queue_depth", "sobre_running_sequences",
                      "sobre_time_to_first_token_seconds_bucket", "sobre_time_per_output_token_seconds_bucket",
                      "sobre_generation_tokens_total", "sobre_spec_draft_tokens_total 0.0",
-                     "sobre_spec_accepted_tokens_total 0.0", "sobre_prefix_cache_hit_tokens_total"):
+                     "sobre_spec_accepted_tokens_total 0.0", "sobre_spec_drafts_total 0.0",
+                     "sobre_prefix_cache_hit_tokens_total"):
             assert name in metrics
 
 
