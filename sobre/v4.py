@@ -526,11 +526,13 @@ class V4Transformer(nn.Module):
         return self.norm(self.hc_head(h)), h
 
     def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0) -> torch.Tensor:
-        """Incremental first MTP module (the engine's draft model; it drafts one token, k = 0): h [B, T, N, D]
-        main streams at positions i, tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict
-        i + 2."""
+        """Incremental first MTP module (the engine's draft model): h [B, T, N, D] main streams at positions i,
+        tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict i + 2. V4 drafts one token:
+        a second module would read the first's streams, which this does not return (k > 0 is refused)."""
+        if k:
+            raise ValueError("deepseek_v4 drafts one token a step (its first MTP module)")
         pos = positions(tokens, cache, self.config.max_seq_len)
-        _, x = self.mtp[k](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache)
+        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache)
         cache.advance(tokens.shape[1])
         return x
 
