@@ -121,7 +121,6 @@ class Engine:
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
         self.drafts = self.draft_tokens(c, speculative)  # MTP draft tokens per verify (0: plain decoding)
-        self.speculative = self.drafts > 0
         self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0}  # (vLLM's) drafts proposed, kept; verifies
         self.prefix_cache = prefix_cache
         self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
@@ -137,6 +136,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
+
+    @property
+    def speculative(self) -> bool:
+        return self.drafts > 0
 
     @staticmethod
     def draft_tokens(c, speculative: bool | int) -> int:
@@ -337,11 +340,16 @@ class Engine:
         tokens = torch.tensor([[s.pending] + d for s, d in zip(seqs, drafts)], device=self.device)
         h, state = m.hidden_state(tokens, self._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
         logits = m.head(h)  # [B, D + 1, V]
-        q_rows = [probs(q, [s.params for s in seqs]) for q in q_logits] if any(
-            s.params.temperature > 0 for s in seqs) else None
-        # greedy rows without penalties: every position's pick in one call (penalties move with the tokens before)
+        sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        q_rows = dict(zip(sampled, torch.stack([probs(q[sampled], [seqs[i].params for i in sampled])
+                                                for q in q_logits], 1))) if sampled else {}  # i -> [D, V]
+        # rows without penalties: every position's pick (greedy) or law (sampled) in one call; penalties move
+        # with the tokens accepted before, so those rows go one position at a time
         plain = [s.params.temperature == 0 and s.seen is None for s in seqs]
         picks = greedy(logits).tolist() if any(plain) else None  # [B][D + 1]
+        free = [i for i in sampled if seqs[i].seen is None]
+        p_rows = dict(zip(free, probs(logits[free, :D].flatten(0, 1), [seqs[i].params for i in free for _ in range(D)])
+                          .view(len(free), D, -1))) if free else {}  # i -> [D, V]
         events = []
         self.spec_stats["verified"] += len(seqs)
         self.spec_stats["drafted"] += D * len(seqs)
@@ -355,8 +363,8 @@ class Engine:
                 elif j == D:
                     tok = int(self._choose([s], logits[i, j:j + 1])[0])
                 else:
-                    p = probs(self._penalized([s], logits[i, j:j + 1]), [s.params])[0]
-                    tok = speculative_accept(p, q_rows[j][i], d[j], s.generator)[1]
+                    p = p_rows[i][j] if i in p_rows else probs(self._penalized([s], logits[i, j:j + 1]), [s.params])[0]
+                    tok = speculative_accept(p, q_rows[i][j], d[j], s.generator)[1]
                 events.append(self._emit(s, tok, logits[i, j]))
                 if j == D:
                     break
