@@ -53,19 +53,16 @@ class _HeadCE(torch.autograd.Function):
             logits = F.linear(hc, w).float()  # [n, V]
             if temperature != 1:
                 logits.div_(temperature)
-            lse = logits.logsumexp(-1)
-            lp[rows] = logits.gather(1, yc[:, None])[:, 0] - lse
+            e, log_s, lp[rows], ents = _softmax_parts(logits, yc, entropy)  # e = softmax * s, in place
+            if entropy:
+                ent[rows] = ents
             scale = None if row_weights is None else row_weights[rows].float()
             loss -= lp[rows].sum() if scale is None else (lp[rows] * scale).sum()
-            if want_h or want_w or entropy:
-                logp = logits.sub_(lse[:, None])  # [n, V]
-                p = logp.exp() if entropy else logp.exp_()
-                if entropy:
-                    ent[rows] = -(p * logp).sum(-1)
-                if want_h or want_w:  # d(sum_i w_i CE_i)/d(logits_i) = w_i (softmax_i - onehot_i) / temperature
-                    p[torch.arange(len(yc), device=p.device), yc] -= 1
-                    d = p.div_(N * temperature) if scale is None else p.mul_(scale[:, None] / temperature)
-                    _chunk_grads(d.to(mm), hc, w, grad_h, grad_w, rows)
+            if want_h or want_w:  # d(sum_i w_i CE_i)/d(logits_i) = w_i (softmax_i - onehot_i) / temperature
+                f = (torch.full_like(log_s, 1 / (N * temperature)) if scale is None else scale / temperature)[:, None]
+                d = e.mul_(f * (-log_s).exp()[:, None])  # softmax, scaled: one pass
+                d.scatter_add_(1, yc[:, None], -f)
+                _chunk_grads(d.to(mm), hc, w, grad_h, grad_w, rows)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(lp, ent)
         return (loss / N if row_weights is None else loss), lp, ent
@@ -98,11 +95,11 @@ class _HeadLogprobs(torch.autograd.Function):
         w = weight.to(mm)
         for i in range(0, N, step):
             logits = F.linear(h[i:i + step].to(mm), w).float().div_(temperature)
-            lse[i:i + step] = logits.logsumexp(-1)
-            lp[i:i + step] = logits.gather(1, targets[i:i + step, None])[:, 0] - lse[i:i + step]
-            if entropy:  # H = lse - sum(p * logits)
-                p = (logits - lse[i:i + step, None]).exp_()
-                ent[i:i + step] = lse[i:i + step] - (p * logits).sum(-1)
+            m = logits.amax(-1)  # (before _softmax_parts shifts the logits by it in place)
+            _, log_s, lp[i:i + step], ents = _softmax_parts(logits, targets[i:i + step], entropy)
+            lse[i:i + step] = m + log_s
+            if entropy:
+                ent[i:i + step] = ents
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.temperature, ctx.mm, ctx.step = temperature, mm, step
         ctx.mark_non_differentiable(ent)
@@ -122,6 +119,19 @@ class _HeadLogprobs(torch.autograd.Function):
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             _chunk_grads(d.div_(ctx.temperature).to(mm), hc, w, grad_h, grad_w, slice(i, i + ctx.step))
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
+    """A chunk's logits [n, V] (fp32, overwritten) -> (e = exp(logits - max) [n, V] (logits' buffer, unless
+    entropy), log s = log(sum e) [n], the targets' log-probs [n], the entropies [n] (or None)). Four passes over
+    [n, V] (max, shift, exp, sum) where logsumexp, then the log-softmax and its exp took seven."""
+    z = logits.sub_(logits.amax(-1, keepdim=True))  # [n, V], <= 0
+    zy = z.gather(1, targets[:, None])[:, 0]
+    e = z.exp() if entropy else z.exp_()
+    s = e.sum(-1)
+    log_s = s.log()
+    ent = log_s - (e * z).sum(-1) / s if entropy else None  # H = log s - sum(softmax * z)
+    return e, log_s, zy - log_s, ent
 
 
 def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
