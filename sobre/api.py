@@ -1,5 +1,5 @@
 """The API's routes: /v1/chat/completions, /v1/completions, /v1/models (responses in OpenAI's shapes; chat adds
-DeepSeek's `reasoning_content`, also streamed as deltas)."""
+DeepSeek's `reasoning_content`, also streamed as deltas, and tool calls in DeepSeek's format (sobre.tools))."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .protocol import APIError, ChatRequest, CompletionRequest
+from .chat import END_THINK, THINK
+from .protocol import APIError, ChatRequest, CompletionRequest, Message, NamedTool
 from .serve import Server, request_id, split_final, sse
+from .tools import ToolCallStream, call_prefix, split_tool_calls
 
 
 def routes(app: FastAPI, srv: Server, auth):
@@ -27,14 +29,15 @@ def routes(app: FastAPI, srv: Server, auth):
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: ChatRequest, request: Request):
         srv.check_model(req.model)
-        if req.tools:
-            raise APIError(400, "tool calls are not supported", param="tools")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-                    for i, m in enumerate(req.messages)]
+        tools, forced = tool_setup(req)
+        messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
         try:
-            text = tok.apply_chat_template(messages, **(req.chat_template_kwargs or {}))
+            text = tok.apply_chat_template(messages, **({"tools": tools} if tools else {}),
+                                           **(req.chat_template_kwargs or {}))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
+        if forced:  # the answer starts with the call (out of the reasoning, if the template opened it)
+            text += (END_THINK if text.rstrip().endswith(THINK) else "") + forced
         prompt = tok.encode(text)
         thinking = text.rstrip().endswith("<think>")
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -52,10 +55,16 @@ def routes(app: FastAPI, srv: Server, auth):
             out = []
             for c in choices:
                 reasoning, content = split_final(c, thinking)
-                msg = {"role": "assistant", "content": content}
+                msg, finish_reason = {"role": "assistant", "content": content}, c.finish_reason
                 if reasoning is not None:
                     msg["reasoning_content"] = reasoning
-                out.append({"index": c.index, "message": msg, "finish_reason": c.finish_reason,
+                if forced is not None:
+                    content, calls = split_tool_calls(forced + content)  # (no call finished: the text)
+                    msg["content"] = content
+                    if calls:  # (OpenAI's shape: content null when the turn is only calls)
+                        msg.update(content=content.strip() or None, tool_calls=calls)
+                        finish_reason = "tool_calls"
+                out.append({"index": c.index, "message": msg, "finish_reason": finish_reason,
                             "logprobs": srv.chat_logprobs(c.logprobs) if top is not None else None})
             return {**head, "object": "chat.completion", "choices": out, "usage": usage}
 
@@ -65,6 +74,10 @@ def routes(app: FastAPI, srv: Server, auth):
             obj = {**head, "object": "chat.completion.chunk",
                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
             return sse({**obj, "usage": None} if usage else obj)
+
+        calling = {c.index: ToolCallStream() for c in choices} if forced is not None else {}
+        for s in calling.values():
+            s.feed(forced)  # (held: it opens the calls)
 
         async def body():
             for c in choices:
@@ -76,15 +89,24 @@ def routes(app: FastAPI, srv: Server, auth):
                 if top is not None and len(c.logprobs) > sent_lp[c.index]:
                     lp = srv.chat_logprobs(c.logprobs[sent_lp[c.index]:])
                     sent_lp[c.index] = len(c.logprobs)
-                delta = {}
+                delta, calls, s = {}, [], calling.get(c.index)
+                if s is not None:
+                    done = s.calls
+                    content, calls = s.feed(content)
+                    if final:
+                        rest, _ = s.flush()
+                        content += rest
+                    calls = [{"index": done + k, **call} for k, call in enumerate(calls)]
                 if reasoning:
                     delta["reasoning_content"] = reasoning
                 if content:
                     delta["content"] = content
+                if calls:
+                    delta["tool_calls"] = calls
                 if delta or lp:
                     yield chunk(c.index, delta, logprobs=lp)
                 if final:
-                    yield chunk(c.index, {}, c.finish_reason)
+                    yield chunk(c.index, {}, "tool_calls" if s is not None and s.calls else c.finish_reason)
 
         return event_stream(body(), lambda: finish(request, srv, [prompt], req.n, choices),
                             {**head, "object": "chat.completion.chunk"} if usage else None)
@@ -128,6 +150,36 @@ def routes(app: FastAPI, srv: Server, auth):
 
         return event_stream(body(), lambda: finish(request, srv, prompts, req.n, choices),
                             {**head, "object": "text_completion"} if usage else None)
+
+
+def tool_setup(req: ChatRequest) -> tuple[list[dict] | None, str | None]:
+    """(the tools the chat template shows, or None; what the answer is parsed for calls after: "" with
+    tool_choice "auto", the start of a call the completion is forced to continue with "required" or a named
+    function (the model then writes that call's arguments, no grammar constrains them); None: no tools)."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None, None
+    if choice == "none":
+        return None, None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if isinstance(choice, NamedTool):
+        if choice.function.name not in {t.function.name for t in req.tools}:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                           param="tool_choice")
+        return tools, call_prefix(choice.function.name)
+    return tools, call_prefix() if choice == "required" else ""
+
+
+def chat_message(m: Message, i: int) -> dict:
+    """A request message as chat templates take it (developer -> system; tool calls and results kept)."""
+    out = {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+    if m.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def finish(request: Request, srv: Server, prompts, n: int, choices) -> dict:

@@ -3,6 +3,7 @@ DeepSeek-R1-style default, and split reasoning (<think>...</think>) from the ans
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import jinja2
@@ -10,19 +11,36 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 THINK, END_THINK = "<think>", "</think>"
 
-# DeepSeek-R1's conventions: earlier assistant turns lose their reasoning; a new turn opens with <think>
+# DeepSeek-R1's conventions: earlier assistant turns lose their reasoning; a new turn opens with <think>. Tools
+# (function schemas), assistant tool calls and tool results as DeepSeek-V3.1 writes them (sobre.tools parses them)
 DEFAULT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set ns = namespace(tools_shown=false, system=false) %}"
     "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% if tools and not ns.tools_shown and m['role'] != 'system' %}{% set ns.tools_shown = true %}"
+    "{{ '\\n\\n' if ns.system else '' }}## Tools\nYou have access to the following tools:\n"
+    "{% for t in tools %}\n### {{ t['function']['name'] }}\nDescription: {{ t['function']['description'] or '' }}"
+    "\n\nParameters: {{ t['function']['parameters'] | tojson }}\n{% endfor %}"
+    "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
+    "tool_call_name<｜tool▁sep｜>tool_call_arguments<｜tool▁call▁end｜><｜tool▁calls▁end｜>\n\n"
+    "{% endif %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}{% set ns.system = true %}"
     "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'].split('</think>')[-1].lstrip() }}"
-    "<｜end▁of▁sentence｜>"
+    "{% if m['tool_calls'] %}<｜tool▁calls▁begin｜>{% for c in m['tool_calls'] %}<｜tool▁call▁begin｜>"
+    "{{ c['function']['name'] }}<｜tool▁sep｜>{{ c['function']['arguments'] }}<｜tool▁call▁end｜>{% endfor %}"
+    "<｜tool▁calls▁end｜>{% endif %}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>"
     "{% else %}{{ raise_exception('unknown role ' ~ m['role']) }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking is not defined or thinking %}<think>\n{% endif %}"
     "{% endif %}"
 )
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' tojson filter for chat templates (jinja's own escapes HTML characters)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise(msg):
@@ -33,13 +51,16 @@ def _raise(msg):
 def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
+    env.filters["tojson"] = tojson
     return env.from_string(template)
 
 
 def render(messages: list[dict], template: str | None = None, add_generation_prompt: bool = True,
            bos_token: str = "<｜begin▁of▁sentence｜>", eos_token: str = "<｜end▁of▁sentence｜>",
            thinking: bool = True, **extra) -> str:
-    """Conversation -> prompt text. Messages are {"role": system|user|assistant, "content": str}."""
+    """Conversation -> prompt text. Messages are {"role": system|user|assistant|tool, "content": str}, an
+    assistant's possibly with "tool_calls" ([{"type": "function", "function": {"name", "arguments"}}]); extra
+    template variables such as tools=[{"type": "function", "function": {"name", "description", "parameters"}}]."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
             raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
@@ -89,7 +110,7 @@ class ReasoningStream:
                 self.thinking = False
                 self.buf = self.buf.lstrip()
                 continue
-            keep = _partial_suffix(self.buf, tag) if tag else 0
+            keep = partial_suffix(self.buf, tag) if tag else 0
             out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
             if self.thinking:
                 reasoning += out
@@ -103,7 +124,7 @@ class ReasoningStream:
         return (rest, "") if self.thinking else ("", rest)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

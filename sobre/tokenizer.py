@@ -55,9 +55,10 @@ class Tokenizer:
             (out / "chat_template.jinja").write_text(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            thinking: bool = True) -> str:
+                            thinking: bool = True, **extra) -> str:
+        """extra: more template variables, e.g. tools (OpenAI's function schemas), as transformers passes them."""
         kw = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if v}
-        return render(messages, self.chat_template, add_generation_prompt, thinking=thinking, **kw)
+        return render(messages, self.chat_template, add_generation_prompt, thinking=thinking, **kw | extra)
 
 
 def framing_ids(tokenizer) -> set[int]:

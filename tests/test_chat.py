@@ -12,12 +12,19 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import sobre
 from sobre.chat import ReasoningStream, render, split_reasoning
 from sobre.tokenizer import TextStream, Tokenizer
+from sobre.tools import CALLS_BEGIN, CALLS_END, ToolCallStream, split_tool_calls
 
 from conftest import random_model
 
 SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
          {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}, {"role": "user", "content": "and 3+3?"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "description": "e.g. Zürich"}}, "required": ["city"]}}}]
+TOOL_CONVO = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+              {"role": "tool", "content": "20°C", "tool_call_id": "call_1"}]
 LLAMA_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -36,8 +43,8 @@ def test_default_template_is_r1_style():
     assert render(CONVO) == ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜>"
                              "<｜User｜>and 3+3?<｜Assistant｜><think>\n")
     assert render(CONVO, thinking=False).endswith("<｜Assistant｜>")
-    with pytest.raises(ValueError, match="unknown role tool"):
-        render([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="unknown role robot"):
+        render([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="messages\\[0\\]"):
         render([{"role": "user"}])
 
@@ -51,6 +58,45 @@ def test_templates_render_like_transformers(template):
                                  chat_template=template or sobre.chat.DEFAULT_TEMPLATE)
     want = hf.apply_chat_template(CONVO, tokenize=False, add_generation_prompt=True, thinking=True)
     assert tok.apply_chat_template(CONVO) == want
+    if template is None:  # tools, an assistant's tool calls and a tool's result
+        want = hf.apply_chat_template(TOOL_CONVO, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(TOOL_CONVO, tools=TOOLS) == want
+        assert want.startswith("<｜begin▁of▁sentence｜>Use tools.\n\n## Tools\n") and "e.g. Zürich" in want
+        assert ('<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}'
+                '<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁output▁begin｜>20°C'
+                '<｜tool▁output▁end｜><｜Assistant｜><think>\n') in want
+
+
+CALL = "<｜tool▁call▁begin｜>{}<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ("Sure." + CALLS_BEGIN + CALL.format("get_weather", ' {"city": "Paris"}') + CALL.format("now", "{}") + CALLS_END
+     + "<｜end▁of▁sentence｜>", "Sure.", [("get_weather", '{"city": "Paris"}'), ("now", "{}")]),
+    (CALLS_BEGIN + CALL.format("function", 'get_weather\n```json\n{"city": "Paris"}\n```') + CALLS_END, "",
+     [("get_weather", '{"city": "Paris"}')]),  # V3 / R1's format
+    ("no call, a <｜tool", "no call, a <｜tool", []),
+    ("cut short" + CALLS_BEGIN + '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci',
+     "cut short" + CALLS_BEGIN + '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci', []),
+    (CALLS_BEGIN + CALL.format("a", "{}") + '<｜tool▁call▁begin｜>b<｜tool▁sep｜>{"x', "", [("a", "{}")]),
+])
+def test_tool_calls_parsed_whole_and_streamed(text, content, calls):
+    got_content, got = split_tool_calls(text)
+    assert got_content == content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got] == calls
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in got)
+    assert len({c["id"] for c in got}) == len(got)
+    for cut in range(len(text) + 1):  # every split into two deltas, and one character at a time
+        for pieces in ([text[:cut], text[cut:]], list(text) if cut == 0 else []):
+            if not pieces:
+                continue
+            s, out, names = ToolCallStream(), "", []
+            for p in pieces:
+                o, cs = s.feed(p)
+                out += o
+                names += [(c["function"]["name"], c["function"]["arguments"]) for c in cs]
+            o, cs = s.flush()
+            assert (out + o, names + cs) == (content, calls)
 
 
 @pytest.mark.parametrize("text,started,want", [

@@ -19,6 +19,7 @@ from sobre.chat import split_reasoning
 from sobre.engine import Engine
 from sobre.serve import create_app
 from sobre.tokenizer import train_tokenizer
+from sobre.tools import CALLS_BEGIN, CALLS_END, call_prefix
 from sobre.worker import EngineProcess
 
 from conftest import random_model
@@ -137,6 +138,96 @@ def test_openai_client_chat_and_completions(live, ref):
         model="tiny", prompt=ref.tokenizer.encode(prompt), temperature=0, max_tokens=16, stream=True))
     assert streamed == text
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+class Scripted(torch.nn.Module):
+    """A head that writes a script: the i-th call's logits put all mass on script[i] (then end-of-sentence), so
+    a served model answers with exactly that text, sampled or not."""
+
+    def __init__(self, vocab: int, eos: int):
+        super().__init__()
+        self.vocab, self.eos, self.script, self.i = vocab, eos, [], 0
+
+    def forward(self, h):  # [B, D] -> [B, V]
+        t = self.script[self.i] if self.i < len(self.script) else self.eos
+        self.i += 1
+        return torch.full((*h.shape[:-1], self.vocab), -1e9).index_fill_(-1, torch.tensor([t]), 0.0)
+
+
+def test_tool_calls_openai_client(ckpt, tmp_path):
+    """Tools reach the prompt (chat template), DeepSeek-format calls in the answer come back as OpenAI tool_calls
+    (finish_reason tool_calls), streamed as tool_calls deltas; tool_choice "required" / a named function
+    force the call's start; tool results go back into the prompt; bad tool requests get 4xx."""
+    from openai import BadRequestError, OpenAI
+    path = shutil.copytree(ckpt, tmp_path / "long")  # a longer context: the tools' text takes ~370 tokens here
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))
+    eng = Engine.from_pretrained(path)
+    tok = eng.tokenizer
+    head = eng.model.head = Scripted(eng.model.config.vocab_size, tok.eos_id)
+    prompts = []
+    add = eng.add_request
+    eng.add_request = lambda prompt, *a, **kw: prompts.append(tok.decode(prompt)) or add(prompt, *a, **kw)
+    server = Live(create_app(eng, "tiny"))
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    call = '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜>'
+    try:
+        for stream in (False, True):
+            head.script, head.i = tok.encode("Look it up.</think>On it." + CALLS_BEGIN + call + CALLS_END), 0
+            r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, stream=stream)
+            if not stream:
+                msg, finish = r.choices[0].message, r.choices[0].finish_reason
+                content, reasoning, calls = msg.content, msg.model_extra["reasoning_content"], msg.tool_calls
+            else:
+                chunks = [c for c in r if c.choices]
+                content = "".join(c.choices[0].delta.content or "" for c in chunks)
+                reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                                    for c in chunks).strip()
+                calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
+                finish = chunks[-1].choices[0].finish_reason
+            assert (reasoning, content, finish) == ("Look it up.", "On it.", "tool_calls")
+            assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}')]
+            assert calls[0].id.startswith("call_") and calls[0].type == "function"
+            assert "## Tools" in prompts[-1] and '"city": {"type": "string"}' in prompts[-1]
+
+        for choice, prefix in (("required", call_prefix()), ({"type": "function", "function": {"name": "get_weather"}},
+                                                           call_prefix("get_weather"))):
+            rest = '{"city": "Rome"}<｜tool▁call▁end｜>' if prefix.endswith("<｜tool▁sep｜>") else \
+                call.removeprefix("<｜tool▁call▁begin｜>")
+            head.script, head.i = tok.encode(rest + CALLS_END), 0
+            r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice=choice)
+            assert prompts[-1].endswith("<think>\n</think>" + prefix)  # (the call is the answer, not reasoning)
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+            assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+        head.script, head.i = tok.encode("Sunny.</think>It is 20C."), 0  # the tool's result goes back
+        past = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        turn = msgs + [{"role": "assistant", "content": None, "tool_calls": [past]},
+                       {"role": "tool", "tool_call_id": "call_1", "content": "20C, sunny"}]
+        r = client.chat.completions.create(model="tiny", messages=turn, tools=tools)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("It is 20C.", "stop")
+        assert r.choices[0].message.tool_calls is None
+        assert call + "<｜tool▁calls▁end｜>" in prompts[-1] and "<｜tool▁output▁begin｜>20C, sunny" in prompts[-1]
+        head.script, head.i = tok.encode("x</think>" + CALLS_BEGIN + call + CALLS_END), 0  # tool_choice none
+        r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice="none")
+        assert r.choices[0].message.tool_calls is None and "## Tools" not in prompts[-1]
+
+        n = len(prompts)
+        for kw, param in ((dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}),
+                           "tool_choice"), (dict(tool_choice="required"), "tool_choice")):
+            with pytest.raises(BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=msgs, **kw)
+            assert e.value.body["param"] == param
+        bad = [{"type": "function", "function": {"name": "has space"}}]
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": msgs, "tools": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "tools.0.function.name"
+        assert len(prompts) == n  # none reached the engine
+    finally:
+        server.close()
 
 
 def test_chat_logprobs_stop_strings_n_and_seed(live, ref):
