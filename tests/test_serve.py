@@ -193,6 +193,14 @@ def test_tool_calls_openai_client(ckpt, tmp_path):
             assert calls[0].id.startswith("call_") and calls[0].type == "function"
             assert "## Tools" in prompts[-1] and '"city": {"type": "string"}' in prompts[-1]
 
+        cut = "Wait." + CALLS_BEGIN + '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci'  # ends before the call does
+        for stream in (False, True):
+            head.script, head.i = tok.encode("x</think>" + cut), 0
+            r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, stream=stream)
+            text = "".join(c.choices[0].delta.content or "" for c in r if c.choices) if stream else \
+                r.choices[0].message.content
+            assert text == cut  # an unfinished call stays text
+
         for choice, prefix in (("required", call_prefix()), ({"type": "function", "function": {"name": "get_weather"}},
                                                            call_prefix("get_weather"))):
             rest = '{"city": "Rome"}<｜tool▁call▁end｜>' if prefix.endswith("<｜tool▁sep｜>") else \
