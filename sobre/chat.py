@@ -4,6 +4,7 @@ DeepSeek-R1-style default, and split reasoning (<think>...</think>) from the ans
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from functools import lru_cache
 
 import jinja2
@@ -51,6 +52,7 @@ def _raise(msg):
 def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # (Llama 3's templates date the prompt)
     env.filters["tojson"] = tojson
     return env.from_string(template)
 

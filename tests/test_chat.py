@@ -25,8 +25,8 @@ TOOL_CONVO = [{"role": "system", "content": "Use tools."}, {"role": "user", "con
               {"role": "assistant", "content": "", "tool_calls": [
                   {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
               {"role": "tool", "content": "20°C", "tool_call_id": "call_1"}]
-LLAMA_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+LLAMA_LIKE = ("{{ strftime_now('%Y') }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def toy_tokenizer():
