@@ -56,6 +56,7 @@ class Sequence:
     text: str = ""
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
+    bias: torch.Tensor | None = None  # [V] fp32 logit_bias
 
     def advance(self, T: int, mtp: int | None = None):
         """T more tokens in the cache (of the main model, or of MTP layer `mtp`)."""
@@ -90,6 +91,8 @@ class Limits:
         if len(prompt) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len} "
                              "(max_position_embeddings) with room for one new token")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if params.stop and not self.tokenizer:
             raise ValueError("stop strings need a tokenizer (Engine(model, tokenizer))")
         need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
@@ -199,6 +202,10 @@ class Engine:
             seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
             seq.seen[prompt] = True
             seq.counts = torch.zeros(c.vocab_size, device=self.device)
+        if params.logit_bias:
+            ids, vals = zip(*params.logit_bias.items())
+            seq.bias = torch.zeros(c.vocab_size, device=self.device).index_put_(
+                (torch.tensor(ids, device=self.device),), torch.tensor(vals, device=self.device))
         self.next_id += 1
         self.waiting.append(seq)
         return seq.rid
@@ -346,9 +353,10 @@ class Engine:
         # rows without penalties: every position's pick (greedy) or law (sampled) in one call; penalties move
         # with the tokens accepted before, so those rows go one position at a time
         plain = [s.params.temperature == 0 and s.seen is None for s in seqs]
-        picks = greedy(logits).tolist() if any(plain) else None  # [B][D + 1]
+        scored = self._biased(seqs, logits)  # (logit_bias moves every position alike)
+        picks = greedy(scored).tolist() if any(plain) else None  # [B][D + 1]
         free = [i for i in sampled if seqs[i].seen is None]
-        p_rows = dict(zip(free, probs(logits[free, :D].flatten(0, 1), [seqs[i].params for i in free for _ in range(D)])
+        p_rows = dict(zip(free, probs(scored[free, :D].flatten(0, 1), [seqs[i].params for i in free for _ in range(D)])
                           .view(len(free), D, -1))) if free else {}  # i -> [D, V]
         events = []
         self.spec_stats["verified"] += len(seqs)
@@ -446,8 +454,15 @@ class Engine:
                 t[slots[1]] = t[slots[0]]
         dst.length = n
 
+    def _biased(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, ..., V] (fp32) plus each row's logit_bias (the same tensor when no row has one)."""
+        if all(s.bias is None for s in seqs):
+            return logits
+        bias = torch.stack([s.bias if s.bias is not None else logits.new_zeros(logits.shape[-1]) for s in seqs])
+        return logits + bias.view(len(seqs), *[1] * (logits.dim() - 2), -1)
+
     def _penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()  # [B, V]
+        logits = self._biased(seqs, logits.float())  # [B, V]
         if any(s.seen is not None for s in seqs):
             V = logits.shape[-1]
             seen = torch.stack([s.seen if s.seen is not None else logits.new_zeros(V, dtype=torch.bool)

@@ -51,6 +51,18 @@ class Sampling(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are: a string) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return v
+        if not all(k.isdigit() for k in v):
+            raise ValueError("logit_bias keys must be token ids")
+        if not all(-100 <= b <= 100 for b in v.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        return v
 
     @field_validator("stop")
     @classmethod

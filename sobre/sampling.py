@@ -1,6 +1,7 @@
 """Sampling: per-request parameters, penalties, temperature / top-k / top-p / min-p, seeds and logprobs.
 
-Order, for each row: penalties on the raw logits -> temperature -> top-k -> top-p -> min-p -> draw.
+Order, for each row: logit bias and penalties on the raw logits -> temperature -> top-k -> top-p -> min-p ->
+draw.
 top-p and min-p both look at the distribution left after top-k (as in transformers).
 Reported logprobs are those of the model's own distribution (raw logits, before any of the above).
 """
@@ -26,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings (matched on detokenized text by the engine)
     seed: int | None = None
     logprobs: int | None = None  # also return the top-n alternatives' logprobs per step
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI's)
 
     def __post_init__(self):
         checks = [
@@ -48,6 +50,10 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ValueError("sampling parameter stop: stop strings must be non-empty")
+        if self.logit_bias:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+            if any(t < 0 for t in self.logit_bias) or any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+                raise ValueError("sampling parameter logit_bias: token ids must be >= 0 and biases in [-100, 100]")
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor,

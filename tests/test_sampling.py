@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sobre import generate
+from sobre import Engine, generate
 from sobre.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample, top_logprobs
 
 from conftest import random_model
@@ -112,3 +112,27 @@ def test_generate_seeded_sampling_reproducible_and_penalties_change_output():
     assert greedy != no_repeat or len(set(greedy)) == len(greedy)
     with pytest.raises(ValueError, match="token ids must be in"):
         list(generate(model, [10**6]))
+
+
+def test_logit_bias_forces_bans_and_leaves_logprobs_and_neighbours_alone():
+    """OpenAI's logit_bias: +100 makes a token every pick, -100 bans the greedy tokens; the reported logprobs stay
+    the model's own; a row without bias in the same batch decodes as alone."""
+    model = random_model()
+    prompt = [1, 2, 3]
+    base = Engine(model).generate([prompt], max_new_tokens=8)[0]
+    eng = Engine(model)
+    forced = eng.add_request(prompt, max_new_tokens=8, logit_bias={5: 100}, logprobs=0)
+    banned = eng.add_request(prompt, max_new_tokens=8, logit_bias={t: -100 for t in base}, temperature=1.0, seed=0)
+    alone = eng.add_request(prompt, max_new_tokens=8)
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    assert done[forced].out == [5] * 8 and done[alone].out == base and not set(done[banned].out) & set(base)
+    with torch.no_grad():
+        raw = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)
+    assert done[forced].logprobs[0][0] == pytest.approx(raw[5].item(), abs=1e-5)
+    with pytest.raises(ValueError, match="sampling parameter logit_bias"):
+        SamplingParams(logit_bias={0: 101})
+    with pytest.raises(ValueError, match="logit_bias token ids must be in"):
+        eng.add_request(prompt, logit_bias={model.config.vocab_size: 1})

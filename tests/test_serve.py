@@ -238,6 +238,23 @@ def test_tool_calls_openai_client(ckpt, tmp_path):
         server.close()
 
 
+def test_logit_bias(live, ref):
+    """OpenAI's logit_bias (keys: token ids as strings): +100 makes a token every pick, on both endpoints; bad
+    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx."""
+    t = ref.tokenizer.encode(" the")[0]
+    want = ref.tokenizer.decode([t] * 4)
+    url = live.url + "/v1/"
+    r = httpx.post(url + "completions", json={"prompt": "Hello", "max_tokens": 4, "logit_bias": {str(t): 100}})
+    assert r.json()["choices"][0]["text"] == want
+    r = httpx.post(url + "chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logit_bias": {str(t): 100},
+        "chat_template_kwargs": {"thinking": False}})
+    assert r.json()["choices"][0]["message"]["content"] == want.strip()
+    for bias, status in (({"x": 1}, 422), ({str(t): 101}, 422), ({"100000": 1}, 400)):
+        r = httpx.post(url + "completions", json={"prompt": "Hello", "max_tokens": 4, "logit_bias": bias})
+        assert r.status_code == status and "logit_bias" in r.json()["error"]["message"], r.json()
+
+
 def test_chat_logprobs_stop_strings_n_and_seed(live, ref):
     from openai import OpenAI
     client = OpenAI(base_url=live.url + "/v1", api_key="none")

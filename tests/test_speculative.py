@@ -85,12 +85,13 @@ def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
     assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
 
 
-def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, n: int) -> Engine:
-    """Sample n continuations of `new` tokens (seeds 0..n-1) with MTP drafting; chi-square goodness of fit of
-    their joint counts against the exact law [V ** new] (cells expected under 5 pooled). Returns the engine."""
+def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, n: int, **kw) -> Engine:
+    """Sample n continuations of `new` tokens (seeds 0..n-1; kw: more sampling parameters) with MTP drafting;
+    chi-square goodness of fit of their joint counts against the exact law [V ** new] (cells expected under 5
+    pooled). Returns the engine."""
     V = model.config.vocab_size
     eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600)
-    rids = [eng.add_request(prompt, max_new_tokens=new, temperature=1.0, seed=i) for i in range(n)]
+    rids = [eng.add_request(prompt, max_new_tokens=new, temperature=1.0, seed=i, **kw) for i in range(n)]
     done = {}
     while eng.has_work():
         eng.step()
@@ -106,17 +107,20 @@ def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, 
     return eng
 
 
-def test_speculative_sampling_keeps_the_distribution():
+@pytest.mark.parametrize("bias", [None, {0: 1.5, 2: -1.0}])
+def test_speculative_sampling_keeps_the_distribution(bias):
     """Joint law of the first two sampled tokens (the second one goes through draft/verify) against the
-    exact one computed from full forwards; chi-square goodness of fit."""
+    exact one computed from full forwards (with a logit_bias: from the biased logits); chi-square goodness of
+    fit."""
     cfg = sobre.preset("debug", vocab_size=6, n_layers=2, max_seq_len=16)
     model = random_model(cfg, std=0.5)
     prompt = [1, 2, 3]
+    b = torch.zeros(6).index_put_((torch.tensor(list(bias)),), torch.tensor(list(bias.values()))) if bias else 0
     with torch.no_grad():
-        p0 = model(torch.tensor([prompt]))[0, -1].softmax(-1)
+        p0 = (model(torch.tensor([prompt]))[0, -1] + b).softmax(-1)
         pairs = torch.tensor([prompt + [a] for a in range(6)])
-        p1 = model(pairs)[:, -1].softmax(-1)  # [6, 6]
-    eng = assert_sampled_law(model, prompt, (p0[:, None] * p1).flatten(), new=2, n=3000)
+        p1 = (model(pairs)[:, -1] + b).softmax(-1)  # [6, 6]
+    eng = assert_sampled_law(model, prompt, (p0[:, None] * p1).flatten(), new=2, n=3000, logit_bias=bias)
     assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
 
 
@@ -143,12 +147,13 @@ def test_two_mtp_layers_draft_two_tokens():
 
 
 def test_two_drafts_with_penalties_and_logprobs_equal_plain():
-    """Greedy rows with penalties beside a sampled row, two drafts: each verified position picks after the
-    tokens accepted before it (penalties move with them), and the logprobs are the verify's rows: output and
-    logprobs equal plain decoding's."""
+    """Greedy rows with penalties or a logit bias beside a sampled row, two drafts: each verified position picks
+    after the tokens accepted before it (penalties move with them), and the logprobs are the verify's rows:
+    output and logprobs equal plain decoding's."""
     model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=16), std=0.3)
-    kinds = [{}, {"repetition_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": 0.5}]
-    prompts = [[1, 2, 3, 4], [5], [7, 7, 1]]
+    kinds = [{}, {"repetition_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": 0.5},
+             {"logit_bias": {3: 1.5, 5: -2.0}}, {"logit_bias": {3: 1.5}, "repetition_penalty": 1.5}]
+    prompts = [[1, 2, 3, 4], [5], [7, 7, 1], [2, 6], [9, 3]]
 
     def run(eng):
         rids = [eng.add_request(p, max_new_tokens=24, logprobs=2, **k) for p, k in zip(prompts, kinds)]
