@@ -29,6 +29,10 @@ def routes(app: FastAPI, srv: Server, auth):
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: ChatRequest, request: Request):
         srv.check_model(req.model)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported: it needs constrained "
+                           "decoding, which sobre does not do; ask for JSON in the prompt and parse the answer",
+                           param="response_format")
         tools, forced = tool_setup(req)
         messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
         try:

@@ -134,6 +134,11 @@ class Message(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -143,6 +148,7 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
     parallel_tool_calls: bool = True  # (accepted; the model decides how many calls it writes)
+    response_format: ResponseFormat | None = None  # "text" only: JSON modes would need constrained decoding
     chat_template_kwargs: dict | None = None
 
 

@@ -240,7 +240,8 @@ def test_tool_calls_openai_client(ckpt, tmp_path):
 
 def test_logit_bias(live, ref):
     """OpenAI's logit_bias (keys: token ids as strings): +100 makes a token every pick, on both endpoints; bad
-    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx."""
+    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx. A JSON response_format is refused
+    (no constrained decoding), not ignored."""
     t = ref.tokenizer.encode(" the")[0]
     want = ref.tokenizer.decode([t] * 4)
     url = live.url + "/v1/"
@@ -250,6 +251,9 @@ def test_logit_bias(live, ref):
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logit_bias": {str(t): 100},
         "chat_template_kwargs": {"thinking": False}})
     assert r.json()["choices"][0]["message"]["content"] == want.strip()
+    r = httpx.post(url + "chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                   "response_format": {"type": "json_object"}})  # (not silently)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     for bias, status in (({"x": 1}, 422), ({str(t): 101}, 422), ({"100000": 1}, 400)):
         r = httpx.post(url + "completions", json={"prompt": "Hello", "max_tokens": 4, "logit_bias": bias})
         assert r.status_code == status and "logit_bias" in r.json()["error"]["message"], r.json()
