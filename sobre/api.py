@@ -29,10 +29,10 @@ def routes(app: FastAPI, srv: Server, auth):
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: ChatRequest, request: Request):
         srv.check_model(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format {req.response_format.type!r} is not supported: it needs constrained "
-                           "decoding, which sobre does not do; ask for JSON in the prompt and parse the answer",
-                           param="response_format")
+        json_mode = req.response_format is not None and req.response_format.type == "json_object"
+        if req.response_format is not None and req.response_format.type == "json_schema":
+            raise APIError(400, "response_format 'json_schema' is not supported (no schema-guided decoding); "
+                           "'json_object' is: the answer is one JSON object", param="response_format")
         tools, forced = tool_setup(req)
         messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
         try:
@@ -40,14 +40,14 @@ def routes(app: FastAPI, srv: Server, auth):
                                            **(req.chat_template_kwargs or {}))
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
-        if forced:  # the answer starts with the call (out of the reasoning, if the template opened it)
-            text += (END_THINK if text.rstrip().endswith(THINK) else "") + forced
+        if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
+            text += (END_THINK if text.rstrip().endswith(THINK) else "") + (forced or "")
         prompt = tok.encode(text)
         thinking = text.rstrip().endswith("<think>")
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        choices = await srv.start([prompt], req.n, lambda n, j: srv.params(req, n, max_tokens, top, j), thinking,
-                                  "messages")
+        choices = await srv.start([prompt], req.n, lambda n, j: srv.params(req, n, max_tokens, top, j, json_mode),
+                                  thinking, "messages")
         rid, created = request_id("chatcmpl"), int(time.time())
         request.state.prompt_tokens = len(prompt) * req.n
         head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import v4cache
+from .constrain import JsonPrefix, redraw, token_texts
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, PagedStep, paged_rows
 from .parallel import keep_freed_memory
@@ -57,6 +58,7 @@ class Sequence:
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
     bias: torch.Tensor | None = None  # [V] fp32 logit_bias
+    json: JsonPrefix | None = None  # JSON mode: the object so far
 
     def advance(self, T: int, mtp: int | None = None):
         """T more tokens in the cache (of the main model, or of MTP layer `mtp`)."""
@@ -93,8 +95,8 @@ class Limits:
                              "(max_position_embeddings) with room for one new token")
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
-        if params.stop and not self.tokenizer:
-            raise ValueError("stop strings need a tokenizer (Engine(model, tokenizer))")
+        if (params.stop or params.json) and not self.tokenizer:
+            raise ValueError("stop strings and JSON mode need a tokenizer (Engine(model, tokenizer))")
         need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
         if need > self.blocks:
             raise ValueError(f"request needs {need} cache blocks, the pool has {self.blocks}; raise cache_tokens")
@@ -139,6 +141,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
+        self.texts: list[str] | None = None  # each token's text, made for the first JSON-mode request
 
     @property
     def speculative(self) -> bool:
@@ -202,6 +205,9 @@ class Engine:
             seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
             seq.seen[prompt] = True
             seq.counts = torch.zeros(c.vocab_size, device=self.device)
+        if params.json:
+            seq.json = JsonPrefix()
+            self.texts = self.texts or token_texts(self.tokenizer, c.vocab_size)
         if params.logit_bias:
             ids, vals = zip(*params.logit_bias.items())
             seq.bias = torch.zeros(c.vocab_size, device=self.device).index_put_(
@@ -292,7 +298,7 @@ class Engine:
                     seq.mtp_in = [states[i]] + [states[i][:0]] * (self.drafts - 1)
         live = [s for s in self.running if s.pending is not None]
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
-        spec = [s for s in live if self.speculative and s.length + self.drafts + 1 <= c.max_seq_len]
+        spec = [s for s in live if self.speculative and s.json is None and s.length + self.drafts + 1 <= c.max_seq_len]
         plain = [s for s in live if s not in spec]
         if spec:
             events += self._speculate(spec)
@@ -472,7 +478,19 @@ class Engine:
         return logits
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        return sample(self._penalized(seqs, logits), [s.params for s in seqs], [s.generator for s in seqs])
+        scores = self._penalized(seqs, logits)
+        out = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
+        for i, s in enumerate(seqs):  # JSON mode: a token that would leave the object is drawn again without it
+            if s.json is not None and not self._fits(s, int(out[i])):
+                t = redraw(scores[i], int(out[i]), lambda t, s=s: self._fits(s, t),
+                           lambda row, s=s: int(sample(row[None], [s.params], [s.generator])[0]))
+                if t is not None:  # (None: no token fits, a vocabulary that cannot write the object)
+                    out[i] = t
+        return out
+
+    def _fits(self, s: Sequence, tok: int) -> bool:
+        text = self.texts[tok]
+        return bool(text) and tok not in s.params.stop_token_ids and s.json.accepts(text)
 
     def _emit(self, s: Sequence, tok: int, logits: torch.Tensor) -> Event:
         """Append one chosen token (logits [V]: the model's raw row, for logprobs); finish if it stops."""
@@ -485,6 +503,8 @@ class Engine:
         if s.seen is not None:
             s.seen[tok] = True
             s.counts[tok] += 1
+        if s.json is not None:
+            s.json.feed(self.texts[tok])
         reason = self._stop_reason(s, tok)
         if reason:
             self.running.remove(s)
@@ -493,7 +513,7 @@ class Engine:
         return Event(s.rid, tok, reason is not None, reason, lp)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
-        if tok in s.params.stop_token_ids:
+        if tok in s.params.stop_token_ids or s.json is not None and s.json.complete:
             return "stop"
         if s.params.stop:
             s.text = self.tokenizer.decode([x for x in s.out if x not in self.framing])

@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # also return the top-n alternatives' logprobs per step
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI's)
+    json: bool = False  # JSON mode: the completion is one JSON object and ends with it (sobre.constrain)
 
     def __post_init__(self):
         checks = [

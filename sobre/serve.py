@@ -152,8 +152,8 @@ class Server:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
                            param="model", code="model_not_found")
 
-    def params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, seed_offset: int
-               ) -> SamplingParams:
+    def params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, seed_offset: int,
+               json: bool = False) -> SamplingParams:
         room = self.context - prompt_len
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
@@ -169,7 +169,7 @@ class Server:
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                 stop_token_ids=() if req.ignore_eos else self.eos, stop=tuple(req.stop or ()),
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
-                logit_bias={int(t): b for t, b in req.logit_bias.items()} if req.logit_bias else None)
+                logit_bias={int(t): b for t, b in req.logit_bias.items()} if req.logit_bias else None, json=json)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

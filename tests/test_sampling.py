@@ -1,12 +1,16 @@
 """Sampling filters against hand-computed distributions; penalties; seeds; bad parameters."""
 
+import json
 import math
 
 import pytest
 import torch
 
+import sobre
 from sobre import Engine, generate
+from sobre.constrain import JsonPrefix
 from sobre.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample, top_logprobs
+from sobre.tokenizer import train_tokenizer
 
 from conftest import random_model
 
@@ -136,3 +140,60 @@ def test_logit_bias_forces_bans_and_leaves_logprobs_and_neighbours_alone():
         SamplingParams(logit_bias={0: 101})
     with pytest.raises(ValueError, match="logit_bias token ids must be in"):
         eng.add_request(prompt, logit_bias={model.config.vocab_size: 1})
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{}', True), (' {"a": [1, 2.5, -3e+2, 0, -0.1E5, true, false, null, "x\\u00e9\\n\\"", {}, []], "b": {}} ', True),
+    ('{"é": "日本", "k":[[],[{}]]}', True), ('[]', False), ('{"a" 1}', False), ('{"a": 01}', False),
+    ('{"a": 1.}', False), ('{"a": [1,]}', False), ('{"a": 1,}', False), ('{a: 1}', False), ('{"a": "\\x"}', False),
+    ('{"a": 1}}', False), ('{"a": [}', False), ('{"a": "b\n"}', False), ('{} x', False), ('{"a": .5}', False),
+    ('{"a": tru', None), ('{"a": 1e', None), ('{"a": "\\u00', None)])
+def test_json_prefix(text, ok):
+    """JsonPrefix against json.loads: a valid object is accepted character by character and complete exactly at
+    its last character; an invalid one is refused where it goes wrong (ok None: a valid, unfinished prefix)."""
+    p, done = JsonPrefix(), []
+    fed = all(p.accepts(ch) and p.feed(ch) and not done.append(p.complete) for ch in text)
+    if ok:
+        assert fed and json.loads(text) is not None and done.index(True) == len(text.rstrip()) - 1
+    else:
+        assert (fed and not p.complete) if ok is None else not (fed and p.complete)
+
+
+def test_json_mode_answers_one_object(tmp_path):
+    """Engine JSON mode: with end-of-sentence and a special token ranked above the next token of an object, greedy
+    skips them and stops when the object closes (no end-of-sentence needed); sampled rows stay prefixes of an
+    object; speculative engines decode JSON rows plainly; without a tokenizer it is an error."""
+    tok = train_tokenizer(['{"a": [1, 2.5, true], "b": "text"}', "Hello world, the answer is 42."] * 20,
+                          vocab_size=300, out=tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    script, think = tok.encode('{"a": [1, true], "b": "x"} and more'), tok.encode("<think>")[0]
+
+    class Prefers(torch.nn.Module):  # end-of-sentence, then <think>, then the script's next token
+        def forward(self, h):
+            logits = torch.full((*h.shape[:-1], tok.vocab_size), -1e9)
+            logits[..., [tok.eos_id, think, script[min(len(steps), len(script) - 1)]]] = torch.tensor([10., 9., 5.])
+            steps.append(0)
+            return logits
+
+    head, steps = model.head, []
+    model.head = Prefers()
+    eng = Engine(model, tok)
+    out = eng.generate([[5, 6]], max_new_tokens=40, json=True, stop_token_ids=(tok.eos_id,))[0]
+    assert tok.decode(out) == '{"a": [1, true], "b": "x"}'
+    one, steps[:] = tok.encode("1")[0], []  # a stop token that would fit is not drawn either: the object goes on
+    out = eng.generate([[5, 6]], max_new_tokens=40, json=True, stop_token_ids=(tok.eos_id, one))[0]
+    assert one not in out and JsonPrefix().feed(tok.decode(out))
+    model.head = head
+    for spec in (False, True):
+        eng = Engine(model, tok, speculative=spec)
+        rids = [eng.add_request([5, 6 + i], max_new_tokens=24, json=True, temperature=1.0, seed=i) for i in range(4)]
+        done = {}
+        while eng.has_work():
+            eng.step()
+            done.update(eng.collect())
+        for r in rids:
+            text, p = tok.decode(done[r].out), JsonPrefix()
+            assert p.feed(text) and (done[r].finish_reason == "length" or json.loads(text) is not None)
+        assert eng.spec_stats["verified"] == 0
+    with pytest.raises(ValueError, match="JSON mode need a tokenizer"):
+        Engine(model).add_request([1], json=True)

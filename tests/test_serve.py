@@ -154,10 +154,11 @@ class Scripted(torch.nn.Module):
         return torch.full((*h.shape[:-1], self.vocab), -1e9).index_fill_(-1, torch.tensor([t]), 0.0)
 
 
-def test_tool_calls_openai_client(ckpt, tmp_path):
+def test_tool_calls_and_json_mode_openai_client(ckpt, tmp_path):
     """Tools reach the prompt (chat template), DeepSeek-format calls in the answer come back as OpenAI tool_calls
     (finish_reason tool_calls), streamed as tool_calls deltas; tool_choice "required" / a named function
-    force the call's start; tool results go back into the prompt; bad tool requests get 4xx."""
+    force the call's start; tool results go back into the prompt; bad tool requests get 4xx. JSON mode
+    (response_format json_object) answers the object and ends there."""
     from openai import BadRequestError, OpenAI
     path = shutil.copytree(ckpt, tmp_path / "long")  # a longer context: the tools' text takes ~370 tokens here
     cfg = json.loads((path / "config.json").read_text())
@@ -224,6 +225,11 @@ def test_tool_calls_openai_client(ckpt, tmp_path):
         r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice="none")
         assert r.choices[0].message.tool_calls is None and "## Tools" not in prompts[-1]
 
+        head.script, head.i = tok.encode('{"ok": [1, true]} and more'), 0  # JSON mode: the object, then the end
+        r = client.chat.completions.create(model="tiny", messages=msgs, response_format={"type": "json_object"})
+        assert json.loads(r.choices[0].message.content) == {"ok": [1, True]}
+        assert r.choices[0].finish_reason == "stop" and prompts[-1].endswith("<think>\n</think>")
+
         n = len(prompts)
         for kw, param in ((dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}),
                            "tool_choice"), (dict(tool_choice="required"), "tool_choice")):
@@ -240,8 +246,8 @@ def test_tool_calls_openai_client(ckpt, tmp_path):
 
 def test_logit_bias(live, ref):
     """OpenAI's logit_bias (keys: token ids as strings): +100 makes a token every pick, on both endpoints; bad
-    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx. A JSON response_format is refused
-    (no constrained decoding), not ignored."""
+    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx. A json_schema response_format is
+    refused (no schema-guided decoding), not ignored."""
     t = ref.tokenizer.encode(" the")[0]
     want = ref.tokenizer.decode([t] * 4)
     url = live.url + "/v1/"
@@ -252,7 +258,7 @@ def test_logit_bias(live, ref):
         "chat_template_kwargs": {"thinking": False}})
     assert r.json()["choices"][0]["message"]["content"] == want.strip()
     r = httpx.post(url + "chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                   "response_format": {"type": "json_object"}})  # (not silently)
+                                                   "response_format": {"type": "json_schema"}})  # (not silently)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     for bias, status in (({"x": 1}, 422), ({str(t): 101}, 422), ({"100000": 1}, 400)):
         r = httpx.post(url + "completions", json={"prompt": "Hello", "max_tokens": 4, "logit_bias": bias})
