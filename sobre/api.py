@@ -3,6 +3,7 @@ DeepSeek's `reasoning_content`, also streamed as deltas, and tool calls in DeepS
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import FastAPI, Request
@@ -181,6 +182,9 @@ def chat_message(m: Message, i: int) -> dict:
     out = {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
     if m.tool_calls:
         out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        for c in out["tool_calls"]:  # (templates write the arguments as text)
+            if isinstance(c["function"]["arguments"], dict):
+                c["function"]["arguments"] = json.dumps(c["function"]["arguments"], ensure_ascii=False)
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     return out

@@ -82,7 +82,7 @@ class ContentPart(BaseModel):
 
 class FunctionCall(BaseModel):
     name: str = Field(min_length=1)
-    arguments: str  # JSON text, as the model wrote it
+    arguments: str | dict  # JSON text, as the model wrote it (some clients send back the object itself)
 
 
 class ToolCall(BaseModel):

@@ -1,38 +1,76 @@
-"""Tool (function) calls in DeepSeek's format, as its chat templates write them and vLLM's deepseek_v3 parser
-reads them: calls parsed out of a completion, also while streaming.
+"""Tool (function) calls in DeepSeek's formats, as its chat templates and encoders write them (and vLLM's
+deepseek parsers read them): calls parsed out of a completion, also while streaming.
 
     <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
 
-(V3.1 and later); V3 / R1 write `function<｜tool▁sep｜>NAME` then the arguments in a ```json fence. Text before
-the calls is the message's content; a call left unfinished (the completion ran out of tokens) stays text.
+V3.1; V3 / R1 write `function<｜tool▁sep｜>NAME` then the arguments in a ```json fence. V3.2 and V4 write DSML:
+
+    <｜DSML｜function_calls>              (V4: <｜DSML｜tool_calls>)
+    <｜DSML｜invoke name="NAME">
+    <｜DSML｜parameter name="KEY" string="true">text</｜DSML｜parameter>    (string="false": a JSON value)
+    </｜DSML｜invoke>
+    </｜DSML｜function_calls>
+
+Text before the calls is the message's content; a call left unfinished (the completion ran out of tokens)
+stays text.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 
 from .chat import partial_suffix
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+DSML = "｜DSML｜"
+INVOKE = re.compile(f'<{DSML}invoke name="([^"]*)">')
+PARAM = re.compile(f'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?)</{DSML}parameter>', re.DOTALL)
 
 
 def call_prefix(name: str | None = None) -> str:
-    """What a forced call starts with (tool_choice "required", or a named function: its name too)."""
+    """What a forced call starts with (tool_choice "required", or a named function: its name too), V3.1's way."""
     return CALLS_BEGIN + CALL_BEGIN + (f"{name}{SEP}" if name is not None else "")
+
+
+def tool_call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name.strip(), "arguments": arguments.strip()}}
 
 
 def parse_call(body: str) -> dict:
     """The text between <｜tool▁call▁begin｜> and <｜tool▁call▁end｜> -> an OpenAI tool call."""
     name, _, args = body.partition(SEP)
-    name, args = name.strip(), args.strip()
-    if name == "function" and args.count("\n"):  # V3 / R1: function<｜tool▁sep｜>NAME\n```json\nARGS\n```
-        name, _, args = args.partition("\n")
-        name, args = name.strip(), args.strip()
+    if name.strip() == "function" and "\n" in args.strip():  # V3 / R1: function<｜tool▁sep｜>NAME\n```json ...```
+        name, _, args = args.strip().partition("\n")
+        args = args.strip()
         if args.startswith("```"):
-            args = args[3:].removeprefix("json").strip()
-        args = args.removesuffix("```").strip()
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
+            args = args[3:].removeprefix("json")
+        args = args.strip().removesuffix("```")
+    return tool_call(name, args)
+
+
+def parse_invoke(body: str) -> dict:
+    """A DSML invoke (up to its </｜DSML｜invoke>) -> an OpenAI tool call; its parameters become a JSON object."""
+    names = INVOKE.findall(body)
+    args = {}
+    for key, is_text, value in PARAM.findall(body):
+        if is_text == "true":
+            args[key] = value
+        else:
+            try:
+                args[key] = json.loads(value)
+            except ValueError:  # (not JSON after all: kept as the text it is)
+                args[key] = value
+    return tool_call(names[-1] if names else "", json.dumps(args, ensure_ascii=False))
+
+
+# the opening of a block of calls -> (what ends one call, its parser)
+FORMATS = {CALLS_BEGIN: (CALL_END, lambda body: parse_call(body.rsplit(CALL_BEGIN, 1)[-1])),
+           f"<{DSML}function_calls>": (f"</{DSML}invoke>", parse_invoke),
+           f"<{DSML}tool_calls>": (f"</{DSML}invoke>", parse_invoke)}
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -45,27 +83,28 @@ def split_tool_calls(text: str) -> tuple[str, list[dict]]:
 
 class ToolCallStream:
     """Incremental split_tool_calls: feed text deltas, get (content delta, calls finished by it) back. Text that
-    may start the calls (a partial `<｜tool▁calls▁begin｜>`) is held back until the next delta says what it is;
-    after it, text is held until each call ends."""
+    may open a block of calls (a partial opening tag) is held back until the next delta says what it is; after
+    the opening, text is held until each call ends."""
 
     def __init__(self):
-        self.buf, self.calling, self.calls = "", False, 0
+        self.buf, self.opened, self.calls = "", None, 0
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
         self.buf += delta
-        if not self.calling:
-            if CALLS_BEGIN not in self.buf:
-                keep = partial_suffix(self.buf, CALLS_BEGIN)
+        out = ""
+        if self.opened is None:
+            found = [(self.buf.find(tag), tag) for tag in FORMATS if tag in self.buf]
+            if not found:
+                keep = max(partial_suffix(self.buf, tag) for tag in FORMATS)
                 out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
                 return out, []
-            out, self.buf = self.buf.split(CALLS_BEGIN, 1)
-            self.calling = True
-        else:
-            out = ""
+            at, self.opened = min(found)
+            out, self.buf = self.buf[:at], self.buf[at + len(self.opened):]
+        end, parse = FORMATS[self.opened]
         calls = []
-        while CALL_END in self.buf:
-            body, self.buf = self.buf.split(CALL_END, 1)
-            calls.append(parse_call(body.rsplit(CALL_BEGIN, 1)[-1]))
+        while end in self.buf:
+            body, self.buf = self.buf.split(end, 1)
+            calls.append(parse(body))
         self.calls += len(calls)
         return out, calls
 
@@ -73,7 +112,6 @@ class ToolCallStream:
         """The end: held-back text that turned out not to be a call (an unfinished one, when no call finished:
         the text as it came); text after the last finished call is dropped."""
         rest, self.buf = self.buf, ""
-        if self.calling and not self.calls:
-            return CALLS_BEGIN + rest, []
-        return ("" if self.calling else rest), []
-
+        if self.opened is not None and not self.calls:
+            return self.opened + rest, []
+        return ("" if self.opened is not None else rest), []

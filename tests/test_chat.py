@@ -79,6 +79,15 @@ CALL = "<｜tool▁call▁begin｜>{}<｜tool▁sep｜>{}<｜tool▁call▁end�
     ("cut short" + CALLS_BEGIN + '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci',
      "cut short" + CALLS_BEGIN + '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"ci', []),
     (CALLS_BEGIN + CALL.format("a", "{}") + '<｜tool▁call▁begin｜>b<｜tool▁sep｜>{"x', "", [("a", "{}")]),
+    ("Let me check.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+     '<｜DSML｜parameter name="city" string="true">Zürich</｜DSML｜parameter>\n'
+     '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+     '<｜DSML｜invoke name="now">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>', "Let me check.\n\n",
+     [("get_weather", '{"city": "Zürich", "days": 3}'), ("now", "{}")]),  # V3.2's DSML
+    ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="q" string="false">{"a": [1]}'
+     '</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>', "", [("f", '{"q": {"a": [1]}}')]),  # V4's
+    ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="q" string="true">unfinished',
+     '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="q" string="true">unfinished', []),
 ])
 def test_tool_calls_parsed_whole_and_streamed(text, content, calls):
     got_content, got = split_tool_calls(text)

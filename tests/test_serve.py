@@ -213,8 +213,8 @@ def test_tool_calls_and_json_mode_openai_client(ckpt, tmp_path):
             assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
 
         head.script, head.i = tok.encode("Sunny.</think>It is 20C."), 0  # the tool's result goes back
-        past = {"id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        past = {"id": "call_1", "type": "function",  # (arguments as an object, as some clients send them back)
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
         turn = msgs + [{"role": "assistant", "content": None, "tool_calls": [past]},
                        {"role": "tool", "tool_call_id": "call_1", "content": "20C, sunny"}]
         r = client.chat.completions.create(model="tiny", messages=turn, tools=tools)
