@@ -135,6 +135,8 @@ def cmd_generate(args):
         prompt = tok.encode(args.prompt, add_bos=True)
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
+    if args.json and (tok is None or args.ids):
+        sys.exit("--json needs a text --prompt and the model's tokenizer.json")
     stop = eos_ids(model.config)
     rank = _expert_parallel(model, args, prompt) if args.expert_parallel else 0
     t0, out = time.perf_counter(), []
@@ -142,7 +144,7 @@ def cmd_generate(args):
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                      speculative=args.speculative, compile=args.compile):
+                      speculative=args.speculative, compile=args.compile, tokenizer=tok, json=args.json):
         out.append(t)
         if rank == 0:
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
@@ -442,6 +444,7 @@ def main(argv=None):
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--json", action="store_true", help="JSON mode: the answer is one JSON object (needs --prompt)")
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)

@@ -142,9 +142,19 @@ def _number(state: str, ch: str) -> str | None:
 
 
 def token_texts(tokenizer, vocab_size: int) -> list[str]:
-    """Each token's text ("" for special tokens and ids past the tokenizer: never part of a JSON answer)."""
+    """Each token's text as it reads after another token (decoders that drop a leading space, or join tokens
+    with one, then agree with the streamed text); "" for special tokens and ids past the tokenizer (never part
+    of a JSON answer)."""
     n = min(vocab_size, tokenizer.vocab_size)
-    return [tokenizer.decode([i], skip_special=True) for i in range(n)] + [""] * (vocab_size - n)
+    anchor = tokenizer.encode("a")[-1]
+    base = tokenizer.decode([anchor])
+
+    def text(i: int) -> str:
+        if not tokenizer.decode([i], skip_special=True):
+            return ""
+        pair = tokenizer.decode([anchor, i], skip_special=True)
+        return pair[len(base):] if pair.startswith(base) else tokenizer.decode([i])
+    return [text(i) for i in range(n)] + [""] * (vocab_size - n)
 
 
 def redraw(row: torch.Tensor, first: int, fits, draw) -> int | None:

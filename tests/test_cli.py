@@ -6,6 +6,7 @@ import pytest
 
 import sobre
 from sobre.cli import main
+from sobre.constrain import JsonPrefix
 
 from conftest import random_model
 from test_config import V3_RELEASE
@@ -55,13 +56,16 @@ def test_generate_with_tokenizer_text_prompt(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    tok.train_from_iterator(["hello world", '{"a": [1, 2], "b": true}'] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     path = sobre.save(random_model(sobre.preset("debug", vocab_size=tok.get_vocab_size())), tmp_path / "m")
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0.8",
               "--seed", "3")
     assert out.returncode == 0 and "tokens in" in out.stderr, out.stderr
+    out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "12", "--json")  # JSON mode
+    assert JsonPrefix().feed(out.stdout) and out.stdout.lstrip().startswith("{"), out.stdout
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):
