@@ -96,7 +96,8 @@ class Limits:
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if (params.stop or params.json) and not self.tokenizer:
-            raise ValueError("stop strings and JSON mode need a tokenizer (Engine(model, tokenizer))")
+            raise ValueError(f"{'stop strings need' if params.stop else 'JSON mode needs'} a tokenizer "
+                             "(Engine(model, tokenizer))")
         need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
         if need > self.blocks:
             raise ValueError(f"request needs {need} cache blocks, the pool has {self.blocks}; raise cache_tokens")

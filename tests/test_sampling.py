@@ -195,5 +195,5 @@ def test_json_mode_answers_one_object(tmp_path):
             text, p = tok.decode(done[r].out), JsonPrefix()
             assert p.feed(text) and (done[r].finish_reason == "length" or json.loads(text) is not None)
         assert eng.spec_stats["verified"] == 0
-    with pytest.raises(ValueError, match="JSON mode need a tokenizer"):
+    with pytest.raises(ValueError, match="JSON mode needs a tokenizer"):
         Engine(model).add_request([1], json=True)
