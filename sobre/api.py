@@ -44,7 +44,7 @@ def routes(app: FastAPI, srv: Server, auth):
         if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
             text += (END_THINK if text.rstrip().endswith(THINK) else "") + (forced or "")
         prompt = tok.encode(text)
-        thinking = text.rstrip().endswith("<think>")
+        thinking = text.rstrip().endswith(THINK)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         choices = await srv.start([prompt], req.n, lambda n, j: srv.params(req, n, max_tokens, top, j, json_mode),

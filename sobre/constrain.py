@@ -26,8 +26,9 @@ NUMBER_END = {"zero": True, "int": True, "frac": True, "exp": True, "sign": Fals
 class JsonPrefix:
     def __init__(self):
         self.stack: list[str] = []  # open containers, "{" or "["
-        self.state = "start"  # start, value, key_or_end, key, colon, after, string, escape, unicode, number,
-        self.sub: str | int | None = None  # literal, done; sub: number state / literal rest / hex digits left
+        # start, value, key_or_end, key, colon, after, string, escape, unicode, number, literal or done
+        self.state = "start"
+        self.sub: str | int | None = None  # a number's state, a literal's rest, hex digits left, or "first"
         self.key = False  # the string being read is an object key
 
     @property

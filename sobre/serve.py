@@ -169,7 +169,7 @@ class Server:
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                 stop_token_ids=() if req.ignore_eos else self.eos, stop=tuple(req.stop or ()),
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
-                logit_bias={int(t): b for t, b in req.logit_bias.items()} if req.logit_bias else None, json=json)
+                logit_bias=req.logit_bias, json=json)  # (SamplingParams makes the ids ints)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
