@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in fp32)
+KEEP_GRADS = 1 << 24  # bf16 dL/dlogits kept for one weight-gradient matmul (32 MB)
 
 
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,13 +41,12 @@ class _HeadCE(torch.autograd.Function):
         N, V = h.shape[0], weight.shape[0]
         step = max(1, CHUNK_LOGITS // V)
         want_h, want_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
         ent = torch.empty(N if entropy else 0, dtype=torch.float32, device=h.device)
         mm = matmul_dtype(h, weight)  # the gradients' matmuls run in the forward matmul's dtype
         w = weight.to(mm)  # cast once, not per chunk (a [V, D] copy each)
+        grads = _Grads(h, w, want_h, want_w, step)
         for i in range(0, N, step):
             rows = slice(i, i + step)
             hc, yc = h[rows].to(mm), targets[rows]
@@ -62,7 +62,8 @@ class _HeadCE(torch.autograd.Function):
                 f = (torch.full_like(log_s, 1 / (N * temperature)) if scale is None else scale / temperature)[:, None]
                 d = e.mul_(f * (-log_s).exp()[:, None])  # softmax, scaled: one pass
                 d.scatter_add_(1, yc[:, None], -f)
-                _chunk_grads(d.to(mm), hc, w, grad_h, grad_w, rows)
+                grads.add(d, hc, rows)
+        grad_h, grad_w = grads.done()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(lp, ent)
         return (loss / N if row_weights is None else loss), lp, ent
@@ -110,14 +111,14 @@ class _HeadLogprobs(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[:2]
         mm, w = ctx.mm, weight.to(ctx.mm)
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grads = _Grads(h, w, want_h, want_w, ctx.step)
         for i in range(0, h.shape[0], ctx.step):
             hc, gc = h[i:i + ctx.step].to(mm), g[i:i + ctx.step].float()
             logits = F.linear(hc, w).float().div_(ctx.temperature)
             d = logits.sub_(lse[i:i + ctx.step, None]).exp_().mul_(-gc[:, None])  # -g * softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
-            _chunk_grads(d.div_(ctx.temperature).to(mm), hc, w, grad_h, grad_w, slice(i, i + ctx.step))
+            grads.add(d.div_(ctx.temperature), hc, slice(i, i + ctx.step))
+        grad_h, grad_w = grads.done()
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
 
 
@@ -142,13 +143,40 @@ def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
-def _chunk_grads(d, hc, w, grad_h, grad_w, rows: slice):
-    """d: dL/dlogits of a chunk of rows [n, V], in the dtype of the matmuls (hc [n, D], w [V, D] cast to it)
-    -> those rows of grad_h, and grad_w (fp32) accumulated (in place when the dtypes allow: no [V, D]
-    temporary per chunk). A None gradient is not wanted."""
-    if grad_h is not None:
-        grad_h[rows] = (d @ w).to(grad_h.dtype)
-    if grad_w is not None and d.dtype == grad_w.dtype:
-        grad_w.addmm_(d.t(), hc)
-    elif grad_w is not None:
-        grad_w += (d.t() @ hc).float()
+class _Grads:
+    """grad_h's rows and grad_w (fp32) from each chunk's dL/dlogits d [n, V] (fp32), given in row order (h's rows
+    and w [V, D] are cast to the matmuls' dtype; a None gradient is not wanted). fp32: grad_w accumulates in
+    place, chunk by chunk. bf16: the d's are kept, cast (up to KEEP_GRADS), for one matmul whose long inner
+    dimension suits AMX; a [V, D] product per chunk, cast to fp32 and added, cost more than the products."""
+
+    def __init__(self, h, w, want_h: bool, want_w: bool, step: int):
+        self.h, self.w, self.done_rows = h, w, 0
+        self.grad_h = torch.empty_like(h) if want_h else None
+        self.grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        keep = want_w and w.dtype != torch.float32
+        rows = min(h.shape[0], max(step, KEEP_GRADS // w.shape[0]))
+        self.kept = torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device) if keep else None
+        self.n = 0  # rows in kept
+
+    def add(self, d, hc, rows: slice):
+        if self.kept is not None:
+            if self.n + len(d) > len(self.kept):
+                self._flush()
+            d = self.kept[self.n:self.n + len(d)].copy_(d)  # cast where it is kept
+            self.n += len(d)
+        else:
+            d = d.to(self.w.dtype)
+        if self.grad_h is not None:
+            self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
+        if self.grad_w is not None and self.kept is None:
+            self.grad_w.addmm_(d.t(), hc)
+
+    def _flush(self):
+        h = self.h[self.done_rows:self.done_rows + self.n].to(self.w.dtype)
+        self.grad_w += (self.kept[:self.n].t() @ h).float()
+        self.done_rows, self.n = self.done_rows + self.n, 0
+
+    def done(self):
+        if self.n:
+            self._flush()
+        return self.grad_h, self.grad_w

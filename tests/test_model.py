@@ -144,12 +144,13 @@ def test_fp8_dequant_matches_reference():
 def test_head_losses_equal_the_plain_paths(monkeypatch):
     """loss.head_cross_entropy (row chunks, gradients made in the forward) against its twin
     F.cross_entropy(F.linear(h, w).float(), y): loss and both gradients, fp32 and under bf16 autocast, a last
-    chunk shorter than the others, and the forward alone when nothing needs a gradient; loss.head_logprobs
+    chunk shorter than the others (bf16: the weight's gradient made from several groups of kept chunks), and the forward alone when nothing needs a gradient; loss.head_logprobs
     (GRPO's log-probs, with a temperature and the entropies) and loss.head_weighted_logprobs (a weighted sum of
     them, its gradients made in the forward) against log_softmax + gather the same way. The
     models' forward with targets gives the same loss as their logits (MTP depths included)."""
     import sobre.loss
     monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 rows over 30: the last one of 2
+    monkeypatch.setattr(sobre.loss, "KEEP_GRADS", 14 * 50)  # bf16: grad_w from 14, 14 and 2 kept rows
     g = torch.Generator().manual_seed(0)
     h0, w0 = torch.randn(30, 16, generator=g), torch.randn(50, 16, generator=g) * 0.3
     y = torch.randint(0, 50, (30,), generator=g)

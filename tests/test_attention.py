@@ -1,0 +1,63 @@
+"""CPU training attention (softmax kept for the backward) against its twin, fused SDPA."""
+
+import pytest
+import torch
+
+from sobre import attention
+from sobre.attention import attend
+
+from conftest import random_model
+
+
+def _grads(q, k, v, mask, budget, monkeypatch, dtype=torch.float32):
+    monkeypatch.setattr(attention, "SCORES_BUDGET", budget)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    o = attend(q, k, v, mask, 0.3)
+    o.backward(torch.linspace(-1, 1, o.numel()).view(o.shape).to(dtype))
+    return [o.detach().float()] + [t.grad.float() for t in (q, k, v)]
+
+
+def _masks(B, T, S):
+    g = torch.Generator().manual_seed(1)
+    docs = torch.randint(0, 3, (B, T), generator=g).sort(1).values  # packed documents (SFT's mask)
+    same = (docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    cached = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # new tokens after a cache of S - T
+    own = torch.arange(S)[None, None, :] < torch.tensor([S, S - 2])[:, None, None]  # GRPO's padded prompts
+    return {"causal": (None, T), "documents": (same[:, None], T), "cached": (cached, S),
+            "padded": ((own & cached)[:, None], S)}
+
+
+@pytest.mark.parametrize("case", ["causal", "documents", "cached", "padded"])
+def test_kept_softmax_equals_sdpa(case, monkeypatch):
+    B, T, H = 2, 19, 3
+    mask, S = _masks(B, T, T + 5)[case]
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, n, H, 12, generator=g) for n in (T, S))
+    v = torch.randn(B, S, H, 8, generator=g)  # MLA: dv < dq
+    ours, twin = _grads(q, k, v, mask, 1 << 20, monkeypatch), _grads(q, k, v, mask, 0, monkeypatch)
+    for a, b in zip(ours, twin):
+        assert (a - b).abs().max() < 1e-5 * b.abs().max()
+
+
+def test_kept_softmax_bf16_close_to_sdpa(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 4, d, generator=g) for d in (16, 16, 8))
+    exact = _grads(q, k, v, None, 0, monkeypatch)
+    for budget in (1 << 20, 0):  # bf16 rounding, ours and the twin's alike
+        for a, b in zip(_grads(q, k, v, None, budget, monkeypatch, torch.bfloat16), exact):
+            assert (a - b).abs().max() < 0.03 * b.abs().max()
+
+
+def test_model_training_step_equals_sdpa(monkeypatch):
+    """The path the model takes with gradients on, and its fallback past the budget: same loss and gradients."""
+    model = random_model()
+    x = torch.randint(0, model.config.vocab_size, (2, 17))
+    runs = []
+    for budget in (1 << 20, 0):
+        monkeypatch.setattr(attention, "SCORES_BUDGET", budget)
+        model.zero_grad()
+        loss = model(x[:, :-1], targets=x[:, 1:])[0]
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*runs):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7
