@@ -47,6 +47,7 @@ def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
 
 LOOP_EXPERTS = 0.5  # CPU inference: a loop over the active experts while at most this fraction of them have rows
 PAD_ROWS = 32  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
+ALIGN_ROWS = 128  # CPU bf16 _grouped_mm: each expert's rows zero-padded to a multiple of this many
 
 
 class Groups:
@@ -74,6 +75,13 @@ class Groups:
             self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"
+            self.cast = _autocast_dtype(xs.device)  # (autocast leaves _grouped_mm in fp32)
+            self.aligned = xs.device.type == "cpu" and (self.cast or xs.dtype) == torch.bfloat16
+            if self.aligned:
+                rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts]
+                starts = [sum(rows[:e]) for e in range(self.E)]
+                self.dest = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(xs.device)
+                counts = rows
             self.offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
         else:
             self.mode = "loop"
@@ -94,11 +102,16 @@ class Groups:
     def pack(self, xs):  # [sum(counts), in] -> this layout
         if self.mode == "padded":
             return xs.new_zeros(self.E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(self.E, self.C, -1)
+        if self.mode == "grouped" and self.aligned:
+            xs = xs.to(self.cast or xs.dtype)
+            return xs.new_zeros(int(self.offs[-1]), xs.shape[1]).index_copy(0, self.dest, xs)
         return xs.unsqueeze(1) if self.mode == "gathered" else xs
 
     def unpack(self, t):  # this layout -> [sum(counts), out]
         if self.mode == "padded":
             return t.view(-1, t.shape[-1]).index_select(0, self.dest)
+        if self.mode == "grouped" and self.aligned:
+            return t.index_select(0, self.dest)
         return t.squeeze(1) if self.mode == "gathered" else t
 
     def mm(self, t, w):  # each expert's rows @ w[e].T, in this layout
@@ -107,11 +120,19 @@ class Groups:
         if self.mode == "gathered":
             return torch.bmm(t, w[self.experts].transpose(1, 2))
         if self.mode == "grouped":
+            if self.cast:
+                t, w = t.to(self.cast), w.to(self.cast)
             out = torch._grouped_mm(t, w.transpose(1, 2), offs=self.offs)
             if out.requires_grad:
                 out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
             return out
         return looped_mm(t, w, self.counts, self.unbind)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device, or None where it is off."""
+    on = torch.is_autocast_enabled(device.type)
+    return torch.get_autocast_dtype(device.type) if on else None
 
 
 def looped_mm(xs, w, counts: list[int], unbind: bool = False):

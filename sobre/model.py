@@ -69,16 +69,18 @@ class Rope(nn.Module):
         self.register_buffer("sin", ang.sin() * mag, persistent=False)
         self.interleave = c.rope_interleave
 
-    def forward(self, pos: torch.Tensor):  # pos [B, T] -> cos, sin [B, T, 1, rd/2]
-        return self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+    def forward(self, pos: torch.Tensor):  # pos [B, T] -> cos, sin [B, T, 1, rd], as apply_rope takes them
+        cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x [B, T, H, rd]. Interleaved checkpoints pair (x0,x1),(x2,x3)...; others pair x[i], x[i+rd/2].
-    The output is always in half-split order: q and k get the same permutation, so q.k is unchanged."""
-    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """Rotate x [B, T, H, rd] by Rope's tables. Interleaved checkpoints pair (x0,x1),(x2,x3)...; others pair x[i],
+    x[i+rd/2]. The output is always in half-split order: q and k get the same permutation, so q.k is unchanged.
+    With halves (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin) = x * [cos, cos] + (x2, x1) * [-sin, sin]."""
+    if interleave:
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * sin.to(x.dtype)
 
 
 # ---- attention -----------------------------------------------------------------------------------

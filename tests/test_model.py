@@ -80,6 +80,30 @@ def test_expert_groups_equal_looped(counts, mode):
         torch.testing.assert_close(grouped_ffn(xs, Groups.gathered(experts), w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_aligned_bf16_groups_equal_looped(monkeypatch):
+    """CPU _grouped_mm in bf16 (autocast, which leaves _grouped_mm in fp32, or bf16 weights) pads each expert's
+    rows to a multiple of ALIGN_ROWS: the SwiGLU and its gradients equal the per-expert loop in bf16."""
+    import sobre.experts
+    monkeypatch.setattr(sobre.experts, "ALIGN_ROWS", 16)
+    counts = [40, 0, 7, 33, 1, 0, 9, 50]
+    g = torch.Generator().manual_seed(3)
+    xs0 = torch.randn(sum(counts), 24, generator=g)
+    ws0 = [torch.randn(8, *shape, generator=g) * 0.3 for shape in ((40, 24), (24, 40), (40, 24))]
+    runs = []
+    for fn in (grouped_ffn, lambda xs, c, w1, w2, w3: looped_mm(F.silu(looped_mm(xs, w1, c)) * looped_mm(xs, w3, c),
+                                                                 w2, c, unbind=True)):
+        xs, *ws = (t.clone().requires_grad_() for t in (xs0, *ws0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layout = Groups(counts, xs, ws[0])
+            out = fn(xs, counts, *ws)
+        assert out.dtype == torch.bfloat16  # matmuls in bf16, as autocast's F.linear
+        out.float().pow(2).sum().backward()
+        runs.append([out.float()] + [t.grad for t in (xs, *ws)])
+    assert layout.mode == "grouped" and layout.aligned and int(layout.offs[-1]) == 48 + 16 + 48 + 16 + 16 + 64
+    for fast, slow in zip(*runs):
+        torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2 * slow.abs().max().item())
+
+
 def test_grouped_moe_gradients_equal_reference():
     model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                                       n_limited_groups=2))
@@ -144,10 +168,11 @@ def test_fp8_dequant_matches_reference():
 def test_head_losses_equal_the_plain_paths(monkeypatch):
     """loss.head_cross_entropy (row chunks, gradients made in the forward) against its twin
     F.cross_entropy(F.linear(h, w).float(), y): loss and both gradients, fp32 and under bf16 autocast, a last
-    chunk shorter than the others (bf16: the weight's gradient made from several groups of kept chunks), and the forward alone when nothing needs a gradient; loss.head_logprobs
-    (GRPO's log-probs, with a temperature and the entropies) and loss.head_weighted_logprobs (a weighted sum of
-    them, its gradients made in the forward) against log_softmax + gather the same way. The
-    models' forward with targets gives the same loss as their logits (MTP depths included)."""
+    chunk shorter than the others (bf16: the weight's gradient made from several groups of kept chunks), and
+    the forward alone when nothing needs a gradient; loss.head_logprobs (GRPO's log-probs, with a temperature
+    and the entropies) and loss.head_weighted_logprobs (a weighted sum of them, its gradients made in the
+    forward) against log_softmax + gather the same way. The models' forward with targets gives the same loss
+    as their logits (MTP depths included)."""
     import sobre.loss
     monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)  # chunks of 7 rows over 30: the last one of 2
     monkeypatch.setattr(sobre.loss, "KEEP_GRADS", 14 * 50)  # bf16: grad_w from 14, 14 and 2 kept rows
