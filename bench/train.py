@@ -1,6 +1,7 @@
 """Training throughput: sobre vs transformers' DeepseekV3 on the same config and batch, in the same run
-(forward + backward + AdamW step, fp32, no MTP in either; each computes the loss as its trainer does: sobre
-without materialising the logits, loss.head_cross_entropy), then sobre's `pretrain` with 1 vs 2 processes.
+(forward + backward + fused AdamW step, fp32 and bf16 autocast, no MTP in either; each computes the loss as its
+trainer does: sobre without materialising the logits, loss.head_cross_entropy), then sobre's `pretrain` with 1
+vs 2 processes.
     python bench/train.py [--steps 10] [--no-scaling]
 """
 
@@ -29,8 +30,9 @@ B, T = 8, 256
 
 def step_times(runs, steps, bf16=False):
     """Median seconds of a training step for each (model, loss_fn): loss_fn(inputs, targets) -> loss, backward,
-    AdamW. The models take turns, one step each on the same batch, so a drifting machine slows them alike."""
-    opts = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model, _ in runs]
+    AdamW (fused: the default of `sobre pretrain` and of transformers' Trainer on torch >= 2.8). The models take
+    turns, one step each on the same batch, so a drifting machine slows them alike."""
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) for model, _ in runs]
     g = torch.Generator().manual_seed(0)
     times = [[] for _ in runs]
     for _ in range(steps + 2):

@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32, scale in the input dtype (as the reference code)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # out in autocast's dtype: every matmul reading it would cast it
+            y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+            return y.to(torch.get_autocast_dtype(dev))
         if x.dtype == self.weight.dtype == torch.float32:  # the same in one op (a decode step has 17 of them)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)

@@ -226,3 +226,16 @@ def test_head_losses_equal_the_plain_paths(monkeypatch):
         torch.testing.assert_close(ce, F.cross_entropy(logits.flatten(0, 1), t.flatten()))
         assert len(mtp_ce) == len(mtp) == 1
         torch.testing.assert_close(mtp_ce[0], F.cross_entropy(mtp[0].flatten(0, 1), t[:, 1:].flatten()))
+
+
+def test_rmsnorm_under_autocast_hands_its_matmuls_bf16():
+    """Under autocast the norm rounds its fp32 result once to bf16 (each matmul reading it would cast it)."""
+    from sobre.model import RMSNorm
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2, 16))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, norm(x).to(torch.bfloat16))
