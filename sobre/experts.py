@@ -58,7 +58,10 @@ class Groups:
     expert's weights), or holds the rows zero-padded as [E, C, in] (C = the largest count, up to PAD_ROWS:
     batched decode) so each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE
     layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a decode step of a few tokens):
-    each row with its own gathered copy of its expert's weights. Elementwise work between matmuls runs on any
+    each row with its own gathered copy of its expert's weights. _grouped_mm in bf16 on CPU (bf16 weights, or
+    autocast, which would leave it in fp32, so the rows and weights are cast here) pads each expert's rows to a
+    multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the row counts change every step
+    (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work between matmuls runs on any
     layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
     weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for
     every expert)."""
