@@ -1,11 +1,11 @@
 """MTP speculative decoding with a trained MTP module: plain vs speculative greedy decode on the same engine.
 
-    python bench/mtp.py MODEL [MODEL ...] [--prompts 8] [--new 64] [--drafts 1 2]
+    python bench/mtp.py MODEL [MODEL ...] [--prompts 8] [--new 64] [--drafts 1 2] [--dtype float32|bfloat16]
 
 MODEL: an exported sobre model folder with its MTP module (`sobre pretrain` writes RUN/model), V3- or V4-style;
 --drafts: speculative engines drafting this many tokens a step (at most the model's MTP layers; default all).
 Prompts: the first 32 tokens of reasoning documents the built-in corpus generates with a seed training did not
-use (same distribution, new problems). B = 1, each prompt alone, fp32; tok/s over the new tokens including the
+use (same distribution, new problems). B = 1, each prompt alone, fp32 (--dtype); tok/s over the new tokens including the
 prefill (the same for both); plain and speculative passes take turns (--rounds of each; this shared CPU's speed
 drifts by +-15% within a minute): the tok/s columns are the best pass, the speed-up the median over rounds of
 speculative / plain in the same round; acceptance = accepted drafts / drafts proposed (K a step, as vLLM counts);
@@ -37,15 +37,17 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6, help="passes of every engine in turn")
     ap.add_argument("--drafts", type=int, nargs="*", help="draft tokens a step (default: one per MTP layer)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and caches")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
-    print(f"greedy, B=1, {args.prompts} prompts of 32 tokens, {args.new} new tokens each; fp32, "
+    print(f"greedy, B=1, {args.prompts} prompts of 32 tokens, {args.new} new tokens each; {args.dtype}, "
           f"{torch.get_num_threads()} threads")
     print("| model | arch | drafts | plain tok/s | speculative tok/s | speed-up | acceptance | tokens / step |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.models:
-        plain = Engine.from_pretrained(path, dtype=torch.float32)
-        specs = [Engine.from_pretrained(path, dtype=torch.float32, speculative=k) for k in args.drafts or [True]]
+        plain = Engine.from_pretrained(path, dtype=dtype)
+        specs = [Engine.from_pretrained(path, dtype=dtype, speculative=k) for k in args.drafts or [True]]
         stream = problem_stream(seed=12345)
         prompts = [plain.tokenizer.encode(next(stream).text())[:32] for _ in range(args.prompts)]
         for e in [plain, *specs]:
