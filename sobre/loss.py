@@ -146,8 +146,9 @@ def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class _Grads:
     """grad_h's rows and grad_w (fp32) from each chunk's dL/dlogits d [n, V] (fp32), given in row order (h's rows
     and w [V, D] are cast to the matmuls' dtype; a None gradient is not wanted). fp32: grad_w accumulates in
-    place, chunk by chunk. bf16: the d's are kept, cast (up to KEEP_GRADS), for one matmul whose long inner
-    dimension suits AMX; a [V, D] product per chunk, cast to fp32 and added, cost more than the products."""
+    place, chunk by chunk. bf16: the d's are kept, cast (up to KEEP_GRADS), for two matmuls over all their rows
+    (AMX runs a few large ones faster than many small; a [V, D] product per chunk, cast to fp32 and added, cost
+    more than the products)."""
 
     def __init__(self, h, w, want_h: bool, want_w: bool, step: int):
         self.h, self.w, self.done_rows = h, w, 0
@@ -159,21 +160,23 @@ class _Grads:
         self.n = 0  # rows in kept
 
     def add(self, d, hc, rows: slice):
-        if self.kept is not None:
+        if self.kept is not None:  # both gradients when the kept rows are flushed
             if self.n + len(d) > len(self.kept):
                 self._flush()
-            d = self.kept[self.n:self.n + len(d)].copy_(d)  # cast where it is kept
+            self.kept[self.n:self.n + len(d)].copy_(d)  # cast where it is kept
             self.n += len(d)
-        else:
-            d = d.to(self.w.dtype)
+            return
+        d = d.to(self.w.dtype)
         if self.grad_h is not None:
             self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
-        if self.grad_w is not None and self.kept is None:
+        if self.grad_w is not None:
             self.grad_w.addmm_(d.t(), hc)
 
     def _flush(self):
-        h = self.h[self.done_rows:self.done_rows + self.n].to(self.w.dtype)
-        self.grad_w += (self.kept[:self.n].t() @ h).float()
+        rows, d = slice(self.done_rows, self.done_rows + self.n), self.kept[:self.n]
+        if self.grad_h is not None:
+            self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
+        self.grad_w += (d.t() @ self.h[rows].to(self.w.dtype)).float()
         self.done_rows, self.n = self.done_rows + self.n, 0
 
     def done(self):
