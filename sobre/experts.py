@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .loss import matmul_dtype
+
 
 def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False):
     """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, groups) over them (groups: the
@@ -78,8 +80,8 @@ class Groups:
             self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"
-            self.cast = _autocast_dtype(xs.device)  # (autocast leaves _grouped_mm in fp32)
-            self.aligned = xs.device.type == "cpu" and (self.cast or xs.dtype) == torch.bfloat16
+            self.cast = matmul_dtype(xs, w)  # autocast's, where it is on (autocast leaves _grouped_mm in fp32)
+            self.aligned = xs.device.type == "cpu" and self.cast == torch.bfloat16
             if self.aligned:
                 rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts]
                 starts = [sum(rows[:e]) for e in range(self.E)]
@@ -106,7 +108,7 @@ class Groups:
         if self.mode == "padded":
             return xs.new_zeros(self.E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(self.E, self.C, -1)
         if self.mode == "grouped" and self.aligned:
-            xs = xs.to(self.cast or xs.dtype)
+            xs = xs.to(self.cast)
             return xs.new_zeros(int(self.offs[-1]), xs.shape[1]).index_copy(0, self.dest, xs)
         return xs.unsqueeze(1) if self.mode == "gathered" else xs
 
@@ -123,19 +125,11 @@ class Groups:
         if self.mode == "gathered":
             return torch.bmm(t, w[self.experts].transpose(1, 2))
         if self.mode == "grouped":
-            if self.cast:
-                t, w = t.to(self.cast), w.to(self.cast)
-            out = torch._grouped_mm(t, w.transpose(1, 2), offs=self.offs)
+            out = torch._grouped_mm(t.to(self.cast), w.to(self.cast).transpose(1, 2), offs=self.offs)
             if out.requires_grad:
                 out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
             return out
         return looped_mm(t, w, self.counts, self.unbind)
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast runs matmuls in on this device, or None where it is off."""
-    on = torch.is_autocast_enabled(device.type)
-    return torch.get_autocast_dtype(device.type) if on else None
 
 
 def looped_mm(xs, w, counts: list[int], unbind: bool = False):

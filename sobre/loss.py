@@ -45,12 +45,12 @@ class _HeadCE(torch.autograd.Function):
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
         ent = torch.empty(N if entropy else 0, dtype=torch.float32, device=h.device)
         mm = matmul_dtype(h, weight)  # the gradients' matmuls run in the forward matmul's dtype
-        w = weight.to(mm)  # cast once, not per chunk (a [V, D] copy each)
-        grads = _Grads(h, w, want_h, want_w, step)
+        w, hm = weight.to(mm), h.to(mm)  # cast once, not per chunk
+        grads = _Grads(hm, w, want_h, want_w, step, h.dtype)
         for i in range(0, N, step):
             rows = slice(i, i + step)
-            hc, yc = h[rows].to(mm), targets[rows]
-            logits = F.linear(hc, w).float()  # [n, V]
+            yc = targets[rows]
+            logits = F.linear(hm[rows], w).float()  # [n, V]
             if temperature != 1:
                 logits.div_(temperature)
             e, log_s, lp[rows], ents = _softmax_parts(logits, yc, entropy)  # e = softmax * s, in place
@@ -62,7 +62,7 @@ class _HeadCE(torch.autograd.Function):
                 f = (torch.full_like(log_s, 1 / (N * temperature)) if scale is None else scale / temperature)[:, None]
                 d = e.mul_(f * (-log_s).exp()[:, None])  # softmax, scaled: one pass
                 d.scatter_add_(1, yc[:, None], -f)
-                grads.add(d, hc, rows)
+                grads.add(d, rows)
         grad_h, grad_w = grads.done()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(lp, ent)
@@ -110,14 +110,14 @@ class _HeadLogprobs(torch.autograd.Function):
     def backward(ctx, g, _):  # d lp_i / d logits_i = (onehot(y_i) - softmax_i) / temperature
         h, weight, targets, lse = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[:2]
-        mm, w = ctx.mm, weight.to(ctx.mm)
-        grads = _Grads(h, w, want_h, want_w, ctx.step)
+        w, hm = weight.to(ctx.mm), h.to(ctx.mm)
+        grads = _Grads(hm, w, want_h, want_w, ctx.step, h.dtype)
         for i in range(0, h.shape[0], ctx.step):
-            hc, gc = h[i:i + ctx.step].to(mm), g[i:i + ctx.step].float()
-            logits = F.linear(hc, w).float().div_(ctx.temperature)
+            gc = g[i:i + ctx.step].float()
+            logits = F.linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
             d = logits.sub_(lse[i:i + ctx.step, None]).exp_().mul_(-gc[:, None])  # -g * softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
-            grads.add(d.div_(ctx.temperature), hc, slice(i, i + ctx.step))
+            grads.add(d.div_(ctx.temperature), slice(i, i + ctx.step))
         grad_h, grad_w = grads.done()
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
 
@@ -144,22 +144,22 @@ def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _Grads:
-    """grad_h's rows and grad_w (fp32) from each chunk's dL/dlogits d [n, V] (fp32), given in row order (h's rows
-    and w [V, D] are cast to the matmuls' dtype; a None gradient is not wanted). fp32: grad_w accumulates in
-    place, chunk by chunk. bf16: the d's are kept, cast (up to KEEP_GRADS), for two matmuls over all their rows
-    (AMX runs a few large ones faster than many small; a [V, D] product per chunk, cast to fp32 and added, cost
-    more than the products)."""
+    """grad_h's rows (in grad_dtype, h's own) and grad_w (fp32) from each chunk's dL/dlogits d [n, V] (fp32),
+    given in row order (h [N, D] and w [V, D] already in the matmuls' dtype; a None gradient is not wanted).
+    fp32: grad_w accumulates in place, chunk by chunk. bf16: the d's are kept, cast (up to KEEP_GRADS), for two
+    matmuls over all their rows (AMX runs a few large ones faster than many small; a [V, D] product per chunk,
+    cast to fp32 and added, cost more than the products)."""
 
-    def __init__(self, h, w, want_h: bool, want_w: bool, step: int):
+    def __init__(self, h, w, want_h: bool, want_w: bool, step: int, grad_dtype: torch.dtype):
         self.h, self.w, self.done_rows = h, w, 0
-        self.grad_h = torch.empty_like(h) if want_h else None
+        self.grad_h = torch.empty_like(h, dtype=grad_dtype) if want_h else None
         self.grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
         keep = want_w and w.dtype != torch.float32
         rows = min(h.shape[0], max(step, KEEP_GRADS // w.shape[0]))
         self.kept = torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device) if keep else None
         self.n = 0  # rows in kept
 
-    def add(self, d, hc, rows: slice):
+    def add(self, d, rows: slice):
         if self.kept is not None:  # both gradients when the kept rows are flushed
             if self.n + len(d) > len(self.kept):
                 self._flush()
@@ -170,13 +170,13 @@ class _Grads:
         if self.grad_h is not None:
             self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
         if self.grad_w is not None:
-            self.grad_w.addmm_(d.t(), hc)
+            self.grad_w.addmm_(d.t(), self.h[rows])
 
     def _flush(self):
         rows, d = slice(self.done_rows, self.done_rows + self.n), self.kept[:self.n]
         if self.grad_h is not None:
             self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
-        self.grad_w += (d.t() @ self.h[rows].to(self.w.dtype)).float()
+        self.grad_w += (d.t() @ self.h[rows]).float()
         self.done_rows, self.n = self.done_rows + self.n, 0
 
     def done(self):
