@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .loss import matmul_dtype
 
@@ -47,26 +48,36 @@ def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
     return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
 
 
+def stacked_weight(w: torch.Tensor) -> nn.Parameter:
+    """Stacked expert weights w [E, out, in] as a Parameter stored [E, in, out]: each expert's matrix transposed
+    in memory, so the bmm's of the padded layout read contiguous [in, out] matrices (on CPU a bmm with transposed
+    weights ran 1.5-1.8x slower; a MoE layer at 16-64 decode tokens 1.2x faster). torch._grouped_mm and F.linear
+    of one expert take either layout alike; loads, `.to` and `clone` keep it (they preserve strides); FSDP2 takes
+    contiguous parameters only (parallel.apply_fsdp lays them out plainly: the all-gathered ones are anyway)."""
+    return nn.Parameter(w.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 LOOP_EXPERTS = 0.5  # CPU inference: a loop over the active experts while at most this fraction of them have rows
-PAD_ROWS = 32  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
+PAD_ROWS = 160  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
 ALIGN_ROWS = 128  # CPU bf16 _grouped_mm: each expert's rows zero-padded to a multiple of this many
 
 
 class Groups:
     """How rows sorted by expert (counts[e] rows for expert e) meet the stacked expert weights w [E, out, in].
-    torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty
-    ones included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts
-    when at most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every
-    expert's weights), or holds the rows zero-padded as [E, C, in] (C = the largest count, up to PAD_ROWS:
-    batched decode) so each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE
-    layer: `python bench/moe.py`). Traced by torch.compile (Groups.gathered, a decode step of a few tokens):
-    each row with its own gathered copy of its expert's weights. _grouped_mm in bf16 on CPU (bf16 weights, or
-    autocast, which would leave it in fp32, so the rows and weights are cast here) pads each expert's rows to a
+    torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty ones
+    included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts when at
+    most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every expert's
+    weights), or holds the rows zero-padded as [E, C, in] (C = the largest count, up to PAD_ROWS: batched decode,
+    short prefills) so each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE
+    layer: `python bench/moe.py`; with the weights' transposed storage, stacked_weight, the bmm beat _grouped_mm up
+    to 156 rows per expert and lost at 289). Traced by torch.compile (Groups.gathered, a decode step of a few
+    tokens): each row with its own gathered copy of its expert's weights. _grouped_mm in bf16 on CPU (bf16 weights,
+    or autocast, which would leave it in fp32, so the rows and weights are cast here) pads each expert's rows to a
     multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the row counts change every step
     (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work between matmuls runs on any
     layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
-    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for
-    every expert)."""
+    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for every
+    expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
         self.counts, self.E = counts, len(counts)
@@ -122,8 +133,8 @@ class Groups:
     def mm(self, t, w):  # each expert's rows @ w[e].T, in this layout
         if self.mode == "padded":
             return torch.bmm(t, w.transpose(1, 2))
-        if self.mode == "gathered":
-            return torch.bmm(t, w[self.experts].transpose(1, 2))
+        if self.mode == "gathered":  # (gathered from the transposed view: contiguous [R, in, out] copies)
+            return torch.bmm(t, w.transpose(1, 2)[self.experts])
         if self.mode == "grouped":
             out = torch._grouped_mm(t.to(self.cast), w.to(self.cast).transpose(1, 2), offs=self.offs)
             if out.requires_grad:

@@ -17,7 +17,7 @@ from torch import nn
 from . import sparse
 from .attention import attend
 from .config import Config
-from .experts import Groups, dispatch, expert_load, grouped_ffn
+from .experts import Groups, dispatch, expert_load, grouped_ffn, stacked_weight
 from .loss import head_cross_entropy
 
 
@@ -333,14 +333,14 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts stacked: w1/w3 [E, I, D], w2 [E, D, I]."""
+    """All routed experts stacked: w1/w3 [E, I, D], w2 [E, D, I] (stored transposed: experts.stacked_weight)."""
 
     def __init__(self, c: Config):
         super().__init__()
         E, D, Inter = c.n_routed_experts, c.dim, c.moe_inter_dim
-        self.w1 = nn.Parameter(torch.empty(E, Inter, D))
-        self.w2 = nn.Parameter(torch.empty(E, D, Inter))
-        self.w3 = nn.Parameter(torch.empty(E, Inter, D))
+        self.w1 = stacked_weight(torch.empty(E, Inter, D))
+        self.w2 = stacked_weight(torch.empty(E, D, Inter))
+        self.w3 = stacked_weight(torch.empty(E, Inter, D))
 
     def forward(self, x, w, idx):
         """x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .experts import stacked_weight
 from .model import Transformer, moe_layers
 
 
@@ -106,8 +107,9 @@ class ExpertParallel(nn.Module):
             raise ValueError(f"expert parallel: the placement must hold each of the {E} experts at least once")
         self.n_experts, self.n_slots, self.local = E, placement.numel(), placement.numel() // self.world
         mine = placement[self.rank * self.local:(self.rank + 1) * self.local]
-        for n in self.names:
-            setattr(self, n, nn.Parameter(getattr(experts, n).detach()[mine].clone()))
+        for n in self.names:  # (stacked [E, out, in] weights keep their transposed storage)
+            t = getattr(experts, n).detach()[mine]
+            setattr(self, n, stacked_weight(t) if t.dim() == 3 else nn.Parameter(t.clone()))
         impl = copy.copy(experts)  # the experts' FFN without their weights (it gets this rank's slices)
         impl._parameters = {}
         self.grouped = impl.grouped
@@ -215,9 +217,13 @@ def expert_parallel_inference(model: Transformer, redundant: int = 0, loads=None
 
 def apply_fsdp(model: Transformer):
     """FSDP2: shard every block, then the rest (embedding, head, final norm) at the root. Expert-parallel
-    slices are already split over ranks: FSDP leaves them alone."""
+    slices are already split over ranks: FSDP leaves them alone. FSDP2 takes contiguous parameters only: stacked
+    expert weights (stored transposed, experts.stacked_weight) are laid out plainly first."""
     from torch.distributed.fsdp import fully_shard
     ignored = {p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()} or None
+    for p in model.parameters():
+        if p not in (ignored or ()) and not p.is_contiguous():
+            p.data = p.data.contiguous()
     for block in list(model.layers) + list(model.mtp):
         fully_shard(block, ignored_params=ignored)
     fully_shard(model, ignored_params=ignored)

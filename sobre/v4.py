@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .experts import Groups, dispatch, expert_load
+from .experts import Groups, dispatch, expert_load, stacked_weight
 from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
@@ -398,13 +398,14 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts, transformers' layout: gate_up_proj [E, 2I, D] (gate and up fused), down_proj [E, D, I]."""
+    """Routed experts, transformers' layout: gate_up_proj [E, 2I, D] (gate and up fused), down_proj [E, D, I] (stored
+    transposed: experts.stacked_weight)."""
 
     def __init__(self, E: int, D: int, inter: int, limit: float):
         super().__init__()
         self.limit = limit
-        self.gate_up_proj = nn.Parameter(torch.zeros(E, 2 * inter, D))
-        self.down_proj = nn.Parameter(torch.zeros(E, D, inter))
+        self.gate_up_proj = stacked_weight(torch.zeros(E, 2 * inter, D))
+        self.down_proj = stacked_weight(torch.zeros(E, D, inter))
 
     def forward(self, x, w, idx):  # x [N, D], w/idx [N, K] -> [N, D]
         return dispatch(x, w, idx, self.gate_up_proj.shape[0],

@@ -64,6 +64,20 @@ def debug_model():
     return random_model()
 
 
+def assert_same_samples(got: list[list[int]], want: list[list[int]]):
+    """Seeded samples of the same requests computed through differently shaped forwards (a prefix cache, another
+    batch): equal tokens, except that float rounding (logits equal to ~1e-6) may move an inverse-CDF draw lying
+    at a token boundary to the neighbouring id (sampling.draw walks the vocabulary in id order): a sequence may
+    part from the other only that way, and is compared up to there. Broken seeding would part at random ids."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if j is None:
+            assert len(a) == len(b)
+        else:
+            assert abs(a[j] - b[j]) == 1, (j, a, b)
+
+
 def run_requests(eng, prompts, **kw) -> list:
     """Add every prompt to the engine at once and step until all finish: their Sequences, in prompt order."""
     rids = [eng.add_request(p, **kw) for p in prompts]

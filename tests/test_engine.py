@@ -9,7 +9,7 @@ from sobre.model import Cache
 from sobre.paged import PagedBatch, PagedPool
 from sobre.sampling import SamplingParams
 
-from conftest import V3, hf_checkpoint, random_model, run_requests
+from conftest import V3, assert_same_samples, hf_checkpoint, random_model, run_requests
 
 DENSE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -195,8 +195,9 @@ def test_prompts_of_close_lengths_prefill_together_and_match_alone(speculative):
 @pytest.mark.parametrize("cfg", [None, "dense"], ids=["mla", "gqa"])
 def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     """Requests sharing a long system prefix: with the prefix cache the later ones prefill only their own tail
-    (whole 64-token blocks reused, counted in prefix_stats / Sequence.cached), outputs (greedy and seeded)
-    equal an engine without it; a small pool evicts least-recently-used cached blocks and still agrees."""
+    (whole 64-token blocks reused, counted in prefix_stats / Sequence.cached), outputs equal an engine without it
+    (greedy; seeded up to a draw at a token boundary, assert_same_samples); a small pool evicts
+    least-recently-used cached blocks and still agrees."""
     model = random_model(sobre.preset("debug", arch="qwen2") if cfg else None)
     g = torch.Generator().manual_seed(0)
     system = torch.randint(3, 500, (150,), generator=g).tolist()
@@ -210,7 +211,7 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     assert [s.cached for s in done] == [128, 128, 128]  # two full blocks of the shared system prompt
     assert eng.prefix_stats["hit"] == 3 * 128
     seeded = dict(max_new_tokens=8, temperature=1.0, seed=3)
-    assert eng.generate(prompts, **seeded) == Engine(model).generate(prompts, **seeded)
+    assert_same_samples(eng.generate(prompts, **seeded), Engine(model).generate(prompts, **seeded))
     # a pool of 8 blocks: every new prompt needs room, so cached blocks nobody holds are evicted
     small = Engine(model, prefix_cache=True, cache_tokens=8 * 64)
     others = [torch.randint(3, 500, (140,), generator=g).tolist() for _ in range(4)]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sobre
 from sobre import reference
-from sobre.experts import Groups, grouped_ffn, looped_mm
+from sobre.experts import Groups, grouped_ffn, looped_mm, stacked_weight
 from sobre.model import Cache, Gate
 
 from conftest import random_model
@@ -61,15 +61,20 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
         assert (moe.experts(x[:1], w, idx) - reference.moe_routed(moe.experts, x[:1], w, idx)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("stored", ["contiguous", "stacked"])
 @pytest.mark.parametrize("counts, mode", [([0, 1, 0, 0, 0, 0, 0, 2], "loop"), ([3, 0, 5, 1, 1, 2, 0, 4], "padded"),
-                                          ([40, 0, 7, 33, 1, 0, 9, 50], "grouped")])
-def test_expert_groups_equal_looped(counts, mode):
+                                          ([40, 0, 7, 170, 1, 0, 9, 50], "grouped")])
+def test_expert_groups_equal_looped(counts, mode, stored):
     """CPU inference loops over few active experts, pads up to PAD_ROWS rows per expert into one bmm, else runs
     _grouped_mm: each matmul and a whole SwiGLU through the layout equal the per-expert loop; so does the
-    SwiGLU with every row's expert weights gathered (Groups.gathered)."""
+    SwiGLU with every row's expert weights gathered (Groups.gathered). Either storage of the weights: plain
+    contiguous [E, out, in], or transposed in memory as the model's (stacked_weight)."""
     g = torch.Generator().manual_seed(3)
     xs = torch.randn(sum(counts), 24, generator=g)
-    w1, w2, w3 = (torch.randn(8, *shape, generator=g) for shape in ((40, 24), (24, 40), (40, 24)))
+    w1, w2, w3 = (torch.randn(8, *shape, generator=g) * 0.2 for shape in ((40, 24), (24, 40), (40, 24)))
+    if stored == "stacked":
+        w1, w2, w3 = (stacked_weight(w).detach() for w in (w1, w2, w3))
+        assert w1.stride() == (40 * 24, 1, 40)
     with torch.no_grad():
         g = Groups(counts, xs, w1)
         assert g.mode == mode
@@ -78,6 +83,19 @@ def test_expert_groups_equal_looped(counts, mode):
         torch.testing.assert_close(grouped_ffn(xs, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
         experts = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))  # (compiled decode's layout)
         torch.testing.assert_close(grouped_ffn(xs, Groups.gathered(experts), w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_experts_stored_transposed(tmp_path):
+    """Stacked expert weights keep their transposed storage (each expert's [in, out] contiguous, for the padded
+    layout's bmm) through init, randomizing, save + load and a dtype change; the loaded values are the saved."""
+    model = random_model()
+    for m in (model, sobre.load(sobre.save(model, tmp_path) or tmp_path)):
+        for moe in (b.ffn for b in m.layers if hasattr(b.ffn, "experts")):
+            for w in moe.experts.parameters():
+                assert w.transpose(1, 2).is_contiguous()
+                assert w.to(torch.bfloat16).transpose(1, 2).is_contiguous()
+    loaded = sobre.load(tmp_path).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
 
 
 def test_aligned_bf16_groups_equal_looped(monkeypatch):
