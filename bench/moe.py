@@ -32,18 +32,18 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
 
 
 class forced:
-    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_ROWS)."""
+    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK)."""
 
     def __init__(self, moe, loop: float, pad: int):
         self.moe, self.loop, self.pad = moe, loop, pad
 
     def __call__(self, x):
-        was = M.LOOP_EXPERTS, M.PAD_ROWS
-        M.LOOP_EXPERTS, M.PAD_ROWS = self.loop, self.pad
+        was = M.LOOP_EXPERTS, M.PAD_SLACK
+        M.LOOP_EXPERTS, M.PAD_SLACK = self.loop, self.pad
         try:
             return self.moe(x)
         finally:
-            M.LOOP_EXPERTS, M.PAD_ROWS = was
+            M.LOOP_EXPERTS, M.PAD_SLACK = was
 
 
 def main():
@@ -57,7 +57,8 @@ def main():
         sobre.save(model, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     ours, theirs = model.layers[1].ffn, hf.model.layers[1].mlp
-    layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30), "grouped": forced(ours, 0.0, 0)}
+    layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30),
+               "grouped": forced(ours, 0.0, -(1 << 30))}
     E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
     print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), fp32, "
           f"{torch.get_num_threads()} threads")
@@ -71,7 +72,8 @@ def main():
             assert (ours(x) - theirs(x)).abs().max() < 1e-4  # same layer, same output
             counts = ours.last_load.tolist()
             active, top = sum(1 for c in counts if c), max(counts)
-            path = "loop" if active <= M.LOOP_EXPERTS * E else "padded bmm" if top <= M.PAD_ROWS else "_grouped_mm"
+            path = "loop" if active <= M.LOOP_EXPERTS * E else "padded bmm" if E * top <= n * K + M.PAD_SLACK * E \
+                else "_grouped_mm"
             t = best_ms({"a": lambda x=x: ours(x), **{k: lambda x=x, f=f: f(x) for k, f in layouts.items()},
                          "b": lambda x=x: theirs(x)})
             a, b = t["a"], t["b"]

@@ -58,7 +58,8 @@ def stacked_weight(w: torch.Tensor) -> nn.Parameter:
 
 
 LOOP_EXPERTS = 0.5  # CPU inference: a loop over the active experts while at most this fraction of them have rows
-PAD_ROWS = 160  # CPU inference: experts' rows zero-padded into one bmm up to this many rows per expert
+PAD_SLACK = 16  # CPU inference: experts' rows zero-padded into one bmm while padding adds at most this many rows a
+#   expert (E * largest count <= rows + PAD_SLACK * E)
 ALIGN_ROWS = 128  # CPU bf16 _grouped_mm: each expert's rows zero-padded to a multiple of this many
 
 
@@ -67,17 +68,19 @@ class Groups:
     torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty ones
     included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts when at
     most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every expert's
-    weights), or holds the rows zero-padded as [E, C, in] (C = the largest count, up to PAD_ROWS: batched decode,
-    short prefills) so each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE
-    layer: `python bench/moe.py`; with the weights' transposed storage, stacked_weight, the bmm beat _grouped_mm up
-    to 156 rows per expert and lost at 289). Traced by torch.compile (Groups.gathered, a decode step of a few
-    tokens): each row with its own gathered copy of its expert's weights. _grouped_mm in bf16 on CPU (bf16 weights,
-    or autocast, which would leave it in fp32, so the rows and weights are cast here) pads each expert's rows to a
-    multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the row counts change every step
-    (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work between matmuls runs on any
-    layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under autograd over unbound
-    weights: indexing a stacked parameter per expert would make autograd allocate a full-size gradient for every
-    expert)."""
+    weights), or holds the rows zero-padded as [E, C, in] (C = the largest count: batched decode, short prefills) so
+    each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python
+    bench/moe.py`) while the padding stays small: E * C <= rows + PAD_SLACK * E. (256 x 128 experts, their weights
+    stored transposed, stacked_weight: padded / _grouped_mm SwiGLU time 0.70 at 256 rows evenly spread, 0.79 with
+    E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm pays ~15 us a matmul
+    call, per expert, that the bmm saves; padding costs compute per row.) Traced by torch.compile (Groups.gathered,
+    a decode step of a few tokens): each row with its own gathered copy of its expert's weights. _grouped_mm in bf16
+    on CPU (bf16 weights, or autocast, which would leave it in fp32, so the rows and weights are cast here) pads
+    each expert's rows to a multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the row counts
+    change every step (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work between
+    matmuls runs on any layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under
+    autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate a full-size
+    gradient for every expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
         self.counts, self.E = counts, len(counts)
@@ -85,7 +88,7 @@ class Groups:
         cpu_inference = xs.device.type == "cpu" and not grad
         if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
-        elif cpu_inference and max(counts, default=0) <= PAD_ROWS:
+        elif cpu_inference and self.E * max(counts, default=0) <= sum(counts) + PAD_SLACK * self.E:
             self.mode = "padded"
             C = self.C = max(counts)
             self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)

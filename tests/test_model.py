@@ -65,7 +65,7 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
 @pytest.mark.parametrize("counts, mode", [([0, 1, 0, 0, 0, 0, 0, 2], "loop"), ([3, 0, 5, 1, 1, 2, 0, 4], "padded"),
                                           ([40, 0, 7, 170, 1, 0, 9, 50], "grouped")])
 def test_expert_groups_equal_looped(counts, mode, stored):
-    """CPU inference loops over few active experts, pads up to PAD_ROWS rows per expert into one bmm, else runs
+    """CPU inference loops over few active experts, pads rows into one bmm while padding adds few rows, else runs
     _grouped_mm: each matmul and a whole SwiGLU through the layout equal the per-expert loop; so does the
     SwiGLU with every row's expert weights gathered (Groups.gathered). Either storage of the weights: plain
     contiguous [E, out, in], or transposed in memory as the model's (stacked_weight)."""
