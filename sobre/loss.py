@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in fp32)
 KEEP_GRADS = 1 << 24  # bf16 dL/dlogits kept for one weight-gradient matmul (32 MB)
+EXP_FLOOR = -87.0  # CPU exp of anything below ~-87.3 (a denormal result) or of -inf takes a slow path, 10-150x
+#   slower (one-off timing); exponents <= 0 are clamped here first: e^-87 = 1.6e-38, nothing next to the max's 1
 
 
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ class _HeadLogprobs(torch.autograd.Function):
         for i in range(0, h.shape[0], ctx.step):
             gc = g[i:i + ctx.step].float()
             logits = F.linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
-            d = logits.sub_(lse[i:i + ctx.step, None]).exp_().mul_(-gc[:, None])  # -g * softmax
+            d = logits.sub_(lse[i:i + ctx.step, None]).clamp_(min=EXP_FLOOR).exp_().mul_(-gc[:, None])  # -g softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             grads.add(d.div_(ctx.temperature), slice(i, i + ctx.step))
         grad_h, grad_w = grads.done()
@@ -124,10 +126,11 @@ class _HeadLogprobs(torch.autograd.Function):
 
 def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
     """A chunk's logits [n, V] (fp32, overwritten) -> (e = exp(logits - max) [n, V] (logits' buffer, unless
-    entropy), log s = log(sum e) [n], the targets' log-probs [n], the entropies [n] (or None)). Four passes over
-    [n, V] (max, shift, exp, sum) where logsumexp, then the log-softmax and its exp took seven."""
+    entropy), log s = log(sum e) [n], the targets' log-probs [n], the entropies [n] (or None)). Five passes over
+    [n, V] (max, shift, clamp, exp, sum) where logsumexp, then the log-softmax and its exp took seven."""
     z = logits.sub_(logits.amax(-1, keepdim=True))  # [n, V], <= 0
-    zy = z.gather(1, targets[:, None])[:, 0]
+    zy = z.gather(1, targets[:, None])[:, 0]  # (before the clamp: a target's log-prob may lie below EXP_FLOOR)
+    z.clamp_(min=EXP_FLOOR)
     e = z.exp() if entropy else z.exp_()
     s = e.sum(-1)
     log_s = s.log()

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .loss import EXP_FLOOR
+
 
 class Compressor(NamedTuple):
     pos: torch.Tensor  # [block, D] intra-block position embedding
@@ -337,7 +339,7 @@ def _selected_by_block(q, kb, vb, gid, hide):
     s = s.masked_fill(hide[order, None], float("-inf"))  # [P, G, select]
     with torch.no_grad():
         m = s.new_full((R, G), float("-inf")).scatter_reduce_(0, row[:, None].expand(-1, G), s.amax(-1), "amax")
-    e = (s - m[row, :, None]).exp()  # 0 where hidden
+    e = (s - m[row, :, None]).clamp_(min=EXP_FLOOR).exp_()  # e^-87 where hidden: nothing next to the max's 1
     o = grouped_mm(e.to(vb.dtype).view(-1, kb.shape[1]), vb[blocks], counts * G).view(-1, G * vb.shape[-1])
     out = o.new_zeros(R, o.shape[-1]).index_add(0, row, o).view(R, G, -1)
     total = e.new_zeros(R, G).index_add(0, row, e.sum(-1))

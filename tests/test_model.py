@@ -183,6 +183,47 @@ def test_fp8_dequant_matches_reference():
         dequant_fp8(w, torch.rand(2, 2), (128, 128))
 
 
+def test_head_losses_past_the_exp_floor():
+    """Logits spread far past loss.EXP_FLOOR (exponents below it are clamped: CPU exp is slow there), targets
+    among the far-below ones included: the head's losses, log-probs, entropies and gradients still equal
+    log_softmax + gather."""
+    import sobre.loss
+    g = torch.Generator().manual_seed(1)
+    h0, w0 = torch.randn(12, 16, generator=g) * 4, torch.randn(50, 16, generator=g) * 4  # logits ~ +-300
+    y = (F.linear(h0, w0).argmin(-1) + torch.arange(12) % 2 * torch.arange(12)) % 50  # half at each row's min
+    assert (F.log_softmax(F.linear(h0, w0), -1).gather(1, y[:, None]) < -2 * 87).sum() >= 6
+
+    coef = torch.linspace(-1, 1, 12)
+
+    def run(fn):  # -> log-probs, entropies, and the gradients of sum coef_i log-prob_i
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        total, lp, ent = fn(h, w)
+        total.backward()
+        return lp.detach(), ent, h.grad, w.grad
+
+    def plain(h, w):
+        la = F.log_softmax(F.linear(h, w) / 0.7, -1)
+        lp = la.gather(1, y[:, None])[:, 0]
+        return (lp * coef).sum(), lp, -(la.exp() * la).sum(-1).detach()
+
+    def logprobs(h, w):
+        lp, ent = sobre.loss.head_logprobs(h, w, y, 0.7, entropy=True)
+        return (lp * coef).sum(), lp, ent
+
+    ref = run(plain)
+    for got in (run(logprobs), run(lambda h, w: sobre.loss.head_weighted_logprobs(h, w, y, coef, 0.7, True))):
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    sobre.loss.head_cross_entropy(h, w, y).backward()
+    h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ce = F.cross_entropy(F.linear(h1, w1), y)
+    ce.backward()
+    torch.testing.assert_close(sobre.loss.head_cross_entropy(h0, w0, y), ce.detach(), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h1.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(w.grad, w1.grad, atol=1e-4, rtol=1e-5)
+
+
 def test_head_losses_equal_the_plain_paths(monkeypatch):
     """loss.head_cross_entropy (row chunks, gradients made in the forward) against its twin
     F.cross_entropy(F.linear(h, w).float(), y): loss and both gradients, fp32 and under bf16 autocast, a last
