@@ -68,23 +68,58 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.T
     return (logits - pres * (generated > 0) - freq * generated).clamp(-1e30, 1e30)  # tiny penalties: no inf
 
 
+TOP_CANDIDATES = 1024  # top-k / top-p / min-p decided among each row's best this-many tokens when they hold its kept
+#   set (filter_logits)
+
+
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on logits [B, V] (rows with temperature > 0); dropped tokens -> -inf."""
+    """Temperature, top-k, top-p, min-p on logits [B, V] (rows with temperature > 0); dropped tokens -> -inf.
+    Decided among each row's TOP_CANDIDATES best tokens (one topk) when they hold every token it keeps: top-k at
+    most that, or top-p's mass or min-p's bound reached inside them; other rows sort the whole vocabulary
+    (sorted_filter, the reference twin). [64, 32000] fp32, top-p 0.95, 2 threads: a full sort 143-159 ms; from the
+    top 1024, 23-26 ms for logits of std 4-9, 177 ms for near-flat ones (every row falls back to the sort)."""
     B, V = logits.shape
     temp = logits.new_tensor([p.temperature or 1.0 for p in params])[:, None]
     if all((p.top_k == 0 or p.top_k >= V) and p.top_p == 1 and p.min_p == 0 for p in params):
         return logits / temp  # nothing to filter: skip the sort over the vocabulary
+    scaled, K = logits / temp, min(TOP_CANDIDATES, V)
+    if K == V:
+        return sorted_filter(scaled, params)
     k = torch.tensor([min(p.top_k or V, V) for p in params], device=logits.device)[:, None]
     top_p = logits.new_tensor([p.top_p for p in params])[:, None]
     min_p = logits.new_tensor([p.min_p for p in params])[:, None]
-    sorted_logits, order = (logits / temp).sort(dim=-1, descending=True)
-    drop = torch.arange(V, device=logits.device)[None] >= k  # top-k
+    vals, order = scaled.topk(K, dim=-1)  # [B, K], best first
+    beyond = torch.arange(K, device=logits.device)[None] >= k  # top-k
+    vals_k = vals.masked_fill(beyond, float("-inf"))
+    # probabilities over the row's top-k tokens: the K here when k <= K, else (top-k off) the whole vocabulary
+    lse = torch.where(k <= K, vals_k.logsumexp(-1, keepdim=True), scaled.logsumexp(-1, keepdim=True))
+    p = (vals_k - lse).exp()
+    cum = p.cumsum(dim=-1)
+    drop = beyond | ((cum - p) >= top_p) | (p < min_p * p[:, :1])  # as sorted_filter
+    drop[:, 0] = False
+    # [B, 1]: nothing kept past K (top-k between K and V: its mass is unknown here, so those rows sort)
+    held = (k <= K) | (k >= V) & ((cum[:, -1:] >= top_p) | (p[:, -1:] < min_p * p[:, :1]))
+    out = torch.full_like(logits, float("-inf")).scatter(1, order, vals.masked_fill(drop, float("-inf")))
+    rest = (~held[:, 0]).nonzero()[:, 0].tolist()
+    if rest:
+        out[rest] = sorted_filter(scaled[rest], [params[i] for i in rest])
+    return out
+
+
+def sorted_filter(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filter_logits on temperature-scaled logits [B, V] with one sort over the whole vocabulary."""
+    B, V = scaled.shape
+    k = torch.tensor([min(p.top_k or V, V) for p in params], device=scaled.device)[:, None]
+    top_p = scaled.new_tensor([p.top_p for p in params])[:, None]
+    min_p = scaled.new_tensor([p.min_p for p in params])[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    drop = torch.arange(V, device=scaled.device)[None] >= k  # top-k
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     p = sorted_logits.softmax(dim=-1)
     drop |= (p.cumsum(dim=-1) - p) >= top_p  # top-p: the smallest prefix whose mass reaches top_p
     drop |= p < min_p * p[:, :1]  # min-p: at least min_p times the most likely token
     drop[:, 0] = False  # the most likely token always survives
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import sobre
 from sobre import Engine, generate
 from sobre.constrain import JsonPrefix
-from sobre.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample, top_logprobs
+from sobre.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample, sorted_filter, top_logprobs
 from sobre.tokenizer import train_tokenizer
 
 from conftest import random_model
@@ -21,6 +21,24 @@ LOGITS = PROBS.log()
 def kept(**kw):
     out = filter_logits(LOGITS, [SamplingParams(temperature=1.0, **kw)]).softmax(-1)
     return out[0]
+
+
+def test_filter_from_top_candidates_equals_the_full_sort(monkeypatch):
+    """filter_logits decides among each row's TOP_CANDIDATES best tokens when they hold its kept set, else sorts
+    the row: every mix of top-k (below, above and past that many), top-p (reached inside them or not) and min-p
+    (its bound inside or not) keeps exactly what one sort of the whole vocabulary keeps, with the same values."""
+    import sobre.sampling
+    monkeypatch.setattr(sobre.sampling, "TOP_CANDIDATES", 32)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(48, 500, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(16)[:, None]  # flat..peaked
+    combos = [dict(top_k=k, top_p=p, min_p=m) for k in (0, 8, 32, 100, 900) for p in (1.0, 0.5, 0.9, 0.999)
+              for m in (0.0, 0.02, 0.3)]
+    params = [SamplingParams(temperature=0.7, **combos[i % len(combos)]) for i in range(48)]
+    for rows in (range(48), range(24, 48)):  # (two batches: both filter paths in one call, rows of each)
+        got = filter_logits(logits[list(rows)], [params[i] for i in rows])
+        want = sorted_filter(logits[list(rows)] / 0.7, [params[i] for i in rows])
+        assert torch.equal(got.isfinite(), want.isfinite())
+        torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()], rtol=0, atol=0)
 
 
 def test_top_k_renormalises_the_best_k():
