@@ -85,14 +85,14 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     scaled, K = logits / temp, min(TOP_CANDIDATES, V)
     if K == V:
         return sorted_filter(scaled, params)
-    k = torch.tensor([min(p.top_k or V, V) for p in params], device=logits.device)[:, None]
-    top_p = logits.new_tensor([p.top_p for p in params])[:, None]
-    min_p = logits.new_tensor([p.min_p for p in params])[:, None]
+    k, top_p, min_p = _limits(scaled, params)
     vals, order = scaled.topk(K, dim=-1)  # [B, K], best first
     beyond = torch.arange(K, device=logits.device)[None] >= k  # top-k
     vals_k = vals.masked_fill(beyond, float("-inf"))
     # probabilities over the row's top-k tokens: the K here when k <= K, else (top-k off) the whole vocabulary
-    lse = torch.where(k <= K, vals_k.logsumexp(-1, keepdim=True), scaled.logsumexp(-1, keepdim=True))
+    lse = vals_k.logsumexp(-1, keepdim=True)
+    if (k > K).any():  # (a pass over the vocabulary only where some row needs it)
+        lse = torch.where(k <= K, lse, scaled.logsumexp(-1, keepdim=True))
     p = (vals_k - lse).exp()
     cum = p.cumsum(dim=-1)
     drop = beyond | ((cum - p) >= top_p) | (p < min_p * p[:, :1])  # as sorted_filter
@@ -108,10 +108,8 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 def sorted_filter(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """filter_logits on temperature-scaled logits [B, V] with one sort over the whole vocabulary."""
-    B, V = scaled.shape
-    k = torch.tensor([min(p.top_k or V, V) for p in params], device=scaled.device)[:, None]
-    top_p = scaled.new_tensor([p.top_p for p in params])[:, None]
-    min_p = scaled.new_tensor([p.min_p for p in params])[:, None]
+    V = scaled.shape[1]
+    k, top_p, min_p = _limits(scaled, params)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     drop = torch.arange(V, device=scaled.device)[None] >= k  # top-k
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -120,6 +118,14 @@ def sorted_filter(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.T
     drop |= p < min_p * p[:, :1]  # min-p: at least min_p times the most likely token
     drop[:, 0] = False  # the most likely token always survives
     return torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _limits(scaled: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, ...]:
+    """Each row's top-k (the vocabulary when off), top-p and min-p as [B, 1] columns."""
+    V = scaled.shape[1]
+    k = torch.tensor([min(p.top_k or V, V) for p in params], device=scaled.device)[:, None]
+    top_p = scaled.new_tensor([p.top_p for p in params])[:, None]
+    return k, top_p, scaled.new_tensor([p.min_p for p in params])[:, None]
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
