@@ -62,7 +62,7 @@ def run_sobre(model_dir, a, out):
     args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward=f"grpo:{a.reward}_reward",
                     steps=a.steps + 1, prompts=a.prompts, group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0,
                     eval_every=10_000, eval_problems=1, save_every=10_000, lr=1e-5,
-                    micro_batch=a.prompts * a.group)  # one forward, as TRL's batch
+                    micro_batch=a.prompts * a.group, bf16=a.bf16)  # one forward, as TRL's batch
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s", "signal")}
@@ -99,7 +99,7 @@ def run_trl(model_dir, a, out):
 
     cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
                      max_completion_length=a.max_new_tokens, beta=0.0, learning_rate=1e-5, max_steps=a.steps + 1,
-                     use_cpu=True, bf16=False, logging_steps=1, report_to=[], save_strategy="no", temperature=1.0,
+                     use_cpu=True, bf16=a.bf16, logging_steps=1, report_to=[], save_strategy="no", temperature=1.0,
                      loss_type="grpo", shuffle_dataset=False, disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
@@ -117,6 +117,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--reward", choices=("spread", "digits"), default="spread",
                    help="countdown + 0.1 x a hash of the text (spread) or x its share of digits (see above)")
+    p.add_argument("--bf16", action="store_true", help="both updates under bf16 autocast (rollouts stay fp32 in sobre)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
@@ -131,8 +132,8 @@ def main():
             ours, ours_len, split = run_sobre(model_dir, a, tmp / f"sobre{r}")
             theirs, theirs_len = run_trl(model_dir, a, tmp / f"trl{r}")
             rows.append((theirs, ours, split, theirs_len, ours_len))
-    print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, fp32, "
-          f"{a.reward} reward, {torch.get_num_threads()} threads "
+    print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, "
+          f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {torch.get_num_threads()} threads "
           f"({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
     print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | mean completion "
           "tokens TRL / sobre | sobre: share trained |")

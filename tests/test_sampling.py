@@ -30,15 +30,27 @@ def test_filter_from_top_candidates_equals_the_full_sort(monkeypatch):
     import sobre.sampling
     monkeypatch.setattr(sobre.sampling, "TOP_CANDIDATES", 32)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(48, 500, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(16)[:, None]  # flat..peaked
+    scale = torch.tensor([0.5, 2.0, 6.0, 15.0, 30.0]).repeat(10)[:48, None]  # flat..peaked
+    logits = torch.randn(48, 500, generator=g) * scale
     combos = [dict(top_k=k, top_p=p, min_p=m) for k in (0, 8, 32, 100, 900) for p in (1.0, 0.5, 0.9, 0.999)
               for m in (0.0, 0.02, 0.3)]
     params = [SamplingParams(temperature=0.7, **combos[i % len(combos)]) for i in range(48)]
-    for rows in (range(48), range(24, 48)):  # (two batches: both filter paths in one call, rows of each)
+    short = [i for i in range(48) if 0 < params[i].top_k <= 32]  # every row's top-k within: a smaller topk
+    plain = [i for i in range(48) if params[i].top_k in (0, 900) and params[i].top_p == 1 and params[i].min_p == 0]
+    for rows in (range(48), range(24, 48), short, short + plain):  # (both filter paths in one call, rows of each)
         got = filter_logits(logits[list(rows)], [params[i] for i in rows])
         want = sorted_filter(logits[list(rows)] / 0.7, [params[i] for i in rows])
         assert torch.equal(got.isfinite(), want.isfinite())
         torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()], rtol=0, atol=0)
+        for i, row in zip(rows, got):  # top-p 1 drops nothing, though a peaked row's mass sums to 1.0 early in fp32
+            if params[i].top_p == 1 and params[i].min_p == 0:
+                assert row.isfinite().sum() == min(params[i].top_k or 500, 500)
+    flat = torch.randn(4, 500, generator=g) * 0.5  # min-p alone with its bound past the candidates: no sort
+    params = [SamplingParams(temperature=0.7, min_p=m, top_k=k)
+              for m, k in ((0.02, 0), (0.1, 900), (0.02, 8), (0.5, 0))]
+    got, want = filter_logits(flat, params), sorted_filter(flat / 0.7, params)
+    assert torch.equal(got.isfinite(), want.isfinite()) and torch.equal(got[got.isfinite()], want[want.isfinite()])
+    assert got[:2].isfinite().sum(1).min() > 32
 
 
 def test_top_k_renormalises_the_best_k():
