@@ -1,6 +1,8 @@
 """GRPO throughput: sobre's `grpo` vs TRL's GRPOTrainer on the same model (exported to HF format), the same
 prompts (countdown), reward, G, completion length, beta=0, fp32, in the same run. Samples/s = completions per
-second of whole GRPO steps (rollout + reward + update), median over the measured steps.
+second of whole GRPO steps (rollout + reward + update), median over the measured steps. Each side's split: sobre's
+rollout / update seconds from its metrics, TRL's seconds in its generation (`GRPOTrainer._generate`) / the rest of
+its step (scoring, log-probs, backward, optimizer).
 
 The reward is countdown's correctness plus a small score that differs between completions, so that a random
 model's groups do not all score 0: sobre leaves completions with advantage 0 out of its update (TRL trains on
@@ -102,9 +104,20 @@ def run_trl(model_dir, a, out):
                      use_cpu=True, bf16=a.bf16, logging_steps=1, report_to=[], save_strategy="no", temperature=1.0,
                      loss_type="grpo", shuffle_dataset=False, disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
-                callbacks=[Timer()]).train()
-    return a.prompts * a.group / statistics.median(times[1:]), statistics.mean(lengths)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
+                          callbacks=[Timer()])
+    gen = []  # seconds in TRL's generation per step (its internal _generate, where this TRL version has one)
+    if hasattr(trainer, "_generate"):
+        def timed(*args, f=trainer._generate):
+            t0 = time.perf_counter()
+            out = f(*args)
+            gen.append(time.perf_counter() - t0)
+            return out
+        trainer._generate = timed
+    trainer.train()
+    step = statistics.median(times[1:])
+    split = (statistics.median(gen[1:]), step - statistics.median(gen[1:])) if len(gen) > 1 else None
+    return a.prompts * a.group / step, statistics.mean(lengths), split
 
 
 def main():
@@ -130,17 +143,18 @@ def main():
             fresh_model(model_dir, a.preset)
         for r in range(a.rounds):
             ours, ours_len, split = run_sobre(model_dir, a, tmp / f"sobre{r}")
-            theirs, theirs_len = run_trl(model_dir, a, tmp / f"trl{r}")
-            rows.append((theirs, ours, split, theirs_len, ours_len))
+            theirs, theirs_len, their_split = run_trl(model_dir, a, tmp / f"trl{r}")
+            rows.append((theirs, ours, split, their_split, theirs_len, ours_len))
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, "
           f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {torch.get_num_threads()} threads "
           f"({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
-    print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | mean completion "
-          "tokens TRL / sobre | sobre: share trained |")
-    print("|---|---|---|---|---|---|---|")
-    for r, (theirs, ours, split, theirs_len, ours_len) in enumerate(rows, start=1):
+    print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | TRL generation / "
+          "rest s | mean completion tokens TRL / sobre | sobre: share trained |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r, (theirs, ours, split, their_split, theirs_len, ours_len) in enumerate(rows, start=1):
+        trl = f"{their_split[0]:.2f} / {their_split[1]:.2f}" if their_split else "-"
         print(f"| {r} | {theirs:.1f} | {ours:.1f} | **{ours / theirs:.2f}x** | {split['rollout_s']:.2f} / "
-              f"{split['update_s']:.2f} | {theirs_len:.1f} / {ours_len:.1f} | {split['signal']:.2f} |")
+              f"{split['update_s']:.2f} | {trl} | {theirs_len:.1f} / {ours_len:.1f} | {split['signal']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,12 @@ import torch
 from . import v4cache
 from .constrain import JsonPrefix, redraw, token_texts
 from .model import Transformer
-from .paged import BLOCK, PagedBatch, PagedPool, PagedStep, paged_rows
+from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .sampling import SamplingParams, apply_penalties, greedy, probs, sample, speculative_accept, top_logprobs
 from .tokenizer import framing_ids
+
+PROBATION = 32  # speculative: verifies before a sequence's acceptance decides whether it keeps drafting
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Sequence:
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
     bias: torch.Tensor | None = None  # [V] fp32 logit_bias
     json: JsonPrefix | None = None  # JSON mode: the object so far
+    verifies: int = 0  # speculative: verify forwards so far, and the drafts they accepted
+    accepted: int = 0
+    drafting: bool = True  # speculative: False once its drafts proved too rarely accepted (plain from then on)
 
     def advance(self, T: int, mtp: int | None = None):
         """T more tokens in the cache (of the main model, or of MTP layer `mtp`)."""
@@ -115,7 +120,7 @@ class Event:
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
-                 prefill_chunk: int = 1024, compile: bool = False):
+                 prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # MoE: the compiled step gathers each (token, expert) pair's weights, worth it while the pairs number at
         # most the experts; larger batches decode eagerly (grouped, padded experts)
@@ -127,7 +132,14 @@ class Engine:
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
         self.drafts = self.draft_tokens(c, speculative)  # MTP draft tokens per verify (0: plain decoding)
-        self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0}  # (vLLM's) drafts proposed, kept; verifies
+        if not 0 <= min_acceptance <= 1:
+            raise ValueError(f"min_acceptance must be in [0, 1], not {min_acceptance}")
+        # a sequence whose drafts so far were accepted less often than this, once it has PROBATION verifies,
+        # decodes plainly from then on: a verify cost 1.3-1.7 plain steps on CPU, so D drafts gain only when
+        # 1 + acceptance * D tokens a verify beat that (0: always draft)
+        self.min_acceptance = min_acceptance
+        # (vLLM's) drafts proposed, kept; verifies; sequences that stopped drafting
+        self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0, "stopped": 0}
         self.prefix_cache = prefix_cache
         self.unkeyed: dict[int, list[bytes]] = {}  # speculative: prompt blocks keyed once the MTP layer filled them
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
@@ -299,7 +311,8 @@ class Engine:
                     seq.mtp_in = [states[i]] + [states[i][:0]] * (self.drafts - 1)
         live = [s for s in self.running if s.pending is not None]
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
-        spec = [s for s in live if self.speculative and s.json is None and s.length + self.drafts + 1 <= c.max_seq_len]
+        spec = [s for s in live if self.speculative and s.drafting and s.json is None
+                and s.length + self.drafts + 1 <= c.max_seq_len]
         plain = [s for s in live if s not in spec]
         if spec:
             events += self._speculate(spec)
@@ -385,9 +398,11 @@ class Engine:
                     break
                 ok = tok == d[j]  # (sampled: speculative_accept's verdict; a residual draw is never the draft)
                 self.spec_stats["accepted"] += ok
+                s.accepted += ok
                 if not ok or s.finish_reason is not None:
                     break
                 a += 1
+            s.verifies += 1
             if s.finish_reason is not None:
                 continue
             s.length = L + 1 + a  # the rejected drafts' entries are overwritten later
@@ -396,6 +411,9 @@ class Engine:
             s.mtp_length = [min(L, L + a - k) for k in range(D)]
             s.mtp_in = [state[i, :a + 1]] + [keep(inputs[k][i], L, s.mtp_length[k], s.mtp_length[k - 1])
                                              for k in range(1, D)]
+            if s.verifies >= PROBATION and s.accepted < self.min_acceptance * D * s.verifies:
+                s.drafting, s.mtp_in = False, []  # it never drafts again: its MTP layers need not catch up
+                self.spec_stats["stopped"] += 1
         return events
 
     def _chunk(self, T: int) -> int:
@@ -550,46 +568,6 @@ class Engine:
                 if ev.rid == rid:
                     yield ev.token
         self.finished.pop(rid, None)
-
-
-def compiled_decode(model: Transformer, pool: PagedPool, unsupported: str | None):
-    """torch.compile'd decode step: (tokens [B, 1], the B running sequences) -> logits [B, V], traced over the
-    pool's tensors alone (paged.PagedStep, DeepSeek-V4: v4cache.V4Step). One graph for B = 1 and one for B > 1,
-    any context: dynamic shapes without duck sizing (which would tie B to a block count when they happen to be
-    equal), block tables null-padded to sizes dynamo does not specialise (it does 0 and 1: at least 2 blocks, and
-    2 entries of every compressed layer); the routed experts gathered per (token, expert) pair
-    (experts.dispatch); the weights frozen in as constants (inductor's freezing), so the model must not change
-    afterwards: GRPO's rollout engines stay eager."""
-    if unsupported:
-        raise ValueError(unsupported)
-    import torch._dynamo.config as dynamo
-    from torch.fx.experimental import _config as fx_config
-    c, block = model.config, pool.block
-    # an eager MoE dispatch (FP8 experts) breaks the graph in every block, each then compiled on its own
-    n = c.n_layers + c.n_mtp_layers
-    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
-    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
-    rates = [c.compress_rate(t) for t in c.layer_types if t != "sliding"] if c.arch == "deepseek_v4" else []
-    min_tokens = 2 * max([block, *rates])
-
-    def step(tokens, pos, table, lanes, slots, rings):
-        cache = v4cache.V4Step(rings, slots, table, pos, lanes, block) if rings else \
-            PagedStep(slots, table, pos, block)
-        return model.head(model.hidden(tokens, cache)[:, -1])
-
-    # the weights are frozen in, so guards on the modules' attributes go too (guard checks: 0.6 -> 0.2 ms per step)
-    compiled = torch.compile(step, dynamic=True, options={
-        "freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-
-    def run(tokens, seqs):
-        dev = tokens.device
-        pos = torch.tensor([[s.length] for s in seqs], device=dev)
-        table = pool.block_table(seqs, max(max(s.length for s in seqs) + 1, min_tokens))
-        lanes = torch.tensor([s.lane or 0 for s in seqs], device=dev)
-        with fx_config.patch(use_duck_shape=False), dynamo.patch(specialize_int=True, specialize_float=True):
-            return compiled(tokens, pos, table, lanes, pool.slots, pool.rings)
-
-    return run
 
 
 def keep(rows: torch.Tensor, end: int, lo: int, hi: int) -> torch.Tensor:

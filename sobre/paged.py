@@ -1,5 +1,6 @@
 """The engine's paged cache: a pool of fixed-size blocks every sequence's cache rows live in (as vLLM and
-FlashMLA page theirs), and one forward's view of it in the model's cache protocol (PagedBatch).
+FlashMLA page theirs), one forward's view of it in the model's cache protocol (PagedBatch), and the decode step
+compiled over it (compiled_decode).
 
 MLA models keep the latent c_kv [kv_lora_rank] and the rope key k_pe [qk_rope_head_dim] per token and layer,
 dense models K/V, DSA the indexer key beside, NSA also its compressed entries per block; deepseek_v4 keeps
@@ -294,3 +295,43 @@ class PagedBatch(PagedStep):
             s.advance(T, self.mtp)
         for s, (_, n1) in zip(self.seqs, self.entries or ()):
             s.entries = n1
+
+
+def compiled_decode(model: Transformer, pool: PagedPool, unsupported: str | None):
+    """torch.compile'd decode step: (tokens [B, 1], the B running sequences) -> logits [B, V], traced over the
+    pool's tensors alone (PagedStep, DeepSeek-V4: v4cache.V4Step). One graph for B = 1 and one for B > 1,
+    any context: dynamic shapes without duck sizing (which would tie B to a block count when they happen to be
+    equal), block tables null-padded to sizes dynamo does not specialise (it does 0 and 1: at least 2 blocks, and
+    2 entries of every compressed layer); the routed experts gathered per (token, expert) pair
+    (experts.dispatch); the weights frozen in as constants (inductor's freezing), so the model must not change
+    afterwards: GRPO's rollout engines stay eager."""
+    if unsupported:
+        raise ValueError(unsupported)
+    import torch._dynamo.config as dynamo
+    from torch.fx.experimental import _config as fx_config
+    c, block = model.config, pool.block
+    # an eager MoE dispatch (FP8 experts) breaks the graph in every block, each then compiled on its own
+    n = c.n_layers + c.n_mtp_layers
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * n)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * n)
+    rates = [c.compress_rate(t) for t in c.layer_types if t != "sliding"] if c.arch == "deepseek_v4" else []
+    min_tokens = 2 * max([block, *rates])
+
+    def step(tokens, pos, table, lanes, slots, rings):
+        cache = v4cache.V4Step(rings, slots, table, pos, lanes, block) if rings else \
+            PagedStep(slots, table, pos, block)
+        return model.head(model.hidden(tokens, cache)[:, -1])
+
+    # the weights are frozen in, so guards on the modules' attributes go too (guard checks: 0.6 -> 0.2 ms per step)
+    compiled = torch.compile(step, dynamic=True, options={
+        "freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def run(tokens, seqs):
+        dev = tokens.device
+        pos = torch.tensor([[s.length] for s in seqs], device=dev)
+        table = pool.block_table(seqs, max(max(s.length for s in seqs) + 1, min_tokens))
+        lanes = torch.tensor([s.lane or 0 for s in seqs], device=dev)
+        with fx_config.patch(use_duck_shape=False), dynamo.patch(specialize_int=True, specialize_float=True):
+            return compiled(tokens, pos, table, lanes, pool.slots, pool.rings)
+
+    return run

@@ -102,6 +102,8 @@ class EngineCounts:
                                ("sobre_spec_accepted_tokens", "MTP draft tokens accepted", "spec_accepted"),
                                ("sobre_spec_drafts", "speculative steps: verify forwards, per sequence",
                                 "spec_verified"),
+                               ("sobre_spec_stopped_sequences", "sequences that stopped drafting (drafts too rarely "
+                                "accepted)", "spec_stopped"),
                                ("sobre_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
                                 "prefix_hit"),
                                ("sobre_prefix_cache_miss_tokens", "prompt tokens prefilled with the prefix cache on",

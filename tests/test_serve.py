@@ -363,6 +363,7 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
                      "sobre_time_to_first_token_seconds_bucket", "sobre_time_per_output_token_seconds_bucket",
                      "sobre_generation_tokens_total", "sobre_spec_draft_tokens_total 0.0",
                      "sobre_spec_accepted_tokens_total 0.0", "sobre_spec_drafts_total 0.0",
+                     "sobre_spec_stopped_sequences_total 0.0",
                      "sobre_prefix_cache_hit_tokens_total"):
             assert name in metrics
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sobre
-from sobre.engine import Engine
+from sobre.engine import PROBATION, Engine
 from sobre.sampling import speculative_accept
 
 from conftest import random_model
@@ -19,6 +19,32 @@ def test_speculative_greedy_equals_plain_greedy():
     assert eng.generate(PROMPTS, max_new_tokens=20) == plain
     assert [eng.generate([p], max_new_tokens=20)[0] for p in PROMPTS] == plain
     assert eng.spec_stats["accepted"] < eng.spec_stats["drafted"]  # a random MTP head is mostly wrong
+
+
+def test_sequences_whose_drafts_fail_stop_drafting():
+    """A random MTP head's drafts are never accepted here: each sequence stops drafting after PROBATION verifies
+    and decodes plainly (still plain greedy's tokens), a late request drafting beside them in one step;
+    min_acceptance=0 drafts to the end; a bad value is refused."""
+    model = random_model()
+    plain = Engine(model).generate(PROMPTS, max_new_tokens=60)
+    eng = Engine(model, speculative=True)
+    rids, done = [eng.add_request(p, max_new_tokens=60) for p in PROMPTS[:3]], {}
+    for step in range(PROBATION + 10):
+        if step == 20:  # (drafting while the others go plain: both kinds in one step)
+            rids.append(eng.add_request(PROMPTS[3], max_new_tokens=60))
+        eng.step()
+        done.update(eng.collect())
+    assert [s.drafting for s in eng.running] == [False, False, False, True]
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    assert [done[r].out for r in rids] == plain
+    assert [done[r].verifies for r in rids] == [PROBATION] * 4 and eng.spec_stats["stopped"] == 4
+    always = Engine(model, speculative=True, min_acceptance=0)
+    assert always.generate(PROMPTS, max_new_tokens=60) == plain
+    assert always.spec_stats["stopped"] == 0 and always.spec_stats["verified"] == 59 * 4
+    with pytest.raises(ValueError, match="min_acceptance"):
+        Engine(model, speculative=True, min_acceptance=1.5)
 
 
 def use_oracle(model, monkeypatch):
