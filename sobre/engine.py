@@ -56,7 +56,7 @@ class Sequence:
     cached: int = 0  # prompt tokens whose cache came from the prefix cache
     entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's own are recomputed once)
     rings_at: dict = field(default_factory=dict)  # deepseek_v4 prefix cache: block end -> its ring rows (prefill)
-    text: str = ""
+    text: str | None = None  # stopped by a stop string: the text before it (what a server sends)
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
     bias: torch.Tensor | None = None  # [V] fp32 logit_bias
@@ -532,17 +532,27 @@ class Engine:
         return Event(s.rid, tok, reason is not None, reason, lp)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
-        if tok in s.params.stop_token_ids or s.json is not None and s.json.complete:
+        if tok in s.params.stop_token_ids or s.json is not None and s.json.complete or s.params.stop and \
+                self._stop_string(s):
             return "stop"
-        if s.params.stop:
-            s.text = self.tokenizer.decode([x for x in s.out if x not in self.framing])
-            hits = [s.text.find(x) for x in s.params.stop if x in s.text]
-            if hits:
-                s.text = s.text[:min(hits)]  # the stop string itself is not part of the answer
-                return "stop"
         if len(s.out) >= s.params.max_new_tokens or len(s.prompt) + len(s.out) >= self.model.config.max_seq_len:
             return "length"
         return None
+
+    def _stop_string(self, s: Sequence) -> bool:
+        """Whether the text now holds a stop string; if so s.text = the text before the first one (the stop string
+        is not part of the answer). Each token decodes only the last few (the longest stop string's characters
+        take at most 4 bytes, a token at least one: a string completed by this token starts among the last
+        4 x its length), the whole text only once one shows there: a long answer is not re-decoded per token."""
+        window = 4 * max(map(len, s.params.stop)) + 4
+        tail = self.tokenizer.decode([x for x in s.out[-window:] if x not in self.framing])
+        if not any(x in tail for x in s.params.stop):
+            return False
+        text = self.tokenizer.decode([x for x in s.out if x not in self.framing])
+        hits = [text.find(x) for x in s.params.stop if x in text]
+        if hits:
+            s.text = text[:min(hits)]
+        return bool(hits)
 
     def _finish(self, s: Sequence, reason: str):
         s.finish_reason, s.pending = reason, None

@@ -122,6 +122,29 @@ def test_stop_tokens_strings_and_logprobs():
     assert seq.finish_reason == "stop" and seq.text == text[:text.index(text[4:6])]
     chosen, top = seq.logprobs[0]
     assert len(top) == 3 and chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy took the top token
+    # a stop string first completed late in a long answer: found by decoding only each step's last tokens
+    calls = []
+
+    class Counted(Chars):
+        def decode(self, ids):
+            calls.append(len(ids))
+            return super().decode(ids)
+
+    eng = Engine(model, Counted())
+    sampled = Chars().decode(eng.generate([[1, 2, 3]], max_new_tokens=150, temperature=1.0, seed=7)[0])
+    at = next(i for i in range(100, 140) if sampled.index(sampled[i:i + 3]) == i)  # its first occurrence
+    rid = eng.add_request([1, 2, 3], max_new_tokens=150, temperature=1.0, seed=7, stop=(sampled[at:at + 3], "@"))
+    calls.clear()
+    while eng.has_work():
+        eng.step()
+    seq = eng.collect()[rid]
+    assert seq.finish_reason == "stop" and seq.text == sampled[:at] and len(seq.out) == at + 3
+    assert max(calls[:-1]) <= 4 * 3 + 4 and calls[-1] == at + 3  # the whole text decoded once, at the end
+    rid = eng.add_request([1, 2, 3], max_new_tokens=8, stop=("@",), stop_token_ids=(free_run[3],))
+    while eng.has_work():
+        eng.step()
+    seq = eng.collect()[rid]
+    assert seq.finish_reason == "stop" and seq.text is None  # (a stop token: a server cuts nothing)
 
 
 def test_bad_requests_are_rejected():

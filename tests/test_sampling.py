@@ -210,6 +210,12 @@ def test_json_mode_answers_one_object(tmp_path):
     eng = Engine(model, tok)
     out = eng.generate([[5, 6]], max_new_tokens=40, json=True, stop_token_ids=(tok.eos_id,))[0]
     assert tok.decode(out) == '{"a": [1, true], "b": "x"}'
+    steps[:] = []  # with stop strings too: the object's end stops it, nothing for a server to cut (text None)
+    rid = eng.add_request([5, 6], max_new_tokens=40, json=True, stop=("zz",), stop_token_ids=(tok.eos_id,))
+    while eng.has_work():
+        eng.step()
+    seq = eng.collect()[rid]
+    assert seq.out == out and seq.finish_reason == "stop" and seq.text is None
     one, steps[:] = tok.encode("1")[0], []  # a stop token that would fit is not drawn either: the object goes on
     out = eng.generate([[5, 6]], max_new_tokens=40, json=True, stop_token_ids=(tok.eos_id, one))[0]
     assert one not in out and JsonPrefix().feed(tok.decode(out))
