@@ -144,7 +144,8 @@ def cmd_generate(args):
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                       stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                      speculative=args.speculative, compile=args.compile, tokenizer=tok, json=args.json):
+                      speculative=args.speculative, compile=args.compile, tokenizer=tok, json=args.json,
+                      min_acceptance=args.min_acceptance):
         out.append(t)
         if rank == 0:
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
@@ -197,7 +198,7 @@ def cmd_chat(args):
         torch.set_num_threads(args.threads)
     eng = Engine.from_pretrained(args.path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
                                  device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
-                                 compile=args.compile)
+                                 compile=args.compile, min_acceptance=args.min_acceptance)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -310,6 +311,9 @@ def add_decode_flags(parser):
     """The engine's decode options, shared by generate, chat and serve."""
     parser.add_argument("--speculative", nargs="?", const=True, default=False, type=int, metavar="K",
                         help="MTP speculative decoding, K draft tokens a step (default: one per MTP layer)")
+    parser.add_argument("--min-acceptance", type=float, default=0.3, metavar="A",
+                        help="speculative: a sequence whose drafts were accepted less often than A over 32+ "
+                        "verifies decodes plainly from then on (0: always draft)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, weights frozen in: "
                         "1-5 minutes of compiling, then faster decode of up to experts / top-k sequences")
 
@@ -387,7 +391,8 @@ def cmd_serve(args):
     eng = EngineProcess(path, threads=args.threads or os.cpu_count() or 1, warm_up=args.compile,
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
-                        fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache)
+                        fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
+                        min_acceptance=args.min_acceptance)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)

@@ -595,10 +595,10 @@ def eos_ids(config, tokenizer=None) -> tuple[int, ...]:
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: tuple[int, ...] = (),
-             speculative: bool = False, compile: bool = False, tokenizer=None, **kw):
+             speculative: bool = False, compile: bool = False, tokenizer=None, min_acceptance: float = 0.3, **kw):
     """Stream the new tokens of one prompt (a one-request Engine; speculative: MTP draft + verify; a tokenizer
     for stop strings and json=True)."""
-    eng = Engine(model, tokenizer, max_batch=1, speculative=speculative, compile=compile,
+    eng = Engine(model, tokenizer, max_batch=1, speculative=speculative, compile=compile, min_acceptance=min_acceptance,
                  cache_tokens=min(len(prompt) + max_new_tokens + 1, model.config.max_seq_len))
     yield from eng.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, stop_token_ids=stop, **kw)

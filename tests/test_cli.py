@@ -45,11 +45,13 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path):
     ids = [int(t) for t in out.stdout.split()]
     assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
     assert "tok/s" in out.stderr
-    for k in ([], ["1"]):  # MTP drafts: one per MTP layer (2), or 1
+    for k in ([], ["1"], ["--min-acceptance", "0"]):  # MTP drafts: one per MTP layer (2), or 1; never stopping
         spec = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--speculative", *k)
         assert [int(t) for t in spec.stdout.split()] == ids
     bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "3", check=False)
     assert bad.returncode == 1 and "drafts 1..2 tokens a step" in bad.stderr
+    bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "--min-acceptance", "2", check=False)
+    assert bad.returncode == 1 and "min_acceptance must be in [0, 1]" in bad.stderr
 
 
 def test_generate_with_tokenizer_text_prompt(tmp_path):

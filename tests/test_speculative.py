@@ -67,21 +67,25 @@ def use_oracle(model, monkeypatch):
 def test_a_perfect_draft_is_always_accepted(monkeypatch):
     """With the oracle every draft must be accepted, two tokens per step, and the output still equals plain
     greedy."""
-    model = random_model()
-    plain = Engine(model).generate(PROMPTS, max_new_tokens=15)
+    assert oracle_steps(random_model(), monkeypatch, 15) <= 9  # prefill step + 7 steps of 2 tokens for 15 tokens
+
+
+def oracle_steps(model, monkeypatch, new: int) -> int:
+    """Engine steps to decode PROMPTS (new tokens each) with the oracle's drafts; checks the output is plain
+    greedy's, every draft was accepted and the pool got all its blocks back."""
+    plain = Engine(model).generate(PROMPTS, max_new_tokens=new)
     use_oracle(model, monkeypatch)
     eng = Engine(model, speculative=True)
-    steps = 0
-    rids = [eng.add_request(p, max_new_tokens=15) for p in PROMPTS]
-    done = {}
+    rids = [eng.add_request(p, max_new_tokens=new) for p in PROMPTS]
+    steps, done = 0, {}
     while eng.has_work():
         eng.step()
         steps += 1
         done.update(eng.collect())
     assert [done[r].out for r in rids] == plain
     assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
-    assert steps <= 9  # prefill step + 7 steps of 2 tokens for 15 tokens
     assert len(eng.pool.free) == eng.pool.n_blocks - 1
+    return steps
 
 
 def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
@@ -200,23 +204,10 @@ def test_two_drafts_with_penalties_and_logprobs_equal_plain():
 
 
 def test_two_perfect_drafts_are_always_accepted(monkeypatch):
-    """With the oracle both drafts are always right: three tokens a step, the same output as plain greedy, and
-    the MTP layers' incremental rows (caught up over 1 or 3 positions, the second layer reading the first's) equal
-    the two layers run over the whole sequence at the end."""
-    model = two_drafts()
-    plain = Engine(model).generate(PROMPTS, max_new_tokens=16)
-    use_oracle(model, monkeypatch)
-    eng = Engine(model, speculative=True)
-    rids = [eng.add_request(p, max_new_tokens=16) for p in PROMPTS]
-    steps, done = 0, {}
-    while eng.has_work():
-        eng.step()
-        steps += 1
-        done.update(eng.collect())
-    assert [done[r].out for r in rids] == plain
-    assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
-    assert steps == 5  # the first step prefills (1 token) and verifies 2 drafts (3), then 4 steps of 3 tokens
-    assert len(eng.pool.free) == eng.pool.n_blocks - 1
+    """With the oracle both drafts are always right: three tokens a step, the same output as plain greedy (the
+    MTP layers' incremental rows: the next test)."""
+    # the first step prefills (1 token) and verifies 2 drafts (3), then 4 steps of 3 tokens
+    assert oracle_steps(two_drafts(), monkeypatch, 16) == 5
 
 
 def test_two_drafts_mtp_hiddens_equal_the_whole_sequence_run(monkeypatch):
