@@ -43,8 +43,9 @@ def main():
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     print(f"greedy, B=1, {args.prompts} prompts of 32 tokens, {args.new} new tokens each; {args.dtype}, "
           f"{torch.get_num_threads()} threads")
-    print("| model | arch | drafts | plain tok/s | speculative tok/s | speed-up | acceptance | tokens / step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | arch | drafts | plain tok/s | speculative tok/s | speed-up | acceptance | tokens / step | "
+          "sequences that stopped drafting |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in args.models:
         plain = Engine.from_pretrained(path, dtype=dtype)
         specs = [Engine.from_pretrained(path, dtype=dtype, speculative=k) for k in args.drafts or [True]]
@@ -59,7 +60,7 @@ def main():
             st, ratio = e.spec_stats, statistics.median(r[j] / r[0] for r in rates)
             acc, per = st["accepted"] / max(st["drafted"], 1), 1 + st["accepted"] / max(st["verified"], 1)
             print(f"| {path} | {plain.model.config.arch} | {e.drafts} | {best[0]:.1f} | {best[j]:.1f} | {ratio:.2f}x "
-                  f"| {acc:.0%} | {per:.2f} |")
+                  f"| {acc:.0%} | {per:.2f} | {st['stopped']} of {args.prompts * args.rounds} |")
 
 
 if __name__ == "__main__":
