@@ -116,7 +116,8 @@ def run_trl(model_dir, a, out):
         trainer._generate = timed
     trainer.train()
     step = statistics.median(times[1:])
-    split = (statistics.median(gen[1:]), step - statistics.median(gen[1:])) if len(gen) > 1 else None
+    generating = statistics.median(gen[1:]) if len(gen) > 1 else None
+    split = (generating, step - generating) if generating is not None else None
     return a.prompts * a.group / step, statistics.mean(lengths), split
 
 

@@ -42,10 +42,14 @@ def warpers(kw: dict) -> list:
     return out
 
 
-def hf_sample(logits, procs):
+def hf_filter(logits, procs):
     for p in procs:
         logits = p(None, logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1)[:, 0]
+    return logits
+
+
+def hf_sample(logits, procs):
+    return torch.multinomial(hf_filter(logits, procs).softmax(dim=-1), 1)[:, 0]
 
 
 def sorted_sample(logits, params):
@@ -78,10 +82,8 @@ def row(logits, kw: dict) -> str:
     """The timing columns for one case."""
     B, V = logits.shape
     params, procs = [SamplingParams(**kw)] * B, warpers(kw)
-    ours, theirs = sampling.filter_logits(logits, params).isfinite(), logits
-    for p in procs:
-        theirs = p(None, theirs)
-    diff = (ours != theirs.isfinite()).sum(1)  # tokens kept by one side only, per row
+    ours, theirs = sampling.filter_logits(logits, params).isfinite(), hf_filter(logits, procs).isfinite()
+    diff = (ours != theirs).sum(1)  # tokens kept by one side only, per row
     ms = best_ms({"sobre": lambda: sampling.sample(logits, params), "sorted": lambda: sorted_sample(logits, params),
                   "hf": lambda: hf_sample(logits, procs)}, repeat=5, inner=min(20, max(1, 2000 // (B * V // 1000 + 1))))
     return (f"{ms['sobre']:.3f} | {ms['sorted']:.3f} | {ms['hf']:.3f} | **{ms['hf'] / ms['sobre']:.2f}x** | "
