@@ -43,6 +43,15 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def long_ckpt(ckpt, tmp_path_factory):
+    """The same model with a 4096-token context: long answers (tools' text, requests still running when cancelled)."""
+    path = shutil.copytree(ckpt, tmp_path_factory.mktemp("serve") / "long")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 4096}))
+    return path
+
+
 class Live:
     """A uvicorn server on 127.0.0.1 (random port) in a thread."""
 
@@ -64,15 +73,15 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(ckpt):  # the engine in its own process on every core, as `sobre serve` runs it (others here: in a thread)
-    s = Live(create_app(EngineProcess(ckpt, threads=os.cpu_count() or 1, max_batch=16, prefix_cache=True), "tiny"))
+def live(long_ckpt):  # the engine in its own process on every core, as `sobre serve` runs it (others: a thread)
+    s = Live(create_app(EngineProcess(long_ckpt, threads=os.cpu_count() or 1, max_batch=16, prefix_cache=True), "tiny"))
     yield s
     s.close()
 
 
 @pytest.fixture(scope="module")
-def ref(ckpt):
-    return Engine.from_pretrained(ckpt)
+def ref(long_ckpt):
+    return Engine.from_pretrained(long_ckpt)
 
 
 def greedy(ref, prompt_ids, n):
@@ -154,16 +163,13 @@ class Scripted(torch.nn.Module):
         return torch.full((*h.shape[:-1], self.vocab), -1e9).index_fill_(-1, torch.tensor([t]), 0.0)
 
 
-def test_tool_calls_and_json_mode_openai_client(ckpt, tmp_path):
+def test_tool_calls_and_json_mode_openai_client(long_ckpt):
     """Tools reach the prompt (chat template), DeepSeek-format calls in the answer come back as OpenAI tool_calls
     (finish_reason tool_calls), streamed as tool_calls deltas; tool_choice "required" / a named function
     force the call's start; tool results go back into the prompt; bad tool requests get 4xx. JSON mode
     (response_format json_object) answers the object and ends there."""
     from openai import BadRequestError, OpenAI
-    path = shutil.copytree(ckpt, tmp_path / "long")  # a longer context: the tools' text takes ~370 tokens here
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1024}))
-    eng = Engine.from_pretrained(path)
+    eng = Engine.from_pretrained(long_ckpt)  # the tools' text takes ~370 tokens here
     tok = eng.tokenizer
     head = eng.model.head = Scripted(eng.model.config.vocab_size, tok.eos_id)
     prompts = []
@@ -305,7 +311,7 @@ def test_sixteen_concurrent_streams_match_solo_greedy(live, ref):
 def test_disconnect_cancels_and_frees_cache(live):
     counts = live.srv.loop.counts  # the engine process's latest snapshot
     free = counts["blocks_free"]
-    with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 200,
+    with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4000,
                                                                   "ignore_eos": True, "stream": True}) as r:
         next(r.iter_lines())
         assert live.srv.loop.counts["running"] == 1 and live.srv.loop.counts["blocks_free"] < free
@@ -332,7 +338,7 @@ BAD = [  # (body, content-type, status)
      "application/json", 422),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 1000}).encode(), "application/json", 422),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [""]}).encode(), "application/json", 422),
-    (json.dumps({"messages": [{"role": "user", "content": "hello " * 400}]}).encode(), "application/json", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hello " * 5000}]}).encode(), "application/json", 400),
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
      "application/json", 400),
     (b"x" * (9 << 20), "application/json", 413),
@@ -400,12 +406,12 @@ def test_api_key_overload_and_timeout(ckpt):
         s.close()
 
 
-def test_engine_process_death_fails_its_requests_and_health(ckpt):
-    eng = EngineProcess(ckpt, max_batch=4)
+def test_engine_process_death_fails_its_requests_and_health(long_ckpt):
+    eng = EngineProcess(long_ckpt, max_batch=4)
     s = Live(create_app(eng, "tiny"))
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:
-            body = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+            body = {"prompt": "Hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
             with c.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
