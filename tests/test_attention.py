@@ -23,14 +23,24 @@ def _masks(B, T, S):
     same = (docs[:, :, None] == docs[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
     cached = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # new tokens after a cache of S - T
     own = torch.arange(S)[None, None, :] < torch.tensor([S, S - 2])[:, None, None]  # GRPO's padded prompts
+    ahead = cached.clone()
+    ahead[3, S - T + 9] = True  # one query sees a key past its causal position (not a mask of sobre's)
     return {"causal": (None, T), "documents": (same[:, None], T), "cached": (cached, S),
-            "padded": ((own & cached)[:, None], S)}
+            "padded": ((own & cached)[:, None], S), "ahead": (ahead, S)}
 
 
-@pytest.mark.parametrize("case", ["causal", "documents", "cached", "padded"])
-def test_kept_softmax_equals_sdpa(case, monkeypatch):
+@pytest.mark.parametrize("block", [128, 4, 7])
+@pytest.mark.parametrize("case", ["causal", "documents", "cached", "padded", "ahead"])
+def test_kept_softmax_equals_sdpa(case, block, monkeypatch):
+    """Whole, or in blocks of queries that skip the keys after their causal positions (fp32), which a mask
+    letting a query see past its own falls back from."""
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
     B, T, H = 2, 19, 3
     mask, S = _masks(B, T, T + 5)[case]
+    bias = attention.causal_bias(T, "cpu") if mask is None else torch.where(mask, 0.0, float("-inf"))
+    blocks = attention._blocks(bias, T, S, torch.float32)
+    assert len(blocks) == (1 if block == 128 or case == "ahead" else -(-T // block))
+    assert attention._blocks(bias, T, S, torch.bfloat16) == [(0, T, S)]
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(B, n, H, 12, generator=g) for n in (T, S))
     v = torch.randn(B, S, H, 8, generator=g)  # MLA: dv < dq
