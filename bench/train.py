@@ -1,7 +1,9 @@
 """Training throughput: sobre vs transformers' DeepseekV3 on the same config and batch, in the same run
 (forward + backward + fused AdamW step, fp32 and bf16 autocast, no MTP in either; each computes the loss as its
 trainer does: sobre without materialising the logits, loss.head_cross_entropy), then sobre's `pretrain` with 1
-vs 2 processes.
+vs 2 processes. The fp32 rows come with their floor: each step's matmul FLOPs (counted by torch's
+FlopCounterMode) at this CPU's best fp32 matmul rate over a few of the step's shapes, the time no eager step
+can beat without doing fewer FLOPs.
     python bench/train.py [--steps 10] [--no-scaling]
 """
 
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from math import prod
 from pathlib import Path
 
 import torch
@@ -46,6 +49,36 @@ def step_times(runs, steps, bf16=False):
             opt.zero_grad(set_to_none=True)
             t.append(time.perf_counter() - t0)
     return [statistics.median(t[2:]) for t in times]  # the first two warm up
+
+
+def matmul_flops(loss_fn, x) -> float:
+    """FLOPs of the matmuls in one forward + backward (FlopCounterMode, which leaves out torch._grouped_mm and
+    the in-place addmm_: counted here as 2 x multiply-adds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    aten = torch.ops.aten
+
+    def addmm(_, a, b, *args, out_shape=None, **kw):
+        return 2 * a[0] * a[1] * b[1]
+
+    def grouped(a, b, *args, out_shape=None, **kw):  # [m, k] x [E, k, n], or groups along k: [m, K] x [K, n]
+        return 2 * a[0] * a[1] * b[-1] if len(a) == 2 else 2 * prod(out_shape) * a[-1]
+
+    with FlopCounterMode(display=False, custom_mapping={aten._grouped_mm: grouped, aten.addmm_: addmm}) as fc:
+        loss_fn(x[:, :-1], x[:, 1:]).backward()
+    return fc.get_total_flops()
+
+
+def best_matmul_rate(reps: int = 10) -> float:
+    """FLOP/s of this CPU's fastest fp32 matmul among some of the step's shapes (the head's, the dense MLP's, an
+    expert's), best of reps."""
+    best, D, F_, V = 0.0, CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"]
+    for m, k, n in ((B * T, D, V), (B * T, D, F_), (B * T, F_, D), (512, D, CFG["moe_intermediate_size"])):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
+    return best
 
 
 def scaling(steps):
@@ -104,6 +137,17 @@ def main():
         hf_fp32 = hf_fp32 or b
         print(f"| training tokens/s (fwd + bwd + step), {'bf16 autocast' if bf16 else 'fp32'} | {B * T / a:.0f} | "
               f"{B * T / b:.0f} | {b / a:.2f}x |")
+        if not bf16:
+            x = torch.randint(0, CFG["vocab_size"], (B, T + 1))
+            flops = [matmul_flops(f, x) for f in (sobre_loss, hf_loss)]
+            ours.zero_grad(set_to_none=True)
+            hf.zero_grad(set_to_none=True)
+            rate = best_matmul_rate()
+            floors = [f / rate for f in flops]
+            print(f"| fp32 matmul floor: the step's GFLOP at this CPU's best fp32 matmul rate ({rate / 1e9:.0f} "
+                  f"GFLOP/s) | {flops[0] / 1e9:.1f} GFLOP, {B * T / floors[0]:.0f} tok/s (step = {a / floors[0]:.2f}x "
+                  f"the floor) | {flops[1] / 1e9:.1f} GFLOP, {B * T / floors[1]:.0f} tok/s (step = "
+                  f"{b / floors[1]:.2f}x the floor) | |")
     if args.compile:  # the first two steps (compiling) are left out of the median, as every warm-up
         compile_blocks(ours)
         a, = step_times([(ours, sobre_loss)], args.steps)
