@@ -28,6 +28,7 @@ import torch
 
 from . import v4cache
 from .constrain import JsonPrefix, redraw, token_texts
+from .linear import BF16_PARAMS, native_bf16
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
@@ -185,8 +186,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
-        """dtype None: on CPU float32 when it fits in half the RAM (measured faster than bf16 there, see
-        bench/engine.py --dtype), else the checkpoint's own dtype; on GPU the checkpoint's dtype."""
+        """dtype None: the checkpoint's own; on CPU float32 where it fits in half the RAM and decodes faster: below
+        linear.BF16_PARAMS parameters, or without native bf16 (bench/engine.py --dtype, bench/dense.py)."""
         from .checkpoint import load, resolve
         from .config import Config
         from .stats import model_stats
@@ -194,7 +195,8 @@ class Engine:
         path = resolve(path)
         if dtype is None and torch.device(device or "cpu").type == "cpu":
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if model_stats(Config.load(path))["params"] * 4 <= ram / 2:
+            params = model_stats(Config.load(path))["params"]
+            if params * 4 <= ram / 2 and (params < BF16_PARAMS or not native_bf16()):
                 dtype = torch.float32
         return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8),
                    load_tokenizer(path), **kw)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear
 from .loss import matmul_dtype
 
 
@@ -153,7 +154,7 @@ def looped_mm(xs, w, counts: list[int], unbind: bool = False):
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outs.append(F.linear(xs[start:start + n], ws[e]))
+            outs.append(linear(xs[start:start + n], ws[e]))
             start += n
     return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import dispatch, grouped_ffn
+from .linear import linear
 from .v4 import grouped_swiglu
 
 E4M3_MAX = 448.0
@@ -131,7 +132,7 @@ class FP8Linear(nn.Module):
         if self.compute == "scaled_mm" or (self.compute == "auto" and aligned and tensor_cores(x.device)):
             return fp8_linear(x, self.weight, self.scale_inv, self.block)
         br = self.block[0]
-        outs = [F.linear(x, dequantize(self.weight[r:r + self.chunk], self.scale_inv[r // br:(r + self.chunk) // br],
+        outs = [linear(x, dequantize(self.weight[r:r + self.chunk], self.scale_inv[r // br:(r + self.chunk) // br],
                                        self.block).to(x.dtype))
                 for r in range(0, self.out_features, self.chunk)]
         return torch.cat(outs, dim=-1)

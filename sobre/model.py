@@ -18,6 +18,7 @@ from . import sparse
 from .attention import attend
 from .config import Config
 from .experts import Groups, dispatch, expert_load, grouped_ffn, stacked_weight
+from .linear import Linear
 from .loss import head_cross_entropy
 
 
@@ -97,15 +98,15 @@ class MLA(nn.Module):
         self.c, self.layer_id = c, layer_id
         H, dq = c.n_heads, c.qk_head_dim
         if c.q_lora_rank:
-            self.wq_a = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+            self.wq_a = Linear(c.dim, c.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
-            self.wq_b = nn.Linear(c.q_lora_rank, H * dq, bias=False)
+            self.wq_b = Linear(c.q_lora_rank, H * dq, bias=False)
         else:
-            self.wq = nn.Linear(c.dim, H * dq, bias=False)
-        self.wkv_a = nn.Linear(c.dim, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+            self.wq = Linear(c.dim, H * dq, bias=False)
+        self.wkv_a = Linear(c.dim, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps)
-        self.wkv_b = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.wo = nn.Linear(H * c.v_head_dim, c.dim, bias=False)
+        self.wkv_b = Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.wo = Linear(H * c.v_head_dim, c.dim, bias=False)
         if c.attn_type == "dsa":
             self.indexer = Indexer(c)
             self.dense_warmup = False  # DSA training stage 1: dense attention, only the indexer learns
@@ -175,10 +176,10 @@ class Indexer(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.c = c
-        self.wq_b = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
-        self.wk = nn.Linear(c.dim, c.index_head_dim, bias=False)
+        self.wq_b = Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.wk = Linear(c.dim, c.index_head_dim, bias=False)
         self.k_norm = nn.LayerNorm(c.index_head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
+        self.weights_proj = Linear(c.dim, c.index_n_heads, bias=False)
 
     def forward(self, x, q_lat, rope):
         c = self.c
@@ -198,10 +199,10 @@ class GQA(nn.Module):
         super().__init__()
         self.c, self.layer_id = c, layer_id
         hd = c.dense_head_dim
-        self.wq = nn.Linear(c.dim, c.n_heads * hd, bias=c.qkv_bias)
-        self.wk = nn.Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
-        self.wv = nn.Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
-        self.wo = nn.Linear(c.n_heads * hd, c.dim, bias=c.o_bias)
+        self.wq = Linear(c.dim, c.n_heads * hd, bias=c.qkv_bias)
+        self.wk = Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
+        self.wv = Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
+        self.wo = Linear(c.n_heads * hd, c.dim, bias=c.o_bias)
 
     def forward(self, x, rope, mask, cache=None):
         c = self.c
@@ -226,11 +227,11 @@ class NSA(nn.Module):
         super().__init__()
         self.c, self.layer_id = c, layer_id
         hd, H, Hkv = c.dense_head_dim, c.n_heads, c.kv_heads
-        self.wq = nn.Linear(c.dim, H * hd, bias=False)
-        self.wk = nn.Linear(c.dim, Hkv * hd, bias=False)
-        self.wv = nn.Linear(c.dim, Hkv * hd, bias=False)
-        self.wo = nn.Linear(H * hd, c.dim, bias=False)
-        self.gate = nn.Linear(c.dim, H * 3)  # init_weights starts it at the window branch (bias -2, -2, +2)
+        self.wq = Linear(c.dim, H * hd, bias=False)
+        self.wk = Linear(c.dim, Hkv * hd, bias=False)
+        self.wv = Linear(c.dim, Hkv * hd, bias=False)
+        self.wo = Linear(H * hd, c.dim, bias=False)
+        self.gate = Linear(c.dim, H * 3)  # init_weights starts it at the window branch (bias -2, -2, +2)
         self.cmp_k, self.cmp_v = BlockCompressor(c.nsa_block, hd), BlockCompressor(c.nsa_block, hd)
 
     def forward(self, x, rope, mask, cache=None):
@@ -291,9 +292,9 @@ class BlockCompressor(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, inter: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter, bias=bias)  # gate
-        self.w2 = nn.Linear(inter, dim, bias=bias)  # down
-        self.w3 = nn.Linear(dim, inter, bias=bias)  # up
+        self.w1 = Linear(dim, inter, bias=bias)  # gate
+        self.w2 = Linear(inter, dim, bias=bias)  # down
+        self.w3 = Linear(dim, inter, bias=bias)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -413,7 +414,7 @@ class MTPLayer(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(c.dim, c.norm_eps)
         self.hnorm = RMSNorm(c.dim, c.norm_eps)
-        self.eh_proj = nn.Linear(2 * c.dim, c.dim, bias=False)
+        self.eh_proj = Linear(2 * c.dim, c.dim, bias=False)
         self.block = Block(c, layer_id)
         self.norm = RMSNorm(c.dim, c.norm_eps)  # shared_head.norm; the head itself is the model's
 
@@ -429,7 +430,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.head = Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPLayer(c, c.n_layers + k) for k in range(c.n_mtp_layers))

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .experts import Groups, dispatch, expert_load, stacked_weight
+from .linear import Linear
 from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
@@ -93,8 +94,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.rate, self.dim, self.overlap = rate, dim, overlap
         width = 2 * dim if overlap else dim
-        self.kv_proj = nn.Linear(c.dim, width, bias=False)
-        self.gate_proj = nn.Linear(c.dim, width, bias=False)
+        self.kv_proj = Linear(c.dim, width, bias=False)
+        self.gate_proj = Linear(c.dim, width, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
         self.kv_norm = RMSNorm(dim, c.norm_eps)
 
@@ -132,9 +133,9 @@ class Indexer(Compressor):
     def __init__(self, c: Config):
         super().__init__(c, c.compress_rate_csa, c.index_head_dim, overlap=True)
         self.c = c
-        self.q_b_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.q_b_proj = Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
         self.scorer = nn.Module()
-        self.scorer.weights_proj = nn.Linear(c.dim, c.index_n_heads, bias=False)
+        self.scorer.weights_proj = Linear(c.dim, c.index_n_heads, bias=False)
 
     def select(self, x, q_lat, pos, rope, visible, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries x/q_lat [B, T, .] at pos [B, T], keys k [B, N, Di] -> (each query's top-k compressed entries
@@ -168,13 +169,13 @@ class Attention(nn.Module):
         super().__init__()
         self.c, self.kind, self.layer_id = c, kind, layer_id
         H, D = c.n_heads, c.head_dim
-        self.q_a_proj = nn.Linear(c.dim, c.q_lora_rank, bias=False)
+        self.q_a_proj = Linear(c.dim, c.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
-        self.q_b_proj = nn.Linear(c.q_lora_rank, H * D, bias=False)
-        self.kv_proj = nn.Linear(c.dim, D, bias=False)
+        self.q_b_proj = Linear(c.q_lora_rank, H * D, bias=False)
+        self.kv_proj = Linear(c.dim, D, bias=False)
         self.kv_norm = RMSNorm(D, c.norm_eps)
-        self.o_a_proj = nn.Linear(H * D // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # per group
-        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
+        self.o_a_proj = Linear(H * D // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # per group
+        self.o_b_proj = Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(H))
         self.indexer_loss = None  # CSA training forwards: the indexer's KL to the main attention
         if kind != "sliding":
@@ -361,9 +362,9 @@ class MLP(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.limit = c.swiglu_limit
-        self.gate_proj = nn.Linear(c.dim, c.moe_inter_dim, bias=False)
-        self.up_proj = nn.Linear(c.dim, c.moe_inter_dim, bias=False)
-        self.down_proj = nn.Linear(c.moe_inter_dim, c.dim, bias=False)
+        self.gate_proj = Linear(c.dim, c.moe_inter_dim, bias=False)
+        self.up_proj = Linear(c.dim, c.moe_inter_dim, bias=False)
+        self.down_proj = Linear(c.moe_inter_dim, c.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
@@ -470,8 +471,8 @@ class MTPLayer(nn.Module):
     def __init__(self, c: Config, layer_id: int):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(c.dim, c.norm_eps), RMSNorm(c.dim, c.norm_eps)
-        self.e_proj = nn.Linear(c.dim, c.dim, bias=False)
-        self.h_proj = nn.Linear(c.dim, c.dim, bias=False)
+        self.e_proj = Linear(c.dim, c.dim, bias=False)
+        self.h_proj = Linear(c.dim, c.dim, bias=False)
         self.block = Layer(c, layer_id)
         self.hc_head = HyperHead(c)
         self.norm = RMSNorm(c.dim, c.norm_eps)
@@ -490,7 +491,7 @@ class V4Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(c, i) for i in range(c.n_layers))
         self.hc_head = HyperHead(c)
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         self.rope = Rope2(c)
         self.mtp = nn.ModuleList(MTPLayer(c, c.n_layers + k) for k in range(c.n_mtp_layers))  # (transformers has none)
 

@@ -37,7 +37,44 @@ def test_engine_greedy_equals_transformers(tmp_path, model_type, kw):
     assert eng.generate(PROMPTS, max_new_tokens=12) == hf_greedy(path, PROMPTS, 12)
 
 
-def test_paged_decode_logits_equal_full_forward_naive_and_absorbed():
+def test_one_row_bf16_linear_equals_f_linear():
+    """sobre.linear: one bf16 row on the CPU as torch.mv (B=1 decode); its twin F.linear. Both land within bf16's
+    rounding of the fp32 product; anything else is F.linear itself."""
+    import torch.nn.functional as F
+
+    from sobre.linear import Linear, linear
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 200, generator=g).bfloat16(), torch.randn(300, generator=g).bfloat16()
+    for shape in ((200,), (1, 200), (1, 1, 200)):
+        x = torch.randn(*shape, generator=g).bfloat16()
+        for bias in (None, b):
+            exact = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            got, twin = linear(x, w, bias), F.linear(x, w, bias)
+            assert got.shape == exact.shape and got.dtype == torch.bfloat16
+            for y in (got, twin):
+                assert ((y.float() - exact).abs() <= exact.abs() / 128 + 1e-3).all()
+    for x, ww in ((torch.randn(3, 200, generator=g).bfloat16(), w), (torch.randn(1, 200, generator=g), w.float())):
+        assert torch.equal(linear(x, ww, None), F.linear(x, ww))  # several rows, or fp32: F.linear
+    layer = Linear(200, 300, bias=True).bfloat16()
+    x = torch.randn(1, 1, 200, generator=g).bfloat16()
+    assert set(layer.state_dict()) == {"weight", "bias"} and torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+
+
+def test_default_dtype_on_cpu(tmp_path, monkeypatch):
+    """A bf16 checkpoint loads in fp32 when it is small or the CPU lacks native bf16, else stays bf16 (where its
+    decode measured faster, bench/dense.py); an explicit dtype always wins."""
+    import sobre.engine as engine
+    path = hf_checkpoint(tmp_path / "m", "qwen2", dtype=torch.bfloat16, **DENSE)
+    def dtype(**kw):
+        return next(Engine.from_pretrained(path, **kw).model.parameters()).dtype
+
+    for threshold, native, want in ((1, True, torch.bfloat16), (1, False, torch.float32),
+                                    (10**9, True, torch.float32)):  # (the model: a few thousand parameters)
+        monkeypatch.setattr(engine, "BF16_PARAMS", threshold)
+        monkeypatch.setattr(engine, "native_bf16", lambda native=native: native)
+        assert dtype() == want
+    assert dtype(dtype=torch.float32) == torch.float32
+
     model = random_model()
     x = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(3))  # crosses a 64-token block
     with torch.no_grad():

@@ -1,0 +1,38 @@
+"""The model's linear layers: F.linear, but one row in bf16 on the CPU as a matrix-vector product.
+
+A B=1 decode step multiplies one row by every weight matrix. In bf16 on the CPU, F.linear sends that row to
+oneDNN's matmul, which took 1.6x as long as torch.mv for a [1536] x [8960, 1536] product and reached ~60% of
+the memory bandwidth mv did (bf16 weights are read once per token: the read is the step). fp32 keeps F.linear
+(MKL's matrix-vector product is already at the bandwidth). The twin is F.linear (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BF16_PARAMS = 100_000_000  # Engine.from_pretrained on a CPU with native bf16: from this many parameters up, the
+#   checkpoint's bf16 rather than fp32 (B=1 decode, bench/dense.py: bf16 1.25x fp32 at 0.5B parameters, 0.9-1.1x
+#   at 39M, 0.75x at 5M: small matrices pay bf16's fixed cost per product, large ones read half the bytes)
+
+
+def native_bf16() -> bool:
+    """A CPU with bf16 arithmetic of its own (AVX512-BF16; AMX machines have it)."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b): x [..., in], w [out, in] -> [..., out]."""
+    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        v = x.reshape(-1)
+        y = torch.mv(w, v) if b is None else torch.addmv(b.to(x.dtype), w, v)
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with `linear`'s one-row path (same parameters, same state dict)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
