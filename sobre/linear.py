@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BF16_PARAMS = 100_000_000  # Engine.from_pretrained on a CPU with native bf16: from this many parameters up, the
-#   checkpoint's bf16 rather than fp32 (B=1 decode, bench/dense.py: bf16 1.25x fp32 at 0.5B parameters, 0.9-1.1x
+#   checkpoint's bf16 rather than fp32 (B=1 decode, bench/dense.py: bf16 1.25-1.31x fp32 at 0.5B parameters, 1.1x
 #   at 39M, 0.75x at 5M: small matrices pay bf16's fixed cost per product, large ones read half the bytes)
 
 
