@@ -16,6 +16,7 @@ from .parallel import pick_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+DTYPE_HELP = "default: the checkpoint's; on CPU float32 below 100M parameters or without native bf16"
 
 
 def human(n: float, unit: str = "") -> str:
@@ -119,13 +120,14 @@ def cmd_convert(args):
 def cmd_generate(args):
     from .checkpoint import load, resolve
     from .engine import eos_ids, generate
+    from .linear import inference_dtype
     from .tokenizer import TextStream, load_tokenizer
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
     device = "cpu" if args.expert_parallel else pick_device(args.device)  # expert parallel: each rank's, below
-    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else None, device=device, fp8=args.fp8,
-                 mtp=args.speculative)
+    model = load(path, dtype=DTYPES[args.dtype] if args.dtype else inference_dtype(path, device), device=device,
+                 fp8=args.fp8, mtp=args.speculative)
     tok = load_tokenizer(path)
     if args.ids:
         prompt = [int(t) for t in args.ids.split(",")]
@@ -451,7 +453,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--json", action="store_true", help="JSON mode: the answer is one JSON object (needs --prompt)")
     add_decode_flags(s)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     s.add_argument("--expert-parallel", action="store_true",
@@ -472,7 +474,7 @@ def main(argv=None):
     s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
     add_decode_flags(s)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0)
     add_device_flag(s)
@@ -499,7 +501,7 @@ def main(argv=None):
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
     add_decode_flags(s)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
     s.add_argument("--threads", type=int, default=0, help="the engine's torch CPU threads (0: every core)")
     add_device_flag(s)

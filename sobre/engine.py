@@ -21,14 +21,13 @@ the last matched block's into the new sequence's lane.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import v4cache
 from .constrain import JsonPrefix, redraw, token_texts
-from .linear import BF16_PARAMS, native_bf16
+from .linear import inference_dtype
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
@@ -186,18 +185,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
-        """dtype None: the checkpoint's own; on CPU float32 where it fits in half the RAM and decodes faster: below
-        linear.BF16_PARAMS parameters, or without native bf16 (bench/engine.py --dtype, bench/dense.py)."""
+        """dtype None: linear.inference_dtype(path, device)."""
         from .checkpoint import load, resolve
-        from .config import Config
-        from .stats import model_stats
         from .tokenizer import load_tokenizer
         path = resolve(path)
-        if dtype is None and torch.device(device or "cpu").type == "cpu":
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            params = model_stats(Config.load(path))["params"]
-            if params * 4 <= ram / 2 and (params < BF16_PARAMS or not native_bf16()):
-                dtype = torch.float32
+        dtype = dtype or inference_dtype(path, device)
         return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8),
                    load_tokenizer(path), **kw)
 

@@ -1,4 +1,5 @@
-"""The model's linear layers: F.linear, but one row in bf16 on the CPU as a matrix-vector product.
+"""The model's linear layers: F.linear, but one row in bf16 on the CPU as a matrix-vector product; and the dtype
+to decode a checkpoint in on the CPU, where bf16 pays.
 
 A B=1 decode step multiplies one row by every weight matrix. In bf16 on the CPU, F.linear sends that row to
 oneDNN's matmul, which took 1.6x as long as torch.mv for a [1536] x [8960, 1536] product and reached ~60% of
@@ -8,9 +9,14 @@ the memory bandwidth mv did (bf16 weights are read once per token: the read is t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import Config
+from .stats import model_stats
 
 BF16_PARAMS = 100_000_000  # Engine.from_pretrained on a CPU with native bf16: from this many parameters up, the
 #   checkpoint's bf16 rather than fp32 (B=1 decode, bench/dense.py: bf16 1.25-1.31x fp32 at 0.5B parameters, 1.1x
@@ -20,6 +26,17 @@ BF16_PARAMS = 100_000_000  # Engine.from_pretrained on a CPU with native bf16: f
 def native_bf16() -> bool:
     """A CPU with bf16 arithmetic of its own (AVX512-BF16; AMX machines have it)."""
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def inference_dtype(path, device=None) -> torch.dtype | None:
+    """The dtype to decode a checkpoint folder in (None: its own): on CPU float32 where it fits in half the RAM and
+    decodes faster, below BF16_PARAMS parameters or without native bf16 (bench/engine.py --dtype,
+    bench/dense.py)."""
+    if torch.device(device or "cpu").type != "cpu":
+        return None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    params = model_stats(Config.load(path))["params"]
+    return torch.float32 if params * 4 <= ram / 2 and (params < BF16_PARAMS or not native_bf16()) else None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,15 +63,15 @@ def test_one_row_bf16_linear_equals_f_linear():
 def test_default_dtype_on_cpu(tmp_path, monkeypatch):
     """A bf16 checkpoint loads in fp32 when it is small or the CPU lacks native bf16, else stays bf16 (where its
     decode measured faster, bench/dense.py); an explicit dtype always wins."""
-    import sobre.engine as engine
+    import sobre.linear as linear
     path = hf_checkpoint(tmp_path / "m", "qwen2", dtype=torch.bfloat16, **DENSE)
     def dtype(**kw):
         return next(Engine.from_pretrained(path, **kw).model.parameters()).dtype
 
     for threshold, native, want in ((1, True, torch.bfloat16), (1, False, torch.float32),
                                     (10**9, True, torch.float32)):  # (the model: a few thousand parameters)
-        monkeypatch.setattr(engine, "BF16_PARAMS", threshold)
-        monkeypatch.setattr(engine, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(linear, "BF16_PARAMS", threshold)
+        monkeypatch.setattr(linear, "native_bf16", lambda native=native: native)
         assert dtype() == want
     assert dtype(dtype=torch.float32) == torch.float32
 
