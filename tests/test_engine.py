@@ -96,6 +96,27 @@ def test_default_dtype_on_cpu(tmp_path, monkeypatch):
             assert (dec - full[:, 30:]).abs().max() < tol, impl
 
 
+@pytest.mark.parametrize("cfg", ["debug", "dense"])
+def test_bf16_decode_of_one_sequence_close_to_fp32(cfg):
+    """bf16 decode of one sequence (every product one row: torch.mv in the linears and the expert loop) stays
+    within bf16's rounding of the fp32 model's full forward, as the prefill of several rows (F.linear) does."""
+    c = sobre.preset("debug") if cfg == "debug" else sobre.Config.from_hf(dict(DENSE, model_type="qwen2"))
+    model = random_model(c)
+    x = torch.randint(0, c.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(x)
+        half = model.bfloat16()
+        pool = PagedPool(half, 4)
+        a = Sequence(0, [], SamplingParams())
+        pool.reserve(a, 40)
+        pre = half(x[:, :20], PagedBatch(pool, [a], 20))
+        dec = torch.cat([half(x[:, t:t + 1], PagedBatch(pool, [a], 1)) for t in range(20, 40)], dim=1)
+    assert dec.dtype == torch.bfloat16
+    tol = 0.03 * full.abs().max()
+    assert (pre.float() - full[:, :20]).abs().max() < tol
+    assert (dec.float() - full[:, 20:]).abs().max() < tol
+
+
 def test_paged_equals_contiguous_cache():
     model = random_model(sobre.preset("debug", attn_impl="absorb"))
     x = torch.randint(0, 512, (1, 20))
