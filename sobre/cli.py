@@ -16,7 +16,7 @@ from .parallel import pick_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-DTYPE_HELP = "default: the checkpoint's; on CPU float32 below 100M parameters or without native bf16"
+DTYPE_HELP = "default: the checkpoint's; on CPU float32 below 100M active parameters or without native bf16"
 
 
 def human(n: float, unit: str = "") -> str:

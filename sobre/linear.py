@@ -18,9 +18,10 @@ from torch import nn
 from .config import Config
 from .stats import model_stats
 
-BF16_PARAMS = 100_000_000  # Engine.from_pretrained on a CPU with native bf16: from this many parameters up, the
-#   checkpoint's bf16 rather than fp32 (B=1 decode, bench/dense.py: bf16 1.25-1.31x fp32 at 0.5B parameters, 1.1x
-#   at 39M, 0.75x at 5M: small matrices pay bf16's fixed cost per product, large ones read half the bytes)
+BF16_PARAMS = 100_000_000  # inference_dtype on a CPU with native bf16: from this many active parameters up (those a
+#   token reads: a MoE's chosen experts), the checkpoint's bf16 rather than fp32. B=1 decode, bf16 vs fp32: a dense
+#   0.5B model 1.25-1.6x (bench/dense.py), 39M 1.1x, 5M 0.75x; the small preset (116M, 39M active) 0.69x: small
+#   matrices pay bf16's fixed cost per product, large ones read half the bytes
 
 
 def native_bf16() -> bool:
@@ -30,13 +31,14 @@ def native_bf16() -> bool:
 
 def inference_dtype(path, device=None) -> torch.dtype | None:
     """The dtype to decode a checkpoint folder in (None: its own): on CPU float32 where it fits in half the RAM and
-    decodes faster, below BF16_PARAMS parameters or without native bf16 (bench/engine.py --dtype,
+    decodes faster, below BF16_PARAMS active parameters or without native bf16 (bench/engine.py --dtype,
     bench/dense.py)."""
     if torch.device(device or "cpu").type != "cpu":
         return None
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    params = model_stats(Config.load(path))["params"]
-    return torch.float32 if params * 4 <= ram / 2 and (params < BF16_PARAMS or not native_bf16()) else None
+    s = model_stats(Config.load(path))
+    fits = s["params"] * 4 <= ram / 2
+    return torch.float32 if fits and (s["active_params"] < BF16_PARAMS or not native_bf16()) else None
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
