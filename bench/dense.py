@@ -1,8 +1,10 @@
-"""B=1 decode of a dense R1-Distill-style model (Qwen2 layout, random weights): sobre's engine vs transformers'
-generate, fp32 and bf16, in the same run. The shape defaults to Qwen2-0.5B's (DeepSeek-R1-Distill-Qwen-1.5B:
---hidden 1536 --inter 8960 --layers 28 --heads 12). At B=1 a step reads every weight once: in bf16 sobre's
-linear layers multiply one row as a matrix-vector product (sobre/linear.py), transformers' go through F.linear.
+"""Decode of a dense R1-Distill-style model (Qwen2 layout, random weights): sobre's engine vs transformers'
+generate, fp32 and bf16, at B=1 (and --batches), in the same run. The shape defaults to Qwen2-0.5B's
+(DeepSeek-R1-Distill-Qwen-1.5B: --hidden 1536 --inter 8960 --layers 28 --heads 12). At B=1 a step reads every
+weight once: in bf16 sobre's linear layers multiply one row as a matrix-vector product (sobre/linear.py),
+transformers' go through F.linear; batches run bf16 matmuls on the CPU's AMX units where it has them.
     python bench/dense.py [--hidden 896 --inter 4864 --layers 24 --heads 14 --kv-heads 2] [--new 64] [--rounds 3]
+                          [--batches 1 16]
 """
 
 import argparse
@@ -32,6 +34,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="sobre and transformers take turns this many times")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1], help="sequences decoded together")
     a = ap.parse_args()
     keep_freed_memory()  # as sobre's engines do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
@@ -43,39 +46,43 @@ def main():
     torch.manual_seed(0)
     model = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(cfg)), std=0.02)
     n_params = sum(p.numel() for p in model.parameters())
-    prompt = torch.randint(2, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(2, a.vocab, (max(a.batches), a.prompt), generator=torch.Generator().manual_seed(0))
     print(f"random Qwen2-layout model: {n_params / 1e9:.2f}B parameters (hidden {a.hidden}, {a.layers} layers, "
-          f"vocab {a.vocab}); B=1, {a.prompt}-token prompt, {a.new} new tokens, greedy; {torch.get_num_threads()} "
+          f"vocab {a.vocab}); {a.prompt}-token prompts, {a.new} new tokens each, greedy; {torch.get_num_threads()} "
           f"threads; best of {a.rounds} turns each")
-    print("| dtype | sobre tok/s | transformers tok/s | sobre / transformers |")
-    print("|---|---|---|---|")
+    print("| dtype | batch | sobre tok/s | transformers tok/s | sobre / transformers |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         sobre.save(model, tmp, dtype=torch.bfloat16)
         del model
         rows = {}
         for dtype in (torch.float32, torch.bfloat16):
-            eng = Engine.from_pretrained(tmp, dtype=dtype, max_batch=1, cache_tokens=a.prompt + a.new + 64)
+            eng = Engine.from_pretrained(tmp, dtype=dtype, max_batch=max(a.batches),
+                                         cache_tokens=max(a.batches) * (a.prompt + a.new + 64))
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-            ours, theirs = [], []
-            for _ in range(a.rounds):
-                eng.add_request(prompt[0].tolist(), max_new_tokens=a.new)
-                times, counts = [], []
-                while eng.has_work():
-                    counts.append(len(eng.step()))
-                    times.append(time.perf_counter())
-                eng.collect()
-                ours.append(decode_rate(times, counts))
-                clock = Clock()
-                with torch.no_grad():
-                    hf.generate(prompt, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0,
-                                streamer=clock)
-                theirs.append(decode_rate(clock.times[1:], [1] * (len(clock.times) - 1)))
-            rows[dtype] = max(ours), max(theirs)
-            print(f"| {str(dtype).removeprefix('torch.')} | {rows[dtype][0]:.1f} | {rows[dtype][1]:.1f} | "
-                  f"{rows[dtype][0] / rows[dtype][1]:.2f}x |")
+            for B in a.batches:
+                ours, theirs = [], []
+                for _ in range(a.rounds):
+                    for p in prompts[:B].tolist():
+                        eng.add_request(p, max_new_tokens=a.new)
+                    times, counts = [], []
+                    while eng.has_work():
+                        counts.append(len(eng.step()))
+                        times.append(time.perf_counter())
+                    eng.collect()
+                    ours.append(decode_rate(times, counts))
+                    clock = Clock()
+                    with torch.no_grad():
+                        hf.generate(prompts[:B], max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
+                                    pad_token_id=0, streamer=clock)
+                    theirs.append(decode_rate(clock.times[1:], [B] * (len(clock.times) - 1)))
+                rows[dtype, B] = max(ours), max(theirs)
+                print(f"| {str(dtype).removeprefix('torch.')} | {B} | {rows[dtype, B][0]:.1f} | "
+                      f"{rows[dtype, B][1]:.1f} | {rows[dtype, B][0] / rows[dtype, B][1]:.2f}x |")
             del eng, hf
-        f32, b16 = rows[torch.float32], rows[torch.bfloat16]
-        print(f"| bf16 / fp32 | {b16[0] / f32[0]:.2f}x | {b16[1] / f32[1]:.2f}x | |")
+        for B in a.batches:
+            f32, b16 = rows[torch.float32, B], rows[torch.bfloat16, B]
+            print(f"| bf16 / fp32 | {B} | {b16[0] / f32[0]:.2f}x | {b16[1] / f32[1]:.2f}x | |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sparse
-from .attention import attend
+from .attention import attend, attend_grouped
 from .config import Config
 from .experts import Groups, dispatch, expert_load, grouped_ffn, stacked_weight
 from .linear import Linear
@@ -214,8 +214,11 @@ class GQA(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]
         rep = c.n_heads // c.kv_heads
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-        return self.wo(attend(q, k, v, mask, c.softmax_scale).reshape(B, T, c.n_heads * hd))
+        if rep > 1 and mask is not None and not torch.is_grad_enabled():  # inference: K/V heads not repeated
+            o = attend_grouped(q, k, v, mask, c.softmax_scale)
+        else:
+            o = attend(q, k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), mask, c.softmax_scale)
+        return self.wo(o.reshape(B, T, c.n_heads * hd))
 
 
 class NSA(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sobre import attention
-from sobre.attention import attend
+from sobre.attention import attend, attend_grouped
 
 from conftest import random_model
 
@@ -24,7 +24,7 @@ def _masks(B, T, S):
     cached = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # new tokens after a cache of S - T
     own = torch.arange(S)[None, None, :] < torch.tensor([S, S - 2])[:, None, None]  # GRPO's padded prompts
     ahead = cached.clone()
-    ahead[3, S - T + 9] = True  # one query sees a key past its causal position (not a mask of sobre's)
+    ahead[min(3, T - 1), min(S - T + 9, S - 1)] = T > 9  # query 3 sees past its causal position (no mask of sobre's)
     return {"causal": (None, T), "documents": (same[:, None], T), "cached": (cached, S),
             "padded": ((own & cached)[:, None], S), "ahead": (ahead, S)}
 
@@ -71,3 +71,42 @@ def test_model_training_step_equals_sdpa(monkeypatch):
         runs.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*runs):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("case", ["cached", "padded", "documents"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_grouped_query_attention_equals_repeated_heads(case, T):
+    """attend_grouped (each KV head's query heads as extra query rows) against repeating K/V per query head."""
+    B, Hkv, G, S = 2, 2, 3, 13
+    mask = _masks(B, S, S)["documents"][0][..., S - T:, :] if case == "documents" else _masks(B, T, S)[case][0]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, Hkv * G, 12, generator=g)
+    k = torch.randn(B, S, Hkv, 12, generator=g)
+    v = torch.randn(B, S, Hkv, 8, generator=g)
+    with torch.no_grad():
+        got = attend_grouped(q, k, v, mask, 0.3)
+        want = attend(q, k.repeat_interleave(G, 2), v.repeat_interleave(G, 2), mask, 0.3)
+    assert got.shape == want.shape == (B, T, Hkv * G, 8)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_engine_decodes_grouped_query_models_without_repeating_heads(monkeypatch):
+    """The engine's dense (GQA) decode takes attend_grouped: tokens equal the plain forward's greedy ones."""
+    import sobre
+    from sobre import attention as A
+    from sobre import model as M
+    from sobre.engine import Engine
+    calls = []
+    monkeypatch.setattr(M, "attend_grouped", lambda *a: calls.append(1) or A.attend_grouped(*a))
+    cfg = sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=96, hidden_size=48, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                    max_position_embeddings=128))
+    model = random_model(cfg)
+    prompt = [5, 9, 17, 3, 44]
+    out = Engine(model).generate([prompt], max_new_tokens=8)[0]
+    assert calls
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt):]
