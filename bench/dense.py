@@ -10,7 +10,6 @@ transformers' go through F.linear; batches run bf16 matmuls on the CPU's AMX uni
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from sobre.engine import Engine
 from sobre.parallel import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import Clock, decode_rate  # noqa: E402
+from engine import hf_rate, sobre_rate  # noqa: E402
 
 
 def main():
@@ -62,20 +61,9 @@ def main():
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             for B in a.batches:
                 ours, theirs = [], []
-                for _ in range(a.rounds):
-                    for p in prompts[:B].tolist():
-                        eng.add_request(p, max_new_tokens=a.new)
-                    times, counts = [], []
-                    while eng.has_work():
-                        counts.append(len(eng.step()))
-                        times.append(time.perf_counter())
-                    eng.collect()
-                    ours.append(decode_rate(times, counts))
-                    clock = Clock()
-                    with torch.no_grad():
-                        hf.generate(prompts[:B], max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
-                                    pad_token_id=0, streamer=clock)
-                    theirs.append(decode_rate(clock.times[1:], [B] * (len(clock.times) - 1)))
+                for _ in range(a.rounds):  # the two take turns
+                    ours.append(sobre_rate(eng, prompts[:B], a.new))
+                    theirs.append(hf_rate(hf, prompts[:B], a.new))
                 rows[dtype, B] = max(ours), max(theirs)
                 print(f"| {str(dtype).removeprefix('torch.')} | {B} | {rows[dtype, B][0]:.1f} | "
                       f"{rows[dtype, B][1]:.1f} | {rows[dtype, B][0] / rows[dtype, B][1]:.2f}x |")

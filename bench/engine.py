@@ -41,6 +41,26 @@ def decode_rate(times, counts):
     return sum(counts[1:]) / (times[-1] - times[0])
 
 
+def sobre_rate(engine, prompts: torch.Tensor, n: int) -> float:
+    """Decode tok/s of the engine on prompts [B, L], n new tokens each."""
+    for p in prompts.tolist():
+        engine.add_request(p, max_new_tokens=n)
+    times, counts = [], []
+    while engine.has_work():
+        counts.append(len(engine.step()))
+        times.append(time.perf_counter())
+    engine.collect()
+    return decode_rate(times, counts)
+
+
+def hf_rate(hf, prompts: torch.Tensor, n: int) -> float:
+    """Decode tok/s of transformers' greedy generate on prompts [B, L], n new tokens each."""
+    clock = Clock()
+    with torch.no_grad():
+        hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
+    return decode_rate(clock.times[1:], [len(prompts)] * (len(clock.times) - 1))  # times[0] is the prompt
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter prompts and contexts (smoke run)")
@@ -72,22 +92,10 @@ def main():
         return torch.randint(2, CFG["vocab_size"], (B, L), generator=g)
 
     def gen_sobre(B, L, n, engine=None):
-        engine = engine or ours
-        for p in prompts(B, L).tolist():
-            engine.add_request(p, max_new_tokens=n)
-        times, counts = [], []
-        while engine.has_work():
-            counts.append(len(engine.step()))
-            times.append(time.perf_counter())
-        engine.collect()
-        return decode_rate(times, counts)
+        return sobre_rate(engine or ours, prompts(B, L), n)
 
     def gen_hf(B, L, n):
-        clock = Clock()
-        with torch.no_grad():
-            hf.generate(prompts(B, L), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                        streamer=clock)
-        return decode_rate(clock.times[1:], [B] * (len(clock.times) - 1))  # times[0] is the prompt
+        return hf_rate(hf, prompts(B, L), n)
 
     def best(gen, B, L, n, repeat=3, **kw):
         return max(gen(B, L, n, **kw) for _ in range(repeat))

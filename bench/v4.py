@@ -28,7 +28,7 @@ from sobre.parallel import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import CFG as V3  # noqa: E402
-from engine import Clock, decode_rate  # noqa: E402
+from engine import Clock, decode_rate, sobre_rate  # noqa: E402
 
 V4 = dict(vocab_size=8192, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
           head_dim=64, q_lora_rank=96, n_routed_experts=16, num_experts_per_tok=4, sliding_window=128, o_groups=2,
@@ -122,13 +122,7 @@ def main():
     g = torch.Generator().manual_seed(0)
 
     def sobre_ms(L, engine=ours):
-        engine.add_request(torch.randint(2, V4["vocab_size"], (L,), generator=g).tolist(), max_new_tokens=n)
-        times, counts = [], []
-        while engine.has_work():
-            counts.append(len(engine.step()))
-            times.append(time.perf_counter())
-        engine.collect()
-        return 1e3 / decode_rate(times, counts)
+        return 1e3 / sobre_rate(engine, torch.randint(2, V4["vocab_size"], (1, L), generator=g), n)
 
     hf_bytes = {}  # context -> transformers' cache bytes after generate
 
