@@ -303,7 +303,8 @@ class Engine:
                 events.append(self._emit(seq, int(chosen[i]), logits[i]))
                 if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
                     seq.mtp_in = [states[i]] + [states[i][:0]] * (self.drafts - 1)
-        live = [s for s in self.running if s.pending is not None]
+        # in block order: rows admitted together then hold their blocks in a run, read as views (PagedPool.run)
+        live = sorted((s for s in self.running if s.pending is not None), key=lambda s: s.blocks[0])
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
         spec = [s for s in live if self.speculative and s.drafting and s.json is None
                 and s.length + self.drafts + 1 <= c.max_seq_len]

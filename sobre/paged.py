@@ -70,6 +70,21 @@ class PagedPool:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)
 
+    def run(self, seqs: list[Sequence], nb: int) -> tuple[int, int] | None:
+        """(first, step) when row b's blocks among the first nb are blocks first + b * step, first + b * step + 1,
+        ... (sequences admitted together reserve consecutive blocks in turn: a GRPO group, a batch of prompts),
+        so that a read of every row's nb blocks is a strided view of the pool (PagedStep.read); else None."""
+        first = seqs[0].blocks[0] if seqs[0].blocks else 0
+        step = seqs[1].blocks[0] - first if len(seqs) > 1 and seqs[1].blocks else nb
+        if first < 1 or step < 1 or first + (len(seqs) - 1) * step + nb > self.n_blocks:
+            return None
+        for b, s in enumerate(seqs):
+            start = first + b * step
+            own = s.blocks[:nb]
+            if not own or own[0] != start or own != list(range(start, start + len(own))):
+                return None
+        return first, step
+
     def block_table(self, seqs: list[Sequence], n_tokens: int) -> torch.Tensor:
         """[B, blocks_for(n_tokens)]: each sequence's blocks covering n_tokens, padded with the null block 0."""
         nb = self.blocks_for(n_tokens)
@@ -185,6 +200,8 @@ class PagedStep:
     host-side lengths). Every row reads all its blocks (table [B, nb]); the mask hides keys past its position.
     Reads gather whole blocks ([B, nb, 64, ...], one index per block, not per token)."""
 
+    run = None  # PagedBatch: (first, step) of the rows' blocks when in a run (PagedPool.run)
+
     def __init__(self, layers: list[list[torch.Tensor]], table: torch.Tensor, pos: torch.Tensor, block: int):
         self.layers, self.table, self.pos, self.block = layers, table, pos, block
         self.S = table.shape[1] * block
@@ -207,10 +224,19 @@ class PagedStep:
             pool[self.slot_new.flatten()] = t.reshape(-1, *t.shape[2:]).to(pool.dtype)
 
     def read(self, layer_id: int, n: int) -> tuple[torch.Tensor, ...]:
-        """Every row's entries [B, S, ...] of the layer's first n slot arrays (whole blocks gathered)."""
-        B, rows = self.table.shape[0], self.table.flatten()  # index_select: 2.5x pool[table] on CPU (one-off timing)
+        """Every row's entries [B, S, ...] of the layer's first n slot arrays: whole blocks gathered, or with the
+        rows' blocks in a run (PagedPool.run) a strided view of the pool, nothing copied. Either way a row's
+        positions past its own blocks read blocks of no concern to it (the null block, or the next row's), which
+        the mask hides."""
+        B, pools = self.table.shape[0], self.layers[layer_id][:n]
+        if self.run is not None:
+            first, step = self.run
+            return tuple(pool.as_strided((B, self.S, *pool.shape[1:]), (step * self.block * pool.stride(0),
+                                                                        *pool.stride()), first * self.block
+                                         * pool.stride(0)) for pool in pools)
+        rows = self.table.flatten()  # index_select: 2.5x pool[table] on CPU (one-off timing)
         return tuple(pool.view(-1, self.block, *pool.shape[1:]).index_select(0, rows).view(B, -1, *pool.shape[1:])
-                     [:, :self.S] for pool in self.layers[layer_id][:n])
+                     [:, :self.S] for pool in pools)
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.write(layer_id, *new)
@@ -233,6 +259,7 @@ class PagedBatch(PagedStep):
         self.S = max(self.ends)
         starts, ends = (torch.tensor(x, device=dev) for x in (lengths, self.ends))
         self.table = pool.block_table(seqs, self.S)
+        self.run = pool.run(seqs, self.table.shape[1])
         self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
         self.slot_new = self.slots(self.pos)
         key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]

@@ -130,6 +130,52 @@ def test_paged_equals_contiguous_cache():
     assert (torch.cat(got, 1) - torch.cat(ref, 1)).abs().max() < 1e-5
 
 
+def test_block_run_reads_strided_views_equal_to_the_gather():
+    """Rows whose blocks lie in a run (PagedPool.run: row b's at first + b * step, consecutive) read the pool as
+    a strided view; on every row's own blocks it equals the gather (past them both read what the mask hides)."""
+    model = random_model(sobre.preset("debug", arch="qwen2"))  # two slot arrays [P, Hkv, hd]
+    pool = PagedPool(model, 16)
+    seqs = [Sequence(i, [], SamplingParams()) for i in range(4)]
+    for s, n in zip(seqs, (128, 128, 128, 64)):  # the last row holds one block of the table's two
+        pool.reserve(s, n)
+    for layer in pool.slots:
+        for t in layer:
+            t.normal_()
+    for s in seqs:
+        s.length = 100 if s.rid < 3 else 50
+    batch = PagedBatch(pool, seqs, 1)
+    assert batch.run == (1, 2) and batch.table.shape == (4, 2)
+    views = batch.read(0, 2)
+    batch.run = None
+    gathered = batch.read(0, 2)
+    for v, g, t in zip(views, gathered, pool.slots[0]):
+        assert v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()  # a view: nothing copied
+        assert v.shape == g.shape and torch.equal(v[:3], g[:3]) and torch.equal(v[3, :64], g[3, :64])
+    seqs[2].blocks.reverse()  # not consecutive: the gather
+    assert pool.run(seqs, 2) is None
+    assert pool.run([seqs[1], seqs[0]], 2) is None  # (rows out of block order)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
+def test_rollout_batches_decode_through_block_runs_and_match_the_gather(arch, monkeypatch):
+    """A batch admitted together (GRPO's group: n samples of one prompt, seeded) decodes in block order with its
+    cache read as views of the pool, until a sequence stops (then the gather); tokens equal the gather's."""
+    model = random_model(sobre.preset("debug", arch=arch))
+    prompts = [[5, 9, 3, 7, 2, 8, 1] * 3] * 4 + [[4, 4, 6] * 5] * 4
+    torch.manual_seed(0)
+    first = run_requests(Engine(model, max_batch=8), prompts, max_new_tokens=24, temperature=1.0)
+    kw = dict(max_new_tokens=24, temperature=1.0, stop_token_ids=(first[0].out[10],))  # row 0 stops by then
+    runs, run = [], PagedPool.run
+    monkeypatch.setattr(PagedPool, "run", lambda self, seqs, nb: runs.append(run(self, seqs, nb)) or runs[-1])
+    torch.manual_seed(0)  # (unseeded requests draw from the global generator in the batch's order)
+    views = [s.out for s in run_requests(Engine(model, max_batch=8), prompts, **kw)]
+    assert sum(r is not None for r in runs) >= 2  # decode steps read views
+    monkeypatch.setattr(PagedPool, "run", lambda self, seqs, nb: None)
+    torch.manual_seed(0)
+    assert [s.out for s in run_requests(Engine(model, max_batch=8), prompts, **kw)] == views
+    assert len({len(v) for v in views}) > 1  # some stopped early
+
+
 def test_batch_invariance_greedy_and_seeded():
     model = random_model()
     eng = Engine(model)
