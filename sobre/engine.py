@@ -552,8 +552,29 @@ class Engine:
     def _finish(self, s: Sequence, reason: str):
         s.finish_reason, s.pending = reason, None
         self.unkeyed.pop(s.rid, None)
+        self._keep_run(s)
         self.pool.release(s)
         self.finished[s.rid] = s
+
+    def _keep_run(self, s: Sequence):
+        """s leaves a run of blocks (PagedPool.run): the run's last sequence moves its cache into s's blocks and
+        takes them, so the rows still running stay a run, read as views of the pool (one sequence's cache copied
+        once instead of every row's blocks gathered at every later step). Not for blocks shared or keyed by the
+        prefix cache, nor NSA's or V4's per-block entries and rings."""
+        pool = self.pool
+        rows = sorted(self.running + [s], key=lambda x: x.blocks[0]) if s.blocks else [s]
+        last = rows[-1]
+        if last is s or pool.rings or pool.compressed or len(last.blocks) != len(s.blocks) or \
+                last.params.max_new_tokens - len(last.out) <= 1 or \
+                pool.run(rows, len(s.blocks)) is None or \
+                any(pool.users[b] > 1 or b in pool.key_of for b in s.blocks + last.blocks):
+            return
+        src, dst = (torch.tensor(x.blocks, device=self.device) for x in (last, s))
+        for layer in pool.slots:
+            for t in layer:
+                blocks = t.view(pool.n_blocks, pool.block, *t.shape[1:])
+                blocks[dst] = blocks[src]
+        s.blocks, last.blocks = last.blocks, s.blocks
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], **kw) -> list[list[int]]:
