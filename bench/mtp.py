@@ -6,9 +6,10 @@ MODEL: an exported sobre model folder with its MTP module (`sobre pretrain` writ
 --drafts: speculative engines drafting this many tokens a step (at most the model's MTP layers; default all).
 Prompts: the first 32 tokens of reasoning documents the built-in corpus generates with a seed training did not
 use (same distribution, new problems). B = 1, each prompt alone, fp32 (--dtype); tok/s over the new tokens including the
-prefill (the same for both); plain and speculative passes take turns (--rounds of each; this shared CPU's speed
-drifts by +-15% within a minute): the tok/s columns are the best pass, the speed-up the median over rounds of
-speculative / plain in the same round; acceptance = accepted drafts / drafts proposed (K a step, as vLLM counts);
+prefill (the same for both); the plain and speculative engines take turns on every prompt (--rounds passes over the
+prompts; this shared CPU's speed drifts by +-15% within a minute): the tok/s columns are the best pass, the
+speed-up the median over rounds of speculative / plain in the same round; acceptance = accepted drafts / drafts
+proposed (K a step, as vLLM counts);
 tokens / step = tokens a speculative step emits (1 + the drafts accepted).
 """
 
@@ -23,11 +24,16 @@ from sobre.parallel import keep_freed_memory
 from sobre.tasks import problem_stream
 
 
-def rate(engine: Engine, prompts: list[list[int]], new: int) -> float:
-    t0, n = time.perf_counter(), 0
+def rates(engines: list[Engine], prompts: list[list[int]], new: int) -> list[float]:
+    """tok/s of each engine over the prompts, the engines taking turns on every prompt (so that the CPU's drift
+    moves them alike)."""
+    secs, toks = [0.0] * len(engines), [0] * len(engines)
     for p in prompts:
-        n += len(engine.generate([p], max_new_tokens=new)[0])
-    return n / (time.perf_counter() - t0)
+        for i, e in enumerate(engines):
+            t0 = time.perf_counter()
+            toks[i] += len(e.generate([p], max_new_tokens=new)[0])
+            secs[i] += time.perf_counter() - t0
+    return [n / s for n, s in zip(toks, secs)]
 
 
 def main():
@@ -54,10 +60,10 @@ def main():
         for e in [plain, *specs]:
             e.generate([prompts[0]], max_new_tokens=8)  # warm up
             e.spec_stats = dict.fromkeys(e.spec_stats, 0)
-        rates = [[rate(e, prompts, args.new) for e in [plain, *specs]] for _ in range(args.rounds)]
-        best = [max(r) for r in zip(*rates)]
+        rounds = [rates([plain, *specs], prompts, args.new) for _ in range(args.rounds)]
+        best = [max(r) for r in zip(*rounds)]
         for j, e in enumerate(specs, start=1):
-            st, ratio = e.spec_stats, statistics.median(r[j] / r[0] for r in rates)
+            st, ratio = e.spec_stats, statistics.median(r[j] / r[0] for r in rounds)
             acc, per = st["accepted"] / max(st["drafted"], 1), 1 + st["accepted"] / max(st["verified"], 1)
             print(f"| {path} | {plain.model.config.arch} | {e.drafts} | {best[0]:.1f} | {best[j]:.1f} | {ratio:.2f}x "
                   f"| {acc:.0%} | {per:.2f} | {st['stopped']} of {args.prompts * args.rounds} |")
