@@ -562,10 +562,11 @@ class Engine:
         once instead of every row's blocks gathered at every later step). Not for blocks shared or keyed by the
         prefix cache, nor NSA's or V4's per-block entries and rings."""
         pool = self.pool
-        rows = sorted(self.running + [s], key=lambda x: x.blocks[0]) if s.blocks else [s]
+        if not s.blocks or pool.rings or pool.compressed:
+            return
+        rows = sorted(self.running + [s], key=lambda x: x.blocks[0])
         last = rows[-1]
-        if last is s or pool.rings or pool.compressed or len(last.blocks) != len(s.blocks) or \
-                last.params.max_new_tokens - len(last.out) <= 1 or \
+        if last is s or len(last.blocks) != len(s.blocks) or last.params.max_new_tokens - len(last.out) <= 1 or \
                 pool.run(rows, len(s.blocks)) is None or \
                 any(pool.users[b] > 1 or b in pool.key_of for b in s.blocks + last.blocks):
             return
