@@ -350,7 +350,7 @@ def dataclass_argv(a) -> list[str]:
 def cmd_speedrun(args):
     from .speedrun import speedrun
     speedrun(Path(args.out), args.preset, args.seed, args.steps, args.force, args.eval_problems, args.minutes,
-             args.device, args.nproc)
+             args.device, args.nproc, args.precision)
 
 
 def cmd_verify(args):
@@ -576,6 +576,9 @@ def main(argv=None):
     add_device_flag(s)
     s.add_argument("--nproc", type=int, default=1,
                    help="pretrain in N torchrun processes (FSDP2; one per GPU with cuda, N x the batch)")
+    s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="the training stages' matmuls: bf16 autocast (fp32 weights and optimizer) or fp32; auto: "
+                        "bf16 where a timed training step runs 1.2x faster so (GPUs, CPUs with AMX)")
     s.set_defaults(fn=cmd_speedrun)
 
     args = p.parse_args(argv)

@@ -69,6 +69,11 @@ PARTS = {"pretrain": ("pretrain",), "sft": ("sft",), "grpo": ("grpo",), "distill
          "eval": ()}
 STAGES = tuple(PARTS)
 MARGIN = 0.95  # plan for this share of the budget: a 2-core machine's speed varies ~10% from run to run
+# --precision auto: every training stage autocasts its matmuls to bf16 (weights and AdamW state stay fp32) where a
+# timed pretraining step runs this much faster so: GPUs, CPUs with AMX (the 2-core AMX machine: 1.3x the
+# pretraining step, 1.8x the student's); CPUs that emulate bf16 stay in fp32
+BF16_GAIN = 1.2
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def scaled_plan(steps: int) -> dict:
@@ -112,10 +117,10 @@ def _spent(out: Path, done) -> float:
     return sum(json.loads((out / s / "stage.json").read_text())["minutes"] for s in done) * 60
 
 
-def pretrain_step_seconds(preset_name: str, device: str = "cpu", reps: int = 5) -> float:
+def pretrain_step_seconds(preset_name: str, device: str = "cpu", bf16: bool = False, reps: int = 5) -> float:
     """Seconds of one pretraining step (forward with MTP, backward, AdamW; the median of `reps`) of a fresh
-    preset model on the speedrun's pretraining batch (random tokens, one process's share) on `device`; leaves the
-    global RNG alone."""
+    preset model on the speedrun's pretraining batch (random tokens, one process's share) on `device`, its matmuls
+    in bf16 autocast or fp32; leaves the global RNG alone."""
     cfg, times, dev = preset(preset_name), [], torch.device(device)
     with torch.random.fork_rng(devices=[]):
         model = init_weights(Transformer(cfg), seed=0).to(dev).train()
@@ -123,13 +128,27 @@ def pretrain_step_seconds(preset_name: str, device: str = "cpu", reps: int = 5) 
         x = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1)).to(dev)
         for _ in range(reps + 2):  # the first two warm up
             t0 = time.perf_counter()
-            losses(model, x[:, :-1], x[:, 1:], TrainArgs())["total"].backward()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = losses(model, x[:, :-1], x[:, 1:], TrainArgs())["total"]
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
     return sorted(times[2:])[reps // 2]
+
+
+def pick_precision(precision: str, preset_name: str, device: str) -> tuple[bool, dict]:
+    """(bf16?, {"fp32": s, "bf16": s} the timed pretraining steps; {} unless `precision` is auto)."""
+    if precision != "auto":
+        return precision == "bf16", {}
+    timed = {p: pretrain_step_seconds(preset_name, device, bf16=p == "bf16") for p in ("fp32", "bf16")}
+    return timed["fp32"] >= BF16_GAIN * timed["bf16"], timed
+
+
+def precision_note(timed: dict) -> str:
+    return f"a pretraining step took {timed['bf16']:.2f} s in bf16 autocast, {timed['fp32']:.2f} s in fp32 here"
 
 
 def cuts(plan: dict) -> str:
@@ -142,12 +161,15 @@ def cuts(plan: dict) -> str:
 
 # ---- the run -------------------------------------------------------------------------------------
 def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | None = None, force: bool = False,
-             eval_problems: int = 100, minutes: float = 30.0, device: str = "auto", nproc: int = 1) -> dict:
+             eval_problems: int = 100, minutes: float = 30.0, device: str = "auto", nproc: int = 1,
+             precision: str = "auto") -> dict:
     """`steps` sets the size of the run (see scaled_plan). None: the default RECIPE, cut where this machine could
     not run it in `minutes`: planned from a timed pretraining step, replanned before every stage from the pace
     the finished ones showed. A stage once started keeps its size (resume). Every stage runs on `device` (a
     --device value); pretraining runs in `nproc` torchrun processes (FSDP2; each with its own GPU on cuda, the
-    global batch nproc x the one-process batch), the later stages (small batches) in this one."""
+    global batch nproc x the one-process batch), the later stages (small batches) in this one. `precision`:
+    the training stages' matmuls in fp32 or bf16 autocast, or auto: bf16 where a timed step runs BF16_GAIN x
+    faster (a resumed run keeps the precision it started with)."""
     dev = str(pick_device(device))
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -155,10 +177,21 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         raise ValueError(f"--nproc {nproc}: one process per GPU, and this machine has {torch.cuda.device_count()}")
     out.mkdir(parents=True, exist_ok=True)
     old = json.loads((out / "speedrun.json").read_text()) if (out / "speedrun.json").exists() and not force else {}
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if old:  # a resumed run keeps its precision (runs from before --precision trained in fp32)
+        bf16, timed = old.get("bf16", False), old.get("step_seconds", {})
+        if precision not in ("auto", "bf16" if bf16 else "fp32"):
+            raise ValueError(f"{out} was started in {'bf16' if bf16 else 'fp32'}: resume it with --precision auto "
+                             f"or {'bf16' if bf16 else 'fp32'}, or --force to redo it in {precision}")
+    else:
+        bf16, timed = pick_precision(precision, preset_name, dev)
+        if timed:
+            print(f"speedrun: training in {'bf16 autocast' if bf16 else 'fp32'}: {precision_note(timed)}")
     results: dict = {"preset": preset_name, "seed": seed, "task": TASK, "direct": DIRECT, "device": dev,
                      "nproc": nproc,
                      "plan": scaled_plan(steps) if steps else old.get("plan", dict(RECIPE)),
-                     "minutes_budget": None if steps else minutes}
+                     "minutes_budget": None if steps else minutes, "bf16": bf16, "step_seconds": timed}
     start, plan = time.perf_counter(), results["plan"]
 
     def replan(first: str) -> None:
@@ -167,7 +200,8 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
             later, done = STAGES[STAGES.index(first):], STAGES[:STAGES.index(first)]
             fresh = {k: RECIPE[k] for s in later if force or not (out / s).exists() for k in PARTS[s]}
             started = {k: plan[k] for s in later for k in PARTS[s] if k not in fresh}
-            sec = pace(out, plan, done) or pretrain_step_seconds(preset_name, dev)
+            sec = pace(out, plan, done) or timed.get("bf16" if bf16 else "fp32") or \
+                pretrain_step_seconds(preset_name, dev, bf16)
             room = (MARGIN * minutes * 60 - _spent(out, done)) / sec - (cost(started) - FIXED_COST["eval"])
             plan.update(fit_plan(fresh, room))
             if first == "pretrain":
@@ -209,19 +243,19 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         left = cost({k: plan[k] for s in STAGES[STAGES.index(name):] for k in PARTS[s]}) * sec
         return f" (elapsed {(time.perf_counter() - start) / 60:.1f} min, about {left / 60:.1f} min to go)"
 
-    stage("pretrain", lambda d: _pretrain(d, preset_name, seed, plan["pretrain"], dev, nproc))
+    stage("pretrain", lambda d: _pretrain(d, preset_name, seed, plan["pretrain"], dev, nproc, bf16))
     stage("sft", lambda d: _finished(sft(SFTArgs(
         out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, 12 * plan["sft"]), direct=DIRECT,
         steps=plan["sft"], batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(plan["sft"] // 3, 1),
-        save_every=max(plan["sft"] // 3, 1), seed=seed, resume=True, device=dev)), 16 * 256))
+        save_every=max(plan["sft"] // 3, 1), seed=seed, resume=True, device=dev, bf16=bf16)), 16 * 256))
     stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
         out=str(d), init=str(out / "sft"), task=TASK, steps=plan["grpo"], prompts=8, group=8,
         max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(plan["grpo"] // 4, 1),  # Adam's first steps hurt most
         min_lr_ratio=0.1,  # cosine decay: the policy switches to thinking early; later updates are mostly noise
         format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
         eval_every=max(min(5, plan["grpo"] // 4), 1), eval_problems=eval_problems,
-        save_every=max(plan["grpo"] // 3, 1), seed=seed, resume=True, device=dev)), 8 * 8))
-    stage("distill", lambda d: _distill(d, out, preset_name, plan["student"], plan["baseline"], seed, dev))
+        save_every=max(plan["grpo"] // 3, 1), seed=seed, resume=True, device=dev, bf16=bf16)), 8 * 8))
+    stage("distill", lambda d: _distill(d, out, preset_name, plan["student"], plan["baseline"], seed, dev, bf16))
     stage("eval", lambda d: _evaluate(d, out, eval_problems, seed, dev))
     print(report(out))
     return results
@@ -256,10 +290,11 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
             "thinking_last": mean("format", rows[-k:]), "samples_per_s": mean("samples_per_s", rows)}
 
 
-def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "cpu", nproc: int = 1) -> dict:
+def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "cpu", nproc: int = 1,
+              bf16: bool = False) -> dict:
     a = TrainArgs(out=str(d), preset=preset_name, steps=steps, seed=seed, save_every=max(steps // 3, 1),
                   eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=SEQ, batch_size=BATCH * nproc,
-                  warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True, device=device)
+                  warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True, device=device, bf16=bf16)
     run = pretrain(a) if nproc == 1 else _torchrun(a, nproc)
     rows = read_metrics(run)
     val = [r for r in rows if "val_loss" in r]
@@ -325,14 +360,15 @@ def _transformers_parity(path: Path, model, tok) -> dict:
     return {"logits_max_diff": diff, "logit_scale": ref.abs().max().item(), "greedy_tokens_equal": theirs == ours}
 
 
-def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, seed: int, device: str = "cpu") -> dict:
+def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, seed: int, device: str = "cpu",
+             bf16: bool = False) -> dict:
     # students from random weights learn the columns late (at 200 steps both sat near 0.05; at 300 the distilled
     # one reached 0.13-0.40, the baseline 0.10-0.25, by run and seed; at 450, 0.71 and 0.32: README): 450 steps
     # by default, on 3000 problems
     common = dict(arch="qwen2", preset=preset_name, task=(TASK,), examples=min(3000, steps * 10), direct=DIRECT,
                   steps=steps, batch_size=16, seq_len=256, lr=2e-3,
                   warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True,
-                  device=device)
+                  device=device, bf16=bf16)
     student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=1, with_reference=True,
                                   max_new_tokens=128, **common))
     r = {"student": _finished(student, 16 * 256)}
@@ -385,6 +421,8 @@ def report(out: Path) -> str:
     size = f"; sized for {r['minutes_budget']:g} minutes on this machine: {left_out}" if left_out else ""
     dev, nproc = r.get("device", "cpu"), r.get("nproc", 1)
     where = f", {dev}" + (f", pretraining in {nproc} processes" if nproc > 1 else "")
+    where += ", bf16 autocast" if r.get("bf16") else ", fp32"
+    where += f" ({precision_note(r['step_seconds'])})" if r.get("step_seconds") else ""
     lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']}{where}{size})", "",
              "| stage | minutes | result |", "|---|---|---|",
              f"| pretrain | {p['minutes']} | {p['steps']} steps at {p['tokens_per_s']} tok/s; loss "

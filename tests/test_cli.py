@@ -92,11 +92,12 @@ def test_sampling_parameters_are_checked():
 
 def test_speedrun_runs_every_stage_and_resumes(tmp_path):
     args = ("speedrun", "--out", str(tmp_path / "run"), "--preset", "debug", "--steps", "12", "--eval-problems", "4",
-            "--device", "cpu", "--nproc", "2")  # pretraining in 2 torchrun (gloo) processes
+            "--device", "cpu", "--nproc", "2",  # pretraining in 2 torchrun (gloo) processes
+            "--precision", "bf16")  # every training stage under bf16 autocast (fp32 runs in their own tests)
     out = run(*args)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "greedy tokens equal: True" in report, out.stdout
-    assert "cpu, pretraining in 2 processes" in report
+    assert "cpu, pretraining in 2 processes, bf16 autocast" in report
     assert json.loads((tmp_path / "run" / "pretrain" / "config.json").read_text())["world"] == 2
     assert "stage 1/5 pretrain" in out.stdout and "stage 5/5 eval (elapsed" in out.stdout and "min to go" in out.stdout
     stages = {s: json.loads((tmp_path / "run" / s / "stage.json").read_text())

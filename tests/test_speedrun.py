@@ -41,8 +41,9 @@ class Clock:  # stands in for the time module: the stages advance it
         return self.t
 
 
-def fake_stages(monkeypatch, clock: Clock, timed: float, real: float) -> dict:
-    """Stages that take `real` seconds per pretraining step of cost; a pretraining step times at `timed`."""
+def fake_stages(monkeypatch, clock: Clock, timed: float, real: float, bf16_timed: float | None = None) -> dict:
+    """Stages that take `real` seconds per pretraining step of cost; a pretraining step times at `timed` (in bf16:
+    `bf16_timed`, default the same); got["where"] / got["bf16"]: each stage's device and process count / bf16."""
     got = {}
 
     def work(d, parts: dict):  # parts {}: the evaluation
@@ -51,19 +52,23 @@ def fake_stages(monkeypatch, clock: Clock, timed: float, real: float) -> dict:
         clock.t += (sr.cost(parts) if not parts else sr.cost(parts) - sr.FIXED_COST["eval"]) * real
         return d
 
-    def on(stage, device, nproc=1):  # where each stage was told to run: got["where"]
+    def on(stage, device, nproc=1, bf16=False):
         got.setdefault("where", {})[stage] = (device, nproc)
+        got.setdefault("bf16", {})[stage] = bf16
 
     monkeypatch.setattr(sr, "time", clock)
-    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name, device: timed)
-    monkeypatch.setattr(sr, "_pretrain", lambda d, p, seed, steps, device, nproc: on("pretrain", device, nproc) or
-                        {"steps": work(d, {"pretrain": steps}) and steps})
-    monkeypatch.setattr(sr, "sft", lambda a: on("sft", a.device) or work(sr.Path(a.out), {"sft": a.steps}))
-    monkeypatch.setattr(sr, "grpo", lambda a: on("grpo", a.device) or work(sr.Path(a.out), {"grpo": a.steps}))
+    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name, device, bf16=False:
+                        bf16_timed if bf16 and bf16_timed is not None else timed)
+    monkeypatch.setattr(sr, "_pretrain", lambda d, p, seed, steps, device, nproc, bf16:
+                        on("pretrain", device, nproc, bf16) or {"steps": work(d, {"pretrain": steps}) and steps})
+    monkeypatch.setattr(sr, "sft", lambda a: on("sft", a.device, 1, a.bf16) or work(sr.Path(a.out), {"sft": a.steps}))
+    monkeypatch.setattr(sr, "grpo", lambda a: on("grpo", a.device, 1, a.bf16) or work(sr.Path(a.out),
+                                                                                   {"grpo": a.steps}))
     monkeypatch.setattr(sr, "_finished", lambda run, n: {})
     monkeypatch.setattr(sr, "_grpo_summary", lambda run, n: {})
-    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed, device: on("distill", device) or
-                        {"dir": str(work(d, {"student": student, "baseline": baseline}))})
+    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed, device, bf16:
+                        on("distill", device, 1, bf16) or {"dir": str(work(d, {"student": student,
+                                                                               "baseline": baseline}))})
     monkeypatch.setattr(sr, "_evaluate", lambda d, out, n, seed, device: on("eval", device) or work(d, {}) and {})
     monkeypatch.setattr(sr, "report", lambda out: "")
     return got
@@ -77,7 +82,7 @@ def test_a_fast_machine_runs_the_recipe(tmp_path, monkeypatch):
     clock = Clock()
     got = fake_stages(monkeypatch, clock, timed=0.6, real=0.6)
     r = sr.speedrun(tmp_path / "run", minutes=30)
-    got.pop("where")
+    got.pop("where"), got.pop("bf16")
     assert r["plan"] == sr.RECIPE and got == sr.RECIPE
     assert total_minutes(tmp_path / "run") <= 30
 
@@ -86,7 +91,7 @@ def test_a_slower_machine_than_timed_gets_its_later_stages_cut_and_fits(tmp_path
     clock, out = Clock(), tmp_path / "run"
     got = fake_stages(monkeypatch, clock, timed=0.9, real=1.25)
     r = sr.speedrun(out, minutes=30)
-    got.pop("where")
+    got.pop("where"), got.pop("bf16")
     assert got == r["plan"] and json.loads((out / "speedrun.json").read_text())["plan"] == r["plan"]
     # planned on the timed step: pretraining cut, the baseline out, the time it freed back to GRPO and pretraining
     assert sr.CUTS["pretrain"] < r["plan"]["pretrain"] < sr.RECIPE["pretrain"] and r["plan"]["baseline"] == 0
@@ -111,9 +116,32 @@ def test_steps_sets_the_size_without_timing(tmp_path, monkeypatch):
     sr.speedrun(tmp_path / "run", steps=12, device="cpu", nproc=2)
     assert got.pop("where") == {"pretrain": ("cpu", 2), "sft": ("cpu", 1), "grpo": ("cpu", 1), "distill": ("cpu", 1),
                                 "eval": ("cpu", 1)}  # every stage on --device; pretraining in --nproc processes
+    assert not any(got.pop("bf16").values())  # auto: bf16 timed no faster
     assert got == sr.scaled_plan(12) == {"pretrain": 12, "sft": 18, "grpo": 2, "student": 18, "baseline": 18}
     assert sr.scaled_plan(300) == sr.RECIPE  # --steps 300: the default run, never cut
     assert json.loads((tmp_path / "run" / "speedrun.json").read_text())["nproc"] == 2
+
+
+def test_auto_precision_trains_in_bf16_where_it_times_faster_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    clock, out = Clock(), tmp_path / "run"
+    got = fake_stages(monkeypatch, clock, timed=1.0, real=0.6, bf16_timed=1.0 / sr.BF16_GAIN)
+    r = sr.speedrun(out, minutes=30)
+    assert r["bf16"] and r["step_seconds"] == {"fp32": 1.0, "bf16": 1.0 / sr.BF16_GAIN}
+    assert got["bf16"] == {s: True for s in sr.STAGES if s != "eval"} | {"eval": False}  # every training stage
+    got.clear()
+    monkeypatch.setattr(sr, "pretrain_step_seconds", None)  # a resumed run is not timed again: it keeps bf16
+    (out / "distill" / "stage.json").unlink()
+    assert sr.speedrun(out, minutes=30)["bf16"] and got["bf16"] == {"distill": True, "eval": False}
+    with pytest.raises(ValueError, match="started in bf16.*--force"):
+        sr.speedrun(out, minutes=30, precision="fp32")
+    got = fake_stages(monkeypatch, clock, timed=1.0, real=0.6, bf16_timed=1.0 / sr.BF16_GAIN * 1.01)
+    assert not sr.speedrun(out, minutes=30, force=True)["bf16"]  # not 1.2x faster: fp32
+    assert not any(got["bf16"].values())
+    got = fake_stages(monkeypatch, clock, timed=float("nan"), real=0.6)
+    r = sr.speedrun(tmp_path / "fixed", steps=4, precision="bf16")  # chosen, not timed
+    assert r["bf16"] and r["step_seconds"] == {} and got["bf16"]["sft"]
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16"):
+        sr.speedrun(tmp_path / "bad", steps=2, precision="fp16")
 
 
 def test_bad_device_or_process_count_is_a_clear_error(tmp_path):
