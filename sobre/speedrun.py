@@ -24,6 +24,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -316,17 +317,21 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "c
     r.update(params=s["params"], active_params=s["active_params"], kv_latent_bytes=s["kv"]["latent"],
              kv_naive_bytes=s["kv"]["naive"])
     r["transformers"] = _transformers_parity(run / "model", model, tok)
-    prompt, rates = tok.encode(QUESTION), {}
-    for spec in (False, True):
-        eng = Engine(model, tok, speculative=spec)
+    prompt = tok.encode(QUESTION)
+    engines = {spec: Engine(model, tok, speculative=spec) for spec in (False, True)}
+    rates = {spec: [] for spec in engines}
+    for eng in engines.values():
         eng.generate([prompt], max_new_tokens=8)  # warm up
-        t0 = time.perf_counter()
-        answer = eng.generate([prompt], max_new_tokens=64)[0]
-        rates[spec] = len(answer) / (time.perf_counter() - t0)
-        if spec:
-            r["mtp_acceptance"] = round(eng.spec_stats["accepted"] / max(eng.spec_stats["drafted"], 1), 3)
-    r.update(answer=tok.decode(answer), tok_per_s=round(rates[False], 1), speculative_tok_per_s=round(rates[True], 1),
-             speculative_speedup=round(rates[True] / rates[False], 2))
+    for _ in range(3):  # plain and speculative take turns (a small machine's speed drifts within a minute)
+        for spec, eng in engines.items():
+            t0 = time.perf_counter()
+            answer = eng.generate([prompt], max_new_tokens=64)[0]
+            rates[spec].append(len(answer) / (time.perf_counter() - t0))
+    stats = engines[True].spec_stats
+    r.update(answer=tok.decode(answer), tok_per_s=round(statistics.median(rates[False]), 1),
+             speculative_tok_per_s=round(statistics.median(rates[True]), 1),
+             speculative_speedup=round(statistics.median(a / b for a, b in zip(rates[True], rates[False])), 2),
+             mtp_acceptance=round(stats["accepted"] / max(stats["drafted"], 1), 3))
     return r
 
 
@@ -439,7 +444,8 @@ def report(out: Path) -> str:
         lines.append(f"| transformers parity | | max logit diff {t['logits_max_diff']:.2e} (scale "
                      f"{t['logit_scale']:.1f}); greedy tokens equal: {t['greedy_tokens_equal']} |")
     lines.append(f"| generate | | {p['tok_per_s']} tok/s; MTP speculative {p['speculative_tok_per_s']} tok/s "
-                 f"({p['speculative_speedup']}x, acceptance {p['mtp_acceptance']:.0%}) |")
+                 f"({p['speculative_speedup']}x, the median of 3 paired rounds; acceptance "
+                 f"{p['mtp_acceptance']:.0%}) |")
     s, g = r["sft"], r["grpo"]
     lines.append(f"| sft | {s['minutes']} | {s['steps']} steps; loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}; "
                  f"{r.get('direct', 0):.0%} of the traces answer without worked steps |")
