@@ -89,11 +89,25 @@ def maj_at_k(group: list[Rollout]) -> float:
     return next(r.correct for r, k in zip(answers, key) if k == top)
 
 
+def sign_test(a: list[float], b: list[float]) -> dict:
+    """Two models on the same problems (a[i], b[i]: problem i's correct samples, as many drawn for each): on how
+    many a did better ("better"), worse ("worse"), and the exact two-sided sign test's p-value over those problems
+    (ties left out; McNemar's exact test for one greedy sample each): how likely a split this uneven is if neither
+    model were better."""
+    if len(a) != len(b):
+        raise ValueError(f"the two evaluations cover different problems: {len(a)} vs {len(b)}")
+    better, worse = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+    n = better + worse
+    tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2**n
+    return {"better": better, "worse": worse, "p": min(1.0, 2 * tail)}
+
+
 def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: int = 64, samples: int = 1,
                   temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0, split: str = "test",
                   loss: bool = False) -> dict:
-    """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate and
-    mean completion length; loss=True: also val_loss / val_bpb of the reference solutions (reference_loss)."""
+    """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate,
+    mean completion length and "solved" (each problem's correct samples, for sign_test); loss=True: also
+    val_loss / val_bpb of the reference solutions (reference_loss)."""
     problems = task.problems(split, n_problems, seed)
     groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
     n = samples
@@ -108,6 +122,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     flat = [r for g in groups for r in g]
     out["format"] = sum(r.format for r in flat) / len(flat)
     out["mean_length"] = sum(len(r.ids) for r in flat) / len(flat)
+    out["solved"] = [int(sum(r.correct for r in g)) for g in groups]
     return out | (reference_loss(model, tok, problems) if loss else {})
 
 

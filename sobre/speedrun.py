@@ -40,7 +40,7 @@ from .grpo import GRPOArgs, grpo
 from .model import Transformer, init_weights
 from .parallel import pick_device
 from .report import expert_loads, plot_expert_heatmap, read_metrics
-from .rollout import evaluate_task
+from .rollout import evaluate_task, sign_test
 from .sft import SFTArgs, sft, start_model
 from .stats import model_stats
 from .tasks import get_task
@@ -478,6 +478,17 @@ def report(out: Path) -> str:
         if isinstance(v, dict):
             lines.append(f"| {MODELS.get(name, name)} | {v['params']:,} | "
                          + " | ".join(f"{v[t]['pass@1']:.3f}" for t in EVAL_TASKS) + f" | {v[TASK]['format']:.2f} |")
+    pairs = [(m, ref) for m, ref in (("grpo", "sft"), ("distill", "distill_baseline"))
+             if "solved" in e.get(m, {}).get(TASK, {}) and "solved" in e.get(ref, {}).get(TASK, {})]
+    if pairs:  # (runs from before "solved" was recorded have no per-problem results)
+        lines += ["", f"Paired on the same `{TASK}` problems (exact sign test over the problems one model solves and "
+                  "the other does not; p: how likely a split this uneven is if neither were better):", ""]
+    for m, ref in pairs:
+        a, b = e[m][TASK], e[ref][TASK]
+        t = sign_test(a["solved"], b["solved"])
+        lines.append(f"- {MODELS[m]} vs {MODELS[ref]}: {100 * (a['pass@1'] - b['pass@1']):+.0f} points, "
+                     f"{t['better']} problems solved only by the first, {t['worse']} only by the second; "
+                     f"p = {t['p']:.2g}")
     lines += ["", f"Total {total:.1f} minutes. Plots: `pretrain/loss.png`, `pretrain/expert_load.png`, "
               "`pretrain/expert_heatmap.png`, `sft/loss.png`, `grpo/reward.png`, `distill/student/loss.png`.",
               "", "Pretrained model's answer to `What is 12 + 7?`:", "", "```", QUESTION + p["answer"], "```",

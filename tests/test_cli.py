@@ -106,6 +106,9 @@ def test_speedrun_runs_every_stage_and_resumes(tmp_path):
     assert p["final_loss"] < p["first_loss"] and p["transformers"]["logits_max_diff"] < 1e-4 * max(
         1.0, p["transformers"]["logit_scale"])
     assert stages["sft"]["final_loss"] < stages["sft"]["first_loss"]
+    assert all(len(v[t]["solved"]) == v[t]["problems"] for v in stages["eval"].values() if isinstance(v, dict)
+               for t in ("arithmetic:1", "sorting:1"))  # per-problem results: the report's paired sign tests
+    assert "- grpo vs sft:" in report and "- student (distilled) vs student (no teacher):" in report
     summary = json.loads((tmp_path / "run" / "report.json").read_text())  # the CLI contract
     assert set(summary["eval"]) == {"pretrain", "sft", "grpo", "distill", "distill_baseline"}
     assert all(set(v) == {"arithmetic:1", "arithmetic:2", "sorting:1"} and all(0 <= x <= 1 for x in v.values())

@@ -12,7 +12,7 @@ import torch
 
 import sobre
 from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss, token_logprobs
-from sobre.rollout import Rollout, maj_at_k, pass_at_k
+from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
 from conftest import random_model
 
@@ -176,6 +176,20 @@ def test_pass_at_k_and_majority():
     group = [Rollout([], [], "", False, c, 1.0, a) for a, c in (("7", 1.0), ("8", 0.0), ("7.0", 1.0), (None, 0.0))]
     assert maj_at_k(group) == 1.0  # "7" and "7.0" are the same value
     assert maj_at_k(group[1:2] + group[3:]) == 0.0
+
+
+def test_sign_test_against_hand_computed_p_values():
+    t = sign_test([1] * 8 + [0, 1], [0] * 8 + [0, 1])  # 8 problems only the first solves, 2 ties
+    assert (t["better"], t["worse"]) == (8, 0) and t["p"] == pytest.approx(2 / 2**8)
+    t = sign_test([1, 1, 0, 0, 1, 0, 1], [0, 0, 1, 1, 1, 0, 0])  # 3 vs 2: P(X <= 2) = (1 + 5 + 10) / 32, twice
+    assert (t["better"], t["worse"]) == (3, 2) and t["p"] == 1.0
+    t = sign_test([2, 4, 4, 4, 3, 4], [1, 0, 1, 2, 3, 0])  # correct samples of 4: 5 better, 1 tie
+    assert t == {"better": 5, "worse": 0, "p": pytest.approx(2 / 32)}
+    t = sign_test([1] * 20 + [0] * 5, [0] * 20 + [1] * 5)  # 20 vs 5: 2 * sum_{i<=5} C(25, i) / 2^25
+    assert t["p"] == pytest.approx(2 * sum(math.comb(25, i) for i in range(6)) / 2**25) and t["p"] < 0.01
+    assert sign_test([0, 1], [0, 1]) == {"better": 0, "worse": 0, "p": 1.0}
+    with pytest.raises(ValueError, match="different problems"):
+        sign_test([1, 0], [1])
 
 
 @pytest.fixture(scope="module")
