@@ -71,7 +71,7 @@ PARTS = {"pretrain": ("pretrain",), "sft": ("sft",), "grpo": ("grpo",), "distill
 STAGES = tuple(PARTS)
 MARGIN = 0.95  # plan for this share of the budget: a 2-core machine's speed varies ~10% from run to run
 # --precision auto: every training stage autocasts its matmuls to bf16 (weights and AdamW state stay fp32) where a
-# timed pretraining step runs this much faster so: GPUs, CPUs with AMX (the 2-core AMX machine: 1.3x the
+# timed pretraining step runs this much faster so: GPUs, CPUs with AMX (the 2-core AMX machine: 1.3-1.4x the
 # pretraining step, 1.8x the student's); CPUs that emulate bf16 stay in fp32
 BF16_GAIN = 1.2
 PRECISIONS = ("auto", "fp32", "bf16")
