@@ -182,9 +182,10 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if old:  # a resumed run keeps its precision (runs from before --precision trained in fp32)
         bf16, timed = old.get("bf16", False), old.get("step_seconds", {})
-        if precision not in ("auto", "bf16" if bf16 else "fp32"):
-            raise ValueError(f"{out} was started in {'bf16' if bf16 else 'fp32'}: resume it with --precision auto "
-                             f"or {'bf16' if bf16 else 'fp32'}, or --force to redo it in {precision}")
+        was = "bf16" if bf16 else "fp32"
+        if precision not in ("auto", was):
+            raise ValueError(f"{out} was started in {was}: resume it with --precision auto or {was}, or "
+                             f"--force to redo it in {precision}")
     else:
         bf16, timed = pick_precision(precision, preset_name, dev)
         if timed:
