@@ -60,7 +60,7 @@ def stacked_weight(w: torch.Tensor) -> nn.Parameter:
 
 LOOP_EXPERTS = 0.5  # CPU inference: a loop over the active experts while at most this fraction of them have rows
 PAD_SLACK = 16  # CPU inference: experts' rows zero-padded into one bmm while padding adds at most this many rows a
-#   expert (E * largest count <= rows + PAD_SLACK * E)
+#   expert (E * largest count <= rows + PAD_SLACK * E; in bf16 also up to _grouped_mm's ALIGN_ROWS-aligned rows)
 ALIGN_ROWS = 128  # CPU bf16 _grouped_mm: each expert's rows zero-padded to a multiple of this many
 
 
@@ -71,7 +71,9 @@ class Groups:
     most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every expert's
     weights), or holds the rows zero-padded as [E, C, in] (C = the largest count: batched decode, short prefills) so
     each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python
-    bench/moe.py`) while the padding stays small: E * C <= rows + PAD_SLACK * E. (256 x 128 experts, their weights
+    bench/moe.py`) while the padding stays small: E * C <= rows + PAD_SLACK * E, or in bf16 no more rows than
+    _grouped_mm's aligned layout (below) would multiply (bf16 rollouts of 64 x 64 tokens: 1.95 -> 1.71 s, paired,
+    where skewed routing had sent their decode steps to 128 rows an expert). (256 x 128 experts, their weights
     stored transposed, stacked_weight: padded / _grouped_mm SwiGLU time 0.70 at 256 rows evenly spread, 0.79 with
     E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm pays ~15 us a matmul
     call, per expert, that the bmm saves; padding costs compute per row.) Traced by torch.compile (Groups.gathered,
@@ -87,16 +89,18 @@ class Groups:
         self.counts, self.E = counts, len(counts)
         grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
         cpu_inference = xs.device.type == "cpu" and not grad
+        self.cast = matmul_dtype(xs, w)  # autocast's, where it is on (autocast leaves _grouped_mm in fp32)
+        self.aligned = xs.device.type == "cpu" and self.cast == torch.bfloat16
+        # rows _grouped_mm would multiply: bf16 on CPU pads every active expert's to a multiple of ALIGN_ROWS
+        grouped_rows = sum(-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts) if self.aligned else sum(counts)
         if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
-        elif cpu_inference and self.E * max(counts, default=0) <= sum(counts) + PAD_SLACK * self.E:
+        elif cpu_inference and self.E * max(counts, default=0) <= max(sum(counts) + PAD_SLACK * self.E, grouped_rows):
             self.mode = "padded"
             C = self.C = max(counts)
             self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"
-            self.cast = matmul_dtype(xs, w)  # autocast's, where it is on (autocast leaves _grouped_mm in fp32)
-            self.aligned = xs.device.type == "cpu" and self.cast == torch.bfloat16
             if self.aligned:
                 rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts]
                 starts = [sum(rows[:e]) for e in range(self.E)]

@@ -124,6 +124,26 @@ def test_aligned_bf16_groups_equal_looped(monkeypatch):
         torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2 * slow.abs().max().item())
 
 
+def test_bf16_inference_pads_where_grouped_would_align():
+    """CPU inference in bf16 takes the padded bmm wherever it multiplies no more rows than _grouped_mm's
+    ALIGN_ROWS-aligned layout would (a skewed decode batch: fp32 runs _grouped_mm there), and equals the loop."""
+    counts = [3, 0, 5, 1, 1, 2, 0, 40]  # 52 rows; padded 8 x 40 = 320 > 52 + 16 x 8, < 6 x 128 aligned
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(sum(counts), 24, generator=g)
+    w1, w2, w3 = (stacked_weight(torch.randn(8, *shape, generator=g) * 0.2).detach()
+                  for shape in ((40, 24), (24, 40), (40, 24)))
+    with torch.no_grad():
+        assert Groups(counts, xs, w1).mode == "grouped"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert Groups(counts, xs, w1).mode == "padded"
+            out = grouped_ffn(xs, counts, w1, w2, w3)
+        xb, (b1, b2, b3) = xs.bfloat16(), (w.bfloat16() for w in (w1, w2, w3))
+        assert Groups(counts, xb, b1).mode == "padded"
+        ref = looped_mm(F.silu(looped_mm(xb, b1, counts)) * looped_mm(xb, b3, counts), b2, counts).float()
+        for got in (out, grouped_ffn(xb, counts, b1, b2, b3)):
+            torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
 def test_grouped_moe_gradients_equal_reference():
     model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                                       n_limited_groups=2))
