@@ -19,6 +19,39 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 DTYPE_HELP = "default: the checkpoint's; on CPU float32 below 100M active parameters or without native bf16"
 
 
+def at_least(lo: int):
+    """argparse type: an int >= lo (a bad flag is one usage line naming it, never a traceback later)."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    parse.__name__ = "integer"  # (argparse's message for text that is no int: "invalid integer value")
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    x = float(text)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return x
+
+
+def port(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {n}")
+    return n
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
 def human(n: float, unit: str = "") -> str:
     for div, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
@@ -130,7 +163,7 @@ def cmd_generate(args):
                  fp8=args.fp8, mtp=args.speculative)
     tok = load_tokenizer(path)
     if args.ids:
-        prompt = [int(t) for t in args.ids.split(",")]
+        prompt = args.ids
     elif args.prompt is not None:
         if tok is None:
             sys.exit(f"{path}: no tokenizer.json; pass token ids with --ids 1,2,3")
@@ -263,8 +296,9 @@ def cmd_tokenizer_train(args):
     docs = list(builtin_docs(args.max_bytes) if not args.input else (d for f in args.input for d in file_docs(f)))
     held = [d for i, d in enumerate(docs) if i % 50 == 49]
     tok = train_tokenizer((d for i, d in enumerate(docs) if i % 50 != 49), args.vocab_size, args.out)
-    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} tokens); held-out compression "
-          f"{bytes_per_token(tok, held):.2f} bytes/token over {len(held)} documents")
+    held_out = (f"held-out compression {bytes_per_token(tok, held):.2f} bytes/token over {len(held)} documents"
+                if held else "no held-out compression: fewer than 50 documents (every 50th is held out)")
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} tokens); {held_out}")
 
 
 def run_dataclass(args, cls, fn, what: str):
@@ -408,26 +442,27 @@ def main(argv=None):
 
     s = sub.add_parser("info", help="parameters, active parameters, FLOPs and KV-cache size of a model")
     s.add_argument("path", help="model directory, config.json or Hugging Face Hub id")
-    s.add_argument("--ctx", type=int, default=4096, help="context length for the attention FLOPs term")
+    s.add_argument("--ctx", type=at_least(1), default=4096, help="context length for the attention FLOPs term")
     s.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("eplb", help="expert-parallel placement (DeepSeek's EPLB) from a run's measured expert loads")
     s.add_argument("run", help="a `sobre pretrain` run folder (metrics.jsonl) or a JSON [layers][experts] load matrix")
-    s.add_argument("--gpus", type=int, default=4)
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--groups", type=int, default=1, help="expert groups (hierarchical policy when nodes divide it)")
-    s.add_argument("--replicas", type=int, default=0, help="physical experts (default: experts + one per GPU)")
-    s.add_argument("--last", type=int, default=0, help="use the last N steps' loads (default: the whole run)")
+    s.add_argument("--gpus", type=at_least(1), default=4)
+    s.add_argument("--nodes", type=at_least(1), default=1)
+    s.add_argument("--groups", type=at_least(1), default=1,
+                   help="expert groups (hierarchical policy when nodes divide it)")
+    s.add_argument("--replicas", type=at_least(0), default=0, help="physical experts (default: experts + one per GPU)")
+    s.add_argument("--last", type=at_least(0), default=0, help="use the last N steps' loads (default: the whole run)")
     s.set_defaults(fn=cmd_eplb)
 
     s = sub.add_parser("dualpipe", help="DualPipe / 1F1B / ZB1P pipeline schedules: simulated bubbles and memory")
     s.add_argument("--ranks", type=int, default=8, help="pipeline ranks (even for DualPipe)")
     s.add_argument("--micro-batches", type=int, default=20, help="micro-batches (even, >= 2 * ranks)")
-    s.add_argument("--F", type=float, default=1.0, help="time of a forward chunk")
-    s.add_argument("--B", type=float, default=2.0, help="time of a full backward chunk")
+    s.add_argument("--F", type=positive_float, default=1.0, help="time of a forward chunk")
+    s.add_argument("--B", type=positive_float, default=2.0, help="time of a full backward chunk")
     s.add_argument("--W", type=float, default=1.0, help="time of its weight-gradient part")
-    s.add_argument("--FB", type=float, default=None, help="time of an overlapped F&B pair (default F + B)")
+    s.add_argument("--FB", type=positive_float, default=None, help="time of an overlapped F&B pair (default F + B)")
     s.add_argument("--plot", help="write the DualPipe timeline to this PNG")
     s.set_defaults(fn=cmd_dualpipe)
 
@@ -435,13 +470,13 @@ def main(argv=None):
     s.add_argument("src", help="model directory or Hub id")
     s.add_argument("dst", help="output directory")
     s.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    s.add_argument("--shard-gb", type=float, default=4.0, help="max shard size in GiB")
+    s.add_argument("--shard-gb", type=positive_float, default=4.0, help="max shard size in GiB")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("generate", help="continue a prompt (greedy or sampled)")
     s.add_argument("path", help="model directory or Hub id")
     s.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
-    s.add_argument("--ids", help="comma-separated prompt token ids instead of text")
+    s.add_argument("--ids", type=token_ids, help="comma-separated prompt token ids instead of text")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=0)
@@ -455,7 +490,7 @@ def main(argv=None):
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    s.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     s.add_argument("--expert-parallel", action="store_true",
                    help="shard the MoE experts over torchrun ranks (all-to-all dispatch)")
     s.add_argument("--redundant-experts", type=int, default=0,
@@ -476,7 +511,7 @@ def main(argv=None):
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=at_least(0), default=0)
     add_device_flag(s)
     s.set_defaults(fn=cmd_chat)
 
@@ -491,19 +526,19 @@ def main(argv=None):
     s = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible API + web chat page (continuous batching)")
     s.add_argument("path", help="model directory or Hub id (with tokenizer.json)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port, default=8000)
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
-    s.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
-    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 + Retry-After")
+    s.add_argument("--max-batch", type=at_least(1), default=64, help="sequences decoded together")
+    s.add_argument("--max-queue", type=at_least(1), default=256, help="waiting requests before 503 + Retry-After")
     s.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the cache of shared prompt prefixes (on by default where the model allows)")
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    s.add_argument("--cache-tokens", type=int, default=None, help="KV-cache pool size in tokens")
+    s.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per request")
+    s.add_argument("--cache-tokens", type=at_least(1), default=None, help="KV-cache pool size in tokens")
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    s.add_argument("--threads", type=int, default=0, help="the engine's torch CPU threads (0: every core)")
+    s.add_argument("--threads", type=at_least(0), default=0, help="the engine's torch CPU threads (0: every core)")
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)
 
@@ -531,12 +566,12 @@ def main(argv=None):
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
     s.add_argument("--task", nargs="+", default=["countdown"], help="built-in task names or .jsonl files")
     s.add_argument("--reward", default="", help="module:function scoring .jsonl tasks")
-    s.add_argument("--n", type=int, default=64, help="held-out problems per task")
-    s.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k, maj@k)")
+    s.add_argument("--n", type=at_least(1), default=64, help="held-out problems per task")
+    s.add_argument("--samples", type=at_least(1), default=1, help="completions per problem (pass@k, maj@k)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=128)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=at_least(0), default=0)
     s.add_argument("--json", action="store_true", help="also print each task's numbers as JSON")
     add_device_flag(s)
     s.set_defaults(fn=cmd_eval)
@@ -546,11 +581,11 @@ def main(argv=None):
     s.add_argument("--task", default="countdown")
     s.add_argument("--reward", default="")
     s.add_argument("--out", required=True, help="output JSONL")
-    s.add_argument("--n", type=int, default=256, help="train problems")
-    s.add_argument("--samples", type=int, default=8, help="completions per problem")
-    s.add_argument("--keep", type=int, default=1, help="distinct correct completions kept per problem")
+    s.add_argument("--n", type=at_least(1), default=256, help="train problems")
+    s.add_argument("--samples", type=at_least(1), default=8, help="completions per problem")
+    s.add_argument("--keep", type=at_least(1), default=1, help="distinct correct completions kept per problem")
     s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=128)
     s.add_argument("--seed", type=int, default=0)
     add_device_flag(s)
     s.set_defaults(fn=cmd_rejection_sample)
@@ -559,22 +594,22 @@ def main(argv=None):
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--input", nargs="*", default=(), help=".txt/.jsonl/.parquet files (default: built-in corpus)")
     s.add_argument("--vocab-size", type=int, default=4096)
-    s.add_argument("--max-bytes", type=int, default=4 << 20, help="size of the built-in corpus sample")
+    s.add_argument("--max-bytes", type=at_least(1), default=4 << 20, help="size of the built-in corpus sample")
     s.set_defaults(fn=cmd_tokenizer_train)
 
     s = sub.add_parser("speedrun", help="the end-to-end pipeline on built-in defaults")
     s.add_argument("--out", default="runs/speedrun", help="run folder")
     s.add_argument("--preset", default="tiny", help="model preset: debug, tiny, small (for a GPU)")
-    s.add_argument("--steps", type=int, default=None,
+    s.add_argument("--steps", type=at_least(1), default=None,
                    help="pretraining steps; the other stages scale with it (default: the 300-step recipe, cut "
                         "where this machine would not finish it within --minutes)")
-    s.add_argument("--minutes", type=float, default=30.0,
+    s.add_argument("--minutes", type=positive_float, default=30.0,
                    help="wall-time budget the default run is sized to (ignored with --steps)")
-    s.add_argument("--eval-problems", type=int, default=100, help="held-out problems per evaluation")
+    s.add_argument("--eval-problems", type=at_least(1), default=100, help="held-out problems per evaluation")
     s.add_argument("--force", action="store_true", help="redo finished stages")
     s.add_argument("--seed", type=int, default=0)
     add_device_flag(s)
-    s.add_argument("--nproc", type=int, default=1,
+    s.add_argument("--nproc", type=at_least(1), default=1,
                    help="pretrain in N torchrun processes (FSDP2; one per GPU with cuda, N x the batch)")
     s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="the training stages' matmuls: bf16 autocast (fp32 weights and optimizer) or fp32; auto: "

@@ -108,6 +108,11 @@ class Times:
     W: float = 1.0
     FB: float | None = None  # default F + B: overlap hides communication, not compute
 
+    def __post_init__(self):
+        if not (self.F > 0 and 0 <= self.W < self.B and (self.FB is None or self.FB > 0)):
+            raise ValueError(f"op times need F > 0, 0 <= W < B and FB > 0; got F={self.F} B={self.B} W={self.W} "
+                             f"FB={self.FB}")
+
     def of(self, op: Op) -> float:
         if len(op) == 2:
             return self.F + self.B if self.FB is None else self.FB

@@ -126,8 +126,10 @@ class Engine:
         # most the experts; larger batches decode eagerly (grouped, padded experts)
         c = model.config
         self.compiled_batch = max(1, c.n_routed_experts // c.n_activated_experts) if c.n_routed_experts else max_batch
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
+        sizes = {"max_batch": max_batch, "prefill_chunk": prefill_chunk, "cache_tokens": cache_tokens or 1}
+        for name, n in sizes.items():
+            if n < 1:
+                raise ValueError(f"{name} must be >= 1, not {n}")
         self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config

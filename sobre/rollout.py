@@ -72,6 +72,13 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
+def at_least_one(**counts: int):
+    """ValueError naming the first count below 1 (no problems or samples: nothing to score or keep)."""
+    for name, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
     if n - c < k:
@@ -108,6 +115,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate,
     mean completion length and "solved" (each problem's correct samples, for sign_test); loss=True: also
     val_loss / val_bpb of the reference solutions (reference_loss)."""
+    at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens)
     problems = task.problems(split, n_problems, seed)
     groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
     n = samples
@@ -149,6 +157,7 @@ def rejection_sample(model: Transformer, tok: Tokenizer, task: Task, n_problems:
                      per_problem: int = 1) -> dict:
     """Sample `samples` completions per train problem, keep up to `per_problem` distinct verified-correct and
     well-formed ones, write them as chat JSONL ({"messages": [...]}) for `sobre sft --data`."""
+    at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens, per_problem=per_problem)
     problems = task.problems("train", n_problems, seed)
     groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
     out = Path(out)

@@ -122,6 +122,8 @@ class Server:
                  timeout: float = 600.0, max_body: int = 8 << 20):
         if engine.tokenizer is None:
             raise ValueError("serving needs a tokenizer (tokenizer.json in the model folder)")
+        if max_queue < 1 or not timeout > 0:
+            raise ValueError(f"max_queue must be >= 1 and timeout > 0, got {max_queue} and {timeout}")
         self.loop = engine if isinstance(engine, EngineClient) else EngineThread(engine)
         self.tok, self.name, self.api_key, self.max_queue = engine.tokenizer, name, api_key, max_queue
         self.timeout, self.max_body, self.created = timeout, max_body, int(time.time())

@@ -172,8 +172,12 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
     the training stages' matmuls in fp32 or bf16 autocast, or auto: bf16 where a timed step runs BF16_GAIN x
     faster (a resumed run keeps the precision it started with)."""
     dev = str(pick_device(device))
-    if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    counts = {"--nproc": nproc, "--eval-problems": eval_problems, "--steps": 1 if steps is None else steps}
+    for flag, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {minutes}")
     if nproc > 1 and dev.startswith("cuda") and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc}: one process per GPU, and this machine has {torch.cuda.device_count()}")
     out.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,10 @@ def train_tokenizer(texts, vocab_size: int = 4096, out: str | Path | None = None
                     max_len: int = 4096) -> Tokenizer:
     """Byte-level BPE (digits split one by one, as DeepSeek's) with DeepSeek's special tokens and the R1-style
     chat template. Writes tokenizer.json + tokenizer_config.json (transformers' AutoTokenizer loads them)."""
+    floor = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL)
+    if vocab_size < floor:  # (the trainer would return the alphabet alone, silently larger than asked)
+        raise ValueError(f"vocab_size {vocab_size} is below the 256 bytes and {len(SPECIAL)} special tokens every "
+                         f"byte-level BPE holds: at least {floor}")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])

@@ -82,6 +82,26 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
         assert "Traceback" not in out.stderr and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["serve", "m", "--port", "99999"], "argument --port: a TCP port is 0..65535, got 99999"),
+    (["serve", "m", "--max-batch", "0"], "argument --max-batch: must be >= 1, got 0"),
+    (["serve", "m", "--timeout", "0"], "argument --timeout: must be > 0, got 0"),
+    (["eval", "m", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["rejection-sample", "m", "--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["speedrun", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["speedrun", "--minutes", "-5"], "argument --minutes: must be > 0, got -5"),
+    (["generate", "m", "--ids", "1,2,x"], "argument --ids: expected comma-separated token ids like 1,2,3, got '1,2,x'"),
+    (["generate", "m", "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["info", "m", "--ctx", "two"], "argument --ctx: invalid integer value: 'two'"),
+])
+def test_out_of_range_flags_are_usage_errors(argv, says, capsys):
+    """A count, port or budget out of its range stops at the command line, one line naming the flag, before any
+    model loads (it had divided by zero, bound no port after loading, or run a whole speedrun on --steps 0)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_sampling_parameters_are_checked():
     with pytest.raises(ValueError, match="top_p"):
         list(sobre.generate(random_model(), [1, 2], temperature=1.0, top_p=0.0))

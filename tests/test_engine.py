@@ -272,6 +272,9 @@ def test_bad_requests_are_rejected():
         eng.add_request([1] * 100, max_new_tokens=300)
     with pytest.raises(ValueError, match="empty prompt"):
         eng.add_request([])
+    for kw in ({"max_batch": 0}, {"cache_tokens": -1}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be >= 1"):
+            Engine(random_model(), **kw)
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])

@@ -281,6 +281,11 @@ def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monke
     for line, p in zip(lines, problems):
         assert line["messages"][0]["content"] == p.prompt
         assert line["messages"][1]["content"].endswith(f"Answer: {p.answer}")
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):  # (nothing to keep, or to score)
+        rollout.rejection_sample(model, tok, task, 3, 0, tmp_path / "none.jsonl")
+    with pytest.raises(ValueError, match="n_problems must be >= 1, got 0"):
+        rollout.evaluate_task(model, tok, task, 0)
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])

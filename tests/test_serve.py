@@ -375,6 +375,9 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
 
 
 def test_api_key_overload_and_timeout(ckpt):
+    for kw in ({"max_queue": 0}, {"timeout": 0.0}):  # a queue that refuses everything, a request never given time
+        with pytest.raises(ValueError, match="max_queue must be >= 1 and timeout > 0"):
+            create_app(Engine.from_pretrained(ckpt), "tiny", **kw)
     s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=1), "tiny", api_key="k", max_queue=1))
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:

@@ -149,6 +149,10 @@ def test_bad_device_or_process_count_is_a_clear_error(tmp_path):
         sr.speedrun(tmp_path / "a", steps=2, device="gpu0")
     with pytest.raises(ValueError, match="--nproc must be >= 1"):
         sr.speedrun(tmp_path / "b", steps=2, device="cpu", nproc=0)
+    for kw, says in (({"steps": 0}, "--steps must be >= 1, got 0"), ({"minutes": 0}, "--minutes must be > 0"),
+                     ({"steps": 2, "eval_problems": 0}, "--eval-problems must be >= 1")):
+        with pytest.raises(ValueError, match=says):
+            sr.speedrun(tmp_path / "b", device="cpu", **kw)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             sr.speedrun(tmp_path / "c", steps=2, device="cuda")
