@@ -22,7 +22,7 @@ from .rollout import rejection_sample
 from .sft import Packed, SFTArgs, fit, read_examples, split_rows, start_model, target_logits, task_examples
 from .tasks import get_task
 from .tokenizer import Tokenizer
-from .train import open_run
+from .train import open_run, require_positive
 
 
 @dataclass
@@ -69,8 +69,8 @@ def kd_loss(student_logprobs, t_vals, t_ids, tau: float = 1.0) -> torch.Tensor:
 def distill(a: DistillArgs) -> Path:
     if not a.teacher:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
-    if not 0 <= a.logit_weight <= 1:
-        raise ValueError(f"--logit-weight must be in [0, 1], got {a.logit_weight}")
+    a.validate()
+    require_positive(a, "samples", "max_new_tokens", "top_k")
     run = open_run(a.out, a.resume, a.threads, a.device)
     teacher, tok = start_model(a.teacher, device=a.device)
     teacher.eval()

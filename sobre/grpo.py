@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -226,6 +227,7 @@ class GRPOArgs(RunArgs):  # --bf16 autocasts the update only: rollouts and the p
             raise ValueError("--group must be >= 2: advantages are relative to the group")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: a group of greedy completions has no spread")
+        self.check_ranges()
 
 
 def grpo(a: GRPOArgs) -> Path:
@@ -350,7 +352,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             sums["entropy"] += ent / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
-        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip)) / a.mu
+        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip or math.inf)) / a.mu
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.router_bias_update and moes:

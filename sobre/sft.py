@@ -38,6 +38,7 @@ from .train import (
     lr_at,
     open_run,
     param_groups,
+    require_positive,
     truncate_metrics,
     update_router_bias,
 )
@@ -227,13 +228,16 @@ class SFTArgs(RunArgs):
     keep: int = 2
     compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
 
+    def validate(self):
+        require_positive(self, "steps", "batch_size", "seq_len", "examples", "eval_every", "save_every", "keep")
+        self.check_ranges()
+
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     """Fine-tune; a fresh model (no a.init) uses `tokenizer` when given, else trains one."""
     if not a.data and not a.task:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
-    if not 0 <= a.direct <= 1:
-        raise ValueError(f"--direct is a share of the task traces, in [0, 1]; got {a.direct}")
+    a.validate()
     run = open_run(a.out, a.resume, a.threads, a.device)
     model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
@@ -281,7 +285,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             loss = loss_fn(model, rows)
         loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip))
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip or math.inf))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.bias_update and moes:

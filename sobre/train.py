@@ -35,12 +35,31 @@ from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer
 class RunArgs:
     """The flags every training verb (pretrain, sft, grpo, distill) shares, with the same defaults."""
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, last 20% decays)
-    clip: float = 1.0
+    clip: float = 1.0  # max global grad norm (0: no clipping; the norm is logged either way)
     bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32)
     resume: bool = False
     seed: int = 0
     threads: int = 0
     device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
+
+    def check_ranges(self):
+        """ValueError naming the first flag of a training verb outside its range (RANGES; flags it lacks skipped):
+        a negative loss weight, clip range or KL coefficient would train without a word."""
+        for k, (lo, hi, closed) in RANGES.items():
+            v = getattr(self, k, None)
+            if v is not None and not (lo <= v <= hi and (closed or v != lo)):
+                flag, low = f"--{k.replace('_', '-')}", "[" if closed else "("
+                raise ValueError(f"{flag} must be in {low}{lo:g}, {hi:g}], got {v}" if hi != INF else
+                                 f"{flag} must be {'>=' if closed else '>'} {lo:g}, got {v}")
+
+
+INF = float("inf")
+# flag -> (low, high, low included) for check_ranges; counts that must be positive are checked by require_positive
+RANGES = {**dict.fromkeys(("lr", "warmup", "weight_decay", "clip", "mtp_weight", "balance_alpha", "bias_update",
+                           "router_bias_update", "beta", "format_weight", "overlong_buffer", "dsa_warmup", "threads",
+                           "vocab_size", "epsilon_high"), (0, INF, True)),
+          **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight"), (0, 1, True)),
+          "epsilon_low": (0, 1, False), "kd_temperature": (0, INF, False)}
 
 
 @dataclass
@@ -77,7 +96,9 @@ class TrainArgs(RunArgs):
     model_overrides: tuple[str, ...] = ()  # Config fields as KEY=VALUE, e.g. nsa_window=256 index_topk=512
 
     def validate(self):
-        require_positive(self, "steps", "save_every", "keep", "batch_size", "seq_len", "grad_accum")
+        require_positive(self, "steps", "save_every", "keep", "batch_size", "seq_len", "grad_accum", "eval_every",
+                         "eval_batches", "sample_every", "data_bytes")
+        self.check_ranges()
         if self.schedule not in ("cosine", "wsd"):
             raise ValueError(f"--schedule must be cosine or wsd, got {self.schedule!r}")
         if self.attn not in ("full", "nsa", "dsa"):
@@ -347,7 +368,7 @@ def pretrain(a: TrainArgs) -> Path:
             for load in loads.values():
                 dist.all_reduce(load)
         parallel.scale_expert_grads(model, world)
-        gnorm = parallel.clip_grad_norm_(model, a.clip, world)
+        gnorm = parallel.clip_grad_norm_(model, a.clip or math.inf, world)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():

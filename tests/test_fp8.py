@@ -29,8 +29,9 @@ def test_quantize_round_trip_and_twin():
     lin = FP8Linear(200, 300, chunk=128)  # three row slices, the last one ragged
     lin.weight.copy_(q)
     lin.scale_inv.copy_(s)
-    x = torch.randn(5, 200)
-    torch.testing.assert_close(lin(x), x @ back.T, atol=1e-5, rtol=1e-5)
+    x = torch.randn(5, 200, generator=torch.Generator().manual_seed(1))
+    # (fp32 sums of 200 products of unit scale: the slices' matmul kernels may round ~1e-5 apart)
+    torch.testing.assert_close(lin(x), x @ back.T, atol=1e-4, rtol=1e-5)
 
 
 def test_quantize_model_reports_and_stays_close():

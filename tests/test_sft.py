@@ -55,7 +55,7 @@ def test_direct_share_answers_without_worked_steps(tok):
                        task_examples(tok, "arithmetic:1", 200, seed=3, direct=0.6)]  # reproducible
     assert not any(t.startswith("</think>") for t in [tok.decode([t for t, m in zip(*ex) if m]) for ex in
                                                       task_examples(tok, "arithmetic:1", 50, seed=3)])
-    with pytest.raises(ValueError, match="--direct is a share"):
+    with pytest.raises(ValueError, match=r"--direct must be in \[0, 1\], got 1.5"):
         sft(SFTArgs(task=("arithmetic:1",), direct=1.5))
 
 

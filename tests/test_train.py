@@ -1,6 +1,7 @@
 """Training stack: tokenizer, data shards, balancing, MTP loss, exact resume after kill -9, clear errors."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,28 @@ def tok(tmp_path_factory):
     train_tokenizer(builtin_docs(300_000), 512, out)
     return load_tokenizer(out)
 
+
+@pytest.mark.parametrize("verb, kw, says", [
+    ("pretrain", {"warmup": -1}, "--warmup must be >= 0, got -1"),
+    ("pretrain", {"mtp_weight": -1.0}, "--mtp-weight must be >= 0, got -1.0"),
+    ("pretrain", {"min_lr_ratio": 1.5}, "--min-lr-ratio must be in [0, 1], got 1.5"),
+    ("pretrain", {"eval_every": 0}, "--eval-every must be positive, got 0"),
+    ("sft", {"val_share": 2.0}, "--val-share must be in [0, 1], got 2.0"),
+    ("sft", {"steps": 0}, "--steps must be positive, got 0"),
+    ("grpo", {"epsilon_low": -0.2}, "--epsilon-low must be in (0, 1], got -0.2"),
+    ("grpo", {"beta": -0.1}, "--beta must be >= 0, got -0.1"),
+    ("distill", {"kd_temperature": 0.0}, "--kd-temperature must be > 0, got 0.0"),
+])
+def test_training_flags_out_of_range_are_clear_errors(verb, kw, says):
+    """Every training verb checks its numbers before any work: a negative loss weight, clip range, KL coefficient
+    or warm-up had trained without a word."""
+    from sobre.distill import DistillArgs
+    from sobre.grpo import GRPOArgs
+    from sobre.sft import SFTArgs
+    cls = {"pretrain": TrainArgs, "sft": SFTArgs, "grpo": GRPOArgs, "distill": DistillArgs}[verb]
+    with pytest.raises(ValueError, match=re.escape(says)):
+        cls(**kw).validate()
+    cls().validate()  # the defaults pass
 
 def test_tokenizer_roundtrip_special_tokens_and_transformers(tok, tmp_path):
     text = "def f(x):\n    return x * 12  # héllo wörld 😀\n" + SPECIAL["think"] + "ok" + SPECIAL["end_think"]
@@ -194,13 +217,15 @@ def test_corrupt_checkpoint_and_reused_folder_are_clear_errors(tmp_path):
 
 def test_pretrain_a_dense_student(tmp_path):
     """`sobre pretrain --arch qwen2`: the preset's dense twin (a distillation student's shape) trains and its
-    export loads in transformers with the same logits."""
+    export loads in transformers with the same logits. (--clip 0: no clipping, as transformers' max_grad_norm 0;
+    it had scaled every gradient to zero.)"""
     from sobre.train import pretrain
     transformers = pytest.importorskip("transformers")
     run = pretrain(TrainArgs(out=str(tmp_path / "dense"), steps=10, save_every=10, eval_every=10, sample_every=10,
-                             data_bytes=200_000, batch_size=4, seq_len=64, arch="qwen2", lr=3e-3, warmup=2))
+                             data_bytes=200_000, batch_size=4, seq_len=64, arch="qwen2", lr=3e-3, warmup=2, clip=0.0))
     recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5 and recs[-1]["expert_load"] == []
+    assert all(r["grad_norm"] > 0 for r in recs)
     model = sobre.load(run / "model")
     assert model.config.arch == "qwen2"
     ref = transformers.AutoModelForCausalLM.from_pretrained(run / "model").eval()
