@@ -145,6 +145,8 @@ def cmd_dualpipe(args):
 def cmd_convert(args):
     from .checkpoint import load, resolve, save
     src = resolve(args.src)
+    if Path(args.dst).resolve() == Path(src).resolve():
+        raise ValueError(f"{args.dst} is the source checkpoint: convert writes a new folder (give another DST)")
     model = load(src, dtype=DTYPES[args.dtype])
     out = save(model, args.dst, shard_bytes=int(args.shard_gb * (1 << 30)), tokenizer_dir=src)
     print(f"wrote {out} ({args.dtype})")
@@ -240,6 +242,8 @@ def cmd_chat(args):
     stop = eos_ids(eng.model.config, tok)
     history = [{"role": "system", "content": args.system}] if args.system else []
     show = not args.hide_reasoning
+    tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # piped or NO_COLOR: plain text, no counter
+    dim, reset = (DIM, RESET) if tty else ("", "")
     print("sobre chat: /reset clears the conversation, /think shows or hides reasoning, /exit quits", file=sys.stderr)
     while True:
         try:
@@ -268,8 +272,8 @@ def cmd_chat(args):
                 if reasoning:
                     n_think += 1
                     if show:
-                        print(DIM + reasoning + RESET, end="", flush=True)
-                    else:
+                        print(dim + reasoning + reset, end="", flush=True)
+                    elif tty:
                         print(f"\r{DIM}[thinking... {n_think} tokens]{RESET}", end="", flush=True)
                 if content:
                     print(("\n" if n_think and answer == content else "") + content, end="", flush=True)

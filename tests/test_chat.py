@@ -158,3 +158,4 @@ def test_sobre_chat_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(">") >= 3 and "/reset" in out.stderr
+    assert "\x1b[" not in out.stdout  # piped: the reasoning plain, no terminal escapes

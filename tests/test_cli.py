@@ -76,6 +76,8 @@ def test_errors_are_messages_not_tracebacks(tmp_path):
     path = sobre.save(random_model(), tmp_path / "m")
     out = run("generate", str(path), "--prompt", "hi", check=False)
     assert out.returncode != 0 and "no tokenizer.json" in out.stderr
+    with pytest.raises(SystemExit, match="is the source checkpoint"):  # (it had rewritten the source in place)
+        main(["convert", str(path), str(tmp_path / "." / "m")])
     for verb in (("generate", str(path), "--ids", "1"), ("sft", "--task", "arithmetic", "--out", str(tmp_path / "s"))):
         out = run(*verb, "--device", "gpu0", check=False)  # a device name torch does not know, before any work
         assert out.returncode != 0 and "--device 'gpu0' is not a device name" in out.stderr, out.stderr
