@@ -291,6 +291,13 @@ PRESETS = {
 }
 
 
+def at_least_one(**counts: int):
+    """ValueError naming the first count below 1 (a batch, problem or sample count of 0 leaves nothing to do)."""
+    for name, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+
+
 def parse_overrides(items) -> dict:
     """["nsa_window=256", "attn_impl=absorb"] -> {"nsa_window": 256, "attn_impl": "absorb"}, typed by the field."""
     out = {}

@@ -41,6 +41,10 @@ class DistillArgs(SFTArgs):
     top_k: int = 32  # teacher logits kept per position
     kd_temperature: float = 1.0
 
+    def validate(self):
+        super().validate()
+        require_positive(self, "samples", "max_new_tokens", "top_k")
+
 
 def same_vocab(a: Tokenizer, b: Tokenizer) -> bool:
     return a.tok.get_vocab(with_added_tokens=True) == b.tok.get_vocab(with_added_tokens=True)
@@ -70,7 +74,6 @@ def distill(a: DistillArgs) -> Path:
     if not a.teacher:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     a.validate()
-    require_positive(a, "samples", "max_new_tokens", "top_k")
     run = open_run(a.out, a.resume, a.threads, a.device)
     teacher, tok = start_model(a.teacher, device=a.device)
     teacher.eval()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import v4cache
+from .config import at_least_one
 from .constrain import JsonPrefix, redraw, token_texts
 from .linear import inference_dtype
 from .model import Transformer
@@ -126,10 +127,7 @@ class Engine:
         # most the experts; larger batches decode eagerly (grouped, padded experts)
         c = model.config
         self.compiled_batch = max(1, c.n_routed_experts // c.n_activated_experts) if c.n_routed_experts else max_batch
-        sizes = {"max_batch": max_batch, "prefill_chunk": prefill_chunk, "cache_tokens": cache_tokens or 1}
-        for name, n in sizes.items():
-            if n < 1:
-                raise ValueError(f"{name} must be >= 1, not {n}")
+        at_least_one(max_batch=max_batch, prefill_chunk=prefill_chunk, cache_tokens=cache_tokens or 1)
         self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config

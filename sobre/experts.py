@@ -91,18 +91,17 @@ class Groups:
         cpu_inference = xs.device.type == "cpu" and not grad
         self.cast = matmul_dtype(xs, w)  # autocast's, where it is on (autocast leaves _grouped_mm in fp32)
         self.aligned = xs.device.type == "cpu" and self.cast == torch.bfloat16
-        # rows _grouped_mm would multiply: bf16 on CPU pads every active expert's to a multiple of ALIGN_ROWS
-        grouped_rows = sum(-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts) if self.aligned else sum(counts)
+        # rows _grouped_mm multiplies per expert: bf16 on CPU pads each expert's to a multiple of ALIGN_ROWS
+        rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts] if self.aligned else counts
         if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
-        elif cpu_inference and self.E * max(counts, default=0) <= max(sum(counts) + PAD_SLACK * self.E, grouped_rows):
+        elif cpu_inference and self.E * max(counts, default=0) <= max(sum(counts) + PAD_SLACK * self.E, sum(rows)):
             self.mode = "padded"
             C = self.C = max(counts)
             self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"
             if self.aligned:
-                rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts]
                 starts = [sum(rows[:e]) for e in range(self.E)]
                 self.dest = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(xs.device)
                 counts = rows

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -352,7 +351,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             sums["entropy"] += ent / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
-        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip or math.inf)) / a.mu
+        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)) / a.mu
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.router_bias_update and moes:

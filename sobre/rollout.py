@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .config import at_least_one
 from .engine import Engine
 from .model import Transformer
 from .rewards import extract_answer, format_reward, value
@@ -72,13 +73,6 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def at_least_one(**counts: int):
-    """ValueError naming the first count below 1 (no problems or samples: nothing to score or keep)."""
-    for name, n in counts.items():
-        if n < 1:
-            raise ValueError(f"{name} must be >= 1, got {n}")
-
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
     if n - c < k:

@@ -285,7 +285,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             loss = loss_fn(model, rows)
         loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip or math.inf))
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.bias_update and moes:

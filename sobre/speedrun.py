@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load
-from .config import Config, preset
+from .config import Config, at_least_one, preset
 from .distill import DistillArgs, distill
 from .engine import Engine
 from .grpo import GRPOArgs, grpo
@@ -172,10 +172,7 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
     the training stages' matmuls in fp32 or bf16 autocast, or auto: bf16 where a timed step runs BF16_GAIN x
     faster (a resumed run keeps the precision it started with)."""
     dev = str(pick_device(device))
-    counts = {"--nproc": nproc, "--eval-problems": eval_problems, "--steps": 1 if steps is None else steps}
-    for flag, value in counts.items():
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    at_least_one(**{"--nproc": nproc, "--eval-problems": eval_problems, "--steps": 1 if steps is None else steps})
     if not minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
     if nproc > 1 and dev.startswith("cuda") and nproc > torch.cuda.device_count():

@@ -42,6 +42,10 @@ class RunArgs:
     threads: int = 0
     device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
 
+    @property
+    def max_grad_norm(self) -> float:
+        return self.clip or math.inf  # (--clip 0: no clipping, as transformers' max_grad_norm 0)
+
     def check_ranges(self):
         """ValueError naming the first flag of a training verb outside its range (RANGES; flags it lacks skipped):
         a negative loss weight, clip range or KL coefficient would train without a word."""
@@ -49,17 +53,16 @@ class RunArgs:
             v = getattr(self, k, None)
             if v is not None and not (lo <= v <= hi and (closed or v != lo)):
                 flag, low = f"--{k.replace('_', '-')}", "[" if closed else "("
-                raise ValueError(f"{flag} must be in {low}{lo:g}, {hi:g}], got {v}" if hi != INF else
+                raise ValueError(f"{flag} must be in {low}{lo:g}, {hi:g}], got {v}" if hi != math.inf else
                                  f"{flag} must be {'>=' if closed else '>'} {lo:g}, got {v}")
 
 
-INF = float("inf")
 # flag -> (low, high, low included) for check_ranges; counts that must be positive are checked by require_positive
 RANGES = {**dict.fromkeys(("lr", "warmup", "weight_decay", "clip", "mtp_weight", "balance_alpha", "bias_update",
                            "router_bias_update", "beta", "format_weight", "overlong_buffer", "dsa_warmup", "threads",
-                           "vocab_size", "epsilon_high"), (0, INF, True)),
+                           "vocab_size", "epsilon_high"), (0, math.inf, True)),
           **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight"), (0, 1, True)),
-          "epsilon_low": (0, 1, False), "kd_temperature": (0, INF, False)}
+          "epsilon_low": (0, 1, False), "kd_temperature": (0, math.inf, False)}
 
 
 @dataclass
@@ -368,7 +371,7 @@ def pretrain(a: TrainArgs) -> Path:
             for load in loads.values():
                 dist.all_reduce(load)
         parallel.scale_expert_grads(model, world)
-        gnorm = parallel.clip_grad_norm_(model, a.clip or math.inf, world)
+        gnorm = parallel.clip_grad_norm_(model, a.max_grad_norm, world)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
