@@ -1,12 +1,15 @@
 """One MoE layer's forward at decode-to-prefill token counts: sobre vs transformers' DeepseekV3MoE.
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
-of each, no_grad, fp32, best of several runs. sobre picks its CPU path from the rows per expert (experts.Groups:
-a loop over the active experts, one zero-padded bmm, or torch._grouped_mm); the next three columns force each
-layout at every size, to show what the choice buys.
-    python bench/moe.py
+of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
+its CPU path from the rows per expert (experts.Groups: a loop over the active experts, one zero-padded bmm, or
+torch._grouped_mm, whose bf16 layout pads each expert's rows to a multiple of 128); the next three columns force
+each layout at every size, to show what the choice buys. The last row routes every token to expert 0 first (both
+layers' router bias), the skew of a batch of one prompt's samples.
+    python bench/moe.py [--dtype bfloat16]
 """
 
+import argparse
 import tempfile
 import time
 
@@ -47,6 +50,9 @@ class forced:
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    dtype = getattr(torch, ap.parse_args().dtype)
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -55,29 +61,38 @@ def main():
     model = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(CFG)), std=0.05).eval()
     with tempfile.TemporaryDirectory() as tmp:
         sobre.save(model, tmp)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+    model.to(dtype)
     ours, theirs = model.layers[1].ffn, hf.model.layers[1].mlp
     layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30),
                "grouped": forced(ours, 0.0, -(1 << 30))}
     E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
-    print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), fp32, "
+    print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), {dtype}, "
           f"{torch.get_num_threads()} threads")
     print("| tokens | rows per expert (mean / max) | sobre path | sobre ms | loop forced | padded bmm forced | "
           "_grouped_mm forced | transformers ms | sobre / transformers |")
     print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
+    skew = torch.zeros(E)
+    skew[0] = 1.0  # the last row: every token's first choice is expert 0, as a decode batch of one prompt's samples
     with torch.no_grad():
-        for n in (1, 2, 4, 16, 64, 256, 1024):
-            x = torch.randn(1, n, CFG["hidden_size"], generator=g)
-            assert (ours(x) - theirs(x)).abs().max() < 1e-4  # same layer, same output
+        for n, skewed in [(n, False) for n in (1, 2, 4, 16, 64, 256, 1024)] + [(64, True)]:
+            ours.gate.bias.copy_(skew if skewed else 0)
+            theirs.gate.e_score_correction_bias.copy_(skew if skewed else 0)
+            x = torch.randn(1, n, CFG["hidden_size"], generator=g).to(dtype)
+            if dtype == torch.float32:
+                assert (ours(x) - theirs(x)).abs().max() < 1e-4  # same layer, same output
+            else:  # bf16 rounding flips router ties (both libraries 1-6% off fp32): the layouts agree with the loop
+                torch.testing.assert_close(ours(x), layouts["loop"](x))
             counts = ours.last_load.tolist()
-            active, top = sum(1 for c in counts if c), max(counts)
-            path = "loop" if active <= M.LOOP_EXPERTS * E else "padded bmm" if E * top <= n * K + M.PAD_SLACK * E \
-                else "_grouped_mm"
+            top = max(counts)
+            path = {"loop": "loop", "padded": "padded bmm", "grouped": "_grouped_mm"}[
+                M.Groups(counts, x[0], ours.experts.w1).mode]  # (the rule itself, on this step's counts)
             t = best_ms({"a": lambda x=x: ours(x), **{k: lambda x=x, f=f: f(x) for k, f in layouts.items()},
                          "b": lambda x=x: theirs(x)})
             a, b = t["a"], t["b"]
-            print(f"| {n} | {n * K / E:.1f} / {top} | {path} | {a:.3f} | {t['loop']:.3f} | {t['padded']:.3f} | "
+            label = f"{n} skewed" if skewed else n
+            print(f"| {label} | {n * K / E:.1f} / {top} | {path} | {a:.3f} | {t['loop']:.3f} | {t['padded']:.3f} | "
                   f"{t['grouped']:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 

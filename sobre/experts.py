@@ -72,18 +72,19 @@ class Groups:
     weights), or holds the rows zero-padded as [E, C, in] (C = the largest count: batched decode, short prefills) so
     each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python
     bench/moe.py`) while the padding stays small: E * C <= rows + PAD_SLACK * E, or in bf16 no more rows than
-    _grouped_mm's aligned layout (below) would multiply (bf16 rollouts of 64 x 64 tokens: 1.95 -> 1.71 s, paired,
-    where skewed routing had sent their decode steps to 128 rows an expert). (256 x 128 experts, their weights
-    stored transposed, stacked_weight: padded / _grouped_mm SwiGLU time 0.70 at 256 rows evenly spread, 0.79 with
-    E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm pays ~15 us a matmul
-    call, per expert, that the bmm saves; padding costs compute per row.) Traced by torch.compile (Groups.gathered,
-    a decode step of a few tokens): each row with its own gathered copy of its expert's weights. _grouped_mm in bf16
-    on CPU (bf16 weights, or autocast, which would leave it in fp32, so the rows and weights are cast here) pads
-    each expert's rows to a multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the row counts
-    change every step (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work between
-    matmuls runs on any layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under
-    autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate a full-size
-    gradient for every expert)."""
+    _grouped_mm's aligned layout (below) would multiply (bf16 rollouts of 64 x 64 tokens: 1.95 -> 1.71 s, paired in
+    a one-off script, where skewed routing had sent their decode steps to 128 rows an expert; one layer alone,
+    `bench/moe.py --dtype bfloat16`'s skewed row, the two layouts forced are within its noise). (256 x 128 experts,
+    their weights stored transposed, stacked_weight: padded / _grouped_mm SwiGLU time 0.70 at 256 rows evenly
+    spread, 0.79 with E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm
+    pays ~15 us a matmul call, per expert, that the bmm saves; padding costs compute per row.) Traced by
+    torch.compile (Groups.gathered, a decode step of a few tokens): each row with its own gathered copy of its
+    expert's weights. _grouped_mm in bf16 on CPU (bf16 weights, or autocast, which would leave it in fp32, so the
+    rows and weights are cast here) pads each expert's rows to a multiple of ALIGN_ROWS: oneDNN builds a kernel per
+    matmul shape, and the row counts change every step (unaligned, a training MoE layer ran 2.5x slower than in
+    fp32). Elementwise work between matmuls runs on any layout (padding rows stay zero through SwiGLU). Without
+    _grouped_mm: the loop (under autograd over unbound weights: indexing a stacked parameter per expert would make
+    autograd allocate a full-size gradient for every expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
         self.counts, self.E = counts, len(counts)
