@@ -37,6 +37,7 @@ from .config import Config, at_least_one, preset
 from .distill import DistillArgs, distill
 from .engine import Engine
 from .grpo import GRPOArgs, grpo
+from .linear import native_bf16
 from .model import Transformer, init_weights
 from .parallel import pick_device
 from .report import expert_loads, plot_expert_heatmap, read_metrics
@@ -63,8 +64,9 @@ BATCH, SEQ = 8, 256  # the pretraining batch
 RECIPE = {"pretrain": 300, "sft": 450, "grpo": 40, "student": 450, "baseline": 450}
 CUTS = {"pretrain": 100, "grpo": 20, "baseline": 0}
 # each part's cost in pretraining steps (the unit: one pretraining step's seconds on this machine), per step and
-# fixed (tokenizer and checks, evaluations, the teacher's traces): runs/speedrun18 (1.07 s a pretraining step)
-STEP_COST = {"pretrain": 1.0, "sft": 1.24, "grpo": 8.5, "student": 1.08, "baseline": 1.05}
+# fixed (tokenizer and checks, evaluations, the teacher's traces): runs/speedrun18 (1.07 s a pretraining step);
+# GRPO's step since the engine's rollouts got faster: 5.4 units in runs/sr34 (an AVX2 EPYC), ~5 on the AMX Xeon
+STEP_COST = {"pretrain": 1.0, "sft": 1.24, "grpo": 5.5, "student": 1.08, "baseline": 1.05}
 FIXED_COST = {"pretrain": 22, "sft": 20, "grpo": 25, "student": 190, "baseline": 0, "eval": 45}
 PARTS = {"pretrain": ("pretrain",), "sft": ("sft",), "grpo": ("grpo",), "distill": ("student", "baseline"),
          "eval": ()}
@@ -72,7 +74,7 @@ STAGES = tuple(PARTS)
 MARGIN = 0.95  # plan for this share of the budget: a 2-core machine's speed varies ~10% from run to run
 # --precision auto: every training stage autocasts its matmuls to bf16 (weights and AdamW state stay fp32) where a
 # timed pretraining step runs this much faster so: GPUs, CPUs with AMX (the 2-core AMX machine: 1.3-1.4x the
-# pretraining step, 1.8x the student's); CPUs that emulate bf16 stay in fp32
+# pretraining step, 1.8x the student's); CPUs that emulate bf16 (no AVX512-BF16) train in fp32, untimed
 BF16_GAIN = 1.2
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -141,14 +143,19 @@ def pretrain_step_seconds(preset_name: str, device: str = "cpu", bf16: bool = Fa
 
 
 def pick_precision(precision: str, preset_name: str, device: str) -> tuple[bool, dict]:
-    """(bf16?, {"fp32": s, "bf16": s} the timed pretraining steps; {} unless `precision` is auto)."""
+    """(bf16?, {"fp32": s, "bf16": s} the timed pretraining steps; {} unless `precision` is auto). A CPU without
+    bf16 arithmetic of its own is not timed in bf16: it emulates it (an AVX2 EPYC: 22 s a step, fp32's 0.69 s, so
+    timing it cost minutes) and trains in fp32."""
     if precision != "auto":
         return precision == "bf16", {}
-    timed = {p: pretrain_step_seconds(preset_name, device, bf16=p == "bf16") for p in ("fp32", "bf16")}
-    return timed["fp32"] >= BF16_GAIN * timed["bf16"], timed
+    kinds = ("fp32", "bf16") if torch.device(device).type != "cpu" or native_bf16() else ("fp32",)
+    timed = {p: pretrain_step_seconds(preset_name, device, bf16=p == "bf16") for p in kinds}
+    return "bf16" in timed and timed["fp32"] >= BF16_GAIN * timed["bf16"], timed
 
 
 def precision_note(timed: dict) -> str:
+    if "bf16" not in timed:
+        return f"a pretraining step took {timed['fp32']:.2f} s in fp32; this CPU has no native bf16"
     return f"a pretraining step took {timed['bf16']:.2f} s in bf16 autocast, {timed['fp32']:.2f} s in fp32 here"
 
 
@@ -339,7 +346,7 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "c
 
 def _torchrun(a: TrainArgs, nproc: int) -> Path:
     """`sobre pretrain` with the arguments `a` in nproc torchrun processes on this machine; its run folder."""
-    from .cli import dataclass_argv
+    from .flags import dataclass_argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--no-python", sys.executable, "-m", "sobre", "pretrain", *dataclass_argv(a)]
     if subprocess.run(cmd).returncode:

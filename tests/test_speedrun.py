@@ -89,7 +89,7 @@ def test_a_fast_machine_runs_the_recipe(tmp_path, monkeypatch):
 
 def test_a_slower_machine_than_timed_gets_its_later_stages_cut_and_fits(tmp_path, monkeypatch):
     clock, out = Clock(), tmp_path / "run"
-    got = fake_stages(monkeypatch, clock, timed=0.9, real=1.25)
+    got = fake_stages(monkeypatch, clock, timed=1.0, real=1.25)
     r = sr.speedrun(out, minutes=30)
     got.pop("where"), got.pop("bf16")
     assert got == r["plan"] and json.loads((out / "speedrun.json").read_text())["plan"] == r["plan"]
@@ -125,6 +125,7 @@ def test_steps_sets_the_size_without_timing(tmp_path, monkeypatch):
 def test_auto_precision_trains_in_bf16_where_it_times_faster_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
     clock, out = Clock(), tmp_path / "run"
     got = fake_stages(monkeypatch, clock, timed=1.0, real=0.6, bf16_timed=1.0 / sr.BF16_GAIN)
+    monkeypatch.setattr(sr, "native_bf16", lambda: True)  # (a CPU with AVX512-BF16 or AMX)
     r = sr.speedrun(out, minutes=30)
     assert r["bf16"] and r["step_seconds"] == {"fp32": 1.0, "bf16": 1.0 / sr.BF16_GAIN}
     assert got["bf16"] == {s: True for s in sr.STAGES if s != "eval"} | {"eval": False}  # every training stage
@@ -157,3 +158,15 @@ def test_bad_device_or_process_count_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match="no CUDA GPU"):
             sr.speedrun(tmp_path / "c", steps=2, device="cuda")
     assert sr.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_auto_precision_does_not_time_bf16_on_a_cpu_that_emulates_it(tmp_path, monkeypatch):
+    timed = []
+    got = fake_stages(monkeypatch, Clock(), timed=1.0, real=0.6)
+    monkeypatch.setattr(sr, "pretrain_step_seconds", lambda preset_name, device, bf16=False:
+                        timed.append(bf16) or (0.1 if bf16 else 1.0))  # (bf16 would look 10x faster)
+    monkeypatch.setattr(sr, "native_bf16", lambda: False)
+    r = sr.speedrun(tmp_path / "run", minutes=30, device="cpu")
+    assert timed == [False] and not r["bf16"] and r["step_seconds"] == {"fp32": 1.0}
+    assert not any(got["bf16"].values())
+    assert "no native bf16" in sr.precision_note(r["step_seconds"])

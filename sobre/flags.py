@@ -1,0 +1,91 @@
+"""The command line's shared pieces: argparse types that turn a bad number into one usage line naming the flag
+(never a traceback after a model has loaded), dtype names, and the flag sets several verbs share."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_HELP = "default: the checkpoint's; on CPU float32 below 100M active parameters or without native bf16"
+
+
+def at_least(lo: int):
+    """argparse type: an int >= lo (a bad flag is one usage line naming it, never a traceback later)."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    parse.__name__ = "integer"  # (argparse's message for text that is no int: "invalid integer value")
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    x = float(text)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return x
+
+
+def port(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {n}")
+    return n
+
+
+def token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
+FP8_HELP = "keep a quantised checkpoint's weights in memory (FP8 e4m3, V4's FP4 experts)"
+
+
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", help="auto (the GPU when torch sees one, else the CPU), cpu, "
+                        "cuda, cuda:N or mps")
+
+
+def add_decode_flags(parser):
+    """The engine's decode options, shared by generate, chat and serve."""
+    parser.add_argument("--speculative", nargs="?", const=True, default=False, type=int, metavar="K",
+                        help="MTP speculative decoding, K draft tokens a step (default: one per MTP layer)")
+    parser.add_argument("--min-acceptance", type=float, default=0.3, metavar="A",
+                        help="speculative: a sequence whose drafts were accepted less often than A over 32+ "
+                        "verifies decodes plainly from then on (0: always draft)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, weights frozen in: "
+                        "1-5 minutes of compiling, then faster decode of up to experts / top-k sequences")
+
+
+def add_dataclass_flags(parser, cls):
+    """One flag per field of a config dataclass (--save-every for save_every), typed by its default."""
+    for name, f in cls.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=f.default)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="*", default=f.default, metavar="X")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                metavar=type(f.default).__name__.upper(), help=f"(default: {f.default})")
+
+
+def dataclass_argv(a) -> list[str]:
+    """The command-line flags that give back the config dataclass `a` (the inverse of add_dataclass_flags)."""
+    argv = []
+    for name in a.__dataclass_fields__:
+        v, flag = getattr(a, name), "--" + name.replace("_", "-")
+        if v is True:  # store_true
+            argv.append(flag)
+        elif isinstance(v, tuple) and v:  # nargs="*"
+            argv += [flag, *map(str, v)]
+        elif not isinstance(v, (bool, tuple)):
+            argv += [flag, str(v)]
+    return argv
