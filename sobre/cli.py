@@ -286,9 +286,10 @@ def run_dataclass(args, cls, fn, what: str):
 
 
 def cmd_eval(args):
-    from .rollout import evaluate_task
+    from .rollout import eval_temperature, evaluate_task
     from .sft import start_model
     from .tasks import get_task
+    args.temperature = eval_temperature(args.samples, args.temperature)  # (a bad pair: an error before loading)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = start_model(args.path, device=args.device)
@@ -501,7 +502,8 @@ def main(argv=None):
     s.add_argument("--reward", default="", help="module:function scoring .jsonl tasks")
     s.add_argument("--n", type=at_least(1), default=64, help="held-out problems per task")
     s.add_argument("--samples", type=at_least(1), default=1, help="completions per problem (pass@k, maj@k)")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--temperature", type=float, default=None,
+                   help="default: 0 (greedy) for one sample, 0.6 (R1's pass@k setting) for several")
     s.add_argument("--max-new-tokens", type=at_least(1), default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=at_least(0), default=0)

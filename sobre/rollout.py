@@ -73,6 +73,23 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
+SAMPLED_EVAL_TEMPERATURE = 0.6  # evaluate_task's default with several samples (DeepSeek-R1's pass@k setting)
+
+
+def eval_temperature(samples: int, temperature: float | None) -> float:
+    """The temperature an evaluation of `samples` completions per problem runs at (None: greedy for one sample,
+    SAMPLED_EVAL_TEMPERATURE for several); ValueError where several would all be the same greedy completion."""
+    if temperature is None:
+        return 0.0 if samples == 1 else SAMPLED_EVAL_TEMPERATURE
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if samples > 1 and temperature == 0:
+        raise ValueError(f"samples={samples} at temperature 0: greedy completions are all the same, so pass@k and "
+                         f"maj@k would equal pass@1; sample at a temperature > 0 (R1 reports pass@k at "
+                         f"{SAMPLED_EVAL_TEMPERATURE})")
+    return temperature
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
     if n - c < k:
@@ -104,12 +121,14 @@ def sign_test(a: list[float], b: list[float]) -> dict:
 
 
 def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: int = 64, samples: int = 1,
-                  temperature: float = 0.0, max_new_tokens: int = 128, seed: int = 0, split: str = "test",
+                  temperature: float | None = None, max_new_tokens: int = 128, seed: int = 0, split: str = "test",
                   loss: bool = False) -> dict:
     """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate,
     mean completion length and "solved" (each problem's correct samples, for sign_test); loss=True: also
-    val_loss / val_bpb of the reference solutions (reference_loss)."""
+    val_loss / val_bpb of the reference solutions (reference_loss). temperature None: greedy for one sample,
+    SAMPLED_EVAL_TEMPERATURE for several (greedy samples would all be the same completion)."""
     at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens)
+    temperature = eval_temperature(samples, temperature)
     problems = task.problems(split, n_problems, seed)
     groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
     n = samples

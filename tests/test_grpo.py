@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sobre
+from sobre.cli import main
 from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
@@ -286,6 +287,33 @@ def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monke
     with pytest.raises(ValueError, match="n_problems must be >= 1, got 0"):
         rollout.evaluate_task(model, tok, task, 0)
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_evaluation_samples_at_a_temperature_when_it_draws_several(grpo_run, monkeypatch, capsys):
+    """pass@k needs different samples: several greedy completions are one completion repeated (`sobre eval
+    --samples 4` had run greedy by default: pass@4 = pass@1)."""
+    from sobre import rollout
+    from sobre.sft import start_model
+    from sobre.tasks import get_task
+    model, tok = start_model(str(grpo_run))
+    task, temps = get_task("arithmetic"), []
+
+    def fake(model, tok, task, problems, n, max_new_tokens, temperature, *args, **kw):
+        temps.append(temperature)
+        return [[Rollout([1], [2], "x", False, float(j == 0), 0.0, None) for j in range(n)] for _ in problems]
+
+    monkeypatch.setattr(rollout, "rollouts", fake)
+    assert rollout.evaluate_task(model, tok, task, 2)["temperature"] == 0.0  # one sample: greedy
+    r = rollout.evaluate_task(model, tok, task, 2, samples=4)
+    assert r["temperature"] == rollout.SAMPLED_EVAL_TEMPERATURE == temps[-1] and r["pass@1"] == 0.25
+    assert r["pass@4"] == 1.0
+    assert rollout.evaluate_task(model, tok, task, 2, samples=4, temperature=1.0)["temperature"] == 1.0
+    for bad, says in ((0.0, "greedy completions are all the same"), (-1.0, "temperature must be >= 0")):
+        with pytest.raises(ValueError, match=says):
+            rollout.evaluate_task(model, tok, task, 2, samples=4, temperature=bad)
+    with pytest.raises(SystemExit, match="sobre eval: error: samples=4 at temperature 0"):  # before any loading
+        main(["eval", "no-such-model", "--samples", "4", "--temperature", "0"])
+    assert len(temps) == 3
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
