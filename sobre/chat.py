@@ -87,11 +87,13 @@ def split_reasoning(text: str, started_thinking: bool = True) -> tuple[str, str]
 
 
 class ReasoningStream:
-    """Incremental split_reasoning: feed text deltas, get (reasoning_delta, content_delta) back. Holds back
-    a partial tag ("</thi") until the next delta says what it is."""
+    """Incremental split_reasoning: feed text deltas, get (reasoning_delta, content_delta) back; the deltas of
+    each part add up to split_reasoning's (stripped) part. Holds back a partial tag ("</thi") until the next delta
+    says what it is, and whitespace until text follows it within the same part."""
 
     def __init__(self, started_thinking: bool = True):
         self.thinking, self.buf, self.seen_any = started_thinking, "", False
+        self.reasoning, self.content = _Stripped(), _Stripped()
 
     def feed(self, delta: str) -> tuple[str, str]:
         self.buf += delta
@@ -108,22 +110,38 @@ class ReasoningStream:
             tag = END_THINK if self.thinking else None
             if tag and tag in self.buf:
                 before, self.buf = self.buf.split(tag, 1)
-                reasoning += before
+                reasoning += self.reasoning.feed(before)
                 self.thinking = False
-                self.buf = self.buf.lstrip()
                 continue
             keep = partial_suffix(self.buf, tag) if tag else 0
             out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
             if self.thinking:
-                reasoning += out
+                reasoning += self.reasoning.feed(out)
             else:
-                content += out
+                content += self.content.feed(out)
             break
         return reasoning, content
 
     def flush(self) -> tuple[str, str]:
         rest, self.buf = self.buf, ""
-        return (rest, "") if self.thinking else ("", rest)
+        return (self.reasoning.feed(rest), "") if self.thinking else ("", self.content.feed(rest))
+
+
+class _Stripped:
+    """One part's deltas with the part's leading whitespace dropped and its trailing whitespace held back until
+    more text follows (what is still held at the end is the part's trailing whitespace: dropped)."""
+
+    def __init__(self):
+        self.started, self.held = False, ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return body
 
 
 def partial_suffix(text: str, tag: str) -> int:
