@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -339,3 +340,45 @@ def test_shared_prompt_forward_equals_the_padded_reference(arch):
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert torch.allclose(grads[0], grads[1], atol=1e-4)
         assert ent > 0
+
+
+def spread_reward(completion: str, answer: str) -> float:
+    """A reward that differs between completions (a hash of the text), so a fresh model's groups all train."""
+    return zlib.crc32(completion.encode()) / 2**32
+
+
+def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
+    """A run that dies after its step-2 checkpoint and is resumed logs the same steps 3-4 as one that ran
+    through: rollouts are seeded per step, the checkpoint holds the weights, AdamW's state and the router biases."""
+    from sobre import grpo as G
+    from sobre.tasks import get_task
+    task = get_task("arithmetic")  # (its held-out prompts stay held out in the file: eval.jsonl)
+    rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems("train", 40) + task.problems("test", 4)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = dict(preset="debug", task=str(tmp_path / "task.jsonl"), reward="test_grpo:spread_reward", steps=4,
+                prompts=2, group=4, max_new_tokens=12, eval_every=2, eval_problems=2, save_every=2, loss="dapo",
+                beta=0.05, mu=2, router_bias_update=1e-3)
+    G.grpo(GRPOArgs(out=str(tmp_path / "whole"), **args))
+    end_step = G.end_step
+
+    def crash_after_step_2(log, rec, run, step, *rest):
+        end_step(log, rec, run, step, *rest)
+        if step == 1:
+            raise KeyboardInterrupt  # (after step 2's metrics line and checkpoint)
+
+    monkeypatch.setattr(G, "end_step", crash_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        G.grpo(GRPOArgs(out=str(tmp_path / "cut"), **args))
+    ran = []
+    monkeypatch.setattr(G, "end_step", lambda log, rec, run, step, *rest: ran.append(step + 1) or
+                        end_step(log, rec, run, step, *rest))
+    G.grpo(GRPOArgs(out=str(tmp_path / "cut"), resume=True, **args))
+    assert ran == [3, 4]  # from the checkpoint, not from the start
+
+    def logged(run, name="metrics.jsonl"):  # every number but the timings
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "per_s"))}
+                for line in (tmp_path / run / name).read_text().splitlines()]
+
+    assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4] and logged("cut") == logged("whole")
+    assert len({r["loss"] for r in logged("whole")}) == 4 and all(r["kl"] > 0 for r in logged("whole")[1:])
+    assert logged("cut", "eval.jsonl") == logged("whole", "eval.jsonl")

@@ -113,3 +113,31 @@ def test_sft_run_learns_the_format_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr  # the last two steps under bf16 autocast
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 22 and abs(last["loss"] - rows[-1]["loss"]) < 0.5
+
+
+def test_sft_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
+    """A run that dies after its step-2 checkpoint and is resumed logs the same losses for steps 3-4 as one that
+    ran through (the shared fit loop: SFT and distillation)."""
+    from sobre import sft as S
+    args = dict(preset="debug", task=("arithmetic",), examples=60, steps=4, batch_size=4, seq_len=128, save_every=2,
+                eval_every=2, seed=3)
+    S.sft(SFTArgs(out=str(tmp_path / "whole"), **args))
+    end_step, ran = S.end_step, []
+
+    def crash_after_step_2(log, rec, run, step, *rest):
+        end_step(log, rec, run, step, *rest)
+        if step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "end_step", crash_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        S.sft(SFTArgs(out=str(tmp_path / "cut"), **args))
+    monkeypatch.setattr(S, "end_step", lambda log, rec, run, step, *rest: ran.append(step + 1) or
+                        end_step(log, rec, run, step, *rest))
+    S.sft(SFTArgs(out=str(tmp_path / "cut"), resume=True, **args))
+
+    def logged(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert ran == [3, 4] and logged("cut") == logged("whole") and len({r["loss"] for r in logged("whole")}) == 4
