@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .checkpoint import save
 from .config import Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
+from .linear import native_bf16
 from .model import MLA, Transformer, build_model, init_weights, moe_layers
 from .optim import Muon, Optimizers, muon_params
 from .stats import model_stats
@@ -257,11 +259,16 @@ def load_checkpoint(path: Path, model, opt) -> int:
     return state["step"]
 
 
-def open_run(out: str, resume: bool, threads: int = 0, device: str = "cpu") -> Path:
+def open_run(out: str, resume: bool, threads: int = 0, device: str = "cpu", bf16: bool = False) -> Path:
     """The run folder; refuses to overwrite a run that has checkpoints unless resuming, or to start one on a
-    device this machine lacks (a --device value)."""
-    if parallel.pick_device(device).type == "cpu":
+    device this machine lacks (a --device value); warns where --bf16 would be emulated."""
+    cpu = parallel.pick_device(device).type == "cpu"
+    if cpu:
         parallel.keep_freed_memory()
+    if bf16 and cpu and not native_bf16():
+        warnings.warn("--bf16 on a CPU without native bf16 (AVX512-BF16, AMX): autocast emulates it, and a training "
+                      "step runs far slower than in fp32 (an AVX2 EPYC: 22 s vs 0.69 s a step of the tiny preset)",
+                      stacklevel=2)
     run = Path(out)
     if threads:
         torch.set_num_threads(threads)
@@ -315,7 +322,7 @@ def pretrain(a: TrainArgs) -> Path:
     rank, world, device = parallel.init(a.device)
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} does not split over {world} processes")
-    run = open_run(a.out, a.resume, a.threads)
+    run = open_run(a.out, a.resume, a.threads, str(device), a.bf16)
     tok = prepare(a, run) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()

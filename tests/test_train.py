@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -234,3 +235,17 @@ def test_pretrain_a_dense_student(tmp_path):
         torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="--arch must be"):
         TrainArgs(arch="gpt2").validate()
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(tmp_path, monkeypatch):
+    """--bf16 where the CPU has no bf16 arithmetic of its own runs, but says it will be slow (every trainer opens
+    its run folder through open_run)."""
+    from sobre import train
+    monkeypatch.setattr(train, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        train.open_run(str(tmp_path / "a"), False, device="cpu", bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.open_run(str(tmp_path / "b"), False, device="cpu")  # fp32: nothing to say
+        monkeypatch.setattr(train, "native_bf16", lambda: True)
+        train.open_run(str(tmp_path / "c"), False, device="cpu", bf16=True)  # AVX512-BF16 / AMX
