@@ -74,7 +74,7 @@ def distill(a: DistillArgs) -> Path:
     if not a.teacher:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     a.validate()
-    run = open_run(a.out, a.resume, a.threads, a.device, a.bf16)
+    run = open_run(a)
     teacher, tok = start_model(a.teacher, device=a.device)
     teacher.eval()
     student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tok, a.device)

@@ -234,7 +234,7 @@ def grpo(a: GRPOArgs) -> Path:
     dapo = a.loss == "dapo"
     eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
     dynamic, overlong = a.dynamic_sampling or dapo, a.overlong_filter or dapo
-    run = open_run(a.out, a.resume, a.threads, a.device, a.bf16)
+    run = open_run(a)
     task = get_task(a.task, a.reward or None)
     model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device)
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged

@@ -238,7 +238,7 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     if not a.data and not a.task:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
     a.validate()
-    run = open_run(a.out, a.resume, a.threads, a.device, a.bf16)
+    run = open_run(a)
     model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device)
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:

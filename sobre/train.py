@@ -259,20 +259,20 @@ def load_checkpoint(path: Path, model, opt) -> int:
     return state["step"]
 
 
-def open_run(out: str, resume: bool, threads: int = 0, device: str = "cpu", bf16: bool = False) -> Path:
-    """The run folder; refuses to overwrite a run that has checkpoints unless resuming, or to start one on a
-    device this machine lacks (a --device value); warns where --bf16 would be emulated."""
-    cpu = parallel.pick_device(device).type == "cpu"
+def open_run(a: RunArgs) -> Path:
+    """The run folder a.out of a training verb; refuses to overwrite a run that has checkpoints unless resuming,
+    or to start one on a device this machine lacks (a --device value); warns where --bf16 would be emulated."""
+    cpu = parallel.pick_device(a.device).type == "cpu"
     if cpu:
         parallel.keep_freed_memory()
-    if bf16 and cpu and not native_bf16():
+    if a.bf16 and cpu and not native_bf16():
         warnings.warn("--bf16 on a CPU without native bf16 (AVX512-BF16, AMX): autocast emulates it, and a training "
                       "step runs far slower than in fp32 (an AVX2 EPYC: 22 s vs 0.69 s a step of the tiny preset)",
                       stacklevel=2)
-    run = Path(out)
-    if threads:
-        torch.set_num_threads(threads)
-    if (run / "metrics.jsonl").exists() and checkpoints(run) and not resume:
+    run = Path(a.out)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
         raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     return run
@@ -322,7 +322,7 @@ def pretrain(a: TrainArgs) -> Path:
     rank, world, device = parallel.init(a.device)
     if a.batch_size % world:
         raise ValueError(f"--batch-size {a.batch_size} does not split over {world} processes")
-    run = open_run(a.out, a.resume, a.threads, str(device), a.bf16)
+    run = open_run(a)
     tok = prepare(a, run) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()

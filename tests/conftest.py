@@ -1,5 +1,7 @@
 """Shared helpers: tiny random HF checkpoints written by transformers' own save_pretrained."""
 
+import json
+
 import pytest
 import torch
 
@@ -86,3 +88,30 @@ def run_requests(eng, prompts, **kw) -> list:
         eng.step()
         done.update(eng.collect())
     return [done[r] for r in rids]
+
+
+def crash_then_resume(monkeypatch, module, train, at: int = 2) -> list[int]:
+    """train(resume) runs a training verb whose steps end in module.end_step (sobre.sft, sobre.grpo: the metrics
+    line and the checkpoint). The first run dies right after step `at`, as if killed there; the second resumes it.
+    Returns the steps the resumed run made."""
+    end_step, ran = module.end_step, []
+
+    def crash(log, rec, run, step, *rest):
+        end_step(log, rec, run, step, *rest)
+        if step + 1 == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "end_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(False)
+    monkeypatch.setattr(module, "end_step", lambda log, rec, run, step, *rest: ran.append(step + 1) or
+                        end_step(log, rec, run, step, *rest))
+    train(True)
+    monkeypatch.setattr(module, "end_step", end_step)
+    return ran
+
+
+def untimed_rows(path) -> list[dict]:
+    """A run's JSONL log (metrics.jsonl, eval.jsonl) without its timings (keys ending in _s or per_s)."""
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "per_s"))}
+            for line in path.read_text().splitlines()]

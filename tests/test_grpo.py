@@ -16,7 +16,7 @@ from sobre.cli import main
 from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
-from conftest import random_model
+from conftest import crash_then_resume, random_model, untimed_rows
 
 # two completions: ratios 1.5, 0.9 (advantage +1) and 0.7, padding (advantage -1)
 RATIO = torch.tensor([[1.5, 0.9], [0.7, 1.0]])
@@ -359,25 +359,12 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
                 prompts=2, group=4, max_new_tokens=12, eval_every=2, eval_problems=2, save_every=2, loss="dapo",
                 beta=0.05, mu=2, router_bias_update=1e-3)
     G.grpo(GRPOArgs(out=str(tmp_path / "whole"), **args))
-    end_step = G.end_step
-
-    def crash_after_step_2(log, rec, run, step, *rest):
-        end_step(log, rec, run, step, *rest)
-        if step == 1:
-            raise KeyboardInterrupt  # (after step 2's metrics line and checkpoint)
-
-    monkeypatch.setattr(G, "end_step", crash_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        G.grpo(GRPOArgs(out=str(tmp_path / "cut"), **args))
-    ran = []
-    monkeypatch.setattr(G, "end_step", lambda log, rec, run, step, *rest: ran.append(step + 1) or
-                        end_step(log, rec, run, step, *rest))
-    G.grpo(GRPOArgs(out=str(tmp_path / "cut"), resume=True, **args))
+    ran = crash_then_resume(monkeypatch, G, lambda resume: G.grpo(GRPOArgs(out=str(tmp_path / "cut"), resume=resume,
+                                                                        **args)))
     assert ran == [3, 4]  # from the checkpoint, not from the start
 
     def logged(run, name="metrics.jsonl"):  # every number but the timings
-        return [{k: v for k, v in json.loads(line).items() if not k.endswith(("_s", "per_s"))}
-                for line in (tmp_path / run / name).read_text().splitlines()]
+        return untimed_rows(tmp_path / run / name)
 
     assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4] and logged("cut") == logged("whole")
     assert len({r["loss"] for r in logged("whole")}) == 4 and all(r["kl"] > 0 for r in logged("whole")[1:])

@@ -13,7 +13,7 @@ from sobre.sft import IGNORE, Packed, SFTArgs, encode_turns, pack, read_examples
 from sobre.tasks import TASKS
 from sobre.tokenizer import load_tokenizer, train_tokenizer
 
-from conftest import random_model
+from conftest import crash_then_resume, random_model, untimed_rows
 
 
 @pytest.fixture(scope="module")
@@ -122,22 +122,7 @@ def test_sft_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     args = dict(preset="debug", task=("arithmetic",), examples=60, steps=4, batch_size=4, seq_len=128, save_every=2,
                 eval_every=2, seed=3)
     S.sft(SFTArgs(out=str(tmp_path / "whole"), **args))
-    end_step, ran = S.end_step, []
-
-    def crash_after_step_2(log, rec, run, step, *rest):
-        end_step(log, rec, run, step, *rest)
-        if step == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(S, "end_step", crash_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        S.sft(SFTArgs(out=str(tmp_path / "cut"), **args))
-    monkeypatch.setattr(S, "end_step", lambda log, rec, run, step, *rest: ran.append(step + 1) or
-                        end_step(log, rec, run, step, *rest))
-    S.sft(SFTArgs(out=str(tmp_path / "cut"), resume=True, **args))
-
-    def logged(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
-                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    assert ran == [3, 4] and logged("cut") == logged("whole") and len({r["loss"] for r in logged("whole")}) == 4
+    ran = crash_then_resume(monkeypatch, S, lambda resume: S.sft(SFTArgs(out=str(tmp_path / "cut"), resume=resume,
+                                                                       **args)))
+    cut, whole = untimed_rows(tmp_path / "cut" / "metrics.jsonl"), untimed_rows(tmp_path / "whole" / "metrics.jsonl")
+    assert ran == [3, 4] and cut == whole and len({r["loss"] for r in whole}) == 4

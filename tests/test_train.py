@@ -243,9 +243,9 @@ def test_bf16_on_a_cpu_that_emulates_it_warns(tmp_path, monkeypatch):
     from sobre import train
     monkeypatch.setattr(train, "native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="without native bf16"):
-        train.open_run(str(tmp_path / "a"), False, device="cpu", bf16=True)
+        train.open_run(train.TrainArgs(out=str(tmp_path / "a"), device="cpu", bf16=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train.open_run(str(tmp_path / "b"), False, device="cpu")  # fp32: nothing to say
+        train.open_run(train.TrainArgs(out=str(tmp_path / "b"), device="cpu"))  # fp32: nothing to say
         monkeypatch.setattr(train, "native_bf16", lambda: True)
-        train.open_run(str(tmp_path / "c"), False, device="cpu", bf16=True)  # AVX512-BF16 / AMX
+        train.open_run(train.TrainArgs(out=str(tmp_path / "c"), device="cpu", bf16=True))  # AVX512-BF16 / AMX
