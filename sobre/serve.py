@@ -310,11 +310,14 @@ def create_app(engine: Engine | EngineClient, name: str = "sobre", api_key: str 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        if err.get("type") == "json_invalid":  # loc is ("body", character offset): no parameter to name
+            why = (err.get("ctx") or {}).get("error") or err.get("msg")
+            msg = f"the request body is not valid JSON: {why} at character {err['loc'][-1]}"
+            return JSONResponse(error_body(msg, "invalid_request_error", None, "json_invalid"), status_code=400)
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        status = 400 if err.get("type") == "json_invalid" else 422
         msg = f"{'.'.join(loc) or 'body'}: {err.get('msg')}"
         return JSONResponse(error_body(msg, "invalid_request_error", ".".join(loc) or None, err.get("type")),
-                            status_code=status)
+                            status_code=422)
 
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):

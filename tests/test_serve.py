@@ -355,6 +355,8 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
     with httpx.Client(base_url=live.url, timeout=60) as c:
         for body, ctype, status in BAD:
             check_error(c.post("/v1/chat/completions", content=body, headers={"content-type": ctype}), status)
+        err = c.post("/v1/chat/completions", content=b'{"model":', headers={"content-type": "application/json"})
+        assert err.json()["error"]["param"] is None and "not valid JSON" in err.json()["error"]["message"]
         check_error(c.post("/v1/completions", json={"prompt": [10**9]}), 400)
         check_error(c.post("/v1/completions", json={"prompt": []}), 400)
         check_error(c.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
