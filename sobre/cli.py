@@ -129,7 +129,7 @@ def cmd_convert(args):
 
 def cmd_generate(args):
     from .checkpoint import load, resolve
-    from .engine import eos_ids, generate
+    from .engine import Engine, eos_ids
     from .linear import inference_dtype
     from .tokenizer import TextStream, load_tokenizer
     if args.threads:
@@ -153,17 +153,20 @@ def cmd_generate(args):
     rank = _expert_parallel(model, args, prompt) if args.expert_parallel else 0
     t0, out = time.perf_counter(), []
     text = TextStream(tok) if tok and not args.ids else None
-    for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                      stop=stop, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                      presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                      speculative=args.speculative, compile=args.compile, tokenizer=tok, json=args.json,
-                      min_acceptance=args.min_acceptance):
+    eng = Engine.for_prompt(model, tok, len(prompt), args.max_new_tokens, speculative=args.speculative,
+                            compile=args.compile, min_acceptance=args.min_acceptance)
+    for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop_token_ids=stop, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                        frequency_penalty=args.frequency_penalty, json=args.json):
         out.append(t)
         if rank == 0:
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
     dt = time.perf_counter() - t0
     if rank == 0:
-        print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+        spec = eng.spec_summary()
+        print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s{'; ' + spec if spec else ''}]",
+              file=sys.stderr)
     if args.expert_parallel:
         import torch.distributed as dist
         dist.barrier()  # no rank leaves while another still has collectives in flight

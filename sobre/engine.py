@@ -587,6 +587,22 @@ class Engine:
             done.update(self.collect())
         return [done[r].out for r in rids]
 
+    @classmethod
+    def for_prompt(cls, model: Transformer, tokenizer, prompt_len: int, max_new_tokens: int, **kw) -> Engine:
+        """A one-request engine with cache for that prompt and its new tokens (generate, `sobre generate`)."""
+        return cls(model, tokenizer, max_batch=1, cache_tokens=min(prompt_len + max_new_tokens + 1,
+                                                                    model.config.max_seq_len), **kw)
+
+    def spec_summary(self) -> str | None:
+        """MTP speculative decoding so far, in words (None before any verify): drafts accepted, tokens a verify
+        emitted (1 + its accepted drafts), sequences that stopped drafting."""
+        s = self.spec_stats
+        if not s["verified"]:
+            return None
+        out = (f"MTP speculative: {s['accepted']} of {s['drafted']} drafts accepted "
+               f"({s['accepted'] / s['drafted']:.0%}), {1 + s['accepted'] / s['verified']:.2f} tokens a verify")
+        return out + (f", {s['stopped']} sequence(s) stopped drafting" if s["stopped"] else "")
+
     def stream(self, prompt: list[int], **kw):
         """Yield the new tokens of one prompt as they come."""
         rid = self.add_request(prompt, **kw)
@@ -615,7 +631,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 32, te
              speculative: bool = False, compile: bool = False, tokenizer=None, min_acceptance: float = 0.3, **kw):
     """Stream the new tokens of one prompt (a one-request Engine; speculative: MTP draft + verify; a tokenizer
     for stop strings and json=True)."""
-    eng = Engine(model, tokenizer, max_batch=1, speculative=speculative, compile=compile, min_acceptance=min_acceptance,
-                 cache_tokens=min(len(prompt) + max_new_tokens + 1, model.config.max_seq_len))
+    eng = Engine.for_prompt(model, tokenizer, len(prompt), max_new_tokens, speculative=speculative, compile=compile,
+                            min_acceptance=min_acceptance)
     yield from eng.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, stop_token_ids=stop, **kw)

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,8 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path):
     for k in ([], ["1"], ["--min-acceptance", "0"]):  # MTP drafts: one per MTP layer (2), or 1; never stopping
         spec = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--speculative", *k)
         assert [int(t) for t in spec.stdout.split()] == ids
+        assert re.search(r"MTP speculative: \d+ of \d+ drafts accepted \(\d+%\), [\d.]+ tokens a verify", spec.stderr)
+    assert "MTP" not in out.stderr
     bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "3", check=False)
     assert bad.returncode == 1 and "drafts 1..2 tokens a step" in bad.stderr
     bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "--min-acceptance", "2", check=False)

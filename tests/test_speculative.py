@@ -19,6 +19,9 @@ def test_speculative_greedy_equals_plain_greedy():
     assert eng.generate(PROMPTS, max_new_tokens=20) == plain
     assert [eng.generate([p], max_new_tokens=20)[0] for p in PROMPTS] == plain
     assert eng.spec_stats["accepted"] < eng.spec_stats["drafted"]  # a random MTP head is mostly wrong
+    s = eng.spec_stats
+    assert eng.spec_summary().startswith(f"MTP speculative: {s['accepted']} of {s['drafted']} drafts accepted")
+    assert Engine(model).spec_summary() is None
 
 
 def test_sequences_whose_drafts_fail_stop_drafting():
