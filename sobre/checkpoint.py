@@ -320,7 +320,7 @@ def resolve(path: str | os.PathLike) -> Path:
         return p
     if p.exists():
         raise ValueError(f"{p}: expected a model directory (config.json + safetensors), got a file")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(path)):  # (./x, ../x, /x: paths, never Hub ids)
         from huggingface_hub import snapshot_download
         try:
             return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.md"]))

@@ -292,13 +292,14 @@ def cmd_eval(args):
     from .rollout import eval_temperature, evaluate_task
     from .sft import start_model
     from .tasks import get_task
-    args.temperature = eval_temperature(args.samples, args.temperature)  # (a bad pair: an error before loading)
+    args.temperature = eval_temperature(args.samples, args.temperature)  # (bad arguments: an error before loading)
+    tasks = [get_task(name, args.reward or None) for name in args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = start_model(args.path, device=args.device)
     print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
-    for name in args.task:
-        r = evaluate_task(model.eval(), tok, get_task(name, args.reward or None), args.n, args.samples,
+    for task in tasks:
+        r = evaluate_task(model.eval(), tok, task, args.n, args.samples,
                           args.temperature, args.max_new_tokens, args.seed, loss=True)
         scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith(("pass@", "maj@", "format")))
         print(f"{r['task']:<14} {r['problems']:>8} {r['samples']:>7}  {scores}  mean length {r['mean_length']:.1f}"

@@ -142,6 +142,8 @@ def test_pickles_are_refused(tmp_path, ckpt):
 def test_not_a_model_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         sobre.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no such directory"):  # ./x is a path, never a Hub id
+        sobre.load("./nowhere")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         sobre.load(tmp_path)
 

@@ -314,7 +314,9 @@ def test_evaluation_samples_at_a_temperature_when_it_draws_several(grpo_run, mon
             rollout.evaluate_task(model, tok, task, 2, samples=4, temperature=bad)
     with pytest.raises(SystemExit, match="sobre eval: error: samples=4 at temperature 0"):  # before any loading
         main(["eval", "no-such-model", "--samples", "4", "--temperature", "0"])
-    assert len(temps) == 3
+    with pytest.raises(SystemExit, match="unknown task 'nope'"):  # also before any loading, and before the table
+        main(["eval", "no-such-model", "--task", "nope"])
+    assert len(temps) == 3 and "problems" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
