@@ -1,5 +1,6 @@
 """The API's routes: /v1/chat/completions, /v1/completions, /v1/models (responses in OpenAI's shapes; chat adds
-DeepSeek's `reasoning_content`, also streamed as deltas, and tool calls in DeepSeek's format (sobre.tools))."""
+DeepSeek's `reasoning_content`, also streamed as deltas, and tool calls in DeepSeek's format (sobre.tools)), and
+vLLM's /tokenize and /detokenize (the token ids those endpoints feed the model, and back)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .chat import END_THINK, THINK
-from .protocol import APIError, ChatRequest, CompletionRequest, Message, NamedTool
+from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Message, NamedTool, TokenizeRequest
 from .serve import Server, request_id, split_final, sse
 from .tools import ToolCallStream, call_prefix, split_tool_calls
 
@@ -35,12 +36,7 @@ def routes(app: FastAPI, srv: Server, auth):
             raise APIError(400, "response_format 'json_schema' is not supported (no schema-guided decoding); "
                            "'json_object' is: the answer is one JSON object", param="response_format")
         tools, forced = tool_setup(req)
-        messages = [chat_message(m, i) for i, m in enumerate(req.messages)]
-        try:
-            text = tok.apply_chat_template(messages, **({"tools": tools} if tools else {}),
-                                           **(req.chat_template_kwargs or {}))
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), param="messages") from None
+        text = render_chat(tok, req.messages, tools, req.chat_template_kwargs)
         if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
             text += (END_THINK if text.rstrip().endswith(THINK) else "") + (forced or "")
         prompt = tok.encode(text)
@@ -116,6 +112,28 @@ def routes(app: FastAPI, srv: Server, auth):
         return event_stream(body(), lambda: finish(request, srv, [prompt], req.n, choices),
                             {**head, "object": "chat.completion.chunk"} if usage else None)
 
+    @app.post("/tokenize", dependencies=[auth])
+    async def tokenize(req: TokenizeRequest):
+        srv.check_model(req.model)
+        if req.messages is None:
+            ids = tok.encode(req.prompt)  # (as /v1/completions encodes a text prompt)
+        else:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            kw = {"add_generation_prompt": req.add_generation_prompt} | (req.chat_template_kwargs or {})
+            ids = tok.encode(render_chat(tok, req.messages, tools, kw))
+        out = {"count": len(ids), "max_model_len": srv.context, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [tok.tok.id_to_token(i) for i in ids]
+        return out
+
+    @app.post("/detokenize", dependencies=[auth])
+    async def detokenize(req: DetokenizeRequest):
+        srv.check_model(req.model)
+        V = srv.loop.config.vocab_size
+        if any(not 0 <= t < V for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {V})", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest, request: Request):
         srv.check_model(req.model)
@@ -155,6 +173,15 @@ def routes(app: FastAPI, srv: Server, auth):
 
         return event_stream(body(), lambda: finish(request, srv, prompts, req.n, choices),
                             {**head, "object": "text_completion"} if usage else None)
+
+
+def render_chat(tok, messages: list[Message], tools: list[dict] | None, template_kwargs: dict | None) -> str:
+    """A request's conversation through the model's chat template (a template's own error: a 400)."""
+    try:
+        return tok.apply_chat_template([chat_message(m, i) for i, m in enumerate(messages)],
+                                       **({"tools": tools} if tools else {}), **(template_kwargs or {}))
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 def tool_setup(req: ChatRequest) -> tuple[list[dict] | None, str | None]:

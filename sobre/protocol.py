@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 MAX_N = 16  # completions per request
 MAX_STOP = 4  # stop strings per request (as OpenAI)
@@ -159,3 +159,25 @@ class CompletionRequest(Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion's text prompt, or a conversation rendered as /v1/chat/completions renders it."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt (text) and messages (a conversation)")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]

@@ -117,6 +117,27 @@ def test_prefix_cache_hits_show_in_usage(live, ref):
     assert usages[1]["prompt_tokens_details"] == {"cached_tokens": usages[1]["prompt_cache_hit_tokens"]}
 
 
+def test_tokenize_and_detokenize(live, ref):
+    """vLLM's /tokenize gives the ids the chat and completion endpoints feed the model (the count a chat's usage
+    reports), /detokenize the text back; bad bodies are 4xx."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 7?"}]
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        r = c.post("/tokenize", json={"messages": msgs}).json()
+        assert r["tokens"] == chat_ids(ref, msgs) and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+        chat = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}).json()
+        assert chat["usage"]["prompt_tokens"] == r["count"]
+        bare = c.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()["tokens"]
+        assert bare == ref.tokenizer.encode(ref.tokenizer.apply_chat_template(msgs, add_generation_prompt=False))
+        assert r["tokens"][:len(bare)] == bare and len(bare) < r["count"]
+        r = c.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+        assert r["tokens"] == ref.tokenizer.encode("Hello world") and len(r["token_strs"]) == r["count"]
+        assert c.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
+        check_error(c.post("/tokenize", json={}), 422)
+        check_error(c.post("/tokenize", json={"prompt": "x", "messages": msgs}), 422)
+        check_error(c.post("/tokenize", json={"prompt": "x", "model": "gpt-9"}), 404)
+        check_error(c.post("/detokenize", json={"tokens": [10**9]}), 400)
+
+
 def test_openai_client_chat_and_completions(live, ref):
     from openai import OpenAI
     client = OpenAI(base_url=live.url + "/v1", api_key="none")
