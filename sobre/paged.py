@@ -22,7 +22,7 @@ from . import sparse, v4cache
 from .model import Transformer
 
 if TYPE_CHECKING:
-    from .engine import Sequence
+    from .request import Sequence
 
 BLOCK = 64
 

@@ -23,8 +23,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from .chat import ReasoningStream, split_reasoning
-from .engine import Engine, Event, eos_ids
+from .engine import Engine, eos_ids
 from .protocol import APIError, error_body
+from .request import Event
 from .sampling import SamplingParams
 from .tokenizer import TextStream
 from .worker import Done, EngineClient, EngineThread, Sink

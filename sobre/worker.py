@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine, Limits
+from .engine import Engine
+from .request import Limits
 
 log = logging.getLogger("sobre.serve")
 

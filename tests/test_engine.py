@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import sobre
-from sobre.engine import Engine, Sequence
+from sobre.engine import Engine
 from sobre.model import Cache
 from sobre.paged import PagedBatch, PagedPool
+from sobre.request import Sequence
 from sobre.sampling import SamplingParams
 
 from conftest import V3, assert_same_samples, hf_checkpoint, random_model, run_requests

@@ -1,0 +1,91 @@
+"""What the engine schedules: a request's state as it decodes (Sequence), what a request must fit (Limits), and
+what a step emits (Event)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .constrain import JsonPrefix
+from .sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    out: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    lane: int | None = None  # row in the pool's per-sequence rings (deepseek_v4)
+    length: int = 0  # tokens whose K/V sit in the cache
+    mtp_length: list[int] = field(default_factory=list)  # per MTP layer k: its valid cache entries (positions)
+    pending: int | None = None  # sampled, not yet fed to the model
+    # per MTP layer k: the hiddens of layer k - 1 (k = 0: the main model's) at positions mtp_length[k].., [T, D]
+    mtp_in: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cached: int = 0  # prompt tokens whose cache came from the prefix cache
+    entries: int = 0  # NSA: compressed K/V entries in the pool (a copied prompt's own are recomputed once)
+    rings_at: dict = field(default_factory=dict)  # deepseek_v4 prefix cache: block end -> its ring rows (prefill)
+    text: str | None = None  # stopped by a stop string: the text before it (what a server sends)
+    seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
+    counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
+    bias: torch.Tensor | None = None  # [V] fp32 logit_bias
+    json: JsonPrefix | None = None  # JSON mode: the object so far
+    verifies: int = 0  # speculative: verify forwards so far, and the drafts they accepted
+    accepted: int = 0
+    drafting: bool = True  # speculative: False once its drafts proved too rarely accepted (plain from then on)
+
+    def advance(self, T: int, mtp: int | None = None):
+        """T more tokens in the cache (of the main model, or of MTP layer `mtp`)."""
+        if mtp is None:
+            self.length += T
+        else:
+            self.mtp_length[mtp] += T
+
+    def ahead(self, lo: int, hi: int, drafts: list[int]) -> list[int]:
+        """Tokens lo..hi-1 of prompt + output + drafts (an MTP layer's inputs), without copying the prompt."""
+        n = len(self.prompt)
+        tokens = self.prompt[lo:] + self.out if lo < n else self.out[lo - n:]
+        return (tokens + drafts)[:hi - lo]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request must fit: the vocabulary, the context, the cache pool. Plain values (a server checks
+    requests against them in its own process, the engine may live in another)."""
+    vocab_size: int
+    max_seq_len: int
+    block: int
+    blocks: int  # usable cache blocks
+    tokenizer: bool
+
+    def check(self, prompt: list[int], params: SamplingParams):
+        """ValueError unless the request can run: ids in the vocabulary, prompt inside the context, cache room."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len} "
+                             "(max_position_embeddings) with room for one new token")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if (params.stop or params.json) and not self.tokenizer:
+            raise ValueError(f"{'stop strings need' if params.stop else 'JSON mode needs'} a tokenizer "
+                             "(Engine(model, tokenizer))")
+        need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
+        if need > self.blocks:
+            raise ValueError(f"request needs {need} cache blocks, the pool has {self.blocks}; raise cache_tokens")
+
+
+@dataclass
+class Event:
+    rid: int
+    token: int
+    finished: bool
+    finish_reason: str | None = None
+    logprob: tuple[float, dict[int, float]] | None = None  # (chosen token's, {top-n id: logprob}) when asked
