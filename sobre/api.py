@@ -116,7 +116,7 @@ def routes(app: FastAPI, srv: Server, auth):
     async def tokenize(req: TokenizeRequest):
         srv.check_model(req.model)
         if req.messages is None:
-            ids = tok.encode(req.prompt)  # (as /v1/completions encodes a text prompt)
+            ids = tok.encode(req.prompt, add_special_tokens=True)  # (as /v1/completions encodes a text prompt)
         else:
             tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
             kw = {"add_generation_prompt": req.add_generation_prompt} | (req.chat_template_kwargs or {})
@@ -147,7 +147,10 @@ def routes(app: FastAPI, srv: Server, auth):
         rid, created = request_id("cmpl"), int(time.time())
         request.state.prompt_tokens = sum(len(p) for p in prompts) * req.n
         head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}
-        echo = {c.index: tok.decode(prompts[c.index // req.n]) if req.echo else "" for c in choices}
+        # echo: a text prompt as sent (not the special tokens its encoding added), token ids decoded
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str) \
+            else [tok.decode(p) for p in prompts]
+        echo = {c.index: texts[c.index // req.n] if req.echo else "" for c in choices}
 
         if not req.stream:
             async for _ in srv.events(choices, request):
@@ -246,14 +249,15 @@ def model_card(srv: Server) -> dict:
 
 
 def to_prompts(prompt, tok) -> list[list[int]]:
-    """OpenAI's four prompt forms: text, list of texts, token ids, list of token-id lists."""
+    """OpenAI's four prompt forms: text, list of texts, token ids, list of token-id lists. Text gets the
+    tokenizer's own special tokens (begin-of-sentence for DeepSeek's), as transformers and vLLM encode it."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    out = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    out = [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompt]
     if len(out) > 64:
         raise APIError(400, "at most 64 prompts per request", param="prompt")
     if any(not p for p in out):

@@ -144,7 +144,7 @@ def cmd_generate(args):
     elif args.prompt is not None:
         if tok is None:
             sys.exit(f"{path}: no tokenizer.json; pass token ids with --ids 1,2,3")
-        prompt = tok.encode(args.prompt, add_bos=True)
+        prompt = tok.encode(args.prompt, add_special_tokens=True)
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
     if args.json and (tok is None or args.ids):

@@ -38,9 +38,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text. add_special_tokens: also what tokenizer.json's post-processor adds (DeepSeek's
+        checkpoints: begin-of-sentence first; sobre's tokenizers: nothing), as transformers' tokenizer(text)
+        and vLLM's text prompts. Chat prompts are rendered with their special tokens and encoded without."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -397,6 +397,28 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
             assert name in metrics
 
 
+def test_text_prompts_get_the_tokenizers_special_tokens(ckpt, tmp_path):
+    """A checkpoint whose tokenizer.json puts begin-of-sentence first (DeepSeek's): text prompts are encoded with
+    it, as transformers' tokenizer(text) and vLLM do; token-id prompts and echo stay as sent."""
+    from tokenizers import processors
+    path = shutil.copytree(ckpt, tmp_path / "bos")
+    tok = sobre.load_tokenizer(path)
+    tok.tok.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                           special_tokens=[(tok.bos_token, tok.bos_id)])
+    tok.tok.save(str(path / "tokenizer.json"))
+    s = Live(create_app(Engine.from_pretrained(path), "tiny"))
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            ids = c.post("/tokenize", json={"prompt": "Hello there"}).json()["tokens"]
+            assert ids == [tok.bos_id] + tok.encode("Hello there")
+            r = c.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 3, "echo": True}).json()
+            assert r["usage"]["prompt_tokens"] == len(ids) and r["choices"][0]["text"].startswith("Hello there")
+            r = c.post("/v1/completions", json={"prompt": ids[1:], "max_tokens": 3}).json()
+            assert r["usage"]["prompt_tokens"] == len(ids) - 1
+    finally:
+        s.close()
+
+
 def test_api_key_overload_and_timeout(ckpt):
     for kw in ({"max_queue": 0}, {"timeout": 0.0}):  # a queue that refuses everything, a request never given time
         with pytest.raises(ValueError, match="max_queue must be >= 1 and timeout > 0"):

@@ -65,6 +65,14 @@ def test_tokenizer_roundtrip_special_tokens_and_transformers(tok, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(tok.config, ensure_ascii=False))
     hf = AutoTokenizer.from_pretrained(d)
     assert hf(text, add_special_tokens=False).input_ids == ids
+    assert hf(text).input_ids == tok.encode(text, add_special_tokens=True) == ids  # sobre's adds no special token
+    from tokenizers import processors  # a checkpoint whose tokenizer.json puts begin-of-sentence first (DeepSeek's)
+    with_bos = load_tokenizer(d)  # (a copy: the module's tokenizer stays as it is)
+    with_bos.tok.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos_token']} $A",
+                                                                special_tokens=[(SPECIAL["bos_token"], tok.bos_id)])
+    with_bos.tok.save(str(d / "tokenizer.json"))
+    assert AutoTokenizer.from_pretrained(d)(text).input_ids == with_bos.encode(text, add_special_tokens=True) \
+        == [tok.bos_id] + ids and with_bos.encode(text) == ids
     assert hf.eos_token == SPECIAL["eos_token"] and hf.pad_token == SPECIAL["pad_token"]
     assert hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                   add_generation_prompt=True).endswith("<｜Assistant｜><think>\n")
