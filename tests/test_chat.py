@@ -4,6 +4,7 @@ and `sobre chat` end to end."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTok
@@ -25,6 +26,8 @@ TOOL_CONVO = [{"role": "system", "content": "Use tools."}, {"role": "user", "con
               {"role": "assistant", "content": "", "tool_calls": [
                   {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
               {"role": "tool", "content": "20°C", "tool_call_id": "call_1"}]
+# DeepSeek-R1's (and V3's) own template, as its tokenizer_config.json on the Hub ships it (MIT licence)
+R1_TEMPLATE = (Path(__file__).parent / "data" / "deepseek_r1_chat_template.jinja").read_text()
 LLAMA_LIKE = ("{{ strftime_now('%Y') }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>\n"
               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -49,7 +52,7 @@ def test_default_template_is_r1_style():
         render([{"role": "user"}])
 
 
-@pytest.mark.parametrize("template", [None, LLAMA_LIKE])
+@pytest.mark.parametrize("template", [None, LLAMA_LIKE, R1_TEMPLATE])
 def test_templates_render_like_transformers(template):
     from transformers import PreTrainedTokenizerFast
     tok = toy_tokenizer()
@@ -58,6 +61,13 @@ def test_templates_render_like_transformers(template):
                                  chat_template=template or sobre.chat.DEFAULT_TEMPLATE)
     want = hf.apply_chat_template(CONVO, tokenize=False, add_generation_prompt=True, thinking=True)
     assert tok.apply_chat_template(CONVO) == want
+    if template is R1_TEMPLATE:  # its own tool-call format (function<｜tool▁sep｜>NAME + a json fence), results
+        want = hf.apply_chat_template(TOOL_CONVO, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(TOOL_CONVO, tools=TOOLS) == want
+        assert ('<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
+                '<｜tool▁call▁end｜>') in want and want.endswith("20°C<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+        assert split_tool_calls(want[want.index(CALLS_BEGIN):want.index(CALLS_END) + len(CALLS_END)])[1][0][
+            "function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     if template is None:  # tools, an assistant's tool calls and a tool's result
         want = hf.apply_chat_template(TOOL_CONVO, tools=TOOLS, tokenize=False, add_generation_prompt=True)
         assert tok.apply_chat_template(TOOL_CONVO, tools=TOOLS) == want
