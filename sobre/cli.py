@@ -19,9 +19,11 @@ from .flags import (
     add_dataclass_flags,
     add_decode_flags,
     add_device_flag,
+    add_sampling_flags,
     at_least,
     port,
     positive_float,
+    sampling_args,
     token_ids,
 )
 from .parallel import pick_device
@@ -155,9 +157,8 @@ def cmd_generate(args):
     text = TextStream(tok) if tok and not args.ids else None
     eng = Engine.for_prompt(model, tok, len(prompt), args.max_new_tokens, speculative=args.speculative,
                             compile=args.compile, min_acceptance=args.min_acceptance)
-    for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, stop_token_ids=stop, min_p=args.min_p,
-                        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+    for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, **sampling_args(args, path), seed=args.seed,
+                        stop_token_ids=stop, presence_penalty=args.presence_penalty,
                         frequency_penalty=args.frequency_penalty, json=args.json):
         out.append(t)
         if rank == 0:
@@ -202,16 +203,20 @@ def _expert_parallel(model, args, prompt) -> int:
 
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+CHAT_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended (where the checkpoint sets none)
 
 
 def cmd_chat(args):
     """Interactive chat: streamed tokens, reasoning dimmed (or collapsed to a counter with /think)."""
     from .chat import ReasoningStream
+    from .checkpoint import resolve
     from .engine import Engine, eos_ids
     from .tokenizer import TextStream
     if args.threads:
         torch.set_num_threads(args.threads)
-    eng = Engine.from_pretrained(args.path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
+    path = resolve(args.path)
+    sampling = sampling_args(args, path, **CHAT_SAMPLING)
+    eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
                                  device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
                                  compile=args.compile, min_acceptance=args.min_acceptance)
     tok = eng.tokenizer
@@ -243,8 +248,8 @@ def cmd_chat(args):
         split = ReasoningStream(started_thinking=prompt_text.rstrip().endswith("<think>"))
         text, answer, n_think = TextStream(tok), "", 0
         try:
-            for t in eng.stream(tok.encode(prompt_text), max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, stop_token_ids=stop):
+            for t in eng.stream(tok.encode(prompt_text), max_new_tokens=args.max_new_tokens, **sampling,
+                                stop_token_ids=stop):
                 reasoning, content = split.feed(text.feed(t))
                 answer += content
                 if reasoning:
@@ -352,6 +357,7 @@ def cmd_serve(args):
     import uvicorn
 
     from .checkpoint import resolve
+    from .sampling import generation_defaults
     from .serve import create_app
     from .worker import EngineProcess
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -368,8 +374,13 @@ def cmd_serve(args):
                         fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
                         min_acceptance=args.min_acceptance)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
-    app = create_app(eng, name, args.api_key, args.max_queue, args.timeout)
+    defaults = generation_defaults(path) if args.generation_config == "auto" else {}
+    app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
+    if defaults:
+        print("sobre serve: sampling defaults from generation_config.json: "
+              + ", ".join(f"{k}={v}" for k, v in defaults.items()) + " (--generation-config none: OpenAI's)",
+              file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
     app.state.server.loop.close()
 
@@ -416,11 +427,7 @@ def main(argv=None):
     s.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
     s.add_argument("--ids", type=token_ids, help="comma-separated prompt token ids instead of text")
     s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_flags(s)
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
@@ -442,8 +449,7 @@ def main(argv=None):
     s.add_argument("path", help="model directory or Hub id (with tokenizer.json)")
     s.add_argument("--system", default="", help="system prompt")
     s.add_argument("--max-new-tokens", type=int, default=1024)
-    s.add_argument("--temperature", type=float, default=0.6, help="R1's recommended 0.6")
-    s.add_argument("--top-p", type=float, default=0.95)
+    add_sampling_flags(s, **CHAT_SAMPLING)
     s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
     add_decode_flags(s)
@@ -473,6 +479,9 @@ def main(argv=None):
                    help="do not reuse the cache of shared prompt prefixes (on by default where the model allows)")
     s.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per request")
     s.add_argument("--cache-tokens", type=at_least(1), default=None, help="KV-cache pool size in tokens")
+    s.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                   help="auto: the sampling values of the checkpoint's generation_config.json are the defaults of "
+                   "requests that leave them unset (as vLLM); none: OpenAI's defaults")
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)

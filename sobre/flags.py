@@ -7,6 +7,8 @@ import argparse
 
 import torch
 
+from .sampling import GENERATION_KEYS, SamplingParams, generation_defaults
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 DTYPE_HELP = "default: the checkpoint's; on CPU float32 below 100M active parameters or without native bf16"
@@ -51,6 +53,24 @@ FP8_HELP = "keep a quantised checkpoint's weights in memory (FP8 e4m3, V4's FP4 
 def add_device_flag(parser):
     parser.add_argument("--device", default="auto", help="auto (the GPU when torch sees one, else the CPU), cpu, "
                         "cuda, cuda:N or mps")
+
+
+def add_sampling_flags(parser, **builtin):
+    """--temperature --top-k --top-p --min-p --repetition-penalty, each unset by default: sampling_args resolves
+    them (builtin: the verb's own defaults, where the checkpoint sets none)."""
+    for key in GENERATION_KEYS:
+        default = builtin.get(key, getattr(SamplingParams, key))
+        parser.add_argument("--" + key.replace("_", "-"), type=type(default), default=None,
+                            help=f"default: the checkpoint's generation_config.json, else {default}"
+                            + (" (0: greedy)" if key == "temperature" else ""))
+
+
+def sampling_args(args, path, **builtin) -> dict:
+    """Each sampling value: the flag when given, else the checkpoint's generation_config.json (as transformers
+    and vLLM), else the verb's builtin one (absent: SamplingParams' default)."""
+    gen = generation_defaults(path)
+    out = {k: gen.get(k, builtin.get(k)) if getattr(args, k) is None else getattr(args, k) for k in GENERATION_KEYS}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def add_decode_flags(parser):

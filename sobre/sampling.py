@@ -8,7 +8,9 @@ Reported logprobs are those of the model's own distribution (raw logits, before 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,6 +57,28 @@ class SamplingParams:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
             if any(t < 0 for t in self.logit_bias) or any(not -100 <= b <= 100 for b in self.logit_bias.values()):
                 raise ValueError("sampling parameter logit_bias: token ids must be >= 0 and biases in [-100, 100]")
+
+
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def generation_defaults(path) -> dict:
+    """The sampling values a checkpoint's generation_config.json sets (DeepSeek-R1's: temperature 0.6, top_p
+    0.95), for requests and flags that leave them unset, as vLLM and transformers take them ({}: none set)."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    out = {k: cfg[k] for k in GENERATION_KEYS
+           if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)}
+    try:
+        SamplingParams(**out)
+    except ValueError as e:
+        raise ValueError(f"{f}: {e}") from None
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor,

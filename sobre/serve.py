@@ -26,7 +26,7 @@ from .chat import ReasoningStream, split_reasoning
 from .engine import Engine, eos_ids
 from .protocol import APIError, error_body
 from .request import Event
-from .sampling import SamplingParams
+from .sampling import GENERATION_KEYS, SamplingParams
 from .tokenizer import TextStream
 from .worker import Done, EngineClient, EngineThread, Sink
 
@@ -120,7 +120,7 @@ class Server:
     limits and metrics."""
 
     def __init__(self, engine: Engine | EngineClient, name: str, api_key: str | None = None, max_queue: int = 256,
-                 timeout: float = 600.0, max_body: int = 8 << 20):
+                 timeout: float = 600.0, defaults: dict | None = None, max_body: int = 8 << 20):
         if engine.tokenizer is None:
             raise ValueError("serving needs a tokenizer (tokenizer.json in the model folder)")
         if max_queue < 1 or not timeout > 0:
@@ -130,6 +130,7 @@ class Server:
         self.timeout, self.max_body, self.created = timeout, max_body, int(time.time())
         self.context = self.loop.config.max_seq_len
         self.eos = eos_ids(self.loop.config, self.tok)
+        self.defaults = defaults or {}
         self._metrics()
 
     def _metrics(self):
@@ -167,11 +168,14 @@ class Server:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens; you asked for "
                            f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate)",
                            param="max_tokens", code="context_length_exceeded")
+        # the checkpoint's generation_config.json values where the request left a field unset (as vLLM)
+        s = {k: self.defaults[k] if k in self.defaults and k not in req.model_fields_set else getattr(req, k)
+             for k in GENERATION_KEYS}
         try:
             return SamplingParams(
-                max_new_tokens=max_tokens or room, temperature=req.temperature, top_k=max(req.top_k, 0),
-                top_p=req.top_p, min_p=req.min_p, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                max_new_tokens=max_tokens or room, temperature=s["temperature"], top_k=max(s["top_k"], 0),
+                top_p=s["top_p"], min_p=s["min_p"], presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=s["repetition_penalty"],
                 stop_token_ids=() if req.ignore_eos else self.eos, stop=tuple(req.stop or ()),
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
                 logit_bias=req.logit_bias, json=json)  # (SamplingParams makes the ids ints)
@@ -296,11 +300,12 @@ def sse(obj) -> str:
 
 
 def create_app(engine: Engine | EngineClient, name: str = "sobre", api_key: str | None = None, max_queue: int = 256,
-               timeout: float = 600.0) -> FastAPI:
+               timeout: float = 600.0, defaults: dict | None = None) -> FastAPI:
     """The ASGI app over an Engine (run in a thread here) or an EngineProcess. `app.state.server` holds the
-    Server; server.loop.close() stops the engine."""
+    Server; server.loop.close() stops the engine. defaults: sampling values for requests that leave them unset
+    (sampling.generation_defaults of the checkpoint; `sobre serve` passes them)."""
     from .api import routes
-    srv = Server(engine, name, api_key, max_queue, timeout)
+    srv = Server(engine, name, api_key, max_queue, timeout, defaults)
     app = FastAPI(title="sobre", version="0.1.0", description="OpenAI / DeepSeek-compatible API")
     app.state.server = srv
 

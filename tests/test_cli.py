@@ -8,6 +8,7 @@ import pytest
 import sobre
 from sobre.cli import main
 from sobre.constrain import JsonPrefix
+from sobre.engine import Engine
 
 from conftest import random_model
 from test_config import V3_RELEASE
@@ -37,6 +38,33 @@ def test_info_on_the_real_v3_config(tmp_path):
     assert "576 values/layer" in out and "40960 values/layer" in out
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["kv"]["latent"] == 576 * 61 * 2
+
+
+def test_sampling_defaults_come_from_the_generation_config(tmp_path):
+    """A flag left unset takes the checkpoint's generation_config.json value (DeepSeek-R1's temperature 0.6,
+    top_p 0.95), else the verb's own default; `sobre generate` then samples as the Python API does with them."""
+    from argparse import Namespace
+
+    from sobre.flags import sampling_args
+    from sobre.sampling import generation_defaults
+    model = random_model()
+    path = sobre.save(model, tmp_path / "m")
+    assert generation_defaults(path) == {}  # sobre's own: token ids only
+    unset = Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None)
+    assert sampling_args(unset, path) == {} and sampling_args(unset, path, temperature=0.6) == {"temperature": 0.6}
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95,
+                                                            "top_k": 20, "bos_token_id": 0}))
+    assert generation_defaults(path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    given = Namespace(**{**vars(unset), "top_p": 1.0, "repetition_penalty": 1.1})
+    assert sampling_args(given, path, temperature=0.0) == {"temperature": 0.6, "top_k": 20, "top_p": 1.0,
+                                                           "repetition_penalty": 1.1}
+    out = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--seed", "3")
+    want = Engine(model).generate([[5, 6, 7]], max_new_tokens=8, temperature=0.6, top_p=0.95, top_k=20, seed=3,
+                                  stop_token_ids=(1,))[0]
+    assert [int(t) for t in out.stdout.split()] == want
+    (path / "generation_config.json").write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(ValueError, match="generation_config.json: sampling parameter temperature=-1"):
+        generation_defaults(path)
 
 
 def test_generate_greedy_ids_match_the_python_api(tmp_path):

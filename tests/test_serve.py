@@ -419,6 +419,21 @@ def test_text_prompts_get_the_tokenizers_special_tokens(ckpt, tmp_path):
         s.close()
 
 
+def test_generation_config_sets_the_defaults_of_unset_fields(ckpt):
+    """As vLLM: a request that leaves temperature / top_p / top_k unset gets the checkpoint's
+    generation_config.json values; one that sets them keeps its own (even OpenAI's own default values)."""
+    from sobre.protocol import ChatRequest
+    app = create_app(Engine.from_pretrained(ckpt), "tiny", defaults={"temperature": 0.6, "top_p": 0.95, "top_k": 20})
+    msgs = [{"role": "user", "content": "hi"}]
+    try:
+        p = app.state.server.params(ChatRequest(messages=msgs), 5, None, None, 0)
+        assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.6, 0.95, 20, 0.0)
+        p = app.state.server.params(ChatRequest(messages=msgs, temperature=1.0, top_k=-1), 5, None, None, 0)
+        assert (p.temperature, p.top_p, p.top_k) == (1.0, 0.95, 0)
+    finally:
+        app.state.server.loop.close()
+
+
 def test_api_key_overload_and_timeout(ckpt):
     for kw in ({"max_queue": 0}, {"timeout": 0.0}):  # a queue that refuses everything, a request never given time
         with pytest.raises(ValueError, match="max_queue must be >= 1 and timeout > 0"):
