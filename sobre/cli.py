@@ -157,7 +157,8 @@ def cmd_generate(args):
     text = TextStream(tok) if tok and not args.ids else None
     eng = Engine.for_prompt(model, tok, len(prompt), args.max_new_tokens, speculative=args.speculative,
                             compile=args.compile, min_acceptance=args.min_acceptance)
-    for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, **sampling_args(args, path), seed=args.seed,
+    for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, min_tokens=args.min_tokens,
+                        **sampling_args(args, path), seed=args.seed,
                         stop_token_ids=stop, presence_penalty=args.presence_penalty,
                         frequency_penalty=args.frequency_penalty, json=args.json):
         out.append(t)
@@ -427,6 +428,7 @@ def main(argv=None):
     s.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
     s.add_argument("--ids", type=token_ids, help="comma-separated prompt token ids instead of text")
     s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--min-tokens", type=at_least(0), default=0, help="tokens before a stop token may end the text")
     add_sampling_flags(s)
     s.add_argument("--presence-penalty", type=float, default=0.0)
     s.add_argument("--frequency-penalty", type=float, default=0.0)

@@ -394,11 +394,21 @@ class Engine:
         dst.length = n
 
     def _biased(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, ..., V] (fp32) plus each row's logit_bias (the same tensor when no row has one)."""
-        if all(s.bias is None for s in seqs):
-            return logits
-        bias = torch.stack([s.bias if s.bias is not None else logits.new_zeros(logits.shape[-1]) for s in seqs])
-        return logits + bias.view(len(seqs), *[1] * (logits.dim() - 2), -1)
+        """logits [B, V] or, a verify's, [B, T, V] (positions len(out) + j) (fp32), plus each row's logit_bias, its
+        stop tokens at -inf where it has fewer than min_tokens (the same tensor when no row has either)."""
+        if any(s.bias is not None for s in seqs):
+            bias = torch.stack([s.bias if s.bias is not None else logits.new_zeros(logits.shape[-1]) for s in seqs])
+            logits = logits + bias.view(len(seqs), *[1] * (logits.dim() - 2), -1)
+        early = [(i, s.params.min_tokens - len(s.out), s.params.stop_token_ids) for i, s in enumerate(seqs)
+                 if s.params.min_tokens > len(s.out) and s.params.stop_token_ids]
+        if early:
+            logits = logits.clone()
+            for i, n, stop in early:
+                if logits.dim() == 2:
+                    logits[i, list(stop)] = float("-inf")
+                else:  # a verify row: its first n positions
+                    logits[i, :n, list(stop)] = float("-inf")
+        return logits
 
     def _penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         logits = self._biased(seqs, logits.float())  # [B, V]
@@ -446,8 +456,9 @@ class Engine:
         return Event(s.rid, tok, reason is not None, reason, lp)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
-        if tok in s.params.stop_token_ids or s.json is not None and s.json.complete or s.params.stop and \
-                self._stop_string(s):
+        early = len(s.out) < s.params.min_tokens  # (no stop yet: its stop tokens were masked, _biased)
+        if not early and (tok in s.params.stop_token_ids or s.json is not None and s.json.complete
+                          or s.params.stop and self._stop_string(s)):
             return "stop"
         if len(s.out) >= s.params.max_new_tokens or len(s.prompt) + len(s.out) >= self.model.config.max_seq_len:
             return "length"
@@ -463,7 +474,10 @@ class Engine:
         if not any(x in tail for x in s.params.stop):
             return False
         text = self.tokenizer.decode([x for x in s.out if x not in self.framing])
-        hits = [text.find(x) for x in s.params.stop if x in text]
+        # min_tokens: a stop string counts only where it ends past the text of the first min_tokens - 1 tokens
+        k = s.params.min_tokens - 1
+        start = len(self.tokenizer.decode([x for x in s.out[:k] if x not in self.framing])) if k > 0 else 0
+        hits = [i for x in s.params.stop if (i := text.find(x, max(0, start - len(x) + 1))) >= 0]
         if hits:
             s.text = text[:min(hits)]
         return bool(hits)

@@ -2,7 +2,7 @@
 error body {"error": {"message", "type", "param", "code"}}.
 
 Unknown fields are ignored (clients send vendor extras). sobre's extras, as in vLLM: top_k, min_p,
-repetition_penalty, ignore_eos, chat_template_kwargs (e.g. {"thinking": false}).
+repetition_penalty, ignore_eos, min_tokens, chat_template_kwargs (e.g. {"thinking": false}).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Sampling(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)  # tokens before a stop token or string may end a completion
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are: a string) -> bias in [-100, 100]
 
     @field_validator("logit_bias")

@@ -18,6 +18,7 @@ import torch
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
+    min_tokens: int = 0  # tokens before a stop (stop token or string) may end the completion (vLLM's)
     temperature: float = 0.0  # 0 = greedy (below 1e-5 too, as in vLLM: dividing by it would overflow)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -35,6 +36,7 @@ class SamplingParams:
     def __post_init__(self):
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_new_tokens, "must be in [0, max_new_tokens]"),
             ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
@@ -53,6 +55,8 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ValueError("sampling parameter stop: stop strings must be non-empty")
+        if self.min_tokens and self.json:
+            raise ValueError("sampling parameter min_tokens: JSON mode ends the completion when its object closes")
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
             if any(t < 0 for t in self.logit_bias) or any(not -100 <= b <= 100 for b in self.logit_bias.values()):

@@ -173,8 +173,8 @@ class Server:
              for k in GENERATION_KEYS}
         try:
             return SamplingParams(
-                max_new_tokens=max_tokens or room, temperature=s["temperature"], top_k=max(s["top_k"], 0),
-                top_p=s["top_p"], min_p=s["min_p"], presence_penalty=req.presence_penalty,
+                max_new_tokens=max_tokens or room, min_tokens=req.min_tokens, temperature=s["temperature"],
+                top_k=max(s["top_k"], 0), top_p=s["top_p"], min_p=s["min_p"], presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=s["repetition_penalty"],
                 stop_token_ids=() if req.ignore_eos else self.eos, stop=tuple(req.stop or ()),
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,

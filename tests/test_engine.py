@@ -215,6 +215,56 @@ def test_step_api_cancel_and_finish_reasons():
     assert done[c].finish_reason == "length" and len(done[c].out) == 3
 
 
+def test_min_tokens_holds_stops_off_until_reached():
+    """min_tokens (vLLM's): the first min_tokens tokens are drawn with the stop tokens masked and no stop string
+    ends the text before them; greedy equals a full-forward reference, batched, alone and speculative."""
+    model = random_model()
+    free = Engine(model).generate([[1, 2, 3]], max_new_tokens=10)[0]
+
+    def reference(prompt, n, min_tokens):  # (greedy by full forwards; also each step's unmasked argmax)
+        seq, out, raw = list(prompt), [], []
+        with torch.no_grad():
+            while len(out) < n:
+                logits = model(torch.tensor([seq]))[0, -1]
+                raw.append(int(logits.argmax()))
+                if len(out) < min_tokens:
+                    logits[list(stops)] = float("-inf")
+                out.append(int(logits.argmax()))
+                seq.append(out[-1])
+                if out[-1] in stops and len(out) >= min_tokens:
+                    break
+        return out, raw
+
+    stops = (free[0],)
+    while not set((raw := reference([1, 2, 3], 10, 5)[1])[:5]) <= set(stops):
+        stops = tuple(dict.fromkeys(stops + tuple(raw[:5])))  # until every early step's favourite is a stop token
+    want = reference([1, 2, 3], 10, 5)[0]
+    assert not set(want[:5]) & set(stops) and want != free
+    kw = dict(max_new_tokens=10, min_tokens=5, stop_token_ids=stops)
+    for eng in (Engine(model), Engine(model, speculative=True, min_acceptance=0)):
+        assert eng.generate([[1, 2, 3]], **kw)[0] == want
+        batch = [[1, 2, 3], [9, 8, 7, 6]]
+        assert eng.generate(batch, **kw) == [want, reference([9, 8, 7, 6], 10, 5)[0]]
+    assert Engine(model).generate([[1, 2, 3]], max_new_tokens=10, stop_token_ids=stops)[0] == [free[0]]
+
+    class Chars:  # token i is chr(97 + i % 26)
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    text = Chars().decode(free)
+    eng = Engine(model, Chars())
+    rid = eng.add_request([1, 2, 3], max_new_tokens=10, stop=(text[0],), min_tokens=4)
+    while eng.has_work():
+        eng.step()
+    seq = eng.collect()[rid]  # its first letter again, but only where it ends past the first 3 tokens' text
+    cut = text.find(text[0], 3)
+    assert seq.out == free[:len(seq.out)] and (seq.text == text[:cut] if cut >= 0 else seq.finish_reason == "length")
+    with pytest.raises(ValueError, match="min_tokens=11: must be in"):
+        SamplingParams(max_new_tokens=10, min_tokens=11)
+    with pytest.raises(ValueError, match="JSON mode"):
+        SamplingParams(min_tokens=2, json=True)
+
+
 def test_stop_tokens_strings_and_logprobs():
     model = random_model()
     eng = Engine(model)

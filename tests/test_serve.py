@@ -381,6 +381,7 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
         check_error(c.post("/v1/completions", json={"prompt": [10**9]}), 400)
         check_error(c.post("/v1/completions", json={"prompt": []}), 400)
         check_error(c.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
+        check_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400)
         check_error(c.get("/v1/nope"), 404)
         check_error(c.get("/v1/models/gpt-9"), 404)
         check_error(c.get("/v1/chat/completions"), 405)
@@ -421,15 +422,17 @@ def test_text_prompts_get_the_tokenizers_special_tokens(ckpt, tmp_path):
 
 def test_generation_config_sets_the_defaults_of_unset_fields(ckpt):
     """As vLLM: a request that leaves temperature / top_p / top_k unset gets the checkpoint's
-    generation_config.json values; one that sets them keeps its own (even OpenAI's own default values)."""
+    generation_config.json values; one that sets them keeps its own (even OpenAI's own default values); vLLM's
+    min_tokens reaches the engine (tests/test_engine.py: what it does)."""
     from sobre.protocol import ChatRequest
     app = create_app(Engine.from_pretrained(ckpt), "tiny", defaults={"temperature": 0.6, "top_p": 0.95, "top_k": 20})
     msgs = [{"role": "user", "content": "hi"}]
     try:
         p = app.state.server.params(ChatRequest(messages=msgs), 5, None, None, 0)
         assert (p.temperature, p.top_p, p.top_k, p.min_p) == (0.6, 0.95, 20, 0.0)
-        p = app.state.server.params(ChatRequest(messages=msgs, temperature=1.0, top_k=-1), 5, None, None, 0)
-        assert (p.temperature, p.top_p, p.top_k) == (1.0, 0.95, 0)
+        p = app.state.server.params(ChatRequest(messages=msgs, temperature=1.0, top_k=-1, min_tokens=3), 5, None,
+                                    None, 0)
+        assert (p.temperature, p.top_p, p.top_k, p.min_tokens) == (1.0, 0.95, 0, 3)
     finally:
         app.state.server.loop.close()
 
