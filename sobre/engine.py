@@ -477,9 +477,10 @@ class Engine:
         # min_tokens: a stop string counts only where it ends past the text of the first min_tokens - 1 tokens
         k = s.params.min_tokens - 1
         start = len(self.tokenizer.decode([x for x in s.out[:k] if x not in self.framing])) if k > 0 else 0
-        hits = [i for x in s.params.stop if (i := text.find(x, max(0, start - len(x) + 1))) >= 0]
+        hits = [(i, i + len(x)) for x in s.params.stop if (i := text.find(x, max(0, start - len(x) + 1))) >= 0]
         if hits:
-            s.text = text[:min(hits)]
+            at, end = min(hits)
+            s.text = text[:end if s.params.include_stop_str_in_output else at]
         return bool(hits)
 
     def _finish(self, s: Sequence, reason: str):

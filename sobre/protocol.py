@@ -2,7 +2,8 @@
 error body {"error": {"message", "type", "param", "code"}}.
 
 Unknown fields are ignored (clients send vendor extras). sobre's extras, as in vLLM: top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, chat_template_kwargs (e.g. {"thinking": false}).
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output, chat_template_kwargs
+(e.g. {"thinking": false}).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)  # tokens before a stop token or string may end a completion
+    stop_token_ids: list[int] | None = Field(None, max_length=64)  # more stop tokens (kept with ignore_eos)
+    include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are: a string) -> bias in [-100, 100]
 
     @field_validator("logit_bias")

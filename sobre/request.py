@@ -74,6 +74,8 @@ class Limits:
                              "(max_position_embeddings) with room for one new token")
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         if (params.stop or params.json) and not self.tokenizer:
             raise ValueError(f"{'stop strings need' if params.stop else 'JSON mode needs'} a tokenizer "
                              "(Engine(model, tokenizer))")

@@ -28,6 +28,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt+generated tokens
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings (matched on detokenized text by the engine)
+    include_stop_str_in_output: bool = False  # the text a stop string ends keeps it (vLLM's)
     seed: int | None = None
     logprobs: int | None = None  # also return the top-n alternatives' logprobs per step
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI's)

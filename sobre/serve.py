@@ -176,7 +176,8 @@ class Server:
                 max_new_tokens=max_tokens or room, min_tokens=req.min_tokens, temperature=s["temperature"],
                 top_k=max(s["top_k"], 0), top_p=s["top_p"], min_p=s["min_p"], presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=s["repetition_penalty"],
-                stop_token_ids=() if req.ignore_eos else self.eos, stop=tuple(req.stop or ()),
+                stop_token_ids=(() if req.ignore_eos else self.eos) + tuple(req.stop_token_ids or ()),
+                stop=tuple(req.stop or ()), include_stop_str_in_output=req.include_stop_str_in_output,
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
                 logit_bias=req.logit_bias, json=json)  # (SamplingParams makes the ids ints)
         except ValueError as e:

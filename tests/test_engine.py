@@ -284,6 +284,10 @@ def test_stop_tokens_strings_and_logprobs():
         eng.step()
     seq = eng.collect()[rid]
     assert seq.finish_reason == "stop" and seq.text == text[:text.index(text[4:6])]
+    rid = eng.add_request([1, 2, 3], max_new_tokens=8, stop=(text[4:6],), include_stop_str_in_output=True)
+    while eng.has_work():
+        eng.step()
+    assert eng.collect()[rid].text == text[:text.index(text[4:6]) + 2]
     chosen, top = seq.logprobs[0]
     assert len(top) == 3 and chosen == pytest.approx(max(top.values()), abs=1e-6)  # greedy took the top token
     # a stop string first completed late in a long answer: found by decoding only each step's last tokens

@@ -290,6 +290,17 @@ def test_logit_bias(live, ref):
     for bias, status in (({"x": 1}, 422), ({str(t): 101}, 422), ({"100000": 1}, 400)):
         r = httpx.post(url + "completions", json={"prompt": "Hello", "max_tokens": 4, "logit_bias": bias})
         assert r.status_code == status and "logit_bias" in r.json()["error"]["message"], r.json()
+    # vLLM's stop_token_ids (kept under ignore_eos) and include_stop_str_in_output
+    body = {"prompt": "Hello", "max_tokens": 6, "logit_bias": {str(t): 100}, "ignore_eos": True}
+    r = httpx.post(url + "completions", json=body | {"stop_token_ids": [t]}).json()
+    assert r["usage"]["completion_tokens"] == 1 and r["choices"][0]["finish_reason"] == "stop"
+    piece = ref.tokenizer.decode([t])  # the text is piece x 6; with min_tokens 2 the stop is its second piece
+    for keep, text in ((False, piece), (True, piece * 2)):
+        r = httpx.post(url + "completions", json=body | {"stop": [piece], "min_tokens": 2,
+                                                        "include_stop_str_in_output": keep}).json()
+        assert r["choices"][0]["text"] == text and r["usage"]["completion_tokens"] == 2, r
+    r = httpx.post(url + "completions", json=body | {"stop_token_ids": [10**6]})
+    assert r.status_code == 400 and "stop_token_ids" in r.json()["error"]["message"]
 
 
 def test_chat_logprobs_stop_strings_n_and_seed(live, ref):
