@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from .chat import END_THINK, THINK
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Message, NamedTool, TokenizeRequest
+from .schema import check_schema
 from .serve import Server, request_id, split_final, sse
 from .tools import ToolCallStream, call_prefix, split_tool_calls
 
@@ -31,10 +32,7 @@ def routes(app: FastAPI, srv: Server, auth):
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: ChatRequest, request: Request):
         srv.check_model(req.model)
-        json_mode = req.response_format is not None and req.response_format.type == "json_object"
-        if req.response_format is not None and req.response_format.type == "json_schema":
-            raise APIError(400, "response_format 'json_schema' is not supported (no schema-guided decoding); "
-                           "'json_object' is: the answer is one JSON object", param="response_format")
+        json_mode = response_json(req)
         tools, forced = tool_setup(req)
         text = render_chat(tok, req.messages, tools, req.chat_template_kwargs)
         if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
@@ -176,6 +174,24 @@ def routes(app: FastAPI, srv: Server, auth):
 
         return event_stream(body(), lambda: finish(request, srv, prompts, req.n, choices),
                             {**head, "object": "text_completion"} if usage else None)
+
+
+def response_json(req: ChatRequest) -> bool | dict:
+    """response_format -> False (text), True (json_object) or the schema of json_schema (sobre.schema's subset)."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return False
+    if fmt.type == "json_object":
+        return True
+    schema = (fmt.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs json_schema.schema (a JSON schema object)",
+                       param="response_format.json_schema.schema")
+    try:
+        check_schema(schema)
+    except ValueError as e:
+        raise APIError(400, f"response_format json_schema: {e}", param="response_format.json_schema.schema") from None
+    return schema
 
 
 def render_chat(tok, messages: list[Message], tools: list[dict] | None, template_kwargs: dict | None) -> str:

@@ -32,6 +32,7 @@ from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Sequence
 from .sampling import SamplingParams, apply_penalties, greedy, probs, sample, speculative_accept, top_logprobs
+from .schema import SchemaPrefix
 from .tokenizer import framing_ids
 
 PROBATION = 32  # speculative: verifies before a sequence's acceptance decides whether it keeps drafting
@@ -132,7 +133,7 @@ class Engine:
             seq.seen[prompt] = True
             seq.counts = torch.zeros(c.vocab_size, device=self.device)
         if params.json:
-            seq.json = JsonPrefix()
+            seq.json = JsonPrefix() if params.json_schema is None else SchemaPrefix(params.json_schema)
             self.texts = self.texts or token_texts(self.tokenizer, c.vocab_size)
         if params.logit_bias:
             ids, vals = zip(*params.logit_bias.items())

@@ -152,7 +152,7 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
     parallel_tool_calls: bool = True  # (accepted; the model decides how many calls it writes)
-    response_format: ResponseFormat | None = None  # text or json_object (json_schema: refused)
+    response_format: ResponseFormat | None = None  # text, json_object, or json_schema (sobre.schema's subset)
     chat_template_kwargs: dict | None = None
 
 

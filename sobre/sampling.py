@@ -33,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None  # also return the top-n alternatives' logprobs per step
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI's)
     json: bool = False  # JSON mode: the completion is one JSON object and ends with it (sobre.constrain)
+    json_schema: dict | None = None  # ... that satisfies this schema (sobre.schema; implies json)
 
     def __post_init__(self):
         checks = [
@@ -56,6 +57,13 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ValueError("sampling parameter stop: stop strings must be non-empty")
+        if self.json_schema is not None:
+            from .schema import check_schema
+            try:
+                check_schema(self.json_schema)
+            except ValueError as e:
+                raise ValueError(f"sampling parameter json_schema: {e}") from None
+            self.json = True
         if self.min_tokens and self.json:
             raise ValueError("sampling parameter min_tokens: JSON mode ends the completion when its object closes")
         if self.logit_bias:

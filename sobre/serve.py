@@ -159,7 +159,7 @@ class Server:
                            param="model", code="model_not_found")
 
     def params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, seed_offset: int,
-               json: bool = False) -> SamplingParams:
+               json: bool | dict = False) -> SamplingParams:
         room = self.context - prompt_len
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
@@ -179,7 +179,8 @@ class Server:
                 stop_token_ids=(() if req.ignore_eos else self.eos) + tuple(req.stop_token_ids or ()),
                 stop=tuple(req.stop or ()), include_stop_str_in_output=req.include_stop_str_in_output,
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
-                logit_bias=req.logit_bias, json=json)  # (SamplingParams makes the ids ints)
+                logit_bias=req.logit_bias, json=bool(json),  # (SamplingParams makes the ids ints)
+                json_schema=json if isinstance(json, dict) else None)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

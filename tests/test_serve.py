@@ -256,6 +256,12 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
         r = client.chat.completions.create(model="tiny", messages=msgs, response_format={"type": "json_object"})
         assert json.loads(r.choices[0].message.content) == {"ok": [1, True]}
         assert r.choices[0].finish_reason == "stop" and prompts[-1].endswith("<think>\n</think>")
+        schema = {"type": "object", "properties": {"ok": {"type": "array", "items": {"type": ["integer", "boolean"]}}},
+                  "required": ["ok"], "additionalProperties": False}  # structured outputs
+        head.script, head.i = tok.encode('{"ok": [1, true], "zz": 2} and more'), 0  # (a key it does not allow)
+        r = client.chat.completions.create(model="tiny", messages=msgs, response_format={
+            "type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
+        assert json.loads(r.choices[0].message.content) == {"ok": [1, True]} and r.choices[0].finish_reason == "stop"
 
         n = len(prompts)
         for kw, param in ((dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}),
@@ -284,9 +290,13 @@ def test_logit_bias(live, ref):
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logit_bias": {str(t): 100},
         "chat_template_kwargs": {"thinking": False}})
     assert r.json()["choices"][0]["message"]["content"] == want.strip()
-    r = httpx.post(url + "chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                   "response_format": {"type": "json_schema"}})  # (not silently)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    for fmt, says in (({"type": "json_schema"}, "needs json_schema.schema"),  # (refused, never ignored)
+                      ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                          "type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}}}, "'pattern'")):
+        r = httpx.post(url + "chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                       "response_format": fmt})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"
+        assert says in r.json()["error"]["message"]
     for bias, status in (({"x": 1}, 422), ({str(t): 101}, 422), ({"100000": 1}, 400)):
         r = httpx.post(url + "completions", json={"prompt": "Hello", "max_tokens": 4, "logit_bias": bias})
         assert r.status_code == status and "logit_bias" in r.json()["error"]["message"], r.json()
