@@ -149,8 +149,14 @@ def cmd_generate(args):
         prompt = tok.encode(args.prompt, add_special_tokens=True)
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
-    if args.json and (tok is None or args.ids):
-        sys.exit("--json needs a text --prompt and the model's tokenizer.json")
+    schema = None
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"--json-schema {args.json_schema}: {e}")
+    if (args.json or schema) and (tok is None or args.ids):
+        sys.exit("--json and --json-schema need a text --prompt and the model's tokenizer.json")
     stop = eos_ids(model.config)
     rank = _expert_parallel(model, args, prompt) if args.expert_parallel else 0
     t0, out = time.perf_counter(), []
@@ -160,7 +166,7 @@ def cmd_generate(args):
     for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, min_tokens=args.min_tokens,
                         **sampling_args(args, path), seed=args.seed,
                         stop_token_ids=stop, presence_penalty=args.presence_penalty,
-                        frequency_penalty=args.frequency_penalty, json=args.json):
+                        frequency_penalty=args.frequency_penalty, json=args.json, json_schema=schema):
         out.append(t)
         if rank == 0:
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
@@ -434,6 +440,8 @@ def main(argv=None):
     s.add_argument("--frequency-penalty", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--json", action="store_true", help="JSON mode: the answer is one JSON object (needs --prompt)")
+    s.add_argument("--json-schema", metavar="FILE", help="structured output: one JSON object satisfying the JSON "
+                   "schema in FILE (OpenAI's strict subset; needs --prompt)")
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)

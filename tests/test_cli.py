@@ -9,6 +9,7 @@ import sobre
 from sobre.cli import main
 from sobre.constrain import JsonPrefix
 from sobre.engine import Engine
+from sobre.schema import SchemaPrefix
 
 from conftest import random_model
 from test_config import V3_RELEASE
@@ -86,9 +87,9 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path):
 
 
 def test_generate_with_tokenizer_text_prompt(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
     tok.train_from_iterator(["hello world", '{"a": [1, 2], "b": true}'] * 10, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     path = sobre.save(random_model(sobre.preset("debug", vocab_size=tok.get_vocab_size())), tmp_path / "m")
@@ -99,6 +100,13 @@ def test_generate_with_tokenizer_text_prompt(tmp_path):
     assert out.returncode == 0 and "tokens in" in out.stderr, out.stderr
     out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "12", "--json")  # JSON mode
     assert JsonPrefix().feed(out.stdout) and out.stdout.lstrip().startswith("{"), out.stdout
+    schema = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "12", "--json-schema",
+              str(tmp_path / "s.json"))  # structured output: {"b": true} or false, or a prefix of one
+    assert SchemaPrefix(schema).feed(out.stdout) and out.stdout.lstrip().startswith("{"), out.stdout
+    bad = run("generate", str(path), "--prompt", "hello", "--json-schema", str(tmp_path / "none.json"), check=False)
+    assert bad.returncode == 1 and "--json-schema" in bad.stderr and "No such file" in bad.stderr
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):
