@@ -39,6 +39,8 @@ def check_schema(schema, where: str = "schema") -> None:
         values = schema["enum"] if "enum" in schema else [schema["const"]]
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
             raise ValueError(f"{where}: enum / const must be non-empty strings only")
+        if "type" in schema and "string" not in _types(schema):
+            raise ValueError(f"{where}: a string enum / const needs a type that allows strings")
     props = schema.get("properties", {})
     if not isinstance(props, dict):
         raise ValueError(f"{where}.properties must be an object")

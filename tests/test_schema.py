@@ -133,6 +133,7 @@ def test_schema_prefix_against_the_reference_validator():
     ({"type": "array"}, "top level must be"), ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "'pattern'"),
     ({"type": "object", "anyOf": []}, "'anyOf'"), ({"type": "object", "properties": {"a": {"$ref": "#"}}}, "'\\$ref'"),
     ({"type": "object", "properties": {"a": {"enum": [1, 2]}}}, "strings only"),
+    ({"type": "object", "properties": {"a": {"type": "null", "enum": ["x"]}}}, "allows strings"),
     ({"type": "object", "required": ["b"]}, "required must list"),
     ({"type": "object", "additionalProperties": {"type": "string"}}, "only true or false"),
     ({"type": "object", "properties": {"a": {"type": "date"}}}, "expected one or more")])
