@@ -274,6 +274,9 @@ def cmd_chat(args):
         answer += split.flush()[1]
         history.append({"role": "assistant", "content": answer.strip()})
     print()
+    spec = eng.spec_summary()
+    if spec:
+        print(f"[{spec}]", file=sys.stderr)
 
 
 def cmd_pretrain(args):

@@ -171,3 +171,8 @@ def test_sobre_chat_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(">") >= 3 and "/reset" in out.stderr
     assert "\x1b[" not in out.stdout  # piped: the reasoning plain, no terminal escapes
+    assert "MTP speculative" not in out.stderr
+    spec = subprocess.run([sys.executable, "-m", "sobre", "chat", str(path), "--max-new-tokens", "12",
+                           "--temperature", "0", "--speculative"], input="hello\n/exit\n", capture_output=True,
+                          text=True, timeout=120)
+    assert spec.returncode == 0 and "drafts accepted" in spec.stderr, spec.stderr
