@@ -133,7 +133,15 @@ def cmd_generate(args):
     from .checkpoint import load, resolve
     from .engine import Engine, eos_ids
     from .linear import inference_dtype
+    from .schema import check_schema
     from .tokenizer import TextStream, load_tokenizer
+    schema = None
+    if args.json_schema:  # (a bad file or schema: one line, before the model loads)
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+            check_schema(schema)
+        except (OSError, ValueError) as e:
+            sys.exit(f"--json-schema {args.json_schema}: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
@@ -149,12 +157,6 @@ def cmd_generate(args):
         prompt = tok.encode(args.prompt, add_special_tokens=True)
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
-    schema = None
-    if args.json_schema:
-        try:
-            schema = json.loads(Path(args.json_schema).read_text())
-        except (OSError, ValueError) as e:
-            sys.exit(f"--json-schema {args.json_schema}: {e}")
     if (args.json or schema) and (tok is None or args.ids):
         sys.exit("--json and --json-schema need a text --prompt and the model's tokenizer.json")
     stop = eos_ids(model.config)
@@ -372,6 +374,7 @@ def cmd_serve(args):
     from .worker import EngineProcess
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = resolve(args.path)
+    defaults = generation_defaults(path) if args.generation_config == "auto" else {}  # (a bad file: before loading)
     if args.compile:
         print("sobre serve: compiling the decode step", file=sys.stderr)
     # the engine runs in its own process (its Python between ops never waits for the event loop's GIL), with
@@ -384,7 +387,6 @@ def cmd_serve(args):
                         fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
                         min_acceptance=args.min_acceptance)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
-    defaults = generation_defaults(path) if args.generation_config == "auto" else {}
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults)
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
     if defaults:

@@ -107,6 +107,9 @@ def test_generate_with_tokenizer_text_prompt(tmp_path):
     assert SchemaPrefix(schema).feed(out.stdout) and out.stdout.lstrip().startswith("{"), out.stdout
     bad = run("generate", str(path), "--prompt", "hello", "--json-schema", str(tmp_path / "none.json"), check=False)
     assert bad.returncode == 1 and "--json-schema" in bad.stderr and "No such file" in bad.stderr
+    (tmp_path / "array.json").write_text(json.dumps({"type": "array"}))
+    bad = run("generate", str(path), "--prompt", "hello", "--json-schema", str(tmp_path / "array.json"), check=False)
+    assert bad.returncode == 1 and "the top level must be" in bad.stderr
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path):
