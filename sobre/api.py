@@ -146,9 +146,9 @@ def routes(app: FastAPI, srv: Server, auth):
         request.state.prompt_tokens = sum(len(p) for p in prompts) * req.n
         head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}
         # echo: a text prompt as sent (not the special tokens its encoding added), token ids decoded
-        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str) \
-            else [tok.decode(p) for p in prompts]
-        echo = {c.index: texts[c.index // req.n] if req.echo else "" for c in choices}
+        texts = ([req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str)
+                 else [tok.decode(p) for p in prompts]) if req.echo else [""] * len(prompts)
+        echo = {c.index: texts[c.index // req.n] for c in choices}
 
         if not req.stream:
             async for _ in srv.events(choices, request):

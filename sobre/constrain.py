@@ -37,9 +37,13 @@ class JsonPrefix:
 
     def accepts(self, text: str) -> bool:
         """Would text keep this a prefix of a JSON object? (self unchanged)"""
+        return self._trial().feed(text)
+
+    def _trial(self) -> JsonPrefix:
+        """A copy to feed without touching self (its mutable state copied)."""
         trial = copy.copy(self)
         trial.stack = list(self.stack)
-        return trial.feed(text)
+        return trial
 
     def feed(self, text: str) -> bool:
         """Advance over text; False (and a broken state) at the first character no JSON object continues with."""

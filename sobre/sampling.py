@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .schema import check_schema
+
 
 @dataclass
 class SamplingParams:
@@ -58,7 +60,6 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise ValueError("sampling parameter stop: stop strings must be non-empty")
         if self.json_schema is not None:
-            from .schema import check_schema
             try:
                 check_schema(self.json_schema)
             except ValueError as e:

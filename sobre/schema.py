@@ -73,11 +73,10 @@ class SchemaPrefix(JsonPrefix):
         self.raw = ""  # ... and its text so far
         self.integer = False  # the number being read must stay an integer
 
-    def accepts(self, text: str) -> bool:
-        trial = self.__class__.__new__(self.__class__)
-        trial.__dict__.update(self.__dict__)
-        trial.stack, trial.ctx = list(self.stack), list(self.ctx)  # (the rest is immutable)
-        return trial.feed(text)
+    def _trial(self) -> SchemaPrefix:
+        trial = super()._trial()
+        trial.ctx = list(self.ctx)  # (the rest is immutable)
+        return trial
 
     def _char(self, ch: str) -> bool:
         s = self.state
