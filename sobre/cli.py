@@ -446,7 +446,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--json", action="store_true", help="JSON mode: the answer is one JSON object (needs --prompt)")
     s.add_argument("--json-schema", metavar="FILE", help="structured output: one JSON object satisfying the JSON "
-                   "schema in FILE (OpenAI's strict subset; needs --prompt)")
+                   "schema in FILE (sobre.schema's keywords; needs --prompt)")
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)

@@ -9,6 +9,7 @@ import torch
 
 from .constrain import JsonPrefix
 from .sampling import SamplingParams
+from .schema import SchemaPrefix
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Sequence:
     seen: torch.Tensor | None = None  # [V] bool: prompt + output (repetition penalty)
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
     bias: torch.Tensor | None = None  # [V] fp32 logit_bias
-    json: JsonPrefix | None = None  # JSON mode: the object so far
+    json: JsonPrefix | SchemaPrefix | None = None  # JSON mode: the object so far
     verifies: int = 0  # speculative: verify forwards so far, and the drafts they accepted
     accepted: int = 0
     drafting: bool = True  # speculative: False once its drafts proved too rarely accepted (plain from then on)

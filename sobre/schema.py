@@ -3,58 +3,39 @@ object that satisfies a schema, the same way JSON mode is constrained (constrain
 token whose text would leave the language and draws again without it).
 
 `SchemaPrefix` follows JsonPrefix's syntax and checks the schema as the text arrives: an object's keys are among
-its `properties` (each once; any key where `additionalProperties` is true or no properties are given), a key being
-typed is a prefix of one still allowed, `}` only once every `required` key is there, each value's first character
-fits its `type` (a list of types too), an `integer` has no fraction or exponent, a string `enum` / `const` is typed
-character by character as one of its values, an array's elements follow `items`; a `,` or key in an object with no
-key left to write is refused (it would be a dead end). The subset OpenAI's strict mode
-uses; any other keyword (pattern, minimum, anyOf, $ref, ...) is refused by `check_schema`, never ignored.
+its `properties` (each once; any key where `additionalProperties` is true or a schema, or where neither it nor
+properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), a
+key being typed is a prefix of one still allowed, `}` only once every `required` key is there, each value's first
+character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const`
+values (any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems`
+and `maxItems` of them. `anyOf` (and a one-entry `allOf`) forks the reading: each alternative is followed until
+the text leaves it (readings that agree again are merged); `$ref` points inside the schema (`#`, `#/$defs/...`),
+recursion included. A `,` or key in an object with no key left to write is refused (it would be a dead end).
+That is what pydantic models and OpenAI's strict mode use; any other keyword (pattern, format, minimum, oneOf,
+...) is refused by `check_schema`, never ignored.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from urllib.parse import unquote
 
 from .constrain import DIGITS, JsonPrefix
 
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
-KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "enum", "const", "title",
-            "description", "$schema", "default"}  # (title, description, $schema, default: documentation only)
+DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # (documentation only)
+DEFS = {"$defs", "definitions"}
+CHOICE = ("$ref", "anyOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
+KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", *CHOICE,
+            *DOC, *DEFS}
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 
-def check_schema(schema, where: str = "schema") -> None:
-    """ValueError naming the first part of the schema SchemaPrefix cannot enforce (the root must be an object)."""
-    if not isinstance(schema, dict):
-        raise ValueError(f"{where} must be a JSON object")
-    if where == "schema" and _types(schema) != {"object"}:
-        raise ValueError("schema: the top level must be {\"type\": \"object\", ...}")
-    extra = sorted(set(schema) - KEYWORDS)
-    if extra:
-        raise ValueError(f"{where}: keyword {extra[0]!r} is not supported (supported: {', '.join(sorted(KEYWORDS))})")
-    bad = _types(schema) - TYPES if "type" in schema else set()
-    if bad or "type" in schema and not _types(schema):
-        raise ValueError(f"{where}.type: expected one or more of {sorted(TYPES)}")
-    if "enum" in schema or "const" in schema:
-        values = schema["enum"] if "enum" in schema else [schema["const"]]
-        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
-            raise ValueError(f"{where}: enum / const must be non-empty strings only")
-        if "type" in schema and "string" not in _types(schema):
-            raise ValueError(f"{where}: a string enum / const needs a type that allows strings")
-    props = schema.get("properties", {})
-    if not isinstance(props, dict):
-        raise ValueError(f"{where}.properties must be an object")
-    for key, sub in props.items():
-        if '"' in key or "\\" in key:
-            raise ValueError(f"{where}.properties: key {key!r} has a quote or backslash")
-        check_schema(sub, f"{where}.properties.{key}")
-    required = schema.get("required", [])
-    if not isinstance(required, list) or any(k not in props for k in required):
-        raise ValueError(f"{where}.required must list keys of properties")
-    if not isinstance(schema.get("additionalProperties", False), bool):
-        raise ValueError(f"{where}.additionalProperties: only true or false is supported")
-    if "items" in schema:
-        check_schema(schema["items"], f"{where}.items")
+def check_schema(schema) -> None:
+    """ValueError naming the first part of the schema SchemaPrefix cannot enforce (the top level must be an
+    object)."""
+    Schema(schema)
 
 
 def _types(schema: dict) -> set[str]:
@@ -62,39 +43,221 @@ def _types(schema: dict) -> set[str]:
     return set(t) if isinstance(t, list) else {t} if isinstance(t, str) else set()
 
 
-class SchemaPrefix(JsonPrefix):
+def _fits(value, types: set[str]) -> bool:
+    """Is a JSON value of one of the types (any when none)?"""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    kinds = {"object": isinstance(value, dict), "array": isinstance(value, list), "string": isinstance(value, str),
+             "boolean": isinstance(value, bool), "null": value is None, "number": number,
+             "integer": number and float(value).is_integer()}
+    return not types or any(kinds[t] for t in types)
+
+
+class Schema:
+    """A schema checked once, with each part's alternatives: the object / array / scalar schemas a value may
+    follow, and one tuple of the JSON texts its enum / const allows (cached, shared by every reading)."""
+
+    def __init__(self, root):
+        if not isinstance(root, dict):
+            raise ValueError("schema must be a JSON object")
+        self.root = root
+        self.alts: dict[int, list] = {}
+        self.checked: set[int] = set()
+        self._check(root, "schema")
+        if any(not isinstance(a, dict) or _types(a) != {"object"} for a in self.expand(root)):
+            raise ValueError("schema: the top level must be {\"type\": \"object\", ...}")
+
+    def _check(self, s, where: str) -> None:
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be a JSON object")
+        if id(s) in self.checked:  # (reached again through a $ref)
+            return
+        self.checked.add(id(s))
+        extra = sorted(set(s) - KEYWORDS)
+        if extra:
+            raise ValueError(f"{where}: keyword {extra[0]!r} is not supported "
+                             f"(supported: {', '.join(sorted(KEYWORDS))})")
+        for defs in DEFS & set(s):
+            if not isinstance(s[defs], dict):
+                raise ValueError(f"{where}.{defs} must be an object")
+            for name, sub in s[defs].items():
+                self._check(sub, f"{where}.{defs}.{name}")
+        if "type" in s and (not _types(s) or _types(s) - TYPES):
+            raise ValueError(f"{where}.type: expected one or more of {sorted(TYPES)}")
+        choice = [k for k in CHOICE if k in s]
+        if choice:
+            beside = set(s) - DOC - DEFS - {choice[0]} - ({"type"} if choice[0] in ("enum", "const") else set())
+            if beside:
+                raise ValueError(f"{where}: {sorted(beside)[0]!r} beside {choice[0]!r} is not supported")
+            self._check_choice(s, choice[0], where)
+            self.expand(s)  # (a $ref / anyOf cycle that never reaches a value is refused here)
+            return
+        props = s.get("properties", {})
+        if not isinstance(props, dict):
+            raise ValueError(f"{where}.properties must be an object")
+        for key, sub in props.items():
+            if '"' in key or "\\" in key or any(c < " " for c in key):
+                raise ValueError(f"{where}.properties: key {key!r} has a quote, backslash or control character")
+            self._check(sub, f"{where}.properties.{key}")
+        required = s.get("required", [])
+        if not isinstance(required, list) or any(k not in props for k in required):
+            raise ValueError(f"{where}.required must list keys of properties")
+        extra = s.get("additionalProperties", False)
+        if not isinstance(extra, bool):
+            self._check(extra, f"{where}.additionalProperties")
+        if "items" in s:
+            self._check(s["items"], f"{where}.items")
+        lo, hi = s.get("minItems", 0), s.get("maxItems", math.inf)
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in (lo, hi) if n != math.inf) or lo > hi:
+            raise ValueError(f"{where}: minItems / maxItems must be integers >= 0, minItems <= maxItems")
+
+    def _check_choice(self, s: dict, key: str, where: str) -> None:
+        if key == "$ref":
+            self._check(self.resolve(s["$ref"], where), f"{where}.$ref {s['$ref']}")
+        elif key in ("anyOf", "allOf"):
+            subs = s[key]
+            if not isinstance(subs, list) or not subs or key == "allOf" and len(subs) != 1:
+                raise ValueError(f"{where}.{key} must be a non-empty list" + (" of one schema" * (key == "allOf")))
+            for i, sub in enumerate(subs):
+                self._check(sub, f"{where}.{key}[{i}]")
+        else:
+            values = s["enum"] if key == "enum" else [s["const"]]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}.enum must be a non-empty list")
+            try:
+                [json.dumps(v, allow_nan=False) for v in values]
+            except ValueError:
+                raise ValueError(f"{where}.{key}: NaN and infinities are not JSON") from None
+            if not any(_fits(v, _types(s)) for v in values):
+                raise ValueError(f"{where}: no {key} value has the schema's type (it could never be written)")
+
+    def resolve(self, ref, where: str) -> dict:
+        """The part of the schema a local $ref ("#", "#/$defs/Name", any JSON pointer into it) names."""
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ValueError(f"{where}.$ref: only references inside the schema ('#/$defs/...') are supported")
+        node = self.root
+        for part in ref[2:].split("/") if ref != "#" else []:
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                raise ValueError(f"{where}.$ref: {ref!r} names nothing in the schema")
+        if not isinstance(node, dict):
+            raise ValueError(f"{where}.$ref: {ref!r} is not a schema")
+        return node
+
+    def expand(self, s: dict, path: frozenset = frozenset()) -> list:
+        """s's alternatives: schemas without $ref / anyOf / allOf / enum / const, and at most one tuple of
+        JSON texts (its enum / const values, each in compact form)."""
+        if id(s) in self.alts:
+            return self.alts[id(s)]
+        if not isinstance(s, dict):
+            raise ValueError("schema: every part of a schema must be a JSON object")
+        if id(s) in path:
+            raise ValueError("schema: a $ref / anyOf / allOf cycle that never reaches a value")
+        path = path | {id(s)}
+        if "$ref" in s:
+            out = self.expand(self.resolve(s["$ref"], "schema"), path)
+        elif "anyOf" in s or "allOf" in s:
+            out, texts = [], []
+            for sub in s.get("anyOf") or s["allOf"]:
+                for a in self.expand(sub, path):
+                    texts += a if isinstance(a, tuple) else []
+                    out += [] if isinstance(a, tuple) or any(a is b for b in out) else [a]
+            out += [tuple(dict.fromkeys(texts))] if texts else []
+        elif "enum" in s or "const" in s:
+            values = s["enum"] if "enum" in s else [s["const"]]
+            out = [tuple(dict.fromkeys(json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+                                       for v in values if _fits(v, _types(s))))]
+        else:
+            out = [s]
+        self.alts[id(s)] = out
+        return out
+
+
+class SchemaPrefix:
+    """Whether text is still the start of an object the schema allows: the set of its readings (one, unless
+    anyOf leaves more than one alternative open). The interface of JsonPrefix (accepts, feed, complete)."""
+
     def __init__(self, schema: dict):
-        check_schema(schema)
+        self.readings = [_Reading(Schema(schema))]
+
+    @property
+    def complete(self) -> bool:
+        return any(r.complete for r in self.readings)
+
+    def accepts(self, text: str) -> bool:
+        return bool(_advance([r._trial() for r in self.readings], text))
+
+    def feed(self, text: str) -> bool:
+        """Advance over text; False (and no reading left) at the first character no allowed object goes on with."""
+        self.readings = _advance(self.readings, text)
+        return bool(self.readings)
+
+
+def _advance(readings: list[_Reading], text: str) -> list[_Reading]:
+    """The readings that go on through text (readings are changed in place; forks are copies)."""
+    for ch in text:
+        live = [f for r in readings for f in r.forks() if f._char(ch)]
+        readings = list({f.signature(): f for f in live}.values()) if len(live) > 1 else live
+        if not readings:
+            break
+    return readings
+
+
+class _Reading(JsonPrefix):
+    """One reading of the text: JsonPrefix's syntax plus the schema of every open container."""
+
+    def __init__(self, schema: Schema):
         super().__init__()
-        self.pending: dict = schema  # the schema of the value that starts next
-        self.ctx: list[tuple[dict, frozenset]] = []  # per open container: its schema, an object's keys so far
+        self.schema = schema
+        self.pending: dict | tuple | None = schema.root  # what the value that starts next follows
+        self.ctx: list[tuple[dict, frozenset, int]] = []  # per open container: its schema, keys so far, items so far
         self.keybuf = ""  # the object key being typed
-        self.enum: tuple[str, ...] | None = None  # a string enum value being typed: its candidates (JSON text)
-        self.raw = ""  # ... and its text so far
         self.integer = False  # the number being read must stay an integer
 
-    def _trial(self) -> SchemaPrefix:
+    def _trial(self) -> _Reading:
         trial = super()._trial()
         trial.ctx = list(self.ctx)  # (the rest is immutable)
         return trial
 
+    def signature(self) -> tuple:
+        """Readings with equal signatures read every future text alike."""
+        p = self.pending
+        return (self.state, self.sub, self.key, tuple(self.stack), self.keybuf, self.integer,
+                tuple((id(s), used, n) for s, used, n in self.ctx), id(p) if isinstance(p, dict) else p)
+
+    def forks(self) -> list[_Reading]:
+        """Before a value: one reading per alternative of its schema (self when there is one)."""
+        if self.state not in ("start", "value") or not isinstance(self.pending, dict):
+            return [self]
+        alts = self.schema.expand(self.pending)
+        if len(alts) == 1:
+            self.pending = alts[0]
+            return [self]
+        out = [self._trial() for _ in alts]
+        for r, a in zip(out, alts):
+            r.pending = a
+        return out
+
     def _char(self, ch: str) -> bool:
         s = self.state
+        if s == "enum":  # self.sub: the rest of each allowed text
+            rest = tuple(t[1:] for t in self.sub if t[:1] == ch)
+            if rest:
+                self.state, self.sub = ("after", None) if rest == ("",) else ("enum", rest)
+                return True
+            if "" not in self.sub:
+                return False
+            self.state, self.sub = "after", None  # (a number that ended: ch goes on from there)
+            return self._char(ch)
         if s == "string" and self.key:  # (no escapes in keys: a key's state stays "string")
             if ch == '"':
                 return self._key_done() and super()._char(ch)
             self.keybuf += ch
             return ch != "\\" and (self._free_keys() or any(k.startswith(self.keybuf) for k in self._keys_left())) \
                 and super()._char(ch)
-        if s in ("string", "escape", "unicode") and self.enum is not None:
-            self.raw += ch
-            if not any(c.startswith(self.raw) for c in self.enum):
-                return False
-            if s == "string" and ch == '"':  # (a closing quote: an escaped one is in state "escape")
-                if self.raw not in self.enum:
-                    return False
-                self.enum = None
-            return super()._char(ch)
         if s == "number" and self.integer and ch in ".eE":
             return False
         if s in ("key_or_end", "key") and ch == '"':
@@ -102,58 +265,64 @@ class SchemaPrefix(JsonPrefix):
                 return False
             self.keybuf = ""
         if s == "after" and ch == ",":
+            schema, _, n = self.ctx[-1]
             if self.stack[-1] == "[":
-                self.pending = self.ctx[-1][0].get("items", {})
+                if n >= schema.get("maxItems", math.inf):
+                    return False
+                self.pending = schema.get("items", {})
             elif not (self._free_keys() or self._keys_left()):  # (no key may follow: a dead end)
                 return False
         return super()._char(ch)
 
     def _keys_left(self) -> list[str]:
-        schema, used = self.ctx[-1]
+        schema, used, _ = self.ctx[-1]
         return [k for k in schema.get("properties", {}) if k not in used]
 
     def _free_keys(self) -> bool:
         """Whether the open object takes keys beyond its properties."""
         schema = self.ctx[-1][0]
-        return schema.get("additionalProperties", False) or "properties" not in schema
+        return schema.get("additionalProperties", "properties" not in schema) is not False
 
     def _key_done(self) -> bool:
-        schema, used = self.ctx[-1]
+        schema, used, n = self.ctx[-1]
         props = schema.get("properties", {})
         if self.keybuf in used or self.keybuf not in props and not self._free_keys():
             return False
-        self.ctx[-1] = (schema, used | {self.keybuf})
-        self.pending = props.get(self.keybuf, {})
+        self.ctx[-1] = (schema, used | {self.keybuf}, n)
+        extra = schema.get("additionalProperties", {})
+        self.pending = props[self.keybuf] if self.keybuf in props else extra if isinstance(extra, dict) else {}
         return True
 
     def _value(self, ch: str) -> bool:
         p = self.pending
-        if ch == "]" and self.stack[-1] == "[" and self.sub == "first":
-            return super()._value(ch)  # an empty array
+        if self.stack[-1] == "[":
+            schema, used, n = self.ctx[-1]
+            if ch == "]" and self.sub == "first":  # an empty array
+                self.pending = None
+                return schema.get("minItems", 0) == 0 and super()._value(ch)
+            self.ctx[-1] = (schema, used, n + 1)
+        if isinstance(p, tuple):  # enum / const: one of these texts
+            self.state, self.sub, self.pending = "enum", p, None
+            return self._char(ch)
         kind = FIRST.get(ch, "number" if ch == "-" or ch in DIGITS else None)
         types = _types(p)
         if types and not (kind in types or kind == "number" and "integer" in types):
             return False
         self.integer = kind == "number" and "number" not in types and "integer" in types
-        if "enum" in p or "const" in p:
-            if ch != '"':
-                return False
-            self.enum = tuple(json.dumps(v, ensure_ascii=False) for v in (p["enum"] if "enum" in p else [p["const"]]))
-            self.raw = ch
+        if kind not in ("object", "array"):
+            self.pending = None  # (_open reads it: the container's schema)
         return super()._value(ch)
 
     def _open(self, ch: str) -> bool:
-        self.ctx.append((self.pending, frozenset()))
-        if ch == "[":
-            self.pending = self.pending.get("items", {})
+        self.ctx.append((self.pending, frozenset(), 0))
+        self.pending = self.pending.get("items", {}) if ch == "[" else None
         return super()._open(ch)
 
     def _close(self, ch: str) -> bool:
         if not self.ctx:
             return False
-        schema, used = self.ctx[-1]
-        if ch == "}" and not set(schema.get("required", ())) <= used:
+        schema, used, n = self.ctx[-1]
+        if ch == "}" and not set(schema.get("required", ())) <= used or ch == "]" and n < schema.get("minItems", 0):
             return False
         self.ctx.pop()
         return super()._close(ch)
-

@@ -155,7 +155,7 @@ def test_sampling_parameters_are_checked():
 
 
 def test_speedrun_runs_every_stage_and_resumes(tmp_path):
-    args = ("speedrun", "--out", str(tmp_path / "run"), "--preset", "debug", "--steps", "12", "--eval-problems", "4",
+    args = ("speedrun", "--out", str(tmp_path / "run"), "--preset", "debug", "--steps", "6", "--eval-problems", "4",
             "--device", "cpu", "--nproc", "2",  # pretraining in 2 torchrun (gloo) processes
             "--precision", "bf16")  # every training stage under bf16 autocast (fp32 runs in their own tests)
     out = run(*args)

@@ -4,13 +4,14 @@ and random texts; unsupported keywords refused; the engine's constrained decodin
 import json
 import random
 
+import jsonschema_rs
 import pytest
 import torch
 
 import sobre
 from sobre.engine import Engine
 from sobre.sampling import SamplingParams
-from sobre.schema import SchemaPrefix, check_schema
+from sobre.schema import TYPES, Schema, SchemaPrefix, check_schema
 from sobre.tokenizer import train_tokenizer
 
 from conftest import random_model
@@ -24,32 +25,28 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "n"], "additionalProperties": False}
 
 
+def closed(schema):
+    """The schema with sobre's one convention spelled out for the reference: an object with properties and no
+    additionalProperties takes no other key (OpenAI's strict mode asks for additionalProperties false)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k in ("items", "additionalProperties", "anyOf", "allOf") else
+           {n: closed(v2) for n, v2 in v.items()} if k in ("properties", "$defs") else v for k, v in schema.items()}
+    return out | ({"additionalProperties": False} if "properties" in out and "additionalProperties" not in out
+                  else {})
+
+
 def valid(value, schema) -> bool:
-    """The reference: does a parsed value satisfy the schema (the keywords check_schema allows)?"""
-    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-    types = schema.get("type")
-    types = [types] if isinstance(types, str) else types
-    if types is not None:
-        def fits(t):
-            if t in ("number", "integer"):
-                return isinstance(value, int | float) and not isinstance(value, bool) and (
-                    t == "number" or isinstance(value, int))
-            return isinstance(value, kinds[t])
-        if not any(fits(t) for t in types):
-            return False
-    if "enum" in schema and value not in schema["enum"] or "const" in schema and value != schema["const"]:
-        return False
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        if not set(schema.get("required", ())) <= set(value):
-            return False
-        closed = "properties" in schema and not schema.get("additionalProperties", False)
-        if closed and not set(value) <= set(props):
-            return False
-        return all(valid(v, props.get(k, {})) for k, v in value.items())
-    if isinstance(value, list):
-        return all(valid(v, schema.get("items", {})) for v in value)
-    return True
+    """The reference: jsonschema-rs (JSON Schema 2020-12)."""
+    key = json.dumps(schema, sort_keys=True)
+    if key not in VALIDATORS:
+        VALIDATORS[key] = jsonschema_rs.validator_for(closed(schema))
+    return VALIDATORS[key].is_valid(value)
+
+
+VALIDATORS = {}
 
 
 def parse(text):
@@ -68,21 +65,49 @@ def run(text, schema=SCHEMA):
     return all(p.accepts(c) and p.feed(c) for c in text), p.complete
 
 
-def sample_value(rng, schema, depth=0):
-    """A random value that satisfies the schema."""
-    if "enum" in schema:
-        return rng.choice(schema["enum"])
+class Compact:
+    """An enum / const value in a sampled object: sobre writes it as compact JSON."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def dump(value, separators) -> str:
+    """json.dumps with separators, Compact values compact."""
+    if isinstance(value, Compact):
+        return json.dumps(value.value, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, dict):
+        return "{" + separators[0].join(json.dumps(k, ensure_ascii=False) + separators[1] + dump(v, separators)
+                                         for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + separators[0].join(dump(v, separators) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def sample_value(rng, schema, depth=0, root=None):
+    """A random value that satisfies the schema (enum / const values as sobre writes them: compact JSON)."""
+    root = root or schema
+    if "$ref" in schema:
+        return sample_value(rng, Schema(root).resolve(schema["$ref"], "test"), depth, root)
+    if "anyOf" in schema or "allOf" in schema:
+        return sample_value(rng, rng.choice(schema.get("anyOf") or schema["allOf"]), depth, root)
+    if "enum" in schema or "const" in schema:
+        values = schema["enum"] if "enum" in schema else [schema["const"]]
+        return Compact(rng.choice([v for v in values if valid(v, {"type": schema.get("type", list(TYPES))})]))
     types = schema.get("type", rng.choice(["string", "integer", "array", "object", "null"] if depth < 2 else ["null"]))
     t = rng.choice(types) if isinstance(types, list) else types
     if t == "object":
         props = schema.get("properties", {})
         keys = [k for k in props if k in schema.get("required", ()) or rng.random() < 0.5]
-        out = {k: sample_value(rng, props[k], depth + 1) for k in keys}
-        if "properties" not in schema or schema.get("additionalProperties"):
-            out.update({f"k{i}": sample_value(rng, {}, depth + 1) for i in range(rng.randrange(3))})
+        out = {k: sample_value(rng, props[k], depth + 1, root) for k in keys}
+        extra = schema.get("additionalProperties", "properties" not in schema)
+        if extra is not False:
+            extra = extra if isinstance(extra, dict) else {}
+            out.update({f"k{i}": sample_value(rng, extra, depth + 1, root) for i in range(rng.randrange(3))})
         return dict(rng.sample(list(out.items()), len(out)))
     if t == "array":
-        return [sample_value(rng, schema.get("items", {}), depth + 1) for _ in range(rng.randrange(3))]
+        n = min(schema.get("maxItems", 2), max(schema.get("minItems", 0), rng.randrange(3 if depth < 3 else 1)))
+        return [sample_value(rng, schema.get("items", {}), depth + 1, root) for _ in range(n)]
     return {"string": lambda: rng.choice(["", "x", 'q"\\u', "日本"]), "integer": lambda: rng.randrange(-50, 50),
             "number": lambda: rng.choice([0, -3, 2.5, 1e-3]), "boolean": lambda: rng.random() < 0.5,
             "null": lambda: None}[t]()
@@ -112,30 +137,149 @@ def test_schema_prefix_cases(text, ok):
         assert fed and not done if ok is None else not fed
 
 
-def test_schema_prefix_against_the_reference_validator():
+COLOR = {"enum": ["red", "re", 1, 12, -2.5, 1e20, None, True, [], {}], "title": "Color"}
+TREE = {  # what pydantic writes: $defs and $ref (recursive), anyOf, enums of any JSON value, bounds on arrays
+    "$defs": {"Node": {"type": "object", "properties": {"name": {"type": "string"}, "kids": {
+        "type": "array", "items": {"$ref": "#/$defs/Node"}, "maxItems": 2}}, "required": ["name", "kids"],
+        "additionalProperties": False}, "Color": COLOR},
+    "type": "object", "properties": {
+        "tree": {"$ref": "#/$defs/Node"}, "color": {"$ref": "#/$defs/Color"}, "default": {"default": None},
+        "maybe": {"anyOf": [{"type": "integer"}, {"type": "null"}, {"const": "n/a"},
+                            {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                            {"type": "object", "properties": {"ab": {"const": {"x": [1, 2]}}},
+                             "additionalProperties": {"type": "boolean"}}], "default": None},
+        "pair": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 3},
+        "free": {"type": "object", "properties": {"p": {"type": "null"}}, "additionalProperties": {}},
+        "scores": {"type": "object", "additionalProperties": {"type": "number"}},
+        "wrapped": {"allOf": [{"$ref": "#/$defs/Color"}], "description": "one of the colours"},
+        "tags": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"enum": ["a", 3], "type": "string"}]}},
+        "self": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "required": ["tree", "color", "maybe", "pair"], "additionalProperties": False}
+BASE = '"tree": {"name": "r", "kids": []}, "color": "red", "pair": ["x", "y"]'
+T = '{"tree": {"name": "r", "kids": []}, '
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{' + BASE + ', "maybe": null}', True), ('{' + BASE + ', "maybe": -4}', True),
+    ('{' + BASE + ', "maybe": "n/a"}', True), ('{' + BASE + ', "maybe": "n/b"}', False),
+    ('{' + BASE + ', "maybe": {"a": "x"}}', True), ('{' + BASE + ', "maybe": {"a": true}}', True),
+    ('{' + BASE + ', "maybe": {"ab": {"x":[1,2]}, "a": false}}', True),
+    ('{' + BASE + ', "maybe": {"ab": {"x": [1, 2]}}}', False),  # (an enum value is written compact)
+    ('{' + BASE + ', "maybe": {"a": 1}}', False), ('{' + BASE + ', "maybe": {"b": true}}', True),
+    ('{' + BASE + ', "maybe": {"b": "x"}}', False), ('{' + BASE + ', "maybe": {}}', True),
+    ('{' + BASE + ', "maybe": 1.5}', False), ('{' + BASE + ', "maybe": {"a": "x", "b": 1}}', False),
+    ('{"tree": {"name": "r", "kids": [{"name": "s", "kids": [{"name": "t", "kids": []}]}]}, "color": 12, '
+     '"maybe": null, "pair": ["x", "y", "z"]}', True),
+    ('{"tree": {"name": "r", "kids": [{"name": "s", "kids": []}, {"name": "t", "kids": []}, ', False),  # maxItems
+    ('{"tree": {"name": "r", "kids": [{"name": "s"}]}', False), (T + '"color": "red", "pair": []', False),  # minItems
+    (T + '"color": "red", "pair": ["x"]', False),
+    ('{' + BASE + ', "maybe": null, "free": {"p": null, "q": [{}]}}', True),
+    (T + '"color": "red", "pair": ["x", "y", "z",', False), ('{' + BASE + ', "maybe": 1, "color": "red"}', False),
+    (T + '"color": 1, "maybe": null, "pair": ["x", "y"]}', True),
+    (T + '"color": 1e+20, "maybe": null, "pair": ["x", "y"]}', True),
+    (T + '"color": 123', False), (T + '"color": 2', False), (T + '"color": "r', None), (T + '"color": "rex', False),
+    (T + '"color": {}, "maybe": null, "pair": ["x", "y"], "wrapped": [], "default": [{}]}', True),
+    ('{' + BASE + ', "maybe": null, "wrapped": "blue"}', False),
+    ('{' + BASE + ', "maybe": null, "tags": ["a", "b", "a"], "scores": {"u": 1.5, "v": -2}}', True),
+    ('{' + BASE + ', "maybe": null, "tags": [3]}', False),
+    ('{' + BASE + ', "maybe": null, "scores": {"u": "x"}}', False),
+    ('{' + BASE + ', "maybe": null, "self": {' + BASE + ', "maybe": 2, "self": null}}', True),
+    ('{' + BASE + ', "maybe": null, "self": {"tree": 1', False)])
+def test_schema_prefix_alternatives_and_references(text, ok):
+    """anyOf forks the reading (objects whose keys share a prefix, a const, types), $ref reaches $defs and the
+    root (recursion), enum / const values of every JSON type, minItems / maxItems, additionalProperties as a
+    schema."""
+    fed, done = run(text, TREE)
+    if ok:
+        assert fed and done and valid(parse(text), TREE), text
+    else:
+        assert (fed and not done if ok is None else not fed), text
+
+
+@pytest.mark.parametrize("schema,n", [(SCHEMA, 1000), (TREE, 500)], ids=["flat", "tree"])
+def test_schema_prefix_against_the_reference_validator(schema, n):
     """Random valid objects, written with random whitespace, are accepted to the end; random edits of them are
-    accepted and complete only when the reference parses and validates them (2000 texts)."""
+    accepted and complete only when jsonschema-rs parses and validates them (n of each)."""
     rng = random.Random(0)
-    edits = list('{}[]",:0123456789.-e tfnul"xaébk') + ['"name"', '"n"', '"zz"', '"dog"']
-    for _ in range(1000):
-        value = sample_value(rng, SCHEMA)
-        text = json.dumps(value, ensure_ascii=False, separators=rng.choice([(",", ":"), (", ", ": "), (" ,", " : ")]))
-        assert valid(value, SCHEMA) and run(text) == (True, True), text
+    edits = list('{}[]",:0123456789.-e tfnul"xaébk') + ['"name"', '"n"', '"zz"', '"dog"', '"kids"', '"a"', "null"]
+    for _ in range(n):
+        text = dump(sample_value(rng, schema), rng.choice([(",", ":"), (", ", ": "), (" ,", " : ")]))
+        assert valid(json.loads(text), schema) and run(text, schema) == (True, True), text
         pos = rng.randrange(len(text) + 1)
         cut = pos + rng.choice([0, 1, 1, 2])
         mutated = text[:pos] + rng.choice(edits + [""]) + text[cut:]
-        fed, done = run(mutated)
+        fed, done = run(mutated, schema)
         if fed and done:
-            assert valid(parse(mutated), SCHEMA), mutated
+            assert valid(parse(mutated), schema), mutated
+
+
+def test_pydantic_models():
+    """The schemas pydantic writes (model_json_schema, and OpenAI's strict form of them, which the openai
+    client's parse() sends) are accepted; objects pydantic dumps are read to the end, edits it would refuse are
+    refused."""
+    import enum
+    from typing import Literal
+
+    from openai.lib._pydantic import to_strict_json_schema
+    from pydantic import BaseModel
+
+    class Color(enum.Enum):
+        red, blue = "red", "blue"
+
+    class Node(BaseModel):
+        name: str
+        kids: list["Node"]
+
+    class Step(BaseModel):
+        explanation: str
+        output: int | None = None
+        color: Color
+        kind: Literal["a", "b"]
+        tree: Node
+        scores: dict[str, float]
+
+    good = Step(explanation="x", output=None, color=Color.blue, kind="b", tree=Node(name="r", kids=[
+        Node(name="s", kids=[])]), scores={"u": 1.5})
+    text = good.model_dump_json()
+    bad = [text.replace('"output":null', '"output":1.5'), text.replace('"blue"', '"green"'),
+           text.replace('"kind":"b"', '"kind":"c"'), text.replace('{"u":1.5}', '{"u":"1"}'),
+           text.replace('{"name":"r",', '{'), text.replace('"kind":"b",', '')]
+    assert len(set(bad)) == len(bad) and text not in bad
+    for schema in (Step.model_json_schema(), to_strict_json_schema(Step)):
+        check_schema(schema)
+        for t in (text, good.model_dump_json(indent=2)):
+            assert run(t, schema) == (True, True) and Step.model_validate_json(t) == good
+        for t in bad:
+            assert run(t, schema) != (True, True), t
+
+
+def test_readings_stay_few():
+    """Alternatives that accept the same text merge again: an array of anyOf items keeps at most two readings."""
+    p = SchemaPrefix(TREE)
+    for piece in ['{"tags": ['] + ['"a", "b", '] * 100 + ['"a"]']:
+        assert p.feed(piece) and len(p.readings) <= 2
 
 
 @pytest.mark.parametrize("schema,says", [
-    ({"type": "array"}, "top level must be"), ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "'pattern'"),
-    ({"type": "object", "anyOf": []}, "'anyOf'"), ({"type": "object", "properties": {"a": {"$ref": "#"}}}, "'\\$ref'"),
-    ({"type": "object", "properties": {"a": {"enum": [1, 2]}}}, "strings only"),
-    ({"type": "object", "properties": {"a": {"type": "null", "enum": ["x"]}}}, "allows strings"),
+    ({"type": "array"}, "top level must be"), ({"anyOf": [{"type": "object"}, {"type": "null"}]}, "top level must be"),
+    ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "'pattern'"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "'oneOf'"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum'"),
+    ({"type": "object", "properties": {"a": {"type": "string", "anyOf": [{"const": "x"}]}}}, "'type' beside 'anyOf'"),
+    ({"type": "object", "properties": {"a": {"anyOf": []}}}, "non-empty list"),
+    ({"type": "object", "properties": {"a": {"allOf": [{}, {}]}}}, "of one schema"),
+    ({"type": "object", "properties": {"a": {"$ref": "https://x.org/s.json"}}}, "only references inside"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}}, "names nothing"),
+    ({"type": "object", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}},
+      "properties": {"a": {"$ref": "#/$defs/A"}}}, "cycle"),
+    ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty list"),
+    ({"type": "object", "properties": {"a": {"const": float("nan")}}}, "NaN"),
+    ({"type": "object", "properties": {"a": {"type": "null", "enum": ["x"]}}}, "could never be written"),
+    ({"type": "object", "properties": {"a": {"enum": ["x"], "items": {}}}}, "'items' beside 'enum'"),
     ({"type": "object", "required": ["b"]}, "required must list"),
-    ({"type": "object", "additionalProperties": {"type": "string"}}, "only true or false"),
+    ({"type": "object", "additionalProperties": 3}, "must be a JSON object"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 2}}}, "minItems <= maxItems"),
+    ({"type": "object", "properties": {"a\u0001": {}}}, "control character"),
     ({"type": "object", "properties": {"a": {"type": "date"}}}, "expected one or more")])
 def test_unsupported_schemas_are_refused(schema, says):
     with pytest.raises(ValueError, match=says):

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import httpx
 import pytest
@@ -190,6 +191,7 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
     force the call's start; tool results go back into the prompt; bad tool requests get 4xx. JSON mode
     (response_format json_object) answers the object and ends there."""
     from openai import BadRequestError, OpenAI
+    from pydantic import BaseModel
     eng = Engine.from_pretrained(long_ckpt)  # the tools' text takes ~370 tokens here
     tok = eng.tokenizer
     head = eng.model.head = Scripted(eng.model.config.vocab_size, tok.eos_id)
@@ -262,6 +264,19 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
         r = client.chat.completions.create(model="tiny", messages=msgs, response_format={
             "type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
         assert json.loads(r.choices[0].message.content) == {"ok": [1, True]} and r.choices[0].finish_reason == "stop"
+
+        class Step(BaseModel):  # the client's parse(): a pydantic model as a strict schema ($defs, $ref, anyOf)
+            n: int
+            note: str | None
+
+        class Answer(BaseModel):
+            steps: list[Step]
+            unit: Literal["cm", "in"]
+
+        want = Answer(steps=[Step(n=1, note=None), Step(n=-2, note="x")], unit="in")
+        head.script, head.i = tok.encode(want.model_dump_json(indent=1) + " and more"), 0
+        r = client.chat.completions.parse(model="tiny", messages=msgs, response_format=Answer)
+        assert r.choices[0].message.parsed == want and r.choices[0].finish_reason == "stop"
 
         n = len(prompts)
         for kw, param in ((dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}),
