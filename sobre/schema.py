@@ -10,9 +10,11 @@ character fits its `type` (a list of types too), an `integer` has no fraction or
 values (any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems`
 and `maxItems` of them. `anyOf` (and a one-entry `allOf`) forks the reading: each alternative is followed until
 the text leaves it (readings that agree again are merged); `$ref` points inside the schema (`#`, `#/$defs/...`),
-recursion included. A `,` or key in an object with no key left to write is refused (it would be a dead end).
-That is what pydantic models and OpenAI's strict mode use; any other keyword (pattern, format, minimum, oneOf,
-...) is refused by `check_schema`, never ignored.
+recursion included. A string's `pattern`, `format`, `minLength` / `maxLength` and a number's bounds are checked
+on its text so far (sobre.scalars). A `,` or key in an object with no key left to write is refused (it would be
+a dead end); a string whose pattern and maxLength leave no common completion can still dead-end (the engine then
+keeps the token it drew). That is what pydantic models and OpenAI's strict mode use; any other keyword
+(multipleOf, oneOf, uniqueItems, patternProperties, ...) is refused by `check_schema`, never ignored.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import json
 import math
 from urllib.parse import unquote
 
-from .constrain import DIGITS, JsonPrefix
+from .constrain import DIGITS, NUMBER_END, JsonPrefix, _number
+from .scalars import ESCAPED, NUMBER_KEYS, STRING_KEYS, Bounds, Text
 
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # (documentation only)
 DEFS = {"$defs", "definitions"}
 CHOICE = ("$ref", "anyOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", *CHOICE,
-            *DOC, *DEFS}
+            *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 
@@ -61,6 +64,7 @@ class Schema:
             raise ValueError("schema must be a JSON object")
         self.root = root
         self.alts: dict[int, list] = {}
+        self.rules: dict[int, tuple[Text | None, Bounds | None]] = {}  # a part's string and number rules
         self.checked: set[int] = set()
         self._check(root, "schema")
         if any(not isinstance(a, dict) or _types(a) != {"object"} for a in self.expand(root)):
@@ -109,6 +113,9 @@ class Schema:
         lo, hi = s.get("minItems", 0), s.get("maxItems", math.inf)
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in (lo, hi) if n != math.inf) or lo > hi:
             raise ValueError(f"{where}: minItems / maxItems must be integers >= 0, minItems <= maxItems")
+        integer = "integer" in _types(s) and "number" not in _types(s)
+        self.rules[id(s)] = (Text(s, where) if set(STRING_KEYS) & set(s) else None,
+                             Bounds(s, integer, where) if set(NUMBER_KEYS) & set(s) else None)
 
     def _check_choice(self, s: dict, key: str, where: str) -> None:
         if key == "$ref":
@@ -216,6 +223,9 @@ class _Reading(JsonPrefix):
         self.ctx: list[tuple[dict, frozenset, int]] = []  # per open container: its schema, keys so far, items so far
         self.keybuf = ""  # the object key being typed
         self.integer = False  # the number being read must stay an integer
+        self.rule: Text | Bounds | None = None  # the string or number being read follows these rules
+        self.text = ""  # ... on its text so far (a string's decoded)
+        self.hex = ""  # the digits of a \u escape in it
 
     def _trial(self) -> _Reading:
         trial = super()._trial()
@@ -225,8 +235,8 @@ class _Reading(JsonPrefix):
     def signature(self) -> tuple:
         """Readings with equal signatures read every future text alike."""
         p = self.pending
-        return (self.state, self.sub, self.key, tuple(self.stack), self.keybuf, self.integer,
-                tuple((id(s), used, n) for s, used, n in self.ctx), id(p) if isinstance(p, dict) else p)
+        return (self.state, self.sub, self.key, tuple(self.stack), self.keybuf, self.integer, id(self.rule), self.text,
+                self.hex, tuple((id(s), used, n) for s, used, n in self.ctx), id(p) if isinstance(p, dict) else p)
 
     def forks(self) -> list[_Reading]:
         """Before a value: one reading per alternative of its schema (self when there is one)."""
@@ -252,6 +262,8 @@ class _Reading(JsonPrefix):
                 return False
             self.state, self.sub = "after", None  # (a number that ended: ch goes on from there)
             return self._char(ch)
+        if self.rule is not None and s in ("string", "escape", "unicode", "number"):
+            return self._ruled(ch)
         if s == "string" and self.key:  # (no escapes in keys: a key's state stays "string")
             if ch == '"':
                 return self._key_done() and super()._char(ch)
@@ -309,9 +321,50 @@ class _Reading(JsonPrefix):
         if types and not (kind in types or kind == "number" and "integer" in types):
             return False
         self.integer = kind == "number" and "number" not in types and "integer" in types
+        text, bounds = self.schema.rules.get(id(p), (None, None))
+        self.rule, self.text = (text, "") if kind == "string" else (bounds, ch) if kind == "number" else (None, "")
+        if self.rule is bounds is not None and not bounds.viable(ch):
+            return False
         if kind not in ("object", "array"):
             self.pending = None  # (_open reads it: the container's schema)
         return super()._value(ch)
+
+    def _ruled(self, ch: str) -> bool:
+        """A character of a string or number that has rules (scalars.Text / Bounds)."""
+        s, rule = self.state, self.rule
+        if s == "number":
+            if _number(self.sub, ch) is None:  # the number ends here: its value must be within bounds
+                if not NUMBER_END[self.sub] or not rule.done(self.text):
+                    return False
+                self.rule = None
+                return self._char(ch)
+            self.text += ch
+            return ch not in "eE" and not (self.integer and ch == ".") and rule.viable(self.text) and \
+                super()._char(ch)
+        if s == "string" and ch == '"':
+            if not rule.done(self.text):
+                return False
+            self.rule = None
+            return super()._char(ch)
+        if not super()._char(ch):
+            return False
+        if s == "string":
+            return ch == "\\" or self._add(ch)
+        if s == "escape":
+            self.hex = ""
+            return ch == "u" or self._add(ESCAPED[ch])
+        self.hex += ch
+        if len(self.hex) < 4:
+            return True
+        code = int(self.hex, 16)
+        if 0xDC00 <= code < 0xE000 and self.text and 0xD800 <= ord(self.text[-1]) < 0xDC00:  # a surrogate pair
+            code = 0x10000 + (ord(self.text[-1]) - 0xD800) * 0x400 + code - 0xDC00
+            self.text = self.text[:-1]
+        return self._add(chr(code))
+
+    def _add(self, c: str) -> bool:
+        self.text += c
+        return self.rule.viable(self.text)
 
     def _open(self, ch: str) -> bool:
         self.ctx.append((self.pending, frozenset(), 0))

@@ -3,6 +3,7 @@ and random texts; unsupported keywords refused; the engine's constrained decodin
 
 import json
 import random
+import time
 
 import jsonschema_rs
 import pytest
@@ -42,7 +43,7 @@ def valid(value, schema) -> bool:
     """The reference: jsonschema-rs (JSON Schema 2020-12)."""
     key = json.dumps(schema, sort_keys=True)
     if key not in VALIDATORS:
-        VALIDATORS[key] = jsonschema_rs.validator_for(closed(schema))
+        VALIDATORS[key] = jsonschema_rs.validator_for(closed(schema), validate_formats=True)
     return VALIDATORS[key].is_valid(value)
 
 
@@ -91,6 +92,8 @@ def sample_value(rng, schema, depth=0, root=None):
         return sample_value(rng, Schema(root).resolve(schema["$ref"], "test"), depth, root)
     if "anyOf" in schema or "allOf" in schema:
         return sample_value(rng, rng.choice(schema.get("anyOf") or schema["allOf"]), depth, root)
+    if "examples" in schema:
+        return rng.choice(schema["examples"])
     if "enum" in schema or "const" in schema:
         values = schema["enum"] if "enum" in schema else [schema["const"]]
         return Compact(rng.choice([v for v in values if valid(v, {"type": schema.get("type", list(TYPES))})]))
@@ -196,12 +199,77 @@ def test_schema_prefix_alternatives_and_references(text, ok):
         assert (fed and not done if ok is None else not fed), text
 
 
-@pytest.mark.parametrize("schema,n", [(SCHEMA, 1000), (TREE, 500)], ids=["flat", "tree"])
+SCALARS = {"type": "object", "properties": {  # (examples: what sample_value writes)
+    "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$", "examples": ["AB-123", "ZZ-000"]},
+    "word": {"type": "string", "pattern": "ab+c", "minLength": 4, "maxLength": 8, "examples": ["abc!", "xabbc"]},
+    "day": {"type": "string", "format": "date", "examples": ["2024-02-29", "1999-12-31"]},
+    "at": {"type": "string", "format": "date-time",
+           "examples": ["2024-01-01T12:30:00Z", "2024-01-01t00:00:59.25+05:30"]},
+    "time": {"type": "string", "format": "time", "examples": ["23:59:59-01:00"]},
+    "mail": {"type": "string", "format": "email", "examples": ["a.b@c.org", "x+y@mail.example.com"]},
+    "id": {"type": "string", "format": "uuid", "examples": ["123e4567-e89b-12d3-a456-426614174000"]},
+    "ip": {"type": "string", "format": "ipv4", "examples": ["10.0.0.255", "192.168.1.1"]},
+    "short": {"type": "string", "maxLength": 2, "examples": ["\n\u00e9", "\U0001F600", ""]},
+    "age": {"type": "integer", "minimum": 18, "exclusiveMaximum": 130, "examples": [18, 129, 64]},
+    "temp": {"type": "number", "minimum": -40.5, "maximum": 60, "examples": [-40.5, 0, 59.99, 60]},
+    "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "examples": [0.001, 1, 0.5]},
+    "neg": {"type": "integer", "maximum": -10, "examples": [-10, -12345]},
+    "either": {"type": ["string", "integer"], "minLength": 2, "minimum": 5, "examples": ["ab", 7]},
+    "both": {"minimum": 1, "exclusiveMinimum": 2, "maximum": 3, "exclusiveMaximum": 2.5, "examples": [2.2, 2.499]}},
+    "required": ["code", "age"], "additionalProperties": False}
+C = '{"code": "AB-123", "age": 20, '
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{"code": "AB-123", "age": 18}', True), ('{"code": "AB-12"', False), ('{"code": "Ab', False),
+    ('{"code": "AB-123", "age": 17', False), ('{"code": "AB-123", "age": 13', False),
+    ('{"code": "AB-123", "age": 1e2', False), ('{"code": "AB-123", "age": -', False),
+    ('{"code": "AB-123", "age": 129}', True), ('{"code": "AB-123", "age": 13', False),
+    (C + '"temp": -40.5}', True), (C + '"temp": -40.6', False), (C + '"temp": -41', False), (C + '"temp": 60.0}', True),
+    (C + '"temp": 60.5', False), (C + '"temp": 6', None), (C + '"p": 0}', False), (C + '"p": 0.0001}', True),
+    (C + '"p": -0.5', False), (C + '"p": 1.5', False), (C + '"neg": -9', None), (C + '"neg": -9}', False),
+    (C + '"neg": -90}', True), (C + '"neg": 0', False),
+    (C + '"day": "2024-02-29"}', True), (C + '"day": "2023-02-29', False), (C + '"day": "2024-13', False),
+    (C + '"at": "2024-01-01T25', False), (C + '"at": "2024-01-01T12:30:00"', False),
+    (C + '"at": "2024-01-01T12:30:00+01:00"}', True), (C + '"time": "12:00:00Z"}', True),
+    (C + '"mail": "a..b', False), (C + '"mail": "a@b"', False), (C + '"mail": "a@b.c"}', True),
+    (C + '"ip": "256', False), (C + '"ip": "1.2.3.4"}', True),
+    (C + '"id": "123e4567-e89b-12d3-a456-42661417400"', False),
+    (C + '"word": "abc"', False), (C + '"word": "xxabbcx"}', True), (C + '"word": "abd!"', False),
+    (C + '"word": "abcdefghi', False),
+    (C + '"short": "\\ud83d\\ude00\\u00e9"}', True), (C + '"short": "\\n\\t"}', True), (C + '"short": "abc', False),
+    (C + '"either": "a"', False), (C + '"either": "ab"}', True), (C + '"either": 4}', False),
+    (C + '"either": 5}', True), (C + '"both": 1.5', False), (C + '"both": 2}', False), (C + '"both": 2.5', False),
+    (C + '"both": 2.4}', True), (C + '"both": 3', False)])
+def test_schema_prefix_strings_and_numbers(text, ok):
+    """pattern (searched), format (calendar days checked), minLength / maxLength in code points (escapes and
+    surrogate pairs decoded), minimum / maximum / exclusive bounds refused at the first digit no number within
+    them starts with."""
+    fed, done = run(text, SCALARS)
+    if ok:
+        assert fed and done and valid(parse(text), SCALARS), text
+    else:
+        assert (fed and not done if ok is None else not fed), text
+
+
+def test_a_pattern_that_backtracks_exponentially_is_bounded(monkeypatch):
+    """(a|aa)+$ on 40 a's and a '!' would search for hours: the request's pattern time (PATTERN_SECONDS) runs
+    out, the character is refused, and so is every later one of that string."""
+    import sobre.scalars
+    monkeypatch.setattr(sobre.scalars, "PATTERN_SECONDS", 0.2)
+    p = SchemaPrefix({"type": "object", "properties": {"r": {"type": "string", "pattern": "(a|aa)+$"}}})
+    assert p.feed('{"r": "' + "a" * 40)
+    start = time.perf_counter()
+    assert not p.accepts("!") and not p.accepts("a") and time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("schema,n", [(SCHEMA, 1000), (TREE, 500), (SCALARS, 1000)], ids=["flat", "tree", "scalars"])
 def test_schema_prefix_against_the_reference_validator(schema, n):
     """Random valid objects, written with random whitespace, are accepted to the end; random edits of them are
     accepted and complete only when jsonschema-rs parses and validates them (n of each)."""
     rng = random.Random(0)
-    edits = list('{}[]",:0123456789.-e tfnul"xaébk') + ['"name"', '"n"', '"zz"', '"dog"', '"kids"', '"a"', "null"]
+    edits = list('{}[]",:0123456789.-e tfnul"xaébkABT@') + ['"name"', '"n"', '"zz"', '"dog"', '"kids"', '"a"', "null",
+                                                           "\\n", "\\u00e9"]
     for _ in range(n):
         text = dump(sample_value(rng, schema), rng.choice([(",", ":"), (", ", ": "), (" ,", " : ")]))
         assert valid(json.loads(text), schema) and run(text, schema) == (True, True), text
@@ -262,9 +330,15 @@ def test_readings_stay_few():
 
 @pytest.mark.parametrize("schema,says", [
     ({"type": "array"}, "top level must be"), ({"anyOf": [{"type": "object"}, {"type": "null"}]}, "top level must be"),
-    ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "'pattern'"),
+    ({"type": "object", "properties": {"a": {"pattern": "("}}}, "not a regular expression"),
+    ({"type": "object", "properties": {"a": {"format": "uri"}}}, "format 'uri' is not supported"),
+    ({"type": "object", "properties": {"a": {"minLength": 3, "maxLength": 2}}}, "minLength > maxLength"),
+    ({"type": "object", "properties": {"a": {"minLength": -1}}}, "an integer >= 0"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1.2, "maximum": 1.8}}}, "no integer"),
+    ({"type": "object", "properties": {"a": {"minimum": 2, "exclusiveMaximum": 2}}}, "no number"),
+    ({"type": "object", "properties": {"a": {"exclusiveMinimum": True}}}, "a finite number"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "'oneOf'"),
-    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0}}}, "'minimum'"),
     ({"type": "object", "properties": {"a": {"type": "string", "anyOf": [{"const": "x"}]}}}, "'type' beside 'anyOf'"),
     ({"type": "object", "properties": {"a": {"anyOf": []}}}, "non-empty list"),
     ({"type": "object", "properties": {"a": {"allOf": [{}, {}]}}}, "of one schema"),

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Literal
 
 import httpx
@@ -191,7 +192,7 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
     force the call's start; tool results go back into the prompt; bad tool requests get 4xx. JSON mode
     (response_format json_object) answers the object and ends there."""
     from openai import BadRequestError, OpenAI
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
     eng = Engine.from_pretrained(long_ckpt)  # the tools' text takes ~370 tokens here
     tok = eng.tokenizer
     head = eng.model.head = Scripted(eng.model.config.vocab_size, tok.eos_id)
@@ -265,15 +266,17 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
             "type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": True}})
         assert json.loads(r.choices[0].message.content) == {"ok": [1, True]} and r.choices[0].finish_reason == "stop"
 
-        class Step(BaseModel):  # the client's parse(): a pydantic model as a strict schema ($defs, $ref, anyOf)
-            n: int
-            note: str | None
+        class Step(BaseModel):  # the client's parse(): a pydantic model as a strict schema ($defs, $ref, anyOf,
+            n: int = Field(ge=-5, le=5)  # bounds, patterns, formats)
+            note: str | None = Field(pattern="^[a-z]+$")
 
         class Answer(BaseModel):
             steps: list[Step]
             unit: Literal["cm", "in"]
+            at: datetime
 
-        want = Answer(steps=[Step(n=1, note=None), Step(n=-2, note="x")], unit="in")
+        want = Answer(steps=[Step(n=1, note=None), Step(n=-2, note="x")], unit="in",
+                      at=datetime(2024, 2, 29, 12, 30, tzinfo=timezone.utc))
         head.script, head.i = tok.encode(want.model_dump_json(indent=1) + " and more"), 0
         r = client.chat.completions.parse(model="tiny", messages=msgs, response_format=Answer)
         assert r.choices[0].message.parsed == want and r.choices[0].finish_reason == "stop"
@@ -294,8 +297,8 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
 
 def test_logit_bias(live, ref):
     """OpenAI's logit_bias (keys: token ids as strings): +100 makes a token every pick, on both endpoints; bad
-    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx. A json_schema response_format is
-    refused (no schema-guided decoding), not ignored."""
+    keys, biases out of [-100, 100] and ids outside the vocabulary are 4xx. A json_schema response_format
+    without a schema, or with a keyword sobre cannot enforce, is refused, not ignored."""
     t = ref.tokenizer.encode(" the")[0]
     want = ref.tokenizer.decode([t] * 4)
     url = live.url + "/v1/"
@@ -307,7 +310,8 @@ def test_logit_bias(live, ref):
     assert r.json()["choices"][0]["message"]["content"] == want.strip()
     for fmt, says in (({"type": "json_schema"}, "needs json_schema.schema"),  # (refused, never ignored)
                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
-                          "type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}}}, "'pattern'")):
+                          "type": "object", "properties": {"a": {"type": "string", "format": "uri"}}}}},
+                       "format 'uri' is not supported")):
         r = httpx.post(url + "chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                        "response_format": fmt})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema"

@@ -1,0 +1,155 @@
+"""Structured outputs, one value at a time: the JSON-schema keywords on a string or a number, checked on the text
+typed so far (sobre.schema calls them on every character), so that a completion never writes a value it could
+not finish.
+
+`Text`: `pattern` (searched, as JSON Schema's: unanchored unless the pattern anchors it; `regex`'s partial
+matching says whether the text can still become a match), `format` (date, time, date-time as RFC 3339, with
+real calendar days; email, uuid, ipv4), `minLength` / `maxLength` (code points). `Bounds`: `minimum`,
+`maximum`, `exclusiveMinimum`, `exclusiveMaximum`: a number's digits are refused once no number they start lies
+within them (numbers under bounds are written without an exponent).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import date
+from fractions import Fraction
+
+import regex
+
+STRING_KEYS = ("pattern", "format", "minLength", "maxLength")
+NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+_TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+FORMATS = {"date": _DATE, "time": _TIME, "date-time": _DATE + "[Tt]" + _TIME,
+           "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@{_LABEL}(\.{_LABEL})+",
+           "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+           "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}"}
+PATTERN_SECONDS = 1.0  # a request's pattern searches stop there (a pattern that backtracks exponentially)
+ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _count(s: dict, key: str, where: str):
+    n = s.get(key)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise ValueError(f"{where}.{key} must be an integer >= 0")
+    return n
+
+
+class Text:
+    """A string's pattern / format / length, on its decoded characters so far."""
+
+    def __init__(self, s: dict, where: str):
+        try:
+            self.pattern = regex.compile(s["pattern"], regex.ASCII) if "pattern" in s else None
+        except (regex.error, TypeError) as e:
+            raise ValueError(f"{where}.pattern: not a regular expression ({e})") from None
+        fmt = s.get("format")
+        if fmt is not None and fmt not in FORMATS:
+            raise ValueError(f"{where}.format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
+        self.format = regex.compile(FORMATS[fmt]) if fmt else None
+        self.dated = fmt in ("date", "date-time")
+        self.budget = PATTERN_SECONDS  # (one Text per request: sobre.schema builds a Schema per constrained request)
+        self.lo, self.hi = _count(s, "minLength", where) or 0, _count(s, "maxLength", where)
+        if self.hi is not None and self.lo > self.hi:
+            raise ValueError(f"{where}: minLength > maxLength (no string has both)")
+
+    def viable(self, text: str) -> bool:
+        """Can a string that starts with text still satisfy every rule?"""
+        return (self.hi is None or len(text) <= self.hi) and \
+            (self.pattern is None or self._search(text, partial=True)) and \
+            (self.format is None or self.format.fullmatch(text, partial=True) is not None) and \
+            (not self.dated or len(text) < 10 or _real_day(text[:10]))
+
+    def done(self, text: str) -> bool:
+        """Does the string text satisfy every rule?"""
+        return len(text) >= self.lo and self.viable(text) and \
+            (self.pattern is None or self._search(text, partial=False)) and \
+            (self.format is None or self.format.fullmatch(text) is not None)
+
+
+    def _search(self, text: str, partial: bool) -> bool:
+        """pattern.search, within the time left to the request; once that is spent, every text is refused (the
+        string cannot go on: a bounded stall instead of a server hung on one pattern)."""
+        if self.budget <= 0:
+            return False
+        start = time.perf_counter()
+        try:
+            return self.pattern.search(text, partial=partial, timeout=self.budget) is not None
+        except TimeoutError:
+            return False
+        finally:
+            self.budget -= time.perf_counter() - start
+
+
+def _real_day(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+        return True
+    except ValueError:
+        return False
+
+
+class Bounds:
+    """A number's bounds. Each bound is (value, exclusive); a number's text is checked by the values the numbers
+    it starts can take: a span of magnitudes per count of digits still to come."""
+
+    def __init__(self, s: dict, integer: bool, where: str):
+        for k in NUMBER_KEYS:
+            v = s.get(k)
+            if k in s and (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)):
+                raise ValueError(f"{where}.{k} must be a finite number")
+        lows = [(Fraction(str(s[k])), k.startswith("exclusive")) for k in ("minimum", "exclusiveMinimum") if k in s]
+        highs = [(Fraction(str(s[k])), k.startswith("exclusive")) for k in ("maximum", "exclusiveMaximum") if k in s]
+        self.lo = max(lows, default=(-math.inf, False))  # (the tighter: at equal values the exclusive one)
+        self.hi = min(highs, default=(math.inf, False), key=_upper)
+        if integer:  # the integers within: closed bounds
+            lo, hi = self.lo, self.hi
+            self.lo = (math.floor(lo[0]) + 1 if lo[1] or lo[0] != math.floor(lo[0]) else lo[0], False) \
+                if lo[0] != -math.inf else lo
+            self.hi = (math.ceil(hi[0]) - 1 if hi[1] or hi[0] != math.ceil(hi[0]) else hi[0], False) \
+                if hi[0] != math.inf else hi
+        if not _meets(self.lo, self.hi):
+            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")
+        finite = [abs(b[0]) for b in (self.lo, self.hi) if abs(b[0]) != math.inf]
+        self.reach = max(finite, default=0)  # past this magnitude, longer numbers change nothing
+
+    def viable(self, text: str) -> bool:
+        """Can a number that starts with text (a sign, digits, a dot, digits; no exponent) be within bounds?"""
+        neg = text.startswith("-")
+        body = text[1:] if neg else text
+        if "." in body:
+            whole, frac = body.split(".")
+            low = Fraction(f"{whole}.{frac}" if frac else whole)
+            spans = [(low, low + Fraction(1, 10 ** len(frac)))]
+        elif body in ("", "0"):
+            spans = [(Fraction(0), math.inf if not body else Fraction(1))]
+        else:
+            d, spans, k = int(body), [], 0
+            while not spans or spans[-1][0] <= self.reach:
+                spans.append((Fraction(d * 10 ** k), Fraction((d + 1) * 10 ** k)))
+                k += 1
+        # magnitudes [a, b) (an integer's bounds are integers: [a, b) meets them where [a, b - 1] does)
+        return any(self._within(*(((-b, True), (-a, False)) if neg else ((a, False), (b, True)))) for a, b in spans)
+
+    def done(self, text: str) -> bool:
+        """Is the number text within bounds?"""
+        x = Fraction(text)
+        return self._within((x, False), (x, False))
+
+    def _within(self, low: tuple, high: tuple) -> bool:
+        """Do the values from low to high ((value, exclusive) each) reach within the bounds?"""
+        return _meets(max(low, self.lo), min(high, self.hi, key=_upper))
+
+
+def _upper(b: tuple) -> tuple:
+    """The order of upper bounds: the smaller value first, at equal values the exclusive one."""
+    return b[0], not b[1]
+
+
+def _meets(lo: tuple, hi: tuple) -> bool:
+    """Is there a value above lower bound lo and below upper bound hi ((value, exclusive) each)?"""
+    return lo[0] < hi[0] or lo[0] == hi[0] and not lo[1] and not hi[1]
