@@ -428,8 +428,10 @@ class Engine:
             if s.json is not None and not self._fits(s, int(out[i])):
                 t = redraw(scores[i], int(out[i]), lambda t, s=s: self._fits(s, t),
                            lambda row, s=s: int(sample(row[None], [s.params], [s.generator])[0]))
-                if t is not None:  # (None: no token fits, a vocabulary that cannot write the object)
-                    out[i] = t
+                if t is None:  # no token continues the object: the answer ends here, cut short ("length"),
+                    s.stuck = True  # with a stop token (no text) where the request has one
+                    t = s.params.stop_token_ids[0] if s.params.stop_token_ids else int(out[i])
+                out[i] = t
         return out
 
     def _fits(self, s: Sequence, tok: int) -> bool:
@@ -457,6 +459,8 @@ class Engine:
         return Event(s.rid, tok, reason is not None, reason, lp)
 
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
+        if s.stuck:
+            return "length"
         early = len(s.out) < s.params.min_tokens  # (no stop yet: its stop tokens were masked, _biased)
         if not early and (tok in s.params.stop_token_ids or s.json is not None and s.json.complete
                           or s.params.stop and self._stop_string(s)):

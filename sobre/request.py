@@ -36,6 +36,7 @@ class Sequence:
     counts: torch.Tensor | None = None  # [V] output token counts (presence / frequency penalties)
     bias: torch.Tensor | None = None  # [V] fp32 logit_bias
     json: JsonPrefix | SchemaPrefix | None = None  # JSON mode: the object so far
+    stuck: bool = False  # ... and no token of the vocabulary continues it (it ends, cut short)
     verifies: int = 0  # speculative: verify forwards so far, and the drafts they accepted
     accepted: int = 0
     drafting: bool = True  # speculative: False once its drafts proved too rarely accepted (plain from then on)

@@ -9,12 +9,14 @@ key being typed is a prefix of one still allowed, `}` only once every `required`
 character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const`
 values (any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems`
 and `maxItems` of them. `anyOf` (and a one-entry `allOf`) forks the reading: each alternative is followed until
-the text leaves it (readings that agree again are merged); `$ref` points inside the schema (`#`, `#/$defs/...`),
-recursion included. A string's `pattern`, `format`, `minLength` / `maxLength` and a number's bounds are checked
-on its text so far (sobre.scalars). A `,` or key in an object with no key left to write is refused (it would be
-a dead end); a string whose pattern and maxLength leave no common completion can still dead-end (the engine then
-keeps the token it drew). That is what pydantic models and OpenAI's strict mode use; any other keyword
-(multipleOf, oneOf, uniqueItems, patternProperties, ...) is refused by `check_schema`, never ignored.
+the text leaves it (readings that agree again are merged); `oneOf` too where it is a discriminated union (no
+value satisfies two alternatives); `$ref` points inside the schema (`#`, `#/$defs/...`), recursion included. A
+string's `pattern`, `format`, `minLength` / `maxLength` and a number's bounds are checked on its text so far
+(sobre.scalars). A `,` or key in an object with no key left to write is refused (it would be a dead end); a
+string whose pattern and maxLength leave no common completion can still dead-end (the engine then ends the
+answer there, finish_reason "length"). That is what pydantic models and OpenAI's strict mode use; any other
+keyword (multipleOf, uniqueItems, patternProperties, ...), or a oneOf whose alternatives may overlap, is refused
+by `check_schema`, never ignored.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from .scalars import ESCAPED, NUMBER_KEYS, STRING_KEYS, Bounds, Text
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # (documentation only)
 DEFS = {"$defs", "definitions"}
-CHOICE = ("$ref", "anyOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
+CHOICE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
+BESIDE = {"enum": {"type"}, "const": {"type"}, "anyOf": {"discriminator"}, "oneOf": {"discriminator"}}  # (and DOC)
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", *CHOICE,
-            *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
+            "discriminator", *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 
@@ -89,7 +92,7 @@ class Schema:
             raise ValueError(f"{where}.type: expected one or more of {sorted(TYPES)}")
         choice = [k for k in CHOICE if k in s]
         if choice:
-            beside = set(s) - DOC - DEFS - {choice[0]} - ({"type"} if choice[0] in ("enum", "const") else set())
+            beside = set(s) - DOC - DEFS - {choice[0]} - BESIDE.get(choice[0], set())
             if beside:
                 raise ValueError(f"{where}: {sorted(beside)[0]!r} beside {choice[0]!r} is not supported")
             self._check_choice(s, choice[0], where)
@@ -120,12 +123,14 @@ class Schema:
     def _check_choice(self, s: dict, key: str, where: str) -> None:
         if key == "$ref":
             self._check(self.resolve(s["$ref"], where), f"{where}.$ref {s['$ref']}")
-        elif key in ("anyOf", "allOf"):
+        elif key in ("anyOf", "oneOf", "allOf"):
             subs = s[key]
             if not isinstance(subs, list) or not subs or key == "allOf" and len(subs) != 1:
                 raise ValueError(f"{where}.{key} must be a non-empty list" + (" of one schema" * (key == "allOf")))
             for i, sub in enumerate(subs):
                 self._check(sub, f"{where}.{key}[{i}]")
+            if key == "oneOf":
+                self._exclusive(s, where)
         else:
             values = s["enum"] if key == "enum" else [s["const"]]
             if not isinstance(values, list) or not values:
@@ -136,6 +141,28 @@ class Schema:
                 raise ValueError(f"{where}.{key}: NaN and infinities are not JSON") from None
             if not any(_fits(v, _types(s)) for v in values):
                 raise ValueError(f"{where}: no {key} value has the schema's type (it could never be written)")
+
+    def _exclusive(self, s: dict, where: str) -> None:
+        """oneOf reads as anyOf where no value satisfies two alternatives: a discriminated union (pydantic's), each
+        alternative an object that requires one property (the discriminator's, else one they all require) with
+        string const / enum values no other alternative has."""
+        alts = [a for sub in s["oneOf"] for a in self.expand(sub)]
+        disc = s.get("discriminator")
+        names = [disc.get("propertyName")] if isinstance(disc, dict) else \
+            set.intersection(*(set(a.get("required", ())) if isinstance(a, dict) else set() for a in alts))
+        for name in names:
+            seen: set[str] = set()
+            for a in alts:
+                vals = self.expand(a["properties"][name]) if isinstance(a, dict) and name in a.get("required", ()) \
+                    else None
+                if not vals or len(vals) != 1 or not isinstance(vals[0], tuple) or seen & set(vals[0]) or \
+                        not all(t.startswith('"') for t in vals[0]):
+                    break
+                seen |= set(vals[0])
+            else:
+                return
+        raise ValueError(f"{where}.oneOf: supported as a discriminated union only (each alternative an object that "
+                         "requires one property with string const / enum values no other has); anyOf otherwise")
 
     def resolve(self, ref, where: str) -> dict:
         """The part of the schema a local $ref ("#", "#/$defs/Name", any JSON pointer into it) names."""
@@ -166,9 +193,9 @@ class Schema:
         path = path | {id(s)}
         if "$ref" in s:
             out = self.expand(self.resolve(s["$ref"], "schema"), path)
-        elif "anyOf" in s or "allOf" in s:
+        elif "anyOf" in s or "oneOf" in s or "allOf" in s:  # (oneOf: only where no value fits two, _exclusive)
             out, texts = [], []
-            for sub in s.get("anyOf") or s["allOf"]:
+            for sub in s.get("anyOf") or s.get("oneOf") or s["allOf"]:
                 for a in self.expand(sub, path):
                     texts += a if isinstance(a, tuple) else []
                     out += [] if isinstance(a, tuple) or any(a is b for b in out) else [a]

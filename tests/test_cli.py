@@ -19,6 +19,18 @@ def run(*args, check=True):
     return subprocess.run([sys.executable, "-m", "sobre", *args], capture_output=True, text=True, check=check)
 
 
+def call(capsys, *args):
+    """The CLI in this process (no interpreter and torch to start: each test keeps one `run` of the real entry
+    point): (exit code, stdout, stderr); sys.exit(message) is code 1 with the message in stderr."""
+    code, message = 0, ""
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code, message = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))
+    out, err = capsys.readouterr()
+    return code, out, err + message
+
+
 def test_help_on_every_verb(capsys):
     out = run("--help").stdout  # the installed entry point once; every verb's parser in this process
     listed = out.split("VERB\n", 1)[1].split("\noptions:", 1)[0]
@@ -68,25 +80,25 @@ def test_sampling_defaults_come_from_the_generation_config(tmp_path):
         generation_defaults(path)
 
 
-def test_generate_greedy_ids_match_the_python_api(tmp_path):
+def test_generate_greedy_ids_match_the_python_api(tmp_path, capsys):
     model = random_model(sobre.preset("debug", n_mtp_layers=2))
     path = sobre.save(model, tmp_path / "m")
     out = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8")
     ids = [int(t) for t in out.stdout.split()]
     assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
-    assert "tok/s" in out.stderr
+    assert "tok/s" in out.stderr and "MTP" not in out.stderr
     for k in ([], ["1"], ["--min-acceptance", "0"]):  # MTP drafts: one per MTP layer (2), or 1; never stopping
-        spec = run("generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8", "--speculative", *k)
-        assert [int(t) for t in spec.stdout.split()] == ids
-        assert re.search(r"MTP speculative: \d+ of \d+ drafts accepted \(\d+%\), [\d.]+ tokens a verify", spec.stderr)
-    assert "MTP" not in out.stderr
-    bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "3", check=False)
-    assert bad.returncode == 1 and "drafts 1..2 tokens a step" in bad.stderr
-    bad = run("generate", str(path), "--ids", "5,6,7", "--speculative", "--min-acceptance", "2", check=False)
-    assert bad.returncode == 1 and "min_acceptance must be in [0, 1]" in bad.stderr
+        code, stdout, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8",
+                                    "--speculative", *k)
+        assert code == 0 and [int(t) for t in stdout.split()] == ids
+        assert re.search(r"MTP speculative: \d+ of \d+ drafts accepted \(\d+%\), [\d.]+ tokens a verify", stderr)
+    code, _, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--speculative", "3")
+    assert code == 1 and "drafts 1..2 tokens a step" in stderr
+    code, _, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--speculative", "--min-acceptance", "2")
+    assert code == 1 and "min_acceptance must be in [0, 1]" in stderr
 
 
-def test_generate_with_tokenizer_text_prompt(tmp_path):
+def test_generate_with_tokenizer_text_prompt(tmp_path, capsys):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
@@ -98,32 +110,34 @@ def test_generate_with_tokenizer_text_prompt(tmp_path):
     out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0.8",
               "--seed", "3")
     assert out.returncode == 0 and "tokens in" in out.stderr, out.stderr
-    out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "12", "--json")  # JSON mode
-    assert JsonPrefix().feed(out.stdout) and out.stdout.lstrip().startswith("{"), out.stdout
+    code, stdout, _ = call(capsys, "generate", str(path), "--prompt", "hello", "--max-new-tokens", "12", "--json")
+    assert code == 0 and JsonPrefix().feed(stdout) and stdout.lstrip().startswith("{"), stdout  # JSON mode
     schema = {"type": "object", "properties": {"b": {"type": "boolean"}}, "required": ["b"]}
     (tmp_path / "s.json").write_text(json.dumps(schema))
-    out = run("generate", str(path), "--prompt", "hello", "--max-new-tokens", "12", "--json-schema",
-              str(tmp_path / "s.json"))  # structured output: {"b": true} or false, or a prefix of one
-    assert SchemaPrefix(schema).feed(out.stdout) and out.stdout.lstrip().startswith("{"), out.stdout
-    bad = run("generate", str(path), "--prompt", "hello", "--json-schema", str(tmp_path / "none.json"), check=False)
-    assert bad.returncode == 1 and "--json-schema" in bad.stderr and "No such file" in bad.stderr
+    code, stdout, _ = call(capsys, "generate", str(path), "--prompt", "hello", "--max-new-tokens", "12",
+                           "--json-schema", str(tmp_path / "s.json"))  # {"b": true} or false, or a prefix of one
+    assert code == 0 and SchemaPrefix(schema).feed(stdout) and stdout.lstrip().startswith("{"), stdout
+    code, _, stderr = call(capsys, "generate", str(path), "--prompt", "hello", "--json-schema",
+                           str(tmp_path / "none.json"))
+    assert code == 1 and "--json-schema" in stderr and "No such file" in stderr
     (tmp_path / "array.json").write_text(json.dumps({"type": "array"}))
-    bad = run("generate", str(path), "--prompt", "hello", "--json-schema", str(tmp_path / "array.json"), check=False)
-    assert bad.returncode == 1 and "the top level must be" in bad.stderr
+    code, _, stderr = call(capsys, "generate", str(path), "--prompt", "hello", "--json-schema",
+                           str(tmp_path / "array.json"))
+    assert code == 1 and "the top level must be" in stderr
 
 
-def test_errors_are_messages_not_tracebacks(tmp_path):
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     out = run("info", str(tmp_path / "nope"), check=False)
     assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
-    path = sobre.save(random_model(), tmp_path / "m")
-    out = run("generate", str(path), "--prompt", "hi", check=False)
-    assert out.returncode != 0 and "no tokenizer.json" in out.stderr
-    with pytest.raises(SystemExit, match="is the source checkpoint"):  # (it had rewritten the source in place)
-        main(["convert", str(path), str(tmp_path / "." / "m")])
+    path = sobre.save(random_model(), tmp_path / "m")  # (in this process: any other exception fails the test)
+    code, _, stderr = call(capsys, "generate", str(path), "--prompt", "hi")
+    assert code == 1 and "no tokenizer.json" in stderr
+    code, _, stderr = call(capsys, "convert", str(path), str(tmp_path / "." / "m"))
+    assert code == 1 and "is the source checkpoint" in stderr  # (it had rewritten the source in place)
     for verb in (("generate", str(path), "--ids", "1"), ("sft", "--task", "arithmetic", "--out", str(tmp_path / "s"))):
-        out = run(*verb, "--device", "gpu0", check=False)  # a device name torch does not know, before any work
-        assert out.returncode != 0 and "--device 'gpu0' is not a device name" in out.stderr, out.stderr
-        assert "Traceback" not in out.stderr and not (tmp_path / "s").exists()
+        code, _, stderr = call(capsys, *verb, "--device", "gpu0")  # a device name torch does not know, before any work
+        assert code != 0 and "--device 'gpu0' is not a device name" in stderr, stderr
+        assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -321,6 +321,36 @@ def test_pydantic_models():
             assert run(t, schema) != (True, True), t
 
 
+def test_discriminated_unions():
+    """pydantic's discriminated unions (oneOf + discriminator, each alternative requiring its own const tag) read
+    as anyOf, since no value satisfies two alternatives; a oneOf whose alternatives may overlap is refused
+    (test_unsupported_schemas_are_refused)."""
+    from typing import Literal
+
+    from openai.lib._pydantic import to_strict_json_schema
+    from pydantic import BaseModel, Field
+
+    class Cat(BaseModel):
+        pet_type: Literal["cat"]
+        meows: int
+
+    class Dog(BaseModel):
+        pet_type: Literal["dog"]
+        barks: float
+
+    class Owner(BaseModel):
+        pet: Cat | Dog = Field(discriminator="pet_type")
+        pets: list[Cat | Dog]
+
+    text = Owner(pet=Dog(pet_type="dog", barks=2.5), pets=[Cat(pet_type="cat", meows=3)]).model_dump_json()
+    for schema in (Owner.model_json_schema(), to_strict_json_schema(Owner)):
+        assert "oneOf" in json.dumps(schema)
+        assert run(text, schema) == (True, True)
+        for bad in (text.replace('"barks":2.5', '"meows":2'), text.replace('"dog"', '"cow"'),
+                    text.replace('"meows":3', '"meows":3.5'), text.replace('"pet_type":"dog",', "")):
+            assert bad != text and run(bad, schema) != (True, True) and not valid(parse(bad), schema), bad
+
+
 def test_readings_stay_few():
     """Alternatives that accept the same text merge again: an array of anyOf items keeps at most two readings."""
     p = SchemaPrefix(TREE)
@@ -338,7 +368,13 @@ def test_readings_stay_few():
     ({"type": "object", "properties": {"a": {"minimum": 2, "exclusiveMaximum": 2}}}, "no number"),
     ({"type": "object", "properties": {"a": {"exclusiveMinimum": True}}}, "a finite number"),
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
-    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "'oneOf'"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "discriminated union"),
+    ({"type": "object", "properties": {"a": {"oneOf": [  # (both may be "x": they overlap)
+        {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]},
+        {"type": "object", "properties": {"k": {"const": "x"}}, "required": ["k"]}]}}}, "discriminated union"),
+    ({"type": "object", "properties": {"a": {"oneOf": [  # (k may be left out of the first)
+        {"type": "object", "properties": {"k": {"const": "y"}}},
+        {"type": "object", "properties": {"k": {"const": "x"}}, "required": ["k"]}]}}}, "discriminated union"),
     ({"type": "object", "properties": {"a": {"type": "string", "anyOf": [{"const": "x"}]}}}, "'type' beside 'anyOf'"),
     ({"type": "object", "properties": {"a": {"anyOf": []}}}, "non-empty list"),
     ({"type": "object", "properties": {"a": {"allOf": [{}, {}]}}}, "of one schema"),
@@ -397,3 +433,32 @@ def test_engine_decodes_objects_the_schema_allows(tmp_path):
         text = tok.decode(done[r].out)
         fed, complete = run(text, schema)
         assert fed and (done[r].finish_reason == "length" or complete and valid(parse(text), schema)), text
+
+
+def test_a_dead_end_ends_the_answer(tmp_path, monkeypatch):
+    """Where no token of the vocabulary continues the object (here: a pattern whose search time is spent before
+    it starts, so no string character fits), the answer ends there with a stop token, cut short: finish_reason
+    "length", long before max_new_tokens, the text a valid prefix."""
+    import sobre.scalars
+    monkeypatch.setattr(sobre.scalars, "PATTERN_SECONDS", 0.0)
+    tok = train_tokenizer(['{"r": "x"}', "Hello world, 42."] * 20, vocab_size=300, out=tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    schema = {"type": "object", "properties": {"r": {"type": "string", "pattern": "x"}}, "required": ["r"]}
+    script, steps = tok.encode('{"r": "x"}'), []
+
+    class Writes(torch.nn.Module):  # the script's next token first, every other token alike
+        def forward(self, h):
+            logits = torch.zeros(*h.shape[:-1], tok.vocab_size)
+            logits[..., script[min(len(steps), len(script) - 1)]] = 10.0
+            steps.append(0)
+            return logits
+
+    model.head = Writes()
+    eng = Engine(model, tok)
+    rid = eng.add_request([5, 6], max_new_tokens=200, json_schema=schema, stop_token_ids=(tok.eos_id,))
+    while eng.has_work():
+        eng.step()
+    seq = eng.collect()[rid]
+    text = tok.decode(seq.out[:-1])
+    assert seq.finish_reason == "length" and seq.out[-1] == tok.eos_id and len(seq.out) < 200, text
+    assert run(text, schema) == (True, False) and '"r"' in text, text  # (stuck in the string)
