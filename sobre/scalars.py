@@ -50,7 +50,7 @@ class Text:
         fmt = s.get("format")
         if fmt is not None and fmt not in FORMATS:
             raise ValueError(f"{where}.format {fmt!r} is not supported (supported: {', '.join(FORMATS)})")
-        self.format = regex.compile(FORMATS[fmt]) if fmt else None
+        self.format = regex.compile(FORMATS[fmt], regex.ASCII) if fmt else None
         self.dated = fmt in ("date", "date-time")
         self.budget = PATTERN_SECONDS  # (one Text per request: sobre.schema builds a Schema per constrained request)
         self.lo, self.hi = _count(s, "minLength", where) or 0, _count(s, "maxLength", where)

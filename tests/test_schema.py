@@ -230,6 +230,7 @@ C = '{"code": "AB-123", "age": 20, '
     (C + '"p": -0.5', False), (C + '"p": 1.5', False), (C + '"neg": -9', None), (C + '"neg": -9}', False),
     (C + '"neg": -90}', True), (C + '"neg": 0', False),
     (C + '"day": "2024-02-29"}', True), (C + '"day": "2023-02-29', False), (C + '"day": "2024-13', False),
+    (C + '"day": "٢', False),  # (an Arabic-Indic digit: formats take ASCII digits only)
     (C + '"at": "2024-01-01T25', False), (C + '"at": "2024-01-01T12:30:00"', False),
     (C + '"at": "2024-01-01T12:30:00+01:00"}', True), (C + '"time": "12:00:00Z"}', True),
     (C + '"mail": "a..b', False), (C + '"mail": "a@b"', False), (C + '"mail": "a@b.c"}', True),
