@@ -4,25 +4,26 @@ token whose text would leave the language and draws again without it).
 
 `SchemaPrefix` follows JsonPrefix's syntax and checks the schema as the text arrives: an object's keys are among
 its `properties` (each once; any key where `additionalProperties` is true or a schema, or where neither it nor
-properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), a
-key being typed is a prefix of one still allowed, `}` only once every `required` key is there, each value's first
-character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const`
-values (any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems`
-and `maxItems` of them. `anyOf` (and a one-entry `allOf`) forks the reading: each alternative is followed until
-the text leaves it (readings that agree again are merged); `oneOf` too where it is a discriminated union (no
-value satisfies two alternatives); `$ref` points inside the schema (`#`, `#/$defs/...`), recursion included. A
-string's `pattern`, `format`, `minLength` / `maxLength` and a number's bounds are checked on its text so far
-(sobre.scalars). A `,` or key in an object with no key left to write is refused (it would be a dead end); a
-string whose pattern and maxLength leave no common completion can still dead-end (the engine then ends the
-answer there, finish_reason "length"). That is what pydantic models and OpenAI's strict mode use; any other
-keyword (multipleOf, uniqueItems, patternProperties, ...), or a oneOf whose alternatives may overlap, is refused
-by `check_schema`, never ignored.
+properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), a key
+being typed is a prefix of one still allowed, `}` only once every `required` key is there, each value's first
+character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const` values
+(any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems` and
+`maxItems` of them, `uniqueItems` (an element equal to an earlier one refused where it ends). `anyOf` (and a
+one-entry `allOf`) forks the reading: each alternative is followed until the text leaves it (readings that agree
+again are merged); `oneOf` too where it is a discriminated union (no value satisfies two alternatives); `$ref`
+points inside the schema (`#`, `#/$defs/...`), recursion included. A string's `pattern`, `format`, `minLength` /
+`maxLength` and a number's bounds are checked on its text so far (sobre.scalars). A `,` or key in an object with no
+key left to write is refused (it would be a dead end); a string whose pattern and maxLength leave no common
+completion can still dead-end (the engine then ends the answer there, finish_reason "length"). That is what
+pydantic models and OpenAI's strict mode use; any other keyword (multipleOf, patternProperties, ...), or a oneOf
+whose alternatives may overlap, is refused by `check_schema`, never ignored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from urllib.parse import unquote
 
 from .constrain import DIGITS, NUMBER_END, JsonPrefix, _number
@@ -33,7 +34,8 @@ DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # 
 DEFS = {"$defs", "definitions"}
 CHOICE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
 BESIDE = {"enum": {"type"}, "const": {"type"}, "anyOf": {"discriminator"}, "oneOf": {"discriminator"}}  # (and DOC)
-KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", *CHOICE,
+KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "uniqueItems",
+            *CHOICE,
             "discriminator", *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
@@ -47,6 +49,20 @@ def check_schema(schema) -> None:
 def _types(schema: dict) -> set[str]:
     t = schema.get("type")
     return set(t) if isinstance(t, list) else {t} if isinstance(t, str) else set()
+
+
+def _canon(text: str):
+    """A JSON value's identity for uniqueItems: numbers by exact value (1 and 1.0 are equal), objects by their
+    keys and values in any order."""
+    def canon(v):
+        if isinstance(v, dict):
+            return "o", frozenset((k, canon(x)) for k, x in v.items())
+        if isinstance(v, list):
+            return "a", tuple(canon(x) for x in v)
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return type(v).__name__, v
+        return "n", Fraction(v)
+    return canon(json.loads(text, parse_float=Fraction))
 
 
 def _fits(value, types: set[str]) -> bool:
@@ -116,6 +132,8 @@ class Schema:
         lo, hi = s.get("minItems", 0), s.get("maxItems", math.inf)
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in (lo, hi) if n != math.inf) or lo > hi:
             raise ValueError(f"{where}: minItems / maxItems must be integers >= 0, minItems <= maxItems")
+        if not isinstance(s.get("uniqueItems", False), bool):
+            raise ValueError(f"{where}.uniqueItems must be true or false")
         integer = "integer" in _types(s) and "number" not in _types(s)
         self.rules[id(s)] = (Text(s, where) if set(STRING_KEYS) & set(s) else None,
                              Bounds(s, integer, where) if set(NUMBER_KEYS) & set(s) else None)
@@ -233,7 +251,7 @@ class SchemaPrefix:
 def _advance(readings: list[_Reading], text: str) -> list[_Reading]:
     """The readings that go on through text (readings are changed in place; forks are copies)."""
     for ch in text:
-        live = [f for r in readings for f in r.forks() if f._char(ch)]
+        live = [f for r in readings for f in r.forks() if f.step(ch)]
         readings = list({f.signature(): f for f in live}.values()) if len(live) > 1 else live
         if not readings:
             break
@@ -253,6 +271,7 @@ class _Reading(JsonPrefix):
         self.rule: Text | Bounds | None = None  # the string or number being read follows these rules
         self.text = ""  # ... on its text so far (a string's decoded)
         self.hex = ""  # the digits of a \u escape in it
+        self.unique: tuple = ()  # per open array with uniqueItems: (depth, element text, checked, elements seen)
 
     def _trial(self) -> _Reading:
         trial = super()._trial()
@@ -263,7 +282,8 @@ class _Reading(JsonPrefix):
         """Readings with equal signatures read every future text alike."""
         p = self.pending
         return (self.state, self.sub, self.key, tuple(self.stack), self.keybuf, self.integer, id(self.rule), self.text,
-                self.hex, tuple((id(s), used, n) for s, used, n in self.ctx), id(p) if isinstance(p, dict) else p)
+                self.hex, self.unique, tuple((id(s), used, n) for s, used, n in self.ctx),
+                id(p) if isinstance(p, dict) else p)
 
     def forks(self) -> list[_Reading]:
         """Before a value: one reading per alternative of its schema (self when there is one)."""
@@ -277,6 +297,34 @@ class _Reading(JsonPrefix):
         for r, a in zip(out, alts):
             r.pending = a
         return out
+
+    def step(self, ch: str) -> bool:
+        """Read one character (False: no allowed object goes on with it)."""
+        depth = len(self.stack)
+        return self._char(ch) and (not (self.unique or ch == "[") or self._unique(ch, depth))
+
+    def _unique(self, ch: str, before: int) -> bool:
+        """uniqueItems: each such open array keeps its current element's text; an element equal to an earlier
+        one is refused at the character that ends it (a string's closing quote, a number's next character, ...)."""
+        out, depth = [], len(self.stack)
+        for d, text, checked, seen in self.unique:
+            if depth < d or depth == d and ch == "," and self.state == "value":  # the array closed, or a next item
+                if not checked and text.strip() and _canon(text) in seen:
+                    return False
+                if depth == d:
+                    out.append((d, "", False, seen if checked else seen | {_canon(text)}))
+                continue
+            text += ch
+            if depth == d and self.state == "after" and not checked and text.strip():  # the element just ended
+                key = _canon(text)
+                if key in seen:
+                    return False
+                checked, seen = True, seen | {key}
+            out.append((d, text, checked, seen))
+        if ch == "[" and depth == before + 1 and self.ctx[-1][0].get("uniqueItems"):
+            out.append((depth, "", False, frozenset()))
+        self.unique = tuple(out)
+        return True
 
     def _char(self, ch: str) -> bool:
         s = self.state

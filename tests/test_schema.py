@@ -306,13 +306,14 @@ def test_pydantic_models():
         kind: Literal["a", "b"]
         tree: Node
         scores: dict[str, float]
+        tags: set[str]
 
     good = Step(explanation="x", output=None, color=Color.blue, kind="b", tree=Node(name="r", kids=[
-        Node(name="s", kids=[])]), scores={"u": 1.5})
+        Node(name="s", kids=[])]), scores={"u": 1.5}, tags={"t"})
     text = good.model_dump_json()
     bad = [text.replace('"output":null', '"output":1.5'), text.replace('"blue"', '"green"'),
            text.replace('"kind":"b"', '"kind":"c"'), text.replace('{"u":1.5}', '{"u":"1"}'),
-           text.replace('{"name":"r",', '{'), text.replace('"kind":"b",', '')]
+           text.replace('{"name":"r",', '{'), text.replace('"kind":"b",', ''), text.replace('["t"]', '["t","t"]')]
     assert len(set(bad)) == len(bad) and text not in bad
     for schema in (Step.model_json_schema(), to_strict_json_schema(Step)):
         check_schema(schema)
@@ -463,3 +464,31 @@ def test_a_dead_end_ends_the_answer(tmp_path, monkeypatch):
     text = tok.decode(seq.out[:-1])
     assert seq.finish_reason == "length" and seq.out[-1] == tok.eos_id and len(seq.out) < 200, text
     assert run(text, schema) == (True, False) and '"r"' in text, text  # (stuck in the string)
+
+
+UNIQUE = {"type": "object", "properties": {
+    "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+    "nums": {"type": "array", "items": {"type": "number"}, "uniqueItems": True},
+    "sets": {"type": "array", "items": {"type": "array", "uniqueItems": True}, "uniqueItems": True},
+    "objs": {"type": "array", "uniqueItems": True}, "free": {"type": "array"}}}
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{"tags": ["a", "ab", "b"]}', True), ('{"tags": ["a", "b", "a"', False), ('{"tags": ["a", "b", "a', None),
+    ('{"tags": ["a", "b", "ab"]}', True), ('{"nums": [1, 12, -1]}', True), ('{"nums": [1, 1.0]', False),
+    ('{"nums": [1, 1.0', None),
+    ('{"nums": [1 , 1 ', False), ('{"nums": [2.5, 25e-1,', False),
+    ('{"sets": [[1, 2], [2, 1]]}', True), ('{"sets": [[1, 2], [1, 2]', False), ('{"sets": [[1, 1]', False),
+    ('{"objs": [{"a": 1, "b": [2]}, {"b": [2], "a": 1}', False),
+    ('{"objs": [{"a": 1}, {"a": "1"}, 1, "1", true]}', True),
+    ('{"objs": [true, 1, false, true', False), ('{"free": [1, 1, "a", "a"]}', True)])
+def test_unique_items(text, ok):
+    """uniqueItems: an element equal to an earlier one (numbers by value, objects in any key order) is refused at
+    the character that ends it; the text can still go on to a different element (a longer string or number)."""
+    fed, done = run(text, UNIQUE)
+    if ok:
+        assert fed and done and valid(parse(text), UNIQUE), text
+    else:
+        assert (fed and not done if ok is None else not fed), text
+    # numbers by exact value, not as floats (where the reference, reading floats, cannot tell them apart)
+    assert run('{"nums": [1, 1.00000000000000001]}', UNIQUE) == (True, True)
