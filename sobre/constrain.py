@@ -159,10 +159,11 @@ def token_texts(tokenizer, vocab_size: int) -> list[str]:
         [""] * (vocab_size - n)
 
 
-def redraw(row: torch.Tensor, first: int, fits, draw) -> int | None:
+def redraw(row: torch.Tensor, first: int, fits, draw, fitting) -> int | None:
     """A token that fits, after `first` did not: draw (row [V] -> a token id, as the request samples) again with
     each rejected token's logit at -inf, which keeps the law of the tokens that fit; after 16 rejections every
-    token is checked at once. fits(id) -> bool. None when no token fits."""
+    token is checked at once. fits(id) -> bool; fitting() -> [V] bools, fits of every token. None when no token
+    fits."""
     row = row.clone()
     t = first
     for _ in range(16):
@@ -172,5 +173,5 @@ def redraw(row: torch.Tensor, first: int, fits, draw) -> int | None:
         t = draw(row)
         if fits(t):
             return t
-    row = row.masked_fill(~torch.tensor([fits(i) for i in range(row.shape[0])], device=row.device), float("-inf"))
+    row = row.masked_fill(~torch.tensor(fitting(), device=row.device), float("-inf"))
     return draw(row) if torch.isfinite(row).any() else None

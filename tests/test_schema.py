@@ -492,3 +492,18 @@ def test_unique_items(text, ok):
         assert (fed and not done if ok is None else not fed), text
     # numbers by exact value, not as floats (where the reference, reading floats, cannot tell them apart)
     assert run('{"nums": [1, 1.00000000000000001]}', UNIQUE) == (True, True)
+
+
+def test_the_vocabulary_check_equals_checking_every_token(tmp_path):
+    """Engine._fitting (first characters checked once, then the tokens that start with an accepted one) against
+    its reference, _fits on every token, at prefixes of a schema and of JSON mode."""
+    tok = train_tokenizer(['{"name": "x", "n": 12, "tags": ["a"], "ok": true}', "Hello world, 42."] * 20,
+                          vocab_size=300, out=tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    eng = Engine(model, tok)
+    for kw in ({"json_schema": SCHEMA}, {"json": True}):
+        eng.add_request([5, 6], max_new_tokens=4, stop_token_ids=(tok.eos_id,), **kw)
+        seq = eng.waiting[-1]
+        for piece in ["", "{", ' "na', 'me": "x', '", "n": 1', "2", ', "tags": [', '"a"', "]", "}"]:
+            assert seq.json.feed(piece)
+            assert eng._fitting(seq) == [eng._fits(seq, t) for t in range(len(eng.texts))], piece
