@@ -15,7 +15,8 @@ import torch
 
 WS = " \t\n\r"
 DIGITS = "0123456789"
-ESCAPES = '"\\/bfnrtu'
+ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}  # (and \uXXXX)
+ESCAPES = set(ESCAPED) | {"u"}
 # number states -> may the number end here
 NUMBER_END = {"zero": True, "int": True, "frac": True, "exp": True, "sign": False, "dot": False, "e": False,
               "esign": False}

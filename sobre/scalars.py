@@ -29,7 +29,6 @@ FORMATS = {"date": _DATE, "time": _TIME, "date-time": _DATE + "[Tt]" + _TIME,
            "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
            "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}"}
 PATTERN_SECONDS = 1.0  # a request's pattern searches stop there (a pattern that backtracks exponentially)
-ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 def _count(s: dict, key: str, where: str):
@@ -65,8 +64,9 @@ class Text:
             (not self.dated or len(text) < 10 or _real_day(text[:10]))
 
     def done(self, text: str) -> bool:
-        """Does the string text satisfy every rule?"""
-        return len(text) >= self.lo and self.viable(text) and \
+        """Does the string text satisfy every rule? (viable held for each of its prefixes and itself: sobre.schema
+        checks it as every character arrives)"""
+        return len(text) >= self.lo and \
             (self.pattern is None or self._search(text, partial=False)) and \
             (self.format is None or self.format.fullmatch(text) is not None)
 

@@ -26,8 +26,8 @@ import math
 from fractions import Fraction
 from urllib.parse import unquote
 
-from .constrain import DIGITS, NUMBER_END, JsonPrefix, _number
-from .scalars import ESCAPED, NUMBER_KEYS, STRING_KEYS, Bounds, Text
+from .constrain import DIGITS, ESCAPED, NUMBER_END, JsonPrefix, _number
+from .scalars import NUMBER_KEYS, STRING_KEYS, Bounds, Text
 
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # (documentation only)
@@ -35,8 +35,7 @@ DEFS = {"$defs", "definitions"}
 CHOICE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
 BESIDE = {"enum": {"type"}, "const": {"type"}, "anyOf": {"discriminator"}, "oneOf": {"discriminator"}}  # (and DOC)
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "uniqueItems",
-            *CHOICE,
-            "discriminator", *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
+            "discriminator", *CHOICE, *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 
@@ -337,6 +336,8 @@ class _Reading(JsonPrefix):
                 return False
             self.state, self.sub = "after", None  # (a number that ended: ch goes on from there)
             return self._char(ch)
+        if s == "number" and self.integer and ch in ".eE":
+            return False
         if self.rule is not None and s in ("string", "escape", "unicode", "number"):
             return self._ruled(ch)
         if s == "string" and self.key:  # (no escapes in keys: a key's state stays "string")
@@ -345,8 +346,6 @@ class _Reading(JsonPrefix):
             self.keybuf += ch
             return ch != "\\" and (self._free_keys() or any(k.startswith(self.keybuf) for k in self._keys_left())) \
                 and super()._char(ch)
-        if s == "number" and self.integer and ch in ".eE":
-            return False
         if s in ("key_or_end", "key") and ch == '"':
             if not (self._free_keys() or self._keys_left()):
                 return False
@@ -414,8 +413,7 @@ class _Reading(JsonPrefix):
                 self.rule = None
                 return self._char(ch)
             self.text += ch
-            return ch not in "eE" and not (self.integer and ch == ".") and rule.viable(self.text) and \
-                super()._char(ch)
+            return ch not in "eE" and rule.viable(self.text) and super()._char(ch)
         if s == "string" and ch == '"':
             if not rule.done(self.text):
                 return False
