@@ -4,7 +4,8 @@ generate, fp32 and bf16, at B=1 (and --batches), in the same run. The shape defa
 weight once: in bf16 sobre's linear layers multiply one row as a matrix-vector product (sobre/linear.py),
 transformers' go through F.linear; batches run bf16 matmuls on the CPU's AMX units where it has them.
     python bench/dense.py [--hidden 896 --inter 4864 --layers 24 --heads 14 --kv-heads 2] [--new 64] [--rounds 3]
-                          [--batches 1 16]
+                          [--batches 1 16] [--int8]
+--int8 adds sobre with weight-only int8 (sobre/int8.py), timed against transformers' faster dtype.
 """
 
 import argparse
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="sobre and transformers take turns this many times")
     ap.add_argument("--batches", type=int, nargs="+", default=[1], help="sequences decoded together")
+    ap.add_argument("--int8", action="store_true", help="also sobre with int8 weights (Engine(int8=True))")
     a = ap.parse_args()
     keep_freed_memory()  # as sobre's engines do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
@@ -71,6 +73,19 @@ def main():
         for B in a.batches:
             f32, b16 = rows[torch.float32, B], rows[torch.bfloat16, B]
             print(f"| bf16 / fp32 | {B} | {b16[0] / f32[0]:.2f}x | {b16[1] / f32[1]:.2f}x | |")
+        if a.int8:  # no int8 baseline in transformers itself: against its faster dtype, and sobre's fp32 again,
+            eng = Engine.from_pretrained(tmp, dtype=torch.float32, int8=True, max_batch=max(a.batches),  # in turns
+                                         cache_tokens=max(a.batches) * (a.prompt + a.new + 64))
+            f32 = Engine.from_pretrained(tmp, dtype=torch.float32, max_batch=max(a.batches),
+                                         cache_tokens=max(a.batches) * (a.prompt + a.new + 64))
+            for B in a.batches:
+                q, f = [], []
+                for _ in range(a.rounds):
+                    q.append(sobre_rate(eng, prompts[:B], a.new))
+                    f.append(sobre_rate(f32, prompts[:B], a.new))
+                best = max(rows[torch.float32, B][1], rows[torch.bfloat16, B][1])
+                print(f"| int8 weights (`--int8`), fp32 activations | {B} | {max(q):.1f} | {best:.1f} (its faster "
+                      f"dtype) | {max(q) / best:.2f}x ({max(q) / max(f):.2f}x sobre fp32 in the same turns) |")
 
 
 if __name__ == "__main__":

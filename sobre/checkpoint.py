@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import Config
 from .fp8 import FP8Experts, FP8Linear, V4QuantExperts, dequantize, dequantize_fp4, ue8m0
+from .int8 import quantize_int8
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer, build_model
 from .v4 import Experts as V4Experts
@@ -359,12 +360,15 @@ def foreign_mtp_tensor(files: dict, c: Config) -> str | None:
 
 
 def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
-         **overrides) -> Transformer:
+         int8: bool = False, **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
     module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3); so does a
     checkpoint without its tensors (as transformers saves DeepSeek models), whatever its config says.
     fp8=True keeps a quantised checkpoint's weights in memory (fp8.FP8Linear / FP8Experts / V4QuantExperts: e4m3
-    and V4's FP4 experts) instead of dequantising them on load."""
+    and V4's FP4 experts) instead of dequantising them on load. int8=True quantises the loaded weights to int8 with
+    per-row scales (int8.quantize_int8: weight-only, for inference)."""
+    if fp8 and int8:
+        raise ValueError("fp8=True keeps a checkpoint's FP8 weights, int8=True quantises to int8: choose one")
     path = resolve(path)
     hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
     if hf is None:
@@ -404,6 +408,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
     if device is not None:
         model.to(device)
+    if int8:
+        quantize_int8(model)
     return model.eval()
 
 

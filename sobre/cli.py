@@ -16,6 +16,7 @@ from .flags import (
     DTYPE_HELP,
     DTYPES,
     FP8_HELP,
+    INT8_HELP,
     add_dataclass_flags,
     add_decode_flags,
     add_device_flag,
@@ -142,12 +143,15 @@ def cmd_generate(args):
             check_schema(schema)
         except (OSError, ValueError) as e:
             sys.exit(f"--json-schema {args.json_schema}: {e}")
+    if args.int8 and args.expert_parallel:
+        raise ValueError("--int8 with --expert-parallel: expert parallel shards the routed experts' stacked "
+                         "weights, which int8 replaces; use one or the other")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
     device = "cpu" if args.expert_parallel else pick_device(args.device)  # expert parallel: each rank's, below
     model = load(path, dtype=DTYPES[args.dtype] if args.dtype else inference_dtype(path, device), device=device,
-                 fp8=args.fp8, mtp=args.speculative)
+                 fp8=args.fp8, int8=args.int8, mtp=args.speculative)
     tok = load_tokenizer(path)
     if args.ids:
         prompt = args.ids
@@ -227,7 +231,7 @@ def cmd_chat(args):
     sampling = sampling_args(args, path, **CHAT_SAMPLING)
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
                                  device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
-                                 compile=args.compile, min_acceptance=args.min_acceptance)
+                                 int8=args.int8, compile=args.compile, min_acceptance=args.min_acceptance)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -384,7 +388,7 @@ def cmd_serve(args):
     eng = EngineProcess(path, threads=args.threads or os.cpu_count() or 1, warm_up=args.compile,
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
-                        fp8=args.fp8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
+                        fp8=args.fp8, int8=args.int8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
                         min_acceptance=args.min_acceptance)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults)
@@ -450,6 +454,7 @@ def main(argv=None):
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     s.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     s.add_argument("--expert-parallel", action="store_true",
                    help="shard the MoE experts over torchrun ranks (all-to-all dispatch)")
@@ -470,6 +475,7 @@ def main(argv=None):
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     s.add_argument("--threads", type=at_least(0), default=0)
     add_device_flag(s)
     s.set_defaults(fn=cmd_chat)
@@ -500,6 +506,7 @@ def main(argv=None):
     add_decode_flags(s)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     s.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     s.add_argument("--threads", type=at_least(0), default=0, help="the engine's torch CPU threads (0: every core)")
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)

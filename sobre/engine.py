@@ -26,6 +26,7 @@ import torch
 from . import v4cache
 from .config import at_least_one
 from .constrain import JsonPrefix, redraw, token_texts
+from .int8 import Int8Experts, Int8Linear
 from .linear import inference_dtype
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
@@ -66,6 +67,9 @@ class Engine:
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
         self.limits = Limits(c.vocab_size, c.max_seq_len, block, self.pool.n_blocks - 1, tokenizer is not None)
+        if compile and any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules()):
+            raise ValueError("compile=True does not take int8 weights (torch's inductor cannot lower their "
+                             "_weight_int8pack_mm); decode them eagerly")
         self.compiled = compiled_decode(model, self.pool, self.supports_compile(c)) if compile else None
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -104,13 +108,15 @@ class Engine:
         return None
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False, **kw) -> Engine:
-        """dtype None: linear.inference_dtype(path, device)."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False,
+                        int8: bool = False, **kw) -> Engine:
+        """dtype None: linear.inference_dtype(path, device). int8=True: weight-only int8 (checkpoint.load)."""
         from .checkpoint import load, resolve
         from .tokenizer import load_tokenizer
         path = resolve(path)
         dtype = dtype or inference_dtype(path, device)
-        return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8),
+        return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8,
+                        int8=int8),
                    load_tokenizer(path), **kw)
 
     def warm_up(self):

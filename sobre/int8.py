@@ -1,0 +1,125 @@
+"""Int8 weight-only inference (W8A16): every linear layer's and routed expert's weight kept as int8 with one scale
+per output row, a quarter of fp32's bytes and half of bf16's.
+
+A decode step multiplies a few rows by every weight matrix, so on a CPU its time is the time to read the weights.
+`torch.ops.aten._weight_int8pack_mm` multiplies bf16 rows by int8 weights without materialising them in high
+precision ([1, 1536] x [8960, 1536]: 0.58 ms against 1.4 ms for bf16 `torch.mv` and 3.6 ms in fp32 on a 2-core AVX2
+CPU; `python bench/dense.py --int8` times whole models). Activations enter it in bf16 and leave in their own
+dtype. The kernel needs in_features % 8 == 0 (others crashed it); those layers, and other devices, take the
+reference path: the rows' matmul with the weight dequantised a slice at a time (`Int8Linear.reference`, the twin
+the tests hold the kernel to).
+
+Symmetric per-row quantisation: scale = absmax / 127, q = round(w / scale). Left in their own precision: the
+embedding (a lookup reads one row), the routers (fp32, as in the reference code), MLA's wkv_b and V4's o_a_proj
+(read as whole matrices by the absorbed attention) and V4's routed experts (`--fp8` keeps their FP4 / FP8 codes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import dispatch
+from .model import Experts
+
+SKIP = ("embed", "wkv_b", "o_a_proj")  # module names whose weights stay as loaded (read whole, or looked up)
+CHUNK = 4096  # reference path: output rows dequantised at a time
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., out, in] -> (int8 codes [..., out, in], fp32 scales [..., out]): each row's absmax maps to 127."""
+    w = w.detach().float()
+    scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    return (w / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ (q [out, in] * scale [out, None]).T -> [..., out] in x's dtype: the int8 kernel on the CPU for
+    in % 8 == 0, else `int8_reference`."""
+    K = q.shape[1]
+    if x.device.type != "cpu" or K % 8:
+        return int8_reference(x, q, scale)
+    rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(rows, q, scale.to(torch.bfloat16))
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The twin of int8_mm: CHUNK output rows at a time dequantised to x's dtype, then F.linear."""
+    outs = [F.linear(x, q[r:r + CHUNK].to(x.dtype) * scale[r:r + CHUNK, None].to(x.dtype))
+            for r in range(0, q.shape[0], CHUNK)]
+    return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear (weight [out, in], optional bias) with the weight as int8 codes + per-row scales."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, s = quantize_rows(linear.weight)
+        self.register_buffer("weight", q.to(linear.weight.device))
+        self.register_buffer("scale", s.to(linear.weight.device))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = int8_mm(x, self.weight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight.to(dtype) * self.scale[:, None].to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-row scales"
+
+
+class Int8Experts(nn.Module):
+    """model.Experts (w1 / w3 [E, I, D], w2 [E, D, I]) in int8 with per-row scales; each active expert's three
+    matrices multiply its own rows through int8_mm."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        for name in ("w1", "w2", "w3"):
+            q, s = quantize_rows(getattr(experts, name))
+            self.register_buffer(name, q.contiguous())
+            self.register_buffer(name + "_scale", s)
+
+    def forward(self, x, w, idx):  # model.Experts' dispatch
+        return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
+
+    def ffn(self, xs, counts: list[int]):  # rows sorted by expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start:start + n]
+                h = F.silu(self._mm(seg, "w1", e)) * self._mm(seg, "w3", e)
+                outs.append(self._mm(h, "w2", e))
+                start += n
+        return torch.cat(outs) if outs else xs[:0]
+
+    def _mm(self, a, name: str, e: int):
+        return int8_mm(a, getattr(self, name)[e], getattr(self, name + "_scale")[e])
+
+    def extra_repr(self) -> str:
+        return f"experts={self.w1.shape[0]}, int8 per-row scales"
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> dict:
+    """Swap, in place, every nn.Linear (sobre's Linear included) for an Int8Linear and every model.Experts for an
+    Int8Experts, but those named in SKIP. A head tied to the embedding gets its own int8 copy (the lookup keeps
+    the table). -> {module name: relative weight error ||W - dequant(quant(W))|| / ||W||}."""
+    report = {}
+    for name, mod in list(model.named_modules()):
+        if any(s in name.split(".") for s in SKIP) or not isinstance(mod, (nn.Linear, Experts)):
+            continue
+        new = Int8Linear(mod) if isinstance(mod, nn.Linear) else Int8Experts(mod)
+        ws = [mod.weight] if isinstance(mod, nn.Linear) else [mod.w1, mod.w2, mod.w3]
+        qs = ([(new.weight, new.scale)] if isinstance(mod, nn.Linear)
+              else [(getattr(new, k), getattr(new, k + "_scale")) for k in ("w1", "w2", "w3")])
+        err = sum(float((q.float() * s[..., None] - w.float()).norm() ** 2) for w, (q, s) in zip(ws, qs))
+        report[name] = (err / sum(float(w.float().norm() ** 2) for w in ws)) ** 0.5
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return report

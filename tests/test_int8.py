@@ -1,0 +1,107 @@
+"""Int8 weight-only inference: per-row round trip, the CPU kernel against its dequantised twin, whole models
+(MoE and dense, tied head) against the same model holding the dequantised weights, the engine and the CLI."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cli import call
+
+import sobre
+from sobre import int8
+from sobre.engine import Engine
+from sobre.int8 import Int8Experts, Int8Linear, int8_mm, int8_reference, quantize_int8, quantize_rows
+from sobre.model import Experts
+
+from conftest import random_model
+
+
+def test_quantize_rows_round_trip():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 40, 24, generator=g) * torch.rand(3, 40, 1, generator=g)  # rows of different scales
+    w[1, 5] = 0  # an all-zero row: codes 0, no division by zero
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (3, 40) and q.abs().max() <= 127
+    back = q.float() * s[..., None]
+    assert ((back - w).abs() <= s[..., None] / 2 + 1e-7).all()  # within half a step of each row's own scale
+    assert (q.abs().amax(-1)[s > 1e-12] == 127).all() and torch.equal(back[1, 5], torch.zeros(24))
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (5, 96), (2, 3, 64), (4, 12)])  # (4, 12): in % 8 != 0
+def test_kernel_equals_the_dequantised_twin(shape):
+    g = torch.Generator().manual_seed(1)
+    K = shape[-1]
+    q, s = quantize_rows(torch.randn(72, K, generator=g))
+    x = torch.randn(*shape, generator=g)
+    exact = F.linear(x, q.float() * s[:, None])
+    twin = int8_reference(x, q, s)
+    torch.testing.assert_close(twin, exact, atol=1e-5, rtol=1e-5)
+    got = int8_mm(x, q, s)
+    assert got.shape == (*shape[:-1], 72) and got.dtype == x.dtype
+    # bf16 activations and scales: ~3 significant digits of each product's inputs
+    assert (got - exact).abs().max() <= 2e-2 * exact.abs().max()
+    if K % 8:
+        assert torch.equal(got, twin)  # the kernel needs in % 8 == 0: the twin computes it
+
+
+def dequantised_copy(model):
+    """The same model with every weight quantize_int8 would replace set to its dequantised value (fp32)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if any(s in name.split(".") for s in int8.SKIP):
+                continue
+            if isinstance(m, torch.nn.Linear):
+                q, s = quantize_rows(m.weight)
+                m.weight = torch.nn.Parameter(q.float() * s[:, None])  # (unties a tied head, as int8 does)
+            elif isinstance(m, Experts):
+                for k in ("w1", "w2", "w3"):
+                    q, s = quantize_rows(getattr(m, k))
+                    getattr(m, k).copy_(q.float() * s[..., None])
+    return ref
+
+
+@pytest.mark.parametrize("cfg", [sobre.preset("debug", dim=64, moe_inter_dim=32, n_mtp_layers=1),
+                                 sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=512, hidden_size=64,
+                                                           intermediate_size=128, num_hidden_layers=2,
+                                                           num_attention_heads=4, num_key_value_heads=2,
+                                                           tie_word_embeddings=True))], ids=["moe", "dense-tied"])
+def test_int8_model_equals_its_dequantised_twin(cfg, monkeypatch):
+    model = random_model(cfg, std=0.05)
+    ref = dequantised_copy(model)
+    q = copy.deepcopy(model)
+    report = quantize_int8(q)
+    kinds = {type(m) for m in q.modules()}
+    assert Int8Linear in kinds and (Int8Experts in kinds) == bool(cfg.n_routed_experts)
+    assert isinstance(q.embed, torch.nn.Embedding) and q.head.weight.dtype == torch.int8  # tied: its own copy
+    if cfg.is_mla:
+        assert all(type(layer.attn.wkv_b) is not Int8Linear for layer in q.layers)  # read whole by absorbed MLA
+    assert report and max(report.values()) < 0.01  # int8 keeps each matrix within 1% of its norm
+    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(x)
+        got = q(x)  # the kernel (bf16 activations)
+        assert (got - want).abs().max() <= 3e-2 * want.abs().max()
+        monkeypatch.setattr(int8, "int8_mm", int8_reference)  # the twin everywhere: fp32 products of the same weights
+        torch.testing.assert_close(q(x), want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_engine_and_cli_with_int8(tmp_path, capsys):
+    model = random_model(sobre.preset("debug", dim=64, moe_inter_dim=32), std=0.05)
+    path = sobre.save(model, tmp_path / "m")
+    eng = Engine.from_pretrained(path, int8=True)
+    assert any(isinstance(m, Int8Linear) for m in eng.model.modules())
+    prompts = [[5, 6, 7], [8, 9]]
+    out = eng.generate(prompts, max_new_tokens=6)
+    assert [len(o) for o in out] == [6, 6]
+    # batch invariance holds for int8 too: each row alone decodes the same tokens
+    assert [eng.generate([p], max_new_tokens=6)[0] for p in prompts] == out
+    code, stdout, _ = call(capsys, "generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "6", "--int8")
+    assert code == 0 and [int(t) for t in stdout.split()] == out[0]
+    with pytest.raises(ValueError, match="choose one"):
+        sobre.load(path, fp8=True, int8=True)
+    with pytest.raises(ValueError, match="int8 weights"):
+        Engine.from_pretrained(path, int8=True, compile=True)
+    code, _, stderr = call(capsys, "generate", str(path), "--ids", "5", "--int8", "--expert-parallel")
+    assert code == 1 and "--int8 with --expert-parallel" in stderr
