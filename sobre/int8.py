@@ -6,8 +6,8 @@ A decode step multiplies a few rows by every weight matrix, so on a CPU its time
 precision ([1, 1536] x [8960, 1536]: 0.58 ms against 1.4 ms for bf16 `torch.mv` and 3.6 ms in fp32 on a 2-core AVX2
 CPU; `python bench/dense.py --int8` times whole models). Activations enter it in bf16 and leave in their own
 dtype. The kernel needs in_features % 8 == 0 (others crashed it); those layers, and other devices, take the
-reference path: the rows' matmul with the weight dequantised a slice at a time (`Int8Linear.reference`, the twin
-the tests hold the kernel to).
+reference path: the rows' matmul with the weight dequantised a slice at a time (`int8_reference`, the twin the
+tests hold the kernel to).
 
 Symmetric per-row quantisation: scale = absmax / 127, q = round(w / scale). Left in their own precision: the
 embedding (a lookup reads one row), the routers (fp32, as in the reference code), MLA's wkv_b and V4's o_a_proj
@@ -66,9 +66,6 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         y = int8_mm(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
-
-    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.weight.to(dtype) * self.scale[:, None].to(dtype))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-row scales"
