@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .config import Config
 from .fp8 import FP8Experts, FP8Linear, V4QuantExperts, dequantize, dequantize_fp4, ue8m0
-from .int8 import quantize_int8
+from .int8 import int8_scale, quantize_int8, quantize_rows
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer, build_model
 from .v4 import Experts as V4Experts
@@ -365,8 +365,9 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3); so does a
     checkpoint without its tensors (as transformers saves DeepSeek models), whatever its config says.
     fp8=True keeps a quantised checkpoint's weights in memory (fp8.FP8Linear / FP8Experts / V4QuantExperts: e4m3
-    and V4's FP4 experts) instead of dequantising them on load. int8=True quantises the loaded weights to int8 with
-    per-row scales (int8.quantize_int8: weight-only, for inference)."""
+    and V4's FP4 experts) instead of dequantising them on load. int8=True quantises the weights to int8 with
+    per-row scales as they are read (int8.quantize_int8: weight-only, for inference; no full-precision copy of
+    them is ever held)."""
     if fp8 and int8:
         raise ValueError("fp8=True keeps a checkpoint's FP8 weights, int8=True quantises to int8: choose one")
     path = resolve(path)
@@ -405,11 +406,16 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
                 m.bias = m.bias.float()
     if fp8:
         keep_fp8(model, files, block)
+    if int8:
+        quantize_int8(model, fill=False)  # (the swapped-out weights were allocated, never written: never resident)
     load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
+    head, embed = (model.lm_head, model.embed_tokens) if v4 else (model.head, model.embed)
+    if int8 and c.tie_embeddings:  # the tied head's own int8 codes
+        with torch.no_grad():
+            for dst, src in zip((head.weight, head.scale), quantize_rows(embed.weight)):
+                dst.copy_(src)
     if device is not None:
         model.to(device)
-    if int8:
-        quantize_int8(model)
     return model.eval()
 
 
@@ -454,9 +460,11 @@ def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, 
     >= skip_from (MTP left out) are skipped."""
     c = model.config
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    scales = {n: int8_scale(model, n) for n in params if params[n].dtype == torch.int8}  # int8 codes -> scales
+    scales = {n: s for n, s in scales.items() if s}  # (filled as their codes are quantised, not read)
     todo = {}  # our name -> expert indices still to fill (None for plain tensors)
     for name, t in params.items():
-        if name.startswith("rope.") or t is None:
+        if name.startswith("rope.") or t is None or name in scales.values():
             continue
         todo[name] = set(range(t.shape[0])) if ".experts." in name else None
     if c.tie_embeddings:
@@ -483,7 +491,13 @@ def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, 
             if (ours, e, 1 - half) in halves:
                 tick(ours, e)
             return
-        copy(params[ours] if expert is None else params[ours][expert], t, what)
+        dst = params[ours] if expert is None else params[ours][expert]
+        if ours in scales:  # load(int8=True): quantised as it arrives (codes first: their shape is the check)
+            t, scale = quantize_rows(t)
+            copy(dst, t, what)
+            dst = params[scales[ours]] if expert is None else params[scales[ours]][expert]
+            t = scale
+        copy(dst, t, what)
         tick(ours, expert)
 
     def tick(ours, expert):

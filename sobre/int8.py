@@ -53,14 +53,15 @@ def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear (weight [out, in], optional bias) with the weight as int8 codes + per-row scales."""
+    """nn.Linear (weight [out, in], optional bias) with the weight as int8 codes + per-row scales: quantised from
+    `linear`, or (fill=False) left empty for checkpoint.load to quantise each tensor as it arrives."""
 
-    def __init__(self, linear: nn.Linear):
+    MATRICES = {"weight": "scale"}  # int8 buffer -> its scales' buffer
+
+    def __init__(self, linear: nn.Linear, fill: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, s = quantize_rows(linear.weight)
-        self.register_buffer("weight", q.to(linear.weight.device))
-        self.register_buffer("scale", s.to(linear.weight.device))
+        _int8_buffers(self, {"weight": linear.weight}, fill)
         self.bias = linear.bias
 
     def forward(self, x):
@@ -75,12 +76,11 @@ class Int8Experts(nn.Module):
     """model.Experts (w1 / w3 [E, I, D], w2 [E, D, I]) in int8 with per-row scales; each active expert's three
     matrices multiply its own rows through int8_mm."""
 
-    def __init__(self, experts: Experts):
+    MATRICES = {"w1": "w1_scale", "w2": "w2_scale", "w3": "w3_scale"}
+
+    def __init__(self, experts: Experts, fill: bool = True):
         super().__init__()
-        for name in ("w1", "w2", "w3"):
-            q, s = quantize_rows(getattr(experts, name))
-            self.register_buffer(name, q.contiguous())
-            self.register_buffer(name + "_scale", s)
+        _int8_buffers(self, {k: getattr(experts, k) for k in self.MATRICES}, fill)
 
     def forward(self, x, w, idx):  # model.Experts' dispatch
         return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
@@ -102,21 +102,42 @@ class Int8Experts(nn.Module):
         return f"experts={self.w1.shape[0]}, int8 per-row scales"
 
 
+def _int8_buffers(mod: nn.Module, weights: dict, fill: bool):
+    """mod's int8 buffers (names as weights', contiguous) and their scales (mod.MATRICES): quantised from the
+    weights, or empty (fill=False: not a byte of the weights read)."""
+    for name, w in weights.items():
+        if fill:
+            q, scale = quantize_rows(w)
+        else:
+            q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+            scale = torch.empty(w.shape[:-1], device=w.device)
+        mod.register_buffer(name, q.contiguous())
+        mod.register_buffer(mod.MATRICES[name], scale)
+
+
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> dict:
+def quantize_int8(model: nn.Module, fill: bool = True) -> dict:
     """Swap, in place, every nn.Linear (sobre's Linear included) for an Int8Linear and every model.Experts for an
     Int8Experts, but those named in SKIP. A head tied to the embedding gets its own int8 copy (the lookup keeps
-    the table). -> {module name: relative weight error ||W - dequant(quant(W))|| / ||W||}."""
+    the table). -> {module name: relative weight error ||W - dequant(quant(W))|| / ||W||}. fill=False: empty
+    int8 modules (checkpoint.load quantises into them; `int8_scale` names each code's scales) -> {}."""
     report = {}
     for name, mod in list(model.named_modules()):
         if any(s in name.split(".") for s in SKIP) or not isinstance(mod, (nn.Linear, Experts)):
             continue
-        new = Int8Linear(mod) if isinstance(mod, nn.Linear) else Int8Experts(mod)
-        ws = [mod.weight] if isinstance(mod, nn.Linear) else [mod.w1, mod.w2, mod.w3]
-        qs = ([(new.weight, new.scale)] if isinstance(mod, nn.Linear)
-              else [(getattr(new, k), getattr(new, k + "_scale")) for k in ("w1", "w2", "w3")])
-        err = sum(float((q.float() * s[..., None] - w.float()).norm() ** 2) for w, (q, s) in zip(ws, qs))
-        report[name] = (err / sum(float(w.float().norm() ** 2) for w in ws)) ** 0.5
+        new = (Int8Linear if isinstance(mod, nn.Linear) else Int8Experts)(mod, fill)
+        if fill:
+            pairs = [(getattr(mod, k), getattr(new, k), getattr(new, v)) for k, v in new.MATRICES.items()]
+            err = sum(float((q.float() * s[..., None] - w.float()).norm() ** 2) for w, q, s in pairs)
+            report[name] = (err / sum(float(w.float().norm() ** 2) for w, _, _ in pairs)) ** 0.5
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return report
+
+
+def int8_scale(model: nn.Module, name: str) -> str | None:
+    """The scales' buffer name of the int8 buffer `name` (None: no int8 code of an Int8Linear / Int8Experts)."""
+    parent, _, child = name.rpartition(".")
+    mod = model.get_submodule(parent) if parent else model
+    scale = getattr(mod, "MATRICES", {}).get(child) if isinstance(mod, (Int8Linear, Int8Experts)) else None
+    return f"{parent}.{scale}" if scale and parent else scale

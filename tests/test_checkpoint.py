@@ -151,8 +151,8 @@ def test_not_a_model_dir(tmp_path):
 # VmHWM, not ru_maxrss: Linux carries the forking parent's high-water mark across exec into ru_maxrss
 MEM_SCRIPT = """
 import sys, torch, sobre
-model = sobre.load(sys.argv[1])
-weights = sum(p.numel() * p.element_size() for p in model.parameters())
+model = sobre.load(sys.argv[1], int8=sys.argv[2:] == ["int8"])
+weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(weights, peak)
 """
@@ -173,13 +173,17 @@ def test_load_1gb_with_bounded_peak_memory(tmp_path):
     try:
         sobre.save(model, tmp_path / "big", shard_bytes=256 << 20)
         del model
-        out = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path / "big")], capture_output=True,
-                             text=True, check=True).stdout.split()
+        out, int8 = (subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path / "big"), *a],
+                                    capture_output=True, text=True, check=True).stdout.split() for a in ([], ["int8"]))
     finally:  # 1.2 GB on disk: never leave it behind for the rest of the suite (CI machines have small disks)
         shutil.rmtree(tmp_path / "big", ignore_errors=True)
     weights, peak = int(out[0]), int(out[1])
     assert weights > 0.9e9
     assert peak <= 1.5 * weights, f"peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of weights"
+    # int8=True quantises each tensor as it is read: the fp32 weights are never all resident
+    small, peak = int(int8[0]), int(int8[1])
+    assert small < 0.35 * weights
+    assert peak <= 0.75 * weights, f"int8: peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of fp32 weights"
 
 
 def test_load_without_mtp(tmp_path):

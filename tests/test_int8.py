@@ -87,6 +87,22 @@ def test_int8_model_equals_its_dequantised_twin(cfg, monkeypatch):
         torch.testing.assert_close(q(x), want, atol=1e-4 * want.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("cfg", [sobre.preset("debug", dim=64, moe_inter_dim=32, n_mtp_layers=1),
+                                 sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=512, hidden_size=64,
+                                                           intermediate_size=128, num_hidden_layers=2,
+                                                           num_attention_heads=4, num_key_value_heads=2,
+                                                           tie_word_embeddings=True))], ids=["moe", "dense-tied"])
+def test_load_quantises_each_tensor_as_it_reads(cfg, tmp_path):
+    path = sobre.save(random_model(cfg, std=0.05), tmp_path / "m", dtype=torch.bfloat16)
+    streamed = sobre.load(path, int8=True, dtype=torch.float32)
+    twin = sobre.load(path, dtype=torch.float32)
+    quantize_int8(twin)  # the whole fp32 model first, then quantised: the same codes and scales
+    a, b = streamed.state_dict(), twin.state_dict()
+    assert a.keys() == b.keys() and any(t.dtype == torch.int8 for t in a.values())
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 def test_int8_deepseek_v4_equals_its_dequantised_twin(monkeypatch):
     from test_v4 import hf_model, ours_from
     model = ours_from(hf_model())
