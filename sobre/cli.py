@@ -317,7 +317,7 @@ def cmd_eval(args):
     tasks = [get_task(name, args.reward or None) for name in args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = start_model(args.path, device=args.device)
+    model, tok = start_model(args.path, device=args.device, int8=args.int8)
     print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
     for task in tasks:
         r = evaluate_task(model.eval(), tok, task, args.n, args.samples,
@@ -543,6 +543,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=at_least(0), default=0)
     s.add_argument("--json", action="store_true", help="also print each task's numbers as JSON")
+    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     add_device_flag(s)
     s.set_defaults(fn=cmd_eval)
 

@@ -491,9 +491,12 @@ class Transformer(nn.Module):
         return out
 
 
-def head_loss(head: nn.Linear, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of head(h) [B, T, V] against targets [B, T], the logits never made whole."""
-    return head_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
+def head_loss(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of head(h) [..., V] against targets [...], the logits never made whole (an int8 head,
+    inference only: its logits in fp32)."""
+    if not head.weight.is_floating_point():  # int8.Int8Linear (evaluation of an int8 model)
+        return F.cross_entropy(head(h).flatten(0, -2).float(), targets.flatten())
+    return head_cross_entropy(h.flatten(0, -2), head.weight, targets.flatten())
 
 
 def positions(tokens: torch.Tensor, cache, max_seq_len: int) -> torch.Tensor:

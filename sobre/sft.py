@@ -21,8 +21,7 @@ from tqdm import tqdm
 from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
-from .loss import head_cross_entropy
-from .model import MoE, Transformer, init_weights
+from .model import MoE, Transformer, head_loss, init_weights
 from .parallel import pick_device
 from .report import plot_training
 from .tasks import get_task
@@ -48,11 +47,12 @@ IGNORE = -100
 
 # ---- the starting model -------------------------------------------------------------------------
 def start_model(init: str, preset_name: str = "debug", run: Path | None = None, seed: int = 0,
-                arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None, device: str = "cpu") \
-        -> tuple[Transformer, Tokenizer]:
+                arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None, device: str = "cpu",
+                int8: bool = False) -> tuple[Transformer, Tokenizer]:
     """The model a post-training run starts from, in fp32 on `device` (a --device value): `init` (a sobre run
     folder, an HF directory or a Hub id), else a fresh `preset_name` model of type `arch` with `tokenizer` or one
-    trained on the built-in corpus. The tokenizer is kept in run/tokenizer (reused on resume)."""
+    trained on the built-in corpus. The tokenizer is kept in run/tokenizer (reused on resume). int8=True (`init`
+    only; evaluation): its weights in int8 (checkpoint.load)."""
     dev = pick_device(device)
     if init:
         path = resolve(init)
@@ -62,7 +62,7 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
             raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
         if run is not None and not (run / "tokenizer").exists():
             tok.save(run / "tokenizer")
-        return load(path, dtype=torch.float32, device=dev), tok
+        return load(path, dtype=torch.float32, device=dev, int8=int8), tok
     if tokenizer is not None and not (run / "tokenizer").exists():
         tokenizer.save(run / "tokenizer")
     tok = load_tokenizer(run / "tokenizer") or train_tokenizer(builtin_docs(1 << 20, seed),
@@ -199,7 +199,7 @@ def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
     target_logits is its plain twin, what distillation needs)."""
     keep = y != IGNORE
     h = model.hidden(x, cache=Packed(docs))[keep]  # [M, D]
-    return head_cross_entropy(h, model.head.weight, y[keep]) if len(h) else h.sum() * 0  # (prompts only: no signal)
+    return head_loss(model.head, h, y[keep]) if len(h) else h.sum() * 0  # (prompts only: no signal)
 
 
 # ---- the run --------------------------------------------------------------------------------------

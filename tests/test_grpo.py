@@ -215,15 +215,17 @@ def test_grpo_cli_contract(grpo_run):
     assert "pass@1" in r.stdout and "countdown" in r.stdout and "bits/byte" in r.stdout
 
 
-def test_reference_loss_is_each_solutions_own_cross_entropy(grpo_run):
+@pytest.mark.parametrize("int8", [False, True])
+def test_reference_loss_is_each_solutions_own_cross_entropy(grpo_run, int8, capsys):
     """val_loss / val_bpb of held-out reference solutions (packed several to a row) equal each solution's
-    cross-entropy after its own prompt, one forward per solution."""
+    cross-entropy after its own prompt, one forward per solution; in int8 too (its head's logits made whole)."""
     import torch.nn.functional as F
 
     from sobre.rollout import reference_loss
     from sobre.sft import encode_turns, start_model
     from sobre.tasks import get_task
-    model, tok = start_model(str(grpo_run))
+    model, tok = start_model(str(grpo_run), int8=int8)
+    assert (model.head.weight.dtype == torch.int8) == int8
     problems = get_task("arithmetic").problems("test", 5)
     got = reference_loss(model.eval(), tok, problems, batch_size=2)
     nats = n = n_bytes = 0
@@ -239,6 +241,10 @@ def test_reference_loss_is_each_solutions_own_cross_entropy(grpo_run):
     assert y[-1].item() == tok.eos_id
     assert got["val_loss"] == pytest.approx(nats / n, rel=1e-5)
     assert got["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    if int8:  # and `sobre eval --int8` runs on it
+        code = main(["eval", str(grpo_run / "model"), "--task", "countdown", "--n", "2", "--max-new-tokens", "8",
+                     "--int8"])
+        assert code in (None, 0) and "pass@1" in capsys.readouterr().out
 
 
 def test_grpo_on_a_small_jsonl_task_without_held_out_rows(tmp_path):
