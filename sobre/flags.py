@@ -49,7 +49,7 @@ def token_ids(text: str) -> list[int]:
 
 FP8_HELP = "keep a quantised checkpoint's weights in memory (FP8 e4m3, V4's FP4 experts)"
 INT8_HELP = ("quantise the weights to int8 on load (weight-only, a scale per row: a quarter of fp32's bytes; "
-             "on CPU decode 2.3x fp32)")
+             "on CPU decode 2.2-2.5x fp32)")
 
 
 def add_device_flag(parser):

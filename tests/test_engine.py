@@ -54,6 +54,7 @@ def test_one_row_bf16_linear_equals_f_linear():
             assert got.shape == exact.shape and got.dtype == torch.bfloat16
             for y in (got, twin):
                 assert ((y.float() - exact).abs() <= exact.abs() / 128 + 1e-3).all()
+            assert bias is None or torch.equal(got, twin)  # with a bias: F.linear (bf16 addmv is 8-10x slower)
     for x, ww in ((torch.randn(3, 200, generator=g).bfloat16(), w), (torch.randn(1, 200, generator=g), w.float())):
         assert torch.equal(linear(x, ww, None), F.linear(x, ww))  # several rows, or fp32: F.linear
     layer = Linear(200, 300, bias=True).bfloat16()
