@@ -409,8 +409,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     if int8:
         quantize_int8(model, fill=False)  # (the swapped-out weights were allocated, never written: never resident)
     load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
-    head, embed = (model.lm_head, model.embed_tokens) if v4 else (model.head, model.embed)
     if int8 and c.tie_embeddings:  # the tied head's own int8 codes
+        head, embed = (model.lm_head, model.embed_tokens) if v4 else (model.head, model.embed)
         with torch.no_grad():
             for dst, src in zip((head.weight, head.scale), quantize_rows(embed.weight)):
                 dst.copy_(src)

@@ -513,7 +513,7 @@ def test_api_key_overload_and_timeout(ckpt):
 
 
 def test_engine_process_death_fails_its_requests_and_health(long_ckpt):
-    eng = EngineProcess(long_ckpt, max_batch=4)
+    eng = EngineProcess(long_ckpt, max_batch=4, int8=True)  # (and the server's path of --int8)
     s = Live(create_app(eng, "tiny"))
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:
