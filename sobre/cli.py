@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from .flags import (
-    DTYPE_HELP,
     DTYPES,
-    FP8_HELP,
     INT8_HELP,
     add_dataclass_flags,
     add_decode_flags,
@@ -452,9 +450,6 @@ def main(argv=None):
     s.add_argument("--json-schema", metavar="FILE", help="structured output: one JSON object satisfying the JSON "
                    "schema in FILE (sobre.schema's keywords; needs --prompt)")
     add_decode_flags(s)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
-    s.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     s.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     s.add_argument("--expert-parallel", action="store_true",
                    help="shard the MoE experts over torchrun ranks (all-to-all dispatch)")
@@ -473,9 +468,6 @@ def main(argv=None):
     s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")
     add_decode_flags(s)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
-    s.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     s.add_argument("--threads", type=at_least(0), default=0)
     add_device_flag(s)
     s.set_defaults(fn=cmd_chat)
@@ -504,9 +496,6 @@ def main(argv=None):
                    help="auto: the sampling values of the checkpoint's generation_config.json are the defaults of "
                    "requests that leave them unset (as vLLM); none: OpenAI's defaults")
     add_decode_flags(s)
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
-    s.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    s.add_argument("--int8", action="store_true", help=INT8_HELP)
     s.add_argument("--threads", type=at_least(0), default=0, help="the engine's torch CPU threads (0: every core)")
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)

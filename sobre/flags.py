@@ -76,7 +76,7 @@ def sampling_args(args, path, **builtin) -> dict:
 
 
 def add_decode_flags(parser):
-    """The engine's decode options, shared by generate, chat and serve."""
+    """The engine's decode options and its weights' dtype, shared by generate, chat and serve."""
     parser.add_argument("--speculative", nargs="?", const=True, default=False, type=int, metavar="K",
                         help="MTP speculative decoding, K draft tokens a step (default: one per MTP layer)")
     parser.add_argument("--min-acceptance", type=float, default=0.3, metavar="A",
@@ -84,6 +84,9 @@ def add_decode_flags(parser):
                         "verifies decodes plainly from then on (0: always draft)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, weights frozen in: "
                         "1-5 minutes of compiling, then faster decode of up to experts / top-k sequences")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
+    parser.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    parser.add_argument("--int8", action="store_true", help=INT8_HELP)
 
 
 def add_dataclass_flags(parser, cls):

@@ -45,6 +45,12 @@ def test_kernel_equals_the_dequantised_twin(shape):
         assert torch.equal(got, twin)  # the kernel needs in % 8 == 0: the twin computes it
 
 
+CONFIGS = [sobre.preset("debug", dim=64, moe_inter_dim=32, n_mtp_layers=1),
+           sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     tie_word_embeddings=True))]
+
+
 def dequantised_copy(model):
     """The same model with every weight quantize_int8 would replace set to its dequantised value (fp32)."""
     ref = copy.deepcopy(model)
@@ -62,11 +68,7 @@ def dequantised_copy(model):
     return ref
 
 
-@pytest.mark.parametrize("cfg", [sobre.preset("debug", dim=64, moe_inter_dim=32, n_mtp_layers=1),
-                                 sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=512, hidden_size=64,
-                                                           intermediate_size=128, num_hidden_layers=2,
-                                                           num_attention_heads=4, num_key_value_heads=2,
-                                                           tie_word_embeddings=True))], ids=["moe", "dense-tied"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["moe", "dense-tied"])
 def test_int8_model_equals_its_dequantised_twin(cfg, monkeypatch):
     model = random_model(cfg, std=0.05)
     ref = dequantised_copy(model)
@@ -87,11 +89,7 @@ def test_int8_model_equals_its_dequantised_twin(cfg, monkeypatch):
         torch.testing.assert_close(q(x), want, atol=1e-4 * want.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("cfg", [sobre.preset("debug", dim=64, moe_inter_dim=32, n_mtp_layers=1),
-                                 sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=512, hidden_size=64,
-                                                           intermediate_size=128, num_hidden_layers=2,
-                                                           num_attention_heads=4, num_key_value_heads=2,
-                                                           tie_word_embeddings=True))], ids=["moe", "dense-tied"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["moe", "dense-tied"])
 def test_load_quantises_each_tensor_as_it_reads(cfg, tmp_path):
     path = sobre.save(random_model(cfg, std=0.05), tmp_path / "m", dtype=torch.bfloat16)
     streamed = sobre.load(path, int8=True, dtype=torch.float32)
