@@ -163,6 +163,17 @@ def looped_mm(xs, w, counts: list[int], unbind: bool = False):
     return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
 
+def per_expert(xs, counts: list[int], ffn):
+    """Rows sorted by expert (counts[e] for expert e) through ffn(rows, e) one active expert at a time, back in
+    order: the loop of the experts whose weights are kept quantised (fp8, int8), each read for its own rows only."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(ffn(xs[start:start + n], e))
+            start += n
+    return torch.cat(outs) if outs else xs[:0]
+
+
 def expert_load(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens per expert [E] of the choices idx [N, K] (a fixed-size count: no graph break under compile)."""
     flat = idx.flatten()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import dispatch, grouped_ffn
+from .experts import dispatch, grouped_ffn, per_expert
 from .linear import linear
 from .v4 import grouped_swiglu
 
@@ -165,19 +165,15 @@ class FP8Experts(nn.Module):
         inter, dim = self.w1.shape[1:]
         aligned = dim % self.block[1] == 0 and inter % self.block[1] == 0
         fp8 = self.compute == "scaled_mm" or (self.compute == "auto" and aligned and tensor_cores(xs.device))
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n and fp8:
-                seg = xs[start:start + n]
-                h = F.silu(self._fp8_mm(seg, "w1", e)) * self._fp8_mm(seg, "w3", e)
-                outs.append(self._fp8_mm(h, "w2", e))
-                start += n
-            elif n:
-                w1, w2, w3 = (dequantize(getattr(self, k)[e], getattr(self, k + "_scale_inv")[e], self.block)
-                              .to(xs.dtype)[None] for k in ("w1", "w2", "w3"))
-                outs.append(grouped_ffn(xs[start:start + n], [n], w1, w2, w3))
-                start += n
-        return torch.cat(outs) if outs else xs[:0]
+        return per_expert(xs, counts, self._fp8_ffn if fp8 else self._dequantised_ffn)
+
+    def _fp8_ffn(self, seg, e: int):
+        return self._fp8_mm(F.silu(self._fp8_mm(seg, "w1", e)) * self._fp8_mm(seg, "w3", e), "w2", e)
+
+    def _dequantised_ffn(self, seg, e: int):
+        w1, w2, w3 = (dequantize(getattr(self, k)[e], getattr(self, k + "_scale_inv")[e], self.block)
+                      .to(seg.dtype)[None] for k in ("w1", "w2", "w3"))
+        return grouped_ffn(seg, [len(seg)], w1, w2, w3)
 
     def _fp8_mm(self, a, name: str, e: int):
         return fp8_linear(a, getattr(self, name)[e], getattr(self, name + "_scale_inv")[e], self.block)
@@ -220,13 +216,11 @@ class V4QuantExperts(nn.Module):
         return torch.cat(parts).to(dtype)
 
     def ffn(self, xs, counts: list[int]):  # rows sorted by expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                gate_up, down = (self.weight(k, e, xs.dtype)[None] for k in ("gate_up_proj", "down_proj"))
-                outs.append(grouped_swiglu(xs[start:start + n], [n], gate_up, down, self.limit))
-                start += n
-        return torch.cat(outs) if outs else xs[:0]
+        return per_expert(xs, counts, self._ffn)
+
+    def _ffn(self, seg, e: int):
+        gate_up, down = (self.weight(k, e, seg.dtype)[None] for k in ("gate_up_proj", "down_proj"))
+        return grouped_swiglu(seg, [len(seg)], gate_up, down, self.limit)
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, experts={self.gate_up_proj.shape[0]}"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import dispatch
+from .experts import dispatch, per_expert
 from .model import Experts
 
 SKIP = ("embed", "wkv_b", "o_a_proj")  # module names whose weights stay as loaded (read whole, or looked up)
@@ -86,14 +86,10 @@ class Int8Experts(nn.Module):
         return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
 
     def ffn(self, xs, counts: list[int]):  # rows sorted by expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                seg = xs[start:start + n]
-                h = F.silu(self._mm(seg, "w1", e)) * self._mm(seg, "w3", e)
-                outs.append(self._mm(h, "w2", e))
-                start += n
-        return torch.cat(outs) if outs else xs[:0]
+        return per_expert(xs, counts, self._ffn)
+
+    def _ffn(self, seg, e: int):
+        return self._mm(F.silu(self._mm(seg, "w1", e)) * self._mm(seg, "w3", e), "w2", e)
 
     def _mm(self, a, name: str, e: int):
         return int8_mm(a, getattr(self, name)[e], getattr(self, name + "_scale")[e])
