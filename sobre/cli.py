@@ -217,6 +217,10 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 CHAT_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended (where the checkpoint sets none)
 
 
+CHAT_HELP = ("sobre chat: /reset clears the conversation, /think shows or hides reasoning, /help, /exit quits; "
+             "Ctrl-C stops an answer")
+
+
 def cmd_chat(args):
     """Interactive chat: streamed tokens, reasoning dimmed (or collapsed to a counter with /think)."""
     from .chat import ReasoningStream
@@ -238,11 +242,11 @@ def cmd_chat(args):
     show = not args.hide_reasoning
     tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # piped or NO_COLOR: plain text, no counter
     dim, reset = (DIM, RESET) if tty else ("", "")
-    print("sobre chat: /reset clears the conversation, /think shows or hides reasoning, /exit quits", file=sys.stderr)
+    print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
             line = input("\n> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: quit
             break
         if line in ("/exit", "/quit"):
             break
@@ -252,15 +256,19 @@ def cmd_chat(args):
         if line == "/think":
             show = not show
             continue
+        if line.startswith("/") and " " not in line:  # /help, or a command this chat does not know
+            print(CHAT_HELP if line == "/help" else f"unknown command {line}; {CHAT_HELP}", file=sys.stderr)
+            continue
         if not line:
             continue
         history.append({"role": "user", "content": line})
         prompt_text = tok.apply_chat_template(history, thinking=not args.no_think)
         split = ReasoningStream(started_thinking=prompt_text.rstrip().endswith("<think>"))
         text, answer, n_think = TextStream(tok), "", 0
+        tokens = eng.stream(tok.encode(prompt_text), max_new_tokens=args.max_new_tokens, **sampling,
+                            stop_token_ids=stop)
         try:
-            for t in eng.stream(tok.encode(prompt_text), max_new_tokens=args.max_new_tokens, **sampling,
-                                stop_token_ids=stop):
+            for t in tokens:
                 reasoning, content = split.feed(text.feed(t))
                 answer += content
                 if reasoning:
@@ -275,6 +283,9 @@ def cmd_chat(args):
             print(f"\n[{e}; /reset to start over]", file=sys.stderr)
             history.pop()
             continue
+        except KeyboardInterrupt:  # Ctrl-C while it answers: stop there (the request is cancelled), keep what came
+            tokens.close()
+            print(f"\n{dim}[stopped]{reset}", file=sys.stderr)
         answer += split.flush()[1]
         history.append({"role": "assistant", "content": answer.strip()})
     print()
@@ -440,7 +451,7 @@ def main(argv=None):
     s.add_argument("path", help="model directory or Hub id")
     s.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
     s.add_argument("--ids", type=token_ids, help="comma-separated prompt token ids instead of text")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=64)
     s.add_argument("--min-tokens", type=at_least(0), default=0, help="tokens before a stop token may end the text")
     add_sampling_flags(s)
     s.add_argument("--presence-penalty", type=float, default=0.0)
@@ -463,7 +474,7 @@ def main(argv=None):
     s = sub.add_parser("chat", help="interactive chat in the terminal (streamed, reasoning shown dimmed)")
     s.add_argument("path", help="model directory or Hub id (with tokenizer.json)")
     s.add_argument("--system", default="", help="system prompt")
-    s.add_argument("--max-new-tokens", type=int, default=1024)
+    s.add_argument("--max-new-tokens", type=at_least(1), default=1024)
     add_sampling_flags(s, **CHAT_SAMPLING)
     s.add_argument("--hide-reasoning", action="store_true", help="collapse reasoning to a token counter")
     s.add_argument("--no-think", action="store_true", help="do not open the answer with <think>")

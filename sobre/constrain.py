@@ -5,8 +5,11 @@
 object is complete. The engine samples as usual and rejects a token whose text would leave the object, drawing
 again without it (`redraw`: for plain temperature sampling, exactly the law of the tokens that fit; top-k / top-p
 filter again what is left), and ends the completion when the object closes. Special tokens, end-of-sentence and
-the request's stop tokens never fit. JSON-mode rows decode without MTP drafts. Pure Python: a check costs
-microseconds per character; a step that rejects 16 draws checks every token of the vocabulary once.
+the request's stop tokens never fit. Whitespace between tokens comes in runs of at most WS_RUN characters and
+WS_LINES line breaks (JSON allows any amount; a model that ranks a newline first, as a random or weakly trained one
+may, would otherwise pad until max_tokens and never open the object; outlines allows one space by default,
+lm-format-enforcer 12 in a row). JSON-mode rows decode without MTP drafts. Pure Python: a check costs microseconds
+per character; a step that rejects 16 draws checks every token of the vocabulary once.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 
 WS = " \t\n\r"
+WS_RUN, WS_LINES = 20, 2  # the longest run of whitespace between two tokens: characters, line breaks ("\n")
 DIGITS = "0123456789"
 ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}  # (and \uXXXX)
 ESCAPES = set(ESCAPED) | {"u"}
@@ -29,6 +33,7 @@ class JsonPrefix:
         self.state = "start"
         self.sub: str | int | None = None  # a number's state, a literal's rest, hex digits left, or "first"
         self.key = False  # the string being read is an object key
+        self.ws = self.lines = 0  # the whitespace run being read: characters, line breaks
 
     @property
     def complete(self) -> bool:
@@ -81,8 +86,10 @@ class JsonPrefix:
             if not self.sub:
                 self.state = "after"
             return True
-        if ch in WS:  # between tokens, before and after the object
-            return True
+        if ch in WS:  # between tokens, before and after the object: a bounded run
+            self.ws, self.lines = self.ws + 1, self.lines + (ch == "\n")
+            return self.ws <= WS_RUN and self.lines <= WS_LINES
+        self.ws = self.lines = 0
         if s == "start":  # json_object: the top level is an object
             return ch == "{" and self._open(ch)
         if s == "done":

@@ -552,6 +552,7 @@ class Engine:
     @classmethod
     def for_prompt(cls, model: Transformer, tokenizer, prompt_len: int, max_new_tokens: int, **kw) -> Engine:
         """A one-request engine with cache for that prompt and its new tokens (generate, `sobre generate`)."""
+        at_least_one(max_new_tokens=max_new_tokens)  # (before the cache size it sets)
         return cls(model, tokenizer, max_batch=1, cache_tokens=min(prompt_len + max_new_tokens + 1,
                                                                     model.config.max_seq_len), **kw)
 
@@ -566,13 +567,18 @@ class Engine:
         return out + (f", {s['stopped']} sequence(s) stopped drafting" if s["stopped"] else "")
 
     def stream(self, prompt: list[int], **kw):
-        """Yield the new tokens of one prompt as they come."""
+        """Yield the new tokens of one prompt as they come (other requests step along), until it finishes.
+        Closing the generator early (a consumer that breaks off, Ctrl-C in `sobre chat`) cancels the request:
+        its cache blocks are free and later steps do not run it."""
         rid = self.add_request(prompt, **kw)
-        while self.has_work():
-            for ev in self.step():
-                if ev.rid == rid:
-                    yield ev.token
-        self.finished.pop(rid, None)
+        try:
+            while rid not in self.finished and self.has_work():
+                for ev in self.step():
+                    if ev.rid == rid:
+                        yield ev.token
+        finally:
+            self.cancel(rid)  # (nothing to do once it finished)
+            self.finished.pop(rid, None)
 
 
 def keep(rows: torch.Tensor, end: int, lo: int, hi: int) -> torch.Tensor:

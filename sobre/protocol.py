@@ -155,6 +155,13 @@ class ChatRequest(Sampling):
     response_format: ResponseFormat | None = None  # text, json_object, or json_schema (sobre.schema's subset)
     chat_template_kwargs: dict | None = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v, info):  # (as OpenAI: the alternatives come with the chosen tokens' logprobs)
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]

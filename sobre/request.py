@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .constrain import JsonPrefix
-from .sampling import SamplingParams
+from .sampling import ParamError, SamplingParams
 from .schema import SchemaPrefix
 
 
@@ -75,9 +75,9 @@ class Limits:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len} "
                              "(max_position_embeddings) with room for one new token")
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+            raise ParamError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+            raise ParamError(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
         if (params.stop or params.json) and not self.tokenizer:
             raise ValueError(f"{'stop strings need' if params.stop else 'JSON mode needs'} a tokenizer "
                              "(Engine(model, tokenizer))")

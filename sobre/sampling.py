@@ -17,6 +17,18 @@ import torch
 from .schema import check_schema
 
 
+class ParamError(ValueError):
+    """A ValueError that names the request field at fault (param: SamplingParams' name for it), which a server
+    reports as the error's `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param)  # (both in args: it pickles across the engine's process)
+        self.param = param
+
+    def __str__(self):
+        return self.args[0]
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -52,25 +64,27 @@ class SamplingParams:
         ]
         for name, ok, msg in checks:
             if not ok:
-                raise ValueError(f"sampling parameter {name}={getattr(self, name)!r}: {msg}")
+                raise ParamError(f"sampling parameter {name}={getattr(self, name)!r}: {msg}", name)
         if self.temperature < 1e-5:
             self.temperature = 0.0
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
-            raise ValueError("sampling parameter stop: stop strings must be non-empty")
+            raise ParamError("sampling parameter stop: stop strings must be non-empty", "stop")
         if self.json_schema is not None:
             try:
                 check_schema(self.json_schema)
             except ValueError as e:
-                raise ValueError(f"sampling parameter json_schema: {e}") from None
+                raise ParamError(f"sampling parameter json_schema: {e}", "json_schema") from None
             self.json = True
         if self.min_tokens and self.json:
-            raise ValueError("sampling parameter min_tokens: JSON mode ends the completion when its object closes")
+            raise ParamError("sampling parameter min_tokens: JSON mode ends the completion when its object "
+                             "closes", "min_tokens")
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
             if any(t < 0 for t in self.logit_bias) or any(not -100 <= b <= 100 for b in self.logit_bias.values()):
-                raise ValueError("sampling parameter logit_bias: token ids must be >= 0 and biases in [-100, 100]")
+                raise ParamError("sampling parameter logit_bias: token ids must be >= 0 and biases in [-100, 100]",
+                                 "logit_bias")
 
 
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")

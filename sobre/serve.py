@@ -182,7 +182,7 @@ class Server:
                 logit_bias=req.logit_bias, json=bool(json),  # (SamplingParams makes the ids ints)
                 json_schema=json if isinstance(json, dict) else None)
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=field(e, None)) from None
 
     # ---- running requests --------------------------------------------------------------------------
     async def start(self, prompts: list[list[int]], n: int, make_params, reasoning: bool, param: str
@@ -200,7 +200,7 @@ class Server:
                     choices.append(Choice(sink, self.tok, params, ReasoningStream(True) if reasoning else None))
         except ValueError as e:
             self.stop(choices)
-            raise APIError(400, str(e), param=param) from None
+            raise APIError(400, str(e), param=field(e, param)) from None
         except RuntimeError as e:  # the engine's process is gone
             self.stop(choices)
             raise APIError(503, str(e), "overloaded_error", code="engine_unavailable") from None
@@ -295,6 +295,15 @@ class Server:
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [{self.tok.decode([i]): v for i, v in top.items()} for _, _, top in entries],
                 "text_offset": offsets}
+
+
+API_NAMES = {"max_new_tokens": "max_tokens", "json_schema": "response_format"}  # SamplingParams' -> the API's
+
+
+def field(e: ValueError, default: str | None) -> str | None:
+    """The request field a ValueError names (sampling.ParamError), as the API calls it; else default."""
+    p = getattr(e, "param", None)
+    return API_NAMES.get(p, p) if p else default
 
 
 def sse(obj) -> str:

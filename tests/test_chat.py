@@ -159,12 +159,17 @@ def test_text_stream_keeps_think_tags_drops_eos():
     assert split_reasoning(text, False) == ("reasoning", "answer")
 
 
-def test_sobre_chat_end_to_end(tmp_path):
+def chat_model(tmp_path) -> Path:
     tok = toy_tokenizer()
     path = sobre.save(random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=1)),
                       tmp_path / "m")
     tok.tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(tok.config))
+    return path
+
+
+def test_sobre_chat_end_to_end(tmp_path):
+    path = chat_model(tmp_path)
     out = subprocess.run([sys.executable, "-m", "sobre", "chat", str(path), "--max-new-tokens", "12",
                           "--temperature", "0"], input="hello\n/think\nagain\n/reset\n/exit\n",
                          capture_output=True, text=True, timeout=120)
@@ -176,3 +181,40 @@ def test_sobre_chat_end_to_end(tmp_path):
                            "--temperature", "0", "--speculative"], input="hello\n/exit\n", capture_output=True,
                           text=True, timeout=120)
     assert spec.returncode == 0 and "drafts accepted" in spec.stderr, spec.stderr
+
+
+def test_sobre_chat_commands_and_ctrl_c(tmp_path, monkeypatch, capsys):
+    """/help and an unknown command answer on stderr and never reach the model; Ctrl-C while an answer streams
+    stops it and cancels its request (the engine idle, every cache block free, before the next line is read), the
+    chat goes on; Ctrl-C at the prompt quits."""
+    from sobre.cli import main
+    from sobre.engine import Engine
+    path, engines, prompts, fed = chat_model(tmp_path), [], [], []
+    stream, feed = Engine.stream, TextStream.feed
+
+    def recording(self, prompt, **kw):
+        engines.append(self)
+        prompts.append(prompt)
+        return stream(self, prompt, **kw)
+
+    def interrupted(self, t):  # Ctrl-C lands in chat's own loop on the first answer's 4th token
+        fed.append(t)
+        if len(fed) == 4:
+            raise KeyboardInterrupt
+        return feed(self, t)
+
+    def lines():
+        yield from ("/help", "/nope", "hello")
+        eng = engines[0]
+        assert not eng.has_work() and len(eng.pool.free) == eng.pool.n_blocks - 1  # (block 0: the null block)
+        yield "again"
+        raise KeyboardInterrupt
+
+    it = lines()
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(it))
+    monkeypatch.setattr(Engine, "stream", recording)
+    monkeypatch.setattr(TextStream, "feed", interrupted)
+    assert main(["chat", str(path), "--max-new-tokens", "12", "--temperature", "0"]) in (0, None)
+    err = capsys.readouterr().err
+    assert "unknown command /nope" in err and err.count("/help") == 3 and "[stopped]" in err
+    assert len(prompts) == 2  # hello, again: the commands never reached the model

@@ -150,6 +150,8 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     (["speedrun", "--minutes", "-5"], "argument --minutes: must be > 0, got -5"),
     (["generate", "m", "--ids", "1,2,x"], "argument --ids: expected comma-separated token ids like 1,2,3, got '1,2,x'"),
     (["generate", "m", "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["generate", "m", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be >= 1, got -3"),
+    (["chat", "m", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
     (["info", "m", "--ctx", "two"], "argument --ctx: invalid integer value: 'two'"),
 ])
 def test_out_of_range_flags_are_usage_errors(argv, says, capsys):
@@ -163,6 +165,8 @@ def test_out_of_range_flags_are_usage_errors(argv, says, capsys):
 def test_sampling_parameters_are_checked():
     with pytest.raises(ValueError, match="top_p"):
         list(sobre.generate(random_model(), [1, 2], temperature=1.0, top_p=0.0))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got -3"):  # (it had named the cache size)
+        list(sobre.generate(random_model(), [1, 2], max_new_tokens=-3))
     a = list(sobre.generate(random_model(), [1, 2], max_new_tokens=6, temperature=1.0, seed=7))
     b = list(sobre.generate(random_model(), [1, 2], max_new_tokens=6, temperature=1.0, seed=7))
     assert a == b

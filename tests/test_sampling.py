@@ -8,7 +8,7 @@ import torch
 
 import sobre
 from sobre import Engine, generate
-from sobre.constrain import JsonPrefix
+from sobre.constrain import WS_LINES, JsonPrefix
 from sobre.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample, sorted_filter, top_logprobs
 from sobre.tokenizer import train_tokenizer
 
@@ -177,7 +177,10 @@ def test_logit_bias_forces_bans_and_leaves_logprobs_and_neighbours_alone():
     ('{"é": "日本", "k":[[],[{}]]}', True), ('[]', False), ('{"a" 1}', False), ('{"a": 01}', False),
     ('{"a": 1.}', False), ('{"a": [1,]}', False), ('{"a": 1,}', False), ('{a: 1}', False), ('{"a": "\\x"}', False),
     ('{"a": 1}}', False), ('{"a": [}', False), ('{"a": "b\n"}', False), ('{} x', False), ('{"a": .5}', False),
-    ('{"a": tru', None), ('{"a": 1e', None), ('{"a": "\\u00', None)])
+    ('{"a": tru', None), ('{"a": 1e', None), ('{"a": "\\u00', None),
+    ('{"a":' + " " * 20 + "1}", True), ('{"a":' + " " * 21 + "1}", False), ('{\n\n "a": 1}', True),
+    ('{\n\n\n"a": 1}', False), ("\n\n{}", True), ("\n\n\n{}", False), ('{"a": "' + "\n" * 3 + '"}', False),
+    ('{"a": "' + " " * 40 + '"}', True)])
 def test_json_prefix(text, ok):
     """JsonPrefix against json.loads: a valid object is accepted character by character and complete exactly at
     its last character; an invalid one is refused where it goes wrong (ok None: a valid, unfinished prefix)."""
@@ -233,3 +236,22 @@ def test_json_mode_answers_one_object(tmp_path):
         assert eng.spec_stats["verified"] == 0
     with pytest.raises(ValueError, match="JSON mode needs a tokenizer"):
         Engine(model).add_request([1], json=True)
+
+
+def test_json_mode_bounds_whitespace(tmp_path):
+    """A model that ranks a newline above everything still answers an object in JSON mode: whitespace between
+    tokens comes in runs of at most WS_LINES line breaks (unbounded, greedy would pad until max_new_tokens)."""
+    tok = train_tokenizer(['{"a": [1, 2.5, true], "b": "text"}\n'] * 20, vocab_size=300, out=tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    ids = [tok.encode(t) for t in "\n{}"]
+    assert all(len(i) == 1 for i in ids)
+
+    class Prefers(torch.nn.Module):  # newline, then "{", then "}"
+        def forward(self, h):
+            logits = torch.full((*h.shape[:-1], tok.vocab_size), -1e9)
+            logits[..., [i[0] for i in ids]] = torch.tensor([10., 8., 7.])
+            return logits
+
+    model.head = Prefers()
+    out = Engine(model, tok).generate([[5, 6]], max_new_tokens=40, json=True)[0]
+    assert tok.decode(out) == "\n" * WS_LINES + "{" + "\n" * WS_LINES + "}"

@@ -422,6 +422,12 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
         check_error(c.post("/v1/completions", json={"prompt": []}), 400)
         check_error(c.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
         check_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400)
+        for body, param in (({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"stop_token_ids": [10**9]},
+                            "stop_token_ids"), ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+                            ({"top_logprobs": 2}, "top_logprobs")):  # (top_logprobs without logprobs: true)
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]} | body)
+            check_error(r, 422 if param == "top_logprobs" else 400)
+            assert r.json()["error"]["param"] == param, r.text
         check_error(c.get("/v1/nope"), 404)
         check_error(c.get("/v1/models/gpt-9"), 404)
         check_error(c.get("/v1/chat/completions"), 405)
