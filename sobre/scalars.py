@@ -5,8 +5,9 @@ not finish.
 `Text`: `pattern` (searched, as JSON Schema's: unanchored unless the pattern anchors it; `regex`'s partial
 matching says whether the text can still become a match), `format` (date, time, date-time as RFC 3339, with
 real calendar days; email, uuid, ipv4), `minLength` / `maxLength` (code points). `Bounds`: `minimum`,
-`maximum`, `exclusiveMinimum`, `exclusiveMaximum`: a number's digits are refused once no number they start lies
-within them (numbers under bounds are written without an exponent).
+`maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf`: a number's digits are refused once no number
+they start lies within them (and is a multiple: exact rational arithmetic, so 0.1 and 0.3 behave as written);
+numbers under these keywords are written without an exponent.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fractions import Fraction
 import regex
 
 STRING_KEYS = ("pattern", "format", "minLength", "maxLength")
-NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+NUMBER_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 _DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 _TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -94,8 +95,10 @@ def _real_day(text: str) -> bool:
 
 
 class Bounds:
-    """A number's bounds. Each bound is (value, exclusive); a number's text is checked by the values the numbers
-    it starts can take: a span of magnitudes per count of digits still to come."""
+    """A number's bounds and step. Each bound is (value, exclusive); a number's text is checked by the values the
+    numbers it starts can take: a span of magnitudes per count of digits still to come, which must hold a
+    multiple of the step (multipleOf; for an integer, of its numerator: the integers among the multiples of p/q
+    are the multiples of p)."""
 
     def __init__(self, s: dict, integer: bool, where: str):
         for k in NUMBER_KEYS:
@@ -112,8 +115,13 @@ class Bounds:
                 if lo[0] != -math.inf else lo
             self.hi = (math.ceil(hi[0]) - 1 if hi[1] or hi[0] != math.ceil(hi[0]) else hi[0], False) \
                 if hi[0] != math.inf else hi
-        if not _meets(self.lo, self.hi):
-            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds")
+        step = Fraction(str(s["multipleOf"])) if "multipleOf" in s else None
+        if step is not None and step <= 0:
+            raise ValueError(f"{where}.multipleOf must be > 0")
+        self.step = Fraction(step.numerator) if step is not None and integer else step
+        if not self._within(self.lo, self.hi):
+            raise ValueError(f"{where}: no {'integer' if integer else 'number'} lies within its bounds"
+                             + (f" that is a multiple of {s['multipleOf']}" if step is not None else ""))
         finite = [abs(b[0]) for b in (self.lo, self.hi) if abs(b[0]) != math.inf]
         self.reach = max(finite, default=0)  # past this magnitude, longer numbers change nothing
 
@@ -129,7 +137,8 @@ class Bounds:
             spans = [(Fraction(0), math.inf if not body else Fraction(1))]
         else:
             d, spans, k = int(body), [], 0
-            while not spans or spans[-1][0] <= self.reach:
+            # (longer numbers until past the bounds' magnitudes, in spans as long as the step: they hold a multiple)
+            while not spans or spans[-1][0] <= self.reach or 10 ** (k - 1) < (self.step or 0):
                 spans.append((Fraction(d * 10 ** k), Fraction((d + 1) * 10 ** k)))
                 k += 1
         # magnitudes [a, b) (an integer's bounds are integers: [a, b) meets them where [a, b - 1] does)
@@ -141,8 +150,17 @@ class Bounds:
         return self._within((x, False), (x, False))
 
     def _within(self, low: tuple, high: tuple) -> bool:
-        """Do the values from low to high ((value, exclusive) each) reach within the bounds?"""
-        return _meets(max(low, self.lo), min(high, self.hi, key=_upper))
+        """Do the values from low to high ((value, exclusive) each) reach within the bounds, at a multiple of the
+        step where there is one?"""
+        lo, hi = max(low, self.lo), min(high, self.hi, key=_upper)
+        if not _meets(lo, hi):
+            return False
+        if self.step is None or math.inf in (-lo[0], hi[0]):  # (an open end holds multiples)
+            return True
+        first = math.ceil(lo[0] / self.step) * self.step  # the least multiple at or above the lower end
+        if lo[1] and first == lo[0]:
+            first += self.step
+        return first < hi[0] or first == hi[0] and not hi[1]
 
 
 def _upper(b: tuple) -> tuple:

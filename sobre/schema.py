@@ -12,11 +12,11 @@ character fits its `type` (a list of types too), an `integer` has no fraction or
 one-entry `allOf`) forks the reading: each alternative is followed until the text leaves it (readings that agree
 again are merged); `oneOf` too where it is a discriminated union (no value satisfies two alternatives); `$ref`
 points inside the schema (`#`, `#/$defs/...`), recursion included. A string's `pattern`, `format`, `minLength` /
-`maxLength` and a number's bounds are checked on its text so far (sobre.scalars). A `,` or key in an object with no
-key left to write is refused (it would be a dead end); a string whose pattern and maxLength leave no common
-completion can still dead-end (the engine then ends the answer there, finish_reason "length"). That is what
-pydantic models and OpenAI's strict mode use; any other keyword (multipleOf, patternProperties, ...), or a oneOf
-whose alternatives may overlap, is refused by `check_schema`, never ignored.
+`maxLength` and a number's bounds and `multipleOf` are checked on its text so far (sobre.scalars). A `,` or key in
+an object with no key left to write is refused (it would be a dead end); a string whose pattern and maxLength leave
+no common completion can still dead-end (the engine then ends the answer there, finish_reason "length"). That is
+what pydantic models and OpenAI's strict mode use; any other keyword (patternProperties, ...), or a oneOf whose
+alternatives may overlap, is refused by `check_schema`, never ignored.
 """
 
 from __future__ import annotations

@@ -215,7 +215,10 @@ SCALARS = {"type": "object", "properties": {  # (examples: what sample_value wri
     "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "examples": [0.001, 1, 0.5]},
     "neg": {"type": "integer", "maximum": -10, "examples": [-10, -12345]},
     "either": {"type": ["string", "integer"], "minLength": 2, "minimum": 5, "examples": ["ab", 7]},
-    "both": {"minimum": 1, "exclusiveMinimum": 2, "maximum": 3, "exclusiveMaximum": 2.5, "examples": [2.2, 2.499]}},
+    "both": {"minimum": 1, "exclusiveMinimum": 2, "maximum": 3, "exclusiveMaximum": 2.5, "examples": [2.2, 2.499]},
+    "even": {"type": "integer", "multipleOf": 2, "minimum": -7, "examples": [-6, 0, 42]},
+    "tenth": {"type": "number", "multipleOf": 0.1, "maximum": 1, "examples": [0.3, 1, -2.7, 0]},
+    "fives": {"type": "integer", "multipleOf": 2.5, "examples": [5, -10, 0]}},  # (integers: multiples of 5)
     "required": ["code", "age"], "additionalProperties": False}
 C = '{"code": "AB-123", "age": 20, '
 
@@ -241,11 +244,16 @@ C = '{"code": "AB-123", "age": 20, '
     (C + '"short": "\\ud83d\\ude00\\u00e9"}', True), (C + '"short": "\\n\\t"}', True), (C + '"short": "abc', False),
     (C + '"either": "a"', False), (C + '"either": "ab"}', True), (C + '"either": 4}', False),
     (C + '"either": 5}', True), (C + '"both": 1.5', False), (C + '"both": 2}', False), (C + '"both": 2.5', False),
-    (C + '"both": 2.4}', True), (C + '"both": 3', False)])
+    (C + '"both": 2.4}', True), (C + '"both": 3', False),
+    (C + '"even": 3', None), (C + '"even": 3}', False), (C + '"even": 36}', True), (C + '"even": -8', False),
+    (C + '"even": -6}', True), (C + '"even": 4.', False), (C + '"tenth": 0.35', False), (C + '"tenth": 0.3}', True),
+    (C + '"tenth": 0.30}', True), (C + '"tenth": 1.1', False), (C + '"tenth": -2.7}', True),
+    (C + '"tenth": 0.}', False), (C + '"fives": 7', None), (C + '"fives": 7}', False), (C + '"fives": 15}', True),
+    (C + '"fives": 2.5', False)])
 def test_schema_prefix_strings_and_numbers(text, ok):
     """pattern (searched), format (calendar days checked), minLength / maxLength in code points (escapes and
-    surrogate pairs decoded), minimum / maximum / exclusive bounds refused at the first digit no number within
-    them starts with."""
+    surrogate pairs decoded), minimum / maximum / exclusive bounds and multipleOf (exact: 0.3 is a multiple of
+    0.1) refused at the first digit no number within them (and a multiple) starts with."""
     fed, done = run(text, SCALARS)
     if ok:
         assert fed and done and valid(parse(text), SCALARS), text
@@ -369,7 +377,10 @@ def test_readings_stay_few():
     ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 1.2, "maximum": 1.8}}}, "no integer"),
     ({"type": "object", "properties": {"a": {"minimum": 2, "exclusiveMaximum": 2}}}, "no number"),
     ({"type": "object", "properties": {"a": {"exclusiveMinimum": True}}}, "a finite number"),
-    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 2}}}, "'multipleOf'"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 0}}}, "multipleOf must be > 0"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 5, "minimum": 11, "maximum": 14}}},
+     "no integer lies within its bounds that is a multiple of 5"),
+    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "discriminated union"),
     ({"type": "object", "properties": {"a": {"oneOf": [  # (both may be "x": they overlap)
         {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]},
