@@ -4,10 +4,10 @@ not finish.
 
 `Text`: `pattern` (searched, as JSON Schema's: unanchored unless the pattern anchors it; `regex`'s partial
 matching says whether the text can still become a match), `format` (date, time, date-time as RFC 3339, with
-real calendar days; email, uuid, ipv4), `minLength` / `maxLength` (code points). `Bounds`: `minimum`,
-`maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf`: a number's digits are refused once no number
-they start lies within them (and is a multiple: exact rational arithmetic, so 0.1 and 0.3 behave as written);
-numbers under these keywords are written without an exponent.
+real calendar days; duration, email, hostname, uuid, ipv4, ipv6: OpenAI's list), `minLength` / `maxLength` (code
+points). `Bounds`: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf`: a number's digits
+are refused once no number they start lies within them (and is a multiple: exact rational arithmetic, so 0.1 and
+0.3 behave as written); numbers under these keywords are written without an exponent.
 """
 
 from __future__ import annotations
@@ -25,10 +25,35 @@ _DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 _TIME = r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)"
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
+
+
+def _ipv6() -> str:
+    """RFC 4291's text forms: eight groups of 1-4 hex digits, or fewer around one "::" (one or more zero groups),
+    the last two groups written as an IPv4 address or not. One alternative per count of groups before the "::"."""
+    h = "[0-9A-Fa-f]{1,4}"
+    forms = [f"({h}:){{7}}{h}", f"({h}:){{6}}{_IPV4}"]
+    for i in range(8):  # i groups, "::", at most 7 - i groups
+        left = f"({h}:){{{i - 1}}}{h}" if i else ""
+        forms.append(left + "::" + (f"(({h}:){{0,{6 - i}}}{h})?" if i < 7 else ""))
+    for i in range(6):  # ... ending in an IPv4 address (two groups): at most 5 - i groups before it
+        forms.append((f"({h}:){{{i - 1}}}{h}" if i else "") + f"::({h}:){{0,{5 - i}}}{_IPV4}")
+    return "(" + "|".join(forms) + ")"
+
+
+# a hostname's label: 1-63 letters, digits, hyphens, not at either end, nor "--" in 3rd-4th place (RFC 5891 keeps
+# that for IDNA A-labels, "xn--" + punycode, which validators decode: not written here)
+_HOST_LABEL = r"(?![A-Za-z0-9-]{2}--)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DIGITS = r"\d+"
+_DURATION_DATE = rf"({_DIGITS}D|{_DIGITS}M({_DIGITS}D)?|{_DIGITS}Y({_DIGITS}M({_DIGITS}D)?)?)"
+_DURATION_TIME = rf"T({_DIGITS}H({_DIGITS}M({_DIGITS}S)?)?|{_DIGITS}M({_DIGITS}S)?|{_DIGITS}S)"
+# formats (OpenAI's structured outputs list): each a regex its whole text matches; hostname also <= 253 characters
 FORMATS = {"date": _DATE, "time": _TIME, "date-time": _DATE + "[Tt]" + _TIME,
+           "duration": rf"P({_DURATION_DATE}({_DURATION_TIME})?|{_DURATION_TIME}|{_DIGITS}W)",  # (RFC 3339, app. A)
            "email": rf"[A-Za-z0-9_%+-]+(\.[A-Za-z0-9_%+-]+)*@{_LABEL}(\.{_LABEL})+",
+           "hostname": rf"{_HOST_LABEL}(\.{_HOST_LABEL})*",
            "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-           "ipv4": rf"{_OCTET}(\.{_OCTET}){{3}}"}
+           "ipv4": _IPV4, "ipv6": _ipv6()}
 PATTERN_SECONDS = 1.0  # a request's pattern searches stop there (a pattern that backtracks exponentially)
 
 
@@ -54,6 +79,8 @@ class Text:
         self.dated = fmt in ("date", "date-time")
         self.budget = PATTERN_SECONDS  # (one Text per request: sobre.schema builds a Schema per constrained request)
         self.lo, self.hi = _count(s, "minLength", where) or 0, _count(s, "maxLength", where)
+        if fmt == "hostname":  # (RFC 1123)
+            self.hi = min(self.hi if self.hi is not None else 253, 253)
         if self.hi is not None and self.lo > self.hi:
             raise ValueError(f"{where}: minLength > maxLength (no string has both)")
 
