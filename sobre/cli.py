@@ -400,7 +400,7 @@ def cmd_serve(args):
                         fp8=args.fp8, int8=args.int8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
                         min_acceptance=args.min_acceptance)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
-    app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults)
+    app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults, tuple(args.allowed_origins))
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
     if defaults:
         print("sobre serve: sampling defaults from generation_config.json: "
@@ -496,6 +496,8 @@ def main(argv=None):
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port, default=8000)
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    s.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
+                   help="web origins whose pages may call the API (CORS; default any, as vLLM; no value: none)")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     s.add_argument("--max-batch", type=at_least(1), default=64, help="sequences decoded together")
     s.add_argument("--max-queue", type=at_least(1), default=256, help="waiting requests before 503 + Retry-After")

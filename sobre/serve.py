@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -311,14 +312,20 @@ def sse(obj) -> str:
 
 
 def create_app(engine: Engine | EngineClient, name: str = "sobre", api_key: str | None = None, max_queue: int = 256,
-               timeout: float = 600.0, defaults: dict | None = None) -> FastAPI:
+               timeout: float = 600.0, defaults: dict | None = None, allowed_origins: tuple[str, ...] = ("*",)
+               ) -> FastAPI:
     """The ASGI app over an Engine (run in a thread here) or an EngineProcess. `app.state.server` holds the
     Server; server.loop.close() stops the engine. defaults: sampling values for requests that leave them unset
-    (sampling.generation_defaults of the checkpoint; `sobre serve` passes them)."""
+    (sampling.generation_defaults of the checkpoint; `sobre serve` passes them). allowed_origins: the web origins
+    whose pages may call the API from a browser (CORS; any by default, as vLLM's server; empty: none but this one)
+    - the API key still guards /v1 (a browser's preflight carries none, and needs none)."""
     from .api import routes
     srv = Server(engine, name, api_key, max_queue, timeout, defaults)
     app = FastAPI(title="sobre", version="0.1.0", description="OpenAI / DeepSeek-compatible API")
     app.state.server = srv
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):

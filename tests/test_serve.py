@@ -484,9 +484,18 @@ def test_generation_config_sets_the_defaults_of_unset_fields(ckpt):
 
 
 def test_api_key_overload_and_timeout(ckpt):
+    """The API key guards /v1 (a CORS preflight passes without it; the origins allowed: any, or none); a full
+    queue answers 503 with Retry-After; a request past the timeout 408."""
     for kw in ({"max_queue": 0}, {"timeout": 0.0}):  # a queue that refuses everything, a request never given time
         with pytest.raises(ValueError, match="max_queue must be >= 1 and timeout > 0"):
             create_app(Engine.from_pretrained(ckpt), "tiny", **kw)
+    closed = Live(create_app(Engine.from_pretrained(ckpt, max_batch=1), "tiny", allowed_origins=()))
+    try:  # no origin allowed: no CORS headers, a preflight refused
+        r = httpx.options(closed.url + "/v1/models", headers={"Origin": "http://app.example",
+                                                             "Access-Control-Request-Method": "GET"})
+        assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    finally:
+        closed.close()
     s = Live(create_app(Engine.from_pretrained(ckpt, max_batch=1), "tiny", api_key="k", max_queue=1))
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:
@@ -496,6 +505,13 @@ def test_api_key_overload_and_timeout(ckpt):
             ok = {"Authorization": "Bearer k"}
             assert c.post("/v1/chat/completions", json=body, headers=ok).status_code == 200
             assert c.get("/health").status_code == 200  # no key needed
+            cors = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type"}
+            r = c.options("/v1/chat/completions", headers=cors)  # a browser's preflight: answered without the key
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*", r.text
+            r = c.post("/v1/chat/completions", json=body, headers={"Origin": "http://app.example"})
+            check_error(r, 401)  # (the key still guards the API; the page may read why)
+            assert r.headers["access-control-allow-origin"] == "*"
             engine = s.srv.loop.engine  # (in a thread of this process)
             gate, step = threading.Event(), engine.step
             engine.step = lambda: gate.wait() and step()  # the engine stalls until the gate opens
