@@ -186,9 +186,10 @@ def test_sobre_chat_end_to_end(tmp_path):
 def test_sobre_chat_commands_and_ctrl_c(tmp_path, monkeypatch, capsys):
     """/help and an unknown command answer on stderr and never reach the model; Ctrl-C while an answer streams
     stops it and cancels its request (the engine idle, every cache block free, before the next line is read), the
-    chat goes on; Ctrl-C at the prompt quits."""
+    chat goes on; Ctrl-C at the prompt quits. (The model int8, chat's path of --int8.)"""
     from sobre.cli import main
     from sobre.engine import Engine
+    from sobre.int8 import Int8Linear
     path, engines, prompts, fed = chat_model(tmp_path), [], [], []
     stream, feed = Engine.stream, TextStream.feed
 
@@ -214,7 +215,8 @@ def test_sobre_chat_commands_and_ctrl_c(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(it))
     monkeypatch.setattr(Engine, "stream", recording)
     monkeypatch.setattr(TextStream, "feed", interrupted)
-    assert main(["chat", str(path), "--max-new-tokens", "12", "--temperature", "0"]) in (0, None)
+    assert main(["chat", str(path), "--max-new-tokens", "12", "--temperature", "0", "--int8"]) in (0, None)
     err = capsys.readouterr().err
     assert "unknown command /nope" in err and err.count("/help") == 3 and "[stopped]" in err
     assert len(prompts) == 2  # hello, again: the commands never reached the model
+    assert any(isinstance(m, Int8Linear) for m in engines[0].model.modules())
