@@ -35,6 +35,7 @@ LAYER_MODULES = {
     "self_attn.q_b_proj": "attn.wq_b", "self_attn.kv_a_proj_with_mqa": "attn.wkv_a",
     "self_attn.kv_a_layernorm": "attn.kv_norm", "self_attn.kv_b_proj": "attn.wkv_b",
     "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv", "self_attn.o_proj": "attn.wo",
+    "self_attn.q_norm": "attn.q_head_norm", "self_attn.k_norm": "attn.k_head_norm",  # Qwen3's per-head norms
     "self_attn.indexer.wq_b": "attn.indexer.wq_b", "self_attn.indexer.wk": "attn.indexer.wk",  # V3.2's DSA
     "self_attn.indexer.k_norm": "attn.indexer.k_norm", "self_attn.indexer.weights_proj": "attn.indexer.weights_proj",
     "self_attn.nsa_gate": "attn.gate", "self_attn.compress_k": "attn.cmp_k", "self_attn.compress_v": "attn.cmp_v",

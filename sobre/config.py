@@ -2,7 +2,8 @@
 
 HF `config.json` names live only at the boundary: `Config.from_hf` / `Config.to_hf` map them once, here.
 Supported `model_type`s: deepseek_v3 (V3, R1, V3.1), deepseek_v32 (V3.2: V3 with DeepSeek Sparse Attention),
-deepseek_v2 (V2, V2-Lite, V2.5), qwen2 and llama (the R1-Distill students). sobre's own extension: attn_type
+deepseek_v2 (V2, V2-Lite, V2.5), qwen2 and llama (the R1-Distill students), qwen3 (DeepSeek-R1-0528-Qwen3-8B:
+Qwen2's layout without biases, each head's q and k RMS-normed before RoPE). sobre's own extension: attn_type
 "nsa" (Native Sparse Attention on grouped-query heads) on a deepseek_v3 model.
 """
 
@@ -14,7 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "qwen2", "llama", "deepseek_v4")
+ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "qwen2", "llama", "qwen3", "deepseek_v4")
+DENSE_ARCHS = ("qwen2", "llama", "qwen3")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
 ATTN_TYPES = ("full", "nsa", "dsa")
 V4_LAYER_TYPES = ("sliding", "csa", "hca")  # HF: sliding_attention, compressed_sparse_attention, heavily_compressed_...
@@ -34,12 +36,13 @@ class Config:
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
-    # dense attention (qwen2 / llama): grouped-query heads
+    # dense attention (qwen2 / llama / qwen3): grouped-query heads
     n_kv_heads: int = 0  # 0 -> n_heads
     head_dim: int = 0  # 0 -> dim // n_heads
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # qwen3: RMSNorm over each head's q and k, before RoPE
     # MLA (deepseek_v2 / v3)
     q_lora_rank: int = 32  # 0 -> full-rank wq
     kv_lora_rank: int = 32
@@ -70,6 +73,7 @@ class Config:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    rope_attn_factor: float = 0.0  # YaRN's cos/sin magnitude where the checkpoint sets it (0: from factor, mscale)
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs; Qwen/Llama rotate halves
@@ -112,8 +116,8 @@ class Config:
         return self.arch in MLA_ARCHS and self.attn_type != "nsa"
 
     @property
-    def is_dense_arch(self) -> bool:  # qwen2 / llama: no MoE, no MTP
-        return self.arch in ("qwen2", "llama")
+    def is_dense_arch(self) -> bool:  # qwen2 / llama / qwen3: no MoE, no MTP
+        return self.arch in DENSE_ARCHS
 
     @property
     def qk_head_dim(self) -> int:
@@ -136,6 +140,18 @@ class Config:
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_routed_experts > 0 and i >= self.n_dense_layers and i % self.moe_layer_freq == 0
+
+    @property
+    def rope_magnitude(self) -> float:
+        """YaRN's cos/sin magnitude (transformers' attention_factor): the checkpoint's, else mscale / mscale_all_dim
+        (DeepSeek's), else 0.1 ln(factor) + 1."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.rope_attn_factor:
+            return self.rope_attn_factor
+        if self.mscale and self.mscale_all_dim:
+            return self.yarn_mscale(self.mscale) / self.yarn_mscale(self.mscale_all_dim)
+        return 0.1 * math.log(self.rope_factor) + 1.0 if self.rope_factor > 1 else 1.0
 
     def yarn_mscale(self, m: float) -> float:
         if self.rope_type != "yarn" or self.rope_factor <= 1 or not m:
@@ -162,6 +178,8 @@ class Config:
             bad("attn_impl", "expected 'naive' or 'absorb'")
         if self.rope_type not in ("default", "yarn", "llama3"):
             bad("rope_type", "expected 'default', 'yarn' or 'llama3'")
+        if not 0 <= self.rope_attn_factor < math.inf:
+            bad("rope_attn_factor", "YaRN's cos/sin magnitude must be a finite number >= 0 (0: from the factor)")
         if self.rope_type != "default" and self.original_seq_len <= 0:
             bad("original_seq_len", f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
         if self.rope_dim % 2:
@@ -202,6 +220,8 @@ class Config:
                 bad("n_mtp_layers", f"{self.arch} models have no MTP module")
             if self.attn_type != "full":
                 bad("attn_type", f"{self.arch} models use full attention")
+        if self.qk_norm and self.arch != "qwen3":
+            bad("qk_norm", "per-head q / k norms are qwen3's")
         if self.arch == "deepseek_v4":
             self._validate_v4(bad)
         if self.n_routed_experts:
@@ -315,8 +335,8 @@ def parse_overrides(items) -> dict:
 
 
 def preset(name: str, **overrides) -> Config:
-    """A preset; arch="qwen2" or "llama" gives its dense twin (same sizes, grouped-query attention with half as
-    many K/V heads, no MoE, no MTP), e.g. an R1-Distill-style student."""
+    """A preset; arch="qwen2", "llama" or "qwen3" gives its dense twin (same sizes, grouped-query attention with
+    half as many K/V heads, no MoE, no MTP), e.g. an R1-Distill-style student."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     kw = {**PRESETS[name], **overrides}
@@ -330,10 +350,10 @@ def preset(name: str, **overrides) -> Config:
             swiglu_limit=10.0, score_func="sqrtsoftplus", n_expert_groups=1, n_limited_groups=1, n_dense_layers=0,
             n_mtp_layers=1, route_scale=1.5), **overrides}
         kw["layer_types"] = kw["layer_types"][:n]
-    if kw.get("arch") in ("qwen2", "llama"):
+    if kw.get("arch") in DENSE_ARCHS:
         heads = kw.get("n_heads", Config.n_heads)
-        kw = {"n_kv_heads": max(1, heads // 2), "qkv_bias": kw["arch"] == "qwen2", "rope_interleave": False,
-              **kw, "n_routed_experts": 0, "n_mtp_layers": 0}
+        kw = {"n_kv_heads": max(1, heads // 2), "qkv_bias": kw["arch"] == "qwen2", "qk_norm": kw["arch"] == "qwen3",
+              "rope_interleave": False, **kw, "n_routed_experts": 0, "n_mtp_layers": 0}
     return Config(**kw)
 
 
@@ -521,12 +541,15 @@ def _from_hf(hf: dict, source: str) -> Config:
     else:
         kw["qkv_bias"] = True if arch == "qwen2" else bool(hf.get("attention_bias", False))
         kw["o_bias"] = False if arch == "qwen2" else bool(hf.get("attention_bias", False))
+        kw["qk_norm"] = arch == "qwen3"
         kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
         if "intermediate_size" not in hf:
             bad("intermediate_size", "missing")
-    _rope_from_hf(hf, kw, bad)
+    times = _rope_from_hf(hf, kw, bad)
     try:
         c = Config(**kw)
+        if times != 1.0:  # vLLM's attn_factor: a multiple of the magnitude the rest of the YaRN keys give
+            c = c.replace(rope_attn_factor=times * c.rope_magnitude)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     if "mlp_layer_types" in hf and hf["mlp_layer_types"] != [
@@ -535,7 +558,10 @@ def _from_hf(hf: dict, source: str) -> Config:
     return c
 
 
-def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
+def _rope_from_hf(hf: dict, kw: dict, bad) -> float:
+    """Fills kw's rope fields; -> vLLM / SGLang's YaRN `attn_factor`, which multiplies the cos/sin magnitude
+    (1.0 when absent; transformers ignores the key, with a warning: a checkpoint that sets it, as DeepSeek's
+    Qwen3 distill may, means the serving engines' reading)."""
     # transformers 5 writes `rope_parameters` (with rope_theta inside); released checkpoints write
     # `rope_theta` + `rope_scaling` (null when unscaled). Accept both, refuse what we would misread.
     rp = dict(hf.get("rope_parameters") or {})
@@ -549,15 +575,21 @@ def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
         bad("rope_scaling", f"rope type {rtype!r} is not supported (default, yarn, llama3)")
     kw["rope_type"] = rtype
     if rtype == "default":
-        return
+        return 1.0
     allowed = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
                "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor", "truncate",
-               "attention_factor"}
+               "attention_factor", "attn_factor"}
     for k in rope:
         if k not in allowed:
             bad("rope_scaling", f"unknown rope parameter {k!r}")
-    if rope.get("truncate", True) is not True or rope.get("attention_factor") is not None:
-        bad("rope_scaling", "truncate=False / explicit attention_factor are not supported")
+    if rope.get("truncate", True) is not True:
+        bad("rope_scaling", "truncate=False is not supported")
+    if rtype != "yarn" and ({"attention_factor", "attn_factor"} & set(rope)):
+        bad("rope_scaling", "attention_factor / attn_factor are YaRN's")
+    if rope.get("attention_factor") is not None and rope.get("attn_factor") is not None:
+        bad("rope_scaling", "give attention_factor (the magnitude) or attn_factor (a multiple of it), not both")
+    if rope.get("attention_factor") is not None:
+        kw["rope_attn_factor"] = float(rope["attention_factor"])
     for hf_key, ours in _ROPE:
         if rope.get(hf_key) is not None:
             kw[ours] = rope[hf_key]
@@ -566,6 +598,7 @@ def _rope_from_hf(hf: dict, kw: dict, bad) -> None:
         kw["mscale_all_dim"] = 0.0
     if rtype == "yarn" and rope.get("mscale") is None:
         kw["mscale"] = 0.0  # HF then falls back to mscale(factor) for the cos/sin scale
+    return float(rope.get("attn_factor") or 1.0)
 
 
 def _v4_to_hf(c: Config) -> dict:
@@ -590,7 +623,7 @@ def _to_hf(c: Config) -> dict:
         return _v4_to_hf(c)
     out = {"architectures": [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
                               "deepseek_v2": "DeepseekV2ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                              "llama": "LlamaForCausalLM"}[c.arch]],
+                              "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[c.arch]],
            "model_type": c.arch, "hidden_act": "silu"}
     mapping = _COMMON + (_MLA if c.arch in MLA_ARCHS else []) + (_DSA if c.attn_type == "dsa" else []) + \
         (_NSA if c.attn_type == "nsa" else [])
@@ -605,7 +638,7 @@ def _to_hf(c: Config) -> dict:
     else:
         out["num_key_value_heads"] = c.kv_heads
         out["head_dim"] = c.dense_head_dim
-        if c.arch == "llama":
+        if c.arch in ("llama", "qwen3"):
             out["attention_bias"] = c.qkv_bias
             out["mlp_bias"] = c.mlp_bias
     if c.arch in ("deepseek_v3", "deepseek_v32"):
@@ -615,7 +648,8 @@ def _to_hf(c: Config) -> dict:
     if c.rope_type == "yarn":
         out["rope_scaling"] = {"type": "yarn", "factor": c.rope_factor, "original_max_position_embeddings":
                                c.original_seq_len, "beta_fast": c.beta_fast, "beta_slow": c.beta_slow,
-                               "mscale": c.mscale, "mscale_all_dim": c.mscale_all_dim}
+                               "mscale": c.mscale, "mscale_all_dim": c.mscale_all_dim,
+                               **({"attention_factor": c.rope_attn_factor} if c.rope_attn_factor else {})}
     elif c.rope_type == "llama3":
         out["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_factor, "original_max_position_embeddings":
                                c.original_seq_len, "low_freq_factor": c.low_freq_factor,

@@ -29,7 +29,7 @@ from .train import open_run, require_positive
 class DistillArgs(SFTArgs):
     out: str = "runs/distill"
     teacher: str = ""  # sobre run folder, HF directory or Hub id
-    arch: str = "qwen2"  # the fresh student's type (qwen2 / llama dense, or deepseek_v3 for a small MoE)
+    arch: str = "qwen2"  # the fresh student's type (qwen2 / llama / qwen3 dense, or deepseek_v3: a small MoE)
     preset: str = "tiny"  # the fresh student's sizes
     task: tuple[str, ...] = ("countdown",)
     examples: int = 512  # train problems per task the teacher answers

@@ -50,9 +50,7 @@ def rope_inv_freq(c: Config) -> tuple[torch.Tensor, float]:
         hi = min(math.ceil(corr_dim(c.beta_slow)), d - 1)
         ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
         inv = inv / c.rope_factor * ramp + inv * (1 - ramp)  # interpolate low freqs, keep high ones
-        if c.mscale and c.mscale_all_dim:
-            return inv, c.yarn_mscale(c.mscale) / c.yarn_mscale(c.mscale_all_dim)
-        return inv, 0.1 * math.log(c.rope_factor) + 1.0 if c.rope_factor > 1 else 1.0
+        return inv, c.rope_magnitude
     if c.rope_type == "llama3":
         wavelen = 2 * math.pi / inv
         lo_wl, hi_wl = c.original_seq_len / c.low_freq_factor, c.original_seq_len / c.high_freq_factor
@@ -193,7 +191,8 @@ class Indexer(nn.Module):
 
 
 class GQA(nn.Module):
-    """Grouped-query attention of the dense students (Qwen2 / Llama)."""
+    """Grouped-query attention of the dense students (Qwen2 / Llama / Qwen3, whose q and k heads are each
+    RMS-normed before RoPE)."""
 
     def __init__(self, c: Config, layer_id: int):
         super().__init__()
@@ -203,13 +202,17 @@ class GQA(nn.Module):
         self.wk = Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
         self.wv = Linear(c.dim, c.kv_heads * hd, bias=c.qkv_bias)
         self.wo = Linear(c.n_heads * hd, c.dim, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_head_norm, self.k_head_norm = RMSNorm(hd, c.norm_eps), RMSNorm(hd, c.norm_eps)
 
     def forward(self, x, rope, mask, cache=None):
         c = self.c
         B, T, _ = x.shape
         hd = c.dense_head_dim
-        q = apply_rope(self.wq(x).view(B, T, c.n_heads, hd), *rope, c.rope_interleave)
-        k = apply_rope(self.wk(x).view(B, T, c.kv_heads, hd), *rope, c.rope_interleave)
+        q, k = self.wq(x).view(B, T, c.n_heads, hd), self.wk(x).view(B, T, c.kv_heads, hd)
+        if c.qk_norm:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
+        q, k = apply_rope(q, *rope, c.rope_interleave), apply_rope(k, *rope, c.rope_interleave)
         v = self.wv(x).view(B, T, c.kv_heads, hd)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]

@@ -208,7 +208,7 @@ class SFTArgs(RunArgs):
     out: str = "runs/sft"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
-    arch: str = "deepseek_v3"  # a fresh model's type: deepseek_v3 (MLA, MoE, MTP) or dense qwen2 / llama
+    arch: str = "deepseek_v3"  # a fresh model's type: deepseek_v3 (MLA, MoE, MTP) or dense qwen2 / llama / qwen3
     data: tuple[str, ...] = ()  # chat JSONL files
     task: tuple[str, ...] = ()  # task traces (train split) to add, e.g. countdown arithmetic
     examples: int = 2000  # traces per task

@@ -40,7 +40,8 @@ def attn_params(c: Config, layer: int = 0) -> int:
     bias = (H + 2 * kvh) * hd if c.qkv_bias else 0
     # NSA: branch gates (with bias) + two block compressors (intra-block positions, two-layer MLP)
     nsa = (D + 1) * H * 3 + 2 * (c.nsa_block * hd + c.nsa_block * hd * hd + hd * hd) if c.attn_type == "nsa" else 0
-    return D * H * hd + 2 * D * kvh * hd + bias + H * hd * D + (D if c.o_bias else 0) + nsa
+    norms = 2 * hd if c.qk_norm else 0  # qwen3's per-head q / k RMSNorms
+    return D * H * hd + 2 * D * kvh * hd + bias + H * hd * D + (D if c.o_bias else 0) + nsa + norms
 
 
 def ffn_params(c: Config, layer: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import parallel
 from .checkpoint import save
-from .config import Config, parse_overrides, preset
+from .config import DENSE_ARCHS, Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
 from .linear import native_bf16
@@ -95,7 +95,7 @@ class TrainArgs(RunArgs):
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     compile: bool = False  # torch.compile each block's training forward (0-7% on a 2-core CPU; meant for GPUs)
     arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash
-    # MoE) | qwen2 / llama (the preset's dense twin, as the distilled students)
+    # MoE) | qwen2 / llama / qwen3 (the preset's dense twin, as the distilled students)
     attn: str = "full"  # full | nsa (Native Sparse Attention) | dsa (DeepSeek Sparse Attention = deepseek_v32)
     dsa_warmup: int = 0  # DSA stage 1: steps of dense attention in which only the indexer trains
     model_overrides: tuple[str, ...] = ()  # Config fields as KEY=VALUE, e.g. nsa_window=256 index_topk=512
@@ -115,8 +115,9 @@ class TrainArgs(RunArgs):
         if self.optimizer == "muon" and self.expert_parallel:
             raise ValueError("--optimizer muon does not run with --expert-parallel yet")
         self.arch = {"v3": "deepseek_v3", "v4": "deepseek_v4"}.get(self.arch, self.arch)  # --arch v4 as the issue
-        if self.arch not in ("deepseek_v3", "deepseek_v4", "qwen2", "llama"):
-            raise ValueError(f"--arch must be deepseek_v3 (v3), deepseek_v4 (v4), qwen2 or llama, got {self.arch!r}")
+        if self.arch not in ("deepseek_v3", "deepseek_v4", *DENSE_ARCHS):
+            raise ValueError(f"--arch must be deepseek_v3 (v3), deepseek_v4 (v4), qwen2, llama or qwen3, got "
+                             f"{self.arch!r}")
         if self.arch != "deepseek_v3" and self.attn != "full":
             raise ValueError(f"--attn picks a deepseek_v3 attention; {self.arch} brings its own")
 

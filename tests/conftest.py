@@ -37,7 +37,8 @@ def hf_checkpoint(path, model_type, seed=0, dtype=torch.float32, **kw):
     cls = {"deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
            "deepseek_v32": (tf.DeepseekV32Config, tf.DeepseekV32ForCausalLM),
            "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
-           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM)}
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}
     cfg_cls, model_cls = cls[model_type]
     torch.manual_seed(seed)
     model = randomize(model_cls(cfg_cls(**kw)), seed).to(dtype)

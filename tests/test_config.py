@@ -81,6 +81,14 @@ R1_DISTILL_QWEN_1_5B = {
     "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 10000,
     "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.44.0",
     "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": 151936}
+QWEN3_8B = {  # Qwen3-8B's config.json, the layout of DeepSeek-R1-0528-Qwen3-8B
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
 V2_LITE = {
     "architectures": ["DeepseekV2ForCausalLM"], "auto_map": {}, "vocab_size": 102400, "hidden_size": 2048,
     "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
@@ -101,6 +109,13 @@ def test_other_released_configs_load_with_their_sizes():
     q = Config.from_hf(R1_DISTILL_QWEN_1_5B)
     assert (q.arch, q.kv_heads, q.qkv_bias, q.tie_embeddings, q.rope_interleave) == ("qwen2", 2, True, False, False)
     assert 1.75e9 < model_stats(q)["params"] < 1.80e9  # "1.5B" backbone + untied 151936 x 1536 head
+    q3 = Config.from_hf(QWEN3_8B)
+    assert (q3.arch, q3.qk_norm, q3.qkv_bias, q3.dense_head_dim, q3.kv_heads) == ("qwen3", True, False, 128, 8)
+    assert 8.15e9 < model_stats(q3)["params"] < 8.25e9  # "8.2B"
+    yarn = Config.from_hf(dict(QWEN3_8B, max_position_embeddings=131072, rope_scaling={  # YaRN to 131k, with
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "attn_factor": 0.5}))
+    assert yarn.rope_magnitude == pytest.approx(0.5 * (0.1 * __import__("math").log(4) + 1))  # (vLLM's attn_factor)
+    assert Config.from_hf(q3.to_hf()) == q3 and Config.from_hf(yarn.to_hf()) == yarn  # (saved: attention_factor)
     v2 = Config.from_hf(V2_LITE)
     assert (v2.q_lora_rank, v2.score_func, v2.topk_method, v2.n_mtp_layers) == (0, "softmax", "greedy", 0)
     s = model_stats(v2)

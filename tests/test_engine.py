@@ -30,7 +30,7 @@ def hf_greedy(path, prompts, n):
 
 
 @pytest.mark.parametrize("model_type,kw", [("deepseek_v3", V3), ("qwen2", dict(DENSE, tie_word_embeddings=True)),
-                                           ("llama", DENSE)])
+                                           ("llama", DENSE), ("qwen3", dict(DENSE, head_dim=24))])
 def test_engine_greedy_equals_transformers(tmp_path, model_type, kw):
     path = hf_checkpoint(tmp_path / model_type, model_type, **kw)
     eng = Engine.from_pretrained(path, dtype=torch.float32)

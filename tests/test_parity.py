@@ -34,6 +34,13 @@ CASES = {
     "llama-llama3-rope": ("llama", dict(DENSE, tie_word_embeddings=False, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}, attention_bias=True)),
+    # DeepSeek-R1-0528-Qwen3-8B's layout: per-head q / k norms, head_dim apart from hidden / heads (as Qwen3-0.6B)
+    "qwen3-head-dim": ("qwen3", dict(DENSE, head_dim=24, tie_word_embeddings=False)),
+    "qwen3-tied-yarn-bias": ("qwen3", dict(DENSE, tie_word_embeddings=True, attention_bias=True, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen3-yarn-attention-factor": ("qwen3", dict(DENSE, rope_scaling={  # (the cos/sin magnitude given)
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 0.8})),
+    "v3-yarn-attention-factor": ("deepseek_v3", dict(V3, rope_scaling=dict(YARN, attention_factor=1.3))),
 }
 
 
@@ -62,6 +69,28 @@ def test_logits_match_transformers(tmp_path, case):
             assert_close(model(x), ref)
 
 
+def test_yarn_attn_factor_as_the_serving_engines_read_it(tmp_path):
+    """vLLM's and SGLang's YaRN `attn_factor` multiplies the cos/sin magnitude the other keys give (transformers
+    ignores the key): a checkpoint with attn_factor a gives the logits transformers gives when the magnitude is
+    set outright, attention_factor = a x (0.1 ln factor + 1)."""
+    import json
+    import math
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    path = hf_checkpoint(tmp_path / "ref", "qwen3", **dict(DENSE, rope_scaling=dict(
+        rope, attention_factor=0.75 * (0.1 * math.log(4.0) + 1))))
+    x = tokens()
+    ref = hf_logits(path, x)
+    cfg = json.loads((path / "config.json").read_text())
+    key = "rope_parameters" if "rope_parameters" in cfg else "rope_scaling"
+    cfg[key] = {k: v for k, v in cfg[key].items() if k != "attention_factor"} | {"attn_factor": 0.75}
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = sobre.load(path)
+    with torch.no_grad():
+        assert_close(model(x), ref)
+    with pytest.raises(ValueError, match="not both"):
+        sobre.Config.from_hf(dict(cfg, **{key: dict(cfg[key], attention_factor=1.0)}))
+
+
 def test_bf16_parity(tmp_path):
     """bf16 rounds differently in different attention kernels (sobre's fused SDPA accumulates in fp32; for MLA,
     whose V head is narrower than Q/K, transformers falls back to the math kernel), and one rounding difference
@@ -86,7 +115,7 @@ def test_bf16_parity(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["v3-qlora", "v32-dsa-top16", "v2-softmax-greedy", "qwen2-tied",
-                                  "llama-llama3-rope"])
+                                  "llama-llama3-rope", "qwen3-head-dim", "qwen3-yarn-attention-factor"])
 def test_sobre_save_loads_in_transformers(tmp_path, case):
     model_type, kw = CASES[case]
     model = sobre.load(hf_checkpoint(tmp_path / "src", model_type, **kw))
