@@ -80,7 +80,7 @@ def main():
         sobre.save(model, tmp)
         ours = Engine.from_pretrained(tmp, dtype=dtype, max_batch=16, cache_tokens=16 * 700 + 8192)
         # the untrained MTP head: drafting every step (min_acceptance=0: the verify's cost), and by default (a
-        # sequence stops drafting once its drafts prove rarely accepted, after engine.PROBATION verifies)
+        # sequence stops drafting once its drafts prove rarely accepted, after speculative.PROBATION verifies)
         specs = {m: Engine.from_pretrained(tmp, dtype=dtype, max_batch=1, cache_tokens=8192, speculative=True,
                                            min_acceptance=m) for m in (0.0, 0.3)}
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()

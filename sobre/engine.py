@@ -31,12 +31,11 @@ from .linear import inference_dtype
 from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
-from .request import Event, Limits, Sequence
-from .sampling import SamplingParams, apply_penalties, greedy, probs, sample, speculative_accept, top_logprobs
+from .request import Event, Limits, Prefill, Sequence
+from .sampling import SamplingParams, apply_penalties, sample, top_logprobs
 from .schema import SchemaPrefix
+from .speculative import speculate
 from .tokenizer import framing_ids
-
-PROBATION = 32  # speculative: verifies before a sequence's acceptance decides whether it keeps drafting
 
 
 class Engine:
@@ -49,15 +48,17 @@ class Engine:
         c = model.config
         self.compiled_batch = max(1, c.n_routed_experts // c.n_activated_experts) if c.n_routed_experts else max_batch
         at_least_one(max_batch=max_batch, prefill_chunk=prefill_chunk, cache_tokens=cache_tokens or 1)
-        self.prefill_chunk = prefill_chunk  # deepseek_v4 prompts go through in forwards of at most this many tokens
+        # chunked prefill (as vLLM's): a longer prompt goes in this many tokens a step, the running sequences
+        # decoding between its chunks; deepseek_v4: no forward of a prompt is longer (NSA / DSA prompts go whole)
+        self.prefill_chunk = prefill_chunk
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
         self.drafts = self.draft_tokens(c, speculative)  # MTP draft tokens per verify (0: plain decoding)
         if not 0 <= min_acceptance <= 1:
             raise ValueError(f"min_acceptance must be in [0, 1], not {min_acceptance}")
-        # a sequence whose drafts so far were accepted less often than this, once it has PROBATION verifies,
-        # decodes plainly from then on: a verify cost 1.3-1.7 plain steps on CPU, so D drafts gain only when
-        # 1 + acceptance * D tokens a verify beat that (0: always draft)
+        # a sequence whose drafts so far were accepted less often than this, once it has speculative.PROBATION
+        # verifies, decodes plainly from then on: a verify cost 1.3-1.7 plain steps on CPU, so D drafts gain only
+        # when 1 + acceptance * D tokens a verify beat that (0: always draft)
         self.min_acceptance = min_acceptance
         # (vLLM's) drafts proposed, kept; verifies; sequences that stopped drafting
         self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0, "stopped": 0}
@@ -75,6 +76,7 @@ class Engine:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.waiting: list[Sequence] = []
+        self.prefilling: list[Prefill] = []  # long prompts, oldest first, one chunk a step
         self.running: list[Sequence] = []
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
@@ -159,9 +161,26 @@ class Engine:
                     q.remove(s)
                     self._finish(s, "cancelled")
                     return
+        for i, p in enumerate(self.prefilling):
+            if p.seq.rid == rid:  # a twin takes its place, prefilled from its own start (its blocks are its own)
+                if p.twins:
+                    self.prefilling[i] = Prefill(p.twins[0], p.keys, p.twins[1:])
+                else:
+                    del self.prefilling[i]
+                self._finish(p.seq, "cancelled")
+                return
+            for s in p.twins:
+                if s.rid == rid:
+                    p.twins.remove(s)
+                    self._finish(s, "cancelled")
+                    return
+
+    def in_flight(self) -> int:
+        """Sequences admitted: decoding, or with a prompt being prefilled (twins included)."""
+        return len(self.running) + sum(1 + len(p.twins) for p in self.prefilling)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def collect(self) -> dict[int, Sequence]:
         done, self.finished = self.finished, {}
@@ -186,7 +205,7 @@ class Engine:
         twins: dict[int, list[Sequence]] = {}  # rid -> later sequences with the same prompt (n samples, GRPO)
         first: dict[tuple, Sequence] = {}
         filling: set[bytes] = set()  # prefix keys of the blocks this step's prefills will fill
-        while self.waiting and len(self.running) + len(admitted) + sum(map(len, twins.values())) < self.max_batch:
+        while self.waiting and self.in_flight() + len(admitted) + sum(map(len, twins.values())) < self.max_batch:
             seq = self.waiting[0]
             total = min(len(seq.prompt) + seq.params.max_new_tokens + self.drafts, c.max_seq_len)
             if self.pool.blocks_for(total) > self.pool.available():
@@ -208,27 +227,20 @@ class Engine:
                 filling.update(keys[seq.cached // self.pool.block:])
             admitted.append((seq, keys))
         c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
+        if c.attn_type == "full":  # (NSA / DSA prompts go whole)
+            long = [a for a in admitted if len(a[0].prompt) - a[0].length > self.prefill_chunk]
+            self.prefilling += [Prefill(seq, keys, twins.pop(seq.rid, [])) for seq, keys in long]
+            admitted = [a for a in admitted if a not in long]
         for group in self._prefill_groups(admitted):
             seqs = [s for s, _ in group]
             h, states = self._prefill(seqs)
             logits = self.model.head(h)  # [B, V]
             chosen = self._choose(seqs, logits)
             for i, (seq, keys) in enumerate(group):
-                for twin in twins.get(seq.rid, ()):  # before seq's first token may finish it and free its blocks
-                    self._copy_prompt(seq, twin)
-                    self.running.append(twin)
-                    events.append(self._emit(twin, int(self._choose([twin], logits[i:i + 1])[0]), logits[i]))
-                if self.prefix_cache:
-                    if self.speculative:
-                        self.unkeyed[seq.rid] = keys
-                    else:
-                        self.pool.remember(seq, keys)
-                    self.prefix_stats["hit"] += seq.cached
-                    self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
-                self.running.append(seq)
-                events.append(self._emit(seq, int(chosen[i]), logits[i]))
-                if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
-                    seq.mtp_in = [states[i]] + [states[i][:0]] * (self.drafts - 1)
+                events += self._started(seq, keys, twins.get(seq.rid, ()), logits[i], int(chosen[i]),
+                                        states[i] if states else None)
+        if self.prefilling:
+            events += self._prefill_next()
         # in block order: rows admitted together then hold their blocks in a run, read as views (PagedPool.run)
         live = sorted((s for s in self.running if s.pending is not None), key=lambda s: s.blocks[0])
         c.attn_impl = "absorb"  # decode: attention in the latent space, nothing re-expanded
@@ -236,7 +248,7 @@ class Engine:
                 and s.length + self.drafts + 1 <= c.max_seq_len]
         plain = [s for s in live if s not in spec]
         if spec:
-            events += self._speculate(spec)
+            events += speculate(self, spec)
         if plain:
             tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
             if self.compiled and len(plain) <= self.compiled_batch:
@@ -249,93 +261,43 @@ class Engine:
             events += [self._emit(s, t, row) for s, t, row in zip(plain, chosen.tolist(), logits.unbind(0))]
         return events
 
-    def _speculate(self, seqs: list[Sequence]) -> list[Event]:
-        """self.drafts MTP draft tokens per sequence, verified with [pending, d_1, ..] in one main-model forward.
-        MTP layer k at position i reads layer k-1's hidden there (k = 0: the main model's) and token i + k + 1,
-        as in training: each layer first catches up on the positions verified since it last ran (a prompt, or
-        1 + the drafts accepted), its last one reading the previous layer's draft."""
-        m, D = self.model, self.drafts
-        drafts: list[list[int]] = [[] for _ in seqs]  # d_1 .. d_k so far, per sequence
-        q_logits, inputs = [], []  # per layer: draft logits [B, V]; its input rows per sequence
-        for k in range(D):
-            ins = [s.mtp_in[k] for s in seqs]  # [T_i, ...]: positions mtp_length[k] .. length - 1
-            inputs.append(ins)
-            outs = [None] * len(seqs)
-            by_len: dict[int, list[int]] = {}
-            for i, h in enumerate(ins):
-                by_len.setdefault(h.shape[0], []).append(i)
-            for T, idx in by_len.items():
-                group = [seqs[i] for i in idx]
-                h = torch.stack([ins[i] for i in idx])  # [B, T, ...]
-                tokens = torch.tensor([s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[i])
-                                       for s, i in zip(group, idx)], device=self.device)
-                step, g = self._chunk(T), []
-                for j in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
-                    batch = self._batch(group, min(step, T - j), mtp=k, prefill=True)  # rows kept at block ends)
-                    g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k))
-                for i, row in zip(idx, torch.cat(g, 1)):
-                    outs[i] = row  # [T, D]
-            q_logits.append(self._penalized(seqs, m.head(torch.stack([o[-1] for o in outs]))))
-            picked = sample(q_logits[-1], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-            for d, t in zip(drafts, picked):
-                d.append(t)
-            if k + 1 < D:
-                for s, o in zip(seqs, outs):
-                    s.mtp_in[k + 1] = torch.cat([s.mtp_in[k + 1], o])
-        for s in seqs:
-            if s.rid in self.unkeyed:  # the MTP layers' rows of the prompt are in: others may share it now
-                self.pool.remember(s, self.unkeyed.pop(s.rid))
-        tokens = torch.tensor([[s.pending] + d for s, d in zip(seqs, drafts)], device=self.device)
-        h, state = m.hidden_state(tokens, self._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
-        logits = m.head(h)  # [B, D + 1, V]
-        sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
-        q_rows = dict(zip(sampled, torch.stack([probs(q[sampled], [seqs[i].params for i in sampled])
-                                                for q in q_logits], 1))) if sampled else {}  # i -> [D, V]
-        # rows without penalties: every position's pick (greedy) or law (sampled) in one call; penalties move
-        # with the tokens accepted before, so those rows go one position at a time
-        plain = [s.params.temperature == 0 and s.seen is None for s in seqs]
-        scored = self._biased(seqs, logits)  # (logit_bias moves every position alike)
-        picks = greedy(scored).tolist() if any(plain) else None  # [B][D + 1]
-        free = [i for i in sampled if seqs[i].seen is None]
-        p_rows = dict(zip(free, probs(scored[free, :D].flatten(0, 1), [seqs[i].params for i in free for _ in range(D)])
-                          .view(len(free), D, -1))) if free else {}  # i -> [D, V]
+    def _started(self, seq: Sequence, keys: list[bytes], twins, logits: torch.Tensor, token: int,
+                 state: torch.Tensor | None) -> list[Event]:
+        """seq's prompt is in (logits [V] at its last token, `token` drawn from them): its twins get its cache
+        and their own first token, the prefix cache its blocks, and it starts decoding."""
         events = []
-        self.spec_stats["verified"] += len(seqs)
-        self.spec_stats["drafted"] += D * len(seqs)
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
-            L, a = s.length - D - 1, 0  # (the verify advanced the cache over every draft)
-            for j in range(D + 1):
-                if plain[i]:
-                    tok = picks[i][j]
-                elif s.params.temperature == 0:
-                    tok = int(greedy(self._penalized([s], logits[i, j:j + 1]))[0])
-                elif j == D:
-                    tok = int(self._choose([s], logits[i, j:j + 1])[0])
-                else:
-                    p = p_rows[i][j] if i in p_rows else probs(self._penalized([s], logits[i, j:j + 1]), [s.params])[0]
-                    tok = speculative_accept(p, q_rows[i][j], d[j], s.generator)[1]
-                events.append(self._emit(s, tok, logits[i, j]))
-                if j == D:
-                    break
-                ok = tok == d[j]  # (sampled: speculative_accept's verdict; a residual draw is never the draft)
-                self.spec_stats["accepted"] += ok
-                s.accepted += ok
-                if not ok or s.finish_reason is not None:
-                    break
-                a += 1
-            s.verifies += 1
-            if s.finish_reason is not None:
-                continue
-            s.length = L + 1 + a  # the rejected drafts' entries are overwritten later
-            # layer k's rows at positions past L + a - k read a rejected draft: it redoes them next step, from
-            # layer k-1's rows of this step (kept) and that layer's new ones
-            s.mtp_length = [min(L, L + a - k) for k in range(D)]
-            s.mtp_in = [state[i, :a + 1]] + [keep(inputs[k][i], L, s.mtp_length[k], s.mtp_length[k - 1])
-                                             for k in range(1, D)]
-            if s.verifies >= PROBATION and s.accepted < self.min_acceptance * D * s.verifies:
-                s.drafting, s.mtp_in = False, []  # it never drafts again: its MTP layers need not catch up
-                self.spec_stats["stopped"] += 1
+        for twin in twins:  # before seq's first token may finish it and free its blocks
+            self._copy_prompt(seq, twin)
+            self.running.append(twin)
+            events.append(self._emit(twin, int(self._choose([twin], logits[None])[0]), logits))
+        if self.prefix_cache:
+            if self.speculative:
+                self.unkeyed[seq.rid] = keys
+            else:
+                self.pool.remember(seq, keys)
+            self.prefix_stats["hit"] += seq.cached
+            self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
+        self.running.append(seq)
+        events.append(self._emit(seq, token, logits))
+        if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
+            seq.mtp_in = [state] + [state[:0]] * (self.drafts - 1)
         return events
+
+    def _prefill_next(self) -> list[Event]:
+        """The next prefill_chunk tokens of the oldest long prompt; once all are in, its first token."""
+        p = self.prefilling[0]
+        s = p.seq
+        n = min(self.prefill_chunk, len(s.prompt) - s.length)
+        chunk = torch.tensor([s.prompt[s.length:s.length + n]], device=self.device)
+        h, state = self.model.hidden_state(chunk, self._batch([s], n, prefill=True))  # (advances s.length)
+        if self.speculative:
+            p.states.append(state[0])
+        if s.length < len(s.prompt):
+            return []
+        self.prefilling.pop(0)
+        logits = self.model.head(h[:, -1])  # [1, V]
+        return self._started(s, p.keys, p.twins, logits[0], int(self._choose([s], logits)[0]),
+                             torch.cat(p.states) if p.states else None)
 
     def _chunk(self, T: int) -> int:
         """Tokens per forward for T new ones: deepseek_v4 at most prefill_chunk (its reference attention scores
@@ -579,12 +541,6 @@ class Engine:
         finally:
             self.cancel(rid)  # (nothing to do once it finished)
             self.finished.pop(rid, None)
-
-
-def keep(rows: torch.Tensor, end: int, lo: int, hi: int) -> torch.Tensor:
-    """Of hiddens [T, D] at positions end - T .. end - 1, those at lo .. hi - 1."""
-    start = end - rows.shape[0]
-    return rows[lo - start:hi - start]
 
 
 def eos_ids(config, tokenizer=None) -> tuple[int, ...]:

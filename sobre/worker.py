@@ -76,7 +76,7 @@ class Worker:
 
     def counts(self) -> dict:
         e = self.engine
-        return {"running": len(e.running), "blocks": e.pool.n_blocks - 1,
+        return {"running": e.in_flight(), "blocks": e.pool.n_blocks - 1,
                 "blocks_free": e.pool.available(), **{f"spec_{k}": v for k, v in e.spec_stats.items()},
                 **{f"prefix_{k}": v for k, v in e.prefix_stats.items()}}
 

@@ -450,3 +450,43 @@ def test_prefix_cache_with_speculative_decoding(mtp_layers):
     assert rows_c.keys() == rows.keys() and len(rows) == 3
     for rid in rows:
         torch.testing.assert_close(rows_c[rid], rows[rid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg,kw", [(None, {}), ("qwen2", {}), ("mtp", dict(speculative=True)),
+                                    (None, dict(prefix_cache=True))], ids=["mla", "gqa", "speculative", "prefix"])
+def test_chunked_prefill_interleaves_and_changes_nothing(cfg, kw):
+    """A prompt longer than prefill_chunk goes in that many tokens a step while the running sequences decode
+    (each step emits their token), and starts once its last chunk is in; outputs equal an engine that prefills
+    it whole (greedy, and seeded samples of one prompt: its twins get its cache); cancelling it mid-prefill hands
+    its place to a twin, which prefills from its own start; every block is free at the end."""
+    model = random_model(sobre.preset("debug", arch="qwen2") if cfg == "qwen2" else
+                         sobre.preset("debug", n_mtp_layers=1) if cfg == "mtp" else None)
+    g = torch.Generator().manual_seed(0)
+    long, short, long2, long3 = (torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 7, 300, 300))
+    whole = Engine(model, prefill_chunk=4096, **kw)
+    ref = whole.generate([long, short, long2, long3], max_new_tokens=10)  # (new prompts below: no prefix hit)
+    seeded = dict(max_new_tokens=6, temperature=1.0, seed=1)
+    ref_samples = whole.generate([long] * 3, **seeded)
+    eng = Engine(model, prefill_chunk=64, **kw)
+    assert eng.generate([long, short], max_new_tokens=10) == ref[:2]
+    assert eng.generate([long] * 3, **seeded) == ref_samples
+    rs = eng.add_request(short, max_new_tokens=12)
+    eng.step()  # the short prompt decodes from here on
+    rl = eng.add_request(long2, max_new_tokens=4)
+    for step in range(5):  # 300 tokens, 64 a step: the long prompt's first token comes with its fifth chunk
+        events = eng.step()
+        assert [e.rid for e in events if e.rid == rs] == [rs]  # the running sequence was not held up
+        assert (rl in [e.rid for e in events]) == (step == 4) and bool(eng.prefilling) == (step < 4)
+    while eng.has_work():
+        eng.step()
+    done = eng.collect()
+    assert done[rl].out == ref[2][:4] and done[rs].out[:10] == ref[1]
+    parent, twin = (eng.add_request(long3, max_new_tokens=5) for _ in range(2))
+    eng.step(), eng.step()  # two chunks in
+    eng.cancel(parent)
+    assert eng.prefilling[0].seq.rid == twin and eng.prefilling[0].seq.length == eng.prefilling[0].seq.cached
+    while eng.has_work():
+        eng.step()
+    done = eng.collect()
+    assert done[parent].finish_reason == "cancelled" and done[twin].out == ref[3][:5]
+    assert eng.pool.available() == eng.pool.n_blocks - 1 and eng.in_flight() == 0

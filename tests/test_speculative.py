@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sobre
-from sobre.engine import PROBATION, Engine
+from sobre.engine import Engine
 from sobre.sampling import speculative_accept
+from sobre.speculative import PROBATION
 
 from conftest import random_model
 
@@ -254,7 +255,7 @@ def test_two_drafts_sampling_keeps_the_distribution(monkeypatch):
         p2 = model(torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)]))[:, -1].softmax(-1)
     exact = (p0[:, None, None] * p1[:, :, None] * p2.view(V, V, V)).flatten()
     checks = []
-    monkeypatch.setattr(sobre.engine, "speculative_accept", lambda *a: checks.append(a) or speculative_accept(*a))
+    monkeypatch.setattr(sobre.speculative, "speculative_accept", lambda *a: checks.append(a) or speculative_accept(*a))
     eng = assert_sampled_law(model, prompt, exact, new=3, n=4000)
     assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
     assert len(checks) > eng.spec_stats["verified"]  # second drafts were checked (after an accepted first one)
