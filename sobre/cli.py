@@ -398,7 +398,7 @@ def cmd_serve(args):
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
                         fp8=args.fp8, int8=args.int8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
-                        min_acceptance=args.min_acceptance)
+                        min_acceptance=args.min_acceptance, prefill_chunk=args.prefill_chunk)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults, tuple(args.allowed_origins))
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
@@ -505,6 +505,9 @@ def main(argv=None):
                    help="do not reuse the cache of shared prompt prefixes (on by default where the model allows)")
     s.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per request")
     s.add_argument("--cache-tokens", type=at_least(1), default=None, help="KV-cache pool size in tokens")
+    s.add_argument("--prefill-chunk", type=at_least(1), default=1024, metavar="N",
+                   help="a longer prompt is prefilled N tokens a step, the running streams decoding between its "
+                   "chunks (chunked prefill; bench/chunked.py)")
     s.add_argument("--generation-config", choices=("auto", "none"), default="auto",
                    help="auto: the sampling values of the checkpoint's generation_config.json are the defaults of "
                    "requests that leave them unset (as vLLM); none: OpenAI's defaults")

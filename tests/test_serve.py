@@ -630,7 +630,8 @@ def test_sobre_serve_cli_logs_one_line_per_request(ckpt):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "sobre", "serve", str(ckpt), "--port", str(port), "--api-key", "k",
-                             "--max-batch", "4"], stderr=subprocess.PIPE, text=True)
+                             "--max-batch", "4", "--prefill-chunk", "4", "--allowed-origins", "http://a.example"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):
@@ -639,9 +640,11 @@ def test_sobre_serve_cli_logs_one_line_per_request(ckpt):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3},
-                       headers={"Authorization": "Bearer k"})
-        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "Hello world, the answer is 42.",
+                                                      "max_tokens": 3},  # (prefilled 4 tokens a step)
+                       headers={"Authorization": "Bearer k", "Origin": "http://a.example"})
+        assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["usage"]["prompt_tokens"] > 4
+        assert r.headers["access-control-allow-origin"] == "http://a.example"
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         proc.terminate()
