@@ -217,8 +217,22 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 CHAT_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended (where the checkpoint sets none)
 
 
-CHAT_HELP = ("sobre chat: /reset clears the conversation, /think shows or hides reasoning, /help, /exit quits; "
-             "Ctrl-C stops an answer")
+CHAT_HELP = ('sobre chat: /reset clears the conversation, /think shows or hides reasoning, /help, /exit quits; '
+             'Ctrl-C stops an answer; """ opens and closes a message of several lines')
+
+
+def read_message() -> str:
+    """One message from the terminal: a line, or the lines between two triple quotes (pasted text keeps its line
+    breaks instead of going out a line at a time; as ollama's), stripped."""
+    line = input("\n> ").strip()
+    if not line.startswith('"""'):
+        return line
+    lines, line = [], line[3:]
+    while not line.rstrip().endswith('"""'):
+        lines.append(line)
+        line = input(". ")
+    lines.append(line.rstrip()[:-3])
+    return "\n".join(lines).strip()
 
 
 def cmd_chat(args):
@@ -245,7 +259,7 @@ def cmd_chat(args):
     print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
-            line = input("\n> ").strip()
+            line = read_message()
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: quit
             break
         if line in ("/exit", "/quit"):
@@ -256,7 +270,7 @@ def cmd_chat(args):
         if line == "/think":
             show = not show
             continue
-        if line.startswith("/") and " " not in line:  # /help, or a command this chat does not know
+        if line.startswith("/") and len(line.split()) == 1:  # /help, or a command this chat does not know
             print(CHAT_HELP if line == "/help" else f"unknown command {line}; {CHAT_HELP}", file=sys.stderr)
             continue
         if not line:

@@ -186,7 +186,8 @@ def test_sobre_chat_end_to_end(tmp_path):
 def test_sobre_chat_commands_and_ctrl_c(tmp_path, monkeypatch, capsys):
     """/help and an unknown command answer on stderr and never reach the model; Ctrl-C while an answer streams
     stops it and cancels its request (the engine idle, every cache block free, before the next line is read), the
-    chat goes on; Ctrl-C at the prompt quits. (The model int8, chat's path of --int8.)"""
+    chat goes on; a message between triple quotes keeps its lines; Ctrl-C at the prompt quits. (The model int8,
+    chat's path of --int8.)"""
     from sobre.cli import main
     from sobre.engine import Engine
     from sobre.int8 import Int8Linear
@@ -209,6 +210,7 @@ def test_sobre_chat_commands_and_ctrl_c(tmp_path, monkeypatch, capsys):
         eng = engines[0]
         assert not eng.has_work() and len(eng.pool.free) == eng.pool.n_blocks - 1  # (block 0: the null block)
         yield "again"
+        yield from ('"""/first line', "second line", 'third"""')  # one message of three lines
         raise KeyboardInterrupt
 
     it = lines()
@@ -218,5 +220,6 @@ def test_sobre_chat_commands_and_ctrl_c(tmp_path, monkeypatch, capsys):
     assert main(["chat", str(path), "--max-new-tokens", "12", "--temperature", "0", "--int8"]) in (0, None)
     err = capsys.readouterr().err
     assert "unknown command /nope" in err and err.count("/help") == 3 and "[stopped]" in err
-    assert len(prompts) == 2  # hello, again: the commands never reached the model
+    assert len(prompts) == 3  # hello, again, the three lines: the commands never reached the model
+    assert "/first line\nsecond line\nthird<" in sobre.load_tokenizer(path).decode(prompts[2])
     assert any(isinstance(m, Int8Linear) for m in engines[0].model.modules())
