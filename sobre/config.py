@@ -475,7 +475,8 @@ def _v4_from_hf(hf: dict, source: str, bad) -> Config:
     if comp.get("attention_factor", 1.0) != 1.0:
         bad("rope_parameters", "V4's compressed rope leaves cos/sin unscaled (attention_factor 1.0)")
     comp.pop("attention_factor", None)
-    _rope_from_hf({"rope_parameters": comp, "max_position_embeddings": kw["max_seq_len"]}, kw, bad)
+    if _rope_from_hf({"rope_parameters": comp, "max_position_embeddings": kw["max_seq_len"]}, kw, bad) != 1.0:
+        bad("rope_parameters", "V4's compressed rope leaves cos/sin unscaled (attn_factor 1.0)")
     kw["rope_theta"] = float(main.get("rope_theta", hf.get("rope_theta", 10000.0)))  # the sliding layers' rope
     try:
         return Config(**kw)

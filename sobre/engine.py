@@ -287,9 +287,7 @@ class Engine:
         """The next prefill_chunk tokens of the oldest long prompt; once all are in, its first token."""
         p = self.prefilling[0]
         s = p.seq
-        n = min(self.prefill_chunk, len(s.prompt) - s.length)
-        chunk = torch.tensor([s.prompt[s.length:s.length + n]], device=self.device)
-        h, state = self.model.hidden_state(chunk, self._batch([s], n, prefill=True))  # (advances s.length)
+        h, state = self._forward_prompt(s, min(self.prefill_chunk, len(s.prompt) - s.length))
         if self.speculative:
             p.states.append(state[0])
         if s.length < len(s.prompt):
@@ -298,6 +296,12 @@ class Engine:
         logits = self.model.head(h[:, -1])  # [1, V]
         return self._started(s, p.keys, p.twins, logits[0], int(self._choose([s], logits)[0]),
                              torch.cat(p.states) if p.states else None)
+
+    def _forward_prompt(self, s: Sequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """s's next n prompt tokens through the model, the cache advancing over them -> (hidden [1, n, D], the
+        MTP draft's input [1, n, ...])."""
+        tokens = torch.tensor([s.prompt[s.length:s.length + n]], device=self.device)
+        return self.model.hidden_state(tokens, self._batch([s], n, prefill=True))
 
     def _chunk(self, T: int) -> int:
         """Tokens per forward for T new ones: deepseek_v4 at most prefill_chunk (its reference attention scores
@@ -325,15 +329,11 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """The prompts' uncached tokens through the model, padded to the longest -> (hidden at each one's last
         token [B, D], per sequence the MTP draft's input over its tokens [T_i, ...] when speculative). A lone
-        prompt goes through in chunks of _chunk tokens."""
+        prompt goes in one forward (a longer one than prefill_chunk is not here: _prefill_next takes it)."""
         todo = [s.prompt[s.length:] for s in seqs]
         if len(seqs) == 1:
-            states, step = [], self._chunk(len(todo[0]))
-            for i in range(0, len(todo[0]), step):
-                chunk = torch.tensor([todo[0][i:i + step]], device=self.device)
-                h, state = self.model.hidden_state(chunk, self._batch(seqs, chunk.shape[1], prefill=True))
-                states += [state[0]] if self.speculative else []
-            return h[:, -1], [torch.cat(states)] if states else None
+            h, state = self._forward_prompt(seqs[0], len(todo[0]))
+            return h[:, -1], [state[0]] if self.speculative else None
         T, ends = max(map(len, todo)), [s.length + len(t) for s, t in zip(seqs, todo)]
         tokens = torch.tensor([t + [0] * (T - len(t)) for t in todo], device=self.device)
         h, state = self.model.hidden_state(tokens, self._batch(seqs, T))  # [B, T, D]

@@ -75,6 +75,10 @@ def test_config_round_trip_and_errors():
         Config.from_hf({**c.to_hf(), "layer_types": ["full_attention"] * 4})
     with pytest.raises(ValueError, match="o_groups"):
         Config.from_hf({**c.to_hf(), "o_groups": 3})
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    for scaled in ({"attention_factor": 0.5}, {"attn_factor": 0.5}):  # (the compressed rope is unscaled: refused)
+        with pytest.raises(ValueError, match="leaves cos/sin unscaled"):
+            Config.from_hf({**c.to_hf(), "rope_parameters": yarn | scaled})
 
 
 def test_load_hf_directory(tmp_path):
