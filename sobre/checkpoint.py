@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .config import Config
 from .fp8 import FP8Experts, FP8Linear, V4QuantExperts, dequantize, dequantize_fp4, ue8m0
 from .int8 import int8_scale, quantize_int8, quantize_rows
+from .lora import read_adapter
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer, build_model
 from .v4 import Experts as V4Experts
@@ -361,16 +362,19 @@ def foreign_mtp_tensor(files: dict, c: Config) -> str | None:
 
 
 def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
-         int8: bool = False, **overrides) -> Transformer:
+         int8: bool = False, adapter=None, **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
     module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3); so does a
     checkpoint without its tensors (as transformers saves DeepSeek models), whatever its config says.
     fp8=True keeps a quantised checkpoint's weights in memory (fp8.FP8Linear / FP8Experts / V4QuantExperts: e4m3
     and V4's FP4 experts) instead of dequantising them on load. int8=True quantises the weights to int8 with
     per-row scales as they are read (int8.quantize_int8: weight-only, for inference; no full-precision copy of
-    them is ever held)."""
+    them is ever held). adapter: a PEFT LoRA adapter folder (or Hub id) merged into the weights as they load
+    (before int8's quantisation)."""
     if fp8 and int8:
         raise ValueError("fp8=True keeps a checkpoint's FP8 weights, int8=True quantises to int8: choose one")
+    if fp8 and adapter:
+        raise ValueError("an adapter merges into the weights; fp8=True keeps them quantised: load without it")
     path = resolve(path)
     hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
     if hf is None:
@@ -409,7 +413,9 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
         keep_fp8(model, files, block)
     if int8:
         quantize_int8(model, fill=False)  # (the swapped-out weights were allocated, never written: never resident)
-    load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None)
+    deltas = read_adapter(resolve(adapter), c) if adapter else None
+    load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None,
+                 deltas=deltas)
     if int8 and c.tie_embeddings:  # the tied head's own int8 codes
         head, embed = (model.lm_head, model.embed_tokens) if v4 else (model.head, model.embed)
         with torch.no_grad():
@@ -456,11 +462,16 @@ def scale_name(name: str, files) -> str | None:
 
 
 def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, int] | None,
-                 skip_from: int | None = None):
+                 skip_from: int | None = None, deltas: dict | None = None):
     """Fill the model's tensors from the checkpoint at `path` (`files`: its checkpoint_files); decoder layers
-    >= skip_from (MTP left out) are skipped."""
+    >= skip_from (MTP left out) are skipped; deltas {our name: tensor} (lora.read_adapter) are added as they
+    arrive."""
     c = model.config
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    for ours, d in (deltas or {}).items():
+        if ours not in params or tuple(params[ours].shape) != tuple(d.shape):
+            raise ValueError(f"the adapter's update of {ours} has shape {tuple(d.shape)}, the model's weight "
+                             f"{tuple(params[ours].shape) if ours in params else 'is not loaded'}")
     scales = {n: int8_scale(model, n) for n in params if params[n].dtype == torch.int8}  # int8 codes -> scales
     scales = {n: s for n, s in scales.items() if s}  # (filled as their codes are quantised, not read)
     todo = {}  # our name -> expert indices still to fill (None for plain tensors)
@@ -493,6 +504,8 @@ def load_weights(model: Transformer, path: Path, files: dict, block: tuple[int, 
                 tick(ours, e)
             return
         dst = params[ours] if expert is None else params[ours][expert]
+        if deltas and ours in deltas:
+            t = t.float() + deltas[ours]
         if ours in scales:  # load(int8=True): quantised as it arrives (codes first: their shape is the check)
             t, scale = quantize_rows(t)
             copy(dst, t, what)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .flags import (
+    ADAPTER_HELP,
     DTYPES,
     INT8_HELP,
     add_dataclass_flags,
@@ -149,7 +150,7 @@ def cmd_generate(args):
     path = resolve(args.path)
     device = "cpu" if args.expert_parallel else pick_device(args.device)  # expert parallel: each rank's, below
     model = load(path, dtype=DTYPES[args.dtype] if args.dtype else inference_dtype(path, device), device=device,
-                 fp8=args.fp8, int8=args.int8, mtp=args.speculative)
+                 fp8=args.fp8, int8=args.int8, mtp=args.speculative, adapter=args.adapter)
     tok = load_tokenizer(path)
     if args.ids:
         prompt = args.ids
@@ -247,7 +248,8 @@ def cmd_chat(args):
     sampling = sampling_args(args, path, **CHAT_SAMPLING)
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
                                  device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
-                                 int8=args.int8, compile=args.compile, min_acceptance=args.min_acceptance)
+                                 int8=args.int8, compile=args.compile, min_acceptance=args.min_acceptance,
+                                 adapter=args.adapter)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -340,7 +342,7 @@ def cmd_eval(args):
     tasks = [get_task(name, args.reward or None) for name in args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = start_model(args.path, device=args.device, int8=args.int8)
+    model, tok = start_model(args.path, device=args.device, int8=args.int8, adapter=args.adapter)
     print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
     for task in tasks:
         r = evaluate_task(model.eval(), tok, task, args.n, args.samples,
@@ -412,7 +414,7 @@ def cmd_serve(args):
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
                         fp8=args.fp8, int8=args.int8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
-                        min_acceptance=args.min_acceptance, prefill_chunk=args.prefill_chunk)
+                        min_acceptance=args.min_acceptance, prefill_chunk=args.prefill_chunk, adapter=args.adapter)
     name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults, tuple(args.allowed_origins))
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
@@ -563,6 +565,7 @@ def main(argv=None):
     s.add_argument("--threads", type=at_least(0), default=0)
     s.add_argument("--json", action="store_true", help="also print each task's numbers as JSON")
     s.add_argument("--int8", action="store_true", help=INT8_HELP)
+    s.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     add_device_flag(s)
     s.set_defaults(fn=cmd_eval)
 

@@ -111,14 +111,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, fp8: bool = False,
-                        int8: bool = False, **kw) -> Engine:
-        """dtype None: linear.inference_dtype(path, device). int8=True: weight-only int8 (checkpoint.load)."""
+                        int8: bool = False, adapter=None, **kw) -> Engine:
+        """dtype None: linear.inference_dtype(path, device). int8=True: weight-only int8; adapter: a PEFT LoRA
+        adapter folder merged into the weights (checkpoint.load)."""
         from .checkpoint import load, resolve
         from .tokenizer import load_tokenizer
         path = resolve(path)
         dtype = dtype or inference_dtype(path, device)
         return cls(load(path, dtype=dtype, device=device, mtp=kw.get("speculative", False), fp8=fp8,
-                        int8=int8),
+                        int8=int8, adapter=adapter),
                    load_tokenizer(path), **kw)
 
     def warm_up(self):

@@ -50,6 +50,7 @@ def token_ids(text: str) -> list[int]:
 FP8_HELP = "keep a quantised checkpoint's weights in memory (FP8 e4m3, V4's FP4 experts)"
 INT8_HELP = ("quantise the weights to int8 on load (weight-only, a scale per row: a quarter of fp32's bytes; "
              "on CPU decode 2.2-2.5x fp32)")
+ADAPTER_HELP = "a PEFT LoRA adapter folder (or Hub id) for the model, merged into its weights as they load"
 
 
 def add_device_flag(parser):
@@ -87,6 +88,7 @@ def add_decode_flags(parser):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)
     parser.add_argument("--fp8", action="store_true", help=FP8_HELP)
     parser.add_argument("--int8", action="store_true", help=INT8_HELP)
+    parser.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
 
 
 def add_dataclass_flags(parser, cls):

@@ -21,18 +21,20 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .lora import LoRAArgs, add_lora, disabled
 from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import Rollout, evaluate_task, rollouts
-from .sft import start_model
+from .sft import adapter_base, start_model
 from .tasks import get_task
 from .train import (
     RunArgs,
@@ -184,7 +186,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class GRPOArgs(RunArgs):  # --bf16 autocasts the update only: rollouts and the parameters stay fp32
+class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts and the parameters stay fp32
     out: str = "runs/grpo"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -227,6 +229,9 @@ class GRPOArgs(RunArgs):  # --bf16 autocasts the update only: rollouts and the p
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: a group of greedy completions has no spread")
         self.check_ranges()
+        self.check_lora(self.init)
+        if self.lora_rank and self.router_bias_update:
+            raise ValueError("--router-bias-update with --lora-rank: the adapter cannot carry the router biases")
 
 
 def grpo(a: GRPOArgs) -> Path:
@@ -238,7 +243,9 @@ def grpo(a: GRPOArgs) -> Path:
     task = get_task(a.task, a.reward or None)
     model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device)
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta else None
+    if a.lora_rank:  # the KL's reference is then the model with its adapters off: no copy
+        add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
+    ref = (model if a.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)) if a.beta else None
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
@@ -288,7 +295,7 @@ def grpo(a: GRPOArgs) -> Path:
             _append(run / "eval.jsonl", {"step": step + 1, "pass@1": rec["heldout_pass@1"]})
         end_step(log, rec, run, step, a, model, opt)
     log.close()
-    return export(model, run, plot_grpo)
+    return export(model, run, plot_grpo, base=adapter_base(a.init))
 
 
 def _reward(x: Rollout, a: GRPOArgs) -> float:
@@ -325,7 +332,9 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             if a.mu > 1:
                 old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
             if a.beta:
-                ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
+                with disabled(ref) if ref is model else nullcontext():
+                    ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature)[0]
+                              for c in chunks]
     # one epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
     # log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward
     linear = LINEAR_SURROGATE and a.mu == 1 and not a.beta

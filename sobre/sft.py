@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
+from .lora import LoRAArgs, add_lora
 from .model import MoE, Transformer, head_loss, init_weights
 from .parallel import pick_device
 from .report import plot_training
@@ -48,21 +49,20 @@ IGNORE = -100
 # ---- the starting model -------------------------------------------------------------------------
 def start_model(init: str, preset_name: str = "debug", run: Path | None = None, seed: int = 0,
                 arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None, device: str = "cpu",
-                int8: bool = False) -> tuple[Transformer, Tokenizer]:
+                int8: bool = False, adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
     """The model a post-training run starts from, in fp32 on `device` (a --device value): `init` (a sobre run
     folder, an HF directory or a Hub id), else a fresh `preset_name` model of type `arch` with `tokenizer` or one
     trained on the built-in corpus. The tokenizer is kept in run/tokenizer (reused on resume). int8=True (`init`
-    only; evaluation): its weights in int8 (checkpoint.load)."""
+    only; evaluation): its weights in int8; adapter: a PEFT LoRA adapter merged into them (checkpoint.load)."""
     dev = pick_device(device)
     if init:
-        path = resolve(init)
-        path = path / "model" if (path / "model" / "config.json").exists() else path
+        path = init_dir(init)
         tok = load_tokenizer(path)
         if tok is None:
             raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
         if run is not None and not (run / "tokenizer").exists():
             tok.save(run / "tokenizer")
-        return load(path, dtype=torch.float32, device=dev, int8=int8), tok
+        return load(path, dtype=torch.float32, device=dev, int8=int8, adapter=adapter), tok
     if tokenizer is not None and not (run / "tokenizer").exists():
         tokenizer.save(run / "tokenizer")
     tok = load_tokenizer(run / "tokenizer") or train_tokenizer(builtin_docs(1 << 20, seed),
@@ -71,6 +71,17 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
     cfg = preset(preset_name, arch=arch, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                  seed=seed)
     return init_weights(Transformer(cfg)).to(dev), tok
+
+
+def init_dir(init: str) -> Path:
+    """The HF directory of an --init value: a sobre run folder's model/, an HF directory or a Hub id's snapshot."""
+    path = resolve(init)
+    return path / "model" if (path / "model" / "config.json").exists() else path
+
+
+def adapter_base(init: str) -> str:
+    """What a LoRA adapter trained from --init names as its base model: the Hub id, or the local HF directory."""
+    return str(init_dir(init).resolve()) if init and Path(init).exists() else init
 
 
 # ---- examples: prompt tokens (no loss) + completion tokens (loss) ---------------------------------
@@ -204,7 +215,7 @@ def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class SFTArgs(RunArgs):
+class SFTArgs(LoRAArgs, RunArgs):  # --lora-rank: the router biases stay as they are (the adapter cannot carry them)
     out: str = "runs/sft"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -231,6 +242,7 @@ class SFTArgs(RunArgs):
     def validate(self):
         require_positive(self, "steps", "batch_size", "seq_len", "examples", "eval_every", "save_every", "keep")
         self.check_ranges()
+        self.check_lora(self.init)
 
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
@@ -267,6 +279,8 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
+    if a.lora_rank:
+        add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
     if a.compile:
         compile_blocks(model)
     opt = adamw(param_groups(model, a.weight_decay), a.lr)
@@ -288,7 +302,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if a.bias_update and moes:
+        if a.bias_update and moes and not a.lora_rank:
             with torch.no_grad():
                 update_router_bias({m: m.last_load for m in moes}, a.bias_update)
         ntok = int((Y[rows] != IGNORE).sum())
@@ -298,7 +312,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
             rec["val_loss"] = val_loss(model, *val, a.batch_size)
         end_step(log, rec, run, step, a, model, opt)
     log.close()
-    return export(model, run, plot_training)
+    return export(model, run, plot_training, base=adapter_base(a.init))
 
 
 @torch.no_grad()

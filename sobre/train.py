@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import parallel
+from . import lora, parallel
 from .checkpoint import save
 from .config import DENSE_ARCHS, Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
@@ -231,13 +231,17 @@ def checkpoints(run: Path) -> list[Path]:
 
 
 def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
-    """Full (unsharded) state, the same file for any world size; written by rank 0."""
+    """Full (unsharded) state, the same file for any world size; written by rank 0. A LoRA run's holds the
+    adapters only (its frozen model comes back from --init)."""
     msd, osd = parallel.full_state(model, opt)
     if rank:
         return
     d = run / "checkpoints"
     d.mkdir(exist_ok=True)
-    state = {"step": step, "model": msd, "optimizer": osd, "rng": torch.get_rng_state()}
+    adapter_only = bool(lora.adapters(model))
+    if adapter_only:
+        msd = {k: v for k, v in msd.items() if ".lora_" in k}
+    state = {"step": step, "model": msd, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     tmp = d / f".ckpt-{step:07d}.pt.tmp"
@@ -250,7 +254,10 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
 def load_checkpoint(path: Path, model, opt) -> int:
     try:
         state = torch.load(path, weights_only=True)
-        parallel.load_full_state(model, opt, state["model"], state["optimizer"])
+        msd = state["model"]
+        if state.get("adapter_only"):  # the frozen weights as loaded from --init
+            msd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k} | msd
+        parallel.load_full_state(model, opt, msd, state["optimizer"])
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and len(state["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -310,8 +317,12 @@ def make_optimizer(model, a: TrainArgs):
                       adamw([g for g in rest if g["params"]], a.lr))
 
 
-def export(model: Transformer, run: Path, plot) -> Path:
-    """The trained model as an HF checkpoint in run/model (with the run's tokenizer), then the run's plots."""
+def export(model: Transformer, run: Path, plot, base: str = "") -> Path:
+    """The trained model as an HF checkpoint in run/model (with the run's tokenizer), then the run's plots. LoRA
+    adapters go to run/adapter in PEFT's format (for the model `base`), then merge into run/model."""
+    if lora.adapters(model):
+        lora.save_adapter(model, run / "adapter", base)
+        lora.merge(model)
     save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
     plot(run)
     return run

@@ -1,0 +1,236 @@
+"""LoRA (Hu et al. 2021) as PEFT has it: trainable low-rank adapters beside a frozen model's linear layers, for
+fine-tuning (sft, distill, grpo --lora-rank R) a model whose full AdamW state would not fit, and PEFT-format
+adapters read (merged into the weights as a checkpoint loads) and written.
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        A [r, in] (kaiming-uniform), B [out, r] (zeros)
+
+so a fresh adapter changes nothing. Targets are named as PEFT's `target_modules`, by the HF module's last name
+(q_proj, kv_b_proj, gate_proj, ...); the default is every linear layer of the decoder blocks (PEFT's
+"all-linear": attention and MLP / shared-expert projections; not the routed experts, router, DSA indexer, NSA
+gates, MTP module, embedding or head). The frozen reference of GRPO's KL is the model with its adapters off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# PEFT's target names (the HF module's last name) -> the layer modules they name (checkpoint.LAYER_MODULES)
+TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
+           "gate_proj", "up_proj", "down_proj")
+PREFIX = "base_model.model."  # PEFT's key prefix (PeftModel -> LoraModel -> the transformers model)
+
+
+@dataclass
+class LoRAArgs:
+    """The flags of the verbs that fine-tune (sft, distill, grpo)."""
+    lora_rank: int = 0  # r > 0: train LoRA adapters of rank r, the model frozen (0: every weight trains)
+    lora_alpha: float = 0.0  # scale alpha / r (0: alpha = 2 r)
+    lora_dropout: float = 0.0  # on the adapters' input, training only
+    lora_targets: tuple[str, ...] = ()  # PEFT target_modules names (q_proj, kv_b_proj, ...); empty: all-linear
+
+    def check_lora(self, init: str):
+        if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1 or self.lora_alpha < 0:
+            raise ValueError(f"--lora-rank must be >= 0, --lora-alpha >= 0 and --lora-dropout in [0, 1), got "
+                             f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.lora_rank and not init:
+            raise ValueError("--lora-rank adapts a trained model: give --init (a fresh model trains all its weights)")
+        if self.lora_targets and not self.lora_rank:
+            raise ValueError("--lora-targets needs --lora-rank R")
+        if bad := sorted(set(self.lora_targets) - set(TARGETS)):
+            raise ValueError(f"--lora-targets: unknown module {bad[0]!r}; choose among {', '.join(TARGETS)}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`base`) plus a trainable rank-r update. `weight` is the merged matrix, for code that
+    reads it (absorbed MLA's W_UK / W_UV); forward never builds it (twin: F.linear(x, weight, bias), tested)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        A = nn.init.kaiming_uniform_(torch.empty(rank, base.in_features), a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(A.to(base.weight.device))  # nn.Linear's init, as PEFT's
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.scale, self.enabled = alpha / rank, True
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:  # [out, in]
+        w = self.base.weight
+        return w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype) if self.enabled else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x):  # x [..., in] -> [..., out]
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_A.shape[0]}, scale={self.scale:g}"
+
+
+def _hf_module(name: str) -> str:
+    """Our decoder-layer module name -> transformers' (layers.3.attn.wkv_b -> model.layers.3.self_attn.kv_b_proj)."""
+    from .checkpoint import LAYER_MODULES
+    i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
+    return f"model.layers.{i}.{next(hf for hf, ours in LAYER_MODULES.items() if ours == rest)}"
+
+
+def targets(model: nn.Module, names: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The model's linear layers PEFT's target_modules `names` (empty: all of TARGETS) pick, by our module name."""
+    from .checkpoint import LAYER_MODULES
+    from .model import Transformer
+    if not isinstance(model, Transformer):
+        raise ValueError(f"LoRA adapts deepseek_v3 / v2 / v32 and dense models; not {model.config.arch}")
+    names = set(names or TARGETS)
+    leaf = {ours: hf.rpartition(".")[2] for hf, ours in LAYER_MODULES.items()}
+    found = {}
+    for name, m in model.layers.named_modules(prefix="layers"):
+        rest = name.split(".", 2)[2] if name.count(".") >= 2 else ""
+        if leaf.get(rest) in names:
+            if not isinstance(m, nn.Linear):
+                raise ValueError(f"{name} is {type(m).__name__}, not a full-precision linear layer: LoRA needs the "
+                                 "model unquantised (no --int8 / --fp8)")
+            found[name] = m
+    if not found:
+        raise ValueError(f"no module of this {model.config.arch} model is named {sorted(names)}")
+    return found
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, dropout: float = 0.0, names: tuple[str, ...] = (),
+             seed: int = 0) -> list[str]:
+    """Freeze the model and put a LoRA adapter beside each target (alpha 0: 2 x rank; A drawn from `seed`); the
+    adapted module names."""
+    found = targets(model, names)
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for name, m in found.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(m, rank, alpha or 2 * rank, dropout, g))
+    return list(found)
+
+
+def adapters(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """The model without its adapters (the frozen reference of GRPO's KL), for the duration."""
+    mods = list(adapters(model).values())
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer's weight and put the plain layer back (the model as a checkpoint)."""
+    for name, m in adapters(model).items():
+        m.base.weight += m.scale * (m.lora_B @ m.lora_A).to(m.base.weight.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base)
+    return model
+
+
+def save_adapter(model: nn.Module, path, base: str):
+    """The adapters in PEFT's format (adapter_config.json + adapter_model.safetensors; PeftModel.from_pretrained
+    loads them onto transformers' model of `base`), with a model card."""
+    mods = adapters(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters to save")
+    first = next(iter(mods.values()))
+    rank = first.lora_A.shape[0]
+    tensors = {}
+    for name, m in mods.items():
+        key = PREFIX + _hf_module(name)
+        tensors[key + ".lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
+        tensors[key + ".lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    names = sorted({_hf_module(n).rpartition(".")[2] for n in mods})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+              "lora_alpha": first.scale * rank, "lora_dropout": 0.0, "target_modules": names, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    n = sum(t.numel() for t in tensors.values())
+    (path / "README.md").write_text(
+        f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [lora, sobre]\n---\n\n# LoRA adapter\n\n"
+        f"Rank {rank}, alpha {first.scale * rank:g}, on {', '.join(names)} of {len(mods)} layers' modules "
+        f"({n:,} parameters), trained with sobre.\n\n```python\nfrom peft import PeftModel\nfrom transformers "
+        f"import AutoModelForCausalLM\nmodel = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+        f"{base!r}), 'THIS_FOLDER')\n```\n\nor `sobre serve {base} --adapter THIS_FOLDER`.\n")
+
+
+def read_adapter(path, config) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA adapter folder -> {our weight name: the fp32 update scale * B @ A to add to it} for a model of
+    `config`; what it cannot merge exactly (DoRA, trained biases, extra saved modules, embedding adapters) is
+    refused."""
+    from .checkpoint import hf_to_ours
+    if config.arch == "deepseek_v4":
+        raise ValueError("LoRA adapters are read for deepseek_v3 / v2 / v32 and dense models, not deepseek_v4")
+    path = Path(path)
+    cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.exists() or not w_file.exists():
+        raise FileNotFoundError(f"{path}: a PEFT adapter folder holds adapter_config.json and "
+                                "adapter_model.safetensors (adapter_model.bin is not read: pickle)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are read")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False), ("bias", "none")):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{cfg_file}: {key}={cfg[key]!r} is not supported (a plain LoRA update only)")
+    if cfg.get("modules_to_save") or cfg.get("target_parameters"):
+        raise ValueError(f"{cfg_file}: modules_to_save / target_parameters are not supported")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(w_file).items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{w_file}: tensor {key!r} is not a LoRA A / B matrix of a linear layer")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{w_file}: {module} has lora_{next(iter(ab))} without its pair")
+        layer = re.match(r"model\.layers\.(\d+)\.", module)
+        try:
+            target = hf_to_ours(module + ".weight", config) if layer and int(layer.group(1)) < config.n_layers \
+                else None
+        except KeyError:
+            target = None
+        if target is None or target[1] is not None:
+            raise ValueError(f"{w_file}: {module} is not a linear layer of this {config.arch} model with "
+                             f"{config.n_layers} layers")
+        A, B = ab["A"].float(), ab["B"].float()
+        r = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+            raise ValueError(f"{w_file}: {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not pair")
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        out[target[0]] = scale * (B @ A)  # [out, in]
+    return out
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?(?:{k})$", module)), default)
