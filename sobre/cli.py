@@ -358,7 +358,7 @@ def cmd_rejection_sample(args):
     from .rollout import rejection_sample
     from .sft import start_model
     from .tasks import get_task
-    model, tok = start_model(args.path, device=args.device)
+    model, tok = start_model(args.path, device=args.device, adapter=args.adapter)
     r = rejection_sample(model.eval(), tok, get_task(args.task, args.reward or None), args.n, args.samples,
                          Path(args.out), args.temperature, args.max_new_tokens, args.seed, args.keep)
     print(f"kept {r['kept']} verified completions for {r['solved']}/{r['problems']} problems "
@@ -580,6 +580,7 @@ def main(argv=None):
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--max-new-tokens", type=at_least(1), default=128)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP)
     add_device_flag(s)
     s.set_defaults(fn=cmd_rejection_sample)
 

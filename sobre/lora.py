@@ -174,12 +174,16 @@ def save_adapter(model: nn.Module, path, base: str):
               "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     n = sum(t.numel() for t in tensors.values())
+    mlp = {"gate_proj", "up_proj", "down_proj"} & set(names)
+    caveat = (f"\n\npeft (0.21, transformers 5) maps {', '.join(sorted(mlp))} of a MoE model to its routed experts "
+              "and drops these MLP adapters: load this adapter with sobre (`--adapter`) or use the merged model."
+              if mlp and model.config.n_routed_experts else "")
     (path / "README.md").write_text(
         f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [lora, sobre]\n---\n\n# LoRA adapter\n\n"
         f"Rank {rank}, alpha {first.scale * rank:g}, on {', '.join(names)} of {len(mods)} layers' modules "
         f"({n:,} parameters), trained with sobre.\n\n```python\nfrom peft import PeftModel\nfrom transformers "
         f"import AutoModelForCausalLM\nmodel = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
-        f"{base!r}), 'THIS_FOLDER')\n```\n\nor `sobre serve {base} --adapter THIS_FOLDER`.\n")
+        f"{base!r}), 'THIS_FOLDER')\n```\n\nor `sobre serve {base} --adapter THIS_FOLDER`.{caveat}\n")
 
 
 def read_adapter(path, config) -> dict[str, torch.Tensor]:

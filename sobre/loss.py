@@ -1,11 +1,14 @@
 """The LM head's cross-entropy (pretraining, SFT) and per-token log-probs (GRPO) without the [N, V] logits
 (as Liger's fused linear cross-entropy).
 
-Rows go through in chunks small enough for the CPU's caches: each chunk's logits, loss and gradients are
-computed together in the forward (the head's three matmuls, nothing recomputed), and the backward only scales
-the kept gradients. The plain path, F.cross_entropy(F.linear(h, w).float(), y), materialises the logits, their
-log-softmax and its gradient, each [N, V] in fp32 (67 MB apiece at 2048 x 8192): on a 2-core CPU its
-elementwise passes cost about as much as the head's matmuls. The twins are the plain paths (tests/test_model.py).
+Rows go through in chunks: each chunk's logits, loss and gradients are computed together in the forward (the
+head's three matmuls, nothing recomputed), and the backward only scales the kept gradients. The plain path,
+F.cross_entropy(F.linear(h, w).float(), y), materialises the logits, their log-softmax and its gradient, each
+[N, V] in fp32 (67 MB apiece at 2048 x 8192, 1.2 GB at 2048 x 151936); the chunks keep none of them, at about
+the plain path's speed. A chunk has at least MIN_ROWS rows: each chunk reads the whole [V, D] head and adds into
+its fp32 gradient, so a few rows a chunk make a large vocabulary's head memory-bound (Qwen2's 151936 x 896: 6
+rows a chunk, as CHUNK_LOGITS alone gave it, took 15.1 s for 256 rows; 256 a chunk 2.0 s, the plain path 2.1 s,
+on a 2-core AVX2 EPYC). The twins are the plain paths (tests/test_model.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in fp32)
+CHUNK_LOGITS = 1 << 21  # logits per chunk (8 MB in fp32) for vocabularies under 8192 / MIN_ROWS rows
+MIN_ROWS = 256  # rows a chunk at least (V 8192, 2048 rows: 0.39 s at 128 a chunk, 0.27 s at 256, plain 0.28 s)
 KEEP_GRADS = 1 << 24  # bf16 dL/dlogits kept for one weight-gradient matmul (32 MB)
 EXP_FLOOR = -87.0  # CPU exp of anything below ~-87.3 (a denormal result) or of -inf takes a slow path, 10-150x
 #   slower (one-off timing); exponents <= 0 are clamped here first: e^-87 = 1.6e-38, nothing next to the max's 1
@@ -41,7 +45,7 @@ class _HeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, row_weights, temperature, entropy):
         N, V = h.shape[0], weight.shape[0]
-        step = max(1, CHUNK_LOGITS // V)
+        step = max(MIN_ROWS, CHUNK_LOGITS // V)
         want_h, want_w = ctx.needs_input_grad[:2]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
@@ -90,7 +94,7 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, entropy):
         N, V = h.shape[0], weight.shape[0]
-        step = max(1, CHUNK_LOGITS // V)
+        step = max(MIN_ROWS, CHUNK_LOGITS // V)
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(lp)
         ent = torch.empty(N if entropy else 0, dtype=torch.float32, device=h.device)

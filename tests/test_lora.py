@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import sobre
 from sobre import lora
+from sobre.cli import main
 from sobre.data import builtin_docs
 from sobre.engine import Engine
 from sobre.grpo import GRPOArgs, grpo
@@ -91,9 +92,9 @@ def test_peft_reads_our_adapters_and_we_read_peft(tmp_path, model_type, kw):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_adapter_merged_before_int8_and_in_the_engine(tmp_path):
+def test_adapter_merged_before_int8_and_in_the_engine(tmp_path, capsys):
     """load(int8=True, adapter=...) quantises the merged weights: the same codes as the merged model saved and
-    loaded in int8. The engine takes the adapter too: greedy as the merged model."""
+    loaded in int8. The engine and `sobre generate --adapter` take it too: greedy as the merged model."""
     base = hf_checkpoint(tmp_path / "base", "deepseek_v3", **V3)
     ours = sobre.load(base)
     lora.add_lora(ours, rank=4, names=("q_b_proj", "o_proj", "up_proj"))
@@ -107,6 +108,10 @@ def test_adapter_merged_before_int8_and_in_the_engine(tmp_path):
         TOKENS.tolist(), max_new_tokens=6, temperature=0.0)
     want = Engine(sobre.load(tmp_path / "merged")).generate(TOKENS.tolist(), max_new_tokens=6, temperature=0.0)
     assert got == want
+    ids = ",".join(map(str, TOKENS[0].tolist()))
+    main(["generate", str(base), "--adapter", str(tmp_path / "ad"), "--ids", ids, "--max-new-tokens", "6",
+          "--temperature", "0", "--dtype", "float32"])
+    assert [int(t) for t in capsys.readouterr().out.split()] == want[0]
 
 
 def test_bad_adapters_and_flags(tmp_path):
