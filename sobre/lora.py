@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# PEFT's target names (the HF module's last name) -> the layer modules they name (checkpoint.LAYER_MODULES)
+# the linear layers LoRA may adapt, by PEFT's target names (the last name of checkpoint.LAYER_MODULES' HF side)
 TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
            "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's key prefix (PeftModel -> LoraModel -> the transformers model)
