@@ -124,9 +124,9 @@ def cmd_convert(args):
     src = resolve(args.src)
     if Path(args.dst).resolve() == Path(src).resolve():
         raise ValueError(f"{args.dst} is the source checkpoint: convert writes a new folder (give another DST)")
-    model = load(src, dtype=DTYPES[args.dtype])
+    model = load(src, dtype=DTYPES[args.dtype], adapter=args.adapter)
     out = save(model, args.dst, shard_bytes=int(args.shard_gb * (1 << 30)), tokenizer_dir=src)
-    print(f"wrote {out} ({args.dtype})")
+    print(f"wrote {out} ({args.dtype}{', adapter ' + args.adapter + ' merged' if args.adapter else ''})")
 
 
 def cmd_generate(args):
@@ -461,6 +461,7 @@ def main(argv=None):
     s.add_argument("dst", help="output directory")
     s.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     s.add_argument("--shard-gb", type=positive_float, default=4.0, help="max shard size in GiB")
+    s.add_argument("--adapter", metavar="DIR", help=ADAPTER_HELP + " (the merged model is written)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("generate", help="continue a prompt (greedy or sampled)")

@@ -108,6 +108,11 @@ def test_adapter_merged_before_int8_and_in_the_engine(tmp_path, capsys):
         TOKENS.tolist(), max_new_tokens=6, temperature=0.0)
     want = Engine(sobre.load(tmp_path / "merged")).generate(TOKENS.tolist(), max_new_tokens=6, temperature=0.0)
     assert got == want
+    main(["convert", str(base), str(tmp_path / "converted"), "--adapter", str(tmp_path / "ad"), "--dtype", "float32"])
+    assert "adapter" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(sobre.load(tmp_path / "converted")(TOKENS), sobre.load(tmp_path / "merged")(TOKENS),
+                                   atol=1e-5, rtol=1e-5)
     ids = ",".join(map(str, TOKENS[0].tolist()))
     main(["generate", str(base), "--adapter", str(tmp_path / "ad"), "--ids", ids, "--max-new-tokens", "6",
           "--temperature", "0", "--dtype", "float32"])
