@@ -128,6 +128,13 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def fingerprint(model: nn.Module) -> torch.Tensor:
+    """A few values of every frozen parameter: an adapter-only checkpoint resumes only on the model it was
+    trained on."""
+    frozen = [p for _, p in sorted(model.named_parameters()) if not p.requires_grad]
+    return torch.cat([p.detach().flatten()[::max(1, p.numel() // 16)][:16].float().cpu() for p in frozen])
+
+
 @contextmanager
 def disabled(model: nn.Module):
     """The model without its adapters (the frozen reference of GRPO's KL), for the duration."""

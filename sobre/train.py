@@ -242,6 +242,8 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
     if adapter_only:
         msd = {k: v for k, v in msd.items() if ".lora_" in k}
     state = {"step": step, "model": msd, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only}
+    if adapter_only:
+        state["base"] = lora.fingerprint(model)
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     tmp = d / f".ckpt-{step:07d}.pt.tmp"
@@ -256,6 +258,8 @@ def load_checkpoint(path: Path, model, opt) -> int:
         state = torch.load(path, weights_only=True)
         msd = state["model"]
         if state.get("adapter_only"):  # the frozen weights as loaded from --init
+            if not torch.equal(state["base"], lora.fingerprint(model)):
+                raise ValueError("its adapters were trained on another model than this run's --init")
             msd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k} | msd
         parallel.load_full_state(model, opt, msd, state["optimizer"])
         torch.set_rng_state(state["rng"])

@@ -169,6 +169,10 @@ def test_sft_with_lora_trains_only_the_adapters_and_resumes_exactly(init, tmp_pa
                                                                        **args)))
     cut, whole = untimed_rows(tmp_path / "cut" / "metrics.jsonl"), untimed_rows(tmp_path / "whole" / "metrics.jsonl")
     assert ran == [3, 4] and cut == whole and whole[-1]["loss"] < whole[0]["loss"]
+    other = sobre.save(random_model(sobre.load(init).config, seed=1, std=0.05), tmp_path / "other",
+                       tokenizer_dir=init)
+    with pytest.raises(ValueError, match="trained on another model"):  # resumed on another --init
+        S.sft(SFTArgs(out=str(tmp_path / "whole"), resume=True, **{**args, "init": str(other), "steps": 6}))
     ckpt = torch.load(sorted((tmp_path / "whole" / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert ckpt["adapter_only"] and ckpt["model"] and all(".lora_" in k for k in ckpt["model"])
     before, after = sobre.load(init).state_dict(), sobre.load(tmp_path / "whole" / "model").state_dict()
