@@ -49,7 +49,7 @@ class Engine:
         self.compiled_batch = max(1, c.n_routed_experts // c.n_activated_experts) if c.n_routed_experts else max_batch
         at_least_one(max_batch=max_batch, prefill_chunk=prefill_chunk, cache_tokens=cache_tokens or 1)
         # chunked prefill (as vLLM's): a longer prompt goes in this many tokens a step, the running sequences
-        # decoding between its chunks; deepseek_v4: no forward of a prompt is longer (NSA / DSA prompts go whole)
+        # decoding between its chunks (NSA / DSA too); deepseek_v4: no forward of a prompt is longer
         self.prefill_chunk = prefill_chunk
         self.framing = framing_ids(tokenizer)  # left out of the text stop strings match (as TextStream streams it)
         c = model.config
@@ -228,10 +228,9 @@ class Engine:
                 filling.update(keys[seq.cached // self.pool.block:])
             admitted.append((seq, keys))
         c.attn_impl = "naive"  # prefill: expand K/V once and use fused SDPA
-        if c.attn_type == "full":  # (NSA / DSA prompts go whole)
-            long = [a for a in admitted if len(a[0].prompt) - a[0].length > self.prefill_chunk]
-            self.prefilling += [Prefill(seq, keys, twins.pop(seq.rid, [])) for seq, keys in long]
-            admitted = [a for a in admitted if a not in long]
+        long = [a for a in admitted if len(a[0].prompt) - a[0].length > self.prefill_chunk]
+        self.prefilling += [Prefill(seq, keys, twins.pop(seq.rid, [])) for seq, keys in long]
+        admitted = [a for a in admitted if a not in long]
         for group in self._prefill_groups(admitted):
             seqs = [s for s, _ in group]
             h, states = self._prefill(seqs)

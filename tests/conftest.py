@@ -13,6 +13,11 @@ V3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate
           q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=2, topk_group=1,
           num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256, routed_scaling_factor=2.5,
           tie_word_embeddings=False, num_nextn_predict_layers=0)
+SPARSE_MODELS = {  # debug-preset overrides of small sparse-attention models
+    "nsa": dict(attn_type="nsa", n_kv_heads=2, nsa_block=8, nsa_stride=4, nsa_select=16, nsa_top_n=3,
+                nsa_window=16),
+    "dsa": dict(attn_type="dsa", index_topk=12),
+}
 
 
 def randomize(model, seed=0, std=0.1):

@@ -10,7 +10,7 @@ from sobre.paged import PagedBatch, PagedPool
 from sobre.request import Sequence
 from sobre.sampling import SamplingParams
 
-from conftest import V3, assert_same_samples, hf_checkpoint, random_model, run_requests
+from conftest import SPARSE_MODELS, V3, assert_same_samples, hf_checkpoint, random_model, run_requests
 
 DENSE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -453,14 +453,18 @@ def test_prefix_cache_with_speculative_decoding(mtp_layers):
 
 
 @pytest.mark.parametrize("cfg,kw", [(None, {}), ("qwen2", {}), ("mtp", dict(speculative=True)),
-                                    (None, dict(prefix_cache=True))], ids=["mla", "gqa", "speculative", "prefix"])
+                                    (None, dict(prefix_cache=True)), ("nsa", dict(prefix_cache=True)),
+                                    ("dsa", dict(prefix_cache=True))],
+                         ids=["mla", "gqa", "speculative", "prefix", "nsa", "dsa"])
 def test_chunked_prefill_interleaves_and_changes_nothing(cfg, kw):
     """A prompt longer than prefill_chunk goes in that many tokens a step while the running sequences decode
     (each step emits their token), and starts once its last chunk is in; outputs equal an engine that prefills
     it whole (greedy, and seeded samples of one prompt: its twins get its cache); cancelling it mid-prefill hands
-    its place to a twin, which prefills from its own start; every block is free at the end."""
+    its place to a twin, which prefills from its own start; every block is free at the end. NSA / DSA: also at
+    chunk sizes their compression blocks and stride do not divide."""
     model = random_model(sobre.preset("debug", arch="qwen2") if cfg == "qwen2" else
-                         sobre.preset("debug", n_mtp_layers=1) if cfg == "mtp" else None)
+                         sobre.preset("debug", n_mtp_layers=1) if cfg == "mtp" else
+                         sobre.preset("debug", **SPARSE_MODELS[cfg]) if cfg in SPARSE_MODELS else None)
     g = torch.Generator().manual_seed(0)
     long, short, long2, long3 = (torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 7, 300, 300))
     whole = Engine(model, prefill_chunk=4096, **kw)
@@ -490,3 +494,7 @@ def test_chunked_prefill_interleaves_and_changes_nothing(cfg, kw):
     done = eng.collect()
     assert done[parent].finish_reason == "cancelled" and done[twin].out == ref[3][:5]
     assert eng.pool.available() == eng.pool.n_blocks - 1 and eng.in_flight() == 0
+    if cfg in SPARSE_MODELS:
+        for chunk in (37, 50):  # NSA: blocks of 8 every 4 tokens; DSA: its indexer keys
+            assert Engine(model, prefill_chunk=chunk, **kw).generate([long, short, long2, long3],
+                                                                      max_new_tokens=10) == ref

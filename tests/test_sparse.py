@@ -14,6 +14,8 @@ from sobre.model import MLA, Cache, Transformer, init_weights
 from sobre.sparse import Compressor, dsa_attention, dsa_reference, nsa_attention, nsa_reference
 from sobre.train import TrainArgs, pretrain, set_dsa_warmup
 
+from conftest import SPARSE_MODELS
+
 SMALL_NSA = dict(block=8, stride=4, select=16)
 
 
@@ -126,13 +128,6 @@ def test_dsa_with_topk_over_length_is_dense_mla():
         torch.testing.assert_close(dsa(x), v3(x), atol=1e-5, rtol=1e-5)
         c.index_topk = 8  # sparse now: the outputs must differ
         assert (dsa(x) - v3(x)).abs().max() > 1e-3
-
-
-SPARSE_MODELS = {
-    "nsa": dict(attn_type="nsa", n_kv_heads=2, nsa_block=8, nsa_stride=4, nsa_select=16, nsa_top_n=3,
-                nsa_window=16),
-    "dsa": dict(attn_type="dsa", index_topk=12),
-}
 
 
 @pytest.mark.parametrize("kind", sorted(SPARSE_MODELS))
