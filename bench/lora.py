@@ -1,5 +1,6 @@
 """Fine-tuning a dense R1-Distill-style model (Qwen2 layout, random weights) on the CPU: every weight (AdamW) vs
-LoRA adapters (rank 16, alpha 32, every linear layer of the blocks), sobre vs transformers (+ peft for LoRA), fp32.
+LoRA adapters (rank 16, alpha 32, every linear layer of the blocks), sobre vs transformers (+ peft for LoRA), fp32;
+and sobre's LoRA on the model's weights in int8 (`sft --int8`).
 Each setting runs in its own process, so each peak memory (max RSS: weights, gradients, optimizer state,
 activations) is its own. Shape default: Qwen2-0.5B's.
     python bench/lora.py [--hidden 896 --inter 4864 --layers 24 --heads 14 --kv-heads 2] [--seq 256] [--steps 3]
@@ -19,7 +20,7 @@ import sobre
 from sobre.parallel import keep_freed_memory
 
 RANK, ALPHA = 16, 32
-SETTINGS = ("sobre full", "sobre LoRA", "transformers full", "transformers + peft LoRA")
+SETTINGS = ("sobre full", "sobre LoRA", "sobre LoRA, int8 weights", "transformers full", "transformers + peft LoRA")
 
 
 def worker(setting: str, path: str, seq: int, steps: int) -> dict:
@@ -31,7 +32,8 @@ def worker(setting: str, path: str, seq: int, steps: int) -> dict:
         from sobre.lora import add_lora
         from sobre.model import head_loss
         from sobre.train import adamw, param_groups
-        model = sobre.load(path, dtype=torch.float32).train()
+        int8 = "int8" in setting  # (sft --int8: the frozen weights in int8, the head kept)
+        model = sobre.load(path, dtype=torch.float32, int8=int8, int8_skip=("head",)).train()
         if "LoRA" in setting:
             add_lora(model, RANK, ALPHA)
         opt = adamw(param_groups(model, 0.0), 1e-4)
@@ -101,7 +103,7 @@ def main():
             r = rows[s] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {s} | {r['trainable'] / 1e6:.1f}M | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} GB |", flush=True)
     for mine, theirs in (("sobre LoRA", "transformers + peft LoRA"), ("sobre full", "transformers full"),
-                         ("sobre LoRA", "sobre full")):
+                         ("sobre LoRA", "sobre full"), ("sobre LoRA, int8 weights", "sobre LoRA")):
         if mine in rows and theirs in rows:
             print(f"{mine} vs {theirs}: {rows[theirs]['s_per_step'] / rows[mine]['s_per_step']:.2f}x the speed, "
                   f"{rows[mine]['peak_gb'] / rows[theirs]['peak_gb']:.2f}x the memory")

@@ -362,15 +362,15 @@ def foreign_mtp_tensor(files: dict, c: Config) -> str | None:
 
 
 def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
-         int8: bool = False, adapter=None, **overrides) -> Transformer:
+         int8: bool = False, adapter=None, int8_skip: tuple[str, ...] = (), **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
     module out (it is only needed for MTP training and speculative decoding; 11.6B params in V3); so does a
     checkpoint without its tensors (as transformers saves DeepSeek models), whatever its config says.
     fp8=True keeps a quantised checkpoint's weights in memory (fp8.FP8Linear / FP8Experts / V4QuantExperts: e4m3
     and V4's FP4 experts) instead of dequantising them on load. int8=True quantises the weights to int8 with
     per-row scales as they are read (int8.quantize_int8: weight-only, for inference; no full-precision copy of
-    them is ever held). adapter: a PEFT LoRA adapter folder (or Hub id) merged into the weights as they load
-    (before int8's quantisation)."""
+    them is ever held; int8_skip: module names kept as loaded, e.g. ("head",)). adapter: a PEFT LoRA adapter
+    folder (or Hub id) merged into the weights as they load (before int8's quantisation)."""
     if fp8 and int8:
         raise ValueError("fp8=True keeps a checkpoint's FP8 weights, int8=True quantises to int8: choose one")
     if fp8 and adapter:
@@ -412,11 +412,11 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     if fp8:
         keep_fp8(model, files, block)
     if int8:
-        quantize_int8(model, fill=False)  # (the swapped-out weights were allocated, never written: never resident)
+        quantize_int8(model, fill=False, skip=int8_skip)  # (the swapped-out weights: allocated, never written)
     deltas = read_adapter(resolve(adapter), c) if adapter else None
     load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None,
                  deltas=deltas)
-    if int8 and c.tie_embeddings:  # the tied head's own int8 codes
+    if int8 and c.tie_embeddings and "head" not in int8_skip:  # the tied head's own int8 codes
         head, embed = (model.lm_head, model.embed_tokens) if v4 else (model.head, model.embed)
         with torch.no_grad():
             for dst, src in zip((head.weight, head.scale), quantize_rows(embed.weight)):

@@ -77,7 +77,7 @@ def distill(a: DistillArgs) -> Path:
     run = open_run(a)
     teacher, tok = start_model(a.teacher, device=a.device)
     teacher.eval()
-    student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tok, a.device)
+    student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tok, a.device, **a.frozen_int8())
     if not same_vocab(tok, s_tok):
         raise ValueError(f"tokenizer mismatch: the student ({a.init}) and the teacher ({a.teacher}) have different "
                          "vocabularies; logit distillation compares distributions token by token. Start a fresh "

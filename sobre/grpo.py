@@ -241,7 +241,7 @@ def grpo(a: GRPOArgs) -> Path:
     dynamic, overlong = a.dynamic_sampling or dapo, a.overlong_filter or dapo
     run = open_run(a)
     task = get_task(a.task, a.reward or None)
-    model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device)
+    model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device, **a.frozen_int8())
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
     if a.lora_rank:  # the KL's reference is then the model with its adapters off: no copy
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)

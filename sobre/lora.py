@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .int8 import Int8Linear
+
 # the linear layers LoRA may adapt, by PEFT's target names (the last name of checkpoint.LAYER_MODULES' HF side)
 TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
            "gate_proj", "up_proj", "down_proj")
@@ -37,6 +39,13 @@ class LoRAArgs:
     lora_alpha: float = 0.0  # scale alpha / r (0: alpha = 2 r)
     lora_dropout: float = 0.0  # on the adapters' input, training only
     lora_targets: tuple[str, ...] = ()  # PEFT target_modules names (q_proj, kv_b_proj, ...); empty: all-linear
+    int8: bool = False  # --lora-rank on the model's weights in int8 (QLoRA-style: a quarter of fp32's bytes; the
+    #   head, embedding and what int8.SKIP names stay fp32)
+
+    def frozen_int8(self) -> dict:
+        """start_model's keywords for --int8: the weights in int8 as they load, the head kept (the fused
+        cross-entropy reads it whole)."""
+        return {"int8": True, "int8_skip": ("head",)} if self.int8 else {}
 
     def check_lora(self, init: str):
         if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1 or self.lora_alpha < 0:
@@ -44,8 +53,9 @@ class LoRAArgs:
                              f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
         if self.lora_rank and not init:
             raise ValueError("--lora-rank adapts a trained model: give --init (a fresh model trains all its weights)")
-        if self.lora_targets and not self.lora_rank:
-            raise ValueError("--lora-targets needs --lora-rank R")
+        if (self.lora_targets or self.int8) and not self.lora_rank:
+            raise ValueError(f"--{'int8' if self.int8 else 'lora-targets'} needs --lora-rank R (int8 weights stay "
+                             "frozen: they train through adapters)")
         if bad := sorted(set(self.lora_targets) - set(TARGETS)):
             raise ValueError(f"--lora-targets: unknown module {bad[0]!r}; choose among {', '.join(TARGETS)}")
 
@@ -67,6 +77,8 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:  # [out, in]
         w = self.base.weight
+        if not w.is_floating_point():  # int8.Int8Linear: codes [out, in] and a scale per row
+            w = w.float() * self.base.scale[:, None]
         return w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype) if self.enabled else w
 
     @property
@@ -102,9 +114,9 @@ def targets(model: nn.Module, names: tuple[str, ...] = ()) -> dict[str, nn.Linea
     for name, m in model.layers.named_modules(prefix="layers"):
         rest = name.split(".", 2)[2] if name.count(".") >= 2 else ""
         if leaf.get(rest) in names:
-            if not isinstance(m, nn.Linear):
-                raise ValueError(f"{name} is {type(m).__name__}, not a full-precision linear layer: LoRA needs the "
-                                 "model unquantised (no --int8 / --fp8)")
+            if not isinstance(m, (nn.Linear, Int8Linear)):
+                raise ValueError(f"{name} is {type(m).__name__}: LoRA adapts full-precision or int8 linear layers "
+                                 "(not --fp8's)")
             found[name] = m
     if not found:
         raise ValueError(f"no module of this {model.config.arch} model is named {sorted(names)}")
@@ -152,6 +164,9 @@ def disabled(model: nn.Module):
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its layer's weight and put the plain layer back (the model as a checkpoint)."""
     for name, m in adapters(model).items():
+        if not m.base.weight.is_floating_point():
+            raise ValueError(f"{name}: an adapter on int8 weights merges into the full-precision model as it loads "
+                             "(sobre.load(base, adapter=...)), not into the int8 codes")
         m.base.weight += m.scale * (m.lora_B @ m.lora_A).to(m.base.weight.dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, m.base)

@@ -49,11 +49,13 @@ IGNORE = -100
 # ---- the starting model -------------------------------------------------------------------------
 def start_model(init: str, preset_name: str = "debug", run: Path | None = None, seed: int = 0,
                 arch: str = "deepseek_v3", tokenizer: Tokenizer | None = None, device: str = "cpu",
-                int8: bool = False, adapter: str | None = None) -> tuple[Transformer, Tokenizer]:
+                int8: bool = False, adapter: str | None = None, int8_skip: tuple[str, ...] = ()) \
+        -> tuple[Transformer, Tokenizer]:
     """The model a post-training run starts from, in fp32 on `device` (a --device value): `init` (a sobre run
     folder, an HF directory or a Hub id), else a fresh `preset_name` model of type `arch` with `tokenizer` or one
     trained on the built-in corpus. The tokenizer is kept in run/tokenizer (reused on resume). int8=True (`init`
-    only; evaluation): its weights in int8; adapter: a PEFT LoRA adapter merged into them (checkpoint.load)."""
+    only): its weights in int8 (but int8_skip's modules); adapter: a PEFT LoRA adapter merged into them
+    (checkpoint.load)."""
     dev = pick_device(device)
     if init:
         path = init_dir(init)
@@ -62,7 +64,7 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
             raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
         if run is not None and not (run / "tokenizer").exists():
             tok.save(run / "tokenizer")
-        return load(path, dtype=torch.float32, device=dev, int8=int8, adapter=adapter), tok
+        return load(path, dtype=torch.float32, device=dev, int8=int8, adapter=adapter, int8_skip=int8_skip), tok
     if tokenizer is not None and not (run / "tokenizer").exists():
         tokenizer.save(run / "tokenizer")
     tok = load_tokenizer(run / "tokenizer") or train_tokenizer(builtin_docs(1 << 20, seed),
@@ -251,7 +253,7 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
     a.validate()
     run = open_run(a)
-    model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device)
+    model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device, **a.frozen_int8())
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
         examples += task_examples(tok, name, a.examples, a.seed, a.direct)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import lora, parallel
+from . import checkpoint, lora, parallel
 from .checkpoint import save
 from .config import DENSE_ARCHS, Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
@@ -323,10 +323,12 @@ def make_optimizer(model, a: TrainArgs):
 
 def export(model: Transformer, run: Path, plot, base: str = "") -> Path:
     """The trained model as an HF checkpoint in run/model (with the run's tokenizer), then the run's plots. LoRA
-    adapters go to run/adapter in PEFT's format (for the model `base`), then merge into run/model."""
-    if lora.adapters(model):
+    adapters go to run/adapter in PEFT's format (for the model `base`), then merge into run/model (adapters on
+    int8 weights: into `base` loaded afresh in fp32)."""
+    if adapters := lora.adapters(model):
         lora.save_adapter(model, run / "adapter", base)
-        lora.merge(model)
+        int8 = any(not m.base.weight.is_floating_point() for m in adapters.values())
+        model = checkpoint.load(base, dtype=torch.float32, adapter=run / "adapter") if int8 else lora.merge(model)
     save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
     plot(run)
     return run

@@ -45,6 +45,22 @@ def test_kernel_equals_the_dequantised_twin(shape):
         assert torch.equal(got, twin)  # the kernel needs in % 8 == 0: the twin computes it
 
 
+def test_gradient_through_int8_weights(monkeypatch):
+    """x's gradient through int8 weights (LoRA on an int8 model) equals autograd's through the dequantised
+    matrix, over several dequantised slices; nothing of the weight reaches autograd."""
+    monkeypatch.setattr(int8, "CHUNK", 32)  # 72 rows: slices of 32, 32, 8
+    g = torch.Generator().manual_seed(2)
+    q, s = quantize_rows(torch.randn(72, 24, generator=g))
+    x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    w = q.float() * s[:, None]
+    up = torch.randn(2, 5, 72, generator=g)
+    (int8_mm(x, q, s) * up).sum().backward()
+    (F.linear(x2, w) * up).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(int8_mm(x, q, s), F.linear(x, w), atol=1e-5, rtol=1e-5)  # (the forward: fp32)
+
+
 CONFIGS = [sobre.preset("debug", dim=64, moe_inter_dim=32, n_mtp_layers=1),
            sobre.Config.from_hf(dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

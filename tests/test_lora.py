@@ -145,8 +145,10 @@ def test_bad_adapters_and_flags(tmp_path):
         SFTArgs(task=("arithmetic",), lora_rank=4).validate()
     with pytest.raises(ValueError, match="no module"):
         lora.add_lora(sobre.load(base), rank=2, names=("kv_b_proj",))  # a Qwen2 has no MLA
-    with pytest.raises(ValueError, match="int8"):
-        lora.add_lora(sobre.load(base, int8=True), rank=2)
+    int8_model = sobre.load(base, int8=True)
+    lora.add_lora(int8_model, rank=2)
+    with pytest.raises(ValueError, match="merges into the full-precision model"):
+        lora.merge(int8_model)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +186,49 @@ def test_sft_with_lora_trains_only_the_adapters_and_resumes_exactly(init, tmp_pa
     with torch.no_grad():  # the adapter on its base gives the exported (merged) model
         torch.testing.assert_close(sobre.load(init, adapter=tmp_path / "whole" / "adapter")(TOKENS),
                                    sobre.load(tmp_path / "whole" / "model")(TOKENS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("verb", ["sft", "grpo"])
+def test_lora_on_int8_weights(init, tmp_path, verb):
+    """--int8 --lora-rank: the frozen model in int8 (its head fp32), adapters trained through it; the adapter
+    merges into the full-precision model for run/model; --int8 alone is refused (int8 weights cannot train)."""
+    from sobre.int8 import Int8Experts, Int8Linear
+    from sobre.sft import sft
+    seen = {}
+    add = lora.add_lora
+
+    def spy(model, *args):
+        add(model, *args)
+        seen["int8"] = {n: type(m.base) for n, m in lora.adapters(model).items()}
+        seen["experts"] = any(isinstance(m, Int8Experts) for m in model.modules())
+        seen["head"] = model.head.weight.dtype
+        return list(lora.adapters(model))
+
+    import sobre.grpo as G
+    import sobre.sft as S
+    module = S if verb == "sft" else G
+    orig = module.add_lora
+    module.add_lora = spy
+    try:
+        out = tmp_path / verb
+        if verb == "sft":
+            sft(SFTArgs(out=str(out), init=str(init), task=("arithmetic",), examples=40, steps=3, batch_size=4,
+                        seq_len=128, save_every=3, eval_every=3, lr=1e-2, lora_rank=4, int8=True))
+        else:
+            grpo(GRPOArgs(out=str(out), init=str(init), task="arithmetic", steps=2, prompts=2, group=2,
+                          max_new_tokens=8, lr=1e-2, eval_problems=2, lora_rank=2, int8=True, beta=0.1))
+    finally:
+        module.add_lora = orig
+    assert seen["int8"] and seen["experts"]  # (MLA's wkv_b stays fp32: the absorbed attention reads it whole)
+    assert all((t is Int8Linear) != n.endswith("wkv_b") for n, t in seen["int8"].items())
+    assert seen["head"] == torch.float32
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows)  # gradients reach the adapters through the int8 layers
+    with torch.no_grad():
+        torch.testing.assert_close(sobre.load(init, adapter=out / "adapter")(TOKENS),
+                                   sobre.load(out / "model")(TOKENS), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="--int8 needs --lora-rank"):
+        SFTArgs(init=str(init), task=("arithmetic",), int8=True).validate()
 
 
 def test_grpo_with_lora_and_the_adapters_off_as_reference(init, tmp_path, monkeypatch):
