@@ -2,12 +2,17 @@
 LoRA adapters (rank 16, alpha 32, every linear layer of the blocks), sobre vs transformers (+ peft for LoRA), fp32;
 and sobre's LoRA on the model's weights in int8 (`sft --int8`).
 Each setting runs in its own process, so each peak memory (max RSS: weights, gradients, optimizer state,
-activations) is its own. Shape default: Qwen2-0.5B's.
+activations, and the freed memory malloc keeps, sobre.parallel.keep_freed_memory) is its own; "in use between
+steps" is the RSS after the last step with malloc's free memory given back (malloc_trim): what the run holds.
+Shape default: Qwen2-0.5B's.
     python bench/lora.py [--hidden 896 --inter 4864 --layers 24 --heads 14 --kv-heads 2] [--seq 256] [--steps 3]
 """
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -58,9 +63,12 @@ def worker(setting: str, path: str, seq: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     rest = sorted(times[1:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what is still in use between steps, without malloc's kept free memory
+    live = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     return {"s_per_step": rest[len(rest) // 2], "trainable": sum(p.numel() for p in model.parameters()
-                                                                 if p.requires_grad),
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+                                                                 if p.requires_grad), "peak_gb": peak, "live_gb": live}
 
 
 def main():
@@ -88,8 +96,8 @@ def main():
     print(f"random Qwen2-layout model: {n / 1e9:.2f}B parameters (hidden {a.hidden}, {a.layers} layers, vocab "
           f"{a.vocab}); one {a.seq}-token row a step, AdamW, fp32; LoRA rank {RANK}, alpha {ALPHA} on q/k/v/o/gate/"
           f"up/down; {torch.get_num_threads()} threads; median of {a.steps - 1} steps after a warm-up")
-    print("| setting | trainable params | s / step | peak memory (max RSS) |")
-    print("|---|---|---|---|")
+    print("| setting | trainable params | s / step | peak memory (max RSS) | in use between steps |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         sobre.save(model, tmp)
         del model
@@ -98,10 +106,11 @@ def main():
             out = subprocess.run([sys.executable, __file__, "--worker", s, "--path", tmp, "--seq", str(a.seq),
                                   "--steps", str(a.steps)], capture_output=True, text=True)
             if out.returncode:
-                print(f"| {s} | failed: {out.stderr.strip().splitlines()[-1]} | | |")
+                print(f"| {s} | failed: {out.stderr.strip().splitlines()[-1]} | | | |")
                 continue
             r = rows[s] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {s} | {r['trainable'] / 1e6:.1f}M | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} GB |", flush=True)
+            print(f"| {s} | {r['trainable'] / 1e6:.1f}M | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} GB | "
+                  f"{r['live_gb']:.2f} GB |", flush=True)
     for mine, theirs in (("sobre LoRA", "transformers + peft LoRA"), ("sobre full", "transformers full"),
                          ("sobre LoRA", "sobre full"), ("sobre LoRA, int8 weights", "sobre LoRA")):
         if mine in rows and theirs in rows:
