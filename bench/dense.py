@@ -23,14 +23,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine import hf_rate, sobre_rate  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_shape_flags(ap):
+    """The dense model's shape (default: Qwen2-0.5B's, the R1-Distill-Qwen layout)."""
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--inter", type=int, default=4864)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--heads", type=int, default=14)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=151936)
+
+
+def random_qwen2(a) -> sobre.Transformer:
+    """A random Qwen2-layout model of add_shape_flags' shape (tied head, as Qwen2-0.5B)."""
+    cfg = dict(model_type="qwen2", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
+               num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+               max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    return sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(cfg)), std=0.02)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_shape_flags(ap)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="sobre and transformers take turns this many times")
@@ -41,11 +55,7 @@ def main():
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.set_verbosity_error()
-    cfg = dict(model_type="qwen2", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
-               num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-               max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    model = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(cfg)), std=0.02)
+    model = random_qwen2(a)
     n_params = sum(p.numel() for p in model.parameters())
     prompts = torch.randint(2, a.vocab, (max(a.batches), a.prompt), generator=torch.Generator().manual_seed(0))
     print(f"random Qwen2-layout model: {n_params / 1e9:.2f}B parameters (hidden {a.hidden}, {a.layers} layers, "

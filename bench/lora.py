@@ -18,11 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import sobre
 from sobre.parallel import keep_freed_memory
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dense import add_shape_flags, random_qwen2  # noqa: E402
 
 RANK, ALPHA = 16, 32
 SETTINGS = ("sobre full", "sobre LoRA", "sobre LoRA, int8 weights", "transformers full", "transformers + peft LoRA")
@@ -73,12 +77,7 @@ def worker(setting: str, path: str, seq: int, steps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=896)
-    ap.add_argument("--inter", type=int, default=4864)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--heads", type=int, default=14)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=151936)
+    add_shape_flags(ap)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="AdamW steps a setting; the first is a warm-up")
     ap.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -87,11 +86,7 @@ def main():
     if a.worker:
         print(json.dumps(worker(a.worker, a.path, a.seq, a.steps)))
         return
-    cfg = dict(model_type="qwen2", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
-               num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-               max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    model = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(cfg)), std=0.02)
+    model = random_qwen2(a)
     n = sum(p.numel() for p in model.parameters())
     print(f"random Qwen2-layout model: {n / 1e9:.2f}B parameters (hidden {a.hidden}, {a.layers} layers, vocab "
           f"{a.vocab}); one {a.seq}-token row a step, AdamW, fp32; LoRA rank {RANK}, alpha {ALPHA} on q/k/v/o/gate/"
