@@ -161,7 +161,7 @@ def init(tmp_path_factory):
     return root / "model"
 
 
-def test_sft_with_lora_trains_only_the_adapters_and_resumes_exactly(init, tmp_path, monkeypatch):
+def test_sft_with_lora_trains_only_the_adapters_and_resumes_exactly(init, tmp_path, monkeypatch, capsys):
     from sobre import sft as S
     args = dict(init=str(init), task=("arithmetic",), examples=60, steps=4, batch_size=4, seq_len=128, save_every=2,
                 eval_every=2, seed=3, lr=1e-2, lora_rank=4, lora_targets=("q_a_proj", "kv_b_proj", "o_proj",
@@ -186,6 +186,12 @@ def test_sft_with_lora_trains_only_the_adapters_and_resumes_exactly(init, tmp_pa
     with torch.no_grad():  # the adapter on its base gives the exported (merged) model
         torch.testing.assert_close(sobre.load(init, adapter=tmp_path / "whole" / "adapter")(TOKENS),
                                    sobre.load(tmp_path / "whole" / "model")(TOKENS), atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    scores = []
+    for path, extra in ((init, ["--adapter", str(tmp_path / "whole" / "adapter")]), (tmp_path / "whole", [])):
+        main(["eval", str(path), "--task", "arithmetic", "--n", "3", "--max-new-tokens", "8", "--json", *extra])
+        scores.append(capsys.readouterr().out)
+    assert scores[0] == scores[1] and "pass@1" in scores[0]
 
 
 @pytest.mark.parametrize("verb", ["sft", "grpo"])
