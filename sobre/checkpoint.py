@@ -44,6 +44,7 @@ LAYER_MODULES = {
     "mlp.gate": "ffn.gate", "mlp.shared_experts.gate_proj": "ffn.shared.w1",
     "mlp.shared_experts.up_proj": "ffn.shared.w3", "mlp.shared_experts.down_proj": "ffn.shared.w2",
 }
+HF_LAYER_MODULES = {ours: hf for hf, ours in LAYER_MODULES.items()}  # the inverse: ours -> HF
 TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
 MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
            "shared_head.norm.weight": "norm.weight"}
@@ -196,7 +197,6 @@ def ours_to_hf(model: Transformer):
         yield from v4_saved(model)
         return
     inv_top = {v: k for k, v in TOP.items()}
-    inv_layer = {v: k for k, v in LAYER_MODULES.items()}
     inv_mtp = {v: k for k, v in MTP_OWN.items()}
     inv_expert = {v: k for k, v in EXPERT_W.items()}
     for name, t in model.state_dict().items():
@@ -220,7 +220,7 @@ def ours_to_hf(model: Transformer):
         else:
             if module == "ffn.gate" and param == GATE_BIAS[1]:
                 param = GATE_BIAS[0]
-            yield f"{base}{inv_layer[module]}.{param}", t
+            yield f"{base}{HF_LAYER_MODULES[module]}.{param}", t
 
 
 # ---- reading safetensors ------------------------------------------------------------------------

@@ -47,10 +47,14 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
+def dequantized_rows(q: torch.Tensor, scale: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """Output rows r .. r + CHUNK of the weight q [out, in] * scale [out, None], in dtype."""
+    return q[r:r + CHUNK].to(dtype) * scale[r:r + CHUNK, None].to(dtype)
+
+
 def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The twin of int8_mm: CHUNK output rows at a time dequantised to x's dtype, then F.linear."""
-    outs = [F.linear(x, q[r:r + CHUNK].to(x.dtype) * scale[r:r + CHUNK, None].to(x.dtype))
-            for r in range(0, q.shape[0], CHUNK)]
+    outs = [F.linear(x, dequantized_rows(q, scale, r, x.dtype)) for r in range(0, q.shape[0], CHUNK)]
     return torch.cat(outs, -1) if len(outs) > 1 else outs[0]
 
 
@@ -69,7 +73,7 @@ class Int8Grad(torch.autograd.Function):
         q, scale = ctx.saved_tensors
         gx = None
         for r in range(0, q.shape[0], CHUNK):
-            part = g[..., r:r + CHUNK] @ (q[r:r + CHUNK].to(g.dtype) * scale[r:r + CHUNK, None].to(g.dtype))
+            part = g[..., r:r + CHUNK] @ dequantized_rows(q, scale, r, g.dtype)
             gx = part if gx is None else gx.add_(part)
         return gx, None, None
 
@@ -89,6 +93,10 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         y = int8_mm(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The whole weight in high precision (FP8Linear's method: for code that reads the matrix, e.g. LoRA's)."""
+        return self.weight.to(dtype) * self.scale[:, None].to(dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int8 per-row scales"

@@ -76,9 +76,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # [out, in]
-        w = self.base.weight
-        if not w.is_floating_point():  # int8.Int8Linear: codes [out, in] and a scale per row
-            w = w.float() * self.base.scale[:, None]
+        w = self.base.dequantized() if hasattr(self.base, "dequantized") else self.base.weight  # (int8 codes)
         return w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype) if self.enabled else w
 
     @property
@@ -97,19 +95,19 @@ class LoRALinear(nn.Module):
 
 def _hf_module(name: str) -> str:
     """Our decoder-layer module name -> transformers' (layers.3.attn.wkv_b -> model.layers.3.self_attn.kv_b_proj)."""
-    from .checkpoint import LAYER_MODULES
+    from .checkpoint import HF_LAYER_MODULES
     i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-    return f"model.layers.{i}.{next(hf for hf, ours in LAYER_MODULES.items() if ours == rest)}"
+    return f"model.layers.{i}.{HF_LAYER_MODULES[rest]}"
 
 
 def targets(model: nn.Module, names: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """The model's linear layers PEFT's target_modules `names` (empty: all of TARGETS) pick, by our module name."""
-    from .checkpoint import LAYER_MODULES
+    from .checkpoint import HF_LAYER_MODULES
     from .model import Transformer
     if not isinstance(model, Transformer):
         raise ValueError(f"LoRA adapts deepseek_v3 / v2 / v32 and dense models; not {model.config.arch}")
     names = set(names or TARGETS)
-    leaf = {ours: hf.rpartition(".")[2] for hf, ours in LAYER_MODULES.items()}
+    leaf = {ours: hf.rpartition(".")[2] for ours, hf in HF_LAYER_MODULES.items()}
     found = {}
     for name, m in model.layers.named_modules(prefix="layers"):
         rest = name.split(".", 2)[2] if name.count(".") >= 2 else ""
