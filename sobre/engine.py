@@ -279,7 +279,7 @@ class Engine:
             self.prefix_stats["miss"] += len(seq.prompt) - seq.cached
         self.running.append(seq)
         events.append(self._emit(seq, token, logits))
-        if self.speculative and seq.finish_reason is None:  # MTP catches up on the prompt next step
+        if state is not None and seq.finish_reason is None:  # MTP catches up on the prompt next step
             seq.mtp_in = [state] + [state[:0]] * (self.drafts - 1)
         return events
 
@@ -289,13 +289,31 @@ class Engine:
         s = p.seq
         h, state = self._forward_prompt(s, min(self.prefill_chunk, len(s.prompt) - s.length))
         if self.speculative:
-            p.states.append(state[0])
+            self._mtp_prompt(s, state[0])
         if s.length < len(s.prompt):
             return []
         self.prefilling.pop(0)
         logits = self.model.head(h[:, -1])  # [1, V]
-        return self._started(s, p.keys, p.twins, logits[0], int(self._choose([s], logits)[0]),
-                             torch.cat(p.states) if p.states else None)
+        return self._started(s, p.keys, p.twins, logits[0], int(self._choose([s], logits)[0]), None)
+
+    def _mtp_prompt(self, s: Sequence, state: torch.Tensor):
+        """Speculative, a chunk of a long prompt in (state [T, ...]: the MTP draft's input over it): each MTP layer
+        takes in the positions whose tokens it reads are in the prompt (layer k at position i reads token
+        i + k + 1: all but the prompt's last k + 1 positions), a chunk a step like the main model, so the first
+        verify catches up on a few rows instead of stalling the batch on the whole prompt."""
+        if not s.mtp_in:
+            s.mtp_in = [state[:0]] * self.drafts
+        s.mtp_in[0] = torch.cat([s.mtp_in[0], state])
+        for k in range(self.drafts):
+            lo = s.mtp_length[k]
+            T = min(len(s.mtp_in[k]), len(s.prompt) - k - 1 - lo)
+            if T <= 0:
+                return
+            tokens = torch.tensor([s.prompt[lo + k + 1:lo + k + 1 + T]], device=self.device)
+            out = self.model.mtp_hidden(s.mtp_in[k][None, :T], tokens, self._batch([s], T, mtp=k, prefill=True), k)
+            s.mtp_in[k] = s.mtp_in[k][T:]
+            if k + 1 < self.drafts:
+                s.mtp_in[k + 1] = torch.cat([s.mtp_in[k + 1], out[0]])
 
     def _forward_prompt(self, s: Sequence, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """s's next n prompt tokens through the model, the cache advancing over them -> (hidden [1, n, D], the

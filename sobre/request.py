@@ -89,12 +89,11 @@ class Limits:
 @dataclass
 class Prefill:
     """A prompt longer than the engine's prefill_chunk, prefilled that many tokens a step while the running rows
-    keep decoding (chunked prefill): its sequence, prefix-cache keys, the later samples of the same prompt (twins:
-    their cache is copied from it once it is in) and, speculative, the MTP draft's input over its tokens so far."""
+    keep decoding (chunked prefill): its sequence, prefix-cache keys and the later samples of the same prompt (twins:
+    their cache is copied from it once it is in)."""
     seq: Sequence
     keys: list[bytes]
     twins: list[Sequence]
-    states: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass

@@ -452,6 +452,42 @@ def test_prefix_cache_with_speculative_decoding(mtp_layers):
         torch.testing.assert_close(rows_c[rid], rows[rid], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mtp_layers", [1, 2])
+def test_chunked_prompt_feeds_the_mtp_layers_chunk_by_chunk(mtp_layers, monkeypatch):
+    """Speculative, a prompt longer than prefill_chunk: each MTP layer takes in a chunk's positions as it arrives
+    (layer k all but the prompt's last k + 1, whose tokens are not drawn yet), so no MTP forward is longer than a
+    chunk (a whole prefill's first verify runs them over the whole prompt); the MTP layers' cache rows over the
+    prompt equal a whole prefill's, and greedy output equals plain greedy."""
+    model = random_model(sobre.preset("debug", n_mtp_layers=mtp_layers))
+    c = model.config
+    prompt = torch.randint(3, 500, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    lengths = []  # tokens of each MTP forward
+    mtp_hidden = model.mtp_hidden
+    monkeypatch.setattr(model, "mtp_hidden", lambda h, tokens, *a: lengths.append(tokens.shape[1]) or
+                        mtp_hidden(h, tokens, *a))
+
+    def prefill(chunk):  # -> the MTP layers' rows over the prompt once it is in, the longest MTP forward, the output
+        lengths.clear()
+        eng = Engine(model, speculative=True, prefill_chunk=chunk, min_acceptance=0)
+        rid = eng.add_request(prompt, max_new_tokens=8)
+        while not eng.running:
+            eng.step()  # (the step that takes the last chunk also runs the first verify)
+        s = eng.running[0]
+        slots = sobre.paged.paged_rows(torch.tensor([s.blocks]), torch.arange(len(prompt) - mtp_layers)[None], 64)[0]
+        rows = torch.stack([eng.pool.slots[c.n_layers + k][0][slots] for k in range(mtp_layers)])
+        longest = max(lengths)
+        while eng.has_work():
+            eng.step()
+        return rows, longest, eng.collect()[rid].out
+
+    rows, longest, out = prefill(37)
+    rows_whole, longest_whole, out_whole = prefill(4096)
+    assert longest == 37 and longest_whole == len(prompt)
+    assert out == out_whole == Engine(model).generate([prompt], max_new_tokens=8)[0]
+    torch.testing.assert_close(rows, rows_whole, atol=1e-5, rtol=0)
+    assert prefill(64)[2] == out
+
+
 @pytest.mark.parametrize("cfg,kw", [(None, {}), ("qwen2", {}), ("mtp", dict(speculative=True)),
                                     (None, dict(prefix_cache=True)), ("nsa", dict(prefix_cache=True)),
                                     ("dsa", dict(prefix_cache=True))],
