@@ -22,16 +22,15 @@ def routes(app: FastAPI, srv: Server, auth):
 
     @app.get("/v1/models", dependencies=[auth])
     async def models():
-        return {"object": "list", "data": [model_card(srv)]}
+        return {"object": "list", "data": [model_card(srv, name) for name in (srv.name, *srv.loop.limits.loras)]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[auth])
     async def model(model_id: str):
-        srv.check_model(model_id)
-        return model_card(srv)
+        return model_card(srv, srv.check_model(model_id))
 
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: ChatRequest, request: Request):
-        srv.check_model(req.model)
+        name = srv.check_model(req.model)
         json_mode = response_json(req)
         tools, forced = tool_setup(req)
         text = render_chat(tok, req.messages, tools, req.chat_template_kwargs)
@@ -45,7 +44,7 @@ def routes(app: FastAPI, srv: Server, auth):
                                   thinking, "messages")
         rid, created = request_id("chatcmpl"), int(time.time())
         request.state.prompt_tokens = len(prompt) * req.n
-        head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}
+        head = {"id": rid, "created": created, "model": name, "system_fingerprint": "sobre"}
 
         if not req.stream:
             async for _ in srv.events(choices, request):
@@ -134,7 +133,7 @@ def routes(app: FastAPI, srv: Server, auth):
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: CompletionRequest, request: Request):
-        srv.check_model(req.model)
+        name = srv.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -144,7 +143,7 @@ def routes(app: FastAPI, srv: Server, auth):
                                   False, "prompt")
         rid, created = request_id("cmpl"), int(time.time())
         request.state.prompt_tokens = sum(len(p) for p in prompts) * req.n
-        head = {"id": rid, "created": created, "model": srv.name, "system_fingerprint": "sobre"}
+        head = {"id": rid, "created": created, "model": name, "system_fingerprint": "sobre"}
         # echo: a text prompt as sent (not the special tokens its encoding added), token ids decoded
         texts = ([req.prompt] if isinstance(req.prompt, str) else req.prompt if isinstance(req.prompt[0], str)
                  else [tok.decode(p) for p in prompts]) if req.echo else [""] * len(prompts)
@@ -259,9 +258,11 @@ def event_stream(body, done, usage_head: dict | None) -> StreamingResponse:
     return StreamingResponse(run(), media_type="text/event-stream")
 
 
-def model_card(srv: Server) -> dict:
-    return {"id": srv.name, "object": "model", "created": srv.created, "owned_by": "sobre",
-            "max_model_len": srv.context}
+def model_card(srv: Server, name: str) -> dict:
+    """The base model's card, or a LoRA adapter's (its `parent` the base, as vLLM lists them)."""
+    parent = {"parent": srv.name} if name != srv.name else {}
+    return {"id": name, "object": "model", "created": srv.created, "owned_by": "sobre", "max_model_len": srv.context,
+            **parent}
 
 
 def to_prompts(prompt, tok) -> list[list[int]]:

@@ -21,6 +21,7 @@ from .flags import (
     add_device_flag,
     add_sampling_flags,
     at_least,
+    lora_module,
     port,
     positive_float,
     sampling_args,
@@ -410,12 +411,16 @@ def cmd_serve(args):
     # every core: the HTTP side uses about half a core at concurrency 16 (bench/serve.py, 2 cores: 1 thread gives
     # 5.2-5.3x concurrency 1's tokens/s, 2 threads 6.2-6.5x; with the engine in the server's process, 1 thread
     # had served 3x the tokens of 2)
+    name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
+    loras = dict(args.lora_modules)
+    if len(loras) < len(args.lora_modules) or name in loras:
+        raise ValueError(f"--lora-modules: each adapter needs a name of its own, apart from the model's ({name!r})")
     eng = EngineProcess(path, threads=args.threads or os.cpu_count() or 1, warm_up=args.compile,
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
                         fp8=args.fp8, int8=args.int8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
-                        min_acceptance=args.min_acceptance, prefill_chunk=args.prefill_chunk, adapter=args.adapter)
-    name = args.served_model_name or (args.path if not Path(args.path).exists() else Path(path).name)
+                        min_acceptance=args.min_acceptance, prefill_chunk=args.prefill_chunk, adapter=args.adapter,
+                        loras=loras)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults, tuple(args.allowed_origins))
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
     if defaults:
@@ -529,6 +534,9 @@ def main(argv=None):
                    help="auto: the sampling values of the checkpoint's generation_config.json are the defaults of "
                    "requests that leave them unset (as vLLM); none: OpenAI's defaults")
     add_decode_flags(s)
+    s.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=DIR", type=lora_module,
+                   help="PEFT LoRA adapters served beside the model, each request's `model` picking one by NAME "
+                   "or the base model (vLLM's multi-LoRA; --adapter merges one instead)")
     s.add_argument("--threads", type=at_least(0), default=0, help="the engine's torch CPU threads (0: every core)")
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import v4cache
+from . import lora, v4cache
 from .config import at_least_one
 from .constrain import JsonPrefix, redraw, token_texts
 from .int8 import Int8Experts, Int8Linear
@@ -41,8 +41,19 @@ from .tokenizer import framing_ids
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
-                 prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3):
+                 prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3,
+                 loras: dict | None = None):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        if compile and loras:
+            raise ValueError("compile=True does not serve LoRA adapters (loras=): decode them eagerly")
+        # LoRA adapters served beside the base model, each request its own (SamplingParams.lora; vLLM's
+        # multi-LoRA): {name: PEFT adapter folder}; their layers become lora.MultiLoRA (the model is changed)
+        self.loras = list(loras or {})
+        self.lora_rows = None
+        if loras:
+            from .checkpoint import resolve
+            self.lora_rows = lora.serve_adapters(model, [lora.adapter_factors(resolve(p), model.config)
+                                                         for p in loras.values()])
         # MoE: the compiled step gathers each (token, expert) pair's weights, worth it while the pairs number at
         # most the experts; larger batches decode eagerly (grouped, padded experts)
         c = model.config
@@ -67,7 +78,8 @@ class Engine:
         self.prefix_stats = {"hit": 0, "miss": 0}  # prompt tokens reused / prefilled
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
-        self.limits = Limits(c.vocab_size, c.max_seq_len, block, self.pool.n_blocks - 1, tokenizer is not None)
+        self.limits = Limits(c.vocab_size, c.max_seq_len, block, self.pool.n_blocks - 1, tokenizer is not None,
+                             tuple(self.loras))
         if compile and any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules()):
             raise ValueError("compile=True does not take int8 weights (torch's inductor cannot lower their "
                              "_weight_int8pack_mm); decode them eagerly")
@@ -136,7 +148,7 @@ class Engine:
         c = self.model.config
         seq = Sequence(self.next_id, list(prompt), params,
                        torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None,
-                       mtp_length=[0] * self.drafts)
+                       mtp_length=[0] * self.drafts, lora=self.loras.index(params.lora) if params.lora else None)
         if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
             seq.seen = torch.zeros(c.vocab_size, dtype=torch.bool, device=self.device)
             seq.seen[prompt] = True
@@ -211,8 +223,8 @@ class Engine:
             total = min(len(seq.prompt) + seq.params.max_new_tokens + self.drafts, c.max_seq_len)
             if self.pool.blocks_for(total) > self.pool.available():
                 break  # wait until running sequences free their blocks
-            keys = self.pool.prefix_keys(seq.prompt, ahead=self.drafts) if self.prefix_cache else []
-            twin = None if self.speculative else first.get(tuple(seq.prompt))
+            keys = self.pool.prefix_keys(seq.prompt, self.drafts, seq.params.lora or "") if self.prefix_cache else []
+            twin = None if self.speculative else first.get((seq.lora, *seq.prompt))
             if twin is None and filling.intersection(keys[:(len(seq.prompt) - 1) // self.pool.block]):
                 break  # it starts with blocks an earlier prompt is about to fill: it matches them next step
             self.waiting.pop(0)
@@ -223,7 +235,7 @@ class Engine:
             if twin is not None:  # its cache is copied from the twin's once that is prefilled
                 twins.setdefault(twin.rid, []).append(seq)
                 continue
-            first[tuple(seq.prompt)] = seq
+            first[(seq.lora, *seq.prompt)] = seq
             if not self.speculative:  # (speculative: keyed once the MTP layer fills its rows, a step later)
                 filling.update(keys[seq.cached // self.pool.block:])
             admitted.append((seq, keys))
@@ -362,6 +374,10 @@ class Engine:
             [state[b, :len(t)] for b, t in enumerate(todo)] if self.speculative else None
 
     def _batch(self, seqs: list[Sequence], T: int, mtp: int | None = None, prefill: bool = False):
+        """The cache view of the next forward over seqs (every model forward of the engine makes one here), and
+        which LoRA adapter each of its rows uses."""
+        if self.lora_rows:
+            self.lora_rows.ids = [s.lora for s in seqs]
         if self.pool.rings:  # (a prompt's prefill under the prefix cache keeps the rings' rows at its block ends)
             return v4cache.V4Batch(self.pool, seqs, T, mtp, keep=prefill and self.prefix_cache)
         return PagedBatch(self.pool, seqs, T, mtp)

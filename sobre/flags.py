@@ -40,6 +40,14 @@ def port(text: str) -> int:
     return n
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    """argparse type: NAME=DIR (vLLM's --lora-modules) -> (name, folder or Hub id)."""
+    name, eq, path = text.partition("=")
+    if not (eq and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (an adapter's name and its folder), got {text!r}")
+    return name, path
+
+
 def token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",")]

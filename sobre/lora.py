@@ -208,6 +208,12 @@ def save_adapter(model: nn.Module, path, base: str):
 
 def read_adapter(path, config) -> dict[str, torch.Tensor]:
     """A PEFT LoRA adapter folder -> {our weight name: the fp32 update scale * B @ A to add to it} for a model of
+    `config` (adapter_factors, multiplied out)."""
+    return {name: scale * (B @ A) for name, (A, B, scale) in adapter_factors(path, config).items()}
+
+
+def adapter_factors(path, config) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A PEFT LoRA adapter folder -> {our weight name: (A [r, in], B [out, r] in fp32, scale)} for a model of
     `config`; what it cannot merge exactly (DoRA, trained biases, extra saved modules, embedding adapters) is
     refused."""
     from .checkpoint import hf_to_ours
@@ -250,9 +256,79 @@ def read_adapter(path, config) -> dict[str, torch.Tensor]:
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
             raise ValueError(f"{w_file}: {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not pair")
         alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
-        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        out[target[0]] = scale * (B @ A)  # [out, in]
+        out[target[0]] = A, B, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
     return out
+
+
+class Rows:
+    """Which adapter each batch row of the next forward uses (MultiLoRA): ids[b] an index into the served
+    adapters, or None (the base model). The engine sets it as it makes each forward's batch."""
+
+    def __init__(self):
+        self.ids: list[int | None] = []
+
+
+class MultiLoRA(nn.Module):
+    """A linear layer serving several adapters at once, each batch row its own (or none), as vLLM's multi-LoRA:
+    y_b = x_b W^T + bias + s_a x_b A_a^T B_a^T for row b's adapter a, the rows of one adapter in one pair of
+    matmuls. `pairs` {adapter index: (A [r, in], B [out, r], scale)}: the adapters that adapt this layer. Its
+    twin is a model with that adapter merged (tests/test_lora.py)."""
+
+    def __init__(self, base: nn.Module, pairs: dict[int, tuple], rows: Rows):
+        super().__init__()
+        self.base, self.pairs, self.rows = base, pairs, rows
+
+    @property
+    def weight(self) -> torch.Tensor:  # the base's (absorbed MLA reads kv_b's: see `active`)
+        return self.base.weight
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:  # (int8 base weights, as absorbed MLA reads them)
+        return self.base.dequantized(dtype) if hasattr(self.base, "dequantized") else self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def active(self) -> bool:
+        """Whether a row of this forward uses an adapter of this layer."""
+        return any(i in self.pairs for i in self.rows.ids)
+
+    def forward(self, x):  # x [B, ..., in] or [B * T, in] (rows in batch order) -> [..., out]
+        y = self.base(x)
+        ids = self.rows.ids
+        if not self.active:
+            return y
+        xb, yb = x.reshape(len(ids), -1, x.shape[-1]), y.view(len(ids), -1, y.shape[-1])
+        for a, (A, B, scale) in self.pairs.items():
+            rows = [b for b, i in enumerate(ids) if i == a]
+            if rows:
+                r = torch.tensor(rows, device=x.device)
+                yb.index_add_(0, r, F.linear(F.linear(xb.index_select(0, r), A), B), alpha=scale)
+        return y
+
+
+def serve_adapters(model: nn.Module, factors: list[dict]) -> Rows:
+    """Put a MultiLoRA in place of every linear layer some adapter (adapter_factors, by index) adapts; -> the
+    Rows the engine sets per forward. DSA models' kv_b_proj is refused (their sparse attention reads its weight
+    whole: merge such an adapter, --adapter); MLA rows with one decode through the naive attention."""
+    rows = Rows()
+    p = next(model.parameters())
+    found = targets(model)
+    for name in sorted({n.rpartition(".")[0] for f in factors for n in f}):
+        if name not in found:
+            raise ValueError(f"a LoRA adapter adapts {name}, which is not a linear layer sobre serves adapters on")
+        if name.endswith("attn.wkv_b") and model.config.attn_type == "dsa":
+            raise ValueError(f"a LoRA adapter on {_hf_module(name)} of a DSA model is merged (--adapter), not served "
+                             "beside others (its sparse attention reads the weight whole)")
+        pairs = {}
+        for i, f in enumerate(factors):
+            if name + ".weight" in f:
+                A, B, scale = f[name + ".weight"]
+                pairs[i] = A.to(p.device, p.dtype), B.to(p.device, p.dtype), scale
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, MultiLoRA(found[name], pairs, rows))
+    return rows
 
 
 def _pattern(patterns: dict, module: str, default):

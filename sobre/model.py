@@ -142,7 +142,7 @@ class MLA(nn.Module):
                 q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, r + rd]
                 o = torch.einsum("bthr,hvr->bthv", sparse.dsa_attention(q_full, kv_pe, *idx, **kw), w_uv)
                 return self.wo(o.reshape(B, T, H * dv))
-        if c.attn_impl == "naive":
+        if c.attn_impl == "naive" or getattr(self.wkv_b, "active", False):  # (rows with their own LoRA on it)
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
             o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)

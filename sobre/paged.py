@@ -125,10 +125,11 @@ class PagedPool:
             self.lanes.append(seq.lane)
             seq.lane = None
 
-    def prefix_keys(self, prompt: list[int], ahead: int = 0) -> list[bytes]:
+    def prefix_keys(self, prompt: list[int], ahead: int = 0, salt: str = "") -> list[bytes]:
         """One key per full block of the prompt: sha256 chained over the tokens up to the block's end, and the
-        `ahead` tokens after it (an MTP draft layer's row at a position depends on the next token too)."""
-        keys, h = [], hashlib.sha256()
+        `ahead` tokens after it (an MTP draft layer's row at a position depends on the next token too), from
+        `salt` (a LoRA adapter's name: its rows differ from the base model's)."""
+        keys, h = [], hashlib.sha256(salt.encode())
 
         def digest(x):
             return torch.tensor(x, dtype=torch.int64).numpy().tobytes()

@@ -37,6 +37,7 @@ class Sequence:
     bias: torch.Tensor | None = None  # [V] fp32 logit_bias
     json: JsonPrefix | SchemaPrefix | None = None  # JSON mode: the object so far
     stuck: bool = False  # ... and no token of the vocabulary continues it (it ends, cut short)
+    lora: int | None = None  # index of its LoRA adapter among the engine's (None: the base model)
     verifies: int = 0  # speculative: verify forwards so far, and the drafts they accepted
     accepted: int = 0
     drafting: bool = True  # speculative: False once its drafts proved too rarely accepted (plain from then on)
@@ -64,6 +65,7 @@ class Limits:
     block: int
     blocks: int  # usable cache blocks
     tokenizer: bool
+    loras: tuple[str, ...] = ()  # the LoRA adapters served beside the base model, by name
 
     def check(self, prompt: list[int], params: SamplingParams):
         """ValueError unless the request can run: ids in the vocabulary, prompt inside the context, cache room."""
@@ -74,6 +76,9 @@ class Limits:
         if len(prompt) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len} "
                              "(max_position_embeddings) with room for one new token")
+        if params.lora is not None and params.lora not in self.loras:
+            raise ParamError(f"no LoRA adapter {params.lora!r} is served (adapters: {', '.join(self.loras) or 'none'})",
+                             "lora")
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise ParamError(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
         if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):

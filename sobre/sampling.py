@@ -48,6 +48,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI's)
     json: bool = False  # JSON mode: the completion is one JSON object and ends with it (sobre.constrain)
     json_schema: dict | None = None  # ... that satisfies this schema (sobre.schema; implies json)
+    lora: str | None = None  # the LoRA adapter the request runs with, by name (Engine(loras=...)); None: the base
 
     def __post_init__(self):
         checks = [

@@ -154,10 +154,13 @@ class Server:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error",
                            code="invalid_api_key")
 
-    def check_model(self, model: str | None):
-        if model is not None and model != self.name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}",
+    def check_model(self, model: str | None) -> str:
+        """The name a request's `model` serves under (the base model's, or a LoRA adapter's: --lora-modules)."""
+        if model is not None and model != self.name and model not in self.loop.limits.loras:
+            also = "".join(f", {a!r}" for a in self.loop.limits.loras)
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}{also}",
                            param="model", code="model_not_found")
+        return model or self.name
 
     def params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, seed_offset: int,
                json: bool | dict = False) -> SamplingParams:
@@ -181,7 +184,8 @@ class Server:
                 stop=tuple(req.stop or ()), include_stop_str_in_output=req.include_stop_str_in_output,
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
                 logit_bias=req.logit_bias, json=bool(json),  # (SamplingParams makes the ids ints)
-                json_schema=json if isinstance(json, dict) else None)
+                json_schema=json if isinstance(json, dict) else None,
+                lora=req.model if req.model in self.loop.limits.loras else None)
         except ValueError as e:
             raise APIError(400, str(e), param=field(e, None)) from None
 

@@ -23,11 +23,11 @@ QWEN2 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 TOKENS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-def randomize_adapters(model, seed=0):
+def randomize_adapters(model, seed=0, std=0.2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora.adapters(model).values():
-            m.lora_B.copy_(0.2 * torch.randn(m.lora_B.shape, generator=g))
+            m.lora_B.copy_(std * torch.randn(m.lora_B.shape, generator=g))
 
 
 def test_lora_linear_equals_its_merged_weight():
@@ -260,3 +260,42 @@ def test_grpo_with_lora_and_the_adapters_off_as_reference(init, tmp_path, monkey
                                    sobre.load(out / "model")(TOKENS), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="router-bias-update"):
         GRPOArgs(init=str(init), lora_rank=2, router_bias_update=1e-3).validate()
+
+
+@pytest.mark.parametrize("model_type,kw", [("deepseek_v3", V3), ("qwen2", QWEN2)])
+def test_engine_serves_several_adapters_at_once(tmp_path, model_type, kw):
+    """Engine(loras={name: folder}): each request runs with its own adapter or the base model, side by side in one
+    batch (vLLM's multi-LoRA), with the greedy tokens of an engine on that adapter merged: prefill, decode, chunked
+    prefill, speculative MTP drafting (V3: MLA rows with an adapter on kv_b_proj decode through the naive
+    attention); the prefix cache never hands one adapter's blocks to another; unknown names are refused."""
+    base = hf_checkpoint(tmp_path / "base", model_type, **kw) if model_type == "qwen2" else \
+        sobre.save(random_model(sobre.preset("debug", n_mtp_layers=1)), tmp_path / "base")  # (with its MTP layer)
+    folders = {}
+    for i, names in enumerate([(), ("q_proj", "q_b_proj", "o_proj", "down_proj")]):  # all-linear; a few
+        m = sobre.load(base)
+        lora.add_lora(m, rank=2 + i, names=tuple(n for n in names if n in {t.rpartition(".")[2] for t in
+                                                                          map(lora._hf_module, lora.targets(m))}))
+        randomize_adapters(m, seed=i, std=2.0)
+        lora.save_adapter(m, tmp_path / f"ad{i}", str(base))
+        sobre.save(lora.merge(m), tmp_path / f"merged{i}")
+        folders[f"ad{i}"] = tmp_path / f"ad{i}"
+    prompts = [TOKENS[r, :n].tolist() for r, n in ((0, 11), (1, 5), (0, 9), (0, 11), (1, 7), (1, 3))]
+    which = [None, "ad0", "ad1", "ad0", None, "ad1"]
+    mtp = dict(speculative=True, min_acceptance=0) if model_type == "deepseek_v3" else {}
+    want = {name: Engine(sobre.load(tmp_path / f"merged{name[-1]}" if name else base), **mtp).generate(
+        prompts, max_new_tokens=6) for name in (None, "ad0", "ad1")}
+    assert len({want[a][0][0] for a in want}) == 3  # (each adapter changes prompt 0's first token)
+    for kw_ in ({}, dict(prefill_chunk=4), dict(prefix_cache=True, block=8)):  # (blocks of 8: prompts fill some)
+        eng = Engine(sobre.load(base), loras=folders, **kw_, **mtp)
+        rids = [eng.add_request(p, max_new_tokens=6, lora=a) for p, a in zip(prompts, which)]
+        while eng.has_work():
+            eng.step()
+        done = eng.collect()
+        assert [done[r].out for r in rids] == [want[a][i] for i, a in enumerate(which)], kw_
+        if kw_.get("prefix_cache"):
+            assert eng.prefix_stats["hit"] == 0  # (prompts 0 and 3 are one prompt, under two adapters)
+        assert eng.generate([prompts[0]] * 2, max_new_tokens=6, lora="ad1") == [want["ad1"][0]] * 2
+    with pytest.raises(ValueError, match="no LoRA adapter 'nope'"):
+        eng.add_request(prompts[0], lora="nope")
+    with pytest.raises(ValueError, match="compile=True"):
+        Engine(sobre.load(base), loras=folders, compile=True)

@@ -622,16 +622,30 @@ def test_chat_page_in_headless_chromium(live, ref, tmp_path):
         browser.close()
 
 
-def test_sobre_serve_cli_logs_one_line_per_request(ckpt):
+def test_sobre_serve_cli_logs_one_line_per_request(ckpt, tmp_path):
+    """`sobre serve` with its flags, a LoRA adapter served beside the model (--lora-modules: a request's `model`
+    picks it, answering as the adapter merged)."""
     import socket
     import subprocess
     import sys
+
+    from sobre import lora
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    m = sobre.load(ckpt)
+    lora.add_lora(m, rank=2)
+    with torch.no_grad():
+        for a in lora.adapters(m).values():
+            a.lora_B.normal_(std=2.0)
+    lora.save_adapter(m, tmp_path / "ad", str(ckpt))
+    merged = Engine(lora.merge(m), Engine.from_pretrained(ckpt).tokenizer)
+    prompt = merged.tokenizer.encode("What is 12 + 7?")
+    want = {name: greedy(eng, prompt, 5)[1] for name, eng in (("tiny", Engine.from_pretrained(ckpt)), ("ad", merged))}
+    assert want["tiny"] != want["ad"]
     proc = subprocess.Popen([sys.executable, "-m", "sobre", "serve", str(ckpt), "--port", str(port), "--api-key", "k",
-                             "--max-batch", "4", "--prefill-chunk", "4", "--allowed-origins", "http://a.example"],
-                            stderr=subprocess.PIPE, text=True)
+                             "--max-batch", "4", "--prefill-chunk", "4", "--allowed-origins", "http://a.example",
+                             "--lora-modules", f"ad={tmp_path / 'ad'}"], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):
@@ -646,6 +660,15 @@ def test_sobre_serve_cli_logs_one_line_per_request(ckpt):
         assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["usage"]["prompt_tokens"] > 4
         assert r.headers["access-control-allow-origin"] == "http://a.example"
         assert httpx.get(url + "/v1/models").status_code == 401
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()["data"]
+        assert [(x["id"], x.get("parent")) for x in models] == [("tiny", None), ("ad", "tiny")]
+        for name in ("tiny", "ad"):
+            r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                           json={"model": name, "prompt": prompt, "max_tokens": 5, "temperature": 0})
+            assert r.json()["model"] == name and r.json()["choices"][0]["text"] == want[name], r.text
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"},
+                       json={"model": "nope", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 404 and "'ad'" in r.json()["error"]["message"]
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
