@@ -294,26 +294,65 @@ class MultiLoRA(nn.Module):
         """Whether a row of this forward uses an adapter of this layer."""
         return any(i in self.pairs for i in self.rows.ids)
 
-    def forward(self, x):  # x [B, ..., in] or [B * T, in] (rows in batch order) -> [..., out]
-        y = self.base(x)
+    def groups(self, device):
+        """(batch rows [n] or None for all of them, A, B, scale) per adapter of this layer that rows of this
+        forward use."""
         ids = self.rows.ids
-        if not self.active:
-            return y
-        xb, yb = x.reshape(len(ids), -1, x.shape[-1]), y.view(len(ids), -1, y.shape[-1])
         for a, (A, B, scale) in self.pairs.items():
             rows = [b for b, i in enumerate(ids) if i == a]
             if rows:
-                r = torch.tensor(rows, device=x.device)
-                yb.index_add_(0, r, F.linear(F.linear(xb.index_select(0, r), A), B), alpha=scale)
+                yield None if len(rows) == len(ids) else torch.tensor(rows, device=device), A, B, scale
+
+    def forward(self, x):  # x [B, ..., in] or [B * T, in] (rows in batch order) -> [..., out]
+        y = self.base(x)
+        if not self.active:
+            return y
+        n = len(self.rows.ids)
+        xb, yb = x.reshape(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1])
+        for r, A, B, scale in self.groups(x.device):
+            add_rows(yb, r, F.linear(F.linear(pick(xb, r), A), B), scale)
         return y
+
+    # absorbed MLA on an adapted kv_b_proj, W [H * (dn + dv), r] + s B A: the adapters' share of W_UK's and
+    # W_UV's products, through the rank, never a per-row weight (W_UK, W_UV: each head's first dn / last dv rows)
+    def absorbed_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, T, H, dn] -> its rows' s (q_nope B_UK) A [B, T, H, r] (zero for rows without an adapter)."""
+        Bsz, T, H, dn = q_nope.shape
+        out = q_nope.new_zeros(Bsz, T, H, self.base.weight.shape[1])
+        for r, A, B, scale in self.groups(q_nope.device):
+            b_uk = B.view(H, -1, B.shape[1])[:, :dn]  # [H, dn, rank]
+            add_rows(out, r, torch.einsum("bthd,hdk->bthk", pick(q_nope, r), b_uk) @ A, scale)
+        return out
+
+    def absorbed_o(self, o_lat: torch.Tensor, dn: int) -> torch.Tensor:
+        """o_lat [B, T, H, r] -> its rows' s (o_lat A^T) B_UV^T [B, T, H, dv] (zero for rows without an adapter)."""
+        Bsz, T, H, _ = o_lat.shape
+        out = o_lat.new_zeros(Bsz, T, H, self.base.weight.shape[0] // H - dn)
+        for r, A, B, scale in self.groups(o_lat.device):
+            b_uv = B.view(H, -1, B.shape[1])[:, dn:]  # [H, dv, rank]
+            add_rows(out, r, torch.einsum("bthk,hvk->bthv", pick(o_lat, r) @ A.t(), b_uv), scale)
+        return out
+
+
+def pick(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x's batch rows (dim 0), or x itself for rows None (every row, nothing gathered)."""
+    return x if rows is None else x.index_select(0, rows)
+
+
+def add_rows(out: torch.Tensor, rows: torch.Tensor | None, t: torch.Tensor, scale: float):
+    """out[rows] += scale * t along dim 0 (rows None: every row)."""
+    if rows is None:
+        out.add_(t, alpha=scale)
+    else:
+        out.index_add_(0, rows, t, alpha=scale)
 
 
 def serve_adapters(model: nn.Module, factors: list[dict]) -> Rows:
     """Put a MultiLoRA in place of every linear layer some adapter (adapter_factors, by index) adapts; -> the
     Rows the engine sets per forward. DSA models' kv_b_proj is refused (their sparse attention reads its weight
-    whole: merge such an adapter, --adapter); MLA rows with one decode through the naive attention."""
+    whole: merge such an adapter, --adapter); absorbed MLA adds kv_b's terms itself (absorbed_q / absorbed_o)."""
     rows = Rows()
-    p = next(model.parameters())
+    p = model.embed.weight  # (the model's dtype and device: an int8 model's embedding stays in it)
     found = targets(model)
     for name in sorted({n.rpartition(".")[0] for f in factors for n in f}):
         if name not in found:

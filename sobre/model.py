@@ -142,7 +142,7 @@ class MLA(nn.Module):
                 q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, r + rd]
                 o = torch.einsum("bthr,hvr->bthv", sparse.dsa_attention(q_full, kv_pe, *idx, **kw), w_uv)
                 return self.wo(o.reshape(B, T, H * dv))
-        if c.attn_impl == "naive" or getattr(self.wkv_b, "active", False):  # (rows with their own LoRA on it)
+        if c.attn_impl == "naive":
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
             o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)
@@ -151,6 +151,9 @@ class MLA(nn.Module):
             # one [r + rd]-wide dot product per cached token (FlashMLA's layout)
             q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, dn), w_uk)  # [H, B*T, r]
             q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
+            lora_rows = getattr(self.wkv_b, "active", False)  # rows with their own LoRA on kv_b (lora.MultiLoRA)
+            if lora_rows:
+                q_lat = q_lat + self.wkv_b.absorbed_q(q_nope)
             q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + dr)
             scores = torch.bmm(q, kv_pe.transpose(1, 2)).view(B, T, H, S)
             if mask is None:
@@ -161,8 +164,9 @@ class MLA(nn.Module):
             bias = torch.where(mask, 0.0, float("-inf"))
             probs = torch.add(bias, scores, alpha=c.softmax_scale).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
             o_lat = torch.bmm(probs.view(B, T * H, S), kv)  # [B, T*H, r]
-            o_lat = o_lat.view(B * T, H, r).transpose(0, 1)  # [H, B*T, r]
-            o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
+            o = torch.bmm(o_lat.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
+            if lora_rows:
+                o = o + self.wkv_b.absorbed_o(o_lat.view(B, T, H, r), dn).view(B * T, H, dv)
         return self.wo(o.reshape(B, T, H * dv))
 
 
