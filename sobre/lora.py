@@ -279,7 +279,7 @@ class MultiLoRA(nn.Module):
         self.base, self.pairs, self.rows = base, pairs, rows
 
     @property
-    def weight(self) -> torch.Tensor:  # the base's (absorbed MLA reads kv_b's: see `active`)
+    def weight(self) -> torch.Tensor:  # the base's (absorbed MLA adds the adapters' terms: absorbed_q / _o)
         return self.base.weight
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:  # (int8 base weights, as absorbed MLA reads them)
