@@ -321,7 +321,7 @@ class Engine:
             T = min(len(s.mtp_in[k]), len(s.prompt) - k - 1 - lo)
             if T <= 0:
                 return
-            tokens = torch.tensor([s.prompt[lo + k + 1:lo + k + 1 + T]], device=self.device)
+            tokens = torch.tensor([s.ahead(lo + k + 1, lo + k + 1 + T, [])], device=self.device)
             out = self.model.mtp_hidden(s.mtp_in[k][None, :T], tokens, self._batch([s], T, mtp=k, prefill=True), k)
             s.mtp_in[k] = s.mtp_in[k][T:]
             if k + 1 < self.drafts:
@@ -377,7 +377,7 @@ class Engine:
         """The cache view of the next forward over seqs (every model forward of the engine makes one here), and
         which LoRA adapter each of its rows uses."""
         if self.lora_rows:
-            self.lora_rows.ids = [s.lora for s in seqs]
+            self.lora_rows.set([s.lora for s in seqs])
         if self.pool.rings:  # (a prompt's prefill under the prefix cache keeps the rings' rows at its block ends)
             return v4cache.V4Batch(self.pool, seqs, T, mtp, keep=prefill and self.prefix_cache)
         return PagedBatch(self.pool, seqs, T, mtp)

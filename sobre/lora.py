@@ -262,10 +262,17 @@ def adapter_factors(path, config) -> dict[str, tuple[torch.Tensor, torch.Tensor,
 
 class Rows:
     """Which adapter each batch row of the next forward uses (MultiLoRA): ids[b] an index into the served
-    adapters, or None (the base model). The engine sets it as it makes each forward's batch."""
+    adapters, or None (the base model), and per adapter used its rows (`of`: a tensor, or None for every row),
+    found once per forward for all the adapted layers. The engine sets them as it makes each forward's batch."""
 
-    def __init__(self):
-        self.ids: list[int | None] = []
+    def __init__(self, device):
+        self.device, self.ids, self.of = device, [], {}
+
+    def set(self, ids: list[int | None]):
+        self.ids, self.of = ids, {}
+        for a in set(ids) - {None}:
+            rows = [b for b, i in enumerate(ids) if i == a]
+            self.of[a] = None if len(rows) == len(ids) else torch.tensor(rows, device=self.device)
 
 
 class MultiLoRA(nn.Module):
@@ -292,16 +299,14 @@ class MultiLoRA(nn.Module):
     @property
     def active(self) -> bool:
         """Whether a row of this forward uses an adapter of this layer."""
-        return any(i in self.pairs for i in self.rows.ids)
+        return any(a in self.rows.of for a in self.pairs)
 
-    def groups(self, device):
+    def groups(self):
         """(batch rows [n] or None for all of them, A, B, scale) per adapter of this layer that rows of this
         forward use."""
-        ids = self.rows.ids
         for a, (A, B, scale) in self.pairs.items():
-            rows = [b for b, i in enumerate(ids) if i == a]
-            if rows:
-                yield None if len(rows) == len(ids) else torch.tensor(rows, device=device), A, B, scale
+            if a in self.rows.of:
+                yield self.rows.of[a], A, B, scale
 
     def forward(self, x):  # x [B, ..., in] or [B * T, in] (rows in batch order) -> [..., out]
         y = self.base(x)
@@ -309,7 +314,7 @@ class MultiLoRA(nn.Module):
             return y
         n = len(self.rows.ids)
         xb, yb = x.reshape(n, -1, x.shape[-1]), y.view(n, -1, y.shape[-1])
-        for r, A, B, scale in self.groups(x.device):
+        for r, A, B, scale in self.groups():
             add_rows(yb, r, F.linear(F.linear(pick(xb, r), A), B), scale)
         return y
 
@@ -319,7 +324,7 @@ class MultiLoRA(nn.Module):
         """q_nope [B, T, H, dn] -> its rows' s (q_nope B_UK) A [B, T, H, r] (zero for rows without an adapter)."""
         Bsz, T, H, dn = q_nope.shape
         out = q_nope.new_zeros(Bsz, T, H, self.base.weight.shape[1])
-        for r, A, B, scale in self.groups(q_nope.device):
+        for r, A, B, scale in self.groups():
             b_uk = B.view(H, -1, B.shape[1])[:, :dn]  # [H, dn, rank]
             add_rows(out, r, torch.einsum("bthd,hdk->bthk", pick(q_nope, r), b_uk) @ A, scale)
         return out
@@ -328,7 +333,7 @@ class MultiLoRA(nn.Module):
         """o_lat [B, T, H, r] -> its rows' s (o_lat A^T) B_UV^T [B, T, H, dv] (zero for rows without an adapter)."""
         Bsz, T, H, _ = o_lat.shape
         out = o_lat.new_zeros(Bsz, T, H, self.base.weight.shape[0] // H - dn)
-        for r, A, B, scale in self.groups(o_lat.device):
+        for r, A, B, scale in self.groups():
             b_uv = B.view(H, -1, B.shape[1])[:, dn:]  # [H, dv, rank]
             add_rows(out, r, torch.einsum("bthk,hvk->bthv", pick(o_lat, r) @ A.t(), b_uv), scale)
         return out
@@ -351,8 +356,8 @@ def serve_adapters(model: nn.Module, factors: list[dict]) -> Rows:
     """Put a MultiLoRA in place of every linear layer some adapter (adapter_factors, by index) adapts; -> the
     Rows the engine sets per forward. DSA models' kv_b_proj is refused (their sparse attention reads its weight
     whole: merge such an adapter, --adapter); absorbed MLA adds kv_b's terms itself (absorbed_q / absorbed_o)."""
-    rows = Rows()
     p = model.embed.weight  # (the model's dtype and device: an int8 model's embedding stays in it)
+    rows = Rows(p.device)
     found = targets(model)
     for name in sorted({n.rpartition(".")[0] for f in factors for n in f}):
         if name not in found:
