@@ -2,7 +2,7 @@
 
 Both run greedy, in the same process, same dtype and threads. Decode speed excludes prefill: every
 token is timestamped (sobre: per engine step; transformers: a streamer) and we time first -> last token.
-    python bench/engine.py [--quick] [--dtype float32|bfloat16]
+    python bench/engine.py [--quick] [--dtype float32|bfloat16] [--device cuda]
 """
 
 import argparse
@@ -30,6 +30,7 @@ class Clock:
         self.times = []
 
     def put(self, value):
+        value.cpu()  # (on a GPU: the step is done when its token is read back)
         self.times.append(time.perf_counter())
 
     def end(self):
@@ -67,7 +68,10 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true",
                     help="also time Engine(compile=True) (its B=1 and largest compiled batch)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off: the fp32 rows stay fp32)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     dtype = getattr(torch, args.dtype)
     from transformers import AutoModelForCausalLM
@@ -78,13 +82,13 @@ def main():
     model = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(CFG)), std=0.05)
     with tempfile.TemporaryDirectory() as tmp:
         sobre.save(model, tmp)
-        ours = Engine.from_pretrained(tmp, dtype=dtype, max_batch=16, cache_tokens=16 * 700 + 8192)
+        ours = Engine.from_pretrained(tmp, dtype=dtype, device=dev, max_batch=16, cache_tokens=16 * 700 + 8192)
         # the untrained MTP head: drafting every step (min_acceptance=0: the verify's cost), and by default (a
         # sequence stops drafting once its drafts prove rarely accepted, after speculative.PROBATION verifies)
-        specs = {m: Engine.from_pretrained(tmp, dtype=dtype, max_batch=1, cache_tokens=8192, speculative=True,
-                                           min_acceptance=m) for m in (0.0, 0.3)}
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        compiled = args.compile and Engine.from_pretrained(tmp, dtype=dtype, max_batch=16,
+        specs = {m: Engine.from_pretrained(tmp, dtype=dtype, device=dev, max_batch=1, cache_tokens=8192,
+                                           speculative=True, min_acceptance=m) for m in (0.0, 0.3)}
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(dev).eval()
+        compiled = args.compile and Engine.from_pretrained(tmp, dtype=dtype, device=dev, max_batch=16,
                                                            cache_tokens=16 * 700 + 8192, compile=True)
     g = torch.Generator().manual_seed(0)
 
@@ -95,14 +99,15 @@ def main():
         return sobre_rate(engine or ours, prompts(B, L), n)
 
     def gen_hf(B, L, n):
-        return hf_rate(hf, prompts(B, L), n)
+        return hf_rate(hf, prompts(B, L).to(dev), n)
 
     def best(gen, B, L, n, repeat=3, **kw):
         return max(gen(B, L, n, **kw) for _ in range(repeat))
 
     plen, n = (128, 32) if args.quick else (512, 128)
     print(f"random DeepSeek-V3: vocab 8192, hidden 256, 4 layers, 16 experts top-4, kv_lora 64, q_lora 96; "
-          f"{args.dtype}, {torch.get_num_threads()} threads")
+          f"{args.dtype}, " + (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+                               f"{torch.get_num_threads()} threads"))
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
     for B in (1, 16):

@@ -4,7 +4,7 @@ trainer does: sobre without materialising the logits, loss.head_cross_entropy), 
 vs 2 processes. The fp32 rows come with their floor: each step's matmul FLOPs (counted by torch's
 FlopCounterMode) at this CPU's best fp32 matmul rate over a few of the step's shapes, the time no eager step
 can beat without doing fewer FLOPs.
-    python bench/train.py [--steps 10] [--no-scaling]
+    python bench/train.py [--steps 10] [--no-scaling] [--device cuda]
 """
 
 import argparse
@@ -29,6 +29,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine import CFG  # noqa: E402  the engine benchmark's model
 
 B, T = 8, 256
+DEV = torch.device("cpu")
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize(DEV)
 
 
 def step_times(runs, steps, bf16=False):
@@ -39,14 +45,16 @@ def step_times(runs, steps, bf16=False):
     g = torch.Generator().manual_seed(0)
     times = [[] for _ in runs]
     for _ in range(steps + 2):
-        x = torch.randint(0, CFG["vocab_size"], (B, T + 1), generator=g)
+        x = torch.randint(0, CFG["vocab_size"], (B, T + 1), generator=g).to(DEV)
         for (_, loss_fn), opt, t in zip(runs, opts, times):
+            sync()
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(x[:, :-1], x[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync()
             t.append(time.perf_counter() - t0)
     return [statistics.median(t[2:]) for t in times]  # the first two warm up
 
@@ -69,14 +77,16 @@ def matmul_flops(loss_fn, x) -> float:
 
 
 def best_matmul_rate(reps: int = 10) -> float:
-    """FLOP/s of this CPU's fastest fp32 matmul among some of the step's shapes (the head's, the dense MLP's, an
+    """FLOP/s of this device's fastest fp32 matmul among some of the step's shapes (the head's, the dense MLP's, an
     expert's), best of reps."""
     best, D, F_, V = 0.0, CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"]
     for m, k, n in ((B * T, D, V), (B * T, D, F_), (B * T, F_, D), (512, D, CFG["moe_intermediate_size"])):
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=DEV), torch.randn(k, n, device=DEV)
         for _ in range(reps):
+            sync()
             t0 = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
     return best
 
@@ -110,7 +120,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time sobre with its blocks torch.compile'd")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off: the fp32 rows stay fp32)")
     args = ap.parse_args()
+    global DEV
+    DEV = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -120,9 +134,10 @@ def main():
     ours = sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(cfg)), std=0.05).train()
     with tempfile.TemporaryDirectory() as tmp:
         sobre.save(ours, tmp)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
-    print(f"random DeepSeek-V3 (bench/engine.py config, no MTP), B={B}, T={T}, AdamW, "
-          f"{torch.get_num_threads()} threads")
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(DEV).train()
+    ours.to(DEV)
+    print(f"random DeepSeek-V3 (bench/engine.py config, no MTP), B={B}, T={T}, AdamW, " +
+          (torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else f"{torch.get_num_threads()} threads"))
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
     hf_fp32 = None
@@ -138,16 +153,16 @@ def main():
         print(f"| training tokens/s (fwd + bwd + step), {'bf16 autocast' if bf16 else 'fp32'} | {B * T / a:.0f} | "
               f"{B * T / b:.0f} | {b / a:.2f}x |")
         if not bf16:
-            x = torch.randint(0, CFG["vocab_size"], (B, T + 1))
+            x = torch.randint(0, CFG["vocab_size"], (B, T + 1)).to(DEV)
             flops = [matmul_flops(f, x) for f in (sobre_loss, hf_loss)]
             ours.zero_grad(set_to_none=True)
             hf.zero_grad(set_to_none=True)
             rate = best_matmul_rate()
             floors = [f / rate for f in flops]
-            print(f"| fp32 matmul floor: the step's GFLOP at this CPU's best fp32 matmul rate ({rate / 1e9:.0f} "
-                  f"GFLOP/s) | {flops[0] / 1e9:.1f} GFLOP, {B * T / floors[0]:.0f} tok/s (step = {a / floors[0]:.2f}x "
-                  f"the floor) | {flops[1] / 1e9:.1f} GFLOP, {B * T / floors[1]:.0f} tok/s (step = "
-                  f"{b / floors[1]:.2f}x the floor) | |")
+            print(f"| fp32 matmul floor: the step's GFLOP at this {DEV.type.upper()}'s best fp32 matmul rate "
+                  f"({rate / 1e9:.0f} GFLOP/s) | {flops[0] / 1e9:.1f} GFLOP, {B * T / floors[0]:.0f} tok/s "
+                  f"(step = {a / floors[0]:.2f}x the floor) | {flops[1] / 1e9:.1f} GFLOP, "
+                  f"{B * T / floors[1]:.0f} tok/s (step = {b / floors[1]:.2f}x the floor) | |")
     if args.compile:  # the first two steps (compiling) are left out of the median, as every warm-up
         compile_blocks(ours)
         a, = step_times([(ours, sobre_loss)], args.steps)

@@ -424,7 +424,7 @@ _DEFAULTS_V4 = dict(vocab_size=129280, dim=4096, n_layers=43, n_heads=64, n_kv_h
                     n_limited_groups=1, score_func="sqrtsoftplus", route_scale=1.5, n_mtp_layers=0,
                     sliding_window=128, o_groups=8, o_lora_rank=1024, swiglu_limit=10.0, index_n_heads=64,
                     index_head_dim=128, index_topk=512, compress_rate_csa=4, compress_rate_hca=128,
-                    max_seq_len=1048576, rope_interleave=True)
+                    max_seq_len=1048576, rope_interleave=True, compress_rope_theta=160000.0)
 
 
 def _v4_from_hf(hf: dict, source: str, bad) -> Config:
@@ -508,9 +508,10 @@ def _from_hf(hf: dict, source: str) -> Config:
         bad("use_sliding_window", "sliding-window attention is not supported")
     if hf.get("use_mrope"):
         bad("use_mrope", "multimodal rope is not supported")
-    attention = "indexed_attention" if arch == "deepseek_v32" else "full_attention"
-    if any(t != attention for t in hf.get("layer_types") or []):
-        bad("layer_types", f"only {attention} layers are supported for {arch}")
+    # (transformers < 5.2x wrote V3.2's layers as deepseek_sparse_attention)
+    attention = ("indexed_attention", "deepseek_sparse_attention") if arch == "deepseek_v32" else ("full_attention",)
+    if any(t not in attention for t in hf.get("layer_types") or []):
+        bad("layer_types", f"only {' / '.join(attention)} layers are supported for {arch}")
 
     kw: dict = {"arch": arch}
     kw.update({"deepseek_v3": _DEFAULTS_V3, "deepseek_v32": _DEFAULTS_V32, "deepseek_v2": _DEFAULTS_V2}.get(

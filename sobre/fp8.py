@@ -234,7 +234,7 @@ def quantize_model(model: nn.Module, block: tuple[int, int] = (128, 128), skip=(
         if not isinstance(mod, nn.Linear) or mod.bias is not None or any(s in name + "." for s in skip):
             continue
         q, s = quantize(mod.weight.detach(), block)
-        new = FP8Linear(mod.in_features, mod.out_features, block)
+        new = FP8Linear(mod.in_features, mod.out_features, block).to(mod.weight.device)
         new.weight.copy_(q)
         new.scale_inv.copy_(s)
         w = mod.weight.detach().float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections import Counter
 from fractions import Fraction
 
@@ -77,7 +78,9 @@ def value(text: str) -> Fraction | None:
     if not text or len(text) > 200:
         return None
     try:
-        return _eval(ast.parse(text, mode="eval").body)
+        with warnings.catch_warnings():  # ("2or 3": Python warns of the literal, on stderr mid-progress-bar)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            return _eval(ast.parse(text, mode="eval").body)
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
         return None
 

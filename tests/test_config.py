@@ -54,6 +54,18 @@ def test_bad_config_keys_name_the_key(key, value, message):
         Config.from_hf({**V3_RELEASE, key: value})
 
 
+def test_layer_types_of_each_transformers_version():
+    """V3.2's layers as transformers 5.2x writes them (indexed_attention) and as earlier 5.x did
+    (deepseek_sparse_attention); any other kind is refused, named."""
+    v32 = {**V3_RELEASE, "model_type": "deepseek_v32", "num_hidden_layers": 2}
+    for kind in ("indexed_attention", "deepseek_sparse_attention"):
+        assert Config.from_hf({**v32, "layer_types": [kind] * 2}).arch == "deepseek_v32"
+    with pytest.raises(ValueError, match="layer_types=.*only indexed_attention / deepseek_sparse_attention"):
+        Config.from_hf({**v32, "layer_types": ["sliding_attention"] * 2})
+    with pytest.raises(ValueError, match="only full_attention layers are supported for deepseek_v3"):
+        Config.from_hf({**V3_RELEASE, "layer_types": ["indexed_attention"] * 61})
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Config.load(tmp_path)

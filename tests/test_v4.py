@@ -68,6 +68,8 @@ def test_config_round_trip_and_errors():
     assert c.layer_types == ["sliding", "csa", "hca", "csa"] and c.n_hash_layers == 3
     assert c.qk_rope_head_dim == 8 and c.compress_rate_hca == 8 and c.score_func == "sqrtsoftplus"
     assert Config.from_hf(c.to_hf()) == c
+    bare = Config.from_hf(dict(HF, model_type="deepseek_v4"))  # no rope keys at all: transformers' defaults
+    assert (bare.rope_theta, bare.compress_rope_theta) == (10000.0, 160000.0) == (c.rope_theta, c.compress_rope_theta)
     assert transformers.DeepseekV4Config(**c.to_hf()).layer_types == HF["layer_types"]  # transformers reads it
     with pytest.raises(ValueError, match="unknown key 'hc_multt'"):
         Config.from_hf({**c.to_hf(), "hc_multt": 2})

@@ -1,0 +1,216 @@
+"""The CUDA paths, on a GPU: the CPU suite's ground truths again, on the device. Skipped where torch sees no GPU
+(CI has none); run on a GPU machine with `pytest tests/test_cuda.py`, or with SOBRE_TEST_DEVICE=cpu to try the
+same checks on the CPU. fp32 runs with TF32 off (as transformers' own parity tests do on GPUs)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import sobre
+from sobre import fp8, lora
+from sobre.config import Config
+from sobre.engine import Engine
+from sobre.int8 import quantize_int8
+from sobre.v4 import V4Transformer
+
+from conftest import SPARSE_MODELS, V3, hf_checkpoint, random_model, randomize, run_requests
+from test_engine import DENSE, PROMPTS
+from test_lora import randomize_adapters
+from test_parity import CASES, assert_close, tokens
+
+DEV = torch.device(os.environ.get("SOBRE_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEV.type == "cuda" and not torch.cuda.is_available(), reason="torch sees no GPU")
+
+
+@pytest.fixture(autouse=True)
+def full_fp32():
+    if DEV.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def hf_on_device(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEV).eval()
+
+
+@pytest.mark.parametrize("case", ["v3-qlora", "v3-no-qlora", "v3-yarn", "v32-dsa-top16", "v2-softmax-greedy",
+                                  "qwen2-tied", "qwen3-head-dim"])
+def test_logits_match_transformers(tmp_path, case):
+    model_type, kw = CASES[case]
+    path = hf_checkpoint(tmp_path / case, model_type, **kw)
+    x = tokens().to(DEV)
+    model = sobre.load(path, device=DEV)
+    assert next(model.parameters()).device.type == DEV.type
+    with torch.no_grad():
+        ref = hf_on_device(path)(x).logits
+        assert_close(model(x), ref)
+        if model.config.is_mla:
+            model.config.attn_impl = "absorb"
+            assert_close(model(x), ref)
+
+
+def test_bf16_as_close_to_fp32_as_transformers_bf16(tmp_path):
+    """As test_parity.test_bf16_parity: sobre's bf16 logits as close to the fp32 ones as transformers' bf16."""
+    path = hf_checkpoint(tmp_path / "m", "deepseek_v3", dtype=torch.bfloat16, **V3)
+    x = tokens().to(DEV)
+    with torch.no_grad():
+        exact = hf_on_device(path)(x).logits.float()
+        ref = hf_on_device(path, torch.bfloat16)(x).logits.float()
+        ours = sobre.load(path, device=DEV)(x)
+    assert ours.dtype == torch.bfloat16
+    ours_err, ref_err = (ours.float() - exact).abs(), (ref - exact).abs()
+    assert ours_err.median() <= 1.2 * ref_err.median(), (ours_err.median(), ref_err.median())
+    assert ours_err.amax(-1).median() <= 1.2 * ref_err.amax(-1).median()
+
+
+@pytest.mark.parametrize("model_type,kw", [("deepseek_v3", dict(V3, num_nextn_predict_layers=0)),
+                                           ("qwen2", dict(DENSE, tie_word_embeddings=True))])
+def test_engine_greedy_equals_transformers(tmp_path, model_type, kw):
+    path = hf_checkpoint(tmp_path / model_type, model_type, **kw)
+    hf = hf_on_device(path)
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=DEV)  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS], device=DEV)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    want = [row[width:].tolist() for row in out]
+    for kw_ in ({}, dict(prefill_chunk=4), dict(prefix_cache=True, block=8)):
+        eng = Engine.from_pretrained(path, dtype=torch.float32, device=DEV, **kw_)
+        assert eng.device.type == DEV.type
+        assert eng.generate(PROMPTS, max_new_tokens=12) == want, kw_
+
+
+def test_speculative_and_seeded_sampling():
+    """MTP drafting: greedy equals plain greedy; a seeded sample is the same in every batch, drafted or not."""
+    model = random_model(sobre.preset("debug", n_mtp_layers=1)).to(DEV)
+    plain, spec = Engine(model), Engine(model, speculative=True, min_acceptance=0)
+    assert spec.generate(PROMPTS, max_new_tokens=16) == plain.generate(PROMPTS, max_new_tokens=16)
+    assert spec.spec_stats["drafted"] > 0
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    alone = plain.generate(PROMPTS[:1], **kw)
+    assert plain.generate(PROMPTS, **kw)[:1] == alone == plain.generate(PROMPTS[:1], **kw)
+    assert [s.out for s in run_requests(plain, PROMPTS, **kw)][0] == alone[0]
+
+
+@pytest.mark.parametrize("kind", sorted(SPARSE_MODELS))
+def test_sparse_attention_on_the_device_equals_the_cpu(kind):
+    """NSA / DSA: a prefill's logits and the engine's greedy tokens as on the CPU (the reference twins' tests)."""
+    model = random_model(sobre.preset("debug", **SPARSE_MODELS[kind]))
+    x = tokens(vocab=model.config.vocab_size, T=48)
+    with torch.no_grad():
+        cpu = model(x)
+        on = model.to(DEV)(x.to(DEV)).cpu()
+    assert_close(on, cpu)
+    got = Engine(model).generate(PROMPTS, max_new_tokens=10)
+    assert got == Engine(model.cpu()).generate(PROMPTS, max_new_tokens=10)
+
+
+def test_v4_on_the_device_equals_the_cpu():
+    from test_v4 import HF
+    torch.manual_seed(0)
+    model = V4Transformer(Config.from_hf(dict(HF, model_type="deepseek_v4"))).eval()
+    randomize(model, std=0.05)
+    x = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cpu = model(x)
+        on = model.to(DEV)(x.to(DEV)).cpu()
+    assert_close(on, cpu)
+    assert Engine(model).generate(PROMPTS, max_new_tokens=8) == Engine(model.cpu()).generate(PROMPTS,
+                                                                                             max_new_tokens=8)
+
+
+def test_fp8_weights_on_the_tensor_cores():
+    """FP8Linear / FP8Experts pick torch._scaled_mm on sm89+ GPUs (auto): close to their dequantised twin, and a
+    quantised model decodes in the engine."""
+    model = random_model(sobre.preset("debug", dim=256, moe_inter_dim=128, q_lora_rank=128, kv_lora_rank=128),
+                         std=0.05).to(DEV)
+    fp8.quantize_model(model)
+    assert any(isinstance(m, fp8.FP8Linear) for m in model.modules())
+    x = tokens(vocab=model.config.vocab_size, T=24).to(DEV)
+    with torch.no_grad():
+        twin = fp8.set_compute(model, "dequant")(x)
+        auto = fp8.set_compute(model, "auto")(x)
+    if fp8.tensor_cores(DEV):
+        assert not torch.equal(auto, twin)  # (computed in FP8: one more e4m3 rounding per layer)
+    assert (auto - twin).norm() < 0.15 * twin.norm()
+    got = Engine(model).generate(PROMPTS, max_new_tokens=6)
+    assert [len(g) for g in got] == [6] * len(PROMPTS)
+    c, g = model.config, torch.Generator().manual_seed(0)
+    experts = fp8.FP8Experts(c.n_routed_experts, c.moe_inter_dim, c.dim)
+    for k in ("w1", "w2", "w3"):
+        for e in range(c.n_routed_experts):
+            q, s = fp8.quantize(torch.randn(getattr(experts, k).shape[1:], generator=g) * 0.05)
+            getattr(experts, k)[e], getattr(experts, k + "_scale_inv")[e] = q, s
+    experts.to(DEV)
+    x = torch.randn(10, c.dim, generator=g).to(DEV)
+    idx = torch.stack([torch.randperm(c.n_routed_experts, generator=g)[:2] for _ in range(10)]).to(DEV)
+    w = torch.rand(10, 2, generator=g).to(DEV)
+    with torch.no_grad():
+        twin, auto = (fp8.set_compute(experts, mode)(x, w, idx) for mode in ("dequant", "auto"))
+    if fp8.tensor_cores(DEV):
+        assert not torch.equal(auto, twin)
+    assert (auto - twin).norm() < 0.06 * twin.norm()
+
+
+def test_int8_weights_equal_their_dequantised_twin():
+    """int8 weights on a GPU: int8_mm's path there (on the CPU: the kernel, within bf16's rounding)."""
+    from test_int8 import dequantised_copy
+    model = random_model(std=0.05)
+    ref = dequantised_copy(model).to(DEV)
+    quantize_int8(model)
+    x = tokens(vocab=model.config.vocab_size).to(DEV)
+    with torch.no_grad():
+        want, got = ref(x), model.to(DEV)(x)
+    assert (got - want).abs().max() <= (3e-2 if DEV.type == "cpu" else 1e-4) * want.abs().max()
+    assert len(Engine(model).generate(PROMPTS, max_new_tokens=4)[0]) == 4
+
+
+def test_multi_lora_on_the_device(tmp_path):
+    base = sobre.save(random_model(), tmp_path / "base")
+    m = sobre.load(base)
+    lora.add_lora(m, rank=4)
+    randomize_adapters(m, std=1.0)
+    lora.save_adapter(m, tmp_path / "ad", str(base))
+    sobre.save(lora.merge(m), tmp_path / "merged")
+    want = Engine(sobre.load(tmp_path / "merged", device=DEV)).generate(PROMPTS, max_new_tokens=8)
+    eng = Engine(sobre.load(base, device=DEV), loras={"ad": tmp_path / "ad"})
+    assert eng.generate(PROMPTS, max_new_tokens=8, lora="ad") == want
+
+
+def test_training_and_exact_resume(tmp_path):
+    """`sobre pretrain` on the device under bf16 autocast: the loss falls, and a run resumed from its step-4
+    checkpoint logs the steps after it as the uninterrupted run did."""
+    from sobre.train import TrainArgs, pretrain
+    a = TrainArgs(preset="debug", out=str(tmp_path / "full"), steps=8, save_every=4, eval_every=1000,
+                  sample_every=1000, data_bytes=200_000, bf16=True, device=str(DEV))
+    pretrain(a)
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", run, ignore=shutil.ignore_patterns("ckpt-0000008.pt"))
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:4]))
+    pretrain(TrainArgs(**{**a.__dict__, "out": str(run), "resume": True}))
+    full, resumed = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
+                     for r in (tmp_path / "full", run))
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert full[-1]["loss"] < full[0]["loss"]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full], rel=1e-3), key
+
+
+def test_compiled_engine_decodes_like_eager():
+    """compile=True decodes the eager engine's tokens, batches of one and several, across block-table widths
+    (block 8: prompts up to 11 tokens + 30 new)."""
+    model = random_model(sobre.preset("debug", n_routed_experts=4, n_activated_experts=2)).to(DEV)
+    eager = Engine(model, block=8).generate(PROMPTS, max_new_tokens=30)
+    eng = Engine(model, block=8, compile=True)
+    assert eng.generate(PROMPTS[:1], max_new_tokens=30) == eager[:1]
+    assert eng.generate(PROMPTS[:2], max_new_tokens=30) == eager[:2]
