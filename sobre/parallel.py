@@ -68,11 +68,11 @@ def init(device: str = "auto") -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device)
     cuda = pick_device(device).type == "cuda"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if not dist.is_initialized():  # on GPUs the small host-side reductions (losses, seeds, norms) take gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -243,16 +243,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, world: int) -> float:
     """Global grad norm over FSDP-sharded (DTensor), rank-local expert and replicated params; clips in place."""
     from torch.distributed.tensor import DTensor
     expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()}
-    split, whole = torch.zeros(()), torch.zeros(())  # squares of disjoint per-rank pieces / of full copies
-    for p in model.parameters():
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    dev = grads[0].device if grads else torch.device("cpu")
+    split, whole = torch.zeros((), device=dev), torch.zeros((), device=dev)  # squares of disjoint per-rank pieces /
+    for p in model.parameters():  # of full copies (summed on the device: one host sync, not one per parameter)
         if p.grad is None:
             continue
         if isinstance(p.grad, DTensor):
-            split += p.grad.to_local().float().pow(2).sum().cpu()
+            split += p.grad.to_local().float().pow(2).sum()
         elif id(p) in expert_ids:
-            split += p.grad.float().pow(2).sum().cpu()
+            split += p.grad.float().pow(2).sum()
         else:
-            whole += p.grad.float().pow(2).sum().cpu()
+            whole += p.grad.float().pow(2).sum()
+    split, whole = split.cpu(), whole.cpu()
     if world > 1:
         dist.all_reduce(split)
     norm = float((split + whole).sqrt())

@@ -144,3 +144,24 @@ def test_keep_freed_memory_takes_large_buffers_from_the_heap():
     out = json.loads(r.stdout)
     assert out["off"] is False and out["off_mapped"] >= 1 << 26, out
     assert out["on"] is True and out["on_mapped"] == 0, out
+
+
+def test_gpu_ranks_take_nccl_and_gloo_for_host_tensors(monkeypatch):
+    """Under torchrun on GPUs each rank takes its LOCAL_RANK's GPU, and the process group carries gloo beside
+    NCCL: the trainers all-reduce small host tensors (losses, the grad norm's squares, eval loss, a seed), which
+    NCCL alone refuses."""
+    import torch
+    import torch.distributed as dist
+
+    from sobre import parallel
+    got = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(parallel, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: got.setdefault("gpu", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: got.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert parallel.init("cuda") == (1, 2, torch.device("cuda", 1))
+    assert got == {"gpu": torch.device("cuda", 1), "backend": "cpu:gloo,cuda:nccl"}
