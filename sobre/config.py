@@ -508,7 +508,7 @@ def _from_hf(hf: dict, source: str) -> Config:
         bad("use_sliding_window", "sliding-window attention is not supported")
     if hf.get("use_mrope"):
         bad("use_mrope", "multimodal rope is not supported")
-    # (transformers < 5.2x wrote V3.2's layers as deepseek_sparse_attention)
+    # (V3.2's layers: indexed_attention as transformers 5.25 writes them, deepseek_sparse_attention as 5.17 did)
     attention = ("indexed_attention", "deepseek_sparse_attention") if arch == "deepseek_v32" else ("full_attention",)
     if any(t not in attention for t in hf.get("layer_types") or []):
         bad("layer_types", f"only {' / '.join(attention)} layers are supported for {arch}")

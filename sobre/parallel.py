@@ -243,8 +243,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, world: int) -> float:
     """Global grad norm over FSDP-sharded (DTensor), rank-local expert and replicated params; clips in place."""
     from torch.distributed.tensor import DTensor
     expert_ids = {id(p) for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    dev = grads[0].device if grads else torch.device("cpu")
+    dev = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
     split, whole = torch.zeros((), device=dev), torch.zeros((), device=dev)  # squares of disjoint per-rank pieces /
     for p in model.parameters():  # of full copies (summed on the device: one host sync, not one per parameter)
         if p.grad is None:
