@@ -38,8 +38,10 @@ class Clock:
 
 
 def decode_rate(times, counts):
-    """Tokens/s after the first step (which holds the prefill): times[i] ends a step that emitted counts[i]."""
-    return sum(counts[1:]) / (times[-1] - times[0])
+    """Tokens/s after the step that emitted the first tokens (the prefill's last step: a long prompt is prefilled
+    in chunks, one a step, emitting nothing before): times[i] ends a step that emitted counts[i]."""
+    first = next(i for i, c in enumerate(counts) if c)
+    return sum(counts[first + 1:]) / (times[-1] - times[first])
 
 
 def sobre_rate(engine, prompts: torch.Tensor, n: int) -> float:
