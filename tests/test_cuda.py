@@ -188,7 +188,8 @@ def test_multi_lora_on_the_device(tmp_path):
 
 def test_training_and_exact_resume(tmp_path):
     """`sobre pretrain` on the device under bf16 autocast: the loss falls, and a run resumed from its step-4
-    checkpoint logs the steps after it as the uninterrupted run did."""
+    checkpoint logs the steps after it as the uninterrupted run did (to 1e-3: CUDA's index_add_ / scatter_add_ add
+    with atomics, in no fixed order, so bitwise equality is not asked of the GPU)."""
     from sobre.train import TrainArgs, pretrain
     a = TrainArgs(preset="debug", out=str(tmp_path / "full"), steps=8, save_every=4, eval_every=1000,
                   sample_every=1000, data_bytes=200_000, bf16=True, device=str(DEV))
