@@ -55,7 +55,7 @@ def test_bad_config_keys_name_the_key(key, value, message):
 
 
 def test_layer_types_of_each_transformers_version():
-    """V3.2's layers as transformers 5.2x writes them (indexed_attention) and as earlier 5.x did
+    """V3.2's layers as transformers 5.25 writes them (indexed_attention) and as 5.17 did
     (deepseek_sparse_attention); any other kind is refused, named."""
     v32 = {**V3_RELEASE, "model_type": "deepseek_v32", "num_hidden_layers": 2}
     for kind in ("indexed_attention", "deepseek_sparse_attention"):
