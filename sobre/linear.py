@@ -51,6 +51,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
+def dense_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight [out, in] for code that reads the matrix (absorbed MLA's W_UK / W_UV, V4's grouped
+    output projection, LoRA's merged weight): dequantised in dtype where the layer keeps it quantised (FP8Linear,
+    Int8Linear, a MultiLoRA over one), else the layer's own weight as it is."""
+    return m.dequantized(dtype) if hasattr(m, "dequantized") else m.weight
+
+
 class Linear(nn.Linear):
     """nn.Linear with `linear`'s one-row path (same parameters, same state dict)."""
 

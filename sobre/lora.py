@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .int8 import Int8Linear
+from .linear import dense_weight
 
 # the linear layers LoRA may adapt, by PEFT's target names (the last name of checkpoint.LAYER_MODULES' HF side)
 TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
@@ -76,7 +77,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # [out, in]
-        w = self.base.dequantized() if hasattr(self.base, "dequantized") else self.base.weight  # (int8 codes)
+        w = dense_weight(self.base, torch.float32)  # (int8 codes dequantised)
         return w + self.scale * (self.lora_B @ self.lora_A).to(w.dtype) if self.enabled else w
 
     @property
@@ -290,7 +291,7 @@ class MultiLoRA(nn.Module):
         return self.base.weight
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:  # (int8 base weights, as absorbed MLA reads them)
-        return self.base.dequantized(dtype) if hasattr(self.base, "dequantized") else self.base.weight
+        return dense_weight(self.base, dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from . import sparse
 from .attention import attend, attend_grouped
 from .config import Config
 from .experts import Groups, dispatch, expert_load, grouped_ffn, stacked_weight
-from .linear import Linear
+from .linear import Linear, dense_weight
 from .loss import head_cross_entropy
 
 
@@ -128,7 +128,7 @@ class MLA(nn.Module):
             idx = (idx[0], k_idx[0], idx[2]) if idx else None
         S, r = kv_pe.shape[1], c.kv_lora_rank
         kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]
-        w = self.wkv_b.dequantized(x.dtype) if hasattr(self.wkv_b, "dequantized") else self.wkv_b.weight  # (FP8)
+        w = dense_weight(self.wkv_b, x.dtype)
         w_uk, w_uv = w.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
         if idx is not None:  # DSA: attend to the indexer's top-k (everything visible during the dense warm-up)
             see = None if mask is None else sparse.visible(mask, T, S, x.device)  # [B|1, T, S]; None: causal

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .experts import Groups, dispatch, expert_load, stacked_weight
-from .linear import Linear
+from .linear import Linear, dense_weight
 from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
@@ -224,7 +224,7 @@ class Attention(nn.Module):
                     sum(rows), 1)
         o = rope_tail(o, cos[:, :, None], -sin[:, :, None])  # rotate back
         o = o.reshape(B, T, G, H * D // G)
-        w = self.o_a_proj.dequantized(o.dtype) if hasattr(self.o_a_proj, "dequantized") else self.o_a_proj.weight
+        w = dense_weight(self.o_a_proj, o.dtype)
         w = w.view(G, c.o_lora_rank, -1)  # group g: its own [o_lora_rank, H*D/G] block (FP8: dequantised)
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", o, w).flatten(2))
 

@@ -17,7 +17,8 @@ from sobre.int8 import quantize_int8
 from sobre.v4 import V4Transformer
 
 from conftest import SPARSE_MODELS, V3, hf_checkpoint, random_model, randomize, run_requests
-from test_engine import DENSE, PROMPTS
+from test_engine import DENSE, PROMPTS, hf_greedy
+from test_fp8 import fp8_experts
 from test_lora import randomize_adapters
 from test_parity import CASES, assert_close, tokens
 
@@ -75,14 +76,7 @@ def test_bf16_as_close_to_fp32_as_transformers_bf16(tmp_path):
                                            ("qwen2", dict(DENSE, tie_word_embeddings=True))])
 def test_engine_greedy_equals_transformers(tmp_path, model_type, kw):
     path = hf_checkpoint(tmp_path / model_type, model_type, **kw)
-    hf = hf_on_device(path)
-    width = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=DEV)  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS], device=DEV)
-    with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-    want = [row[width:].tolist() for row in out]
+    want = hf_greedy(path, PROMPTS, 12, DEV)
     for kw_ in ({}, dict(prefill_chunk=4), dict(prefix_cache=True, block=8)):
         eng = Engine.from_pretrained(path, dtype=torch.float32, device=DEV, **kw_)
         assert eng.device.type == DEV.type
@@ -144,16 +138,8 @@ def test_fp8_weights_on_the_tensor_cores():
     assert (auto - twin).norm() < 0.15 * twin.norm()
     got = Engine(model).generate(PROMPTS, max_new_tokens=6)
     assert [len(g) for g in got] == [6] * len(PROMPTS)
-    c, g = model.config, torch.Generator().manual_seed(0)
-    experts = fp8.FP8Experts(c.n_routed_experts, c.moe_inter_dim, c.dim)
-    for k in ("w1", "w2", "w3"):
-        for e in range(c.n_routed_experts):
-            q, s = fp8.quantize(torch.randn(getattr(experts, k).shape[1:], generator=g) * 0.05)
-            getattr(experts, k)[e], getattr(experts, k + "_scale_inv")[e] = q, s
-    experts.to(DEV)
-    x = torch.randn(10, c.dim, generator=g).to(DEV)
-    idx = torch.stack([torch.randperm(c.n_routed_experts, generator=g)[:2] for _ in range(10)]).to(DEV)
-    w = torch.rand(10, 2, generator=g).to(DEV)
+    _, experts, x, w, idx = fp8_experts(model.config, torch.Generator().manual_seed(0))
+    experts, x, w, idx = experts.to(DEV), x.to(DEV), w.to(DEV), idx.to(DEV)
     with torch.no_grad():
         twin, auto = (fp8.set_compute(experts, mode)(x, w, idx) for mode in ("dequant", "auto"))
     if fp8.tensor_cores(DEV):

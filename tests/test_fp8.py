@@ -84,11 +84,11 @@ def test_fp8_compute_switch_on_a_model():
         raise AssertionError("an unknown compute mode must raise")
 
 
-def test_fp8_experts_matmul_against_the_dequantised_twin():
+def fp8_experts(c, g: torch.Generator):
+    """Random model.Experts of config c, the same quantised as FP8Experts, and a routed batch of 10 tokens:
+    (experts, fp8 experts, x [10, D], routing weights [10, 2], expert ids [10, 2])."""
     from sobre.fp8 import FP8Experts
     from sobre.model import Experts
-    c = preset("debug", dim=256, moe_inter_dim=128)
-    g = torch.Generator().manual_seed(0)
     ref = Experts(c)
     fp8 = FP8Experts(c.n_routed_experts, c.moe_inter_dim, c.dim)
     with torch.no_grad():
@@ -98,9 +98,14 @@ def test_fp8_experts_matmul_against_the_dequantised_twin():
                 q, s = quantize(getattr(ref, k)[e])
                 getattr(fp8, k)[e] = q
                 getattr(fp8, k + "_scale_inv")[e] = s
-        x = torch.randn(10, c.dim, generator=g)
-        idx = torch.stack([torch.randperm(c.n_routed_experts, generator=g)[:2] for _ in range(10)])
-        w = torch.rand(10, 2, generator=g)
+    x = torch.randn(10, c.dim, generator=g)
+    idx = torch.stack([torch.randperm(c.n_routed_experts, generator=g)[:2] for _ in range(10)])
+    return ref, fp8, x, torch.rand(10, 2, generator=g), idx
+
+
+def test_fp8_experts_matmul_against_the_dequantised_twin():
+    ref, fp8, x, w, idx = fp8_experts(preset("debug", dim=256, moe_inter_dim=128), torch.Generator().manual_seed(0))
+    with torch.no_grad():
         twin = set_compute(fp8, "dequant")(x, w, idx)
         got = set_compute(fp8, "scaled_mm")(x, w, idx)
         exact = ref(x, w, idx)

@@ -266,8 +266,8 @@ def test_grpo_with_lora_and_the_adapters_off_as_reference(init, tmp_path, monkey
 def test_engine_serves_several_adapters_at_once(tmp_path, model_type, kw):
     """Engine(loras={name: folder}): each request runs with its own adapter or the base model, side by side in one
     batch (vLLM's multi-LoRA), with the greedy tokens of an engine on that adapter merged: prefill, decode, chunked
-    prefill, speculative MTP drafting (V3: MLA rows with an adapter on kv_b_proj decode through the naive
-    attention); the prefix cache never hands one adapter's blocks to another; unknown names are refused."""
+    prefill, speculative MTP drafting (V3: absorbed MLA adds kv_b_proj's adapter terms through the rank); the prefix
+    cache never hands one adapter's blocks to another; unknown names are refused."""
     base = hf_checkpoint(tmp_path / "base", model_type, **kw) if model_type == "qwen2" else \
         sobre.save(random_model(sobre.preset("debug", n_mtp_layers=1)), tmp_path / "base")  # (with its MTP layer)
     folders = {}

@@ -630,14 +630,14 @@ def test_sobre_serve_cli_logs_one_line_per_request(ckpt, tmp_path):
     import sys
 
     from sobre import lora
+
+    from test_lora import randomize_adapters
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     m = sobre.load(ckpt)
     lora.add_lora(m, rank=2)
-    with torch.no_grad():
-        for a in lora.adapters(m).values():
-            a.lora_B.normal_(std=2.0)
+    randomize_adapters(m, std=2.0)
     lora.save_adapter(m, tmp_path / "ad", str(ckpt))
     merged = Engine(lora.merge(m), Engine.from_pretrained(ckpt).tokenizer)
     prompt = merged.tokenizer.encode("What is 12 + 7?")
