@@ -336,10 +336,11 @@ def run_dataclass(args, cls, fn, what: str):
 
 
 def cmd_eval(args):
-    from .rollout import eval_temperature, evaluate_task
+    from .rollout import eval_temperature, eval_top_p, evaluate_task
     from .sft import start_model
     from .tasks import get_task
     args.temperature = eval_temperature(args.samples, args.temperature)  # (bad arguments: an error before loading)
+    args.top_p = eval_top_p(args.temperature, args.top_p)
     tasks = [get_task(name, args.reward or None) for name in args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -347,7 +348,7 @@ def cmd_eval(args):
     print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
     for task in tasks:
         r = evaluate_task(model.eval(), tok, task, args.n, args.samples,
-                          args.temperature, args.max_new_tokens, args.seed, loss=True)
+                          args.temperature, args.max_new_tokens, args.seed, loss=True, top_p=args.top_p)
         scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith(("pass@", "maj@", "format")))
         print(f"{r['task']:<14} {r['problems']:>8} {r['samples']:>7}  {scores}  mean length {r['mean_length']:.1f}"
               f"  val loss {r['val_loss']:.3f} ({r['val_bpb']:.3f} bits/byte)")
@@ -568,7 +569,8 @@ def main(argv=None):
     s.add_argument("--n", type=at_least(1), default=64, help="held-out problems per task")
     s.add_argument("--samples", type=at_least(1), default=1, help="completions per problem (pass@k, maj@k)")
     s.add_argument("--temperature", type=float, default=None,
-                   help="default: 0 (greedy) for one sample, 0.6 (R1's pass@k setting) for several")
+                   help="default: 0 (greedy) for one sample, 0.6 (R1's pass@1 / pass@k setting) for several")
+    s.add_argument("--top-p", type=float, default=None, help="default: 0.95 (R1's) when sampling")
     s.add_argument("--max-new-tokens", type=at_least(1), default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=at_least(0), default=0)

@@ -216,6 +216,7 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
     weight_decay: float = 0.0
     eval_every: int = 10
     eval_problems: int = 64
+    eval_samples: int = 1  # held-out pass@1 greedy (1), or R1's: the mean over k samples at T 0.6, top-p 0.95
     save_every: int = 25
     keep: int = 2
 
@@ -223,7 +224,7 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
         if self.loss not in VARIANTS:
             raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
         require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
-                         "save_every", "eval_every")
+                         "save_every", "eval_every", "eval_samples")
         if self.group < 2:
             raise ValueError("--group must be >= 2: advantages are relative to the group")
         if self.temperature <= 0:
@@ -254,7 +255,8 @@ def grpo(a: GRPOArgs) -> Path:
     log = open(run / "metrics.jsonl", "a")
 
     def held_out() -> float:
-        return evaluate_task(model, tok, task, a.eval_problems, max_new_tokens=a.max_new_tokens, seed=a.seed)["pass@1"]
+        return evaluate_task(model, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
+                             seed=a.seed)["pass@1"]
 
     evaluate = bool(task.problems("test", 1, a.seed))  # a small .jsonl task may hold out none of its rows
     if not evaluate:

@@ -73,7 +73,9 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-SAMPLED_EVAL_TEMPERATURE = 0.6  # evaluate_task's default with several samples (DeepSeek-R1's pass@k setting)
+# evaluate_task's defaults with several samples: DeepSeek-R1's pass@1 / pass@k setting (its paper: "a sampling
+# temperature of 0.6 and a top-p value of 0.95 to generate k responses", pass@1 the mean correctness over them)
+SAMPLED_EVAL_TEMPERATURE, SAMPLED_EVAL_TOP_P = 0.6, 0.95
 
 
 def eval_temperature(samples: int, temperature: float | None) -> float:
@@ -120,19 +122,30 @@ def sign_test(a: list[float], b: list[float]) -> dict:
     return {"better": better, "worse": worse, "p": min(1.0, 2 * tail)}
 
 
+def eval_top_p(temperature: float, top_p: float | None) -> float:
+    """The nucleus an evaluation samples from (None: SAMPLED_EVAL_TOP_P when sampling, else 1)."""
+    if top_p is None:
+        return SAMPLED_EVAL_TOP_P if temperature > 0 else 1.0
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return top_p
+
+
 def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: int = 64, samples: int = 1,
                   temperature: float | None = None, max_new_tokens: int = 128, seed: int = 0, split: str = "test",
-                  loss: bool = False) -> dict:
+                  loss: bool = False, top_p: float | None = None) -> dict:
     """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate,
     mean completion length and "solved" (each problem's correct samples, for sign_test); loss=True: also
-    val_loss / val_bpb of the reference solutions (reference_loss). temperature None: greedy for one sample,
-    SAMPLED_EVAL_TEMPERATURE for several (greedy samples would all be the same completion)."""
+    val_loss / val_bpb of the reference solutions (reference_loss). temperature / top_p None: greedy for one
+    sample, R1's SAMPLED_EVAL_TEMPERATURE / SAMPLED_EVAL_TOP_P for several (greedy samples would all be the same
+    completion)."""
     at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens)
     temperature = eval_temperature(samples, temperature)
+    top_p = eval_top_p(temperature, top_p)
     problems = task.problems(split, n_problems, seed)
-    groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
+    groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, top_p, seed=seed)
     n = samples
-    out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature,
+    out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature, "top_p": top_p,
            "pass@1": sum(sum(r.correct for r in g) / n for g in groups) / len(groups)}
     k = 2
     while k <= n:

@@ -189,12 +189,18 @@ def test_speedrun_runs_every_stage_and_resumes(tmp_path):
         1.0, p["transformers"]["logit_scale"])
     assert stages["sft"]["final_loss"] < stages["sft"]["first_loss"]
     assert all(len(v[t]["solved"]) == v[t]["problems"] for v in stages["eval"].values() if isinstance(v, dict)
-               for t in ("arithmetic:1", "sorting:1"))  # per-problem results: the report's paired sign tests
-    assert "- grpo vs sft:" in report and "- student (distilled) vs student (no teacher):" in report
+               for t in ("arithmetic:1", "sorting:1", "sampled") if t in v)  # per problem: the paired sign tests
+    sampled = {m: v["sampled"] for m, v in stages["eval"].items() if isinstance(v, dict) and "sampled" in v}
+    assert set(sampled) == {"sft", "grpo", "distill", "distill_baseline"}  # R1's pass@1 (the pretrained: greedy only)
+    assert all((r["samples"], r["temperature"], r["top_p"], r["problems"]) == (8, 0.6, 0.95, 4)
+               for r in sampled.values())
+    for pair in ("grpo vs sft", "student (distilled) vs student (no teacher)"):
+        assert f"- {pair}, greedy:" in report and f"- {pair}, R1's pass@1:" in report
+    assert "held-out pass@1 (R1: 8 samples a problem) every" in report  # GRPO's curve
     summary = json.loads((tmp_path / "run" / "report.json").read_text())  # the CLI contract
     assert set(summary["eval"]) == {"pretrain", "sft", "grpo", "distill", "distill_baseline"}
-    assert all(set(v) == {"arithmetic:1", "arithmetic:2", "sorting:1"} and all(0 <= x <= 1 for x in v.values())
-               for v in summary["eval"].values())
+    assert all(set(v) == {"arithmetic:1", "arithmetic:2", "sorting:1"} | ({"r1_pass@1"} if m != "pretrain" else set())
+               and all(0 <= x <= 1 for x in v.values()) for m, v in summary["eval"].items())
     assert set(summary["stages"]) == {"pretrain", "sft", "grpo", "distill"} and summary["wall_time_s"] > 0
     assert run("report", str(tmp_path / "run")).stdout.strip() == report.strip()
     assert run("verify", str(tmp_path / "run" / "grpo" / "model")).returncode == 0

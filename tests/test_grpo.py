@@ -298,28 +298,34 @@ def test_rejection_sampler_keeps_only_verified_answers(grpo_run, tmp_path, monke
 
 def test_evaluation_samples_at_a_temperature_when_it_draws_several(grpo_run, monkeypatch, capsys):
     """pass@k needs different samples: several greedy completions are one completion repeated (`sobre eval
-    --samples 4` had run greedy by default: pass@4 = pass@1)."""
+    --samples 4` had run greedy by default: pass@4 = pass@1). Sampled, it takes R1's temperature and top-p."""
     from sobre import rollout
     from sobre.sft import start_model
     from sobre.tasks import get_task
     model, tok = start_model(str(grpo_run))
     task, temps = get_task("arithmetic"), []
 
-    def fake(model, tok, task, problems, n, max_new_tokens, temperature, *args, **kw):
-        temps.append(temperature)
+    def fake(model, tok, task, problems, n, max_new_tokens, temperature, top_p, *args, **kw):
+        temps.append((temperature, top_p))
         return [[Rollout([1], [2], "x", False, float(j == 0), 0.0, None) for j in range(n)] for _ in problems]
 
     monkeypatch.setattr(rollout, "rollouts", fake)
-    assert rollout.evaluate_task(model, tok, task, 2)["temperature"] == 0.0  # one sample: greedy
+    r = rollout.evaluate_task(model, tok, task, 2)  # one sample: greedy
+    assert (r["temperature"], r["top_p"]) == temps[-1] == (0.0, 1.0)
     r = rollout.evaluate_task(model, tok, task, 2, samples=4)
-    assert r["temperature"] == rollout.SAMPLED_EVAL_TEMPERATURE == temps[-1] and r["pass@1"] == 0.25
-    assert r["pass@4"] == 1.0
-    assert rollout.evaluate_task(model, tok, task, 2, samples=4, temperature=1.0)["temperature"] == 1.0
-    for bad, says in ((0.0, "greedy completions are all the same"), (-1.0, "temperature must be >= 0")):
+    assert (r["temperature"], r["top_p"]) == temps[-1] == (0.6, 0.95) == (rollout.SAMPLED_EVAL_TEMPERATURE,
+                                                                          rollout.SAMPLED_EVAL_TOP_P)
+    assert r["pass@1"] == 0.25 and r["pass@4"] == 1.0
+    r = rollout.evaluate_task(model, tok, task, 2, samples=4, temperature=1.0, top_p=1.0)
+    assert (r["temperature"], r["top_p"]) == temps[-1] == (1.0, 1.0)
+    for bad, says in ((dict(temperature=0.0), "greedy completions are all the same"),
+                      (dict(temperature=-1.0), "temperature must be >= 0"), (dict(top_p=0.0), "top_p must be in")):
         with pytest.raises(ValueError, match=says):
-            rollout.evaluate_task(model, tok, task, 2, samples=4, temperature=bad)
+            rollout.evaluate_task(model, tok, task, 2, samples=4, **bad)
     with pytest.raises(SystemExit, match="sobre eval: error: samples=4 at temperature 0"):  # before any loading
         main(["eval", "no-such-model", "--samples", "4", "--temperature", "0"])
+    with pytest.raises(SystemExit, match=r"sobre eval: error: top_p must be in \(0, 1\], got 1.5"):
+        main(["eval", "no-such-model", "--samples", "4", "--top-p", "1.5"])
     with pytest.raises(SystemExit, match="unknown task 'nope'"):  # also before any loading, and before the table
         main(["eval", "no-such-model", "--task", "nope"])
     assert len(temps) == 3 and "problems" not in capsys.readouterr().out
@@ -377,3 +383,23 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4] and logged("cut") == logged("whole")
     assert len({r["loss"] for r in logged("whole")}) == 4 and all(r["kl"] > 0 for r in logged("whole")[1:])
     assert logged("cut", "eval.jsonl") == logged("whole", "eval.jsonl")
+
+
+def test_grpo_evaluates_held_out_pass_at_1_over_eval_samples(tmp_path, monkeypatch):
+    """--eval-samples k: the run's held-out curve is R1's pass@1 (k samples a problem at evaluate_task's sampled
+    defaults, T 0.6 and top-p 0.95) instead of one greedy completion."""
+    from sobre import grpo as G
+    calls = []
+
+    def fake(model, tok, task, n_problems, samples=1, **kw):
+        calls.append((n_problems, samples, kw.get("temperature"), kw.get("top_p")))
+        return {"pass@1": 0.25 * len(calls)}
+
+    monkeypatch.setattr(G, "evaluate_task", fake)
+    run = G.grpo(GRPOArgs(out=str(tmp_path / "run"), preset="debug", task="arithmetic", steps=2, prompts=2, group=2,
+                          max_new_tokens=4, eval_every=1, eval_problems=3, eval_samples=5))
+    assert calls == [(3, 5, None, None)] * 3  # steps 0, 1, 2; None: R1's sampling (evaluate_task's default)
+    assert untimed_rows(run / "eval.jsonl") == [{"step": 0, "pass@1": 0.25}, {"step": 1, "pass@1": 0.5},
+                                                {"step": 2, "pass@1": 0.75}]
+    with pytest.raises(ValueError, match="--eval-samples must be positive, got 0"):
+        GRPOArgs(eval_samples=0).validate()
