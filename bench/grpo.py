@@ -131,8 +131,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--reward", choices=("spread", "digits"), default="spread",
                    help="countdown + 0.1 x a hash of the text (spread) or x its share of digits (see above)")
-    p.add_argument("--bf16", action="store_true",
-                   help="both sides under bf16 autocast, rollouts and updates (TRL's bf16=True)")
+    p.add_argument("--bf16", action="store_true", help="both updates under bf16 autocast (rollouts stay fp32 in sobre)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()

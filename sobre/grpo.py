@@ -186,7 +186,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class GRPOArgs(LoRAArgs, RunArgs):  # --bf16: rollouts and update under bf16 autocast; the parameters stay fp32
+class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts and the parameters stay fp32
     out: str = "runs/grpo"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -258,9 +258,6 @@ def grpo(a: GRPOArgs) -> Path:
         return evaluate_task(model, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
                              seed=a.seed)["pass@1"]
 
-    # --bf16: the rollouts too run under the update's autocast, as TRL's bf16=True generates: sampled with the bf16
-    # numerics the update then scores them with (each weight cast once a rollout: autocast's cache)
-    amp = torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=a.bf16)
     evaluate = bool(task.problems("test", 1, a.seed))  # a small .jsonl task may hold out none of its rows
     if not evaluate:
         tqdm.write(f"task {task.name!r} holds out no problems: no held-out evaluation (eval.jsonl)")
@@ -272,9 +269,8 @@ def grpo(a: GRPOArgs) -> Path:
         kept, attempts, seen = [], 0, []
         while attempts < (a.max_attempts if dynamic else 1) and len(kept) < a.prompts:
             problems = task.problems("train", a.prompts, f"{a.seed}/{step}/{attempts}")
-            with amp:
-                groups = rollouts(model, tok, task, problems, a.group, a.max_new_tokens, a.temperature, a.top_p,
-                                  seed=(a.seed * 1_000_003 + step) * 8 + attempts)
+            groups = rollouts(model, tok, task, problems, a.group, a.max_new_tokens, a.temperature, a.top_p,
+                              seed=(a.seed * 1_000_003 + step) * 8 + attempts)
             attempts += 1
             for g in groups:
                 r = torch.tensor([_reward(x, a) for x in g])
