@@ -70,10 +70,11 @@ CUTS = {"pretrain": 100, "grpo": 20, "baseline": 0}
 # each part's cost in pretraining steps (the unit: one pretraining step's seconds on this machine), per step and
 # fixed (tokenizer and checks, evaluations, the teacher's traces): runs/speedrun18 (1.07 s a pretraining step);
 # GRPO's step since the engine's rollouts got faster: 5.4 units in runs/sr34 (an AVX2 EPYC), ~5 on the AMX Xeon;
-# R1's sampled pass@1 (EVAL_SAMPLES) in GRPO's held-out curve and the evaluation: +23 s of the evaluation on
-# session 42's AVX-512 EPYC (0.37 s a unit in bf16), which runs the sampling in fp32 as every machine does
+# R1's sampled pass@1 (EVAL_SAMPLES; decoded in fp32 whatever the training precision) in GRPO's held-out curve and
+# the evaluation: on session 42's AVX-512 EPYC (bf16: 0.27 s a unit, fp32 0.50) the evaluation 21 -> 50 s, GRPO's
+# five held-out points 40 s (nine greedy ones took 22); counted here at fp32 units, which overstates them in bf16
 STEP_COST = {"pretrain": 1.0, "sft": 1.24, "grpo": 5.5, "student": 1.08, "baseline": 1.05}
-FIXED_COST = {"pretrain": 22, "sft": 20, "grpo": 45, "student": 190, "baseline": 0, "eval": 100}
+FIXED_COST = {"pretrain": 22, "sft": 20, "grpo": 60, "student": 190, "baseline": 0, "eval": 110}
 PARTS = {"pretrain": ("pretrain",), "sft": ("sft",), "grpo": ("grpo",), "distill": ("student", "baseline"),
          "eval": ()}
 STAGES = tuple(PARTS)
