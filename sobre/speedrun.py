@@ -302,7 +302,7 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
     tokens = round(sum(r["completion_length"] * samples_per_step * r.get("rollout_rounds", 1) for r in rows))
     return {"tokens": tokens, "flops": 4 * _flops_per_token(run) * tokens, "steps": rows[-1]["step"],
             "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
-            "heldout_samples": json.loads((run / "config.json").read_text())["grpo"]["eval_samples"],
+            "heldout_samples": json.loads((run / "config.json").read_text())["grpo"].get("eval_samples", 1),
             "train_accuracy_first": mean("accuracy", rows[:k]), "train_accuracy_last": mean("accuracy", rows[-k:]),
             "thinking_first": mean("format", rows[:k]),  # completions with worked steps
             "thinking_last": mean("format", rows[-k:]), "samples_per_s": mean("samples_per_s", rows)}
@@ -402,8 +402,9 @@ def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, se
 
 def _evaluate(d: Path, out: Path, n: int, seed: int, device: str = "cpu") -> dict:
     """{model: {"params", task: evaluate_task's record, "sampled": R1's pass@1 record}}: every stage's model on
-    every EVAL_TASKS task, greedy (the trained task gets n problems, the others n // 2), and but the pretrained one
-    (it has yet to answer) on the trained task's n problems, EVAL_SAMPLES samples each at R1's sampling."""
+    every EVAL_TASKS task, greedy (the trained task gets n problems, the others n // 2); every one but the
+    pretrained model (it has yet to answer) also on the trained task's n problems, EVAL_SAMPLES samples each at
+    R1's sampling."""
     d.mkdir(parents=True, exist_ok=True)
     r = {}
     models = {"pretrain": out / "pretrain", "sft": out / "sft", "grpo": out / "grpo",
