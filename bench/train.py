@@ -2,8 +2,8 @@
 (forward + backward + fused AdamW step, fp32 and bf16 autocast, no MTP in either; each computes the loss as its
 trainer does: sobre without materialising the logits, loss.head_cross_entropy), then sobre's `pretrain` with 1
 vs 2 processes. The fp32 rows come with their floor: each step's matmul FLOPs (counted by torch's
-FlopCounterMode) at this CPU's best fp32 matmul rate over a few of the step's shapes, the time no eager step
-can beat without doing fewer FLOPs.
+FlopCounterMode) at this CPU's best fp32 matmul rate over a few of the step's shapes (MKL's or oneDNN's), the
+time no eager step can beat without doing fewer FLOPs.
     python bench/train.py [--steps 10] [--no-scaling] [--device cuda]
 """
 
@@ -71,23 +71,32 @@ def matmul_flops(loss_fn, x) -> float:
     def grouped(a, b, *args, out_shape=None, **kw):  # [m, k] x [E, k, n], or groups along k: [m, K] x [K, n]
         return 2 * a[0] * a[1] * b[-1] if len(a) == 2 else 2 * prod(out_shape) * a[-1]
 
-    with FlopCounterMode(display=False, custom_mapping={aten._grouped_mm: grouped, aten.addmm_: addmm}) as fc:
-        loss_fn(x[:, :-1], x[:, 1:]).backward()
+    onednn, sobre.linear.ONEDNN = sobre.linear.ONEDNN, False  # (the counter does not see oneDNN's products: the
+    try:  # same products through F.linear and torch.mm instead)
+        with FlopCounterMode(display=False, custom_mapping={aten._grouped_mm: grouped, aten.addmm_: addmm}) as fc:
+            loss_fn(x[:, :-1], x[:, 1:]).backward()
+    finally:
+        sobre.linear.ONEDNN = onednn
     return fc.get_total_flops()
 
 
 def best_matmul_rate(reps: int = 10) -> float:
     """FLOP/s of this device's fastest fp32 matmul among some of the step's shapes (the head's, the dense MLP's, an
-    expert's), best of reps."""
+    expert's), best of reps; on the CPU the best of torch.mm (MKL) and oneDNN (which sobre.linear uses)."""
     best, D, F_, V = 0.0, CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"]
     for m, k, n in ((B * T, D, V), (B * T, D, F_), (B * T, F_, D), (512, D, CFG["moe_intermediate_size"])):
         a, b = torch.randn(m, k, device=DEV), torch.randn(k, n, device=DEV)
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
+        bt = b.t().contiguous()
+        products = [lambda a=a, b=b: a @ b]
+        if DEV.type == "cpu" and sobre.linear.ONEDNN:
+            products.append(lambda a=a, bt=bt: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [None], ""))
+        for product in products:
+            for _ in range(reps):
+                sync()
+                t0 = time.perf_counter()
+                product()
+                sync()
+                best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
     return best
 
 

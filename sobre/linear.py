@@ -8,6 +8,11 @@ the memory bandwidth mv did (bf16 weights are read once per token: the read is t
 ran 8-10x slower than F.linear with the bias ([1, 896] x [896, 896]: 0.76 vs 0.09 ms on an AVX2 EPYC; Qwen2's
 q / k / v projections decoded 0.5B models at 0.81x transformers' bf16 through it). The twin is F.linear
 (tests/test_engine.py).
+
+fp32 on the CPU: a product of at least ONEDNN_MACS multiply-adds goes to oneDNN (torch.ops.mkldnn._linear_pointwise,
+forward and both backward products) instead of MKL, whose fp32 GEMM ran ~185 GFLOP/s on a 2-core AMD EPYC with
+AVX-512 where oneDNN ran ~420 ([2048, 256] x [256, 1024]: 5.5 vs 2.5 ms; MKL keeps to older instructions on AMD
+CPUs). Smaller products stay with MKL: oneDNN pays ~11 us a call. The twin is F.linear (tests/test_linear.py).
 """
 
 from __future__ import annotations
@@ -44,11 +49,61 @@ def inference_dtype(path, device=None) -> torch.dtype | None:
     return torch.float32 if fits and (s["active_params"] < BF16_PARAMS or not native_bf16()) else None
 
 
+ONEDNN_MACS = 1 << 21  # fp32 CPU products from this many multiply-adds (rows x in x out) up run on oneDNN
+ONEDNN = torch.backends.mkldnn.is_available()  # (False: every fp32 product through F.linear, MKL)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b): x [..., in], w [out, in] -> [..., out]."""
-    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1] and b is None:
-        return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
+    if x.device.type == "cpu":
+        if x.dtype == w.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and b is None:
+            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
+        if _onednn(x, w, x.numel() * w.shape[0]):
+            return OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
+
+
+def _onednn(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
+    return (ONEDNN and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and macs >= ONEDNN_MACS
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T (+ b) -> [M, N] on oneDNN; x and w may be strided (transposed views)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+
+
+def grad_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A linear layer's input gradient: g [M, N] @ w [N, K] -> [M, K]."""
+    return _dnn(g, w.t()) if _onednn(g, w, g.numel() * w.shape[1]) else g @ w
+
+
+def grad_weight_t(g: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer's weight gradient, transposed: x [M, K]^T @ g [M, N] -> [K, N]; or added to acc [K, N]."""
+    if _onednn(g, x, g.numel() * x.shape[1]):
+        # x^T as the input and g^T as the weight: the other way round (g^T [N, M] @ x, the [N, K] gradient itself)
+        # took oneDNN 700 ms (a slow path) for [2048, 64] x and [2048, 512] g, this one 0.4 ms
+        gw = _dnn(x.t(), g.t())
+        return gw if acc is None else acc.add_(gw)
+    return x.t() @ g if acc is None else acc.addmm_(x.t(), g)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear for 2-D fp32 x [M, K] on the CPU, its three products on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.bias = b is not None
+        return _dnn(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):  # g [M, N]
+        x, w = ctx.saved_tensors
+        gx = grad_input(g, w) if ctx.needs_input_grad[0] else None
+        gw = grad_weight_t(g, x).t().contiguous() if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def dense_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:

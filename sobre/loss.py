@@ -14,7 +14,8 @@ on a 2-core AVX2 EPYC). The twins are the plain paths (tests/test_model.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .linear import grad_input, grad_weight_t, linear
 
 CHUNK_LOGITS = 1 << 21  # logits per chunk (8 MB in fp32): more rows than MIN_ROWS where V < 8192
 MIN_ROWS = 256  # rows a chunk at least (V 8192, 2048 rows: 0.39 s at 128 a chunk, 0.27 s at 256, plain 0.28 s)
@@ -56,7 +57,7 @@ class _HeadCE(torch.autograd.Function):
         for i in range(0, N, step):
             rows = slice(i, i + step)
             yc = targets[rows]
-            logits = F.linear(hm[rows], w).float()  # [n, V]
+            logits = linear(hm[rows], w).float()  # [n, V]
             if temperature != 1:
                 logits.div_(temperature)
             e, log_s, lp[rows], ents = _softmax_parts(logits, yc, entropy)  # e = softmax * s, in place
@@ -101,7 +102,7 @@ class _HeadLogprobs(torch.autograd.Function):
         mm = matmul_dtype(h, weight)  # (under autocast bf16: the backward repeats the matmuls so)
         w = weight.to(mm)
         for i in range(0, N, step):
-            logits = F.linear(h[i:i + step].to(mm), w).float().div_(temperature)
+            logits = linear(h[i:i + step].to(mm), w).float().div_(temperature)
             m = logits.amax(-1)  # (before _softmax_parts shifts the logits by it in place)
             _, log_s, lp[i:i + step], ents = _softmax_parts(logits, targets[i:i + step], entropy)
             lse[i:i + step] = m + log_s
@@ -120,7 +121,7 @@ class _HeadLogprobs(torch.autograd.Function):
         grads = _Grads(hm, w, want_h, want_w, ctx.step, h.dtype)
         for i in range(0, h.shape[0], ctx.step):
             gc = g[i:i + ctx.step].float()
-            logits = F.linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
+            logits = linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
             d = logits.sub_(lse[i:i + ctx.step, None]).clamp_(min=EXP_FLOOR).exp_().mul_(-gc[:, None])  # -g softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             grads.add(d.div_(ctx.temperature), slice(i, i + ctx.step))
@@ -160,7 +161,8 @@ class _Grads:
     def __init__(self, h, w, want_h: bool, want_w: bool, step: int, grad_dtype: torch.dtype):
         self.h, self.w, self.done_rows = h, w, 0
         self.grad_h = torch.empty_like(h, dtype=grad_dtype) if want_h else None
-        self.grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        # grad_w transposed, [D, V]: the layout oneDNN writes (linear.grad_weight_t); turned once in done()
+        self.grad_wt = torch.zeros(w.shape[::-1], dtype=torch.float32, device=w.device) if want_w else None
         keep = want_w and w.dtype != torch.float32
         rows = min(h.shape[0], max(step, KEEP_GRADS // w.shape[0]))
         self.kept = torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device) if keep else None
@@ -175,18 +177,18 @@ class _Grads:
             return
         d = d.to(self.w.dtype)
         if self.grad_h is not None:
-            self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
-        if self.grad_w is not None:
-            self.grad_w.addmm_(d.t(), self.h[rows])
+            self.grad_h[rows] = grad_input(d, self.w).to(self.grad_h.dtype)
+        if self.grad_wt is not None:
+            grad_weight_t(d, self.h[rows], acc=self.grad_wt)
 
     def _flush(self):
         rows, d = slice(self.done_rows, self.done_rows + self.n), self.kept[:self.n]
         if self.grad_h is not None:
             self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
-        self.grad_w += (d.t() @ self.h[rows]).float()
+        self.grad_wt += (self.h[rows].t() @ d).float()
         self.done_rows, self.n = self.done_rows + self.n, 0
 
     def done(self):
         if self.n:
             self._flush()
-        return self.grad_h, self.grad_w
+        return self.grad_h, None if self.grad_wt is None else self.grad_wt.t().contiguous()

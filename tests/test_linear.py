@@ -1,0 +1,86 @@
+"""sobre.linear's oneDNN path for fp32 products on the CPU (forward and both backward products) against its twin,
+F.linear / torch.mm (MKL), and the LM head's chunked losses built on it against the plain cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sobre import linear as L
+from sobre.loss import head_cross_entropy, head_logprobs
+
+pytestmark = pytest.mark.skipif(not L.ONEDNN, reason="this torch has no oneDNN (mkldnn)")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The oneDNN products run, as (input shape, weight shape)."""
+    seen, real = [], L._dnn
+
+    def spy(x, w, b=None):
+        seen.append((tuple(x.shape), tuple(w.shape)))
+        return real(x, w, b)
+
+    monkeypatch.setattr(L, "_dnn", spy)
+    return seen
+
+
+def close(a, b, scale=1.0):
+    assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * max(scale, b.abs().max().item())
+
+
+@pytest.mark.parametrize("rows,k,n,bias", [(700, 256, 1024, True), (2048, 64, 512, False), (33, 512, 4096, False)])
+def test_onednn_linear_equals_f_linear_with_gradients(calls, rows, k, n, bias):
+    """Values and the input / weight / bias gradients of a product above ONEDNN_MACS, from a 3-D strided input
+    (rows 2048, k 64 -> n 512: the weight gradient's shape where oneDNN's other operand order is 1000x slower)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, k, rows).transpose(1, 2)  # [2, rows, k], not contiguous
+    w, b = torch.randn(n, k) / k ** 0.5, torch.randn(n) if bias else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    twins = [t.detach().clone().requires_grad_() for t in leaves]
+    y = L.linear(*leaves) if bias else L.linear(*leaves, None)
+    want = F.linear(*twins) if bias else F.linear(*twins, None)
+    assert calls and calls[0] == ((2 * rows, k), (n, k))  # the forward ran on oneDNN
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    assert len(calls) == 3  # and both backward products
+    close(y, want)
+    for a, b_ in zip(leaves, twins):
+        close(a.grad, b_.grad, scale=10.0)
+
+
+def test_small_products_autocast_and_the_switch_stay_with_f_linear(calls, monkeypatch):
+    """Below ONEDNN_MACS (oneDNN's ~11 us a call costs more than MKL's product), under autocast (bf16 products) and
+    with sobre.linear.ONEDNN off, linear is F.linear exactly."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 256), torch.randn(256, 256)  # 262k multiply-adds
+    assert torch.equal(L.linear(x, w), F.linear(x, w)) and not calls
+    big = torch.randn(64, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(L.linear(big, w), F.linear(big, w)) and not calls
+    monkeypatch.setattr(L, "ONEDNN", False)
+    assert torch.equal(L.linear(big, w), F.linear(big, w)) and not calls
+    monkeypatch.setattr(L, "ONEDNN", True)
+    L.linear(big, w)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_losses_on_onednn_equal_the_plain_cross_entropy(calls, temperature):
+    """head_cross_entropy's and head_logprobs' chunked matmuls (logits, dL/dh, dL/dW: linear, grad_input,
+    grad_weight_t) on oneDNN give the plain F.cross_entropy(F.linear(h, w) / T)'s loss and gradients."""
+    torch.manual_seed(0)
+    N, D, V = 600, 256, 4096
+    h, w, y = torch.randn(N, D), torch.randn(V, D) / D ** 0.5, torch.randint(0, V, (N,))
+    h1, w1, h2, w2 = (t.clone().requires_grad_() for t in (h, w, h, w))
+    if temperature == 1.0:
+        loss = head_cross_entropy(h1, w1, y)
+    else:
+        loss = -head_logprobs(h1, w1, y, temperature)[0].mean()
+    loss.backward()
+    want = F.cross_entropy(F.linear(h2, w2) / temperature, y)
+    want.backward()
+    assert calls  # the head ran on oneDNN
+    close(loss, want)
+    close(h1.grad, h2.grad, scale=1e-2)
+    close(w1.grad, w2.grad, scale=1e-2)
