@@ -58,12 +58,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if x.device.type == "cpu":
         if x.dtype == w.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and b is None:
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
-        if _onednn(x, w, x.numel() * w.shape[0]):
+        if onednn(x, w, x.numel() * w.shape[0]):
             return OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
 
 
-def _onednn(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
+def onednn(a: torch.Tensor, b: torch.Tensor, macs: int = ONEDNN_MACS) -> bool:
+    """Whether a product of a and b with this many multiply-adds runs on oneDNN."""
     return (ONEDNN and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and macs >= ONEDNN_MACS
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
@@ -75,12 +76,12 @@ def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
 
 def grad_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """A linear layer's input gradient: g [M, N] @ w [N, K] -> [M, K]."""
-    return _dnn(g, w.t()) if _onednn(g, w, g.numel() * w.shape[1]) else g @ w
+    return _dnn(g, w.t()) if onednn(g, w, g.numel() * w.shape[1]) else g @ w
 
 
 def grad_weight_t(g: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
     """A linear layer's weight gradient, transposed: x [M, K]^T @ g [M, N] -> [K, N]; or added to acc [K, N]."""
-    if _onednn(g, x, g.numel() * x.shape[1]):
+    if onednn(g, x, g.numel() * x.shape[1]):
         # x^T as the input and g^T as the weight: the other way round (g^T [N, M] @ x, the [N, K] gradient itself)
         # took oneDNN 700 ms (a slow path) for [2048, 64] x and [2048, 512] g, this one 0.4 ms
         gw = _dnn(x.t(), g.t())

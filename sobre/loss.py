@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import grad_input, grad_weight_t, linear
+from .linear import grad_input, grad_weight_t, linear, onednn
 
 CHUNK_LOGITS = 1 << 21  # logits per chunk (8 MB in fp32): more rows than MIN_ROWS where V < 8192
 MIN_ROWS = 256  # rows a chunk at least (V 8192, 2048 rows: 0.39 s at 128 a chunk, 0.27 s at 256, plain 0.28 s)
@@ -161,8 +161,11 @@ class _Grads:
     def __init__(self, h, w, want_h: bool, want_w: bool, step: int, grad_dtype: torch.dtype):
         self.h, self.w, self.done_rows = h, w, 0
         self.grad_h = torch.empty_like(h, dtype=grad_dtype) if want_h else None
-        # grad_w transposed, [D, V]: the layout oneDNN writes (linear.grad_weight_t); turned once in done()
-        self.grad_wt = torch.zeros(w.shape[::-1], dtype=torch.float32, device=w.device) if want_w else None
+        # fp32 on oneDNN (the CPU): grad_w accumulates transposed, [D, V], the layout oneDNN writes
+        # (linear.grad_weight_t), turned once in done(); elsewhere [V, D] with addmm_, no second copy
+        self.transposed = want_w and onednn(h, w)
+        shape = w.shape[::-1] if self.transposed else w.shape
+        self.grad_w = torch.zeros(shape, dtype=torch.float32, device=w.device) if want_w else None
         keep = want_w and w.dtype != torch.float32
         rows = min(h.shape[0], max(step, KEEP_GRADS // w.shape[0]))
         self.kept = torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device) if keep else None
@@ -178,17 +181,19 @@ class _Grads:
         d = d.to(self.w.dtype)
         if self.grad_h is not None:
             self.grad_h[rows] = grad_input(d, self.w).to(self.grad_h.dtype)
-        if self.grad_wt is not None:
-            grad_weight_t(d, self.h[rows], acc=self.grad_wt)
+        if self.transposed:
+            grad_weight_t(d, self.h[rows], acc=self.grad_w)
+        elif self.grad_w is not None:
+            self.grad_w.addmm_(d.t(), self.h[rows])
 
     def _flush(self):
         rows, d = slice(self.done_rows, self.done_rows + self.n), self.kept[:self.n]
         if self.grad_h is not None:
             self.grad_h[rows] = (d @ self.w).to(self.grad_h.dtype)
-        self.grad_wt += (self.h[rows].t() @ d).float()
+        self.grad_w += (d.t() @ self.h[rows]).float()
         self.done_rows, self.n = self.done_rows + self.n, 0
 
     def done(self):
         if self.n:
             self._flush()
-        return self.grad_h, None if self.grad_wt is None else self.grad_wt.t().contiguous()
+        return self.grad_h, self.grad_w.t().contiguous() if self.transposed else self.grad_w
