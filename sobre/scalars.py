@@ -98,7 +98,6 @@ class Text:
             (self.pattern is None or self._search(text, partial=False)) and \
             (self.format is None or self.format.fullmatch(text) is not None)
 
-
     def _search(self, text: str, partial: bool) -> bool:
         """pattern.search, within the time left to the request; once that is spent, every text is refused (the
         string cannot go on: a bounded stall instead of a server hung on one pattern)."""
@@ -106,11 +105,12 @@ class Text:
             return False
         start = time.perf_counter()
         try:
-            return self.pattern.search(text, partial=partial, timeout=self.budget) is not None
-        except TimeoutError:
+            found = self.pattern.search(text, partial=partial, timeout=self.budget) is not None
+        except TimeoutError:  # (spent, whatever our clock says: regex's timer may fire a hair before it)
+            self.budget = 0
             return False
-        finally:
-            self.budget -= time.perf_counter() - start
+        self.budget -= time.perf_counter() - start
+        return found
 
 
 def _real_day(text: str) -> bool:
