@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import linear
+from .linear import grouped_linear, linear, onednn
 from .loss import matmul_dtype
 
 
@@ -79,12 +79,15 @@ class Groups:
     spread, 0.79 with E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm
     pays ~15 us a matmul call, per expert, that the bmm saves; padding costs compute per row.) Traced by
     torch.compile (Groups.gathered, a decode step of a few tokens): each row with its own gathered copy of its
-    expert's weights. _grouped_mm in bf16 on CPU (bf16 weights, or autocast, which would leave it in fp32, so the
-    rows and weights are cast here) pads each expert's rows to a multiple of ALIGN_ROWS: oneDNN builds a kernel per
-    matmul shape, and the row counts change every step (unaligned, a training MoE layer ran 2.5x slower than in
-    fp32). Elementwise work between matmuls runs on any layout (padding rows stay zero through SwiGLU). Without
-    _grouped_mm: the loop (under autograd over unbound weights: indexing a stacked parameter per expert would make
-    autograd allocate a full-size gradient for every expert)."""
+    expert's weights. fp32 on the CPU from ONEDNN_MACS an expert on average (training, long prefills): each
+    expert's rows on oneDNN (linear.grouped_linear: 1.6x MKL's _grouped_mm forward; training 1.45x -> 1.51-1.54x
+    transformers, bench/train.py).
+    _grouped_mm in bf16 on CPU (bf16 weights, or autocast, which would leave it in fp32, so the rows and weights are
+    cast here) pads each expert's rows to a multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the
+    row counts change every step (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work
+    between matmuls runs on any layout (padding rows stay zero through SwiGLU). Without _grouped_mm: the loop (under
+    autograd over unbound weights: indexing a stacked parameter per expert would make autograd allocate a full-size
+    gradient for every expert)."""
 
     def __init__(self, counts: list[int], xs: torch.Tensor, w: torch.Tensor):
         self.counts, self.E = counts, len(counts)
@@ -100,6 +103,8 @@ class Groups:
             self.mode = "padded"
             C = self.C = max(counts)
             self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
+        elif onednn(xs, w, sum(counts) * w.shape[1] * w.shape[2] // max(self.E, 1)):
+            self.mode = "onednn"  # fp32 CPU, from ONEDNN_MACS an expert on average
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"
             if self.aligned:
@@ -143,6 +148,8 @@ class Groups:
             return torch.bmm(t, w.transpose(1, 2))
         if self.mode == "gathered":  # (gathered from the transposed view: contiguous [R, in, out] copies)
             return torch.bmm(t, w.transpose(1, 2)[self.experts])
+        if self.mode == "onednn":
+            return grouped_linear(t, w, self.counts)
         if self.mode == "grouped":
             out = torch._grouped_mm(t.to(self.cast), w.to(self.cast).transpose(1, 2), offs=self.offs)
             if out.requires_grad:
