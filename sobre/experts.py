@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import grouped_linear, linear, onednn
+from .linear import dnn, grouped_linear, linear, onednn, windows
 from .loss import matmul_dtype
 
 
@@ -45,8 +45,55 @@ def eager_dispatch(x, w, idx, n_experts: int, ffn):
 def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
     """SwiGLU of rows already sorted by expert: rows [sum(counts), D], counts[e] rows for expert e."""
     g = Groups.of(counts, xs, w1)
+    if g.mode == "onednn":
+        return GroupedSwiGLU.apply(xs, w1, w2, w3, g.counts)
     t = g.pack(xs)
     return g.unpack(g.mm(F.silu(g.mm(t, w1)) * g.mm(t, w3), w2))
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """grouped_ffn in Groups' oneDNN layout (fp32 CPU, rows enough): expert by expert over its window of rows
+    (linear.windows), the three products on oneDNN and SwiGLU's elementwise work on the window while it is in
+    cache, one result gathered (a cat) instead of three; the backward by hand, alike, the weight gradients over the
+    window too, with the other experts' rows of one factor zeroed (a NaN in such a row would reach this expert's
+    gradient: it reaches the loss anyway). Layer by layer (grouped_linear's products with autograd's elementwise ops
+    between) each of the six full-size results is cut from windows and gathered, and the elementwise ops read
+    and write full-size tensors out of cache. Its twin: the looped SwiGLU (tests/test_linear.py)."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, w2, w3, counts):  # xs [R, D], w1 / w3 [E, I, D], w2 [E, D, I]
+        wins = windows(counts, xs.shape[0])
+        outs, kept = [], []
+        for e, start, m, lo, hi in wins:
+            rows = xs[start:start + m]
+            a, b = dnn(rows, w1[e]), dnn(rows, w3[e])  # [m, I] each
+            outs.append(dnn(F.silu(a) * b, w2[e])[lo:hi])
+            kept += [a, b]
+        ctx.save_for_backward(xs, w1, w2, w3, *kept)
+        ctx.wins = wins
+        return torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):  # g [R, D]
+        xs, w1, w2, w3, *kept = ctx.saved_tensors
+        # weight gradients as each weight's storage ([E, in, out]: stacked_weight's), returned as [E, out, in]
+        g1, g3 = (w1.new_zeros(w1.shape[0], w1.shape[2], w1.shape[1]) for _ in range(2))
+        g2 = w2.new_zeros(w2.shape[0], w2.shape[2], w2.shape[1])
+        gx = []
+        for (e, start, m, lo, hi), a, b in zip(ctx.wins, kept[0::2], kept[1::2]):
+            dh = dnn(g[start:start + m], w2[e].t())  # [m, I]
+            sig = torch.sigmoid(a)
+            silu = a * sig
+            db = dh * silu
+            da = dh.mul_(b).mul_(sig * (1 + a * (1 - sig)))  # silu'(a) = sig(a) (1 + a (1 - sig(a)))
+            gx.append((dnn(da, w1[e].t()) + dnn(db, w3[e].t()))[lo:hi])
+            h = silu.mul_(b)
+            for t in (h, da, db):  # the other experts' rows zeroed: the weight gradients sum over the window
+                t[:lo], t[hi:] = 0, 0
+            rows = xs[start:start + m].t()
+            g1[e], g3[e], g2[e] = dnn(rows, da.t()), dnn(rows, db.t()), dnn(h.t(), g[start:start + m].t())
+        gx = torch.cat(gx) if gx else torch.zeros_like(xs)
+        return gx, g1.transpose(1, 2), g2.transpose(1, 2), g3.transpose(1, 2), None
 
 
 def stacked_weight(w: torch.Tensor) -> nn.Parameter:

@@ -69,14 +69,14 @@ def onednn(a: torch.Tensor, b: torch.Tensor, macs: int = ONEDNN_MACS) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-def _dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T (+ b) -> [M, N] on oneDNN; x and w may be strided (transposed views)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
 
 
 def grad_input(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """A linear layer's input gradient: g [M, N] @ w [N, K] -> [M, K]."""
-    return _dnn(g, w.t()) if onednn(g, w, g.numel() * w.shape[1]) else g @ w
+    return dnn(g, w.t()) if onednn(g, w, g.numel() * w.shape[1]) else g @ w
 
 
 def grad_weight_t(g: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +84,7 @@ def grad_weight_t(g: torch.Tensor, x: torch.Tensor, acc: torch.Tensor | None = N
     if onednn(g, x, g.numel() * x.shape[1]):
         # x^T as the input and g^T as the weight: the other way round (g^T [N, M] @ x, the [N, K] gradient itself)
         # took oneDNN 700 ms (a slow path) for [2048, 64] x and [2048, 512] g, this one 0.4 ms
-        gw = _dnn(x.t(), g.t())
+        gw = dnn(x.t(), g.t())
         return gw if acc is None else acc.add_(gw)
     return x.t() @ g if acc is None else acc.addmm_(x.t(), g)
 
@@ -96,7 +96,7 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, w, b):
         ctx.save_for_backward(x, w)
         ctx.bias = b is not None
-        return _dnn(x, w, b)
+        return dnn(x, w, b)
 
     @staticmethod
     def backward(ctx, g):  # g [M, N]
@@ -130,40 +130,39 @@ class GroupedLinear(torch.autograd.Function):
     def forward(ctx, x, w, counts):
         ctx.save_for_backward(x, w)
         ctx.counts = counts
-        return _windowed(x, counts, w.shape[1], lambda rows, e: _dnn(rows, w[e]))
+        return _windowed(x, counts, w.shape[1], lambda rows, e: dnn(rows, w[e]))
 
     @staticmethod
     def backward(ctx, g):  # g [sum(counts), out]
         x, w = ctx.saved_tensors
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _windowed(g, ctx.counts, w.shape[2], lambda rows, e: _dnn(rows, w[e].t()))
+            gx = _windowed(g, ctx.counts, w.shape[2], lambda rows, e: dnn(rows, w[e].t()))
         if ctx.needs_input_grad[1]:  # [E, in, out]: each expert's transposed (stacked_weight's layout)
             gw = w.new_zeros(w.shape[0], w.shape[2], w.shape[1])
-            for e, a, b in _spans(ctx.counts):
-                torch.mm(x[a:b].t(), g[a:b], out=gw[e])
+            for e, start, _, lo, hi in windows(ctx.counts, x.shape[0]):
+                torch.mm(x[start + lo:start + hi].t(), g[start + lo:start + hi], out=gw[e])
             gw = gw.transpose(1, 2)  # [E, out, in]
         return gx, gw, None
 
 
 def _windowed(x: torch.Tensor, counts: list[int], width: int, product) -> torch.Tensor:
-    """product(rows, e) [rows, width] of each expert's rows, computed over the window of a multiple of GROUP_ROWS
-    rows that starts at its first row (or ends at the last row of x) and cut back to its rows."""
-    total, outs = x.shape[0], []
-    for e, a, b in _spans(counts):
-        m = min(-(-(b - a) // GROUP_ROWS) * GROUP_ROWS, total)
-        start = min(a, total - m)
-        outs.append(product(x[start:start + m], e)[a - start:b - start])
+    """product(rows, e) [rows, width] of each expert's window of rows (windows), cut back to its own rows."""
+    outs = [product(x[start:start + m], e)[lo:hi] for e, start, m, lo, hi in windows(counts, x.shape[0])]
     return torch.cat(outs) if outs else x.new_zeros(0, width)
 
 
-def _spans(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of each expert with rows."""
-    out, start = [], 0
+def windows(counts: list[int], total: int) -> list[tuple[int, int, int, int, int]]:
+    """Each active expert's window over rows sorted by expert (counts[e] rows for expert e, total rows in all):
+    (e, start, m, lo, hi): rows start .. start + m, a multiple of GROUP_ROWS (or all rows, where fewer), that
+    start at its first row or end at the last row; its own rows are lo .. hi within the window."""
+    out, a = [], 0
     for e, n in enumerate(counts):
         if n:
-            out.append((e, start, start + n))
-            start += n
+            m = min(-(-n // GROUP_ROWS) * GROUP_ROWS, total)
+            start = min(a, total - m)
+            out.append((e, start, m, a - start, a - start + n))
+            a += n
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sobre import linear as L
-from sobre.experts import Groups, grouped_ffn, stacked_weight
+from sobre.experts import Groups, GroupedSwiGLU, grouped_ffn, stacked_weight
 from sobre.loss import head_cross_entropy, head_logprobs
 
 pytestmark = pytest.mark.skipif(not L.ONEDNN, reason="this torch has no oneDNN (mkldnn)")
@@ -15,13 +15,13 @@ pytestmark = pytest.mark.skipif(not L.ONEDNN, reason="this torch has no oneDNN (
 @pytest.fixture
 def calls(monkeypatch):
     """The oneDNN products run, as (input shape, weight shape)."""
-    seen, real = [], L._dnn
+    seen, real = [], L.dnn
 
     def spy(x, w, b=None):
         seen.append((tuple(x.shape), tuple(w.shape)))
         return real(x, w, b)
 
-    monkeypatch.setattr(L, "_dnn", spy)
+    monkeypatch.setattr(L, "dnn", spy)
     return seen
 
 
@@ -113,10 +113,11 @@ def test_grouped_linear_equals_a_loop_of_f_linear(calls, counts):
     assert all(r % L.GROUP_ROWS == 0 or r == sum(counts) for r in rows)
 
 
-def test_training_experts_run_grouped_linear(calls):
+@pytest.mark.parametrize("counts", [[200, 0, 90, 310], [5, 0, 10, 1], [0, 0, 0, 0]], ids=["windows", "short", "empty"])
+def test_training_experts_run_on_onednn(counts):
     """A fp32 CPU SwiGLU over experts under autograd takes Groups' oneDNN layout (from ONEDNN_MACS an expert on
-    average) and equals the per-expert loop with oneDNN off, gradients included."""
-    counts = [200, 0, 90, 310]
+    average) and its fused, windowed GroupedSwiGLU (forced here for the short and empty cases) equals the
+    per-expert loop with oneDNN off, values and gradients."""
     torch.manual_seed(0)
     xs0 = torch.randn(sum(counts), 256)
     ws0 = [stacked_weight(torch.randn(4, *s) * 0.05).detach() for s in ((128, 256), (256, 128), (128, 256))]
@@ -125,11 +126,13 @@ def test_training_experts_run_grouped_linear(calls):
         L.ONEDNN = fast
         try:
             xs, *ws = (t.clone().requires_grad_() for t in (xs0, *ws0))
-            assert Groups(counts, xs, ws[0]).mode == ("onednn" if fast else "grouped")
-            out = grouped_ffn(xs, counts, *ws)
-            out.pow(2).sum().backward()
+            if counts[0] == 200:
+                assert Groups(counts, xs, ws[0]).mode == ("onednn" if fast else "grouped")
+            out = GroupedSwiGLU.apply(xs, *ws, counts) if fast else grouped_ffn(xs, counts, *ws)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         finally:
             L.ONEDNN = True
         runs.append([out] + [t.grad for t in (xs, *ws)])
     for a, b in zip(*runs):
+        assert a.stride() == b.stride() or not a.numel()
         close(a, b, scale=10.0)
