@@ -1,22 +1,24 @@
-"""Structured outputs (OpenAI's response_format {"type": "json_schema"}): a completion constrained to one JSON
-object that satisfies a schema, the same way JSON mode is constrained (constrain.JsonPrefix: the engine rejects a
-token whose text would leave the language and draws again without it).
+"""Structured outputs (OpenAI's response_format {"type": "json_schema"}): a completion constrained to one JSON object
+that satisfies a schema, the same way JSON mode is constrained (constrain.JsonPrefix: the engine rejects a token
+whose text would leave the language and draws again without it).
 
-`SchemaPrefix` follows JsonPrefix's syntax and checks the schema as the text arrives: an object's keys are among
-its `properties` (each once; any key where `additionalProperties` is true or a schema, or where neither it nor
-properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), a key
-being typed is a prefix of one still allowed, `}` only once every `required` key is there, each value's first
-character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const` values
-(any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems` and
-`maxItems` of them, `uniqueItems` (an element equal to an earlier one refused where it ends). `anyOf` (and a
-one-entry `allOf`) forks the reading: each alternative is followed until the text leaves it (readings that agree
-again are merged); `oneOf` too where it is a discriminated union (no value satisfies two alternatives); `$ref`
-points inside the schema (`#`, `#/$defs/...`), recursion included. A string's `pattern`, `format`, `minLength` /
-`maxLength` and a number's bounds and `multipleOf` are checked on its text so far (sobre.scalars). A `,` or key in
-an object with no key left to write is refused (it would be a dead end); a string whose pattern and maxLength leave
-no common completion can still dead-end (the engine then ends the answer there, finish_reason "length"). That is
-what pydantic models and OpenAI's strict mode use; any other keyword (patternProperties, ...), or a oneOf whose
-alternatives may overlap, is refused by `check_schema`, never ignored.
+`SchemaPrefix` follows JsonPrefix's syntax and checks the schema as the text arrives: an object's keys are among its
+`properties` (each once; any key where `additionalProperties` is true or a schema, or where neither it nor
+properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), or
+keys a `patternProperties` regex finds (such an object is closed alike; a key that would have to satisfy two
+different schemas, a property's and a pattern's or two patterns', is refused), a key being typed is a prefix of one
+still allowed, `}` only once every `required` key is there, each value's first character fits its `type` (a list of
+types too), an `integer` has no fraction or exponent, `enum` / `const` values (any JSON) are typed as their compact
+JSON text, an array's elements follow `items`, between `minItems` and `maxItems` of them, `uniqueItems` (an element
+equal to an earlier one refused where it ends). `anyOf` (and a one-entry `allOf`) forks the reading: each
+alternative is followed until the text leaves it (readings that agree again are merged); `oneOf` too where it is a
+discriminated union (no value satisfies two alternatives); `$ref` points inside the schema (`#`, `#/$defs/...`),
+recursion included. A string's `pattern`, `format`, `minLength` / `maxLength` and a number's bounds and `multipleOf`
+are checked on its text so far (sobre.scalars). A `,` or key in an object with no key left to write is refused (it
+would be a dead end); a string whose pattern and maxLength leave no common completion can still dead-end (the engine
+then ends the answer there, finish_reason "length"). That is what pydantic models and OpenAI's strict mode use, and
+more; any other keyword (propertyNames, minProperties, ...), or a oneOf whose alternatives may overlap, is refused
+by `check_schema`, never ignored.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # 
 DEFS = {"$defs", "definitions"}
 CHOICE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
 BESIDE = {"enum": {"type"}, "const": {"type"}, "anyOf": {"discriminator"}, "oneOf": {"discriminator"}}  # (and DOC)
-KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "uniqueItems",
-            "discriminator", *CHOICE, *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
+KEYWORDS = {"type", "properties", "required", "additionalProperties", "patternProperties", "items", "minItems",
+            "maxItems", "uniqueItems", "discriminator", *CHOICE, *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 
@@ -83,6 +85,7 @@ class Schema:
         self.root = root
         self.alts: dict[int, list] = {}
         self.rules: dict[int, tuple[Text | None, Bounds | None]] = {}  # a part's string and number rules
+        self.patterns: dict[int, list[tuple[Text, dict]]] = {}  # an object's patternProperties: (key rule, schema)
         self.checked: set[int] = set()
         self._check(root, "schema")
         if any(not isinstance(a, dict) or _types(a) != {"object"} for a in self.expand(root)):
@@ -126,6 +129,14 @@ class Schema:
         extra = s.get("additionalProperties", False)
         if not isinstance(extra, bool):
             self._check(extra, f"{where}.additionalProperties")
+        patterns = s.get("patternProperties", {})
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{where}.patternProperties must be an object")
+        for pattern, sub in patterns.items():
+            self._check(sub, f"{where}.patternProperties.{pattern}")
+        if patterns:
+            self.patterns[id(s)] = [(Text({"pattern": p}, f"{where}.patternProperties"), sub)
+                                    for p, sub in patterns.items()]
         if "items" in s:
             self._check(s["items"], f"{where}.items")
         lo, hi = s.get("minItems", 0), s.get("maxItems", math.inf)
@@ -344,10 +355,10 @@ class _Reading(JsonPrefix):
             if ch == '"':
                 return self._key_done() and super()._char(ch)
             self.keybuf += ch
-            return ch != "\\" and (self._free_keys() or any(k.startswith(self.keybuf) for k in self._keys_left())) \
-                and super()._char(ch)
+            return ch != "\\" and (self._free_keys() or any(k.startswith(self.keybuf) for k in self._keys_left())
+                                    or any(t.viable(self.keybuf) for t, _ in self._patterns())) and super()._char(ch)
         if s in ("key_or_end", "key") and ch == '"':
-            if not (self._free_keys() or self._keys_left()):
+            if not self._more_keys():
                 return False
             self.keybuf = ""
         if s == "after" and ch == ",":
@@ -356,7 +367,7 @@ class _Reading(JsonPrefix):
                 if n >= schema.get("maxItems", math.inf):
                     return False
                 self.pending = schema.get("items", {})
-            elif not (self._free_keys() or self._keys_left()):  # (no key may follow: a dead end)
+            elif not self._more_keys():  # (no key may follow: a dead end)
                 return False
         return super()._char(ch)
 
@@ -364,19 +375,37 @@ class _Reading(JsonPrefix):
         schema, used, _ = self.ctx[-1]
         return [k for k in schema.get("properties", {}) if k not in used]
 
+    def _patterns(self) -> list[tuple[Text, dict]]:
+        return self.schema.patterns.get(id(self.ctx[-1][0]), [])
+
+    def _more_keys(self) -> bool:
+        """Whether another key may be written in the open object."""
+        return self._free_keys() or bool(self._keys_left()) or bool(self._patterns())
+
     def _free_keys(self) -> bool:
         """Whether the open object takes keys beyond its properties."""
         schema = self.ctx[-1][0]
-        return schema.get("additionalProperties", "properties" not in schema) is not False
+        return schema.get("additionalProperties", not {"properties", "patternProperties"} & set(schema)) is not False
 
     def _key_done(self) -> bool:
+        """The key ends: its value follows its property's schema and those of the patternProperties it matches,
+        else additionalProperties' (where allowed). A key that would hold a value to two different schemas at once
+        is not written (an allOf of them is beyond SchemaPrefix): refused, as an unknown key."""
         schema, used, n = self.ctx[-1]
-        props = schema.get("properties", {})
-        if self.keybuf in used or self.keybuf not in props and not self._free_keys():
+        key, props = self.keybuf, schema.get("properties", {})
+        if key in used:
             return False
-        self.ctx[-1] = (schema, used | {self.keybuf}, n)
-        extra = schema.get("additionalProperties", {})
-        self.pending = props[self.keybuf] if self.keybuf in props else extra if isinstance(extra, dict) else {}
+        subs = ([props[key]] if key in props else []) + [sub for t, sub in self._patterns() if t.done(key)]
+        if not subs:
+            if not self._free_keys():
+                return False
+            extra = schema.get("additionalProperties", {})
+            subs = [extra if isinstance(extra, dict) else {}]
+        rules = list({id(sub): sub for sub in subs if sub}.values())  # ({} allows any value)
+        if len(rules) > 1:
+            return False
+        self.ctx[-1] = (schema, used | {key}, n)
+        self.pending = rules[0] if rules else {}
         return True
 
     def _value(self, ch: str) -> bool:

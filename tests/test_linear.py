@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sobre import linear as L
-from sobre.experts import Groups, GroupedSwiGLU, grouped_ffn, stacked_weight
+from sobre.experts import GroupedSwiGLU, Groups, grouped_ffn, stacked_weight
 from sobre.loss import head_cross_entropy, head_logprobs
 
 pytestmark = pytest.mark.skipif(not L.ONEDNN, reason="this torch has no oneDNN (mkldnn)")

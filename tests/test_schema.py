@@ -27,16 +27,18 @@ SCHEMA = {"type": "object", "properties": {
 
 
 def closed(schema):
-    """The schema with sobre's one convention spelled out for the reference: an object with properties and no
-    additionalProperties takes no other key (OpenAI's strict mode asks for additionalProperties false)."""
+    """The schema with sobre's one convention spelled out for the reference: an object with properties (or
+    patternProperties) and no additionalProperties takes no other key (OpenAI's strict mode asks for
+    additionalProperties false)."""
     if isinstance(schema, list):
         return [closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: closed(v) if k in ("items", "additionalProperties", "anyOf", "allOf") else
-           {n: closed(v2) for n, v2 in v.items()} if k in ("properties", "$defs") else v for k, v in schema.items()}
-    return out | ({"additionalProperties": False} if "properties" in out and "additionalProperties" not in out
-                  else {})
+           {n: closed(v2) for n, v2 in v.items()} if k in ("properties", "patternProperties", "$defs") else v
+           for k, v in schema.items()}
+    closes = ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out
+    return out | ({"additionalProperties": False} if closes else {})
 
 
 def valid(value, schema) -> bool:
@@ -424,7 +426,10 @@ def test_readings_stay_few():
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 0}}}, "multipleOf must be > 0"),
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 5, "minimum": 11, "maximum": 14}}},
      "no integer lies within its bounds that is a multiple of 5"),
-    ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
+    ({"type": "object", "propertyNames": {"pattern": "^a"}}, "'propertyNames'"),
+    ({"type": "object", "patternProperties": {"(a": {}}}, "not a regular expression"),
+    ({"type": "object", "patternProperties": ["^a"]}, "patternProperties must be an object"),
+    ({"type": "object", "patternProperties": {"^a": {"type": "text"}}}, "expected one or more"),
     ({"type": "object", "properties": {"a": {"oneOf": [{"type": "null"}]}}}, "discriminated union"),
     ({"type": "object", "properties": {"a": {"oneOf": [  # (both may be "x": they overlap)
         {"type": "object", "properties": {"k": {"enum": ["x", "y"]}}, "required": ["k"]},
@@ -492,6 +497,29 @@ def test_engine_decodes_objects_the_schema_allows(tmp_path):
         assert fed and (done[r].finish_reason == "length" or complete and valid(parse(text), schema)), text
 
 
+def test_engine_decodes_pattern_properties(tmp_path):
+    """Sampled rows under anchored patternProperties (short keys: a random model ends them) end on objects the
+    reference finds valid."""
+    schema = {"type": "object", "patternProperties": {"^x_[a-z]?$": {"enum": ["q", 7]}, "^n[0-9]$": {"type": "null"}},
+              "properties": {"id": {"type": "integer", "maximum": 9}}, "required": ["id"]}
+    tok = train_tokenizer(['{"id": 3, "x_ab": "q", "b_n": -1.5}', "Hello world, 42."] * 20, vocab_size=300,
+                          out=tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    eng = Engine(model, tok)
+    rids = [eng.add_request([5, 6 + i], max_new_tokens=80, json_schema=schema, temperature=1.0, seed=i)
+            for i in range(4)]
+    done, ends = {}, 0
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    for r in rids:
+        text = tok.decode(done[r].out)
+        fed, complete = run(text, schema)
+        assert fed and (done[r].finish_reason == "length" or complete and valid(parse(text), schema)), text
+        ends += done[r].finish_reason != "length"
+    assert ends  # (objects closed, not only cut short)
+
+
 def test_a_dead_end_ends_the_answer(tmp_path, monkeypatch):
     """Where no token of the vocabulary continues the object (here: a pattern whose search time is spent before
     it starts, so no string character fits), the answer ends there with a stop token, cut short: finish_reason
@@ -526,6 +554,64 @@ UNIQUE = {"type": "object", "properties": {
     "nums": {"type": "array", "items": {"type": "number"}, "uniqueItems": True},
     "sets": {"type": "array", "items": {"type": "array", "uniqueItems": True}, "uniqueItems": True},
     "objs": {"type": "array", "uniqueItems": True}, "free": {"type": "array"}}}
+
+
+# keys: "id" (a property), x_* (strings), *_n (numbers), x_*_n (both: refused), anything else (closed)
+PATTERNED = {"type": "object", "properties": {"id": {"type": "integer"}},
+             "patternProperties": {"^x_": {"type": "string", "maxLength": 3}, "_n$": {"type": "number"}},
+             "required": ["id"]}
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{"id": 1}', True), ('{"id": 1, "x_a": "abc", "b_n": 2.5, "x_": ""}', True),
+    ('{"x_zz": "", "id": 0, "_n": -1}', True), ('{"id": 1, "x_a": "abcd"}', False), ('{"id": 1, "x_a": 3}', False),
+    ('{"id": 1, "b_n": "s"}', False), ('{"id": 1, "zz": 1}', False), ('{"id": 1, "x_a_n": 1}', False),
+    ('{"id": 1, "x_a": "a", "x_a": "b"}', False), ('{"x_a": "a"}', False), ('{"id": 1, "x_a_', None),
+    ('{"id": 1, "q', None), ('{"id": 1, "b_n', None)])
+def test_pattern_properties(text, ok):
+    """patternProperties: a key a pattern finds takes that pattern's schema (the closed convention: no other key),
+    a key two different schemas would rule is refused, a key being typed may still become one a pattern finds."""
+    fed, done = run(text, PATTERNED)
+    assert (fed and done) if ok else (fed and not done) if ok is None else not fed
+    if ok:
+        assert valid(parse(text), PATTERNED)
+    if ok is False and not text.endswith('"x_a_n": 1}'):  # (that one is valid, but beyond SchemaPrefix)
+        try:
+            value = parse(text)
+        except ValueError:  # (a repeated key)
+            return
+        assert not valid(value, PATTERNED)
+
+
+def test_pattern_properties_against_the_reference_validator():
+    """Random objects of PATTERNED's keys (and others), random values, random edits: every text accepted to the
+    end is valid for the reference; each key a pattern allows alone is accepted with a valid value."""
+    rng = random.Random(0)
+    keys = ["id", "x_", "x_ab", "b_n", "_n", "x_b_n", "zz", "xa", "a_nb"]
+    values = ['"ab"', '""', '"abcd"', "1", "-2.5", "null", "[]", "{}", "true"]
+    accepted = 0
+    for _ in range(1500):
+        fits = {"id": ["1", "-3"], "x_": ['"ab"', '""'], "x_ab": ['"abc"'], "b_n": ["1", "-2.5"], "_n": ["0"]}
+        chosen = ["id"] * (rng.random() < 0.9) + rng.sample(keys[1:], rng.randrange(4))
+        items = [(k, rng.choice(fits[k] if k in fits and rng.random() < 0.8 else values)) for k in chosen]
+        rng.shuffle(items)
+        text = "{" + ", ".join(f'"{k}": {v}' for k, v in items) + "}"
+        pos = rng.randrange(len(text) + 1)
+        if rng.random() < 0.5:
+            text = text[:pos] + rng.choice(['"', ",", "x_", "_n", "1", ""]) + text[pos + rng.choice([0, 1]):]
+        fed, done = run(text, PATTERNED)
+        try:
+            value = parse(text)
+        except ValueError:
+            assert not (fed and done), text
+            continue
+        if fed and done:
+            accepted += 1
+            assert valid(value, PATTERNED), text
+        elif isinstance(value, dict) and valid(value, PATTERNED) and " " not in "".join(value) and \
+                not any(k.startswith("x_") and k.endswith("_n") for k in value):
+            raise AssertionError(f"a valid object refused: {text}")
+    assert accepted > 100
 
 
 @pytest.mark.parametrize("text,ok", [
