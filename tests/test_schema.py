@@ -484,17 +484,23 @@ def test_engine_decodes_objects_the_schema_allows(tmp_path):
     text = tok.decode(out)
     assert text.startswith('{"name": "x"') and valid(parse(text), schema) and "zz" not in parse(text), text
     model.head = head
-    eng = Engine(model, tok)
-    rids = [eng.add_request([5, 6 + i], max_new_tokens=40, json_schema=schema, temperature=1.0, seed=i)
+    sampled_objects(Engine(model, tok), schema, 40)
+
+
+def sampled_objects(eng: Engine, schema: dict, max_new_tokens: int) -> int:
+    """Four sampled rows under the schema: each a valid object, or cut short (finish_reason "length") on a prefix
+    of one; how many ended on their own."""
+    rids = [eng.add_request([5, 6 + i], max_new_tokens=max_new_tokens, json_schema=schema, temperature=1.0, seed=i)
             for i in range(4)]
     done = {}
     while eng.has_work():
         eng.step()
         done.update(eng.collect())
     for r in rids:
-        text = tok.decode(done[r].out)
+        text = eng.tokenizer.decode(done[r].out)
         fed, complete = run(text, schema)
         assert fed and (done[r].finish_reason == "length" or complete and valid(parse(text), schema)), text
+    return sum(done[r].finish_reason != "length" for r in rids)
 
 
 def test_engine_decodes_pattern_properties(tmp_path):
@@ -505,19 +511,7 @@ def test_engine_decodes_pattern_properties(tmp_path):
     tok = train_tokenizer(['{"id": 3, "x_ab": "q", "b_n": -1.5}', "Hello world, 42."] * 20, vocab_size=300,
                           out=tmp_path)
     model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
-    eng = Engine(model, tok)
-    rids = [eng.add_request([5, 6 + i], max_new_tokens=80, json_schema=schema, temperature=1.0, seed=i)
-            for i in range(4)]
-    done, ends = {}, 0
-    while eng.has_work():
-        eng.step()
-        done.update(eng.collect())
-    for r in rids:
-        text = tok.decode(done[r].out)
-        fed, complete = run(text, schema)
-        assert fed and (done[r].finish_reason == "length" or complete and valid(parse(text), schema)), text
-        ends += done[r].finish_reason != "length"
-    assert ends  # (objects closed, not only cut short)
+    assert sampled_objects(Engine(model, tok), schema, 80)  # (objects closed, not only cut short)
 
 
 def test_a_dead_end_ends_the_answer(tmp_path, monkeypatch):
