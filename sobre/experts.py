@@ -76,9 +76,7 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # g [R, D]
         xs, w1, w2, w3, *kept = ctx.saved_tensors
-        # weight gradients as each weight's storage ([E, in, out]: stacked_weight's), returned as [E, out, in]
-        g1, g3 = (w1.new_zeros(w1.shape[0], w1.shape[2], w1.shape[1]) for _ in range(2))
-        g2 = w2.new_zeros(w2.shape[0], w2.shape[2], w2.shape[1])
+        g1, g2, g3 = (torch.zeros_like(w) for w in (w1, w2, w3))  # (in the weights' layout: stacked_weight's or not)
         gx = []
         for (e, start, m, lo, hi), a, b in zip(ctx.wins, kept[0::2], kept[1::2]):
             dh = dnn(g[start:start + m], w2[e].t())  # [m, I]
@@ -91,9 +89,9 @@ class GroupedSwiGLU(torch.autograd.Function):
             for t in (h, da, db):  # the other experts' rows zeroed: the weight gradients sum over the window
                 t[:lo], t[hi:] = 0, 0
             rows = xs[start:start + m].t()
-            g1[e], g3[e], g2[e] = dnn(rows, da.t()), dnn(rows, db.t()), dnn(h.t(), g[start:start + m].t())
+            g1[e], g3[e], g2[e] = dnn(rows, da.t()).t(), dnn(rows, db.t()).t(), dnn(h.t(), g[start:start + m].t()).t()
         gx = torch.cat(gx) if gx else torch.zeros_like(xs)
-        return gx, g1.transpose(1, 2), g2.transpose(1, 2), g3.transpose(1, 2), None
+        return gx, g1, g2, g3, None
 
 
 def stacked_weight(w: torch.Tensor) -> nn.Parameter:

@@ -113,14 +113,17 @@ def test_grouped_linear_equals_a_loop_of_f_linear(calls, counts):
     assert all(r % L.GROUP_ROWS == 0 or r == sum(counts) for r in rows)
 
 
+@pytest.mark.parametrize("stored", ["stacked", "contiguous"])
 @pytest.mark.parametrize("counts", [[200, 0, 90, 310], [5, 0, 10, 1], [0, 0, 0, 0]], ids=["windows", "short", "empty"])
-def test_training_experts_run_on_onednn(counts):
+def test_training_experts_run_on_onednn(counts, stored):
     """A fp32 CPU SwiGLU over experts under autograd takes Groups' oneDNN layout (from ONEDNN_MACS an expert on
     average) and its fused, windowed GroupedSwiGLU (forced here for the short and empty cases) equals the
-    per-expert loop with oneDNN off, values and gradients."""
+    per-expert loop with oneDNN off, values and gradients; the weights stored as the model's (stacked_weight) or
+    plainly [E, out, in] (as FSDP2 lays them out)."""
     torch.manual_seed(0)
     xs0 = torch.randn(sum(counts), 256)
-    ws0 = [stacked_weight(torch.randn(4, *s) * 0.05).detach() for s in ((128, 256), (256, 128), (128, 256))]
+    ws0 = [torch.randn(4, *s) * 0.05 for s in ((128, 256), (256, 128), (128, 256))]
+    ws0 = [stacked_weight(w).detach() for w in ws0] if stored == "stacked" else ws0
     runs = []
     for fast in (True, False):
         L.ONEDNN = fast
@@ -134,7 +137,7 @@ def test_training_experts_run_on_onednn(counts):
             L.ONEDNN = True
         runs.append([out] + [t.grad for t in (xs, *ws)])
     for a, b in zip(*runs):
-        assert a.stride() == b.stride() or not a.numel()
+        assert a.stride() == b.stride() or not a.numel()  # (each gradient in its weight's layout)
         close(a, b, scale=10.0)
 
 
