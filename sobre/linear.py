@@ -138,11 +138,10 @@ class GroupedLinear(torch.autograd.Function):
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = _windowed(g, ctx.counts, w.shape[2], lambda rows, e: dnn(rows, w[e].t()))
-        if ctx.needs_input_grad[1]:  # [E, in, out]: each expert's transposed (stacked_weight's layout)
-            gw = w.new_zeros(w.shape[0], w.shape[2], w.shape[1])
+        if ctx.needs_input_grad[1]:  # [E, out, in] in w's layout (stacked_weight's: each [in, out] contiguous)
+            gw = torch.zeros_like(w)
             for e, start, _, lo, hi in windows(ctx.counts, x.shape[0]):
-                torch.mm(x[start + lo:start + hi].t(), g[start + lo:start + hi], out=gw[e])
-            gw = gw.transpose(1, 2)  # [E, out, in]
+                torch.mm(x[start + lo:start + hi].t(), g[start + lo:start + hi], out=gw[e].t())
         return gx, gw, None
 
 
