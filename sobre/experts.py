@@ -127,7 +127,7 @@ class Groups:
     expert's weights. fp32 on the CPU from ONEDNN_MACS an expert on average (training, long prefills): each
     expert's rows on oneDNN, in windows of a few sizes (GroupedSwiGLU for the SwiGLU, linear.grouped_linear for
     one product: V4's experts; a MoE layer's forward + backward 1.4x faster than through _grouped_mm, training
-    1.45x -> 1.49-1.57x transformers in bench/train.py).
+    1.45x -> 1.49-1.58x transformers in bench/train.py).
     _grouped_mm in bf16 on CPU (bf16 weights, or autocast, which would leave it in fp32, so the rows and weights are
     cast here) pads each expert's rows to a multiple of ALIGN_ROWS: oneDNN builds a kernel per matmul shape, and the
     row counts change every step (unaligned, a training MoE layer ran 2.5x slower than in fp32). Elementwise work
