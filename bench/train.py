@@ -89,7 +89,7 @@ def best_matmul_rate(reps: int = 10) -> float:
         bt = b.t().contiguous()
         products = [lambda a=a, b=b: a @ b]
         if DEV.type == "cpu" and sobre.linear.ONEDNN:
-            products.append(lambda a=a, bt=bt: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [None], ""))
+            products.append(lambda a=a, bt=bt: sobre.linear.dnn(a, bt))
         for product in products:
             for _ in range(reps):
                 sync()
