@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import dnn, grouped_linear, linear, onednn, windows
+from .linear import dnn, grad_weight, grouped_linear, linear, onednn, windows
 from .loss import matmul_dtype
 
 
@@ -88,8 +88,8 @@ class GroupedSwiGLU(torch.autograd.Function):
             h = silu.mul_(b)
             for t in (h, da, db):  # the other experts' rows zeroed: the weight gradients sum over the window
                 t[:lo], t[hi:] = 0, 0
-            rows = xs[start:start + m].t()
-            g1[e], g3[e], g2[e] = dnn(rows, da.t()).t(), dnn(rows, db.t()).t(), dnn(h.t(), g[start:start + m].t()).t()
+            rows = xs[start:start + m]
+            g1[e], g3[e], g2[e] = grad_weight(da, rows), grad_weight(db, rows), grad_weight(g[start:start + m], h)
         gx = torch.cat(gx) if gx else torch.zeros_like(xs)
         return gx, g1, g2, g3, None
 

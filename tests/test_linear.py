@@ -30,10 +30,12 @@ def close(a, b, scale=1.0):
     assert not a.numel() or (a - b).abs().max().item() <= 1e-5 * max(scale, b.abs().max().item())
 
 
-@pytest.mark.parametrize("rows,k,n,bias", [(700, 256, 1024, True), (2048, 64, 512, False), (33, 512, 4096, False)])
+@pytest.mark.parametrize("rows,k,n,bias", [(700, 256, 1024, True), (2048, 64, 512, False), (33, 512, 4096, False),
+                                            (300, 1024, 96, True)])
 def test_onednn_linear_equals_f_linear_with_gradients(calls, rows, k, n, bias):
     """Values and the input / weight / bias gradients of a product above ONEDNN_MACS, from a 3-D strided input
-    (rows 2048, k 64 -> n 512: the weight gradient's shape where oneDNN's other operand order is 1000x slower)."""
+    (rows 2048, k 64 -> n 512: the weight gradient's shape where oneDNN's other operand order is 1000x slower);
+    the weight gradient's product takes the narrower of g^T and x^T as its input (n < k: g^T)."""
     torch.manual_seed(0)
     x = torch.randn(2, k, rows).transpose(1, 2)  # [2, rows, k], not contiguous
     w, b = torch.randn(n, k) / k ** 0.5, torch.randn(n) if bias else None
@@ -46,6 +48,7 @@ def test_onednn_linear_equals_f_linear_with_gradients(calls, rows, k, n, bias):
     y.backward(g)
     want.backward(g)
     assert len(calls) == 3  # and both backward products
+    assert calls[2][0] == (min(n, k), 2 * rows)
     close(y, want)
     for a, b_ in zip(leaves, twins):
         close(a.grad, b_.grad, scale=10.0)
