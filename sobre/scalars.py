@@ -91,6 +91,10 @@ class Text:
             (self.format is None or self.format.fullmatch(text, partial=True) is not None) and \
             (not self.dated or len(text) < 10 or _real_day(text[:10]))
 
+    def allows(self, text: str) -> bool:
+        """Does a whole string, not read character by character, satisfy every rule?"""
+        return self.viable(text) and self.done(text)
+
     def done(self, text: str) -> bool:
         """Does the string text satisfy every rule? (viable held for each of its prefixes and itself: sobre.schema
         checks it as every character arrives)"""

@@ -7,9 +7,12 @@ whose text would leave the language and draws again without it).
 properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), or
 keys a `patternProperties` regex finds (such an object is closed alike; a key that would have to satisfy two
 different schemas, a property's and a pattern's or two patterns', is refused), a key being typed is a prefix of one
-still allowed, `}` only once every `required` key is there, each value's first character fits its `type` (a list of
-types too), an `integer` has no fraction or exponent, `enum` / `const` values (any JSON) are typed as their compact
-JSON text, an array's elements follow `items`, between `minItems` and `maxItems` of them, `uniqueItems` (an element
+still allowed; every key follows `propertyNames` (a string schema: pattern, format, length, or an enum / const of
+strings) as it is typed; `}` only once every `required` key is there and `minProperties` keys, a `,` only below
+`maxProperties` (and once the required keys missing would fill it, only those may be written), each value's first
+character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const` values
+(any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems` and
+`maxItems` of them, `uniqueItems` (an element
 equal to an earlier one refused where it ends). `anyOf` (and a one-entry `allOf`) forks the reading: each
 alternative is followed until the text leaves it (readings that agree again are merged); `oneOf` too where it is a
 discriminated union (no value satisfies two alternatives); `$ref` points inside the schema (`#`, `#/$defs/...`),
@@ -17,7 +20,7 @@ recursion included. A string's `pattern`, `format`, `minLength` / `maxLength` an
 are checked on its text so far (sobre.scalars). A `,` or key in an object with no key left to write is refused (it
 would be a dead end); a string whose pattern and maxLength leave no common completion can still dead-end (the engine
 then ends the answer there, finish_reason "length"). That is what pydantic models and OpenAI's strict mode use, and
-more; any other keyword (propertyNames, minProperties, ...), or a oneOf whose alternatives may overlap, is refused
+more; any other keyword (if / then, dependentRequired, ...), or a oneOf whose alternatives may overlap, is refused
 by `check_schema`, never ignored.
 """
 
@@ -28,6 +31,8 @@ import math
 from fractions import Fraction
 from urllib.parse import unquote
 
+import regex
+
 from .constrain import DIGITS, ESCAPED, NUMBER_END, JsonPrefix, _number
 from .scalars import NUMBER_KEYS, STRING_KEYS, Bounds, Text
 
@@ -36,8 +41,10 @@ DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # 
 DEFS = {"$defs", "definitions"}
 CHOICE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
 BESIDE = {"enum": {"type"}, "const": {"type"}, "anyOf": {"discriminator"}, "oneOf": {"discriminator"}}  # (and DOC)
-KEYWORDS = {"type", "properties", "required", "additionalProperties", "patternProperties", "items", "minItems",
-            "maxItems", "uniqueItems", "discriminator", *CHOICE, *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
+KEYWORDS = {"type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+            "minProperties", "maxProperties", "items", "minItems", "maxItems", "uniqueItems", "discriminator", *CHOICE,
+            *DOC, *DEFS, *STRING_KEYS, *NUMBER_KEYS}
+NAME_KEYS = {"type", "enum", "const", *STRING_KEYS, *DOC}  # what a propertyNames schema may say (of a string)
 FIRST = {"{": "object", "[": "array", '"': "string", "t": "boolean", "f": "boolean", "n": "null"}
 
 
@@ -86,6 +93,7 @@ class Schema:
         self.alts: dict[int, list] = {}
         self.rules: dict[int, tuple[Text | None, Bounds | None]] = {}  # a part's string and number rules
         self.patterns: dict[int, list[tuple[Text, dict]]] = {}  # an object's patternProperties: (key rule, schema)
+        self.names: dict[int, Text] = {}  # an object's propertyNames, the rule every key follows
         self.checked: set[int] = set()
         self._check(root, "schema")
         if any(not isinstance(a, dict) or _types(a) != {"object"} for a in self.expand(root)):
@@ -137,6 +145,21 @@ class Schema:
         if patterns:
             self.patterns[id(s)] = [(Text({"pattern": p}, f"{where}.patternProperties"), sub)
                                     for p, sub in patterns.items()]
+        if "propertyNames" in s:
+            self.names[id(s)] = self._names(s["propertyNames"], f"{where}.propertyNames")
+            bad = [k for k in required if not self.names[id(s)].allows(k)]
+            if bad:
+                raise ValueError(f"{where}.required: key {bad[0]!r} does not satisfy propertyNames")
+        lo, hi = s.get("minProperties", 0), s.get("maxProperties", math.inf)
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in (lo, hi) if n != math.inf) or lo > hi:
+            raise ValueError(f"{where}: minProperties / maxProperties must be integers >= 0, minProperties <= "
+                             "maxProperties")
+        if len(required) > hi:
+            raise ValueError(f"{where}: maxProperties {hi} is below the {len(required)} required keys")
+        closed = s.get("additionalProperties", not {"properties", "patternProperties"} & set(s)) is False
+        keys = [k for k in props if id(s) not in self.names or self.names[id(s)].allows(k)]
+        if closed and not patterns and lo > len(keys):
+            raise ValueError(f"{where}: minProperties {lo}, but the object may hold only {len(keys)} keys")
         if "items" in s:
             self._check(s["items"], f"{where}.items")
         lo, hi = s.get("minItems", 0), s.get("maxItems", math.inf)
@@ -147,6 +170,21 @@ class Schema:
         integer = "integer" in _types(s) and "number" not in _types(s)
         self.rules[id(s)] = (Text(s, where) if set(STRING_KEYS) & set(s) else None,
                              Bounds(s, integer, where) if set(NUMBER_KEYS) & set(s) else None)
+
+    def _names(self, s, where: str) -> Text:
+        """A propertyNames schema as the rule of a key's text: a string's pattern / format / length, or an enum /
+        const of strings (as an anchored alternation)."""
+        if not isinstance(s, dict):
+            raise ValueError(f"{where} must be a JSON object")
+        if set(s) - NAME_KEYS or s.get("type", "string") != "string":
+            raise ValueError(f"{where}: supported as a string schema ({', '.join(sorted(NAME_KEYS - DOC))})")
+        values = s["enum"] if "enum" in s else [s["const"]] if "const" in s else None
+        if values is None:
+            return Text(s, where)
+        if set(STRING_KEYS) & set(s) or not isinstance(values, list) or not values or \
+                not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{where}: an enum / const of strings, alone")
+        return Text({"pattern": "^(?:" + "|".join(regex.escape(v) for v in values) + ")$"}, where)
 
     def _check_choice(self, s: dict, key: str, where: str) -> None:
         if key == "$ref":
@@ -355,8 +393,7 @@ class _Reading(JsonPrefix):
             if ch == '"':
                 return self._key_done() and super()._char(ch)
             self.keybuf += ch
-            return ch != "\\" and (self._free_keys() or any(k.startswith(self.keybuf) for k in self._keys_left())
-                                    or any(t.viable(self.keybuf) for t, _ in self._patterns())) and super()._char(ch)
+            return ch != "\\" and self._may_start(self.keybuf) and super()._char(ch)
         if s in ("key_or_end", "key") and ch == '"':
             if not self._more_keys():
                 return False
@@ -371,16 +408,32 @@ class _Reading(JsonPrefix):
                 return False
         return super()._char(ch)
 
+    def _may_start(self, key: str) -> bool:
+        """Can a key that starts with `key` still be written in the open object? (its propertyNames allow it; once
+        the required keys missing would fill maxProperties, only those)"""
+        schema, used, _ = self.ctx[-1]
+        names = self.schema.names.get(id(schema))
+        if names is not None and not names.viable(key):
+            return False
+        missing = set(schema.get("required", ())) - used
+        if len(used) + len(missing) >= schema.get("maxProperties", math.inf):
+            return any(k.startswith(key) for k in missing)
+        return self._free_keys() or any(k.startswith(key) for k in self._keys_left()) or \
+            any(t.viable(key) for t, _ in self._patterns())
+
     def _keys_left(self) -> list[str]:
         schema, used, _ = self.ctx[-1]
-        return [k for k in schema.get("properties", {}) if k not in used]
+        names = self.schema.names.get(id(schema))
+        return [k for k in schema.get("properties", {}) if k not in used and (names is None or names.allows(k))]
 
     def _patterns(self) -> list[tuple[Text, dict]]:
         return self.schema.patterns.get(id(self.ctx[-1][0]), [])
 
     def _more_keys(self) -> bool:
         """Whether another key may be written in the open object."""
-        return self._free_keys() or bool(self._keys_left()) or bool(self._patterns())
+        schema, used, _ = self.ctx[-1]
+        return len(used) < schema.get("maxProperties", math.inf) and (
+            self._free_keys() or bool(self._keys_left()) or bool(self._patterns()))
 
     def _free_keys(self) -> bool:
         """Whether the open object takes keys beyond its properties."""
@@ -393,7 +446,9 @@ class _Reading(JsonPrefix):
         is not written (an allOf of them is beyond SchemaPrefix): refused, as an unknown key."""
         schema, used, n = self.ctx[-1]
         key, props = self.keybuf, schema.get("properties", {})
-        if key in used:
+        names, missing = self.schema.names.get(id(schema)), set(schema.get("required", ())) - used
+        if key in used or names is not None and not names.done(key) or \
+                key not in missing and len(used) + len(missing) >= schema.get("maxProperties", math.inf):
             return False
         subs = ([props[key]] if key in props else []) + [sub for t, sub in self._patterns() if t.done(key)]
         if not subs:
@@ -477,7 +532,8 @@ class _Reading(JsonPrefix):
         if not self.ctx:
             return False
         schema, used, n = self.ctx[-1]
-        if ch == "}" and not set(schema.get("required", ())) <= used or ch == "]" and n < schema.get("minItems", 0):
+        if ch == "}" and (not set(schema.get("required", ())) <= used or len(used) < schema.get("minProperties", 0)) \
+                or ch == "]" and n < schema.get("minItems", 0):
             return False
         self.ctx.pop()
         return super()._close(ch)

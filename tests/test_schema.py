@@ -341,10 +341,10 @@ def test_pydantic_models():
     client's parse() sends) are accepted; objects pydantic dumps are read to the end, edits it would refuse are
     refused."""
     import enum
-    from typing import Literal
+    from typing import Annotated, Literal
 
     from openai.lib._pydantic import to_strict_json_schema
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 
     class Color(enum.Enum):
         red, blue = "red", "blue"
@@ -361,13 +361,17 @@ def test_pydantic_models():
         tree: Node
         scores: dict[str, float]
         tags: set[str]
+        marks: dict[Literal["math", "code"], int]  # (propertyNames: an enum)
+        notes: dict[Annotated[str, Field(pattern="^[a-z]+$")], str] = Field(min_length=1, max_length=2)
 
     good = Step(explanation="x", output=None, color=Color.blue, kind="b", tree=Node(name="r", kids=[
-        Node(name="s", kids=[])]), scores={"u": 1.5}, tags={"t"})
+        Node(name="s", kids=[])]), scores={"u": 1.5}, tags={"t"}, marks={"code": 2}, notes={"ab": "c"})
     text = good.model_dump_json()
     bad = [text.replace('"output":null', '"output":1.5'), text.replace('"blue"', '"green"'),
            text.replace('"kind":"b"', '"kind":"c"'), text.replace('{"u":1.5}', '{"u":"1"}'),
-           text.replace('{"name":"r",', '{'), text.replace('"kind":"b",', ''), text.replace('["t"]', '["t","t"]')]
+           text.replace('{"name":"r",', '{'), text.replace('"kind":"b",', ''), text.replace('["t"]', '["t","t"]'),
+           text.replace('{"code":2}', '{"cod":2}'), text.replace('{"ab":"c"}', '{}'),
+           text.replace('{"ab":"c"}', '{"ab":"c","b":"d","c":"e"}'), text.replace('{"ab":"c"}', '{"aB":"c"}')]
     assert len(set(bad)) == len(bad) and text not in bad
     for schema in (Step.model_json_schema(), to_strict_json_schema(Step)):
         check_schema(schema)
@@ -426,7 +430,19 @@ def test_readings_stay_few():
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 0}}}, "multipleOf must be > 0"),
     ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 5, "minimum": 11, "maximum": 14}}},
      "no integer lies within its bounds that is a multiple of 5"),
-    ({"type": "object", "propertyNames": {"pattern": "^a"}}, "'propertyNames'"),
+    ({"type": "object", "propertyNames": {"type": "integer"}}, "as a string schema"),
+    ({"type": "object", "propertyNames": {"items": {}}}, "as a string schema"),
+    ({"type": "object", "propertyNames": {"enum": ["a", 1]}}, "enum / const of strings"),
+    ({"type": "object", "propertyNames": {"enum": ["a"], "maxLength": 3}}, "enum / const of strings, alone"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["a"], "propertyNames": {"pattern": "^b"}},
+     "key 'a' does not satisfy propertyNames"),
+    ({"type": "object", "minProperties": 2, "maxProperties": 1}, "minProperties <= maxProperties"),
+    ({"type": "object", "maxProperties": -1}, "integers >= 0"),
+    ({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"], "maxProperties": 1},
+     "below the 2 required keys"),
+    ({"type": "object", "properties": {"a": {}, "b": {}}, "minProperties": 3}, "may hold only 2 keys"),
+    ({"type": "object", "properties": {"a": {}, "bb": {}}, "propertyNames": {"maxLength": 1}, "minProperties": 2},
+     "may hold only 1 keys"),
     ({"type": "object", "patternProperties": {"(a": {}}}, "not a regular expression"),
     ({"type": "object", "patternProperties": ["^a"]}, "patternProperties must be an object"),
     ({"type": "object", "patternProperties": {"^a": {"type": "text"}}}, "expected one or more"),
@@ -606,6 +622,81 @@ def test_pattern_properties_against_the_reference_validator():
                 not any(k.startswith("x_") and k.endswith("_n") for k in value):
             raise AssertionError(f"a valid object refused: {text}")
     assert accepted > 100
+
+
+# keys: "id" (required), "tag", any other lower-case key of up to 4 letters (an integer); 2 or 3 keys
+LIMITED = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"type": "string"}},
+           "additionalProperties": {"type": "integer"}, "propertyNames": {"pattern": "^[a-z]+$", "maxLength": 4},
+           "required": ["id"], "minProperties": 2, "maxProperties": 3}
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{"id": 1, "tag": "x"}', True), ('{"ab": 2, "cd": 3, "id": 1}', True), ('{"id": 1, "ab": 2, "cd": 3}', True),
+    ('{"id": 1}', False), ('{"id": 1, "ab": 2, "cd": 3, "ef": 4}', False), ('{"ab": 2, "cd": 3, "ef"', False),
+    ('{"ab": 2, "cd": 3, "i', None), ('{"id": 1, "Ab": 2}', False), ('{"id": 1, "abcde": 2}', False),
+    ('{"id": 1, "ab', None), ('{"id": 1, "tag": "x", "ab": "s"}', False), ('{"id": 1, "id": 2}', False)])
+def test_property_names_and_counts(text, ok):
+    """propertyNames: every key follows it as it is typed; minProperties: no `}` before that many keys;
+    maxProperties: no `,` past that many, and once the required keys missing would fill it, only those."""
+    fed, done = run(text, LIMITED)
+    assert (fed and done) if ok else (fed and not done) if ok is None else not fed
+    if ok:
+        assert valid(parse(text), LIMITED)
+    elif ok is False and not text.endswith('"ef"'):
+        try:
+            assert not valid(parse(text), LIMITED)
+        except ValueError:  # (a repeated key)
+            pass
+
+
+@pytest.mark.parametrize("text,ok", [('{"x": 1, "y.z": 2}', True), ('{"y.z": 2}', True), ('{}', True),
+                                     ('{"y": 1}', False), ('{"yaz": 1}', False), ('{"y', None)])
+def test_property_names_as_an_enum(text, ok):
+    """propertyNames given as an enum of strings (pydantic's dict[Literal[...], ...]): those keys only, as typed."""
+    schema = {"type": "object", "additionalProperties": {"type": "number"}, "propertyNames": {"enum": ["x", "y.z"]}}
+    fed, done = run(text, schema)
+    assert (fed and done) if ok else (fed and not done) if ok is None else not fed
+    assert ok is not True or valid(parse(text), schema)
+
+
+def test_property_names_and_counts_against_the_reference_validator():
+    """Random objects of LIMITED's keys (and others), random values, random edits: every text accepted to the end
+    is valid for the reference, every valid object is accepted."""
+    rng = random.Random(0)
+    keys = ["id", "tag", "ab", "cd", "wxyz", "Ab", "abcde", "a_b", "q"]
+    values = ['"ab"', '""', "1", "-3", "2.5", "null", "[]", "{}"]
+    accepted = 0
+    for _ in range(1500):
+        fits = {"id": ["1", "-3"], "tag": ['"ab"', '""'], "ab": ["1"], "cd": ["0"], "wxyz": ["7"], "q": ["2"]}
+        chosen = ["id"] * (rng.random() < 0.9) + rng.sample(keys[1:], rng.randrange(5))
+        items = [(k, rng.choice(fits[k] if k in fits and rng.random() < 0.8 else values)) for k in chosen]
+        rng.shuffle(items)
+        text = "{" + ", ".join(f'"{k}": {v}' for k, v in items) + "}"
+        pos = rng.randrange(len(text) + 1)
+        if rng.random() < 0.5:
+            text = text[:pos] + rng.choice(['"', ",", "a", "}", "1", ""]) + text[pos + rng.choice([0, 1]):]
+        fed, done = run(text, LIMITED)
+        try:
+            value = parse(text)
+        except ValueError:
+            assert not (fed and done), text
+            continue
+        if fed and done:
+            accepted += 1
+            assert valid(value, LIMITED), text
+        elif isinstance(value, dict) and valid(value, LIMITED) and " " not in "".join(value):
+            raise AssertionError(f"a valid object refused: {text}")
+    assert accepted > 100
+
+
+def test_engine_decodes_property_names_and_counts(tmp_path):
+    """Sampled rows under propertyNames, minProperties and maxProperties end on objects the reference finds valid
+    (or are cut short on a prefix of one)."""
+    schema = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9},
+              "propertyNames": {"pattern": "^[a-c]{1,2}$"}, "minProperties": 1, "maxProperties": 2}
+    tok = train_tokenizer(['{"a": 3, "bc": 4}', "Hello world, 42."] * 20, vocab_size=300, out=tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
+    assert sampled_objects(Engine(model, tok), schema, 80)
 
 
 @pytest.mark.parametrize("text,ok", [
