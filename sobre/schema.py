@@ -12,16 +12,15 @@ strings) as it is typed; `}` only once every `required` key is there and `minPro
 `maxProperties` (and once the required keys missing would fill it, only those may be written), each value's first
 character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const` values
 (any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems` and
-`maxItems` of them, `uniqueItems` (an element
-equal to an earlier one refused where it ends). `anyOf` (and a one-entry `allOf`) forks the reading: each
-alternative is followed until the text leaves it (readings that agree again are merged); `oneOf` too where it is a
-discriminated union (no value satisfies two alternatives); `$ref` points inside the schema (`#`, `#/$defs/...`),
-recursion included. A string's `pattern`, `format`, `minLength` / `maxLength` and a number's bounds and `multipleOf`
-are checked on its text so far (sobre.scalars). A `,` or key in an object with no key left to write is refused (it
-would be a dead end); a string whose pattern and maxLength leave no common completion can still dead-end (the engine
-then ends the answer there, finish_reason "length"). That is what pydantic models and OpenAI's strict mode use, and
-more; any other keyword (if / then, dependentRequired, ...), or a oneOf whose alternatives may overlap, is refused
-by `check_schema`, never ignored.
+`maxItems` of them, `uniqueItems` (an element equal to an earlier one refused where it ends). `anyOf` (and a
+one-entry `allOf`) forks the reading: each alternative is followed until the text leaves it (readings that agree
+again are merged); `oneOf` too where it is a discriminated union (no value satisfies two alternatives); `$ref`
+points inside the schema (`#`, `#/$defs/...`), recursion included. A string's `pattern`, `format`, `minLength` /
+`maxLength` and a number's bounds and `multipleOf` are checked on its text so far (sobre.scalars). A `,` or key in
+an object with no key left to write is refused (it would be a dead end); a string whose pattern and maxLength leave
+no common completion can still dead-end (the engine then ends the answer there, finish_reason "length"). That is
+what pydantic models and OpenAI's strict mode use, and more; any other keyword (if / then, dependentRequired, ...),
+or a oneOf whose alternatives may overlap, is refused by `check_schema`, never ignored.
 """
 
 from __future__ import annotations
