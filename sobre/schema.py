@@ -53,6 +53,12 @@ def check_schema(schema) -> None:
     Schema(schema)
 
 
+def _open(schema: dict) -> bool:
+    """Does an object take keys beyond its properties / patternProperties? (additionalProperties true or a schema;
+    unsaid: only where it has neither, the closed convention of OpenAI's strict mode)"""
+    return schema.get("additionalProperties", not {"properties", "patternProperties"} & set(schema)) is not False
+
+
 def _types(schema: dict) -> set[str]:
     t = schema.get("type")
     return set(t) if isinstance(t, list) else {t} if isinstance(t, str) else set()
@@ -93,6 +99,7 @@ class Schema:
         self.rules: dict[int, tuple[Text | None, Bounds | None]] = {}  # a part's string and number rules
         self.patterns: dict[int, list[tuple[Text, dict]]] = {}  # an object's patternProperties: (key rule, schema)
         self.names: dict[int, Text] = {}  # an object's propertyNames, the rule every key follows
+        self.keys: dict[int, list[str]] = {}  # an object's properties that propertyNames allows (where it has one)
         self.checked: set[int] = set()
         self._check(root, "schema")
         if any(not isinstance(a, dict) or _types(a) != {"object"} for a in self.expand(root)):
@@ -144,9 +151,10 @@ class Schema:
         if patterns:
             self.patterns[id(s)] = [(Text({"pattern": p}, f"{where}.patternProperties"), sub)
                                     for p, sub in patterns.items()]
-        if "propertyNames" in s:
-            self.names[id(s)] = self._names(s["propertyNames"], f"{where}.propertyNames")
-            bad = [k for k in required if not self.names[id(s)].allows(k)]
+        if "propertyNames" in s:  # (the properties it allows found once, not at every character of a key)
+            names = self.names[id(s)] = self._names(s["propertyNames"], f"{where}.propertyNames")
+            self.keys[id(s)] = [k for k in props if names.allows(k)]
+            bad = [k for k in required if k not in self.keys[id(s)]]
             if bad:
                 raise ValueError(f"{where}.required: key {bad[0]!r} does not satisfy propertyNames")
         lo, hi = s.get("minProperties", 0), s.get("maxProperties", math.inf)
@@ -155,9 +163,8 @@ class Schema:
                              "maxProperties")
         if len(required) > hi:
             raise ValueError(f"{where}: maxProperties {hi} is below the {len(required)} required keys")
-        closed = s.get("additionalProperties", not {"properties", "patternProperties"} & set(s)) is False
-        keys = [k for k in props if id(s) not in self.names or self.names[id(s)].allows(k)]
-        if closed and not patterns and lo > len(keys):
+        keys = self.keys.get(id(s), props)
+        if not _open(s) and not patterns and lo > len(keys):
             raise ValueError(f"{where}: minProperties {lo}, but the object may hold only {len(keys)} keys")
         if "items" in s:
             self._check(s["items"], f"{where}.items")
@@ -414,16 +421,22 @@ class _Reading(JsonPrefix):
         names = self.schema.names.get(id(schema))
         if names is not None and not names.viable(key):
             return False
-        missing = set(schema.get("required", ())) - used
-        if len(used) + len(missing) >= schema.get("maxProperties", math.inf):
-            return any(k.startswith(key) for k in missing)
+        reserved = self._reserved()
+        if reserved is not None:
+            return any(k.startswith(key) for k in reserved)
         return self._free_keys() or any(k.startswith(key) for k in self._keys_left()) or \
             any(t.viable(key) for t, _ in self._patterns())
 
+    def _reserved(self) -> set[str] | None:
+        """The required keys the open object still misses, where they alone may still be written (they would fill
+        its maxProperties); else None."""
+        schema, used, _ = self.ctx[-1]
+        missing = set(schema.get("required", ())) - used
+        return missing if len(used) + len(missing) >= schema.get("maxProperties", math.inf) else None
+
     def _keys_left(self) -> list[str]:
         schema, used, _ = self.ctx[-1]
-        names = self.schema.names.get(id(schema))
-        return [k for k in schema.get("properties", {}) if k not in used and (names is None or names.allows(k))]
+        return [k for k in self.schema.keys.get(id(schema), schema.get("properties", {})) if k not in used]
 
     def _patterns(self) -> list[tuple[Text, dict]]:
         return self.schema.patterns.get(id(self.ctx[-1][0]), [])
@@ -436,8 +449,7 @@ class _Reading(JsonPrefix):
 
     def _free_keys(self) -> bool:
         """Whether the open object takes keys beyond its properties."""
-        schema = self.ctx[-1][0]
-        return schema.get("additionalProperties", not {"properties", "patternProperties"} & set(schema)) is not False
+        return _open(self.ctx[-1][0])
 
     def _key_done(self) -> bool:
         """The key ends: its value follows its property's schema and those of the patternProperties it matches,
@@ -445,9 +457,8 @@ class _Reading(JsonPrefix):
         is not written (an allOf of them is beyond SchemaPrefix): refused, as an unknown key."""
         schema, used, n = self.ctx[-1]
         key, props = self.keybuf, schema.get("properties", {})
-        names, missing = self.schema.names.get(id(schema)), set(schema.get("required", ())) - used
-        if key in used or names is not None and not names.done(key) or \
-                key not in missing and len(used) + len(missing) >= schema.get("maxProperties", math.inf):
+        names, reserved = self.schema.names.get(id(schema)), self._reserved()
+        if key in used or names is not None and not names.done(key) or reserved is not None and key not in reserved:
             return False
         subs = ([props[key]] if key in props else []) + [sub for t, sub in self._patterns() if t.done(key)]
         if not subs:
