@@ -16,29 +16,34 @@ from .linear import dnn, grad_weight, grouped_linear, linear, onednn, windows
 from .loss import matmul_dtype
 
 
-def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False):
-    """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, groups) over them (groups: the
-    counts per expert, or a Groups layout), weigh each by its routing weight and sum back per token.
+def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=None):
+    """Grouped dispatch: sort the N*K (token, expert) pairs by expert, ffn(rows, groups) over them (groups: a
+    Groups layout), weigh each by its routing weight and sum back per token.
     x [N, D], w/idx [N, K]. traceable=True (ffn takes a Groups): under torch.compile without autograd, when the
     pairs number at most the experts (a decode step of one or a few tokens), each pair multiplies its own
     gathered copy of its expert's weights: static shapes, no host sync, so the step compiles to one graph.
-    Otherwise eager (host-side counts)."""
+    Otherwise eager (host-side counts). swiglu (w1, w2, w3: ffn is grouped_ffn over them): in Groups' oneDNN
+    layout the gather, the weighing and the sum back run inside GroupedSwiGLU, window by window."""
     if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
         N, K = idx.shape  # (pairs in token order: nothing to sort)
         out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
         return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1).to(x.dtype)
-    return eager_dispatch(x, w, idx, n_experts, ffn)
+    return eager_dispatch(x, w, idx, n_experts, ffn, swiglu)
 
 
 @torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
-def eager_dispatch(x, w, idx, n_experts: int, ffn):
+def eager_dispatch(x, w, idx, n_experts: int, ffn, swiglu=None):
     K = idx.shape[1]
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
     token = order // K
+    rw = w.flatten().index_select(0, order)  # [N*K] routing weights of the sorted pairs
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    groups = Groups(counts, x, swiglu[0]) if swiglu is not None else counts
+    if swiglu is not None and groups.mode == "onednn":
+        return GroupedSwiGLU.apply(x, *swiglu, counts, token, rw)
     # index_select, not x[token]: its backward is an index_add_ (CPU: 7x faster than indexing's index_put_)
-    out = ffn(x.index_select(0, token), torch.bincount(flat, minlength=n_experts).tolist())
-    out = out * w.flatten().index_select(0, order).unsqueeze(-1)  # (w fp32: the weighted sum in fp32, rounded once)
+    out = ffn(x.index_select(0, token), groups) * rw.unsqueeze(-1)  # (w fp32: the weighted sum in fp32, rounded once)
     return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
 
 
@@ -58,40 +63,66 @@ class GroupedSwiGLU(torch.autograd.Function):
     window too, with the other experts' rows of one factor zeroed (a NaN in such a row would reach this expert's
     gradient: it reaches the loss anyway). Layer by layer (grouped_linear's products with autograd's elementwise ops
     between) each of the six full-size results is cut from windows and gathered, and the elementwise ops read
-    and write full-size tensors out of cache. Its twin: the looped SwiGLU (tests/test_linear.py)."""
+    and write full-size tensors out of cache. Its twin: the looped SwiGLU (tests/test_linear.py).
+    Routed (token, rw given: dispatch's pairs): x [N, D] holds the tokens, the rows are x[token], each row's
+    SwiGLU is weighed by rw before its last product and the results are added back per token -> [N, D], all
+    window by window: no [N*K, D] rows gathered, weighed or summed out of cache (nor their gradients)."""
 
     @staticmethod
-    def forward(ctx, xs, w1, w2, w3, counts):  # xs [R, D], w1 / w3 [E, I, D], w2 [E, D, I]
-        wins = windows(counts, xs.shape[0])
+    def forward(ctx, x, w1, w2, w3, counts, token=None, rw=None):  # x [N, D] or rows [R, D]; w1 / w3 [E, I, D]
+        routed = token is not None  # w2 [E, D, I]; token / rw [R]
+        wins = windows(counts, len(token) if routed else x.shape[0])
+        out = torch.zeros_like(x, dtype=w2.dtype) if routed else None
         outs, kept = [], []
         for e, start, m, lo, hi in wins:
-            rows = xs[start:start + m]
+            rows = x.index_select(0, token[start:start + m]) if routed else x[start:start + m]
             a, b = dnn(rows, w1[e]), dnn(rows, w3[e])  # [m, I] each
-            outs.append(dnn(F.silu(a) * b, w2[e])[lo:hi])
+            h = F.silu(a) * b
+            y = dnn(h.mul_(rw[start:start + m, None]) if routed else h, w2[e])[lo:hi]
+            if routed:
+                out.index_add_(0, token[start + lo:start + hi], y)
+            else:
+                outs.append(y)
             kept += [a, b]
-        ctx.save_for_backward(xs, w1, w2, w3, *kept)
+        ctx.save_for_backward(x, w1, w2, w3, token, rw, *kept)
         ctx.wins = wins
-        return torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
+        if routed:
+            return out
+        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
 
     @staticmethod
-    def backward(ctx, g):  # g [R, D]
-        xs, w1, w2, w3, *kept = ctx.saved_tensors
+    def backward(ctx, g):  # g like the output
+        x, w1, w2, w3, token, rw, *kept = ctx.saved_tensors
+        routed = token is not None
         g1, g2, g3 = (torch.zeros_like(w) for w in (w1, w2, w3))  # (in the weights' layout: stacked_weight's or not)
-        gx = []
+        gx = torch.zeros_like(x) if routed else []
+        grw = torch.zeros_like(rw) if routed and ctx.needs_input_grad[6] else None
         for (e, start, m, lo, hi), a, b in zip(ctx.wins, kept[0::2], kept[1::2]):
-            dh = dnn(g[start:start + m], w2[e].t())  # [m, I]
+            pairs = token[start:start + m] if routed else None
+            rows = x.index_select(0, pairs) if routed else x[start:start + m]
+            gy = g.index_select(0, pairs) if routed else g[start:start + m]
+            dh = dnn(gy, w2[e].t())  # [m, I]: d loss / d (SwiGLU, weighed)
             sig = torch.sigmoid(a)
             silu = a * sig
+            h = silu * b
+            if routed:
+                if grw is not None:  # d loss / d rw: the row's unweighed SwiGLU . dh
+                    grw[start + lo:start + hi] = (dh[lo:hi] * h[lo:hi]).sum(-1)
+                dh.mul_(rw[start:start + m, None])
+                h.mul_(rw[start:start + m, None])
             db = dh * silu
             da = dh.mul_(b).mul_(sig * (1 + a * (1 - sig)))  # silu'(a) = sig(a) (1 + a (1 - sig(a)))
-            gx.append((dnn(da, w1[e].t()) + dnn(db, w3[e].t()))[lo:hi])
-            h = silu.mul_(b)
+            gr = (dnn(da, w1[e].t()) + dnn(db, w3[e].t()))[lo:hi]
+            if routed:
+                gx.index_add_(0, token[start + lo:start + hi], gr)
+            else:
+                gx.append(gr)
             for t in (h, da, db):  # the other experts' rows zeroed: the weight gradients sum over the window
                 t[:lo], t[hi:] = 0, 0
-            rows = xs[start:start + m]
-            g1[e], g3[e], g2[e] = grad_weight(da, rows), grad_weight(db, rows), grad_weight(g[start:start + m], h)
-        gx = torch.cat(gx) if gx else torch.zeros_like(xs)
-        return gx, g1, g2, g3, None
+            g1[e], g3[e], g2[e] = grad_weight(da, rows), grad_weight(db, rows), grad_weight(gy, h)
+        if not routed:
+            gx = torch.cat(gx) if gx else torch.zeros_like(x)
+        return gx, g1, g2, g3, None, None, grw
 
 
 def stacked_weight(w: torch.Tensor) -> nn.Parameter:

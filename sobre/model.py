@@ -355,8 +355,9 @@ class Experts(nn.Module):
 
     def forward(self, x, w, idx):
         """x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
-        return dispatch(x, w, idx, self.w1.shape[0],
-                        lambda xs, groups: self.grouped(xs, groups, self.w1, self.w2, self.w3), traceable=True)
+        ws = self.w1, self.w2, self.w3
+        return dispatch(x, w, idx, self.w1.shape[0], lambda xs, groups: self.grouped(xs, groups, *ws),
+                        traceable=True, swiglu=ws)
 
     def grouped(self, xs, counts: list[int] | Groups, w1, w2, w3):
         """The experts' FFN on rows sorted by expert, with the given (possibly sharded) stacked weights: the

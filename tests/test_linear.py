@@ -144,6 +144,40 @@ def test_training_experts_run_on_onednn(counts, stored):
         close(a, b, scale=10.0)
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_routed_swiglu_gathers_weighs_and_sums_back_in_windows(K):
+    """GroupedSwiGLU routed (dispatch's oneDNN path: tokens gathered, each pair weighed and summed back per token,
+    window by window) equals the unfused dispatch (gather all pairs, the per-expert loop with oneDNN off, weigh,
+    index_add_), values and the gradients of the tokens, every weight and the routing weights; an expert with no
+    pairs keeps zero gradients."""
+    from sobre.experts import dispatch, eager_dispatch
+    torch.manual_seed(0)
+    N, E = 512, 5
+    x0 = torch.randn(N, 256)
+    idx = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])  # [N, K], expert E - 1 never chosen
+    w0 = torch.rand(N, K)
+    ws0 = [stacked_weight(torch.randn(E, *s) * 0.05).detach() for s in ((128, 256), (256, 128), (128, 256))]
+    runs = []
+    for fused in (True, False):
+        L.ONEDNN = fused
+        try:
+            x, w, *ws = (t.clone().requires_grad_() for t in (x0, w0, *ws0))
+            ffn = lambda xs, groups, ws=ws: grouped_ffn(xs, groups, *ws)  # noqa: E731
+            if fused:
+                counts = torch.bincount(idx.flatten(), minlength=E).tolist()
+                assert Groups(counts, x, ws[0]).mode == "onednn"
+                out = dispatch(x, w, idx, E, ffn, swiglu=ws)
+            else:
+                out = eager_dispatch(x, w, idx, E, ffn)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        finally:
+            L.ONEDNN = True
+        runs.append([out] + [t.grad for t in (x, w, *ws)])
+    for a, b in zip(*runs):
+        close(a, b, scale=10.0)
+    assert all(not t.grad[E - 1].any() for t in ws)
+
+
 def test_tiny_model_trains_alike_on_onednn_and_mkl(monkeypatch):
     """The tiny preset (routed experts large enough for GroupedSwiGLU), a loss's gradients: oneDNN everywhere vs
     the switch off (MKL, _grouped_mm), and under activation checkpointing (the windows recomputed) vs not."""
