@@ -322,7 +322,8 @@ class Engine:
             if T <= 0:
                 return
             tokens = torch.tensor([s.ahead(lo + k + 1, lo + k + 1 + T, [])], device=self.device)
-            out = self.model.mtp_hidden(s.mtp_in[k][None, :T], tokens, self._batch([s], T, mtp=k, prefill=True), k)
+            out = self.model.mtp_hidden(s.mtp_in[k][None, :T], tokens, self._batch([s], T, mtp=k, prefill=True), k,
+                                        last=k + 1 == self.drafts)
             s.mtp_in[k] = s.mtp_in[k][T:]
             if k + 1 < self.drafts:
                 s.mtp_in[k + 1] = torch.cat([s.mtp_in[k + 1], out[0]])

@@ -413,8 +413,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
         self.ffn = MoE(c) if c.is_moe_layer(layer_id) else MLP(c.dim, c.inter_dim, c.mlp_bias)
 
-    def forward(self, x, rope, mask, cache=None):
+    def forward(self, x, rope, mask, cache=None, last: bool = False):  # last: the FFN of the last position only
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        if last:
+            x = x[:, -1:]
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -429,9 +431,9 @@ class MTPLayer(nn.Module):
         self.block = Block(c, layer_id)
         self.norm = RMSNorm(c.dim, c.norm_eps)  # shared_head.norm; the head itself is the model's
 
-    def forward(self, h, emb, rope, mask, cache=None):  # h, emb [B, T, D] -> [B, T, D] (normed)
+    def forward(self, h, emb, rope, mask, cache=None, last: bool = False):  # h, emb [B, T, D] -> [B, T | 1, D]
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, rope, mask, cache))
+        return self.norm(self.block(x, rope, mask, cache, last))
 
 
 class Transformer(nn.Module):
@@ -475,12 +477,13 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, cache)
         return h, h
 
-    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0) -> torch.Tensor:
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0, last: bool = False):
         """Incremental MTP module k (0-based; the engine's draft model). h [B, T, D] are the hiddens of module
         k - 1 (k = 0: the main model's) at positions i, tokens [B, T] the tokens at i + k + 1; returns the MTP
-        hiddens that predict i + k + 2."""
+        hiddens that predict i + k + 2 [B, T, D], or (last=True: the last module's draft reads no other row)
+        only the last position's [B, 1, D]: every row's attention entry is cached, the FFN runs on one row."""
         pos = cache.positions(tokens)
-        out = self.mtp[k](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache)
+        out = self.mtp[k](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache, last)
         cache.advance(tokens.shape[1])
         return out
 

@@ -41,9 +41,9 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
             step, g = eng._chunk(T), []
             for j in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
                 batch = eng._batch(group, min(step, T - j), mtp=k, prefill=True)  # rows kept at block ends)
-                g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k))
+                g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k, last=k + 1 == D))
             for i, row in zip(idx, torch.cat(g, 1)):
-                outs[i] = row  # [T, D]
+                outs[i] = row  # [T, D] (the last layer: [chunks, D], the last row its draft's)
         q_logits.append(eng._penalized(seqs, m.head(torch.stack([o[-1] for o in outs]))))
         picked = sample(q_logits[-1], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for d, t in zip(drafts, picked):

@@ -455,9 +455,11 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.attn_hc, self.ffn_hc = HyperConnection(c), HyperConnection(c)
 
-    def forward(self, h, tokens, pos, rope, see, cache):  # h [B, T, N, D]
+    def forward(self, h, tokens, pos, rope, see, cache, last: bool = False):  # h [B, T, N, D]
         post, comb, x = self.attn_hc(h)
         h = hc_apply(h, post, comb, self.self_attn(self.input_layernorm(x), pos, rope, see, cache))
+        if last:  # the FFN of the last position only
+            h, tokens = h[:, -1:], tokens[:, -1:]
         post, comb, x = self.ffn_hc(h)
         return hc_apply(h, post, comb, self.mlp(self.post_attention_layernorm(x), tokens))
 
@@ -477,9 +479,9 @@ class MTPLayer(nn.Module):
         self.hc_head = HyperHead(c)
         self.norm = RMSNorm(c.dim, c.norm_eps)
 
-    def forward(self, h, emb, tokens, pos, rope, see, cache=None):  # -> streams [B, T, N, D], normed [B, T, D]
-        x = self.h_proj(self.hnorm(h)) + self.e_proj(self.enorm(emb))[:, :, None]
-        x = self.block(x, tokens, pos, rope, see, cache)
+    def forward(self, h, emb, tokens, pos, rope, see, cache=None, last: bool = False):  # -> streams [B, T, N, D],
+        x = self.h_proj(self.hnorm(h)) + self.e_proj(self.enorm(emb))[:, :, None]  # normed [B, T, D] (last: T = 1)
+        x = self.block(x, tokens, pos, rope, see, cache, last)
         return x, self.norm(self.hc_head(x))
 
 
@@ -527,14 +529,15 @@ class V4Transformer(nn.Module):
         h = self.streams(tokens, cache)
         return self.norm(self.hc_head(h)), h
 
-    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0) -> torch.Tensor:
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, cache, k: int = 0, last: bool = False):
         """Incremental first MTP module (the engine's draft model): h [B, T, N, D] main streams at positions i,
-        tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict i + 2. V4 drafts one token:
-        a second module would read the first's streams, which this does not return (k > 0 is refused)."""
+        tokens [B, T] the tokens at i + 1 -> the MTP hiddens [B, T, D] that predict i + 2 (last=True: [B, 1, D],
+        the last position's, as the model's mtp_hidden). V4 drafts one token: a second module would read the
+        first's streams, which this does not return (k > 0 is refused)."""
         if k:
             raise ValueError("deepseek_v4 drafts one token a step (its first MTP module)")
         pos = positions(tokens, cache, self.config.max_seq_len)
-        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache)
+        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache, last)
         cache.advance(tokens.shape[1])
         return x
 

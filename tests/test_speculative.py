@@ -56,8 +56,8 @@ def use_oracle(model, monkeypatch):
     tokens (full forwards), so its draft is the main model's own greedy token k + 1 ahead."""
     mtp_hidden = model.mtp_hidden
 
-    def oracle(h, tokens, cache, k=0):
-        out = mtp_hidden(h, tokens, cache, k).clone()  # keeps the MTP cache bookkeeping real
+    def oracle(h, tokens, cache, k=0, last=False):
+        out = mtp_hidden(h, tokens, cache, k, last).clone()  # keeps the MTP cache bookkeeping real
         for b, s in enumerate(cache.seqs):
             seq = s.prompt + s.out
             for _ in range(k):
@@ -218,19 +218,21 @@ def test_two_drafts_mtp_hiddens_equal_the_whole_sequence_run(monkeypatch):
     """Whatever is accepted or rejected, every row each MTP layer computes while drafting (the catch-up over
     the positions verified since it last ran, and the draft's own) equals the training-time MTP layers run over
     the whole sequence with the drafts appended (mtp_hiddens: layer k at i reads layer k-1 at i and token
-    i + k + 1), so the layers' caches hold the right rows. A vocabulary of 8: drafts are often right."""
+    i + k + 1), so the layers' caches hold the right rows; the last layer returns its last row only (its FFN
+    runs on that one). A vocabulary of 8: drafts are often right."""
     model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=8), std=0.3)
     mtp_hidden, drafted, checked = model.mtp_hidden, {}, []
 
-    def check(h, tokens, cache, k=0):
-        out = mtp_hidden(h, tokens, cache, k)
+    def check(h, tokens, cache, k=0, last=False):
+        out = mtp_hidden(h, tokens, cache, k, last)
+        assert last == (k == 1) and out.shape[1] == (1 if last else h.shape[1])
         for b, s in enumerate(cache.seqs):
             drafted[s.rid] = [] if k == 0 else drafted[s.rid] + [int(tokens[b, -1])]  # d_1 .. d_k
             seq = torch.tensor([s.prompt + s.out + drafted[s.rid]])
             ref = model.mtp_hiddens(model.hidden(seq), seq)[k][0]  # [len - k - 1, D]
             end = len(s.prompt) + len(s.out) - 1  # the pending token's position: rows end just before it
             torch.testing.assert_close(out[b], ref[end - out.shape[1]:end], atol=1e-4, rtol=0)
-            checked.append(out.shape[1])
+            checked.append(h.shape[1])
         return out
 
     monkeypatch.setattr(model, "mtp_hidden", check)

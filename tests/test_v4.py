@@ -402,9 +402,9 @@ def test_speculative_decoding_with_the_mtp_module(monkeypatch):
     assert chunked.generate(prompts, max_new_tokens=14) == plain
     mtp_hidden, drafted = m.mtp_hidden, []
 
-    def oracle(h, tokens, cache, k=0):
-        out = mtp_hidden(h, tokens, cache, k)
-        drafted.extend((s.rid, cache.pos[b], out[b]) for b, s in enumerate(cache.seqs))  # the module's own
+    def oracle(h, tokens, cache, k=0, last=False):
+        out = mtp_hidden(h, tokens, cache, k, last)  # (last: the last row only)
+        drafted.extend((s.rid, cache.pos[b, -out.shape[1]:], out[b]) for b, s in enumerate(cache.seqs))
         out = out.clone()
         for b, s in enumerate(cache.seqs):  # the draft: the main model's next hidden, always right
             out[b, -1] = m.hidden(torch.tensor([s.prompt + s.out]))[0, -1]
@@ -567,8 +567,8 @@ def test_prefix_cache_keeps_the_mtp_ring_for_speculative_decoding(window, monkey
     prompts = [system + torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 13, 1)]
     mtp_hidden, log = m.mtp_hidden, {}
 
-    def record(h, tokens, cache, k=0):
-        out = mtp_hidden(h, tokens, cache, k)
+    def record(h, tokens, cache, k=0, last=False):
+        out = mtp_hidden(h, tokens, cache, k, last)
         for b, s in enumerate(cache.seqs):
             log.setdefault(s.rid, []).append(out[b, -1].clone())
         return out
