@@ -463,8 +463,8 @@ def test_chunked_prompt_feeds_the_mtp_layers_chunk_by_chunk(mtp_layers, monkeypa
     prompt = torch.randint(3, 500, (150,), generator=torch.Generator().manual_seed(2)).tolist()
     lengths = []  # tokens of each MTP forward
     mtp_hidden = model.mtp_hidden
-    monkeypatch.setattr(model, "mtp_hidden", lambda h, tokens, *a: lengths.append(tokens.shape[1]) or
-                        mtp_hidden(h, tokens, *a))
+    monkeypatch.setattr(model, "mtp_hidden", lambda h, tokens, *a, **kw: lengths.append(tokens.shape[1]) or
+                        mtp_hidden(h, tokens, *a, **kw))
 
     def prefill(chunk):  # -> the MTP layers' rows over the prompt once it is in, the longest MTP forward, the output
         lengths.clear()
