@@ -21,7 +21,7 @@ CHUNK_LOGITS = 1 << 21  # logits per chunk (8 MB in fp32): more rows than MIN_RO
 MIN_ROWS = 256  # rows a chunk at least (V 8192, 2048 rows: 0.39 s at 128 a chunk, 0.27 s at 256, plain 0.28 s)
 KEEP_GRADS = 1 << 24  # bf16 dL/dlogits kept for one weight-gradient matmul (32 MB)
 EXP_FLOOR = -87.0  # CPU exp of anything below ~-87.3 (a denormal result) or of -inf takes a slow path, 10-150x
-#   slower (one-off timing): exponents <= 0 clamped to it first (sparse.py): e^-87 = 1.6e-38, nothing next to 1
+#   slower (one-off timing): exponents <= 0 are clamped to it first: e^-87 = 1.6e-38, nothing next to the max's 1
 TINY_PROB = 1e-30  # a target's probability below this: its log-prob from the log-sum-exp, not log(p) (_softmax_parts)
 
 
@@ -119,7 +119,7 @@ class _HeadLogprobs(torch.autograd.Function):
         for i in range(0, h.shape[0], ctx.step):
             gc = g[i:i + ctx.step].float()
             logits = linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
-            d = torch.softmax(logits, -1).mul_(-gc[:, None])  # -g softmax
+            d = _softmax(logits).mul_(-gc[:, None])  # -g softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             grads.add(d.div_(ctx.temperature), slice(i, i + ctx.step))
         grad_h, grad_w = grads.done()
@@ -127,14 +127,14 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
-    """A chunk's logits [n, V] (fp32) -> (softmax [n, V], the targets' log-probs [n], the entropies [n] (or
-    None)). The softmax is ATen's row-wise kernel (each row's max, exp and sum while the row is in cache); the
-    targets' log-probs are the logs of their probabilities and the log-sum-exp follows from them (z_y - log p_y),
-    unless a target's probability lies below TINY_PROB (its log would lose digits, or be -inf): then the chunk's
-    log-sum-exp is computed whole. A [512, 4096] chunk on a 2-core AVX-512 EPYC: 0.9 ms, against 1.5 for max,
-    shift, clamp, exp and sums as separate passes over [n, V] (one-off timing)."""
-    p = torch.softmax(logits, -1)
-    zy = logits.gather(1, targets[:, None])[:, 0]
+    """A chunk's logits [n, V] (fp32, clamped in place) -> (softmax [n, V], the targets' log-probs [n], the
+    entropies [n] (or None)). The softmax is ATen's row-wise kernel (each row's max, exp and sum while the row is
+    in cache); the targets' log-probs are the logs of their probabilities and the log-sum-exp follows from them
+    (z_y - log p_y), unless a target's probability lies below TINY_PROB (its log would lose digits, or be -inf):
+    then the chunk's log-sum-exp is computed whole. A [512, 4096] chunk on a 2-core AVX-512 EPYC: 0.9 ms, against
+    1.5 for max, shift, clamp, exp and sums as separate passes over [n, V] (one-off timing)."""
+    zy = logits.gather(1, targets[:, None])[:, 0]  # (before the clamp: a target's log-prob may lie below it)
+    p = _softmax(logits)
     py = p.gather(1, targets[:, None])[:, 0]
     if (py < TINY_PROB).any():
         lse = torch.logsumexp(logits, -1)
@@ -144,6 +144,12 @@ def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
         lse = zy - lp
     ent = lse - torch.linalg.vecdot(p, logits) if entropy else None  # H = lse - sum(softmax * z)
     return p, lp, ent
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) [n, V], each row's logits first clamped in place to at least its max + EXP_FLOOR (no
+    exponent in exp's slow range; what it drops is below e^-87 of the max)."""
+    return torch.softmax(logits.clamp_(min=logits.amax(-1, keepdim=True) + EXP_FLOOR), -1)
 
 
 def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
