@@ -433,7 +433,7 @@ class MTPLayer(nn.Module):
 
     def forward(self, h, emb, rope, mask, cache=None, last: bool = False):  # h, emb [B, T, D] -> [B, T | 1, D]
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, rope, mask, cache, last))
+        return self.norm(self.block(x, rope, mask, cache, last=last))
 
 
 class Transformer(nn.Module):

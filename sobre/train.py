@@ -457,9 +457,9 @@ def compile_blocks(model: Transformer):
 
 def _compiled_without_cache(forward):
     compiled = torch.compile(forward)
-    def run(*args):  # every block call passes its cache last
+    def run(*args, **kw):  # every block call passes its cache last among its positional arguments
         cache = args[-1]
-        return (compiled if cache is None or getattr(cache, "stateless", False) else forward)(*args)
+        return (compiled if cache is None or getattr(cache, "stateless", False) else forward)(*args, **kw)
     return run
 
 

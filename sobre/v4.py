@@ -481,7 +481,7 @@ class MTPLayer(nn.Module):
 
     def forward(self, h, emb, tokens, pos, rope, see, cache=None, last: bool = False):  # -> streams [B, T, N, D],
         x = self.h_proj(self.hnorm(h)) + self.e_proj(self.enorm(emb))[:, :, None]  # normed [B, T, D] (last: T = 1)
-        x = self.block(x, tokens, pos, rope, see, cache, last)
+        x = self.block(x, tokens, pos, rope, see, cache, last=last)
         return x, self.norm(self.hc_head(x))
 
 

@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 import sobre
 from sobre.engine import Engine
 from sobre.sft import sft_loss
-from sobre.train import compile_blocks
+from sobre.train import blocks, compile_blocks
 
 from conftest import random_model
 
@@ -43,6 +43,17 @@ def test_compiled_blocks_train_like_eager():
     with torch.no_grad():  # a cached forward (sampling, GRPO rollouts) through the compiled model: eager blocks
         assert Engine(compiled).generate([[5, 9, 17]], max_new_tokens=6) == \
             Engine(eager).generate([[5, 9, 17]], max_new_tokens=6)
+
+
+def test_compile_blocks_compiles_every_block_the_mtp_modules_included(monkeypatch):
+    """A training forward with MTP goes through every block's compiled forward (torch.compile stood in for: it
+    records the blocks it runs), the MTP module's block too (its keyword arguments passed on)."""
+    ran = []
+    monkeypatch.setattr(torch, "compile", lambda f: lambda *a, **kw: ran.append(f.__self__) or f(*a, **kw))
+    m = random_model().train()
+    compile_blocks(m)
+    m(torch.randint(0, m.config.vocab_size, (2, 12)), mtp=True)
+    assert len(m.mtp) and {id(b) for b in ran} == {id(b) for b in blocks(m)}
 
 
 def _decode(eng, prompts, n):
