@@ -9,6 +9,9 @@ Loss variants (normalisation of the per-token clipped surrogate):
   dr_grpo  sum over all tokens / (completions x max_new_tokens); advantages r - mean (no std scaling)
   dapo     sum over all tokens / number of tokens; std-scaled advantages; clip-higher (epsilon_high 0.28),
            dynamic sampling (drop groups whose rewards are all equal, sample more) and overlong filtering
+importance "sequence" (GSPO, Qwen's, as TRL's importance_sampling_level): every token of a completion takes its
+sequence's ratio exp(mean_t(logp - old_logp)), clipped as one (GSPO runs epsilons of ~3e-4 / 4e-4); at mu = 1 its
+gradient equals the token-level one (each ratio is 1 where it is taken), so it changes the later epochs only.
 With beta = 0 a completion whose advantage is 0 (every completion of a group with equal rewards) has no
 gradient, so the update leaves it out (the normalisers still count it; `signal` logs the share that trains;
 `entropy` is the mean over the completions the update ran). TRL trains on them all.
@@ -52,6 +55,7 @@ from .train import (
 )
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
+IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
 LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
 
@@ -71,10 +75,20 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
-                n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None) -> tuple[torch.Tensor, dict]:
+                n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None,
+                importance: str = "token") -> tuple[torch.Tensor, dict]:
     """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
-    are the whole batch's (micro-batch losses then add up to the batch loss). Returns (loss, sums of stats)."""
-    ratio = torch.exp(logp - old_logp)
+    are the whole batch's (micro-batch losses then add up to the batch loss). importance "token": each token's
+    own ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. Returns
+    (loss, sums of stats)."""
+    if importance == "sequence":
+        m = mask.to(logp.dtype)
+        ratio = torch.exp(((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
+        ratio = ratio.expand_as(logp)  # [N, T]: one ratio a sequence
+    elif importance == "token":
+        ratio = torch.exp(logp - old_logp)
+    else:
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     a = adv[:, None]
     per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
@@ -199,6 +213,7 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
     temperature: float = 1.0
     top_p: float = 1.0
     loss: str = "grpo"  # grpo | dr_grpo | dapo
+    importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
     epsilon_low: float = 0.2
     epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo
     beta: float = 0.0  # k3 KL toward the starting model
@@ -223,6 +238,8 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
     def validate(self):
         if self.loss not in VARIANTS:
             raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"--importance must be one of {IMPORTANCE}, got {self.importance!r}")
         require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
                          "save_every", "eval_every", "eval_samples")
         if self.group < 2:
@@ -354,7 +371,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                                                              temperature=a.temperature, coef=coef)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
-                                   ref_lp[j] if ref_lp else None)
+                                   ref_lp[j] if ref_lp else None, a.importance)
             (surrogate[0] if linear else loss).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():

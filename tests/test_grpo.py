@@ -50,6 +50,17 @@ def test_loss_variants_match_hand_computed_values():
     assert loss_of("dapo", eps_high=0.28)[0].item() == pytest.approx((-1.28 - 0.9 + 0.8) / 3)  # clip-higher
     with pytest.raises(ValueError, match="loss must be"):
         loss_of("ppo")
+    # GSPO: each token takes its sequence's ratio exp(mean log-ratio): seq 0 sqrt(1.5 * 0.9) = 1.162 (not clipped),
+    # seq 1 0.7 (clipped to 0.8 with A < 0)
+    s0 = math.sqrt(1.5 * 0.9)
+    loss, st = loss_of("grpo", importance="sequence")
+    assert loss.item() == pytest.approx((-s0 + 0.8) / 2)
+    assert st["clip_high"] == 0 and st["clip_low"] == 1
+    assert loss_of("dapo", importance="sequence")[0].item() == pytest.approx((-2 * s0 + 0.8) / 3)
+    with pytest.raises(ValueError, match="importance must be"):
+        loss_of("grpo", importance="word")
+    with pytest.raises(ValueError, match="--importance"):
+        GRPOArgs(importance="word").validate()
 
 
 def test_k3_kl_and_the_beta_term():
@@ -137,6 +148,23 @@ def test_linear_surrogate_takes_the_general_step(variant, monkeypatch):
         a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9)  # no clipping: scales count
         steps.append(sgd_step(model, groups, a))
     same_step(model, steps)
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dapo"])
+def test_sequence_level_ratios_change_only_the_later_epochs(variant, monkeypatch):
+    """GSPO (importance="sequence") through autograd: at mu = 1 every ratio is 1 where the gradient is taken, so
+    its step equals the token-level one (and the linear surrogate's); with mu = 2 the second epoch's sequence
+    ratios differ from the tokens' and so does the step."""
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", False)
+    for mu, same in ((1, True), (2, False)):
+        steps = [sgd_step(model, groups, GRPOArgs(loss=variant, mu=mu, micro_batch=4, max_new_tokens=4,
+                                                  importance=imp, clip=1e9)) for imp in ("token", "sequence")]
+        if same:
+            same_step(model, steps)
+        else:
+            assert any(not torch.allclose(w, steps[1][1][n], atol=1e-6) for n, w in steps[0][1].items())
 
 
 @pytest.mark.parametrize("variant,mu", [("grpo", 1), ("dr_grpo", 1), ("dapo", 2)])
