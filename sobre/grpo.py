@@ -55,17 +55,23 @@ from .train import (
 )
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
+SCALES = ("group", "batch", "none")  # what the advantages are divided by: their group's reward std, the batch's, none
 IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
 LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
 
 
 # ---- the math (tested against hand-computed values) -----------------------------------------------
-def advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """rewards [P, G] -> group-relative advantages [P, G]: r - mean(group), divided by the group's std
-    (unbiased, as TRL) when scale. A group of equal rewards gets exactly 0 (its mean can round off them)."""
+def advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P, G] -> group-relative advantages [P, G]: r - mean(group), divided by the std (unbiased, as TRL)
+    of its group (scale "group"), of the whole batch ("batch": TRL's scale_rewards="batch") or by nothing
+    ("none": Dr. GRPO's). A group of equal rewards gets exactly 0 (its mean can round off them)."""
+    if scale not in SCALES:
+        raise ValueError(f"reward scaling must be one of {SCALES}, got {scale!r}")
     adv = (rewards - rewards.mean(1, keepdim=True)).masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0)
-    return adv / (rewards.std(1, keepdim=True) + eps) if scale else adv
+    if scale == "none":
+        return adv
+    return adv / ((rewards.std(1, keepdim=True) if scale == "group" else rewards.std()) + eps)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -214,6 +220,7 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
     top_p: float = 1.0
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
+    scale_rewards: str = ""  # group | batch | none (empty: the loss's own, none for dr_grpo, group for the others)
     epsilon_low: float = 0.2
     epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo
     beta: float = 0.0  # k3 KL toward the starting model
@@ -240,6 +247,8 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
             raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"--importance must be one of {IMPORTANCE}, got {self.importance!r}")
+        if self.scale_rewards not in ("",) + SCALES:
+            raise ValueError(f"--scale-rewards must be one of {SCALES}, got {self.scale_rewards!r}")
         require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
                          "save_every", "eval_every", "eval_samples")
         if self.group < 2:
@@ -323,7 +332,8 @@ def _reward(x: Rollout, a: GRPOArgs) -> float:
 
 def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool) -> dict:
     """mu epochs of one optimizer step each over the kept groups."""
-    adv = advantages(torch.stack([r for _, r in kept]), scale=a.loss != "dr_grpo").flatten()
+    scale = a.scale_rewards or ("none" if a.loss == "dr_grpo" else "group")
+    adv = advantages(torch.stack([r for _, r in kept]), scale).flatten()
     batch = [x for g, _ in kept for x in g]
     use = [not (overlong and x.truncated) for x in batch]
     batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use)].to(next(model.parameters()).device)

@@ -34,10 +34,16 @@ def test_group_relative_advantages():
     std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
     assert torch.allclose(advantages(r)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
     assert torch.equal(advantages(r)[1], torch.zeros(4))  # identical rewards: no signal
-    assert torch.equal(advantages(r, scale=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.equal(advantages(r, "none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    batch = math.sqrt(4 * 0.5 ** 2 / 7)  # unbiased std of all eight rewards (mean 0.5)
+    assert torch.allclose(advantages(r, "batch"), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]) / (batch + 1e-4))
     equal = torch.full((1, 7), 1.3)  # its mean rounds to 1.3 + 1.2e-7 (1e-3 once std-scaled): 0 all the same
-    assert torch.equal(advantages(equal), torch.zeros(1, 7))
-    assert torch.equal(advantages(equal, scale=False), torch.zeros(1, 7))
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(advantages(equal, scale), torch.zeros(1, 7))
+    with pytest.raises(ValueError, match="reward scaling"):
+        advantages(r, "z")
+    with pytest.raises(ValueError, match="--scale-rewards"):
+        GRPOArgs(scale_rewards="z").validate()
 
 
 def test_loss_variants_match_hand_computed_values():
