@@ -93,7 +93,8 @@ class Choice:
 # ---- the app --------------------------------------------------------------------------------------
 class EngineCounts:
     """The engine's own counts, read at scrape time from its latest snapshot: MTP drafts proposed / accepted
-    (acceptance = their ratio), prompt tokens served from the prefix cache / prefilled, cache blocks in use."""
+    (acceptance = their ratio), prompt tokens served from the prefix cache / prefilled, requests cancelled, cache
+    blocks in use."""
 
     def __init__(self, engine: EngineClient):
         self.engine = engine
@@ -109,7 +110,9 @@ class EngineCounts:
                                ("sobre_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
                                 "prefix_hit"),
                                ("sobre_prefix_cache_miss_tokens", "prompt tokens prefilled with the prefix cache on",
-                                "prefix_miss")):
+                                "prefix_miss"),
+                               ("sobre_cancelled_requests", "requests cancelled before they finished (client gone, "
+                                "timeout)", "cancelled")):
             yield CounterMetricFamily(name, doc, value=n[key])
         yield GaugeMetricFamily("sobre_running_sequences", "sequences in the running batch", value=n["running"])
         yield GaugeMetricFamily("sobre_kv_cache_usage", "fraction of the cache pool's blocks in use",

@@ -62,6 +62,7 @@ class Worker:
         self.engine, self.inbox, self.emit, self.alive = engine, inbox, emit, alive
         self.keys: dict[int, int] = {}  # engine request id -> request key
         self.rids: dict[int, int] = {}  # request key -> engine request id
+        self.cancelled = 0  # requests cancelled before they finished (client gone, timeout)
 
     def run(self):
         while self.alive():
@@ -76,7 +77,7 @@ class Worker:
 
     def counts(self) -> dict:
         e = self.engine
-        return {"running": e.in_flight(), "blocks": e.pool.n_blocks - 1,
+        return {"running": e.in_flight(), "blocks": e.pool.n_blocks - 1, "cancelled": self.cancelled,
                 "blocks_free": e.pool.available(), **{f"spec_{k}": v for k, v in e.spec_stats.items()},
                 **{f"prefix_{k}": v for k, v in e.prefix_stats.items()}}
 
@@ -104,6 +105,7 @@ class Worker:
                 del self.keys[rid]
                 self.engine.cancel(rid)
                 self.engine.collect()
+                self.cancelled += 1
 
     def _step(self) -> list:
         try:

@@ -370,8 +370,10 @@ def test_sixteen_concurrent_streams_match_solo_greedy(live, ref):
 
 
 def test_disconnect_cancels_and_frees_cache(live):
+    """A client that goes away mid-stream: its request is cancelled (the engine counts it: not left to run its
+    4000 tokens out) and its cache blocks come back."""
     counts = live.srv.loop.counts  # the engine process's latest snapshot
-    free = counts["blocks_free"]
+    free, cancelled = counts["blocks_free"], counts["cancelled"]
     with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4000,
                                                                   "ignore_eos": True, "stream": True}) as r:
         next(r.iter_lines())
@@ -385,7 +387,9 @@ def test_disconnect_cancels_and_frees_cache(live):
         time.sleep(0.05)
     assert live.srv.loop.counts["running"] == 0 and live.srv.loop.counts["blocks_free"] == free, (
         live.srv.loop.counts, free)
-    assert "sobre_kv_cache_usage 0.0" in httpx.get(live.url + "/metrics").text
+    assert live.srv.loop.counts["cancelled"] == cancelled + 1
+    metrics = httpx.get(live.url + "/metrics").text
+    assert "sobre_kv_cache_usage 0.0" in metrics and f"sobre_cancelled_requests_total {cancelled + 1}.0" in metrics
 
 
 BAD = [  # (body, content-type, status)
@@ -445,7 +449,7 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
                      "sobre_generation_tokens_total", "sobre_spec_draft_tokens_total 0.0",
                      "sobre_spec_accepted_tokens_total 0.0", "sobre_spec_drafts_total 0.0",
                      "sobre_spec_stopped_sequences_total 0.0",
-                     "sobre_prefix_cache_hit_tokens_total"):
+                     "sobre_prefix_cache_hit_tokens_total", "sobre_cancelled_requests_total"):
             assert name in metrics
 
 
