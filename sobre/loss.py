@@ -118,7 +118,7 @@ class _HeadLogprobs(torch.autograd.Function):
         for i in range(0, h.shape[0], ctx.step):
             gc = g[i:i + ctx.step].float()
             logits = linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
-            d = _softmax(logits).mul_(-gc[:, None])  # -g softmax
+            d = _softmax(logits)[0].mul_(-gc[:, None])  # -g softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             grads.add(d.div_(ctx.temperature), slice(i, i + ctx.step))
         grad_h, grad_w = grads.done()
@@ -133,17 +133,17 @@ def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
     (max, clamp, softmax, its max, the entropy's dot product) where max, shift, clamp, exp, sum and the entropy's
     product and sum took seven."""
     zy = logits.gather(1, targets[:, None])[:, 0]  # (before the clamp: a target's log-prob may lie below it)
-    m = logits.amax(-1, keepdim=True)
-    p = torch.softmax(logits.clamp_(min=m + EXP_FLOOR), -1)
-    lse = m[:, 0] - p.amax(-1).log()
+    p, m = _softmax(logits)
+    lse = m - p.amax(-1).log()
     ent = lse - torch.linalg.vecdot(p, logits) if entropy else None  # H = lse - sum(softmax * z)
     return p, zy - lse, ent
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) [n, V], each row's logits first clamped in place to at least its max + EXP_FLOOR (no
-    exponent in exp's slow range; what it drops is below e^-87 of the max)."""
-    return torch.softmax(logits.clamp_(min=logits.amax(-1, keepdim=True) + EXP_FLOOR), -1)
+def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(logits) [n, V], each row's max [n]), the logits [n, V] first clamped in place to at least their
+    row's max + EXP_FLOOR (no exponent in exp's slow range; what it drops is below e^-87 of the max)."""
+    m = logits.amax(-1, keepdim=True)
+    return torch.softmax(logits.clamp_(min=m + EXP_FLOOR), -1), m[:, 0]
 
 
 def matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -483,7 +483,7 @@ class Transformer(nn.Module):
         hiddens that predict i + k + 2 [B, T, D], or (last=True: the last module's draft reads no other row)
         only the last position's [B, 1, D]: every row's attention entry is cached, the FFN runs on one row."""
         pos = cache.positions(tokens)
-        out = self.mtp[k](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache, last)
+        out = self.mtp[k](h, self.embed(tokens), self.rope(pos), cache.mask(tokens), cache, last=last)
         cache.advance(tokens.shape[1])
         return out
 

@@ -537,7 +537,7 @@ class V4Transformer(nn.Module):
         if k:
             raise ValueError("deepseek_v4 drafts one token a step (its first MTP module)")
         pos = positions(tokens, cache, self.config.max_seq_len)
-        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache, last)
+        _, x = self.mtp[0](h, self.embed_tokens(tokens), tokens, pos, self.rope, None, cache, last=last)
         cache.advance(tokens.shape[1])
         return x
 
