@@ -381,7 +381,7 @@ def test_disconnect_cancels_and_frees_cache(live):
         while live.srv.loop.counts["running"] != 1 and time.time() < deadline:  # streams read running 0 here)
             time.sleep(0.01)
         assert live.srv.loop.counts["running"] == 1 and live.srv.loop.counts["blocks_free"] < free, (
-            live.srv.loop.counts, free)
+            live.srv.loop.counts, free, cancelled)
     deadline = time.time() + 30  # (a generous bound for a loaded machine: it failed once in a whole-suite run)
     while (live.srv.loop.counts["running"] or live.srv.loop.counts["blocks_free"] != free) and time.time() < deadline:
         time.sleep(0.05)
