@@ -376,13 +376,15 @@ def test_disconnect_cancels_and_frees_cache(live):
     free, cancelled = counts["blocks_free"], counts["cancelled"]
     with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4000,
                                                                   "ignore_eos": True, "stream": True}) as r:
-        next(r.iter_lines())
-        deadline = time.time() + 30  # (the snapshot is the engine's latest: one run in ~6 right after the sixteen
-        while live.srv.loop.counts["running"] != 1 and time.time() < deadline:  # streams read running 0 here)
+        lines = r.iter_lines()  # (held: `next(r.iter_lines())` left the iterator to the garbage collector, whose
+        next(lines)  # closing it closed the connection - the client gone early, in ~1 run of 40)
+        deadline = time.time() + 30
+        while live.srv.loop.counts["running"] != 1 and time.time() < deadline:
             time.sleep(0.01)
         assert live.srv.loop.counts["running"] == 1 and live.srv.loop.counts["blocks_free"] < free, (
             live.srv.loop.counts, free, cancelled)
-    deadline = time.time() + 30  # (a generous bound for a loaded machine: it failed once in a whole-suite run)
+        lines.close()
+    deadline = time.time() + 30  # (a generous bound for a loaded machine)
     while (live.srv.loop.counts["running"] or live.srv.loop.counts["blocks_free"] != free) and time.time() < deadline:
         time.sleep(0.05)
     assert live.srv.loop.counts["running"] == 0 and live.srv.loop.counts["blocks_free"] == free, (
