@@ -137,6 +137,8 @@ def stacked_weight(w: torch.Tensor) -> nn.Parameter:
 LOOP_EXPERTS = 0.5  # CPU inference: a loop over the active experts while at most this fraction of them have rows
 PAD_SLACK = 16  # CPU inference: experts' rows zero-padded into one bmm while padding adds at most this many rows a
 #   expert (E * largest count <= rows + PAD_SLACK * E; in bf16 also up to _grouped_mm's ALIGN_ROWS-aligned rows)
+OVERFLOW_ROWS = 32  # padded layout: an expert's rows past the cap C cost its own three matmuls, as much as this many
+#   padded rows (3 x ~12 us a call against ~1.2 us a row of the three bmm's, bench/moe.py's shapes)
 ALIGN_ROWS = 128  # CPU bf16 _grouped_mm: each expert's rows zero-padded to a multiple of this many
 
 
@@ -145,12 +147,15 @@ class Groups:
     torch._grouped_mm runs all experts in one call (CPU and CUDA). On CPU it runs one matmul per expert, empty ones
     included, and is slow at a few rows per expert, so CPU inference instead loops over the active experts when at
     most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every expert's
-    weights), or holds the rows zero-padded as [E, C, in] (C = the largest count: batched decode, short prefills) so
-    each matmul is one bmm (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python
-    bench/moe.py`) while the padding stays small: E * C <= rows + PAD_SLACK * E, or in bf16 no more rows than
-    _grouped_mm's aligned layout (below) would multiply (bf16 rollouts of 64 x 64 tokens: 1.95 -> 1.71 s, paired in
-    a one-off script, where skewed routing had sent their decode steps to 128 rows an expert; one layer alone,
-    `bench/moe.py --dtype bfloat16`'s skewed row, the two layouts forced are within its noise). (256 x 128 experts,
+    weights), or holds the rows zero-padded as [E, C, in] (batched decode, short prefills) so each matmul is one bmm
+    (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python bench/moe.py`) while the
+    padding stays small. C is the largest count, or in fp32 less where the few experts with more rows take the rest
+    in matmuls of their own (padded_rows: the least work counted in rows; a skewed 64-token layer 1.27 -> 1.15 ms,
+    GRPO rollouts of 64 x 64 tokens 3% faster); padded while that work is at most rows + PAD_SLACK * E, or in bf16
+    (C the largest count) E * C no more rows than _grouped_mm's aligned layout (below) would multiply (bf16
+    rollouts of 64 x 64 tokens: 1.95 -> 1.71 s, paired in a one-off script, where skewed routing had sent their
+    decode steps to 128 rows an expert; one layer alone, `bench/moe.py --dtype bfloat16`'s skewed row, the two
+    layouts forced are within its noise). (256 x 128 experts,
     their weights stored transposed, stacked_weight: padded / _grouped_mm SwiGLU time 0.70 at 256 rows evenly
     spread, 0.79 with E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm
     pays ~15 us a matmul call, per expert, that the bmm saves; padding costs compute per row.) Traced by
@@ -176,10 +181,18 @@ class Groups:
         rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts] if self.aligned else counts
         if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
-        elif cpu_inference and self.E * max(counts, default=0) <= max(sum(counts) + PAD_SLACK * self.E, sum(rows)):
-            self.mode = "padded"
-            C = self.C = max(counts)
-            self.dest = torch.tensor([e * C + j for e, n in enumerate(counts) for j in range(n)], device=xs.device)
+        elif cpu_inference and (C := padded_rows(counts, max(sum(counts) + PAD_SLACK * self.E, sum(rows)),
+                                                  overflow=not self.aligned)) is not None:
+            self.mode, self.C = "padded", C  # expert e's rows past C: its overflow, after the E * C padded rows
+            self.overflow, at = [], self.E * C  # (expert, its first layout row, rows)
+            for e, n in enumerate(counts):
+                if n > C:
+                    self.overflow.append((e, at, n - C))
+                    at += n - C
+            self.rows = at
+            past = {e: start - C for e, start, _ in self.overflow}  # row j >= C of expert e: layout row past[e] + j
+            self.dest = torch.tensor([e * C + j if j < C else past[e] + j for e, n in enumerate(counts)
+                                      for j in range(n)], device=xs.device)
         elif onednn(xs, w, sum(counts) * w.shape[1] * w.shape[2] // max(self.E, 1)):
             self.mode = "onednn"  # fp32 CPU, from ONEDNN_MACS an expert on average
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
@@ -206,23 +219,26 @@ class Groups:
         return g
 
     def pack(self, xs):  # [sum(counts), in] -> this layout
-        if self.mode == "padded":
-            return xs.new_zeros(self.E * self.C, xs.shape[1]).index_copy_(0, self.dest, xs).view(self.E, self.C, -1)
+        if self.mode == "padded":  # [E * C + overflow rows, in]
+            return xs.new_zeros(self.rows, xs.shape[1]).index_copy_(0, self.dest, xs)
         if self.mode == "grouped" and self.aligned:
             xs = xs.to(self.cast)
             return xs.new_zeros(int(self.offs[-1]), xs.shape[1]).index_copy(0, self.dest, xs)
         return xs.unsqueeze(1) if self.mode == "gathered" else xs
 
     def unpack(self, t):  # this layout -> [sum(counts), out]
-        if self.mode == "padded":
-            return t.view(-1, t.shape[-1]).index_select(0, self.dest)
-        if self.mode == "grouped" and self.aligned:
+        if self.mode == "padded" or self.mode == "grouped" and self.aligned:
             return t.index_select(0, self.dest)
         return t.squeeze(1) if self.mode == "gathered" else t
 
     def mm(self, t, w):  # each expert's rows @ w[e].T, in this layout
-        if self.mode == "padded":
-            return torch.bmm(t, w.transpose(1, 2))
+        if self.mode == "padded":  # one bmm over the padded rows, one matmul per expert's overflow
+            EC = self.E * self.C
+            out = t.new_empty(t.shape[0], w.shape[1])
+            torch.bmm(t[:EC].view(self.E, self.C, -1), w.transpose(1, 2), out=out[:EC].view(self.E, self.C, -1))
+            for e, start, m in self.overflow:
+                torch.mm(t[start:start + m], w[e].t(), out=out[start:start + m])
+            return out
         if self.mode == "gathered":  # (gathered from the transposed view: contiguous [R, in, out] copies)
             return torch.bmm(t, w.transpose(1, 2)[self.experts])
         if self.mode == "onednn":
@@ -233,6 +249,20 @@ class Groups:
                 out.register_hook(lambda g: g.contiguous())  # its backward wants a dense gradient
             return out
         return looped_mm(t, w, self.counts, self.unbind)
+
+
+def padded_rows(counts: list[int], budget: int, overflow: bool = True) -> int | None:
+    """The rows C each expert gets in Groups' padded layout: the C of the least work, counted in rows, E * C padded
+    rows + each overflowing expert's rows past C + OVERFLOW_ROWS for its own matmuls (overflow=False: C = the
+    largest count); None where that work exceeds budget rows."""
+    s = sorted(counts, reverse=True)
+    E, C, work, above = len(s), s[0] if s else 0, len(s) * (s[0] if s else 0), 0
+    for j in range(1, E if overflow else 1):  # C = s[j]: the j largest experts overflow
+        above += s[j - 1]
+        w = E * s[j] + above - j * s[j] + OVERFLOW_ROWS * j
+        if w < work:
+            C, work = s[j], w
+    return C if work <= budget else None
 
 
 def looped_mm(xs, w, counts: list[int], unbind: bool = False):

@@ -63,9 +63,12 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
 
 @pytest.mark.parametrize("stored", ["contiguous", "stacked"])
 @pytest.mark.parametrize("counts, mode", [([0, 1, 0, 0, 0, 0, 0, 2], "loop"), ([3, 0, 5, 1, 1, 2, 0, 4], "padded"),
-                                          ([40, 0, 7, 170, 1, 0, 9, 50], "grouped")])
+                                          ([3, 0, 30, 1, 1, 2, 0, 4], "padded 4"),
+                                          ([40, 0, 7, 170, 1, 0, 9, 50], "padded 9"),
+                                          ([40, 60, 7, 170, 1, 45, 9, 50], "grouped")])
 def test_expert_groups_equal_looped(counts, mode, stored):
-    """CPU inference loops over few active experts, pads rows into one bmm while padding adds few rows, else runs
+    """CPU inference loops over few active experts, pads rows into one bmm while padding adds few rows (each
+    expert's rows up to C there, "padded C": the few with more take the rest in matmuls of their own), else runs
     _grouped_mm: each matmul and a whole SwiGLU through the layout equal the per-expert loop; so does the
     SwiGLU with every row's expert weights gathered (Groups.gathered). Either storage of the weights: plain
     contiguous [E, out, in], or transposed in memory as the model's (stacked_weight)."""
@@ -77,7 +80,9 @@ def test_expert_groups_equal_looped(counts, mode, stored):
         assert w1.stride() == (40 * 24, 1, 40)
     with torch.no_grad():
         g = Groups(counts, xs, w1)
-        assert g.mode == mode
+        assert g.mode == mode.split()[0] and (mode == "padded") == (g.mode == "padded" and g.C == max(counts))
+        if mode.startswith("padded "):
+            assert g.C == int(mode.split()[1]) and g.overflow
         assert (g.unpack(g.mm(g.pack(xs), w1)) - looped_mm(xs, w1, counts)).abs().max() < 1e-5
         ref = looped_mm(F.silu(looped_mm(xs, w1, counts)) * looped_mm(xs, w3, counts), w2, counts)
         torch.testing.assert_close(grouped_ffn(xs, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
@@ -126,19 +131,23 @@ def test_aligned_bf16_groups_equal_looped(monkeypatch):
 
 def test_bf16_inference_pads_where_grouped_would_align():
     """CPU inference in bf16 takes the padded bmm wherever it multiplies no more rows than _grouped_mm's
-    ALIGN_ROWS-aligned layout would (a skewed decode batch: fp32 runs _grouped_mm there), and equals the loop."""
+    ALIGN_ROWS-aligned layout would (a skewed decode batch), every expert's rows padded (fp32 pads to the second
+    largest count there and multiplies the largest expert's rest alone), and equals the loop."""
     counts = [3, 0, 5, 1, 1, 2, 0, 40]  # 52 rows; padded 8 x 40 = 320 > 52 + 16 x 8, < 6 x 128 aligned
     g = torch.Generator().manual_seed(3)
     xs = torch.randn(sum(counts), 24, generator=g)
     w1, w2, w3 = (stacked_weight(torch.randn(8, *shape, generator=g) * 0.2).detach()
                   for shape in ((40, 24), (24, 40), (40, 24)))
     with torch.no_grad():
-        assert Groups(counts, xs, w1).mode == "grouped"
+        g = Groups(counts, xs, w1)
+        assert (g.mode, g.C, g.overflow) == ("padded", 5, [(7, 40, 35)])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert Groups(counts, xs, w1).mode == "padded"
+            g = Groups(counts, xs, w1)
+            assert (g.mode, g.C, g.overflow) == ("padded", 40, [])
             out = grouped_ffn(xs, counts, w1, w2, w3)
         xb, (b1, b2, b3) = xs.bfloat16(), (w.bfloat16() for w in (w1, w2, w3))
-        assert Groups(counts, xb, b1).mode == "padded"
+        g = Groups(counts, xb, b1)
+        assert (g.mode, g.C) == ("padded", 40)
         ref = looped_mm(F.silu(looped_mm(xb, b1, counts)) * looped_mm(xb, b3, counts), b2, counts).float()
         for got in (out, grouped_ffn(xb, counts, b1, b2, b3)):
             torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
