@@ -235,7 +235,8 @@ class Groups:
         if self.mode == "padded":  # one bmm over the padded rows, one matmul per expert's overflow
             EC = self.E * self.C
             out = t.new_empty(t.shape[0], w.shape[1])
-            torch.bmm(t[:EC].view(self.E, self.C, -1), w.transpose(1, 2), out=out[:EC].view(self.E, self.C, -1))
+            torch.bmm(t[:EC].view(self.E, self.C, t.shape[1]), w.transpose(1, 2),
+                      out=out[:EC].view(self.E, self.C, w.shape[1]))
             for e, start, m in self.overflow:
                 torch.mm(t[start:start + m], w[e].t(), out=out[start:start + m])
             return out

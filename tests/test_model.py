@@ -90,6 +90,29 @@ def test_expert_groups_equal_looped(counts, mode, stored):
         torch.testing.assert_close(grouped_ffn(xs, Groups.gathered(experts), w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("overflow_rows", [0, 32])
+def test_padded_layout_with_overflow_equals_looped(overflow_rows, monkeypatch):
+    """Random expert counts (zeros, one expert, skewed): whatever C padded_rows picks (0 included: every row an
+    overflow, where an overflowing expert costs nothing extra), the SwiGLU through the layout equals the loop."""
+    import sobre.experts
+    monkeypatch.setattr(sobre.experts, "OVERFLOW_ROWS", overflow_rows)
+    g = torch.Generator().manual_seed(overflow_rows)
+    caps = set()
+    for _ in range(40):
+        E = [1, 3, 8, 16][int(torch.randint(4, (), generator=g))]
+        counts = torch.tensor([0, 0, 1, 2, 5, 9, 30, 70])[torch.randint(8, (E,), generator=g)].tolist()
+        xs = torch.randn(sum(counts), 24, generator=g)
+        w1, w2, w3 = (stacked_weight(torch.randn(E, *shape, generator=g) * 0.2).detach()
+                      for shape in ((40, 24), (24, 40), (40, 24)))
+        with torch.no_grad():
+            layout = Groups(counts, xs, w1)
+            if layout.mode == "padded":
+                caps.add("zero" if layout.C == 0 else "overflow" if layout.overflow else "largest")
+            ref = looped_mm(F.silu(looped_mm(xs, w1, counts)) * looped_mm(xs, w3, counts), w2, counts)
+            torch.testing.assert_close(grouped_ffn(xs, counts, w1, w2, w3), ref, rtol=1e-5, atol=1e-4)
+    assert caps == ({"zero", "overflow", "largest"} if overflow_rows == 0 else {"overflow", "largest"})
+
+
 def test_experts_stored_transposed(tmp_path):
     """Stacked expert weights keep their transposed storage (each expert's [in, out] contiguous, for the padded
     layout's bmm) through init, randomizing, save + load and a dtype change; the loaded values are the saved."""
