@@ -149,10 +149,11 @@ class Groups:
     most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every expert's
     weights), or holds the rows zero-padded as [E, C, in] (batched decode, short prefills) so each matmul is one bmm
     (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python bench/moe.py`) while the
-    padding stays small. C is the largest count, or in fp32 less where the few experts with more rows take the rest
-    in matmuls of their own (padded_rows: the least work counted in rows; a skewed 64-token layer 1.27 -> 1.15 ms,
-    GRPO rollouts of 64 x 64 tokens 3% faster); padded while that work is at most rows + PAD_SLACK * E, or in bf16
-    (C the largest count) E * C no more rows than _grouped_mm's aligned layout (below) would multiply (bf16
+    padding stays small. C is the largest count, or in fp32 below oneDNN's rows (decode batches) less where the few
+    experts with more rows take the rest in matmuls of their own (padded_rows: the least work counted in rows; a
+    skewed 64-token layer 1.27 -> 1.15 ms, GRPO rollouts of 64 x 64 tokens 3% faster; at 512 tokens it would pad
+    where oneDNN runs the layer in 0.8x the time); padded while that work is at most rows + PAD_SLACK * E, or in
+    bf16 (C the largest count) E * C no more rows than _grouped_mm's aligned layout (below) would multiply (bf16
     rollouts of 64 x 64 tokens: 1.95 -> 1.71 s, paired in a one-off script, where skewed routing had sent their
     decode steps to 128 rows an expert; one layer alone, `bench/moe.py --dtype bfloat16`'s skewed row, the two
     layouts forced are within its noise). (256 x 128 experts,
@@ -179,10 +180,11 @@ class Groups:
         self.aligned = xs.device.type == "cpu" and self.cast == torch.bfloat16
         # rows _grouped_mm multiplies per expert: bf16 on CPU pads each expert's to a multiple of ALIGN_ROWS
         rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts] if self.aligned else counts
+        dnn = onednn(xs, w, sum(counts) * w.shape[1] * w.shape[2] // max(self.E, 1))  # fp32, rows enough an expert
         if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
         elif cpu_inference and (C := padded_rows(counts, max(sum(counts) + PAD_SLACK * self.E, sum(rows)),
-                                                  overflow=not self.aligned)) is not None:
+                                                  overflow=not (self.aligned or dnn))) is not None:
             self.mode, self.C = "padded", C  # expert e's rows past C: its overflow, after the E * C padded rows
             self.overflow, at = [], self.E * C  # (expert, its first layout row, rows)
             for e, n in enumerate(counts):
@@ -193,7 +195,7 @@ class Groups:
             past = {e: start - C for e, start, _ in self.overflow}  # row j >= C of expert e: layout row past[e] + j
             self.dest = torch.tensor([e * C + j if j < C else past[e] + j for e, n in enumerate(counts)
                                       for j in range(n)], device=xs.device)
-        elif onednn(xs, w, sum(counts) * w.shape[1] * w.shape[2] // max(self.E, 1)):
+        elif dnn:
             self.mode = "onednn"  # fp32 CPU, from ONEDNN_MACS an expert on average
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"

@@ -113,6 +113,18 @@ def test_padded_layout_with_overflow_equals_looped(overflow_rows, monkeypatch):
     assert caps == ({"zero", "overflow", "largest"} if overflow_rows == 0 else {"overflow", "largest"})
 
 
+def test_padded_overflow_only_below_onednn_rows(monkeypatch):
+    """The padded layout's overflow is for decode batches: where the rows an expert reach oneDNN's (a prefill),
+    C stays the largest count, so a skewed batch takes oneDNN's layout (0.8x the padded time at 512 tokens)."""
+    import sobre.linear
+    counts = [3, 0, 30, 1, 1, 2, 0, 4]
+    xs, w1 = torch.randn(sum(counts), 24), stacked_weight(torch.randn(8, 40, 24)).detach()
+    with torch.no_grad():
+        assert (Groups(counts, xs, w1).mode, Groups(counts, xs, w1).C) == ("padded", 4)
+        monkeypatch.setattr(sobre.linear, "ONEDNN_MACS", 1)
+        assert Groups(counts, xs, w1).mode == "onednn"
+
+
 def test_experts_stored_transposed(tmp_path):
     """Stacked expert weights keep their transposed storage (each expert's [in, out] contiguous, for the padded
     layout's bmm) through init, randomizing, save + load and a dtype change; the loaded values are the saved."""
