@@ -23,12 +23,10 @@ from sobre.parallel import keep_freed_memory
 
 
 def best_ms(fns: dict, repeat=15, inner=20) -> dict:
-    """Best ms per call of each fn, the fns taking turns (this CPU's speed drifts between runs), each round starting
-    one fn later (a fn run right after transformers' layer ran up to 15% slower than the same code elsewhere)."""
-    best, names = {}, list(fns)
-    for r in range(repeat):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[name]
+    """Best ms per call of each fn, the fns taking turns (this CPU's speed drifts between runs)."""
+    best = {}
+    for _ in range(repeat):
+        for name, fn in fns.items():
             fn()
             t = time.perf_counter()
             for _ in range(inner):
@@ -38,18 +36,20 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
 
 
 class forced:
-    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK)."""
+    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, and whether
+    the routed experts may take oneDNN's layout at any rows; the shared expert keeps its own path)."""
 
-    def __init__(self, moe, loop: float, pad: int, dnn: int = 1 << 62):
+    def __init__(self, moe, loop: float, pad: int, dnn: bool = False):
         self.moe, self.loop, self.pad, self.dnn = moe, loop, pad, dnn
 
     def __call__(self, x):
-        was = M.LOOP_EXPERTS, M.PAD_SLACK, L.ONEDNN_MACS
-        M.LOOP_EXPERTS, M.PAD_SLACK, L.ONEDNN_MACS = self.loop, self.pad, self.dnn
+        was = M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn
+        M.LOOP_EXPERTS, M.PAD_SLACK = self.loop, self.pad
+        M.onednn = lambda a, b, macs=0: self.dnn and L.onednn(a, b, L.ONEDNN_MACS)
         try:
             return self.moe(x)
         finally:
-            M.LOOP_EXPERTS, M.PAD_SLACK, L.ONEDNN_MACS = was
+            M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn = was
 
 
 def main():
@@ -68,7 +68,7 @@ def main():
     model.to(dtype)
     ours, theirs = model.layers[1].ffn, hf.model.layers[1].mlp
     layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30),
-               "grouped": forced(ours, 0.0, -(1 << 30)), "onednn": forced(ours, 0.0, -(1 << 30), 0)}
+               "grouped": forced(ours, 0.0, -(1 << 30)), "onednn": forced(ours, 0.0, -(1 << 30), True)}
     E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
     print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), {dtype}, "
           f"{torch.get_num_threads()} threads")
