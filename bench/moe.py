@@ -2,10 +2,10 @@
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
 of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
-its CPU path from the rows per expert (experts.Groups: a loop over the active experts, one zero-padded bmm, or
-torch._grouped_mm, whose bf16 layout pads each expert's rows to a multiple of 128); the next three columns force
-each layout at every size, to show what the choice buys. The last row routes every token to expert 0 first (both
-layers' router bias), the skew of a batch of one prompt's samples.
+its CPU path from the rows per expert (experts.Groups: a loop over the active experts, one zero-padded bmm,
+oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a multiple of 128); the
+next four columns force each layout of the routed experts at every size, to show what the choice buys. The last
+row routes every token to expert 0 first (both layers' router bias), the skew of a batch of one prompt's samples.
     python bench/moe.py [--dtype bfloat16]
 """
 

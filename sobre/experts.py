@@ -180,11 +180,11 @@ class Groups:
         self.aligned = xs.device.type == "cpu" and self.cast == torch.bfloat16
         # rows _grouped_mm multiplies per expert: bf16 on CPU pads each expert's to a multiple of ALIGN_ROWS
         rows = [-(-n // ALIGN_ROWS) * ALIGN_ROWS for n in counts] if self.aligned else counts
-        dnn = onednn(xs, w, sum(counts) * w.shape[1] * w.shape[2] // max(self.E, 1))  # fp32, rows enough an expert
+        dnn_rows = onednn(xs, w, sum(counts) * w.shape[1] * w.shape[2] // max(self.E, 1))  # fp32, rows enough
         if cpu_inference and sum(1 for n in counts if n) <= LOOP_EXPERTS * len(counts):
             self.mode = "loop"
         elif cpu_inference and (C := padded_rows(counts, max(sum(counts) + PAD_SLACK * self.E, sum(rows)),
-                                                  overflow=not (self.aligned or dnn))) is not None:
+                                                  overflow=not (self.aligned or dnn_rows))) is not None:
             self.mode, self.C = "padded", C  # expert e's rows past C: its overflow, after the E * C padded rows
             self.overflow, at = [], self.E * C  # (expert, its first layout row, rows)
             for e, n in enumerate(counts):
@@ -195,7 +195,7 @@ class Groups:
             past = {e: start - C for e, start, _ in self.overflow}  # row j >= C of expert e: layout row past[e] + j
             self.dest = torch.tensor([e * C + j if j < C else past[e] + j for e, n in enumerate(counts)
                                       for j in range(n)], device=xs.device)
-        elif dnn:
+        elif dnn_rows:
             self.mode = "onednn"  # fp32 CPU, from ONEDNN_MACS an expert on average
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
             self.mode = "grouped"
@@ -258,8 +258,8 @@ def padded_rows(counts: list[int], budget: int, overflow: bool = True) -> int | 
     """The rows C each expert gets in Groups' padded layout: the C of the least work, counted in rows, E * C padded
     rows + each overflowing expert's rows past C + OVERFLOW_ROWS for its own matmuls (overflow=False: C = the
     largest count); None where that work exceeds budget rows."""
-    s = sorted(counts, reverse=True)
-    E, C, work, above = len(s), s[0] if s else 0, len(s) * (s[0] if s else 0), 0
+    s, E = sorted(counts, reverse=True) or [0], len(counts)
+    C, work, above = s[0], E * s[0], 0
     for j in range(1, E if overflow else 1):  # C = s[j]: the j largest experts overflow
         above += s[j - 1]
         w = E * s[j] + above - j * s[j] + OVERFLOW_ROWS * j
