@@ -4,7 +4,9 @@ The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 2
 of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
 its CPU path from the rows per expert (experts.Groups: a loop over the active experts, one zero-padded bmm,
 oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a multiple of 128); the
-next four columns force each layout of the routed experts at every size, to show what the choice buys. The last
+next five columns force each layout of the routed experts at every size, to show what the choice buys (the padded
+bmm twice: with the few largest experts' rows past C in matmuls of their own, as sobre pads in fp32, and with C the
+largest count, as before session 47 and in bf16). The last
 row routes every token to expert 0 first (both layers' router bias), the skew of a batch of one prompt's samples.
     python bench/moe.py [--dtype bfloat16]
 """
@@ -36,20 +38,23 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
 
 
 class forced:
-    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, and whether
-    the routed experts may take oneDNN's layout at any rows; the shared expert keeps its own path)."""
+    """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, whether
+    the routed experts may take oneDNN's layout at any rows, and whether the padded layout may overflow; the
+    shared expert keeps its own path)."""
 
-    def __init__(self, moe, loop: float, pad: int, dnn: bool = False):
-        self.moe, self.loop, self.pad, self.dnn = moe, loop, pad, dnn
+    def __init__(self, moe, loop: float, pad: int, dnn: bool = False, overflow: bool = True):
+        self.moe, self.loop, self.pad, self.dnn, self.overflow = moe, loop, pad, dnn, overflow
 
     def __call__(self, x):
-        was = M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn
+        was = M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS
         M.LOOP_EXPERTS, M.PAD_SLACK = self.loop, self.pad
         M.onednn = lambda a, b, macs=0: self.dnn and L.onednn(a, b, L.ONEDNN_MACS)
+        if not self.overflow:  # an overflow then costs more than any padding: C = the largest count
+            M.OVERFLOW_ROWS = 1 << 30
         try:
             return self.moe(x)
         finally:
-            M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn = was
+            M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS = was
 
 
 def main():
@@ -68,13 +73,14 @@ def main():
     model.to(dtype)
     ours, theirs = model.layers[1].ffn, hf.model.layers[1].mlp
     layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30),
+               "no overflow": forced(ours, 0.0, 1 << 30, overflow=False),
                "grouped": forced(ours, 0.0, -(1 << 30)), "onednn": forced(ours, 0.0, -(1 << 30), True)}
     E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
     print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), {dtype}, "
           f"{torch.get_num_threads()} threads")
     print("| tokens | rows per expert (mean / max) | sobre path | sobre ms | loop forced | padded bmm forced | "
-          "_grouped_mm forced | oneDNN forced | transformers ms | sobre / transformers |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "padded, C = max, forced | _grouped_mm forced | oneDNN forced | transformers ms | sobre / transformers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     skew = torch.zeros(E)
     skew[0] = 1.0  # the last row: every token's first choice is expert 0, as a decode batch of one prompt's samples
@@ -96,7 +102,7 @@ def main():
             a, b = t["a"], t["b"]
             label = f"{n} skewed" if skewed else n
             print(f"| {label} | {n * K / E:.1f} / {top} | {path} | {a:.3f} | {t['loop']:.3f} | {t['padded']:.3f} | "
-                  f"{t['grouped']:.3f} | {t['onednn']:.3f} | {b:.3f} | {b / a:.2f}x |")
+                  f"{t['no overflow']:.3f} | {t['grouped']:.3f} | {t['onednn']:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
 if __name__ == "__main__":
