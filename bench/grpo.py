@@ -9,6 +9,9 @@ model's groups do not all score 0: sobre leaves completions with advantage 0 out
 them all), so with countdown's reward alone a fresh model's update would train on nothing. `--reward spread`
 (the default): 0.1 x a hash of the text in [0, 1), every completion trained by both sides (equal work);
 `--reward digits`: 0.1 x the share of digits, which many random completions lack (groups of equal rewards).
+`--bf16`: both sides' generation and update in bf16 (TRL's bf16=True runs its generation under the same
+autocast as its update: checked with a hook on its LM head; sobre's rollouts then run on bf16 copies of the weights,
+`grpo --rollout-bf16`, its update under autocast, `--bf16`).
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
                          [--reward spread|digits]
@@ -64,7 +67,8 @@ def run_sobre(model_dir, a, out):
     args = GRPOArgs(out=str(out), init=str(model_dir), task=task, reward=f"grpo:{a.reward}_reward",
                     steps=a.steps + 1, prompts=a.prompts, group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0,
                     eval_every=10_000, eval_problems=1, save_every=10_000, lr=1e-5,
-                    micro_batch=a.prompts * a.group, bf16=a.bf16)  # one forward, as TRL's batch
+                    micro_batch=a.prompts * a.group, bf16=a.bf16,  # one forward, as TRL's batch
+                    rollout_bf16=a.bf16)  # TRL's bf16=True generates under its autocast
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s", "signal")}
@@ -131,7 +135,9 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--reward", choices=("spread", "digits"), default="spread",
                    help="countdown + 0.1 x a hash of the text (spread) or x its share of digits (see above)")
-    p.add_argument("--bf16", action="store_true", help="both updates under bf16 autocast (rollouts stay fp32 in sobre)")
+    p.add_argument("--bf16", action="store_true",
+                   help="both sides in bf16: TRL's bf16=True (its generation and update under autocast), sobre's "
+                        "--bf16 (the update under autocast) and --rollout-bf16 (rollouts on bf16 weights)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()

@@ -36,7 +36,7 @@ from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
-from .rollout import Rollout, evaluate_task, rollouts
+from .rollout import CastWeights, Rollout, evaluate_task, rollouts
 from .sft import adapter_base, start_model
 from .tasks import get_task
 from .train import (
@@ -206,7 +206,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts and the parameters stay fp32
+class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameters stay fp32
     out: str = "runs/grpo"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -218,6 +218,9 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update only: rollouts
     max_new_tokens: int = 96
     temperature: float = 1.0
     top_p: float = 1.0
+    # rollouts on bf16 copies of the weights, refreshed each step (TRL's generation runs so under its --bf16
+    # autocast): faster on GPUs and bf16 CPUs, sampling from the bf16-rounded policy; held-out evaluations stay fp32
+    rollout_bf16: bool = False
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
     scale_rewards: str = ""  # group | batch | none (empty: the loss's own, none for dr_grpo, group for the others)
@@ -275,6 +278,7 @@ def grpo(a: GRPOArgs) -> Path:
     ref = (model if a.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)) if a.beta else None
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
+    weights = CastWeights(model, torch.bfloat16) if a.rollout_bf16 else nullcontext(model)
     (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
     truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
@@ -295,8 +299,9 @@ def grpo(a: GRPOArgs) -> Path:
         kept, attempts, seen = [], 0, []
         while attempts < (a.max_attempts if dynamic else 1) and len(kept) < a.prompts:
             problems = task.problems("train", a.prompts, f"{a.seed}/{step}/{attempts}")
-            groups = rollouts(model, tok, task, problems, a.group, a.max_new_tokens, a.temperature, a.top_p,
-                              seed=(a.seed * 1_000_003 + step) * 8 + attempts)
+            with weights as m:
+                groups = rollouts(m, tok, task, problems, a.group, a.max_new_tokens, a.temperature, a.top_p,
+                                  seed=(a.seed * 1_000_003 + step) * 8 + attempts)
             attempts += 1
             for g in groups:
                 r = torch.tensor([_reward(x, a) for x in g])

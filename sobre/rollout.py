@@ -13,11 +13,12 @@ import torch
 
 from .config import at_least_one
 from .engine import Engine
-from .model import Transformer
+from .model import Gate, Transformer
 from .rewards import extract_answer, format_reward, value
 from .sft import encode_turns, pack, val_loss
 from .tasks import Problem, Task
 from .tokenizer import Tokenizer
+from .v4 import FP32
 
 
 @dataclass
@@ -70,6 +71,40 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
                                format_reward(text), extract_answer(text)))
         out.append(row)
     return out
+
+
+class CastWeights:
+    """`with CastWeights(model, torch.bfloat16) as m:` the model's weights as dtype copies inside the block (each
+    parameter's data swapped for its copy, then put back), as sobre.load(dtype=...) would give them: the router and
+    DeepSeek-V4's fp32 weights (v4.FP32) stay as they are, buffers too. The copies are made once; the parameters
+    that train (requires_grad) are copied again at each entry. GRPO's --rollout-bf16: rollouts on bf16 weights
+    while the update trains the fp32 ones, as TRL's generation under its bf16 autocast."""
+
+    def __init__(self, model: Transformer, dtype: torch.dtype):
+        keep = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)}
+        v4 = model.config.arch == "deepseek_v4"
+        self.model, self.params = model, [p for name, p in model.named_parameters()
+                                          if p.is_floating_point() and p.dtype != dtype and id(p) not in keep
+                                          and not (v4 and any(k in name for k in FP32))]
+        self.copies = [p.detach().to(dtype) for p in self.params]
+        self.saved = None
+
+    def __enter__(self) -> Transformer:
+        if self.saved is not None:
+            raise RuntimeError("CastWeights is already entered")
+        with torch.no_grad():
+            for p, c in zip(self.params, self.copies):
+                if p.requires_grad:
+                    c.copy_(p)
+        self.saved = [p.data for p in self.params]
+        for p, c in zip(self.params, self.copies):
+            p.data = c
+        return self.model
+
+    def __exit__(self, *exc):
+        for p, d in zip(self.params, self.saved):
+            p.data = d
+        self.saved = None
 
 
 # ---- evaluation ---------------------------------------------------------------------------------

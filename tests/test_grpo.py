@@ -437,3 +437,60 @@ def test_grpo_evaluates_held_out_pass_at_1_over_eval_samples(tmp_path, monkeypat
                                                 {"step": 2, "pass@1": 0.75}]
     with pytest.raises(ValueError, match="--eval-samples must be positive, got 0"):
         GRPOArgs(eval_samples=0).validate()
+
+
+def test_cast_weights_are_a_bf16_load_of_the_model_put_back_after(tmp_path):
+    """CastWeights(model, bf16): inside, each parameter is what sobre.load(dtype=bf16) gives (the router fp32), and
+    rollouts sample what that model samples; after, the fp32 parameters are back; a trained parameter's change
+    reaches the copy at the next entry."""
+    from sobre.model import Gate
+    from sobre.rollout import CastWeights, rollouts
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    sobre.save(model, tmp_path, tokenizer_dir=tmp_path)
+    loaded = sobre.load(tmp_path, dtype=torch.bfloat16)
+    was = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    gates = {id(m.weight) for m in model.modules() if isinstance(m, Gate)}
+    task, problems = get_task("arithmetic"), get_task("arithmetic").problems("train", 3)
+    weights = CastWeights(model.requires_grad_(True), torch.bfloat16)
+    with weights as m:
+        assert m is model
+        for (name, p), (name2, q) in zip(model.named_parameters(), loaded.named_parameters()):
+            assert name == name2 and p.dtype == q.dtype and torch.equal(p, q), name
+            assert p.dtype == (torch.float32 if id(p) in gates else torch.bfloat16)
+        ours = rollouts(m, tok, task, problems, 2, max_new_tokens=8, seed=3)
+        with pytest.raises(RuntimeError, match="already entered"):
+            weights.__enter__()
+    theirs = rollouts(loaded, tok, task, problems, 2, max_new_tokens=8, seed=3)
+    assert [[r.ids for r in g] for g in ours] == [[r.ids for r in g] for g in theirs]
+    for name, p in model.named_parameters():
+        assert p is was[name][0] and p.dtype == torch.float32 and torch.equal(p, was[name][1]), name
+    with torch.no_grad():
+        model.embed.weight.add_(1.0)
+    with weights:
+        assert torch.equal(model.embed.weight, (was["embed.weight"][1] + 1.0).bfloat16())
+    assert model.embed.weight.dtype == torch.float32
+
+
+def test_grpo_rollout_bf16_samples_on_bf16_weights_and_trains_fp32(tmp_path, monkeypatch):
+    """--rollout-bf16: every rollout of the run sees bf16 weights, the update and the held-out evaluation fp32 ones,
+    and the exported model is the trained fp32 one."""
+    from sobre import grpo as G
+    seen, real = [], G.rollouts
+
+    def spy(model, *args, **kw):
+        seen.append(model.layers[0].attn.wkv_a.weight.dtype)
+        return real(model, *args, **kw)
+
+    evals = []
+    monkeypatch.setattr(G, "rollouts", spy)
+    monkeypatch.setattr(G, "evaluate_task", lambda model, *a, **kw: evals.append(next(model.parameters()).dtype)
+                        or {"pass@1": 0.0})
+    run = G.grpo(GRPOArgs(out=str(tmp_path / "run"), preset="debug", task="arithmetic", steps=2, prompts=2, group=2,
+                          max_new_tokens=4, eval_every=1, rollout_bf16=True, lr=1e-2))
+    assert seen == [torch.bfloat16] * 2 and evals == [torch.float32] * 3
+    rows = untimed_rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert sobre.load(run / "model").layers[0].attn.wkv_a.weight.dtype == torch.float32
