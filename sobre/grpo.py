@@ -218,8 +218,9 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     max_new_tokens: int = 96
     temperature: float = 1.0
     top_p: float = 1.0
-    # rollouts on bf16 copies of the weights, refreshed each step (TRL's generation runs so under its --bf16
-    # autocast): faster on GPUs and bf16 CPUs, sampling from the bf16-rounded policy; held-out evaluations stay fp32
+    # rollouts on bf16 copies of the weights, refreshed each step (as TRL's generation under its --bf16 autocast):
+    # the bf16-rounded policy samples; held-out evaluations stay fp32. Measured on a CPU with native bf16: 64 rows
+    # 1.24x faster, 8 rows 0.93x, one row 0.53x (README, GRPO)
     rollout_bf16: bool = False
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
