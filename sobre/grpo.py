@@ -139,6 +139,7 @@ class SharedPrefix(Cache):
         self.padded = len(set(lengths)) > 1
         self.lengths = torch.tensor(lengths, device=device)  # [P]
         self.of = torch.tensor(of, device=device)  # [N]
+        self.keep = None  # the completions' forward: flat rows whose output is read (Block runs their FFN only)
 
     def positions(self, tokens):  # prompts: 0..Lp-1; completion token t of row i: len(prompt of[i]) + t
         if not self.length:
@@ -186,6 +187,10 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
         h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
         if T > 1:  # token t > 0 is predicted at completion position t - 1
+            # positions t whose token t + 1 exists: the rest (each row's last token, the padding after it) is
+            # attended by none of these (causal), so their FFNs are left out (Block)
+            used = mask[:, 1:].flatten()
+            cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
             h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
     else:
         seqs = [r.prompt + r.ids for r in batch]
@@ -194,14 +199,18 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], device=dev).clamp(max=L - 1)
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
-    # the head only where predicting, in row chunks: no [N, T, V] logits (loss.head_logprobs)
+    # the head at the completion tokens only (not the padding), in row chunks: no [N, T, V] logits
+    # (loss.head_logprobs); log-probs 0 on the padding
+    rows = mask.flatten().nonzero()[:, 0]
+    h, t = h.flatten(0, 1).index_select(0, rows), tgt.flatten().index_select(0, rows)
     if coef is None:
-        logp, ents = head_logprobs(h.flatten(0, 1), model.head.weight, tgt.flatten(), temperature, entropy)
+        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy)
     else:
-        linear, logp, ents = head_weighted_logprobs(h.flatten(0, 1), model.head.weight, tgt.flatten(),
-                                                    coef.flatten(), temperature, entropy)
-    ent = ents.view(mask.shape)[mask].sum().item() if entropy else 0.0  # (a statistic: no gradient)
-    return (logp.view(mask.shape), mask, ent) + ((linear,) if coef is not None else ())
+        linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
+                                                  temperature, entropy)
+    logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
+    ent = ents.sum().item() if entropy else 0.0  # (a statistic: no gradient)
+    return (logp, mask, ent) + ((linear,) if coef is not None else ())
 
 
 # ---- the run --------------------------------------------------------------------------------------

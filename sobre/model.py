@@ -417,6 +417,11 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         if last:
             x = x[:, -1:]
+        keep = getattr(cache, "keep", None)  # [n] flat rows of x whose output is read (GRPO's update: no padding)
+        if keep is not None:  # the FFN on those rows only; the others keep the residual (nothing reads them)
+            flat = x.reshape(-1, x.shape[-1])
+            y = self.ffn(self.ffn_norm(flat.index_select(0, keep)[None]))[0]  # [n, D] (one sequence of n)
+            return flat.index_add(0, keep, y.to(flat.dtype)).view(x.shape)
         return x + self.ffn(self.ffn_norm(x))
 
 

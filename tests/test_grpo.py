@@ -371,13 +371,16 @@ def test_shared_prompt_forward_equals_the_padded_reference(arch):
     p1, p2 = [3, 14, 15, 9, 2, 6], [7, 7]  # prompts of different lengths: the shorter one is padded, masked
     batch = [Rollout(p1, ids, "", False, 0.0, 0.0, None) for ids in ([5, 8, 9, 7], [11], [4, 4, 4, 4, 4, 2])]
     batch.insert(1, Rollout(p2, [1, 2], "", False, 0.0, 0.0, None))
-    seen = []  # the token batches the model embeds: the shared path runs [P, Lp] prompts, then [N, T - 1]
+    seen, ffn = [], []  # the token batches the model embeds: the shared path runs [P, Lp] prompts, then [N, T - 1]
     embed = model.embed if hasattr(model, "embed") else model.embed_tokens
     embed.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    model.layers[-1].ffn.register_forward_hook(lambda m, args, out: ffn.append(args[0].shape[:-1].numel()))
     for rows, P in ((batch[:1] + batch[2:], 1), (batch, 2)):  # one prompt; two prompts, interleaved
-        seen.clear()
+        seen.clear(), ffn.clear()
         shared, mask, ent = token_logprobs(model, rows, entropy=True)
         assert seen == [(P, 6), (len(rows), 5)]
+        # the completions' FFN: on the positions whose next token exists (each row's length - 1), not the padding
+        assert ffn == [P * 6, sum(len(r.ids) - 1 for r in rows)]
         padded, mask2, ent2 = token_logprobs(model, rows, entropy=True, shared=False)
         assert torch.equal(mask, mask2)
         assert torch.allclose(shared[mask], padded[mask], atol=1e-5) and ent == pytest.approx(ent2, rel=1e-4)
