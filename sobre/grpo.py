@@ -36,7 +36,7 @@ from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
-from .rollout import CastWeights, Rollout, evaluate_task, rollouts
+from .rollout import CastWeights, Rollout, evaluate_task, sample_groups
 from .sft import adapter_base, start_model
 from .tasks import get_task
 from .train import (
@@ -240,7 +240,7 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
     micro_batch: int = 64  # completions per forward/backward (the defaults: a whole step, 8 x 8, in one)
     dynamic_sampling: bool = False  # always on with --loss dapo
-    max_attempts: int = 3  # dynamic sampling: rollout rounds per step at most
+    max_attempts: int = 3  # dynamic sampling: at most max_attempts x prompts problems drawn a step
     overlong_filter: bool = False  # truncated completions leave the loss (always on with --loss dapo)
     overlong_buffer: int = 0  # soft overlong punishment over the last N tokens (0 = off)
     format_weight: float = 0.1  # reward = correct + format_weight * well-formed + overlong penalty
@@ -304,21 +304,24 @@ def grpo(a: GRPOArgs) -> Path:
     truncate_metrics(run / "eval.jsonl", start if start else -1)
     if start == 0 and evaluate:
         _append(run / "eval.jsonl", {"step": 0, "pass@1": held_out()})
+    scores = {}  # id(group) -> its rewards, this step's
+
+    def accept(g: list[Rollout]) -> bool:  # a finished group: scored; kept unless dynamic sampling drops it
+        scores[id(g)] = r = torch.tensor([_reward(x, a) for x in g])
+        return not dynamic or bool(r.std() > 0)
+
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"grpo ({a.loss})", unit="step"):
         t0 = time.perf_counter()
-        kept, attempts, seen = [], 0, []
-        while attempts < (a.max_attempts if dynamic else 1) and len(kept) < a.prompts:
-            problems = task.problems("train", a.prompts, f"{a.seed}/{step}/{attempts}")
-            with weights as m:
-                groups = rollouts(m, tok, task, problems, a.group, a.max_new_tokens, a.temperature, a.top_p,
-                                  seed=(a.seed * 1_000_003 + step) * 8 + attempts)
-            attempts += 1
-            for g in groups:
-                r = torch.tensor([_reward(x, a) for x in g])
-                seen.append((g, r))
-                if not dynamic or r.std() > 0:
-                    kept.append((g, r))
-        kept = kept[:a.prompts]
+        # dynamic sampling: up to max_attempts x prompts problems, a group of equal rewards replaced by the next
+        # problem as soon as it is in (rollout.sample_groups)
+        problems = [p for k in range(a.max_attempts if dynamic else 1)
+                    for p in task.problems("train", a.prompts, f"{a.seed}/{step}/{k}")]
+        scores.clear()
+        with weights as m:
+            groups, drawn = sample_groups(m, tok, task, problems, a.group, a.prompts, accept, a.max_new_tokens,
+                                          a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8)
+        seen = [(g, scores[id(g)]) for _, g in groups]
+        kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
         flat = [x for g, _ in seen for x in g]
         rewards = torch.stack([r for _, r in seen])
@@ -326,7 +329,7 @@ def grpo(a: GRPOArgs) -> Path:
                "accuracy": sum(x.correct for x in flat) / len(flat), "format": sum(x.format for x in flat) / len(flat),
                "completion_length": sum(len(x.ids) for x in flat) / len(flat),
                "truncated": sum(x.truncated for x in flat) / len(flat), "groups_kept": len(kept),
-               "rollout_rounds": attempts}
+               "groups_drawn": drawn}
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
         if kept:

@@ -36,13 +36,28 @@ def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": problem.prompt}]))
 
 
-@torch.no_grad()
 def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int,
              max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              max_batch: int = 256) -> list[list[Rollout]]:
     """n completions per problem, all problems batched on one engine (on the model's device). Reproducible for the
     same arguments: the draws come from the global generator (the device's), seeded here, in the engine's fixed
     batch order."""
+    return [g for _, g in sample_groups(model, tok, task, problems, n, len(problems), max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, seed=seed, max_batch=max_batch)[0]]
+
+
+@torch.no_grad()
+def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int, want: int,
+                  accept=None, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0, max_batch: int = 256) -> tuple[list[tuple[bool, list[Rollout]]], int]:
+    """Groups of n completions of problems taken in order, `want` groups in play on one engine: the first want
+    problems' requests go in at once; each group, once all its completions are in, goes to accept(group) -> bool
+    (None: all accepted), and a refused group's place goes at once to the next problem (DAPO's dynamic sampling
+    without rounds: the replacement decodes beside the others' longer completions, continuous batching), until
+    want groups are accepted or the problems run out. Which problems are drawn depends only on which groups are
+    refused, never on which finish first. Returns ([(accepted, group)] in draw order, problems drawn).
+    Reproducible for the same arguments: the draws come from the global generator (the device's), seeded here,
+    in the engine's fixed batch order."""
     if not problems:
         raise ValueError(f"task {task.name!r}: no problems to sample (a .jsonl task holds out ~10% of its rows)")
     prompts = [prompt_ids(tok, p) for p in problems]
@@ -51,26 +66,44 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
         raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of "
                          f"{model.config.max_seq_len}")
     was = model.training
-    eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(len(prompts) * n, max_batch) * (longest + 64))
-    rids = [[eng.add_request(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             stop_token_ids=(tok.eos_id,)) for _ in range(n)] for ids in prompts]
-    done, cuda = {}, [eng.device] if eng.device.type == "cuda" else []
+    in_play = min(want, len(prompts)) * n
+    eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(in_play, max_batch) * (longest + 64))
+    owner, outs, done = {}, [[] for _ in problems], []  # request -> problem; each problem's finished requests
+    drawn = 0
+
+    def draw():
+        nonlocal drawn
+        for _ in range(n):
+            rid = eng.add_request(prompts[drawn], max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, stop_token_ids=(tok.eos_id,))
+            owner[rid] = drawn
+        drawn += 1
+
+    cuda = [eng.device] if eng.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the caller's random stream is left as it was
         torch.manual_seed(seed)
+        while drawn < min(want, len(problems)):
+            draw()
         while eng.has_work():
             eng.step()
-            done.update(eng.collect())
+            for rid, s in sorted(eng.collect().items()):
+                i = owner[rid]
+                outs[i].append((rid, s))
+                if len(outs[i]) < n:
+                    continue
+                group = [_rollout(tok, task, problems[i], prompts[i], s) for _, s in sorted(outs[i])]
+                ok = accept is None or accept(group)
+                done.append((i, ok, group))
+                if not ok and drawn < len(problems):
+                    draw()
     model.train(was)
-    out = []
-    for p, ids, group in zip(problems, prompts, rids):
-        row = []
-        for rid in group:
-            s = done[rid]
-            text = tok.decode(s.out)
-            row.append(Rollout(ids, s.out, text, s.finish_reason == "length", float(task.correct(text, p.answer)),
-                               format_reward(text), extract_answer(text)))
-        out.append(row)
-    return out
+    return [(ok, group) for _, ok, group in sorted(done, key=lambda d: d[0])], drawn
+
+
+def _rollout(tok: Tokenizer, task: Task, problem: Problem, prompt: list[int], s) -> Rollout:
+    text = tok.decode(s.out)
+    return Rollout(prompt, s.out, text, s.finish_reason == "length", float(task.correct(text, problem.answer)),
+                   format_reward(text), extract_answer(text))
 
 
 class CastWeights:

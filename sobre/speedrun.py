@@ -299,10 +299,14 @@ def _grpo_summary(run: Path, samples_per_step: int) -> dict:
     def mean(key, part):
         return sum(r[key] for r in part) / len(part)
 
-    tokens = round(sum(r["completion_length"] * samples_per_step * r.get("rollout_rounds", 1) for r in rows))
+    cfg = json.loads((run / "config.json").read_text())["grpo"]
+    # completions sampled a step: every drawn group's (runs before session 48 logged whole rounds of prompts)
+    sampled = [r["groups_drawn"] * cfg["group"] if "groups_drawn" in r
+               else samples_per_step * r.get("rollout_rounds", 1) for r in rows]
+    tokens = round(sum(r["completion_length"] * n for r, n in zip(rows, sampled)))
     return {"tokens": tokens, "flops": 4 * _flops_per_token(run) * tokens, "steps": rows[-1]["step"],
             "folder": str(run), "heldout_pass@1": [(e["step"], e["pass@1"]) for e in evals],
-            "heldout_samples": json.loads((run / "config.json").read_text())["grpo"].get("eval_samples", 1),
+            "heldout_samples": cfg.get("eval_samples", 1),
             "train_accuracy_first": mean("accuracy", rows[:k]), "train_accuracy_last": mean("accuracy", rows[-k:]),
             "thinking_first": mean("format", rows[:k]),  # completions with worked steps
             "thinking_last": mean("format", rows[-k:]), "samples_per_s": mean("samples_per_s", rows)}

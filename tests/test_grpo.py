@@ -481,14 +481,14 @@ def test_grpo_rollout_bf16_samples_on_bf16_weights_and_trains_fp32(tmp_path, mon
     """--rollout-bf16: every rollout of the run sees bf16 weights, the update and the held-out evaluation fp32 ones,
     and the exported model is the trained fp32 one."""
     from sobre import grpo as G
-    seen, real = [], G.rollouts
+    seen, real = [], G.sample_groups
 
     def spy(model, *args, **kw):
         seen.append(model.layers[0].attn.wkv_a.weight.dtype)
         return real(model, *args, **kw)
 
     evals = []
-    monkeypatch.setattr(G, "rollouts", spy)
+    monkeypatch.setattr(G, "sample_groups", spy)
     monkeypatch.setattr(G, "evaluate_task", lambda model, *a, **kw: evals.append(next(model.parameters()).dtype)
                         or {"pass@1": 0.0})
     run = G.grpo(GRPOArgs(out=str(tmp_path / "run"), preset="debug", task="arithmetic", steps=2, prompts=2, group=2,
@@ -497,3 +497,35 @@ def test_grpo_rollout_bf16_samples_on_bf16_weights_and_trains_fp32(tmp_path, mon
     rows = untimed_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert sobre.load(run / "model").layers[0].attn.wkv_a.weight.dtype == torch.float32
+
+
+def test_sample_groups_replaces_each_refused_group_with_the_next_problem(tmp_path):
+    """sample_groups keeps `want` groups in play: each refused group's place goes to the next problem in order, so
+    the problems drawn depend on which groups are refused only (the draw order is the problems' order); it stops
+    when the problems run out; the same arguments give the same completions."""
+    from sobre.rollout import prompt_ids, rollouts, sample_groups
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    task = get_task("arithmetic")
+    problems = task.problems("train", 7)
+    which = {tuple(prompt_ids(tok, p)): i for i, p in enumerate(problems)}
+    assert len(which) == 7
+
+    def run(refuse, want=3):
+        def accept(group):
+            assert len(group) == 2 and len({tuple(r.prompt) for r in group}) == 1
+            return which[tuple(group[0].prompt)] not in refuse
+        return sample_groups(model, tok, task, problems, 2, want, accept, max_new_tokens=6, seed=5)
+
+    groups, drawn = run({1, 3})  # 0, 1 (refused: 3 drawn), 2, 3 (refused: 4 drawn), 4
+    assert drawn == 5 and [which[tuple(g[0].prompt)] for _, g in groups] == [0, 1, 2, 3, 4]
+    assert [ok for ok, _ in groups] == [True, False, True, False, True]
+    groups, drawn = run({0, 1, 2, 3, 4, 5})  # every refusal replaced until the problems run out
+    assert drawn == 7 and [ok for ok, _ in groups] == [False] * 6 + [True]
+    groups, drawn = run(set(), want=10)  # more wanted than there are problems: all of them at once
+    assert drawn == 7 and all(ok for ok, _ in groups)
+    assert [[r.ids for r in g] for _, g in groups] == [[r.ids for r in g] for g in rollouts(
+        model, tok, task, problems, 2, max_new_tokens=6, seed=5)]
+    assert [[r.ids for r in g] for _, g in run({1, 3})[0]] == [[r.ids for r in g] for _, g in run({1, 3})[0]]
