@@ -201,3 +201,22 @@ def test_compiled_engine_decodes_like_eager():
     eng = Engine(model, block=8, compile=True)
     assert eng.generate(PROMPTS[:1], max_new_tokens=30) == eager[:1]
     assert eng.generate(PROMPTS[:2], max_new_tokens=30) == eager[:2]
+
+
+def test_grpo_with_bf16_rollouts(tmp_path):
+    """`sobre grpo --bf16 --rollout-bf16` (DAPO) on the device: rollouts on bf16 copies of the weights, the update
+    under autocast; the steps log finite losses and the exported model holds the trained fp32 weights."""
+    import math
+
+    from sobre.grpo import GRPOArgs, grpo
+    from sobre.tasks import get_task
+    task = get_task("arithmetic")
+    rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems("train", 20) + task.problems("test", 2)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = grpo(GRPOArgs(out=str(tmp_path / "run"), preset="debug", task=str(tmp_path / "task.jsonl"),
+                        reward="test_grpo:spread_reward", steps=2, prompts=2, group=4, max_new_tokens=8,
+                        eval_every=1000, eval_problems=2, loss="dapo", bf16=True, rollout_bf16=True, lr=1e-2,
+                        device=str(DEV)))
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
+    assert sobre.load(run / "model").layers[0].attn.wkv_a.weight.dtype == torch.float32
