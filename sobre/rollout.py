@@ -7,6 +7,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -86,18 +87,18 @@ def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list
             draw()
         while eng.has_work():
             eng.step()
-            for rid, s in sorted(eng.collect().items()):
+            for rid, s in sorted(eng.collect().items(), key=itemgetter(0)):
                 i = owner[rid]
                 outs[i].append((rid, s))
                 if len(outs[i]) < n:
                     continue
-                group = [_rollout(tok, task, problems[i], prompts[i], s) for _, s in sorted(outs[i])]
+                group = [_rollout(tok, task, problems[i], prompts[i], q) for _, q in sorted(outs[i], key=itemgetter(0))]
                 ok = accept is None or accept(group)
                 done.append((i, ok, group))
                 if not ok and drawn < len(problems):
                     draw()
     model.train(was)
-    return [(ok, group) for _, ok, group in sorted(done, key=lambda d: d[0])], drawn
+    return [(ok, group) for _, ok, group in sorted(done, key=itemgetter(0))], drawn
 
 
 def _rollout(tok: Tokenizer, task: Task, problem: Problem, prompt: list[int], s) -> Rollout:
