@@ -134,8 +134,8 @@ class SharedPrefix(Cache):
     K/V (or MLA latents), gathered per row, and to their causal prefix; gradients flow back into the prompts'
     forward. Pad keys are masked; padding after a prompt's last token never reaches its real tokens (causal)."""
 
-    def __init__(self, lengths: list[int], of: list[int], device):
-        super().__init__(max_len=1 << 30)
+    def __init__(self, lengths: list[int], of: list[int], device, max_len: int):
+        super().__init__(max_len)  # (NSA allocates its per-layer state for max_len positions)
         self.padded = len(set(lengths)) > 1
         self.lengths = torch.tensor(lengths, device=device)  # [P]
         self.of = torch.tensor(of, device=device)  # [N]
@@ -166,8 +166,9 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
     distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
-    its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: NSA's
-    and V4's compressed blocks would pool the padding); shared=False or otherwise: every row is prompt +
+    its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: V4's
+    compressed blocks would pool the padding; never NSA, whose per-layer state has a row per sequence of the
+    forward); shared=False or otherwise: every row is prompt +
     completion, padded (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with
     these coefficients): a fourth value, that loss, whose gradients the head makes in its forward
     (loss.head_weighted_logprobs); the log-probs then carry none."""
@@ -178,10 +179,11 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch], device=dev)  # [N, T]
     prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
     lengths = [len(p) for p in prompts]
-    if shared and (len(set(lengths)) == 1 or c.attn_type == "full" and c.arch != "deepseek_v4"):
+    if shared and c.attn_type != "nsa" and (len(set(lengths)) == 1 or c.attn_type == "full"
+                                           and c.arch != "deepseek_v4"):
         row = {p: i for i, p in enumerate(prompts)}
         of = [row[tuple(r.prompt)] for r in batch]
-        cache = SharedPrefix(lengths, of, dev)
+        cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
         L = max(lengths)
         h = model.hidden(torch.tensor([list(p) + [0] * (L - len(p)) for p in prompts], device=dev), cache)
         last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0

@@ -393,6 +393,44 @@ def test_shared_prompt_forward_equals_the_padded_reference(arch):
         assert ent > 0
 
 
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa", "deepseek_v4"])
+def test_update_forward_of_sparse_attention_equals_the_padded_reference(kind):
+    """One prompt and completions of different lengths through NSA (the padded forward: its per-layer state
+    holds one row per sequence), DSA's indexer and V4's attention (the shared prompt, the FFNs left out past
+    each row's last needed position): the padded reference's log-probs and gradients."""
+    from conftest import SPARSE_MODELS
+    if kind == "deepseek_v4":
+        import transformers
+
+        from sobre.config import Config
+        from sobre.v4 import V4Transformer, init_weights
+
+        from test_v4 import HF
+        model = init_weights(V4Transformer(Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict())),
+                             std=0.1, seed=0).train()
+    else:
+        model = random_model(sobre.preset("debug", **SPARSE_MODELS[kind], max_seq_len=256)).train()
+    prompt = list(range(3, 23))
+    lengths = (9, 2, 30, 17)
+    batch = [Rollout(prompt, [(7 * i + t) % 50 + 5 for t in range(n)], "", False, 0.0, 0.0, None)
+             for i, n in enumerate(lengths)]
+    ffn = []
+    if kind == "dsa":  # (V4's blocks are its own: they run every position)
+        model.layers[-1].ffn.register_forward_hook(lambda m, args, out: ffn.append(args[0].shape[:-1].numel()))
+    shared, mask, _ = token_logprobs(model, batch)
+    if kind == "dsa":
+        assert ffn == [len(prompt), sum(n - 1 for n in lengths)]
+        ffn.clear()
+    padded, _, _ = token_logprobs(model, batch, shared=False)
+    assert torch.allclose(shared[mask], padded[mask], atol=1e-5)
+    grads = []
+    for lp in (shared, padded):
+        model.zero_grad()
+        lp[mask].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
+
 def spread_reward(completion: str, answer: str) -> float:
     """A reward that differs between completions (a hash of the text), so a fresh model's groups all train."""
     return zlib.crc32(completion.encode()) / 2**32
