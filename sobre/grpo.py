@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .linear import native_bf16
 from .lora import LoRAArgs, add_lora, disabled
 from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, MoE, Transformer
@@ -291,6 +293,9 @@ def grpo(a: GRPOArgs) -> Path:
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     weights = CastWeights(model, torch.bfloat16) if a.rollout_bf16 else nullcontext(model)
+    if a.rollout_bf16 and next(model.parameters()).device.type == "cpu" and not native_bf16():
+        warnings.warn("--rollout-bf16 on a CPU without native bf16 (AVX512-BF16, AMX): its bf16 products are "
+                      "emulated, and rollouts run far slower than in fp32", stacklevel=2)
     (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
     truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out

@@ -532,6 +532,10 @@ def test_grpo_rollout_bf16_samples_on_bf16_weights_and_trains_fp32(tmp_path, mon
     run = G.grpo(GRPOArgs(out=str(tmp_path / "run"), preset="debug", task="arithmetic", steps=2, prompts=2, group=2,
                           max_new_tokens=4, eval_every=1, rollout_bf16=True, lr=1e-2))
     assert seen == [torch.bfloat16] * 2 and evals == [torch.float32] * 3
+    monkeypatch.setattr(G, "native_bf16", lambda: False)  # a CPU that would emulate bf16: said so, then run
+    with pytest.warns(UserWarning, match="without native bf16"):
+        G.grpo(GRPOArgs(out=str(tmp_path / "slow"), preset="debug", task="arithmetic", steps=1, prompts=2, group=2,
+                        max_new_tokens=2, eval_every=1000, rollout_bf16=True))
     rows = untimed_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert sobre.load(run / "model").layers[0].attn.wkv_a.weight.dtype == torch.float32
