@@ -571,3 +571,20 @@ def test_sample_groups_replaces_each_refused_group_with_the_next_problem(tmp_pat
     assert [[r.ids for r in g] for _, g in groups] == [[r.ids for r in g] for g in rollouts(
         model, tok, task, problems, 2, max_new_tokens=6, seed=5)]
     assert [[r.ids for r in g] for _, g in run({1, 3})[0]] == [[r.ids for r in g] for _, g in run({1, 3})[0]]
+
+
+def test_rollout_batch_runs_cheap_sequences_at_once_within_its_budget(monkeypatch):
+    """rollout_batch: every sequence at once while their caches and logits fit ROLLOUT_BYTES, never fewer than
+    DEFAULT_BATCH; DeepSeek-V4 (rings held per lane) DEFAULT_BATCH."""
+    from sobre import rollout
+    from sobre.stats import kv_bytes_per_token
+    tiny = sobre.Transformer(sobre.preset("debug"))
+    per_seq = kv_bytes_per_token(tiny.config, 4)["latent"] * 200 + 16 * tiny.config.vocab_size
+    monkeypatch.setattr(rollout, "ROLLOUT_BYTES", per_seq * 1000)
+    assert rollout.rollout_batch(tiny, 800, 200) == 800
+    assert rollout.rollout_batch(tiny, 5000, 200) == 1000
+    assert rollout.rollout_batch(tiny, 64, 200) == rollout.DEFAULT_BATCH
+    monkeypatch.setattr(rollout, "ROLLOUT_BYTES", per_seq * 10)
+    assert rollout.rollout_batch(tiny, 800, 200) == rollout.DEFAULT_BATCH
+    from sobre.v4 import V4Transformer
+    assert rollout.rollout_batch(V4Transformer(sobre.preset("debug", arch="deepseek_v4")), 800, 200) == 256
