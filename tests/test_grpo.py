@@ -383,14 +383,19 @@ def test_shared_prompt_forward_equals_the_padded_reference(arch):
         assert ffn == [P * 6, sum(len(r.ids) - 1 for r in rows)]
         padded, mask2, ent2 = token_logprobs(model, rows, entropy=True, shared=False)
         assert torch.equal(mask, mask2)
-        assert torch.allclose(shared[mask], padded[mask], atol=1e-5) and ent == pytest.approx(ent2, rel=1e-4)
-        grads = []
-        for lp in (shared, padded):
-            model.zero_grad()
-            lp[mask].sum().backward()
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        assert torch.allclose(grads[0], grads[1], atol=1e-4)
-        assert ent > 0
+        assert ent == pytest.approx(ent2, rel=1e-4) and ent > 0
+        assert_same_logprobs_and_gradients(model, shared, padded, mask)
+
+
+def assert_same_logprobs_and_gradients(model, a, b, mask):
+    """Two forwards' log-probs [N, T] agree at the completion tokens, and so do the gradients of their sums."""
+    assert torch.allclose(a[mask], b[mask], atol=1e-5)
+    grads = []
+    for lp in (a, b):
+        model.zero_grad()
+        lp[mask].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
 
 
 
@@ -422,14 +427,8 @@ def test_update_forward_of_sparse_attention_equals_the_padded_reference(kind):
     if kind == "dsa":
         assert ffn == [len(prompt), sum(n - 1 for n in lengths)]
         ffn.clear()
-    padded, _, _ = token_logprobs(model, batch, shared=False)
-    assert torch.allclose(shared[mask], padded[mask], atol=1e-5)
-    grads = []
-    for lp in (shared, padded):
-        model.zero_grad()
-        lp[mask].sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-4)
+    assert_same_logprobs_and_gradients(model, shared, token_logprobs(model, batch, shared=False)[0], mask)
+
 
 def spread_reward(completion: str, answer: str) -> float:
     """A reward that differs between completions (a hash of the text), so a fresh model's groups all train."""
