@@ -1,9 +1,12 @@
-"""The model's linear layers: F.linear, but one row in bf16 on the CPU as a matrix-vector product; and the dtype
-to decode a checkpoint in on the CPU, where bf16 pays.
+"""The model's linear layers: F.linear, but one row in bf16 on the CPU as a matrix-vector product where that is
+the faster; and the dtype to decode a checkpoint in on the CPU, where bf16 pays.
 
 A B=1 decode step multiplies one row by every weight matrix. In bf16 on the CPU, F.linear sends that row to
-oneDNN's matmul, which took 1.6x as long as torch.mv for a [1536] x [8960, 1536] product and reached ~60% of
-the memory bandwidth mv did (bf16 weights are read once per token: the read is the step). fp32 keeps F.linear
+oneDNN's matmul, which on an Intel Xeon with AMX took 1.6x as long as torch.mv for a [1536] x [8960, 1536] product
+and reached ~60% of the memory bandwidth mv did (bf16 weights are read once per token: the read is the step); on
+a 2-core AMD EPYC with AVX512-BF16 (no AMX) the other way round: F.linear 46 ms a token of a dense 0.5B model, mv
+63. So the first one-row bf16 product of a process times both on a [4096, 1024] weight (bf16_row_op) and takes
+the faster from then on. fp32 keeps F.linear
 (MKL's matrix-vector product is already at the bandwidth), and so does a layer with a bias: torch.addmv in bf16
 ran 8-10x slower than F.linear with the bias ([1, 896] x [896, 896]: 0.76 vs 0.09 ms on an AVX2 EPYC; Qwen2's
 q / k / v projections decoded 0.5B models at 0.81x transformers' bf16 through it). The twin is F.linear
@@ -18,6 +21,7 @@ CPUs). Smaller products stay with MKL: oneDNN pays ~11 us a call. The twin is F.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +57,35 @@ ONEDNN_MACS = 1 << 21  # fp32 CPU products from this many multiply-adds (rows x 
 ONEDNN = torch.backends.mkldnn.is_available()  # (False: every fp32 product through F.linear, MKL)
 
 
+BF16_ROW: str | None = None  # "mv" or "linear": this CPU's faster one-row bf16 product (None: measure at first use)
+
+
+def bf16_row_op() -> str:
+    """BF16_ROW, timed once a process (best of 5 each, ~2 ms) where not set (under torch.compile, not timed: mv)."""
+    global BF16_ROW
+    if BF16_ROW is None and torch.compiler.is_compiling():
+        return "mv"
+    if BF16_ROW is None:
+        w, x = torch.randn(4096, 1024, dtype=torch.bfloat16), torch.randn(1, 1024, dtype=torch.bfloat16)
+
+        def best(f) -> float:
+            f()
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        BF16_ROW = "mv" if best(lambda: torch.mv(w, x[0])) < best(lambda: F.linear(x, w)) else "linear"
+    return BF16_ROW
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b): x [..., in], w [out, in] -> [..., out]."""
     if x.device.type == "cpu":
-        if x.dtype == w.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and b is None:
+        if (x.dtype == w.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and b is None
+                and bf16_row_op() == "mv"):
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
         if onednn(x, w, x.numel() * w.shape[0]):
             return OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])

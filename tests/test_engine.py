@@ -38,12 +38,17 @@ def test_engine_greedy_equals_transformers(tmp_path, model_type, kw):
     assert eng.generate(PROMPTS, max_new_tokens=12) == hf_greedy(path, PROMPTS, 12)
 
 
-def test_one_row_bf16_linear_equals_f_linear():
-    """sobre.linear: one bf16 row on the CPU as torch.mv (B=1 decode); its twin F.linear. Both land within bf16's
-    rounding of the fp32 product; anything else is F.linear itself."""
+@pytest.mark.parametrize("row", ["mv", "linear"])
+def test_one_row_bf16_linear_equals_f_linear(row, monkeypatch):
+    """sobre.linear: one bf16 row on the CPU as torch.mv (B=1 decode) where this CPU runs that faster (BF16_ROW,
+    measured; both forced here); its twin F.linear. Both land within bf16's rounding of the fp32 product; anything
+    else is F.linear itself."""
     import torch.nn.functional as F
 
+    from sobre import linear as L
     from sobre.linear import Linear, linear
+    assert L.bf16_row_op() in ("mv", "linear")  # (measured once a process)
+    monkeypatch.setattr(L, "BF16_ROW", row)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(300, 200, generator=g).bfloat16(), torch.randn(300, generator=g).bfloat16()
     for shape in ((200,), (1, 200), (1, 1, 200)):
@@ -55,6 +60,9 @@ def test_one_row_bf16_linear_equals_f_linear():
             for y in (got, twin):
                 assert ((y.float() - exact).abs() <= exact.abs() / 128 + 1e-3).all()
             assert bias is None or torch.equal(got, twin)  # with a bias: F.linear (bf16 addmv is 8-10x slower)
+            if bias is None:  # the product BF16_ROW names
+                want = torch.mv(w, x.reshape(-1)) if row == "mv" else F.linear(x, w)
+                assert torch.equal(got.reshape(-1), want.reshape(-1))
     for x, ww in ((torch.randn(3, 200, generator=g).bfloat16(), w), (torch.randn(1, 200, generator=g), w.float())):
         assert torch.equal(linear(x, ww, None), F.linear(x, ww))  # several rows, or fp32: F.linear
     layer = Linear(200, 300, bias=True).bfloat16()
