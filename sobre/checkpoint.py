@@ -26,8 +26,8 @@ from .int8 import int8_scale, quantize_int8, quantize_rows
 from .lora import read_adapter
 from .manifest import write_manifest
 from .model import Gate, Rope, Transformer, build_model
+from .v4 import FP32, Rope2
 from .v4 import Experts as V4Experts
-from .v4 import Rope2, keep_fp32
 
 # HF module path inside a decoder layer -> ours inside a Block (parameter names .weight/.bias follow)
 LAYER_MODULES = {
@@ -361,6 +361,16 @@ def foreign_mtp_tensor(files: dict, c: Config) -> str | None:
     return None
 
 
+def kept_fp32(model: Transformer) -> list[torch.Tensor]:
+    """The tensors a model of lower precision keeps in fp32 (load casts them back; rollout.CastWeights leaves them):
+    every router's weight and bias, as the reference code and transformers route in fp32, and DeepSeek-V4's v4.FP32
+    names (its mHC maps, sinks, norms, ...), parameters and buffers."""
+    out = [t for m in model.modules() if isinstance(m, Gate) for t in (m.weight, m.bias) if t is not None]
+    if model.config.arch == "deepseek_v4":
+        out += [t for name, t in [*model.named_parameters(), *model.named_buffers()] if any(k in name for k in FP32)]
+    return [t for t in out if t.is_floating_point()]
+
+
 def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, fp8: bool = False,
          int8: bool = False, adapter=None, int8_skip: tuple[str, ...] = (), **overrides) -> Transformer:
     """Load an HF checkpoint directory (or Hub id) into a sobre Transformer. mtp=False leaves the MTP
@@ -397,18 +407,13 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
         model = build_model(c)
     model = model.to(dtype).to_empty(device="cpu")
     model.rope = Rope2(c) if v4 else Rope(c)
-    if v4:
-        keep_fp32(model)
     if c.tie_embeddings:  # to_empty allocates every parameter afresh, untying them
         if v4:
             model.lm_head.weight = model.embed_tokens.weight
         else:
             model.head.weight = model.embed.weight
-    for m in model.modules():  # the router runs in fp32, as in the reference code and transformers
-        if isinstance(m, Gate):
-            m.weight.data = m.weight.data.float()
-            if m.bias is not None:
-                m.bias = m.bias.float()
+    for t in kept_fp32(model):
+        t.data = t.data.float()
     if fp8:
         keep_fp8(model, files, block)
     if int8:

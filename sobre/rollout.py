@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import kept_fp32
 from .config import at_least_one
 from .engine import Engine
-from .model import Gate, Transformer
+from .model import Transformer
 from .rewards import extract_answer, format_reward, value
 from .sft import encode_turns, pack, val_loss
 from .stats import kv_bytes_per_token
 from .tasks import Problem, Task
 from .tokenizer import Tokenizer
-from .v4 import FP32
 
 DEFAULT_BATCH = 256  # sequences an engine runs at once for rollouts (more where they are cheap: rollout_batch)
 ROLLOUT_BYTES = 1 << 30
@@ -71,7 +71,8 @@ def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list
         raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of "
                          f"{model.config.max_seq_len}")
     was = model.training
-    in_play = min(want, len(prompts)) * n
+    first = min(want, len(prompts))  # groups in play from the start
+    in_play = first * n
     if max_batch is None:
         max_batch = rollout_batch(model, in_play, longest + 64)
     eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(in_play, max_batch) * (longest + 64))
@@ -89,7 +90,7 @@ def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list
     cuda = [eng.device] if eng.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the caller's random stream is left as it was
         torch.manual_seed(seed)
-        while drawn < min(want, len(problems)):
+        while drawn < first:
             draw()
         while eng.has_work():
             eng.step()
@@ -129,17 +130,16 @@ def _rollout(tok: Tokenizer, task: Task, problem: Problem, prompt: list[int], s)
 
 class CastWeights:
     """`with CastWeights(model, torch.bfloat16) as m:` the model's weights as dtype copies inside the block (each
-    parameter's data swapped for its copy, then put back), as sobre.load(dtype=...) would give them: the router and
-    DeepSeek-V4's fp32 weights (v4.FP32) stay as they are, buffers too. The copies are made once; the parameters
-    that train (requires_grad) are copied again at each entry. GRPO's --rollout-bf16: rollouts on bf16 weights
-    while the update trains the fp32 ones, as TRL's generation under its bf16 autocast."""
+    parameter's data swapped for its copy, then put back), as sobre.load(dtype=...) would give them: what that keeps
+    in fp32 (checkpoint.kept_fp32: the routers, DeepSeek-V4's fp32 names) stays as it is, buffers too. The copies
+    are made once; the parameters that train (requires_grad) are copied again at each entry. GRPO's
+    --rollout-bf16: rollouts on bf16 weights while the update trains the fp32 ones, as TRL's generation under its
+    bf16 autocast."""
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
-        keep = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)}
-        v4 = model.config.arch == "deepseek_v4"
-        self.model, self.params = model, [p for name, p in model.named_parameters()
-                                          if p.is_floating_point() and p.dtype != dtype and id(p) not in keep
-                                          and not (v4 and any(k in name for k in FP32))]
+        keep = {id(t) for t in kept_fp32(model)}
+        self.model, self.params = model, [p for p in model.parameters()
+                                          if p.is_floating_point() and p.dtype != dtype and id(p) not in keep]
         self.copies = [p.detach().to(dtype) for p in self.params]
         self.saved = None
 

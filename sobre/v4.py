@@ -36,13 +36,6 @@ ATTN_CHUNK = 1024  # queries per chunk of a long forward's attention (each chunk
 FP32 = ("attn_hc.", "ffn_hc.", "hc_head.", "sinks", "position_bias", "e_score_correction_bias", "norm.weight")
 
 
-def keep_fp32(model: nn.Module) -> nn.Module:
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if any(k in name for k in FP32) and t.is_floating_point():
-            t.data = t.data.float()
-    return model
-
-
 class RMSNorm(nn.Module):
     """V4's norm: normalise and scale in fp32 (the weight stays fp32), cast once at the end."""
 
