@@ -4,8 +4,10 @@ generate, fp32 and bf16, at B=1 (and --batches), in the same run. The shape defa
 weight once: in bf16 sobre's linear layers multiply one row as a matrix-vector product (sobre/linear.py),
 transformers' go through F.linear; batches run bf16 matmuls on the CPU's AMX units where it has them.
     python bench/dense.py [--hidden 896 --inter 4864 --layers 24 --heads 14 --kv-heads 2] [--new 64] [--rounds 3]
-                          [--batches 1 16] [--int8]
+                          [--batches 1 16] [--int8] [--rule auto|mv|linear|both]
 --int8 adds sobre with weight-only int8 (sobre/int8.py), timed against transformers' faster dtype.
+--rule: how sobre multiplies one bf16 row (sobre.linear.BF16_ROW): auto (the product this CPU runs faster, timed
+once a process), mv or linear forced, or both forced in turns beside transformers (a row each).
 """
 
 import argparse
@@ -50,6 +52,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="sobre and transformers take turns this many times")
     ap.add_argument("--batches", type=int, nargs="+", default=[1], help="sequences decoded together")
     ap.add_argument("--int8", action="store_true", help="also sobre with int8 weights (Engine(int8=True))")
+    ap.add_argument("--rule", choices=("auto", "mv", "linear", "both"), default="auto",
+                    help="one bf16 row's product in sobre (sobre.linear.BF16_ROW)")
     a = ap.parse_args()
     keep_freed_memory()  # as sobre's engines do; the baseline shares it (bench/README.md)
     from transformers import AutoModelForCausalLM
@@ -71,17 +75,25 @@ def main():
             eng = Engine.from_pretrained(tmp, dtype=dtype, max_batch=max(a.batches),
                                          cache_tokens=max(a.batches) * (a.prompt + a.new + 64))
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            rules = [None] if dtype == torch.float32 or a.rule == "auto" else \
+                ["mv", "linear"] if a.rule == "both" else [a.rule]
             for B in a.batches:
-                ours, theirs = [], []
-                for _ in range(a.rounds):  # the two take turns
-                    ours.append(sobre_rate(eng, prompts[:B], a.new))
+                ours, theirs = {r: [] for r in rules}, []
+                for _ in range(a.rounds):  # sobre (each rule) and transformers take turns
+                    for r in rules:
+                        sobre.linear.BF16_ROW = r or sobre.linear.BF16_ROW
+                        ours[r].append(sobre_rate(eng, prompts[:B], a.new))
                     theirs.append(hf_rate(hf, prompts[:B], a.new))
-                rows[dtype, B] = max(ours), max(theirs)
-                print(f"| {str(dtype).removeprefix('torch.')} | {B} | {rows[dtype, B][0]:.1f} | "
-                      f"{rows[dtype, B][1]:.1f} | {rows[dtype, B][0] / rows[dtype, B][1]:.2f}x |")
+                for r in rules:
+                    rows[dtype, B] = max(ours[r]), max(theirs)
+                    name = str(dtype).removeprefix("torch.") + (f", one row: {r}" if r else "")
+                    print(f"| {name} | {B} | {rows[dtype, B][0]:.1f} | "
+                          f"{rows[dtype, B][1]:.1f} | {rows[dtype, B][0] / rows[dtype, B][1]:.2f}x |")
             del eng, hf
+        if a.rule == "auto":
+            print(f"(one bf16 row's product on this CPU, timed: {sobre.linear.bf16_row_op()})")
         for B in a.batches:
-            f32, b16 = rows[torch.float32, B], rows[torch.bfloat16, B]
+            f32, b16 = rows[torch.float32, B], rows[torch.bfloat16, B]  # (with --rule both: linear's)
             print(f"| bf16 / fp32 | {B} | {b16[0] / f32[0]:.2f}x | {b16[1] / f32[1]:.2f}x | |")
         if a.int8:  # no int8 baseline in transformers itself: against its faster dtype, and sobre's fp32 again,
             eng = Engine.from_pretrained(tmp, dtype=torch.float32, int8=True, max_batch=max(a.batches),  # in turns

@@ -4,6 +4,9 @@ tiny model (medians of --reps, the two interleaved so that a machine's drift hit
                       vs logits and cross-entropy over every position
   distillation loss   one log-softmax for the cross-entropy and the KL term (tau = 1) vs one each
   sampled rollout     inverse-CDF draws (sampling.draw) vs a torch.multinomial per row, G x 128 new tokens
+  GRPO update         grpo.token_logprobs + backward over 8 prompts x 8 completions of 8-128 tokens: each prompt
+                      once, its completions attending to it, FFNs and head on the positions whose output is read
+                      (no padding) vs every row prompt + completion, right-padded (shared=False, its twin)
     python bench/posttrain.py [--reps 5] [--group 64]
 """
 
@@ -19,9 +22,12 @@ import torch.nn.functional as F
 import sobre.engine
 from sobre.distill import kd_loss
 from sobre.engine import Engine
+from sobre.grpo import token_logprobs
 from sobre.parallel import keep_freed_memory
+from sobre.rollout import Rollout, prompt_ids
 from sobre.sampling import SamplingParams, filter_logits
 from sobre.sft import IGNORE, Packed, SFTArgs, sft_loss, split_rows, start_model, task_examples
+from sobre.tasks import get_task
 from sobre.train import param_groups
 
 
@@ -105,6 +111,25 @@ def rollouts(model, tok, group: int, reps: int) -> dict:
         sobre.engine.sample = ours
 
 
+def grpo_update(model, tok, reps: int) -> dict:
+    """token_logprobs' forward and backward over a GRPO batch whose completions end at different lengths."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [prompt_ids(tok, p) for p in get_task("countdown").problems("train", 8)]
+    V = model.config.vocab_size
+    batch = [Rollout(p, torch.randint(3, V, (int(torch.randint(8, 129, (), generator=g)),), generator=g).tolist(),
+                     "", False, 0.0, 0.0, None) for p in prompts for _ in range(8)]
+    model.train()
+
+    def update(shared):
+        logp, mask, _ = token_logprobs(model, batch, shared=shared)
+        logp[mask].sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    lengths = [len(x.ids) for x in batch]
+    return {f"GRPO update fwd+bwd, 64 completions of {min(lengths)}-{max(lengths)} tokens (mean "
+            f"{sum(lengths) / len(lengths):.0f})": compare(lambda i: update(False), lambda i: update(True), reps)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
@@ -116,7 +141,7 @@ def main():
         model, tok = start_model("", "tiny", Path(tmp), arch="deepseek_v3")
     (X, Y, D), _, _ = split_rows(task_examples(tok, "arithmetic:1", 3000, 0, 0.5), SFTArgs(), tok)
     rows = {**sft_steps(model, X, Y, D, a.reps), **distill_losses(model.config.vocab_size, a.reps),
-            **rollouts(model, tok, a.group, max(a.reps // 2, 2))}
+            **rollouts(model, tok, a.group, max(a.reps // 2, 2)), **grpo_update(model, tok, a.reps)}
     print(f"post-training costs, fresh tiny model (vocab {model.config.vocab_size}), fp32, "
           f"{torch.get_num_threads()} threads, median of {a.reps}")
     print("| | reference | sobre | speed-up |\n|---|---|---|---|")
