@@ -61,6 +61,33 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
         assert (moe.experts(x[:1], w, idx) - reference.moe_routed(moe.experts, x[:1], w, idx)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
+    """A B=1 decode step's MoE (one token, no autograd, CPU) takes experts.one_token: its K experts' SwiGLUs
+    weighed in one product, equal to eager_dispatch (sort, count, gather, index_add_); with autograd, or with
+    several tokens, the sorted dispatch."""
+    import sobre.experts as X
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                      n_limited_groups=2)).to(dtype)
+    experts = model.layers[1].ffn.experts
+    x = torch.randn(3, model.config.dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    w, idx, _ = model.layers[1].ffn.gate(x)
+    calls = []
+    monkeypatch.setattr(X, "one_token", lambda *a, f=X.one_token: calls.append(1) or f(*a))
+    ws = experts.w1, experts.w2, experts.w3
+    with torch.no_grad():
+        for i in range(3):
+            one = experts(x[i:i + 1], w[i:i + 1], idx[i:i + 1])
+            ref = X.eager_dispatch(x[i:i + 1], w[i:i + 1], idx[i:i + 1], 16,
+                                   lambda xs, g: experts.grouped(xs, g, *ws), ws)
+            assert one.dtype == dtype and one.shape == (1, model.config.dim)
+            torch.testing.assert_close(one, ref, **({} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)))
+        assert len(calls) == 3
+        experts(x, w, idx)
+    experts(x[:1], w[:1].detach(), idx[:1])
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("stored", ["contiguous", "stacked"])
 @pytest.mark.parametrize("counts, mode", [([0, 1, 0, 0, 0, 0, 0, 2], "loop"), ([3, 0, 5, 1, 1, 2, 0, 4], "padded"),
                                           ([3, 0, 30, 1, 1, 2, 0, 4], "padded 4"),
