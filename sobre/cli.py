@@ -555,7 +555,8 @@ def main(argv=None):
     from .grpo import GRPOArgs, grpo
     s = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO with verifiable rewards, rollouts on the engine")
     add_dataclass_flags(s, GRPOArgs)
-    s.set_defaults(fn=lambda a: run_dataclass(a, GRPOArgs, grpo, "metrics.jsonl, eval.jsonl, reward.png, model/"))
+    s.set_defaults(fn=lambda a: run_dataclass(a, GRPOArgs, grpo,
+                                              "metrics.jsonl, eval.jsonl, completions.jsonl, reward.png, model/"))
 
     from .distill import DistillArgs, distill
     s = sub.add_parser("distill", help="distil a teacher's verified reasoning (and top-k logits) into a student")

@@ -43,18 +43,20 @@ def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
 
 def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int,
              max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             max_batch: int | None = None) -> list[list[Rollout]]:
+             max_batch: int | None = None, top_k: int = 0, min_p: float = 0.0) -> list[list[Rollout]]:
     """n completions per problem, all problems batched on one engine (on the model's device). Reproducible for the
     same arguments: the draws come from the global generator (the device's), seeded here, in the engine's fixed
     batch order."""
     return [g for _, g in sample_groups(model, tok, task, problems, n, len(problems), max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, seed=seed, max_batch=max_batch)[0]]
+                                        temperature=temperature, top_p=top_p, seed=seed, max_batch=max_batch,
+                                        top_k=top_k, min_p=min_p)[0]]
 
 
 @torch.no_grad()
 def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int, want: int,
                   accept=None, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, max_batch: int | None = None) -> tuple[list[tuple[bool, list[Rollout]]], int]:
+                  seed: int = 0, max_batch: int | None = None, top_k: int = 0,
+                  min_p: float = 0.0) -> tuple[list[tuple[bool, list[Rollout]]], int]:
     """Groups of n completions of problems taken in order, `want` groups in play on one engine: the first want
     problems' requests go in at once; each group, once all its completions are in, goes to accept(group) -> bool
     (None: all accepted), and a refused group's place goes at once to the next problem (DAPO's dynamic sampling
@@ -83,7 +85,7 @@ def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list
         nonlocal drawn
         for _ in range(n):
             rid = eng.add_request(prompts[drawn], max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, stop_token_ids=(tok.eos_id,))
+                                  top_p=top_p, top_k=top_k, min_p=min_p, stop_token_ids=(tok.eos_id,))
             owner[rid] = drawn
         drawn += 1
 

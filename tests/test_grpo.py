@@ -457,6 +457,56 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4] and logged("cut") == logged("whole")
     assert len({r["loss"] for r in logged("whole")}) == 4 and all(r["kl"] > 0 for r in logged("whole")[1:])
     assert logged("cut", "eval.jsonl") == logged("whole", "eval.jsonl")
+    assert logged("cut", "completions.jsonl") == logged("whole", "completions.jsonl")  # (no step logged twice)
+    assert [r["step"] for r in logged("whole", "completions.jsonl")] == sorted(r["step"] for r in logged(
+        "whole", "completions.jsonl"))
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_grpo_logs_completions_with_rewards_and_advantages(tmp_path, loss):
+    """completions.jsonl (TRL's log_completions): the first --log-completions completions of each step in draw
+    order, each with its problem, answer, text, reward and the advantage it trained with; under DAPO's dynamic
+    sampling a refused group (equal rewards: a random model scores 0 everywhere) is logged as not kept, without
+    an advantage."""
+    from sobre import grpo as G
+    from sobre.tasks import get_task
+    args = dict(preset="debug", task="arithmetic", steps=2, prompts=3, group=2, max_new_tokens=6, eval_every=100,
+                eval_problems=1, loss=loss, log_completions=5)
+    run = G.grpo(GRPOArgs(out=str(tmp_path / "run"), **args))
+    rows = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] * 5 + [2] * 5
+    first = get_task("arithmetic").problems("train", 3, "0/0/0")
+    assert [r["prompt"] for r in rows[:5]] == [p.prompt for p in first for _ in range(2)][:5]
+    assert [r["answer"] for r in rows[:5]] == [p.answer for p in first for _ in range(2)][:5]
+    assert all(isinstance(r["completion"], str) and 1 <= r["length"] <= 6 for r in rows)
+    for r in rows:
+        assert r["reward"] == pytest.approx(r["correct"] + 0.1 * r["format"])  # the run's reward, as trained
+    if loss == "grpo":
+        assert all(r["kept"] for r in rows)
+        for i in (0, 2, 5, 7):  # each whole group's advantages: its rewards, group-scaled
+            want = advantages(torch.tensor([[rows[i]["reward"], rows[i + 1]["reward"]]]), "group")[0].tolist()
+            assert [rows[i]["advantage"], rows[i + 1]["advantage"]] == pytest.approx(want, abs=1e-6)
+    else:
+        assert not any(r["kept"] for r in rows) and all(r["advantage"] is None for r in rows)
+
+
+@pytest.mark.parametrize("limit", [dict(top_k=1), dict(min_p=1.0)])
+def test_rollouts_take_top_k_and_min_p(tmp_path, limit):
+    """--top-k / --min-p reach the rollouts' sampling: top-k 1 (or min-p 1, only the likeliest token) at
+    temperature 1 samples every completion of a group as the greedy one."""
+    from sobre.engine import Engine
+    from sobre.rollout import prompt_ids, rollouts
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    problems = get_task("arithmetic").problems("train", 2)
+    groups = rollouts(model, tok, get_task("arithmetic"), problems, 3, max_new_tokens=6, seed=1, **limit)
+    greedy = Engine(model, tok).generate([prompt_ids(tok, p) for p in problems], max_new_tokens=6,
+                                         temperature=0.0, stop_token_ids=(tok.eos_id,))
+    assert [[r.ids for r in g] for g in groups] == [[ids] * 3 for ids in greedy]
+    assert len({tuple(r.ids) for r in rollouts(model, tok, get_task("arithmetic"), problems[:1], 6,
+                                               max_new_tokens=6, seed=1)[0]}) > 1  # (without: they differ)
 
 
 def test_grpo_evaluates_held_out_pass_at_1_over_eval_samples(tmp_path, monkeypatch):
