@@ -371,7 +371,8 @@ def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs
 def _log_completions(path: Path, step: int, problems, groups, scores: dict, a: GRPOArgs):
     """The first a.log_completions of this step's completions (in draw order) as JSONL rows, as TRL's
     log_completions table: the problem, its answer, the completion text, reward, correctness, format, length, whether
-    it ran to the limit, whether its group was kept and the advantage it trained with (None: its group dropped)."""
+    it ran to the limit, whether its group was kept and the advantage its group gave it (None: the group dropped; a
+    truncated one leaves the loss under overlong filtering, one of advantage 0 carries no gradient)."""
     kept = [(g, scores[id(g)]) for ok, g in groups if ok]
     adv = dict(zip((id(x) for g, _ in kept for x in g), group_advantages(kept, a).tolist())) if kept else {}
     rows = []
