@@ -39,6 +39,7 @@ from .model import Cache, MoE, Transformer
 from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import CastWeights, Rollout, evaluate_task, sample_groups
+from .sampling import ParamError, SamplingParams
 from .sft import adapter_base, start_model
 from .tasks import get_task
 from .train import (
@@ -275,6 +276,10 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameter
             raise ValueError("--group must be >= 2: advantages are relative to the group")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: a group of greedy completions has no spread")
+        try:  # the rollouts' sampling, checked as the engine checks it, before a model loads
+            SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        except ParamError as e:
+            raise ValueError(f"--{e.param.replace('_', '-')}: {e}") from None
         self.check_ranges()
         self.check_lora(self.init)
         if self.lora_rank and self.router_bias_update:
@@ -345,7 +350,7 @@ def grpo(a: GRPOArgs) -> Path:
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
         if a.log_completions:
-            _log_completions(run / "completions.jsonl", step + 1, problems, groups, scores, a)
+            _log_completions(run / "completions.jsonl", step + 1, problems, groups, scores, kept, a)
         if kept:
             rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong))
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
@@ -368,12 +373,12 @@ def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs
     return advantages(torch.stack([r for _, r in kept]), scale).flatten()
 
 
-def _log_completions(path: Path, step: int, problems, groups, scores: dict, a: GRPOArgs):
+def _log_completions(path: Path, step: int, problems, groups, scores: dict, kept, a: GRPOArgs):
     """The first a.log_completions of this step's completions (in draw order) as JSONL rows, as TRL's
     log_completions table: the problem, its answer, the completion text, reward, correctness, format, length, whether
     it ran to the limit, whether its group was kept and the advantage its group gave it (None: the group dropped; a
-    truncated one leaves the loss under overlong filtering, one of advantage 0 carries no gradient)."""
-    kept = [(g, scores[id(g)]) for ok, g in groups if ok]
+    truncated one leaves the loss under overlong filtering, one of advantage 0 carries no gradient). kept: the
+    step's kept [(group, rewards)], as _update takes them."""
     adv = dict(zip((id(x) for g, _ in kept for x in g), group_advantages(kept, a).tolist())) if kept else {}
     rows = []
     for problem, (ok, g) in zip(problems, groups):  # (groups come back in draw order: problems[i] is group i's)

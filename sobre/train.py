@@ -62,9 +62,9 @@ class RunArgs:
 # flag -> (low, high, low included) for check_ranges; counts that must be positive are checked by require_positive
 RANGES = {**dict.fromkeys(("lr", "warmup", "weight_decay", "clip", "mtp_weight", "balance_alpha", "bias_update",
                            "router_bias_update", "beta", "format_weight", "overlong_buffer", "dsa_warmup", "threads",
-                           "vocab_size", "epsilon_high", "top_k", "log_completions"), (0, math.inf, True)),
-          **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight", "min_p"), (0, 1, True)),
-          **dict.fromkeys(("epsilon_low", "top_p"), (0, 1, False)), "kd_temperature": (0, math.inf, False)}
+                           "vocab_size", "epsilon_high", "log_completions"), (0, math.inf, True)),
+          **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight"), (0, 1, True)),
+          "epsilon_low": (0, 1, False), "kd_temperature": (0, math.inf, False)}
 
 
 @dataclass
