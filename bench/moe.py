@@ -2,12 +2,12 @@
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
 of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
-its CPU path from the rows per expert (experts.Groups: a loop over the active experts, one zero-padded bmm,
-oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a multiple of 128); the
-next five columns force each layout of the routed experts at every size, to show what the choice buys (the padded
-bmm twice: with the few largest experts' rows past C in matmuls of their own, as sobre pads in fp32, and with C the
-largest count, as before session 47 and in bf16). The last
-row routes every token to expert 0 first (both layers' router bias), the skew of a batch of one prompt's samples.
+its CPU path from the rows per expert (one token: experts.one_token, no sort; else experts.Groups: a loop over the
+active experts, one zero-padded bmm, oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each
+expert's rows to a multiple of 128); the next five columns force each layout of the routed experts at every size, to
+show what the choice buys (the padded bmm twice: with the few largest experts' rows past C in matmuls of their own,
+as sobre pads in fp32, and with C the largest count, as before session 47 and in bf16). The last row routes every
+token to expert 0 first (both layers' router bias), the skew of a batch of one prompt's samples.
     python bench/moe.py [--dtype bfloat16]
 """
 
@@ -40,21 +40,21 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
 class forced:
     """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, whether
     the routed experts may take oneDNN's layout at any rows, and whether the padded layout may overflow; the
-    shared expert keeps its own path)."""
+    shared expert keeps its own path). One token takes the layout too (experts.ONE_TOKEN off: sorted)."""
 
     def __init__(self, moe, loop: float, pad: int, dnn: bool = False, overflow: bool = True):
         self.moe, self.loop, self.pad, self.dnn, self.overflow = moe, loop, pad, dnn, overflow
 
     def __call__(self, x):
-        was = M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS
-        M.LOOP_EXPERTS, M.PAD_SLACK = self.loop, self.pad
+        was = M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN
+        M.LOOP_EXPERTS, M.PAD_SLACK, M.ONE_TOKEN = self.loop, self.pad, False
         M.onednn = lambda a, b, macs=0: self.dnn and L.onednn(a, b, L.ONEDNN_MACS)
         if not self.overflow:  # an overflow then costs more than any padding: C = the largest count
             M.OVERFLOW_ROWS = 1 << 30
         try:
             return self.moe(x)
         finally:
-            M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS = was
+            M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN = was
 
 
 def main():
@@ -95,8 +95,9 @@ def main():
                 torch.testing.assert_close(ours(x), layouts["loop"](x))
             counts = ours.last_load.tolist()
             top = max(counts)
-            path = {"loop": "loop", "padded": "padded bmm", "grouped": "_grouped_mm", "onednn": "oneDNN"}[
-                M.Groups(counts, x[0], ours.experts.w1).mode]  # (the rule itself, on this step's counts)
+            path = "one token" if n == 1 and M.ONE_TOKEN else {  # (the rule itself, on this step's counts)
+                "loop": "loop", "padded": "padded bmm", "grouped": "_grouped_mm", "onednn": "oneDNN"}[
+                M.Groups(counts, x[0], ours.experts.w1).mode]
             t = best_ms({"a": lambda x=x: ours(x), **{k: lambda x=x, f=f: f(x) for k, f in layouts.items()},
                          "b": lambda x=x: theirs(x)})
             a, b = t["a"], t["b"]

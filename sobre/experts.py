@@ -28,16 +28,21 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=Non
         N, K = idx.shape  # (pairs in token order: nothing to sort)
         out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
         return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1).to(x.dtype)
-    if swiglu is not None and idx.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+    if (ONE_TOKEN and swiglu is not None and idx.shape[0] == 1 and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
         return one_token(x, w, idx, *swiglu)
     return eager_dispatch(x, w, idx, n_experts, ffn, swiglu)
+
+
+ONE_TOKEN = True  # CPU inference: one token's MoE skips the sort (one_token); False: every token count is sorted
 
 
 def one_token(x, w, idx, w1, w2, w3):
     """dispatch of one token without autograd on the CPU (a B=1 decode step): x [1, D], w / idx [1, K]. Each chosen
     expert's SwiGLU on the row, then the K results weighed and summed as one [1, K] x [K, D] product in fp32,
     instead of sorting, counting, gathering and adding back the token's K pairs (~19 ops fewer a layer: a B=1 step
-    of bench/engine.py's model 6% faster). Its twin: eager_dispatch (tests/test_model.py)."""
+    of bench/engine.py's model 6% faster; bench/moe.py's 1-token row against the sorted loop). Its twin:
+    eager_dispatch (tests/test_model.py)."""
     ys = [linear(F.silu(linear(x, w1[e])) * linear(x, w3[e]), w2[e]) for e in idx[0].tolist()]  # K x [1, D]
     return (w @ torch.cat(ys).to(w.dtype)).to(x.dtype)
 
