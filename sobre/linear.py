@@ -12,10 +12,13 @@ ran 8-10x slower than F.linear with the bias ([1, 896] x [896, 896]: 0.76 vs 0.0
 q / k / v projections decoded 0.5B models at 0.81x transformers' bf16 through it). The twin is F.linear
 (tests/test_engine.py).
 
-fp32 on the CPU: a product of at least ONEDNN_MACS multiply-adds goes to oneDNN (torch.ops.mkldnn._linear_pointwise,
+fp32 on an AMD CPU: a product of at least ONEDNN_MACS multiply-adds goes to oneDNN (torch.ops.mkldnn._linear_pointwise,
 forward and both backward products) instead of MKL, whose fp32 GEMM ran ~185 GFLOP/s on a 2-core AMD EPYC with
 AVX-512 where oneDNN ran ~420 ([2048, 256] x [256, 1024]: 5.5 vs 2.5 ms; MKL keeps to older instructions on AMD
-CPUs). Smaller products stay with MKL: oneDNN pays ~11 us a call. The twin is F.linear (tests/test_linear.py).
+CPUs). Smaller products stay with MKL: oneDNN pays ~11 us a call. On Intel CPUs MKL runs its own AVX-512 kernels and
+everything stays with it: on a 2-core Xeon oneDNN was no faster at training sizes and slower at decode sizes
+([64, 256] x [256, 128]: 36 vs 20 us), and routing there made GRPO's rollouts and update 15-17% slower
+(bench/RESULTS.md, session 50). The twin is F.linear (tests/test_linear.py).
 """
 
 from __future__ import annotations
@@ -54,7 +57,20 @@ def inference_dtype(path, device=None) -> torch.dtype | None:
 
 
 ONEDNN_MACS = 1 << 21  # fp32 CPU products from this many multiply-adds (rows x in x out) up run on oneDNN
-ONEDNN = torch.backends.mkldnn.is_available()  # (False: every fp32 product through F.linear, MKL)
+
+
+def cpu_vendor() -> str:
+    """The x86 CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+# fp32 products to oneDNN where MKL runs its slower code (AMD and Hygon x86 CPUs); elsewhere every fp32 product
+# through F.linear (MKL, or the build's BLAS). The switch the twins' tests turn.
+ONEDNN = torch.backends.mkldnn.is_available() and cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
 
 
 BF16_ROW: str | None = None  # "mv" or "linear": this CPU's faster one-row bf16 product (None: measure at first use)
