@@ -48,7 +48,8 @@ class forced:
     def __call__(self, x):
         was = M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN
         M.LOOP_EXPERTS, M.PAD_SLACK, M.ONE_TOKEN = self.loop, self.pad, False
-        M.onednn = lambda a, b, macs=0: self.dnn and L.onednn(a, b, L.ONEDNN_MACS)
+        # (oneDNN's layout forced on any CPU: sobre itself takes it on AMD CPUs only, linear.ONEDNN)
+        M.onednn = lambda a, b, macs=0: self.dnn and L.onednn(a, b, L.ONEDNN_MACS, force=True)
         if not self.overflow:  # an overflow then costs more than any padding: C = the largest count
             M.OVERFLOW_ROWS = 1 << 30
         try:

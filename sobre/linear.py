@@ -104,13 +104,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
                 and bf16_row_op() == "mv"):
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
         if onednn(x, w, x.numel() * w.shape[0]):
-            return OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
+            x2 = x.reshape(-1, x.shape[-1])  # (no autograd node where no gradient is wanted: ~13 us a call)
+            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+            return (OneDNNLinear.apply(x2, w, b) if grad else dnn(x2, w, b)).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
 
 
-def onednn(a: torch.Tensor, b: torch.Tensor, macs: int = ONEDNN_MACS) -> bool:
-    """Whether a product of a and b with this many multiply-adds runs on oneDNN."""
-    return (ONEDNN and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and macs >= ONEDNN_MACS
+def onednn(a: torch.Tensor, b: torch.Tensor, macs: int = ONEDNN_MACS, force: bool = False) -> bool:
+    """Whether a product of a and b with this many multiply-adds runs on oneDNN (force: on any CPU, ONEDNN aside,
+    where this torch has oneDNN)."""
+    return ((ONEDNN or force and torch.backends.mkldnn.is_available()) and a.device.type == "cpu"
+            and a.dtype == b.dtype == torch.float32 and macs >= ONEDNN_MACS
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 

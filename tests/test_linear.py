@@ -60,6 +60,22 @@ def test_onednn_linear_equals_f_linear_with_gradients(calls, rows, k, n, bias):
         close(a.grad, b_.grad, scale=10.0)
 
 
+def test_onednn_linear_without_gradients_runs_no_autograd_node(calls, monkeypatch):
+    """Under no_grad / inference_mode (decode, rollouts) or with no input wanting a gradient, the product goes to
+    oneDNN directly (no OneDNNLinear node) and equals F.linear."""
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 256), torch.randn(512, 256)
+    nodes = []
+    real = L.OneDNNLinear.apply
+    monkeypatch.setattr(L.OneDNNLinear, "apply", lambda *a: nodes.append(1) or real(*a))
+    for ctx in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with ctx():
+            close(L.linear(x, w), F.linear(x, w))
+    assert len(calls) == 3 and not nodes
+    y = L.linear(x, w.requires_grad_())
+    assert nodes and y.grad_fn is not None
+
+
 def test_small_products_autocast_and_the_switch_stay_with_f_linear(calls, monkeypatch):
     """Below ONEDNN_MACS (oneDNN's ~11 us a call costs more than MKL's product), under autocast (bf16 products) and
     with sobre.linear.ONEDNN off, linear is F.linear exactly."""
