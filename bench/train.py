@@ -82,7 +82,8 @@ def matmul_flops(loss_fn, x) -> float:
 
 def best_matmul_rate(reps: int = 10) -> float:
     """FLOP/s of this device's fastest fp32 matmul among some of the step's shapes (the head's, the dense MLP's, an
-    expert's), best of reps; on the CPU the best of torch.mm (MKL) and oneDNN (which sobre.linear uses)."""
+    expert's), best of reps; on the CPU the best of torch.mm (MKL) and, where sobre.linear uses it (AMD CPUs:
+    linear.ONEDNN), oneDNN."""
     best, D, F_, V = 0.0, CFG["hidden_size"], CFG["intermediate_size"], CFG["vocab_size"]
     for m, k, n in ((B * T, D, V), (B * T, D, F_), (B * T, F_, D), (512, D, CFG["moe_intermediate_size"])):
         a, b = torch.randn(m, k, device=DEV), torch.randn(k, n, device=DEV)
