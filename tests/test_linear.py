@@ -152,14 +152,11 @@ def test_training_experts_run_on_onednn(counts, stored):
     runs = []
     for fast in (True, False):
         L.ONEDNN = fast
-        try:
-            xs, *ws = (t.clone().requires_grad_() for t in (xs0, *ws0))
-            if counts[0] == 200:
-                assert Groups(counts, xs, ws[0]).mode == ("onednn" if fast else "grouped")
-            out = GroupedSwiGLU.apply(xs, *ws, counts) if fast else grouped_ffn(xs, counts, *ws)
-            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        finally:
-            L.ONEDNN = True
+        xs, *ws = (t.clone().requires_grad_() for t in (xs0, *ws0))
+        if counts[0] == 200:
+            assert Groups(counts, xs, ws[0]).mode == ("onednn" if fast else "grouped")
+        out = GroupedSwiGLU.apply(xs, *ws, counts) if fast else grouped_ffn(xs, counts, *ws)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         runs.append([out] + [t.grad for t in (xs, *ws)])
     for a, b in zip(*runs):
         assert a.stride() == b.stride() or not a.numel()  # (each gradient in its weight's layout)
@@ -182,18 +179,15 @@ def test_routed_swiglu_gathers_weighs_and_sums_back_in_windows(K):
     runs = []
     for fused in (True, False):
         L.ONEDNN = fused
-        try:
-            x, w, *ws = (t.clone().requires_grad_() for t in (x0, w0, *ws0))
-            ffn = lambda xs, groups, ws=ws: grouped_ffn(xs, groups, *ws)  # noqa: E731
-            if fused:
-                counts = torch.bincount(idx.flatten(), minlength=E).tolist()
-                assert Groups(counts, x, ws[0]).mode == "onednn"
-                out = dispatch(x, w, idx, E, ffn, swiglu=ws)
-            else:
-                out = eager_dispatch(x, w, idx, E, ffn)
-            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        finally:
-            L.ONEDNN = True
+        x, w, *ws = (t.clone().requires_grad_() for t in (x0, w0, *ws0))
+        ffn = lambda xs, groups, ws=ws: grouped_ffn(xs, groups, *ws)  # noqa: E731
+        if fused:
+            counts = torch.bincount(idx.flatten(), minlength=E).tolist()
+            assert Groups(counts, x, ws[0]).mode == "onednn"
+            out = dispatch(x, w, idx, E, ffn, swiglu=ws)
+        else:
+            out = eager_dispatch(x, w, idx, E, ffn)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         runs.append([out] + [t.grad for t in (x, w, *ws)])
     for a, b in zip(*runs):
         close(a, b, scale=10.0)
@@ -219,12 +213,9 @@ def test_tiny_model_trains_alike_on_onednn_and_mkl(monkeypatch):
     x = torch.randint(0, cfg.vocab_size, (2, 512))
     for i, m in enumerate(models):
         L.ONEDNN = i != 1
-        try:
-            m.train()
-            out = m(x)
-            (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
-        finally:
-            L.ONEDNN = True
+        m.train()
+        out = m(x)
+        (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
     assert len(calls) == 3  # one MoE layer: the plain forward, the checkpointed one and its recompute
     for p0, p1, p2 in zip(*(m.parameters() for m in models)):
         if p0.grad is not None:
