@@ -14,7 +14,7 @@ autocast as its update: checked with a hook on its LM head; sobre's rollouts the
 `grpo --rollout-bf16`, its update under autocast, `--bf16`).
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
-                         [--reward spread|digits]
+                         [--reward spread|digits] [--onednn auto|on|off]
 """
 
 import argparse
@@ -138,10 +138,15 @@ def main():
     p.add_argument("--bf16", action="store_true",
                    help="both sides in bf16: TRL's bf16=True (its generation and update under autocast), sobre's "
                         "--bf16 (the update under autocast) and --rollout-bf16 (rollouts on bf16 weights)")
+    p.add_argument("--onednn", choices=("auto", "on", "off"), default="auto",
+                   help="sobre's fp32 products on oneDNN: this CPU's default (sobre.linear.ONEDNN: AMD CPUs) or "
+                        "forced on / off (TRL's products are torch's own either way)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
+    if a.onednn != "auto":
+        sobre.linear.ONEDNN = a.onednn == "on" and torch.backends.mkldnn.is_available()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -153,7 +158,8 @@ def main():
             theirs, theirs_len, their_split = run_trl(model_dir, a, tmp / f"trl{r}")
             rows.append((theirs, ours, split, their_split, theirs_len, ours_len))
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, "
-          f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {torch.get_num_threads()} threads "
+          f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {torch.get_num_threads()} threads, "
+          f"sobre's fp32 products on {'oneDNN' if sobre.linear.ONEDNN else 'MKL'} "
           f"({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
     print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | TRL generation / "
           "rest s | mean completion tokens TRL / sobre | sobre: share trained |")
