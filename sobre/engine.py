@@ -84,6 +84,9 @@ class Engine:
             raise ValueError("compile=True does not take int8 weights (torch's inductor cannot lower their "
                              "_weight_int8pack_mm); decode them eagerly")
         self.compiled = compiled_decode(model, self.pool, self.supports_compile(c)) if compile else None
+        # absorbed MLA's projections folded (absorb.py) for this engine's lifetime, each layer at its first decode:
+        # the model's weights as they are then (a model changed under a running engine needs a new engine)
+        self.folds: dict = {}
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -381,7 +384,9 @@ class Engine:
             self.lora_rows.set([s.lora for s in seqs])
         if self.pool.rings:  # (a prompt's prefill under the prefix cache keeps the rings' rows at its block ends)
             return v4cache.V4Batch(self.pool, seqs, T, mtp, keep=prefill and self.prefix_cache)
-        return PagedBatch(self.pool, seqs, T, mtp)
+        batch = PagedBatch(self.pool, seqs, T, mtp)
+        batch.folds = self.folds
+        return batch
 
     def _copy_prompt(self, src: Sequence, dst: Sequence):
         """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sparse
+from . import absorb, sparse
 from .attention import attend, attend_grouped
 from .config import Config
 from .experts import Groups, dispatch, expert_load, grouped_ffn, stacked_weight
-from .linear import Linear, dense_weight
+from .linear import Linear, dense_weight, linear
 from .loss import head_cross_entropy
 
 
@@ -112,6 +112,8 @@ class MLA(nn.Module):
 
     def forward(self, x, rope, mask, cache=None):
         c = self.c
+        if c.attn_impl == "absorb" and (weights := absorb.folded(self, getattr(cache, "folds", None))) is not None:
+            return self.folded(x, rope, mask, cache, *weights)
         B, T, _ = x.shape
         H, dn, dr, dv = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         q_lat = self.q_norm(self.wq_a(x)) if c.q_lora_rank else None  # [B, T, q_lora_rank]
@@ -154,20 +156,30 @@ class MLA(nn.Module):
             lora_rows = getattr(self.wkv_b, "active", False)  # rows with their own LoRA on kv_b (lora.MultiLoRA)
             if lora_rows:
                 q_lat = q_lat + self.wkv_b.absorbed_q(q_nope)
-            q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + dr)
-            scores = torch.bmm(q, kv_pe.transpose(1, 2)).view(B, T, H, S)
-            if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            mask = mask.transpose(-2, -3) if mask.dim() == 4 else mask.unsqueeze(1)  # -> [B|1, T, 1, S]
-            # an additive -inf bias, scaled scores added in one op (CPU: a masked_fill broadcast over the heads
-            # took ~90 us at B=64, the bias ~20)
-            bias = torch.where(mask, 0.0, float("-inf"))
-            probs = torch.add(bias, scores, alpha=c.softmax_scale).softmax(dim=-1, dtype=torch.float32).to(x.dtype)
-            o_lat = torch.bmm(probs.view(B, T * H, S), kv)  # [B, T*H, r]
+            o_lat = absorb.latent_attend(torch.cat([q_lat, q_pe], dim=-1), kv_pe, mask, r, c.softmax_scale)
             o = torch.bmm(o_lat.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B*T, H, dv]
             if lora_rows:
-                o = o + self.wkv_b.absorbed_o(o_lat.view(B, T, H, r), dn).view(B * T, H, dv)
+                o = o + self.wkv_b.absorbed_o(o_lat, dn).view(B * T, H, dv)
         return self.wo(o.reshape(B, T, H * dv))
+
+    def folded(self, x, rope, mask, cache, w_a, w_q, w_o):
+        """The absorbed path on the folded weights (absorb.py): three products a layer, the same attention."""
+        c = self.c
+        B, T, _ = x.shape
+        H, dr, r = c.n_heads, c.qk_rope_head_dim, c.kv_lora_rank
+        if c.q_lora_rank:
+            q_a, kv, k_pe = linear(x, w_a).split([c.q_lora_rank, r, dr], dim=-1)
+            q = linear(self.q_norm(q_a), w_q)
+        else:
+            q, kv, k_pe = linear(x, w_a).split([H * (r + dr), r, dr], dim=-1)
+        q = q.view(B, T, H, r + dr)  # the absorbed query: latent part, then rope part (in half-split order)
+        pe = apply_rope(torch.cat([q[..., r:], k_pe.unsqueeze(2)], dim=2), *rope, interleave=False)
+        kv_pe = torch.cat([self.kv_norm(kv), pe[:, :, H]], dim=-1)  # [B, T, r + rd]
+        if cache is not None:
+            kv_pe, = cache.update(self.layer_id, kv_pe)
+        o_lat = absorb.latent_attend(torch.cat([q[..., :r], pe[:, :, :H]], dim=-1), kv_pe, mask, r, c.softmax_scale)
+        return linear(o_lat.view(B, T, H * r), w_o)
+
 
 
 class Indexer(nn.Module):

@@ -202,6 +202,7 @@ class PagedStep:
     Reads gather whole blocks ([B, nb, 64, ...], one index per block, not per token)."""
 
     run = None  # PagedBatch: (first, step) of the rows' blocks when in a run (PagedPool.run)
+    folds = None  # an engine's batch: its folded MLA projections by layer (absorb.py; None: the unfolded path)
 
     def __init__(self, layers: list[list[torch.Tensor]], table: torch.Tensor, pos: torch.Tensor, block: int):
         self.layers, self.table, self.pos, self.block = layers, table, pos, block

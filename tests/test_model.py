@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sobre
-from sobre import reference
+from sobre import absorb, reference
 from sobre.experts import Groups, grouped_ffn, looped_mm, stacked_weight
 from sobre.model import Cache, Gate
 
@@ -20,6 +20,79 @@ def test_naive_and_absorbed_mla_agree():
         model.config.attn_impl = "absorb"
         absorbed = model(x)
     assert (naive - absorbed).abs().max() < 1e-4 * naive.abs().max()
+
+
+@pytest.mark.parametrize("case", ["q_lora", "no_q_lora", "not_interleaved", "bf16"])
+def test_folded_mla_equals_unfolded_in_decode(case):
+    """The folded projections (absorb.py) against the unfolded absorbed path, over the engine's paged cache: a
+    prompt of one sequence, a chunked one of another, then decode steps of both; with and without q_lora, rope
+    interleaved or not; in bf16 (folded in fp32, rounded once) about as far from the fp32 model as the unfolded
+    path (mean error 0.013-0.018 either way: routing flips under bf16 rounding move both)."""
+    from sobre.paged import PagedBatch, PagedPool
+    from sobre.request import Sequence
+    from sobre.sampling import SamplingParams
+    kw = dict(q_lora_rank=0) if case == "no_q_lora" else dict(rope_interleave=False) if case == "not_interleaved" \
+        else {}
+    model = random_model(sobre.preset("debug", attn_impl="absorb", **kw))
+    x = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(4))
+
+    def decode(folds):
+        pool = PagedPool(model, 4)
+        a, b = Sequence(0, [], SamplingParams()), Sequence(1, [], SamplingParams())
+
+        def batch(seqs, T):
+            out = PagedBatch(pool, seqs, T)
+            out.folds = folds
+            return out
+        for s in (a, b):
+            pool.reserve(s, 40)
+        steps = [torch.cat([model(x[:1, :20], batch([a], 20)), torch.cat([model(x[1:, :8], batch([b], 8)),
+                                                                          model(x[1:, 8:20], batch([b], 12))], 1)])]
+        steps += [model(x[:, t:t + 1], batch([a, b], 1)) for t in range(20, 40)]
+        assert all((absorb.folded(layer.attn, folds) is not None) == (folds is not None) for layer in model.layers)
+        return torch.cat(steps, 1).float()
+
+    with torch.no_grad():
+        ref = decode(None)
+        if case == "bf16":
+            model = model.bfloat16()
+            errors = [(decode(folds) - ref).abs().mean() for folds in ({}, None)]
+            assert errors[0] < 2 * errors[1]  # (a wrong fold: errors of the logits' own size)
+        else:
+            assert (decode({}) - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_fold_follows_the_weights_and_stays_out_of_training(monkeypatch):
+    """Within an engine's folds, a changed projection (in place, a new tensor) refolds; autograd, a projection
+    that is not sobre's Linear, and DeepSeek-V3's shapes (folded weights 3.4x the parameters they replace) take
+    the unfolded path."""
+    from sobre.engine import Engine
+    model = random_model(sobre.preset("debug"))
+    eng = Engine(model, max_batch=2)
+    attn, prompt = model.layers[0].attn, [5, 9, 2, 7, 1]
+    first = eng.generate([prompt], max_new_tokens=8)
+    made = eng.folds[attn][2]
+    assert made is not None
+    with torch.no_grad():
+        for change in (lambda: attn.wo.weight.mul_(2.0),  # in place: the version counter moves
+                       lambda: setattr(attn.wq_a.weight, "data", attn.wq_a.weight.data * 0.5)):  # a new tensor
+            change()
+            out = eng.generate([prompt], max_new_tokens=8)
+            assert eng.folds[attn][2] is not made  # folded again
+            made = eng.folds[attn][2]
+            assert out == Engine(model, max_batch=2).generate([prompt], max_new_tokens=8)  # as a new engine's
+            with monkeypatch.context() as m:
+                m.setattr(absorb, "FOLD_GROWTH", 0.0)  # the unfolded twin
+                assert out == eng.generate([prompt], max_new_tokens=8)
+    assert out != first
+    assert absorb.folded(attn, {}) is None  # a gradient wanted: autograd sees the plain products
+    v3 = sobre.Config.from_hf(dict(model_type="deepseek_v3", hidden_size=7168, num_attention_heads=128,
+                                   q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                                   v_head_dim=128))
+    assert not absorb.foldable(v3) and absorb.foldable(model.config)
+    with torch.no_grad():
+        attn.wo = torch.nn.Linear(attn.wo.in_features, attn.wo.out_features, bias=False)
+        assert absorb.folded(attn, {}) is None
 
 
 @pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
