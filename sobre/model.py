@@ -17,7 +17,7 @@ from torch import nn
 from . import absorb, sparse
 from .attention import attend, attend_grouped
 from .config import Config
-from .experts import Groups, dispatch, expert_load, grouped_ffn, stacked_weight
+from .experts import Groups, RoutedLoad, dispatch, grouped_ffn, stacked_weight
 from .linear import Linear, dense_weight, linear
 from .loss import head_cross_entropy
 
@@ -387,21 +387,20 @@ def sequence_balance_loss(idx: torch.Tensor, scores: torch.Tensor, B: int, T: in
     return (f * p).sum(-1).mean()
 
 
-class MoE(nn.Module):
+class MoE(RoutedLoad, nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.gate = Gate(c)
         self.experts = Experts(c)
         self.shared = MLP(c.dim, c.moe_inter_dim * c.n_shared_experts) if c.n_shared_experts else None
-        self.last_load = None  # [E] tokens per expert in the last forward (for balancing / stats)
+        self.n_experts = c.n_routed_experts  # (last_load: tokens per expert in the last forward)
         self.balance_loss = None  # set by training-mode forwards
 
     def forward(self, x):  # [B, T, D]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx, scores = self.gate(x)
-        E = self.gate.weight.shape[0]
-        self.last_load = expert_load(idx, E)
+        self.last_idx = idx
         if self.training:
             self.balance_loss = sequence_balance_loss(idx, scores, shape[0], shape[1])
         y = self.experts(x, w, idx)

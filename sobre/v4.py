@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import Config
-from .experts import Groups, dispatch, expert_load, stacked_weight
+from .experts import Groups, RoutedLoad, dispatch, stacked_weight
 from .linear import Linear, dense_weight
 from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
@@ -417,7 +417,7 @@ def grouped_swiglu(xs, counts: list[int] | Groups, gate_up, down, limit: float):
     return grp.unpack(grp.mm(swiglu(g, u, limit), down))
 
 
-class MoE(nn.Module):
+class MoE(RoutedLoad, nn.Module):
     def __init__(self, c: Config, hashed: bool):
         super().__init__()
         E, D, inter = c.n_routed_experts, c.dim, c.moe_inter_dim
@@ -425,13 +425,13 @@ class MoE(nn.Module):
         self.gate = Router(c, hashed)
         self.experts = Experts(E, D, inter, c.swiglu_limit)
         self.shared_experts = MLP(c)
-        self.last_load = None  # [E] tokens per expert in the last forward (balancing, EPLB)
+        self.n_experts = E  # (last_load: tokens per expert in the last forward, for balancing and EPLB)
         self.balance_loss = None  # training forwards of learned-routing layers
 
     def forward(self, x, tokens):  # x [B, T, D], tokens [B, T]
         flat = x.flatten(0, 1)
         w, idx, scores = self.gate(flat, tokens.flatten())
-        self.last_load = expert_load(idx, self.c.n_routed_experts)
+        self.last_idx = idx
         if self.training:
             self.balance_loss = torch.zeros((), device=x.device) if self.gate.hashed else \
                 sequence_balance_loss(idx, scores.float(), x.shape[0], x.shape[1])
