@@ -8,10 +8,12 @@ token is timestamped (sobre: per engine step; transformers: a streamer) and we t
 import argparse
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
 import sobre
+from sobre import absorb
 from sobre.engine import Engine
 from sobre.parallel import keep_freed_memory
 
@@ -129,6 +131,14 @@ def main():
     lo, hi = min(growth), max(growth)
     print(f"| decode time growth {lo} -> {hi} | {growth[hi][0] / growth[lo][0]:.2f}x | "
           f"{growth[hi][1] / growth[lo][1]:.2f}x | |")
+    if absorb.foldable(ours.model.config):  # the engine's folded MLA projections (absorb.py) against the unfolded
+        folded = unfolded = 0.0  # absorbed path, in turns (FOLD_GROWTH 0: nothing folds)
+        for _ in range(3):
+            folded = max(folded, gen_sobre(1, plen, n))
+            with mock.patch.object(absorb, "FOLD_GROWTH", 0.0):
+                unfolded = max(unfolded, gen_sobre(1, plen, n))
+        print(f"| decode tok/s, B=1, MLA projections folded (absorb.py) | {folded:.1f} | unfolded sobre "
+              f"{unfolded:.1f} | {folded / unfolded:.2f}x vs unfolded |")
     for m, spec in specs.items():
         plain = rate = 0.0
         for _ in range(3):  # plain and speculative taking turns
