@@ -181,7 +181,6 @@ class MLA(nn.Module):
         return linear(o_lat.view(B, T, H * r), w_o)
 
 
-
 class Indexer(nn.Module):
     """DSA's lightning indexer, as transformers' DeepseekV32Indexer: Hi ReLU heads over the compressed query,
     one LayerNorm'd key per token with half-split RoPE on its first rd dims, per-head weights from x.
