@@ -8,7 +8,7 @@ the same input. Folded once into the projections around them, a layer's decode n
     W_o [D, H * r]                  = per head wo_h W_UV_h                       straight from the latent output
 with the rope dims of an interleaved checkpoint reordered in the weights (apply_rope then has nothing to
 permute). Decode on a 2-core Intel Xeon, folded vs not in alternating runs of one process (bench/RESULTS.md,
-session 51): bench/engine.py's model B=1 +11%, B=16 +6%; the tiny preset B=1 +13%, the small one +10% (B=16
+session 51): bench/engine.py's model B=1 +8-12%, B=16 +4-6%; the tiny preset B=1 +13%, the small one +10% (B=16
 within the noise); a GRPO rollout of bench/grpo.py 1-4%.
 
 Folding trades bytes for products: W_q and W_o hold H * r columns where the plain ones hold H * dn and H * dv.

@@ -163,7 +163,8 @@ class MLA(nn.Module):
         return self.wo(o.reshape(B, T, H * dv))
 
     def folded(self, x, rope, mask, cache, w_a, w_q, w_o):
-        """The absorbed path on the folded weights (absorb.py): three products a layer, the same attention."""
+        """The absorbed path on the folded weights (absorb.py; an engine's cache hands them over): three products
+        a layer, the same attention."""
         c = self.c
         B, T, _ = x.shape
         H, dr, r = c.n_heads, c.qk_rope_head_dim, c.kv_lora_rank
@@ -174,9 +175,7 @@ class MLA(nn.Module):
             q, kv, k_pe = linear(x, w_a).split([H * (r + dr), r, dr], dim=-1)
         q = q.view(B, T, H, r + dr)  # the absorbed query: latent part, then rope part (in half-split order)
         pe = apply_rope(torch.cat([q[..., r:], k_pe.unsqueeze(2)], dim=2), *rope, interleave=False)
-        kv_pe = torch.cat([self.kv_norm(kv), pe[:, :, H]], dim=-1)  # [B, T, r + rd]
-        if cache is not None:
-            kv_pe, = cache.update(self.layer_id, kv_pe)
+        kv_pe, = cache.update(self.layer_id, torch.cat([self.kv_norm(kv), pe[:, :, H]], dim=-1))  # [B, S, r + rd]
         o_lat = absorb.latent_attend(torch.cat([q[..., :r], pe[:, :, :H]], dim=-1), kv_pe, mask, r, c.softmax_scale)
         return linear(o_lat.view(B, T, H * r), w_o)
 
