@@ -52,15 +52,13 @@ def folded(attn: nn.Module, folds: dict | None) -> tuple[torch.Tensor, torch.Ten
     from, so no new weight can take their address while it lives."""
     if folds is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    mods, names = attn._modules, PROJECTIONS[bool(attn.c.q_lora_rank)]
+    ms = [attn._modules[name] for name in PROJECTIONS[bool(attn.c.q_lora_rank)]]
     state = [FOLD_GROWTH]
-    for name in names:
-        m = mods[name]
+    for m in ms:
         w = m._parameters.get("weight")
         state += (m, None) if w is None else (m, w.data_ptr(), w._version, w.dtype)
     made = folds.get(attn)  # (state, the weights it was made from, the folded weights or None)
     if made is None or made[0] != state:
-        ms = [mods[name] for name in names]
         ok = attn.c.attn_type != "dsa" and foldable(attn.c) and all(
             type(m) is Linear and type(m.weight.data) is torch.Tensor and not torch.is_inference(m.weight) for m in ms)
         held = [w.detach() for m in ms if (w := m._parameters.get("weight")) is not None]

@@ -129,7 +129,6 @@ class MLA(nn.Module):
             kv_pe, *k_idx = cache.update(self.layer_id, kv_pe, *idx[1:2] if idx else ())  # [B, S, r + rd]
             idx = (idx[0], k_idx[0], idx[2]) if idx else None
         S, r = kv_pe.shape[1], c.kv_lora_rank
-        kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]
         w = dense_weight(self.wkv_b, x.dtype)
         w_uk, w_uv = w.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H, dn, r], [H, dv, r]
         if idx is not None:  # DSA: attend to the indexer's top-k (everything visible during the dense warm-up)
@@ -145,6 +144,7 @@ class MLA(nn.Module):
                 o = torch.einsum("bthr,hvr->bthv", sparse.dsa_attention(q_full, kv_pe, *idx, **kw), w_uv)
                 return self.wo(o.reshape(B, T, H * dv))
         if c.attn_impl == "naive":
+            kv, k_pe = kv_pe[..., :r], kv_pe[..., r:]  # [B, S, r], [B, S, rd]: every cached key
             k_nope, v = self.wkv_b(kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, dr)], dim=-1)
             o = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, c.softmax_scale)
