@@ -23,14 +23,17 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=Non
     pairs number at most the experts (a decode step of one or a few tokens), each pair multiplies its own
     gathered copy of its expert's weights: static shapes, no host sync, so the step compiles to one graph.
     Otherwise eager (host-side counts). swiglu (w1, w2, w3: ffn is grouped_ffn over them): in Groups' oneDNN
-    layout the gather, the weighing and the sum back run inside GroupedSwiGLU, window by window."""
+    layout the gather, the weighing and the sum back run inside GroupedSwiGLU, window by window; CPU inference
+    of one token skips the sort (one_token), of a few tokens on small experts runs every expert (every_expert)."""
     if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
         N, K = idx.shape  # (pairs in token order: nothing to sort)
         out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
         return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1).to(x.dtype)
-    if (ONE_TOKEN and swiglu is not None and idx.shape[0] == 1 and x.device.type == "cpu"
-            and not torch.is_grad_enabled()):
-        return one_token(x, w, idx, *swiglu)
+    if swiglu is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if ONE_TOKEN and idx.shape[0] == 1:
+            return one_token(x, w, idx, *swiglu)
+        if every_expert_fits(x, *swiglu):
+            return every_expert(x, w, idx, *swiglu)
     return eager_dispatch(x, w, idx, n_experts, ffn, swiglu)
 
 
@@ -45,6 +48,42 @@ def one_token(x, w, idx, w1, w2, w3):
     eager_dispatch (tests/test_model.py)."""
     ys = [linear(F.silu(linear(x, w1[e])) * linear(x, w3[e]), w2[e]) for e in idx[0].tolist()]  # K x [1, D]
     return (w @ torch.cat(ys).to(w.dtype)).to(x.dtype)
+
+
+EVERY_EXPERT_PARAMS = 1 << 21  # CPU fp32 inference: every expert on every token while a layer's routed experts hold
+#   at most this many parameters (8 MiB: all of them are read each step) ...
+EVERY_EXPERT_MACS = 40_000_000  # ... and the tokens x those parameters (its multiply-adds) are at most this many
+
+
+def every_expert_fits(x, w1, w2, w3) -> bool:
+    """Whether `every_expert` serves these N > 1 tokens: CPU fp32 inference (dispatch's caller checks the device
+    and autograd), small experts stored as stacked_weight lays them out (their products need no copy), plain
+    tensors (not DTensor shards). bench/engine.py's experts (16 x 3 x 256 x 128 = 1.6M parameters): up to 25
+    tokens."""
+    params = w1.numel() + w2.numel() + w3.numel()
+    return (x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32 and params <= EVERY_EXPERT_PARAMS
+            and x.shape[0] * params <= EVERY_EXPERT_MACS
+            and all(type(t) in (torch.Tensor, nn.Parameter) and t.transpose(1, 2).is_contiguous()
+                    for t in (w1, w2, w3)))
+
+
+def every_expert(x, w, idx, w1, w2, w3):
+    """Routed experts of a few tokens on the CPU, every expert on every token: each token's SwiGLU intermediate of
+    each expert, zero-weighted where the token did not choose the expert, then one product sums experts and weighs
+    them at once. x [N, D], w / idx [N, K], w1 / w3 [E, I, D], w2 [E, D, I] (stacked_weight's layout) -> [N, D].
+    Reads all E experts' weights in three streaming products (two bmm, one mm) where the sorted dispatch makes
+    three small products per active expert plus the sort, gather and add back: a MoE layer of bench/engine.py's
+    model at 2-16 tokens 0.65-0.82x the time with the weights out of cache (a speculative verify of 3 tokens,
+    decode batches of 2-24); with layers of more than ~8 MiB of experts reading them all costs more than it
+    saves, and past EVERY_EXPERT_MACS the E / K times the multiply-adds do (bench/RESULTS.md, session 52). Its
+    twin: eager_dispatch (tests/test_model.py)."""
+    E, inter, D = w1.shape
+    N = x.shape[0]
+    xe = x.expand(E, N, D)
+    gate, up = torch.bmm(xe, w1.transpose(1, 2)), torch.bmm(xe, w3.transpose(1, 2))  # [E, N, I] each
+    weight = x.new_zeros(N, E).scatter_(1, idx, w).t()  # [E, N]: 0 where not chosen
+    h = F.silu(gate).mul_(up).mul_(weight[:, :, None])  # [E, N, I]
+    return h.transpose(0, 1).reshape(N, E * inter) @ w2.transpose(1, 2).reshape(E * inter, D)  # sum over experts
 
 
 @torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)

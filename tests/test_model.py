@@ -1,5 +1,7 @@
 """Fast paths against their twins, and the router against a hand-worked example."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,6 +162,51 @@ def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
         experts(x, w, idx)
     experts(x[:1], w[:1].detach(), idx[:1])
     assert len(calls) == 3
+
+
+def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
+    """A few tokens' MoE on small experts (CPU, fp32, no autograd) takes experts.every_expert: every expert's
+    SwiGLU on every token, weighed by the routing weights (0 where not chosen) and summed in one product, equal
+    to eager_dispatch; not with autograd, in bf16, for one token, past its parameter or multiply-add bounds, or
+    with weights not in stacked_weight's layout."""
+    import sobre.experts as X
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                      n_limited_groups=2))
+    experts = model.layers[1].ffn.experts
+    ws = experts.w1, experts.w2, experts.w3
+    calls = []
+    monkeypatch.setattr(X, "every_expert", lambda *a, f=X.every_expert: calls.append(1) or f(*a))
+    x = torch.randn(12, model.config.dim, generator=torch.Generator().manual_seed(3))
+
+    def check(n, taken, experts=experts):
+        w, idx, _ = model.layers[1].ffn.gate(x[:n])
+        before = len(calls)
+        with torch.no_grad():
+            out = experts(x[:n], w, idx)
+            ref = X.eager_dispatch(x[:n], w, idx, 16, lambda xs, g: experts.grouped(xs, g, *ws), ws)
+        assert len(calls) - before == taken
+        assert out.shape == (n, model.config.dim) and (out - ref).abs().max() < 1e-5
+        assert idx.unique().numel() > 4 or n < 2  # several experts chosen, the others weighed 0
+
+    for n in (2, 3, 7, 12):
+        check(n, 1)
+    check(1, 0)  # one_token
+    monkeypatch.setattr(X, "EVERY_EXPERT_MACS", 7 * sum(t.numel() for t in ws))
+    check(7, 1)
+    check(8, 0)  # past the multiply-add bound: the sorted dispatch
+    monkeypatch.setattr(X, "EVERY_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
+    check(2, 0)  # experts too large to read whole every step
+    monkeypatch.undo()
+    monkeypatch.setattr(X, "every_expert", lambda *a, f=X.every_expert: calls.append(1) or f(*a))
+    plain = copy.deepcopy(experts)
+    for name in ("w1", "w2", "w3"):  # stored [E, out, in] contiguous: every_expert's products would copy them
+        setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
+    check(3, 0, plain)
+    w, idx, _ = model.layers[1].ffn.gate(x[:3])
+    experts(x[:3], w, idx).sum().backward()  # autograd: the sorted dispatch
+    with torch.no_grad():
+        experts.to(torch.bfloat16)(x[:3].bfloat16(), w, idx)
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("stored", ["contiguous", "stacked"])
