@@ -52,38 +52,38 @@ def one_token(x, w, idx, w1, w2, w3):
 
 EVERY_EXPERT_PARAMS = 1 << 21  # CPU fp32 inference: every expert on every token while a layer's routed experts hold
 #   at most this many parameters (8 MiB: all of them are read each step) ...
-EVERY_EXPERT_MACS = 40_000_000  # ... and the tokens x those parameters (its multiply-adds) are at most this many
+EVERY_EXPERT_MACS = 50_000_000  # ... and the tokens x those parameters (its multiply-adds) are at most this many
 
 
 def every_expert_fits(x, w1, w2, w3) -> bool:
     """Whether `every_expert` serves these N > 1 tokens: CPU fp32 inference (dispatch's caller checks the device
     and autograd), small experts stored as stacked_weight lays them out (their products need no copy), plain
-    tensors (not DTensor shards). bench/engine.py's experts (16 x 3 x 256 x 128 = 1.6M parameters): up to 25
+    tensors (not DTensor shards). bench/engine.py's experts (16 x 3 x 256 x 128 = 1.6M parameters): up to 31
     tokens."""
     params = w1.numel() + w2.numel() + w3.numel()
     return (x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32 and params <= EVERY_EXPERT_PARAMS
             and x.shape[0] * params <= EVERY_EXPERT_MACS
-            and all(type(t) in (torch.Tensor, nn.Parameter) and t.transpose(1, 2).is_contiguous()
-                    for t in (w1, w2, w3)))
+            and all(type(t) in (torch.Tensor, nn.Parameter) and t.stride() == (t.shape[1] * t.shape[2], 1, t.shape[1])
+                    for t in (w1, w2, w3)))  # [E, out, in] stored [E, in, out] contiguous
 
 
 def every_expert(x, w, idx, w1, w2, w3):
-    """Routed experts of a few tokens on the CPU, every expert on every token: each token's SwiGLU intermediate of
-    each expert, zero-weighted where the token did not choose the expert, then one product sums experts and weighs
-    them at once. x [N, D], w / idx [N, K], w1 / w3 [E, I, D], w2 [E, D, I] (stacked_weight's layout) -> [N, D].
-    Reads all E experts' weights in three streaming products (two bmm, one mm) where the sorted dispatch makes
-    three small products per active expert plus the sort, gather and add back: a MoE layer of bench/engine.py's
-    model at 2-16 tokens 0.65-0.82x the time with the weights out of cache (a speculative verify of 3 tokens,
-    decode batches of 2-24); with layers of more than ~8 MiB of experts reading them all costs more than it
-    saves, and past EVERY_EXPERT_MACS the E / K times the multiply-adds do (bench/RESULTS.md, session 52). Its
-    twin: eager_dispatch (tests/test_model.py)."""
-    E, inter, D = w1.shape
-    N = x.shape[0]
-    xe = x.expand(E, N, D)
+    """Routed experts of a few tokens on the CPU, every expert on every token: each expert's SwiGLU intermediate of
+    each token, weighed by its routing weight (0 where the token did not choose the expert), projected back and
+    summed over the experts. x [N, D], w / idx [N, K], w1 / w3 [E, I, D], w2 [E, D, I] (stacked_weight's layout) -> [N, D].
+    Reads all E experts' weights in three streaming bmm's where the sorted dispatch makes three small products per
+    active expert plus the sort, gather and add back: a MoE layer of bench/engine.py's model at 2-16 tokens
+    0.6-0.8x the time with the weights out of cache (a speculative verify of 3 tokens, decode batches of 2-31);
+    with layers of more than ~8 MiB of experts reading them all costs more than it saves, and past
+    EVERY_EXPERT_MACS the E / K times the multiply-adds do (bench/RESULTS.md, session 52). Its twin:
+    eager_dispatch (tests/test_model.py)."""
+    E = w1.shape[0]
+    xe = x.expand(E, *x.shape)  # [E, N, D]
     gate, up = torch.bmm(xe, w1.transpose(1, 2)), torch.bmm(xe, w3.transpose(1, 2))  # [E, N, I] each
-    weight = x.new_zeros(N, E).scatter_(1, idx, w).t()  # [E, N]: 0 where not chosen
+    weight = x.new_zeros(x.shape[0], E).scatter_(1, idx, w).t()  # [E, N]: 0 where not chosen
     h = F.silu(gate).mul_(up).mul_(weight[:, :, None])  # [E, N, I]
-    return h.transpose(0, 1).reshape(N, E * inter) @ w2.transpose(1, 2).reshape(E * inter, D)  # sum over experts
+    return torch.bmm(h, w2.transpose(1, 2)).sum(0)  # [E, N, D] summed over the experts (a [N, E * I] x [E * I, D]
+    #   mm: 10-15% slower)
 
 
 @torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
