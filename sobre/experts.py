@@ -70,11 +70,11 @@ def every_expert_fits(x, w1, w2, w3) -> bool:
 def every_expert(x, w, idx, w1, w2, w3):
     """Routed experts of a few tokens on the CPU, every expert on every token: each expert's SwiGLU intermediate of
     each token, weighed by its routing weight (0 where the token did not choose the expert), projected back and
-    summed over the experts. x [N, D], w / idx [N, K], w1 / w3 [E, I, D], w2 [E, D, I] (stacked_weight's layout) -> [N, D].
-    Reads all E experts' weights in three streaming bmm's where the sorted dispatch makes three small products per
-    active expert plus the sort, gather and add back: a MoE layer of bench/engine.py's model at 2-16 tokens
-    0.6-0.8x the time with the weights out of cache (a speculative verify of 3 tokens, decode batches of 2-31);
-    with layers of more than ~8 MiB of experts reading them all costs more than it saves, and past
+    summed over the experts. x [N, D], w / idx [N, K], w1 / w3 [E, I, D], w2 [E, D, I] (stacked_weight's layout)
+    -> [N, D]. Reads all E experts' weights in three streaming bmm's where the sorted dispatch makes three small
+    products per active expert plus the sort, gather and add back: a MoE layer of bench/engine.py's model at 2-16
+    tokens 0.6-0.8x the time with the weights out of cache (a speculative verify of 3 tokens, decode batches of
+    2-31); with layers of more than ~8 MiB of experts reading them all costs more than it saves, and past
     EVERY_EXPERT_MACS the E / K times the multiply-adds do (bench/RESULTS.md, session 52). Its twin:
     eager_dispatch (tests/test_model.py)."""
     E = w1.shape[0]
