@@ -75,8 +75,9 @@ def every_expert(x, w, idx, w1, w2, w3):
     products per active expert plus the sort, gather and add back: a MoE layer of bench/engine.py's model at 2-16
     tokens 0.6-0.8x the time with the weights out of cache (a speculative verify of 3 tokens, decode batches of
     2-31); with layers of more than ~8 MiB of experts reading them all costs more than it saves, and past
-    EVERY_EXPERT_MACS the E / K times the multiply-adds do (bench/RESULTS.md, session 52). Its twin:
-    eager_dispatch (tests/test_model.py)."""
+    EVERY_EXPERT_MACS the E / K times the multiply-adds do (bench/RESULTS.md, session 52). (An unchosen expert's
+    intermediate is weighed by 0, so one that overflowed would reach the sum: in fp32 with finite weights and
+    inputs none does.) Its twin: eager_dispatch (tests/test_model.py)."""
     E = w1.shape[0]
     xe = x.expand(E, *x.shape)  # [E, N, D]
     gate, up = torch.bmm(xe, w1.transpose(1, 2)), torch.bmm(xe, w3.transpose(1, 2))  # [E, N, I] each
