@@ -41,8 +41,8 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
 class forced:
     """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, whether
     the routed experts may take oneDNN's layout at any rows, and whether the padded layout may overflow; the
-    shared expert keeps its own path; every=True: experts.every_expert at any token count, else never). One token
-    takes the layout too (experts.ONE_TOKEN off: sorted)."""
+    shared expert keeps its own path; every=True: experts.every_expert at any token count in fp32, else never). One
+    token takes the layout too (experts.ONE_TOKEN off: sorted)."""
 
     def __init__(self, moe, loop: float, pad: int, dnn: bool = False, overflow: bool = True, every: bool = False):
         self.moe, self.loop, self.pad, self.dnn, self.overflow, self.every = moe, loop, pad, dnn, overflow, every
