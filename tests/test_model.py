@@ -166,9 +166,9 @@ def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
 
 def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
     """A few tokens' MoE on small experts (CPU, fp32, no autograd) takes experts.every_expert: every expert's
-    SwiGLU on every token, weighed by the routing weights (0 where not chosen) and summed in one product, equal
-    to eager_dispatch; not with autograd, in bf16, for one token, past its parameter or multiply-add bounds, or
-    with weights not in stacked_weight's layout."""
+    SwiGLU on every token, weighed by the routing weights (0 where not chosen), projected back and summed over
+    the experts, equal to eager_dispatch; not with autograd, in bf16, for one token, past its parameter or
+    multiply-add bounds, or with weights not in stacked_weight's layout."""
     import sobre.experts as X
     model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                                       n_limited_groups=2))
