@@ -28,6 +28,7 @@ import torch
 from . import lora, v4cache
 from .config import at_least_one
 from .constrain import JsonPrefix, redraw, token_texts
+from .host import ints
 from .int8 import Int8Experts, Int8Linear
 from .linear import inference_dtype
 from .model import Transformer
@@ -267,7 +268,7 @@ class Engine:
         if spec:
             events += speculate(self, spec)
         if plain:
-            tokens = torch.tensor([[s.pending] for s in plain], device=self.device)
+            tokens = ints([s.pending for s in plain], self.device)[:, None]
             if self.compiled and len(plain) <= self.compiled_batch:
                 logits = self.compiled(tokens, plain)
                 for s in plain:

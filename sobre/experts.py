@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .host import ints
 from .linear import dnn, grad_weight, grouped_linear, linear, onednn, windows
 from .loss import matmul_dtype
 
@@ -249,8 +250,8 @@ class Groups:
                     at += n - C
             self.rows = at
             past = {e: start - C for e, start, _ in self.overflow}  # row j >= C of expert e: layout row past[e] + j
-            self.dest = torch.tensor([e * C + j if j < C else past[e] + j for e, n in enumerate(counts)
-                                      for j in range(n)], device=xs.device)
+            self.dest = ints([e * C + j if j < C else past[e] + j for e, n in enumerate(counts) for j in range(n)],
+                             xs.device)
         elif dnn_rows:
             self.mode = "onednn"  # fp32 CPU, from ONEDNN_MACS an expert on average
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
@@ -259,7 +260,7 @@ class Groups:
                 starts = [sum(rows[:e]) for e in range(self.E)]
                 self.dest = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(xs.device)
                 counts = rows
-            self.offs = torch.tensor(counts, device=xs.device).cumsum(0).to(torch.int32)
+            self.offs = ints(counts, xs.device).cumsum(0).to(torch.int32)
         else:
             self.mode = "loop"
         self.unbind = grad

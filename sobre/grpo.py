@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .host import int_rows, ints
 from .linear import native_bf16
 from .lora import LoRAArgs, add_lora, disabled
 from .loss import head_logprobs, head_weighted_logprobs
@@ -128,7 +129,7 @@ def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) 
 def completion_mask(batch: list[Rollout], device) -> torch.Tensor:
     """[N, T]: True at each completion's tokens, right-padded to the longest."""
     T = max(len(r.ids) for r in batch)
-    return torch.tensor([[t < len(r.ids) for t in range(T)] for r in batch], device=device)
+    return torch.arange(T, device=device) < ints([len(r.ids) for r in batch], device)[:, None]
 
 
 class SharedPrefix(Cache):
@@ -140,8 +141,8 @@ class SharedPrefix(Cache):
     def __init__(self, lengths: list[int], of: list[int], device, max_len: int):
         super().__init__(max_len)  # (NSA allocates its per-layer state for max_len positions)
         self.padded = len(set(lengths)) > 1
-        self.lengths = torch.tensor(lengths, device=device)  # [P]
-        self.of = torch.tensor(of, device=device)  # [N]
+        self.lengths = ints(lengths, device)  # [P]
+        self.of = ints(of, device)  # [N]
         self.keep = None  # the completions' forward: flat rows whose output is read (Block runs their FFN only)
 
     def positions(self, tokens):  # prompts: 0..Lp-1; completion token t of row i: len(prompt of[i]) + t
@@ -179,7 +180,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     c = model.config
     mask = completion_mask(batch, dev)
     T = mask.shape[1]
-    tgt = torch.tensor([r.ids + [0] * (T - len(r.ids)) for r in batch], device=dev)  # [N, T]
+    tgt = int_rows([r.ids + [0] * (T - len(r.ids)) for r in batch], dev)  # [N, T]
     prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
     lengths = [len(p) for p in prompts]
     if shared and c.attn_type != "nsa" and (len(set(lengths)) == 1 or c.attn_type == "full"
@@ -188,7 +189,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         of = [row[tuple(r.prompt)] for r in batch]
         cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
         L = max(lengths)
-        h = model.hidden(torch.tensor([list(p) + [0] * (L - len(p)) for p in prompts], device=dev), cache)
+        h = model.hidden(int_rows([list(p) + [0] * (L - len(p)) for p in prompts], dev), cache)
         last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
         h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
         if T > 1:  # token t > 0 is predicted at completion position t - 1
@@ -200,7 +201,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     else:
         seqs = [r.prompt + r.ids for r in batch]
         L = max(len(s) for s in seqs)
-        x = torch.tensor([s + [0] * (L - len(s)) for s in seqs], device=dev)  # [N, L]
+        x = int_rows([s + [0] * (L - len(s)) for s in seqs], dev)  # [N, L]
         pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], device=dev).clamp(max=L - 1)
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import sparse, v4cache
+from .host import int_rows, ints
 from .model import Transformer
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class PagedPool:
     def block_table(self, seqs: list[Sequence], n_tokens: int) -> torch.Tensor:
         """[B, blocks_for(n_tokens)]: each sequence's blocks covering n_tokens, padded with the null block 0."""
         nb = self.blocks_for(n_tokens)
-        return torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], device=self.device)
+        return int_rows([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], self.device)
 
     def available(self) -> int:
         """Blocks a reservation may take: free ones and cached ones no sequence holds (evicted on demand)."""
@@ -259,7 +260,7 @@ class PagedBatch(PagedStep):
         lengths = [s.length if mtp is None else s.mtp_length[mtp] for s in seqs]
         self.ends = [n + T for n in lengths]  # each row's keys after this forward (host-side: no device sync)
         self.S = max(self.ends)
-        starts, ends = (torch.tensor(x, device=dev) for x in (lengths, self.ends))
+        starts, ends = ints(lengths, dev), ints(self.ends, dev)
         self.table = pool.block_table(seqs, self.S)
         self.run = pool.run(seqs, self.table.shape[1])
         self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
@@ -357,9 +358,9 @@ def compiled_decode(model: Transformer, pool: PagedPool, unsupported: str | None
 
     def run(tokens, seqs):
         dev = tokens.device
-        pos = torch.tensor([[s.length] for s in seqs], device=dev)
+        pos = ints([s.length for s in seqs], dev)[:, None]
         table = pool.block_table(seqs, max(max(s.length for s in seqs) + 1, min_tokens))
-        lanes = torch.tensor([s.lane or 0 for s in seqs], device=dev)
+        lanes = ints([s.lane or 0 for s in seqs], dev)
         with fx_config.patch(use_duck_shape=False), dynamo.patch(specialize_int=True, specialize_float=True):
             return compiled(tokens, pos, table, lanes, pool.slots, pool.rings)
 

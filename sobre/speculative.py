@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .host import int_rows
 from .request import Event, Sequence
 from .sampling import greedy, probs, sample, speculative_accept
 
@@ -36,8 +37,8 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
         for T, idx in by_len.items():
             group = [seqs[i] for i in idx]
             h = torch.stack([ins[i] for i in idx])  # [B, T, ...]
-            tokens = torch.tensor([s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[i])
-                                   for s, i in zip(group, idx)], device=eng.device)
+            tokens = int_rows([s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[i])
+                               for s, i in zip(group, idx)], eng.device)
             step, g = eng._chunk(T), []
             for j in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
                 batch = eng._batch(group, min(step, T - j), mtp=k, prefill=True)  # rows kept at block ends)
@@ -54,7 +55,7 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     for s in seqs:
         if s.rid in eng.unkeyed:  # the MTP layers' rows of the prompt are in: others may share it now
             eng.pool.remember(s, eng.unkeyed.pop(s.rid))
-    tokens = torch.tensor([[s.pending] + d for s, d in zip(seqs, drafts)], device=eng.device)
+    tokens = int_rows([[s.pending] + d for s, d in zip(seqs, drafts)], eng.device)
     h, state = m.hidden_state(tokens, eng._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
     logits = m.head(h)  # [B, D + 1, V]
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]

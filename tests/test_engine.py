@@ -5,6 +5,7 @@ import torch
 
 import sobre
 from sobre.engine import Engine
+from sobre.host import int_rows, ints
 from sobre.model import Cache
 from sobre.paged import PagedBatch, PagedPool
 from sobre.request import Sequence
@@ -125,6 +126,19 @@ def test_bf16_decode_of_one_sequence_close_to_fp32(cfg):
     tol = 0.03 * full.abs().max()
     assert (pre.float() - full[:, :20]).abs().max() < tol
     assert (dec.float() - full[:, 20:]).abs().max() < tol
+
+
+@pytest.mark.parametrize("values", [[], [7], [3, -1, 2 ** 40, 0], list(range(300))])
+def test_host_ints_equal_torch_tensor(values):
+    """host.ints / int_rows (the decode step's host-side integers through numpy) against torch.tensor."""
+    got = ints(values, "cpu")
+    assert got.dtype == torch.int64 and torch.equal(got, torch.tensor(values, dtype=torch.int64))
+    assert torch.equal(ints(iter(values), None, len(values)), got)
+    rows = [[v, v + 1, -v] for v in values]
+    if rows:
+        assert torch.equal(int_rows(rows), torch.tensor(rows, dtype=torch.int64))
+    else:
+        assert int_rows(rows).shape == (0, 0)
 
 
 def test_paged_equals_contiguous_cache():
