@@ -33,8 +33,13 @@ class RMSNorm(nn.Module):
         if torch.is_autocast_enabled(dev):  # out in autocast's dtype: every matmul reading it would cast it
             y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
             return y.to(torch.get_autocast_dtype(dev))
-        if x.dtype == self.weight.dtype == torch.float32:  # the same in one op (a decode step has 17 of them)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype == self.weight.dtype == torch.float32:
+            if dev == "cpu" and not torch.is_grad_enabled():  # inference: the mean square from the norm, one
+                # full-size result written where F.rms_norm's CPU composite writes three (x^2, x * s, * w) into
+                # memory the weights streamed through have left cold: decode steps 1.5-2% faster (bench/RESULTS.md)
+                ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[-1])
+                return (x * ms.add_(self.eps).rsqrt_()).mul_(self.weight)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # (a decode step has 17 of them)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 

@@ -503,6 +503,23 @@ def test_head_losses_equal_the_plain_paths(monkeypatch):
         torch.testing.assert_close(mtp_ce[0], F.cross_entropy(mtp[0].flatten(0, 1), t[:, 1:].flatten()))
 
 
+def test_rmsnorm_inference_path_equals_f_rms_norm():
+    """fp32 CPU inference normalises through the vector norm (RMSNorm.forward); its twin is F.rms_norm, which
+    training and every other case keep. Rows of every scale, eps dominating the tiny ones, a zero row."""
+    from sobre.model import RMSNorm
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-2, 2, 64))
+    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-5, 1e-3, 1, 30, 1e3])[
+        :, None, None]
+    x[0, 0] = 0
+    want = F.rms_norm(x, (64,), norm.weight.detach(), 1e-6)
+    with torch.no_grad():
+        got = norm(x)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert torch.equal(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6))  # with autograd: F.rms_norm itself
+
+
 def test_rmsnorm_under_autocast_hands_its_matmuls_bf16():
     """Under autocast the norm rounds its fp32 result once to bf16 (each matmul reading it would cast it)."""
     from sobre.model import RMSNorm
