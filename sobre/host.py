@@ -20,4 +20,6 @@ def ints(values, device=None, n: int = -1) -> torch.Tensor:
 def int_rows(rows: list[list[int]], device=None) -> torch.Tensor:
     """torch.tensor(rows, device=device) for rows of one length -> [len(rows), len(rows[0])] int64."""
     width = len(rows[0]) if rows else 0
+    if any(len(r) != width for r in rows):
+        raise ValueError(f"int_rows: rows of different lengths ({sorted({len(r) for r in rows})})")
     return ints(chain.from_iterable(rows), device, len(rows) * width).view(len(rows), width)

@@ -36,7 +36,8 @@ class RMSNorm(nn.Module):
         if x.dtype == self.weight.dtype == torch.float32:
             if dev == "cpu" and not torch.is_grad_enabled():  # inference: the mean square from the norm, one
                 # full-size result written where F.rms_norm's CPU composite writes three (x^2, x * s, * w) into
-                # memory the weights streamed through have left cold: decode steps 1.5-2% faster (bench/RESULTS.md)
+                # memory the weights streamed through have left cold: B=64 decode steps 1.4-2% faster, B=1 alike
+                # (bench/RESULTS.md, session 53)
                 ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[-1])
                 return (x * ms.add_(self.eps).rsqrt_()).mul_(self.weight)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # (a decode step has 17 of them)

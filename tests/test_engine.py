@@ -139,6 +139,8 @@ def test_host_ints_equal_torch_tensor(values):
         assert torch.equal(int_rows(rows), torch.tensor(rows, dtype=torch.int64))
     else:
         assert int_rows(rows).shape == (0, 0)
+    with pytest.raises(ValueError, match="different lengths"):
+        int_rows([[1, 2], [3]])
 
 
 def test_paged_equals_contiguous_cache():
