@@ -23,6 +23,8 @@ CFG = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermedi
            first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=32,
            v_head_dim=32, max_position_embeddings=8192, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
            tie_word_embeddings=False)
+NARROWED = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank",
+            "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")  # the floor row's model: these / 8
 
 
 class Clock:
@@ -117,8 +119,9 @@ def main():
                                f"{torch.get_num_threads()} threads"))
     print("| measure | sobre | transformers | sobre / transformers |")
     print("|---|---|---|---|")
+    rates = {}  # B -> (sobre, transformers) tok/s
     for B in (1, 16):
-        a, b = paired(B, plen, n)
+        a, b = rates[B] = paired(B, plen, n)
         print(f"| decode tok/s, B={B}, {plen}-token prompt, {n} new | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     ctxs = (256, 1024) if args.quick else (256, 1024, 4096)
     growth = dict.fromkeys(ctxs, (float("inf"), float("inf")))  # best ms/token of sobre, transformers
@@ -131,6 +134,21 @@ def main():
     lo, hi = min(growth), max(growth)
     print(f"| decode time growth {lo} -> {hi} | {growth[hi][0] / growth[lo][0]:.2f}x | "
           f"{growth[hi][1] / growth[lo][1]:.2f}x | |")
+    # the op overhead under a step: the same model narrowed to hidden 32 (every dimension / 8: the same layers,
+    # experts and ops, its 0.6 MiB of weights in cache), B=1, taking turns with the full width
+    narrow_cfg = {k: v // 8 if k in NARROWED else v for k, v in CFG.items()}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        sobre.save(sobre.init_weights(sobre.Transformer(sobre.Config.from_hf(narrow_cfg)), std=0.05), tmp)
+        narrow = Engine.from_pretrained(tmp, dtype=dtype, device=dev, max_batch=1, cache_tokens=plen + n + 64)
+    full, thin, b_one = 0.0, 0.0, rates[1][1]
+    for _ in range(3):
+        full = max(full, gen_sobre(1, plen, n))
+        thin = max(thin, sobre_rate(narrow, torch.randint(2, narrow_cfg["vocab_size"], (1, plen), generator=g), n))
+    mib = sum(p.numel() * p.element_size() for p in narrow.model.parameters()) / 2**20
+    print(f"| decode ms/token, B=1, the same model narrowed to hidden 32 ({mib:.1f} MiB of weights: the ops' own "
+          f"cost) | {1e3 / thin:.2f} | full width {1e3 / full:.2f}; transformers {1e3 / b_one:.2f} | "
+          f"{full / thin:.2f} of the full width's step, {b_one / thin:.2f} of transformers' |")
     if absorb.foldable(ours.model.config):  # the engine's folded MLA projections (absorb.py) against the unfolded
         folded = unfolded = 0.0  # absorbed path, in turns (FOLD_GROWTH 0: nothing folds)
         for _ in range(3):
