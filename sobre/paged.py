@@ -290,7 +290,7 @@ class PagedBatch(PagedStep):
         n = [n1 for _, n1 in self.entries]
         if self.T == 1:
             return sparse.nsa_paged_decode(q[:, 0], gates[:, 0], *self.pool.slots[layer_id], self.slots, kc, vc,
-                                           torch.tensor(n, device=q.device), self.pos[:, 0], **kw)[:, None]
+                                           ints(n, q.device), self.pos[:, 0], **kw)[:, None]
         k, v = self.read(layer_id, 2)
         return torch.cat([sparse.nsa_compressed(q[b:b + 1], k[b:b + 1, :e], v[b:b + 1, :e], kc[b:b + 1, :n[b]],
                                                 vc[b:b + 1, :n[b]], gates[b:b + 1], **kw)

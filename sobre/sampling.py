@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .host import ints
 from .schema import check_schema
 
 
@@ -195,7 +196,7 @@ def _limits(scaled: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.T
     """Each row's top-k (the vocabulary when off), top-p (inf when off: a mass summed to 1.0 in fp32 before the
     last tokens must not drop them) and min-p as [B, 1] columns."""
     V = scaled.shape[1]
-    k = torch.tensor([min(p.top_k or V, V) for p in params], device=scaled.device)[:, None]
+    k = ints([min(p.top_k or V, V) for p in params], scaled.device)[:, None]
     top_p = scaled.new_tensor([p.top_p if p.top_p < 1 else float("inf") for p in params])[:, None]
     return k, top_p, scaled.new_tensor([p.min_p for p in params])[:, None]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config
+from .host import ints
 
 
 def storage(c: Config, n_blocks: int, block: int, lanes: int, dtype, device) -> tuple[list, list]:
@@ -165,8 +166,8 @@ class V4Batch(V4Step):
         self.end = max(self.lengths) + T  # tokens the longest sequence will hold
         dev = pool.device
         super().__init__(pool.rings, pool.slots, pool.block_table(seqs, self.end),
-                         torch.tensor(self.lengths, device=dev)[:, None] + torch.arange(T, device=dev),  # [B, T]
-                         torch.tensor([s.lane for s in seqs], device=dev), pool.block)
+                         ints(self.lengths, dev)[:, None] + torch.arange(T, device=dev),  # [B, T]
+                         ints([s.lane for s in seqs], dev), pool.block)
 
     def advance(self, T: int):
         for s in self.seqs:
@@ -185,7 +186,7 @@ class V4Batch(V4Step):
         R = 2 * m if comp.overlap else m
         done = [(b, t) for b, n in enumerate(self.lengths) for t in range(self.T) if (n + t + 1) % m == 0]
         if done:  # (no device sync)
-            b, t = (torch.tensor(x, device=pos.device) for x in zip(*done))
+            b, t = (ints(x, pos.device) for x in zip(*done))
             rows = t[:, None] + torch.arange(R, device=pos.device)  # the R rows ending at token t
             kv, gate = kv[b[:, None], rows], gate[b[:, None], rows]  # [n, R, width]
             w = (pos[b, t] + 1) // m - 1  # [n]
