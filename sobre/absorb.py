@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import causal
 from .config import Config
 from .linear import Linear
 
@@ -92,15 +93,19 @@ def fold(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tens
 
 def latent_attend(q, kv_pe, mask, r: int, scale: float) -> torch.Tensor:
     """Absorbed MLA's attention: queries q [B, T, H, r + rd] against the cached latents and rope keys kv_pe
-    [B, S, r + rd] (mask [T, S] or [B, 1, T, S]; None: causal) -> the heads' latent outputs [B, T, H, r]."""
+    [B, S, r + rd] (mask [T, S] or [B, 1, T, S]; None: causal, the queries at the last T of the S positions: one
+    query sees every key) -> the heads' latent outputs [B, T, H, r]."""
     B, T, H, d = q.shape
     S = kv_pe.shape[1]
     scores = torch.bmm(q.reshape(B, T * H, d), kv_pe.transpose(1, 2)).view(B, T, H, S)
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    mask = mask.transpose(-2, -3) if mask.dim() == 4 else mask.unsqueeze(1)  # -> [B|1, T, 1, S]
-    # an additive -inf bias, scaled scores added in one op (CPU: a masked_fill broadcast over the heads took ~90 us
-    # at B=64, the bias ~20)
-    bias = torch.where(mask, 0.0, float("-inf"))
-    probs = torch.add(bias, scores, alpha=scale).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    if mask is None and T == 1:  # (a lone sequence's decode step: nothing to hide)
+        scores = scores.mul_(scale)
+    else:
+        if mask is None:
+            mask = causal(T, S, q.device)
+        mask = mask.transpose(-2, -3) if mask.dim() == 4 else mask.unsqueeze(1)  # -> [B|1, T, 1, S]
+        # an additive -inf bias, scaled scores added in one op (CPU: a masked_fill broadcast over the heads took
+        # ~90 us at B=64, the bias ~20)
+        scores = torch.add(torch.where(mask, 0.0, float("-inf")), scores, alpha=scale)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.bmm(probs.view(B, T * H, S), kv_pe[..., :r]).view(B, T, H, r)

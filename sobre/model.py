@@ -21,6 +21,8 @@ from .experts import Groups, RoutedLoad, dispatch, grouped_ffn, stacked_weight
 from .linear import Linear, dense_weight, linear
 from .loss import head_cross_entropy
 
+EPS = {}  # RMSNorm's eps -> a 0-dim CPU tensor of it (its inference path adds it in an addcmul)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -37,9 +39,12 @@ class RMSNorm(nn.Module):
             if dev == "cpu" and not torch.is_grad_enabled():  # inference: the mean square from the norm, one
                 # full-size result written where F.rms_norm's CPU composite writes three (x^2, x * s, * w) into
                 # memory the weights streamed through have left cold: B=64 decode steps 1.4-2% faster, B=1 alike
-                # (bench/RESULTS.md, session 53)
-                ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[-1])
-                return (x * ms.add_(self.eps).rsqrt_()).mul_(self.weight)
+                # (bench/RESULTS.md, session 53); eps + norm^2 / D in one addcmul (5 ops where 7 were)
+                n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+                eps = EPS.get(self.eps)
+                if eps is None:
+                    eps = EPS[self.eps] = torch.tensor(self.eps)
+                return (x * torch.addcmul(eps, n, n, value=1 / x.shape[-1]).rsqrt_()).mul_(self.weight)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # (a decode step has 17 of them)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -89,6 +94,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     With halves (x1, x2): (x1 cos - x2 sin, x2 cos + x1 sin) = x * [cos, cos] + (x2, x1) * [-sin, sin]."""
     if interleave:
         x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    if x.dtype == cos.dtype == torch.float32:  # 3 ops where 4 (a decode step has one a layer; bf16 keeps the
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)  # reference's roundings: the sum's own)
     return x * cos.to(x.dtype) + x.roll(x.shape[-1] // 2, -1) * sin.to(x.dtype)
 
 
@@ -237,8 +244,8 @@ class GQA(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]
         rep = c.n_heads // c.kv_heads
-        if rep > 1 and mask is not None and not torch.is_grad_enabled():  # inference: K/V heads not repeated
-            o = attend_grouped(q, k, v, mask, c.softmax_scale)
+        if rep > 1 and (mask is not None or cache is not None) and not torch.is_grad_enabled():  # inference: K/V
+            o = attend_grouped(q, k, v, mask, c.softmax_scale)  # heads not repeated
         else:
             o = attend(q, k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), mask, c.softmax_scale)
         return self.wo(o.reshape(B, T, c.n_heads * hd))
@@ -534,9 +541,11 @@ def positions(tokens: torch.Tensor, cache, max_seq_len: int) -> torch.Tensor:
     """[B, T] positions of the new tokens (from the cache, else 0..T-1); a clear error past the context."""
     pos = cache.positions(tokens) if cache is not None else \
         torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-    if not torch.compiler.is_compiling() and int(pos.max()) >= max_seq_len:  # (the engine checks before decode)
-        raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds the model's context of "
-                         f"{max_seq_len} (max_position_embeddings)")
+    if not torch.compiler.is_compiling():  # (the engine checks before decode; its batch knows the last on the host)
+        last = cache.last_position() if hasattr(cache, "last_position") else int(pos.max())
+        if last >= max_seq_len:
+            raise ValueError(f"sequence of {last + 1} tokens exceeds the model's context of {max_seq_len} "
+                             f"(max_position_embeddings)")
     return pos
 
 

@@ -260,21 +260,27 @@ class PagedBatch(PagedStep):
         lengths = [s.length if mtp is None else s.mtp_length[mtp] for s in seqs]
         self.ends = [n + T for n in lengths]  # each row's keys after this forward (host-side: no device sync)
         self.S = max(self.ends)
-        starts, ends = ints(lengths, dev), ints(self.ends, dev)
         self.table = pool.block_table(seqs, self.S)
         self.run = pool.run(seqs, self.table.shape[1])
-        self.pos = starts[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
+        self.pos = ints(lengths, dev)[:, None] + torch.arange(T, device=dev)[None]  # [B, T]
         self.slot_new = self.slots(self.pos)
-        key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]
-        fresh = len(seqs) == 1 and lengths[0] == 0
-        # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0)
-        self._mask = None if fresh else ((key_pos <= self.pos[..., None]) & (key_pos < ends[:, None, None])
-                                         ).unsqueeze(1)
+        # [B, 1, T, S]: causal within the new tokens, nothing past a sequence's end (padding reads block 0); None
+        # (plain causal) where every row ends at S and the tokens are one or the whole sequence: a lone sequence's
+        # decode step, which hides nothing, or a fresh prompt (a speculative verify of a few tokens keeps its mask,
+        # made once for every layer)
+        self._mask = None
+        if min(self.ends) < self.S or 1 < T < self.S:
+            key_pos = torch.arange(self.S, device=dev)[None, None]  # [1, 1, S]
+            self._mask = ((key_pos <= self.pos[..., None]) & (key_pos < ints(self.ends, dev)[:, None, None])
+                          ).unsqueeze(1)
         self.entries = None  # NSA: per row, (compressed entries already stored, entries complete after this forward)
         if pool.compressed and mtp is None:
             c = pool.config
             self.entries = [(s.entries, sparse.n_complete(e, c.nsa_block, c.nsa_stride))
                             for s, e in zip(seqs, self.ends)]
+
+    def last_position(self) -> int:  # the last new token's position (host-side: no device sync)
+        return self.S - 1
 
     def nsa(self, layer_id: int, q, k, v, gates, cmp, kw) -> torch.Tensor:
         """NSA over the pool (q [B, T, Hq, D], gates [B, T, Hq, 3], the new k/v [B, T, Hkv, hd]) -> [B, T, Hq, Dv].

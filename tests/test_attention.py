@@ -110,3 +110,23 @@ def test_engine_decodes_grouped_query_models_without_repeating_heads(monkeypatch
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out == ids[len(prompt):]
+
+
+@pytest.mark.parametrize("T", [1, 4, 13])
+def test_no_mask_means_causal_at_the_last_positions(T, monkeypatch):
+    """mask=None (a lone sequence's cache: paged.PagedBatch gives no mask where every row ends at the last key) is
+    causal with the T queries at the last T of S positions, one query seeing every key: attend (with and without
+    gradients), attend_grouped and absorbed MLA's latent_attend equal the explicit [T, S] mask."""
+    from sobre.absorb import latent_attend
+    B, H, S = 2, 4, 13
+    explicit = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, T, H, 12, generator=g), torch.randn(B, S, H, 12, generator=g), torch.randn(B, S, H, 8)
+    for budget in (1 << 20, 0):  # the kept softmax, SDPA
+        for a, b in zip(_grads(q, k, v, None, budget, monkeypatch), _grads(q, k, v, explicit, budget, monkeypatch)):
+            assert (a - b).abs().max() < 1e-5 * b.abs().max()
+    with torch.no_grad():
+        pairs = [(attend(q, k, v, m, 0.3), attend_grouped(q, k[:, :, :2], v[:, :, :2], m, 0.3),
+                  latent_attend(q, k[:, :, 0], None if m is None else m.clone(), 8, 0.3)) for m in (None, explicit)]
+    for a, b in zip(*pairs):
+        assert (a - b).abs().max() < 1e-6 * b.abs().max()
