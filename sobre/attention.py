@@ -19,16 +19,16 @@ SCORES_BUDGET = 1 << 25  # the most score elements (B*H*T*S) a layer may keep fo
 CAUSAL_BLOCK = 128  # fp32: queries a block (64 ran alike at T = 256)
 
 
-def attend(q, k, v, mask, scale):
+def attend(q, k, v, mask, scale, every_key: bool = False):
     """q [B, T, H, dq], k [B, S, H, dq], v [B, S, H, dv]; mask [B|1, 1, T, S] or [T, S] bool (every query sees at
     least one key: causal and document masks keep the diagonal), or None (causal, the queries at the last T of the
-    S positions: one query sees every key) -> [B, T, H, dv]."""
+    S positions: one query sees every key; every_key=True: every query does) -> [B, T, H, dv]."""
     B, T, H, dq = q.shape
     S = k.shape[1]
-    if mask is None and T != S:
+    if mask is None and T != S and not every_key:
         mask = causal(T, S, q.device)  # (None for one query)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if grad and q.device.type == "cpu" and B * H * T * S <= SCORES_BUDGET:
+    if grad and q.device.type == "cpu" and B * H * T * S <= SCORES_BUDGET and not every_key:
         # (mask None here: T == S, or one query, whose [1, 1] zero bias broadcasts over the keys)
         bias = causal_bias(T, q.device) if mask is None else torch.where(mask, 0.0, float("-inf"))
         return _Softmax.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, scale).transpose(1, 2)
@@ -38,7 +38,8 @@ def attend(q, k, v, mask, scale):
     if dv < dq:
         v = F.pad(v, (0, dq - dv))
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask, is_causal=mask is None and T > 1, scale=scale)
+                                       attn_mask=mask, is_causal=mask is None and T > 1 and not every_key,
+                                       scale=scale)
     return o.transpose(1, 2)[..., :dv]
 
 
@@ -52,10 +53,11 @@ def attend_grouped(q, k, v, mask, scale):
     Hkv = k.shape[2]
     G = H // Hkv
     q = q.view(B, T, Hkv, G, d).permute(0, 3, 1, 2, 4).reshape(B, G * T, Hkv, d)  # rows (g, t)
-    if mask is None:  # (the G * T rows are not in causal order: the mask is made whole)
-        mask = torch.ones(T, k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - T)
-    mask = (mask if mask.dim() == 4 else mask[None, None]).repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
-    o = attend(q, k, v, mask, scale)  # [B, G*T, Hkv, dv]
+    if mask is None and T > 1:  # (the G * T rows are not in causal order: the mask is made whole)
+        mask = causal(T, k.shape[1], q.device)
+    if mask is not None:
+        mask = (mask if mask.dim() == 4 else mask[None, None]).repeat(1, 1, G, 1)  # [B|1, 1, G*T, S]
+    o = attend(q, k, v, mask, scale, every_key=mask is None)  # [B, G*T, Hkv, dv]
     return o.view(B, G, T, Hkv, -1).permute(0, 2, 3, 1, 4).reshape(B, T, H, -1)
 
 

@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
                 n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
                 eps = EPS.get(self.eps)
                 if eps is None:
-                    eps = EPS[self.eps] = torch.tensor(self.eps)
+                    eps = EPS[self.eps] = torch.tensor(self.eps, dtype=torch.float32, device="cpu")
                 return (x * torch.addcmul(eps, n, n, value=1 / x.shape[-1]).rsqrt_()).mul_(self.weight)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # (a decode step has 17 of them)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -244,8 +244,10 @@ class GQA(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, S, Hkv, hd]
         rep = c.n_heads // c.kv_heads
-        if rep > 1 and (mask is not None or cache is not None) and not torch.is_grad_enabled():  # inference: K/V
-            o = attend_grouped(q, k, v, mask, c.softmax_scale)  # heads not repeated
+        # inference: K/V heads not repeated, masked or at a lone sequence's decode step (None, T < S); a whole
+        # prompt (None, T == S) goes to SDPA's causal kernel
+        if rep > 1 and (mask is not None or T < k.shape[1]) and not torch.is_grad_enabled():
+            o = attend_grouped(q, k, v, mask, c.softmax_scale)
         else:
             o = attend(q, k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), mask, c.softmax_scale)
         return self.wo(o.reshape(B, T, c.n_heads * hd))

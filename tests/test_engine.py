@@ -107,6 +107,29 @@ def test_default_dtype_on_cpu(tmp_path, monkeypatch):
             assert (dec - full[:, 30:]).abs().max() < tol, impl
 
 
+def test_paged_batch_masks_only_where_rows_need_one():
+    """A forward's mask is None (causal, the queries last: attention.attend's contract) where every row ends at the
+    last key and the step adds one token (a lone sequence's decode: nothing to hide) or the whole sequence; rows of
+    different lengths and a few tokens after a cache (a speculative verify) get the explicit mask. The batch's last
+    position (the context check, host-side) is its positions' largest."""
+    model = random_model()
+    pool = PagedPool(model, 8)
+    a, b = Sequence(0, [], SamplingParams()), Sequence(1, [], SamplingParams())
+    for s in (a, b):
+        pool.reserve(s, 70)
+    assert PagedBatch(pool, [a, b], 30)._mask is None  # fresh prompts
+    a.length = b.length = 40
+    for seqs in ([a], [a, b]):
+        batch = PagedBatch(pool, seqs, 1)
+        assert batch._mask is None and batch.last_position() == int(batch.pos.max()) == 40
+    b.length = 30
+    ragged = PagedBatch(pool, [a, b], 1)
+    assert ragged.last_position() == int(ragged.pos.max()) == 40
+    assert torch.equal(ragged.mask(None)[:, 0, 0], torch.arange(41)[None] < torch.tensor([[41], [31]]))
+    verify = PagedBatch(pool, [a], 3)
+    assert torch.equal(verify.mask(None)[0, 0], torch.ones(3, 43, dtype=torch.bool).tril(40))
+
+
 @pytest.mark.parametrize("cfg", ["debug", "dense"])
 def test_bf16_decode_of_one_sequence_close_to_fp32(cfg):
     """bf16 decode of one sequence (every product one row: torch.mv in the linears and the expert loop) stays
