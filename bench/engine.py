@@ -2,10 +2,13 @@
 
 Both run greedy, in the same process, same dtype and threads. Decode speed excludes prefill: every
 token is timestamped (sobre: per engine step; transformers: a streamer) and we time first -> last token.
+Decode ms/token by context: sobre's contexts each on an engine of the same model, their steps taken in turns
+(step_ms: a drifting CPU moves them alike); transformers' `generate` per context, the contexts in turn.
     python bench/engine.py [--quick] [--dtype float32|bfloat16] [--device cuda]
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 from unittest import mock
@@ -58,6 +61,27 @@ def sobre_rate(engine, prompts: torch.Tensor, n: int) -> float:
         times.append(time.perf_counter())
     engine.collect()
     return decode_rate(times, counts)
+
+
+def step_ms(engines: dict[int, Engine], n: int, vocab: int, g: torch.Generator) -> dict[int, float]:
+    """Decode ms a step of one sequence at each context (context -> an engine, all sharing one model): a prompt of
+    that many tokens each, then n decode steps taken in turns, one engine's step then the next's (this CPU's speed
+    drifts within seconds: turns a few ms apart see the same machine). The median step of each."""
+    for ctx, e in engines.items():
+        e.add_request(torch.randint(2, vocab, (ctx,), generator=g).tolist(), max_new_tokens=n + 1)
+        while not e.step():  # the prompt, in chunks, until its first token
+            pass
+    times = {ctx: [] for ctx in engines}
+    for i in range(n):
+        for ctx, e in (engines.items() if i % 2 else reversed(engines.items())):  # (each goes first in turn)
+            t = time.perf_counter()
+            e.step()
+            times[ctx].append(time.perf_counter() - t)
+    for e in engines.values():
+        while e.has_work():
+            e.step()
+        e.collect()
+    return {ctx: 1e3 * statistics.median(t) for ctx, t in times.items()}
 
 
 def hf_rate(hf, prompts: torch.Tensor, n: int) -> float:
@@ -124,11 +148,14 @@ def main():
         a, b = rates[B] = paired(B, plen, n)
         print(f"| decode tok/s, B={B}, {plen}-token prompt, {n} new | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     ctxs = (256, 1024) if args.quick else (256, 1024, 4096)
+    # sobre: an engine a context on the same model, their decode steps in turns (step_ms), best of 3 rounds;
+    # transformers' generate cannot take turns a step: its contexts in turn, each round (best ms/token of 3)
+    engines = {ctx: Engine(ours.model, max_batch=1, cache_tokens=ctx + 256) for ctx in ctxs}
     growth = dict.fromkeys(ctxs, (float("inf"), float("inf")))  # best ms/token of sobre, transformers
-    for _ in range(3):  # every context in turn, each round: this CPU's speed drifts over a run
+    for _ in range(3):
+        ms = step_ms(engines, 96, CFG["vocab_size"], g)
         for ctx in ctxs:
-            growth[ctx] = (min(growth[ctx][0], 1e3 / gen_sobre(1, ctx, 48)),
-                           min(growth[ctx][1], 1e3 / gen_hf(1, ctx, 48)))
+            growth[ctx] = (min(growth[ctx][0], ms[ctx]), min(growth[ctx][1], 1e3 / gen_hf(1, ctx, 48)))
     for ctx, (a, b) in growth.items():
         print(f"| decode ms/token at context {ctx} | {a:.2f} | {b:.2f} | {b / a:.2f}x faster |")
     lo, hi = min(growth), max(growth)
