@@ -98,8 +98,8 @@ def latent_attend(q, kv_pe, mask, r: int, scale: float) -> torch.Tensor:
     B, T, H, d = q.shape
     S = kv_pe.shape[1]
     scores = torch.bmm(q.reshape(B, T * H, d), kv_pe.transpose(1, 2)).view(B, T, H, S)
-    if mask is None and T == 1:  # (a lone sequence's decode step: nothing to hide)
-        scores = scores.mul_(scale)
+    if mask is None and T == 1:  # (a lone sequence's decode step: nothing to hide; scaled in fp32, as the
+        scores = scores.float().mul_(scale)  # bias's sum below leaves them: bf16 scores are not rounded again)
     else:
         if mask is None:
             mask = causal(T, S, q.device)

@@ -202,7 +202,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         seqs = [r.prompt + r.ids for r in batch]
         L = max(len(s) for s in seqs)
         x = int_rows([s + [0] * (L - len(s)) for s in seqs], dev)  # [N, L]
-        pos = torch.tensor([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], device=dev).clamp(max=L - 1)
+        pos = int_rows([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], dev).clamp(max=L - 1)
         h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
     # the head at the completion tokens only (not the padding), in row chunks: no [N, T, V] logits

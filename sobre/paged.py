@@ -16,6 +16,7 @@ from collections import OrderedDict
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from . import sparse, v4cache
@@ -133,7 +134,7 @@ class PagedPool:
         keys, h = [], hashlib.sha256(salt.encode())
 
         def digest(x):
-            return torch.tensor(x, dtype=torch.int64).numpy().tobytes()
+            return np.array(x, dtype=np.int64).tobytes()
 
         for end in range(self.block, len(prompt) - ahead + 1, self.block):
             h.update(digest(prompt[end - self.block:end]))
