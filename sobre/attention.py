@@ -25,8 +25,8 @@ def attend(q, k, v, mask, scale, every_key: bool = False):
     S positions: one query sees every key; every_key=True: every query does) -> [B, T, H, dv]."""
     B, T, H, dq = q.shape
     S = k.shape[1]
-    if mask is None and T != S and not every_key:
-        mask = causal(T, S, q.device)  # (None for one query)
+    if mask is None and 1 < T != S and not every_key:  # (one query needs none)
+        mask = causal(T, S, q.device)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if grad and q.device.type == "cpu" and B * H * T * S <= SCORES_BUDGET and not every_key:
         # (mask None here: T == S, or one query, whose [1, 1] zero bias broadcasts over the keys)
@@ -61,9 +61,9 @@ def attend_grouped(q, k, v, mask, scale):
     return o.view(B, G, T, Hkv, -1).permute(0, 2, 3, 1, 4).reshape(B, T, H, -1)
 
 
-def causal(T: int, S: int, device) -> torch.Tensor | None:
-    """[T, S] bool: queries at the last T of S positions see the keys up to their own; None for T = 1 (all)."""
-    return None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+def causal(T: int, S: int, device) -> torch.Tensor:
+    """[T, S] bool: queries at the last T of S positions see the keys up to their own (what a mask of None means)."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 def causal_bias(T: int, device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .attention import causal
 from .host import int_rows, ints
 from .linear import native_bf16
 from .lora import LoRAArgs, add_lora, disabled
@@ -155,8 +156,8 @@ class SharedPrefix(Cache):
             return super().mask(tokens)
         T = tokens.shape[1]
         own = torch.arange(self.length, device=tokens.device) < self.lengths[self.of][:, None]  # [N, Lp]
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        return torch.cat([own[:, None].expand(-1, T, -1), causal.expand(len(own), T, T)], -1)[:, None]
+        return torch.cat([own[:, None].expand(-1, T, -1), causal(T, T, tokens.device).expand(len(own), T, T)],
+                         -1)[:, None]
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.length:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import absorb, sparse
-from .attention import attend, attend_grouped
+from .attention import attend, attend_grouped, causal
 from .config import Config
 from .experts import Groups, RoutedLoad, dispatch, grouped_ffn, stacked_weight
 from .linear import Linear, dense_weight, linear
@@ -566,7 +566,7 @@ class Cache:
         if not self.length:
             return None
         T = tokens.shape[1]
-        return torch.ones(T, self.length + T, dtype=torch.bool, device=tokens.device).tril(self.length)
+        return causal(T, self.length + T, tokens.device)
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = new[0].shape[1]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .attention import causal
 from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
@@ -190,8 +191,7 @@ class Packed:
     def mask(self, tokens):  # [B, 1, T, T]
         T = self.docs.shape[1]
         same = self.docs[:, :, None] == self.docs[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.docs.device).tril()
-        return (same & causal)[:, None]
+        return (same & causal(T, T, self.docs.device))[:, None]
 
     def update(self, layer_id, *new):
         return new

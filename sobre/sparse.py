@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import causal
 from .loss import EXP_FLOOR
 
 
@@ -376,7 +377,7 @@ def visible(see, T: int, S: int, device) -> torch.Tensor:
     """[B|1, T, S] bool: which keys each query may see; None means causal, queries at the last T of S positions.
     A model mask [T, S] or [B, 1, T, S] is accepted as is."""
     if see is None:
-        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None]
+        return causal(T, S, device)[None]
     return see[:, 0] if see.dim() == 4 else see if see.dim() == 3 else see[None]
 
 
@@ -433,8 +434,7 @@ def dsa_attention(q, kv, q_idx, k_idx, w_idx, *, rank: int, topk: int = 2048, sc
         with torch.no_grad():  # selection is discrete: no gradient flows through the indexer here
             scores = index_scores(q_idx[:, c0:c1], k_idx[:, :keys], w_idx[:, c0:c1])  # [B, C, keys]
             if vis is None:  # only the last C keys are hidden from some query of the chunk
-                scores[..., keys - C:].masked_fill_(~torch.ones(C, C, dtype=torch.bool, device=q.device).tril(),
-                                                   float("-inf"))
+                scores[..., keys - C:].masked_fill_(~causal(C, C, q.device), float("-inf"))
                 if keys <= 3 * topk or keys - C + 1 < topk:  # the mask form, or queries that see < topk keys
                     vis = visible(None, C, keys, q.device)
             else:
