@@ -531,3 +531,19 @@ def test_rmsnorm_under_autocast_hands_its_matmuls_bf16():
         y = norm(x)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, norm(x).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_rope_fp32_addcmul_equals_the_reference_formula(interleave):
+    """fp32 RoPE as one addcmul (apply_rope); its twin is the formula bf16 keeps, x * [cos, cos] + (x2, x1) *
+    [-sin, sin] with each product rounded: within an fp32 rounding, the same order of dims."""
+    from sobre.model import apply_rope
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 16, generator=g) * 10
+    ang = torch.rand(2, 5, 1, 8, generator=g) * 6
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([-ang.sin(), ang.sin()], -1)
+    got = apply_rope(x, cos, sin, interleave)
+    xs = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1) if interleave else x
+    want = xs * cos + xs.roll(8, -1) * sin
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(xs, want)  # (it rotated)
