@@ -2,10 +2,11 @@
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
 of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
-its CPU path from the rows per expert (one token: experts.one_token, no sort; a few tokens on these small experts in
-fp32: experts.every_expert, every expert on every token; else experts.Groups: a loop over the active experts, one
+its CPU path from the rows per expert (one token: experts.one_token, no sort; on these small experts, pairs at most
+the experts: experts.bagged, embedding bags; more tokens in fp32: experts.every_expert, every expert on every token;
+else experts.Groups: a loop over the active experts, one
 zero-padded bmm, oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a
-multiple of 128); the next six columns force each layout of the routed experts at every size, to show what the
+multiple of 128); the next seven columns force each layout of the routed experts at every size, to show what the
 choice buys (the padded bmm twice: with the few largest experts' rows past C in matmuls of their own, as sobre pads
 in fp32, and with C the largest count, as before session 47 and in bf16). The last row routes every token to expert
 0 first (both layers' router bias), the skew of a batch of one prompt's samples.
@@ -41,17 +42,21 @@ def best_ms(fns: dict, repeat=15, inner=20) -> dict:
 class forced:
     """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, whether
     the routed experts may take oneDNN's layout at any rows, and whether the padded layout may overflow; the
-    shared expert keeps its own path; every=True: experts.every_expert at any token count in fp32, else never). One
-    token takes the layout too (experts.ONE_TOKEN off: sorted)."""
+    shared expert keeps its own path; every=True: experts.every_expert at any token count in fp32, bags=True:
+    experts.bagged at any, else neither). One token takes the layout too (experts.ONE_TOKEN off: sorted)."""
 
-    def __init__(self, moe, loop: float, pad: int, dnn: bool = False, overflow: bool = True, every: bool = False):
-        self.moe, self.loop, self.pad, self.dnn, self.overflow, self.every = moe, loop, pad, dnn, overflow, every
+    def __init__(self, moe, loop: float, pad: int, dnn: bool = False, overflow: bool = True, every: bool = False,
+                 bags: bool = False):
+        self.moe, self.loop, self.pad, self.dnn, self.overflow = moe, loop, pad, dnn, overflow
+        self.every, self.bags = every, bags
 
     def __call__(self, x):
         was = (M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN, M.EVERY_EXPERT_PARAMS,
-               M.EVERY_EXPERT_MACS)
+               M.EVERY_EXPERT_MACS, M.BAG_PAIRS)
         M.LOOP_EXPERTS, M.PAD_SLACK, M.ONE_TOKEN = self.loop, self.pad, False
-        M.EVERY_EXPERT_PARAMS = M.EVERY_EXPERT_MACS = (1 << 62) if self.every else 0
+        M.EVERY_EXPERT_PARAMS = (1 << 62) if self.every or self.bags else 0
+        M.EVERY_EXPERT_MACS = (1 << 62) if self.every else 0
+        M.BAG_PAIRS = float("inf") if self.bags else 0.0
         # (oneDNN's layout forced on any CPU: sobre itself takes it on AMD CPUs only, linear.ONEDNN)
         M.onednn = lambda a, b, macs=0: self.dnn and L.onednn(a, b, L.ONEDNN_MACS, force=True)
         if not self.overflow:  # an overflow then costs more than any padding: C = the largest count
@@ -60,7 +65,7 @@ class forced:
             return self.moe(x)
         finally:
             (M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN, M.EVERY_EXPERT_PARAMS,
-             M.EVERY_EXPERT_MACS) = was
+             M.EVERY_EXPERT_MACS, M.BAG_PAIRS) = was
 
 
 def main():
@@ -81,14 +86,15 @@ def main():
     layouts = {"loop": forced(ours, 1.0, 0), "padded": forced(ours, 0.0, 1 << 30),
                "no overflow": forced(ours, 0.0, 1 << 30, overflow=False),
                "grouped": forced(ours, 0.0, -(1 << 30)), "onednn": forced(ours, 0.0, -(1 << 30), True),
-               "every": forced(ours, 0.0, 0, every=True)}
+               "every": forced(ours, 0.0, 0, every=True), "bags": forced(ours, 0.0, 0, bags=True)}
     E, K = CFG["n_routed_experts"], CFG["num_experts_per_tok"]
     print(f"one MoE layer ({E} experts top-{K}, hidden 256, expert width 128, 1 shared), {dtype}, "
           f"{torch.get_num_threads()} threads")
     print("| tokens | rows per expert (mean / max) | sobre path | sobre ms | loop forced | padded bmm forced | "
-          "padded, C = max, forced | _grouped_mm forced | oneDNN forced | every expert forced | transformers ms | "
+          "padded, C = max, forced | _grouped_mm forced | oneDNN forced | every expert forced | bags forced | "
+          "transformers ms | "
           "sobre / transformers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     skew = torch.zeros(E)
     skew[0] = 1.0  # the last row: every token's first choice is expert 0, as a decode batch of one prompt's samples
@@ -104,16 +110,17 @@ def main():
             counts = ours.last_load.tolist()
             top = max(counts)
             ws = ours.experts.w1, ours.experts.w2, ours.experts.w3
-            path = "one token" if n == 1 and M.ONE_TOKEN else "every expert" if M.every_expert_fits(x[0], *ws) \
-                else {"loop": "loop", "padded": "padded bmm", "grouped": "_grouped_mm", "onednn": "oneDNN"}[
-                    M.Groups(counts, x[0], ws[0]).mode]  # (the rule itself, on this step's counts)
+            path = M.inference_path(x[0], ours.last_idx, E, *ws)  # (the rule itself, on this step's routes)
+            path = path.__name__.replace("_", " ") if path else {
+                "loop": "loop", "padded": "padded bmm", "grouped": "_grouped_mm", "onednn": "oneDNN"}[
+                M.Groups(counts, x[0], ws[0]).mode]
             t = best_ms({"a": lambda x=x: ours(x), **{k: lambda x=x, f=f: f(x) for k, f in layouts.items()},
                          "b": lambda x=x: theirs(x)})
             a, b = t["a"], t["b"]
             label = f"{n} skewed" if skewed else n
             print(f"| {label} | {n * K / E:.1f} / {top} | {path} | {a:.3f} | {t['loop']:.3f} | {t['padded']:.3f} | "
-                  f"{t['no overflow']:.3f} | {t['grouped']:.3f} | {t['onednn']:.3f} | {t['every']:.3f} | {b:.3f} | "
-                  f"{b / a:.2f}x |")
+                  f"{t['no overflow']:.3f} | {t['grouped']:.3f} | {t['onednn']:.3f} | {t['every']:.3f} | "
+                  f"{t['bags']:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -25,17 +25,29 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=Non
     gathered copy of its expert's weights: static shapes, no host sync, so the step compiles to one graph.
     Otherwise eager (host-side counts). swiglu (w1, w2, w3: ffn is grouped_ffn over them): in Groups' oneDNN
     layout the gather, the weighing and the sum back run inside GroupedSwiGLU, window by window; CPU inference
-    of one token skips the sort (one_token), of a few tokens on small experts runs every expert (every_expert)."""
+    of one token skips the sort (one_token); on small experts (small_experts), pairs at most the experts run as
+    embedding bags (bagged), more tokens up to EVERY_EXPERT_MACS (fp32) every expert on every token (every_expert)."""
     if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
         N, K = idx.shape  # (pairs in token order: nothing to sort)
         out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
         return (out.view(N, K, -1) * w.unsqueeze(-1)).sum(1).to(x.dtype)
     if swiglu is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
-        if ONE_TOKEN and idx.shape[0] == 1:
-            return one_token(x, w, idx, *swiglu)
-        if every_expert_fits(x, *swiglu):
-            return every_expert(x, w, idx, *swiglu)
+        if (path := inference_path(x, idx, n_experts, *swiglu)) is not None:
+            return path(x, w, idx, *swiglu)
     return eager_dispatch(x, w, idx, n_experts, ffn, swiglu)
+
+
+def inference_path(x, idx, n_experts: int, w1, w2, w3):
+    """The function serving these tokens' routed experts in CPU inference (dispatch has checked the device and
+    autograd): one_token, bagged or every_expert; None: the sorted dispatch."""
+    if ONE_TOKEN and idx.shape[0] == 1:
+        return one_token
+    if not small_experts(x, w1, w2, w3):
+        return None
+    if idx.numel() <= BAG_PAIRS * n_experts:
+        return bagged
+    macs = x.shape[0] * (w1.numel() + w2.numel() + w3.numel())
+    return every_expert if x.dtype == torch.float32 and macs <= EVERY_EXPERT_MACS else None
 
 
 ONE_TOKEN = True  # CPU inference: one token's MoE skips the sort (one_token); False: every token count is sorted
@@ -51,21 +63,47 @@ def one_token(x, w, idx, w1, w2, w3):
     return (w @ torch.cat(ys).to(w.dtype)).to(x.dtype)
 
 
-EVERY_EXPERT_PARAMS = 1 << 21  # CPU fp32 inference: every expert on every token while a layer's routed experts hold
-#   at most this many parameters (8 MiB: all of them are read each step) ...
-EVERY_EXPERT_MACS = 50_000_000  # ... and the tokens x those parameters (its multiply-adds) are at most this many
+EVERY_EXPERT_PARAMS = 1 << 21  # CPU inference: small experts, a layer's routed experts holding at most this many
+#   parameters (8 MiB in fp32: all of them are read each step by every_expert, re-read by each bag of bagged) ...
+EVERY_EXPERT_MACS = 50_000_000  # ... every_expert while the tokens x those parameters (its multiply-adds) are at most
+#   this many
+BAG_PAIRS = 1.0  # small experts: bagged while the (token, expert) pairs are at most this many times the experts
 
 
-def every_expert_fits(x, w1, w2, w3) -> bool:
-    """Whether `every_expert` serves these N > 1 tokens: CPU fp32 inference (dispatch has checked the device and
-    autograd), small experts stored as stacked_weight lays them out (their products need no copy), plain
-    tensors (not DTensor shards). bench/engine.py's experts (16 x 3 x 256 x 128 = 1.6M parameters): up to 31
-    tokens."""
-    params = w1.numel() + w2.numel() + w3.numel()
-    return (x.dtype == w1.dtype == w2.dtype == w3.dtype == torch.float32 and params <= EVERY_EXPERT_PARAMS
-            and x.shape[0] * params <= EVERY_EXPERT_MACS
+def small_experts(x, w1, w2, w3) -> bool:
+    """Whether these are small experts that `bagged` and `every_expert` serve (dispatch has checked the device and
+    autograd): at most EVERY_EXPERT_PARAMS, fp32 or bf16 like x, stored as stacked_weight lays them out (their
+    products and bags need no copy), plain tensors (not DTensor shards). bench/engine.py's experts: 16 x 3 x 256 x 128
+    = 1.6M parameters."""
+    return (x.dtype == w1.dtype == w2.dtype == w3.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and w1.numel() + w2.numel() + w3.numel() <= EVERY_EXPERT_PARAMS
             and all(type(t) in (torch.Tensor, nn.Parameter) and t.stride() == (t.shape[1] * t.shape[2], 1, t.shape[1])
                     for t in (w1, w2, w3)))  # [E, out, in] stored [E, in, out] contiguous
+
+
+def bagged(x, w, idx, w1, w2, w3):
+    """Routed experts of a few tokens on small experts without autograd on the CPU, their (token, expert) pairs at
+    most the experts (a speculative verify, the MTP layers' catch-up, a decode batch of 2-4 on 16 experts top-4),
+    as embedding bags: x @ w1[e]^T is the sum of the rows of w1[e]^T [D, F] (its stored layout) weighed by x's
+    values, so every pair's gate and up products are one bag each of one F.embedding_bag over the stacked experts
+    viewed as [E * D, F] rows, and each token's down products, weighed by its routing weights and summed over its
+    experts, one bag of w2 viewed as [E * F, D]: x [N, D], w / idx [N, K], w1 / w3 [E, F, D], w2 [E, D, F] ->
+    [N, D]. Each pair's rows are read once, where every_expert reads all E experts' (the bags run on both cores,
+    a loop over the pairs' products on one). bench/engine.py's experts at 3 tokens, in a speculative engine: 302 us
+    a layer where every_expert took 350 (the speculative step 5% faster); one token keeps one_token (MKL's
+    one-row products beat one thread's bag of the K down projections: a B=1 step 6-8% slower by bags in fp32;
+    bench/RESULTS.md, session 55). Its twin: eager_dispatch (tests/test_model.py)."""
+    (N, K), (E, F_, D) = idx.shape, w1.shape
+    rows = (idx.unsqueeze(-1) * D + torch.arange(D, device=x.device)).view(-1)  # [N * K * D] rows of w1^T / w3^T
+    xs = x.unsqueeze(1).expand(N, K, D).reshape(-1)  # each row's weight: its token's input value
+    bags = torch.arange(0, N * K * D, D, device=x.device)  # one bag a pair
+    gate = F.embedding_bag(rows, w1.transpose(1, 2).reshape(E * D, F_), bags, mode="sum", per_sample_weights=xs)
+    up = F.embedding_bag(rows, w3.transpose(1, 2).reshape(E * D, F_), bags, mode="sum", per_sample_weights=xs)
+    h = F.silu(gate).mul_(up).mul_(w.view(-1, 1))  # [N * K, F], each pair's weighed by its routing weight
+    rows = (idx.unsqueeze(-1) * F_ + torch.arange(F_, device=x.device)).view(-1)  # [N * K * F] rows of w2^T
+    bags = torch.arange(0, N * K * F_, K * F_, device=x.device)  # one bag a token: its K experts' rows
+    return F.embedding_bag(rows, w2.transpose(1, 2).reshape(E * F_, D), bags, mode="sum",
+                           per_sample_weights=h.view(-1))  # [N, D]
 
 
 def every_expert(x, w, idx, w1, w2, w3):

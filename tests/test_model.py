@@ -165,10 +165,11 @@ def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
 
 
 def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
-    """A few tokens' MoE on small experts (CPU, fp32, no autograd) takes experts.every_expert: every expert's
-    SwiGLU on every token, weighed by the routing weights (0 where not chosen), projected back and summed over
-    the experts, equal to eager_dispatch; not with autograd, in bf16, for one token, past its parameter or
-    multiply-add bounds, or with weights not in stacked_weight's layout."""
+    """Several tokens' MoE on small experts (CPU, fp32, no autograd), past the pairs bagged takes, takes
+    experts.every_expert: every expert's SwiGLU on every token, weighed by the routing weights (0 where not
+    chosen), projected back and summed over the experts, equal to eager_dispatch; not with autograd, in bf16, for
+    one token or pairs at most the experts, past its parameter or multiply-add bounds, or with weights not in
+    stacked_weight's layout."""
     import sobre.experts as X
     model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                                       n_limited_groups=2))
@@ -188,25 +189,73 @@ def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
         assert out.shape == (n, model.config.dim) and (out - ref).abs().max() < 1e-5
         assert idx.unique().numel() > 4 or n < 2  # several experts chosen, the others weighed 0
 
-    for n in (2, 3, 7, 12):
+    for n in (5, 7, 12):
         check(n, 1)
     check(1, 0)  # one_token
+    check(4, 0)  # 16 pairs: bagged
+    monkeypatch.setattr(X, "BAG_PAIRS", 0.0)
+    check(2, 1)
     monkeypatch.setattr(X, "EVERY_EXPERT_MACS", 7 * sum(t.numel() for t in ws))
     check(7, 1)
     check(8, 0)  # past the multiply-add bound: the sorted dispatch
     monkeypatch.setattr(X, "EVERY_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
-    check(2, 0)  # experts too large to read whole every step
+    check(5, 0)  # experts too large to read whole every step
     monkeypatch.undo()
     monkeypatch.setattr(X, "every_expert", lambda *a, f=X.every_expert: calls.append(1) or f(*a))
     plain = copy.deepcopy(experts)
     for name in ("w1", "w2", "w3"):  # stored [E, out, in] contiguous: every_expert's products would copy them
         setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
-    check(3, 0, plain)
-    w, idx, _ = model.layers[1].ffn.gate(x[:3])
-    experts(x[:3], w, idx).sum().backward()  # autograd: the sorted dispatch
+    check(5, 0, plain)
+    w, idx, _ = model.layers[1].ffn.gate(x[:5])
+    experts(x[:5], w, idx).sum().backward()  # autograd: the sorted dispatch
     with torch.no_grad():
-        experts.to(torch.bfloat16)(x[:3].bfloat16(), w, idx)
+        experts.to(torch.bfloat16)(x[:5].bfloat16(), w, idx)
     assert len(calls) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bagged_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
+    """2 to 4 tokens' MoE on small experts (their pairs at most the 16 experts; CPU, no autograd) takes
+    experts.bagged: every pair's gate and up products as embedding bags over the stacked experts' rows, each
+    token's down products weighed and summed in one bag, equal to eager_dispatch; not for one token, past the
+    pairs, with autograd, past EVERY_EXPERT_PARAMS, or with weights not in stacked_weight's layout (a bag would
+    read the wrong rows)."""
+    import sobre.experts as X
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                      n_limited_groups=2)).to(dtype)
+    experts = model.layers[1].ffn.experts
+    ws = experts.w1, experts.w2, experts.w3
+    calls = []
+    monkeypatch.setattr(X, "bagged", lambda *a, f=X.bagged: calls.append(1) or f(*a))
+    x = torch.randn(6, model.config.dim, generator=torch.Generator().manual_seed(4)).to(dtype)
+    tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+
+    def check(n, taken, experts=experts):
+        w, idx, _ = model.layers[1].ffn.gate(x[:n])
+        before = len(calls)
+        with torch.no_grad():
+            out = experts(x[:n], w, idx)
+            ref = X.eager_dispatch(x[:n], w, idx, 16, lambda xs, g: experts.grouped(xs, g, *ws), ws)
+        assert len(calls) - before == taken
+        assert out.dtype == dtype and out.shape == (n, model.config.dim)
+        torch.testing.assert_close(out, ref, **tol)
+        assert n < 2 or idx.unique().numel() > 4
+
+    for n in (2, 3, 4):
+        check(n, 1)
+    check(1, 0)  # one_token
+    check(5, 0)  # 20 pairs: every_expert (fp32) or the sorted dispatch (bf16)
+    plain = copy.deepcopy(experts)
+    for name in ("w1", "w2", "w3"):  # stored [E, out, in] contiguous: not the rows a bag reads
+        setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
+    check(3, 0, plain)
+    monkeypatch.setattr(X, "EVERY_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
+    check(3, 0)
+    monkeypatch.undo()
+    monkeypatch.setattr(X, "bagged", lambda *a, f=X.bagged: calls.append(1) or f(*a))
+    w, idx, _ = model.layers[1].ffn.gate(x[:3])
+    experts(x[:3], w.detach(), idx).float().sum().backward()  # autograd: the sorted dispatch
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("stored", ["contiguous", "stacked"])
