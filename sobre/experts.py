@@ -8,6 +8,8 @@ torch._grouped_mm, or (traced by torch.compile) every row with its own gathered 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,17 +95,22 @@ def bagged(x, w, idx, w1, w2, w3):
     a layer where every_expert took 350 (the speculative step 5% faster); one token keeps one_token (MKL's
     one-row products beat one thread's bag of the K down projections: a B=1 step 6-8% slower by bags in fp32;
     bench/RESULTS.md, session 55). Its twin: eager_dispatch (tests/test_model.py)."""
-    (N, K), (E, F_, D) = idx.shape, w1.shape
-    rows = (idx.unsqueeze(-1) * D + torch.arange(D, device=x.device)).view(-1)  # [N * K * D] rows of w1^T / w3^T
+    (N, K), (E, F_, D), dev = idx.shape, w1.shape, x.device
+    rows = torch.add(steps(D, 1, dev), idx.view(-1, 1), alpha=D).view(-1)  # [N * K * D] rows of w1^T / w3^T
     xs = x.unsqueeze(1).expand(N, K, D).reshape(-1)  # each row's weight: its token's input value
-    bags = torch.arange(0, N * K * D, D, device=x.device)  # one bag a pair
+    bags = steps(N * K * D, D, dev)  # one bag a pair
     gate = F.embedding_bag(rows, w1.transpose(1, 2).reshape(E * D, F_), bags, mode="sum", per_sample_weights=xs)
     up = F.embedding_bag(rows, w3.transpose(1, 2).reshape(E * D, F_), bags, mode="sum", per_sample_weights=xs)
     h = F.silu(gate).mul_(up).mul_(w.view(-1, 1))  # [N * K, F], each pair's weighed by its routing weight
-    rows = (idx.unsqueeze(-1) * F_ + torch.arange(F_, device=x.device)).view(-1)  # [N * K * F] rows of w2^T
-    bags = torch.arange(0, N * K * F_, K * F_, device=x.device)  # one bag a token: its K experts' rows
-    return F.embedding_bag(rows, w2.transpose(1, 2).reshape(E * F_, D), bags, mode="sum",
-                           per_sample_weights=h.view(-1))  # [N, D]
+    rows = torch.add(steps(F_, 1, dev), idx.view(-1, 1), alpha=F_).view(-1)  # [N * K * F] rows of w2^T
+    return F.embedding_bag(rows, w2.transpose(1, 2).reshape(E * F_, D), steps(N * K * F_, K * F_, dev), mode="sum",
+                           per_sample_weights=h.view(-1))  # [N, D]: one bag a token, its K experts' rows
+
+
+@functools.lru_cache(maxsize=64)
+def steps(end: int, step: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(0, end, step) on device, made once (bagged's row offsets and bag starts; read only)."""
+    return torch.arange(0, end, step, device=device)
 
 
 def every_expert(x, w, idx, w1, w2, w3):
