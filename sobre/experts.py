@@ -96,13 +96,13 @@ def bagged(x, w, idx, w1, w2, w3):
     one-row products beat one thread's bag of the K down projections: a B=1 step 6-8% slower by bags in fp32;
     bench/RESULTS.md, session 55). Its twin: eager_dispatch (tests/test_model.py)."""
     (N, K), (E, F_, D), dev = idx.shape, w1.shape, x.device
-    rows = torch.add(steps(D, 1, dev), idx.view(-1, 1), alpha=D).view(-1)  # [N * K * D] rows of w1^T / w3^T
+    rows = torch.add(steps(D, 1, dev), idx.reshape(-1, 1), alpha=D).view(-1)  # [N * K * D] rows of w1^T / w3^T
     xs = x.unsqueeze(1).expand(N, K, D).reshape(-1)  # each row's weight: its token's input value
     bags = steps(N * K * D, D, dev)  # one bag a pair
     gate = F.embedding_bag(rows, w1.transpose(1, 2).reshape(E * D, F_), bags, mode="sum", per_sample_weights=xs)
     up = F.embedding_bag(rows, w3.transpose(1, 2).reshape(E * D, F_), bags, mode="sum", per_sample_weights=xs)
-    h = F.silu(gate).mul_(up).mul_(w.view(-1, 1))  # [N * K, F], each pair's weighed by its routing weight
-    rows = torch.add(steps(F_, 1, dev), idx.view(-1, 1), alpha=F_).view(-1)  # [N * K * F] rows of w2^T
+    h = F.silu(gate).mul_(up).mul_(w.reshape(-1, 1))  # [N * K, F], each pair's weighed by its routing weight
+    rows = torch.add(steps(F_, 1, dev), idx.reshape(-1, 1), alpha=F_).view(-1)  # [N * K * F] rows of w2^T
     return F.embedding_bag(rows, w2.transpose(1, 2).reshape(E * F_, D), steps(N * K * F_, K * F_, dev), mode="sum",
                            per_sample_weights=h.view(-1))  # [N, D]: one bag a token, its K experts' rows
 
