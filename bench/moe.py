@@ -51,10 +51,10 @@ class forced:
         self.every, self.bags = every, bags
 
     def __call__(self, x):
-        was = (M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN, M.EVERY_EXPERT_PARAMS,
+        was = (M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN, M.SMALL_EXPERT_PARAMS,
                M.EVERY_EXPERT_MACS, M.BAG_PAIRS)
         M.LOOP_EXPERTS, M.PAD_SLACK, M.ONE_TOKEN = self.loop, self.pad, False
-        M.EVERY_EXPERT_PARAMS = (1 << 62) if self.every or self.bags else 0
+        M.SMALL_EXPERT_PARAMS = (1 << 62) if self.every or self.bags else 0
         M.EVERY_EXPERT_MACS = (1 << 62) if self.every else 0
         M.BAG_PAIRS = float("inf") if self.bags else 0.0
         # (oneDNN's layout forced on any CPU: sobre itself takes it on AMD CPUs only, linear.ONEDNN)
@@ -64,7 +64,7 @@ class forced:
         try:
             return self.moe(x)
         finally:
-            (M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN, M.EVERY_EXPERT_PARAMS,
+            (M.LOOP_EXPERTS, M.PAD_SLACK, M.onednn, M.OVERFLOW_ROWS, M.ONE_TOKEN, M.SMALL_EXPERT_PARAMS,
              M.EVERY_EXPERT_MACS, M.BAG_PAIRS) = was
 
 

@@ -65,8 +65,9 @@ def one_token(x, w, idx, w1, w2, w3):
     return (w @ torch.cat(ys).to(w.dtype)).to(x.dtype)
 
 
-EVERY_EXPERT_PARAMS = 1 << 21  # CPU inference: small experts, a layer's routed experts holding at most this many
-#   parameters (8 MiB in fp32: all of them are read each step by every_expert, re-read by each bag of bagged) ...
+SMALL_EXPERT_PARAMS = 1 << 21  # CPU inference: small experts, a layer's routed experts holding at most this many
+#   parameters (8 MiB in fp32: every_expert reads all of them each step, bagged an expert's again for each of its
+#   pairs; session 52 named it EVERY_EXPERT_PARAMS) ...
 EVERY_EXPERT_MACS = 50_000_000  # ... every_expert while the tokens x those parameters (its multiply-adds) are at most
 #   this many
 BAG_PAIRS = 1.0  # small experts: bagged while the (token, expert) pairs are at most this many times the experts
@@ -74,11 +75,11 @@ BAG_PAIRS = 1.0  # small experts: bagged while the (token, expert) pairs are at 
 
 def small_experts(x, w1, w2, w3) -> bool:
     """Whether these are small experts that `bagged` and `every_expert` serve (dispatch has checked the device and
-    autograd): at most EVERY_EXPERT_PARAMS, fp32 or bf16 like x, stored as stacked_weight lays them out (their
+    autograd): at most SMALL_EXPERT_PARAMS, fp32 or bf16 like x, stored as stacked_weight lays them out (their
     products and bags need no copy), plain tensors (not DTensor shards). bench/engine.py's experts: 16 x 3 x 256 x 128
     = 1.6M parameters."""
     return (x.dtype == w1.dtype == w2.dtype == w3.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and w1.numel() + w2.numel() + w3.numel() <= EVERY_EXPERT_PARAMS
+            and w1.numel() + w2.numel() + w3.numel() <= SMALL_EXPERT_PARAMS
             and all(type(t) in (torch.Tensor, nn.Parameter) and t.stride() == (t.shape[1] * t.shape[2], 1, t.shape[1])
                     for t in (w1, w2, w3)))  # [E, out, in] stored [E, in, out] contiguous
 
@@ -92,9 +93,9 @@ def bagged(x, w, idx, w1, w2, w3):
     experts, one bag of w2 viewed as [E * F, D]: x [N, D], w / idx [N, K], w1 / w3 [E, F, D], w2 [E, D, F] ->
     [N, D]. Each pair's rows are read once, where every_expert reads all E experts' (the bags run on both cores,
     a loop over the pairs' products on one). bench/engine.py's experts at 3 tokens, in a speculative engine: 302 us
-    a layer where every_expert took 350 (the speculative step 5% faster); one token keeps one_token (MKL's
-    one-row products beat one thread's bag of the K down projections: a B=1 step 6-8% slower by bags in fp32;
-    bench/RESULTS.md, session 55). Its twin: eager_dispatch (tests/test_model.py)."""
+    a layer where every_expert took 350 (the speculative step 5% faster); one token keeps one_token (by bags a
+    B=1 step ran 4-8% slower in fp32, with one bag a token or one a pair for the down products; bench/RESULTS.md,
+    session 55). Its twin: eager_dispatch (tests/test_model.py)."""
     (N, K), (E, F_, D), dev = idx.shape, w1.shape, x.device
     rows = torch.add(steps(D, 1, dev), idx.reshape(-1, 1), alpha=D).view(-1)  # [N * K * D] rows of w1^T / w3^T
     xs = x.unsqueeze(1).expand(N, K, D).reshape(-1)  # each row's weight: its token's input value

@@ -198,7 +198,7 @@ def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
     monkeypatch.setattr(X, "EVERY_EXPERT_MACS", 7 * sum(t.numel() for t in ws))
     check(7, 1)
     check(8, 0)  # past the multiply-add bound: the sorted dispatch
-    monkeypatch.setattr(X, "EVERY_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
+    monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
     check(5, 0)  # experts too large to read whole every step
     monkeypatch.undo()
     monkeypatch.setattr(X, "every_expert", lambda *a, f=X.every_expert: calls.append(1) or f(*a))
@@ -218,7 +218,7 @@ def test_bagged_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
     """2 to 4 tokens' MoE on small experts (their pairs at most the 16 experts; CPU, no autograd) takes
     experts.bagged: every pair's gate and up products as embedding bags over the stacked experts' rows, each
     token's down products weighed and summed in one bag, equal to eager_dispatch; not for one token, past the
-    pairs, with autograd, past EVERY_EXPERT_PARAMS, or with weights not in stacked_weight's layout (a bag would
+    pairs, with autograd, past SMALL_EXPERT_PARAMS, or with weights not in stacked_weight's layout (a bag would
     read the wrong rows)."""
     import sobre.experts as X
     model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
@@ -249,7 +249,7 @@ def test_bagged_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
     for name in ("w1", "w2", "w3"):  # stored [E, out, in] contiguous: not the rows a bag reads
         setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
     check(3, 0, plain)
-    monkeypatch.setattr(X, "EVERY_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
+    monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
     check(3, 0)
     monkeypatch.undo()
     monkeypatch.setattr(X, "bagged", lambda *a, f=X.bagged: calls.append(1) or f(*a))
