@@ -164,6 +164,39 @@ def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
     assert len(calls) == 3
 
 
+def small_moe(dtype=torch.float32):
+    """A debug model whose layer 1 routes to 16 small experts, top-4 (within SMALL_EXPERT_PARAMS), in dtype."""
+    return random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                     n_limited_groups=2)).to(dtype)
+
+
+def routed_against_sorted(model, x, n: int, calls: list, taken: int, experts=None, **tol):
+    """Layer 1's routed experts (or `experts`, a copy) on x[:n] without autograd: `calls` (a path's counting
+    wrapper) grew by `taken`, and the output equals the sorted dispatch's (eager_dispatch)."""
+    import sobre.experts as X
+    moe = model.layers[1].ffn
+    experts = experts or moe.experts
+    ws = moe.experts.w1, moe.experts.w2, moe.experts.w3
+    w, idx, _ = moe.gate(x[:n])
+    before = len(calls)
+    with torch.no_grad():
+        out = experts(x[:n], w, idx)
+        ref = X.eager_dispatch(x[:n], w, idx, 16, lambda xs, g: experts.grouped(xs, g, *ws), ws)
+    assert len(calls) - before == taken
+    assert out.dtype == x.dtype and out.shape == (n, model.config.dim)
+    torch.testing.assert_close(out, ref, **tol)
+    assert n < 2 or idx.unique().numel() > 4  # several experts chosen, the others weighed 0
+
+
+def plain_copy(experts):
+    """experts with w1 / w2 / w3 stored [E, out, in] contiguous, not stacked_weight's layout: neither bags nor
+    every_expert's products can read them as they are."""
+    plain = copy.deepcopy(experts)
+    for name in ("w1", "w2", "w3"):
+        setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
+    return plain
+
+
 def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
     """Several tokens' MoE on small experts (CPU, fp32, no autograd), past the pairs bagged takes, takes
     experts.every_expert: every expert's SwiGLU on every token, weighed by the routing weights (0 where not
@@ -171,23 +204,15 @@ def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
     one token or pairs at most the experts, past its parameter or multiply-add bounds, or with weights not in
     stacked_weight's layout."""
     import sobre.experts as X
-    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
-                                      n_limited_groups=2))
+    model = small_moe()
     experts = model.layers[1].ffn.experts
-    ws = experts.w1, experts.w2, experts.w3
+    params = sum(t.numel() for t in (experts.w1, experts.w2, experts.w3))
     calls = []
     monkeypatch.setattr(X, "every_expert", lambda *a, f=X.every_expert: calls.append(1) or f(*a))
     x = torch.randn(12, model.config.dim, generator=torch.Generator().manual_seed(3))
 
-    def check(n, taken, experts=experts):
-        w, idx, _ = model.layers[1].ffn.gate(x[:n])
-        before = len(calls)
-        with torch.no_grad():
-            out = experts(x[:n], w, idx)
-            ref = X.eager_dispatch(x[:n], w, idx, 16, lambda xs, g: experts.grouped(xs, g, *ws), ws)
-        assert len(calls) - before == taken
-        assert out.shape == (n, model.config.dim) and (out - ref).abs().max() < 1e-5
-        assert idx.unique().numel() > 4 or n < 2  # several experts chosen, the others weighed 0
+    def check(n, taken, experts=None):
+        routed_against_sorted(model, x, n, calls, taken, experts)
 
     for n in (5, 7, 12):
         check(n, 1)
@@ -195,17 +220,14 @@ def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
     check(4, 0)  # 16 pairs: bagged
     monkeypatch.setattr(X, "BAG_PAIRS", 0.0)
     check(2, 1)
-    monkeypatch.setattr(X, "EVERY_EXPERT_MACS", 7 * sum(t.numel() for t in ws))
+    monkeypatch.setattr(X, "EVERY_EXPERT_MACS", 7 * params)
     check(7, 1)
     check(8, 0)  # past the multiply-add bound: the sorted dispatch
-    monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
+    monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", params - 1)
     check(5, 0)  # experts too large to read whole every step
     monkeypatch.undo()
     monkeypatch.setattr(X, "every_expert", lambda *a, f=X.every_expert: calls.append(1) or f(*a))
-    plain = copy.deepcopy(experts)
-    for name in ("w1", "w2", "w3"):  # stored [E, out, in] contiguous: every_expert's products would copy them
-        setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
-    check(5, 0, plain)
+    check(5, 0, plain_copy(experts))
     w, idx, _ = model.layers[1].ffn.gate(x[:5])
     experts(x[:5], w, idx).sum().backward()  # autograd: the sorted dispatch
     with torch.no_grad():
@@ -221,36 +243,20 @@ def test_bagged_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
     pairs, with autograd, past SMALL_EXPERT_PARAMS, or with weights not in stacked_weight's layout (a bag would
     read the wrong rows)."""
     import sobre.experts as X
-    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
-                                      n_limited_groups=2)).to(dtype)
+    model = small_moe(dtype)
     experts = model.layers[1].ffn.experts
-    ws = experts.w1, experts.w2, experts.w3
     calls = []
     monkeypatch.setattr(X, "bagged", lambda *a, f=X.bagged: calls.append(1) or f(*a))
     x = torch.randn(6, model.config.dim, generator=torch.Generator().manual_seed(4)).to(dtype)
     tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
 
-    def check(n, taken, experts=experts):
-        w, idx, _ = model.layers[1].ffn.gate(x[:n])
-        before = len(calls)
-        with torch.no_grad():
-            out = experts(x[:n], w, idx)
-            ref = X.eager_dispatch(x[:n], w, idx, 16, lambda xs, g: experts.grouped(xs, g, *ws), ws)
-        assert len(calls) - before == taken
-        assert out.dtype == dtype and out.shape == (n, model.config.dim)
-        torch.testing.assert_close(out, ref, **tol)
-        assert n < 2 or idx.unique().numel() > 4
-
     for n in (2, 3, 4):
-        check(n, 1)
-    check(1, 0)  # one_token
-    check(5, 0)  # 20 pairs: every_expert (fp32) or the sorted dispatch (bf16)
-    plain = copy.deepcopy(experts)
-    for name in ("w1", "w2", "w3"):  # stored [E, out, in] contiguous: not the rows a bag reads
-        setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
-    check(3, 0, plain)
-    monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", sum(t.numel() for t in ws) - 1)
-    check(3, 0)
+        routed_against_sorted(model, x, n, calls, 1, **tol)
+    routed_against_sorted(model, x, 1, calls, 0, **tol)  # one_token
+    routed_against_sorted(model, x, 5, calls, 0, **tol)  # 20 pairs: every_expert (fp32) or the sorted dispatch
+    routed_against_sorted(model, x, 3, calls, 0, plain_copy(experts), **tol)
+    monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", sum(t.numel() for t in (experts.w1, experts.w2, experts.w3)) - 1)
+    routed_against_sorted(model, x, 3, calls, 0, **tol)
     monkeypatch.undo()
     monkeypatch.setattr(X, "bagged", lambda *a, f=X.bagged: calls.append(1) or f(*a))
     w, idx, _ = model.layers[1].ffn.gate(x[:3])
