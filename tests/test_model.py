@@ -137,33 +137,6 @@ def test_grouped_moe_dispatch_equals_per_token_reference():
         assert (moe.experts(x[:1], w, idx) - reference.moe_routed(moe.experts, x[:1], w, idx)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
-    """A B=1 decode step's MoE (one token, no autograd, CPU) takes experts.one_token: its K experts' SwiGLUs
-    weighed in one product, equal to eager_dispatch (sort, count, gather, index_add_); with autograd, or with
-    several tokens, the sorted dispatch."""
-    import sobre.experts as X
-    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
-                                      n_limited_groups=2)).to(dtype)
-    experts = model.layers[1].ffn.experts
-    x = torch.randn(3, model.config.dim, generator=torch.Generator().manual_seed(2)).to(dtype)
-    w, idx, _ = model.layers[1].ffn.gate(x)
-    calls = []
-    monkeypatch.setattr(X, "one_token", lambda *a, f=X.one_token: calls.append(1) or f(*a))
-    ws = experts.w1, experts.w2, experts.w3
-    with torch.no_grad():
-        for i in range(3):
-            one = experts(x[i:i + 1], w[i:i + 1], idx[i:i + 1])
-            ref = X.eager_dispatch(x[i:i + 1], w[i:i + 1], idx[i:i + 1], 16,
-                                   lambda xs, g: experts.grouped(xs, g, *ws), ws)
-            assert one.dtype == dtype and one.shape == (1, model.config.dim)
-            torch.testing.assert_close(one, ref, **({} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)))
-        assert len(calls) == 3
-        experts(x, w, idx)
-    experts(x[:1], w[:1].detach(), idx[:1])
-    assert len(calls) == 3
-
-
 def small_moe(dtype=torch.float32):
     """A debug model whose layer 1 routes to 16 small experts, top-4 (within SMALL_EXPERT_PARAMS), in dtype."""
     return random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
@@ -195,6 +168,25 @@ def plain_copy(experts):
     for name in ("w1", "w2", "w3"):
         setattr(plain, name, torch.nn.Parameter(getattr(plain, name).detach().contiguous()))
     return plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
+    """A B=1 decode step's MoE (one token, no autograd, CPU) takes experts.one_token: its K experts' SwiGLUs
+    weighed in one product, equal to eager_dispatch (sort, count, gather, index_add_); with autograd, or with
+    several tokens, not."""
+    import sobre.experts as X
+    model = small_moe(dtype)
+    x = torch.randn(3, model.config.dim, generator=torch.Generator().manual_seed(2)).to(dtype)
+    calls = []
+    monkeypatch.setattr(X, "one_token", lambda *a, f=X.one_token: calls.append(1) or f(*a))
+    tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+    for i in range(3):
+        routed_against_sorted(model, x[i:], 1, calls, 1, **tol)
+    routed_against_sorted(model, x, 3, calls, 0, **tol)
+    w, idx, _ = model.layers[1].ffn.gate(x[:1])
+    model.layers[1].ffn.experts(x[:1], w.detach(), idx)
+    assert len(calls) == 3
 
 
 def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
