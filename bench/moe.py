@@ -4,8 +4,8 @@ The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 2
 of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
 its CPU path from the rows per expert (one token: experts.one_token, no sort; on these small experts, pairs at most
 the experts: experts.bagged, embedding bags; more tokens in fp32: experts.every_expert, every expert on every token;
-else experts.Groups: a loop over the active experts, one
-zero-padded bmm, oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a
+else experts.Groups: a loop over the active experts, one zero-padded bmm (the pairs placed there in token order,
+experts.padded), oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a
 multiple of 128); the next seven columns force each layout of the routed experts at every size, to show what the
 choice buys (the padded bmm twice: with the few largest experts' rows past C in matmuls of their own, as sobre pads
 in fp32, and with C the largest count, as before session 47 and in bf16). The last row routes every token to expert

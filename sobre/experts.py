@@ -28,7 +28,8 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=Non
     Otherwise eager (host-side counts). swiglu (w1, w2, w3: ffn is grouped_ffn over them): in Groups' oneDNN
     layout the gather, the weighing and the sum back run inside GroupedSwiGLU, window by window; CPU inference
     of one token skips the sort (one_token); on small experts (small_experts), pairs at most the experts run as
-    embedding bags (bagged), more tokens up to EVERY_EXPERT_MACS (fp32) every expert on every token (every_expert)."""
+    embedding bags (bagged), more tokens up to EVERY_EXPERT_MACS (fp32) every expert on every token (every_expert);
+    past those, where the counts take Groups' padded layout, the pairs go there unsorted (padded)."""
     if traceable and torch.compiler.is_compiling() and not torch.is_grad_enabled() and idx.numel() <= n_experts:
         N, K = idx.shape  # (pairs in token order: nothing to sort)
         out = ffn(x.repeat_interleave(K, dim=0), Groups.gathered(idx.flatten()))  # [N*K, D]
@@ -36,6 +37,7 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=Non
     if swiglu is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
         if (path := inference_path(x, idx, n_experts, *swiglu)) is not None:
             return path(x, w, idx, *swiglu)
+        return eager_dispatch(x, w, idx, n_experts, ffn, swiglu, place=True)
     return eager_dispatch(x, w, idx, n_experts, ffn, swiglu)
 
 
@@ -135,19 +137,46 @@ def every_expert(x, w, idx, w1, w2, w3):
 
 
 @torch.compiler.disable  # eager under torch.compile: host-side counts (torch 2.13 has no fp32 fake _grouped_mm)
-def eager_dispatch(x, w, idx, n_experts: int, ffn, swiglu=None):
+def eager_dispatch(x, w, idx, n_experts: int, ffn, swiglu=None, place: bool = False):
+    """The sorted dispatch (dispatch's docstring); place=True (CPU inference, swiglu given): where the counts
+    take Groups' padded layout, the pairs placed there in token order instead (`padded`)."""
     K = idx.shape[1]
     flat = idx.flatten()
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    groups = Groups(counts, x, swiglu[0]) if swiglu is not None else counts
+    if place and groups.mode == "padded":
+        return padded(x, w, idx, groups, *swiglu)
     order = flat.argsort(stable=True)  # [N*K] pairs grouped by expert
     token = order // K
     rw = w.flatten().index_select(0, order)  # [N*K] routing weights of the sorted pairs
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
-    groups = Groups(counts, x, swiglu[0]) if swiglu is not None else counts
     if swiglu is not None and groups.mode == "onednn":
         return GroupedSwiGLU.apply(x, *swiglu, counts, token, rw)
     # index_select, not x[token]: its backward is an index_add_ (CPU: 7x faster than indexing's index_put_)
     out = ffn(x.index_select(0, token), groups) * rw.unsqueeze(-1)  # (w fp32: the weighted sum in fp32, rounded once)
     return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
+
+
+def padded(x, w, idx, g: Groups, w1, w2, w3):
+    """eager_dispatch in Groups' padded layout (CPU inference, its mode decided from the counts), without the
+    sort: each (token, expert) pair's row in the layout computed in token order (its place among its expert's
+    pairs by a cumulative count), the tokens written there, the SwiGLU through the layout, each pair's result read
+    back and weighed and summed per token in one [1, K] x [K, D] product a token (in w's dtype, fp32). x [N, D],
+    w / idx [N, K] -> [N, D]. The sort, the gather of the sorted rows, the layout's own row list (made on the host)
+    and the add back per token cost ~15 ops and ~0.3 ms a MoE layer at 64 tokens on 16 experts (bench/moe.py); a
+    decode step of 64 sequences on the tiny preset 4-6% faster (bench/RESULTS.md, session 56). Its twin:
+    grouped_ffn through the same layout after the sort (tests/test_model.py)."""
+    (N, K), D, flat = idx.shape, x.shape[1], idx.flatten()
+    rank = F.one_hot(flat, g.E).cumsum(0).gather(1, flat[:, None])[:, 0].sub_(1)  # [N*K]: 0, 1, ... per expert
+    dest = torch.add(rank, flat, alpha=g.C)  # row e * C + rank; past C, the expert's overflow rows
+    if g.overflow:  # overflowing expert e's rank j >= C: its rows from `first`, row first + j - C
+        shift = [0] * g.E
+        for e, first, _ in g.overflow:
+            shift[e] = first - g.C
+        dest = torch.where(rank < g.C, dest, ints(shift, x.device).index_select(0, flat) + rank)
+    t = x.new_zeros(g.rows, D)
+    t[dest.view(N, K)] = x[:, None].expand(N, K, D)
+    out = g.mm(F.silu(g.mm(t, w1)).mul_(g.mm(t, w3)), w2).index_select(0, dest).view(N, K, D)
+    return torch.bmm(w.unsqueeze(1), out.to(w.dtype))[:, 0].to(x.dtype)
 
 
 def grouped_ffn(xs, counts: list[int] | Groups, w1, w2, w3):
@@ -294,10 +323,7 @@ class Groups:
                 if n > C:
                     self.overflow.append((e, at, n - C))
                     at += n - C
-            self.rows = at
-            past = {e: start - C for e, start, _ in self.overflow}  # row j >= C of expert e: layout row past[e] + j
-            self.dest = ints([e * C + j if j < C else past[e] + j for e, n in enumerate(counts) for j in range(n)],
-                             xs.device)
+            self.rows, self.device = at, xs.device
         elif dnn_rows:
             self.mode = "onednn"  # fp32 CPU, from ONEDNN_MACS an expert on average
         elif hasattr(torch, "_grouped_mm") and xs.dtype in (torch.float32, torch.bfloat16):
@@ -310,6 +336,14 @@ class Groups:
         else:
             self.mode = "loop"
         self.unbind = grad
+
+    @functools.cached_property
+    def dest(self) -> torch.Tensor:
+        """The padded layout's row of each row sorted by expert: expert e's row j at e * C + j, past C at its
+        overflow's (made when first packed: `padded` places the pairs without it)."""
+        past = {e: start - self.C for e, start, _ in self.overflow}
+        return ints([e * self.C + j if j < self.C else past[e] + j for e, n in enumerate(self.counts)
+                     for j in range(n)], self.device)
 
     @classmethod
     def of(cls, counts: list[int] | Groups, xs: torch.Tensor, w: torch.Tensor) -> Groups:

@@ -308,6 +308,42 @@ def test_padded_layout_with_overflow_equals_looped(overflow_rows, monkeypatch):
     assert caps == ({"zero", "overflow", "largest"} if overflow_rows == 0 else {"overflow", "largest"})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overflow_rows", [0, 32])
+def test_placed_padded_dispatch_equals_the_sorted_dispatch(overflow_rows, dtype, monkeypatch):
+    """CPU inference whose counts take the padded layout places the pairs there in token order (experts.padded:
+    no sort), equal to the sorted dispatch through the same layout (eager_dispatch), whatever C padded_rows picks
+    (0 included: every pair an overflow) and routing of any skew; past C each expert's overflow rows."""
+    import sobre.experts as X
+    monkeypatch.setattr(X, "OVERFLOW_ROWS", overflow_rows)
+    calls = []
+    monkeypatch.setattr(X, "padded", lambda *a, f=X.padded: calls.append(a[3]) or f(*a))
+    g = torch.Generator().manual_seed(overflow_rows)
+    for _ in range(30):
+        E, K, N = [(4, 2, 9), (8, 2, 40), (16, 4, 64)][int(torch.randint(3, (), generator=g))]
+        skew = torch.rand(E, generator=g) ** 4 + 1e-3  # some experts far more chosen than others
+        idx = torch.stack([torch.multinomial(skew, K, generator=g) for _ in range(N)])  # [N, K], distinct per token
+        x = torch.randn(N, 24, generator=g).to(dtype)
+        w = torch.rand(N, K, generator=g)
+        ws = [stacked_weight(torch.randn(E, *shape, generator=g) * 0.2).detach().to(dtype)
+              for shape in ((40, 24), (24, 40), (40, 24))]
+
+        def ffn(xs, groups, ws=ws):
+            return grouped_ffn(xs, groups, *ws)
+
+        with torch.no_grad():
+            before = len(calls)
+            got = X.eager_dispatch(x, w, idx, E, ffn, ws, place=True)
+            ref = X.eager_dispatch(x, w, idx, E, ffn, ws)
+        assert got.dtype == dtype and len(calls) - before == (X.Groups(idx.flatten().bincount(minlength=E).tolist(), x,
+                                                                        ws[0]).mode == "padded")
+        tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02 * ref.float().abs().max().item())
+        torch.testing.assert_close(got, ref, **tol)
+    caps = {"zero" if c.C == 0 else "overflow" if c.overflow else "largest" for c in calls}
+    assert caps >= ({"largest"} if dtype == torch.bfloat16 else {"overflow", "zero"} if overflow_rows == 0
+                    else {"overflow", "largest"})
+
+
 def test_padded_overflow_only_below_onednn_rows(monkeypatch):
     """The padded layout's overflow is for decode batches: where the rows an expert reach oneDNN's (a prefill),
     C stays the largest count, so a skewed batch takes oneDNN's layout (0.8x the padded time at 512 tokens)."""
