@@ -281,8 +281,9 @@ class Groups:
     most half have rows (a B=1 decode step, a speculative verify of 2 tokens: the padded bmm reads every expert's
     weights), or holds the rows zero-padded as [E, C, in] (batched decode, short prefills) so each matmul is one bmm
     (2-4x faster with the weights in cache, 1.1-1.4x for a whole MoE layer: `python bench/moe.py`) while the
-    padding stays small. C is the largest count, or in fp32 below oneDNN's rows (decode batches) less where the few
-    experts with more rows take the rest in matmuls of their own (padded_rows: the least work counted in rows; a
+    padding stays small (the routed experts' dispatch fills it unsorted: `padded`). C is the largest count, or in
+    fp32 below oneDNN's rows (decode batches) less where the few experts with more rows take the rest in matmuls
+    of their own (padded_rows: the least work counted in rows; a
     skewed 64-token layer 1.27 -> 1.15 ms, GRPO rollouts of 64 x 64 tokens 3% faster; at 512 tokens it would pad
     where oneDNN runs the layer in 0.8x the time); padded while that work is at most rows + PAD_SLACK * E, or in
     bf16 (C the largest count) E * C no more rows than _grouped_mm's aligned layout (below) would multiply (bf16
