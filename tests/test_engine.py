@@ -234,7 +234,16 @@ def test_rollout_batches_decode_through_block_runs_and_match_the_gather(arch, mo
     assert sample(stop) == views
 
 
-def test_batch_invariance_greedy_and_seeded():
+@pytest.mark.parametrize("experts", ["small", "padded"])
+def test_batch_invariance_greedy_and_seeded(experts, monkeypatch):
+    """Each prompt of a ragged batch gets the tokens it gets alone (greedy, and seeded sampling). "padded": the
+    experts too large for the few-token paths (bags, every expert), so batched steps take the padded layout with
+    the pairs placed unsorted (experts.padded), one prompt alone experts.one_token."""
+    import sobre.experts as X
+    calls = []
+    if experts == "padded":
+        monkeypatch.setattr(X, "SMALL_EXPERT_PARAMS", 0)
+        monkeypatch.setattr(X, "padded", lambda *a, f=X.padded: calls.append(1) or f(*a))
     model = random_model()
     eng = Engine(model)
     alone = [eng.generate([p], max_new_tokens=10)[0] for p in PROMPTS]
@@ -243,6 +252,7 @@ def test_batch_invariance_greedy_and_seeded():
     alone = [eng.generate([p], **kw)[0] for p in PROMPTS]
     assert eng.generate(PROMPTS, **kw) == alone
     assert len(eng.pool.free) == eng.pool.n_blocks - 1  # every block came back
+    assert (len(calls) > 10) == (experts == "padded")
 
 
 def test_step_api_cancel_and_finish_reasons():
