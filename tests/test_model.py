@@ -586,21 +586,44 @@ def test_head_losses_equal_the_plain_paths(monkeypatch):
         torch.testing.assert_close(mtp_ce[0], F.cross_entropy(mtp[0].flatten(0, 1), t[:, 1:].flatten()))
 
 
-def test_rmsnorm_inference_path_equals_f_rms_norm():
-    """fp32 CPU inference normalises through the vector norm (RMSNorm.forward); its twin is F.rms_norm, which
-    training and every other case keep. Rows of every scale, eps dominating the tiny ones, a zero row."""
-    from sobre.model import RMSNorm
+def test_rmsnorm_cpu_paths_equal_f_rms_norm():
+    """fp32 CPU inference normalises through the vector norm (RMSNorm.forward), training through _RMSNormCPU (its
+    backward by hand); their twin is F.rms_norm: outputs and both gradients, rows of every scale, eps dominating
+    the tiny ones, a zero row; either input alone wanting a gradient; a float64 gradcheck of the backward."""
+    from sobre.model import RMSNorm, _RMSNormCPU
     norm = RMSNorm(64, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(-2, 2, 64))
-    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-5, 1e-3, 1, 30, 1e3])[
-        :, None, None]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 64, generator=g) * torch.tensor([1e-5, 1e-3, 1, 30, 1e3])[:, None, None]
     x[0, 0] = 0
+    dy = torch.randn(5, 3, 64, generator=g)
     want = F.rms_norm(x, (64,), norm.weight.detach(), 1e-6)
     with torch.no_grad():
         got = norm(x)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
-    assert torch.equal(norm(x), F.rms_norm(x, (64,), norm.weight, 1e-6))  # with autograd: F.rms_norm itself
+    grads = []
+    for f in (norm, lambda t: F.rms_norm(t, (64,), norm.weight, 1e-6)):
+        xg = x.clone().requires_grad_()
+        y = f(xg)
+        y.backward(dy)
+        grads.append((y.detach(), xg.grad, norm.weight.grad.clone()))
+        norm.weight.grad = None
+    assert torch.equal(grads[0][0], got)  # training's forward: the inference path's values
+    assert "RMSNormCPU" in type(norm(x.requires_grad_()).grad_fn).__name__
+    for ours, ref in zip(*grads):  # (row by row: a tiny row's input gradient is ~1e3 times a unit row's)
+        for a, b in zip(ours.reshape(-1, 64), ref.reshape(-1, 64)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    x.requires_grad_(False)
+    norm(x).backward(dy)  # the weight alone
+    torch.testing.assert_close(norm.weight.grad, grads[1][2], rtol=1e-5, atol=1e-5 * grads[1][2].abs().max().item())
+    norm.weight.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    norm(xg).backward(dy)  # the input alone
+    torch.testing.assert_close(xg.grad, grads[1][1], rtol=1e-5, atol=1e-5 * grads[1][1].abs().max().item())
+    x64 = torch.randn(4, 8, dtype=torch.float64, generator=g).requires_grad_()
+    w64 = torch.randn(8, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormCPU.apply(a, b, 1e-6), (x64, w64))
 
 
 def test_rmsnorm_under_autocast_hands_its_matmuls_bf16():
