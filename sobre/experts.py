@@ -162,9 +162,10 @@ def padded(x, w, idx, g: Groups, w1, w2, w3):
     pairs by a cumulative count), the tokens written there, the SwiGLU through the layout, each pair's result read
     back and weighed and summed per token in one [1, K] x [K, D] product a token (in w's dtype, fp32). x [N, D],
     w / idx [N, K] -> [N, D]. The sort, the gather of the sorted rows, the layout's own row list (made on the host)
-    and the add back per token cost ~15 ops and ~0.3 ms a MoE layer at 64 tokens on 16 experts (bench/moe.py); a
-    decode step of 64 sequences on the tiny preset 4-6% faster (bench/RESULTS.md, session 56). Its twin:
-    grouped_ffn through the same layout after the sort (tests/test_model.py)."""
+    and the add back per token cost ~15 ops: the routed experts of 64 tokens on 16 experts 1.00 -> 0.69 ms with
+    the weights in cache, bench/moe.py's 64-token MoE layer 1.22 -> 1.07 ms, a decode step of 64 sequences on the
+    tiny preset 3.5-5% faster (bench/RESULTS.md, session 56). Its twin: the sorted dispatch through the same
+    layout (eager_dispatch; tests/test_model.py)."""
     (N, K), D, flat = idx.shape, x.shape[1], idx.flatten()
     rank = F.one_hot(flat, g.E).cumsum(0).gather(1, flat[:, None])[:, 0].sub_(1)  # [N*K]: 0, 1, ... per expert
     dest = torch.add(rank, flat, alpha=g.C)  # row e * C + rank; past C, the expert's overflow rows

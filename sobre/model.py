@@ -68,6 +68,7 @@ class _RMSNormCPU(torch.autograd.Function):
     steps (bench/RESULTS.md, session 56). Its twin: F.rms_norm (tests/test_model.py)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # (fp32 under autocast, both passes)
     def forward(ctx, x, weight, eps: float):
         r = inverse_rms(x, eps)
         xn = x * r
@@ -75,6 +76,7 @@ class _RMSNormCPU(torch.autograd.Function):
         return xn * weight
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         xn, w, r = ctx.saved_tensors

@@ -637,6 +637,13 @@ def test_rmsnorm_under_autocast_hands_its_matmuls_bf16():
         y = norm(x)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, norm(x).to(torch.bfloat16))
+    dy = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward inside autocast computes in fp32 too
+        norm(xg).float().backward(dy)
+    xr = x.clone().requires_grad_()
+    F.rms_norm(xr, (16,), norm.weight.detach(), norm.eps).backward(dy.bfloat16().float())  # (dy through the cast)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5 * xr.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("interleave", [False, True])
