@@ -43,7 +43,8 @@ def dispatch(x, w, idx, n_experts: int, ffn, traceable: bool = False, swiglu=Non
 
 def inference_path(x, idx, n_experts: int, w1, w2, w3):
     """The function serving these tokens' routed experts in CPU inference (dispatch has checked the device and
-    autograd): one_token, bagged or every_expert; None: the sorted dispatch."""
+    autograd): one_token, bagged or every_expert; None: eager_dispatch (place=True: where the counts take the
+    padded layout, `padded`, else sorted)."""
     if ONE_TOKEN and idx.shape[0] == 1:
         return one_token
     if not small_experts(x, w1, w2, w3):
