@@ -170,11 +170,8 @@ def padded(x, w, idx, g: Groups, w1, w2, w3):
     (N, K), D, flat = idx.shape, x.shape[1], idx.flatten()
     rank = F.one_hot(flat, g.E).cumsum(0).gather(1, flat[:, None])[:, 0].sub_(1)  # [N*K]: 0, 1, ... per expert
     dest = torch.add(rank, flat, alpha=g.C)  # row e * C + rank; past C, the expert's overflow rows
-    if g.overflow:  # overflowing expert e's rank j >= C: its rows from `first`, row first + j - C
-        shift = [0] * g.E
-        for e, first, _ in g.overflow:
-            shift[e] = first - g.C
-        dest = torch.where(rank < g.C, dest, ints(shift, x.device).index_select(0, flat) + rank)
+    if g.overflow:
+        dest = torch.where(rank < g.C, dest, ints(g.shift, x.device).index_select(0, flat) + rank)
     t = x.new_zeros(g.rows, D)
     t[dest.view(N, K)] = x[:, None].expand(N, K, D)
     out = g.mm(F.silu(g.mm(t, w1)).mul_(g.mm(t, w3)), w2).index_select(0, dest).view(N, K, D)
@@ -341,11 +338,19 @@ class Groups:
         self.unbind = grad
 
     @functools.cached_property
+    def shift(self) -> list[int]:
+        """The padded layout with overflow: expert e's row j >= C sits at layout row shift[e] + j (its overflow's
+        first row minus C; 0 for the experts that do not overflow)."""
+        shift = [0] * self.E
+        for e, first, _ in self.overflow:
+            shift[e] = first - self.C
+        return shift
+
+    @functools.cached_property
     def dest(self) -> torch.Tensor:
-        """The padded layout's row of each row sorted by expert: expert e's row j at e * C + j, past C at its
-        overflow's (made when first packed: `padded` places the pairs without it)."""
-        past = {e: start - self.C for e, start, _ in self.overflow}
-        return ints([e * self.C + j if j < self.C else past[e] + j for e, n in enumerate(self.counts)
+        """The padded layout's row of each row sorted by expert: expert e's row j at e * C + j, past C at
+        shift[e] + j (made when first packed: `padded` places the pairs without it)."""
+        return ints([e * self.C + j if j < self.C else self.shift[e] + j for e, n in enumerate(self.counts)
                      for j in range(n)], self.device)
 
     @classmethod
