@@ -58,14 +58,22 @@ def inference_path(x, idx, n_experts: int, w1, w2, w3):
 ONE_TOKEN = True  # CPU inference: one token's MoE skips the sort (one_token); False: every token count is sorted
 
 
-def one_token(x, w, idx, w1, w2, w3):
-    """dispatch of one token without autograd on the CPU (a B=1 decode step): x [1, D], w / idx [1, K]. Each chosen
-    expert's SwiGLU on the row, then the K results weighed and summed as one [1, K] x [K, D] product in fp32,
-    instead of sorting, counting, gathering and adding back the token's K pairs (~19 ops fewer a layer: a B=1 step
-    of bench/engine.py's model 6% faster; bench/moe.py's 1-token row against the sorted loop). Its twin:
-    eager_dispatch (tests/test_model.py)."""
-    ys = [linear(F.silu(linear(x, w1[e])) * linear(x, w3[e]), w2[e]) for e in idx[0].tolist()]  # K x [1, D]
-    return (w @ torch.cat(ys).to(w.dtype)).to(x.dtype)
+def one_token(x, w, idx, w1, w2, w3, shared=None):
+    """dispatch of one token without autograd on the CPU (a B=1 decode step): x [1, D]; w / idx [1, K], or the
+    token's K routing weights and experts as lists (model.Gate.one); w1 / w2 / w3 stacked, or as lists of the
+    experts' matrices (model.Experts.rows); shared: a shared expert (a module) whose output joins the sum. Each chosen
+    expert's SwiGLU on the row, then the K (+ 1) results weighed (the shared by 1) and summed as one [1, K] x [K, D]
+    product in fp32, instead of sorting, counting, gathering and adding back the token's K pairs (~19 ops fewer a
+    layer: a B=1 step of bench/engine.py's model 6% faster; bench/moe.py's 1-token row against the sorted loop).
+    model.MoE routes a B=1 step's token on the host and calls it with lists (a B=1 step ~9% faster again, session
+    57). Its twin: eager_dispatch (tests/test_model.py)."""
+    if isinstance(idx, torch.Tensor):
+        w, idx = w[0].tolist(), idx[0].tolist()
+    ys = [linear(F.silu(linear(x, w1[e])) * linear(x, w3[e]), w2[e]) for e in idx]  # K x [1, D]
+    if shared is not None:
+        ys.append(shared(x))
+        w = [*w, 1.0]
+    return (torch.tensor([w], dtype=torch.float32) @ torch.cat(ys).float()).to(x.dtype)
 
 
 SMALL_EXPERT_PARAMS = 1 << 21  # CPU inference: small experts, a layer's routed experts holding at most this many
@@ -447,9 +455,10 @@ class RoutedLoad:
     [N, K] when read (training's balancing and statistics read it; a decode step does not: 4 ops a layer fewer,
     a B=1 step of bench/engine.py's model 1-5% faster in alternating runs)."""
 
-    last_idx: torch.Tensor | None = None
+    last_idx: torch.Tensor | list[list[int]] | None = None
     n_experts: int
 
     @property
-    def last_load(self) -> torch.Tensor | None:
-        return None if self.last_idx is None else expert_load(self.last_idx, self.n_experts)
+    def last_load(self) -> torch.Tensor | None:  # (last_idx: a list where model.MoE routed one token on the host)
+        idx = self.last_idx
+        return None if idx is None else expert_load(torch.as_tensor(idx), self.n_experts)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import absorb, sparse
+from . import experts as X
 from .attention import attend, attend_grouped, causal
 from .config import Config
 from .experts import Groups, RoutedLoad, dispatch, grouped_ffn, stacked_weight
@@ -407,6 +408,29 @@ class Gate(nn.Module):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * c.route_scale, idx, scores  # (expert outputs are weighed and summed in fp32: bf16 rounds less)
 
+    def one(self, x) -> tuple[list[float], list[int]]:
+        """forward's routing of one token x [1, D] without autograd, chosen on the host: its K weights and experts
+        as lists. The scores (and biased scores) come over in one copy and Python ranks the groups and experts,
+        where forward's grouping, top-k, gather and normalisation take ~15 small ops (a MoE layer of bench/engine.py's
+        model 80 -> 35 us). The same choices (ties aside: forward's topk breaks them as it may, this by the lower
+        index), the weights from the same fp32 scores in float64. Its twin: forward (tests/test_model.py)."""
+        c = self.c
+        logits = F.linear(x.float(), self.weight.float())  # [1, E]
+        scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
+        s, choice = (scores.tolist() * 2 if self.bias is None else torch.cat([scores, scores + self.bias]).tolist())
+        E, G = c.n_routed_experts, c.n_expert_groups
+        experts = range(E)
+        if G > 1 and c.topk_method != "greedy":
+            n = E // G
+            groups = [sorted(choice[g * n:(g + 1) * n]) for g in range(G)]
+            rank = [v[-1] + v[-2] if c.topk_method == "noaux_tc" else v[-1] for v in groups]
+            keep = sorted(sorted(range(G), key=rank.__getitem__, reverse=True)[:c.n_limited_groups])
+            experts = [e for g in keep for e in range(g * n, (g + 1) * n)]
+        idx = sorted(experts, key=choice.__getitem__, reverse=True)[:c.n_activated_experts]
+        w = [s[e] for e in idx]
+        total = sum(w) + 1e-20 if c.norm_topk_prob else 1.0
+        return [v / total * c.route_scale for v in w], idx
+
 
 class Experts(nn.Module):
     """All routed experts stacked: w1/w3 [E, I, D], w2 [E, D, I] (stored transposed: experts.stacked_weight)."""
@@ -417,6 +441,19 @@ class Experts(nn.Module):
         self.w1 = stacked_weight(torch.empty(E, Inter, D))
         self.w2 = stacked_weight(torch.empty(E, D, Inter))
         self.w3 = stacked_weight(torch.empty(E, Inter, D))
+        self._rows = None  # (the weights' addresses, rows())
+
+    def rows(self) -> tuple[list, list, list] | None:
+        """w1, w2, w3 as lists of their experts' matrices (views, made again when a weight's storage moves: a load
+        into new tensors, .to()), for experts.one_token: indexing the stacked weights took ~3 us a matrix, 12 a
+        token's layer. None where they are not plain tensors (a DTensor shard)."""
+        ws = self.w1, self.w2, self.w3
+        if any(type(t) not in (torch.Tensor, nn.Parameter) for t in ws):
+            return None
+        key = [t.data_ptr() for t in ws]  # (the views hold the storage: no other tensor can take its address)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = key, tuple(list(t.detach().unbind(0)) for t in ws)
+        return self._rows[1]
 
     def forward(self, x, w, idx):
         """x [N, D], w/idx [N, K] -> [N, D]. Its per-token twin is reference.moe_routed."""
@@ -452,6 +489,12 @@ class MoE(RoutedLoad, nn.Module):
     def forward(self, x):  # [B, T, D]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if (x.shape[0] == 1 and X.ONE_TOKEN and not self.training and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(self.experts) is Experts
+                and (rows := self.experts.rows()) is not None):  # a B=1 decode step: routed on the host, no sort
+            w, idx = self.gate.one(x)
+            self.last_idx = [idx]
+            return X.one_token(x, w, idx, *rows, shared=self.shared).view(shape)
         w, idx, scores = self.gate(x)
         self.last_idx = idx
         if self.training:

@@ -189,6 +189,78 @@ def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("router", [
+    dict(),  # V3: sigmoid, biased choice, groups by their top-2 sum
+    dict(score_func="softmax", topk_method="greedy", n_expert_groups=1, n_limited_groups=1),  # V2-Lite
+    dict(score_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False),  # V2: groups by their best
+    dict(n_expert_groups=1, n_limited_groups=1, route_scale=1.0),
+])
+def test_gate_one_equals_forward(router):
+    """Gate.one (one token's routing chosen on the host) picks forward's experts, in forward's order, with its
+    weights (fp32 scores, float64 arithmetic), for every router variant; the bias shifts the choice only."""
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4,
+                                      **{**dict(n_expert_groups=4, n_limited_groups=2, route_scale=2.5), **router}))
+    gate = model.layers[1].ffn.gate
+    g = torch.Generator().manual_seed(5)
+    if gate.bias is not None:
+        gate.bias.copy_(torch.randn(16, generator=g) * 0.05)
+    x = torch.randn(200, model.config.dim, generator=g)
+    with torch.no_grad():
+        w, idx, _ = gate(x)
+        for i in range(len(x)):
+            wi, ii = gate.one(x[i:i + 1])
+            assert ii == idx[i].tolist()
+            torch.testing.assert_close(torch.tensor(wi, dtype=torch.float32), w[i], rtol=1e-6, atol=0)
+    assert len(set(map(tuple, idx.tolist()))) > 50  # many distinct choices reached
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [1, 0])
+def test_moe_of_one_token_routed_on_the_host(dtype, shared, monkeypatch):
+    """A B=1 decode step's MoE layer (one token, eval, no autograd, CPU) routes on the host (Gate.one) and runs
+    experts.one_token on the experts' per-expert views with the shared expert in its sum: equal to forward's
+    routing, the sorted dispatch and the shared expert added; its last_load counts the token's experts. Not taken
+    with several tokens, with autograd, in training mode, or with experts.ONE_TOKEN off; the views follow a weight
+    replaced."""
+    import sobre.experts as X
+    model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                      n_limited_groups=2, n_shared_experts=shared)).to(dtype).eval()
+    moe = model.layers[1].ffn
+    moe.gate.bias.copy_(torch.randn(16, generator=torch.Generator().manual_seed(6)) * 0.05)
+    calls = []
+    one = type(moe.gate).one
+    monkeypatch.setattr(type(moe.gate), "one", lambda *a: calls.append(1) or one(*a))
+    x = torch.randn(12, 1, model.config.dim, generator=torch.Generator().manual_seed(7)).to(dtype)
+    ws = moe.experts.w1, moe.experts.w2, moe.experts.w3
+    tol = {} if dtype == torch.float32 else dict(rtol=0.02, atol=0.02)
+
+    def reference(x):  # [N, D]: forward's routing, the sorted dispatch, the shared expert added
+        w, idx, _ = moe.gate(x)
+        y = X.eager_dispatch(x, w, idx, 16, lambda xs, g: moe.experts.grouped(xs, g, *ws), ws)
+        return (y if moe.shared is None else y + moe.shared(x)), idx
+
+    with torch.no_grad():
+        for i in range(len(x)):
+            out = moe(x[i:i + 1])
+            ref, idx = reference(x[i])
+            assert out.shape == x[i:i + 1].shape and out.dtype == dtype
+            torch.testing.assert_close(out[0], ref, **tol)
+            assert moe.last_load.tolist() == X.expert_load(idx, 16).tolist()
+        assert len(calls) == len(x)
+        moe(x[:3].transpose(0, 1))  # three tokens
+        monkeypatch.setattr(X, "ONE_TOKEN", False)
+        moe(x[0:1])
+        monkeypatch.setattr(X, "ONE_TOKEN", True)
+        moe.train()
+        moe(x[0:1])
+        moe.eval()
+    moe(x[0:1])  # autograd
+    assert len(calls) == len(x)
+    with torch.no_grad():
+        moe.experts.w2.data = moe.experts.w2.data * 2  # a new storage: the views are made again
+        torch.testing.assert_close(moe(x[0:1])[0], reference(x[0])[0], **tol)
+
+
 def test_every_expert_dispatch_equals_the_sorted_dispatch(monkeypatch):
     """Several tokens' MoE on small experts (CPU, fp32, no autograd), past the pairs bagged takes, takes
     experts.every_expert: every expert's SwiGLU on every token, weighed by the routing weights (0 where not
