@@ -1,15 +1,16 @@
 """One MoE layer's forward at decode-to-prefill token counts: sobre vs transformers' DeepseekV3MoE.
 
-The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1
-of each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks
-its CPU path from the rows per expert (one token: experts.one_token, no sort; on these small experts, pairs at most
-the experts: experts.bagged, embedding bags; more tokens in fp32: experts.every_expert, every expert on every token;
-else experts.Groups: a loop over the active experts, one zero-padded bmm (the pairs placed there in token order,
-experts.padded), oneDNN expert by expert, or torch._grouped_mm, whose bf16 layout pads each expert's rows to a
-multiple of 128); the next seven columns force each layout of the routed experts at every size, to show what the
-choice buys (the padded bmm twice: with the few largest experts' rows past C in matmuls of their own, as sobre pads
-in fp32, and with C the largest count, as before session 47 and in bf16). The last row routes every token to expert
-0 first (both layers' router bias), the skew of a batch of one prompt's samples.
+The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1 of
+each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks its
+CPU path from the rows per expert (one token: routed on the host, model.Gate.one, then experts.one_token, no sort;
+on these small experts, pairs at most the experts: experts.bagged, embedding bags; more tokens in fp32:
+experts.every_expert, every expert on every token; else experts.Groups: a loop over the active experts, one
+zero-padded bmm (the pairs placed there in token order, experts.padded), oneDNN expert by expert, or
+torch._grouped_mm, whose bf16 layout pads each expert's rows to a multiple of 128); the next seven columns force
+each layout of the routed experts at every size, to show what the choice buys (the padded bmm twice: with the few
+largest experts' rows past C in matmuls of their own, as sobre pads in fp32, and with C the largest count, as before
+session 47 and in bf16). The last row routes every token to expert 0 first (both layers' router bias), the skew of a
+batch of one prompt's samples.
     python bench/moe.py [--dtype bfloat16]
 """
 
@@ -43,7 +44,8 @@ class forced:
     """sobre's MoE with its CPU layout rule changed while it runs (experts.LOOP_EXPERTS, PAD_SLACK, whether
     the routed experts may take oneDNN's layout at any rows, and whether the padded layout may overflow; the
     shared expert keeps its own path; every=True: experts.every_expert at any token count in fp32, bags=True:
-    experts.bagged at any, else neither). One token takes the layout too (experts.ONE_TOKEN off: sorted)."""
+    experts.bagged at any, else neither). One token takes the layout too (experts.ONE_TOKEN off: the router's tensor
+    path, then sorted)."""
 
     def __init__(self, moe, loop: float, pad: int, dnn: bool = False, overflow: bool = True, every: bool = False,
                  bags: bool = False):
@@ -110,7 +112,8 @@ def main():
             counts = ours.last_load.tolist()
             top = max(counts)
             ws = ours.experts.w1, ours.experts.w2, ours.experts.w3
-            path = M.inference_path(x[0], ours.last_idx, E, *ws)  # (the rule itself, on this step's routes)
+            idx = torch.as_tensor(ours.last_idx)  # (a list where one token was routed on the host)
+            path = M.inference_path(x[0], idx, E, *ws)  # (the rule itself, on this step's routes)
             path = path.__name__.replace("_", " ") if path else {
                 "loop": "loop", "padded": "padded bmm", "grouped": "_grouped_mm", "onednn": "oneDNN"}[
                 M.Groups(counts, x[0], ws[0]).mode]

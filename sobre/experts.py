@@ -55,7 +55,7 @@ def inference_path(x, idx, n_experts: int, w1, w2, w3):
     return every_expert if x.dtype == torch.float32 and macs <= EVERY_EXPERT_MACS else None
 
 
-ONE_TOKEN = True  # CPU inference: one token's MoE skips the sort (one_token); False: every token count is sorted
+ONE_TOKEN = True  # CPU inference: one token's MoE routed on the host (model.MoE), unsorted (one_token); False: sorted
 
 
 def one_token(x, w, idx, w1, w2, w3, shared=None):
