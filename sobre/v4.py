@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import Config
 from .experts import Groups, RoutedLoad, dispatch, stacked_weight
 from .linear import Linear, dense_weight
+from .model import RMSNorm as V3RMSNorm
 from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
 from .sparse import visible
 
@@ -36,16 +37,12 @@ ATTN_CHUNK = 1024  # queries per chunk of a long forward's attention (each chunk
 FP32 = ("attn_hc.", "ffn_hc.", "hc_head.", "sinks", "position_bias", "e_score_correction_bias", "norm.weight")
 
 
-class RMSNorm(nn.Module):
-    """V4's norm: normalise and scale in fp32 (the weight stays fp32), cast once at the end."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+class RMSNorm(V3RMSNorm):
+    """V4's norm: normalise and scale in fp32 (the weight stays fp32), cast once at the end; in fp32 the V3 norm's
+    paths (CPU training: its backward by hand)."""
 
     def forward(self, x):
-        return (self.weight.float() * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)).to(x.dtype)
+        return self.fp32(x.float(), self.weight.float()).to(x.dtype)
 
 
 def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:

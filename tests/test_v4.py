@@ -588,3 +588,28 @@ def test_prefix_cache_keeps_the_mtp_ring_for_speculative_decoding(window, monkey
     assert log_c.keys() == log.keys() and len(log) == 3
     for rid in log:  # (one MTP call a step: the prompt's catch-up, then a draft per verify)
         torch.testing.assert_close(torch.stack(log_c[rid]), torch.stack(log[rid]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_v4_norm_equals_its_formula(dtype):
+    """V4's RMSNorm (the V3 norm's fp32 paths: CPU training's backward by hand) equals its formula, normalised and
+    scaled in fp32 and cast once, in output and both gradients, in training and inference."""
+    import torch.nn.functional as F
+
+    from sobre.v4 import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32, generator=g))
+    x = (torch.randn(5, 32, generator=g) * torch.logspace(-3, 2, 5)[:, None]).to(dtype).requires_grad_()
+    out = norm(x)
+    ref = (norm.weight.float() * F.rms_norm(x.float(), (32,), eps=1e-6)).to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(5, 32, generator=g).to(dtype)
+    got = torch.autograd.grad((out * up).sum(), (x, norm.weight))
+    want = torch.autograd.grad((ref * up).sum(), (x, norm.weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), ref)
