@@ -108,7 +108,8 @@ def main():
             if dtype == torch.float32:
                 assert (ours(x) - theirs(x)).abs().max() < 1e-4  # same layer, same output
             else:  # bf16 rounding flips router ties (both libraries 1-6% off fp32): the layouts agree with the loop
-                torch.testing.assert_close(ours(x), layouts["loop"](x))
+                # (to bf16's rounding: one token's sum takes the shared expert in fp32, the loop adds it in bf16)
+                torch.testing.assert_close(ours(x), layouts["loop"](x), rtol=0.02, atol=0.02)
             counts = ours.last_load.tolist()
             top = max(counts)
             ws = ours.experts.w1, ours.experts.w2, ours.experts.w3
