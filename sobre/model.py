@@ -32,17 +32,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # normalise in fp32, scale in the input dtype (as the reference code)
-        dev = x.device.type
+        dev, w = x.device.type, self.weight  # (a parameter read through nn.Module costs ~1.6 us: once)
         if torch.is_autocast_enabled(dev):  # out in autocast's dtype: every matmul reading it would cast it
-            return self.fp32(x.float(), self.weight.float()).to(torch.get_autocast_dtype(dev))
-        if x.dtype == self.weight.dtype == torch.float32:
+            return self.fp32(x.float(), w.float()).to(torch.get_autocast_dtype(dev))
+        if x.dtype == w.dtype == torch.float32:
             if dev == "cpu" and not torch.is_grad_enabled():  # inference: the mean square from the norm, one
                 # full-size result written where F.rms_norm's CPU composite writes three (x^2, x * s, * w) into
                 # memory the weights streamed through have left cold: B=64 decode steps 1.4-2% faster, B=1 alike
                 # (bench/RESULTS.md, session 53); eps + norm^2 / D in one addcmul (5 ops where 7 were)
-                return (x * inverse_rms(x, self.eps)).mul_(self.weight)
-            return self.fp32(x, self.weight)  # (a decode step has 17 of them)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+                return (x * inverse_rms(x, self.eps)).mul_(w)
+            return self.fp32(x, w)  # (a decode step has 17 of them)
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def fp32(self, x, weight):
         """x and weight in fp32, under autograd or not: on the CPU (not traced) _RMSNormCPU, else F.rms_norm."""
@@ -417,7 +417,8 @@ class Gate(nn.Module):
         c = self.c
         logits = F.linear(x.float(), self.weight.float())  # [1, E]
         scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
-        s, choice = (scores.tolist() * 2 if self.bias is None else torch.cat([scores, scores + self.bias]).tolist())
+        bias = self.bias
+        s, choice = (scores.tolist() * 2 if bias is None else torch.cat([scores, scores + bias]).tolist())
         E, G = c.n_routed_experts, c.n_expert_groups
         experts = range(E)
         if G > 1 and c.topk_method != "greedy":
@@ -489,9 +490,10 @@ class MoE(RoutedLoad, nn.Module):
     def forward(self, x):  # [B, T, D]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        experts = self.experts
         if (x.shape[0] == 1 and X.ONE_TOKEN and not self.training and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(self.experts) is Experts
-                and (rows := self.experts.rows()) is not None):  # a B=1 decode step: routed on the host, no sort
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(experts) is Experts
+                and (rows := experts.rows()) is not None):  # a B=1 decode step: routed on the host, no sort
             w, idx = self.gate.one(x)
             self.last_idx = [idx]
             return X.one_token(x, w, idx, *rows, shared=self.shared).view(shape)
@@ -499,7 +501,7 @@ class MoE(RoutedLoad, nn.Module):
         self.last_idx = idx
         if self.training:
             self.balance_loss = sequence_balance_loss(idx, scores, shape[0], shape[1])
-        y = self.experts(x, w, idx)
+        y = experts(x, w, idx)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(shape)
