@@ -139,14 +139,16 @@ def main():
                    help="both sides in bf16: TRL's bf16=True (its generation and update under autocast), sobre's "
                         "--bf16 (the update under autocast) and --rollout-bf16 (rollouts on bf16 weights)")
     p.add_argument("--onednn", choices=("auto", "on", "off"), default="auto",
-                   help="sobre's fp32 products on oneDNN: this CPU's default (sobre.linear.ONEDNN: AMD CPUs) or "
-                        "forced on / off (TRL's products are torch's own either way)")
+                   help="sobre's fp32 products on oneDNN: this CPU's default (sobre.linear.ONEDNN: AMD CPUs with "
+                        "AVX-512; few-row products by large weights on any AMD CPU) or forced on / off, all products "
+                        "(TRL's products are torch's own either way)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     if a.onednn != "auto":
         sobre.linear.ONEDNN = a.onednn == "on" and torch.backends.mkldnn.is_available()
+        sobre.linear.DNN_ROWS = sobre.linear.DNN_ROWS if sobre.linear.ONEDNN else 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -157,9 +159,10 @@ def main():
             ours, ours_len, split = run_sobre(model_dir, a, tmp / f"sobre{r}")
             theirs, theirs_len, their_split = run_trl(model_dir, a, tmp / f"trl{r}")
             rows.append((theirs, ours, split, their_split, theirs_len, ours_len))
+    few = " (few rows by a large weight: oneDNN)" if sobre.linear.DNN_ROWS and not sobre.linear.ONEDNN else ""
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, "
           f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {torch.get_num_threads()} threads, "
-          f"sobre's fp32 products on {'oneDNN' if sobre.linear.ONEDNN else 'MKL'} "
+          f"sobre's fp32 products on {'oneDNN' if sobre.linear.ONEDNN else 'MKL'}{few} "
           f"({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
     print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | TRL generation / "
           "rest s | mean completion tokens TRL / sobre | sobre: share trained |")

@@ -301,8 +301,8 @@ class Groups:
     spread, 0.79 with E * C = 1.9 x rows, 1.4 at 3.8 x, 2.1 at 6.3 x; 0.83 at 1024 rows evenly spread: _grouped_mm
     pays ~15 us a matmul call, per expert, that the bmm saves; padding costs compute per row.) Traced by
     torch.compile (Groups.gathered, a decode step of a few tokens): each row with its own gathered copy of its
-    expert's weights. fp32 on an AMD CPU (linear.ONEDNN) from ONEDNN_MACS an expert on average (training, long
-    prefills): each expert's rows on oneDNN, in windows of a few sizes (GroupedSwiGLU for the SwiGLU,
+    expert's weights. fp32 on an AMD CPU with AVX-512 (linear.ONEDNN) from ONEDNN_MACS an expert on average
+    (training, long prefills): each expert's rows on oneDNN, in windows of a few sizes (GroupedSwiGLU for the SwiGLU,
     linear.grouped_linear for one product: V4's experts; a MoE layer's forward + backward 1.4x faster than through
     _grouped_mm, training 1.45x -> 1.49-1.58x transformers in bench/train.py; on an Intel CPU _grouped_mm, MKL).
     _grouped_mm in bf16 on CPU (bf16 weights, or autocast, which would leave it in fp32, so the rows and weights are

@@ -12,13 +12,19 @@ ran 8-10x slower than F.linear with the bias ([1, 896] x [896, 896]: 0.76 vs 0.0
 q / k / v projections decoded 0.5B models at 0.81x transformers' bf16 through it). The twin is F.linear
 (tests/test_engine.py).
 
-fp32 on an AMD CPU: a product of at least ONEDNN_MACS multiply-adds goes to oneDNN (torch.ops.mkldnn._linear_pointwise,
-forward and both backward products) instead of MKL, whose fp32 GEMM ran ~185 GFLOP/s on a 2-core AMD EPYC with
-AVX-512 where oneDNN ran ~420 ([2048, 256] x [256, 1024]: 5.5 vs 2.5 ms; MKL keeps to older instructions on AMD
-CPUs). Smaller products stay with MKL: oneDNN pays ~11 us a call. On Intel CPUs MKL runs its own AVX-512 kernels and
-everything stays with it: on a 2-core Xeon oneDNN was no faster at training sizes and slower at decode sizes
-([64, 256] x [256, 128]: 36 vs 20 us), and routing there made GRPO's rollouts and update 15-17% slower
-(bench/RESULTS.md, session 50). The twin is F.linear (tests/test_linear.py).
+fp32 on an AMD CPU with AVX-512: a product of at least ONEDNN_MACS multiply-adds goes to oneDNN
+(torch.ops.mkldnn._linear_pointwise, forward and both backward products) instead of MKL, whose fp32 GEMM ran ~185
+GFLOP/s on a 2-core AMD EPYC with AVX-512 where oneDNN ran ~420 ([2048, 256] x [256, 1024]: 5.5 vs 2.5 ms; MKL keeps
+to AVX2 on AMD CPUs). Smaller products stay with MKL: oneDNN pays ~11 us a call. On an AMD EPYC with AVX2 only, MKL's
+AVX2 code is the CPU's full width: MKL ran 150-180 GFLOP/s at training sizes where oneDNN ran 100-165, and GRPO's
+update took 0.85 s on MKL against 1.11 on oneDNN (bench/RESULTS.md, session 58). On Intel CPUs MKL runs its own
+AVX-512 kernels and everything stays with it: on a 2-core Xeon oneDNN was no faster at training sizes and slower at
+decode sizes ([64, 256] x [256, 128]: 36 vs 20 us), and routing there made GRPO's rollouts and update 15-17% slower
+(session 50).
+A few rows times a large weight (at most DNN_ROWS rows, at least DNN_WEIGHT weights: an LM head at decode) go to
+oneDNN on every AMD CPU: MKL multiplies up to ~16 rows on one thread, and such a product is bound by the weight's
+read, which oneDNN spreads over the threads (AVX2 EPYC, 2 threads, weight out of cache: one row x [8192, 256] 346 vs
+724 us, 64 rows x [4096, 256] 1.2 vs 1.8 ms). The twin is F.linear (tests/test_linear.py).
 """
 
 from __future__ import annotations
@@ -59,18 +65,22 @@ def inference_dtype(path, device=None) -> torch.dtype | None:
 ONEDNN_MACS = 1 << 21  # fp32 CPU products from this many multiply-adds (rows x in x out) up run on oneDNN
 
 
-def cpu_vendor() -> str:
-    """The x86 CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where unknown."""
+def cpu_info(field: str) -> str:
+    """A field of the first processor in /proc/cpuinfo ("vendor_id": "GenuineIntel", "AuthenticAMD", ...;
+    "flags"); "" where unknown."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
         return ""
 
 
-# fp32 products to oneDNN where MKL runs its slower code (AMD and Hygon x86 CPUs); elsewhere every fp32 product
-# through F.linear (MKL, or the build's BLAS). The switch the twins' tests turn.
-ONEDNN = torch.backends.mkldnn.is_available() and cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
+AMD = torch.backends.mkldnn.is_available() and cpu_info("vendor_id") in ("AuthenticAMD", "HygonGenuine")
+# fp32 products to oneDNN where MKL runs narrower code than the CPU has (AMD CPUs with AVX-512); elsewhere every fp32
+# product through F.linear (MKL, or the build's BLAS), but AMD's few-row ones. The switch the twins' tests turn.
+ONEDNN = AMD and "avx512f" in cpu_info("flags").split()
+DNN_ROWS = 128 if AMD else 0  # fp32 products of at most this many rows (0: none) ...
+DNN_WEIGHT = 1 << 19  # ... by a weight of at least this many elements run on oneDNN (any AMD CPU)
 
 
 BF16_ROW: str | None = None  # "mv" or "linear": this CPU's faster one-row bf16 product (None: measure at first use)
@@ -99,13 +109,13 @@ def bf16_row_op() -> str:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b): x [..., in], w [out, in] -> [..., out]."""
-    if x.dtype == torch.float32 and not ONEDNN:  # F.linear as it is (the checks below took ~3% of a B=1 step)
-        return F.linear(x, w, b)
+    if x.dtype == torch.float32 and not ONEDNN and (w.numel() < DNN_WEIGHT or not DNN_ROWS):
+        return F.linear(x, w, b)  # F.linear as it is (the checks below took ~3% of a B=1 step)
     if x.device.type == "cpu":
         if (x.dtype == w.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and b is None
                 and bf16_row_op() == "mv"):
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
-        if onednn(x, w, x.numel() * w.shape[0]):
+        if onednn(x, w, x.numel() * w.shape[0]) or few_rows(x, w):
             x2 = x.reshape(-1, x.shape[-1])  # (no autograd node where no gradient is wanted: ~13 us a call)
             grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
             return (OneDNNLinear.apply(x2, w, b) if grad else dnn(x2, w, b)).view(*x.shape[:-1], w.shape[0])
@@ -118,6 +128,12 @@ def onednn(a: torch.Tensor, b: torch.Tensor, macs: int = ONEDNN_MACS, force: boo
     return ((ONEDNN or force and torch.backends.mkldnn.is_available()) and a.device.type == "cpu"
             and a.dtype == b.dtype == torch.float32 and macs >= ONEDNN_MACS
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x's few rows times the large w run on oneDNN (DNN_ROWS, DNN_WEIGHT: a weight-bound product)."""
+    return (x.numel() <= DNN_ROWS * x.shape[-1] and w.numel() >= DNN_WEIGHT
+            and onednn(x, w, ONEDNN_MACS, force=True))
 
 
 def dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

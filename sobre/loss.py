@@ -164,8 +164,8 @@ class _Grads:
     def __init__(self, h, w, want_h: bool, want_w: bool, step: int, grad_dtype: torch.dtype):
         self.h, self.w, self.done_rows = h, w, 0
         self.grad_h = torch.empty_like(h, dtype=grad_dtype) if want_h else None
-        # fp32 on oneDNN (AMD CPUs: linear.ONEDNN): grad_w accumulates transposed, [D, V], the layout oneDNN writes
-        # (linear.grad_weight_t), turned once in done(); elsewhere [V, D] with addmm_, no second copy
+        # fp32 on oneDNN (AMD CPUs with AVX-512: linear.ONEDNN): grad_w accumulates transposed, [D, V], the layout
+        # oneDNN writes (linear.grad_weight_t), turned once in done(); elsewhere [V, D] with addmm_, no second copy
         self.transposed = want_w and onednn(h, w)
         shape = w.shape[::-1] if self.transposed else w.shape
         self.grad_w = torch.zeros(shape, dtype=torch.float32, device=w.device) if want_w else None

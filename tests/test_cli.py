@@ -16,7 +16,10 @@ from test_config import V3_RELEASE
 
 
 def run(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "sobre", *args], capture_output=True, text=True, check=check)
+    """`python -m sobre ARGS` in a subprocess; check: an exit code other than 0 fails with the end of its stderr."""
+    out = subprocess.run([sys.executable, "-m", "sobre", *args], capture_output=True, text=True)
+    assert not check or out.returncode == 0, f"sobre {' '.join(args)}: exit {out.returncode}\n{out.stderr[-4000:]}"
+    return out
 
 
 def call(capsys, *args):

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.fixture(autouse=True)
 def onednn(monkeypatch):
-    """The oneDNN path on, whichever CPU this is (sobre takes it on AMD CPUs only: linear.ONEDNN); restored after."""
+    """The oneDNN path on, whichever CPU this is (sobre takes it on AMD CPUs with AVX-512 only: linear.ONEDNN);
+    restored after."""
     monkeypatch.setattr(L, "ONEDNN", True)
 
 
@@ -90,6 +91,40 @@ def test_small_products_autocast_and_the_switch_stay_with_f_linear(calls, monkey
     monkeypatch.setattr(L, "ONEDNN", True)
     L.linear(big, w)
     assert len(calls) == 1
+
+
+def test_few_rows_by_a_large_weight_run_on_onednn(calls, monkeypatch):
+    """AMD CPUs' few-row rule with the training-size switch off (an AVX2 CPU): up to DNN_ROWS rows times a weight of
+    DNN_WEIGHT elements or more run on oneDNN (an LM head at decode) and equal F.linear, values and gradients; one
+    row more, one weight row fewer, bf16 or DNN_ROWS 0 leave F.linear as it is."""
+    monkeypatch.setattr(L, "ONEDNN", False)
+    monkeypatch.setattr(L, "DNN_ROWS", 128)
+    torch.manual_seed(0)
+    w = torch.randn(L.DNN_WEIGHT // 256, 256) / 16
+    for shape in ((1, 256), (1, 1, 256), (3, 256), (128, 256)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y = L.linear(x, w)
+        close(y, F.linear(x, w))
+        assert y.shape == (*shape[:-1], w.shape[0])
+    assert [c[0][0] for c in calls] == [1, 1, 3, 128] and len(calls) == 4
+    x = torch.randn(5, 256, requires_grad=True)
+    wg = w.clone().requires_grad_()
+    x2, w2 = x.detach().clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn(5, w.shape[0])
+    L.linear(x, wg).backward(g)
+    F.linear(x2, w2).backward(g)
+    assert len(calls) == 5  # the forward on oneDNN (ONEDNN off: its gradients' products on MKL)
+    close(x.grad, x2.grad, scale=10.0)
+    close(wg.grad, w2.grad, scale=10.0)
+    calls.clear()
+    for x, w_ in ((torch.randn(129, 256), w), (torch.randn(1, 256), w[1:])):
+        assert torch.equal(L.linear(x, w_), F.linear(x, w_))
+    L.linear(torch.randn(1, 256, dtype=torch.bfloat16), w.bfloat16())  # (bf16's own one-row path)
+    assert not calls
+    monkeypatch.setattr(L, "DNN_ROWS", 0)
+    x = torch.randn(1, 256)
+    assert torch.equal(L.linear(x, w), F.linear(x, w)) and not calls
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
