@@ -140,8 +140,8 @@ def main():
                         "--bf16 (the update under autocast) and --rollout-bf16 (rollouts on bf16 weights)")
     p.add_argument("--onednn", choices=("auto", "on", "off"), default="auto",
                    help="sobre's fp32 products on oneDNN: this CPU's default (sobre.linear.ONEDNN: AMD CPUs with "
-                        "AVX-512; few-row products by large weights on any AMD CPU) or forced on / off, all products "
-                        "(TRL's products are torch's own either way)")
+                        "AVX-512; few-row products by large weights on any AMD CPU) or forced on (every product "
+                        "from ONEDNN_MACS up) / off (none) (TRL's products are torch's own either way)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()

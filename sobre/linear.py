@@ -22,9 +22,10 @@ AVX-512 kernels and everything stays with it: on a 2-core Xeon oneDNN was no fas
 decode sizes ([64, 256] x [256, 128]: 36 vs 20 us), and routing there made GRPO's rollouts and update 15-17% slower
 (session 50).
 A few rows times a large weight (at most DNN_ROWS rows, at least DNN_WEIGHT weights: an LM head at decode) go to
-oneDNN on every AMD CPU: MKL multiplies up to ~16 rows on one thread, and such a product is bound by the weight's
-read, which oneDNN spreads over the threads (AVX2 EPYC, 2 threads, weight out of cache: one row x [8192, 256] 346 vs
-724 us, 64 rows x [4096, 256] 1.2 vs 1.8 ms). The twin is F.linear (tests/test_linear.py).
+oneDNN on every AMD CPU: such a product is bound by the weight's read, which MKL makes on one thread for 1-4 rows
+and oneDNN spreads over the threads (AVX2 EPYC, 2 threads, weight out of cache: one row x [8192, 256] 346 vs 724 us,
+64 rows x [4096, 256] 1.2 vs 1.8 ms, 128 rows 2.1 vs 3.1; smaller weights pay oneDNN's ~25 us a call). The twin is
+F.linear (tests/test_linear.py).
 """
 
 from __future__ import annotations
