@@ -148,7 +148,8 @@ def main():
     keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     if a.onednn != "auto":
         sobre.linear.ONEDNN = a.onednn == "on" and torch.backends.mkldnn.is_available()
-        sobre.linear.DNN_ROWS = sobre.linear.DNN_ROWS if sobre.linear.ONEDNN else 0
+        if not sobre.linear.ONEDNN:  # off: no product on oneDNN, the few-row ones neither
+            sobre.linear.DNN_ROWS = 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

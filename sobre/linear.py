@@ -133,8 +133,7 @@ def onednn(a: torch.Tensor, b: torch.Tensor, macs: int = ONEDNN_MACS, force: boo
 
 def few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x's few rows times the large w run on oneDNN (DNN_ROWS, DNN_WEIGHT: a weight-bound product)."""
-    return (x.numel() <= DNN_ROWS * x.shape[-1] and w.numel() >= DNN_WEIGHT
-            and onednn(x, w, ONEDNN_MACS, force=True))
+    return x.numel() <= DNN_ROWS * x.shape[-1] and w.numel() >= DNN_WEIGHT and onednn(x, w, force=True)
 
 
 def dnn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
