@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import lora, v4cache
+from . import lora, plan, v4cache
 from .config import at_least_one
 from .constrain import JsonPrefix, redraw, token_texts
 from .host import ints
@@ -90,6 +90,9 @@ class Engine:
         # absorbed MLA's projections folded (absorb.py) for this engine's lifetime, each layer at its first decode:
         # the model's weights as they are then (a model changed under a running engine needs a new engine)
         self.folds: dict = {}
+        # a lone sequence's decode step as straight-line code (plan.py), where the model qualifies and no compiled
+        # step runs it
+        self.plan = plan.DecodePlan(model, self.pool) if not compile and plan.unsupported(model) is None else None
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -268,12 +271,15 @@ class Engine:
         if spec:
             events += speculate(self, spec)
         if plain:
-            tokens = ints([s.pending for s in plain], self.device)[:, None]
-            if self.compiled and len(plain) <= self.compiled_batch:
-                logits = self.compiled(tokens, plain)
+            h = self.plan(plain[0], plain[0].pending) if self.plan and plan.ONE_ROW and len(plain) == 1 else None
+            if h is not None:  # a lone sequence's step as straight-line code (plan.py)
+                logits = self.model.head(h)
+            elif self.compiled and len(plain) <= self.compiled_batch:
+                logits = self.compiled(ints([s.pending for s in plain], self.device)[:, None], plain)
                 for s in plain:
                     s.advance(1)
             else:
+                tokens = ints([s.pending for s in plain], self.device)[:, None]
                 logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
             chosen = self._choose(plain, logits)
             events += [self._emit(s, t, row) for s, t, row in zip(plain, chosen.tolist(), logits.unbind(0))]

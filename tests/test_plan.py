@@ -1,0 +1,115 @@
+"""plan.DecodePlan, a lone sequence's decode step as straight-line code, against its twin: the module path
+(Transformer.hidden over a paged.PagedBatch; plan.ONE_ROW off)."""
+
+import pytest
+import torch
+
+import sobre
+from sobre import plan
+from sobre.engine import Engine
+from sobre.int8 import quantize_int8
+from sobre.linear import Linear
+from sobre.model import MoE
+
+from conftest import random_model, run_requests
+
+CASES = {  # debug-preset overrides
+    "moe": {},  # q_lora, a shared expert, grouped sigmoid routing with its bias, a dense first layer, interleaved rope
+    "v2_router": dict(q_lora_rank=0, score_func="softmax", topk_method="greedy", n_expert_groups=1,
+                      n_limited_groups=1, n_shared_experts=0, rope_interleave=False, n_activated_experts=3),
+    "yarn": dict(rope_type="yarn", rope_factor=4.0, original_seq_len=128, mscale_all_dim=1.0, norm_topk_prob=False,
+                 route_scale=2.5, topk_method="group_limited_greedy", score_func="softmax"),
+    "dense": dict(n_routed_experts=0),
+}
+PROMPTS = [[5, 9, 17, 3, 44, 2, 8, 100, 31], [7, 1, 300, 12]]
+
+
+def decode(eng, prompts, one_row: bool, monkeypatch, n: int = 24, **kw):
+    """The requests one at a time (every decode step of one sequence) with the plan on or off: the steps the
+    plan took, and each request's tokens and logprobs (the top 3 as well). BLOCKS: the last planned sequence's."""
+    calls = []
+    call = plan.DecodePlan.__call__
+
+    def spy(self, seq, token):
+        BLOCKS[:] = seq.blocks
+        h = call(self, seq, token)
+        calls.append(h is not None)
+        return h
+    monkeypatch.setattr(plan, "ONE_ROW", one_row)
+    monkeypatch.setattr(plan.DecodePlan, "__call__", spy)
+    out = [run_requests(eng, [p], max_new_tokens=n, logprobs=3, **kw)[0] for p in prompts]
+    return sum(calls), [(s.out, s.logprobs) for s in out]
+
+
+BLOCKS = []
+
+
+def assert_close(got, want, atol=1e-4):
+    for (toks, lps), (toks2, lps2) in zip(got, want):
+        assert toks == toks2
+        for (lp, top), (lp2, top2) in zip(lps, lps2):
+            assert lp == pytest.approx(lp2, abs=atol)
+            assert top.keys() == top2.keys() and all(top[k] == pytest.approx(top2[k], abs=atol) for k in top)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plan_equals_the_module_path(case, monkeypatch):
+    """Greedy tokens equal, logprobs within fp32 rounding of the module path's, every decode step planned; with the
+    pool's blocks handed out in descending order (a sequence's rows not in a run: gathered by block) as well."""
+    model = random_model(sobre.preset("debug", **CASES[case]))
+    assert plan.unsupported(model) is None
+    want = decode(Engine(model, max_batch=2, cache_tokens=512), PROMPTS, False, monkeypatch)
+    assert want[0] == 0
+    eng = Engine(model, max_batch=2, cache_tokens=512)
+    planned, got = decode(eng, PROMPTS, True, monkeypatch)
+    assert planned == 2 * 23  # every step after each prompt's first token
+    assert_close(got, want[1])
+    eng = Engine(model, max_batch=2, cache_tokens=512)
+    eng.pool.free.reverse()  # blocks 1, 2, ... popped last: each sequence's blocks descend
+    planned, got = decode(eng, [list(range(2, 150))], True, monkeypatch, n=40)  # 188 tokens: 3 blocks
+    assert planned == 39 and len(BLOCKS) == 3 and BLOCKS[0] > BLOCKS[1] > BLOCKS[2]
+    assert_close(got, decode(Engine(model, max_batch=2, cache_tokens=512), [list(range(2, 150))], False,
+                             monkeypatch, n=40)[1])
+    if case == "moe":  # a MoE layer's last routing is the planned token's (RoutedLoad.last_load)
+        moe = next(m for m in model.modules() if isinstance(m, MoE))
+        assert moe.last_load.sum() == model.config.n_activated_experts
+
+
+def test_plan_follows_the_model_and_stands_down(monkeypatch):
+    """A weight changed in place or into new memory, and a module replaced, make the plan prepare again (equal to
+    the module path after each change); int8 layers (not plain) make it stand down: the module path runs. bf16,
+    dense (GQA), sparse-attention and V4 models get no plan."""
+    model = random_model()
+    eng = Engine(model, max_batch=2)
+    attn = model.layers[1].attn
+    n, made = decode(eng, PROMPTS[:1], True, monkeypatch)
+    first = eng.plan.made[2]
+    with torch.no_grad():
+        def replace_wo():  # a new module of the same kind, other weights
+            wo = Linear(attn.wo.in_features, attn.wo.out_features, bias=False)
+            wo.weight.copy_(attn.wo.weight * 0.7)
+            attn.wo = wo
+
+        shared = model.layers[2].ffn.shared.w2.weight
+        changes = [lambda: attn.wq_b.weight.mul_(1.5),  # in place: the version counter moves
+                   lambda: setattr(shared, "data", shared.data * 0.5),  # a new tensor
+                   lambda: model.layers[0].attn_norm.weight.add_(0.3), replace_wo]
+        for change in changes:
+            change()
+            n, got = decode(eng, PROMPTS[:1], True, monkeypatch)
+            assert n == 23 and eng.plan.made[2] is not first  # prepared again
+            first = eng.plan.made[2]
+            assert_close(got, decode(Engine(model, max_batch=2), PROMPTS[:1], False, monkeypatch)[1])
+            assert got != made
+            made = got
+    quantize_int8(model)
+    n, got = decode(eng, PROMPTS[:1], True, monkeypatch)
+    assert n == 0 and eng.plan.made[2] is None  # stood down: every step on the module path
+    assert got == decode(Engine(model, max_batch=2), PROMPTS[:1], False, monkeypatch)[1]
+    assert "fp32" in plan.unsupported(random_model().to(torch.bfloat16))
+    assert Engine(random_model().to(torch.bfloat16)).plan is None
+    for cfg in (dict(arch="qwen2", n_kv_heads=2, q_lora_rank=0, kv_lora_rank=0), dict(attn_type="dsa", index_topk=8),
+                dict(attn_type="nsa", n_kv_heads=2, nsa_block=8, nsa_stride=4, nsa_select=16, nsa_top_n=3,
+                     nsa_window=16)):
+        assert plan.unsupported(random_model(sobre.preset("debug", **cfg))) is not None
+    assert Engine(random_model(), compile=True).plan is None  # the compiled step runs B=1 itself
