@@ -136,7 +136,9 @@ class DecodePlan:
             out = dict(w_a=w_a.t(), w_q=None if w_q is None else w_q.t(), w_o=w_o.t(), kv_norm=attn.kv_norm.weight,
                        ffn_norm=block.ffn_norm.weight, moe=None, mlp=None)
         if type(ffn) is MoE:
-            out.update(moe=ffn, rows=ffn.experts.rows(), mlp=plain_mlp(ffn.shared) if ffn.shared else None)
+            w1, w2, w3 = ffn.experts.rows()  # each expert's [I, D], [D, I], [I, D] (views)
+            out.update(moe=ffn, experts=(w1, w3, [w.t() for w in w2]),
+                       mlp=plain_mlp(ffn.shared) if ffn.shared else None)
         else:
             out.update(mlp=plain_mlp(ffn))
         return out
@@ -197,10 +199,10 @@ class DecodePlan:
             if p["moe"] is not None:
                 weights, experts = p["moe"].gate.one(xn)
                 p["moe"].last_idx = [experts]
-                w1, w2, w3 = p["rows"]
+                w1, w3, w2 = p["experts"]
                 for w, e in zip(weights, experts):
                     h = F.silu(F.linear(xn, w1[e])).mul_(F.linear(xn, w3[e]))
-                    out = torch.addmm(out, h, w2[e].t(), alpha=w)
+                    out = torch.addmm(out, h, w2[e], alpha=w)
             x = out
         seq.advance(1)
         return m.norm(x)
