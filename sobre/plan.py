@@ -12,7 +12,7 @@ the CPU, no autograd) on weights prepared once, with fewer ops:
 - the residual added by the output products (addmm), the shared expert's and each routed expert's down product
   accumulated with its routing weight (addmm's alpha), where the module path concatenates the K + 1 outputs and
   weighs them in a [1, K + 1] x [K + 1, D] product. Routing is model.Gate.one's (on the host).
-A MoE layer takes ~65 ops. bench/engine.py's model at B=1: a step 1.4x faster than the module path on a 2-core
+A MoE layer takes 72 ops. bench/engine.py's model at B=1: a step 1.4x faster than the module path on a 2-core
 AVX2 EPYC (bench/RESULTS.md, session 59). The sum orders differ from the module path's: equal to fp32 rounding,
 not bit for bit. Its twin: the module path (Transformer.hidden over a paged.PagedBatch), tests/test_plan.py.
 
