@@ -3,7 +3,8 @@
 MLA models cache only the latent c_kv [kv_lora_rank] and the rope key k_pe [qk_rope_head_dim] per token and
 layer; decode runs absorbed attention on them, its projections folded where the latent rank is small (absorb.py;
 from the weights as they are at the engine's first decode step: a model changed under a running engine needs a
-new engine). Dense models cache K/V. The pool is cut into blocks of 64
+new engine); a lone sequence's plain decode step on the CPU runs as straight-line code where the model qualifies
+(plan.py). Dense models cache K/V. The pool is cut into blocks of 64
 tokens (as FlashMLA); a sequence owns a list of blocks.
 
 Prefix cache (prefix_cache=True, as vLLM's automatic prefix caching): every block filled entirely with prompt
