@@ -275,13 +275,14 @@ class Engine:
             h = self.plan(plain[0], plain[0].pending) if self.plan and plan.ONE_ROW and len(plain) == 1 else None
             if h is not None:  # a lone sequence's step as straight-line code (plan.py)
                 logits = self.model.head(h)
-            elif self.compiled and len(plain) <= self.compiled_batch:
-                logits = self.compiled(ints([s.pending for s in plain], self.device)[:, None], plain)
-                for s in plain:
-                    s.advance(1)
             else:
                 tokens = ints([s.pending for s in plain], self.device)[:, None]
-                logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
+                if self.compiled and len(plain) <= self.compiled_batch:
+                    logits = self.compiled(tokens, plain)
+                    for s in plain:
+                        s.advance(1)
+                else:
+                    logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
             chosen = self._choose(plain, logits)
             events += [self._emit(s, t, row) for s, t, row in zip(plain, chosen.tolist(), logits.unbind(0))]
         return events
