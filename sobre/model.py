@@ -414,23 +414,31 @@ class Gate(nn.Module):
         where forward's grouping, top-k, gather and normalisation take ~15 small ops (a MoE layer of bench/engine.py's
         model 80 -> 35 us). The same choices (ties aside: forward's topk breaks them as it may, this by the lower
         index), the weights from the same fp32 scores in float64. Its twin: forward (tests/test_model.py)."""
+        return self.rows(x)[0]
+
+    def rows(self, x) -> list[tuple[list[float], list[int]]]:
+        """one's routing of each row of x [N, D] (a speculative verify's few tokens): [(weights, experts)] * N."""
         c = self.c
-        logits = F.linear(x.float(), self.weight.float())  # [1, E]
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
         bias = self.bias
-        s, choice = (scores.tolist() * 2 if bias is None else torch.cat([scores, scores + bias]).tolist())
-        E, G = c.n_routed_experts, c.n_expert_groups
-        experts = range(E)
-        if G > 1 and c.topk_method != "greedy":
-            n = E // G
-            groups = [sorted(choice[g * n:(g + 1) * n]) for g in range(G)]
-            rank = [v[-1] + v[-2] if c.topk_method == "noaux_tc" else v[-1] for v in groups]
-            keep = sorted(sorted(range(G), key=rank.__getitem__, reverse=True)[:c.n_limited_groups])
-            experts = [e for g in keep for e in range(g * n, (g + 1) * n)]
-        idx = sorted(experts, key=choice.__getitem__, reverse=True)[:c.n_activated_experts]
-        w = [s[e] for e in idx]
-        total = sum(w) + 1e-20 if c.norm_topk_prob else 1.0
-        return [v / total * c.route_scale for v in w], idx
+        rows = (scores if bias is None else torch.cat([scores, scores + bias], 1)).tolist()
+        E, G, K = c.n_routed_experts, c.n_expert_groups, c.n_activated_experts
+        n = E // G
+        out = []
+        for row in rows:
+            s, choice = (row, row) if bias is None else (row[:E], row[E:])
+            experts = range(E)
+            if G > 1 and c.topk_method != "greedy":
+                groups = [sorted(choice[g * n:(g + 1) * n]) for g in range(G)]
+                rank = [v[-1] + v[-2] if c.topk_method == "noaux_tc" else v[-1] for v in groups]
+                keep = sorted(sorted(range(G), key=rank.__getitem__, reverse=True)[:c.n_limited_groups])
+                experts = [e for g in keep for e in range(g * n, (g + 1) * n)]
+            idx = sorted(experts, key=choice.__getitem__, reverse=True)[:K]
+            w = [s[e] for e in idx]
+            total = sum(w) + 1e-20 if c.norm_topk_prob else 1.0
+            out.append(([v / total * c.route_scale for v in w], idx))
+        return out
 
 
 class Experts(nn.Module):

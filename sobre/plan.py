@@ -1,4 +1,5 @@
-"""A lone sequence's decode step as straight-line tensor code: the engine's B=1 fast path on the CPU.
+"""A lone sequence's decode step as straight-line tensor code: the engine's B=1 fast path on the CPU (plain steps,
+and a speculative step's verify and MTP drafts).
 
 One token through a small model is overhead-bound: a MoE layer of bench/engine.py's model runs 95 tensor ops
 behind ~15 nn.Module calls, and a copy of the model narrowed to hidden 32 takes most of the full width's step.
@@ -13,8 +14,12 @@ the CPU, no autograd) on weights prepared once, with fewer ops:
   accumulated with its routing weight (addmm's alpha), where the module path concatenates the K + 1 outputs and
   weighs them in a [1, K + 1] x [K + 1, D] product. Routing is model.Gate.one's (on the host).
 A MoE layer takes 72 ops. bench/engine.py's model at B=1: a step 1.4x faster than the module path on a 2-core
-AVX2 EPYC (bench/RESULTS.md, session 59). The sum orders differ from the module path's: equal to fp32 rounding,
-not bit for bit. Its twin: the module path (Transformer.hidden over a paged.PagedBatch), tests/test_plan.py.
+AVX2 EPYC (bench/RESULTS.md, session 59). A few tokens at once (at most MAX_TOKENS: a speculative verify of 1 +
+drafts tokens, an MTP layer catching up on the accepted ones) take the same code with a rotation per position (one
+batched product), a causal mask over the new rows' keys and the MoE's routed experts as MoE.forward runs them; an
+MTP layer's enorm and hnorm scales are folded into its eh_proj. The sum orders differ from the module path's:
+equal to fp32 rounding, not bit for bit. Its twin: the module path (Transformer.hidden / mtp_hidden over a
+paged.PagedBatch), tests/test_plan.py.
 
 The prepared weights are checked at every step against what they were made from (each module read, each weight's
 address and version counter): a replaced module (add_lora, int8), a load into new memory or an in-place edit makes
@@ -31,9 +36,10 @@ from torch import nn
 
 from . import absorb
 from .linear import Linear
-from .model import MLA, MLP, Block, Experts, Gate, MoE, RMSNorm, Transformer, inverse_rms
+from .model import MLA, MLP, Block, Experts, Gate, MoE, MTPLayer, RMSNorm, Transformer, inverse_rms
 
 ONE_ROW = True  # the engine's B=1 decode steps through DecodePlan where the model qualifies (False: modules)
+MAX_TOKENS = 16  # a planned call takes at most this many tokens (a speculative verify, an MTP layer's catch-up)
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -69,6 +75,14 @@ def unsupported_block(layer: nn.Module) -> str | None:
     return None
 
 
+def unsupported_mtp(mtp: nn.Module) -> str | None:
+    """Why DecodePlan.mtp cannot run this MTP layer (None: it can)."""
+    if type(mtp) is not MTPLayer or any(type(n) is not RMSNorm for n in (mtp.enorm, mtp.hnorm, mtp.norm)) \
+            or type(mtp.eh_proj) is not Linear or mtp.eh_proj.bias is not None:
+        return "an MTP layer whose modules are not plain"
+    return unsupported_block(mtp.block)
+
+
 def plain_mlp(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """An MLP's (w1^T, w3^T, w2^T) [D, I], [D, I], [I, D] as views, or None where it is not plain."""
     if type(m) is not MLP or any(type(lin) is not Linear or lin.bias is not None for lin in (m.w1, m.w2, m.w3)):
@@ -77,23 +91,31 @@ def plain_mlp(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] |
 
 
 class DecodePlan:
-    """The decode step of one sequence over an engine's pool (module docstring). plan(seq, token) -> the final
-    hidden [1, D] of `token` at position seq.length (normed: the head's input); seq's cache rows are written and
-    seq advanced, as the module path's PagedBatch does."""
+    """The steps of one sequence over an engine's pool (module docstring). plan(seq, token) -> the final hidden
+    [1, D] of `token` at position seq.length (normed: the head's input); plan.forward(seq, tokens) the same for a
+    few tokens (a speculative verify); plan.mtp(seq, k, h, tokens) MTP layer k's draft step. Each writes seq's
+    cache rows and advances seq, as the module path's PagedBatch does; None where it cannot (the module path runs)."""
 
     def __init__(self, model: Transformer, pool):
         self.model, self.pool = model, pool
-        self.made = None  # (*state(), the prepared layers): what they were made from, and they
+        self.made = None  # (*state(), (prepared layers, prepared MTP layers)): what they were made from, and they
         self.watching = None  # watched()
-        self.rot = None  # [rd, rd] rotation of this step's position (rewritten in place each step)
+        self.rot = None  # [MAX_TOKENS, rd, rd] rotations of this call's positions (rewritten in place each call)
+        self.causal = {}  # T -> [T, 1, T - 1] True where a new row's key is past it
 
     def watched(self) -> tuple[list[dict], list[torch.Tensor], list[torch.Tensor]]:
-        """The module and parameter dicts the step reads through, the parameters in them, and those the prepared
-        weights are made from (the folded projections' and their norms')."""
+        """The module and parameter dicts the steps read through, the parameters in them, and those the prepared
+        weights are made from (the folded projections' and their norms', the MTP layers' input projections')."""
         m = self.model
-        mods = [m, m.embed, m.layers]
+        mods = [m, m.embed, m.layers, m.mtp]
         folded = []
-        for layer in m.layers:
+        for mtp in m.mtp:
+            mods += [mtp, *mtp._modules.values()]
+            folded += [t for mod in mtp._modules.values() if mod is not None and type(mod) is not Block
+                       and (t := mod._parameters.get("weight")) is not None]  # (the norms' and eh_proj's)
+        for layer in [*m.layers, *(getattr(mtp, "block", None) for mtp in m.mtp)]:
+            if type(layer) is not Block:
+                continue
             attn, ffn = layer._modules["attn"], layer._modules["ffn"]
             mods += [layer, *layer._modules.values(), *attn._modules.values(), *ffn._modules.values(),
                      *getattr(ffn._modules.get("shared"), "_modules", {}).values()]
@@ -108,8 +130,9 @@ class DecodePlan:
         dicts, tensors, folded = self.watching
         return [v for d in dicts for v in d.values()], [t.data_ptr() for t in tensors] + [t._version for t in folded]
 
-    def prepare(self) -> list | None:
-        """The prepared layers (made again when state() changed), or None where the model does not qualify."""
+    def prepare(self) -> tuple[list, list] | None:
+        """The prepared layers and MTP layers (made again when state() changed; an MTP layer that is not plain:
+        None), or None where the model does not qualify."""
         try:
             if self.made is not None:
                 objs, nums = self.state()
@@ -117,8 +140,9 @@ class DecodePlan:
                 if old[1] == nums and len(old[0]) == len(objs) and all(map(operator.is_, old[0], objs)):
                     return old[2]
             self.watching = self.watched()
-            self.made = *self.state(), None if unsupported(self.model) else [self.layer(b) for b in
-                                                                            self.model.layers]
+            m = self.model
+            self.made = *self.state(), None if unsupported(m) else (
+                [self.layer(b) for b in m.layers], [None if unsupported_mtp(t) else self.mtp_layer(t) for t in m.mtp])
         except RuntimeError:  # an inference tensor among the weights (no version counter): not planned
             return None
         return self.made[2]
@@ -143,67 +167,122 @@ class DecodePlan:
             out.update(mlp=plain_mlp(ffn))
         return out
 
-    def rotation(self, pos: int) -> torch.Tensor:
-        """[rd, rd] R with x @ R = apply_rope(x) at pos (half-split pairs: (x1, x2) -> (x1 cos - x2 sin, x2 cos +
-        x1 sin)), its 2 rd non-zeros rewritten in place from a table of them by position (twice Rope's tables)."""
+    def mtp_layer(self, mtp: MTPLayer) -> dict:
+        with torch.no_grad():  # enorm's and hnorm's scales on eh_proj's columns: [2 D, D]
+            eh = (mtp.eh_proj.weight * torch.cat([mtp.enorm.weight, mtp.hnorm.weight])).t()
+        return dict(eh=eh, block=self.layer(mtp.block), norm=mtp.norm.weight)
+
+    def rotation(self, pos: int, T: int) -> torch.Tensor:
+        """[T, rd, rd] R with x @ R[t] = apply_rope(x) at pos + t (half-split pairs: (x1, x2) -> (x1 cos - x2 sin,
+        x2 cos + x1 sin)), their 2 rd non-zeros rewritten in place from a table of them by position (twice Rope's
+        tables)."""
         if self.rot is None:
             rope = self.model.rope
             h = rope.cos.shape[1]
             i, d = torch.arange(h), 2 * h
-            self.rot = torch.zeros(d, d)
+            self.rot = torch.zeros(MAX_TOKENS, d, d)
+            self.rot_rows = self.rot.view(MAX_TOKENS, d * d)
             self.rot_at = torch.cat([i * d + i, (i + h) * d + i + h, i * d + i + h, (i + h) * d + i])
             self.trig = torch.cat([rope.cos, rope.cos, rope.sin, -rope.sin], 1)  # [max_seq_len, 2 rd]
-        self.rot.view(-1)[self.rot_at] = self.trig[pos]
+        self.rot_rows[:T, self.rot_at] = self.trig[pos:pos + T]
         return self.rot
 
+    def rows(self, blocks: list[int], pos: int, T: int) -> tuple:
+        """Where the pool holds a sequence's rows pos .. pos + T - 1 (the new ones: a slice, or their slots where
+        they straddle blocks out of order) and 0 .. pos + T - 1 (the keys: a slice where its blocks run in
+        order, else the blocks to gather)."""
+        blk, S = self.pool.block, pos + T
+        nb = (S - 1) // blk + 1
+        used = blocks[:nb]
+        first = used[0]
+        if used == list(range(first, first + nb)):
+            return slice(first * blk + pos, first * blk + S), slice(first * blk, first * blk + S)
+        slots = [used[(p // blk)] * blk + p % blk for p in range(pos, S)]
+        new = slice(slots[0], slots[0] + T) if slots[-1] - slots[0] == T - 1 else torch.tensor(slots)
+        return new, torch.tensor(used)
+
     def __call__(self, seq, token: int) -> torch.Tensor | None:
-        layers = self.prepare()
-        if layers is None:
+        return self.forward(seq, [token])
+
+    def forward(self, seq, tokens: list[int]) -> torch.Tensor | None:
+        """The main model over tokens at seq.length .. -> the final hiddens [T, D] (normed), seq advanced."""
+        made, T = self.prepare(), len(tokens)
+        if made is None or T > MAX_TOKENS:
             return None
-        m, c, pool = self.model, self.model.config, self.pool
-        H, r, dr, qr, D = c.n_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.q_lora_rank, c.dim
-        eps = c.norm_eps
-        pos, blk = seq.length, pool.block
-        rot = self.rotation(pos)
-        nb = pos // blk + 1
-        blocks = seq.blocks[:nb]
-        first = blocks[0]
-        run = blocks == list(range(first, first + nb))  # the sequence's rows in order in the pool: a slice
-        rows = None if run else torch.tensor(blocks)
-        slot = blocks[-1] * blk + pos % blk
-        x = m.embed.weight[token].view(1, D)
-        for i, p in enumerate(layers):
-            cache = pool.slots[i][0]  # [n_blocks * blk, r + rd]
-            a = torch.mm(x * inverse_rms(x, eps), p["w_a"])  # [1, qr + r + rd] or [1, H * (r + rd) + r + rd]
-            if qr:
-                q_a, kv, k_pe = a.split([qr, r, dr], dim=-1)
-                q = torch.mm(q_a * inverse_rms(q_a, eps), p["w_q"])
-            else:
-                q, kv, k_pe = a.split([H * (r + dr), r, dr], dim=-1)
-            q = q.view(H, r + dr)  # each head's latent query, then its rope part
-            pe = torch.mm(torch.cat([q[:, r:], k_pe]), rot)  # [H + 1, rd]: the heads' and the key's, rotated
-            new = cache[slot]
-            torch.mul(kv * inverse_rms(kv, eps), p["kv_norm"], out=new[:r].view(1, r))
-            new[r:] = pe[H]
-            q[:, r:] = pe[:H]
-            keys = cache[first * blk:slot + 1] if run else \
-                cache.view(-1, blk, r + dr).index_select(0, rows).view(-1, r + dr)[:pos + 1]  # [S, r + rd]
-            probs = torch.mm(q, keys.t()).softmax(-1)  # [H, S] (the scale is in W_q)
-            x = torch.addmm(x, torch.mm(probs, keys[:, :r]).view(1, H * r), p["w_o"])
-            xn = (x * inverse_rms(x, eps)).mul_(p["ffn_norm"])
-            if p["mlp"] is not None:  # the dense FFN or the shared expert, the residual added by its down product
-                w1, w3, w2 = p["mlp"]
-                out = torch.addmm(x, F.silu(torch.mm(xn, w1)).mul_(torch.mm(xn, w3)), w2)
-            else:
-                out = x
-            if p["moe"] is not None:
-                weights, experts = p["moe"].gate.one(xn)
-                p["moe"].last_idx = [experts]
-                w1, w3, w2 = p["experts"]
-                for w, e in zip(weights, experts):
-                    h = F.silu(F.linear(xn, w1[e])).mul_(F.linear(xn, w3[e]))
-                    out = torch.addmm(out, h, w2[e], alpha=w)
-            x = out
-        seq.advance(1)
+        m, pos, D = self.model, seq.length, self.model.config.dim
+        rot, where = self.rotation(pos, T), self.rows(seq.blocks, pos, T)
+        x = m.embed.weight[tokens[0]].view(1, D) if T == 1 else m.embed.weight[tokens]  # [T, D]
+        for i, p in enumerate(made[0]):
+            x = self.block(p, x, self.pool.slots[i][0], pos, where, rot)
+        seq.advance(T)
         return m.norm(x)
 
+    def mtp(self, seq, k: int, h: torch.Tensor, tokens: list[int], last: bool = False) -> torch.Tensor | None:
+        """MTP layer k's step (as Transformer.mtp_hidden): h [T, D] the hiddens of layer k - 1 (k = 0: the main
+        model's) at positions seq.mtp_length[k] .., tokens the T tokens at those positions + k + 1 -> its normed
+        hiddens [T, D] (last=True: the last row's [1, D], the FFN on it alone), seq's layer-k length advanced."""
+        made, T = self.prepare(), len(tokens)
+        if made is None or made[1][k] is None or T > MAX_TOKENS:
+            return None
+        m, c, pos, mp = self.model, self.model.config, seq.mtp_length[k], made[1][k]
+        eps = c.norm_eps
+        rot, where = self.rotation(pos, T), self.rows(seq.blocks, pos, T)
+        e = m.embed.weight[tokens]  # [T, D]
+        x = torch.mm(torch.cat([e * inverse_rms(e, eps), h * inverse_rms(h, eps)], 1), mp["eh"])
+        x = self.block(mp["block"], x, self.pool.slots[c.n_layers + k][0], pos, where, rot, last)
+        seq.advance(T, k)
+        return (x * inverse_rms(x, eps)).mul_(mp["norm"])
+
+    def block(self, p: dict, x: torch.Tensor, cache: torch.Tensor, pos: int, where: tuple, rot: torch.Tensor,
+              last: bool = False) -> torch.Tensor:
+        """One layer over x [T, D] at positions pos .. pos + T - 1 (their latent rows written into cache
+        [n_blocks * blk, r + rd] at where's new rows) -> [T, D] (last=True: [1, D], the last row's FFN)."""
+        c = self.model.config
+        H, r, dr, qr = c.n_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.q_lora_rank
+        eps, T, S = c.norm_eps, x.shape[0], pos + x.shape[0]
+        a = torch.mm(x * inverse_rms(x, eps), p["w_a"])  # [T, qr + r + rd] or [T, H * (r + rd) + r + rd]
+        if qr:
+            q_a, kv, k_pe = a.split([qr, r, dr], dim=-1)
+            q = torch.mm(q_a * inverse_rms(q_a, eps), p["w_q"])
+        else:
+            q, kv, k_pe = a.split([H * (r + dr), r, dr], dim=-1)
+        q = q.view(T, H, r + dr)  # each head's latent query, then its rope part
+        pe = torch.cat([q[:, :, r:], k_pe.view(T, 1, dr)], 1)  # [T, H + 1, rd]: the heads' and the key's
+        pe = torch.mm(pe.view(H + 1, dr), rot[0]).view(1, H + 1, dr) if T == 1 else torch.bmm(pe, rot[:T])
+        new, keys = where
+        rows = cache[new] if type(new) is slice else torch.empty(T, r + dr)  # [T, r + rd]
+        torch.mul(kv * inverse_rms(kv, eps), p["kv_norm"], out=rows[:, :r])
+        rows[:, r:] = pe[:, H]
+        if type(new) is not slice:
+            cache.index_copy_(0, new, rows)
+        q[:, :, r:] = pe[:, :H]
+        keys = cache[keys] if type(keys) is slice else \
+            cache.view(-1, self.pool.block, r + dr).index_select(0, keys).view(-1, r + dr)[:S]  # [S, r + rd]
+        scores = torch.mm(q.reshape(T * H, r + dr), keys.t())  # [T H, S] (the scale is in W_q)
+        if T > 1:  # a new row sees the keys up to its own
+            if T not in self.causal:
+                self.causal[T] = torch.ones(T, T - 1, dtype=torch.bool).triu().view(T, 1, T - 1)
+            scores.view(T, H, S)[:, :, pos + 1:].masked_fill_(self.causal[T], float("-inf"))
+        o = torch.mm(scores.softmax(-1), keys[:, :r]).view(T, H * r)
+        x = torch.addmm(x, o, p["w_o"])
+        if last and T > 1:
+            x = x[-1:]
+        xn = (x * inverse_rms(x, eps)).mul_(p["ffn_norm"])
+        if p["mlp"] is not None:  # the dense FFN or the shared expert, the residual added by its down product
+            w1, w3, w2 = p["mlp"]
+            out = torch.addmm(x, F.silu(torch.mm(xn, w1)).mul_(torch.mm(xn, w3)), w2)
+        else:
+            out = x
+        moe = p["moe"]
+        if moe is not None and xn.shape[0] == 1:
+            weights, experts = moe.gate.one(xn)
+            moe.last_idx = [experts]
+            w1, w3, w2 = p["experts"]
+            for w, e in zip(weights, experts):
+                h = F.silu(F.linear(xn, w1[e])).mul_(F.linear(xn, w3[e]))
+                out = torch.addmm(out, h, w2[e], alpha=w)
+        elif moe is not None:  # a few rows: routed as MoE.forward routes them (the experts' small-batch paths)
+            weights, experts, _ = moe.gate(xn)
+            moe.last_idx = experts
+            out = out + moe.experts(xn, weights, experts)
+        return out

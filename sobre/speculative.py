@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import plan
 from .host import int_rows
 from .request import Event, Sequence
 from .sampling import greedy, probs, sample, speculative_accept
@@ -25,6 +26,7 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     as in training: each layer first catches up on the positions verified since it last ran (a prompt, or
     1 + the drafts accepted), its last one reading the previous layer's draft."""
     m, D = eng.model, eng.drafts
+    lone = eng.plan if eng.plan and plan.ONE_ROW and len(seqs) == 1 else None  # straight-line code (plan.py)
     drafts: list[list[int]] = [[] for _ in seqs]  # d_1 .. d_k so far, per sequence
     q_logits, inputs = [], []  # per layer: draft logits [B, V]; its input rows per sequence
     for k in range(D):
@@ -32,8 +34,13 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
         inputs.append(ins)
         outs = [None] * len(seqs)
         by_len: dict[int, list[int]] = {}
+        if lone:
+            s = seqs[0]
+            outs[0] = lone.mtp(s, k, ins[0], s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[0]),
+                               last=k + 1 == D)
         for i, h in enumerate(ins):
-            by_len.setdefault(h.shape[0], []).append(i)
+            if outs[i] is None:
+                by_len.setdefault(h.shape[0], []).append(i)
         for T, idx in by_len.items():
             group = [seqs[i] for i in idx]
             h = torch.stack([ins[i] for i in idx])  # [B, T, ...]
@@ -55,8 +62,12 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     for s in seqs:
         if s.rid in eng.unkeyed:  # the MTP layers' rows of the prompt are in: others may share it now
             eng.pool.remember(s, eng.unkeyed.pop(s.rid))
-    tokens = int_rows([[s.pending] + d for s, d in zip(seqs, drafts)], eng.device)
-    h, state = m.hidden_state(tokens, eng._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
+    h = lone.forward(seqs[0], [seqs[0].pending] + drafts[0]) if lone else None
+    if h is not None:
+        h = state = h[None]
+    else:
+        tokens = int_rows([[s.pending] + d for s, d in zip(seqs, drafts)], eng.device)
+        h, state = m.hidden_state(tokens, eng._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
     logits = m.head(h)  # [B, D + 1, V]
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     q_rows = dict(zip(sampled, torch.stack([probs(q[sampled], [seqs[i].params for i in sampled])

@@ -198,8 +198,9 @@ def test_one_token_dispatch_equals_the_sorted_dispatch(dtype, monkeypatch):
     dict(n_expert_groups=1, n_limited_groups=1, route_scale=1.0),
 ])
 def test_gate_one_equals_forward(router):
-    """Gate.one (one token's routing chosen on the host) picks forward's experts, in forward's order, with its
-    weights (fp32 scores, float64 arithmetic), for every router variant; the bias shifts the choice only."""
+    """Gate.one and Gate.rows (one token's, a few tokens' routing chosen on the host) pick forward's experts, in
+    forward's order, with its weights (fp32 scores, float64 arithmetic), for every router variant; the bias shifts
+    the choice only."""
     model = random_model(sobre.preset("debug", n_routed_experts=16, n_activated_experts=4,
                                       **{**dict(n_expert_groups=4, n_limited_groups=2, route_scale=2.5), **router}))
     gate = model.layers[1].ffn.gate
@@ -209,8 +210,9 @@ def test_gate_one_equals_forward(router):
     x = torch.randn(200, model.config.dim, generator=g)
     with torch.no_grad():
         w, idx, _ = gate(x)
+        rows = gate.rows(x[:7])  # several tokens at once (a speculative verify's): each row's own choice
         for i in range(len(x)):
-            wi, ii = gate.one(x[i:i + 1])
+            wi, ii = gate.one(x[i:i + 1]) if i >= 7 else rows[i]
             assert ii == idx[i].tolist()
             torch.testing.assert_close(torch.tensor(wi, dtype=torch.float32), w[i], rtol=1e-6, atol=0)
     assert len(set(map(tuple, idx.tolist()))) > 50  # many distinct choices reached

@@ -113,3 +113,62 @@ def test_plan_follows_the_model_and_stands_down(monkeypatch):
                      nsa_window=16)):
         assert plan.unsupported(random_model(sobre.preset("debug", **cfg))) is not None
     assert Engine(random_model(), compile=True).plan is None  # the compiled step runs B=1 itself
+
+
+SPEC = {"moe": dict(n_mtp_layers=2), "v2_router": dict(CASES["v2_router"], n_mtp_layers=2),
+        "dense": dict(n_routed_experts=0, n_mtp_layers=1)}
+
+
+@pytest.mark.parametrize("case", SPEC)
+def test_speculative_steps_equal_the_module_path(case, monkeypatch):
+    """A lone sequence's speculative steps through the plan: each verify (1 + drafts tokens, causal among them)
+    equal to a full forward's rows, each MTP layer's rows (its catch-up over the rows accepted since it last ran,
+    the last layer's FFN on its last row alone) equal to the training-time MTP layers over the whole sequence with
+    the drafts appended; tokens equal plain greedy's, logprobs and draft counts the module path's. A vocabulary of 8:
+    drafts are often right. Prompts: one whose catch-up exceeds MAX_TOKENS (the module path, then the plan, on one
+    cache) and whose first verify straddles two blocks handed out in descending order (rows written by slot)."""
+    model = random_model(sobre.preset("debug", vocab_size=8, **SPEC[case]), std=0.3)
+    D, drafted, sizes = model.config.n_mtp_layers, {}, {"verify": [], "mtp": []}
+    mtp, forward = plan.DecodePlan.mtp, plan.DecodePlan.forward
+
+    def check_mtp(self, s, k, h, tokens, last=False):
+        out = mtp(self, s, k, h, tokens, last)
+        sizes["mtp"].append(len(tokens) if out is not None else 0)
+        if out is not None:
+            assert out.shape[0] == (1 if last else len(tokens)) and last == (k + 1 == D)
+            drafted[s.rid] = [] if k == 0 else drafted[s.rid] + [tokens[-1]]  # d_1 .. d_k
+            seq = torch.tensor([s.prompt + s.out + drafted[s.rid]])
+            ref = model.mtp_hiddens(model.hidden(seq), seq)[k][0]  # [len - k - 1, D]
+            end = len(s.prompt) + len(s.out) - 1  # the pending token's position: rows end just before it
+            torch.testing.assert_close(out, ref[end - out.shape[0]:end], atol=1e-4, rtol=0)
+        return out
+
+    def check_forward(self, s, tokens):
+        L = s.length
+        out = forward(self, s, tokens)
+        sizes["verify"].append(len(tokens))
+        seq = torch.tensor([(s.prompt + s.out)[:L] + tokens])
+        torch.testing.assert_close(out, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
+        return out
+
+    monkeypatch.setattr(plan.DecodePlan, "mtp", check_mtp)
+    monkeypatch.setattr(plan.DecodePlan, "forward", check_forward)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [(i * 5) % 8 for i in range(62)]]
+
+    def run(one_row: bool):
+        monkeypatch.setattr(plan, "ONE_ROW", one_row)
+        eng = Engine(model, max_batch=2, cache_tokens=512, speculative=True, min_acceptance=0)
+        eng.pool.free.reverse()  # blocks 1, 2, ... popped last: each sequence's blocks descend
+        with torch.no_grad():
+            out = [run_requests(eng, [p], max_new_tokens=30, logprobs=2)[0] for p in prompts]
+        return [(s.out, s.logprobs) for s in out], eng.spec_stats
+
+    want, stats = run(False)
+    assert sizes == {"verify": [], "mtp": []}
+    got, spec_stats = run(True)
+    assert_close(got, want)
+    assert [toks for toks, _ in got] == Engine(model).generate(prompts, max_new_tokens=30)
+    assert spec_stats == stats and 0 < stats["accepted"] < stats["drafted"]
+    assert sizes["verify"] == [D + 1] * stats["verified"]  # every verify planned
+    assert len(sizes["mtp"]) == D * stats["verified"] and sizes["mtp"].count(0) == D  # the long prompt's catch-up
+    assert max(sizes["mtp"]) > 1  # accepted drafts caught up on
