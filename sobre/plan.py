@@ -281,8 +281,9 @@ class DecodePlan:
             for w, e in zip(weights, experts):
                 h = F.silu(F.linear(xn, w1[e])).mul_(F.linear(xn, w3[e]))
                 out = torch.addmm(out, h, w2[e], alpha=w)
-        elif moe is not None:  # a few rows: routed as MoE.forward routes them (the experts' small-batch paths)
-            weights, experts, _ = moe.gate(xn)
+        elif moe is not None:  # a few rows: routed on the host, the experts as MoE.forward runs them (experts.bagged)
+            routes = moe.gate.rows(xn)
+            experts = torch.tensor([e for _, e in routes])
             moe.last_idx = experts
-            out = out + moe.experts(xn, weights, experts)
+            out = out + moe.experts(xn, torch.tensor([w for w, _ in routes]), experts)
         return out
