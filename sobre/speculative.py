@@ -1,7 +1,8 @@
 """MTP speculative decoding, the engine's verify step: each sequence drafts one token per MTP layer (the layers
 chained, as trained), then the main model checks the pending token and the drafts in one forward. Greedy output is
 plain greedy's; sampled drafts are accepted with min(1, p / q), else a residual draw ends the step (sampling.
-speculative_accept), so the output law is the model's."""
+speculative_accept), so the output law is the model's. A lone sequence's MTP layers and verify run as straight-line
+code (plan.DecodePlan.mtp / forward) where the model qualifies, else through the modules."""
 
 from __future__ import annotations
 
