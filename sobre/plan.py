@@ -38,7 +38,7 @@ from . import absorb
 from .linear import Linear
 from .model import MLA, MLP, Block, Experts, Gate, MoE, MTPLayer, RMSNorm, Transformer, inverse_rms
 
-ONE_ROW = True  # the engine's B=1 decode steps through DecodePlan where the model qualifies (False: modules)
+ONE_ROW = True  # a lone sequence's plain and speculative steps through DecodePlan where it qualifies (False: modules)
 MAX_TOKENS = 16  # a planned call takes at most this many tokens (a speculative verify, an MTP layer's catch-up)
 
 
