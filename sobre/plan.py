@@ -207,7 +207,7 @@ class DecodePlan:
     def forward(self, seq, tokens: list[int]) -> torch.Tensor | None:
         """The main model over tokens at seq.length .. -> the final hiddens [T, D] (normed), seq advanced."""
         made, T = self.prepare(), len(tokens)
-        if made is None or T > MAX_TOKENS:
+        if made is None or not 0 < T <= MAX_TOKENS:
             return None
         m, pos, D = self.model, seq.length, self.model.config.dim
         rot, where = self.rotation(pos, T), self.rows(seq.blocks, pos, T)
@@ -222,7 +222,7 @@ class DecodePlan:
         model's) at positions seq.mtp_length[k] .., tokens the T tokens at those positions + k + 1 -> its normed
         hiddens [T, D] (last=True: the last row's [1, D], the FFN on it alone), seq's layer-k length advanced."""
         made, T = self.prepare(), len(tokens)
-        if made is None or made[1][k] is None or T > MAX_TOKENS:
+        if made is None or made[1][k] is None or not 0 < T <= MAX_TOKENS:
             return None
         m, c, pos, mp = self.model, self.model.config, seq.mtp_length[k], made[1][k]
         eps = c.norm_eps

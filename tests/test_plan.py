@@ -172,3 +172,29 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
     assert sizes["verify"] == [D + 1] * stats["verified"]  # every verify planned
     assert len(sizes["mtp"]) == D * stats["verified"] and sizes["mtp"].count(0) == D  # the long prompt's catch-up
     assert max(sizes["mtp"]) > 1  # accepted drafts caught up on
+
+
+def test_an_mtp_layer_that_is_not_plain_runs_on_the_modules(monkeypatch):
+    """An MTP layer with a stand-in module (here a Linear subclass as its eh_proj) drafts through the modules while
+    the other MTP layer and the verify stay planned; the output is still plain greedy's."""
+    model = random_model(sobre.preset("debug", n_mtp_layers=2, vocab_size=8), std=0.3)
+
+    class Other(Linear):
+        pass
+
+    eh = model.mtp[1].eh_proj
+    model.mtp[1].eh_proj = Other(eh.in_features, eh.out_features, bias=False)
+    model.mtp[1].eh_proj.weight = eh.weight
+    assert plan.unsupported_mtp(model.mtp[1]) and plan.unsupported_mtp(model.mtp[0]) is None
+    planned, mtp = [], plan.DecodePlan.mtp
+
+    def spy(self, s, k, h, tokens, last=False):
+        out = mtp(self, s, k, h, tokens, last)
+        planned.append((k, out is not None))
+        return out
+
+    monkeypatch.setattr(plan.DecodePlan, "mtp", spy)
+    prompts = [[1, 2, 3, 4, 5], [6]]
+    want = Engine(model).generate(prompts, max_new_tokens=20)
+    assert [Engine(model, speculative=True).generate([p], max_new_tokens=20)[0] for p in prompts] == want
+    assert {k for k, ok in planned if ok} == {0} and (1, False) in planned
