@@ -179,13 +179,13 @@ def main():
     planned = modules = 0.0  # the lone sequence's step (plan.py) against the module path, in turns
     for _ in range(3):
         planned = max(planned, gen_sobre(1, plen, n))
-        with mock.patch.object(plan, "ONE_ROW", False):
+        with mock.patch.object(plan, "ON", False):
             modules = max(modules, gen_sobre(1, plen, n))
     print(f"| decode tok/s, B=1, the lone sequence's step as straight-line code (plan.py) | {planned:.1f} | "
           f"module path {modules:.1f} | {planned / modules:.2f}x vs the module path |")
     if absorb.foldable(ours.model.config):  # the module path's folded MLA projections (absorb.py) against the
         folded = unfolded = 0.0  # unfolded absorbed path, in turns (FOLD_GROWTH 0: nothing folds)
-        with mock.patch.object(plan, "ONE_ROW", False):
+        with mock.patch.object(plan, "ON", False):
             for _ in range(3):
                 folded = max(folded, gen_sobre(1, plen, n))
                 with mock.patch.object(absorb, "FOLD_GROWTH", 0.0):

@@ -3,8 +3,8 @@
 MLA models cache only the latent c_kv [kv_lora_rank] and the rope key k_pe [qk_rope_head_dim] per token and
 layer; decode runs absorbed attention on them, its projections folded where the latent rank is small (absorb.py;
 from the weights as they are at the engine's first decode step: a model changed under a running engine needs a
-new engine); a lone sequence's plain decode step on the CPU runs as straight-line code where the model qualifies
-(plan.py). Dense models cache K/V. The pool is cut into blocks of 64
+new engine); on the CPU a decode step of a few sequences and a lone sequence's speculative step run as
+straight-line code where the model qualifies (plan.py). Dense models cache K/V. The pool is cut into blocks of 64
 tokens (as FlashMLA); a sequence owns a list of blocks.
 
 Prefix cache (prefix_cache=True, as vLLM's automatic prefix caching): every block filled entirely with prompt
@@ -91,8 +91,8 @@ class Engine:
         # absorbed MLA's projections folded (absorb.py) for this engine's lifetime, each layer at its first decode:
         # the model's weights as they are then (a model changed under a running engine needs a new engine)
         self.folds: dict = {}
-        # a lone sequence's decode step as straight-line code (plan.py), where the model qualifies and no compiled
-        # step runs it
+        # a few sequences' decode step as straight-line code (plan.py), where the model qualifies and no compiled
+        # step runs them
         self.plan = plan.DecodePlan(model, self.pool) if not compile and plan.unsupported(model) is None else None
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -272,8 +272,9 @@ class Engine:
         if spec:
             events += speculate(self, spec)
         if plain:
-            h = self.plan(plain[0], plain[0].pending) if self.plan and plan.ONE_ROW and len(plain) == 1 else None
-            if h is not None:  # a lone sequence's step as straight-line code (plan.py)
+            h = self.plan.batch(plain, [s.pending for s in plain]) if self.plan and plan.ON and \
+                len(plain) <= plan.MAX_SEQS else None
+            if h is not None:  # a few sequences' step as straight-line code (plan.py)
                 logits = self.model.head(h)
             else:
                 tokens = ints([s.pending for s in plain], self.device)[:, None]

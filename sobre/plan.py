@@ -1,5 +1,5 @@
-"""A lone sequence's decode step as straight-line tensor code: the engine's B=1 fast path on the CPU (plain steps,
-and a speculative step's verify and MTP drafts).
+"""Decode steps as straight-line tensor code: the engine's fast path on the CPU for a few sequences' plain steps
+(B <= MAX_SEQS) and a lone sequence's speculative step (its verify and MTP drafts).
 
 One token through a small model is overhead-bound: a MoE layer of bench/engine.py's model runs 95 tensor ops
 behind ~15 nn.Module calls, and a copy of the model narrowed to hidden 32 takes most of the full width's step.
@@ -13,13 +13,15 @@ the CPU, no autograd) on weights prepared once, with fewer ops:
 - the residual added by the output products (addmm), the shared expert's and each routed expert's down product
   accumulated with its routing weight (addmm's alpha), where the module path concatenates the K + 1 outputs and
   weighs them in a [1, K + 1] x [K + 1, D] product. Routing is model.Gate.one's (on the host).
-A MoE layer takes 72 ops. bench/engine.py's model at B=1: a step 1.4x faster than the module path on a 2-core
-AVX2 EPYC (bench/RESULTS.md, session 59). A few tokens at once (at most MAX_TOKENS: a speculative verify of 1 +
-drafts tokens, an MTP layer catching up on the accepted ones) take the same code with a rotation per position (one
-batched product), a causal mask over the new rows' keys and the MoE's routed experts as MoE.forward runs them; an
-MTP layer's enorm and hnorm scales are folded into its eh_proj. The sum orders differ from the module path's:
-equal to fp32 rounding, not bit for bit. Its twin: the module path (Transformer.hidden / mtp_hidden over a
-paged.PagedBatch), tests/test_plan.py.
+A MoE layer of one token takes 72 ops. bench/engine.py's model at B=1: a step 1.4x faster than the module path on
+a 2-core AVX2 EPYC (bench/RESULTS.md, session 59). Several rows (at most MAX_TOKENS: a few sequences' tokens, a
+speculative verify's 1 + drafts tokens of one, an MTP layer catching up on the accepted ones) take the same code
+with a rotation per row (one batched product), each sequence's rows against its own keys (a causal mask over a
+sequence's new rows), the rows' new latents written by slot, and the MoE's rows routed on the host (Gate.rows) and
+run as MoE.forward runs them (experts.bagged); an MTP layer's enorm and hnorm scales are folded into its eh_proj.
+B = 2 / 4 / 8 sequences: a step 1.28x / 1.18x / 1.07x the module path's (session 60). The sum orders differ from
+the module path's: equal to fp32 rounding, not bit for bit. Its twin: the module path (Transformer.hidden /
+mtp_hidden over a paged.PagedBatch), tests/test_plan.py.
 
 The prepared weights are checked at every step against what they were made from (each module read, each weight's
 address and version counter): a replaced module (add_lora, int8), a load into new memory or an in-place edit makes
@@ -38,8 +40,9 @@ from . import absorb
 from .linear import Linear
 from .model import MLA, MLP, Block, Experts, Gate, MoE, MTPLayer, RMSNorm, Transformer, inverse_rms
 
-ONE_ROW = True  # a lone sequence's plain and speculative steps through DecodePlan where it qualifies (False: modules)
+ON = True  # a few sequences' decode steps and a lone one's speculative steps through DecodePlan (False: modules)
 MAX_TOKENS = 16  # a planned call takes at most this many tokens (a speculative verify, an MTP layer's catch-up)
+MAX_SEQS = 8  # ... and a decode step at most this many sequences (B = 2 / 4 / 8: 1.28x / 1.18x / 1.07x the modules)
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -91,10 +94,11 @@ def plain_mlp(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] |
 
 
 class DecodePlan:
-    """The steps of one sequence over an engine's pool (module docstring). plan(seq, token) -> the final hidden
-    [1, D] of `token` at position seq.length (normed: the head's input); plan.forward(seq, tokens) the same for a
-    few tokens (a speculative verify); plan.mtp(seq, k, h, tokens) MTP layer k's draft step. Each writes seq's
-    cache rows and advances seq, as the module path's PagedBatch does; None where it cannot (the module path runs)."""
+    """Steps over an engine's pool (module docstring). plan.batch(seqs, tokens) -> the final hiddens [B, D] of one
+    token of each sequence at its length (normed: the head's input); plan.forward(seq, tokens) the same for a few
+    tokens of one (a speculative verify); plan.mtp(seq, k, h, tokens) MTP layer k's draft step. Each writes the
+    sequences' cache rows and advances them, as the module path's PagedBatch does; None where it cannot (the
+    module path runs)."""
 
     def __init__(self, model: Transformer, pool):
         self.model, self.pool = model, pool
@@ -172,10 +176,10 @@ class DecodePlan:
             eh = (mtp.eh_proj.weight * torch.cat([mtp.enorm.weight, mtp.hnorm.weight])).t()
         return dict(eh=eh, block=self.layer(mtp.block), norm=mtp.norm.weight)
 
-    def rotation(self, pos: int, T: int) -> torch.Tensor:
-        """[T, rd, rd] R with x @ R[t] = apply_rope(x) at pos + t (half-split pairs: (x1, x2) -> (x1 cos - x2 sin,
-        x2 cos + x1 sin)), their 2 rd non-zeros rewritten in place from a table of them by position (twice Rope's
-        tables)."""
+    def rotation(self, lengths: list[int], T: int) -> torch.Tensor:
+        """[R, rd, rd] R with x @ R[i] = apply_rope(x) at new row i's position (T from each length on; half-split
+        pairs: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)), their 2 rd non-zeros rewritten in place from a
+        table of them by position (twice Rope's tables)."""
         if self.rot is None:
             rope = self.model.rope
             h = rope.cos.shape[1]
@@ -184,37 +188,53 @@ class DecodePlan:
             self.rot_rows = self.rot.view(MAX_TOKENS, d * d)
             self.rot_at = torch.cat([i * d + i, (i + h) * d + i + h, i * d + i + h, (i + h) * d + i])
             self.trig = torch.cat([rope.cos, rope.cos, rope.sin, -rope.sin], 1)  # [max_seq_len, 2 rd]
-        self.rot_rows[:T, self.rot_at] = self.trig[pos:pos + T]
+        if len(lengths) == 1:
+            self.rot_rows[:T, self.rot_at] = self.trig[lengths[0]:lengths[0] + T]
+        else:
+            self.rot_rows[:len(lengths), self.rot_at] = self.trig[lengths]
         return self.rot
 
-    def rows(self, blocks: list[int], pos: int, T: int) -> tuple:
-        """Where the pool holds a sequence's rows pos .. pos + T - 1 (the new ones: a slice, or their slots where
-        they straddle blocks out of order) and 0 .. pos + T - 1 (the keys: a slice where its blocks run in
-        order, else the blocks to gather)."""
-        blk, S = self.pool.block, pos + T
-        nb = (S - 1) // blk + 1
-        used = blocks[:nb]
-        first = used[0]
-        if used == list(range(first, first + nb)):
-            return slice(first * blk + pos, first * blk + S), slice(first * blk, first * blk + S)
-        slots = [used[(p // blk)] * blk + p % blk for p in range(pos, S)]
-        new = slice(slots[0], slots[0] + T) if slots[-1] - slots[0] == T - 1 else torch.tensor(slots)
-        return new, torch.tensor(used)
-
-    def __call__(self, seq, token: int) -> torch.Tensor | None:
-        return self.forward(seq, [token])
+    def rows(self, seqs: list, lengths: list[int], T: int) -> tuple:
+        """Where the pool holds the new rows of each sequence (T tokens from its length on; T > 1: one sequence)
+        -> (their slots: a slice where they are consecutive, else a tensor; per sequence (its rows' range among
+        the new ones, its keys 0 .. length + T - 1: a slice where its blocks run in order, else the blocks to
+        gather, and its length))."""
+        blk, slots, segs = self.pool.block, [], []
+        for i, (s, pos) in enumerate(zip(seqs, lengths)):
+            S = pos + T
+            nb = (S - 1) // blk + 1
+            used = s.blocks[:nb]
+            first = used[0]
+            if used == list(range(first, first + nb)):
+                keys = slice(first * blk, first * blk + S)
+                slots += range(first * blk + pos, first * blk + S)
+            else:
+                keys = torch.tensor(used)
+                slots += [used[p // blk] * blk + p % blk for p in range(pos, S)]
+            segs.append((i * T, (i + 1) * T, keys, pos))
+        run = range(slots[0], slots[0] + len(slots))
+        return slice(run.start, run.stop) if slots == list(run) else torch.tensor(slots), segs
 
     def forward(self, seq, tokens: list[int]) -> torch.Tensor | None:
         """The main model over tokens at seq.length .. -> the final hiddens [T, D] (normed), seq advanced."""
-        made, T = self.prepare(), len(tokens)
-        if made is None or not 0 < T <= MAX_TOKENS:
+        return self.step([seq], tokens, len(tokens))
+
+    def batch(self, seqs: list, tokens: list[int]) -> torch.Tensor | None:
+        """One token of each sequence (a decode step of a few) -> their final hiddens [B, D] (normed)."""
+        return self.step(seqs, tokens, 1)
+
+    def step(self, seqs: list, tokens: list[int], T: int) -> torch.Tensor | None:
+        made, R = self.prepare(), len(tokens)
+        if made is None or not 0 < R <= MAX_TOKENS:
             return None
-        m, pos, D = self.model, seq.length, self.model.config.dim
-        rot, where = self.rotation(pos, T), self.rows(seq.blocks, pos, T)
-        x = m.embed.weight[tokens[0]].view(1, D) if T == 1 else m.embed.weight[tokens]  # [T, D]
+        m, D = self.model, self.model.config.dim
+        lengths = [s.length for s in seqs]
+        rot, where = self.rotation(lengths, T), self.rows(seqs, lengths, T)
+        x = m.embed.weight[tokens[0]].view(1, D) if R == 1 else m.embed.weight[tokens]  # [R, D]
         for i, p in enumerate(made[0]):
-            x = self.block(p, x, self.pool.slots[i][0], pos, where, rot)
-        seq.advance(T)
+            x = self.block(p, x, self.pool.slots[i][0], where, rot)
+        for s in seqs:
+            s.advance(T)
         return m.norm(x)
 
     def mtp(self, seq, k: int, h: torch.Tensor, tokens: list[int], last: bool = False) -> torch.Tensor | None:
@@ -226,46 +246,52 @@ class DecodePlan:
             return None
         m, c, pos, mp = self.model, self.model.config, seq.mtp_length[k], made[1][k]
         eps = c.norm_eps
-        rot, where = self.rotation(pos, T), self.rows(seq.blocks, pos, T)
+        rot, where = self.rotation([pos], T), self.rows([seq], [pos], T)
         e = m.embed.weight[tokens]  # [T, D]
         x = torch.mm(torch.cat([e * inverse_rms(e, eps), h * inverse_rms(h, eps)], 1), mp["eh"])
-        x = self.block(mp["block"], x, self.pool.slots[c.n_layers + k][0], pos, where, rot, last)
+        x = self.block(mp["block"], x, self.pool.slots[c.n_layers + k][0], where, rot, last)
         seq.advance(T, k)
         return (x * inverse_rms(x, eps)).mul_(mp["norm"])
 
-    def block(self, p: dict, x: torch.Tensor, cache: torch.Tensor, pos: int, where: tuple, rot: torch.Tensor,
+    def block(self, p: dict, x: torch.Tensor, cache: torch.Tensor, where: tuple, rot: torch.Tensor,
               last: bool = False) -> torch.Tensor:
-        """One layer over x [T, D] at positions pos .. pos + T - 1 (their latent rows written into cache
-        [n_blocks * blk, r + rd] at where's new rows) -> [T, D] (last=True: [1, D], the last row's FFN)."""
+        """One layer over the new rows x [R, D] (rows() says where they and each sequence's keys are; their latent
+        rows written into cache [n_blocks * blk, r + rd]) -> [R, D] (last=True: [1, D], the last row's FFN)."""
         c = self.model.config
         H, r, dr, qr = c.n_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.q_lora_rank
-        eps, T, S = c.norm_eps, x.shape[0], pos + x.shape[0]
-        a = torch.mm(x * inverse_rms(x, eps), p["w_a"])  # [T, qr + r + rd] or [T, H * (r + rd) + r + rd]
+        eps, R = c.norm_eps, x.shape[0]
+        a = torch.mm(x * inverse_rms(x, eps), p["w_a"])  # [R, qr + r + rd] or [R, H * (r + rd) + r + rd]
         if qr:
             q_a, kv, k_pe = a.split([qr, r, dr], dim=-1)
             q = torch.mm(q_a * inverse_rms(q_a, eps), p["w_q"])
         else:
             q, kv, k_pe = a.split([H * (r + dr), r, dr], dim=-1)
-        q = q.view(T, H, r + dr)  # each head's latent query, then its rope part
-        pe = torch.cat([q[:, :, r:], k_pe.view(T, 1, dr)], 1)  # [T, H + 1, rd]: the heads' and the key's
-        pe = torch.mm(pe.view(H + 1, dr), rot[0]).view(1, H + 1, dr) if T == 1 else torch.bmm(pe, rot[:T])
-        new, keys = where
-        rows = cache[new] if type(new) is slice else torch.empty(T, r + dr)  # [T, r + rd]
+        q = q.view(R, H, r + dr)  # each head's latent query, then its rope part
+        pe = torch.cat([q[:, :, r:], k_pe.view(R, 1, dr)], 1)  # [R, H + 1, rd]: the heads' and the key's
+        pe = torch.mm(pe.view(H + 1, dr), rot[0]).view(1, H + 1, dr) if R == 1 else torch.bmm(pe, rot[:R])
+        new, segs = where
+        rows = cache[new] if type(new) is slice else torch.empty(R, r + dr)  # [R, r + rd]
         torch.mul(kv * inverse_rms(kv, eps), p["kv_norm"], out=rows[:, :r])
         rows[:, r:] = pe[:, H]
         if type(new) is not slice:
             cache.index_copy_(0, new, rows)
         q[:, :, r:] = pe[:, :H]
-        keys = cache[keys] if type(keys) is slice else \
-            cache.view(-1, self.pool.block, r + dr).index_select(0, keys).view(-1, r + dr)[:S]  # [S, r + rd]
-        scores = torch.mm(q.reshape(T * H, r + dr), keys.t())  # [T H, S] (the scale is in W_q)
-        if T > 1:  # a new row sees the keys up to its own
-            if T not in self.causal:
-                self.causal[T] = torch.ones(T, T - 1, dtype=torch.bool).triu().view(T, 1, T - 1)
-            scores.view(T, H, S)[:, :, pos + 1:].masked_fill_(self.causal[T], float("-inf"))
-        o = torch.mm(scores.softmax(-1), keys[:, :r]).view(T, H * r)
+        o = torch.empty(R, H * r) if len(segs) > 1 else None
+        for lo, hi, keys, pos in segs:  # each sequence's rows against its own keys
+            T, S = hi - lo, pos + hi - lo
+            keys = cache[keys] if type(keys) is slice else \
+                cache.view(-1, self.pool.block, r + dr).index_select(0, keys).view(-1, r + dr)[:S]  # [S, r + rd]
+            scores = torch.mm(q[lo:hi].reshape(T * H, r + dr), keys.t())  # [T H, S] (the scale is in W_q)
+            if T > 1:  # a new row sees the keys up to its own
+                if T not in self.causal:
+                    self.causal[T] = torch.ones(T, T - 1, dtype=torch.bool).triu().view(T, 1, T - 1)
+                scores.view(T, H, S)[:, :, pos + 1:].masked_fill_(self.causal[T], float("-inf"))
+            if o is None:
+                o = torch.mm(scores.softmax(-1), keys[:, :r]).view(T, H * r)
+            else:
+                torch.mm(scores.softmax(-1), keys[:, :r], out=o[lo:hi].view(T * H, r))
         x = torch.addmm(x, o, p["w_o"])
-        if last and T > 1:
+        if last and R > 1:
             x = x[-1:]
         xn = (x * inverse_rms(x, eps)).mul_(p["ffn_norm"])
         if p["mlp"] is not None:  # the dense FFN or the shared expert, the residual added by its down product

@@ -27,7 +27,7 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     as in training: each layer first catches up on the positions verified since it last ran (a prompt, or
     1 + the drafts accepted), its last one reading the previous layer's draft."""
     m, D = eng.model, eng.drafts
-    lone = eng.plan if eng.plan and plan.ONE_ROW and len(seqs) == 1 else None  # straight-line code (plan.py)
+    lone = eng.plan if eng.plan and plan.ON and len(seqs) == 1 else None  # straight-line code (plan.py)
     drafts: list[list[int]] = [[] for _ in seqs]  # d_1 .. d_k so far, per sequence
     q_logits, inputs = [], []  # per layer: draft logits [B, V]; its input rows per sequence
     for k in range(D):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sobre
+from sobre import plan
 from sobre.engine import Engine
 from sobre.host import int_rows, ints
 from sobre.model import Cache
@@ -224,6 +225,7 @@ def test_rollout_batches_decode_through_block_runs_and_match_the_gather(arch, mo
         assert len(eng.pool.free) == eng.pool.n_blocks - 1  # every block came back
         return [done[r].out for r in rids]
 
+    monkeypatch.setattr(plan, "ON", False)  # the module path's cache views (the plan reads the pool its own way)
     stop = (sample()[3][10],)  # row 3 stops by its 11th token: a hole mid-run
     runs, run = [], PagedPool.run
     monkeypatch.setattr(PagedPool, "run", lambda self, seqs, nb: runs.append(run(self, seqs, nb)) or runs[-1])

@@ -71,7 +71,7 @@ def test_fold_follows_the_weights_and_stays_out_of_training(monkeypatch):
     the unfolded path."""
     from sobre import plan
     from sobre.engine import Engine
-    monkeypatch.setattr(plan, "ONE_ROW", False)  # one sequence's steps on the module path (plan.py has its own test)
+    monkeypatch.setattr(plan, "ON", False)  # one sequence's steps on the module path (plan.py has its own test)
     model = random_model(sobre.preset("debug"))
     eng = Engine(model, max_batch=2)
     attn, prompt = model.layers[0].attn, [5, 9, 2, 7, 1]

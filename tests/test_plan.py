@@ -1,5 +1,5 @@
-"""plan.DecodePlan, a lone sequence's decode step as straight-line code, against its twin: the module path
-(Transformer.hidden over a paged.PagedBatch; plan.ONE_ROW off)."""
+"""plan.DecodePlan, a few sequences' decode steps and a lone one's speculative steps as straight-line code, against
+its twin: the module path (Transformer.hidden / mtp_hidden over a paged.PagedBatch; plan.ON off)."""
 
 import pytest
 import torch
@@ -28,15 +28,15 @@ def decode(eng, prompts, one_row: bool, monkeypatch, n: int = 24, **kw):
     """The requests one at a time (every decode step of one sequence) with the plan on or off: the steps the
     plan took, and each request's tokens and logprobs (the top 3 as well). BLOCKS: the last planned sequence's."""
     calls = []
-    call = plan.DecodePlan.__call__
+    call = plan.DecodePlan.batch
 
-    def spy(self, seq, token):
-        BLOCKS[:] = seq.blocks
-        h = call(self, seq, token)
+    def spy(self, seqs, tokens):
+        BLOCKS[:] = seqs[0].blocks
+        h = call(self, seqs, tokens)
         calls.append(h is not None)
         return h
-    monkeypatch.setattr(plan, "ONE_ROW", one_row)
-    monkeypatch.setattr(plan.DecodePlan, "__call__", spy)
+    monkeypatch.setattr(plan, "ON", one_row)
+    monkeypatch.setattr(plan.DecodePlan, "batch", spy)
     out = [run_requests(eng, [p], max_new_tokens=n, logprobs=3, **kw)[0] for p in prompts]
     return sum(calls), [(s.out, s.logprobs) for s in out]
 
@@ -73,6 +73,46 @@ def test_plan_equals_the_module_path(case, monkeypatch):
     if case == "moe":  # a MoE layer's last routing is the planned token's (RoutedLoad.last_load)
         moe = next(m for m in model.modules() if isinstance(m, MoE))
         assert moe.last_load.sum() == model.config.n_activated_experts
+
+
+@pytest.mark.parametrize("case", ["moe", "v2_router"])
+def test_a_few_sequences_step_together_as_the_module_path(case, monkeypatch):
+    """Up to MAX_SEQS (here 4) sequences of different lengths decode together through the plan (each row its own
+    position's rotation, its own keys; the MoE's rows routed together), finishing at different steps (the batch
+    shrinks), one of them with its blocks descending (gathered): tokens and logprobs those of the module path; a
+    batch of MAX_SEQS + 1 runs on the modules."""
+    model = random_model(sobre.preset("debug", **CASES[case]))
+    prompts = [[5, 9, 17, 3, 44, 2, 8, 100, 31], [7, 1, 300, 12], list(range(2, 140)), [11]]
+    news = [20, 9, 30, 14]
+    sizes, batch = [], plan.DecodePlan.batch
+
+    def spy(self, seqs, tokens):
+        h = batch(self, seqs, tokens)
+        sizes.append(len(seqs) if h is not None else -len(seqs))
+        return h
+
+    def run(on: bool, prompts, news):
+        monkeypatch.setattr(plan, "ON", on)
+        eng = Engine(model, max_batch=8, cache_tokens=1024)
+        eng.pool.free.reverse()  # blocks handed out descending: the long prompt's rows are not in a run
+        rids = [eng.add_request(p, max_new_tokens=n, logprobs=3) for p, n in zip(prompts, news)]
+        done = {}
+        while eng.has_work():
+            eng.step()
+            done.update(eng.collect())
+        return [(done[r].out, done[r].logprobs) for r in rids]
+
+    monkeypatch.setattr(plan.DecodePlan, "batch", spy)
+    monkeypatch.setattr(plan, "MAX_SEQS", 4)
+    want = run(False, prompts, news)
+    assert sizes == []
+    assert_close(run(True, prompts, news), want)
+    assert sorted(set(sizes)) == [1, 2, 3, 4]  # 4 together, then fewer as they finish
+    sizes.clear()
+    five = prompts + [[3, 3, 3]]
+    assert_close(run(True, five, news + [12]), run(False, five, news + [12]))
+    # five at once: on the modules (min(news) - 1 decode steps), then four or fewer through the plan
+    assert max(sizes) == 4 and min(sizes) > 0 and len(sizes) == max(news) - min(news)
 
 
 def test_plan_follows_the_model_and_stands_down(monkeypatch):
@@ -156,7 +196,7 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
     prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [(i * 5) % 8 for i in range(62)]]
 
     def run(one_row: bool):
-        monkeypatch.setattr(plan, "ONE_ROW", one_row)
+        monkeypatch.setattr(plan, "ON", one_row)
         eng = Engine(model, max_batch=2, cache_tokens=512, speculative=True, min_acceptance=0)
         eng.pool.free.reverse()  # blocks 1, 2, ... popped last: each sequence's blocks descend
         with torch.no_grad():

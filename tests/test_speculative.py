@@ -56,7 +56,7 @@ def use_oracle(model, monkeypatch):
     """Replace the MTP layers by an oracle: layer k's last hidden is the main model's after k more greedy
     tokens (full forwards), so its draft is the main model's own greedy token k + 1 ahead. (It stands in for the
     module path's MTP layers: a lone sequence's plan, plan.py, is turned off.)"""
-    monkeypatch.setattr(plan, "ONE_ROW", False)
+    monkeypatch.setattr(plan, "ON", False)
     mtp_hidden = model.mtp_hidden
 
     def oracle(h, tokens, cache, k=0, last=False):
@@ -239,7 +239,7 @@ def test_two_drafts_mtp_hiddens_equal_the_whole_sequence_run(monkeypatch):
         return out
 
     monkeypatch.setattr(model, "mtp_hidden", check)
-    monkeypatch.setattr(plan, "ONE_ROW", False)  # the module path's rows (the plan's: tests/test_plan.py)
+    monkeypatch.setattr(plan, "ON", False)  # the module path's rows (the plan's: tests/test_plan.py)
     eng = Engine(model, speculative=True)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [5, 5, 2, 7]]
     plain = Engine(model).generate(prompts, max_new_tokens=30)
