@@ -224,6 +224,7 @@ class DecodePlan:
         return self.step(seqs, tokens, 1)
 
     def step(self, seqs: list, tokens: list[int], T: int) -> torch.Tensor | None:
+        """T tokens of each sequence (T > 1: one sequence), tokens in row order -> final hiddens [R, D]."""
         made, R = self.prepare(), len(tokens)
         if made is None or not 0 < R <= MAX_TOKENS:
             return None
