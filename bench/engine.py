@@ -176,13 +176,14 @@ def main():
     print(f"| decode ms/token, B=1, the same model narrowed to hidden 32 ({mib:.1f} MiB of weights: the ops' own "
           f"cost) | {1e3 / thin:.2f} | full width {1e3 / full:.2f}; transformers {1e3 / b_one:.2f} | "
           f"{full / thin:.2f} of the full width's step, {b_one / thin:.2f} of transformers' |")
-    planned = modules = 0.0  # the lone sequence's step (plan.py) against the module path, in turns
-    for _ in range(3):
-        planned = max(planned, gen_sobre(1, plen, n))
-        with mock.patch.object(plan, "ON", False):
-            modules = max(modules, gen_sobre(1, plen, n))
-    print(f"| decode tok/s, B=1, the lone sequence's step as straight-line code (plan.py) | {planned:.1f} | "
-          f"module path {modules:.1f} | {planned / modules:.2f}x vs the module path |")
+    for B in (1, 4):  # a few sequences' step as straight-line code (plan.py) against the module path, in turns
+        planned = modules = 0.0
+        for _ in range(3):
+            planned = max(planned, gen_sobre(B, plen, n))
+            with mock.patch.object(plan, "ON", False):
+                modules = max(modules, gen_sobre(B, plen, n))
+        print(f"| decode tok/s, B={B}, the step as straight-line code (plan.py) | {planned:.1f} | "
+              f"module path {modules:.1f} | {planned / modules:.2f}x vs the module path |")
     if absorb.foldable(ours.model.config):  # the module path's folded MLA projections (absorb.py) against the
         folded = unfolded = 0.0  # unfolded absorbed path, in turns (FOLD_GROWTH 0: nothing folds)
         with mock.patch.object(plan, "ON", False):
