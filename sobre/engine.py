@@ -272,12 +272,12 @@ class Engine:
         if spec:
             events += speculate(self, spec)
         if plain:
-            h = self.plan.batch(plain, [s.pending for s in plain]) if self.plan and plan.ON and \
-                len(plain) <= plan.MAX_SEQS else None
+            pending = [s.pending for s in plain]
+            h = self.plan.batch(plain, pending) if self.plan and plan.ON and len(plain) <= plan.MAX_SEQS else None
             if h is not None:  # a few sequences' step as straight-line code (plan.py)
                 logits = self.model.head(h)
             else:
-                tokens = ints([s.pending for s in plain], self.device)[:, None]
+                tokens = ints(pending, self.device)[:, None]
                 if self.compiled and len(plain) <= self.compiled_batch:
                     logits = self.compiled(tokens, plain)
                     for s in plain:

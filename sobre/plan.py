@@ -174,7 +174,7 @@ class DecodePlan:
     def mtp_layer(self, mtp: MTPLayer) -> dict:
         with torch.no_grad():  # enorm's and hnorm's scales on eh_proj's columns: [2 D, D]
             eh = (mtp.eh_proj.weight * torch.cat([mtp.enorm.weight, mtp.hnorm.weight])).t()
-        return dict(eh=eh, block=self.layer(mtp.block), norm=mtp.norm.weight)
+        return dict(eh=eh, block=self.layer(mtp.block), norm=mtp.norm)
 
     def rotation(self, lengths: list[int], T: int) -> torch.Tensor:
         """[R, rd, rd] R with x @ R[i] = apply_rope(x) at new row i's position (T from each length on; half-split
@@ -252,7 +252,7 @@ class DecodePlan:
         x = torch.mm(torch.cat([e * inverse_rms(e, eps), h * inverse_rms(h, eps)], 1), mp["eh"])
         x = self.block(mp["block"], x, self.pool.slots[c.n_layers + k][0], where, rot, last)
         seq.advance(T, k)
-        return (x * inverse_rms(x, eps)).mul_(mp["norm"])
+        return mp["norm"](x)
 
     def block(self, p: dict, x: torch.Tensor, cache: torch.Tensor, where: tuple, rot: torch.Tensor,
               last: bool = False) -> torch.Tensor:

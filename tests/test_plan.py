@@ -24,7 +24,7 @@ CASES = {  # debug-preset overrides
 PROMPTS = [[5, 9, 17, 3, 44, 2, 8, 100, 31], [7, 1, 300, 12]]
 
 
-def decode(eng, prompts, one_row: bool, monkeypatch, n: int = 24, **kw):
+def decode(eng, prompts, on: bool, monkeypatch, n: int = 24, **kw):
     """The requests one at a time (every decode step of one sequence) with the plan on or off: the steps the
     plan took, and each request's tokens and logprobs (the top 3 as well). BLOCKS: the last planned sequence's."""
     calls = []
@@ -35,7 +35,7 @@ def decode(eng, prompts, one_row: bool, monkeypatch, n: int = 24, **kw):
         h = call(self, seqs, tokens)
         calls.append(h is not None)
         return h
-    monkeypatch.setattr(plan, "ON", one_row)
+    monkeypatch.setattr(plan, "ON", on)
     monkeypatch.setattr(plan.DecodePlan, "batch", spy)
     out = [run_requests(eng, [p], max_new_tokens=n, logprobs=3, **kw)[0] for p in prompts]
     return sum(calls), [(s.out, s.logprobs) for s in out]
@@ -195,8 +195,8 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
     monkeypatch.setattr(plan.DecodePlan, "forward", check_forward)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [(i * 5) % 8 for i in range(62)]]
 
-    def run(one_row: bool):
-        monkeypatch.setattr(plan, "ON", one_row)
+    def run(on: bool):
+        monkeypatch.setattr(plan, "ON", on)
         eng = Engine(model, max_batch=2, cache_tokens=512, speculative=True, min_acceptance=0)
         eng.pool.free.reverse()  # blocks 1, 2, ... popped last: each sequence's blocks descend
         with torch.no_grad():
