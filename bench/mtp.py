@@ -11,28 +11,33 @@ prompts; this shared CPU's speed drifts by +-15% within a minute): the tok/s col
 speed-up the median over rounds of speculative / plain in the same round; acceptance = accepted drafts / drafts
 proposed (K a step, as vLLM counts);
 tokens / step = tokens a speculative step emits (1 + the drafts accepted).
+The last column: the same speculative engine with the plan off (plan.ON: its verify and MTP drafts through the
+modules), in the same turns, and the plan's speed-up over it (median of the rounds' ratios).
 """
 
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 
+from sobre import plan
 from sobre.engine import Engine
 from sobre.parallel import keep_freed_memory
 from sobre.tasks import problem_stream
 
 
-def rates(engines: list[Engine], prompts: list[list[int]], new: int) -> list[float]:
-    """tok/s of each engine over the prompts, the engines taking turns on every prompt (so that the CPU's drift
-    moves them alike)."""
+def rates(engines: list[tuple[Engine, bool]], prompts: list[list[int]], new: int) -> list[float]:
+    """tok/s of each (engine, plan.ON) over the prompts, the engines taking turns on every prompt (so that the CPU's
+    drift moves them alike)."""
     secs, toks = [0.0] * len(engines), [0] * len(engines)
     for p in prompts:
-        for i, e in enumerate(engines):
-            t0 = time.perf_counter()
-            toks[i] += len(e.generate([p], max_new_tokens=new)[0])
-            secs[i] += time.perf_counter() - t0
+        for i, (e, on) in enumerate(engines):
+            with mock.patch.object(plan, "ON", on):
+                t0 = time.perf_counter()
+                toks[i] += len(e.generate([p], max_new_tokens=new)[0])
+                secs[i] += time.perf_counter() - t0
     return [n / s for n, s in zip(toks, secs)]
 
 
@@ -50,23 +55,29 @@ def main():
     print(f"greedy, B=1, {args.prompts} prompts of 32 tokens, {args.new} new tokens each; {args.dtype}, "
           f"{torch.get_num_threads()} threads")
     print("| model | arch | drafts | plain tok/s | speculative tok/s | speed-up | acceptance | tokens / step | "
-          "sequences that stopped drafting |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "sequences that stopped drafting | speculative on the module path tok/s (plan / modules) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in args.models:
         plain = Engine.from_pretrained(path, dtype=dtype)
         specs = [Engine.from_pretrained(path, dtype=dtype, speculative=k) for k in args.drafts or [True]]
+        # the same speculative engines' steps on the module path (plan.ON off: the verify and drafts not planned)
+        mods = [Engine.from_pretrained(path, dtype=dtype, speculative=e.drafts) for e in specs]
         stream = problem_stream(seed=12345)
         prompts = [plain.tokenizer.encode(next(stream).text())[:32] for _ in range(args.prompts)]
-        for e in [plain, *specs]:
+        for e in [plain, *specs, *mods]:
             e.generate([prompts[0]], max_new_tokens=8)  # warm up
             e.spec_stats = dict.fromkeys(e.spec_stats, 0)
-        rounds = [rates([plain, *specs], prompts, args.new) for _ in range(args.rounds)]
+        runs = [(plain, True), *[(e, True) for e in specs], *[(e, False) for e in mods]]
+        rounds = [rates(runs, prompts, args.new) for _ in range(args.rounds)]
         best = [max(r) for r in zip(*rounds)]
         for j, e in enumerate(specs, start=1):
+            m = j + len(specs)  # its module-path twin's column
             st, ratio = e.spec_stats, statistics.median(r[j] / r[0] for r in rounds)
+            planned = statistics.median(r[j] / r[m] for r in rounds)
             acc, per = st["accepted"] / max(st["drafted"], 1), 1 + st["accepted"] / max(st["verified"], 1)
             print(f"| {path} | {plain.model.config.arch} | {e.drafts} | {best[0]:.1f} | {best[j]:.1f} | {ratio:.2f}x "
-                  f"| {acc:.0%} | {per:.2f} | {st['stopped']} of {args.prompts * args.rounds} |")
+                  f"| {acc:.0%} | {per:.2f} | {st['stopped']} of {args.prompts * args.rounds} | {best[m]:.1f} "
+                  f"({planned:.2f}x) |")
 
 
 if __name__ == "__main__":
