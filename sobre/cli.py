@@ -168,7 +168,7 @@ def cmd_generate(args):
     t0, out = time.perf_counter(), []
     text = TextStream(tok) if tok and not args.ids else None
     eng = Engine.for_prompt(model, tok, len(prompt), args.max_new_tokens, speculative=args.speculative,
-                            compile=args.compile, min_acceptance=args.min_acceptance)
+                            compile=args.compile, min_acceptance=args.min_acceptance, draft_vocab=args.draft_vocab)
     for t in eng.stream(prompt, max_new_tokens=args.max_new_tokens, min_tokens=args.min_tokens,
                         **sampling_args(args, path), seed=args.seed,
                         stop_token_ids=stop, presence_penalty=args.presence_penalty,
@@ -250,7 +250,7 @@ def cmd_chat(args):
     eng = Engine.from_pretrained(path, dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=1,
                                  device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
                                  int8=args.int8, compile=args.compile, min_acceptance=args.min_acceptance,
-                                 adapter=args.adapter)
+                                 draft_vocab=args.draft_vocab, adapter=args.adapter)
     tok = eng.tokenizer
     if tok is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
@@ -420,8 +420,8 @@ def cmd_serve(args):
                         dtype=DTYPES[args.dtype] if args.dtype else None, max_batch=args.max_batch,
                         device=pick_device(args.device), cache_tokens=args.cache_tokens, speculative=args.speculative,
                         fp8=args.fp8, int8=args.int8, compile=args.compile, prefix_cache=not args.no_prefix_cache,
-                        min_acceptance=args.min_acceptance, prefill_chunk=args.prefill_chunk, adapter=args.adapter,
-                        loras=loras)
+                        min_acceptance=args.min_acceptance, draft_vocab=args.draft_vocab,
+                        prefill_chunk=args.prefill_chunk, adapter=args.adapter, loras=loras)
     app = create_app(eng, name, args.api_key, args.max_queue, args.timeout, defaults, tuple(args.allowed_origins))
     print(f"sobre serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
     if defaults:

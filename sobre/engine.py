@@ -38,7 +38,7 @@ from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
 from .sampling import SamplingParams, apply_penalties, sample, top_logprobs
 from .schema import SchemaPrefix
-from .speculative import speculate
+from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
 
 
@@ -46,7 +46,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
                  prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3,
-                 loras: dict | None = None):
+                 draft_vocab: int | None = None, loras: dict | None = None):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         if compile and loras:
             raise ValueError("compile=True does not serve LoRA adapters (loras=): decode them eagerly")
@@ -75,6 +75,7 @@ class Engine:
         # verifies, decodes plainly from then on: a verify cost 1.3-1.7 plain steps on CPU, so D drafts gain only
         # when 1 + acceptance * D tokens a verify beat that (0: always draft)
         self.min_acceptance = min_acceptance
+        self.draft_vocab = draft_vocabulary(c.vocab_size, draft_vocab)  # the MTP drafts' head: token ids below it
         # (vLLM's) drafts proposed, kept; verifies; sequences that stopped drafting
         self.spec_stats = {"drafted": 0, "accepted": 0, "verified": 0, "stopped": 0}
         self.prefix_cache = prefix_cache
@@ -604,10 +605,11 @@ def eos_ids(config, tokenizer=None) -> tuple[int, ...]:
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: tuple[int, ...] = (),
-             speculative: bool = False, compile: bool = False, tokenizer=None, min_acceptance: float = 0.3, **kw):
+             speculative: bool = False, compile: bool = False, tokenizer=None, min_acceptance: float = 0.3,
+             draft_vocab: int | None = None, **kw):
     """Stream the new tokens of one prompt (a one-request Engine; speculative: MTP draft + verify; a tokenizer
     for stop strings and json=True)."""
     eng = Engine.for_prompt(model, tokenizer, len(prompt), max_new_tokens, speculative=speculative, compile=compile,
-                            min_acceptance=min_acceptance)
+                            min_acceptance=min_acceptance, draft_vocab=draft_vocab)
     yield from eng.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, seed=seed, stop_token_ids=stop, **kw)

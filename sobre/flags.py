@@ -91,6 +91,9 @@ def add_decode_flags(parser):
     parser.add_argument("--min-acceptance", type=float, default=0.3, metavar="A",
                         help="speculative: a sequence whose drafts were accepted less often than A over 32+ "
                         "verifies decodes plainly from then on (0: always draft)")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                        help="speculative: the MTP drafts' head over the first N token ids (default: a quarter of "
+                        "the vocabulary, at least 1024; the vocabulary's size: all)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step, weights frozen in: "
                         "1-5 minutes of compiling, then faster decode of up to experts / top-k sequences")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=DTYPE_HELP)

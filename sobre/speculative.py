@@ -6,12 +6,14 @@ code (plan.DecodePlan.mtp / forward) where the model qualifies, else through the
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import plan
 from .host import int_rows
+from .linear import Linear, linear
 from .request import Event, Sequence
 from .sampling import greedy, probs, sample, speculative_accept
 
@@ -19,6 +21,34 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 PROBATION = 32  # verifies before a sequence's acceptance decides whether it keeps drafting
+DRAFT_VOCAB_SHARE = 4  # the default draft vocabulary: the first V / DRAFT_VOCAB_SHARE token ids, ...
+DRAFT_VOCAB_MIN = 1024  # ... at least this many (all, where V is smaller)
+
+
+def draft_vocabulary(V: int, n: int | None = None) -> int:
+    """How many token ids (the first ones) an MTP draft's head scores: n (None: the default share, at least
+    DRAFT_VOCAB_MIN), at most V. FR-Spec's frequency-ranked drafting (Zhao et al., 2025): a draft is one row times
+    the whole [V, D] head, a product bound by the weight's read (bench/engine.py's 4 MB head: ~0.45 ms a row from
+    memory, a speculative step of bench/mtp.py's model reads it three times), while the tokens a model emits are
+    mostly the frequent ones, which a BPE vocabulary numbers first (merges in frequency order). The drafts' law
+    is the model's over those ids, renormalised (sampled drafts: min(1, p / q) stays exact for any draft law q);
+    a token past them is never drafted, so its position rejects the draft, and the output is the model's either
+    way. (Llama-3: 32K of 128K ids kept ~95% of the drafts' acceptance in FR-Spec; bench/mtp.py's model emits
+    ids below 670 of 4096.)"""
+    if n is not None and n < 1:
+        raise ValueError(f"draft_vocab must be >= 1 (token ids the drafts' head scores), not {n}")
+    return min(V, n if n is not None else max(DRAFT_VOCAB_MIN, V // DRAFT_VOCAB_SHARE))
+
+
+def draft_head(eng: Engine, x: torch.Tensor) -> torch.Tensor:
+    """The drafts' logits of the final hiddens x [B, D] -> [B, V]: the head's over the first eng.draft_vocab ids,
+    -inf past them (all ids where the head is not a plain linear layer: a quantised or adapted one)."""
+    head, n = eng.model.head, eng.draft_vocab
+    if n >= head.weight.shape[0] or type(head) is not Linear:
+        return head(x)
+    out = x.new_full((x.shape[0], head.weight.shape[0]), float("-inf"))
+    out[:, :n] = linear(x, head.weight[:n])
+    return out
 
 
 def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
@@ -28,42 +58,9 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     1 + the drafts accepted), its last one reading the previous layer's draft."""
     m, D = eng.model, eng.drafts
     lone = eng.plan if eng.plan and plan.ON and len(seqs) == 1 else None  # straight-line code (plan.py)
-    drafts: list[list[int]] = [[] for _ in seqs]  # d_1 .. d_k so far, per sequence
-    q_logits, inputs = [], []  # per layer: draft logits [B, V]; its input rows per sequence
-    for k in range(D):
-        ins = [s.mtp_in[k] for s in seqs]  # [T_i, ...]: positions mtp_length[k] .. length - 1
-        inputs.append(ins)
-        outs = [None] * len(seqs)
-        by_len: dict[int, list[int]] = {}
-        if lone:
-            s = seqs[0]
-            outs[0] = lone.mtp(s, k, ins[0], s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[0]),
-                               last=k + 1 == D)
-        for i, h in enumerate(ins):
-            if outs[i] is None:
-                by_len.setdefault(h.shape[0], []).append(i)
-        for T, idx in by_len.items():
-            group = [seqs[i] for i in idx]
-            h = torch.stack([ins[i] for i in idx])  # [B, T, ...]
-            tokens = int_rows([s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[i])
-                               for s, i in zip(group, idx)], eng.device)
-            step, g = eng._chunk(T), []
-            for j in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
-                batch = eng._batch(group, min(step, T - j), mtp=k, prefill=True)  # rows kept at block ends)
-                g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k, last=k + 1 == D))
-            for i, row in zip(idx, torch.cat(g, 1)):
-                outs[i] = row  # [T, D] (the last layer: [chunks, D], the last row its draft's)
-        q_logits.append(eng._penalized(seqs, m.head(torch.stack([o[-1] for o in outs]))))
-        picked = sample(q_logits[-1], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        for d, t in zip(drafts, picked):
-            d.append(t)
-        if k + 1 < D:
-            for s, o in zip(seqs, outs):
-                s.mtp_in[k + 1] = torch.cat([s.mtp_in[k + 1], o])
-    for s in seqs:
-        if s.rid in eng.unkeyed:  # the MTP layers' rows of the prompt are in: others may share it now
-            eng.pool.remember(s, eng.unkeyed.pop(s.rid))
-    h = lone.forward(seqs[0], [seqs[0].pending] + drafts[0]) if lone else None
+    with lone.held() if lone else contextlib.nullcontext():  # (the weights checked once for the step's calls)
+        drafts, q_logits, inputs = draft(eng, seqs, lone)
+        h = lone.forward(seqs[0], [seqs[0].pending] + drafts[0]) if lone else None
     if h is not None:
         h = state = h[None]
     else:
@@ -118,6 +115,48 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
             s.drafting, s.mtp_in = False, []  # it never drafts again: its MTP layers need not catch up
             eng.spec_stats["stopped"] += 1
     return events
+
+
+def draft(eng: Engine, seqs: list[Sequence], lone: plan.DecodePlan | None):
+    """Each sequence's eng.drafts draft tokens, MTP layer by layer (speculate's docstring) -> (the drafts per
+    sequence, each layer's draft logits [B, V], each layer's input rows per sequence)."""
+    m, D = eng.model, eng.drafts
+    drafts: list[list[int]] = [[] for _ in seqs]  # d_1 .. d_k so far, per sequence
+    q_logits, inputs = [], []  # per layer: draft logits [B, V]; its input rows per sequence
+    for k in range(D):
+        ins = [s.mtp_in[k] for s in seqs]  # [T_i, ...]: positions mtp_length[k] .. length - 1
+        inputs.append(ins)
+        outs = [None] * len(seqs)
+        by_len: dict[int, list[int]] = {}
+        if lone:
+            s = seqs[0]
+            outs[0] = lone.mtp(s, k, ins[0], s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[0]),
+                               last=k + 1 == D)
+        for i, h in enumerate(ins):
+            if outs[i] is None:
+                by_len.setdefault(h.shape[0], []).append(i)
+        for T, idx in by_len.items():
+            group = [seqs[i] for i in idx]
+            h = torch.stack([ins[i] for i in idx])  # [B, T, ...]
+            tokens = int_rows([s.ahead(s.mtp_length[k] + k + 1, s.length + k + 1, drafts[i])
+                               for s, i in zip(group, idx)], eng.device)
+            step, g = eng._chunk(T), []
+            for j in range(0, T, step):  # (a prompt: in chunks, as it was prefilled; V4: the MTP layer's ring
+                batch = eng._batch(group, min(step, T - j), mtp=k, prefill=True)  # rows kept at block ends)
+                g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k, last=k + 1 == D))
+            for i, row in zip(idx, torch.cat(g, 1)):
+                outs[i] = row  # [T, D] (the last layer: [chunks, D], the last row its draft's)
+        q_logits.append(eng._penalized(seqs, draft_head(eng, torch.stack([o[-1] for o in outs]))))
+        picked = sample(q_logits[-1], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        for d, t in zip(drafts, picked):
+            d.append(t)
+        if k + 1 < D:
+            for s, o in zip(seqs, outs):
+                s.mtp_in[k + 1] = torch.cat([s.mtp_in[k + 1], o])
+    for s in seqs:
+        if s.rid in eng.unkeyed:  # the MTP layers' rows of the prompt are in: others may share it now
+            eng.pool.remember(s, eng.unkeyed.pop(s.rid))
+    return drafts, q_logits, inputs
 
 
 def keep(rows: torch.Tensor, end: int, lo: int, hi: int) -> torch.Tensor:

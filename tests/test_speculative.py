@@ -7,7 +7,7 @@ import sobre
 from sobre import plan
 from sobre.engine import Engine
 from sobre.sampling import speculative_accept
-from sobre.speculative import PROBATION
+from sobre.speculative import PROBATION, draft_vocabulary
 
 from conftest import random_model
 
@@ -122,12 +122,13 @@ def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
     assert eng.spec_stats["accepted"] == eng.spec_stats["drafted"] > 0
 
 
-def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, n: int, **kw) -> Engine:
+def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, n: int, draft_vocab=None,
+                       **kw) -> Engine:
     """Sample n continuations of `new` tokens (seeds 0..n-1; kw: more sampling parameters) with MTP drafting;
     chi-square goodness of fit of their joint counts against the exact law [V ** new] (cells expected under 5
     pooled). Returns the engine."""
     V = model.config.vocab_size
-    eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600)
+    eng = Engine(model, speculative=True, max_batch=512, cache_tokens=64 * 600, draft_vocab=draft_vocab)
     rids = [eng.add_request(prompt, max_new_tokens=new, temperature=1.0, seed=i, **kw) for i in range(n)]
     done = {}
     while eng.has_work():
@@ -144,11 +145,11 @@ def assert_sampled_law(model, prompt: list[int], exact: torch.Tensor, new: int, 
     return eng
 
 
-@pytest.mark.parametrize("bias", [None, {0: 1.5, 2: -1.0}])
-def test_speculative_sampling_keeps_the_distribution(bias):
+@pytest.mark.parametrize("bias, draft_vocab", [(None, None), ({0: 1.5, 2: -1.0}, None), (None, 3)])
+def test_speculative_sampling_keeps_the_distribution(bias, draft_vocab):
     """Joint law of the first two sampled tokens (the second one goes through draft/verify) against the
     exact one computed from full forwards (with a logit_bias: from the biased logits); chi-square goodness of
-    fit."""
+    fit. draft_vocab=3: the drafts drawn from ids 0-2 only (a draft law that differs from the model's more)."""
     cfg = sobre.preset("debug", vocab_size=6, n_layers=2, max_seq_len=16)
     model = random_model(cfg, std=0.5)
     prompt = [1, 2, 3]
@@ -157,7 +158,8 @@ def test_speculative_sampling_keeps_the_distribution(bias):
         p0 = (model(torch.tensor([prompt]))[0, -1] + b).softmax(-1)
         pairs = torch.tensor([prompt + [a] for a in range(6)])
         p1 = (model(pairs)[:, -1] + b).softmax(-1)  # [6, 6]
-    eng = assert_sampled_law(model, prompt, (p0[:, None] * p1).flatten(), new=2, n=3000, logit_bias=bias)
+    eng = assert_sampled_law(model, prompt, (p0[:, None] * p1).flatten(), new=2, n=3000, logit_bias=bias,
+                             draft_vocab=draft_vocab)
     assert eng.spec_stats["accepted"] > 0 and eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
 
 
@@ -208,6 +210,33 @@ def test_two_drafts_with_penalties_and_logprobs_equal_plain():
         assert out_s == out
         for (c, top), (c_s, top_s) in zip(lp, lp_s):
             assert abs(c - c_s) < 1e-4 and top.keys() == top_s.keys()
+
+
+def test_draft_vocabulary():
+    assert draft_vocabulary(4096) == 1024 and draft_vocabulary(129280) == 32320  # a quarter, ...
+    assert draft_vocabulary(2048) == 1024 and draft_vocabulary(500) == 500  # ... at least 1024, at most V
+    assert draft_vocabulary(4096, 10) == 10 and draft_vocabulary(8, 100) == 8
+    with pytest.raises(ValueError, match="draft_vocab must be >= 1"):
+        Engine(random_model(), speculative=True, draft_vocab=0)
+
+
+def test_a_draft_vocabulary_keeps_greedy_output(monkeypatch):
+    """draft_vocab=4 of 8 ids: the drafts' head scores ids 0-3 alone (the others -inf, never drafted), through
+    the plan and through the modules; the drafts are still accepted often and the output is plain greedy's."""
+    model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=8), std=0.3)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [5, 5, 2, 7]]
+    plain = Engine(model).generate(prompts, max_new_tokens=30)
+    heads, draft_head = [], sobre.speculative.draft_head
+    monkeypatch.setattr(sobre.speculative, "draft_head", lambda e, x: heads.append(draft_head(e, x)) or heads[-1])
+    for on in (True, False):
+        monkeypatch.setattr(plan, "ON", on)
+        eng = Engine(model, speculative=True, draft_vocab=4)
+        assert [eng.generate([p], max_new_tokens=30)[0] for p in prompts] == plain
+        assert 0 < eng.spec_stats["accepted"] < eng.spec_stats["drafted"]
+    assert heads and all(h[:, 4:].isneginf().all() and h[:, :4].isfinite().all() for h in heads)
+    with torch.no_grad():  # the head's own logits on ids 0-3
+        h = torch.randn(2, model.config.dim)
+        torch.testing.assert_close(draft_head(eng, h)[:, :4], model.head(h)[:, :4])
 
 
 def test_two_perfect_drafts_are_always_accepted(monkeypatch):
