@@ -24,8 +24,11 @@ decode sizes ([64, 256] x [256, 128]: 36 vs 20 us), and routing there made GRPO'
 A few rows times a large weight (at most DNN_ROWS rows, at least DNN_WEIGHT weights: an LM head at decode) go to
 oneDNN on every AMD CPU: such a product is bound by the weight's read, which MKL makes on one thread for 1-4 rows
 and oneDNN spreads over the threads (AVX2 EPYC, 2 threads, weight out of cache: one row x [8192, 256] 346 vs 724 us,
-64 rows x [4096, 256] 1.2 vs 1.8 ms, 128 rows 2.1 vs 3.1; smaller weights pay oneDNN's ~25 us a call). The twin is
-F.linear (tests/test_linear.py).
+64 rows x [4096, 256] 1.2 vs 1.8 ms, 128 rows 2.1 vs 3.1; smaller weights pay oneDNN's ~25 us a call). Two to
+WEIGHT_LEFT_ROWS rows (a speculative verify's head, a decode step of a few sequences) run faster still as w @ x^T on
+MKL, the weight the left operand (the same AVX2 EPYC, weight out of cache: 2 / 3 / 4 rows x [4096, 256] 330 / 311 /
+270 us against oneDNN's 752 / 638 / 713, x [2048, 2048] 923 / - / 1204 against 1093 / - / 1329; at 8 rows MKL
+takes a slower kernel, 1.4-1.6x oneDNN's time). The twin is F.linear (tests/test_linear.py).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ AMD = torch.backends.mkldnn.is_available() and cpu_info("vendor_id") in ("Authen
 # product through F.linear (MKL, or the build's BLAS), but AMD's few-row ones. The switch the twins' tests turn.
 ONEDNN = AMD and "avx512f" in cpu_info("flags").split()
 DNN_ROWS = 128 if AMD else 0  # fp32 products of at most this many rows (0: none) ...
-DNN_WEIGHT = 1 << 19  # ... by a weight of at least this many elements run on oneDNN (any AMD CPU)
+DNN_WEIGHT = 1 << 19  # ... by a weight of at least this many elements run on oneDNN (any AMD CPU), but for
+WEIGHT_LEFT_ROWS = 4  # 2 to this many rows without autograd: w @ x^T on MKL, the weight the product's left operand
 
 
 BF16_ROW: str | None = None  # "mv" or "linear": this CPU's faster one-row bf16 product (None: measure at first use)
@@ -116,9 +120,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         if (x.dtype == w.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and b is None
                 and bf16_row_op() == "mv"):
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], -1)
-        if onednn(x, w, x.numel() * w.shape[0]) or few_rows(x, w):
+        few = few_rows(x, w)
+        if few or onednn(x, w, x.numel() * w.shape[0]):
             x2 = x.reshape(-1, x.shape[-1])  # (no autograd node where no gradient is wanted: ~13 us a call)
             grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+            if few and not grad and b is None and 1 < x2.shape[0] <= WEIGHT_LEFT_ROWS:
+                return torch.mm(w, x2.t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
             return (OneDNNLinear.apply(x2, w, b) if grad else dnn(x2, w, b)).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
 

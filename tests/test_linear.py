@@ -95,19 +95,21 @@ def test_small_products_autocast_and_the_switch_stay_with_f_linear(calls, monkey
 
 def test_few_rows_by_a_large_weight_run_on_onednn(calls, monkeypatch):
     """AMD CPUs' few-row rule with the training-size switch off (an AVX2 CPU): up to DNN_ROWS rows times a weight of
-    DNN_WEIGHT elements or more run on oneDNN (an LM head at decode) and equal F.linear, values and gradients; one
-    row more, one weight row fewer, bf16 or DNN_ROWS 0 leave F.linear as it is."""
+    DNN_WEIGHT elements or more run on oneDNN (an LM head at decode) and equal F.linear, values and gradients, but
+    2 to WEIGHT_LEFT_ROWS rows without autograd, which run as w @ x^T (equal too, contiguous); one row more, one
+    weight row fewer, bf16 or DNN_ROWS 0 leave F.linear as it is."""
     monkeypatch.setattr(L, "ONEDNN", False)
     monkeypatch.setattr(L, "DNN_ROWS", 128)
     torch.manual_seed(0)
     w = torch.randn(L.DNN_WEIGHT // 256, 256) / 16
-    for shape in ((1, 256), (1, 1, 256), (3, 256), (128, 256)):
+    left = L.WEIGHT_LEFT_ROWS
+    for shape in ((1, 256), (1, 1, 256), (2, 256), (1, 3, 256), (left, 256), (left + 1, 256), (128, 256)):
         x = torch.randn(shape)
         with torch.no_grad():
             y = L.linear(x, w)
         close(y, F.linear(x, w))
-        assert y.shape == (*shape[:-1], w.shape[0])
-    assert [c[0][0] for c in calls] == [1, 1, 3, 128] and len(calls) == 4
+        assert y.shape == (*shape[:-1], w.shape[0]) and y.is_contiguous()
+    assert [c[0][0] for c in calls] == [1, 1, left + 1, 128] and len(calls) == 4
     x = torch.randn(5, 256, requires_grad=True)
     wg = w.clone().requires_grad_()
     x2, w2 = x.detach().clone().requires_grad_(), w.clone().requires_grad_()
