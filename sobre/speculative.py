@@ -2,7 +2,8 @@
 chained, as trained), then the main model checks the pending token and the drafts in one forward. Greedy output is
 plain greedy's; sampled drafts are accepted with min(1, p / q), else a residual draw ends the step (sampling.
 speculative_accept), so the output law is the model's. A lone sequence's MTP layers and verify run as straight-line
-code (plan.DecodePlan.mtp / forward) where the model qualifies, else through the modules."""
+code (plan.DecodePlan.mtp / forward) where the model qualifies, else through the modules. The drafts' head scores
+the first draft_vocabulary() token ids only (FR-Spec)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ DRAFT_VOCAB_MIN = 1024  # ... at least this many (all, where V is smaller)
 def draft_vocabulary(V: int, n: int | None = None) -> int:
     """How many token ids (the first ones) an MTP draft's head scores: n (None: the default share, at least
     DRAFT_VOCAB_MIN), at most V. FR-Spec's frequency-ranked drafting (Zhao et al., 2025): a draft is one row times
-    the whole [V, D] head, a product bound by the weight's read (bench/engine.py's 4 MB head: ~0.45 ms a row from
-    memory, a speculative step of bench/mtp.py's model reads it three times), while the tokens a model emits are
+    the whole [V, D] head, a product bound by the weight's read (bench/mtp.py's model: a 4 MB head, ~0.45 ms a row
+    from memory, read three times a speculative step), while the tokens a model emits are
     mostly the frequent ones, which a BPE vocabulary numbers first (merges in frequency order). The drafts' law
     is the model's over those ids, renormalised (sampled drafts: min(1, p / q) stays exact for any draft law q);
     a token past them is never drafted, so its position rejects the draft, and the output is the model's either
