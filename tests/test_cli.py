@@ -90,7 +90,8 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path, capsys):
     ids = [int(t) for t in out.stdout.split()]
     assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
     assert "tok/s" in out.stderr and "MTP" not in out.stderr
-    for k in ([], ["1"], ["--min-acceptance", "0"]):  # MTP drafts: one per MTP layer (2), or 1; never stopping
+    # MTP drafts: one per MTP layer (2), or 1; never stopping; over the first 16 ids
+    for k in ([], ["1"], ["--min-acceptance", "0"], ["--draft-vocab", "16"]):
         code, stdout, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8",
                                     "--speculative", *k)
         assert code == 0 and [int(t) for t in stdout.split()] == ids
@@ -99,6 +100,8 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path, capsys):
     assert code == 1 and "drafts 1..2 tokens a step" in stderr
     code, _, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--speculative", "--min-acceptance", "2")
     assert code == 1 and "min_acceptance must be in [0, 1]" in stderr
+    code, _, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--speculative", "--draft-vocab", "0")
+    assert code == 1 and "draft_vocab must be >= 1" in stderr
 
 
 def test_generate_with_tokenizer_text_prompt(tmp_path, capsys):
