@@ -30,12 +30,11 @@ def draft_vocabulary(V: int, n: int | None = None) -> int:
     """How many token ids (the first ones) an MTP draft's head scores: n (None: the default share, at least
     DRAFT_VOCAB_MIN), at most V. FR-Spec's frequency-ranked drafting (Zhao et al., 2025): a draft is one row times
     the whole [V, D] head, a product bound by the weight's read (bench/mtp.py's model: a 4 MB head, ~0.45 ms a row
-    from memory, read three times a speculative step), while the tokens a model emits are
-    mostly the frequent ones, which a BPE vocabulary numbers first (merges in frequency order). The drafts' law
-    is the model's over those ids, renormalised (sampled drafts: min(1, p / q) stays exact for any draft law q);
-    a token past them is never drafted, so its position rejects the draft, and the output is the model's either
-    way. (Llama-3: 32K of 128K ids kept ~95% of the drafts' acceptance in FR-Spec; bench/mtp.py's model emits
-    ids below 670 of 4096.)"""
+    from memory, read three times a speculative step), while the tokens a model emits are mostly the frequent
+    ones, which a BPE vocabulary numbers first (merges in frequency order). The drafts' law is the model's over
+    those ids, renormalised (sampled drafts: min(1, p / q) stays exact for any draft law q); a token past them is
+    never drafted, so its position rejects the draft, and the output is the model's either way. (Llama-3: 32K of
+    128K ids kept ~95% of the drafts' acceptance in FR-Spec; bench/mtp.py's model emits ids below 670 of 4096.)"""
     if n is not None and n < 1:
         raise ValueError(f"draft_vocab must be >= 1 (token ids the drafts' head scores), not {n}")
     return min(V, n if n is not None else max(DRAFT_VOCAB_MIN, V // DRAFT_VOCAB_SHARE))
