@@ -614,10 +614,11 @@ class Transformer(nn.Module):
 
     def mtp_hiddens(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Training-time MTP over full sequences. h [B, T, D] = self.hidden(tokens). Depth k (1-based) at
-        position i combines h_{k-1}[i] with emb(t[i+k]) and predicts t[i+k+1]: hiddens [B, T-k, D]."""
+        position i combines h_{k-1}[i] with emb(t[i+k]) and predicts t[i+k+1]: hiddens [B, T-k, D] ([B, 0, D] past
+        the sequence: T <= k)."""
         out = []
         for k, layer in enumerate(self.mtp, start=1):
-            T = h.shape[1] - 1
+            T = max(h.shape[1] - 1, 0)
             pos = torch.arange(k, k + T, device=h.device).expand(h.shape[0], -1)
             h = layer(h[:, :T], self.embed(tokens[:, k:k + T]), self.rope(pos), None)
             out.append(h)

@@ -107,8 +107,9 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
             continue
         s.length = L + 1 + a  # the rejected drafts' entries are overwritten later
         # layer k's rows at positions past L + a - k read a rejected draft: it redoes them next step, from
-        # layer k-1's rows of this step (kept) and that layer's new ones
-        s.mtp_length = [min(L, L + a - k) for k in range(D)]
+        # layer k-1's rows of this step (kept) and that layer's new ones (from position 0 where L + a < k: a
+        # prompt shorter than the drafts)
+        s.mtp_length = [max(0, min(L, L + a - k)) for k in range(D)]
         s.mtp_in = [state[i, :a + 1]] + [keep(inputs[k][i], L, s.mtp_length[k], s.mtp_length[k - 1])
                                          for k in range(1, D)]
         if s.verifies >= PROBATION and s.accepted < eng.min_acceptance * D * s.verifies:

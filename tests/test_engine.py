@@ -474,12 +474,12 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(cfg):
     assert small.pool.available() == small.pool.n_blocks - 1  # nothing leaked (V4: tests/test_v4.py)
 
 
-@pytest.mark.parametrize("mtp_layers", [1, 2])
+@pytest.mark.parametrize("mtp_layers", [1, 2, 3])
 def test_prefix_cache_with_speculative_decoding(mtp_layers):
     """With MTP drafting, a block is shared only when the tokens after it match too (MTP layer k's row at a
     position reads the token k + 1 ahead) and only once the MTP layers have their rows: prompts sharing 70 tokens
     reuse one block, prompts sharing exactly 64 reuse none; every MTP row of a running sequence equals the one
-    an engine without the cache computes, and greedy output equals plain greedy. Two MTP layers: two drafts."""
+    an engine without the cache computes, and greedy output equals plain greedy. D MTP layers: D drafts."""
     model = random_model(sobre.preset("debug", n_mtp_layers=mtp_layers))
     c = model.config
     g = torch.Generator().manual_seed(1)
@@ -511,7 +511,7 @@ def test_prefix_cache_with_speculative_decoding(mtp_layers):
         torch.testing.assert_close(rows_c[rid], rows[rid], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mtp_layers", [1, 2])
+@pytest.mark.parametrize("mtp_layers", [1, 2, 3])
 def test_chunked_prompt_feeds_the_mtp_layers_chunk_by_chunk(mtp_layers, monkeypatch):
     """Speculative, a prompt longer than prefill_chunk: each MTP layer takes in a chunk's positions as it arrives
     (layer k all but the prompt's last k + 1, whose tokens are not drawn yet), so no MTP forward is longer than a

@@ -155,8 +155,8 @@ def test_plan_follows_the_model_and_stands_down(monkeypatch):
     assert Engine(random_model(), compile=True).plan is None  # the compiled step runs B=1 itself
 
 
-SPEC = {"moe": dict(n_mtp_layers=2), "v2_router": dict(CASES["v2_router"], n_mtp_layers=2),
-        "dense": dict(n_routed_experts=0, n_mtp_layers=1)}
+SPEC = {"moe": dict(n_mtp_layers=2), "three_mtp_layers": dict(n_mtp_layers=3),
+        "v2_router": dict(CASES["v2_router"], n_mtp_layers=2), "dense": dict(n_routed_experts=0, n_mtp_layers=1)}
 
 
 @pytest.mark.parametrize("case", SPEC)

@@ -246,18 +246,20 @@ def test_two_perfect_drafts_are_always_accepted(monkeypatch):
     assert oracle_steps(two_drafts(), monkeypatch, 16) == 5
 
 
-def test_two_drafts_mtp_hiddens_equal_the_whole_sequence_run(monkeypatch):
-    """Whatever is accepted or rejected, every row each MTP layer computes while drafting (the catch-up over
-    the positions verified since it last ran, and the draft's own) equals the training-time MTP layers run over
-    the whole sequence with the drafts appended (mtp_hiddens: layer k at i reads layer k-1 at i and token
-    i + k + 1), so the layers' caches hold the right rows; the last layer returns its last row only (its FFN
-    runs on that one). A vocabulary of 8: drafts are often right."""
-    model = two_drafts(sobre.preset("debug", n_mtp_layers=2, vocab_size=8), std=0.3)
+@pytest.mark.parametrize("D", [2, 3])
+def test_drafts_mtp_hiddens_equal_the_whole_sequence_run(D, monkeypatch):
+    """D MTP layers, D drafts a step. Whatever is accepted or rejected, every row each MTP layer computes while
+    drafting (the catch-up over the positions verified since it last ran, and the draft's own) equals the
+    training-time MTP layers run over the whole sequence with the drafts appended (mtp_hiddens: layer k at i reads
+    layer k-1 at i and token i + k + 1), so the layers' caches hold the right rows; the last layer returns its last
+    row only (its FFN runs on that one). A vocabulary of 8: drafts are often right; a 1-token prompt: with 3 drafts
+    a rejection leaves the deeper layers no verified row."""
+    model = two_drafts(sobre.preset("debug", n_mtp_layers=D, vocab_size=8), std=0.3)
     mtp_hidden, drafted, checked = model.mtp_hidden, {}, []
 
     def check(h, tokens, cache, k=0, last=False):
         out = mtp_hidden(h, tokens, cache, k, last)
-        assert last == (k == 1) and out.shape[1] == (1 if last else h.shape[1])
+        assert last == (k == D - 1) and out.shape[1] == (1 if last else h.shape[1])
         for b, s in enumerate(cache.seqs):
             drafted[s.rid] = [] if k == 0 else drafted[s.rid] + [int(tokens[b, -1])]  # d_1 .. d_k
             seq = torch.tensor([s.prompt + s.out + drafted[s.rid]])
