@@ -116,9 +116,9 @@ def test_a_few_sequences_step_together_as_the_module_path(case, monkeypatch):
 
 
 def test_plan_follows_the_model_and_stands_down(monkeypatch):
-    """A weight changed in place or into new memory, and a module replaced, make the plan prepare again (equal to
-    the module path after each change); int8 layers (not plain) make it stand down: the module path runs. bf16,
-    dense (GQA), sparse-attention and V4 models get no plan."""
+    """A weight changed in place or into new memory, a module replaced, and a module registered where none was
+    make the plan prepare again (equal to the module path after each change); int8 layers (not plain) make it
+    stand down: the module path runs. bf16, dense (GQA), sparse-attention and V4 models get no plan."""
     model = random_model()
     eng = Engine(model, max_batch=2)
     attn = model.layers[1].attn
@@ -142,6 +142,9 @@ def test_plan_follows_the_model_and_stands_down(monkeypatch):
             assert_close(got, decode(Engine(model, max_batch=2), PROMPTS[:1], False, monkeypatch)[1])
             assert got != made
             made = got
+        attn.wo.register_module("extra", torch.nn.Identity())  # an entry in a dict that held none
+        n, got = decode(eng, PROMPTS[:1], True, monkeypatch)
+        assert n == 23 and eng.plan.made[2] is not first and got == made
     quantize_int8(model)
     n, got = decode(eng, PROMPTS[:1], True, monkeypatch)
     assert n == 0 and eng.plan.made[2] is None  # stood down: every step on the module path
