@@ -1,5 +1,5 @@
 """Decode steps as straight-line tensor code: the engine's fast path on the CPU for a few sequences' plain steps
-(B <= MAX_SEQS) and a lone sequence's speculative step (its verify and MTP drafts).
+(B <= MAX_SEQS), the speculative verify of a few (MAX_TOKENS rows) and a lone sequence's MTP drafts.
 
 One token through a small model is overhead-bound: a MoE layer of bench/engine.py's model runs 95 tensor ops
 behind ~15 nn.Module calls, and a copy of the model narrowed to hidden 32 takes most of the full width's step.
@@ -98,8 +98,8 @@ def plain_mlp(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] |
 
 class DecodePlan:
     """Steps over an engine's pool (module docstring). plan.batch(seqs, tokens) -> the final hiddens [B, D] of one
-    token of each sequence at its length (normed: the head's input); plan.forward(seq, tokens) the same for a few
-    tokens of one (a speculative verify); plan.mtp(seq, k, h, tokens) MTP layer k's draft step. Each writes the
+    token of each sequence at its length (normed: the head's input); plan.verify(seqs, tokens) [B, T, D] for T
+    tokens of each (a speculative verify); plan.mtp(seq, k, h, tokens) MTP layer k's draft step. Each writes the
     sequences' cache rows and advances them, as the module path's PagedBatch does; None where it cannot (the
     module path runs)."""
 
@@ -210,12 +210,13 @@ class DecodePlan:
             self.trig = torch.cat([rope.cos, rope.cos, rope.sin, -rope.sin], 1)  # [max_seq_len, 2 rd]
         if len(lengths) == 1:
             self.rot_rows[:T, self.rot_at] = self.trig[lengths[0]:lengths[0] + T]
-        else:
-            self.rot_rows[:len(lengths), self.rot_at] = self.trig[lengths]
+        else:  # row i * T + j: sequence i's position lengths[i] + j
+            pos = lengths if T == 1 else [n + j for n in lengths for j in range(T)]
+            self.rot_rows[:len(pos), self.rot_at] = self.trig[pos]
         return self.rot
 
     def rows(self, seqs: list, lengths: list[int], T: int) -> tuple:
-        """Where the pool holds the new rows of each sequence (T tokens from its length on; T > 1: one sequence)
+        """Where the pool holds the new rows of each sequence (T tokens from its length on, rows i * T ..)
         -> (their slots: a slice where they are consecutive, else a tensor; per sequence (its rows' range among
         the new ones, its keys 0 .. length + T - 1: a slice where its blocks run in order, else the blocks to
         gather, and its length))."""
@@ -235,16 +236,20 @@ class DecodePlan:
         run = range(slots[0], slots[0] + len(slots))
         return slice(run.start, run.stop) if slots == list(run) else torch.tensor(slots), segs
 
-    def forward(self, seq, tokens: list[int]) -> torch.Tensor | None:
-        """The main model over tokens at seq.length .. -> the final hiddens [T, D] (normed), seq advanced."""
-        return self.step([seq], tokens, len(tokens))
-
     def batch(self, seqs: list, tokens: list[int]) -> torch.Tensor | None:
         """One token of each sequence (a decode step of a few) -> their final hiddens [B, D] (normed)."""
         return self.step(seqs, tokens, 1)
 
+    def verify(self, seqs: list, tokens: list[list[int]]) -> torch.Tensor | None:
+        """A speculative verify of several sequences: each one's T tokens (the pending one and its drafts) ->
+        their final hiddens [B, T, D] (normed), the sequences advanced."""
+        T = len(tokens[0])
+        h = self.step(seqs, [t for row in tokens for t in row], T)
+        return None if h is None else h.view(len(seqs), T, -1)
+
     def step(self, seqs: list, tokens: list[int], T: int) -> torch.Tensor | None:
-        """T tokens of each sequence (T > 1: one sequence), tokens in row order -> final hiddens [R, D]."""
+        """T tokens of each sequence, tokens in row order (sequence i's at rows i * T ..) -> final hiddens
+        [R, D]."""
         made, R = self.prepare(), len(tokens)
         if made is None or not 0 < R <= MAX_TOKENS:
             return None

@@ -1,8 +1,9 @@
 """MTP speculative decoding, the engine's verify step: each sequence drafts one token per MTP layer (the layers
 chained, as trained), then the main model checks the pending token and the drafts in one forward. Greedy output is
 plain greedy's; sampled drafts are accepted with min(1, p / q), else a residual draw ends the step (sampling.
-speculative_accept), so the output law is the model's. A lone sequence's MTP layers and verify run as straight-line
-code (plan.DecodePlan.mtp / forward) where the model qualifies, else through the modules. The drafts' head scores
+speculative_accept), so the output law is the model's. The verify of a few sequences (plan.MAX_TOKENS rows in all)
+and a lone sequence's MTP layers run as straight-line code (plan.DecodePlan.verify / mtp) where the model qualifies,
+else through the modules. The drafts' head scores
 the first draft_vocabulary() token ids only (FR-Spec)."""
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     as in training: each layer first catches up on the positions verified since it last ran (a prompt, or
     1 + the drafts accepted), its last one reading the previous layer's draft."""
     m, D = eng.model, eng.drafts
-    lone = eng.plan if eng.plan and plan.ON and len(seqs) == 1 else None  # straight-line code (plan.py)
-    with lone.held() if lone else contextlib.nullcontext():  # (the weights checked once for the step's calls)
-        drafts, q_logits, inputs = draft(eng, seqs, lone)
-        h = lone.forward(seqs[0], [seqs[0].pending] + drafts[0]) if lone else None
+    # straight-line code (plan.py): the verify of a few sequences, a lone one's MTP drafts too
+    planned = eng.plan if eng.plan and plan.ON and len(seqs) * (D + 1) <= plan.MAX_TOKENS else None
+    with planned.held() if planned else contextlib.nullcontext():  # (the weights checked once for the step's calls)
+        drafts, q_logits, inputs = draft(eng, seqs, planned if len(seqs) == 1 else None)
+        h = planned.verify(seqs, [[s.pending] + d for s, d in zip(seqs, drafts)]) if planned else None
     if h is not None:
-        h = state = h[None]
+        state = h  # [B, D + 1, D]
     else:
         tokens = int_rows([[s.pending] + d for s, d in zip(seqs, drafts)], eng.device)
         h, state = m.hidden_state(tokens, eng._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]

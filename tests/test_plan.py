@@ -172,7 +172,7 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
     cache) and whose first verify straddles two blocks handed out in descending order (rows written by slot)."""
     model = random_model(sobre.preset("debug", vocab_size=8, **SPEC[case]), std=0.3)
     D, drafted, sizes = model.config.n_mtp_layers, {}, {"verify": [], "mtp": []}
-    mtp, forward = plan.DecodePlan.mtp, plan.DecodePlan.forward
+    mtp, verify = plan.DecodePlan.mtp, plan.DecodePlan.verify
 
     def check_mtp(self, s, k, h, tokens, last=False):
         out = mtp(self, s, k, h, tokens, last)
@@ -186,16 +186,17 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
             torch.testing.assert_close(out, ref[end - out.shape[0]:end], atol=1e-4, rtol=0)
         return out
 
-    def check_forward(self, s, tokens):
-        L = s.length
-        out = forward(self, s, tokens)
-        sizes["verify"].append(len(tokens))
-        seq = torch.tensor([(s.prompt + s.out)[:L] + tokens])
-        torch.testing.assert_close(out, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
+    def check_verify(self, seqs, tokens):
+        lengths = [s.length for s in seqs]
+        out = verify(self, seqs, tokens)
+        sizes["verify"].append(len(tokens[0]))
+        for s, L, row, h in zip(seqs, lengths, tokens, out):
+            seq = torch.tensor([(s.prompt + s.out)[:L] + row])
+            torch.testing.assert_close(h, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
         return out
 
     monkeypatch.setattr(plan.DecodePlan, "mtp", check_mtp)
-    monkeypatch.setattr(plan.DecodePlan, "forward", check_forward)
+    monkeypatch.setattr(plan.DecodePlan, "verify", check_verify)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [(i * 5) % 8 for i in range(62)]]
 
     def run(on: bool):
@@ -215,6 +216,49 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
     assert sizes["verify"] == [D + 1] * stats["verified"]  # every verify planned
     assert len(sizes["mtp"]) == D * stats["verified"] and sizes["mtp"].count(0) == D  # the long prompt's catch-up
     assert max(sizes["mtp"]) > 1  # accepted drafts caught up on
+
+
+@pytest.mark.parametrize("case", ["moe", "three_mtp_layers"])
+def test_a_few_sequences_verify_together_as_the_module_path(case, monkeypatch):
+    """Several sequences speculating in one step: their verify runs through the plan (each sequence's 1 + drafts
+    rows against its own keys, a rotation per row), equal to full forwards row by row, while their MTP drafts go
+    through the modules; ragged prompts finishing at different steps (then a lone sequence's planned drafts):
+    tokens equal plain greedy's, logprobs and draft counts the module path's."""
+    model = random_model(sobre.preset("debug", vocab_size=8, **SPEC[case]), std=0.3)
+    D, together, verify = model.config.n_mtp_layers, [], plan.DecodePlan.verify
+
+    def check_verify(self, seqs, tokens):
+        lengths = [s.length for s in seqs]
+        out = verify(self, seqs, tokens)
+        together.append(len(seqs))
+        assert out.shape[:2] == (len(seqs), D + 1)
+        for s, L, row, h in zip(seqs, lengths, tokens, out):
+            seq = torch.tensor([(s.prompt + s.out)[:L] + row])
+            torch.testing.assert_close(h, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
+        return out
+
+    monkeypatch.setattr(plan.DecodePlan, "verify", check_verify)
+    prompts, new = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [5, 5, 2, 7]], [30, 12, 21]
+
+    def run(on: bool):
+        monkeypatch.setattr(plan, "ON", on)
+        eng = Engine(model, max_batch=3, speculative=True, min_acceptance=0)
+        rids = [eng.add_request(p, max_new_tokens=n, logprobs=2) for p, n in zip(prompts, new)]
+        done = {}
+        with torch.no_grad():
+            while eng.has_work():
+                eng.step()
+                done.update(eng.collect())
+        return [(done[r].out, done[r].logprobs) for r in rids], eng.spec_stats
+
+    want, stats = run(False)
+    assert not together
+    got, spec_stats = run(True)
+    assert_close(got, want)
+    assert [toks for toks, _ in got] == [Engine(model).generate([p], max_new_tokens=n)[0]
+                                         for p, n in zip(prompts, new)]
+    assert spec_stats == stats and 0 < stats["accepted"] < stats["drafted"]
+    assert max(together) == 3 and min(together) == 1  # three together, then fewer as they finish
 
 
 def test_an_mtp_layer_that_is_not_plain_runs_on_the_modules(monkeypatch):
