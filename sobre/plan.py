@@ -43,7 +43,7 @@ from .linear import Linear
 from .model import MLA, MLP, Block, Experts, Gate, MoE, MTPLayer, RMSNorm, Transformer, inverse_rms
 
 VERSION = operator.attrgetter("_version")
-ON = True  # a few sequences' decode steps and a lone one's speculative steps through DecodePlan (False: modules)
+ON = True  # a few sequences' decode steps and speculative verifies, a lone one's MTP drafts through DecodePlan
 MAX_TOKENS = 16  # a planned call takes at most this many tokens (a speculative verify, an MTP layer's catch-up)
 MAX_SEQS = 8  # ... and a decode step at most this many sequences (B = 2 / 4 / 8: 1.28x / 1.18x / 1.07x the modules)
 

@@ -3,8 +3,7 @@ chained, as trained), then the main model checks the pending token and the draft
 plain greedy's; sampled drafts are accepted with min(1, p / q), else a residual draw ends the step (sampling.
 speculative_accept), so the output law is the model's. The verify of a few sequences (plan.MAX_TOKENS rows in all)
 and a lone sequence's MTP layers run as straight-line code (plan.DecodePlan.verify / mtp) where the model qualifies,
-else through the modules. The drafts' head scores
-the first draft_vocabulary() token ids only (FR-Spec)."""
+else through the modules. The drafts' head scores the first draft_vocabulary() token ids only (FR-Spec)."""
 
 from __future__ import annotations
 

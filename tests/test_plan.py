@@ -158,6 +158,23 @@ def test_plan_follows_the_model_and_stands_down(monkeypatch):
     assert Engine(random_model(), compile=True).plan is None  # the compiled step runs B=1 itself
 
 
+def checked_verify(model, seen):
+    """DecodePlan.verify with each sequence's hiddens [T, D] checked against a full forward over its tokens so far
+    and the verified ones; seen(seqs, tokens) at each call."""
+    verify = plan.DecodePlan.verify
+
+    def check(self, seqs, tokens):
+        lengths = [s.length for s in seqs]
+        seen(seqs, tokens)
+        out = verify(self, seqs, tokens)
+        assert out.shape[:2] == (len(seqs), len(tokens[0]))
+        for s, L, row, h in zip(seqs, lengths, tokens, out):
+            seq = torch.tensor([(s.prompt + s.out)[:L] + row])
+            torch.testing.assert_close(h, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
+        return out
+    return check
+
+
 SPEC = {"moe": dict(n_mtp_layers=2), "three_mtp_layers": dict(n_mtp_layers=3),
         "v2_router": dict(CASES["v2_router"], n_mtp_layers=2), "dense": dict(n_routed_experts=0, n_mtp_layers=1)}
 
@@ -172,7 +189,7 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
     cache) and whose first verify straddles two blocks handed out in descending order (rows written by slot)."""
     model = random_model(sobre.preset("debug", vocab_size=8, **SPEC[case]), std=0.3)
     D, drafted, sizes = model.config.n_mtp_layers, {}, {"verify": [], "mtp": []}
-    mtp, verify = plan.DecodePlan.mtp, plan.DecodePlan.verify
+    mtp = plan.DecodePlan.mtp
 
     def check_mtp(self, s, k, h, tokens, last=False):
         out = mtp(self, s, k, h, tokens, last)
@@ -186,17 +203,9 @@ def test_speculative_steps_equal_the_module_path(case, monkeypatch):
             torch.testing.assert_close(out, ref[end - out.shape[0]:end], atol=1e-4, rtol=0)
         return out
 
-    def check_verify(self, seqs, tokens):
-        lengths = [s.length for s in seqs]
-        out = verify(self, seqs, tokens)
-        sizes["verify"].append(len(tokens[0]))
-        for s, L, row, h in zip(seqs, lengths, tokens, out):
-            seq = torch.tensor([(s.prompt + s.out)[:L] + row])
-            torch.testing.assert_close(h, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
-        return out
-
     monkeypatch.setattr(plan.DecodePlan, "mtp", check_mtp)
-    monkeypatch.setattr(plan.DecodePlan, "verify", check_verify)
+    monkeypatch.setattr(plan.DecodePlan, "verify", checked_verify(model, lambda seqs, tokens: sizes["verify"].append(
+        len(tokens[0]))))
     prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [(i * 5) % 8 for i in range(62)]]
 
     def run(on: bool):
@@ -225,19 +234,8 @@ def test_a_few_sequences_verify_together_as_the_module_path(case, monkeypatch):
     through the modules; ragged prompts finishing at different steps (then a lone sequence's planned drafts):
     tokens equal plain greedy's, logprobs and draft counts the module path's."""
     model = random_model(sobre.preset("debug", vocab_size=8, **SPEC[case]), std=0.3)
-    D, together, verify = model.config.n_mtp_layers, [], plan.DecodePlan.verify
-
-    def check_verify(self, seqs, tokens):
-        lengths = [s.length for s in seqs]
-        out = verify(self, seqs, tokens)
-        together.append(len(seqs))
-        assert out.shape[:2] == (len(seqs), D + 1)
-        for s, L, row, h in zip(seqs, lengths, tokens, out):
-            seq = torch.tensor([(s.prompt + s.out)[:L] + row])
-            torch.testing.assert_close(h, model.hidden(seq)[0, L:], atol=1e-4, rtol=0)
-        return out
-
-    monkeypatch.setattr(plan.DecodePlan, "verify", check_verify)
+    together = []
+    monkeypatch.setattr(plan.DecodePlan, "verify", checked_verify(model, lambda seqs, _: together.append(len(seqs))))
     prompts, new = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [3], [5, 5, 2, 7]], [30, 12, 21]
 
     def run(on: bool):
