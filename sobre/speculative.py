@@ -61,12 +61,12 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     planned = eng.plan if eng.plan and plan.ON and len(seqs) * (D + 1) <= plan.MAX_TOKENS else None
     with planned.held() if planned else contextlib.nullcontext():  # (the weights checked once for the step's calls)
         drafts, q_logits, inputs = draft(eng, seqs, planned if len(seqs) == 1 else None)
-        h = planned.verify(seqs, [[s.pending] + d for s, d in zip(seqs, drafts)]) if planned else None
+        rows = [[s.pending] + d for s, d in zip(seqs, drafts)]  # each sequence's tokens to verify
+        h = planned.verify(seqs, rows) if planned else None
     if h is not None:
         state = h  # [B, D + 1, D]
     else:
-        tokens = int_rows([[s.pending] + d for s, d in zip(seqs, drafts)], eng.device)
-        h, state = m.hidden_state(tokens, eng._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
+        h, state = m.hidden_state(int_rows(rows, eng.device), eng._batch(seqs, D + 1))  # [B, D + 1, D], [B, D + 1, ...]
     logits = m.head(h)  # [B, D + 1, V]
     sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     q_rows = dict(zip(sampled, torch.stack([probs(q[sampled], [seqs[i].params for i in sampled])

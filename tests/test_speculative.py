@@ -254,7 +254,7 @@ def test_drafts_mtp_hiddens_equal_the_whole_sequence_run(D, monkeypatch):
     layer k-1 at i and token i + k + 1), so the layers' caches hold the right rows; the last layer returns its last
     row only (its FFN runs on that one). A vocabulary of 8: drafts are often right; a 1-token prompt: with 3 drafts
     a rejection leaves the deeper layers no verified row."""
-    model = two_drafts(sobre.preset("debug", n_mtp_layers=D, vocab_size=8), std=0.3)
+    model = random_model(sobre.preset("debug", n_mtp_layers=D, vocab_size=8), std=0.3)
     mtp_hidden, drafted, checked = model.mtp_hidden, {}, []
 
     def check(h, tokens, cache, k=0, last=False):
