@@ -46,8 +46,12 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
                  prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3,
-                 draft_vocab: int | None = None, loras: dict | None = None):
+                 draft_vocab: int | None = None, loras: dict | None = None, keep_logits: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        # each sequence keeps the model's raw logits row of every token it is given (Sequence.logits: views of the
+        # step's [B, V] logits, so each step's stays alive while one of its rows is kept): GRPO's update takes
+        # them as its head's logits instead of computing them again (grpo.reuse_logits)
+        self.keep_logits = keep_logits
         if compile and loras:
             raise ValueError("compile=True does not serve LoRA adapters (loras=): decode them eagerly")
         # LoRA adapters served beside the base model, each request its own (SamplingParams.lora; vLLM's
@@ -480,6 +484,8 @@ class Engine:
         """Append one chosen token (logits [V]: the model's raw row, for logprobs); finish if it stops."""
         s.out.append(tok)
         s.pending = tok
+        if self.keep_logits:
+            s.logits.append(logits)
         if s.params.logprobs is not None:
             chosen, vals, ids = top_logprobs(logits[None], torch.tensor([tok], device=logits.device),
                                              s.params.logprobs)

@@ -63,6 +63,8 @@ VARIANTS = ("grpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")  # what the advantages are divided by: their group's reward std, the batch's, none
 IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
 LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
+REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update's (reuse_logits; False: computed)
+REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
 
 
@@ -167,7 +169,7 @@ class SharedPrefix(Cache):
 
 
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
-                   shared: bool = True, coef: torch.Tensor | None = None):
+                   shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
     distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
@@ -176,7 +178,8 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     forward); shared=False or otherwise: every row is prompt +
     completion, padded (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with
     these coefficients): a fourth value, that loss, whose gradients the head makes in its forward
-    (loss.head_weighted_logprobs); the log-probs then carry none."""
+    (loss.head_weighted_logprobs); the log-probs then carry none. reuse (with coef): the head takes each rollout's
+    kept logits rows (Rollout.logits) as its logits instead of computing them (reuse_logits says when)."""
     dev = next(model.parameters()).device
     c = model.config
     mask = completion_mask(batch, dev)
@@ -213,8 +216,9 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     if coef is None:
         lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy)
     else:
+        given = [row for r in batch for row in r.logits] if reuse else None  # (in rows' order: row by row)
         linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
-                                                  temperature, entropy)
+                                                  temperature, entropy, given)
     logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
     ent = ents.sum().item() if entropy else 0.0  # (a statistic: no gradient)
     return (logp, mask, ent) + ((linear,) if coef is not None else ())
@@ -309,6 +313,7 @@ def grpo(a: GRPOArgs) -> Path:
     (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
     truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
+    reuse = reuse_logits(model, a)
     log = open(run / "metrics.jsonl", "a")
 
     def held_out() -> float:
@@ -338,7 +343,7 @@ def grpo(a: GRPOArgs) -> Path:
         with weights as m:
             groups, drawn = sample_groups(m, tok, task, problems, a.group, a.prompts, accept, a.max_new_tokens,
                                           a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8,
-                                          top_k=a.top_k, min_p=a.min_p)
+                                          top_k=a.top_k, min_p=a.min_p, keep_logits=reuse)
         seen = [(g, scores[id(g)]) for _, g in groups]
         kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
@@ -354,7 +359,7 @@ def grpo(a: GRPOArgs) -> Path:
         if a.log_completions:
             _log_completions(run / "completions.jsonl", step + 1, problems, groups, scores, kept, a)
         if kept:
-            rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong))
+            rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong, reuse))
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
                     "samples_per_s": len(flat) / (time.perf_counter() - t0)})
         if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
@@ -394,8 +399,23 @@ def _log_completions(path: Path, step: int, problems, groups, scores: dict, kept
         f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
 
 
-def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool) -> dict:
-    """mu epochs of one optimizer step each over the kept groups."""
+def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
+    """Whether the rollouts keep their logits rows for the update's head to take (loss.head_weighted_logprobs:
+    its forward matmul skipped): where they are the update's own logits up to rounding, i.e. the linear surrogate
+    (mu = 1, beta = 0: one epoch, on the weights the rollouts sampled from), fp32 weights sampled and trained
+    in fp32 (no --rollout-bf16, no --bf16 autocast), no dropout in the update (--lora-dropout), and at most
+    REUSE_BYTES of rows (every token that can be drawn a step: a [V] row each). The two forwards round apart by
+    ~1e-6, so a near-tie of expert scores (or of DSA / NSA's top-k) may go either way in either, as between any
+    two forwards."""
+    drawn = a.prompts * (a.max_attempts if a.dynamic_sampling or a.loss == "dapo" else 1) * a.group
+    return (REUSE_LOGITS and LINEAR_SURROGATE and a.mu == 1 and not a.beta and not a.bf16 and not a.rollout_bf16
+            and not (a.lora_rank and a.lora_dropout) and all(p.dtype == torch.float32 for p in model.parameters())
+            and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
+
+
+def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool, reuse: bool = False) -> dict:
+    """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
+    rollouts' logits (reuse_logits)."""
     adv = group_advantages(kept, a)
     batch = [x for g, _ in kept for x in g]
     use = [not (overlong and x.truncated) for x in batch]
@@ -441,7 +461,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                 coef = -adv[list(c), None] * w
             with amp():
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0,
-                                                             temperature=a.temperature, coef=coef)
+                                                             temperature=a.temperature, coef=coef,
+                                                             reuse=linear and reuse)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None, a.importance)

@@ -31,21 +31,25 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def head_weighted_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
-                           temperature: float = 1.0, entropy: bool = False):
+                           temperature: float = 1.0, entropy: bool = False, logits: list[torch.Tensor] | None = None):
     """sum_i coef[i] * log p(targets[i]) under softmax(h @ weight.T / temperature) (fp32), with its gradients made
     in the forward as head_cross_entropy's (three matmuls; head_logprobs' backward recomputes the logits: four),
     for a loss linear in the log-probs with coefficients known beforehand (GRPO's surrogate at ratio 1).
     h [N, D], weight [V, D], targets / coef [N] -> (that sum, the log-probs [N] and the entropies [N] when asked
-    (else [0]), these two without gradient)."""
-    return _HeadCE.apply(h, weight, targets, -coef, temperature, entropy)  # (sum -coef_i * CE_i)
+    (else [0]), these two without gradient). logits: h @ weight.T already computed, as N rows [V] (the rollout
+    engine's, of the same weights: grpo.reuse_logits): the head's forward matmul is skipped, two remain."""
+    return _HeadCE.apply(h, weight, targets, -coef, temperature, entropy, logits)  # (sum -coef_i * CE_i)
 
 
 class _HeadCE(torch.autograd.Function):
-    """sum_i row_weights[i] * CE_i (row_weights None: the mean), the log-probs and (entropy) entropies."""
+    """sum_i row_weights[i] * CE_i (row_weights None: the mean), the log-probs and (entropy) entropies; given_logits
+    (N rows [V], or None): the logits, not computed again."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, row_weights, temperature, entropy):
+    def forward(ctx, h, weight, targets, row_weights, temperature, entropy, given_logits=None):
         N, V = h.shape[0], weight.shape[0]
+        if given_logits is not None and len(given_logits) != N:
+            raise ValueError(f"{len(given_logits)} logits rows for {N} rows of h")
         step = max(MIN_ROWS, CHUNK_LOGITS // V)
         want_h, want_w = ctx.needs_input_grad[:2]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -57,7 +61,8 @@ class _HeadCE(torch.autograd.Function):
         for i in range(0, N, step):
             rows = slice(i, i + step)
             yc = targets[rows]
-            logits = linear(hm[rows], w).float()  # [n, V]
+            given = None if given_logits is None else torch.stack(given_logits[rows])  # (a copy: changed in place)
+            logits = (linear(hm[rows], w) if given is None else given).float()  # [n, V]
             if temperature != 1:
                 logits.div_(temperature)
             p, lp[rows], ents = _softmax_parts(logits, yc, entropy)
@@ -78,7 +83,7 @@ class _HeadCE(torch.autograd.Function):
     def backward(ctx, grad_out, _lp, _ent):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None, None, None, None)
+                grad_w * grad_out if grad_w is not None else None, None, None, None, None, None)
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -637,3 +637,86 @@ def test_rollout_batch_runs_cheap_sequences_at_once_within_its_budget(monkeypatc
     assert rollout.rollout_batch(tiny, 800, 200) == rollout.DEFAULT_BATCH
     from sobre.v4 import V4Transformer
     assert rollout.rollout_batch(V4Transformer(sobre.preset("debug", arch="deepseek_v4")), 800, 200) == 256
+
+
+def spy_given_logits(monkeypatch) -> list[bool]:
+    """Whether each call of grpo's head_weighted_logprobs is handed the rollouts' logits, in a list."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args[-1] is not None)
+        return sobre.loss.head_weighted_logprobs(*args)
+    monkeypatch.setattr(sobre.grpo, "head_weighted_logprobs", spy)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
+def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, arch, monkeypatch):
+    """sample_groups(keep_logits=True): each completion carries the engine's logits row of each of its tokens (a
+    ragged batch: completions stop early, first tokens from shared prefills), each equal to a full forward's at
+    its position; the linear surrogate's update on those rows (the head's forward matmul skipped) takes the step
+    the recomputing update takes. Without keep_logits no rows are kept."""
+    from sobre.rollout import sample_groups
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", arch=arch, vocab_size=tok.vocab_size))
+    with torch.no_grad():  # end-of-sentence likely at some positions: completions of several lengths
+        model.head.weight[tok.eos_id] = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
+    task = get_task("arithmetic")
+    problems = task.problems("train", 3)
+    groups, _ = sample_groups(model, tok, task, problems, 3, 3, max_new_tokens=8, seed=3, keep_logits=True)
+    batch = [r for _, g in groups for r in g]
+    assert len({len(r.ids) for r in batch}) > 2, [len(r.ids) for r in batch]  # ragged: some stop early
+    for r in batch:
+        assert len(r.logits) == len(r.ids)
+        with torch.no_grad():
+            full = model(torch.tensor([r.prompt + r.ids[:-1]]))[0, len(r.prompt) - 1:]
+        torch.testing.assert_close(torch.stack(r.logits), full, atol=1e-4, rtol=1e-4)
+    assert all(r.logits is None for _, g in sample_groups(model, tok, task, problems, 3, 3, max_new_tokens=8,
+                                                          seed=3)[0] for r in g)
+    rewarded = [(g, torch.tensor([float(i % 2), 1.0, 0.0])) for i, (_, g) in enumerate(groups)]
+    steps = []
+    for reuse in (True, False):
+        m = copy.deepcopy(model)
+        a = GRPOArgs(micro_batch=4, max_new_tokens=8, temperature=0.7)
+        calls = spy_given_logits(monkeypatch)
+        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], rewarded, a, 0.2, False, reuse)
+        assert calls and set(calls) == {reuse}
+        steps.append((stats, dict(m.named_parameters())))
+    same_step(model, steps)
+
+
+@pytest.mark.parametrize("change,reuse", [({}, True), (dict(mu=2), False), (dict(beta=0.1), False),
+                                          (dict(bf16=True), False), (dict(rollout_bf16=True), False),
+                                          (dict(lora_rank=4, lora_dropout=0.1), False),
+                                          (dict(lora_rank=4), True), (dict(max_new_tokens=1 << 16), False)])
+def test_rollouts_keep_their_logits_only_where_they_are_the_updates(change, reuse):
+    """grpo.reuse_logits: the linear surrogate on fp32 rollouts of the weights it trains, without dropout,
+    within REUSE_BYTES (64k tokens x 64 completions x V rows: past it)."""
+    from sobre.grpo import reuse_logits
+    model = random_model()
+    assert reuse_logits(model, GRPOArgs(**change)) is reuse
+    assert not reuse_logits(model.to(torch.bfloat16), GRPOArgs(**change))
+
+
+def test_grpo_runs_alike_on_the_rollouts_logits_or_its_own(tmp_path, monkeypatch):
+    """A `grpo` run whose update takes the rollouts' logits (grpo.REUSE_LOGITS, the default where reuse_logits
+    allows) logs the same steps and exports the same model as one that computes them again."""
+    from sobre import grpo as G
+    runs = []
+    monkeypatch.setattr(G, "_reward", lambda x, a: zlib.crc32(x.text.encode()) / 2**32)  # (a random model: spread)
+    for reuse in (True, False):
+        monkeypatch.setattr(G, "REUSE_LOGITS", reuse)
+        given = spy_given_logits(monkeypatch)
+        run = G.grpo(GRPOArgs(out=str(tmp_path / str(reuse)), preset="debug", task="arithmetic", steps=2, prompts=2,
+                              group=3, max_new_tokens=6, eval_every=1000, lr=1e-2, log_completions=0))
+        assert given and set(given) == {reuse}
+        runs.append((untimed_rows(run / "metrics.jsonl"), sobre.load(run / "model").state_dict()))
+    (rows, weights), (rows2, weights2) = runs
+    assert all(r["signal"] == 1 and r["grad_norm"] > 0 for r in rows)
+    for r, r2 in zip(rows, rows2, strict=True):
+        assert r.keys() == r2.keys()
+        assert all(r[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6) for k in r if k != "heldout_pass@1"), (r, r2)
+    for name, w in weights.items():
+        torch.testing.assert_close(w, weights2[name], atol=1e-4, rtol=1e-4)  # (Adam: lr 1e-2 a step)
