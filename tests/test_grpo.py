@@ -650,17 +650,24 @@ def spy_given_logits(monkeypatch) -> list[bool]:
     return calls
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
-def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, arch, monkeypatch):
+@pytest.mark.parametrize("arch,lora", [("deepseek_v3", False), ("qwen2", False), ("deepseek_v3", True)])
+def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, arch, lora, monkeypatch):
     """sample_groups(keep_logits=True): each completion carries the engine's logits row of each of its tokens (a
     ragged batch: completions stop early, first tokens from shared prefills), each equal to a full forward's at
     its position; the linear surrogate's update on those rows (the head's forward matmul skipped) takes the step
-    the recomputing update takes. Without keep_logits no rows are kept."""
+    the recomputing update takes (every weight, or LoRA adapters on the MLA projections the engine then leaves
+    unfolded). Without keep_logits no rows are kept."""
+    from sobre.lora import adapters, add_lora
     from sobre.rollout import sample_groups
     from sobre.tasks import get_task
     from sobre.tokenizer import train_tokenizer
     tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
     model = random_model(sobre.preset("debug", arch=arch, vocab_size=tok.vocab_size))
+    if lora:
+        add_lora(model, 4)
+        with torch.no_grad():
+            for m in adapters(model).values():
+                m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # end-of-sentence likely at some positions: completions of several lengths
         model.head.weight[tok.eos_id] = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
     task = get_task("arithmetic")
