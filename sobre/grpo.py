@@ -360,6 +360,8 @@ def grpo(a: GRPOArgs) -> Path:
             _log_completions(run / "completions.jsonl", step + 1, problems, groups, scores, kept, a)
         if kept:
             rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong, reuse))
+        for x in flat:  # the kept logits rows go before the next step's rollouts keep theirs
+            x.logits = None
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
                     "samples_per_s": len(flat) / (time.perf_counter() - t0)})
         if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
