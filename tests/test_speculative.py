@@ -95,6 +95,33 @@ def oracle_steps(model, monkeypatch, new: int) -> int:
     return steps
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_kept_logits_are_each_tokens_own_row(speculative, monkeypatch):
+    """Engine(keep_logits=True): a sequence keeps one raw logits row per token it is given, a verify's accepted
+    drafts and bonus token included (the oracle's drafts: all accepted), each equal to a full forward's logits
+    at its position; without it none are kept."""
+    model = random_model()
+    if speculative:
+        use_oracle(model, monkeypatch)
+    eng = Engine(model, speculative=speculative, keep_logits=True)
+    rids, done = [eng.add_request(p, max_new_tokens=9) for p in PROMPTS], {}
+    while eng.has_work():
+        eng.step()
+        done.update(eng.collect())
+    for rid, prompt in zip(rids, PROMPTS):
+        s = done[rid]
+        assert len(s.logits) == len(s.out) == 9
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + s.out[:-1]]))[0, len(prompt) - 1:]
+        torch.testing.assert_close(torch.stack(s.logits), full, atol=1e-4, rtol=1e-4)
+    assert eng.spec_stats["accepted"] > 0 if speculative else not eng.spec_stats["drafted"]
+    plain = Engine(model, speculative=speculative)
+    rid = plain.add_request(PROMPTS[0], max_new_tokens=3)
+    while plain.has_work():
+        plain.step()
+    assert plain.collect()[rid].logits == []
+
+
 def test_speculative_greedy_with_penalties_equals_plain(monkeypatch):
     """Greedy rows with and without penalties in one batch (their picks are made apart: a penalty moves with
     the token accepted before it), beside a sampled row: with the random MTP head most drafts are rejected, with
