@@ -7,6 +7,8 @@ tiny model (medians of --reps, the two interleaved so that a machine's drift hit
   GRPO update         grpo.token_logprobs + backward over 8 prompts x 8 completions of 8-128 tokens: each prompt
                       once, its completions attending to it, FFNs and head on the positions whose output is read
                       (no padding) vs every row prompt + completion, right-padded (shared=False, its twin)
+  GRPO update's head  the same batch under the linear surrogate (mu = 1, beta = 0: loss.head_weighted_logprobs),
+                      the head on the rollouts' own logits (grpo.reuse_logits) vs computing them again
     python bench/posttrain.py [--reps 5] [--group 64]
 """
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 import sobre.engine
 from sobre.distill import kd_loss
 from sobre.engine import Engine
-from sobre.grpo import token_logprobs
+from sobre.grpo import completion_mask, token_logprobs
 from sobre.parallel import keep_freed_memory
 from sobre.rollout import Rollout, prompt_ids
 from sobre.sampling import SamplingParams, filter_logits
@@ -125,9 +127,21 @@ def grpo_update(model, tok, reps: int) -> dict:
         logp[mask].sum().backward()
         model.zero_grad(set_to_none=True)
 
+    with torch.no_grad():  # the rollouts' logits rows: a full forward's at each completion position
+        for x in batch:
+            x.logits = list(model(torch.tensor([x.prompt + x.ids[:-1]]))[0, len(x.prompt) - 1:].unbind(0))
+    coef = torch.randn(len(batch), generator=g)[:, None] * completion_mask(batch, "cpu") * 1e-3  # [N, T]
+
+    def linear_update(reuse):
+        *_, surrogate = token_logprobs(model, batch, entropy=True, coef=coef, reuse=reuse)
+        surrogate.backward()
+        model.zero_grad(set_to_none=True)
+
     lengths = [len(x.ids) for x in batch]
-    return {f"GRPO update fwd+bwd, 64 completions of {min(lengths)}-{max(lengths)} tokens (mean "
-            f"{sum(lengths) / len(lengths):.0f})": compare(lambda i: update(False), lambda i: update(True), reps)}
+    name = f"64 completions of {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})"
+    return {f"GRPO update fwd+bwd, {name}": compare(lambda i: update(False), lambda i: update(True), reps),
+            "GRPO update fwd+bwd, linear surrogate, head on the rollouts' logits":
+                compare(lambda i: linear_update(False), lambda i: linear_update(True), reps)}
 
 
 def main():
