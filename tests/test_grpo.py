@@ -16,7 +16,7 @@ from sobre.cli import main
 from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
-from conftest import crash_then_resume, random_model, untimed_rows
+from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows
 
 # two completions: ratios 1.5, 0.9 (advantage +1) and 0.7, padding (advantage -1)
 RATIO = torch.tensor([[1.5, 0.9], [0.7, 1.0]])
@@ -650,26 +650,30 @@ def spy_given_logits(monkeypatch) -> list[bool]:
     return calls
 
 
-@pytest.mark.parametrize("arch,lora", [("deepseek_v3", False), ("qwen2", False), ("deepseek_v3", True)])
-def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, arch, lora, monkeypatch):
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen2", "lora", "dsa", "nsa"])
+def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, kind, monkeypatch):
     """sample_groups(keep_logits=True): each completion carries the engine's logits row of each of its tokens (a
     ragged batch: completions stop early, first tokens from shared prefills), each equal to a full forward's at
     its position; the linear surrogate's update on those rows (the head's forward matmul skipped) takes the step
     the recomputing update takes (every weight, or LoRA adapters on the MLA projections the engine then leaves
-    unfolded). Without keep_logits no rows are kept."""
+    unfolded; DSA's and NSA's sparse attention, whose top-k choices the two forwards make alike here). Without
+    keep_logits no rows are kept."""
     from sobre.lora import adapters, add_lora
     from sobre.rollout import sample_groups
     from sobre.tasks import get_task
     from sobre.tokenizer import train_tokenizer
     tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
-    model = random_model(sobre.preset("debug", arch=arch, vocab_size=tok.vocab_size))
-    if lora:
+    arch = "qwen2" if kind == "qwen2" else "deepseek_v3"
+    model = random_model(sobre.preset("debug", arch=arch, vocab_size=tok.vocab_size, **SPARSE_MODELS.get(kind, {})))
+    if kind == "lora":
         add_lora(model, 4)
         with torch.no_grad():
             for m in adapters(model).values():
                 m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # end-of-sentence likely at some positions: completions of several lengths
-        model.head.weight[tok.eos_id] = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
+        scale = {"nsa": 0.3, "dsa": 0.5}.get(kind, 1.0)  # (each kind's own: a few lengths, not all 1)
+        g = torch.Generator().manual_seed(0)
+        model.head.weight[tok.eos_id] = scale * torch.randn(model.config.dim, generator=g)
     task = get_task("arithmetic")
     problems = task.problems("train", 3)
     groups, _ = sample_groups(model, tok, task, problems, 3, 3, max_new_tokens=8, seed=3, keep_logits=True)
