@@ -401,6 +401,12 @@ def _log_completions(path: Path, step: int, problems, groups, scores: dict, kept
         f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
 
 
+def linear_surrogate(a: GRPOArgs) -> bool:
+    """One epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
+    log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward."""
+    return LINEAR_SURROGATE and a.mu == 1 and not a.beta
+
+
 def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
     """Whether the rollouts keep their logits rows for the update's head to take (loss.head_weighted_logprobs:
     its forward matmul skipped): where they are the update's own logits up to rounding, i.e. the linear surrogate
@@ -410,7 +416,7 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
     ~1e-6, so a near-tie of expert scores (or of DSA / NSA's top-k) may go either way in either, as between any
     two forwards."""
     drawn = a.prompts * (a.max_attempts if a.dynamic_sampling or a.loss == "dapo" else 1) * a.group
-    return (REUSE_LOGITS and LINEAR_SURROGATE and a.mu == 1 and not a.beta and not a.bf16 and not a.rollout_bf16
+    return (REUSE_LOGITS and linear_surrogate(a) and not a.bf16 and not a.rollout_bf16
             and not (a.lora_rank and a.lora_dropout) and all(p.dtype == torch.float32 for p in model.parameters())
             and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
 
@@ -449,9 +455,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                 with disabled(ref) if ref is model else nullcontext():
                     ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature)[0]
                               for c in chunks]
-    # one epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
-    # log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward
-    linear = LINEAR_SURROGATE and a.mu == 1 and not a.beta
+    linear = linear_surrogate(a)
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for epoch in range(a.mu):
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}

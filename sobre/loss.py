@@ -61,8 +61,10 @@ class _HeadCE(torch.autograd.Function):
         for i in range(0, N, step):
             rows = slice(i, i + step)
             yc = targets[rows]
-            given = None if given_logits is None else torch.stack(given_logits[rows])  # (a copy: changed in place)
-            logits = (linear(hm[rows], w) if given is None else given).float()  # [n, V]
+            if given_logits is None:
+                logits = linear(hm[rows], w).float()  # [n, V]
+            else:  # (stacked: a copy, changed in place below)
+                logits = torch.stack(given_logits[rows]).float()
             if temperature != 1:
                 logits.div_(temperature)
             p, lp[rows], ents = _softmax_parts(logits, yc, entropy)
