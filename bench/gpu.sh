@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # A GPU session's checks and timings, in one go (a lent GPU's minutes are few): tests/test_cuda.py, a short
 # `sobre speedrun` on the GPU (every stage, scaled down), then bench/engine.py and bench/train.py with --device
-# cuda (--compile: Engine(compile=True), compiled training blocks), and the engine in bf16. Each part has its own
-# time limit; logs go to $OUT (default gpu-logs/). PARTS picks some: PARTS="test_cuda bench_engine".
+# cuda (--compile: Engine(compile=True), compiled training blocks), the engine in bf16, and bench/grpo.py (issue 6's
+# GRPO against TRL, both on the GPU: only where trl and datasets import; the lent machines' image has neither, so
+# carry their wheels, /work/.library/device/README.md). Each part has its own time limit; logs go to $OUT (default
+# gpu-logs/). PARTS picks some: PARTS="test_cuda bench_engine".
 #   bash bench/gpu.sh
 set -u
 OUT=${OUT:-gpu-logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-PARTS=${PARTS:-test_cuda speedrun bench_engine bench_train bench_engine_bf16}
+PARTS=${PARTS:-test_cuda speedrun bench_engine bench_train bench_engine_bf16 bench_grpo}
 part() {  # part NAME SECONDS COMMAND...: run it, its output to $OUT/NAME.log and to the terminal
     local name=$1 limit=$2
     shift 2
@@ -29,3 +31,8 @@ cp "$RUN/speedrun.json" "$OUT/" 2>/dev/null
 part bench_engine "${LIMIT_ENGINE:-240}" $PY bench/engine.py --device cuda --compile
 part bench_train "${LIMIT_TRAIN:-150}" $PY bench/train.py --device cuda --no-scaling --compile
 part bench_engine_bf16 "${LIMIT_ENGINE_BF16:-120}" $PY bench/engine.py --device cuda --dtype bfloat16
+if $PY -c "import trl, datasets" 2>/dev/null; then
+    part bench_grpo "${LIMIT_GRPO:-240}" $PY bench/grpo.py --device cuda --rounds 1
+elif [[ " $PARTS " == *" bench_grpo "* ]]; then
+    echo "== bench_grpo: skipped (trl or datasets does not import)"
+fi

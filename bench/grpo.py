@@ -14,7 +14,7 @@ autocast as its update: checked with a hook on its LM head; sobre's rollouts the
 `grpo --rollout-bf16`, its update under autocast, `--bf16`).
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
-                         [--reward spread|digits] [--onednn auto|on|off]
+                         [--reward spread|digits] [--onednn auto|on|off] [--device cpu|cuda]
 """
 
 import argparse
@@ -68,7 +68,7 @@ def run_sobre(model_dir, a, out):
                     steps=a.steps + 1, prompts=a.prompts, group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0,
                     eval_every=10_000, eval_problems=1, save_every=10_000, lr=1e-5,
                     micro_batch=a.prompts * a.group, bf16=a.bf16,  # one forward, as TRL's batch
-                    rollout_bf16=a.bf16)  # TRL's bf16=True generates under its autocast
+                    rollout_bf16=a.bf16, device=a.device)  # TRL's bf16=True generates under its autocast
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s", "signal")}
@@ -105,8 +105,8 @@ def run_trl(model_dir, a, out):
 
     cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=a.prompts * a.group, num_generations=a.group,
                      max_completion_length=a.max_new_tokens, beta=0.0, learning_rate=1e-5, max_steps=a.steps + 1,
-                     use_cpu=True, bf16=a.bf16, logging_steps=1, report_to=[], save_strategy="no", temperature=1.0,
-                     loss_type="grpo", shuffle_dataset=False, disable_tqdm=True)
+                     use_cpu=a.device == "cpu", bf16=a.bf16, logging_steps=1, report_to=[], save_strategy="no",
+                     temperature=1.0, loss_type="grpo", shuffle_dataset=False, disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                           callbacks=[Timer()])
@@ -142,10 +142,12 @@ def main():
                    help="sobre's fp32 products on oneDNN: this CPU's default (sobre.linear.ONEDNN: AMD CPUs with "
                         "AVX-512; few-row products by large weights on any AMD CPU) or forced on (every product "
                         "from ONEDNN_MACS up) / off (none) (TRL's products are torch's own either way)")
+    p.add_argument("--device", default="cpu", help="both sides' device: cpu, or cuda (TRL on accelerate's GPU)")
     p.add_argument("--rounds", type=int, default=2,
                    help="sobre then TRL, this many times (a drifting machine moves both alike within a round)")
     a = p.parse_args()
-    keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
+    if a.device == "cpu":
+        keep_freed_memory()  # as sobre's engines and runs do; the baseline shares it (bench/README.md)
     if a.onednn != "auto":
         sobre.linear.ONEDNN = a.onednn == "on" and torch.backends.mkldnn.is_available()
         if not sobre.linear.ONEDNN:  # off: no product on oneDNN, the few-row ones neither
@@ -161,9 +163,11 @@ def main():
             theirs, theirs_len, their_split = run_trl(model_dir, a, tmp / f"trl{r}")
             rows.append((theirs, ours, split, their_split, theirs_len, ours_len))
     few = " (few rows by a large weight: oneDNN)" if sobre.linear.DNN_ROWS and not sobre.linear.ONEDNN else ""
+    where = (f"{torch.get_num_threads()} threads, sobre's fp32 products on "
+             f"{'oneDNN' if sobre.linear.ONEDNN else 'MKL'}{few}" if a.device == "cpu"
+             else torch.cuda.get_device_name())
     print(f"\nGRPO, {a.prompts} prompts x G={a.group}, <= {a.max_new_tokens} new tokens, beta=0, "
-          f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {torch.get_num_threads()} threads, "
-          f"sobre's fp32 products on {'oneDNN' if sobre.linear.ONEDNN else 'MKL'}{few} "
+          f"{'bf16 autocast' if a.bf16 else 'fp32'}, {a.reward} reward, {where} "
           f"({'model ' + a.init if a.init else 'fresh ' + a.preset + ' model'})")
     print("| round | TRL samples/s | sobre samples/s | sobre / TRL | sobre rollout / update s | TRL generation / "
           "rest s | mean completion tokens TRL / sobre | sobre: share trained |")
