@@ -2,7 +2,7 @@
 
 The same random checkpoint (bench/engine.py's config: 16 experts top-4, hidden 256, expert width 128), layer 1 of
 each, no_grad, fp32 (or --dtype bfloat16: both layers' weights and inputs), best of several runs. sobre picks its
-CPU path from the rows per expert (one token: routed on the host, model.Gate.one, then experts.one_token, no sort;
+CPU path from the rows per expert (one token: routed on the host, moe.Gate.one, then experts.one_token, no sort;
 on these small experts, pairs at most the experts: experts.bagged, embedding bags; more tokens in fp32:
 experts.every_expert, every expert on every token; else experts.Groups: a loop over the active experts, one
 zero-padded bmm (the pairs placed there in token order, experts.padded), oneDNN expert by expert, or

@@ -25,7 +25,8 @@ from .fp8 import FP8Experts, FP8Linear, V4QuantExperts, dequantize, dequantize_f
 from .int8 import int8_scale, quantize_int8, quantize_rows
 from .lora import read_adapter
 from .manifest import write_manifest
-from .model import Gate, Rope, Transformer, build_model
+from .model import Rope, Transformer, build_model
+from .moe import Gate
 from .v4 import FP32, Rope2
 from .v4 import Experts as V4Experts
 

@@ -55,17 +55,17 @@ def inference_path(x, idx, n_experts: int, w1, w2, w3):
     return every_expert if x.dtype == torch.float32 and macs <= EVERY_EXPERT_MACS else None
 
 
-ONE_TOKEN = True  # CPU inference: one token's MoE routed on the host (model.MoE), unsorted (one_token); False: sorted
+ONE_TOKEN = True  # CPU inference: one token's MoE routed on the host (moe.MoE), unsorted (one_token); False: sorted
 
 
 def one_token(x, w, idx, w1, w2, w3, shared=None):
     """dispatch of one token without autograd on the CPU (a B=1 decode step): x [1, D]; w / idx [1, K], or the
-    token's K routing weights and experts as lists (model.Gate.one); w1 / w2 / w3 stacked, or as lists of the
-    experts' matrices (model.Experts.rows); shared: a shared expert (a module) whose output joins the sum. Each chosen
+    token's K routing weights and experts as lists (moe.Gate.one); w1 / w2 / w3 stacked, or as lists of the
+    experts' matrices (moe.Experts.rows); shared: a shared expert (a module) whose output joins the sum. Each chosen
     expert's SwiGLU on the row, then the K (+ 1) results weighed (the shared by 1) and summed as one [1, K] x [K, D]
     product in fp32, instead of sorting, counting, gathering and adding back the token's K pairs (~19 ops fewer a
     layer: a B=1 step of bench/engine.py's model 6% faster; bench/moe.py's 1-token row against the sorted loop).
-    model.MoE routes a B=1 step's token on the host and calls it with lists (a B=1 step ~9% faster again, session
+    moe.MoE routes a B=1 step's token on the host and calls it with lists (a B=1 step ~9% faster again, session
     57). Its twin: eager_dispatch (tests/test_model.py)."""
     if isinstance(idx, torch.Tensor):
         w, idx = w[0].tolist(), idx[0].tolist()
@@ -459,6 +459,6 @@ class RoutedLoad:
     n_experts: int
 
     @property
-    def last_load(self) -> torch.Tensor | None:  # (last_idx: a list where model.MoE routed one token on the host)
+    def last_load(self) -> torch.Tensor | None:  # (last_idx: a list where moe.MoE routed one token on the host)
         idx = self.last_idx
         return None if idx is None else expert_load(torch.as_tensor(idx), self.n_experts)

@@ -146,7 +146,7 @@ class FP8Linear(nn.Module):
 
 
 class FP8Experts(nn.Module):
-    """model.Experts with w1 / w2 / w3 [E, out, in] in e4m3 (+ w*_scale_inv [E, blocks, blocks]); each active
+    """moe.Experts with w1 / w2 / w3 [E, out, in] in e4m3 (+ w*_scale_inv [E, blocks, blocks]); each active
     expert's three matrices are dequantised for its own rows only, or (compute as FP8Linear's) multiplied in
     FP8 by fp8_linear."""
 
@@ -158,7 +158,7 @@ class FP8Experts(nn.Module):
             self.register_buffer(name + "_scale_inv", torch.empty(E, math.ceil(o / block[0]), math.ceil(i / block[1])))
         self.compute = "auto"
 
-    def forward(self, x, w, idx):  # model.Experts' dispatch
+    def forward(self, x, w, idx):  # moe.Experts' dispatch
         return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
 
     def ffn(self, xs, counts: list[int]):  # rows sorted by expert; each active expert dequantised for its rows

@@ -37,7 +37,8 @@ from .host import int_rows, ints
 from .linear import native_bf16
 from .lora import LoRAArgs, add_lora, disabled
 from .loss import head_logprobs, head_weighted_logprobs
-from .model import Cache, MoE, Transformer
+from .model import Cache, Transformer
+from .moe import MoE
 from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import CastWeights, Rollout, evaluate_task, sample_groups

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import dispatch, per_expert
-from .model import Experts
+from .moe import Experts
 
 SKIP = ("embed", "wkv_b", "o_a_proj")  # module names whose weights stay as loaded (read whole, or looked up)
 CHUNK = 4096  # reference path: output rows dequantised at a time
@@ -103,7 +103,7 @@ class Int8Linear(nn.Module):
 
 
 class Int8Experts(nn.Module):
-    """model.Experts (w1 / w3 [E, I, D], w2 [E, D, I]) in int8 with per-row scales; each active expert's three
+    """moe.Experts (w1 / w3 [E, I, D], w2 [E, D, I]) in int8 with per-row scales; each active expert's three
     matrices multiply its own rows through int8_mm."""
 
     MATRICES = {"w1": "w1_scale", "w2": "w2_scale", "w3": "w3_scale"}
@@ -112,7 +112,7 @@ class Int8Experts(nn.Module):
         super().__init__()
         _int8_buffers(self, {k: getattr(experts, k) for k in self.MATRICES}, fill)
 
-    def forward(self, x, w, idx):  # model.Experts' dispatch
+    def forward(self, x, w, idx):  # moe.Experts' dispatch
         return dispatch(x, w, idx, self.w1.shape[0], self.ffn)
 
     def ffn(self, xs, counts: list[int]):  # rows sorted by expert
@@ -143,7 +143,7 @@ def _int8_buffers(mod: nn.Module, weights: dict, fill: bool):
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, fill: bool = True, skip: tuple[str, ...] = ()) -> dict:
-    """Swap, in place, every nn.Linear (sobre's Linear included) for an Int8Linear and every model.Experts for an
+    """Swap, in place, every nn.Linear (sobre's Linear included) for an Int8Linear and every moe.Experts for an
     Int8Experts, but those named in SKIP or `skip`. A head tied to the embedding gets its own int8 copy (the
     lookup keeps the table). -> {module name: relative weight error ||W - dequant(quant(W))|| / ||W||}.
     fill=False: empty int8 modules (checkpoint.load quantises into them; `int8_scale` names each code's scales)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .experts import stacked_weight
-from .model import Transformer, moe_layers
+from .model import Transformer
+from .moe import moe_layers
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -77,7 +78,7 @@ def init(device: str = "auto") -> tuple[int, int, torch.device]:
 
 
 class ExpertParallel(nn.Module):
-    """Drop-in for a routed-experts module (model.Experts, v4.Experts: stacked [E, ...] parameters and a
+    """Drop-in for a routed-experts module (moe.Experts, v4.Experts: stacked [E, ...] parameters and a
     `grouped(rows, counts, *weights)` method) holding only this rank's physical experts, under the same
     parameter names. Tokens go to the rank holding their expert and back with two all-to-alls.
 

@@ -12,7 +12,7 @@ the CPU, no autograd) on weights prepared once, with fewer ops:
   of the pool where its blocks run in order, else its blocks gathered);
 - the residual added by the output products (addmm), the shared expert's and each routed expert's down product
   accumulated with its routing weight (addmm's alpha), where the module path concatenates the K + 1 outputs and
-  weighs them in a [1, K + 1] x [K + 1, D] product. Routing is model.Gate.one's (on the host).
+  weighs them in a [1, K + 1] x [K + 1, D] product. Routing is moe.Gate.one's (on the host).
 A MoE layer of one token takes 72 ops. bench/engine.py's model at B=1: a step 1.4x faster than the module path on
 a 2-core AVX2 EPYC (bench/RESULTS.md, session 59). Several rows (at most MAX_TOKENS: a few sequences' tokens, a
 speculative verify's 1 + drafts tokens of one, an MTP layer catching up on the accepted ones) take the same code
@@ -40,7 +40,8 @@ from torch import nn
 
 from . import absorb
 from .linear import Linear
-from .model import MLA, MLP, Block, Experts, Gate, MoE, MTPLayer, RMSNorm, Transformer, inverse_rms
+from .model import MLA, Block, MTPLayer, RMSNorm, Transformer, inverse_rms
+from .moe import MLP, Experts, Gate, MoE
 
 VERSION = operator.attrgetter("_version")
 ON = True  # a few sequences' decode steps and speculative verifies, a lone one's MTP drafts through DecodePlan

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 def moe_routed(experts, x, w, idx):
-    """Per-token loop twin of model.Experts.forward. x [N, D], w/idx [N, K] -> [N, D] (summed in fp32)."""
+    """Per-token loop twin of moe.Experts.forward. x [N, D], w/idx [N, K] -> [N, D] (summed in fp32)."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t in range(x.shape[0]):
         for j in range(idx.shape[1]):

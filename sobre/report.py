@@ -77,7 +77,7 @@ def expert_loads(model, ids: list[int], chunk: int = 256) -> list[list[float]]:
     """Share of routed (token, expert) pairs per expert, per MoE layer [layers][experts], measured on ids."""
     import torch
 
-    from .model import moe_layers
+    from .moe import moe_layers
     moes = moe_layers(model.layers)  # the main layers (not MTP)
     totals = [0] * len(moes)
     was = model.training

@@ -23,7 +23,8 @@ from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
 from .lora import LoRAArgs, add_lora
-from .model import MoE, Transformer, head_loss, init_weights
+from .model import Transformer, head_loss, init_weights
+from .moe import MoE
 from .parallel import pick_device
 from .report import plot_training
 from .tasks import get_task

@@ -27,7 +27,8 @@ from .config import DENSE_ARCHS, Config, parse_overrides, preset
 from .data import Batches, build, builtin_docs, file_docs
 from .engine import generate
 from .linear import native_bf16
-from .model import MLA, Transformer, build_model, init_weights, moe_layers
+from .model import MLA, Transformer, build_model, init_weights
+from .moe import moe_layers
 from .optim import Muon, Optimizers, muon_params
 from .stats import model_stats
 from .tokenizer import bytes_per_token, load_tokenizer, train_tokenizer

@@ -26,7 +26,8 @@ from .config import Config
 from .experts import Groups, RoutedLoad, dispatch, stacked_weight
 from .linear import Linear, dense_weight
 from .model import RMSNorm as V3RMSNorm
-from .model import head_loss, positions, rope_inv_freq, sequence_balance_loss
+from .model import head_loss, positions, rope_inv_freq
+from .moe import sequence_balance_loss
 from .sparse import visible
 
 CSA_GATHER = 4  # long forwards: CSA gathers each query's top-k entries once there are more than 4 x k

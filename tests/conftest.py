@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sobre
-from sobre.model import Gate, Transformer, init_weights
+from sobre.model import Transformer, init_weights
+from sobre.moe import Gate
 
 V3 = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
           num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=32,

@@ -85,10 +85,10 @@ def test_fp8_compute_switch_on_a_model():
 
 
 def fp8_experts(c, g: torch.Generator):
-    """Random model.Experts of config c, the same quantised as FP8Experts, and a routed batch of 10 tokens:
+    """Random moe.Experts of config c, the same quantised as FP8Experts, and a routed batch of 10 tokens:
     (experts, fp8 experts, x [10, D], routing weights [10, 2], expert ids [10, 2])."""
     from sobre.fp8 import FP8Experts
-    from sobre.model import Experts
+    from sobre.moe import Experts
     ref = Experts(c)
     fp8 = FP8Experts(c.n_routed_experts, c.moe_inter_dim, c.dim)
     with torch.no_grad():

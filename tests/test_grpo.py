@@ -533,7 +533,7 @@ def test_cast_weights_are_a_bf16_load_of_the_model_put_back_after(tmp_path):
     """CastWeights(model, bf16): inside, each parameter is what sobre.load(dtype=bf16) gives (the router fp32), and
     rollouts sample what that model samples; after, the fp32 parameters are back; a trained parameter's change
     reaches the copy at the next entry."""
-    from sobre.model import Gate
+    from sobre.moe import Gate
     from sobre.rollout import CastWeights, rollouts
     from sobre.tasks import get_task
     from sobre.tokenizer import train_tokenizer

@@ -12,7 +12,7 @@ import sobre
 from sobre import int8
 from sobre.engine import Engine
 from sobre.int8 import Int8Experts, Int8Linear, int8_mm, int8_reference, quantize_int8, quantize_rows
-from sobre.model import Experts
+from sobre.moe import Experts
 
 from conftest import random_model
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import sobre
 from sobre import absorb, reference
 from sobre.experts import Groups, grouped_ffn, looped_mm, stacked_weight
-from sobre.model import Cache, Gate
+from sobre.model import Cache
+from sobre.moe import Gate
 
 from conftest import random_model
 

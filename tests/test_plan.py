@@ -9,7 +9,7 @@ from sobre import plan
 from sobre.engine import Engine
 from sobre.int8 import quantize_int8
 from sobre.linear import Linear
-from sobre.model import MoE
+from sobre.moe import MoE
 
 from conftest import random_model, run_requests
 

@@ -15,7 +15,7 @@ import torch
 import sobre
 from sobre import reference
 from sobre.data import Batches, build, builtin_docs, file_docs
-from sobre.model import Gate
+from sobre.moe import Gate
 from sobre.tokenizer import SPECIAL, load_tokenizer, train_tokenizer
 from sobre.train import TrainArgs, losses, lr_at, update_router_bias
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import sobre
-from sobre.model import MoE
+from sobre.moe import MoE
 from sobre.parallel import ExpertParallel, init
 
 rank, world, _ = init()
