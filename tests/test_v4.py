@@ -172,7 +172,7 @@ def test_decode_with_caches_equals_one_forward():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_round_trips_through_transformers(tmp_path, dtype):
     import sobre
-    from sobre.checkpoint import v4_name, v4_saved
+    from sobre.names import v4_name, v4_saved
     m = ours_from(hf_model(seed=9))
     names = {n for n, _ in m.state_dict().items()}
     mapped = {v4_name(n, m.config.n_mtp_layers)[0] for n, _ in v4_saved(m)}
@@ -312,7 +312,7 @@ def test_quantised_experts_load_like_transformers(tmp_path, scale_as, suffix, ex
                                   "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     cfg["expert_dtype"] = experts
     (path / "config.json").write_text(json.dumps(cfg))
-    from sobre.checkpoint import v4_saved
+    from sobre.names import v4_saved
     with torch.no_grad():  # the reference: the model with the exact values the FP4 / FP8 codes stand for
         for name, t in v4_saved(m):
             if name in exact:
