@@ -2,15 +2,19 @@
 # A GPU session's checks and timings, in one go (a lent GPU's minutes are few): tests/test_cuda.py, a short
 # `sobre speedrun` on the GPU (every stage, scaled down), then bench/engine.py and bench/train.py with --device
 # cuda (--compile: Engine(compile=True), compiled training blocks), the engine in bf16, and bench/grpo.py (issue 6's
-# GRPO against TRL, both on the GPU: only where trl and datasets import; the lent machines' image has neither, so
-# carry their wheels, /work/.library/device/README.md). Each part has its own time limit; logs go to $OUT (default
-# gpu-logs/). PARTS picks some: PARTS="test_cuda bench_engine".
+# GRPO against TRL, both on the GPU: only where trl and datasets import; the lent machines' image has neither: wheels
+# found in .whl/ (trl, datasets, dill, multiprocess; `pip download --no-deps ... -d .whl`) go into /tmp/site first).
+# Each part has its own time limit; logs go to $OUT (default gpu-logs/). PARTS picks some: PARTS="test_cuda bench_engine".
 #   bash bench/gpu.sh
 set -u
 OUT=${OUT:-gpu-logs}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (the image lacks them), beside its own packages
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 PARTS=${PARTS:-test_cuda speedrun bench_engine bench_train bench_engine_bf16 bench_grpo}
 part() {  # part NAME SECONDS COMMAND...: run it, its output to $OUT/NAME.log and to the terminal
     local name=$1 limit=$2
