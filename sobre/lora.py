@@ -26,6 +26,8 @@ from torch import nn
 
 from .int8 import Int8Linear
 from .linear import dense_weight
+from .model import Transformer
+from .names import HF_LAYER_MODULES, hf_to_ours
 
 # the linear layers LoRA may adapt, by PEFT's target names (the last name of names.LAYER_MODULES' HF side)
 TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
@@ -96,15 +98,12 @@ class LoRALinear(nn.Module):
 
 def _hf_module(name: str) -> str:
     """Our decoder-layer module name -> transformers' (layers.3.attn.wkv_b -> model.layers.3.self_attn.kv_b_proj)."""
-    from .names import HF_LAYER_MODULES
     i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
     return f"model.layers.{i}.{HF_LAYER_MODULES[rest]}"
 
 
 def targets(model: nn.Module, names: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """The model's linear layers PEFT's target_modules `names` (empty: all of TARGETS) pick, by our module name."""
-    from .model import Transformer
-    from .names import HF_LAYER_MODULES
     if not isinstance(model, Transformer):
         raise ValueError(f"LoRA adapts deepseek_v3 / v2 / v32 and dense models; not {model.config.arch}")
     names = set(names or TARGETS)
@@ -217,7 +216,6 @@ def adapter_factors(path, config) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     """A PEFT LoRA adapter folder -> {our weight name: (A [r, in], B [out, r] in fp32, scale)} for a model of
     `config`; what it cannot merge exactly (DoRA, trained biases, extra saved modules, embedding adapters) is
     refused."""
-    from .names import hf_to_ours
     if config.arch == "deepseek_v4":
         raise ValueError("LoRA adapters are read for deepseek_v3 / v2 / v32 and dense models, not deepseek_v4")
     path = Path(path)
