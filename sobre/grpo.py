@@ -270,6 +270,10 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     keep: int = 2
     log_completions: int = 64  # completions a step written to completions.jsonl, in draw order (0: none)
 
+    @property
+    def dynamic(self) -> bool:  # dynamic sampling: asked for, or DAPO's
+        return self.dynamic_sampling or self.loss == "dapo"
+
     def validate(self):
         if self.loss not in VARIANTS:
             raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
@@ -297,7 +301,7 @@ def grpo(a: GRPOArgs) -> Path:
     a.validate()
     dapo = a.loss == "dapo"
     eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
-    dynamic, overlong = a.dynamic_sampling or dapo, a.overlong_filter or dapo
+    dynamic, overlong = a.dynamic, a.overlong_filter or dapo
     run = open_run(a)
     task = get_task(a.task, a.reward or None)
     model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device, **a.frozen_int8())
@@ -416,7 +420,7 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
     REUSE_BYTES of rows (every token that can be drawn a step: a [V] row each). The two forwards round apart by
     ~1e-6, so a near-tie of expert scores (or of DSA / NSA's top-k) may go either way in either, as between any
     two forwards."""
-    drawn = a.prompts * (a.max_attempts if a.dynamic_sampling or a.loss == "dapo" else 1) * a.group
+    drawn = a.prompts * (a.max_attempts if a.dynamic else 1) * a.group
     return (REUSE_LOGITS and linear_surrogate(a) and not a.bf16 and not a.rollout_bf16
             and not (a.lora_rank and a.lora_dropout) and all(p.dtype == torch.float32 for p in model.parameters())
             and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
@@ -469,7 +473,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             with amp():
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0,
                                                              temperature=a.temperature, coef=coef,
-                                                             reuse=linear and reuse)
+                                                             reuse=reuse)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None, a.importance)
