@@ -332,7 +332,9 @@ def cmd_tokenizer_train(args):
 
 def run_dataclass(args, cls, fn, what: str):
     a = cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
-    print(f"run folder: {fn(a)} ({what})")
+    run = fn(a)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
+        print(f"run folder: {run} ({what})")
 
 
 def cmd_eval(args):
@@ -430,6 +432,9 @@ def cmd_serve(args):
               file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
     app.state.server.loop.close()
+
+
+TORCHRUN_VERBS = ("pretrain", "sft", "grpo", "distill")  # data parallel over torchrun's processes
 
 
 def main(argv=None):
@@ -623,6 +628,10 @@ def main(argv=None):
     s.set_defaults(fn=cmd_speedrun)
 
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not (args.verb in TORCHRUN_VERBS or getattr(
+            args, "expert_parallel", False)):
+        sys.exit(f"sobre {args.verb}: error: runs in one process, not under torchrun (torchrun runs "
+                 f"{', '.join(TORCHRUN_VERBS)}, and generate --expert-parallel)")
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:

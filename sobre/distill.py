@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import parallel
 from .model import Transformer
 from .rollout import rejection_sample
 from .sft import Packed, SFTArgs, fit, read_examples, split_rows, start_model, target_logits, task_examples
@@ -74,10 +75,16 @@ def distill(a: DistillArgs) -> Path:
     if not a.teacher:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     a.validate()
+    _, _, device = parallel.init(a.device)  # under torchrun: data parallel (sft.fit), the traces made by rank 0
+    parallel.split_over(a.batch_size, "--batch-size")
     run = open_run(a)
-    teacher, tok = start_model(a.teacher, device=a.device)
+
+    def models():
+        teacher, tok = start_model(a.teacher, device=str(device))
+        return teacher, tok, *start_model(a.init, a.preset, run, a.seed, a.arch, tok, str(device), **a.frozen_int8())
+
+    teacher, tok, student, s_tok = parallel.rank_zero_first(models)
     teacher.eval()
-    student, s_tok = start_model(a.init, a.preset, run, a.seed, a.arch, tok, a.device, **a.frozen_int8())
     if not same_vocab(tok, s_tok):
         raise ValueError(f"tokenizer mismatch: the student ({a.init}) and the teacher ({a.teacher}) have different "
                          "vocabularies; logit distillation compares distributions token by token. Start a fresh "
@@ -85,11 +92,15 @@ def distill(a: DistillArgs) -> Path:
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
         traces = run / f"traces-{name.replace(':', '_')}.jsonl"
-        if not traces.exists():  # the teacher's verified answers, made once (kept on resume)
-            r = rejection_sample(teacher, tok, get_task(name), a.examples, a.samples, traces.with_suffix(".tmp"),
-                                 a.temperature, a.max_new_tokens, a.seed)
-            traces.with_suffix(".tmp").rename(traces)
-            print(f"teacher solved {r['solved']}/{r['problems']} {name} problems; {r['kept']} traces kept")
+
+        def answer(name=name, traces=traces, teacher=teacher):  # the teacher's verified answers, made once
+            if not traces.exists():
+                r = rejection_sample(teacher, tok, get_task(name), a.examples, a.samples, traces.with_suffix(".tmp"),
+                                     a.temperature, a.max_new_tokens, a.seed)
+                traces.with_suffix(".tmp").rename(traces)
+                print(f"teacher solved {r['solved']}/{r['problems']} {name} problems; {r['kept']} traces kept")
+
+        parallel.rank_zero_first(answer)
         examples += read_examples(traces, tok)
         if a.with_reference:
             examples += task_examples(tok, name, a.examples, a.seed, a.direct)

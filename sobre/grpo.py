@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import parallel
 from .attention import causal
 from .host import int_rows, ints
 from .linear import native_bf16
@@ -67,6 +69,7 @@ LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its fo
 REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update's (reuse_logits; False: computed)
 REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
+SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy")  # _update's statistics that add up over the ranks
 
 
 # ---- the math (tested against hand-computed values) -----------------------------------------------
@@ -298,13 +301,19 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameter
 
 
 def grpo(a: GRPOArgs) -> Path:
+    """The run; under torchrun data parallel: each rank holds the whole model, samples its share of the step's
+    prompts (--prompts split over the ranks) on its own engine and updates on its groups, the losses carrying the
+    whole step's normalisers and the gradients summed (parallel.sync_grads); rank 0 logs, evaluates and saves."""
     a.validate()
     dapo = a.loss == "dapo"
     eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
     dynamic, overlong = a.dynamic, a.overlong_filter or dapo
+    rank, world, device = parallel.init(a.device)
+    share = parallel.split_over(a.prompts, "--prompts")
     run = open_run(a)
     task = get_task(a.task, a.reward or None)
-    model, tok = start_model(a.init, a.preset, run, a.seed, device=a.device, **a.frozen_int8())
+    model, tok = parallel.rank_zero_first(lambda: start_model(a.init, a.preset, run, a.seed, device=str(device),
+                                                              **a.frozen_int8()))
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
     if a.lora_rank:  # the KL's reference is then the model with its adapters off: no copy
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
@@ -312,24 +321,28 @@ def grpo(a: GRPOArgs) -> Path:
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     weights = CastWeights(model, torch.bfloat16) if a.rollout_bf16 else nullcontext(model)
-    if a.rollout_bf16 and next(model.parameters()).device.type == "cpu" and not native_bf16():
+    if a.rollout_bf16 and next(model.parameters()).device.type == "cpu" and not native_bf16() and rank == 0:
         warnings.warn("--rollout-bf16 on a CPU without native bf16 (AVX512-BF16, AMX): its bf16 products are "
                       "emulated, and rollouts run far slower than in fp32", stacklevel=2)
-    (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict()}, indent=2) + "\n")
-    truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
     reuse = reuse_logits(model, a)
-    log = open(run / "metrics.jsonl", "a")
+    log = None
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict(),
+                                                     "world": world}, indent=2) + "\n")
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            truncate_metrics(run / name, start)
+        truncate_metrics(run / "eval.jsonl", start if start else -1)
+        log = open(run / "metrics.jsonl", "a")
 
     def held_out() -> float:
         return evaluate_task(model, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
                              seed=a.seed)["pass@1"]
 
-    evaluate = bool(task.problems("test", 1, a.seed))  # a small .jsonl task may hold out none of its rows
-    if not evaluate:
+    # (rank 0 evaluates; a small .jsonl task may hold out none of its rows)
+    evaluate = rank == 0 and bool(task.problems("test", 1, a.seed))
+    if rank == 0 and not evaluate:
         tqdm.write(f"task {task.name!r} holds out no problems: no held-out evaluation (eval.jsonl)")
-    truncate_metrics(run / "eval.jsonl", start if start else -1)
-    truncate_metrics(run / "completions.jsonl", start)
     if start == 0 and evaluate:
         _append(run / "eval.jsonl", {"step": 0, "pass@1": held_out()})
     scores = {}  # id(group) -> its rewards, this step's
@@ -338,43 +351,53 @@ def grpo(a: GRPOArgs) -> Path:
         scores[id(g)] = r = torch.tensor([_reward(x, a) for x in g])
         return not dynamic or bool(r.std() > 0)
 
-    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"grpo ({a.loss})", unit="step"):
+    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"grpo ({a.loss})", unit="step",
+                     disable=rank > 0):
         t0 = time.perf_counter()
         # dynamic sampling: up to max_attempts x prompts problems, a group of equal rewards replaced by the next
-        # problem as soon as it is in (rollout.sample_groups)
+        # problem as soon as it is in (rollout.sample_groups); each rank draws from every world-th of them
         problems = [p for k in range(a.max_attempts if dynamic else 1)
-                    for p in task.problems("train", a.prompts, f"{a.seed}/{step}/{k}")]
+                    for p in task.problems("train", a.prompts, f"{a.seed}/{step}/{k}")][rank::world]
         scores.clear()
         with weights as m:
-            groups, drawn = sample_groups(m, tok, task, problems, a.group, a.prompts, accept, a.max_new_tokens,
-                                          a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8,
+            groups, drawn = sample_groups(m, tok, task, problems, a.group, share, accept, a.max_new_tokens,
+                                          a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8 * world + rank,
                                           top_k=a.top_k, min_p=a.min_p, keep_logits=reuse)
         seen = [(g, scores[id(g)]) for _, g in groups]
         kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
         flat = [x for g, _ in seen for x in g]
-        rewards = torch.stack([r for _, r in seen])
+        rewards = torch.cat(parallel.gather_objects(torch.cat([r for _, r in seen])))  # every rank's
+        n, correct, form, length, truncated, n_kept, drawn = parallel.all_sum(
+            len(flat), sum(x.correct for x in flat), sum(x.format for x in flat), sum(len(x.ids) for x in flat),
+            sum(x.truncated for x in flat), len(kept), drawn)
         rec = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-               "accuracy": sum(x.correct for x in flat) / len(flat), "format": sum(x.format for x in flat) / len(flat),
-               "completion_length": sum(len(x.ids) for x in flat) / len(flat),
-               "truncated": sum(x.truncated for x in flat) / len(flat), "groups_kept": len(kept),
-               "groups_drawn": drawn}
+               "accuracy": correct / n, "format": form / n, "completion_length": length / n,
+               "truncated": truncated / n, "groups_kept": int(n_kept), "groups_drawn": int(drawn)}
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
+        adv = group_advantages(kept, a)
         if a.log_completions:
-            _log_completions(run / "completions.jsonl", step + 1, problems, groups, scores, kept, a)
-        if kept:
-            rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong, reuse))
+            rows = sum(parallel.gather_objects(_completion_rows(step + 1, problems, groups, scores, kept, adv, a)),
+                       [])
+            if rank == 0:
+                with open(run / "completions.jsonl", "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
+        if n_kept:
+            rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong, reuse, adv))
         for x in flat:  # the kept logits rows go before the next step's rollouts keep theirs
             x.logits = None
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
-                    "samples_per_s": len(flat) / (time.perf_counter() - t0)})
+                    "samples_per_s": n / (time.perf_counter() - t0)})
         if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             rec["heldout_pass@1"] = held_out()
             _append(run / "eval.jsonl", {"step": step + 1, "pass@1": rec["heldout_pass@1"]})
-        end_step(log, rec, run, step, a, model, opt)
-    log.close()
-    return export(model, run, plot_grpo, base=adapter_base(a.init))
+        end_step(log, rec, run, step, a, model, opt, rank)
+    if rank == 0:
+        log.close()
+        export(model, run, plot_grpo, base=adapter_base(a.init))
+    parallel.finish()
+    return run
 
 
 def _reward(x: Rollout, a: GRPOArgs) -> float:
@@ -382,18 +405,23 @@ def _reward(x: Rollout, a: GRPOArgs) -> float:
 
 
 def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs) -> torch.Tensor:
-    """[G * n] the advantages of the kept groups' completions, in order, under the run's reward scaling."""
+    """[G * n] the advantages of the kept groups' completions, in order, under the run's reward scaling (under
+    torchrun the batch's std, scale "batch", is every rank's kept rewards': every rank calls this each step)."""
     scale = a.scale_rewards or ("none" if a.loss == "dr_grpo" else "group")
-    return advantages(torch.stack([r for _, r in kept]), scale).flatten()
+    rewards = torch.stack([r for _, r in kept]) if kept else torch.zeros(0, a.group)
+    if scale == "batch" and parallel.rank_world()[1] > 1:
+        every = torch.cat(parallel.gather_objects(rewards))
+        return (advantages(rewards, "none") / (every.std() + 1e-4)).flatten()
+    return advantages(rewards, scale).flatten()
 
 
-def _log_completions(path: Path, step: int, problems, groups, scores: dict, kept, a: GRPOArgs):
+def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch.Tensor, a: GRPOArgs) -> list[dict]:
     """The first a.log_completions of this step's completions (in draw order) as JSONL rows, as TRL's
     log_completions table: the problem, its answer, the completion text, reward, correctness, format, length, whether
     it ran to the limit, whether its group was kept and the advantage its group gave it (None: the group dropped; a
     truncated one leaves the loss under overlong filtering, one of advantage 0 carries no gradient). kept: the
-    step's kept [(group, rewards)], as _update takes them."""
-    adv = dict(zip((id(x) for g, _ in kept for x in g), group_advantages(kept, a).tolist())) if kept else {}
+    step's kept [(group, rewards)], adv their advantages, as _update takes them."""
+    adv = dict(zip((id(x) for g, _ in kept for x in g), adv.tolist()))
     rows = []
     for problem, (ok, g) in zip(problems, groups):  # (groups come back in draw order: problems[i] is group i's)
         if len(rows) >= a.log_completions:
@@ -402,8 +430,7 @@ def _log_completions(path: Path, step: int, problems, groups, scores: dict, kept
                   "reward": r, "correct": x.correct, "format": x.format, "length": len(x.ids),
                   "truncated": x.truncated, "kept": ok, "advantage": adv.get(id(x))}
                  for x, r in zip(g, scores[id(g)].tolist())]
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
+    return rows[:a.log_completions]
 
 
 def linear_surrogate(a: GRPOArgs) -> bool:
@@ -426,24 +453,33 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
             and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
 
 
-def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool, reuse: bool = False) -> dict:
+def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool, reuse: bool = False,
+            adv: torch.Tensor | None = None) -> dict:
     """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
-    rollouts' logits (reuse_logits)."""
-    adv = group_advantages(kept, a)
+    rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'). Under torchrun
+    every rank calls it, on its own groups (maybe none): the normalisers and statistics are every rank's, the
+    gradients summed before each step."""
+    adv = group_advantages(kept, a) if adv is None else adv
     batch = [x for g, _ in kept for x in g]
     use = [not (overlong and x.truncated) for x in batch]
-    batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use)].to(next(model.parameters()).device)
-    if not batch:
+    batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use, dtype=torch.bool)]
+    adv = adv.to(next(model.parameters()).device)
+    # the normalisers: the whole batch's (every rank's)
+    n_seqs, n_tokens, signal = map(int, parallel.all_sum(len(batch), sum(len(x.ids) for x in batch),
+                                                         int((adv != 0).sum())))
+    if not n_seqs:
         return {"loss": 0.0}
-    n_seqs, n_tokens = len(batch), sum(len(x.ids) for x in batch)  # the normalisers: the whole batch's
-    signal = int((adv != 0).sum())
     if SKIP_ZERO_ADVANTAGE and not a.beta and not a.router_bias_update:
         # beta = 0: a completion with advantage 0 (a group of equal rewards) has a zero surrogate at every ratio,
-        # so no gradient: left out of the forward and backward. With none left, the shortest stays in, so the
-        # step (zero gradients; AdamW's moments decay) touches the parameters the full step would.
-        keep = [i for i, v in enumerate(adv.tolist()) if v] or [min(range(n_seqs), key=lambda i: len(batch[i].ids))]
+        # so no gradient: left out of the forward and backward. With none left (on any rank), the shortest stays
+        # in, so the step (zero gradients; AdamW's moments decay) touches the parameters the full step would.
+        keep = [i for i, v in enumerate(adv.tolist()) if v]
+        if not signal:  # the first shortest of the batch (every rank's, in rank order), kept by its rank
+            mine = min(((len(x.ids), i) for i, x in enumerate(batch)), default=(math.inf, -1))
+            every = [n for n, _ in parallel.gather_objects(mine)]
+            keep = [mine[1]] if every.index(min(every)) == parallel.rank_world()[0] else []
         batch, adv = [batch[i] for i in keep], adv[keep]
-    seen_tokens = sum(len(x.ids) for x in batch)  # (in the forward: the entropy's denominator)
+    seen_tokens = parallel.all_sum(sum(len(x.ids) for x in batch))[0]  # (in the forward: the entropy's denominator)
     # micro-batches of micro_batch completions, each prompt in one forward (token_logprobs)
     chunks = [list(range(i, min(i + a.micro_batch, len(batch)))) for i in range(0, len(batch), a.micro_batch)]
     model.train()
@@ -484,13 +520,17 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             sums["entropy"] += ent / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
+        parallel.sync_grads(model)
         sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)) / a.mu
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.router_bias_update and moes:
+            parallel.all_reduce_(loads.values())
             with torch.no_grad():
                 update_router_bias(loads, a.router_bias_update)
     model.eval()
+    for k, v in zip(SUMMED, parallel.all_sum(*(sums[k] for k in SUMMED))):
+        sums[k] = v
     sums["clip_fraction"] = sums["clip_low"] + sums["clip_high"]
     sums["signal"] = signal / n_seqs  # the share of completions with a nonzero advantage
     return sums

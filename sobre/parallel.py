@@ -77,6 +77,95 @@ def init(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# ---- data parallel over whole replicas (post-training: sft, distill, grpo) -------------------------------
+# Every rank holds the whole model (the engine's rollouts need it), takes its share of each batch, and its loss
+# carries the whole batch's normalisers, so the ranks' gradients summed are the whole batch's gradient: the
+# replicas take the same optimizer steps and stay equal (DDP's semantics, without wrapping the model).
+BUCKET = 1 << 25  # elements an all-reduce of gradients takes at once (128 MB of fp32)
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def split_over(n: int, flag: str) -> int:
+    """This rank's share of a per-step count given by `flag` (a clear error when the processes do not divide it)."""
+    world = rank_world()[1]
+    if n % world:
+        raise ValueError(f"{flag} {n} does not split over {world} processes")
+    return n // world
+
+
+def all_sum(*xs: float) -> list[float]:
+    """Each value summed over the ranks (as given in one process)."""
+    if rank_world()[1] == 1:
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(x) -> list:
+    """[rank 0's x, rank 1's, ...] ([x] in one process)."""
+    world = rank_world()[1]
+    if world == 1:
+        return [x]
+    out = [None] * world
+    dist.all_gather_object(out, x)
+    return out
+
+
+def all_reduce_(tensors) -> None:
+    """Sum each tensor over the ranks in place (router loads, gradients), BUCKET elements a collective."""
+    tensors = list(tensors)
+    if rank_world()[1] == 1 or not tensors:
+        return
+    bucket: list[torch.Tensor] = []  # consecutive tensors of one device and dtype
+    for t in tensors + [None]:
+        if bucket and (t is None or t.device != bucket[0].device or t.dtype != bucket[0].dtype
+                       or sum(b.numel() for b in bucket) + t.numel() > BUCKET):
+            flat = torch.cat([b.flatten() for b in bucket])
+            dist.all_reduce(flat)
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                b.copy_(part.view_as(b))
+            bucket = []
+        if t is not None:
+            bucket.append(t)
+
+
+def sync_grads(model: nn.Module) -> None:
+    """Sum every rank's gradients (data parallel over replicas; nothing in one process). A trainable parameter no
+    rank's backward reached keeps no gradient; one that some rank's did gets zeros where the others' did not
+    (a rank with no rows this step joins with zeros)."""
+    if rank_world()[1] == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(reached)
+    live = [p for p, n in zip(params, reached.tolist()) if n]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_(p.grad for p in live)
+
+
+def rank_zero_first(fn):
+    """fn() on rank 0, then on the others: what it writes to the shared run folder (a tokenizer, the teacher's
+    traces, a Hub download) is made once and read by the rest."""
+    rank, world = rank_world()
+    out = fn() if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    return fn() if rank else out
+
+
+def finish() -> None:
+    """The end of a torchrun run: every rank waits for rank 0 (its export), then leaves the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class ExpertParallel(nn.Module):
     """Drop-in for a routed-experts module (moe.Experts, v4.Experts: stacked [E, ...] parameters and a
     `grouped(rows, counts, *weights)` method) holding only this rank's physical experts, under the same

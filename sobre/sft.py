@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import parallel
 from .attention import causal
 from .checkpoint import load, resolve
 from .config import preset
@@ -253,8 +254,11 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     if not a.data and not a.task:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
     a.validate()
+    _, _, device = parallel.init(a.device)
+    parallel.split_over(a.batch_size, "--batch-size")
     run = open_run(a)
-    model, tok = start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer, a.device, **a.frozen_int8())
+    model, tok = parallel.rank_zero_first(lambda: start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer,
+                                                              str(device), **a.frozen_int8()))
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
         examples += task_examples(tok, name, a.examples, a.seed, a.direct)
@@ -273,8 +277,11 @@ def split_rows(examples, a: SFTArgs, tok: Tokenizer):
 def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: int = 0, loss_fn=None) -> Path:
     """The fine-tuning loop shared by SFT and distillation: batches of packed rows data = (X, Y, D), AdamW with
     the pretraining schedule, checkpoints every a.save_every steps (exact resume), metrics.jsonl, loss.png and
-    the HF export in run/model. loss_fn(model, rows) -> loss (default: the SFT loss of those rows). The rows
-    move to the model's device once; `rows` index them there."""
+    the HF export in run/model. loss_fn(model, rows) -> loss (default: the SFT loss of those rows): the mean over
+    the rows' target positions (Y != IGNORE). The rows move to the model's device once; `rows` index them there.
+    Under torchrun each rank takes its slice of every batch, its loss weighed by its share of the batch's target
+    positions, and the ranks' gradients summed (parallel.sync_grads): one process's step on the whole batch."""
+    rank, world = parallel.rank_world()
     dev = next(model.parameters()).device
     X, Y, D = (t.to(dev) for t in data)
     val = val and tuple(t.to(dev) for t in val)
@@ -288,46 +295,65 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         compile_blocks(model)
     opt = adamw(param_groups(model, a.weight_decay), a.lr)
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
-    (run / "config.json").write_text(json.dumps({type(a).__name__: asdict(a), "model": model.config.to_dict(),
-                                                 "rows": len(X), "dropped_too_long": dropped}, indent=2) + "\n")
-    truncate_metrics(run / "metrics.jsonl", start)
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps({type(a).__name__: asdict(a), "model": model.config.to_dict(),
+                                                     "rows": len(X), "dropped_too_long": dropped, "world": world},
+                                                    indent=2) + "\n")
+        truncate_metrics(run / "metrics.jsonl", start)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
-    log = open(run / "metrics.jsonl", "a")
+    log = open(run / "metrics.jsonl", "a") if rank == 0 else None
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(a.seed))
-    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=run.name, unit="step"):
+    share = slice(rank * a.batch_size // world, (rank + 1) * a.batch_size // world)
+    for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=run.name, unit="step",
+                     disable=rank > 0):
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
-        rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)].to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
-            loss = loss_fn(model, rows)
-        loss.backward()
+        rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)][share].to(dev)
+        mine = int((Y[rows] != IGNORE).sum())
+        ntok = int(parallel.all_sum(mine)[0])
+        loss, ran = torch.zeros(()), bool(mine) or world == 1
+        if ran:  # (a rank whose rows hold no target joins the gradients' sum with zeros)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
+                loss = loss_fn(model, rows) * (mine / ntok if world > 1 else 1)
+            loss.backward()
+        parallel.sync_grads(model)
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.bias_update and moes and not a.lora_rank:
+            loads = {m: m.last_load if ran else torch.zeros(m.n_experts, dtype=torch.long, device=dev)
+                     for m in moes}
+            parallel.all_reduce_(loads.values())
             with torch.no_grad():
-                update_router_bias({m: m.last_load for m in moes}, a.bias_update)
-        ntok = int((Y[rows] != IGNORE).sum())
-        rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
-               "target_tokens": ntok, "tokens_per_s": a.batch_size * a.seq_len / (time.perf_counter() - t0)}
+                update_router_bias(loads, a.bias_update)
+        rec = {"step": step + 1, "loss": parallel.all_sum(loss.item())[0], "lr": opt.param_groups[0]["lr"],
+               "grad_norm": gnorm, "target_tokens": ntok,
+               "tokens_per_s": a.batch_size * a.seq_len / (time.perf_counter() - t0)}
         if val is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
-            rec["val_loss"] = val_loss(model, *val, a.batch_size)
-        end_step(log, rec, run, step, a, model, opt)
-    log.close()
-    return export(model, run, plot_training, base=adapter_base(a.init))
+            rec["val_loss"] = val_loss(model, *val, a.batch_size, split=True)
+        end_step(log, rec, run, step, a, model, opt, rank)
+    if rank == 0:
+        log.close()
+        export(model, run, plot_training, base=adapter_base(a.init))
+    parallel.finish()
+    return run
 
 
 @torch.no_grad()
-def val_loss(model: Transformer, X, Y, D, batch_size: int) -> float:
+def val_loss(model: Transformer, X, Y, D, batch_size: int, split: bool = False) -> float:
+    """Mean cross-entropy over the target positions of the rows; split (every rank calls it, under torchrun):
+    each rank takes every world-th batch of them, the sums then added up."""
+    rank, world = parallel.rank_world() if split else (0, 1)
     was = model.training
     model.eval()
     total = n = 0
-    for i in range(0, len(X), batch_size):
+    for i in range(rank * batch_size, len(X), world * batch_size):
         y = Y[i:i + batch_size]
         k = int((y != IGNORE).sum())
         total += sft_loss(model, X[i:i + batch_size], y, D[i:i + batch_size]).item() * k
         n += k
     model.train(was)
-    return total / max(n, 1) if n else math.nan
+    total, n = parallel.all_sum(total, n) if split else (total, n)
+    return total / n if n else math.nan
 

@@ -1,5 +1,5 @@
 """torchrun with 2 gloo processes: expert-parallel MoE == single-process MoE; FSDP2 (and FSDP2 + EP) training
-gives the losses of one process on the same global batch."""
+gives the losses of one process on the same global batch; post-training (sft, distill, grpo) runs data parallel."""
 
 import json
 import os
@@ -108,6 +108,79 @@ def test_v4_fsdp_ep_and_activation_checkpointing_match_one_process(tmp_path):
     check([sys.executable, "-m", "sobre", "pretrain", "--preset", "debug", "--arch", "deepseek_v4", "--out",
            str(tmp_path / "ep"), "--steps", "7", "--save-every", "3", "--batch-size", "8", "--seq-len", "64",
            "--resume"], timeout=300)  # the 2-process, expert-parallel checkpoints resume in one process
+
+
+def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
+    """GRPO's update with each rank's share of the groups (data parallel: the whole batch's normalisers, summed
+    gradients) takes one process's step over every group: grpo, DAPO with the batch's reward std, Dr. GRPO over two
+    epochs, router biases updated, a rank whose completions all leave the loss (overlong filter) or carry no
+    signal, and no signal anywhere (the batch's one shortest completion kept, as one process keeps it)."""
+    out = tmp_path / "grpo.json"
+    check(TORCHRUN + [str(Path(__file__).parent / "dist" / "grpo_update.py"), str(out)], timeout=240)
+    r = json.loads(out.read_text())
+    assert len(r) == 7
+    for name, v in r.items():
+        assert v["state"] < 1e-5, (name, v["state"])
+        assert (v["moved"] > 0.01) == (name != "no_signal_anywhere"), (name, v["moved"])
+        for k, (two, one) in v["stats"].items():
+            assert two == pytest.approx(one, rel=1e-5, abs=1e-6), (name, k, two, one)
+    assert r["router_bias"]["bias_moved"] > 0.005 and r["grpo"]["bias_moved"] == 0
+
+
+def post_train(verb, run, *args, procs=1, timeout=300):
+    cmd = ["-m", "sobre", verb, "--out", str(run), *args]
+    check(TORCHRUN[:-1] + [str(procs), "--no-python", sys.executable] + cmd if procs > 1 else [sys.executable] + cmd,
+          timeout)
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def close(a, b, keys):
+    """Metrics lines a and b log the same steps and, within 1e-4, the same keys' values (where a step has them)."""
+    for x, y in zip(a, b, strict=True):
+        for k in keys:
+            assert (k in x) == (k in y), (k, x, y)
+            assert k not in x or x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (k, x, y)
+
+
+def test_post_training_under_torchrun(tmp_path):
+    """sft and distill in 2 processes (data parallel) log the losses, grad norms and validation losses of one
+    process on the same batches, and export the same weights; their checkpoints resume in one process. grpo in 2
+    processes: one metrics line a step for every rank's groups, rank 0's evaluations and completions, resumable in
+    one process. A count the processes do not divide, and a verb that runs in one process, are clear errors."""
+    import sobre
+    sft = ["--preset", "debug", "--task", "countdown", "--examples", "64", "--steps", "4", "--batch-size", "8",
+           "--seq-len", "128", "--eval-every", "2", "--save-every", "2"]
+    one = post_train("sft", tmp_path / "one", *sft)
+    (tmp_path / "two").mkdir()
+    shutil.copytree(tmp_path / "one" / "tokenizer", tmp_path / "two" / "tokenizer")  # only the processes differ
+    two = post_train("sft", tmp_path / "two", *sft, procs=2)
+    close(one, two, ("step", "loss", "grad_norm", "target_tokens", "val_loss"))
+    a, b = (sobre.load(tmp_path / r / "model").state_dict() for r in ("one", "two"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert post_train("sft", tmp_path / "two", *sft[:7], "5", *sft[8:], "--resume")[-1]["step"] == 5
+
+    distill = ["--teacher", str(tmp_path / "one"), "--task", "countdown", "--examples", "16", "--samples", "1",
+               "--max-new-tokens", "8", "--with-reference", "--preset", "debug", "--steps", "3", "--batch-size", "4",
+               "--seq-len", "128", "--eval-every", "3"]
+    close(post_train("distill", tmp_path / "d1", *distill), post_train("distill", tmp_path / "d2", *distill, procs=2),
+          ("step", "loss", "grad_norm", "val_loss"))
+
+    grpo = ["--init", str(tmp_path / "one"), "--task", "countdown", "--steps", "2", "--prompts", "4", "--group", "4",
+            "--max-new-tokens", "12", "--eval-every", "2", "--eval-problems", "4", "--log-completions", "100"]
+    rows = post_train("grpo", tmp_path / "g", *grpo, procs=2)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["groups_kept"] == 4 == r["groups_drawn"] for r in rows)
+    assert len((tmp_path / "g" / "completions.jsonl").read_text().splitlines()) == 2 * 16
+    assert [json.loads(line)["step"] for line in (tmp_path / "g" / "eval.jsonl").read_text().splitlines()] == [0, 2]
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["world"] == 2
+    assert post_train("grpo", tmp_path / "g", *grpo[:5], "3", *grpo[6:], "--resume")[-1]["step"] == 3
+
+    odd = subprocess.run(TORCHRUN + ["--no-python", sys.executable, "-m", "sobre", "grpo", "--out",
+                                     str(tmp_path / "odd"), "--prompts", "3"], capture_output=True, text=True,
+                         env=ENV, timeout=120)
+    assert odd.returncode != 0 and "--prompts 3 does not split over 2 processes" in odd.stderr
+    alone = subprocess.run(TORCHRUN + ["--no-python", sys.executable, "-m", "sobre", "eval", str(tmp_path / "one")],
+                           capture_output=True, text=True, env=ENV, timeout=120)
+    assert alone.returncode != 0 and "sobre eval: error: runs in one process, not under torchrun" in alone.stderr
 
 
 KEEP_FREED = """

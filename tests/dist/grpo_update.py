@@ -1,0 +1,64 @@
+"""Run under torchrun (2 ranks): GRPO's update over data-parallel ranks, each with its share of the groups, against
+the same update over every group in one process (computed here first, before the process group starts)."""
+
+import copy
+import json
+import sys
+
+import torch
+
+import sobre
+from sobre.grpo import GRPOArgs, _update
+from sobre.moe import MoE
+from sobre.parallel import init
+from sobre.rollout import Rollout
+
+
+def groups(truncated=(), equal=()):
+    """Four prompts x 3 completions of 1-5 tokens (rank 0 takes groups 0-1, rank 1 groups 2-3); the groups in
+    `truncated` ran to the limit, those in `equal` have equal rewards (advantage 0)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i, prompt in enumerate([[5, 6, 7], [9, 3], [4, 4, 8, 1], [7, 2, 2]]):
+        rows = [Rollout(prompt, torch.randint(10, 60, (1 + (i + j) % 5,), generator=g).tolist(), "", i in truncated,
+                        1.0 if i in equal else float((i + j) % 2) + 0.1 * j, 1.0, None) for j in range(3)]
+        out.append((rows, torch.tensor([r.correct for r in rows])))
+    return out
+
+
+CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
+    "grpo": (dict(), False, groups()),
+    "dapo_batch_scale": (dict(loss="dapo", scale_rewards="batch"), False, groups()),
+    "dr_grpo_mu2": (dict(loss="dr_grpo", mu=2), False, groups()),
+    "router_bias": (dict(router_bias_update=1e-2), False, groups()),
+    "rank1_all_truncated": (dict(loss="dapo"), True, groups(truncated=(2, 3))),
+    "rank1_no_signal": (dict(), False, groups(equal=(2, 3))),
+    "no_signal_anywhere": (dict(), False, groups(equal=(0, 1, 2, 3))),
+}
+
+
+def step(model, kept, overrides, overlong):
+    m = copy.deepcopy(model)
+    a = GRPOArgs(max_new_tokens=5, **overrides)
+    moes = [x for x in m.layers.modules() if isinstance(x, MoE)]
+    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, 0.2, overlong)
+    return stats, {n: t.detach().clone() for n, t in m.state_dict().items()}
+
+
+torch.manual_seed(0)
+model = sobre.init_weights(sobre.Transformer(sobre.preset("debug")), std=0.05)
+one = {name: step(model, kept, kw, overlong) for name, (kw, overlong, kept) in CASES.items()}  # one process
+
+rank, world, _ = init()
+result = {}
+for name, (kw, overlong, kept) in CASES.items():
+    stats, state = step(model, kept[rank * 2:(rank + 1) * 2], kw, overlong)
+    ref_stats, ref_state = one[name]
+    moved = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state)
+    bias = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state if k.endswith("gate.bias"))
+    result[name] = {"state": max((state[k] - ref_state[k]).abs().max().item() for k in state), "moved": moved,
+                    "bias_moved": bias,
+                    "stats": {k: (stats.get(k), ref_stats.get(k)) for k in ref_stats}}
+if rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f)
