@@ -1,9 +1,12 @@
 """Chat: render conversations with the checkpoint's own jinja chat template (as transformers does) or a
-DeepSeek-R1-style default, and split reasoning (<think>...</think>) from the answer, also while streaming."""
+DeepSeek-R1-style default, split reasoning (<think>...</think>) from the answer, also while streaming, and the
+terminal conversation of `sobre chat` (talk)."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from datetime import datetime
 from functools import lru_cache
 
@@ -150,3 +153,85 @@ def partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+# ---- the terminal conversation (sobre chat) ------------------------------------------------------
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+CHAT_HELP = ('sobre chat: /reset clears the conversation, /think shows or hides reasoning, /help, /exit quits; '
+             'Ctrl-C stops an answer; """ opens and closes a message of several lines')
+
+
+def read_message() -> str:
+    """One message from the terminal: a line, or the lines between two triple quotes (pasted text keeps its line
+    breaks instead of going out a line at a time; as ollama's), stripped."""
+    line = input("\n> ").strip()
+    if not line.startswith('"""'):
+        return line
+    lines, line = [], line[3:]
+    while not line.rstrip().endswith('"""'):
+        lines.append(line)
+        line = input(". ")
+    lines.append(line.rstrip()[:-3])
+    return "\n".join(lines).strip()
+
+
+def talk(eng, sampling: dict, system: str = "", show: bool = True, thinking: bool = True,
+         max_new_tokens: int = 2048):
+    """Converse on the terminal with an engine (max_batch 1, with its tokenizer): each answer streamed, its
+    reasoning dimmed (show) or counted (/think toggles), commands /reset /think /help /exit."""
+    from .engine import eos_ids
+    from .tokenizer import TextStream
+    tok = eng.tokenizer
+    stop = eos_ids(eng.model.config, tok)
+    history = [{"role": "system", "content": system}] if system else []
+    tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # piped or NO_COLOR: plain text, no counter
+    dim, reset = (DIM, RESET) if tty else ("", "")
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = read_message()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: quit
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        if line == "/think":
+            show = not show
+            continue
+        if line.startswith("/") and len(line.split()) == 1:  # /help, or a command this chat does not know
+            print(CHAT_HELP if line == "/help" else f"unknown command {line}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt_text = tok.apply_chat_template(history, thinking=thinking)
+        split = ReasoningStream(started_thinking=prompt_text.rstrip().endswith(THINK))
+        text, answer, n_think = TextStream(tok), "", 0
+        tokens = eng.stream(tok.encode(prompt_text), max_new_tokens=max_new_tokens, **sampling, stop_token_ids=stop)
+        try:
+            for t in tokens:
+                reasoning, content = split.feed(text.feed(t))
+                answer += content
+                if reasoning:
+                    n_think += 1
+                    if show:
+                        print(dim + reasoning + reset, end="", flush=True)
+                    elif tty:
+                        print(f"\r{DIM}[thinking... {n_think} tokens]{RESET}", end="", flush=True)
+                if content:
+                    print(("\n" if n_think and answer == content else "") + content, end="", flush=True)
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            print(f"\n[{e}; /reset to start over]", file=sys.stderr)
+            history.pop()
+            continue
+        except KeyboardInterrupt:  # Ctrl-C while it answers: stop there (the request is cancelled), keep what came
+            tokens.close()
+            print(f"\n{dim}[stopped]{reset}", file=sys.stderr)
+        answer += split.flush()[1]
+        history.append({"role": "assistant", "content": answer.strip()})
+    print()
+    spec = eng.spec_summary()
+    if spec:
+        print(f"[{spec}]", file=sys.stderr)

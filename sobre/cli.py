@@ -215,34 +215,14 @@ def _expert_parallel(model, args, prompt) -> int:
     return rank
 
 
-DIM, RESET = "\x1b[2m", "\x1b[0m"
 CHAT_SAMPLING = {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-R1's recommended (where the checkpoint sets none)
 
 
-CHAT_HELP = ('sobre chat: /reset clears the conversation, /think shows or hides reasoning, /help, /exit quits; '
-             'Ctrl-C stops an answer; """ opens and closes a message of several lines')
-
-
-def read_message() -> str:
-    """One message from the terminal: a line, or the lines between two triple quotes (pasted text keeps its line
-    breaks instead of going out a line at a time; as ollama's), stripped."""
-    line = input("\n> ").strip()
-    if not line.startswith('"""'):
-        return line
-    lines, line = [], line[3:]
-    while not line.rstrip().endswith('"""'):
-        lines.append(line)
-        line = input(". ")
-    lines.append(line.rstrip()[:-3])
-    return "\n".join(lines).strip()
-
-
 def cmd_chat(args):
-    """Interactive chat: streamed tokens, reasoning dimmed (or collapsed to a counter with /think)."""
-    from .chat import ReasoningStream
+    """Interactive chat (chat.talk): streamed tokens, reasoning dimmed (or collapsed to a counter with /think)."""
+    from .chat import talk
     from .checkpoint import resolve
-    from .engine import Engine, eos_ids
-    from .tokenizer import TextStream
+    from .engine import Engine
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve(args.path)
@@ -251,64 +231,9 @@ def cmd_chat(args):
                                  device=pick_device(args.device), speculative=args.speculative, fp8=args.fp8,
                                  int8=args.int8, compile=args.compile, min_acceptance=args.min_acceptance,
                                  draft_vocab=args.draft_vocab, adapter=args.adapter)
-    tok = eng.tokenizer
-    if tok is None:
+    if eng.tokenizer is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
-    stop = eos_ids(eng.model.config, tok)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    show = not args.hide_reasoning
-    tty = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # piped or NO_COLOR: plain text, no counter
-    dim, reset = (DIM, RESET) if tty else ("", "")
-    print(CHAT_HELP, file=sys.stderr)
-    while True:
-        try:
-            line = read_message()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: quit
-            break
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        if line == "/think":
-            show = not show
-            continue
-        if line.startswith("/") and len(line.split()) == 1:  # /help, or a command this chat does not know
-            print(CHAT_HELP if line == "/help" else f"unknown command {line}; {CHAT_HELP}", file=sys.stderr)
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        prompt_text = tok.apply_chat_template(history, thinking=not args.no_think)
-        split = ReasoningStream(started_thinking=prompt_text.rstrip().endswith("<think>"))
-        text, answer, n_think = TextStream(tok), "", 0
-        tokens = eng.stream(tok.encode(prompt_text), max_new_tokens=args.max_new_tokens, **sampling,
-                            stop_token_ids=stop)
-        try:
-            for t in tokens:
-                reasoning, content = split.feed(text.feed(t))
-                answer += content
-                if reasoning:
-                    n_think += 1
-                    if show:
-                        print(dim + reasoning + reset, end="", flush=True)
-                    elif tty:
-                        print(f"\r{DIM}[thinking... {n_think} tokens]{RESET}", end="", flush=True)
-                if content:
-                    print(("\n" if n_think and answer == content else "") + content, end="", flush=True)
-        except ValueError as e:  # e.g. the conversation outgrew the context
-            print(f"\n[{e}; /reset to start over]", file=sys.stderr)
-            history.pop()
-            continue
-        except KeyboardInterrupt:  # Ctrl-C while it answers: stop there (the request is cancelled), keep what came
-            tokens.close()
-            print(f"\n{dim}[stopped]{reset}", file=sys.stderr)
-        answer += split.flush()[1]
-        history.append({"role": "assistant", "content": answer.strip()})
-    print()
-    spec = eng.spec_summary()
-    if spec:
-        print(f"[{spec}]", file=sys.stderr)
+    talk(eng, sampling, args.system, not args.hide_reasoning, not args.no_think, args.max_new_tokens)
 
 
 def cmd_pretrain(args):
