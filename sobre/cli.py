@@ -546,7 +546,8 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     add_device_flag(s)
     s.add_argument("--nproc", type=at_least(1), default=1,
-                   help="pretrain in N torchrun processes (FSDP2; one per GPU with cuda, N x the batch)")
+                   help="the training stages in N torchrun processes (one per GPU with cuda): pretraining FSDP2 "
+                        "at N x the batch, sft / grpo / distill data parallel on the same batch")
     s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="the training stages' matmuls: bf16 autocast (fp32 weights and optimizer) or fp32; auto: "
                         "bf16 where a timed training step runs 1.2x faster so (GPUs, CPUs with AMX)")

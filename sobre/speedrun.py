@@ -181,8 +181,9 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
     """`steps` sets the size of the run (see scaled_plan). None: the default RECIPE, cut where this machine could
     not run it in `minutes`: planned from a timed pretraining step, replanned before every stage from the pace
     the finished ones showed. A stage once started keeps its size (resume). Every stage runs on `device` (a
-    --device value); pretraining runs in `nproc` torchrun processes (FSDP2; each with its own GPU on cuda, the
-    global batch nproc x the one-process batch), the later stages (small batches) in this one. `precision`:
+    --device value); the training stages run in `nproc` torchrun processes (each with its own GPU on cuda):
+    pretraining FSDP2 with the global batch nproc x the one-process batch, SFT, GRPO and distillation data
+    parallel on the one-process batch split over them; the evaluation in this one. `precision`:
     the training stages' matmuls in fp32 or bf16 autocast, or auto: bf16 where a timed step runs BF16_GAIN x
     faster (a resumed run keeps the precision it started with)."""
     dev = str(pick_device(device))
@@ -243,8 +244,9 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
             torch.cuda.reset_peak_memory_stats()
         r = fn(out / name)
         r["minutes"] = round((time.perf_counter() - t0) / 60, 2)
+        r["processes"] = 1 if name == "eval" else nproc
         r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-        if cuda:  # this process's (pretraining under torchrun runs in others)
+        if cuda:  # this process's (a stage under torchrun runs in others)
             r["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         done.write_text(json.dumps(r, indent=2) + "\n")
         results[name] = r
@@ -261,18 +263,19 @@ def speedrun(out: Path, preset_name: str = "tiny", seed: int = 0, steps: int | N
         return f" (elapsed {(time.perf_counter() - start) / 60:.1f} min, about {left / 60:.1f} min to go)"
 
     stage("pretrain", lambda d: _pretrain(d, preset_name, seed, plan["pretrain"], dev, nproc, bf16))
-    stage("sft", lambda d: _finished(sft(SFTArgs(
+    stage("sft", lambda d: _finished(_train("sft", SFTArgs(
         out=str(d), init=str(out / "pretrain"), task=(TASK,), examples=min(5000, 12 * plan["sft"]), direct=DIRECT,
         steps=plan["sft"], batch_size=16, seq_len=256, lr=2e-3, warmup=20, eval_every=max(plan["sft"] // 3, 1),
-        save_every=max(plan["sft"] // 3, 1), seed=seed, resume=True, device=dev, bf16=bf16)), 16 * 256))
-    stage("grpo", lambda d: _grpo_summary(grpo(GRPOArgs(
+        save_every=max(plan["sft"] // 3, 1), seed=seed, resume=True, device=dev, bf16=bf16), nproc), 16 * 256))
+    stage("grpo", lambda d: _grpo_summary(_train("grpo", GRPOArgs(
         out=str(d), init=str(out / "sft"), task=TASK, steps=plan["grpo"], prompts=8, group=8,
         max_new_tokens=128, loss="dapo", lr=5e-5, warmup=max(plan["grpo"] // 4, 1),  # Adam's first steps hurt most
         min_lr_ratio=0.1,  # cosine decay: the policy switches to thinking early; later updates are mostly noise
         format_weight=0.0,  # the reward is correctness alone: whatever thinks more has to earn it
         eval_every=max(plan["grpo"] // 4, 1), eval_problems=eval_problems, eval_samples=EVAL_SAMPLES,
-        save_every=max(plan["grpo"] // 3, 1), seed=seed, resume=True, device=dev, bf16=bf16)), 8 * 8))
-    stage("distill", lambda d: _distill(d, out, preset_name, plan["student"], plan["baseline"], seed, dev, bf16))
+        save_every=max(plan["grpo"] // 3, 1), seed=seed, resume=True, device=dev, bf16=bf16), nproc), 8 * 8))
+    stage("distill", lambda d: _distill(d, out, preset_name, plan["student"], plan["baseline"], seed, dev, bf16,
+                                        nproc))
     stage("eval", lambda d: _evaluate(d, out, eval_problems, seed, dev))
     print(report(out))
     return results
@@ -317,7 +320,7 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "c
     a = TrainArgs(out=str(d), preset=preset_name, steps=steps, seed=seed, save_every=max(steps // 3, 1),
                   eval_every=max(steps // 6, 1), sample_every=max(steps // 3, 1), seq_len=SEQ, batch_size=BATCH * nproc,
                   warmup=max(steps // 15, 1), data_bytes=4 << 20, resume=True, device=device, bf16=bf16)
-    run = pretrain(a) if nproc == 1 else _torchrun(a, nproc)
+    run = _train("pretrain", a, nproc)
     rows = read_metrics(run)
     val = [r for r in rows if "val_loss" in r]
     r = {"steps": steps, "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
@@ -356,13 +359,21 @@ def _pretrain(d: Path, preset_name: str, seed: int, steps: int, device: str = "c
     return r
 
 
-def _torchrun(a: TrainArgs, nproc: int) -> Path:
-    """`sobre pretrain` with the arguments `a` in nproc torchrun processes on this machine; its run folder."""
+def _train(verb: str, a, nproc: int) -> Path:
+    """The training verb `verb` (pretrain, sft, grpo, distill) with the arguments `a`: in this process, or in nproc
+    torchrun processes on this machine; its run folder."""
+    if nproc == 1:
+        return {"pretrain": pretrain, "sft": sft, "grpo": grpo, "distill": distill}[verb](a)
+    return _torchrun(verb, a, nproc)
+
+
+def _torchrun(verb: str, a, nproc: int) -> Path:
+    """`sobre VERB` with the arguments `a` in nproc torchrun processes on this machine; its run folder."""
     from .flags import dataclass_argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--no-python", sys.executable, "-m", "sobre", "pretrain", *dataclass_argv(a)]
+           "--no-python", sys.executable, "-m", "sobre", verb, *dataclass_argv(a)]
     if subprocess.run(cmd).returncode:
-        raise RuntimeError(f"pretraining under torchrun failed (its output is above): {' '.join(cmd)}")
+        raise RuntimeError(f"{verb} under torchrun failed (its output is above): {' '.join(cmd)}")
     return Path(a.out)
 
 
@@ -387,7 +398,7 @@ def _transformers_parity(path: Path, model, tok) -> dict:
 
 
 def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, seed: int, device: str = "cpu",
-             bf16: bool = False) -> dict:
+             bf16: bool = False, nproc: int = 1) -> dict:
     # students from random weights learn the columns late (at 200 steps both sat near 0.05; at 300 the distilled
     # one reached 0.13-0.40, the baseline 0.10-0.25, by run and seed; at 450, 0.71 and 0.32: README): 450 steps
     # by default, on 3000 problems
@@ -395,12 +406,13 @@ def _distill(d: Path, out: Path, preset_name: str, steps: int, baseline: int, se
                   steps=steps, batch_size=16, seq_len=256, lr=2e-3,
                   warmup=20, eval_every=max(steps // 2, 1), save_every=max(steps // 2, 1), seed=seed, resume=True,
                   device=device, bf16=bf16)
-    student = distill(DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=1, with_reference=True,
-                                  max_new_tokens=128, **common))
+    student = _train("distill", DistillArgs(out=str(d / "student"), teacher=str(out / "grpo"), samples=1,
+                                            with_reference=True, max_new_tokens=128, **common), nproc)
     r = {"student": _finished(student, 16 * 256)}
-    if baseline:  # the same student on the task's own traces, no teacher
-        tok = load_tokenizer(out / "grpo" / "model")
-        r["baseline"] = _finished(sft(SFTArgs(out=str(d / "baseline"), **common), tokenizer=tok), 16 * 256)
+    if baseline:  # the same student on the task's own traces, no teacher: its tokenizer (a fresh run reuses it)
+        if not (d / "baseline" / "tokenizer").exists():
+            load_tokenizer(out / "grpo" / "model").save(d / "baseline" / "tokenizer")
+        r["baseline"] = _finished(_train("sft", SFTArgs(out=str(d / "baseline"), **common), nproc), 16 * 256)
     return r
 
 
@@ -452,7 +464,7 @@ def report(out: Path) -> str:
     left_out = cuts(r["plan"]) if r.get("minutes_budget") and "plan" in r else ""
     size = f"; sized for {r['minutes_budget']:g} minutes on this machine: {left_out}" if left_out else ""
     dev, nproc = r.get("device", "cpu"), r.get("nproc", 1)
-    where = f", {dev}" + (f", pretraining in {nproc} processes" if nproc > 1 else "")
+    where = f", {dev}" + (f", training in {nproc} processes" if nproc > 1 else "")
     where += ", bf16 autocast" if r.get("bf16") else ", fp32"
     where += f" ({precision_note(r['step_seconds'])})" if r.get("step_seconds") else ""
     lines = [f"# sobre speedrun report ({r['preset']}, seed {r['seed']}{where}{size})", "",
@@ -487,8 +499,9 @@ def report(out: Path) -> str:
     lines.append(f"| distill | {dd['minutes']} | dense student {dd['student']['steps']} steps; "
                  + (f"the same student without teacher {dd['baseline']['steps']} steps |" if "baseline" in dd else
                     "no student without teacher (left out to fit the budget) |"))
-    gpus = nproc if dev.startswith("cuda") else 0  # the later stages use one of them
-    watts = {s: (nproc if s == "pretrain" else 1) * WATTS_PER_GPU if gpus else CORES * WATTS_PER_CORE for s in STAGES}
+    gpus = nproc if dev.startswith("cuda") else 0  # (runs from before stage.json's "processes": pretraining alone)
+    watts = {s: r[s].get("processes", nproc if s == "pretrain" else 1) * WATTS_PER_GPU if gpus
+             else CORES * WATTS_PER_CORE for s in STAGES}
     power = f"{WATTS_PER_GPU} W per busy GPU" if gpus else f"{WATTS_PER_CORE} W per busy core, {CORES} cores"
     lines += ["", f"Cost (FLOPs estimated from the active parameters; energy assumes {power}: there is no power "
               "meter here):", "",

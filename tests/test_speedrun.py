@@ -66,9 +66,11 @@ def fake_stages(monkeypatch, clock: Clock, timed: float, real: float, bf16_timed
                                                                                    {"grpo": a.steps}))
     monkeypatch.setattr(sr, "_finished", lambda run, n: {})
     monkeypatch.setattr(sr, "_grpo_summary", lambda run, n: {})
-    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed, device, bf16:
-                        on("distill", device, 1, bf16) or {"dir": str(work(d, {"student": student,
-                                                                               "baseline": baseline}))})
+    monkeypatch.setattr(sr, "_torchrun", lambda verb, a, nproc: on(verb, a.device, nproc, a.bf16) or
+                        work(sr.Path(a.out), {verb: a.steps}))
+    monkeypatch.setattr(sr, "_distill", lambda d, out, p, student, baseline, seed, device, bf16, nproc:
+                        on("distill", device, nproc, bf16) or {"dir": str(work(d, {"student": student,
+                                                                                   "baseline": baseline}))})
     monkeypatch.setattr(sr, "_evaluate", lambda d, out, n, seed, device: on("eval", device) or work(d, {}) and {})
     monkeypatch.setattr(sr, "report", lambda out: "")
     return got
@@ -114,8 +116,8 @@ def test_steps_sets_the_size_without_timing(tmp_path, monkeypatch):
     clock = Clock()
     got = fake_stages(monkeypatch, clock, timed=float("nan"), real=1.0)
     sr.speedrun(tmp_path / "run", steps=12, device="cpu", nproc=2)
-    assert got.pop("where") == {"pretrain": ("cpu", 2), "sft": ("cpu", 1), "grpo": ("cpu", 1), "distill": ("cpu", 1),
-                                "eval": ("cpu", 1)}  # every stage on --device; pretraining in --nproc processes
+    assert got.pop("where") == {"pretrain": ("cpu", 2), "sft": ("cpu", 2), "grpo": ("cpu", 2), "distill": ("cpu", 2),
+                                "eval": ("cpu", 1)}  # every stage on --device; the training stages in --nproc processes
     assert not any(got.pop("bf16").values())  # (auto still times the precision: nan here, so fp32)
     assert got == sr.scaled_plan(12) == {"pretrain": 12, "sft": 18, "grpo": 2, "student": 18, "baseline": 18}
     assert sr.scaled_plan(300) == sr.RECIPE  # --steps 300: the default run, never cut
