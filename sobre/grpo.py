@@ -411,8 +411,8 @@ def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs
     rewards = torch.stack([r for _, r in kept]) if kept else torch.zeros(0, a.group)
     if scale == "batch" and parallel.rank_world()[1] > 1:
         every = torch.cat(parallel.gather_objects(rewards))
-        return (advantages(rewards, "none") / (every.std() + 1e-4)).flatten()
-    return advantages(rewards, scale).flatten()
+        return (advantages(rewards, "none") / (every.std() + 1e-4)).flatten() if kept else torch.zeros(0)
+    return advantages(rewards, scale).flatten() if kept else torch.zeros(0)
 
 
 def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch.Tensor, a: GRPOArgs) -> list[dict]:
