@@ -75,8 +75,8 @@ def distill(a: DistillArgs) -> Path:
     if not a.teacher:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     a.validate()
-    _, _, device = parallel.init(a.device)  # under torchrun: data parallel (sft.fit), the traces made by rank 0
-    parallel.split_over(a.batch_size, "--batch-size")
+    _, world, device = parallel.init(a.device)  # under torchrun: data parallel (sft.fit), the traces by rank 0
+    a.check_world(world)
     run = open_run(a)
 
     def models():

@@ -133,13 +133,15 @@ def all_reduce_(tensors) -> None:
             bucket.append(t)
 
 
-def sync_grads(model: nn.Module) -> None:
-    """Sum every rank's gradients (data parallel over replicas; nothing in one process). A trainable parameter no
+def sync_grads(model: nn.Module, average: bool = False) -> None:
+    """Sum (average) every rank's gradients of replicated parameters (data parallel over replicas; nothing in one
+    process; FSDP-sharded parameters' are its reduce-scatter's, an average). A trainable parameter no
     rank's backward reached keeps no gradient; one that some rank's did gets zeros where the others' did not
     (a rank with no rows this step joins with zeros)."""
+    from torch.distributed.tensor import DTensor
     if rank_world()[1] == 1:
         return
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]  # (FSDP's: summed)
     reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
     dist.all_reduce(reached)
     live = [p for p, n in zip(params, reached.tolist()) if n]
@@ -147,6 +149,9 @@ def sync_grads(model: nn.Module) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     all_reduce_(p.grad for p in live)
+    if average:
+        for p in live:
+            p.grad.div_(rank_world()[1])
 
 
 def rank_zero_first(fn):
@@ -305,10 +310,12 @@ def expert_parallel_inference(model: Transformer, redundant: int = 0, loads=None
     return placement
 
 
-def apply_fsdp(model: Transformer):
+def apply_fsdp(model: Transformer, root: bool = True):
     """FSDP2: shard every block, then the rest (embedding, head, final norm) at the root. Expert-parallel
     slices are already split over ranks: FSDP leaves them alone. FSDP2 takes contiguous parameters only: stacked
-    expert weights (stored transposed, experts.stacked_weight) are laid out plainly first."""
+    expert weights (stored transposed, experts.stacked_weight) are laid out plainly first. root=False
+    (post-training, whose losses call the model's parts, not its forward): the blocks alone; the embedding, head
+    and norm stay replicated (sync_grads)."""
     from torch.distributed.fsdp import fully_shard
     ignored = {p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()} or None
     for p in model.parameters():
@@ -316,7 +323,8 @@ def apply_fsdp(model: Transformer):
             p.data = p.data.contiguous()
     for block in list(model.layers) + list(model.mtp):
         fully_shard(block, ignored_params=ignored)
-    fully_shard(model, ignored_params=ignored)
+    if root:
+        fully_shard(model, ignored_params=ignored)
     return model
 
 

@@ -24,7 +24,7 @@ from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
 from .lora import LoRAArgs, add_lora
-from .model import Transformer, head_loss, init_weights
+from .model import Transformer, build_model, head_loss, init_weights
 from .moe import MoE
 from .parallel import pick_device
 from .report import plot_training
@@ -242,11 +242,21 @@ class SFTArgs(LoRAArgs, RunArgs):  # --lora-rank: the router biases stay as they
     save_every: int = 100
     keep: int = 2
     compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
+    fsdp: bool = False  # under torchrun: the blocks sharded over the ranks (FSDP2) instead of a replica each
 
     def validate(self):
         require_positive(self, "steps", "batch_size", "seq_len", "examples", "eval_every", "save_every", "keep")
         self.check_ranges()
         self.check_lora(self.init)
+
+    def check_world(self, world: int):
+        """What the torchrun processes need: a batch they split, and --fsdp only among several of them."""
+        parallel.split_over(self.batch_size, "--batch-size")
+        if self.fsdp and world == 1:
+            raise ValueError("--fsdp shards the blocks over torchrun's processes: run under torchrun "
+                             "--nproc_per_node N")
+        if self.fsdp and self.lora_rank:
+            raise ValueError("--fsdp with --lora-rank: LoRA trains on whole replicas (drop --fsdp)")
 
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
@@ -254,8 +264,8 @@ def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:
     if not a.data and not a.task:
         raise ValueError("nothing to train on: give --data FILE.jsonl and/or --task NAME")
     a.validate()
-    _, _, device = parallel.init(a.device)
-    parallel.split_over(a.batch_size, "--batch-size")
+    _, world, device = parallel.init(a.device)
+    a.check_world(world)
     run = open_run(a)
     model, tok = parallel.rank_zero_first(lambda: start_model(a.init, a.preset, run, a.seed, a.arch, tokenizer,
                                                               str(device), **a.frozen_int8()))
@@ -280,7 +290,9 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     the HF export in run/model. loss_fn(model, rows) -> loss (default: the SFT loss of those rows): the mean over
     the rows' target positions (Y != IGNORE). The rows move to the model's device once; `rows` index them there.
     Under torchrun each rank takes its slice of every batch, its loss weighed by its share of the batch's target
-    positions, and the ranks' gradients summed (parallel.sync_grads): one process's step on the whole batch."""
+    positions, and the ranks' gradients summed (parallel.sync_grads): one process's step on the whole batch.
+    a.fsdp: the blocks sharded over the ranks (FSDP2, whose reduce-scatter averages their gradients: each rank's
+    loss then weighs world times more, the replicated embedding, head and norm's gradients averaged too)."""
     rank, world = parallel.rank_world()
     dev = next(model.parameters()).device
     X, Y, D = (t.to(dev) for t in data)
@@ -293,6 +305,9 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
     if a.compile:
         compile_blocks(model)
+    fsdp = world > 1 and a.fsdp
+    if fsdp:
+        parallel.apply_fsdp(model, root=False)
     opt = adamw(param_groups(model, a.weight_decay), a.lr)
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
     if rank == 0:
@@ -312,13 +327,14 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)][share].to(dev)
         mine = int((Y[rows] != IGNORE).sum())
         ntok = int(parallel.all_sum(mine)[0])
-        loss, ran = torch.zeros(()), bool(mine) or world == 1
-        if ran:  # (a rank whose rows hold no target joins the gradients' sum with zeros)
+        loss, ran = torch.zeros(()), bool(mine) or world == 1 or fsdp
+        if ran:  # (a rank whose rows hold no target joins the gradients' sum with zeros; FSDP's blocks all run)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss = loss_fn(model, rows) * (mine / ntok if world > 1 else 1)
-            loss.backward()
-        parallel.sync_grads(model)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
+            (loss * world if fsdp else loss).backward()
+        parallel.sync_grads(model, average=fsdp)
+        gnorm = parallel.clip_grad_norm_(model, a.max_grad_norm, world) if fsdp else \
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.bias_update and moes and not a.lora_rank:
@@ -331,8 +347,13 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
                "grad_norm": gnorm, "target_tokens": ntok,
                "tokens_per_s": a.batch_size * a.seq_len / (time.perf_counter() - t0)}
         if val is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
-            rec["val_loss"] = val_loss(model, *val, a.batch_size, split=True)
+            rec["val_loss"] = val_loss(model, *val, a.batch_size, split=not fsdp)  # (FSDP: every rank all of it)
         end_step(log, rec, run, step, a, model, opt, rank)
+    if fsdp:  # the whole model, gathered from the shards (every rank joins)
+        msd, _ = parallel.full_state(model, opt)
+        if rank == 0:
+            model = build_model(model.config)
+            model.load_state_dict(msd)
     if rank == 0:
         log.close()
         export(model, run, plot_training, base=adapter_base(a.init))

@@ -143,8 +143,9 @@ def close(a, b, keys):
 
 
 def test_post_training_under_torchrun(tmp_path):
-    """sft and distill in 2 processes (data parallel) log the losses, grad norms and validation losses of one
-    process on the same batches, and export the same weights; their checkpoints resume in one process. grpo in 2
+    """sft and distill in 2 processes (data parallel; sft also with its blocks sharded, --fsdp) log the losses,
+    grad norms and validation losses of one process on the same batches, and export the same weights; their
+    checkpoints resume in one process. grpo in 2
     processes: one metrics line a step for every rank's groups, rank 0's evaluations and completions, resumable in
     one process. A count the processes do not divide, and a verb that runs in one process, are clear errors."""
     import sobre
@@ -155,9 +156,18 @@ def test_post_training_under_torchrun(tmp_path):
     shutil.copytree(tmp_path / "one" / "tokenizer", tmp_path / "two" / "tokenizer")  # only the processes differ
     two = post_train("sft", tmp_path / "two", *sft, procs=2)
     close(one, two, ("step", "loss", "grad_norm", "target_tokens", "val_loss"))
-    a, b = (sobre.load(tmp_path / r / "model").state_dict() for r in ("one", "two"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert post_train("sft", tmp_path / "two", *sft[:7], "5", *sft[8:], "--resume")[-1]["step"] == 5
+    (tmp_path / "fsdp").mkdir()
+    shutil.copytree(tmp_path / "one" / "tokenizer", tmp_path / "fsdp" / "tokenizer")
+    close(one, post_train("sft", tmp_path / "fsdp", *sft, "--fsdp", procs=2),  # the blocks sharded (FSDP2)
+          ("step", "loss", "grad_norm", "target_tokens", "val_loss"))
+    a = sobre.load(tmp_path / "one" / "model").state_dict()
+    for other in ("two", "fsdp"):
+        b = sobre.load(tmp_path / other / "model").state_dict()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, other
+    assert post_train("sft", tmp_path / "fsdp", *sft[:7], "5", *sft[8:], "--resume")[-1]["step"] == 5
+    from sobre import sft as sft_module
+    with pytest.raises(ValueError, match="--fsdp shards the blocks over torchrun's processes"):
+        sft_module.sft(sft_module.SFTArgs(out=str(tmp_path / "alone"), task=("countdown",), fsdp=True))
 
     distill = ["--teacher", str(tmp_path / "one"), "--task", "countdown", "--examples", "16", "--samples", "1",
                "--max-new-tokens", "8", "--with-reference", "--preset", "debug", "--steps", "3", "--batch-size", "4",
