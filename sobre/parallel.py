@@ -141,7 +141,7 @@ def sync_grads(model: nn.Module, average: bool = False) -> None:
     from torch.distributed.tensor import DTensor
     if rank_world()[1] == 1:
         return
-    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]  # (FSDP's: summed)
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]  # (not FSDP's)
     reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
     dist.all_reduce(reached)
     live = [p for p, n in zip(params, reached.tolist()) if n]
