@@ -1,6 +1,7 @@
 """Parallelism, applied from outside an unmodified model (as torchtitan): torchrun initialisation, FSDP2
-data parallel (`fully_shard` per block) and expert parallel (each rank owns E / world experts; tokens go to
-their experts and back with two all-to-alls). gloo on CPU, NCCL on GPU."""
+data parallel (`fully_shard` per block), post-training's data parallel over whole replicas (summed gradients) and
+expert parallel (each rank owns E / world experts; tokens go to their experts and back with two all-to-alls).
+gloo on CPU, NCCL on GPU."""
 
 from __future__ import annotations
 
