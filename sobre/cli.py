@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel
 from .flags import (
     ADAPTER_HELP,
     DTYPES,
@@ -287,11 +288,14 @@ def cmd_rejection_sample(args):
     from .rollout import rejection_sample
     from .sft import start_model
     from .tasks import get_task
-    model, tok = start_model(args.path, device=args.device, adapter=args.adapter)
+    rank, _, device = parallel.init(args.device)  # (under torchrun each rank samples its share of the problems)
+    model, tok = parallel.rank_zero_first(lambda: start_model(args.path, device=str(device), adapter=args.adapter))
     r = rejection_sample(model.eval(), tok, get_task(args.task, args.reward or None), args.n, args.samples,
                          Path(args.out), args.temperature, args.max_new_tokens, args.seed, args.keep)
-    print(f"kept {r['kept']} verified completions for {r['solved']}/{r['problems']} problems "
-          f"({r['samples']} samples) -> {r['file']} (train on it: sobre sft --data {r['file']})")
+    parallel.finish()
+    if rank == 0:
+        print(f"kept {r['kept']} verified completions for {r['solved']}/{r['problems']} problems "
+              f"({r['samples']} samples) -> {r['file']} (train on it: sobre sft --data {r['file']})")
 
 
 def cmd_speedrun(args):
@@ -359,7 +363,7 @@ def cmd_serve(args):
     app.state.server.loop.close()
 
 
-TORCHRUN_VERBS = ("pretrain", "sft", "grpo", "distill")  # data parallel over torchrun's processes
+TORCHRUN_VERBS = ("pretrain", "sft", "grpo", "distill", "rejection-sample")  # data parallel over the processes
 
 
 def main(argv=None):
@@ -516,7 +520,8 @@ def main(argv=None):
     s.add_argument("--task", default="countdown")
     s.add_argument("--reward", default="")
     s.add_argument("--out", required=True, help="output JSONL")
-    s.add_argument("--n", type=at_least(1), default=256, help="train problems")
+    s.add_argument("--n", "--problems", dest="n", type=at_least(1), default=256,
+                   help="train problems (--problems under torchrun, whose own flags take --n for theirs)")
     s.add_argument("--samples", type=at_least(1), default=8, help="completions per problem")
     s.add_argument("--keep", type=at_least(1), default=1, help="distinct correct completions kept per problem")
     s.add_argument("--temperature", type=float, default=1.0)

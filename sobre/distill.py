@@ -75,7 +75,7 @@ def distill(a: DistillArgs) -> Path:
     if not a.teacher:
         raise ValueError("--teacher is required (a sobre run folder, an HF model directory or a Hub id)")
     a.validate()
-    _, world, device = parallel.init(a.device)  # under torchrun: data parallel (sft.fit), the traces by rank 0
+    rank, world, device = parallel.init(a.device)  # under torchrun: data parallel (sft.fit and the traces)
     a.check_world(world)
     run = open_run(a)
 
@@ -93,14 +93,14 @@ def distill(a: DistillArgs) -> Path:
     for name in a.task:
         traces = run / f"traces-{name.replace(':', '_')}.jsonl"
 
-        def answer(name=name, traces=traces, teacher=teacher):  # the teacher's verified answers, made once
-            if not traces.exists():
-                r = rejection_sample(teacher, tok, get_task(name), a.examples, a.samples, traces.with_suffix(".tmp"),
-                                     a.temperature, a.max_new_tokens, a.seed)
+        if not traces.exists():  # the teacher's verified answers, made once (kept on resume; under torchrun
+            # every rank samples its share of the problems, rank 0 writes them)
+            r = rejection_sample(teacher, tok, get_task(name), a.examples, a.samples, traces.with_suffix(".tmp"),
+                                 a.temperature, a.max_new_tokens, a.seed)
+            if rank == 0:
                 traces.with_suffix(".tmp").rename(traces)
                 print(f"teacher solved {r['solved']}/{r['problems']} {name} problems; {r['kept']} traces kept")
-
-        parallel.rank_zero_first(answer)
+        parallel.barrier()  # (the others read the traces once rank 0 has them)
         examples += read_examples(traces, tok)
         if a.with_reference:
             examples += task_examples(tok, name, a.examples, a.seed, a.direct)

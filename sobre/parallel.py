@@ -155,13 +155,18 @@ def sync_grads(model: nn.Module, average: bool = False) -> None:
             p.grad.div_(rank_world()[1])
 
 
-def rank_zero_first(fn):
-    """fn() on rank 0, then on the others: what it writes to the shared run folder (a tokenizer, the teacher's
-    traces, a Hub download) is made once and read by the rest."""
-    rank, world = rank_world()
-    out = fn() if rank == 0 else None
-    if world > 1:
+def barrier() -> None:
+    """Every rank waits for the others here (nothing in one process)."""
+    if rank_world()[1] > 1:
         dist.barrier()
+
+
+def rank_zero_first(fn):
+    """fn() on rank 0, then on the others: what it writes to the shared run folder (a tokenizer, a Hub download)
+    is made once and read by the rest."""
+    rank = rank_world()[0]
+    out = fn() if rank == 0 else None
+    barrier()
     return fn() if rank else out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import parallel
 from .checkpoint import kept_fp32
 from .config import at_least_one
 from .engine import Engine
@@ -276,26 +277,29 @@ def rejection_sample(model: Transformer, tok: Tokenizer, task: Task, n_problems:
                      out: Path, temperature: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
                      per_problem: int = 1) -> dict:
     """Sample `samples` completions per train problem, keep up to `per_problem` distinct verified-correct and
-    well-formed ones, write them as chat JSONL ({"messages": [...]}) for `sobre sft --data`."""
+    well-formed ones, write them as chat JSONL ({"messages": [...]}) for `sobre sft --data`. Under torchrun (every
+    rank calls it): each rank samples every world-th problem with its own seed, rank 0 writes them all in order."""
     at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens, per_problem=per_problem)
+    rank, world = parallel.rank_world()
     problems = task.problems("train", n_problems, seed)
-    groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
+    mine = problems[rank::world]
+    groups = rollouts(model, tok, task, mine, samples, max_new_tokens, temperature, seed=seed * world + rank) \
+        if mine else []
+    rows = []  # each of this rank's problems: its kept completions
+    for p, g in zip(mine, groups):
+        seen = []
+        for r in g:
+            body = r.text.split(tok.eos_token)[0] if tok.eos_token else r.text
+            if r.correct > 0 and r.format > 0 and not r.truncated and body not in seen and len(seen) < per_problem:
+                seen.append(body)
+        rows.append([{"messages": [{"role": "user", "content": p.prompt},
+                                   {"role": "assistant", "content": "<think>\n" + body}]} for body in seen])
+    every = parallel.gather_objects(rows)
+    rows = [every[i % world][i // world] for i in range(len(problems))]  # back in the problems' order
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kept = solved = 0
-    with open(out, "w") as f:
-        for p, g in zip(problems, groups):
-            seen = set()
-            good = [r for r in g if r.correct > 0 and r.format > 0 and not r.truncated]
-            solved += bool(good)
-            for r in good:
-                body = r.text.split(tok.eos_token)[0] if tok.eos_token else r.text
-                if body in seen or len(seen) >= per_problem:
-                    continue
-                seen.add(body)
-                f.write(json.dumps({"messages": [{"role": "user", "content": p.prompt},
-                                                 {"role": "assistant", "content": "<think>\n" + body}]},
-                                   ensure_ascii=False) + "\n")
-                kept += 1
-    return {"problems": len(problems), "samples": len(problems) * samples, "solved": solved, "kept": kept,
-            "file": str(out)}
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for kept in rows for row in kept)
+    return {"problems": len(problems), "samples": len(problems) * samples, "solved": sum(map(bool, rows)),
+            "kept": sum(map(len, rows)), "file": str(out)}

@@ -127,6 +127,16 @@ def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
     assert r["router_bias"]["bias_moved"] > 0.005 and r["grpo"]["bias_moved"] == 0
 
 
+def test_rejection_sampling_over_two_ranks_writes_what_one_process_writes(tmp_path):
+    """Each rank samples every other problem; rank 0 writes their kept completions in the problems' order: the
+    file and the counts of one process (completions faked, so that both sides see the same ones)."""
+    check(TORCHRUN + [str(Path(__file__).parent / "dist" / "rejection.py"), str(tmp_path)], timeout=120)
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["world"] == 2 and r["one"]["kept"] > 0 and r["one"]["solved"] < r["one"]["problems"] == 5
+    assert {k: v for k, v in r["two"].items() if k != "file"} == {k: v for k, v in r["one"].items() if k != "file"}
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+
+
 def post_train(verb, run, *args, procs=1, timeout=300):
     cmd = ["-m", "sobre", verb, "--out", str(run), *args]
     check(TORCHRUN[:-1] + [str(procs), "--no-python", sys.executable] + cmd if procs > 1 else [sys.executable] + cmd,
