@@ -92,7 +92,6 @@ def distill(a: DistillArgs) -> Path:
     examples = [ex for f in a.data for ex in read_examples(f, tok)]
     for name in a.task:
         traces = run / f"traces-{name.replace(':', '_')}.jsonl"
-
         if not traces.exists():  # the teacher's verified answers, made once (kept on resume; under torchrun
             # every rank samples its share of the problems, rank 0 writes them)
             r = rejection_sample(teacher, tok, get_task(name), a.examples, a.samples, traces.with_suffix(".tmp"),
