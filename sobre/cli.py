@@ -183,9 +183,7 @@ def cmd_generate(args):
         print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s{'; ' + spec if spec else ''}]",
               file=sys.stderr)
     if args.expert_parallel:
-        import torch.distributed as dist
-        dist.barrier()  # no rank leaves while another still has collectives in flight
-        dist.destroy_process_group()
+        parallel.finish()  # no rank leaves while another still has collectives in flight
 
 
 def _expert_parallel(model, args, prompt) -> int:
@@ -235,14 +233,6 @@ def cmd_chat(args):
     if eng.tokenizer is None:
         sys.exit(f"{args.path}: no tokenizer.json; chat needs one")
     talk(eng, sampling, args.system, not args.hide_reasoning, not args.no_think, args.max_new_tokens)
-
-
-def cmd_pretrain(args):
-    from .train import TrainArgs, pretrain
-    a = TrainArgs(**{f: getattr(args, f) for f in TrainArgs.__dataclass_fields__})
-    run = pretrain(a)
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
-        print(f"run folder: {run} (metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/)")
 
 
 def cmd_tokenizer_train(args):
@@ -476,10 +466,11 @@ def main(argv=None):
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)
 
-    from .train import TrainArgs
+    from .train import TrainArgs, pretrain
     s = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch")
     add_dataclass_flags(s, TrainArgs)
-    s.set_defaults(fn=cmd_pretrain)
+    s.set_defaults(fn=lambda a: run_dataclass(a, TrainArgs, pretrain,
+                                              "metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/"))
 
     from .sft import SFTArgs, sft
     s = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL and/or task reasoning traces")

@@ -121,17 +121,19 @@ def all_reduce_(tensors) -> None:
     tensors = list(tensors)
     if rank_world()[1] == 1 or not tensors:
         return
-    bucket: list[torch.Tensor] = []  # consecutive tensors of one device and dtype
+    bucket: list[torch.Tensor] = []  # consecutive tensors of one device and dtype, `size` elements
+    size = 0
     for t in tensors + [None]:
         if bucket and (t is None or t.device != bucket[0].device or t.dtype != bucket[0].dtype
-                       or sum(b.numel() for b in bucket) + t.numel() > BUCKET):
+                       or size + t.numel() > BUCKET):
             flat = torch.cat([b.flatten() for b in bucket])
             dist.all_reduce(flat)
             for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
                 b.copy_(part.view_as(b))
-            bucket = []
+            bucket, size = [], 0
         if t is not None:
             bucket.append(t)
+            size += t.numel()
 
 
 def sync_grads(model: nn.Module, average: bool = False) -> None:

@@ -340,13 +340,9 @@ def pretrain(a: TrainArgs) -> Path:
     """Train; under torchrun each rank takes its slice of every global batch (FSDP2, optionally EP)."""
     a.validate()
     rank, world, device = parallel.init(a.device)
-    if a.batch_size % world:
-        raise ValueError(f"--batch-size {a.batch_size} does not split over {world} processes")
+    parallel.split_over(a.batch_size, "--batch-size")
     run = open_run(a)
-    tok = prepare(a, run) if rank == 0 else None
-    if world > 1:
-        torch.distributed.barrier()
-        tok = tok or load_tokenizer(run / "tokenizer")
+    tok = parallel.rank_zero_first(lambda: prepare(a, run))  # (the others find rank 0's tokenizer and data)
     torch.manual_seed(a.seed)
     cfg = a.model_config(vocab_size=tok.vocab_size, max_seq_len=max(preset(a.preset).max_seq_len, a.seq_len),
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, seed=a.seed)
@@ -428,9 +424,7 @@ def pretrain(a: TrainArgs) -> Path:
         save(final.eval(), run / "model", tokenizer_dir=run / "tokenizer")
         from .report import plot_training
         plot_training(run)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    parallel.finish()
     return run
 
 
