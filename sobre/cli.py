@@ -4,6 +4,7 @@ rejection-sample, speedrun."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -466,27 +467,22 @@ def main(argv=None):
     add_device_flag(s)
     s.set_defaults(fn=cmd_serve)
 
-    from .train import TrainArgs, pretrain
-    s = sub.add_parser("pretrain", help="pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch")
-    add_dataclass_flags(s, TrainArgs)
-    s.set_defaults(fn=lambda a: run_dataclass(a, TrainArgs, pretrain,
-                                              "metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/"))
-
-    from .sft import SFTArgs, sft
-    s = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL and/or task reasoning traces")
-    add_dataclass_flags(s, SFTArgs)
-    s.set_defaults(fn=lambda a: run_dataclass(a, SFTArgs, sft, "metrics.jsonl, loss.png, model/"))
-
-    from .grpo import GRPOArgs, grpo
-    s = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO with verifiable rewards, rollouts on the engine")
-    add_dataclass_flags(s, GRPOArgs)
-    s.set_defaults(fn=lambda a: run_dataclass(a, GRPOArgs, grpo,
-                                              "metrics.jsonl, eval.jsonl, completions.jsonl, reward.png, model/"))
-
     from .distill import DistillArgs, distill
-    s = sub.add_parser("distill", help="distil a teacher's verified reasoning (and top-k logits) into a student")
-    add_dataclass_flags(s, DistillArgs)
-    s.set_defaults(fn=lambda a: run_dataclass(a, DistillArgs, distill, "traces-*.jsonl, metrics.jsonl, model/"))
+    from .grpo import GRPOArgs, grpo
+    from .sft import SFTArgs, sft
+    from .train import TrainArgs, pretrain
+    for verb, cls, fn, about, what in (  # the training verbs: a dataclass's fields as flags, and its function
+            ("pretrain", TrainArgs, pretrain, "pretrain a DeepSeek-V3-style model (MLA, MoE, MTP) from scratch",
+             "metrics.jsonl, loss.png, expert_load.png, checkpoints/, model/"),
+            ("sft", SFTArgs, sft, "supervised fine-tuning on chat JSONL and/or task reasoning traces",
+             "metrics.jsonl, loss.png, model/"),
+            ("grpo", GRPOArgs, grpo, "GRPO / Dr. GRPO / DAPO with verifiable rewards, rollouts on the engine",
+             "metrics.jsonl, eval.jsonl, completions.jsonl, reward.png, model/"),
+            ("distill", DistillArgs, distill, "distil a teacher's verified reasoning (and top-k logits) into a student",
+             "traces-*.jsonl, metrics.jsonl, model/")):
+        s = sub.add_parser(verb, help=about)
+        add_dataclass_flags(s, cls)
+        s.set_defaults(fn=functools.partial(run_dataclass, cls=cls, fn=fn, what=what))
 
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k / maj@k and reference-solution loss on reasoning tasks")
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
