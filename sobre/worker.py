@@ -4,6 +4,11 @@ Python) or in a process of its own (EngineProcess, `sobre serve`'s default, as v
 In its own process the engine's Python between ops never waits on the HTTP event loop for the GIL: on 2 CPU
 cores a B=16 decode step took 10 ms inside the server's process against 7.7 ms alone, and a thread doing half
 a core of Python work beside a bare engine doubled its step (the same work in another process: +3%).
+In a thread the engine runs on one torch thread by default, as EngineProcess does: libgomp (torch's OpenMP)
+keeps a thread team per thread that runs parallel ops, and once it manages more threads than there are cores
+(the main thread's team, which loaded the model, and the engine thread's) its idle threads stop spinning and
+sleep between ops; each op then waits for them to wake. 8 sequences x 198 tokens of tests/test_serve.py's
+model on 2 cores: 0.6-0.9 s in the main thread, 4.5-5.9 s in a thread of 2 torch threads, 0.46 s of 1.
 
 Both run a Worker: between steps it takes commands from its inbox (add / cancel / stop); after each step it
 emits one batch of (key, item) for the requests it touched (item: an Event, a Done, or an exception that
@@ -170,18 +175,24 @@ class EngineClient:
 
 
 class EngineThread(EngineClient):
-    """An Engine object, run by a Worker in a thread of this process."""
+    """An Engine object, run by a Worker in a thread of this process on `threads` torch threads (that thread's
+    own setting: the caller's threads keep theirs)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, threads: int = 1):
         self.engine, inbox = engine, queue.Queue()
         worker = Worker(engine, inbox, self.deliver)
         super().__init__(inbox, engine.model.config, engine.tokenizer, engine.limits, worker.counts())
-        self.thread = threading.Thread(target=worker.run, name="sobre-engine", daemon=True)
+        self.thread = threading.Thread(target=run_on, args=(threads, worker), name="sobre-engine", daemon=True)
         self.thread.start()
 
     def close(self):
         self.inbox.put(("stop",))
         self.thread.join(timeout=10)
+
+
+def run_on(threads: int, worker: Worker):
+    torch.set_num_threads(threads)
+    worker.run()
 
 
 class EngineProcess(EngineClient):

@@ -565,6 +565,21 @@ def test_engine_process_death_fails_its_requests_and_health(long_ckpt):
     assert not eng.proc.is_alive()
 
 
+def test_engine_thread_steps_on_its_own_torch_threads(ckpt):
+    """An Engine made in Python steps in a thread of one torch thread (libgomp's second thread team there made
+    each op wait for sleeping threads: 5x slower on 2 cores); the caller's threads keep their setting."""
+    eng = Engine.from_pretrained(ckpt, max_batch=2)
+    seen, step = [], eng.step
+    eng.step = lambda: (seen.append(torch.get_num_threads()), step())[1]
+    before = torch.get_num_threads()
+    s = Live(create_app(eng, "tiny"))
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=60)
+    finally:
+        s.close()
+    assert r.status_code == 200 and seen and set(seen) == {1} and torch.get_num_threads() == before
+
+
 def test_engine_process_that_cannot_start_says_why(ckpt, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
@@ -588,8 +603,8 @@ def test_schemathesis_no_5xx(ckpt):
 
                 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
                 @given(case=op.ok().as_strategy(mode))
-                def run(case):
-                    r = case.call()
+                def run(case):  # (a valid body may ask for 15 x 200 tokens: a few seconds on 2 cores)
+                    r = case.call(timeout=60)
                     if r.status_code >= 500:
                         failures.append((case.method, case.path, case.body, r.status_code, r.text[:200]))
                 try:
