@@ -37,7 +37,7 @@ from . import parallel
 from .attention import causal
 from .host import int_rows, ints
 from .linear import native_bf16
-from .lora import LoRAArgs, add_lora, disabled
+from .lora import TuneArgs, add_lora, disabled
 from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, Transformer
 from .moe import MoE
@@ -230,7 +230,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameters stay fp32
+class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameters stay fp32
     out: str = "runs/grpo"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -303,12 +303,16 @@ class GRPOArgs(LoRAArgs, RunArgs):  # --bf16 autocasts the update; the parameter
 def grpo(a: GRPOArgs) -> Path:
     """The run; under torchrun data parallel: each rank holds the whole model, samples its share of the step's
     prompts (--prompts split over the ranks) on its own engine and updates on its groups, the losses carrying the
-    whole step's normalisers and the gradients summed (parallel.sync_grads); rank 0 logs, evaluates and saves."""
+    whole step's normalisers and the gradients summed (parallel.sync_grads); rank 0 logs, evaluates and saves.
+    a.fsdp: the update on blocks sharded over the ranks (FSDP2; the reference model's too), the rollouts and
+    evaluations on a whole copy of the weights refreshed after every update (parallel.copy_whole, TRL's vLLM
+    weight sync in one process): a replica's weights per rank, not its gradients and AdamW's moments."""
     a.validate()
     dapo = a.loss == "dapo"
     eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
     dynamic, overlong = a.dynamic, a.overlong_filter or dapo
     rank, world, device = parallel.init(a.device)
+    a.check_fsdp(world)
     share = parallel.split_over(a.prompts, "--prompts")
     run = open_run(a)
     task = get_task(a.task, a.reward or None)
@@ -318,14 +322,22 @@ def grpo(a: GRPOArgs) -> Path:
     if a.lora_rank:  # the KL's reference is then the model with its adapters off: no copy
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
     ref = (model if a.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)) if a.beta else None
+    policy = model  # the weights the rollouts and held-out evaluations run on
+    if a.fsdp:  # (its parameters keep requires_grad: --rollout-bf16's copies follow those that train)
+        policy = copy.deepcopy(model).eval()
+        parallel.apply_fsdp(model, root=False)
+        if ref is not None:
+            parallel.apply_fsdp(ref, root=False)
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
-    weights = CastWeights(model, torch.bfloat16) if a.rollout_bf16 else nullcontext(model)
+    if a.fsdp and start:
+        parallel.copy_whole(policy, model)
+    weights = CastWeights(policy, torch.bfloat16) if a.rollout_bf16 else nullcontext(policy)
     if a.rollout_bf16 and next(model.parameters()).device.type == "cpu" and not native_bf16() and rank == 0:
         warnings.warn("--rollout-bf16 on a CPU without native bf16 (AVX512-BF16, AMX): its bf16 products are "
                       "emulated, and rollouts run far slower than in fp32", stacklevel=2)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
-    reuse = reuse_logits(model, a)
+    reuse = reuse_logits(policy, a)
     log = None
     if rank == 0:
         (run / "config.json").write_text(json.dumps({"grpo": asdict(a), "model": model.config.to_dict(),
@@ -336,7 +348,7 @@ def grpo(a: GRPOArgs) -> Path:
         log = open(run / "metrics.jsonl", "a")
 
     def held_out() -> float:
-        return evaluate_task(model, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
+        return evaluate_task(policy, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
                              seed=a.seed)["pass@1"]
 
     # (rank 0 evaluates; a small .jsonl task may hold out none of its rows)
@@ -385,6 +397,8 @@ def grpo(a: GRPOArgs) -> Path:
                     f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
         if n_kept:
             rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong, reuse, adv))
+            if a.fsdp:
+                parallel.copy_whole(policy, model)
         for x in flat:  # the kept logits rows go before the next step's rollouts keep theirs
             x.logits = None
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
@@ -395,7 +409,7 @@ def grpo(a: GRPOArgs) -> Path:
         end_step(log, rec, run, step, a, model, opt, rank)
     if rank == 0:
         log.close()
-        export(model, run, plot_grpo, base=adapter_base(a.init))
+        export(policy, run, plot_grpo, base=adapter_base(a.init))
     parallel.finish()
     return run
 
@@ -458,7 +472,11 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
     rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'). Under torchrun
     every rank calls it, on its own groups (maybe none): the normalisers and statistics are every rank's, the
-    gradients summed before each step."""
+    gradients summed before each step. An FSDP-sharded model (and reference): every rank runs as many forwards as
+    the rank of most micro-batches (their blocks' all-gathers and reduce-scatters are collective), one that has
+    run out taking a one-token pass that adds nothing (_idle), and each pass is one forward of its padded rows
+    (token_logprobs' shared=False: a shared prompt's two forwards gather each block twice, a micro-batch of
+    one-token completions once); each rank's loss weighs world times, FSDP averaging its blocks' gradients."""
     adv = group_advantages(kept, a) if adv is None else adv
     batch = [x for g, _ in kept for x in g]
     use = [not (overlong and x.truncated) for x in batch]
@@ -482,6 +500,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     seen_tokens = parallel.all_sum(sum(len(x.ids) for x in batch))[0]  # (in the forward: the entropy's denominator)
     # micro-batches of micro_batch completions, each prompt in one forward (token_logprobs)
     chunks = [list(range(i, min(i + a.micro_batch, len(batch)))) for i in range(0, len(batch), a.micro_batch)]
+    fsdp, world = parallel.sharded(model), parallel.rank_world()[1]
+    idle = max(parallel.gather_objects(len(chunks))) - len(chunks) if fsdp else 0  # FSDP: the passes others run
     model.train()
     old = ref_lp = None
 
@@ -491,11 +511,14 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     if a.mu > 1 or a.beta:
         with torch.no_grad(), amp():
             if a.mu > 1:
-                old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature)[0] for c in chunks]
+                old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature, shared=not fsdp)[0]
+                       for c in chunks]
+                _idle(model, idle, a.temperature)
             if a.beta:
                 with disabled(ref) if ref is model else nullcontext():
-                    ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature)[0]
-                              for c in chunks]
+                    ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature,
+                                             shared=not fsdp)[0] for c in chunks]
+                _idle(ref, idle, a.temperature)
     linear = linear_surrogate(a)
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for epoch in range(a.mu):
@@ -505,23 +528,26 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             coef = None
             if linear:
                 w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
-                coef = -adv[list(c), None] * w
+                coef = -adv[list(c), None] * w * (world if fsdp else 1)
             with amp():
-                logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0,
+                logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0, shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
                                                              reuse=reuse)
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None, a.importance)
-            (surrogate[0] if linear else loss).backward()
+            (surrogate[0] if linear else loss * (world if fsdp else 1)).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():
                 sums[k] += v / n_tokens / a.mu
             sums["entropy"] += ent / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
-        parallel.sync_grads(model)
-        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)) / a.mu
+        with amp():
+            _idle(model, idle, a.temperature, backward=True)
+        parallel.sync_grads(model, average=fsdp)
+        sums["grad_norm"] += (parallel.clip_grad_norm_(model, a.max_grad_norm, world) if fsdp else
+                              float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))) / a.mu
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.router_bias_update and moes:
@@ -534,6 +560,16 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     sums["clip_fraction"] = sums["clip_low"] + sums["clip_high"]
     sums["signal"] = signal / n_seqs  # the share of completions with a nonzero advantage
     return sums
+
+
+def _idle(model: Transformer, n: int, temperature: float, backward: bool = False):
+    """n passes of one token that change nothing (backward: gradients of zero), for a rank of an FSDP-sharded model
+    with fewer micro-batches than another: its blocks join every rank's all-gathers (and reduce-scatters)."""
+    for _ in range(n):
+        logp = token_logprobs(model, [Rollout([0], [0], "", False, 0.0, 0.0, None)], temperature=temperature,
+                              shared=False)[0]
+        if backward:
+            (logp.sum() * 0).backward()
 
 
 def _append(path: Path, row: dict):

@@ -36,14 +36,15 @@ PREFIX = "base_model.model."  # PEFT's key prefix (PeftModel -> LoraModel -> the
 
 
 @dataclass
-class LoRAArgs:
-    """The flags of the verbs that fine-tune (sft, distill, grpo)."""
+class TuneArgs:
+    """The flags of the verbs that fine-tune (sft, distill, grpo): LoRA, and FSDP under torchrun."""
     lora_rank: int = 0  # r > 0: train LoRA adapters of rank r, the model frozen (0: every weight trains)
     lora_alpha: float = 0.0  # scale alpha / r (0: alpha = 2 r)
     lora_dropout: float = 0.0  # on the adapters' input, training only
     lora_targets: tuple[str, ...] = ()  # PEFT target_modules names (q_proj, kv_b_proj, ...); empty: all-linear
     int8: bool = False  # --lora-rank on the model's weights in int8 (QLoRA-style: a quarter of fp32's bytes; the
     #   head, embedding and what int8.SKIP names stay fp32)
+    fsdp: bool = False  # under torchrun: the blocks sharded over the ranks (FSDP2) instead of a replica each
 
     def frozen_int8(self) -> dict:
         """start_model's keywords for --int8: the weights in int8 as they load, the head kept (the fused
@@ -61,6 +62,14 @@ class LoRAArgs:
                              "frozen: they train through adapters)")
         if bad := sorted(set(self.lora_targets) - set(TARGETS)):
             raise ValueError(f"--lora-targets: unknown module {bad[0]!r}; choose among {', '.join(TARGETS)}")
+
+    def check_fsdp(self, world: int):
+        """--fsdp only among several torchrun processes, and not with LoRA (whose adapters train on replicas)."""
+        if self.fsdp and world == 1:
+            raise ValueError("--fsdp shards the blocks over torchrun's processes: run under torchrun "
+                             "--nproc_per_node N")
+        if self.fsdp and self.lora_rank:
+            raise ValueError("--fsdp with --lora-rank: LoRA trains on whole replicas (drop --fsdp)")
 
 
 class LoRALinear(nn.Module):

@@ -336,6 +336,24 @@ def apply_fsdp(model: Transformer, root: bool = True):
     return model
 
 
+def sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards any of the model's parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def copy_whole(dst: nn.Module, src: nn.Module) -> None:
+    """dst's parameters and buffers := src's whole ones, by name: each FSDP2 shard of src all-gathered, its
+    replicated tensors copied (every rank calls it). GRPO's rollouts on sharded weights: a whole copy refreshed after
+    every update, as TRL syncs vLLM's weights."""
+    from torch.distributed.tensor import DTensor
+    theirs = dict(src.named_parameters()) | dict(src.named_buffers())
+    for name, t in list(dst.named_parameters()) + list(dst.named_buffers()):
+        s = theirs[name]
+        t.copy_(s.full_tensor() if isinstance(s, DTensor) else s)
+
+
 def scale_expert_grads(model: nn.Module, world: int):
     """Expert-parallel grads sum every rank's tokens; data-parallel grads are averaged. Match them."""
     for m in model.modules():

@@ -23,7 +23,7 @@ from .attention import causal
 from .checkpoint import load, resolve
 from .config import preset
 from .data import builtin_docs
-from .lora import LoRAArgs, add_lora
+from .lora import TuneArgs, add_lora
 from .model import Transformer, build_model, head_loss, init_weights
 from .moe import MoE
 from .parallel import pick_device
@@ -219,7 +219,7 @@ def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
 
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
-class SFTArgs(LoRAArgs, RunArgs):  # --lora-rank: the router biases stay as they are (the adapter cannot carry them)
+class SFTArgs(TuneArgs, RunArgs):  # --lora-rank: the router biases stay as they are (the adapter cannot carry them)
     out: str = "runs/sft"
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
@@ -242,7 +242,6 @@ class SFTArgs(LoRAArgs, RunArgs):  # --lora-rank: the router biases stay as they
     save_every: int = 100
     keep: int = 2
     compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
-    fsdp: bool = False  # under torchrun: the blocks sharded over the ranks (FSDP2) instead of a replica each
 
     def validate(self):
         require_positive(self, "steps", "batch_size", "seq_len", "examples", "eval_every", "save_every", "keep")
@@ -252,11 +251,7 @@ class SFTArgs(LoRAArgs, RunArgs):  # --lora-rank: the router biases stay as they
     def check_world(self, world: int):
         """What the torchrun processes need: a batch they split, and --fsdp only among several of them."""
         parallel.split_over(self.batch_size, "--batch-size")
-        if self.fsdp and world == 1:
-            raise ValueError("--fsdp shards the blocks over torchrun's processes: run under torchrun "
-                             "--nproc_per_node N")
-        if self.fsdp and self.lora_rank:
-            raise ValueError("--fsdp with --lora-rank: LoRA trains on whole replicas (drop --fsdp)")
+        self.check_fsdp(world)
 
 
 def sft(a: SFTArgs, tokenizer: Tokenizer | None = None) -> Path:

@@ -112,19 +112,24 @@ def test_v4_fsdp_ep_and_activation_checkpointing_match_one_process(tmp_path):
 
 def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
     """GRPO's update with each rank's share of the groups (data parallel: the whole batch's normalisers, summed
-    gradients) takes one process's step over every group: grpo, DAPO with the batch's reward std, Dr. GRPO over two
-    epochs, router biases updated, a rank whose completions all leave the loss (overlong filter) or carry no
-    signal, and no signal anywhere (the batch's one shortest completion kept, as one process keeps it)."""
+    gradients), on whole replicas and on FSDP2-sharded blocks, takes one process's step over every group: grpo,
+    DAPO with the batch's reward std, Dr. GRPO over two epochs, router biases updated, a rank whose completions all
+    leave the loss (overlong filter) or carry no signal, no signal anywhere (the batch's one shortest completion
+    kept, as one process keeps it), ranks of different micro-batch counts, the KL to a reference over two epochs.
+    Under FSDP the router biases move by loads that count each completion's prompt (its own padded row)."""
     out = tmp_path / "grpo.json"
     check(TORCHRUN + [str(Path(__file__).parent / "dist" / "grpo_update.py"), str(out)], timeout=240)
     r = json.loads(out.read_text())
-    assert len(r) == 7
+    assert len(r) == 18
     for name, v in r.items():
         assert v["state"] < 1e-5, (name, v["state"])
-        assert (v["moved"] > 0.01) == (name != "no_signal_anywhere"), (name, v["moved"])
+        # (FSDP's update runs each completion's prompt in its own row: the router biases' loads count it each time)
+        assert v["bias"] < 1e-5 or name == "router_bias fsdp", (name, v["bias"])
+        assert (v["moved"] > 0.01) == (not name.startswith("no_signal_anywhere")), (name, v["moved"])
         for k, (two, one) in v["stats"].items():
             assert two == pytest.approx(one, rel=1e-5, abs=1e-6), (name, k, two, one)
     assert r["router_bias"]["bias_moved"] > 0.005 and r["grpo"]["bias_moved"] == 0
+    assert r["router_bias fsdp"]["bias_moved"] > 0.005 and r["beta_mu2 fsdp"]["stats"]["kl"][1] > 0
 
 
 def test_rejection_sampling_over_two_ranks_writes_what_one_process_writes(tmp_path):
@@ -157,7 +162,8 @@ def test_post_training_under_torchrun(tmp_path):
     grad norms and validation losses of one process on the same batches, and export the same weights; their
     checkpoints resume in one process. grpo in 2
     processes: one metrics line a step for every rank's groups, rank 0's evaluations and completions, resumable in
-    one process. A count the processes do not divide, and a verb that runs in one process, are clear errors."""
+    one process; with --fsdp (and resumed so) the same figures and weights. A count the processes do not divide,
+    and a verb that runs in one process, are clear errors."""
     import sobre
     sft = ["--preset", "debug", "--task", "countdown", "--examples", "64", "--steps", "4", "--batch-size", "8",
            "--seq-len", "128", "--eval-every", "2", "--save-every", "2"]
@@ -192,6 +198,14 @@ def test_post_training_under_torchrun(tmp_path):
     assert len((tmp_path / "g" / "completions.jsonl").read_text().splitlines()) == 2 * 16
     assert [json.loads(line)["step"] for line in (tmp_path / "g" / "eval.jsonl").read_text().splitlines()] == [0, 2]
     assert json.loads((tmp_path / "g" / "config.json").read_text())["world"] == 2
+    # --fsdp (the update on sharded blocks, the rollouts on a whole copy): one step, then resumed for the second,
+    # logs the replicas' figures and exports their weights
+    post_train("grpo", tmp_path / "gf", *grpo[:5], "1", *grpo[6:], "--fsdp", procs=2)
+    sharded = post_train("grpo", tmp_path / "gf", *grpo, "--fsdp", "--resume", procs=2)
+    close(rows, sharded, ("step", "reward_mean", "accuracy", "completion_length", "loss", "grad_norm", "entropy",
+                          "signal"))
+    a, b = (sobre.load(tmp_path / run / "model").state_dict() for run in ("g", "gf"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert post_train("grpo", tmp_path / "g", *grpo[:5], "3", *grpo[6:], "--resume")[-1]["step"] == 3
 
     odd = subprocess.run(TORCHRUN + ["--no-python", sys.executable, "-m", "sobre", "grpo", "--out",

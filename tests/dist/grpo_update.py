@@ -1,5 +1,6 @@
-"""Run under torchrun (2 ranks): GRPO's update over data-parallel ranks, each with its share of the groups, against
-the same update over every group in one process (computed here first, before the process group starts)."""
+"""Run under torchrun (2 ranks): GRPO's update over data-parallel ranks, each with its share of the groups, on
+whole replicas and on FSDP2-sharded blocks, against the same update over every group in one process (computed here
+first, before the process group starts)."""
 
 import copy
 import json
@@ -10,7 +11,7 @@ import torch
 import sobre
 from sobre.grpo import GRPOArgs, _update
 from sobre.moe import MoE
-from sobre.parallel import init
+from sobre.parallel import apply_fsdp, copy_whole, init
 from sobre.rollout import Rollout
 
 
@@ -34,14 +35,26 @@ CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
     "rank1_all_truncated": (dict(loss="dapo"), True, groups(truncated=(2, 3))),
     "rank1_no_signal": (dict(), False, groups(equal=(2, 3))),
     "no_signal_anywhere": (dict(), False, groups(equal=(0, 1, 2, 3))),
+    # micro-batches of 2: rank 0 runs 3, rank 1 (group 3 truncated, filtered) 2; old log-probs and the KL's reference
+    "micro_batch_2": (dict(loss="dapo", micro_batch=2), True, groups(truncated=(3,))),
+    "beta_mu2": (dict(beta=0.05, mu=2, micro_batch=4), False, groups()),
 }
 
 
-def step(model, kept, overrides, overlong):
+def step(model, kept, overrides, overlong, fsdp=False):
     m = copy.deepcopy(model)
     a = GRPOArgs(max_new_tokens=5, **overrides)
+    ref = copy.deepcopy(model).requires_grad_(False) if a.beta else None
+    if fsdp:  # the blocks sharded over the ranks (the reference's too), as grpo --fsdp
+        apply_fsdp(m, root=False)
+        if ref is not None:
+            apply_fsdp(ref, root=False)
     moes = [x for x in m.layers.modules() if isinstance(x, MoE)]
-    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, 0.2, overlong)
+    stats = _update(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, 0.2, overlong)
+    if fsdp:
+        whole = copy.deepcopy(model)
+        copy_whole(whole, m)
+        m = whole
     return stats, {n: t.detach().clone() for n, t in m.state_dict().items()}
 
 
@@ -51,14 +64,18 @@ one = {name: step(model, kept, kw, overlong) for name, (kw, overlong, kept) in C
 
 rank, world, _ = init()
 result = {}
-for name, (kw, overlong, kept) in CASES.items():
-    stats, state = step(model, kept[rank * 2:(rank + 1) * 2], kw, overlong)
-    ref_stats, ref_state = one[name]
-    moved = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state)
-    bias = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state if k.endswith("gate.bias"))
-    result[name] = {"state": max((state[k] - ref_state[k]).abs().max().item() for k in state), "moved": moved,
-                    "bias_moved": bias,
-                    "stats": {k: (stats.get(k), ref_stats.get(k)) for k in ref_stats}}
+for fsdp in (False, True):
+    for name, (kw, overlong, kept) in CASES.items():
+        stats, state = step(model, kept[rank * 2:(rank + 1) * 2], kw, overlong, fsdp)
+        ref_stats, ref_state = one[name]
+        moved = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state)
+        bias = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state
+                   if k.endswith("gate.bias"))
+        diff = {k: (state[k] - ref_state[k]).abs().max().item() for k in state}
+        result[name + " fsdp" * fsdp] = {"state": max(v for k, v in diff.items() if not k.endswith("gate.bias")),
+                                         "bias": max(v for k, v in diff.items() if k.endswith("gate.bias")),
+                                         "moved": moved, "bias_moved": bias,
+                                         "stats": {k: (stats.get(k), ref_stats.get(k)) for k in ref_stats}}
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
