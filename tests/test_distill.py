@@ -54,6 +54,11 @@ def test_distil_into_a_dense_student(teacher, tmp_path):
                         batch_size=4, seq_len=192, save_every=6, eval_every=6, lr=3e-3))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and rows[-1]["loss"] < rows[0]["loss"]
+    distill(DistillArgs(out=str(out), teacher=str(teacher / "model"), preset="debug", task=("arithmetic",),  # resumed
+                        examples=4, samples=2, max_new_tokens=16, data=(str(teacher / "traces.jsonl"),), steps=14,
+                        batch_size=4, seq_len=192, save_every=6, eval_every=6, lr=3e-3, resume=True, bf16=True))
+    bf16 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][12:]  # under bf16 autocast
+    assert [r["step"] for r in bf16] == [13, 14] and all(0 < r["loss"] < rows[0]["loss"] for r in bf16)
     assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "qwen2"
     assert (out / "traces-arithmetic.jsonl").exists()  # the teacher's (here: empty) verified set
     student = sobre.load(out / "model")
