@@ -303,7 +303,8 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
 def grpo(a: GRPOArgs) -> Path:
     """The run; under torchrun data parallel: each rank holds the whole model, samples its share of the step's
     prompts (--prompts split over the ranks) on its own engine and updates on its groups, the losses carrying the
-    whole step's normalisers and the gradients summed (parallel.sync_grads); rank 0 logs, evaluates and saves.
+    whole step's normalisers and the gradients summed (parallel.sync_grads); each rank evaluates its share of the
+    held-out problems; rank 0 logs and saves.
     a.fsdp: the update on blocks sharded over the ranks (FSDP2; the reference model's too), the rollouts and
     evaluations on a whole copy of the weights refreshed after every update (parallel.copy_whole, TRL's vLLM
     weight sync in one process): a replica's weights per rank, not its gradients and AdamW's moments."""
@@ -347,16 +348,18 @@ def grpo(a: GRPOArgs) -> Path:
         truncate_metrics(run / "eval.jsonl", start if start else -1)
         log = open(run / "metrics.jsonl", "a")
 
-    def held_out() -> float:
-        return evaluate_task(policy, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
-                             seed=a.seed)["pass@1"]
+    def held_out(step: int) -> float:  # (every rank samples its share of the problems; rank 0 writes)
+        r = evaluate_task(policy, tok, task, a.eval_problems, a.eval_samples, max_new_tokens=a.max_new_tokens,
+                          seed=a.seed, ranks=True)["pass@1"]
+        if rank == 0:
+            _append(run / "eval.jsonl", {"step": step, "pass@1": r})
+        return r
 
-    # (rank 0 evaluates; a small .jsonl task may hold out none of its rows)
-    evaluate = rank == 0 and bool(task.problems("test", 1, a.seed))
+    evaluate = bool(task.problems("test", 1, a.seed))  # (a small .jsonl task may hold out none of its rows)
     if rank == 0 and not evaluate:
         tqdm.write(f"task {task.name!r} holds out no problems: no held-out evaluation (eval.jsonl)")
     if start == 0 and evaluate:
-        _append(run / "eval.jsonl", {"step": 0, "pass@1": held_out()})
+        held_out(0)
     scores = {}  # id(group) -> its rewards, this step's
 
     def accept(g: list[Rollout]) -> bool:  # a finished group: scored; kept unless dynamic sampling drops it
@@ -404,8 +407,7 @@ def grpo(a: GRPOArgs) -> Path:
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
                     "samples_per_s": n / (time.perf_counter() - t0)})
         if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
-            rec["heldout_pass@1"] = held_out()
-            _append(run / "eval.jsonl", {"step": step + 1, "pass@1": rec["heldout_pass@1"]})
+            rec["heldout_pass@1"] = held_out(step + 1)
         end_step(log, rec, run, step, a, model, opt, rank)
     if rank == 0:
         log.close()

@@ -228,17 +228,24 @@ def eval_top_p(temperature: float, top_p: float | None) -> float:
 
 def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: int = 64, samples: int = 1,
                   temperature: float | None = None, max_new_tokens: int = 128, seed: int = 0, split: str = "test",
-                  loss: bool = False, top_p: float | None = None) -> dict:
+                  loss: bool = False, top_p: float | None = None, ranks: bool = False) -> dict:
     """Held-out pass@1 (mean over samples), pass@k for k = 2, 4, ... up to samples, maj@samples, format rate,
     mean completion length and "solved" (each problem's correct samples, for sign_test); loss=True: also
     val_loss / val_bpb of the reference solutions (reference_loss). temperature / top_p None: greedy for one
     sample, R1's SAMPLED_EVAL_TEMPERATURE / SAMPLED_EVAL_TOP_P for several (greedy samples would all be the same
-    completion)."""
+    completion). ranks (every torchrun rank calls it): each rank samples every world-th problem with its own seed
+    (seed * world + rank), every rank gets the figures of them all."""
     at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens)
     temperature = eval_temperature(samples, temperature)
     top_p = eval_top_p(temperature, top_p)
     problems = task.problems(split, n_problems, seed)
-    groups = rollouts(model, tok, task, problems, samples, max_new_tokens, temperature, top_p, seed=seed)
+    rank, world = parallel.rank_world() if ranks else (0, 1)
+    mine = problems[rank::world]
+    groups = rollouts(model, tok, task, mine, samples, max_new_tokens, temperature, top_p,
+                      seed=seed * world + rank) if mine else []
+    if world > 1:  # back in the problems' order: problem i is rank i % world's (i // world)-th
+        every = parallel.gather_objects(groups)
+        groups = [every[i % world][i // world] for i in range(len(problems))]
     n = samples
     out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature, "top_p": top_p,
            "pass@1": sum(sum(r.correct for r in g) / n for g in groups) / len(groups)}

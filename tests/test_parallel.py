@@ -134,12 +134,17 @@ def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
 
 def test_rejection_sampling_over_two_ranks_writes_what_one_process_writes(tmp_path):
     """Each rank samples every other problem; rank 0 writes their kept completions in the problems' order: the
-    file and the counts of one process (completions faked, so that both sides see the same ones)."""
+    file and the counts of one process (completions faked, so that both sides see the same ones). The held-out
+    evaluation split so (GRPO's under torchrun) gives every rank one process's figures."""
     check(TORCHRUN + [str(Path(__file__).parent / "dist" / "rejection.py"), str(tmp_path)], timeout=120)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["world"] == 2 and r["one"]["kept"] > 0 and r["one"]["solved"] < r["one"]["problems"] == 5
     assert {k: v for k, v in r["two"].items() if k != "file"} == {k: v for k, v in r["one"].items() if k != "file"}
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    for rank in (0, 1):
+        ev = json.loads((tmp_path / f"eval{rank}.json").read_text())
+        assert ev["two"] == ev["one"] and ev["one"]["problems"] == 5 and len(set(ev["one"]["solved"])) > 1
+        assert 0 < ev["one"]["pass@1"] < 1 and 0 < ev["one"]["format"] < 1
 
 
 def post_train(verb, run, *args, procs=1, timeout=300):
