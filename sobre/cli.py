@@ -263,16 +263,22 @@ def cmd_eval(args):
     tasks = [get_task(name, args.reward or None) for name in args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = start_model(args.path, device=args.device, int8=args.int8, adapter=args.adapter)
-    print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
+    rank, _, device = parallel.init(args.device)  # (under torchrun each rank samples its share of the problems)
+    model, tok = parallel.rank_zero_first(lambda: start_model(args.path, device=str(device), int8=args.int8,
+                                                              adapter=args.adapter))
+    if rank == 0:
+        print(f"{'task':<14} {'problems':>8} {'samples':>7}  metrics")
     for task in tasks:
-        r = evaluate_task(model.eval(), tok, task, args.n, args.samples,
-                          args.temperature, args.max_new_tokens, args.seed, loss=True, top_p=args.top_p)
+        r = evaluate_task(model.eval(), tok, task, args.n, args.samples, args.temperature, args.max_new_tokens,
+                          args.seed, loss=True, top_p=args.top_p, ranks=True)
+        if rank > 0:
+            continue
         scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith(("pass@", "maj@", "format")))
         print(f"{r['task']:<14} {r['problems']:>8} {r['samples']:>7}  {scores}  mean length {r['mean_length']:.1f}"
               f"  val loss {r['val_loss']:.3f} ({r['val_bpb']:.3f} bits/byte)")
         if args.json:
             print(json.dumps(r))
+    parallel.finish()
 
 
 def cmd_rejection_sample(args):
@@ -354,7 +360,7 @@ def cmd_serve(args):
     app.state.server.loop.close()
 
 
-TORCHRUN_VERBS = ("pretrain", "sft", "grpo", "distill", "rejection-sample")  # data parallel over the processes
+TORCHRUN_VERBS = ("pretrain", "sft", "grpo", "distill", "rejection-sample", "eval")  # data parallel over processes
 
 
 def main(argv=None):
@@ -488,7 +494,8 @@ def main(argv=None):
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
     s.add_argument("--task", nargs="+", default=["countdown"], help="built-in task names or .jsonl files")
     s.add_argument("--reward", default="", help="module:function scoring .jsonl tasks")
-    s.add_argument("--n", type=at_least(1), default=64, help="held-out problems per task")
+    s.add_argument("--n", "--problems", dest="n", type=at_least(1), default=64,
+                   help="held-out problems per task (--problems under torchrun, whose own flags take --n)")
     s.add_argument("--samples", type=at_least(1), default=1, help="completions per problem (pass@k, maj@k)")
     s.add_argument("--temperature", type=float, default=None,
                    help="default: 0 (greedy) for one sample, 0.6 (R1's pass@1 / pass@k setting) for several")

@@ -259,21 +259,22 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     out["format"] = sum(r.format for r in flat) / len(flat)
     out["mean_length"] = sum(len(r.ids) for r in flat) / len(flat)
     out["solved"] = [int(sum(r.correct for r in g)) for g in groups]
-    return out | (reference_loss(model, tok, problems) if loss else {})
+    return out | (reference_loss(model, tok, problems, split=world > 1) if loss else {})
 
 
-def reference_loss(model: Transformer, tok: Tokenizer, problems: list[Problem], batch_size: int = 16) -> dict:
+def reference_loss(model: Transformer, tok: Tokenizer, problems: list[Problem], batch_size: int = 16,
+                   split: bool = False) -> dict:
     """Teacher-forced loss of the problems' reference solutions after their prompts (the SFT trace: <think> the
     worked steps </think>, the answer, end-of-sentence): val_loss, nats per target token, and val_bpb, bits per
     byte of the target text (the end-of-sentence token's loss counts, its bytes do not). Solutions longer than
-    the model's context are left out."""
+    the model's context are left out. split: every torchrun rank calls it and takes its share (val_loss's)."""
     fits = [(ids, m) for p in problems for ids, m in encode_turns(tok, p.messages())
             if len(ids) <= model.config.max_seq_len]
     if not fits:
         raise ValueError(f"no reference solution fits the model's context of {model.config.max_seq_len} tokens")
     X, Y, D, _ = pack(fits, max(len(ids) for ids, _ in fits) - 1, tok.pad_id)
     dev = next(model.parameters()).device
-    nats = val_loss(model, X.to(dev), Y.to(dev), D.to(dev), batch_size)  # mean over the target tokens
+    nats = val_loss(model, X.to(dev), Y.to(dev), D.to(dev), batch_size, split)  # mean over the target tokens
     targets = [[t for t, keep in zip(ids[1:], m[1:]) if keep] for ids, m in fits]
     n_bytes = sum(len(tok.decode([t for t in ts if t != tok.eos_id]).encode()) for ts in targets)
     return {"val_loss": nats, "val_bpb": nats * sum(map(len, targets)) / math.log(2) / max(n_bytes, 1)}

@@ -167,8 +167,9 @@ def test_post_training_under_torchrun(tmp_path):
     grad norms and validation losses of one process on the same batches, and export the same weights; their
     checkpoints resume in one process. grpo in 2
     processes: one metrics line a step for every rank's groups, rank 0's evaluations and completions, resumable in
-    one process; with --fsdp (and resumed so) the same figures and weights. A count the processes do not divide,
-    and a verb that runs in one process, are clear errors."""
+    one process; with --fsdp (and resumed so) the same figures and weights. eval in 2 processes prints one
+    process's figures. A count the processes do not divide, and a verb that runs in one process, are clear
+    errors."""
     import sobre
     sft = ["--preset", "debug", "--task", "countdown", "--examples", "64", "--steps", "4", "--batch-size", "8",
            "--seq-len", "128", "--eval-every", "2", "--save-every", "2"]
@@ -217,9 +218,22 @@ def test_post_training_under_torchrun(tmp_path):
                                      str(tmp_path / "odd"), "--prompts", "3"], capture_output=True, text=True,
                          env=ENV, timeout=120)
     assert odd.returncode != 0 and "--prompts 3 does not split over 2 processes" in odd.stderr
-    alone = subprocess.run(TORCHRUN + ["--no-python", sys.executable, "-m", "sobre", "eval", str(tmp_path / "one")],
-                           capture_output=True, text=True, env=ENV, timeout=120)
-    assert alone.returncode != 0 and "sobre eval: error: runs in one process, not under torchrun" in alone.stderr
+    # sobre eval in 2 processes (each its share of the problems and of the reference solutions' loss): one process's
+    # figures, printed once
+    ev = ["-m", "sobre", "eval", str(tmp_path / "one"), "--task", "countdown", "arithmetic", "--problems", "6",
+          "--max-new-tokens", "12", "--json"]
+    printed = [subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+               for cmd in ([sys.executable] + ev, TORCHRUN + ["--no-python", sys.executable] + ev)]
+    assert all(r.returncode == 0 for r in printed), printed[1].stderr[-3000:]
+    one, two = ([json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")] for r in printed)
+    assert len(one) == len(two) == 2 and all(x["problems"] == 6 for x in two)
+    for x, y in zip(one, two):
+        assert x.pop("val_loss") == pytest.approx(y.pop("val_loss"), rel=1e-5) and x.pop("val_bpb") == pytest.approx(
+            y.pop("val_bpb"), rel=1e-5)
+        assert x == y
+    alone = subprocess.run([sys.executable, "-m", "sobre", "verify", str(tmp_path / "one" / "model")],
+                           capture_output=True, text=True, env={**ENV, "WORLD_SIZE": "2"}, timeout=120)
+    assert alone.returncode != 0 and "sobre verify: error: runs in one process, not under torchrun" in alone.stderr
 
 
 KEEP_FREED = """
