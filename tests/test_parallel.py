@@ -17,7 +17,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def check(cmd, timeout):
     """subprocess.run that fails with the child's stderr in the message."""
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
-    assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stderr[-6000:]}"
+    why = [x for x in r.stderr.splitlines() if any(w in x for w in ("Error", "error:", "terminate", "Exception"))]
+    assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stderr[-6000:]}\n" + "\n".join(why[:40])
 
 
 def test_expert_parallel_moe_equals_single_process(tmp_path):
