@@ -166,11 +166,10 @@ def close(a, b, keys):
 def test_post_training_under_torchrun(tmp_path):
     """sft and distill in 2 processes (data parallel; sft also with its blocks sharded, --fsdp) log the losses,
     grad norms and validation losses of one process on the same batches, and export the same weights; their
-    checkpoints resume in one process. grpo in 2
-    processes: one metrics line a step for every rank's groups, rank 0's evaluations and completions, resumable in
-    one process; with --fsdp (and resumed so) the same figures and weights. eval in 2 processes prints one
-    process's figures. A count the processes do not divide, and a verb that runs in one process, are clear
-    errors."""
+    checkpoints resume in one process. grpo in 2 processes: one metrics line a step for every rank's groups, the
+    evaluations and completions rank 0 writes, resumable in one process; with --fsdp (and resumed so) the same
+    figures and weights. eval in 2 processes prints one process's figures. A count the processes do not divide,
+    and a verb that runs in one process, are clear errors."""
     import sobre
     sft = ["--preset", "debug", "--task", "countdown", "--examples", "64", "--steps", "4", "--batch-size", "8",
            "--seq-len", "128", "--eval-every", "2", "--save-every", "2"]
