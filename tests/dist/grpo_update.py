@@ -11,7 +11,7 @@ import torch
 import sobre
 from sobre.grpo import GRPOArgs, _update
 from sobre.moe import MoE
-from sobre.parallel import apply_fsdp, copy_whole, init
+from sobre.parallel import apply_fsdp, copy_whole, finish, init
 from sobre.rollout import Rollout
 
 
@@ -79,3 +79,4 @@ for fsdp in (False, True):
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
+finish()  # (a process that leaves with its process group alive may abort in gloo's threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sobre import rollout
-from sobre.parallel import init
+from sobre.parallel import finish, init
 from sobre.rollout import Rollout
 from sobre.tasks import get_task
 
@@ -36,3 +36,4 @@ eval_two = rollout.evaluate_task(None, tok, task, 5, 4, ranks=True)  # (rank 0: 
 (out / f"eval{rank}.json").write_text(json.dumps({"one": eval_one, "two": eval_two}))
 if rank == 0:
     (out / "result.json").write_text(json.dumps({"one": one, "two": two, "world": world}))
+finish()  # (a process that leaves with its process group alive may abort in gloo's threads)
