@@ -504,6 +504,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     chunks = [list(range(i, min(i + a.micro_batch, len(batch)))) for i in range(0, len(batch), a.micro_batch)]
     fsdp, world = parallel.sharded(model), parallel.rank_world()[1]
     idle = max(parallel.gather_objects(len(chunks))) - len(chunks) if fsdp else 0  # FSDP: the passes others run
+    weigh = world if fsdp else 1  # (FSDP averages the blocks' gradients: each rank's loss weighs world times)
     model.train()
     old = ref_lp = None
 
@@ -530,7 +531,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             coef = None
             if linear:
                 w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
-                coef = -adv[list(c), None] * w * (world if fsdp else 1)
+                coef = -adv[list(c), None] * w * weigh
             with amp():
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0, shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
@@ -538,7 +539,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
                                    a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
                                    ref_lp[j] if ref_lp else None, a.importance)
-            (surrogate[0] if linear else loss * (world if fsdp else 1)).backward()
+            (surrogate[0] if linear else loss * weigh).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():
                 sums[k] += v / n_tokens / a.mu

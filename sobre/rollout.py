@@ -54,6 +54,19 @@ def rollouts(model: Transformer, tok: Tokenizer, task: Task, problems: list[Prob
                                         top_k=top_k, min_p=min_p)[0]]
 
 
+def rollouts_over_ranks(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int,
+                        max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                        ranks: bool = True) -> list[list[Rollout]]:
+    """rollouts(); ranks, under torchrun (every rank calls it): each rank samples every world-th problem with its
+    own seed (seed * world + rank), and every rank gets every problem's group, in the problems' order."""
+    rank, world = parallel.rank_world() if ranks else (0, 1)
+    mine = problems[rank::world]
+    groups = rollouts(model, tok, task, mine, n, max_new_tokens, temperature, top_p, seed=seed * world + rank) \
+        if mine else []
+    every = parallel.gather_objects(groups)
+    return [every[i % world][i // world] for i in range(len(problems))]  # problem i: rank i % world's
+
+
 @torch.no_grad()
 def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int, want: int,
                   accept=None, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
@@ -239,13 +252,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     temperature = eval_temperature(samples, temperature)
     top_p = eval_top_p(temperature, top_p)
     problems = task.problems(split, n_problems, seed)
-    rank, world = parallel.rank_world() if ranks else (0, 1)
-    mine = problems[rank::world]
-    groups = rollouts(model, tok, task, mine, samples, max_new_tokens, temperature, top_p,
-                      seed=seed * world + rank) if mine else []
-    if world > 1:  # back in the problems' order: problem i is rank i % world's (i // world)-th
-        every = parallel.gather_objects(groups)
-        groups = [every[i % world][i // world] for i in range(len(problems))]
+    groups = rollouts_over_ranks(model, tok, task, problems, samples, max_new_tokens, temperature, top_p, seed, ranks)
     n = samples
     out = {"task": task.name, "problems": len(problems), "samples": n, "temperature": temperature, "top_p": top_p,
            "pass@1": sum(sum(r.correct for r in g) / n for g in groups) / len(groups)}
@@ -259,7 +266,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: Task, n_problems: in
     out["format"] = sum(r.format for r in flat) / len(flat)
     out["mean_length"] = sum(len(r.ids) for r in flat) / len(flat)
     out["solved"] = [int(sum(r.correct for r in g)) for g in groups]
-    return out | (reference_loss(model, tok, problems, split=world > 1) if loss else {})
+    return out | (reference_loss(model, tok, problems, split=ranks) if loss else {})
 
 
 def reference_loss(model: Transformer, tok: Tokenizer, problems: list[Problem], batch_size: int = 16,
@@ -288,13 +295,10 @@ def rejection_sample(model: Transformer, tok: Tokenizer, task: Task, n_problems:
     well-formed ones, write them as chat JSONL ({"messages": [...]}) for `sobre sft --data`. Under torchrun (every
     rank calls it): each rank samples every world-th problem with its own seed, rank 0 writes them all in order."""
     at_least_one(n_problems=n_problems, samples=samples, max_new_tokens=max_new_tokens, per_problem=per_problem)
-    rank, world = parallel.rank_world()
     problems = task.problems("train", n_problems, seed)
-    mine = problems[rank::world]
-    groups = rollouts(model, tok, task, mine, samples, max_new_tokens, temperature, seed=seed * world + rank) \
-        if mine else []
-    rows = []  # each of this rank's problems: its kept completions
-    for p, g in zip(mine, groups):
+    groups = rollouts_over_ranks(model, tok, task, problems, samples, max_new_tokens, temperature, seed=seed)
+    rows = []  # each problem's kept completions
+    for p, g in zip(problems, groups):
         seen = []
         for r in g:
             body = r.text.split(tok.eos_token)[0] if tok.eos_token else r.text
@@ -302,10 +306,8 @@ def rejection_sample(model: Transformer, tok: Tokenizer, task: Task, n_problems:
                 seen.append(body)
         rows.append([{"messages": [{"role": "user", "content": p.prompt},
                                    {"role": "assistant", "content": "<think>\n" + body}]} for body in seen])
-    every = parallel.gather_objects(rows)
-    rows = [every[i % world][i // world] for i in range(len(problems))]  # back in the problems' order
     out = Path(out)
-    if rank == 0:
+    if parallel.rank_world()[0] == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for kept in rows for row in kept)
