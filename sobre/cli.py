@@ -18,6 +18,7 @@ from .flags import (
     ADAPTER_HELP,
     DTYPES,
     INT8_HELP,
+    REWARD_HELP,
     add_dataclass_flags,
     add_decode_flags,
     add_device_flag,
@@ -493,7 +494,7 @@ def main(argv=None):
     s = sub.add_parser("eval", help="held-out pass@1 / pass@k / maj@k and reference-solution loss on reasoning tasks")
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
     s.add_argument("--task", nargs="+", default=["countdown"], help="built-in task names or .jsonl files")
-    s.add_argument("--reward", default="", help="module:function scoring .jsonl tasks")
+    s.add_argument("--reward", default="", help=REWARD_HELP)
     s.add_argument("--n", "--problems", dest="n", type=at_least(1), default=64,
                    help="held-out problems per task (--problems under torchrun, whose own flags take --n)")
     s.add_argument("--samples", type=at_least(1), default=1, help="completions per problem (pass@k, maj@k)")
@@ -512,7 +513,7 @@ def main(argv=None):
     s = sub.add_parser("rejection-sample", help="sample, keep verified-correct completions, write an SFT set")
     s.add_argument("path", help="model directory, sobre run folder or Hub id")
     s.add_argument("--task", default="countdown")
-    s.add_argument("--reward", default="")
+    s.add_argument("--reward", default="", help=REWARD_HELP)
     s.add_argument("--out", required=True, help="output JSONL")
     s.add_argument("--n", "--problems", dest="n", type=at_least(1), default=256,
                    help="train problems (--problems under torchrun, whose own flags take --n for theirs)")

@@ -59,6 +59,8 @@ FP8_HELP = "keep a quantised checkpoint's weights in memory (FP8 e4m3, V4's FP4 
 INT8_HELP = ("quantise the weights to int8 on load (weight-only, a scale per row: a quarter of fp32's bytes; "
              "on CPU decode 2.2-2.5x fp32)")
 ADAPTER_HELP = "a PEFT LoRA adapter folder (or Hub id) for the model, merged into its weights as they load"
+REWARD_HELP = ("module:function scoring the task's completions, fn(completion, answer) -> float (default: a .jsonl "
+               "task's answer match, a built-in task's own check)")
 
 
 def add_device_flag(parser):

@@ -235,7 +235,7 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"
     task: str = "countdown"  # a built-in task or a .jsonl of {"prompt", "answer"}
-    reward: str = ""  # module:function scoring (completion, answer) for .jsonl tasks
+    reward: str = ""  # module:function scoring (completion, answer) in place of the task's own check
     steps: int = 50
     prompts: int = 8  # P prompts per step
     group: int = 8  # G completions per prompt
@@ -327,7 +327,7 @@ def grpo(a: GRPOArgs) -> Path:
     if a.fsdp:  # (its parameters keep requires_grad: --rollout-bf16's copies follow those that train)
         policy = copy.deepcopy(model).eval()
         parallel.apply_fsdp(model, root=False)
-        if ref is not None:
+        if ref is not None and ref is not model:  # (LoRA's reference is the model itself)
             parallel.apply_fsdp(ref, root=False)
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0

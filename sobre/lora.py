@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import parallel
 from .int8 import Int8Linear
 from .linear import dense_weight
 from .model import Transformer
@@ -64,12 +65,14 @@ class TuneArgs:
             raise ValueError(f"--lora-targets: unknown module {bad[0]!r}; choose among {', '.join(TARGETS)}")
 
     def check_fsdp(self, world: int):
-        """--fsdp only among several torchrun processes, and not with LoRA (whose adapters train on replicas)."""
+        """--fsdp only among several torchrun processes, and not on int8 weights (buffers, which FSDP2 leaves
+        whole on every rank: nothing of the frozen model would be sharded)."""
         if self.fsdp and world == 1:
             raise ValueError("--fsdp shards the blocks over torchrun's processes: run under torchrun "
                              "--nproc_per_node N")
-        if self.fsdp and self.lora_rank:
-            raise ValueError("--fsdp with --lora-rank: LoRA trains on whole replicas (drop --fsdp)")
+        if self.fsdp and self.int8:
+            raise ValueError("--fsdp with --int8: FSDP2 shards parameters, and int8 weights are buffers it would "
+                             "leave whole on every rank (drop one of them)")
 
 
 class LoRALinear(nn.Module):
@@ -147,11 +150,13 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def fingerprint(model: nn.Module) -> torch.Tensor:
+def fingerprint(model: nn.Module, state: dict | None = None) -> torch.Tensor:
     """A few values of every frozen parameter: an adapter-only checkpoint resumes only on the model it was
-    trained on."""
-    frozen = [p for _, p in sorted(model.named_parameters()) if not p.requires_grad]
-    return torch.cat([p.detach().flatten()[::max(1, p.numel() // 16)][:16].float().cpu() for p in frozen])
+    trained on. state: their whole values by name (a full state dict); without it an FSDP-sharded parameter is
+    all-gathered (every rank calls it)."""
+    frozen = [(n, p) for n, p in sorted(model.named_parameters()) if not p.requires_grad]
+    whole = [state[n] if state is not None else parallel.whole(p) for n, p in frozen]
+    return torch.cat([p.detach().flatten()[::max(1, p.numel() // 16)][:16].float().cpu() for p in whole])
 
 
 @contextmanager

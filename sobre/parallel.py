@@ -342,16 +342,23 @@ def sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """t, or the whole tensor of an FSDP2 shard (all-gathered: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 @torch.no_grad()
 def copy_whole(dst: nn.Module, src: nn.Module) -> None:
     """dst's parameters and buffers := src's whole ones, by name: each FSDP2 shard of src all-gathered, its
-    replicated tensors copied (every rank calls it). GRPO's rollouts on sharded weights: a whole copy refreshed after
-    every update, as TRL syncs vLLM's weights."""
-    from torch.distributed.tensor import DTensor
+    replicated tensors copied (every rank calls it); src's frozen parameters (a LoRA run's model, the MTP module)
+    are left as dst holds them, a copy made before src was sharded. GRPO's rollouts on sharded weights: a whole
+    copy refreshed after every update, as TRL syncs vLLM's weights."""
     theirs = dict(src.named_parameters()) | dict(src.named_buffers())
     for name, t in list(dst.named_parameters()) + list(dst.named_buffers()):
         s = theirs[name]
-        t.copy_(s.full_tensor() if isinstance(s, DTensor) else s)
+        if not isinstance(s, nn.Parameter) or s.requires_grad:
+            t.copy_(whole(s))
 
 
 def scale_expert_grads(model: nn.Module, world: int):
@@ -412,8 +419,9 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict
     return msd, osd
 
 
-def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd: dict):
-    """Inverse of full_state, on every rank: each rank keeps its shard / expert slice."""
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd: dict, strict: bool = True):
+    """Inverse of full_state, on every rank: each rank keeps its shard / expert slice. strict=False: msd may hold
+    some of the model's tensors only (a LoRA run's adapters), the rest left as they are."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     msd, osd = dict(msd), {"state": {k: dict(v) for k, v in osd["state"].items()}, "param_groups": osd["param_groups"]}
     for name, m in model.named_modules():
@@ -425,7 +433,7 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd
                 for k, v in osd["state"].get(key, {}).items():
                     if torch.is_tensor(v) and v.dim() > 0:
                         osd["state"][key][k] = v[lo:lo + m.local]
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(model, msd, options=opts)
     set_optimizer_state_dict(model, getattr(opt, "optimizers", opt), osd, options=opts)
 

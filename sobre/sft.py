@@ -348,6 +348,8 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         msd, _ = parallel.full_state(model, opt)
         if rank == 0:
             model = build_model(model.config)
+            if a.lora_rank:
+                add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
             model.load_state_dict(msd)
     if rank == 0:
         log.close()

@@ -203,12 +203,14 @@ TASKS = {
 def get_task(name: str, reward: str | None = None) -> Task:
     """A built-in task by name, with an optional difficulty level ("countdown:1", levels 1-3, default 2), or a
     JSONL file of {"prompt", "answer"} rows (optional "reasoning", used for SFT traces) scored by `reward`
-    ("module:function", default: numeric / exact answer match)."""
+    ("module:function", default: numeric / exact answer match); a built-in task given `reward` is scored by it
+    instead of its own check."""
     base, _, level = name.partition(":")
-    if base in TASKS and reward is None:
+    if base in TASKS:
         if level not in ("", "1", "2", "3"):
             raise ValueError(f"task {name!r}: the level after ':' must be 1, 2 or 3")
-        return dataclasses.replace(TASKS[base], name=name, level=int(level or 2)) if level else TASKS[base]
+        task = dataclasses.replace(TASKS[base], name=name, level=int(level or 2)) if level else TASKS[base]
+        return dataclasses.replace(task, correct=load_reward(reward)) if reward else task
     if not name.endswith(".jsonl"):
         raise ValueError(f"unknown task {name!r}: choose from {sorted(TASKS)} or give a .jsonl file")
     path, rows = Path(name), []

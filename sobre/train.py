@@ -241,11 +241,11 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
     d = run / "checkpoints"
     d.mkdir(exist_ok=True)
     adapter_only = bool(lora.adapters(model))
+    state = {"step": step, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only}
     if adapter_only:
+        state["base"] = lora.fingerprint(model, msd)  # (msd: the whole weights, where FSDP shards them)
         msd = {k: v for k, v in msd.items() if ".lora_" in k}
-    state = {"step": step, "model": msd, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only}
-    if adapter_only:
-        state["base"] = lora.fingerprint(model)
+    state["model"] = msd
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     tmp = d / f".ckpt-{step:07d}.pt.tmp"
@@ -258,12 +258,13 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
 def load_checkpoint(path: Path, model, opt) -> int:
     try:
         state = torch.load(path, weights_only=True)
-        msd = state["model"]
-        if state.get("adapter_only"):  # the frozen weights as loaded from --init
+        msd, adapter_only = state["model"], state.get("adapter_only")
+        if adapter_only:  # the frozen weights stay as loaded from --init
+            if odd := sorted({n for n, _ in model.named_parameters() if ".lora_" in n} ^ msd.keys()):
+                raise ValueError(f"its adapters and this run's differ at {odd[0]} (another --lora-targets?)")
             if not torch.equal(state["base"], lora.fingerprint(model)):
                 raise ValueError("its adapters were trained on another model than this run's --init")
-            msd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k} | msd
-        parallel.load_full_state(model, opt, msd, state["optimizer"])
+        parallel.load_full_state(model, opt, msd, state["optimizer"], strict=not adapter_only)
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and len(state["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -14,9 +14,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def check(cmd, timeout):
+def check(cmd, timeout, env=ENV):
     """subprocess.run that fails with the child's stderr in the message."""
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     why = [x for x in r.stderr.splitlines() if any(w in x for w in ("Error", "error:", "terminate", "Exception"))]
     assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stderr[-6000:]}\n" + "\n".join(why[:40])
 
@@ -148,10 +148,10 @@ def test_rejection_sampling_over_two_ranks_writes_what_one_process_writes(tmp_pa
         assert 0 < ev["one"]["pass@1"] < 1 and 0 < ev["one"]["format"] < 1
 
 
-def post_train(verb, run, *args, procs=1, timeout=300):
+def post_train(verb, run, *args, procs=1, timeout=300, env=ENV):
     cmd = ["-m", "sobre", verb, "--out", str(run), *args]
     check(TORCHRUN[:-1] + [str(procs), "--no-python", sys.executable] + cmd if procs > 1 else [sys.executable] + cmd,
-          timeout)
+          timeout, env)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -234,6 +234,49 @@ def test_post_training_under_torchrun(tmp_path):
     alone = subprocess.run([sys.executable, "-m", "sobre", "verify", str(tmp_path / "one" / "model")],
                            capture_output=True, text=True, env={**ENV, "WORLD_SIZE": "2"}, timeout=120)
     assert alone.returncode != 0 and "sobre verify: error: runs in one process, not under torchrun" in alone.stderr
+
+
+def test_lora_on_sharded_blocks_under_torchrun(tmp_path):
+    """--lora-rank with --fsdp: the frozen blocks and their adapters sharded over 2 processes. sft logs one
+    process's losses and grad norms and writes its adapter, resumes in one process; grpo (the KL's reference the
+    model with its adapters off) one step, then resumed for the second, logs the replicas' figures and writes
+    their adapter. --fsdp with --int8 (buffers FSDP does not shard) is a clear error."""
+    from safetensors.torch import load_file
+
+    import sobre
+    from sobre.data import builtin_docs
+    from sobre.lora import TuneArgs
+    from sobre.tokenizer import train_tokenizer
+
+    from conftest import random_model
+    tok = train_tokenizer(builtin_docs(300_000), 512, tmp_path / "tok")
+    cfg = sobre.preset("debug", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    init = sobre.save(random_model(cfg, std=0.05), tmp_path / "init", tokenizer_dir=tmp_path / "tok")
+
+    def adapter_diff(x, y):
+        a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in (x, y))
+        assert a.keys() == b.keys() and any(a[k].abs().max() > 1e-3 for k in a if "lora_B" in k)  # (they trained)
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    sft = ["--init", str(init), "--task", "arithmetic", "--examples", "64", "--steps", "4", "--batch-size", "8",
+           "--seq-len", "128", "--eval-every", "2", "--save-every", "2", "--lora-rank", "4", "--lr", "1e-2"]
+    one, two = post_train("sft", tmp_path / "one", *sft), post_train("sft", tmp_path / "two", *sft, "--fsdp", procs=2)
+    close(one, two, ("step", "loss", "grad_norm", "target_tokens", "val_loss"))
+    assert adapter_diff("one", "two") < 1e-5
+    resumed = post_train("sft", tmp_path / "two", *sft[:7], "5", *sft[8:], "--resume")  # in one process
+    assert resumed[-1]["step"] == 5 and resumed[:4] == two
+
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    grpo = ["--init", str(init), "--task", "arithmetic", "--reward", "test_grpo:spread_reward", "--steps", "2",
+            "--prompts", "4", "--group", "4", "--max-new-tokens", "12", "--eval-every", "2", "--eval-problems", "4",
+            "--lora-rank", "4", "--beta", "0.05", "--lr", "1e-3"]
+    rows = post_train("grpo", tmp_path / "g", *grpo, procs=2, env=env)
+    post_train("grpo", tmp_path / "gf", *grpo[:7], "1", *grpo[8:], "--fsdp", procs=2, env=env)
+    sharded = post_train("grpo", tmp_path / "gf", *grpo, "--fsdp", "--resume", procs=2, env=env)
+    close(rows, sharded, ("step", "reward_mean", "loss", "grad_norm", "kl", "entropy", "signal"))
+    assert rows[-1]["kl"] > 0 and adapter_diff("g", "gf") < 1e-5
+    with pytest.raises(ValueError, match="--fsdp with --int8"):
+        TuneArgs(lora_rank=4, int8=True, fsdp=True).check_fsdp(2)
 
 
 KEEP_FREED = """

@@ -94,6 +94,9 @@ def test_user_task_from_jsonl_with_pluggable_reward(tmp_path, monkeypatch):
     (tmp_path / "myreward.py").write_text("def half(completion, answer):\n    return 0.5\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert get_task(str(path), "myreward:half").correct("anything", "x") == 0.5
+    scored = get_task("countdown:1", "myreward:half")  # a built-in task scored by the given reward instead
+    assert scored.correct("anything", "x") == 0.5 and scored.problems("train", 3) == get_task(
+        "countdown:1").problems("train", 3) and get_task("countdown:1").correct("anything", "x") == 0.0
     sys.modules.pop("myreward", None)
     with pytest.raises(ValueError, match="module:function"):
         get_task(str(path), "myreward")
