@@ -36,7 +36,7 @@ from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
-from .sampling import SamplingParams, apply_penalties, sample, top_logprobs
+from .sampling import SamplingParams, penalized, sample, top_logprobs
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
@@ -419,35 +419,8 @@ class Engine:
                 t[slots[1]] = t[slots[0]]
         dst.length = n
 
-    def _biased(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] or, a verify's, [B, T, V] (positions len(out) + j) (fp32), plus each row's logit_bias, its
-        stop tokens at -inf where it has fewer than min_tokens (the same tensor when no row has either)."""
-        if any(s.bias is not None for s in seqs):
-            bias = torch.stack([s.bias if s.bias is not None else logits.new_zeros(logits.shape[-1]) for s in seqs])
-            logits = logits + bias.view(len(seqs), *[1] * (logits.dim() - 2), -1)
-        early = [(i, s.params.min_tokens - len(s.out), s.params.stop_token_ids) for i, s in enumerate(seqs)
-                 if s.params.min_tokens > len(s.out) and s.params.stop_token_ids]
-        if early:
-            logits = logits.clone()
-            for i, n, stop in early:
-                if logits.dim() == 2:
-                    logits[i, list(stop)] = float("-inf")
-                else:  # a verify row: its first n positions
-                    logits[i, :n, list(stop)] = float("-inf")
-        return logits
-
-    def _penalized(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        logits = self._biased(seqs, logits.float())  # [B, V]
-        if any(s.seen is not None for s in seqs):
-            V = logits.shape[-1]
-            seen = torch.stack([s.seen if s.seen is not None else logits.new_zeros(V, dtype=torch.bool)
-                                for s in seqs])
-            counts = torch.stack([s.counts if s.counts is not None else logits.new_zeros(V) for s in seqs])
-            logits = apply_penalties(logits, seen, counts, [s.params for s in seqs])
-        return logits
-
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        scores = self._penalized(seqs, logits)
+        scores = penalized(seqs, logits)
         out = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
         for i, s in enumerate(seqs):  # JSON mode: a token that would leave the object is drawn again without it
             if s.json is not None and not self._fits(s, int(out[i])):
@@ -505,7 +478,7 @@ class Engine:
     def _stop_reason(self, s: Sequence, tok: int) -> str | None:
         if s.stuck:
             return "length"
-        early = len(s.out) < s.params.min_tokens  # (no stop yet: its stop tokens were masked, _biased)
+        early = len(s.out) < s.params.min_tokens  # (no stop yet: its stop tokens were masked, sampling.biased)
         if not early and (tok in s.params.stop_token_ids or s.json is not None and s.json.complete
                           or s.params.stop and self._stop_string(s)):
             return "stop"

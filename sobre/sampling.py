@@ -122,6 +122,38 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.T
     return (logits - pres * (generated > 0) - freq * generated).clamp(-1e30, 1e30)  # tiny penalties: no inf
 
 
+def biased(seqs: list, logits: torch.Tensor) -> torch.Tensor:
+    """The engine's sequences' (engine.Sequence: params, out, bias, seen, counts) logits [B, V] or, a verify's,
+    [B, T, V] (positions len(out) + j) (fp32), plus each row's logit_bias, its stop tokens at -inf where it has
+    fewer than min_tokens (the same tensor when no row has either)."""
+    if any(s.bias is not None for s in seqs):
+        bias = torch.stack([s.bias if s.bias is not None else logits.new_zeros(logits.shape[-1]) for s in seqs])
+        logits = logits + bias.view(len(seqs), *[1] * (logits.dim() - 2), -1)
+    early = [(i, s.params.min_tokens - len(s.out), s.params.stop_token_ids) for i, s in enumerate(seqs)
+             if s.params.min_tokens > len(s.out) and s.params.stop_token_ids]
+    if early:
+        logits = logits.clone()
+        for i, n, stop in early:
+            if logits.dim() == 2:
+                logits[i, list(stop)] = float("-inf")
+            else:  # a verify row: its first n positions
+                logits[i, :n, list(stop)] = float("-inf")
+    return logits
+
+
+def penalized(seqs: list, logits: torch.Tensor) -> torch.Tensor:
+    """The scores a step samples from: logits [B, V] biased (above), then each row's repetition / presence /
+    frequency penalties over its prompt and generated tokens (apply_penalties), fp32."""
+    logits = biased(seqs, logits.float())  # [B, V]
+    if any(s.seen is not None for s in seqs):
+        V = logits.shape[-1]
+        seen = torch.stack([s.seen if s.seen is not None else logits.new_zeros(V, dtype=torch.bool)
+                            for s in seqs])
+        counts = torch.stack([s.counts if s.counts is not None else logits.new_zeros(V) for s in seqs])
+        logits = apply_penalties(logits, seen, counts, [s.params for s in seqs])
+    return logits
+
+
 TOP_CANDIDATES = 1024  # top-k / top-p / min-p decided among each row's best this-many tokens when they hold its kept
 #   set (filter_logits)
 

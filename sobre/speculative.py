@@ -16,7 +16,7 @@ from . import plan
 from .host import int_rows
 from .linear import Linear, linear
 from .request import Event, Sequence
-from .sampling import greedy, probs, sample, speculative_accept
+from .sampling import biased, greedy, penalized, probs, sample, speculative_accept
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -74,7 +74,7 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
     # rows without penalties: every position's pick (greedy) or law (sampled) in one call; penalties move
     # with the tokens accepted before, so those rows go one position at a time
     plain = [s.params.temperature == 0 and s.seen is None for s in seqs]
-    scored = eng._biased(seqs, logits)  # (logit_bias moves every position alike)
+    scored = biased(seqs, logits)  # (logit_bias moves every position alike)
     picks = greedy(scored).tolist() if any(plain) else None  # [B][D + 1]
     free = [i for i in sampled if seqs[i].seen is None]
     p_rows = dict(zip(free, probs(scored[free, :D].flatten(0, 1), [seqs[i].params for i in free for _ in range(D)])
@@ -88,11 +88,11 @@ def speculate(eng: Engine, seqs: list[Sequence]) -> list[Event]:
             if plain[i]:
                 tok = picks[i][j]
             elif s.params.temperature == 0:
-                tok = int(greedy(eng._penalized([s], logits[i, j:j + 1]))[0])
+                tok = int(greedy(penalized([s], logits[i, j:j + 1]))[0])
             elif j == D:
                 tok = int(eng._choose([s], logits[i, j:j + 1])[0])
             else:
-                p = p_rows[i][j] if i in p_rows else probs(eng._penalized([s], logits[i, j:j + 1]), [s.params])[0]
+                p = p_rows[i][j] if i in p_rows else probs(penalized([s], logits[i, j:j + 1]), [s.params])[0]
                 tok = speculative_accept(p, q_rows[i][j], d[j], s.generator)[1]
             events.append(eng._emit(s, tok, logits[i, j]))
             if j == D:
@@ -148,7 +148,7 @@ def draft(eng: Engine, seqs: list[Sequence], lone: plan.DecodePlan | None):
                 g.append(m.mtp_hidden(h[:, j:j + step], tokens[:, j:j + step], batch, k, last=k + 1 == D))
             for i, row in zip(idx, torch.cat(g, 1)):
                 outs[i] = row  # [T, D] (the last layer: [chunks, D], the last row its draft's)
-        q_logits.append(eng._penalized(seqs, draft_head(eng, torch.stack([o[-1] for o in outs]))))
+        q_logits.append(penalized(seqs, draft_head(eng, torch.stack([o[-1] for o in outs]))))
         picked = sample(q_logits[-1], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for d, t in zip(drafts, picked):
             d.append(t)
