@@ -68,7 +68,8 @@ def run_sobre(model_dir, a, out):
                     steps=a.steps + 1, prompts=a.prompts, group=a.group, max_new_tokens=a.max_new_tokens, beta=0.0,
                     eval_every=10_000, eval_problems=1, save_every=10_000, lr=1e-5,
                     micro_batch=a.prompts * a.group, bf16=a.bf16,  # one forward, as TRL's batch
-                    rollout_bf16=a.bf16, device=a.device)  # TRL's bf16=True generates under its autocast
+                    rollout_bf16=a.bf16, device=a.device,  # TRL's bf16=True generates under its autocast
+                    rollout_is="none")  # (TRL weighs vLLM's rollouts only: the same algorithm on both sides)
     grpo(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # 1st warms up
     split = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "update_s", "signal")}

@@ -4,7 +4,7 @@ tiny model (medians of --reps, the two interleaved so that a machine's drift hit
                       vs logits and cross-entropy over every position
   distillation loss   one log-softmax for the cross-entropy and the KL term (tau = 1) vs one each
   sampled rollout     inverse-CDF draws (sampling.draw) vs a torch.multinomial per row, G x 128 new tokens
-  GRPO update         grpo.token_logprobs + backward over 8 prompts x 8 completions of 8-128 tokens: each prompt
+  GRPO update         objective.token_logprobs + backward over 8 prompts x 8 completions of 8-128 tokens: each prompt
                       once, its completions attending to it, FFNs and head on the positions whose output is read
                       (no padding) vs every row prompt + completion, right-padded (shared=False, its twin)
   GRPO update's head  the same batch under the linear surrogate (mu = 1, beta = 0: loss.head_weighted_logprobs),
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import sobre.engine
 from sobre.distill import kd_loss
 from sobre.engine import Engine
-from sobre.grpo import completion_mask, token_logprobs
+from sobre.objective import completion_mask, token_logprobs
 from sobre.parallel import keep_freed_memory
 from sobre.rollout import Rollout, prompt_ids
 from sobre.sampling import SamplingParams, filter_logits

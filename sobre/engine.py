@@ -36,7 +36,7 @@ from .model import Transformer
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
-from .sampling import SamplingParams, penalized, sample, top_logprobs
+from .sampling import SamplingParams, penalized, sample, tempered_logprobs, top_logprobs
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
@@ -46,12 +46,15 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, cache_tokens: int | None = None,
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
                  prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3,
-                 draft_vocab: int | None = None, loras: dict | None = None, keep_logits: bool = False):
+                 draft_vocab: int | None = None, loras: dict | None = None, keep_logits: bool = False,
+                 keep_logprobs: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # each sequence keeps the model's raw logits row of every token it is given (Sequence.logits: views of the
         # step's [B, V] logits, so each step's stays alive while one of its rows is kept): GRPO's update takes
-        # them as its head's logits instead of computing them again (grpo.reuse_logits)
-        self.keep_logits = keep_logits
+        # them as its head's logits instead of computing them again (grpo.reuse_logits); keep_logprobs: each
+        # token's log-prob where it was drawn (Sequence.sampled, sampling.tempered_logprobs: as vLLM's logprobs
+        # give TRL the sampler's policy), for GRPO's weights of rollouts sampled by other weights
+        self.keep_logits, self.keep_logprobs = keep_logits, keep_logprobs
         if compile and loras:
             raise ValueError("compile=True does not serve LoRA adapters (loras=): decode them eagerly")
         # LoRA adapters served beside the base model, each request its own (SamplingParams.lora; vLLM's
@@ -290,7 +293,9 @@ class Engine:
                 else:
                     logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
             chosen = self._choose(plain, logits)
-            events += [self._emit(s, t, row) for s, t, row in zip(plain, chosen.tolist(), logits.unbind(0))]
+            lps = tempered_logprobs(plain, logits, chosen) if self.keep_logprobs else [None] * len(plain)
+            events += [self._emit(s, t, row, lp) for s, t, row, lp in zip(plain, chosen.tolist(), logits.unbind(0),
+                                                                          lps)]
         return events
 
     def _started(self, seq: Sequence, keys: list[bytes], twins, logits: torch.Tensor, token: int,
@@ -453,12 +458,15 @@ class Engine:
             out.append(ok)
         return out
 
-    def _emit(self, s: Sequence, tok: int, logits: torch.Tensor) -> Event:
-        """Append one chosen token (logits [V]: the model's raw row, for logprobs); finish if it stops."""
+    def _emit(self, s: Sequence, tok: int, logits: torch.Tensor, lp: float | None = None) -> Event:
+        """Append one chosen token (logits [V]: the model's raw row, for logprobs; lp: its keep_logprobs log-prob
+        where the step computed it); finish if it stops."""
         s.out.append(tok)
         s.pending = tok
         if self.keep_logits:
             s.logits.append(logits)
+        if self.keep_logprobs:
+            s.sampled.append(lp if lp is not None else tempered_logprobs([s], logits[None], torch.tensor([tok]))[0])
         if s.params.logprobs is not None:
             chosen, vals, ids = top_logprobs(logits[None], torch.tensor([tok], device=logits.device),
                                              s.params.logprobs)

@@ -4,14 +4,9 @@ Each step: P prompts x G completions sampled by the engine -> verifiable rewards
 advantages -> mu epochs of the clipped policy-gradient loss over the completion tokens, optionally with a
 k3 KL penalty toward the frozen starting model (beta, default 0 as in DAPO / Dr. GRPO).
 
-Loss variants (normalisation of the per-token clipped surrogate):
-  grpo     mean over each completion's tokens, then over completions; advantages (r - mean) / std
-  dr_grpo  sum over all tokens / (completions x max_new_tokens); advantages r - mean (no std scaling)
-  dapo     sum over all tokens / number of tokens; std-scaled advantages; clip-higher (epsilon_high 0.28),
-           dynamic sampling (drop groups whose rewards are all equal, sample more) and overlong filtering
-importance "sequence" (GSPO, Qwen's, as TRL's importance_sampling_level): every token of a completion takes its
-sequence's ratio exp(mean_t(logp - old_logp)), clipped as one (GSPO runs epsilons of ~3e-4 / 4e-4); at mu = 1 its
-gradient equals the token-level one (each ratio is 1 where it is taken), so it changes the later epochs only.
+The loss variants (grpo, dr_grpo, dapo: the per-token clipped surrogate normalised three ways; DAPO also with
+clip-higher, dynamic sampling and overlong filtering), GSPO's sequence-level ratios and the update's forward are in
+objective.py.
 With beta = 0 a completion whose advantage is 0 (every completion of a group with equal rewards) has no
 gradient, so the update leaves it out (the normalisers still count it; `signal` logs the share that trains;
 `entropy` is the mean over the completions the update ran). TRL trains on them all.
@@ -34,13 +29,23 @@ import torch
 from tqdm import tqdm
 
 from . import parallel
-from .attention import causal
-from .host import int_rows, ints
 from .linear import native_bf16
 from .lora import TuneArgs, add_lora, disabled
-from .loss import head_logprobs, head_weighted_logprobs
-from .model import Cache, Transformer
+from .model import Transformer
 from .moe import MoE
+from .objective import (
+    IMPORTANCE,
+    ROLLOUT_IS,
+    SCALES,
+    VARIANTS,
+    advantages,
+    completion_mask,
+    float_rows,
+    policy_loss,
+    rollout_weights,
+    token_logprobs,
+    token_weights,
+)
 from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import CastWeights, Rollout, evaluate_task, sample_groups
@@ -62,170 +67,12 @@ from .train import (
     update_router_bias,
 )
 
-VARIANTS = ("grpo", "dr_grpo", "dapo")
-SCALES = ("group", "batch", "none")  # what the advantages are divided by: their group's reward std, the batch's, none
-IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
 LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
 REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update's (reuse_logits; False: computed)
 REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
-SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy")  # _update's statistics that add up over the ranks
-
-
-# ---- the math (tested against hand-computed values) -----------------------------------------------
-def advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """rewards [P, G] -> group-relative advantages [P, G]: r - mean(group), divided by the std (unbiased, as TRL)
-    of its group (scale "group"), of the whole batch ("batch": TRL's scale_rewards="batch") or by nothing
-    ("none": Dr. GRPO's). A group of equal rewards gets exactly 0 (its mean can round off them)."""
-    if scale not in SCALES:
-        raise ValueError(f"reward scaling must be one of {SCALES}, got {scale!r}")
-    adv = (rewards - rewards.mean(1, keepdim=True)).masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0)
-    if scale == "none":
-        return adv
-    return adv / ((rewards.std(1, keepdim=True) if scale == "group" else rewards.std()) + eps)
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
-                n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None,
-                importance: str = "token") -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
-    are the whole batch's (micro-batch losses then add up to the batch loss). importance "token": each token's
-    own ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. Returns
-    (loss, sums of stats)."""
-    if importance == "sequence":
-        m = mask.to(logp.dtype)
-        ratio = torch.exp(((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
-        ratio = ratio.expand_as(logp)  # [N, T]: one ratio a sequence
-    elif importance == "token":
-        ratio = torch.exp(logp - old_logp)
-    else:
-        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
-    a = adv[:, None]
-    per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    if beta:
-        per_tok = per_tok + beta * kl
-    loss = (per_tok * token_weights(mask, variant, n_seqs, n_tokens, max_len)).sum()
-    m = mask.to(per_tok.dtype)
-    with torch.no_grad():
-        stats = {"clip_low": (((ratio < 1 - eps_low) & (a < 0)) * m).sum().item(),
-                 "clip_high": (((ratio > 1 + eps_high) & (a > 0)) * m).sum().item(),
-                 "kl": (kl * m).sum().item()}
-    return loss, stats
-
-
-def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) -> torch.Tensor:
-    """Each completion token's weight in the loss [N, T] (0 on padding): grpo 1 / (its sequence's length *
-    n_seqs), dapo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len)."""
-    m = mask.float()
-    if variant == "grpo":
-        return m / m.sum(1, keepdim=True).clamp(min=1) / n_seqs
-    if variant == "dapo":
-        return m / max(n_tokens, 1)
-    if variant == "dr_grpo":
-        return m / (n_seqs * max_len)
-    raise ValueError(f"loss must be one of {VARIANTS}, got {variant!r}")
-
-
-def completion_mask(batch: list[Rollout], device) -> torch.Tensor:
-    """[N, T]: True at each completion's tokens, right-padded to the longest."""
-    T = max(len(r.ids) for r in batch)
-    return torch.arange(T, device=device) < ints([len(r.ids) for r in batch], device)[:, None]
-
-
-class SharedPrefix(Cache):
-    """The model's cache protocol for prompts and their completions: the prompts [P, Lp] (right-padded to the
-    longest) run once, then the completions [N, T] (row i continuing prompt of[i]) attend to their own prompt's
-    K/V (or MLA latents), gathered per row, and to their causal prefix; gradients flow back into the prompts'
-    forward. Pad keys are masked; padding after a prompt's last token never reaches its real tokens (causal)."""
-
-    def __init__(self, lengths: list[int], of: list[int], device, max_len: int):
-        super().__init__(max_len)  # (NSA allocates its per-layer state for max_len positions)
-        self.padded = len(set(lengths)) > 1
-        self.lengths = ints(lengths, device)  # [P]
-        self.of = ints(of, device)  # [N]
-        self.keep = None  # the completions' forward: flat rows whose output is read (Block runs their FFN only)
-
-    def positions(self, tokens):  # prompts: 0..Lp-1; completion token t of row i: len(prompt of[i]) + t
-        if not self.length:
-            return super().positions(tokens)
-        return self.lengths[self.of][:, None] + torch.arange(tokens.shape[1], device=tokens.device)
-
-    def mask(self, tokens):  # prompts: causal; completions: [N, 1, T, Lp + T] (or [T, Lp + T] without padding)
-        if not self.length or not self.padded:
-            return super().mask(tokens)
-        T = tokens.shape[1]
-        own = torch.arange(self.length, device=tokens.device) < self.lengths[self.of][:, None]  # [N, Lp]
-        return torch.cat([own[:, None].expand(-1, T, -1), causal(T, T, tokens.device).expand(len(own), T, T)],
-                         -1)[:, None]
-
-    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not self.length:
-            self.bufs[layer_id] = new
-            return new
-        return tuple(torch.cat([p.index_select(0, self.of), n], 1) for p, n in zip(self.bufs[layer_id], new))
-
-
-def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
-                   shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False):
-    """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
-    policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
-    distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
-    its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: V4's
-    compressed blocks would pool the padding; never NSA, whose per-layer state has a row per sequence of the
-    forward); shared=False or otherwise: every row is prompt +
-    completion, padded (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with
-    these coefficients): a fourth value, that loss, whose gradients the head makes in its forward
-    (loss.head_weighted_logprobs); the log-probs then carry none. reuse (with coef): the head takes each rollout's
-    kept logits rows (Rollout.logits) as its logits instead of computing them (reuse_logits says when)."""
-    dev = next(model.parameters()).device
-    c = model.config
-    mask = completion_mask(batch, dev)
-    T = mask.shape[1]
-    tgt = int_rows([r.ids + [0] * (T - len(r.ids)) for r in batch], dev)  # [N, T]
-    prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
-    lengths = [len(p) for p in prompts]
-    if shared and c.attn_type != "nsa" and (len(set(lengths)) == 1 or c.attn_type == "full"
-                                           and c.arch != "deepseek_v4"):
-        row = {p: i for i, p in enumerate(prompts)}
-        of = [row[tuple(r.prompt)] for r in batch]
-        cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
-        L = max(lengths)
-        h = model.hidden(int_rows([list(p) + [0] * (L - len(p)) for p in prompts], dev), cache)
-        last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
-        h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
-        if T > 1:  # token t > 0 is predicted at completion position t - 1
-            # positions t whose token t + 1 exists: the rest (each row's last token, the padding after it) is
-            # attended by none of these (causal), so their FFNs are left out (Block)
-            used = mask[:, 1:].flatten()
-            cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
-            h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
-    else:
-        seqs = [r.prompt + r.ids for r in batch]
-        L = max(len(s) for s in seqs)
-        x = int_rows([s + [0] * (L - len(s)) for s in seqs], dev)  # [N, L]
-        pos = int_rows([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], dev).clamp(max=L - 1)
-        h = model.hidden(x)  # [N, L, D]
-        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
-    # the head at the completion tokens only (not the padding), in row chunks: no [N, T, V] logits
-    # (loss.head_logprobs); log-probs 0 on the padding
-    rows = mask.flatten().nonzero()[:, 0]
-    h, t = h.flatten(0, 1).index_select(0, rows), tgt.flatten().index_select(0, rows)
-    if coef is None:
-        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy)
-    else:
-        given = [row for r in batch for row in r.logits] if reuse else None  # (in rows' order: row by row)
-        linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
-                                                  temperature, entropy, given)
-    logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
-    ent = ents.sum().item() if entropy else 0.0  # (a statistic: no gradient)
-    return (logp, mask, ent) + ((linear,) if coef is not None else ())
+SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked")  # _update's statistics that
+#   add up over the ranks (the last two where the rollouts are weighed: rollout_weights)
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -248,6 +95,11 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     # the bf16-rounded policy samples; held-out evaluations stay fp32. Measured on a CPU with native bf16: 64 rows
     # 1.24x faster, 8 rows 0.93x, one row 0.53x (README, GRPO)
     rollout_bf16: bool = False
+    # ... and each token's loss weighed by pi / pi_bf16 of its rollout (TRL's vLLM importance sampling and its
+    # default: the sequence's ratio, the sequence left out where it falls outside [rollout_is_min, rollout_is_max])
+    rollout_is: str = "sequence_mask"  # none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    rollout_is_min: float = 0.0  # (0: no lower bound)
+    rollout_is_max: float = 3.0
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
     scale_rewards: str = ""  # group | batch | none (empty: the loss's own, none for dr_grpo, group for the others)
@@ -282,6 +134,11 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
             raise ValueError(f"--loss must be one of {VARIANTS}, got {self.loss!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"--importance must be one of {IMPORTANCE}, got {self.importance!r}")
+        if self.rollout_is not in ROLLOUT_IS:
+            raise ValueError(f"--rollout-is must be one of {ROLLOUT_IS}, got {self.rollout_is!r}")
+        if not 0 <= self.rollout_is_min < self.rollout_is_max:
+            raise ValueError(f"--rollout-is-min / --rollout-is-max must satisfy 0 <= min < max, got "
+                             f"{self.rollout_is_min}, {self.rollout_is_max}")
         if self.scale_rewards not in ("",) + SCALES:
             raise ValueError(f"--scale-rewards must be one of {SCALES}, got {self.scale_rewards!r}")
         require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
@@ -377,7 +234,8 @@ def grpo(a: GRPOArgs) -> Path:
         with weights as m:
             groups, drawn = sample_groups(m, tok, task, problems, a.group, share, accept, a.max_new_tokens,
                                           a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8 * world + rank,
-                                          top_k=a.top_k, min_p=a.min_p, keep_logits=reuse)
+                                          top_k=a.top_k, min_p=a.min_p, keep_logits=reuse,
+                                          keep_logprobs=weighed(a))
         seen = [(g, scores[id(g)]) for _, g in groups]
         kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
@@ -451,8 +309,14 @@ def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch
 
 def linear_surrogate(a: GRPOArgs) -> bool:
     """One epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
-    log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward."""
-    return LINEAR_SURROGATE and a.mu == 1 and not a.beta
+    log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward; not
+    where the rollouts are weighed (their weights need the log-probs first)."""
+    return LINEAR_SURROGATE and a.mu == 1 and not a.beta and not weighed(a)
+
+
+def weighed(a: GRPOArgs) -> bool:
+    """Whether the update weighs the rollouts toward the trained policy (rollout_weights): sampled on bf16 copies."""
+    return a.rollout_bf16 and a.rollout_is != "none"
 
 
 def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
@@ -522,8 +386,10 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                     ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature,
                                              shared=not fsdp)[0] for c in chunks]
                 _idle(ref, idle, a.temperature)
-    linear = linear_surrogate(a)
+    linear, weigh_rollouts = linear_surrogate(a), weighed(a)
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    if weigh_rollouts:
+        sums |= {"is_weight": 0.0, "is_masked": 0.0}
     for epoch in range(a.mu):
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
@@ -536,13 +402,16 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0, shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
                                                              reuse=reuse)
-            loss, st = policy_loss(logp, old[j] if old else logp.detach(), adv[list(c)], mask, a.loss,
-                                   a.epsilon_low, eps_high, n_seqs, n_tokens, a.max_new_tokens, a.beta,
-                                   ref_lp[j] if ref_lp else None, a.importance)
+            before = old[j] if old else logp.detach()
+            weight = rollout_weights(before, float_rows([x.sampled for x in mb], mask), mask, a.rollout_is,
+                                     a.rollout_is_min, a.rollout_is_max) if weigh_rollouts else None
+            loss, st = policy_loss(logp, before, adv[list(c)], mask, a.loss, a.epsilon_low, eps_high, n_seqs,
+                                   n_tokens, a.max_new_tokens, a.beta, ref_lp[j] if ref_lp else None, a.importance,
+                                   weight)
             (surrogate[0] if linear else loss * weigh).backward()
             sums["loss"] += loss.item() / a.mu
-            for k, v in st.items():
-                sums[k] += v / n_tokens / a.mu
+            for k, v in st.items():  # (the rollouts' weights: a mean over the tokens of the forward)
+                sums[k] += v / (seen_tokens if k.startswith("is_") else n_tokens) / a.mu
             sums["entropy"] += ent / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
@@ -558,7 +427,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             with torch.no_grad():
                 update_router_bias(loads, a.router_bias_update)
     model.eval()
-    for k, v in zip(SUMMED, parallel.all_sum(*(sums[k] for k in SUMMED))):
+    summed = [k for k in SUMMED if k in sums]
+    for k, v in zip(summed, parallel.all_sum(*(sums[k] for k in summed))):
         sums[k] = v
     sums["clip_fraction"] = sums["clip_low"] + sums["clip_high"]
     sums["signal"] = signal / n_seqs  # the share of completions with a nonzero advantage

@@ -154,6 +154,14 @@ def penalized(seqs: list, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+
+def tempered_logprobs(seqs: list, logits: torch.Tensor, chosen: torch.Tensor) -> list[float]:
+    """Each row's chosen token's log-prob under logits [B, V] / its sequence's temperature (1 for greedy), before
+    top-k / top-p / min-p, in one batched pass: the distribution it was drawn from (Engine(keep_logprobs=True))."""
+    t = logits.new_tensor([s.params.temperature or 1.0 for s in seqs], dtype=torch.float32)[:, None]
+    scaled = logits.float() / t
+    return (scaled.gather(1, chosen.to(logits.device)[:, None])[:, 0] - scaled.logsumexp(-1)).tolist()
+
 TOP_CANDIDATES = 1024  # top-k / top-p / min-p decided among each row's best this-many tokens when they hold its kept
 #   set (filter_logits)
 

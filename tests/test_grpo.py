@@ -13,7 +13,8 @@ import torch
 
 import sobre
 from sobre.cli import main
-from sobre.grpo import GRPOArgs, _update, advantages, kl_k3, policy_loss, token_logprobs
+from sobre.grpo import GRPOArgs, _update
+from sobre.objective import advantages, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
 from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows
@@ -565,8 +566,9 @@ def test_cast_weights_are_a_bf16_load_of_the_model_put_back_after(tmp_path):
 
 
 def test_grpo_rollout_bf16_samples_on_bf16_weights_and_trains_fp32(tmp_path, monkeypatch):
-    """--rollout-bf16: every rollout of the run sees bf16 weights, the update and the held-out evaluation fp32 ones,
-    and the exported model is the trained fp32 one."""
+    """--rollout-bf16: every rollout of the run sees bf16 weights, the update and the held-out evaluation fp32 ones
+    (the rollouts weighed toward the fp32 policy: is_weight, is_masked logged), and the exported model is the
+    trained fp32 one."""
     from sobre import grpo as G
     seen, real = [], G.sample_groups
 
@@ -587,6 +589,8 @@ def test_grpo_rollout_bf16_samples_on_bf16_weights_and_trains_fp32(tmp_path, mon
                         max_new_tokens=2, eval_every=1000, rollout_bf16=True))
     rows = untimed_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    # the rollouts weighed toward the fp32 policy (default sequence_mask; the bf16 copy's log-probs near its own)
+    assert all(0.5 < r["is_weight"] <= 3 and 0 <= r["is_masked"] < 0.5 for r in rows), rows
     assert sobre.load(run / "model").layers[0].attn.wkv_a.weight.dtype == torch.float32
 
 
@@ -640,13 +644,13 @@ def test_rollout_batch_runs_cheap_sequences_at_once_within_its_budget(monkeypatc
 
 
 def spy_given_logits(monkeypatch) -> list[bool]:
-    """Whether each call of grpo's head_weighted_logprobs is handed the rollouts' logits, in a list."""
+    """Whether each call of the update's head_weighted_logprobs (objective.py) is handed the rollouts' logits."""
     calls = []
 
     def spy(*args):
         calls.append(args[-1] is not None)
         return sobre.loss.head_weighted_logprobs(*args)
-    monkeypatch.setattr(sobre.grpo, "head_weighted_logprobs", spy)
+    monkeypatch.setattr(sobre.objective, "head_weighted_logprobs", spy)
     return calls
 
 
@@ -696,6 +700,89 @@ def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, kind, monkeyp
         assert calls and set(calls) == {reuse}
         steps.append((stats, dict(m.named_parameters())))
     same_step(model, steps)
+
+
+def test_rollouts_keep_each_tokens_log_prob_where_it_was_drawn(tmp_path):
+    """sample_groups(keep_logprobs=True): each completion carries each token's log-prob under the distribution it
+    was drawn from, its logits row / the temperature (ragged completions, first tokens from shared prefills); the
+    tokens drawn are those drawn without it. A greedy request's: its raw row's."""
+    from sobre.engine import Engine
+    from sobre.rollout import sample_groups
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    with torch.no_grad():  # end-of-sentence likely at some positions: completions of several lengths
+        model.head.weight[tok.eos_id] = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
+    task, T = get_task("arithmetic"), 0.7
+    problems = task.problems("train", 3)
+    kw = dict(max_new_tokens=8, seed=3, temperature=T)
+    groups, _ = sample_groups(model, tok, task, problems, 3, 3, keep_logits=True, keep_logprobs=True, **kw)
+    batch = [r for _, g in groups for r in g]
+    assert len({len(r.ids) for r in batch}) > 2
+    for r in batch:
+        want = torch.stack(r.logits).div(T).log_softmax(-1).gather(1, torch.tensor(r.ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(r.sampled), want, atol=1e-5, rtol=1e-5)
+    plain = [r.ids for _, g in sample_groups(model, tok, task, problems, 3, 3, **kw)[0] for r in g]
+    assert plain == [r.ids for r in batch] and all(r.sampled is None for _, g in sample_groups(
+        model, tok, task, problems, 3, 3, **kw)[0] for r in g)
+    eng = Engine(model, keep_logits=True, keep_logprobs=True)
+    rid = eng.add_request([5, 9, 17], max_new_tokens=4)  # greedy
+    while eng.has_work():
+        eng.step()
+    s = eng.collect()[rid]
+    want = torch.stack(s.logits).log_softmax(-1).gather(1, torch.tensor(s.out)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(s.sampled), want, atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_weights_per_token_and_per_sequence():
+    """rollout_weights against hand-computed values: per-token log-ratios [1, 0, -1], [-1, 0.5, pad], [1, 0.5, 0]
+    (sequence sums 0, -0.5, 1.5) in [0.5, 2], clipped or masked."""
+    from sobre.objective import rollout_weights
+    old = torch.tensor([[0.0, -1.0, -2.0], [-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])
+    sampled = torch.tensor([[-1.0, -1.0, -1.0], [0.0, -1.5, 0.0], [-2.0, -1.5, -1.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    h, s = math.exp(0.5), math.exp(-0.5)
+    want = {"token_truncate": [[2, 1, 0.5], [0.5, h, 0], [2, h, 1]],
+            "token_mask": [[0, 1, 0], [0, h, 0], [0, h, 1]],
+            "sequence_truncate": [[1, 1, 1], [s, s, 0], [2, 2, 2]],
+            "sequence_mask": [[1, 1, 1], [s, s, 0], [0, 0, 0]]}
+    for mode, w in want.items():
+        torch.testing.assert_close(rollout_weights(old, sampled, mask, mode, 0.5, 2.0), torch.tensor(w), msg=mode)
+    torch.testing.assert_close(rollout_weights(old, sampled, mask, "token_truncate", 0.0, 2.0)[0, 2],
+                               torch.tensor(math.exp(-1)))  # (low 0: no lower bound)
+    # each token's clipped surrogate (-1.2, -0.9; 0.8: see loss_of) times its weight, dapo's 1 / 3 tokens
+    loss, st = loss_of("dapo", weight=torch.tensor([[0.0, 1.0], [0.5, 0.0]]))
+    assert loss.item() == pytest.approx((-0.9 + 0.4) / 3) and st["is_weight"] == 1.5 and st["is_masked"] == 1
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_update_weighs_rollouts_sampled_by_another_policy(mode):
+    """--rollout-bf16: with every token sampled at 0.2 nats below the trained policy's log-prob, each token's
+    gradient weighs e^0.2 (token_truncate: the step e^0.2 times the unweighted one's, SGD at lr 1), or each
+    sequence's e^(0.2 length), left out past the bound (sequence_mask, bound e^0.5: completions of 3+ tokens)."""
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    batch = [r for g, _ in groups for r in g]
+    with torch.no_grad():
+        logp, mask, _ = token_logprobs(model, batch, shared=False)
+    for r, lp, m in zip(batch, logp, mask):
+        r.sampled = (lp[m] - 0.2).tolist()
+    steps = {}
+    for weigh in ("none", mode):
+        a = GRPOArgs(loss="dapo", micro_batch=4, max_new_tokens=4, rollout_bf16=True, rollout_is=weigh,
+                     rollout_is_max=math.exp(0.5), clip=0)  # (no grad-norm clipping: the steps' scales count)
+        steps[weigh] = sgd_step(model, groups, a)
+    (plain, p0), (weighed, p1) = steps["none"], steps[mode]
+    long = sum(len(r.ids) for r in batch if len(r.ids) >= 3) / sum(len(r.ids) for r in batch)
+    if mode == "token_truncate":
+        assert weighed["is_weight"] == pytest.approx(math.exp(0.2)) and weighed["is_masked"] == 0
+        w0 = dict(model.named_parameters())
+        for name, w in p1.items():
+            torch.testing.assert_close(w - w0[name], (p0[name] - w0[name]) * math.exp(0.2), atol=1e-6, rtol=1e-4)
+    else:
+        assert 0 < long < 1 and weighed["is_masked"] == pytest.approx(long)
+    assert "is_weight" not in plain
 
 
 @pytest.mark.parametrize("change,reuse", [({}, True), (dict(mu=2), False), (dict(beta=0.1), False),

@@ -1,0 +1,221 @@
+"""GRPO's objective: group-relative advantages, the clipped policy-gradient surrogate and its variants, the k3 KL
+penalty, the importance weights of rollouts sampled by other weights, and the update's forward (each completion
+token's log-prob, its prompt run once for the group: SharedPrefix). grpo.py runs the steps.
+
+Loss variants (normalisation of the per-token clipped surrogate):
+  grpo     mean over each completion's tokens, then over completions; advantages (r - mean) / std
+  dr_grpo  sum over all tokens / (completions x max_new_tokens); advantages r - mean (no std scaling)
+  dapo     sum over all tokens / number of tokens; std-scaled advantages; clip-higher (epsilon_high 0.28),
+           dynamic sampling (drop groups whose rewards are all equal, sample more) and overlong filtering
+importance "sequence" (GSPO, Qwen's, as TRL's importance_sampling_level): every token of a completion takes its
+sequence's ratio exp(mean_t(logp - old_logp)), clipped as one (GSPO runs epsilons of ~3e-4 / 4e-4); at mu = 1 its
+gradient equals the token-level one (each ratio is 1 where it is taken), so it changes the later epochs only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .attention import causal
+from .host import int_rows, ints
+from .loss import head_logprobs, head_weighted_logprobs
+from .model import Cache, Transformer
+
+if TYPE_CHECKING:
+    from .rollout import Rollout
+
+VARIANTS = ("grpo", "dr_grpo", "dapo")
+SCALES = ("group", "batch", "none")  # what the advantages are divided by: their group's reward std, the batch's, none
+IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
+# --rollout-bf16: how the rollouts, sampled from the bf16 copy, are weighed toward the policy trained (TRL's vLLM
+# importance sampling modes): no weight, or the ratio per token / per sequence clipped to or masked outside a range
+ROLLOUT_IS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+# ---- the math (tested against hand-computed values) -----------------------------------------------
+def advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P, G] -> group-relative advantages [P, G]: r - mean(group), divided by the std (unbiased, as TRL)
+    of its group (scale "group"), of the whole batch ("batch": TRL's scale_rewards="batch") or by nothing
+    ("none": Dr. GRPO's). A group of equal rewards gets exactly 0 (its mean can round off them)."""
+    if scale not in SCALES:
+        raise ValueError(f"reward scaling must be one of {SCALES}, got {scale!r}")
+    adv = (rewards - rewards.mean(1, keepdim=True)).masked_fill((rewards == rewards[:, :1]).all(1, keepdim=True), 0)
+    if scale == "none":
+        return adv
+    return adv / ((rewards.std(1, keepdim=True) if scale == "group" else rewards.std()) + eps)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
+                n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None,
+                importance: str = "token", weight=None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
+    are the whole batch's (micro-batch losses then add up to the batch loss). importance "token": each token's
+    own ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. weight
+    [N, T] (rollout_weights): each token's surrogate times it, the KL term not (as TRL). Returns (loss, sums of
+    stats)."""
+    if importance == "sequence":
+        m = mask.to(logp.dtype)
+        ratio = torch.exp(((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
+        ratio = ratio.expand_as(logp)  # [N, T]: one ratio a sequence
+    elif importance == "token":
+        ratio = torch.exp(logp - old_logp)
+    else:
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    a = adv[:, None]
+    per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    if weight is not None:
+        per_tok = per_tok * weight
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_tok = per_tok + beta * kl
+    loss = (per_tok * token_weights(mask, variant, n_seqs, n_tokens, max_len)).sum()
+    m = mask.to(per_tok.dtype)
+    with torch.no_grad():
+        stats = {"clip_low": (((ratio < 1 - eps_low) & (a < 0)) * m).sum().item(),
+                 "clip_high": (((ratio > 1 + eps_high) & (a > 0)) * m).sum().item(),
+                 "kl": (kl * m).sum().item()}
+        if weight is not None:
+            stats |= {"is_weight": (weight * m).sum().item(), "is_masked": ((weight == 0) & mask).sum().item()}
+    return loss, stats
+
+
+def rollout_weights(old_logp, sampled, mask, mode: str, low: float, high: float) -> torch.Tensor:
+    """Importance weights [N, T] of rollouts drawn from another policy than the one trained (--rollout-bf16's bf16
+    copy: TRL's correction of vLLM's rollouts). old_logp [N, T]: the trained policy's log-probs of the tokens before
+    the update, sampled [N, T]: the sampler's; 0 on padding. The ratio pi_old / pi_sampler per token (token_*) or
+    its product over the sequence (sequence_*, each token its sequence's); *_truncate clips it to [low, high],
+    *_mask zeroes it outside (low 0: no lower bound)."""
+    m = mask.to(old_logp.dtype)
+    d = (old_logp - sampled) * m
+    if mode.startswith("sequence"):
+        d = d.sum(1, keepdim=True)
+    r = torch.exp(d)
+    if mode.endswith("truncate"):
+        r = r.clamp(low, high)
+    elif mode.endswith("mask"):
+        r = r.masked_fill((r < low) | (r > high), 0.0)
+    else:
+        raise ValueError(f"rollout importance sampling must be one of {ROLLOUT_IS[1:]}, got {mode!r}")
+    return r.expand_as(m) * m
+
+
+def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) -> torch.Tensor:
+    """Each completion token's weight in the loss [N, T] (0 on padding): grpo 1 / (its sequence's length *
+    n_seqs), dapo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len)."""
+    m = mask.float()
+    if variant == "grpo":
+        return m / m.sum(1, keepdim=True).clamp(min=1) / n_seqs
+    if variant == "dapo":
+        return m / max(n_tokens, 1)
+    if variant == "dr_grpo":
+        return m / (n_seqs * max_len)
+    raise ValueError(f"loss must be one of {VARIANTS}, got {variant!r}")
+
+
+def float_rows(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """Each completion's per-token values right-padded with 0 like mask [N, T]."""
+    T = mask.shape[1]
+    return torch.tensor([r + [0.0] * (T - len(r)) for r in rows], dtype=torch.float32, device=mask.device)
+
+
+def completion_mask(batch: list[Rollout], device) -> torch.Tensor:
+    """[N, T]: True at each completion's tokens, right-padded to the longest."""
+    T = max(len(r.ids) for r in batch)
+    return torch.arange(T, device=device) < ints([len(r.ids) for r in batch], device)[:, None]
+
+
+class SharedPrefix(Cache):
+    """The model's cache protocol for prompts and their completions: the prompts [P, Lp] (right-padded to the
+    longest) run once, then the completions [N, T] (row i continuing prompt of[i]) attend to their own prompt's
+    K/V (or MLA latents), gathered per row, and to their causal prefix; gradients flow back into the prompts'
+    forward. Pad keys are masked; padding after a prompt's last token never reaches its real tokens (causal)."""
+
+    def __init__(self, lengths: list[int], of: list[int], device, max_len: int):
+        super().__init__(max_len)  # (NSA allocates its per-layer state for max_len positions)
+        self.padded = len(set(lengths)) > 1
+        self.lengths = ints(lengths, device)  # [P]
+        self.of = ints(of, device)  # [N]
+        self.keep = None  # the completions' forward: flat rows whose output is read (Block runs their FFN only)
+
+    def positions(self, tokens):  # prompts: 0..Lp-1; completion token t of row i: len(prompt of[i]) + t
+        if not self.length:
+            return super().positions(tokens)
+        return self.lengths[self.of][:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+
+    def mask(self, tokens):  # prompts: causal; completions: [N, 1, T, Lp + T] (or [T, Lp + T] without padding)
+        if not self.length or not self.padded:
+            return super().mask(tokens)
+        T = tokens.shape[1]
+        own = torch.arange(self.length, device=tokens.device) < self.lengths[self.of][:, None]  # [N, Lp]
+        return torch.cat([own[:, None].expand(-1, T, -1), causal(T, T, tokens.device).expand(len(own), T, T)],
+                         -1)[:, None]
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.length:
+            self.bufs[layer_id] = new
+            return new
+        return tuple(torch.cat([p.index_select(0, self.of), n], 1) for p, n in zip(self.bufs[layer_id], new))
+
+
+def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
+                   shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False):
+    """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
+    policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
+    distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
+    its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: V4's
+    compressed blocks would pool the padding; never NSA, whose per-layer state has a row per sequence of the
+    forward); shared=False or otherwise: every row is prompt +
+    completion, padded (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with
+    these coefficients): a fourth value, that loss, whose gradients the head makes in its forward
+    (loss.head_weighted_logprobs); the log-probs then carry none. reuse (with coef): the head takes each rollout's
+    kept logits rows (Rollout.logits) as its logits instead of computing them (grpo.reuse_logits says when)."""
+    dev = next(model.parameters()).device
+    c = model.config
+    mask = completion_mask(batch, dev)
+    T = mask.shape[1]
+    tgt = int_rows([r.ids + [0] * (T - len(r.ids)) for r in batch], dev)  # [N, T]
+    prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
+    lengths = [len(p) for p in prompts]
+    if shared and c.attn_type != "nsa" and (len(set(lengths)) == 1 or c.attn_type == "full"
+                                           and c.arch != "deepseek_v4"):
+        row = {p: i for i, p in enumerate(prompts)}
+        of = [row[tuple(r.prompt)] for r in batch]
+        cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
+        L = max(lengths)
+        h = model.hidden(int_rows([list(p) + [0] * (L - len(p)) for p in prompts], dev), cache)
+        last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
+        h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
+        if T > 1:  # token t > 0 is predicted at completion position t - 1
+            # positions t whose token t + 1 exists: the rest (each row's last token, the padding after it) is
+            # attended by none of these (causal), so their FFNs are left out (Block)
+            used = mask[:, 1:].flatten()
+            cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
+            h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
+    else:
+        seqs = [r.prompt + r.ids for r in batch]
+        L = max(len(s) for s in seqs)
+        x = int_rows([s + [0] * (L - len(s)) for s in seqs], dev)  # [N, L]
+        pos = int_rows([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], dev).clamp(max=L - 1)
+        h = model.hidden(x)  # [N, L, D]
+        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
+    # the head at the completion tokens only (not the padding), in row chunks: no [N, T, V] logits
+    # (loss.head_logprobs); log-probs 0 on the padding
+    rows = mask.flatten().nonzero()[:, 0]
+    h, t = h.flatten(0, 1).index_select(0, rows), tgt.flatten().index_select(0, rows)
+    if coef is None:
+        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy)
+    else:
+        given = [row for r in batch for row in r.logits] if reuse else None  # (in rows' order: row by row)
+        linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
+                                                  temperature, entropy, given)
+    logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
+    ent = ents.sum().item() if entropy else 0.0  # (a statistic: no gradient)
+    return (logp, mask, ent) + ((linear,) if coef is not None else ())
