@@ -249,7 +249,7 @@ def cmd_tokenizer_train(args):
 
 
 def run_dataclass(args, cls, fn, what: str):
-    a = cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+    a = cls(**{f: tuple(v) if isinstance(v := getattr(args, f), list) else v for f in cls.__dataclass_fields__})
     run = fn(a)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one line, not one per process
         print(f"run folder: {run} ({what})")

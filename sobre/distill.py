@@ -28,19 +28,19 @@ from .train import open_run, require_positive
 
 @dataclass
 class DistillArgs(SFTArgs):
-    out: str = "runs/distill"
+    out: str = "runs/distill"  # the run folder (the teacher's traces, metrics, checkpoints, model/)
     teacher: str = ""  # sobre run folder, HF directory or Hub id
     arch: str = "qwen2"  # the fresh student's type (qwen2 / llama / qwen3 dense, or deepseek_v3: a small MoE)
     preset: str = "tiny"  # the fresh student's sizes
     task: tuple[str, ...] = ("countdown",)
     examples: int = 512  # train problems per task the teacher answers
     samples: int = 4  # teacher completions per problem (the first verified one is kept)
-    temperature: float = 0.6
-    max_new_tokens: int = 128
+    temperature: float = 0.6  # the teacher's sampling
+    max_new_tokens: int = 128  # a teacher completion's length at most
     with_reference: bool = False  # also train on the tasks' own reference traces (with the teacher's logits)
     logit_weight: float = 0.5  # 0 = SFT on the traces only
     top_k: int = 32  # teacher logits kept per position
-    kd_temperature: float = 1.0
+    kd_temperature: float = 1.0  # the logit distillation's softmax temperature
 
     def validate(self):
         super().validate()

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import io
+import textwrap
+import tokenize
 
 import torch
 
@@ -105,16 +109,60 @@ def add_decode_flags(parser):
 
 
 def add_dataclass_flags(parser, cls):
-    """One flag per field of a config dataclass (--save-every for save_every), typed by its default."""
+    """One flag per field of a config dataclass (--save-every for save_every), typed by its default, its help the
+    field's comments (field_help)."""
+    helps = field_help(cls)
     for name, f in cls.__dataclass_fields__.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=f.default)
+        flag, about = "--" + name.replace("_", "-"), helps.get(name, "").replace("%", "%%")  # (argparse's %)
+        if isinstance(f.default, bool):  # (on by default: --no-FLAG turns it off)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction if f.default else "store_true",
+                                default=f.default, help=about or None)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, nargs="*", default=f.default, metavar="X")
+            parser.add_argument(flag, nargs="*", default=f.default, metavar="X", help=about or None)
         else:
+            default = f"(default: {f.default})" if f.default != "" else "(default: none)"
             parser.add_argument(flag, type=type(f.default), default=f.default,
-                                metavar=type(f.default).__name__.upper(), help=f"(default: {f.default})")
+                                metavar=type(f.default).__name__.upper(), help=f"{about} {default}".lstrip())
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field of a config dataclass as its comments in its class's source say it, for its flag's help: the
+    comment lines right above the field, the comment ending its line, and the `#   ` lines that continue that (one
+    source of truth: the dataclass). A subclass's field takes its own; a field without comments gets none."""
+    helps: dict[str, str] = {}
+    for klass in cls.__mro__[::-1]:
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        fields = vars(klass).get("__annotations__", {})
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))  # (a class defined in a function: indented)
+        except (OSError, TypeError):  # (no source at hand: the flags go without help)
+            continue
+        depth, above, field, last, line_start = 0, [], None, None, True
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            kind, text = tok.type, tok.string
+            if kind == tokenize.INDENT:
+                depth += 1
+            elif kind == tokenize.DEDENT:
+                depth -= 1
+            elif kind == tokenize.COMMENT:
+                note = text.lstrip("#").strip()
+                if field:  # the comment ending the field's line
+                    above.append(note)
+                elif line_start and last and text.startswith("#   "):  # continuing the last field's
+                    helps[last] = f"{helps[last]} {note}".strip()
+                elif line_start:
+                    above.append(note)
+                    last = None
+            elif kind == tokenize.NEWLINE:  # a statement ends: a field's help is what was gathered for it
+                if field:
+                    helps[field] = " ".join(above)
+                last, field, above, line_start = field, None, [], True
+            elif kind != tokenize.NL:
+                if line_start and depth == 1 and kind == tokenize.NAME and text in fields:
+                    field = text
+                line_start = False
+    return helps
 
 
 def dataclass_argv(a) -> list[str]:
@@ -122,8 +170,8 @@ def dataclass_argv(a) -> list[str]:
     argv = []
     for name in a.__dataclass_fields__:
         v, flag = getattr(a, name), "--" + name.replace("_", "-")
-        if v is True:  # store_true
-            argv.append(flag)
+        if isinstance(v, bool) and v != a.__dataclass_fields__[name].default:  # store_true, or --no-FLAG
+            argv.append(flag if v else "--no-" + flag[2:])
         elif isinstance(v, tuple) and v:  # nargs="*"
             argv += [flag, *map(str, v)]
         elif not isinstance(v, (bool, tuple)):

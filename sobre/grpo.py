@@ -78,32 +78,33 @@ SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_mas
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
 class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameters stay fp32
-    out: str = "runs/grpo"
+    out: str = "runs/grpo"  # the run folder (metrics, eval, completions, plots, checkpoints, model/)
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
-    preset: str = "debug"
+    preset: str = "debug"  # a fresh model's sizes: debug | tiny | small
     task: str = "countdown"  # a built-in task or a .jsonl of {"prompt", "answer"}
     reward: str = ""  # module:function scoring (completion, answer) in place of the task's own check
-    steps: int = 50
+    steps: int = 50  # optimizer steps (each on its own rollouts)
     prompts: int = 8  # P prompts per step
     group: int = 8  # G completions per prompt
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 96  # a completion's length at most
+    temperature: float = 1.0  # the rollouts' sampling (and the update's log-probs: logits / temperature)
+    top_p: float = 1.0  # (as top_k)
     top_k: int = 0  # (as TRL's: the rollouts' sampling; the update's log-probs are the temperature's alone)
-    min_p: float = 0.0
+    min_p: float = 0.0  # (as top_k)
     # rollouts on bf16 copies of the weights, refreshed each step (as TRL's generation under its --bf16 autocast):
     # the bf16-rounded policy samples; held-out evaluations stay fp32. Measured on a CPU with native bf16: 64 rows
     # 1.24x faster, 8 rows 0.93x, one row 0.53x (README, GRPO)
     rollout_bf16: bool = False
-    # ... and each token's loss weighed by pi / pi_bf16 of its rollout (TRL's vLLM importance sampling and its
-    # default: the sequence's ratio, the sequence left out where it falls outside [rollout_is_min, rollout_is_max])
+    # --rollout-bf16: each token's loss weighed by pi / pi_bf16 of its rollout (TRL's vLLM importance sampling and
+    # its default: the sequence's ratio, the sequence left out where it falls outside [rollout_is_min,
+    # rollout_is_max]). Modes:
     rollout_is: str = "sequence_mask"  # none | token_truncate | token_mask | sequence_truncate | sequence_mask
-    rollout_is_min: float = 0.0  # (0: no lower bound)
-    rollout_is_max: float = 3.0
+    rollout_is_min: float = 0.0  # the ratios' lower bound (0: none)
+    rollout_is_max: float = 3.0  # the ratios' upper bound (*_truncate: clipped to it; *_mask: left out above it)
     loss: str = "grpo"  # grpo | dr_grpo | dapo
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
     scale_rewards: str = ""  # group | batch | none (empty: the loss's own, none for dr_grpo, group for the others)
-    epsilon_low: float = 0.2
+    epsilon_low: float = 0.2  # the ratio's clip range below 1
     epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo
     beta: float = 0.0  # k3 KL toward the starting model
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
@@ -113,16 +114,16 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     overlong_filter: bool = False  # truncated completions leave the loss (always on with --loss dapo)
     overlong_buffer: int = 0  # soft overlong punishment over the last N tokens (0 = off)
     format_weight: float = 0.1  # reward = correct + format_weight * well-formed + overlong penalty
-    router_bias_update: float = 0.0
-    lr: float = 1e-4
-    min_lr_ratio: float = 1.0
-    warmup: int = 0
-    weight_decay: float = 0.0
-    eval_every: int = 10
-    eval_problems: int = 64
+    router_bias_update: float = 0.0  # MoE: aux-loss-free balancing on the rollout tokens (0: routers frozen)
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 1.0  # the schedule's last learning rate, a share of the peak (1: constant)
+    warmup: int = 0  # steps of linear warmup
+    weight_decay: float = 0.0  # AdamW's
+    eval_every: int = 10  # steps between held-out evaluations (eval.jsonl)
+    eval_problems: int = 64  # held-out problems each time
     eval_samples: int = 1  # held-out pass@1 greedy (1), or R1's: the mean over k samples at T 0.6, top-p 0.95
-    save_every: int = 25
-    keep: int = 2
+    save_every: int = 25  # steps between checkpoints (and one at the end)
+    keep: int = 2  # checkpoints kept
     log_completions: int = 64  # completions a step written to completions.jsonl, in draw order (0: none)
 
     @property

@@ -220,27 +220,27 @@ def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
 class SFTArgs(TuneArgs, RunArgs):  # --lora-rank: the router biases stay as they are (the adapter cannot carry them)
-    out: str = "runs/sft"
+    out: str = "runs/sft"  # the run folder (metrics, plots, checkpoints, the model in model/)
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
-    preset: str = "debug"
+    preset: str = "debug"  # a fresh model's sizes: debug | tiny | small
     arch: str = "deepseek_v3"  # a fresh model's type: deepseek_v3 (MLA, MoE, MTP) or dense qwen2 / llama / qwen3
     data: tuple[str, ...] = ()  # chat JSONL files
     task: tuple[str, ...] = ()  # task traces (train split) to add, e.g. countdown arithmetic
     examples: int = 2000  # traces per task
     direct: float = 0.0  # share of the task traces that answer straight away, with an empty <think> block
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 256
-    packing: bool = True
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    weight_decay: float = 0.0
+    steps: int = 200  # optimizer steps
+    batch_size: int = 16  # rows a step (split over torchrun's processes)
+    seq_len: int = 256  # tokens a row
+    packing: bool = True  # several conversations a row, each attending to itself only
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule's last learning rate, a share of the peak
+    warmup: int = 10  # steps of linear warmup
+    weight_decay: float = 0.0  # AdamW's
     bias_update: float = 1e-3  # aux-loss-free balancing keeps running
-    val_share: float = 0.05
-    eval_every: int = 50
-    save_every: int = 100
-    keep: int = 2
+    val_share: float = 0.05  # conversations held out for the validation loss
+    eval_every: int = 50  # steps between validation losses
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    keep: int = 2  # checkpoints kept
     compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
 
     def validate(self):

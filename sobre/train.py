@@ -40,9 +40,9 @@ class RunArgs:
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, last 20% decays)
     clip: float = 1.0  # max global grad norm (0: no clipping; the norm is logged either way)
     bf16: bool = False  # autocast matmuls to bf16 (params and optimizer stay fp32)
-    resume: bool = False
-    seed: int = 0
-    threads: int = 0
+    resume: bool = False  # go on from the run folder's last checkpoint (--out), exactly where it stopped
+    seed: int = 0  # the initialisation, data order and sampling draws
+    threads: int = 0  # torch's CPU threads (0: torch's default)
     device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
 
     @property
@@ -70,25 +70,25 @@ RANGES = {**dict.fromkeys(("lr", "warmup", "weight_decay", "clip", "mtp_weight",
 
 @dataclass
 class TrainArgs(RunArgs):
-    out: str = "runs/pretrain"
-    preset: str = "debug"
-    steps: int = 200
-    save_every: int = 50
-    keep: int = 3
-    batch_size: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.1
+    out: str = "runs/pretrain"  # the run folder (metrics, plots, checkpoints, the model in model/)
+    preset: str = "debug"  # the model's sizes: debug | tiny | small
+    steps: int = 200  # optimizer steps
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    keep: int = 3  # checkpoints kept
+    batch_size: int = 8  # sequences a step (split over torchrun's processes)
+    seq_len: int = 128  # tokens a sequence
+    grad_accum: int = 1  # micro-batches a step
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule's last learning rate, a share of the peak
+    warmup: int = 20  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW's (norms, biases and embeddings excepted)
     optimizer: str = "adamw"  # adamw | muon (hidden matrices, experts too; AdamW for embeddings, head, norms)
     mtp_weight: float = 0.3  # lambda
     balance_alpha: float = 1e-4  # sequence-wise balance loss
     bias_update: float = 1e-3  # gamma of aux-loss-free balancing
-    eval_every: int = 50
-    eval_batches: int = 4
-    sample_every: int = 100
+    eval_every: int = 50  # steps between validation losses
+    eval_batches: int = 4  # validation batches each time
+    sample_every: int = 100  # steps between sampled texts in metrics.jsonl ("sample")
     data: tuple[str, ...] = ()  # user files (.txt/.jsonl/.parquet); empty = built-in corpus
     data_bytes: int = 2 << 20  # size of the built-in corpus
     vocab_size: int = 0  # 0 = the preset's
@@ -96,7 +96,7 @@ class TrainArgs(RunArgs):
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
     compile: bool = False  # torch.compile each block's training forward (0-7% on a 2-core CPU; meant for GPUs)
     arch: str = "deepseek_v3"  # deepseek_v3 (with --attn) | deepseek_v4 (the preset's V4 twin: CSA/HCA, mHC, hash
-    # MoE) | qwen2 / llama / qwen3 (the preset's dense twin, as the distilled students)
+    #   MoE) | qwen2 / llama / qwen3 (the preset's dense twin, as the distilled students)
     attn: str = "full"  # full | nsa (Native Sparse Attention) | dsa (DeepSeek Sparse Attention = deepseek_v32)
     dsa_warmup: int = 0  # DSA stage 1: steps of dense attention in which only the indexer trains
     model_overrides: tuple[str, ...] = ()  # Config fields as KEY=VALUE, e.g. nsa_window=256 index_topk=512

@@ -44,6 +44,59 @@ def test_help_on_every_verb(capsys):
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0 and "usage: sobre " + verb in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a training verb's flags say what their dataclass's comments say
+        main(["grpo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--rollout-is STR --rollout-bf16: each token's loss weighed" in text and "(default: sequence_mask)" in text
+    assert "--lr FLOAT peak learning rate (default: 0.0001)" in text and "last 20% decays" in text
+
+
+def test_dataclass_flags_give_back_the_dataclass():
+    """A training verb's flags parse back the dataclass dataclass_argv wrote (speedrun's torchrun stages); a flag on
+    by default turns off with --no-FLAG (sft's --packing)."""
+    import argparse
+
+    from sobre.cli import run_dataclass
+    from sobre.flags import add_dataclass_flags, dataclass_argv
+    from sobre.sft import SFTArgs
+    p, got = argparse.ArgumentParser(), []
+    add_dataclass_flags(p, SFTArgs)
+    a = SFTArgs(packing=False, bf16=True, task=("countdown", "arithmetic"), lr=0.5, init="runs/x")
+    run_dataclass(p.parse_args(dataclass_argv(a)), SFTArgs, lambda b: got.append(b) or "runs/x", "")
+    assert got == [a] and "--no-packing" in dataclass_argv(a)
+    assert p.parse_args([]).packing is True and p.parse_args(["--no-packing"]).packing is False
+
+
+def test_flag_help_comes_from_the_dataclass_comments():
+    """field_help: a field's comment block above it, the comment ending its line and the `#   ` lines continuing
+    it; a subclass's field its own comments only; no help from a docstring, a method or another field's lines."""
+    from dataclasses import dataclass
+
+    from sobre.flags import field_help
+
+    @dataclass
+    class Base:
+        """A docstring: plain: int = 3"""
+        plain: int = 3
+        # about the next field
+        above: str = "x"  # and its own line's: 50% of it
+        tail: float = 1.0  # first part,
+        #   its continuation
+        # a block about `after`, not `tail`'s
+        after: bool = False
+        bare: int = 0  # overridden below
+
+        def method(self):
+            inner: int = 1  # not a field
+            return inner
+
+    @dataclass
+    class Child(Base):
+        bare: int = 1
+
+    assert field_help(Child) == {"plain": "", "above": "about the next field and its own line's: 50% of it",
+                                 "tail": "first part, its continuation",
+                                 "after": "a block about `after`, not `tail`'s", "bare": ""}
 
 
 def test_info_on_the_real_v3_config(tmp_path):
