@@ -5,8 +5,8 @@ advantages -> mu epochs of the clipped policy-gradient loss over the completion 
 k3 KL penalty toward the frozen starting model (beta, default 0 as in DAPO / Dr. GRPO).
 
 The loss variants (grpo, dr_grpo, dapo: the per-token clipped surrogate normalised three ways; DAPO also with
-clip-higher, dynamic sampling and overlong filtering), GSPO's sequence-level ratios and the update's forward are in
-objective.py.
+clip-higher, dynamic sampling and overlong filtering; cispo: MiniMax-M1's clipped importance weights), two-sided
+clipping, GSPO's sequence-level ratios and the update's forward are in objective.py.
 With beta = 0 a completion whose advantage is 0 (every completion of a group with equal rewards) has no
 gradient, so the update leaves it out (the normalisers still count it; `signal` logs the share that trains;
 `entropy` is the mean over the completions the update ran). TRL trains on them all.
@@ -101,11 +101,13 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     rollout_is: str = "sequence_mask"  # none | token_truncate | token_mask | sequence_truncate | sequence_mask
     rollout_is_min: float = 0.0  # the ratios' lower bound (0: none)
     rollout_is_max: float = 3.0  # the ratios' upper bound (*_truncate: clipped to it; *_mask: left out above it)
-    loss: str = "grpo"  # grpo | dr_grpo | dapo
+    loss: str = "grpo"  # grpo | dr_grpo | dapo | cispo
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
     scale_rewards: str = ""  # group | batch | none (empty: the loss's own, none for dr_grpo, group for the others)
     epsilon_low: float = 0.2  # the ratio's clip range below 1
-    epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo
+    epsilon_high: float = 0.0  # 0: epsilon_low, or 0.28 (clip-higher) with --loss dapo; --loss cispo: the ratio's
+    #   own upper bound (0: 5, ScaleRL's and TRL's)
+    delta: float = 0.0  # two-sided clipping (INTELLECT-2): the unclipped ratio capped at delta > 1 (0: off)
     beta: float = 0.0  # k3 KL toward the starting model
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
     micro_batch: int = 64  # completions per forward/backward (the defaults: a whole step, 8 x 8, in one)
@@ -153,6 +155,12 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
         except ParamError as e:
             raise ValueError(f"--{e.param.replace('_', '-')}: {e}") from None
         self.check_ranges()
+        if self.loss == "cispo" and 0 < self.epsilon_high <= 1:
+            raise ValueError(f"--epsilon-high with --loss cispo bounds the ratio itself (ScaleRL's 5): give it > 1 "
+                             f"(0: 5), not {self.epsilon_high}")
+        if self.delta and (self.delta <= 1 or self.loss == "cispo"):
+            raise ValueError(f"--delta caps the ratio of grpo / dr_grpo / dapo above 1: give delta > 1 (0: off), not "
+                             f"{self.delta} with --loss {self.loss}")
         self.check_lora(self.init)
         if self.lora_rank and self.router_bias_update:
             raise ValueError("--router-bias-update with --lora-rank: the adapter cannot carry the router biases")
@@ -168,7 +176,7 @@ def grpo(a: GRPOArgs) -> Path:
     weight sync in one process): a replica's weights per rank, not its gradients and AdamW's moments."""
     a.validate()
     dapo = a.loss == "dapo"
-    eps_high = a.epsilon_high or (0.28 if dapo else a.epsilon_low)
+    eps_high = a.epsilon_high or (0.28 if dapo else 5.0 if a.loss == "cispo" else a.epsilon_low)
     dynamic, overlong = a.dynamic, a.overlong_filter or dapo
     rank, world, device = parallel.init(a.device)
     a.check_fsdp(world)
@@ -408,7 +416,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                                      a.rollout_is_min, a.rollout_is_max) if weigh_rollouts else None
             loss, st = policy_loss(logp, before, adv[list(c)], mask, a.loss, a.epsilon_low, eps_high, n_seqs,
                                    n_tokens, a.max_new_tokens, a.beta, ref_lp[j] if ref_lp else None, a.importance,
-                                   weight)
+                                   weight, a.delta)
             (surrogate[0] if linear else loss * weigh).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():  # (the rollouts' weights: a mean over the tokens of the forward)

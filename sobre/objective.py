@@ -7,6 +7,11 @@ Loss variants (normalisation of the per-token clipped surrogate):
   dr_grpo  sum over all tokens / (completions x max_new_tokens); advantages r - mean (no std scaling)
   dapo     sum over all tokens / number of tokens; std-scaled advantages; clip-higher (epsilon_high 0.28),
            dynamic sampling (drop groups whose rewards are all equal, sample more) and overlong filtering
+  cispo    MiniMax-M1's: each token's log-prob times its advantage and its ratio, the ratio clipped at epsilon_high
+           (an upper bound on the ratio itself, ScaleRL's 5 by default, as TRL's) and taken as a constant, so every
+           token keeps a gradient; normalised as dapo
+two-sided clipping (delta, INTELLECT-2's, as TRL's): the unclipped ratio capped at delta, so a token of negative
+advantage whose ratio grew far is not pushed without bound.
 importance "sequence" (GSPO, Qwen's, as TRL's importance_sampling_level): every token of a completion takes its
 sequence's ratio exp(mean_t(logp - old_logp)), clipped as one (GSPO runs epsilons of ~3e-4 / 4e-4); at mu = 1 its
 gradient equals the token-level one (each ratio is 1 where it is taken), so it changes the later epochs only.
@@ -26,7 +31,7 @@ from .model import Cache, Transformer
 if TYPE_CHECKING:
     from .rollout import Rollout
 
-VARIANTS = ("grpo", "dr_grpo", "dapo")
+VARIANTS = ("grpo", "dr_grpo", "dapo", "cispo")
 SCALES = ("group", "batch", "none")  # what the advantages are divided by: their group's reward std, the batch's, none
 IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
 # --rollout-bf16: how the rollouts, sampled from the bf16 copy, are weighed toward the policy trained (TRL's vLLM
@@ -55,12 +60,13 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
                 n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None,
-                importance: str = "token", weight=None) -> tuple[torch.Tensor, dict]:
+                importance: str = "token", weight=None, delta: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
     are the whole batch's (micro-batch losses then add up to the batch loss). importance "token": each token's
     own ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. weight
-    [N, T] (rollout_weights): each token's surrogate times it, the KL term not (as TRL). Returns (loss, sums of
-    stats)."""
+    [N, T] (rollout_weights): each token's surrogate times it, the KL term not (as TRL). variant "cispo": the
+    ratio clipped at eps_high itself, a constant times the log-prob. delta > 0: two-sided clipping. Returns
+    (loss, sums of stats)."""
     if importance == "sequence":
         m = mask.to(logp.dtype)
         ratio = torch.exp(((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
@@ -70,7 +76,13 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
     else:
         raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     a = adv[:, None]
-    per_tok = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    if variant == "cispo":  # (the clipped ratio a constant: the gradient is the log-prob's, weighed)
+        per_tok = -ratio.clamp(max=eps_high).detach() * a * logp
+        low, high = torch.zeros_like(ratio, dtype=torch.bool), ratio > eps_high
+    else:
+        per_tok = -torch.min((ratio.clamp(max=delta) if delta else ratio) * a,
+                             ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+        low, high = ratio < 1 - eps_low, ratio > 1 + eps_high
     if weight is not None:
         per_tok = per_tok * weight
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
@@ -79,8 +91,7 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
     loss = (per_tok * token_weights(mask, variant, n_seqs, n_tokens, max_len)).sum()
     m = mask.to(per_tok.dtype)
     with torch.no_grad():
-        stats = {"clip_low": (((ratio < 1 - eps_low) & (a < 0)) * m).sum().item(),
-                 "clip_high": (((ratio > 1 + eps_high) & (a > 0)) * m).sum().item(),
+        stats = {"clip_low": ((low & (a < 0)) * m).sum().item(), "clip_high": ((high & (a > 0)) * m).sum().item(),
                  "kl": (kl * m).sum().item()}
         if weight is not None:
             stats |= {"is_weight": (weight * m).sum().item(), "is_masked": ((weight == 0) & mask).sum().item()}
@@ -109,11 +120,11 @@ def rollout_weights(old_logp, sampled, mask, mode: str, low: float, high: float)
 
 def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) -> torch.Tensor:
     """Each completion token's weight in the loss [N, T] (0 on padding): grpo 1 / (its sequence's length *
-    n_seqs), dapo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len)."""
+    n_seqs), dapo and cispo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len)."""
     m = mask.float()
     if variant == "grpo":
         return m / m.sum(1, keepdim=True).clamp(min=1) / n_seqs
-    if variant == "dapo":
+    if variant in ("dapo", "cispo"):
         return m / max(n_tokens, 1)
     if variant == "dr_grpo":
         return m / (n_seqs * max_len)

@@ -70,6 +70,30 @@ def test_loss_variants_match_hand_computed_values():
         GRPOArgs(importance="word").validate()
 
 
+def test_cispo_and_two_sided_clipping_match_hand_computed_values():
+    """CISPO: -min(r, eps_max) A log p per token, the clipped ratio a constant (its gradient the log-prob's,
+    weighed), over the tokens as dapo; delta: the unclipped ratio capped, so a negative-advantage token's ratio
+    counts at most delta."""
+    logp = RATIO.log().requires_grad_()  # old log-probs 0: the ratios are RATIO
+    loss, st = policy_loss(logp, torch.zeros(2, 2), ADV, MASK, "cispo", 0.2, 1.2, n_seqs=2, n_tokens=3, max_len=2)
+    w = torch.tensor([[1.2, 0.9], [0.7, 0.0]])  # 1.5 clipped at 1.2 (A > 0: counted); padding 0
+    assert loss.item() == pytest.approx(-(w * ADV[:, None] * RATIO.log()).sum().item() / 3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -w * ADV[:, None] / 3)
+    assert st["clip_high"] == 1 and st["clip_low"] == 0
+    # a token of advantage -1 whose ratio grew to 2: -min(2 A, 1.2 A) = 2, capped at delta 1.5 -> 1.5
+    ratio, one = torch.tensor([[2.0]]), torch.tensor([[True]])
+    args = (torch.zeros(1, 1), torch.tensor([-1.0]), one, "dapo", 0.2, 0.2)
+    sizes = dict(n_seqs=1, n_tokens=1, max_len=1)
+    assert policy_loss(ratio.log(), *args, **sizes)[0].item() == pytest.approx(2.0)
+    assert policy_loss(ratio.log(), *args, **sizes, delta=1.5)[0].item() == pytest.approx(1.5)
+    assert policy_loss(torch.tensor([[1.3]]).log(), *args, **sizes, delta=1.5)[0].item() == pytest.approx(1.3)
+    for bad, says in ((dict(loss="cispo", epsilon_high=0.28), "bounds the ratio itself"),
+                      (dict(delta=0.9), "delta > 1"), (dict(loss="cispo", delta=2.0), "--delta")):
+        with pytest.raises(ValueError, match=says):
+            GRPOArgs(**bad).validate()
+
+
 def test_k3_kl_and_the_beta_term():
     logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
     assert kl_k3(logp, ref).item() == pytest.approx(0.5 - math.log(0.5) - 1)
@@ -84,7 +108,7 @@ def test_k3_kl_and_the_beta_term():
 
 @pytest.mark.parametrize("variant,arch,bf16", [("grpo", "deepseek_v3", False), ("dr_grpo", "deepseek_v3", False),
                                                ("dapo", "deepseek_v3", False), ("grpo", "qwen2", False),
-                                               ("dapo", "deepseek_v3", True)])
+                                               ("dapo", "deepseek_v3", True), ("cispo", "deepseek_v3", False)])
 def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, bf16):
     torch.manual_seed(0)
     model = random_model(sobre.preset("debug", arch=arch))
@@ -115,10 +139,10 @@ def ragged_groups():
     return groups
 
 
-def sgd_step(model, groups, a: GRPOArgs):
+def sgd_step(model, groups, a: GRPOArgs, eps_high: float = 0.2):
     """(stats, parameters) of a copy of model after one _update with SGD at lr 1."""
     m = copy.deepcopy(model)
-    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, 0.2, False)
+    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, eps_high, False)
     return stats, dict(m.named_parameters())
 
 
@@ -143,17 +167,18 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
                       for micro in (4, 64)])
 
 
-@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
-def test_linear_surrogate_takes_the_general_step(variant, monkeypatch):
+@pytest.mark.parametrize("variant,delta", [("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.0), ("cispo", 0.0),
+                                           ("grpo", 1.5)])
+def test_linear_surrogate_takes_the_general_step(variant, delta, monkeypatch):
     """mu = 1, beta = 0: the head makes its gradients in the forward from d loss / d logp = -advantage x token
     weight (grpo.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
-    (micro-batches of 4 over ragged groups)."""
+    (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, two-sided clipping's delta)."""
     torch.manual_seed(0)
     model, groups, steps = random_model(), ragged_groups(), []
     for linear in (True, False):
         monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
-        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9)  # no clipping: scales count
-        steps.append(sgd_step(model, groups, a))
+        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9, delta=delta)  # (no grad clipping)
+        steps.append(sgd_step(model, groups, a, 5.0 if variant == "cispo" else 0.2))
     same_step(model, steps)
 
 
