@@ -41,6 +41,7 @@ from .objective import (
     advantages,
     completion_mask,
     float_rows,
+    high_entropy,
     policy_loss,
     rollout_weights,
     token_logprobs,
@@ -71,8 +72,9 @@ LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its fo
 REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update's (reuse_logits; False: computed)
 REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
-SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked")  # _update's statistics that
-#   add up over the ranks (the last two where the rollouts are weighed: rollout_weights)
+SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked", "entropy_kept")  # _update's
+#   statistics that add up over the ranks (the last three where the rollouts are weighed or the tokens masked)
+PER_SEEN = ("is_weight", "is_masked", "entropy_kept")  # ... those that are means over the tokens trained
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -112,6 +114,8 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
     micro_batch: int = 64  # completions per forward/backward (the defaults: a whole step, 8 x 8, in one)
     dynamic_sampling: bool = False  # always on with --loss dapo
+    top_entropy_quantile: float = 1.0  # rho < 1: only the batch's top-rho tokens by entropy in the policy loss
+    #   ("Beyond the 80/20 rule": 0.2; TRL's), taken from the policy before the update (1: every token)
     max_attempts: int = 3  # dynamic sampling: at most max_attempts x prompts problems drawn a step
     overlong_filter: bool = False  # truncated completions leave the loss (always on with --loss dapo)
     overlong_buffer: int = 0  # soft overlong punishment over the last N tokens (0 = off)
@@ -155,6 +159,8 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
         except ParamError as e:
             raise ValueError(f"--{e.param.replace('_', '-')}: {e}") from None
         self.check_ranges()
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"--top-entropy-quantile must be in (0, 1], got {self.top_entropy_quantile}")
         if self.loss == "cispo" and 0 < self.epsilon_high <= 1:
             raise ValueError(f"--epsilon-high with --loss cispo bounds the ratio itself (ScaleRL's 5): give it > 1 "
                              f"(0: 5), not {self.epsilon_high}")
@@ -384,11 +390,16 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     def amp():  # --bf16: every log-prob of the update under the same autocast (ratios start at 1)
         return torch.autocast(adv.device.type, dtype=torch.bfloat16, enabled=a.bf16)
 
-    if a.mu > 1 or a.beta:
+    masking = a.top_entropy_quantile < 1
+    keep = None
+    if a.mu > 1 or a.beta or masking:
         with torch.no_grad(), amp():
-            if a.mu > 1:
-                old = [token_logprobs(model, [batch[i] for i in c], temperature=a.temperature, shared=not fsdp)[0]
-                       for c in chunks]
+            if a.mu > 1 or masking:  # (the old log-probs and the entropies in one pass)
+                passes = [token_logprobs(model, [batch[i] for i in c], entropy=masking, temperature=a.temperature,
+                                         shared=not fsdp) for c in chunks]
+                old = [p[0] for p in passes] if a.mu > 1 else None
+                keep = high_entropy([p[2] for p in passes], [p[1] for p in passes],
+                                    a.top_entropy_quantile) if masking else None
                 _idle(model, idle, a.temperature)
             if a.beta:
                 with disabled(ref) if ref is model else nullcontext():
@@ -399,6 +410,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     if weigh_rollouts:
         sums |= {"is_weight": 0.0, "is_masked": 0.0}
+    if masking:
+        sums["entropy_kept"] = 0.0
     for epoch in range(a.mu):
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
@@ -406,7 +419,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             coef = None
             if linear:
                 w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
-                coef = -adv[list(c), None] * w * weigh
+                coef = -adv[list(c), None] * w * weigh * (keep[j] if keep else 1)
             with amp():
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0, shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
@@ -416,12 +429,12 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                                      a.rollout_is_min, a.rollout_is_max) if weigh_rollouts else None
             loss, st = policy_loss(logp, before, adv[list(c)], mask, a.loss, a.epsilon_low, eps_high, n_seqs,
                                    n_tokens, a.max_new_tokens, a.beta, ref_lp[j] if ref_lp else None, a.importance,
-                                   weight, a.delta)
+                                   weight, a.delta, keep[j] if keep else None)
             (surrogate[0] if linear else loss * weigh).backward()
             sums["loss"] += loss.item() / a.mu
-            for k, v in st.items():  # (the rollouts' weights: a mean over the tokens of the forward)
-                sums[k] += v / (seen_tokens if k.startswith("is_") else n_tokens) / a.mu
-            sums["entropy"] += ent / seen_tokens
+            for k, v in st.items():  # (the rollouts' weights, the entropy mask: means over the tokens trained)
+                sums[k] += v / (seen_tokens if k in PER_SEEN else n_tokens) / a.mu
+            sums["entropy"] += ent.sum().item() / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
         with amp():

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import parallel
 from .attention import causal
 from .host import int_rows, ints
 from .loss import head_logprobs, head_weighted_logprobs
@@ -60,13 +61,14 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
                 n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None,
-                importance: str = "token", weight=None, delta: float = 0.0) -> tuple[torch.Tensor, dict]:
+                importance: str = "token", weight=None, delta: float = 0.0,
+                kept=None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
     are the whole batch's (micro-batch losses then add up to the batch loss). importance "token": each token's
     own ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. weight
-    [N, T] (rollout_weights): each token's surrogate times it, the KL term not (as TRL). variant "cispo": the
-    ratio clipped at eps_high itself, a constant times the log-prob. delta > 0: two-sided clipping. Returns
-    (loss, sums of stats)."""
+    [N, T] (rollout_weights): each token's surrogate times it, the KL term not (as TRL); kept [N, T] (0 / 1,
+    high_entropy) likewise. variant "cispo": the ratio clipped at eps_high itself, a constant times the log-prob.
+    delta > 0: two-sided clipping. Returns (loss, sums of stats)."""
     if importance == "sequence":
         m = mask.to(logp.dtype)
         ratio = torch.exp(((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
@@ -85,6 +87,8 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
         low, high = ratio < 1 - eps_low, ratio > 1 + eps_high
     if weight is not None:
         per_tok = per_tok * weight
+    if kept is not None:
+        per_tok = per_tok * kept
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta:
         per_tok = per_tok + beta * kl
@@ -95,6 +99,8 @@ def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_hig
                  "kl": (kl * m).sum().item()}
         if weight is not None:
             stats |= {"is_weight": (weight * m).sum().item(), "is_masked": ((weight == 0) & mask).sum().item()}
+        if kept is not None:
+            stats["entropy_kept"] = (kept * m).sum().item()
     return loss, stats
 
 
@@ -116,6 +122,21 @@ def rollout_weights(old_logp, sampled, mask, mode: str, low: float, high: float)
     else:
         raise ValueError(f"rollout importance sampling must be one of {ROLLOUT_IS[1:]}, got {mode!r}")
     return r.expand_as(m) * m
+
+
+def high_entropy(entropies: list[torch.Tensor], masks: list[torch.Tensor], quantile: float) -> list[torch.Tensor]:
+    """The batch's top-`quantile` completion tokens by entropy ("Beyond the 80/20 rule", TRL's
+    top_entropy_quantile): each micro-batch's [N, T] 1.0 where a token's entropy is at least the (1 - quantile)
+    quantile (linear interpolation, as torch.quantile) of every token of the batch, every rank's (a collective
+    under torchrun: every rank calls it), else 0."""
+    mine = torch.cat([e[m].float().cpu() for e, m in zip(entropies, masks)]) if entropies else torch.zeros(0)
+    every = torch.cat(parallel.gather_objects(mine)).sort().values
+    if not len(every):
+        return [torch.zeros_like(m, dtype=torch.float32) for m in masks]
+    pos = (1 - quantile) * (len(every) - 1)  # (a sort, not torch.quantile: that stops at 2^24 values)
+    lo = int(pos)
+    threshold = every[lo] + (pos - lo) * (every[min(lo + 1, len(every) - 1)] - every[lo])
+    return [((e >= threshold.to(e.device, e.dtype)) & m).float() for e, m in zip(entropies, masks)]
 
 
 def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) -> torch.Tensor:
@@ -179,15 +200,15 @@ class SharedPrefix(Cache):
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
                    shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
-    policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the summed entropy of that
-    distribution over the completion positions (when asked). shared=True: each distinct prompt runs once and
-    its completions attend to it (SharedPrefix; prompts of different lengths only under plain attention: V4's
-    compressed blocks would pool the padding; never NSA, whose per-layer state has a row per sequence of the
-    forward); shared=False or otherwise: every row is prompt +
-    completion, padded (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with
-    these coefficients): a fourth value, that loss, whose gradients the head makes in its forward
-    (loss.head_weighted_logprobs); the log-probs then carry none. reuse (with coef): the head takes each rollout's
-    kept logits rows (Rollout.logits) as its logits instead of computing them (grpo.reuse_logits says when)."""
+    policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the entropy of that distribution at
+    each completion position [N, T] (0 on padding and where not asked; a statistic, no gradient). shared=True:
+    each distinct prompt runs once and its completions attend to it (SharedPrefix; prompts of different lengths
+    only under plain attention: V4's compressed blocks would pool the padding; never NSA, whose per-layer state
+    has a row per sequence of the forward); shared=False or otherwise: every row is prompt + completion, padded
+    (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with these coefficients):
+    a fourth value, that loss, whose gradients the head makes in its forward (loss.head_weighted_logprobs); the
+    log-probs then carry none. reuse (with coef): the head takes each rollout's kept logits rows (Rollout.logits)
+    as its logits instead of computing them (grpo.reuse_logits says when)."""
     dev = next(model.parameters()).device
     c = model.config
     mask = completion_mask(batch, dev)
@@ -228,5 +249,6 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
                                                   temperature, entropy, given)
     logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
-    ent = ents.sum().item() if entropy else 0.0  # (a statistic: no gradient)
+    ent = lp.new_zeros(mask.numel()).index_add(0, rows, ents.detach()).view(mask.shape) if entropy else \
+        torch.zeros_like(logp, requires_grad=False)
     return (logp, mask, ent) + ((linear,) if coef is not None else ())

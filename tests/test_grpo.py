@@ -167,19 +167,40 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
                       for micro in (4, 64)])
 
 
-@pytest.mark.parametrize("variant,delta", [("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.0), ("cispo", 0.0),
-                                           ("grpo", 1.5)])
-def test_linear_surrogate_takes_the_general_step(variant, delta, monkeypatch):
+@pytest.mark.parametrize("variant,delta,rho", [("grpo", 0.0, 1.0), ("dr_grpo", 0.0, 1.0), ("dapo", 0.0, 1.0),
+                                               ("cispo", 0.0, 1.0), ("grpo", 1.5, 1.0), ("dapo", 0.0, 0.4)])
+def test_linear_surrogate_takes_the_general_step(variant, delta, rho, monkeypatch):
     """mu = 1, beta = 0: the head makes its gradients in the forward from d loss / d logp = -advantage x token
     weight (grpo.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
-    (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, two-sided clipping's delta)."""
+    (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, two-sided clipping's delta, the top 40% of the
+    tokens by entropy)."""
     torch.manual_seed(0)
     model, groups, steps = random_model(), ragged_groups(), []
     for linear in (True, False):
         monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
-        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9, delta=delta)  # (no grad clipping)
+        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9, delta=delta,  # (no grad clipping)
+                     top_entropy_quantile=rho)
         steps.append(sgd_step(model, groups, a, 5.0 if variant == "cispo" else 0.2))
     same_step(model, steps)
+    if rho < 1:
+        assert steps[0][0]["entropy_kept"] == pytest.approx(rho, abs=0.1)
+
+
+def test_top_entropy_quantile_keeps_the_batchs_highest_entropy_tokens():
+    """high_entropy: 1 where a token's entropy is at least the (1 - rho) quantile of every token of the batch (all
+    micro-batches; padding out), interpolated as torch.quantile does (the update on the mask: the test above)."""
+    from sobre.objective import high_entropy
+    ents = [torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]]), torch.tensor([[6.0, 0.5]])]
+    masks = [torch.tensor([[True, True, True], [True, True, False]]), torch.tensor([[True, True]])]
+    values = torch.tensor([1.0, 2, 3, 4, 5, 6, 0.5])
+    for rho in (0.5, 0.2, 1.0):
+        t = torch.quantile(values, 1 - rho)
+        got = high_entropy(ents, masks, rho)
+        for g, e, m in zip(got, ents, masks):
+            assert torch.equal(g, ((e >= t) & m).float()), (rho, g)
+    assert high_entropy(ents, masks, 0.5)[0].tolist() == [[0, 0, 1], [1, 1, 0]]  # the median is 3
+    with pytest.raises(ValueError, match="top-entropy-quantile"):
+        GRPOArgs(top_entropy_quantile=0.0).validate()
 
 
 @pytest.mark.parametrize("variant", ["grpo", "dapo"])
@@ -409,7 +430,8 @@ def test_shared_prompt_forward_equals_the_padded_reference(arch):
         assert ffn == [P * 6, sum(len(r.ids) - 1 for r in rows)]
         padded, mask2, ent2 = token_logprobs(model, rows, entropy=True, shared=False)
         assert torch.equal(mask, mask2)
-        assert ent == pytest.approx(ent2, rel=1e-4) and ent > 0
+        torch.testing.assert_close(ent, ent2, rtol=1e-4, atol=1e-5)
+        assert (ent[mask] > 0).all() and (ent[~mask] == 0).all()
         assert_same_logprobs_and_gradients(model, shared, padded, mask)
 
 

@@ -38,6 +38,8 @@ CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
     # micro-batches of 2: rank 0 runs 3, rank 1 (group 3 truncated, filtered) 2; old log-probs and the KL's reference
     "micro_batch_2": (dict(loss="dapo", micro_batch=2), True, groups(truncated=(3,))),
     "beta_mu2": (dict(beta=0.05, mu=2, micro_batch=4), False, groups()),
+    # the top 40% of the tokens by entropy: the threshold over every rank's tokens
+    "entropy_top40": (dict(loss="dapo", top_entropy_quantile=0.4, micro_batch=4), False, groups()),
 }
 
 
