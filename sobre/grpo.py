@@ -391,15 +391,16 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
         return torch.autocast(adv.device.type, dtype=torch.bfloat16, enabled=a.bf16)
 
     masking = a.top_entropy_quantile < 1
-    keep = None
+    keep = ents = None
     if a.mu > 1 or a.beta or masking:
         with torch.no_grad(), amp():
             if a.mu > 1 or masking:  # (the old log-probs and the entropies in one pass)
                 passes = [token_logprobs(model, [batch[i] for i in c], entropy=masking, temperature=a.temperature,
                                          shared=not fsdp) for c in chunks]
                 old = [p[0] for p in passes] if a.mu > 1 else None
-                keep = high_entropy([p[2] for p in passes], [p[1] for p in passes],
-                                    a.top_entropy_quantile) if masking else None
+                if masking:  # (these entropies are also epoch 0's statistic: its forward leaves them out)
+                    ents = [p[2] for p in passes]
+                    keep = high_entropy(ents, [p[1] for p in passes], a.top_entropy_quantile)
                 _idle(model, idle, a.temperature)
             if a.beta:
                 with disabled(ref) if ref is model else nullcontext():
@@ -421,7 +422,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                 w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
                 coef = -adv[list(c), None] * w * weigh * (keep[j] if keep else 1)
             with amp():
-                logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0, shared=not fsdp,
+                logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
+                                                             shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
                                                              reuse=reuse)
             before = old[j] if old else logp.detach()
@@ -434,7 +436,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():  # (the rollouts' weights, the entropy mask: means over the tokens trained)
                 sums[k] += v / (seen_tokens if k in PER_SEEN else n_tokens) / a.mu
-            sums["entropy"] += ent.sum().item() / seen_tokens
+            sums["entropy"] += (ents[j] if ents and epoch == 0 else ent).sum().item() / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
         with amp():

@@ -182,8 +182,10 @@ def test_linear_surrogate_takes_the_general_step(variant, delta, rho, monkeypatc
                      top_entropy_quantile=rho)
         steps.append(sgd_step(model, groups, a, 5.0 if variant == "cispo" else 0.2))
     same_step(model, steps)
-    if rho < 1:
+    if rho < 1:  # (the entropy statistic from the masking pass: every token's, as without the mask)
         assert steps[0][0]["entropy_kept"] == pytest.approx(rho, abs=0.1)
+        every = sgd_step(model, groups, GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9))[0]
+        assert steps[0][0]["entropy"] == pytest.approx(every["entropy"], rel=1e-5) and every["entropy"] > 0
 
 
 def test_top_entropy_quantile_keeps_the_batchs_highest_entropy_tokens():
