@@ -117,8 +117,11 @@ def add_dataclass_flags(parser, cls):
         if isinstance(f.default, bool):  # (on by default: --no-FLAG turns it off)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction if f.default else "store_true",
                                 default=f.default, help=about or None)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, nargs="*", default=f.default, metavar="X", help=about or None)
+        elif isinstance(f.default, tuple):  # (tuple[float, float]: two floats; tuple[str, ...]: any number)
+            kind = type(f.default[0]) if f.default else str
+            n = "*" if "..." in str(f.type) or not f.default else len(f.default)
+            parser.add_argument(flag, nargs=n, type=kind, default=f.default, metavar=kind.__name__.upper(),
+                                help=f"{about} (default: {' '.join(map(str, f.default)) or 'none'})")
         else:
             default = f"(default: {f.default})" if f.default != "" else "(default: none)"
             parser.add_argument(flag, type=type(f.default), default=f.default,

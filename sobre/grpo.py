@@ -4,9 +4,10 @@ Each step: P prompts x G completions sampled by the engine -> verifiable rewards
 advantages -> mu epochs of the clipped policy-gradient loss over the completion tokens, optionally with a
 k3 KL penalty toward the frozen starting model (beta, default 0 as in DAPO / Dr. GRPO).
 
-The loss variants (grpo, dr_grpo, dapo: the per-token clipped surrogate normalised three ways; DAPO also with
-clip-higher, dynamic sampling and overlong filtering; cispo: MiniMax-M1's clipped importance weights), two-sided
-clipping, GSPO's sequence-level ratios and the update's forward are in objective.py.
+The loss variants (grpo, dr_grpo, dapo, luspo: the per-token clipped surrogate normalised four ways; DAPO also
+with clip-higher, dynamic sampling and overlong filtering; cispo: MiniMax-M1's clipped importance weights; sapo
+and vespo: soft gates in place of the clip), two-sided clipping, GSPO's sequence-level ratios, DeepSeek-V3.2's
+unbiased KL and off-policy sequence masking, and the update's forward are in objective.py.
 With beta = 0 a completion whose advantage is 0 (every completion of a group with equal rewards) has no
 gradient, so the update leaves it out (the normalisers still count it; `signal` logs the share that trains;
 `entropy` is the mean over the completions the update ran). TRL trains on them all.
@@ -38,6 +39,7 @@ from .objective import (
     ROLLOUT_IS,
     SCALES,
     VARIANTS,
+    Surrogate,
     advantages,
     completion_mask,
     float_rows,
@@ -72,9 +74,11 @@ LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its fo
 REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update's (reuse_logits; False: computed)
 REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
-SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked", "entropy_kept")  # _update's
-#   statistics that add up over the ranks (the last three where the rollouts are weighed or the tokens masked)
+SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked", "entropy_kept",
+          "off_policy_masked")  # _update's statistics that add up over the ranks (the last four where the rollouts
+#   are weighed or the tokens or completions masked)
 PER_SEEN = ("is_weight", "is_masked", "entropy_kept")  # ... those that are means over the tokens trained
+PER_SEQ = ("off_policy_masked",)  # ... and over the batch's completions
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -103,7 +107,7 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     rollout_is: str = "sequence_mask"  # none | token_truncate | token_mask | sequence_truncate | sequence_mask
     rollout_is_min: float = 0.0  # the ratios' lower bound (0: none)
     rollout_is_max: float = 3.0  # the ratios' upper bound (*_truncate: clipped to it; *_mask: left out above it)
-    loss: str = "grpo"  # grpo | dr_grpo | dapo | cispo
+    loss: str = "grpo"  # grpo | dr_grpo | dapo | cispo | sapo | luspo | vespo (objective.py says what each is)
     importance: str = "token"  # token | sequence (GSPO: one ratio a completion, the mean of its log-ratios)
     scale_rewards: str = ""  # group | batch | none (empty: the loss's own, none for dr_grpo, group for the others)
     epsilon_low: float = 0.2  # the ratio's clip range below 1
@@ -111,6 +115,17 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     #   own upper bound (0: 5, ScaleRL's and TRL's)
     delta: float = 0.0  # two-sided clipping (INTELLECT-2): the unclipped ratio capped at delta > 1 (0: off)
     beta: float = 0.0  # k3 KL toward the starting model
+    # --beta's KL term weighed by the ratio pi / pi_old (DeepSeek-V3.2's unbiased KL estimate; TRL's
+    # use_bias_correction_kl, on by default as there): its gradient is the reverse KL's, even at ratio 1
+    kl_correction: bool = True
+    # DeepSeek-V3.2's off-policy sequence masking (TRL's off_policy_mask_threshold; 0: off): a completion of negative
+    # advantage whose mean log-ratio log pi_sampler - log pi exceeds this (e.g. 0.5) leaves the policy loss; the
+    # sampler is the policy before the update, or --rollout-bf16's copy
+    off_policy_mask: float = 0.0
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05)  # --loss sapo: the gate's temperature for tokens of
+    #   positive advantage, and of the rest (TRL's defaults)
+    vespo_gamma: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # --loss vespo: k and lambda of phi(w) for
+    #   advantages >= 0, then for negative ones (TRL's defaults)
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
     micro_batch: int = 64  # completions per forward/backward (the defaults: a whole step, 8 x 8, in one)
     dynamic_sampling: bool = False  # always on with --loss dapo
@@ -135,6 +150,12 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     @property
     def dynamic(self) -> bool:  # dynamic sampling: asked for, or DAPO's
         return self.dynamic_sampling or self.loss == "dapo"
+
+    def surrogate(self) -> Surrogate:
+        eps_high = self.epsilon_high or (0.28 if self.loss == "dapo" else 5.0 if self.loss == "cispo"
+                                         else self.epsilon_low)
+        return Surrogate(self.loss, self.epsilon_low, eps_high, self.importance, self.delta, self.beta,
+                         self.kl_correction, self.off_policy_mask, self.sapo_temperatures, self.vespo_gamma)
 
     def validate(self):
         if self.loss not in VARIANTS:
@@ -164,9 +185,21 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
         if self.loss == "cispo" and 0 < self.epsilon_high <= 1:
             raise ValueError(f"--epsilon-high with --loss cispo bounds the ratio itself (ScaleRL's 5): give it > 1 "
                              f"(0: 5), not {self.epsilon_high}")
-        if self.delta and (self.delta <= 1 or self.loss == "cispo"):
-            raise ValueError(f"--delta caps the ratio of grpo / dr_grpo / dapo above 1: give delta > 1 (0: off), not "
-                             f"{self.delta} with --loss {self.loss}")
+        if self.delta and (self.delta <= 1 or self.loss in ("cispo", "sapo", "vespo")):
+            raise ValueError(f"--delta caps the clipped ratio of grpo / dr_grpo / dapo / luspo above 1: give delta > 1 "
+                             f"(0: off), not {self.delta} with --loss {self.loss}")
+        if self.off_policy_mask < 0:
+            raise ValueError(f"--off-policy-mask is a threshold on a mean log-ratio: give >= 0 (0: off), not "
+                             f"{self.off_policy_mask}")
+        if len(self.sapo_temperatures) != 2 or min(self.sapo_temperatures) <= 0:
+            raise ValueError(f"--sapo-temperatures takes two temperatures > 0, got {self.sapo_temperatures}")
+        k_pos, lam_pos, k_neg, lam_neg = (self.vespo_gamma + (0.0,) * 4)[:4]
+        if len(self.vespo_gamma) != 4 or min(k_pos, k_neg) < 0 or min(lam_pos, lam_neg) <= 0:
+            raise ValueError(f"--vespo-gamma takes k_pos lambda_pos k_neg lambda_neg, k >= 0 and lambda > 0, got "
+                             f"{self.vespo_gamma}")
+        if self.loss == "vespo" and weighed(self) and self.rollout_is.startswith("sequence"):
+            raise ValueError(f"--loss vespo weighs each sequence itself, from its tokens' importance weights: give "
+                             f"--rollout-is token_truncate or token_mask, not {self.rollout_is}")
         self.check_lora(self.init)
         if self.lora_rank and self.router_bias_update:
             raise ValueError("--router-bias-update with --lora-rank: the adapter cannot carry the router biases")
@@ -181,9 +214,7 @@ def grpo(a: GRPOArgs) -> Path:
     evaluations on a whole copy of the weights refreshed after every update (parallel.copy_whole, TRL's vLLM
     weight sync in one process): a replica's weights per rank, not its gradients and AdamW's moments."""
     a.validate()
-    dapo = a.loss == "dapo"
-    eps_high = a.epsilon_high or (0.28 if dapo else 5.0 if a.loss == "cispo" else a.epsilon_low)
-    dynamic, overlong = a.dynamic, a.overlong_filter or dapo
+    dynamic, overlong = a.dynamic, a.overlong_filter or a.loss == "dapo"
     rank, world, device = parallel.init(a.device)
     a.check_fsdp(world)
     share = parallel.split_over(a.prompts, "--prompts")
@@ -250,7 +281,7 @@ def grpo(a: GRPOArgs) -> Path:
             groups, drawn = sample_groups(m, tok, task, problems, a.group, share, accept, a.max_new_tokens,
                                           a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8 * world + rank,
                                           top_k=a.top_k, min_p=a.min_p, keep_logits=reuse,
-                                          keep_logprobs=weighed(a))
+                                          keep_logprobs=sampler_logprobs(a))
         seen = [(g, scores[id(g)]) for _, g in groups]
         kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
@@ -272,7 +303,7 @@ def grpo(a: GRPOArgs) -> Path:
                 with open(run / "completions.jsonl", "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
         if n_kept:
-            rec.update(_update(model, ref, opt, moes, kept, a, eps_high, overlong, reuse, adv))
+            rec.update(_update(model, ref, opt, moes, kept, a, overlong, reuse, adv))
             if a.fsdp:
                 parallel.copy_whole(policy, model)
         for x in flat:  # the kept logits rows go before the next step's rollouts keep theirs
@@ -325,13 +356,20 @@ def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch
 def linear_surrogate(a: GRPOArgs) -> bool:
     """One epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
     log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward; not
-    where the rollouts are weighed (their weights need the log-probs first)."""
-    return LINEAR_SURROGATE and a.mu == 1 and not a.beta and not weighed(a)
+    where the update reads the rollouts' own log-probs (their weights, or the drift that masks off-policy
+    completions, need the log-probs first)."""
+    return LINEAR_SURROGATE and a.mu == 1 and not a.beta and not sampler_logprobs(a)
 
 
 def weighed(a: GRPOArgs) -> bool:
     """Whether the update weighs the rollouts toward the trained policy (rollout_weights): sampled on bf16 copies."""
     return a.rollout_bf16 and a.rollout_is != "none"
+
+
+def sampler_logprobs(a: GRPOArgs) -> bool:
+    """Whether the rollouts keep the log-probs they were drawn with (Rollout.sampled): for the update's rollout
+    weights or for off-policy masking, where another policy than the one trained drew them (--rollout-bf16)."""
+    return weighed(a) or a.rollout_bf16 and a.off_policy_mask > 0
 
 
 def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
@@ -348,7 +386,7 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
             and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
 
 
-def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong: bool, reuse: bool = False,
+def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: bool = False,
             adv: torch.Tensor | None = None) -> dict:
     """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
     rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'). Under torchrun
@@ -407,12 +445,15 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                     ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature,
                                              shared=not fsdp)[0] for c in chunks]
                 _idle(ref, idle, a.temperature)
-    linear, weigh_rollouts = linear_surrogate(a), weighed(a)
+    linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), a.rollout_bf16 and a.off_policy_mask > 0
+    objective = a.surrogate()
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     if weigh_rollouts:
         sums |= {"is_weight": 0.0, "is_masked": 0.0}
     if masking:
         sums["entropy_kept"] = 0.0
+    if a.off_policy_mask:
+        sums["off_policy_masked"] = 0.0
     for epoch in range(a.mu):
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
@@ -427,15 +468,16 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, eps_high: float, overlong:
                                                              temperature=a.temperature, coef=coef,
                                                              reuse=reuse)
             before = old[j] if old else logp.detach()
-            weight = rollout_weights(before, float_rows([x.sampled for x in mb], mask), mask, a.rollout_is,
-                                     a.rollout_is_min, a.rollout_is_max) if weigh_rollouts else None
-            loss, st = policy_loss(logp, before, adv[list(c)], mask, a.loss, a.epsilon_low, eps_high, n_seqs,
-                                   n_tokens, a.max_new_tokens, a.beta, ref_lp[j] if ref_lp else None, a.importance,
-                                   weight, a.delta, keep[j] if keep else None)
+            drawn = float_rows([x.sampled for x in mb], mask) if weigh_rollouts or sampler else None
+            weight = rollout_weights(before, drawn, mask, a.rollout_is, a.rollout_is_min,
+                                     a.rollout_is_max) if weigh_rollouts else None
+            loss, st = policy_loss(logp, before, adv[list(c)], mask, objective, n_seqs, n_tokens, a.max_new_tokens,
+                                   ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None,
+                                   drawn if sampler else None)
             (surrogate[0] if linear else loss * weigh).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():  # (the rollouts' weights, the entropy mask: means over the tokens trained)
-                sums[k] += v / (seen_tokens if k in PER_SEEN else n_tokens) / a.mu
+                sums[k] += v / (seen_tokens if k in PER_SEEN else n_seqs if k in PER_SEQ else n_tokens) / a.mu
             sums["entropy"] += (ents[j] if ents and epoch == 0 else ent).sum().item() / seen_tokens
             for m in moes:
                 loads[m] += m.last_load

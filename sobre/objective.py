@@ -10,8 +10,19 @@ Loss variants (normalisation of the per-token clipped surrogate):
   cispo    MiniMax-M1's: each token's log-prob times its advantage and its ratio, the ratio clipped at epsilon_high
            (an upper bound on the ratio itself, ScaleRL's 5 by default, as TRL's) and taken as a constant, so every
            token keeps a gradient; normalised as dapo
+  sapo     Qwen's Soft Adaptive Policy Optimization: the clip replaced by a smooth gate, -sigmoid(tau (r - 1)) 4 / tau
+           A per token (tau: one temperature for positive advantages, another for the rest); normalised as grpo
+  luspo    Length-Unbiased Sequence Policy Optimization: grpo's clipped surrogate summed over each completion's
+           tokens, then averaged over completions (GSPO's, --importance sequence, scaled by length)
+  vespo    Variational Sequence-Level Soft Policy Optimization: -phi(w) A log p per token, phi(w) = e^l w^k e^-lw
+           (a Gamma shape, phi(1) = 1, no gradient) of the sequence's ratio w (the product of its tokens', the
+           rollouts' importance weights included), k and l by the advantage's sign; normalised as dapo
 two-sided clipping (delta, INTELLECT-2's, as TRL's): the unclipped ratio capped at delta, so a token of negative
 advantage whose ratio grew far is not pushed without bound.
+DeepSeek-V3.2's two stabilisers (as TRL's use_bias_correction_kl and off_policy_mask_threshold): the k3 KL term
+weighed by the ratio pi / pi_old (kl_correction: its gradient is then (log pi - log ref) grad log pi, the reverse
+KL's own, where plain k3's is biased), and off-policy sequence masking (off_policy > 0: a completion of negative
+advantage whose mean log-ratio log pi_sampler - log pi over its tokens exceeds it leaves the policy loss).
 importance "sequence" (GSPO, Qwen's, as TRL's importance_sampling_level): every token of a completion takes its
 sequence's ratio exp(mean_t(logp - old_logp)), clipped as one (GSPO runs epsilons of ~3e-4 / 4e-4); at mu = 1 its
 gradient equals the token-level one (each ratio is 1 where it is taken), so it changes the later epochs only.
@@ -19,6 +30,7 @@ gradient equals the token-level one (each ratio is 1 where it is taken), so it c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,12 +44,28 @@ from .model import Cache, Transformer
 if TYPE_CHECKING:
     from .rollout import Rollout
 
-VARIANTS = ("grpo", "dr_grpo", "dapo", "cispo")
+VARIANTS = ("grpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALES = ("group", "batch", "none")  # what the advantages are divided by: their group's reward std, the batch's, none
 IMPORTANCE = ("token", "sequence")  # the ratio each token's surrogate takes: its own, or its sequence's (GSPO)
 # --rollout-bf16: how the rollouts, sampled from the bf16 copy, are weighed toward the policy trained (TRL's vLLM
 # importance sampling modes): no weight, or the ratio per token / per sequence clipped to or masked outside a range
 ROLLOUT_IS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+LOG_FLOOR = -18.420680743952367  # log(1e-8): VESPO's floor on log-ratios (TRL's, as the paper's code)
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """The policy loss's settings (GRPOArgs.surrogate(): its flags' meaning there)."""
+    variant: str = "grpo"  # VARIANTS
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # cispo: the ratio's own upper bound
+    importance: str = "token"  # IMPORTANCE
+    delta: float = 0.0  # two-sided clipping (0: off)
+    beta: float = 0.0  # the KL term's weight
+    kl_correction: bool = False  # the KL term times the ratio (DeepSeek-V3.2's unbiased estimate)
+    off_policy: float = 0.0  # off-policy sequence masking's threshold (0: off)
+    sapo: tuple[float, float] = (1.0, 1.05)  # sapo's gate temperatures: advantage > 0, <= 0
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # vespo's k, l for advantage >= 0, then < 0
 
 
 # ---- the math (tested against hand-computed values) -----------------------------------------------
@@ -59,49 +87,78 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def policy_loss(logp, old_logp, adv, mask, variant: str, eps_low: float, eps_high: float, n_seqs: int,
-                n_tokens: int, max_len: int, beta: float = 0.0, ref_logp=None,
-                importance: str = "token", weight=None, delta: float = 0.0,
-                kept=None) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens
-    are the whole batch's (micro-batch losses then add up to the batch loss). importance "token": each token's
-    own ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. weight
-    [N, T] (rollout_weights): each token's surrogate times it, the KL term not (as TRL); kept [N, T] (0 / 1,
-    high_entropy) likewise. variant "cispo": the ratio clipped at eps_high itself, a constant times the log-prob.
-    delta > 0: two-sided clipping. Returns (loss, sums of stats)."""
-    if importance == "sequence":
-        m = mask.to(logp.dtype)
-        ratio = torch.exp(((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
+def policy_loss(logp, old_logp, adv, mask, s: Surrogate, n_seqs: int, n_tokens: int, max_len: int,
+                ref_logp=None, weight=None, kept=None, sampled=None) -> tuple[torch.Tensor, dict]:
+    """The policy loss over completion tokens. logp/old_logp/ref_logp/mask [N, T], adv [N]. n_seqs, n_tokens are
+    the whole batch's (micro-batch losses then add up to the batch loss). s.importance "token": each token's own
+    ratio; "sequence" (GSPO): each token its sequence's, exp of the mean log-ratio over its tokens. weight [N, T]
+    (rollout_weights): each token's surrogate times it, the KL term not (as TRL; vespo: in its sequence ratio
+    instead); kept [N, T] (0 / 1, high_entropy) likewise. sampled [N, T]: the log-probs the rollouts were drawn
+    with, for off-policy masking (None: old_logp's policy drew them). Returns (loss, sums of stats)."""
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    if s.importance == "sequence":
+        ratio = torch.exp((log_ratio * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1))
         ratio = ratio.expand_as(logp)  # [N, T]: one ratio a sequence
-    elif importance == "token":
-        ratio = torch.exp(logp - old_logp)
+    elif s.importance == "token":
+        ratio = torch.exp(log_ratio)
     else:
-        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {s.importance!r}")
     a = adv[:, None]
-    if variant == "cispo":  # (the clipped ratio a constant: the gradient is the log-prob's, weighed)
-        per_tok = -ratio.clamp(max=eps_high).detach() * a * logp
-        low, high = torch.zeros_like(ratio, dtype=torch.bool), ratio > eps_high
+    low = high = torch.zeros_like(mask)
+    if s.variant == "cispo":  # (the clipped ratio a constant: the gradient is the log-prob's, weighed)
+        per_tok = -ratio.clamp(max=s.eps_high).detach() * a * logp
+        high = ratio > s.eps_high
+    elif s.variant == "sapo":  # (at ratio 1 the gate's slope is 1: the gradient of -A r)
+        tau = torch.where(a > 0, s.sapo[0], s.sapo[1])
+        per_tok = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * a
+    elif s.variant == "vespo":
+        per_tok = -gamma_weights(log_ratio, mask, adv, weight, s.vespo) * a * logp
+        weight = None  # (taken into its sequence ratio)
     else:
-        per_tok = -torch.min((ratio.clamp(max=delta) if delta else ratio) * a,
-                             ratio.clamp(1 - eps_low, 1 + eps_high) * a)
-        low, high = ratio < 1 - eps_low, ratio > 1 + eps_high
+        per_tok = -torch.min((ratio.clamp(max=s.delta) if s.delta else ratio) * a,
+                             ratio.clamp(1 - s.eps_low, 1 + s.eps_high) * a)
+        low, high = ratio < 1 - s.eps_low, ratio > 1 + s.eps_high
+    stats = {}
+    if s.off_policy:  # keep a completion unless its advantage is negative and its sampler's drifted from pi
+        drift = (((old_logp if sampled is None else sampled) - logp.detach()) * m).sum(1) / m.sum(1).clamp(min=1)
+        keep = (adv >= 0) | (drift <= s.off_policy)
+        per_tok = per_tok * keep[:, None]
+        stats["off_policy_masked"] = float((~keep).sum())
     if weight is not None:
         per_tok = per_tok * weight
     if kept is not None:
         per_tok = per_tok * kept
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
-    if beta:
-        per_tok = per_tok + beta * kl
-    loss = (per_tok * token_weights(mask, variant, n_seqs, n_tokens, max_len)).sum()
-    m = mask.to(per_tok.dtype)
+    if s.kl_correction and ref_logp is not None:
+        kl = kl * ratio
+    if s.beta:
+        per_tok = per_tok + s.beta * kl
+    loss = (per_tok * token_weights(mask, s.variant, n_seqs, n_tokens, max_len)).sum()
     with torch.no_grad():
-        stats = {"clip_low": ((low & (a < 0)) * m).sum().item(), "clip_high": ((high & (a > 0)) * m).sum().item(),
-                 "kl": (kl * m).sum().item()}
+        stats |= {"clip_low": ((low & (a < 0)) * m).sum().item(), "clip_high": ((high & (a > 0)) * m).sum().item(),
+                  "kl": (kl * m).sum().item()}
         if weight is not None:
             stats |= {"is_weight": (weight * m).sum().item(), "is_masked": ((weight == 0) & mask).sum().item()}
         if kept is not None:
             stats["entropy_kept"] = (kept * m).sum().item()
     return loss, stats
+
+
+@torch.no_grad()
+def gamma_weights(log_ratio, mask, adv, weight, shape: tuple[float, float, float, float]) -> torch.Tensor:
+    """VESPO's weights [N, 1]: phi(w) = exp(l + k log w - l w) of each sequence's ratio w = exp(sum of its tokens'
+    log-ratios, each clamped to +-20, plus the logs of the rollouts' importance weights [N, T] where given,
+    floored at log 1e-8), k, l = shape[:2] where the advantage is >= 0, else shape[2:]; 0 where not finite."""
+    m = mask.to(log_ratio.dtype)
+    log_w = (log_ratio.clamp(-20, 20) * m).sum(1, keepdim=True)
+    if weight is not None:
+        log_w = log_w + (weight.log().clamp(LOG_FLOOR, 20) * m).sum(1, keepdim=True)
+    log_w = log_w.clamp(LOG_FLOOR, 20)
+    pos = adv[:, None] >= 0
+    k = torch.where(pos, shape[0], shape[2])
+    lam = torch.where(pos, shape[1], shape[3]).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(0.0, 0.0, 0.0)
 
 
 def rollout_weights(old_logp, sampled, mask, mode: str, low: float, high: float) -> torch.Tensor:
@@ -140,13 +197,15 @@ def high_entropy(entropies: list[torch.Tensor], masks: list[torch.Tensor], quant
 
 
 def token_weights(mask, variant: str, n_seqs: int, n_tokens: int, max_len: int) -> torch.Tensor:
-    """Each completion token's weight in the loss [N, T] (0 on padding): grpo 1 / (its sequence's length *
-    n_seqs), dapo and cispo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len)."""
+    """Each completion token's weight in the loss [N, T] (0 on padding): grpo and sapo 1 / (its sequence's length
+    * n_seqs), dapo, cispo and vespo 1 / n_tokens, dr_grpo 1 / (n_seqs * max_len), luspo 1 / n_seqs."""
     m = mask.float()
-    if variant == "grpo":
+    if variant in ("grpo", "sapo"):
         return m / m.sum(1, keepdim=True).clamp(min=1) / n_seqs
-    if variant in ("dapo", "cispo"):
+    if variant in ("dapo", "cispo", "vespo"):
         return m / max(n_tokens, 1)
+    if variant == "luspo":
+        return m / n_seqs
     if variant == "dr_grpo":
         return m / (n_seqs * max_len)
     raise ValueError(f"loss must be one of {VARIANTS}, got {variant!r}")

@@ -65,6 +65,14 @@ def test_dataclass_flags_give_back_the_dataclass():
     run_dataclass(p.parse_args(dataclass_argv(a)), SFTArgs, lambda b: got.append(b) or "runs/x", "")
     assert got == [a] and "--no-packing" in dataclass_argv(a)
     assert p.parse_args([]).packing is True and p.parse_args(["--no-packing"]).packing is False
+    from sobre.grpo import GRPOArgs  # tuples of numbers: typed, as many as the default holds
+    p, got = argparse.ArgumentParser(), []
+    add_dataclass_flags(p, GRPOArgs)
+    a = GRPOArgs(sapo_temperatures=(2.0, 0.5), vespo_gamma=(1.0, 2.0, 3.0, 4.5), kl_correction=False)
+    run_dataclass(p.parse_args(dataclass_argv(a)), GRPOArgs, lambda b: got.append(b) or "runs/x", "")
+    assert got == [a] and p.parse_args(["--sapo-temperatures", "1", "3"]).sapo_temperatures == [1.0, 3.0]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--sapo-temperatures", "1"])
 
 
 def test_flag_help_comes_from_the_dataclass_comments():

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 import sobre
 from sobre.cli import main
 from sobre.grpo import GRPOArgs, _update
-from sobre.objective import advantages, kl_k3, policy_loss, token_logprobs
+from sobre.objective import Surrogate, advantages, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
 from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows
@@ -25,9 +26,11 @@ MASK = torch.tensor([[True, True], [True, False]])
 ADV = torch.tensor([1.0, -1.0])
 
 
-def loss_of(variant, eps_high=0.2, **kw):
-    return policy_loss(RATIO.log(), torch.zeros(2, 2), ADV, MASK, variant, 0.2, eps_high, n_seqs=2, n_tokens=3,
-                       max_len=2, **kw)
+def loss_of(variant, eps_high=0.2, logp=None, ref_logp=None, weight=None, sampled=None, adv=ADV, **kw):
+    """policy_loss of the ratios RATIO (old log-probs 0) or of logp, Surrogate(variant, 0.2, eps_high, **kw)."""
+    return policy_loss(RATIO.log() if logp is None else logp, torch.zeros(2, 2), adv, MASK,
+                       Surrogate(variant, 0.2, eps_high, **kw), n_seqs=2, n_tokens=3, max_len=2, ref_logp=ref_logp,
+                       weight=weight, sampled=sampled)
 
 
 def test_group_relative_advantages():
@@ -75,7 +78,7 @@ def test_cispo_and_two_sided_clipping_match_hand_computed_values():
     weighed), over the tokens as dapo; delta: the unclipped ratio capped, so a negative-advantage token's ratio
     counts at most delta."""
     logp = RATIO.log().requires_grad_()  # old log-probs 0: the ratios are RATIO
-    loss, st = policy_loss(logp, torch.zeros(2, 2), ADV, MASK, "cispo", 0.2, 1.2, n_seqs=2, n_tokens=3, max_len=2)
+    loss, st = loss_of("cispo", 1.2, logp=logp)
     w = torch.tensor([[1.2, 0.9], [0.7, 0.0]])  # 1.5 clipped at 1.2 (A > 0: counted); padding 0
     assert loss.item() == pytest.approx(-(w * ADV[:, None] * RATIO.log()).sum().item() / 3)
     loss.backward()
@@ -83,11 +86,11 @@ def test_cispo_and_two_sided_clipping_match_hand_computed_values():
     assert st["clip_high"] == 1 and st["clip_low"] == 0
     # a token of advantage -1 whose ratio grew to 2: -min(2 A, 1.2 A) = 2, capped at delta 1.5 -> 1.5
     ratio, one = torch.tensor([[2.0]]), torch.tensor([[True]])
-    args = (torch.zeros(1, 1), torch.tensor([-1.0]), one, "dapo", 0.2, 0.2)
-    sizes = dict(n_seqs=1, n_tokens=1, max_len=1)
-    assert policy_loss(ratio.log(), *args, **sizes)[0].item() == pytest.approx(2.0)
-    assert policy_loss(ratio.log(), *args, **sizes, delta=1.5)[0].item() == pytest.approx(1.5)
-    assert policy_loss(torch.tensor([[1.3]]).log(), *args, **sizes, delta=1.5)[0].item() == pytest.approx(1.3)
+    args, sizes = (torch.zeros(1, 1), torch.tensor([-1.0]), one), dict(n_seqs=1, n_tokens=1, max_len=1)
+    capped = Surrogate("dapo", delta=1.5)
+    assert policy_loss(ratio.log(), *args, Surrogate("dapo"), **sizes)[0].item() == pytest.approx(2.0)
+    assert policy_loss(ratio.log(), *args, capped, **sizes)[0].item() == pytest.approx(1.5)
+    assert policy_loss(torch.tensor([[1.3]]).log(), *args, capped, **sizes)[0].item() == pytest.approx(1.3)
     for bad, says in ((dict(loss="cispo", epsilon_high=0.28), "bounds the ratio itself"),
                       (dict(delta=0.9), "delta > 1"), (dict(loss="cispo", delta=2.0), "--delta")):
         with pytest.raises(ValueError, match=says):
@@ -106,9 +109,99 @@ def test_k3_kl_and_the_beta_term():
     assert (with_kl - plain).item() == pytest.approx(0.1 * kl.sum().item() / 3, rel=1e-5)
 
 
+def test_soft_gates_and_length_unbiased_losses_match_hand_computed_values():
+    """SAPO: -sigmoid(tau (r - 1)) 4 / tau A per token (tau 1 for A > 0, 1.05 else), over each sequence as grpo;
+    LUSPO: the clipped surrogate summed over each sequence, averaged over sequences; VESPO: -phi(w) A log p, phi(w)
+    = e^l w^k e^-lw of the sequence's ratio (the product of its tokens', times the rollouts' weights), k, l = 2, 3
+    for A >= 0 and 3, 2 else, over the tokens as dapo. At ratio 1 each one's gradient is -A x the token's weight."""
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    t = [-sig(0.5) * 4, -sig(-0.1) * 4, sig(1.05 * -0.3) * 4 / 1.05]
+    assert loss_of("sapo")[0].item() == pytest.approx(((t[0] + t[1]) / 2 + t[2]) / 2)
+    assert loss_of("sapo", sapo=(2.0, 0.5))[0].item() == pytest.approx(
+        ((-sig(1.0) * 2 - sig(-0.2) * 2) / 2 + sig(-0.15) * 8) / 2)
+    assert loss_of("luspo")[0].item() == pytest.approx((-1.2 - 0.9 + 0.8) / 2)
+
+    def phi(w, k, lam):
+        return math.exp(lam) * w ** k * math.exp(-lam * w)
+
+    lp = RATIO.log()  # (old log-probs 0)
+    want = -(phi(1.35, 2, 3) * (lp[0, 0] + lp[0, 1]) - phi(0.7, 3, 2) * lp[1, 0]).item() / 3
+    assert loss_of("vespo")[0].item() == pytest.approx(want)
+    weight = torch.tensor([[1.0, 2.0], [0.5, 0.0]])  # (the padding's 0 left out of w)
+    want = -(phi(2.7, 2, 3) * (lp[0, 0] + lp[0, 1]) - phi(0.35, 3, 2) * lp[1, 0]).item() / 3
+    assert loss_of("vespo", weight=weight)[0].item() == pytest.approx(want)
+    for variant, w in (("sapo", [[0.25, 0.25], [0.5, 0]]), ("luspo", [[0.5, 0.5], [0.5, 0]]),
+                       ("vespo", [[1 / 3, 1 / 3], [1 / 3, 0]])):
+        logp = torch.zeros(2, 2, requires_grad=True)
+        loss_of(variant, logp=logp)[0].backward()
+        torch.testing.assert_close(logp.grad, -ADV[:, None] * torch.tensor(w), msg=variant)
+    for bad, says in ((dict(sapo_temperatures=(1.0, 0.0)), "sapo-temperatures"),
+                      (dict(vespo_gamma=(2.0, 0.0, 3.0, 2.0)), "vespo-gamma"),
+                      (dict(loss="vespo", rollout_bf16=True), "token_truncate or token_mask"),
+                      (dict(loss="sapo", delta=2.0), "--delta"), (dict(off_policy_mask=-1.0), "off-policy-mask")):
+        with pytest.raises(ValueError, match=says):
+            GRPOArgs(**bad).validate()
+    GRPOArgs(loss="vespo", rollout_bf16=True, rollout_is="token_mask").validate()
+
+
+def test_unbiased_kl_and_off_policy_sequence_masking():
+    """DeepSeek-V3.2's stabilisers. kl_correction: the k3 term times the ratio, whose gradient at ratio 1 is
+    beta (log pi - log ref) grad log pi (plain k3's: beta (1 - ref / pi)). off_policy: a completion of negative
+    advantage whose mean log pi_sampler - log pi exceeds the threshold leaves the policy loss (not the KL)."""
+    ref = torch.full((2, 2), -1.0)
+    plain, _ = loss_of("dapo", beta=0.1, ref_logp=ref)
+    corrected, st = loss_of("dapo", beta=0.1, ref_logp=ref, kl_correction=True)
+    kl = kl_k3(RATIO.log(), ref) * RATIO
+    assert (corrected - loss_of("dapo")[0]).item() == pytest.approx(0.1 * kl[MASK].sum().item() / 3, rel=1e-5)
+    assert st["kl"] == pytest.approx(kl[MASK].sum().item()) and corrected.item() != pytest.approx(plain.item())
+    for correction, grad in ((True, lambda lp: lp + 1.0), (False, lambda lp: 1 - torch.exp(-1.0 - lp))):
+        lp0 = torch.tensor([[-0.5, -2.0], [-1.5, -1.0]])
+        logp = lp0.clone().requires_grad_()
+        policy_loss(logp, lp0, torch.zeros(2), MASK, Surrogate("dapo", beta=0.1, kl_correction=correction),
+                    n_seqs=2, n_tokens=3, max_len=2, ref_logp=ref)[0].backward()
+        torch.testing.assert_close(logp.grad, 0.1 * grad(lp0) * MASK / 3, msg=str(correction))
+    # the old log-probs drew the rollouts (sampled None): sequence 1 (A = -1) drifted by -log 0.7 = 0.357
+    for threshold, masked in ((0.3, 1), (0.4, 0), (0.0, 0)):
+        loss, st = loss_of("dapo", off_policy=threshold)
+        assert loss.item() == pytest.approx((-1.2 - 0.9 + 0.8 * (1 - masked)) / 3)
+        assert st.get("off_policy_masked", 0) == masked
+    sampled = RATIO.log() + torch.tensor([[9.0, 9.0], [0.2, 0.0]])  # (a positive advantage is never masked)
+    assert loss_of("dapo", off_policy=0.3, sampled=sampled)[1]["off_policy_masked"] == 0
+    assert loss_of("dapo", off_policy=0.1, sampled=sampled)[1]["off_policy_masked"] == 1
+    with_kl = loss_of("dapo", off_policy=0.1, sampled=sampled, beta=0.1, ref_logp=ref)[0]
+    assert (with_kl - loss_of("dapo", off_policy=0.1, sampled=sampled)[0]).item() == pytest.approx(
+        0.1 * kl_k3(RATIO.log(), ref)[MASK].sum().item() / 3, rel=1e-5)  # (the KL term stays)
+
+
+def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completions():
+    """--off-policy-mask on rollouts drawn by another policy (--rollout-bf16: Rollout.sampled, here 1 nat above the
+    trained policy's log-probs at every token): every completion of negative advantage leaves the policy loss, the
+    step equal to one with those advantages set to 0 (dapo: the normaliser is the batch's tokens either way)."""
+    from sobre.grpo import group_advantages
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    batch = [r for g, _ in groups for r in g]
+    with torch.no_grad():
+        logp, mask, _ = token_logprobs(model, batch, shared=False)
+    for r, lp, m in zip(batch, logp, mask):
+        r.sampled = (lp[m] + 1.0).tolist()
+    a = GRPOArgs(loss="dapo", micro_batch=4, max_new_tokens=4, rollout_bf16=True, rollout_is="none", clip=0)
+    adv = group_advantages(groups, a)
+    steps = []
+    for threshold, given in ((0.5, adv), (0.0, adv.clamp(min=0))):
+        m = copy.deepcopy(model)
+        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, replace(a, off_policy_mask=
+                        threshold), False, adv=given)
+        steps.append((stats, dict(m.named_parameters())))
+    assert steps[0][0]["off_policy_masked"] == pytest.approx(float((adv < 0).float().mean()))
+    for name, w in steps[0][1].items():
+        torch.testing.assert_close(w, steps[1][1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("variant,arch,bf16", [("grpo", "deepseek_v3", False), ("dr_grpo", "deepseek_v3", False),
                                                ("dapo", "deepseek_v3", False), ("grpo", "qwen2", False),
-                                               ("dapo", "deepseek_v3", True), ("cispo", "deepseek_v3", False)])
+                                               ("dapo", "deepseek_v3", True), ("cispo", "deepseek_v3", False),
+                                               ("sapo", "deepseek_v3", False), ("vespo", "qwen2", False)])
 def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, bf16):
     torch.manual_seed(0)
     model = random_model(sobre.preset("debug", arch=arch))
@@ -122,7 +215,7 @@ def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, b
     group = [Rollout(prompt, [t], "", False, float(t == good), 1.0, None) for t in (good, bad, bad, good)]
     a = GRPOArgs(loss=variant, lr=1e-2, mu=2, max_new_tokens=1, bf16=bf16)  # bf16: the update under autocast
     stats = _update(model, None, torch.optim.Adam(model.parameters(), lr=1e-2), [],
-                    [(group, torch.tensor([r.correct for r in group]))], a, 0.2, False)
+                    [(group, torch.tensor([r.correct for r in group]))], a, False)
     assert p(good) > 5 * before[0] and p(bad) < before[1], (before, p(good), p(bad))
     assert stats["entropy"] > 0 and 0 <= stats["clip_fraction"] <= 1
 
@@ -139,10 +232,10 @@ def ragged_groups():
     return groups
 
 
-def sgd_step(model, groups, a: GRPOArgs, eps_high: float = 0.2):
+def sgd_step(model, groups, a: GRPOArgs):
     """(stats, parameters) of a copy of model after one _update with SGD at lr 1."""
     m = copy.deepcopy(model)
-    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, eps_high, False)
+    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, False)
     return stats, dict(m.named_parameters())
 
 
@@ -167,21 +260,22 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
                       for micro in (4, 64)])
 
 
-@pytest.mark.parametrize("variant,delta,rho", [("grpo", 0.0, 1.0), ("dr_grpo", 0.0, 1.0), ("dapo", 0.0, 1.0),
-                                               ("cispo", 0.0, 1.0), ("grpo", 1.5, 1.0), ("dapo", 0.0, 0.4)])
-def test_linear_surrogate_takes_the_general_step(variant, delta, rho, monkeypatch):
+@pytest.mark.parametrize("variant,kw", [("grpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", {}), ("sapo", {}),
+                                        ("luspo", {}), ("vespo", {}), ("grpo", dict(delta=1.5)),
+                                        ("dapo", dict(top_entropy_quantile=0.4)), ("dapo", dict(off_policy_mask=0.1))])
+def test_linear_surrogate_takes_the_general_step(variant, kw, monkeypatch):
     """mu = 1, beta = 0: the head makes its gradients in the forward from d loss / d logp = -advantage x token
     weight (grpo.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
-    (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, two-sided clipping's delta, the top 40% of the
-    tokens by entropy)."""
+    (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, SAPO's and VESPO's gates, two-sided clipping's
+    delta, the top 40% of the tokens by entropy, off-policy masking on the policy's own rollouts)."""
     torch.manual_seed(0)
     model, groups, steps = random_model(), ragged_groups(), []
     for linear in (True, False):
         monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
-        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9, delta=delta,  # (no grad clipping)
-                     top_entropy_quantile=rho)
-        steps.append(sgd_step(model, groups, a, 5.0 if variant == "cispo" else 0.2))
+        a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9, **kw)  # (no grad clipping)
+        steps.append(sgd_step(model, groups, a))
     same_step(model, steps)
+    rho = kw.get("top_entropy_quantile", 1.0)
     if rho < 1:  # (the entropy statistic from the masking pass: every token's, as without the mask)
         assert steps[0][0]["entropy_kept"] == pytest.approx(rho, abs=0.1)
         every = sgd_step(model, groups, GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9))[0]
@@ -246,8 +340,8 @@ def test_completions_without_advantage_leave_the_update(variant, mu, monkeypatch
         monkeypatch.setattr(sobre.grpo, "SKIP_ZERO_ADVANTAGE", skip)
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-        _update(m, None, opt, [], groups, a, 0.2, False)
-        stats = _update(m, None, opt, [], flat, a, 0.2, False)
+        _update(m, None, opt, [], groups, a, False)
+        stats = _update(m, None, opt, [], flat, a, False)
         assert stats["signal"] == 0 and stats["grad_norm"] == 0
         after.append(dict(m.named_parameters()))
     for name, w in after[0].items():
@@ -745,7 +839,7 @@ def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, kind, monkeyp
         m = copy.deepcopy(model)
         a = GRPOArgs(micro_batch=4, max_new_tokens=8, temperature=0.7)
         calls = spy_given_logits(monkeypatch)
-        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], rewarded, a, 0.2, False, reuse)
+        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], rewarded, a, False, reuse)
         assert calls and set(calls) == {reuse}
         steps.append((stats, dict(m.named_parameters())))
     same_step(model, steps)

@@ -52,7 +52,7 @@ def step(model, kept, overrides, overlong, fsdp=False):
         if ref is not None:
             apply_fsdp(ref, root=False)
     moes = [x for x in m.layers.modules() if isinstance(x, MoE)]
-    stats = _update(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, 0.2, overlong)
+    stats = _update(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, overlong)
     if fsdp:
         whole = copy.deepcopy(model)
         copy_whole(whole, m)
