@@ -122,6 +122,16 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     # advantage whose mean log-ratio log pi_sampler - log pi exceeds this (e.g. 0.5) leaves the policy loss; the
     # sampler is the policy before the update, or --rollout-bf16's copy
     off_policy_mask: float = 0.0
+    # an entropy bonus (TRL's entropy_coef): the loss minus this x the mean entropy over the completion tokens
+    # trained (those --top-entropy-quantile keeps); completions of advantage 0 then train too
+    entropy_coef: float = 0.0
+    # Skywork-OR1's adaptive entropy control (TRL's use_adaptive_entropy): the bonus applies only while the last
+    # step's mean entropy (`entropy`) is at most --entropy-target, and its coefficient, from --entropy-coef, moves
+    # by --entropy-coef-delta a step, up at or below the target and down above it, within --entropy-coef-range
+    adaptive_entropy: bool = False
+    entropy_target: float = 0.2  # --adaptive-entropy's target mean entropy, nats
+    entropy_coef_delta: float = 0.005  # (as entropy_target)
+    entropy_coef_range: tuple[float, float] = (0.0, 1.0)  # (as entropy_target)
     sapo_temperatures: tuple[float, float] = (1.0, 1.05)  # --loss sapo: the gate's temperature for tokens of
     #   positive advantage, and of the rest (TRL's defaults)
     vespo_gamma: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # --loss vespo: k and lambda of phi(w) for
@@ -150,6 +160,10 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     @property
     def dynamic(self) -> bool:  # dynamic sampling: asked for, or DAPO's
         return self.dynamic_sampling or self.loss == "dapo"
+
+    @property
+    def entropy_bonus(self) -> bool:  # an entropy bonus in the loss (maybe 0 some steps, when adaptive)
+        return self.entropy_coef > 0 or self.adaptive_entropy
 
     def surrogate(self) -> Surrogate:
         eps_high = self.epsilon_high or (0.28 if self.loss == "dapo" else 5.0 if self.loss == "cispo"
@@ -188,6 +202,11 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
         if self.delta and (self.delta <= 1 or self.loss in ("cispo", "sapo", "vespo")):
             raise ValueError(f"--delta caps the clipped ratio of grpo / dr_grpo / dapo / luspo above 1: give delta > 1 "
                              f"(0: off), not {self.delta} with --loss {self.loss}")
+        lo, hi = (self.entropy_coef_range + (0.0, 0.0))[:2]
+        if self.entropy_coef < 0 or self.entropy_coef_delta < 0 or self.entropy_target < 0 or not 0 <= lo <= hi:
+            raise ValueError(f"--entropy-coef, --entropy-coef-delta and --entropy-target must be >= 0 and "
+                             f"--entropy-coef-range MIN MAX within 0 <= MIN <= MAX, got {self.entropy_coef}, "
+                             f"{self.entropy_coef_delta}, {self.entropy_target}, {self.entropy_coef_range}")
         if self.off_policy_mask < 0:
             raise ValueError(f"--off-policy-mask is a threshold on a mean log-ratio: give >= 0 (0: off), not "
                              f"{self.off_policy_mask}")
@@ -233,7 +252,8 @@ def grpo(a: GRPOArgs) -> Path:
         if ref is not None and ref is not model:  # (LoRA's reference is the model itself)
             parallel.apply_fsdp(ref, root=False)
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
-    start = load_checkpoint(checkpoints(run)[-1], model, opt) if a.resume and checkpoints(run) else 0
+    control = {"coef": a.entropy_coef, "entropy": math.inf}  # --adaptive-entropy's state (checkpointed)
+    start = load_checkpoint(checkpoints(run)[-1], model, opt, control) if a.resume and checkpoints(run) else 0
     if a.fsdp and start:
         parallel.copy_whole(policy, model)
     weights = CastWeights(policy, torch.bfloat16) if a.rollout_bf16 else nullcontext(policy)
@@ -302,17 +322,25 @@ def grpo(a: GRPOArgs) -> Path:
             if rank == 0:
                 with open(run / "completions.jsonl", "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
+        bonus = control["coef"] if not a.adaptive_entropy or control["entropy"] <= a.entropy_target else 0.0
+        if a.entropy_bonus:
+            rec["entropy_coef"] = bonus  # (the coefficient this step's loss took)
         if n_kept:
-            rec.update(_update(model, ref, opt, moes, kept, a, overlong, reuse, adv))
+            rec.update(_update(model, ref, opt, moes, kept, a, overlong, reuse, adv, bonus))
             if a.fsdp:
                 parallel.copy_whole(policy, model)
+            if a.adaptive_entropy and "entropy" in rec:  # Skywork-OR1: up at or below the target, down above
+                control["entropy"] = rec["entropy"]
+                lo, hi = a.entropy_coef_range
+                step_by = a.entropy_coef_delta if rec["entropy"] <= a.entropy_target else -a.entropy_coef_delta
+                control["coef"] = min(max(control["coef"] + step_by, lo), hi)
         for x in flat:  # the kept logits rows go before the next step's rollouts keep theirs
             x.logits = None
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
                     "samples_per_s": n / (time.perf_counter() - t0)})
         if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             rec["heldout_pass@1"] = held_out(step + 1)
-        end_step(log, rec, run, step, a, model, opt, rank)
+        end_step(log, rec, run, step, a, model, opt, rank, control)
     if rank == 0:
         log.close()
         export(policy, run, plot_grpo, base=adapter_base(a.init))
@@ -387,9 +415,10 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
 
 
 def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: bool = False,
-            adv: torch.Tensor | None = None) -> dict:
+            adv: torch.Tensor | None = None, bonus: float | None = None) -> dict:
     """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
-    rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'). Under torchrun
+    rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'); bonus: the
+    entropy bonus's coefficient (None: a.entropy_coef; --adaptive-entropy's for the step). Under torchrun
     every rank calls it, on its own groups (maybe none): the normalisers and statistics are every rank's, the
     gradients summed before each step. An FSDP-sharded model (and reference): every rank runs as many forwards as
     the rank of most micro-batches (their blocks' all-gathers and reduce-scatters are collective), one that has
@@ -406,7 +435,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
                                                          int((adv != 0).sum())))
     if not n_seqs:
         return {"loss": 0.0}
-    if SKIP_ZERO_ADVANTAGE and not a.beta and not a.router_bias_update:
+    bonus = a.entropy_coef if bonus is None else bonus
+    if SKIP_ZERO_ADVANTAGE and not a.beta and not a.router_bias_update and not a.entropy_bonus:
         # beta = 0: a completion with advantage 0 (a group of equal rewards) has a zero surrogate at every ratio,
         # so no gradient: left out of the forward and backward. With none left (on any rank), the shortest stays
         # in, so the step (zero gradients; AdamW's moments decay) touches the parameters the full step would.
@@ -446,6 +476,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
                                              shared=not fsdp)[0] for c in chunks]
                 _idle(ref, idle, a.temperature)
     linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), a.rollout_bf16 and a.off_policy_mask > 0
+    acting = parallel.all_sum(sum(float(k.sum()) for k in keep))[0] if keep else seen_tokens  # (the bonus's)
     objective = a.surrogate()
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     if weigh_rollouts:
@@ -458,15 +489,18 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
         loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
         for j, c in enumerate(chunks):
             mb = [batch[i] for i in c]
-            coef = None
+            coef = entropy_bonus = None
             if linear:
                 w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
                 coef = -adv[list(c), None] * w * weigh * (keep[j] if keep else 1)
+            if bonus:  # - bonus x the mean entropy over the tokens it acts on
+                entropy_bonus = completion_mask(mb, adv.device) * (keep[j] if keep else 1) * (-bonus * weigh
+                                                                                             / max(acting, 1))
             with amp():
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
-                                                             reuse=reuse)
+                                                             reuse=reuse, bonus=entropy_bonus)
             before = old[j] if old else logp.detach()
             drawn = float_rows([x.sampled for x in mb], mask) if weigh_rollouts or sampler else None
             weight = rollout_weights(before, drawn, mask, a.rollout_is, a.rollout_is_min,
@@ -474,11 +508,15 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
             loss, st = policy_loss(logp, before, adv[list(c)], mask, objective, n_seqs, n_tokens, a.max_new_tokens,
                                    ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None,
                                    drawn if sampler else None)
-            (surrogate[0] if linear else loss * weigh).backward()
+            if linear:
+                surrogate[0].backward()
+            else:
+                (loss * weigh + (0 if entropy_bonus is None else (ent * entropy_bonus).sum())).backward()
             sums["loss"] += loss.item() / a.mu
             for k, v in st.items():  # (the rollouts' weights, the entropy mask: means over the tokens trained)
                 sums[k] += v / (seen_tokens if k in PER_SEEN else n_seqs if k in PER_SEQ else n_tokens) / a.mu
-            sums["entropy"] += (ents[j] if ents and epoch == 0 else ent).sum().item() / seen_tokens
+            if epoch == 0:
+                sums["entropy"] += (ents[j] if ents else ent).sum().item() / seen_tokens
             for m in moes:
                 loads[m] += m.last_load
         with amp():

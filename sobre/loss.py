@@ -31,22 +31,26 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def head_weighted_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
-                           temperature: float = 1.0, entropy: bool = False, logits: list[torch.Tensor] | None = None):
+                           temperature: float = 1.0, entropy: bool = False, logits: list[torch.Tensor] | None = None,
+                           bonus: torch.Tensor | None = None):
     """sum_i coef[i] * log p(targets[i]) under softmax(h @ weight.T / temperature) (fp32), with its gradients made
     in the forward as head_cross_entropy's (three matmuls; head_logprobs' backward recomputes the logits: four),
     for a loss linear in the log-probs with coefficients known beforehand (GRPO's surrogate at ratio 1).
     h [N, D], weight [V, D], targets / coef [N] -> (that sum, the log-probs [N] and the entropies [N] when asked
     (else [0]), these two without gradient). logits: h @ weight.T already computed, as N rows [V] (the rollout
-    engine's, of the same weights: grpo.reuse_logits): the head's forward matmul is skipped, two remain."""
-    return _HeadCE.apply(h, weight, targets, -coef, temperature, entropy, logits)  # (sum -coef_i * CE_i)
+    engine's, of the same weights: grpo.reuse_logits): the head's forward matmul is skipped, two remain. bonus [N]:
+    the sum also adds bonus[i] * H_i, each row's entropy (GRPO's entropy bonus: negative coefficients), its
+    gradients made too."""
+    return _HeadCE.apply(h, weight, targets, -coef, temperature, entropy or bonus is not None, logits,
+                         bonus)  # (sum -coef_i * CE_i + bonus_i * H_i)
 
 
 class _HeadCE(torch.autograd.Function):
-    """sum_i row_weights[i] * CE_i (row_weights None: the mean), the log-probs and (entropy) entropies; given_logits
-    (N rows [V], or None): the logits, not computed again."""
+    """sum_i row_weights[i] * CE_i (row_weights None: the mean) + bonus[i] * H_i (bonus None: none), the log-probs and
+    (entropy) entropies; given_logits (N rows [V], or None): the logits, not computed again."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, row_weights, temperature, entropy, given_logits=None):
+    def forward(ctx, h, weight, targets, row_weights, temperature, entropy, given_logits=None, bonus=None):
         N, V = h.shape[0], weight.shape[0]
         if given_logits is not None and len(given_logits) != N:
             raise ValueError(f"{len(given_logits)} logits rows for {N} rows of h")
@@ -72,10 +76,14 @@ class _HeadCE(torch.autograd.Function):
                 ent[rows] = ents
             scale = None if row_weights is None else row_weights[rows].float()
             loss -= lp[rows].sum() if scale is None else (lp[rows] * scale).sum()
+            if bonus is not None:
+                loss += (ents * bonus[rows].float()).sum()
             if want_h or want_w:  # d(sum_i w_i CE_i)/d(logits_i) = w_i (softmax_i - onehot_i) / temperature
                 f = (torch.full_like(yc, 1 / (N * temperature), dtype=p.dtype) if scale is None
                      else scale / temperature)[:, None]
-                grads.add(p.mul_(f).scatter_add_(1, yc[:, None], -f), rows)
+                more = None if bonus is None else _entropy_grad(p, logits, bonus[rows].float() / temperature)
+                d = p.mul_(f).scatter_add_(1, yc[:, None], -f)
+                grads.add(d if more is None else d.add_(more), rows)
         grad_h, grad_w = grads.done()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(lp, ent)
@@ -85,21 +93,22 @@ class _HeadCE(torch.autograd.Function):
     def backward(ctx, grad_out, _lp, _ent):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None, None, None, None, None)
+                grad_w * grad_out if grad_w is not None else None, None, None, None, None, None, None)
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of targets under softmax(h @ weight.T / temperature) (fp32) -> [N], and (entropy=True) each
-    row's entropy [N] (a statistic: no gradient). h [N, D], weight [V, D], targets [N]. Chunked as
-    head_cross_entropy, but the loss on top is the caller's (GRPO's clipped ratios), so the backward recomputes
-    each chunk's logits: four matmuls instead of three, and no [N, V] tensor kept between the two passes."""
-    return _HeadLogprobs.apply(h, weight, targets, temperature, entropy)
+    row's entropy [N] (a statistic without gradient, or with entropy_grad one). h [N, D], weight [V, D], targets
+    [N]. Chunked as head_cross_entropy, but the loss on top is the caller's (GRPO's clipped ratios), so the
+    backward recomputes each chunk's logits: four matmuls instead of three, and no [N, V] tensor kept between the
+    two passes."""
+    return _HeadLogprobs.apply(h, weight, targets, temperature, entropy or entropy_grad, entropy_grad)
 
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, entropy):
+    def forward(ctx, h, weight, targets, temperature, entropy, entropy_grad=False):
         N, V = h.shape[0], weight.shape[0]
         step = max(MIN_ROWS, CHUNK_LOGITS // V)
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
@@ -112,12 +121,13 @@ class _HeadLogprobs(torch.autograd.Function):
             if entropy:
                 ent[i:i + step] = ents
         ctx.save_for_backward(h, weight, targets)
-        ctx.temperature, ctx.mm, ctx.step = temperature, mm, step
-        ctx.mark_non_differentiable(ent)
+        ctx.temperature, ctx.mm, ctx.step, ctx.entropy_grad = temperature, mm, step, entropy_grad
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
         return lp, ent
 
     @staticmethod
-    def backward(ctx, g, _):  # d lp_i / d logits_i = (onehot(y_i) - softmax_i) / temperature
+    def backward(ctx, g, g_ent):  # d lp_i / d logits_i = (onehot(y_i) - softmax_i) / temperature
         h, weight, targets = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[:2]
         w, hm = weight.to(ctx.mm), h.to(ctx.mm)
@@ -125,11 +135,20 @@ class _HeadLogprobs(torch.autograd.Function):
         for i in range(0, h.shape[0], ctx.step):
             gc = g[i:i + ctx.step].float()
             logits = linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
-            d = _softmax(logits)[0].mul_(-gc[:, None])  # -g softmax
+            p = _softmax(logits)[0]
+            more = _entropy_grad(p, logits, g_ent[i:i + ctx.step].float()) if ctx.entropy_grad else None
+            d = p.mul_(-gc[:, None])  # -g softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
-            grads.add(d.div_(ctx.temperature), slice(i, i + ctx.step))
+            grads.add((d if more is None else d.add_(more)).div_(ctx.temperature), slice(i, i + ctx.step))
         grad_h, grad_w = grads.done()
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None
+
+
+def _entropy_grad(p: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g_i * dH_i / dz_i = -g_i p_i (z_i - sum_j p_ij z_ij) [n, V], each row's entropy H_i of softmax(z_i) (p [n, V]
+    that softmax, z the logits it took, clamped as _softmax leaves them: what the clamp moved has p ~ 0), g [n].
+    Written into z's memory."""
+    return z.sub_(torch.linalg.vecdot(p, z)[:, None]).mul_(p).mul_(-g[:, None])
 
 
 def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):

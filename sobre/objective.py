@@ -257,7 +257,8 @@ class SharedPrefix(Cache):
 
 
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
-                   shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False):
+                   shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False,
+                   bonus: torch.Tensor | None = None):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the entropy of that distribution at
     each completion position [N, T] (0 on padding and where not asked; a statistic, no gradient). shared=True:
@@ -267,7 +268,9 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with these coefficients):
     a fourth value, that loss, whose gradients the head makes in its forward (loss.head_weighted_logprobs); the
     log-probs then carry none. reuse (with coef): the head takes each rollout's kept logits rows (Rollout.logits)
-    as its logits instead of computing them (grpo.reuse_logits says when)."""
+    as its logits instead of computing them (grpo.reuse_logits says when). bonus [N, T] (an entropy bonus, GRPO's
+    --entropy-coef): with coef, that loss adds sum bonus x entropy, its gradients made in the head too; without,
+    the entropies returned carry gradients (the caller adds the term)."""
     dev = next(model.parameters()).device
     c = model.config
     mask = completion_mask(batch, dev)
@@ -301,13 +304,15 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     # (loss.head_logprobs); log-probs 0 on the padding
     rows = mask.flatten().nonzero()[:, 0]
     h, t = h.flatten(0, 1).index_select(0, rows), tgt.flatten().index_select(0, rows)
+    graded = bonus is not None and coef is None  # (the entropies' gradients through autograd)
     if coef is None:
-        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy)
+        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy, graded)
     else:
         given = [row for r in batch for row in r.logits] if reuse else None  # (in rows' order: row by row)
         linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
-                                                  temperature, entropy, given)
+                                                  temperature, entropy, given,
+                                                  None if bonus is None else bonus.flatten().index_select(0, rows))
     logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
-    ent = lp.new_zeros(mask.numel()).index_add(0, rows, ents.detach()).view(mask.shape) if entropy else \
-        torch.zeros_like(logp, requires_grad=False)
+    ent = lp.new_zeros(mask.numel()).index_add(0, rows, ents if graded else ents.detach()).view(mask.shape) \
+        if entropy or bonus is not None else torch.zeros_like(logp, requires_grad=False)
     return (logp, mask, ent) + ((linear,) if coef is not None else ())

@@ -232,16 +232,17 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("ckpt-*.pt"))
 
 
-def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
+def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0, extra: dict | None = None):
     """Full (unsharded) state, the same file for any world size; written by rank 0. A LoRA run's holds the
-    adapters only (its frozen model comes back from --init)."""
+    adapters only (its frozen model comes back from --init). extra: a trainer's own state (plain values)."""
     msd, osd = parallel.full_state(model, opt)
     if rank:
         return
     d = run / "checkpoints"
     d.mkdir(exist_ok=True)
     adapter_only = bool(lora.adapters(model))
-    state = {"step": step, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only}
+    state = {"step": step, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only,
+             "extra": extra or {}}
     if adapter_only:
         state["base"] = lora.fingerprint(model, msd)  # (msd: the whole weights, where FSDP shards them)
         msd = {k: v for k, v in msd.items() if ".lora_" in k}
@@ -255,7 +256,8 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0):
         old.unlink()
 
 
-def load_checkpoint(path: Path, model, opt) -> int:
+def load_checkpoint(path: Path, model, opt, extra: dict | None = None) -> int:
+    """The step a checkpoint was saved at, its state loaded into model and opt (and the trainer's own into extra)."""
     try:
         state = torch.load(path, weights_only=True)
         msd, adapter_only = state["model"], state.get("adapter_only")
@@ -268,6 +270,8 @@ def load_checkpoint(path: Path, model, opt) -> int:
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and len(state["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if extra is not None:
+            extra.update(state.get("extra", {}))
     except Exception as e:
         raise ValueError(f"{path}: corrupted or incompatible checkpoint ({type(e).__name__}: {e}); delete it "
                          "to resume from the one before") from None
@@ -293,14 +297,14 @@ def open_run(a: RunArgs) -> Path:
     return run
 
 
-def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0):
+def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0, extra: dict | None = None):
     """One metrics line per optimizer step (log is None off rank 0); a checkpoint every a.save_every steps and
-    at the end (every rank joins it, rank 0 writes it)."""
+    at the end (every rank joins it, rank 0 writes it; with the trainer's own state, extra)."""
     if log:
         log.write(json.dumps(rec) + "\n")
         log.flush()
     if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-        save_checkpoint(run, step + 1, model, opt, a.keep, rank)
+        save_checkpoint(run, step + 1, model, opt, a.keep, rank, extra)
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:

@@ -15,7 +15,7 @@ import torch
 import sobre
 from sobre.cli import main
 from sobre.grpo import GRPOArgs, _update
-from sobre.objective import Surrogate, advantages, kl_k3, policy_loss, token_logprobs
+from sobre.objective import Surrogate, advantages, completion_mask, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 
 from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows
@@ -198,6 +198,33 @@ def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completion
         torch.testing.assert_close(w, steps[1][1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_entropy_bonus_raises_the_entropy_and_trains_every_completion():
+    """--entropy-coef: with every group's rewards equal (no advantage anywhere) the bonus alone moves the policy,
+    through every completion (none left out for its advantage 0), toward a higher entropy at their positions;
+    without it the step moves nothing."""
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    flat = [(g, torch.ones(len(g))) for g, _ in groups]
+    batch = [r for g, _ in flat for r in g]
+
+    def entropy(m):
+        with torch.no_grad():
+            ent, mask = token_logprobs(m, batch, entropy=True)[2], completion_mask(batch, "cpu")
+        return (ent * mask).sum().item() / mask.sum().item()
+
+    before = entropy(model)
+    for coef in (0.0, 1.0):
+        stats, params = sgd_step(model, flat, GRPOArgs(entropy_coef=coef, micro_batch=4, max_new_tokens=4,
+                                                       clip=1e9))
+        m = copy.deepcopy(model)
+        m.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False)
+        assert stats["signal"] == 0 and (stats["grad_norm"] > 0) == bool(coef)
+        assert (entropy(m) > before + 1e-3) == bool(coef), (coef, before, entropy(m))
+    for bad in (dict(entropy_coef=-0.1), dict(entropy_coef_range=(0.5, 0.1)), dict(entropy_coef_delta=-1.0)):
+        with pytest.raises(ValueError, match="entropy-coef"):
+            GRPOArgs(**bad).validate()
+
+
 @pytest.mark.parametrize("variant,arch,bf16", [("grpo", "deepseek_v3", False), ("dr_grpo", "deepseek_v3", False),
                                                ("dapo", "deepseek_v3", False), ("grpo", "qwen2", False),
                                                ("dapo", "deepseek_v3", True), ("cispo", "deepseek_v3", False),
@@ -262,12 +289,15 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
 
 @pytest.mark.parametrize("variant,kw", [("grpo", {}), ("dr_grpo", {}), ("dapo", {}), ("cispo", {}), ("sapo", {}),
                                         ("luspo", {}), ("vespo", {}), ("grpo", dict(delta=1.5)),
-                                        ("dapo", dict(top_entropy_quantile=0.4)), ("dapo", dict(off_policy_mask=0.1))])
+                                        ("dapo", dict(top_entropy_quantile=0.4)), ("dapo", dict(off_policy_mask=0.1)),
+                                        ("grpo", dict(entropy_coef=0.05)),
+                                        ("dapo", dict(entropy_coef=0.05, top_entropy_quantile=0.5))])
 def test_linear_surrogate_takes_the_general_step(variant, kw, monkeypatch):
     """mu = 1, beta = 0: the head makes its gradients in the forward from d loss / d logp = -advantage x token
     weight (grpo.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
     (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, SAPO's and VESPO's gates, two-sided clipping's
-    delta, the top 40% of the tokens by entropy, off-policy masking on the policy's own rollouts)."""
+    delta, the top 40% of the tokens by entropy, off-policy masking on the policy's own rollouts, an entropy bonus
+    over every token or over the kept half)."""
     torch.manual_seed(0)
     model, groups, steps = random_model(), ragged_groups(), []
     for linear in (True, False):
@@ -581,7 +611,8 @@ def spread_reward(completion: str, answer: str) -> float:
 
 def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     """A run that dies after its step-2 checkpoint and is resumed logs the same steps 3-4 as one that ran
-    through: rollouts are seeded per step, the checkpoint holds the weights, AdamW's state and the router biases."""
+    through: rollouts are seeded per step, the checkpoint holds the weights, AdamW's state, the router biases and
+    the adaptive entropy bonus's state (its coefficient, the last step's entropy)."""
     from sobre import grpo as G
     from sobre.tasks import get_task
     task = get_task("arithmetic")  # (its held-out prompts stay held out in the file: eval.jsonl)
@@ -589,7 +620,8 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = dict(preset="debug", task=str(tmp_path / "task.jsonl"), reward="test_grpo:spread_reward", steps=4,
                 prompts=2, group=4, max_new_tokens=12, eval_every=2, eval_problems=2, save_every=2, loss="dapo",
-                beta=0.05, mu=2, router_bias_update=1e-3)
+                beta=0.05, mu=2, router_bias_update=1e-3, adaptive_entropy=True, entropy_coef=0.01,
+                entropy_coef_delta=0.01, entropy_target=100.0)
     G.grpo(GRPOArgs(out=str(tmp_path / "whole"), **args))
     ran = crash_then_resume(monkeypatch, G, lambda resume: G.grpo(GRPOArgs(out=str(tmp_path / "cut"), resume=resume,
                                                                         **args)))
@@ -600,6 +632,10 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
 
     assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4] and logged("cut") == logged("whole")
     assert len({r["loss"] for r in logged("whole")}) == 4 and all(r["kl"] > 0 for r in logged("whole")[1:])
+    # (the bonus waits for a first entropy below the target, then rises by the delta a step)
+    coefs = [r["entropy_coef"] for r in logged("whole")]
+    assert coefs[0] == 0 and coefs[-1] > 0.02 and all(b - a == pytest.approx(0.01) for a, b in zip(coefs, coefs[1:])
+                                                      if a)
     assert logged("cut", "eval.jsonl") == logged("whole", "eval.jsonl")
     assert logged("cut", "completions.jsonl") == logged("whole", "completions.jsonl")  # (no step logged twice)
     assert [r["step"] for r in logged("whole", "completions.jsonl")] == sorted(r["step"] for r in logged(
@@ -791,7 +827,7 @@ def spy_given_logits(monkeypatch) -> list[bool]:
     calls = []
 
     def spy(*args):
-        calls.append(args[-1] is not None)
+        calls.append(args[6] is not None)  # (h, weight, targets, coef, temperature, entropy, logits, bonus)
         return sobre.loss.head_weighted_logprobs(*args)
     monkeypatch.setattr(sobre.objective, "head_weighted_logprobs", spy)
     return calls

@@ -663,6 +663,45 @@ def test_head_losses_equal_the_plain_paths(monkeypatch):
         torch.testing.assert_close(mtp_ce[0], F.cross_entropy(mtp[0].flatten(0, 1), t[:, 1:].flatten()))
 
 
+def test_head_entropy_gradients_equal_autograds(monkeypatch):
+    """GRPO's entropy bonus through the head: loss.head_logprobs(entropy_grad=True) (entropies with gradients,
+    in the backward's recomputed chunks) and head_weighted_logprobs(bonus=...) (sum coef log p + bonus H, its
+    gradients made in the forward, on computed or given logits) against autograd through log_softmax: the sum and
+    both gradients, at temperature 0.7, over chunks of 7 rows; fp32 and bf16 autocast."""
+    import sobre.loss
+    monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)
+    monkeypatch.setattr(sobre.loss, "MIN_ROWS", 1)
+    g = torch.Generator().manual_seed(2)
+    h0, w0 = torch.randn(30, 16, generator=g), torch.randn(50, 16, generator=g) * 0.5
+    y = torch.randint(0, 50, (30,), generator=g)
+    coef, bonus = torch.randn(30, generator=g), torch.randn(30, generator=g)
+
+    def plain(h, w):
+        la = F.log_softmax(F.linear(h, w).float() / 0.7, -1)
+        return (la.gather(1, y[:, None])[:, 0] * coef).sum() - ((la.exp() * la).sum(-1) * bonus).sum()
+
+    def graded(h, w):
+        lp, ent = sobre.loss.head_logprobs(h, w, y, 0.7, entropy_grad=True)
+        return (lp * coef).sum() + (ent * bonus).sum()
+
+    def given(h, w):
+        rows = list(F.linear(h, w).detach().float().unbind(0))
+        return sobre.loss.head_weighted_logprobs(h, w, y, coef, 0.7, logits=rows, bonus=bonus)[0]
+
+    for bf16, tol in ((False, 1e-5), (True, 1e-1)):  # (bf16: the products' rounding, gradients of ~1)
+        results = []
+        for fn in (graded, lambda h, w: sobre.loss.head_weighted_logprobs(h, w, y, coef, 0.7, bonus=bonus)[0],
+                   given, plain):
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                total = fn(h, w)
+            total.backward()
+            results.append((total.detach(), h.grad, w.grad))
+        for got in results[:-1 if not bf16 else 2]:  # (given: fp32 logits rows, not autocast's)
+            for a, b in zip(got, results[-1]):
+                torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 def test_rmsnorm_cpu_paths_equal_f_rms_norm():
     """fp32 CPU inference normalises through the vector norm (RMSNorm.forward), training through _RMSNormCPU (its
     backward by hand); their twin is F.rms_norm: outputs and both gradients, rows of every scale, eps dominating

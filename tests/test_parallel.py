@@ -117,12 +117,13 @@ def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
     DAPO with the batch's reward std, Dr. GRPO over two epochs, router biases updated, a rank whose completions all
     leave the loss (overlong filter) or carry no signal, no signal anywhere (the batch's one shortest completion
     kept, as one process keeps it), ranks of different micro-batch counts, the KL to a reference over two epochs,
-    the top 40% of the tokens by entropy (the threshold over every rank's tokens).
+    the top 40% of the tokens by entropy (the threshold over every rank's tokens), an entropy bonus over the kept
+    half (its mean over every rank's kept tokens; rank 1's completions carry no advantage, and train for it).
     Under FSDP the router biases move by loads that count each completion's prompt (its own padded row)."""
     out = tmp_path / "grpo.json"
     check(TORCHRUN + [str(Path(__file__).parent / "dist" / "grpo_update.py"), str(out)], timeout=240)
     r = json.loads(out.read_text())
-    assert len(r) == 20
+    assert len(r) == 22
     for name, v in r.items():
         assert v["state"] < 1e-5, (name, v["state"])
         # (FSDP's update runs each completion's prompt in its own row: the router biases' loads count it each time)
@@ -133,6 +134,7 @@ def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
     assert r["router_bias"]["bias_moved"] > 0.005 and r["grpo"]["bias_moved"] == 0
     assert r["router_bias fsdp"]["bias_moved"] > 0.005 and r["beta_mu2 fsdp"]["stats"]["kl"][1] > 0
     assert 0.3 < r["entropy_top40"]["stats"]["entropy_kept"][1] < 0.5  # (one process's share: the top 40%)
+    assert r["entropy_bonus"]["stats"]["signal"][1] == pytest.approx(0.5)
 
 
 def test_rejection_sampling_over_two_ranks_writes_what_one_process_writes(tmp_path):

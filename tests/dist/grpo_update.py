@@ -40,6 +40,8 @@ CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
     "beta_mu2": (dict(beta=0.05, mu=2, micro_batch=4), False, groups()),
     # the top 40% of the tokens by entropy: the threshold over every rank's tokens
     "entropy_top40": (dict(loss="dapo", top_entropy_quantile=0.4, micro_batch=4), False, groups()),
+    # an entropy bonus over the kept half of every rank's tokens (its mean's count: every rank's), rank 1 no signal
+    "entropy_bonus": (dict(entropy_coef=0.1, top_entropy_quantile=0.5, micro_batch=4), False, groups(equal=(2, 3))),
 }
 
 
