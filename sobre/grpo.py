@@ -115,6 +115,10 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     #   own upper bound (0: 5, ScaleRL's and TRL's)
     delta: float = 0.0  # two-sided clipping (INTELLECT-2): the unclipped ratio capped at delta > 1 (0: off)
     beta: float = 0.0  # k3 KL toward the starting model
+    # TR-DPO's moving reference (TRL's sync_ref_model): every N steps the KL's reference := ref_mixup x the policy
+    # + (1 - ref_mixup) x the reference (0: the starting model throughout; the reference is then checkpointed)
+    ref_sync_steps: int = 0
+    ref_mixup: float = 0.6  # (as ref_sync_steps; TRL's ref_model_mixup_alpha)
     # --beta's KL term weighed by the ratio pi / pi_old (DeepSeek-V3.2's unbiased KL estimate; TRL's
     # use_bias_correction_kl, on by default as there): its gradient is the reverse KL's, even at ratio 1
     kl_correction: bool = True
@@ -207,6 +211,12 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
             raise ValueError(f"--entropy-coef, --entropy-coef-delta and --entropy-target must be >= 0 and "
                              f"--entropy-coef-range MIN MAX within 0 <= MIN <= MAX, got {self.entropy_coef}, "
                              f"{self.entropy_coef_delta}, {self.entropy_target}, {self.entropy_coef_range}")
+        if self.ref_sync_steps < 0 or not 0 < self.ref_mixup <= 1:
+            raise ValueError(f"--ref-sync-steps must be >= 0 and --ref-mixup in (0, 1], got {self.ref_sync_steps}, "
+                             f"{self.ref_mixup}")
+        if self.ref_sync_steps and (not self.beta or self.lora_rank):
+            raise ValueError("--ref-sync-steps moves the KL's reference: it needs --beta > 0, and a model of its own "
+                             "(with --lora-rank the reference is the model with its adapters off)")
         if self.off_policy_mask < 0:
             raise ValueError(f"--off-policy-mask is a threshold on a mean log-ratio: give >= 0 (0: off), not "
                              f"{self.off_policy_mask}")
@@ -254,6 +264,11 @@ def grpo(a: GRPOArgs) -> Path:
     opt = adamw(param_groups(model, a.weight_decay), a.lr, betas=(0.9, 0.99))
     control = {"coef": a.entropy_coef, "entropy": math.inf}  # --adaptive-entropy's state (checkpointed)
     start = load_checkpoint(checkpoints(run)[-1], model, opt, control) if a.resume and checkpoints(run) else 0
+    if "ref" in control and (moved := control.pop("ref")) and a.ref_sync_steps:  # the reference as it had moved
+        parallel.load_whole_state(ref, moved)
+
+    def state() -> dict:  # what a checkpoint keeps beyond the weights and the optimizer's state
+        return control | ({"ref": parallel.whole_state(ref)} if a.ref_sync_steps else {})
     if a.fsdp and start:
         parallel.copy_whole(policy, model)
     weights = CastWeights(policy, torch.bfloat16) if a.rollout_bf16 else nullcontext(policy)
@@ -334,18 +349,29 @@ def grpo(a: GRPOArgs) -> Path:
                 lo, hi = a.entropy_coef_range
                 step_by = a.entropy_coef_delta if rec["entropy"] <= a.entropy_target else -a.entropy_coef_delta
                 control["coef"] = min(max(control["coef"] + step_by, lo), hi)
+        if a.ref_sync_steps and (step + 1) % a.ref_sync_steps == 0:
+            sync_reference(ref, model, a.ref_mixup)
         for x in flat:  # the kept logits rows go before the next step's rollouts keep theirs
             x.logits = None
         rec.update({"rollout_s": t_roll, "update_s": time.perf_counter() - t0 - t_roll,
                     "samples_per_s": n / (time.perf_counter() - t0)})
         if evaluate and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             rec["heldout_pass@1"] = held_out(step + 1)
-        end_step(log, rec, run, step, a, model, opt, rank, control)
+        end_step(log, rec, run, step, a, model, opt, rank, state)
     if rank == 0:
         log.close()
         export(policy, run, plot_grpo, base=adapter_base(a.init))
     parallel.finish()
     return run
+
+
+@torch.no_grad()
+def sync_reference(ref: Transformer, model: Transformer, alpha: float):
+    """TR-DPO's soft update of the KL's reference (TRL's sync_ref_model): ref := alpha model + (1 - alpha) ref,
+    parameter by parameter (under --fsdp shard by shard: both are sharded alike)."""
+    theirs = dict(model.named_parameters())
+    for name, r in ref.named_parameters():
+        parallel.local(r).lerp_(parallel.local(theirs[name]), alpha)
 
 
 def _reward(x: Rollout, a: GRPOArgs) -> float:

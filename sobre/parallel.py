@@ -329,8 +329,10 @@ def apply_fsdp(model: Transformer, root: bool = True):
     for p in model.parameters():
         if p not in (ignored or ()) and not p.is_contiguous():
             p.data = p.data.contiguous()
-    for block in list(model.layers) + list(model.mtp):
-        fully_shard(block, ignored_params=ignored)
+    for block in list(model.layers) + list(model.mtp):  # (resharded after each forward even where a block is
+        #   its own root, root=False: FSDP2 keeps a root's weights whole until a backward, and a no-grad forward
+        #   of GRPO's reference has none)
+        fully_shard(block, ignored_params=ignored, reshard_after_forward=True)
     if root:
         fully_shard(model, ignored_params=ignored)
     return model
@@ -359,6 +361,26 @@ def copy_whole(dst: nn.Module, src: nn.Module) -> None:
         s = theirs[name]
         if not isinstance(s, nn.Parameter) or s.requires_grad:
             t.copy_(whole(s))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """t, or this rank's shard of an FSDP2-sharded t (its storage: written in place, the DTensor changes)."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_state(module: nn.Module) -> dict:
+    """module's state dict as whole CPU tensors (each FSDP2 shard all-gathered: every rank calls it)."""
+    return {k: whole(v).detach().cpu() for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def load_whole_state(module: nn.Module, state: dict):
+    """The inverse of whole_state, on every rank: an FSDP2-sharded tensor takes its own shard of the whole one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    for k, t in module.state_dict().items():
+        src = state[k].to(t.device, t.dtype)
+        t.copy_(distribute_tensor(src, t.device_mesh, t.placements) if isinstance(t, DTensor) else src)
 
 
 def scale_expert_grads(model: nn.Module, world: int):

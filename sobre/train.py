@@ -232,17 +232,19 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("ckpt-*.pt"))
 
 
-def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0, extra: dict | None = None):
+def save_checkpoint(run: Path, step: int, model, opt, keep: int, rank: int = 0, extra=None):
     """Full (unsharded) state, the same file for any world size; written by rank 0. A LoRA run's holds the
-    adapters only (its frozen model comes back from --init). extra: a trainer's own state (plain values)."""
+    adapters only (its frozen model comes back from --init). extra() -> a trainer's own state (values and whole
+    tensors; every rank calls it)."""
     msd, osd = parallel.full_state(model, opt)
+    extra = extra() if extra else {}
     if rank:
         return
     d = run / "checkpoints"
     d.mkdir(exist_ok=True)
     adapter_only = bool(lora.adapters(model))
     state = {"step": step, "optimizer": osd, "rng": torch.get_rng_state(), "adapter_only": adapter_only,
-             "extra": extra or {}}
+             "extra": extra}
     if adapter_only:
         state["base"] = lora.fingerprint(model, msd)  # (msd: the whole weights, where FSDP shards them)
         msd = {k: v for k, v in msd.items() if ".lora_" in k}
@@ -297,7 +299,7 @@ def open_run(a: RunArgs) -> Path:
     return run
 
 
-def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0, extra: dict | None = None):
+def end_step(log, rec: dict, run: Path, step: int, a, model, opt, rank: int = 0, extra=None):
     """One metrics line per optimizer step (log is None off rank 0); a checkpoint every a.save_every steps and
     at the end (every rank joins it, rank 0 writes it; with the trainer's own state, extra)."""
     if log:

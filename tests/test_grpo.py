@@ -198,6 +198,24 @@ def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completion
         torch.testing.assert_close(w, steps[1][1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_reference_sync_mixes_the_policy_into_the_reference(tmp_path):
+    """--ref-sync-steps (TR-DPO, TRL's sync_ref_model): ref := alpha policy + (1 - alpha) ref, every parameter;
+    errors where there is no reference of its own."""
+    from sobre.grpo import sync_reference
+    torch.manual_seed(0)
+    model, ref = random_model(), random_model()
+    want = {n: 0.25 * p.detach() + 0.75 * dict(ref.named_parameters())[n].detach()
+            for n, p in model.named_parameters()}
+    sync_reference(ref, model, 0.25)
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(p.detach(), want[n], msg=n)
+    for bad, says in ((dict(ref_sync_steps=2), "needs --beta"), (dict(ref_sync_steps=2, beta=0.1, lora_rank=4,
+                                                                          init="x"), "adapters off"),
+                      (dict(ref_mixup=0.0), "ref-mixup")):
+        with pytest.raises(ValueError, match=says):
+            GRPOArgs(**bad).validate()
+
+
 def test_entropy_bonus_raises_the_entropy_and_trains_every_completion():
     """--entropy-coef: with every group's rewards equal (no advantage anywhere) the bonus alone moves the policy,
     through every completion (none left out for its advantage 0), toward a higher entropy at their positions;
@@ -612,7 +630,8 @@ def spread_reward(completion: str, answer: str) -> float:
 def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     """A run that dies after its step-2 checkpoint and is resumed logs the same steps 3-4 as one that ran
     through: rollouts are seeded per step, the checkpoint holds the weights, AdamW's state, the router biases and
-    the adaptive entropy bonus's state (its coefficient, the last step's entropy)."""
+    the adaptive entropy bonus's state (its coefficient, the last step's entropy) and the KL's reference as
+    --ref-sync-steps moved it."""
     from sobre import grpo as G
     from sobre.tasks import get_task
     task = get_task("arithmetic")  # (its held-out prompts stay held out in the file: eval.jsonl)
@@ -621,7 +640,7 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     args = dict(preset="debug", task=str(tmp_path / "task.jsonl"), reward="test_grpo:spread_reward", steps=4,
                 prompts=2, group=4, max_new_tokens=12, eval_every=2, eval_problems=2, save_every=2, loss="dapo",
                 beta=0.05, mu=2, router_bias_update=1e-3, adaptive_entropy=True, entropy_coef=0.01,
-                entropy_coef_delta=0.01, entropy_target=100.0)
+                entropy_coef_delta=0.01, entropy_target=100.0, ref_sync_steps=1, ref_mixup=0.5)
     G.grpo(GRPOArgs(out=str(tmp_path / "whole"), **args))
     ran = crash_then_resume(monkeypatch, G, lambda resume: G.grpo(GRPOArgs(out=str(tmp_path / "cut"), resume=resume,
                                                                         **args)))

@@ -172,8 +172,9 @@ def test_post_training_under_torchrun(tmp_path):
     grad norms and validation losses of one process on the same batches, and export the same weights; their
     checkpoints resume in one process. grpo in 2 processes: one metrics line a step for every rank's groups, the
     evaluations and completions rank 0 writes, resumable in one process; with --fsdp (and resumed so) the same
-    figures and weights. eval in 2 processes prints one process's figures. A count the processes do not divide,
-    and a verb that runs in one process, are clear errors."""
+    figures and weights, the KL's reference moving toward the policy every step (--ref-sync-steps: its shards
+    mixed, its whole weights checkpointed). eval in 2 processes prints one process's figures. A count the
+    processes do not divide, and a verb that runs in one process, are clear errors."""
     import sobre
     sft = ["--preset", "debug", "--task", "countdown", "--examples", "64", "--steps", "4", "--batch-size", "8",
            "--seq-len", "128", "--eval-every", "2", "--save-every", "2"]
@@ -202,7 +203,9 @@ def test_post_training_under_torchrun(tmp_path):
           ("step", "loss", "grad_norm", "val_loss"))
 
     grpo = ["--init", str(tmp_path / "one"), "--task", "countdown", "--steps", "2", "--prompts", "4", "--group", "4",
-            "--max-new-tokens", "12", "--eval-every", "2", "--eval-problems", "4", "--log-completions", "100"]
+            "--max-new-tokens", "12", "--eval-every", "2", "--eval-problems", "4", "--log-completions", "100",
+            "--beta", "0.05", "--ref-sync-steps", "1",  # (the KL's reference moves: sharded alike, checkpointed)
+            "--entropy-coef", "0.01"]  # (step 1's completions carry no advantage: the bonus alone moves the policy)
     rows = post_train("grpo", tmp_path / "g", *grpo, procs=2)
     assert [r["step"] for r in rows] == [1, 2] and all(r["groups_kept"] == 4 == r["groups_drawn"] for r in rows)
     assert len((tmp_path / "g" / "completions.jsonl").read_text().splitlines()) == 2 * 16
@@ -213,7 +216,8 @@ def test_post_training_under_torchrun(tmp_path):
     post_train("grpo", tmp_path / "gf", *grpo[:5], "1", *grpo[6:], "--fsdp", procs=2)
     sharded = post_train("grpo", tmp_path / "gf", *grpo, "--fsdp", "--resume", procs=2)
     close(rows, sharded, ("step", "reward_mean", "accuracy", "completion_length", "loss", "grad_norm", "entropy",
-                          "signal"))
+                          "signal", "kl"))
+    assert rows[1]["kl"] > 0
     a, b = (sobre.load(tmp_path / run / "model").state_dict() for run in ("g", "gf"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert post_train("grpo", tmp_path / "g", *grpo[:5], "3", *grpo[6:], "--resume")[-1]["step"] == 3
