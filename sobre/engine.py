@@ -33,6 +33,7 @@ from .host import ints
 from .int8 import Int8Experts, Int8Linear
 from .linear import inference_dtype
 from .model import Transformer
+from .moe import MoE
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
@@ -47,7 +48,7 @@ class Engine:
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
                  prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3,
                  draft_vocab: int | None = None, loras: dict | None = None, keep_logits: bool = False,
-                 keep_logprobs: bool = False):
+                 keep_logprobs: bool = False, keep_routing: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # each sequence keeps the model's raw logits row of every token it is given (Sequence.logits: views of the
         # step's [B, V] logits, so each step's stays alive while one of its rows is kept): GRPO's update takes
@@ -102,6 +103,16 @@ class Engine:
         # a few sequences' decode step as straight-line code (plan.py), where the model qualifies and no compiled
         # step runs them
         self.plan = plan.DecodePlan(model, self.pool) if not compile and plan.unsupported(model) is None else None
+        # DeepSeek-V3.2's Keep Routing: each finished sequence holds the experts every MoE layer of the model routed
+        # each of its positions to (Sequence.routes; recorded from MoE.last_idx after each forward, paged with the
+        # cache), for GRPO's update to route its forward alike (MoE.replay). Every forward through the modules
+        self.routing = [m for m in model.layers.modules() if isinstance(m, MoE)] if keep_routing else []
+        if keep_routing:
+            if not self.routing or c.arch == "deepseek_v4" or compile or self.drafts:
+                raise ValueError("keep_routing records the routing of a DeepSeek-V2/V3 MoE model's plain decoding: "
+                                 "not of a dense or DeepSeek-V4 model, nor with compile or speculative decoding")
+            self.pool.keep_routes(len(self.routing), c.n_activated_experts)
+            self.plan = None
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -291,7 +302,9 @@ class Engine:
                     for s in plain:
                         s.advance(1)
                 else:
-                    logits = self.model.head(self.model.hidden(tokens, self._batch(plain, 1))[:, -1])
+                    batch = self._batch(plain, 1)
+                    logits = self.model.head(self.model.hidden(tokens, batch)[:, -1])
+                    self._route(batch)
             chosen = self._choose(plain, logits)
             lps = tempered_logprobs(plain, logits, chosen) if self.keep_logprobs else [None] * len(plain)
             events += [self._emit(s, t, row, lp) for s, t, row, lp in zip(plain, chosen.tolist(), logits.unbind(0),
@@ -357,7 +370,10 @@ class Engine:
         """s's next n prompt tokens through the model, the cache advancing over them -> (hidden [1, n, D], the
         MTP draft's input [1, n, ...])."""
         tokens = torch.tensor([s.prompt[s.length:s.length + n]], device=self.device)
-        return self.model.hidden_state(tokens, self._batch([s], n, prefill=True))
+        batch = self._batch([s], n, prefill=True)
+        out = self.model.hidden_state(tokens, batch)
+        self._route(batch)
+        return out
 
     def _chunk(self, T: int) -> int:
         """Tokens per forward for T new ones: deepseek_v4 at most prefill_chunk (its reference attention scores
@@ -392,7 +408,9 @@ class Engine:
             return h[:, -1], [state[0]] if self.speculative else None
         T, ends = max(map(len, todo)), [s.length + len(t) for s, t in zip(seqs, todo)]
         tokens = torch.tensor([t + [0] * (T - len(t)) for t in todo], device=self.device)
-        h, state = self.model.hidden_state(tokens, self._batch(seqs, T))  # [B, T, D]
+        batch = self._batch(seqs, T)
+        h, state = self.model.hidden_state(tokens, batch)  # [B, T, D]
+        self._route(batch)
         for s, end in zip(seqs, ends):
             s.length = end  # (the forward advanced every row by T; the padding's entries are left unread)
         last = torch.tensor([len(t) - 1 for t in todo], device=self.device)
@@ -410,6 +428,14 @@ class Engine:
         batch.folds = self.folds
         return batch
 
+    def _route(self, batch):
+        """keep_routing: the forward just made over `batch` routed its rows (each MoE layer's last_idx [B * T, K])
+        to these experts: stored at their slots."""
+        if self.routing:
+            slots = batch.slot_new.flatten()
+            for store, m in zip(self.pool.routes, self.routing):
+                store[slots] = torch.as_tensor(m.last_idx, device=self.device).to(store.dtype)
+
     def _copy_prompt(self, src: Sequence, dst: Sequence):
         """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""
         blk, n = self.pool.block, len(src.prompt)
@@ -419,7 +445,7 @@ class Engine:
             return
         pos = torch.arange(n, device=self.device)
         slots = [paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], blk)[0] for s in (src, dst)]
-        for layer in self.pool.slots:
+        for layer in self.pool.slots + [self.pool.routes]:
             for t in layer:
                 t[slots[1]] = t[slots[0]]
         dst.length = n
@@ -515,6 +541,10 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str):
         s.finish_reason, s.pending = reason, None
+        if self.routing and s.length:  # (before its blocks go) the routing of every position it ran through
+            pos = torch.arange(s.length, device=self.device)
+            slots = paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], self.pool.block)[0]
+            s.routes = torch.stack([store[slots] for store in self.pool.routes])  # [layers, length, K]
         self.unkeyed.pop(s.rid, None)
         self._keep_run(s)
         self.pool.release(s)
@@ -535,7 +565,7 @@ class Engine:
                 any(pool.users[b] > 1 or b in pool.key_of for b in s.blocks + last.blocks):
             return
         src, dst = (torch.tensor(x.blocks, device=self.device) for x in (last, s))
-        for layer in pool.slots:
+        for layer in pool.slots + [pool.routes]:
             for t in layer:
                 blocks = t.view(pool.n_blocks, pool.block, *t.shape[1:])
                 blocks[dst] = blocks[src]

@@ -150,6 +150,10 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     overlong_buffer: int = 0  # soft overlong punishment over the last N tokens (0 = off)
     format_weight: float = 0.1  # reward = correct + format_weight * well-formed + overlong penalty
     router_bias_update: float = 0.0  # MoE: aux-loss-free balancing on the rollout tokens (0: routers frozen)
+    # DeepSeek-V3.2's Keep Routing (MoE): the update's forwards route every token to the experts its rollout's
+    # sampling routed it to (the engine records them; the gate's weights still train), so that rounding apart
+    # between the engine's batched decode and the update's forward cannot move a token to other experts
+    keep_routing: bool = False
     lr: float = 1e-4  # peak learning rate
     min_lr_ratio: float = 1.0  # the schedule's last learning rate, a share of the peak (1: constant)
     warmup: int = 0  # steps of linear warmup
@@ -276,6 +280,9 @@ def grpo(a: GRPOArgs) -> Path:
         warnings.warn("--rollout-bf16 on a CPU without native bf16 (AVX512-BF16, AMX): its bf16 products are "
                       "emulated, and rollouts run far slower than in fp32", stacklevel=2)
     moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
+    if a.keep_routing and (not moes or model.config.arch == "deepseek_v4"):
+        raise ValueError(f"--keep-routing keeps a DeepSeek-V2/V3 MoE model's routing: {a.init or a.preset!r} is "
+                         f"{'a dense model' if not moes else 'DeepSeek-V4'}")
     reuse = reuse_logits(policy, a)
     log = None
     if rank == 0:
@@ -316,7 +323,7 @@ def grpo(a: GRPOArgs) -> Path:
             groups, drawn = sample_groups(m, tok, task, problems, a.group, share, accept, a.max_new_tokens,
                                           a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8 * world + rank,
                                           top_k=a.top_k, min_p=a.min_p, keep_logits=reuse,
-                                          keep_logprobs=sampler_logprobs(a))
+                                          keep_logprobs=sampler_logprobs(a), keep_routing=a.keep_routing)
         seen = [(g, scores[id(g)]) for _, g in groups]
         kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
@@ -490,7 +497,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
         with torch.no_grad(), amp():
             if a.mu > 1 or masking:  # (the old log-probs and the entropies in one pass)
                 passes = [token_logprobs(model, [batch[i] for i in c], entropy=masking, temperature=a.temperature,
-                                         shared=not fsdp) for c in chunks]
+                                         shared=not fsdp, replay=a.keep_routing) for c in chunks]
                 old = [p[0] for p in passes] if a.mu > 1 else None
                 if masking:  # (these entropies are also epoch 0's statistic: its forward leaves them out)
                     ents = [p[2] for p in passes]
@@ -526,7 +533,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
-                                                             reuse=reuse, bonus=entropy_bonus)
+                                                             reuse=reuse, bonus=entropy_bonus,
+                                                             replay=a.keep_routing)
             before = old[j] if old else logp.detach()
             drawn = float_rows([x.sampled for x in mb], mask) if weigh_rollouts or sampler else None
             weight = rollout_weights(before, drawn, mask, a.rollout_is, a.rollout_is_min,

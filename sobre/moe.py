@@ -38,10 +38,19 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(c.n_routed_experts, dtype=torch.float32)
                              if c.topk_method == "noaux_tc" else None)
 
-    def forward(self, x):  # x [N, D] -> weights [N, K], indices [N, K], scores [N, E] (all fp32, as the reference)
+    def forward(self, x, idx=None):  # x [N, D] -> weights [N, K], indices [N, K], scores [N, E] (all fp32, as the
+        #   reference); idx [N, K]: the experts given (Keep Routing's replay), their weights from these scores
         c = self.c
         logits = F.linear(x.float(), self.weight.float())  # [N, E], routed in fp32 like the reference
         scores = logits.sigmoid() if c.score_func == "sigmoid" else logits.softmax(dim=-1)
+        idx = self.choose(scores) if idx is None else idx.to(x.device, torch.long)
+        w = scores.gather(1, idx)
+        if c.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * c.route_scale, idx, scores  # (expert outputs are weighed and summed in fp32: bf16 rounds less)
+
+    def choose(self, scores):  # [N, E] -> the K experts of each row [N, K]
+        c = self.c
         choice = scores if self.bias is None else scores + self.bias
         if c.n_expert_groups > 1 and c.topk_method != "greedy":
             grouped = choice.view(-1, c.n_expert_groups, c.n_routed_experts // c.n_expert_groups)
@@ -52,11 +61,7 @@ class Gate(nn.Module):
             keep = group_score.topk(c.n_limited_groups, dim=-1).indices  # [N, topk_group]
             group_mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
-        idx = choice.topk(c.n_activated_experts, dim=-1).indices  # [N, K]
-        w = scores.gather(1, idx)
-        if c.norm_topk_prob:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * c.route_scale, idx, scores  # (expert outputs are weighed and summed in fp32: bf16 rounds less)
+        return choice.topk(c.n_activated_experts, dim=-1).indices
 
     def one(self, x) -> tuple[list[float], list[int]]:
         """forward's routing of one token x [1, D] without autograd, chosen on the host: its K weights and experts
@@ -144,18 +149,19 @@ class MoE(RoutedLoad, nn.Module):
         self.shared = MLP(c.dim, c.moe_inter_dim * c.n_shared_experts) if c.n_shared_experts else None
         self.n_experts = c.n_routed_experts  # (last_load: tokens per expert in the last forward)
         self.balance_loss = None  # set by training-mode forwards
+        self.replay = None  # [N, K]: the experts the next forward's rows go to (Keep Routing: GRPO's update)
 
     def forward(self, x):  # [B, T, D]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         experts = self.experts
-        if (x.shape[0] == 1 and X.ONE_TOKEN and not self.training and x.device.type == "cpu"
+        if (x.shape[0] == 1 and X.ONE_TOKEN and not self.training and x.device.type == "cpu" and self.replay is None
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(experts) is Experts
                 and (rows := experts.rows()) is not None):  # a B=1 decode step: routed on the host, no sort
             w, idx = self.gate.one(x)
             self.last_idx = [idx]
             return X.one_token(x, w, idx, *rows, shared=self.shared).view(shape)
-        w, idx, scores = self.gate(x)
+        w, idx, scores = self.gate(x, self.replay)
         self.last_idx = idx
         if self.training:
             self.balance_loss = sequence_balance_loss(idx, scores, shape[0], shape[1])

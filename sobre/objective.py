@@ -30,6 +30,7 @@ gradient equals the token-level one (each ratio is 1 where it is taken), so it c
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ from .attention import causal
 from .host import int_rows, ints
 from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, Transformer
+from .moe import MoE
 
 if TYPE_CHECKING:
     from .rollout import Rollout
@@ -256,9 +258,38 @@ class SharedPrefix(Cache):
         return tuple(torch.cat([p.index_select(0, self.of), n], 1) for p, n in zip(self.bufs[layer_id], new))
 
 
+def routes_of(spans: list[tuple[Rollout, int, int]], L: int) -> torch.Tensor:
+    """Keep Routing: the experts of a forward's rows [MoE layers, len(spans) * L, K], span (rollout, first
+    position, count) i in rows i * L .. i * L + count of its rollout's kept routing (Rollout.routes), the rest of
+    each span's L rows (padding, read by no token of a completion) routed to experts 0..K-1."""
+    rows = []
+    for r, lo, n in spans:
+        if r.routes is None or r.routes.shape[1] < lo + n:
+            raise ValueError(f"a rollout's kept routing covers {0 if r.routes is None else r.routes.shape[1]} "
+                             f"positions, its forward {lo + n} (sample it with keep_routing=True)")
+        t = r.routes[:, lo:lo + n]
+        pad = torch.arange(t.shape[2], dtype=t.dtype, device=t.device).expand(t.shape[0], L - n, -1)
+        rows.append(torch.cat([t, pad], 1))
+    return torch.stack(rows, 1).flatten(1, 2)
+
+
+@contextmanager
+def replaying(model: Transformer, routes: torch.Tensor | None):
+    """The model's MoE layers (model.layers' order, as the engine records them) route the next forward's rows to
+    routes [layers, rows, K] (None: their own choice) while in the block."""
+    layers = [m for m in model.layers.modules() if isinstance(m, MoE)] if routes is not None else []
+    for m, r in zip(layers, routes if routes is not None else ()):
+        m.replay = r
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.replay = None
+
+
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
                    shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False,
-                   bonus: torch.Tensor | None = None):
+                   bonus: torch.Tensor | None = None, replay: bool = False):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the entropy of that distribution at
     each completion position [N, T] (0 on padding and where not asked; a statistic, no gradient). shared=True:
@@ -270,7 +301,8 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     log-probs then carry none. reuse (with coef): the head takes each rollout's kept logits rows (Rollout.logits)
     as its logits instead of computing them (grpo.reuse_logits says when). bonus [N, T] (an entropy bonus, GRPO's
     --entropy-coef): with coef, that loss adds sum bonus x entropy, its gradients made in the head too; without,
-    the entropies returned carry gradients (the caller adds the term)."""
+    the entropies returned carry gradients (the caller adds the term). replay (DeepSeek-V3.2's Keep Routing):
+    every MoE layer routes each position to the experts its rollout's sampling routed it to (Rollout.routes)."""
     dev = next(model.parameters()).device
     c = model.config
     mask = completion_mask(batch, dev)
@@ -284,7 +316,9 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         of = [row[tuple(r.prompt)] for r in batch]
         cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
         L = max(lengths)
-        h = model.hidden(int_rows([list(p) + [0] * (L - len(p)) for p in prompts], dev), cache)
+        firsts = [batch[of.index(i)] for i in range(len(prompts))]  # (a prompt's routing: its first rollout's)
+        with replaying(model, routes_of([(r, 0, len(r.prompt)) for r in firsts], L) if replay else None):
+            h = model.hidden(int_rows([list(p) + [0] * (L - len(p)) for p in prompts], dev), cache)
         last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
         h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
         if T > 1:  # token t > 0 is predicted at completion position t - 1
@@ -292,13 +326,18 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
             # attended by none of these (causal), so their FFNs are left out (Block)
             used = mask[:, 1:].flatten()
             cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
-            h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
+            routes = routes_of([(r, len(r.prompt), len(r.ids) - 1) for r in batch], T - 1) if replay else None
+            if routes is not None and cache.keep is not None:  # (the FFNs run on the kept rows only)
+                routes = routes[:, cache.keep]
+            with replaying(model, routes):
+                h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
     else:
         seqs = [r.prompt + r.ids for r in batch]
         L = max(len(s) for s in seqs)
         x = int_rows([s + [0] * (L - len(s)) for s in seqs], dev)  # [N, L]
         pos = int_rows([[len(r.prompt) - 1 + t for t in range(T)] for r in batch], dev).clamp(max=L - 1)
-        h = model.hidden(x)  # [N, L, D]
+        with replaying(model, routes_of([(r, 0, len(s) - 1) for r, s in zip(batch, seqs)], L) if replay else None):
+            h = model.hidden(x)  # [N, L, D]
         h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))  # [N, T, D]
     # the head at the completion tokens only (not the padding), in row chunks: no [N, T, V] logits
     # (loss.head_logprobs); log-probs 0 on the padding

@@ -53,6 +53,7 @@ class PagedPool:
         self.compressed = [[torch.zeros(n_blocks * self.per_block, c.kv_heads, c.dense_head_dim, dtype=p.dtype,
                                         device=p.device) for _ in range(2)] for _ in range(c.n_layers)] \
             if self.per_block else []
+        self.routes: list[torch.Tensor] = []  # keep_routes: per MoE layer each slot's experts [n_slots, K]
         self.free = list(range(n_blocks - 1, 0, -1))
         self.lanes = list(range(lanes - 1, -1, -1))  # a running sequence's row in the rings
         self.users = [0] * n_blocks  # sequences holding each block
@@ -68,6 +69,12 @@ class PagedPool:
                                    for layer in self.slots[:c.n_layers] + self.compressed for t in layer) / block
         self.lane_bytes = sum(t[0].numel() * t.element_size() for layer in self.rings for t in layer)
         self.max_rings_at = max(1, int(self.bytes_per_token * block * n_blocks // self.lane_bytes)) if self.rings else 0
+
+    def keep_routes(self, layers: int, k: int):
+        """Room for the experts each of `layers` MoE layers routes every slot's token to (Engine(keep_routing=True)):
+        paged with the cache, so the prefix cache, a prompt's twins and moved blocks carry them along."""
+        self.routes = [torch.zeros(self.n_blocks * self.block, k, dtype=torch.int16, device=self.device)
+                       for _ in range(layers)]
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)

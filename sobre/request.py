@@ -22,6 +22,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     logits: list = field(default_factory=list)  # Engine(keep_logits=True): the raw logits row [V] of each token in out
     sampled: list = field(default_factory=list)  # Engine(keep_logprobs=True): each token's log-prob at the temperature
+    routes: torch.Tensor | None = None  # Engine(keep_routing=True), once finished: [MoE layers, positions, K] experts
     blocks: list[int] = field(default_factory=list)
     lane: int | None = None  # row in the pool's per-sequence rings (deepseek_v4)
     length: int = 0  # tokens whose K/V sit in the cache

@@ -1016,3 +1016,106 @@ def test_grpo_runs_alike_on_the_rollouts_logits_or_its_own(tmp_path, monkeypatch
         assert all(r[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6) for k in r if k != "heldout_pass@1"), (r, r2)
     for name, w in weights.items():
         torch.testing.assert_close(w, weights2[name], atol=1e-4, rtol=1e-4)  # (Adam: lr 1e-2 a step)
+
+
+def moe_choices(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain forward of ids: each MoE layer's experts [layers, L, K] and biased router scores [layers, L, E]."""
+    from sobre.moe import MoE
+    layers = [m for m in model.layers.modules() if isinstance(m, MoE)]
+    seen = []
+    hooks = [m.gate.register_forward_hook(lambda g, i, o: seen.append((o[1], o[2] + g.bias))) for m in layers]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return torch.stack([i for i, _ in seen]), torch.stack([s for _, s in seen])
+
+
+@pytest.mark.parametrize("prefix_cache,chunk", [(False, 1024), (True, 5)])
+def test_engine_keeps_the_routing_of_every_position(prefix_cache, chunk):
+    """Engine(keep_routing=True): each finished sequence holds the experts every MoE layer routed each position of
+    prompt + output[:-1] to, as a plain forward of those tokens routes them (a near tie of router scores aside):
+    ragged prompts prefilled together, a prompt's twins (its cache copied), prompts past the prefill chunk, shared
+    prefixes from the prefix cache, and sequences of different lengths (finished rows' blocks moved: _keep_run)."""
+    from sobre.engine import Engine
+    torch.manual_seed(0)
+    model = random_model()
+    engine = Engine(model, max_batch=16, keep_routing=True, prefix_cache=prefix_cache, prefill_chunk=chunk)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (3, 7, 12, 4)]
+    prompts.append(prompts[2][:9] + [5, 6])  # (a prefix of another's)
+    for i, p in enumerate(prompts):
+        for j in range(2):  # twins
+            engine.add_request(p, temperature=1.0, max_new_tokens=3 + 4 * ((i + j) % 3))
+    done = {}
+    while engine.has_work():
+        engine.step()
+        done |= engine.collect()
+    assert len(done) == 10 and len({len(s.out) for s in done.values()}) == 3
+    flips = 0
+    for s in done.values():
+        ids = s.prompt + s.out[:-1]
+        want, scores = moe_choices(model, ids)
+        assert s.routes.shape == want.shape and s.routes.dtype == torch.int16
+        got = s.routes.long().sort(-1).values
+        same = (got == want.sort(-1).values).all(-1)  # [layers, L]
+        # where the two differ, the experts chosen score within rounding of each other (a near tie)
+        gap = (scores.gather(2, want).sum(-1) - scores.gather(2, s.routes.long()).sum(-1)).abs()
+        assert bool((same | (gap < 1e-4)).all()), (s.rid, gap[~same])
+        flips += int((~same).sum())
+    assert flips <= 2
+    with pytest.raises(ValueError, match="keep_routing"):
+        Engine(random_model(sobre.preset("debug", arch="qwen2")), keep_routing=True)
+
+
+def test_replayed_routing_reaches_every_row_of_the_update():
+    """token_logprobs(replay=True) routes each position to its rollout's kept experts (here random ones, not the
+    router's): the shared-prompt forward (padded prompts, completions' FFN on their kept rows only) equals the
+    padded reference forward, both far from the router's own choice."""
+    from sobre.objective import routes_of
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    batch = [r for g, _ in groups for r in g]
+    g = torch.Generator().manual_seed(4)
+    c = model.config
+    layers = sum(c.is_moe_layer(i) for i in range(c.n_layers))
+
+    def random_routes(n):
+        return torch.rand(layers, n, c.n_routed_experts, generator=g).argsort(-1)[..., :c.n_activated_experts]
+
+    for rows, _ in groups:  # (a prompt's positions routed alike in each of its rollouts, as the engine's twins)
+        prompt = random_routes(len(rows[0].prompt))
+        for r in rows:
+            r.routes = torch.cat([prompt, random_routes(len(r.ids) - 1)], 1).to(torch.int16)
+    with torch.no_grad():
+        shared, mask, _ = token_logprobs(model, batch, replay=True)
+        padded = token_logprobs(model, batch, shared=False, replay=True)[0]
+        own = token_logprobs(model, batch)[0]
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    assert (shared - own)[mask].abs().max() > 1e-2
+    assert routes_of([(batch[0], 0, len(batch[0].prompt))], 6).shape == (layers, 6, c.n_activated_experts)
+    with pytest.raises(ValueError, match="keep_routing=True"):
+        routes_of([(batch[0], 0, 99)], 99)
+
+
+def test_update_on_kept_routing_takes_the_routers_own_step(tmp_path):
+    """--keep-routing: rollouts sampled by the engine keep their routing, and the update routed by it takes the
+    step the update takes routing by itself (the same experts, as the engine's batched decode chose them); a dense
+    model is refused."""
+    from sobre import grpo as G
+    from sobre.rollout import sample_groups
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    task = get_task("arithmetic")
+    groups, _ = sample_groups(model, tok, task, task.problems("train", 3), 3, 3, max_new_tokens=8, seed=3,
+                              keep_routing=True)
+    rewarded = [(g, torch.tensor([float(i % 2), 1.0, 0.0])) for i, (_, g) in enumerate(groups)]
+    assert all(r.routes is not None for g, _ in rewarded for r in g)
+    same_step(model, [sgd_step(model, rewarded, GRPOArgs(micro_batch=4, max_new_tokens=8, keep_routing=keep))
+                      for keep in (True, False)])
+    dense = random_model(sobre.preset("debug", arch="qwen2", vocab_size=tok.vocab_size))
+    sobre.save(dense, tmp_path / "qwen", tokenizer_dir=tmp_path)
+    with pytest.raises(ValueError, match="dense model"):
+        G.grpo(GRPOArgs(out=str(tmp_path / "run"), init=str(tmp_path / "qwen"), steps=1, keep_routing=True))
