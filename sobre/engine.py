@@ -37,7 +37,7 @@ from .moe import MoE
 from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
-from .sampling import SamplingParams, penalized, sample, tempered_logprobs, top_logprobs
+from .sampling import SamplingParams, penalized, sample, sampling_floors, tempered_logprobs, top_logprobs
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
@@ -48,7 +48,7 @@ class Engine:
                  block: int = BLOCK, speculative: bool | int = False, prefix_cache: bool = False,
                  prefill_chunk: int = 1024, compile: bool = False, min_acceptance: float = 0.3,
                  draft_vocab: int | None = None, loras: dict | None = None, keep_logits: bool = False,
-                 keep_logprobs: bool = False, keep_routing: bool = False):
+                 keep_logprobs: bool = False, keep_routing: bool = False, keep_sampling_mask: bool = False):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # each sequence keeps the model's raw logits row of every token it is given (Sequence.logits: views of the
         # step's [B, V] logits, so each step's stays alive while one of its rows is kept): GRPO's update takes
@@ -56,6 +56,10 @@ class Engine:
         # token's log-prob where it was drawn (Sequence.sampled, sampling.tempered_logprobs: as vLLM's logprobs
         # give TRL the sampler's policy), for GRPO's weights of rollouts sampled by other weights
         self.keep_logits, self.keep_logprobs = keep_logits, keep_logprobs
+        # DeepSeek-V3.2's Keep Sampling Mask: each token's floor (sampling.sampling_floors: the lowest tempered logit
+        # top-k / top-p / min-p kept, Sequence.floors), for GRPO's update to renormalise over the same tokens; the
+        # kept log-probs are then the truncated distribution's
+        self.keep_sampling_mask = keep_sampling_mask
         if compile and loras:
             raise ValueError("compile=True does not serve LoRA adapters (loras=): decode them eagerly")
         # LoRA adapters served beside the base model, each request its own (SamplingParams.lora; vLLM's
@@ -306,9 +310,11 @@ class Engine:
                     logits = self.model.head(self.model.hidden(tokens, batch)[:, -1])
                     self._route(batch)
             chosen = self._choose(plain, logits)
-            lps = tempered_logprobs(plain, logits, chosen) if self.keep_logprobs else [None] * len(plain)
-            events += [self._emit(s, t, row, lp) for s, t, row, lp in zip(plain, chosen.tolist(), logits.unbind(0),
-                                                                          lps)]
+            floors = sampling_floors(plain, logits) if self.keep_sampling_mask else [None] * len(plain)
+            lps = tempered_logprobs(plain, logits, chosen, floors if self.keep_sampling_mask else None) \
+                if self.keep_logprobs else [None] * len(plain)
+            events += [self._emit(s, t, row, lp, f) for s, t, row, lp, f in zip(plain, chosen.tolist(),
+                                                                                logits.unbind(0), lps, floors)]
         return events
 
     def _started(self, seq: Sequence, keys: list[bytes], twins, logits: torch.Tensor, token: int,
@@ -484,15 +490,19 @@ class Engine:
             out.append(ok)
         return out
 
-    def _emit(self, s: Sequence, tok: int, logits: torch.Tensor, lp: float | None = None) -> Event:
-        """Append one chosen token (logits [V]: the model's raw row, for logprobs; lp: its keep_logprobs log-prob
-        where the step computed it); finish if it stops."""
+    def _emit(self, s: Sequence, tok: int, logits: torch.Tensor, lp: float | None = None,
+              floor: float | None = None) -> Event:
+        """Append one chosen token (logits [V]: the model's raw row, for logprobs; lp, floor: its keep_logprobs
+        log-prob and keep_sampling_mask floor where the step computed them); finish if it stops."""
         s.out.append(tok)
         s.pending = tok
         if self.keep_logits:
             s.logits.append(logits)
+        if self.keep_sampling_mask:
+            s.floors.append(floor if floor is not None else sampling_floors([s], logits[None])[0])
         if self.keep_logprobs:
-            s.sampled.append(lp if lp is not None else tempered_logprobs([s], logits[None], torch.tensor([tok]))[0])
+            s.sampled.append(lp if lp is not None else tempered_logprobs(
+                [s], logits[None], torch.tensor([tok]), s.floors[-1:] if self.keep_sampling_mask else None)[0])
         if s.params.logprobs is not None:
             chosen, vals, ids = top_logprobs(logits[None], torch.tensor([tok], device=logits.device),
                                              s.params.logprobs)

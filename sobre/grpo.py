@@ -154,6 +154,9 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     # sampling routed it to (the engine records them; the gate's weights still train), so that rounding apart
     # between the engine's batched decode and the update's forward cannot move a token to other experts
     keep_routing: bool = False
+    # DeepSeek-V3.2's Keep Sampling Mask: with --top-k / --top-p / --min-p, each token's log-probs in the update (the
+    # policy's, the reference's) renormalised over the tokens its sampling kept, as they were drawn
+    keep_sampling_mask: bool = False
     lr: float = 1e-4  # peak learning rate
     min_lr_ratio: float = 1.0  # the schedule's last learning rate, a share of the peak (1: constant)
     warmup: int = 0  # steps of linear warmup
@@ -323,7 +326,8 @@ def grpo(a: GRPOArgs) -> Path:
             groups, drawn = sample_groups(m, tok, task, problems, a.group, share, accept, a.max_new_tokens,
                                           a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8 * world + rank,
                                           top_k=a.top_k, min_p=a.min_p, keep_logits=reuse,
-                                          keep_logprobs=sampler_logprobs(a), keep_routing=a.keep_routing)
+                                          keep_logprobs=sampler_logprobs(a), keep_routing=a.keep_routing,
+                                          keep_sampling_mask=a.keep_sampling_mask)
         seen = [(g, scores[id(g)]) for _, g in groups]
         kept = [(g, scores[id(g)]) for ok, g in groups if ok]
         t_roll = time.perf_counter() - t0
@@ -497,7 +501,8 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
         with torch.no_grad(), amp():
             if a.mu > 1 or masking:  # (the old log-probs and the entropies in one pass)
                 passes = [token_logprobs(model, [batch[i] for i in c], entropy=masking, temperature=a.temperature,
-                                         shared=not fsdp, replay=a.keep_routing) for c in chunks]
+                                         shared=not fsdp, replay=a.keep_routing, masked=a.keep_sampling_mask)
+                          for c in chunks]
                 old = [p[0] for p in passes] if a.mu > 1 else None
                 if masking:  # (these entropies are also epoch 0's statistic: its forward leaves them out)
                     ents = [p[2] for p in passes]
@@ -506,7 +511,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
             if a.beta:
                 with disabled(ref) if ref is model else nullcontext():
                     ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature,
-                                             shared=not fsdp)[0] for c in chunks]
+                                             shared=not fsdp, masked=a.keep_sampling_mask)[0] for c in chunks]
                 _idle(ref, idle, a.temperature)
     linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), a.rollout_bf16 and a.off_policy_mask > 0
     acting = parallel.all_sum(sum(float(k.sum()) for k in keep))[0] if keep else seen_tokens  # (the bonus's)
@@ -534,7 +539,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
                                                              reuse=reuse, bonus=entropy_bonus,
-                                                             replay=a.keep_routing)
+                                                             replay=a.keep_routing, masked=a.keep_sampling_mask)
             before = old[j] if old else logp.detach()
             drawn = float_rows([x.sampled for x in mb], mask) if weigh_rollouts or sampler else None
             weight = rollout_weights(before, drawn, mask, a.rollout_is, a.rollout_is_min,

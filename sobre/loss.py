@@ -32,7 +32,7 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 def head_weighted_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
                            temperature: float = 1.0, entropy: bool = False, logits: list[torch.Tensor] | None = None,
-                           bonus: torch.Tensor | None = None):
+                           bonus: torch.Tensor | None = None, floors: torch.Tensor | None = None):
     """sum_i coef[i] * log p(targets[i]) under softmax(h @ weight.T / temperature) (fp32), with its gradients made
     in the forward as head_cross_entropy's (three matmuls; head_logprobs' backward recomputes the logits: four),
     for a loss linear in the log-probs with coefficients known beforehand (GRPO's surrogate at ratio 1).
@@ -40,9 +40,10 @@ def head_weighted_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch
     (else [0]), these two without gradient). logits: h @ weight.T already computed, as N rows [V] (the rollout
     engine's, of the same weights: grpo.reuse_logits): the head's forward matmul is skipped, two remain. bonus [N]:
     the sum also adds bonus[i] * H_i, each row's entropy (GRPO's entropy bonus: negative coefficients), its
-    gradients made too."""
+    gradients made too. floors [N]: each row's softmax over the tokens whose tempered logit is at least its floor
+    (and its target) only (Keep Sampling Mask: the tokens its sampling kept)."""
     return _HeadCE.apply(h, weight, targets, -coef, temperature, entropy or bonus is not None, logits,
-                         bonus)  # (sum -coef_i * CE_i + bonus_i * H_i)
+                         bonus, floors)  # (sum -coef_i * CE_i + bonus_i * H_i)
 
 
 class _HeadCE(torch.autograd.Function):
@@ -50,7 +51,8 @@ class _HeadCE(torch.autograd.Function):
     (entropy) entropies; given_logits (N rows [V], or None): the logits, not computed again."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, row_weights, temperature, entropy, given_logits=None, bonus=None):
+    def forward(ctx, h, weight, targets, row_weights, temperature, entropy, given_logits=None, bonus=None,
+                floors=None):
         N, V = h.shape[0], weight.shape[0]
         if given_logits is not None and len(given_logits) != N:
             raise ValueError(f"{len(given_logits)} logits rows for {N} rows of h")
@@ -71,7 +73,7 @@ class _HeadCE(torch.autograd.Function):
                 logits = torch.stack(given_logits[rows]).float()
             if temperature != 1:
                 logits.div_(temperature)
-            p, lp[rows], ents = _softmax_parts(logits, yc, entropy)
+            p, lp[rows], ents = _softmax_parts(logits, yc, entropy, None if floors is None else floors[rows])
             if entropy:
                 ent[rows] = ents
             scale = None if row_weights is None else row_weights[rows].float()
@@ -93,22 +95,23 @@ class _HeadCE(torch.autograd.Function):
     def backward(ctx, grad_out, _lp, _ent):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None, None, None, None, None, None)
+                grad_w * grad_out if grad_w is not None else None, None, None, None, None, None, None, None)
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  entropy: bool = False, entropy_grad: bool = False,
+                  floors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of targets under softmax(h @ weight.T / temperature) (fp32) -> [N], and (entropy=True) each
     row's entropy [N] (a statistic without gradient, or with entropy_grad one). h [N, D], weight [V, D], targets
     [N]. Chunked as head_cross_entropy, but the loss on top is the caller's (GRPO's clipped ratios), so the
     backward recomputes each chunk's logits: four matmuls instead of three, and no [N, V] tensor kept between the
-    two passes."""
-    return _HeadLogprobs.apply(h, weight, targets, temperature, entropy or entropy_grad, entropy_grad)
+    two passes. floors [N]: as head_weighted_logprobs'."""
+    return _HeadLogprobs.apply(h, weight, targets, temperature, entropy or entropy_grad, entropy_grad, floors)
 
 
 class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, entropy, entropy_grad=False):
+    def forward(ctx, h, weight, targets, temperature, entropy, entropy_grad=False, floors=None):
         N, V = h.shape[0], weight.shape[0]
         step = max(MIN_ROWS, CHUNK_LOGITS // V)
         lp = torch.empty(N, dtype=torch.float32, device=h.device)
@@ -117,11 +120,12 @@ class _HeadLogprobs(torch.autograd.Function):
         w = weight.to(mm)
         for i in range(0, N, step):
             logits = linear(h[i:i + step].to(mm), w).float().div_(temperature)
-            _, lp[i:i + step], ents = _softmax_parts(logits, targets[i:i + step], entropy)
+            _, lp[i:i + step], ents = _softmax_parts(logits, targets[i:i + step], entropy,
+                                                     None if floors is None else floors[i:i + step])
             if entropy:
                 ent[i:i + step] = ents
         ctx.save_for_backward(h, weight, targets)
-        ctx.temperature, ctx.mm, ctx.step, ctx.entropy_grad = temperature, mm, step, entropy_grad
+        ctx.temperature, ctx.mm, ctx.step, ctx.entropy_grad, ctx.floors = temperature, mm, step, entropy_grad, floors
         if not entropy_grad:
             ctx.mark_non_differentiable(ent)
         return lp, ent
@@ -135,13 +139,16 @@ class _HeadLogprobs(torch.autograd.Function):
         for i in range(0, h.shape[0], ctx.step):
             gc = g[i:i + ctx.step].float()
             logits = linear(hm[i:i + ctx.step], w).float().div_(ctx.temperature)
+            if ctx.floors is not None:
+                y = targets[i:i + ctx.step]
+                _keep_sampled(logits, ctx.floors[i:i + ctx.step], y, logits.gather(1, y[:, None])[:, 0])
             p = _softmax(logits)[0]
             more = _entropy_grad(p, logits, g_ent[i:i + ctx.step].float()) if ctx.entropy_grad else None
             d = p.mul_(-gc[:, None])  # -g softmax
             d[torch.arange(len(gc), device=d.device), targets[i:i + ctx.step]] += gc
             grads.add((d if more is None else d.add_(more)).div_(ctx.temperature), slice(i, i + ctx.step))
         grad_h, grad_w = grads.done()
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None, None
 
 
 def _entropy_grad(p: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -151,18 +158,28 @@ def _entropy_grad(p: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> torch.Te
     return z.sub_(torch.linalg.vecdot(p, z)[:, None]).mul_(p).mul_(-g[:, None])
 
 
-def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
+def _softmax_parts(logits: torch.Tensor, targets: torch.Tensor, entropy: bool, floor: torch.Tensor | None = None):
     """A chunk's logits [n, V] (fp32, clamped in place) -> (softmax [n, V], the targets' log-probs [n], the
     entropies [n] (or None)). The softmax is ATen's row-wise kernel (each row's max, exp and sum while the row is
     in cache); its largest entry is 1 / sum(exp(z - max)), so the log-sum-exp is max - log(that) (>= 1/V: no
     digits lost), with no second exp and no branch on the values (no host sync on a GPU). Five passes over [n, V]
     (max, clamp, softmax, its max, the entropy's dot product) where max, shift, clamp, exp, sum and the entropy's
-    product and sum took seven."""
+    product and sum took seven. floor [n]: _keep_sampled first."""
     zy = logits.gather(1, targets[:, None])[:, 0]  # (before the clamp: a target's log-prob may lie below it)
+    if floor is not None:
+        _keep_sampled(logits, floor, targets, zy)
     p, m = _softmax(logits)
     lse = m - p.amax(-1).log()
     ent = lse - torch.linalg.vecdot(p, logits) if entropy else None  # H = lse - sum(softmax * z)
     return p, zy - lse, ent
+
+
+def _keep_sampled(logits: torch.Tensor, floor: torch.Tensor, targets: torch.Tensor, zy: torch.Tensor):
+    """Keep Sampling Mask: each row of logits [n, V] (tempered) below its floor [n] set to -inf, in place, but its
+    target's (zy [n], which its sampling kept: a recomputed logit may round under the floor); the softmax's clamp
+    then lifts them to the row's max + EXP_FLOOR: no mass left to them."""
+    logits.masked_fill_(logits < floor.to(logits.dtype)[:, None], float("-inf")).scatter_(1, targets[:, None],
+                                                                                        zy[:, None])
 
 
 def _softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -289,7 +289,7 @@ def replaying(model: Transformer, routes: torch.Tensor | None):
 
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
                    shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False,
-                   bonus: torch.Tensor | None = None, replay: bool = False):
+                   bonus: torch.Tensor | None = None, replay: bool = False, masked: bool = False):
     """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
     policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the entropy of that distribution at
     each completion position [N, T] (0 on padding and where not asked; a statistic, no gradient). shared=True:
@@ -302,7 +302,9 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     as its logits instead of computing them (grpo.reuse_logits says when). bonus [N, T] (an entropy bonus, GRPO's
     --entropy-coef): with coef, that loss adds sum bonus x entropy, its gradients made in the head too; without,
     the entropies returned carry gradients (the caller adds the term). replay (DeepSeek-V3.2's Keep Routing):
-    every MoE layer routes each position to the experts its rollout's sampling routed it to (Rollout.routes)."""
+    every MoE layer routes each position to the experts its rollout's sampling routed it to (Rollout.routes).
+    masked (DeepSeek-V3.2's Keep Sampling Mask): each token's distribution over the tokens its sampling's top-k /
+    top-p / min-p kept (Rollout.floors) only."""
     dev = next(model.parameters()).device
     c = model.config
     mask = completion_mask(batch, dev)
@@ -343,14 +345,20 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     # (loss.head_logprobs); log-probs 0 on the padding
     rows = mask.flatten().nonzero()[:, 0]
     h, t = h.flatten(0, 1).index_select(0, rows), tgt.flatten().index_select(0, rows)
+    floors = None
+    if masked:
+        if any(r.floors is None or len(r.floors) != len(r.ids) for r in batch):
+            raise ValueError("a rollout without a sampling floor for each token (sample it with keep_sampling_mask)")
+        floors = float_rows([r.floors for r in batch], mask).flatten().index_select(0, rows)
     graded = bonus is not None and coef is None  # (the entropies' gradients through autograd)
     if coef is None:
-        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy, graded)
+        lp, ents = head_logprobs(h, model.head.weight, t, temperature, entropy, graded, floors)
     else:
         given = [row for r in batch for row in r.logits] if reuse else None  # (in rows' order: row by row)
         linear, lp, ents = head_weighted_logprobs(h, model.head.weight, t, coef.flatten().index_select(0, rows),
                                                   temperature, entropy, given,
-                                                  None if bonus is None else bonus.flatten().index_select(0, rows))
+                                                  None if bonus is None else bonus.flatten().index_select(0, rows),
+                                                  floors)
     logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
     ent = lp.new_zeros(mask.numel()).index_add(0, rows, ents if graded else ents.detach()).view(mask.shape) \
         if entropy or bonus is not None else torch.zeros_like(logp, requires_grad=False)

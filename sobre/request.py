@@ -23,6 +23,7 @@ class Sequence:
     logits: list = field(default_factory=list)  # Engine(keep_logits=True): the raw logits row [V] of each token in out
     sampled: list = field(default_factory=list)  # Engine(keep_logprobs=True): each token's log-prob at the temperature
     routes: torch.Tensor | None = None  # Engine(keep_routing=True), once finished: [MoE layers, positions, K] experts
+    floors: list = field(default_factory=list)  # Engine(keep_sampling_mask=True): each out token's sampling floor
     blocks: list[int] = field(default_factory=list)
     lane: int | None = None  # row in the pool's per-sequence rings (deepseek_v4)
     length: int = 0  # tokens whose K/V sit in the cache

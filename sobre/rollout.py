@@ -40,6 +40,7 @@ class Rollout:
     sampled: list[float] | None = None  # sample_groups(keep_logprobs=True): each id's log-prob where it was drawn
     # sample_groups(keep_routing=True): the experts each MoE layer routed prompt + ids[:-1] to [layers, positions, K]
     routes: torch.Tensor | None = None
+    floors: list[float] | None = None  # sample_groups(keep_sampling_mask=True): each id's sampling floor
 
 
 def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
@@ -74,8 +75,8 @@ def rollouts_over_ranks(model: Transformer, tok: Tokenizer, task: Task, problems
 def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem], n: int, want: int,
                   accept=None, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                   seed: int = 0, max_batch: int | None = None, top_k: int = 0, min_p: float = 0.0,
-                  keep_logits: bool = False, keep_logprobs: bool = False, keep_routing: bool = False
-                  ) -> tuple[list[tuple[bool, list[Rollout]]], int]:
+                  keep_logits: bool = False, keep_logprobs: bool = False, keep_routing: bool = False,
+                  keep_sampling_mask: bool = False) -> tuple[list[tuple[bool, list[Rollout]]], int]:
     """Groups of n completions of problems taken in order, `want` groups in play on one engine: the first want
     problems' requests go in at once; each group, once all its completions are in, goes to accept(group) -> bool
     (None: all accepted), and a refused group's place goes at once to the next problem (DAPO's dynamic sampling
@@ -86,7 +87,8 @@ def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list
     global generator (the device's), seeded here, in the engine's fixed batch order. keep_logits: each Rollout
     carries the model's raw logits row of each of its tokens (Engine(keep_logits=True)); keep_logprobs: each
     token's log-prob under the distribution it was drawn from (Engine(keep_logprobs=True)); keep_routing: the
-    experts every MoE layer routed each of its positions to (Engine(keep_routing=True))."""
+    experts every MoE layer routed each of its positions to (Engine(keep_routing=True)); keep_sampling_mask: each
+    token's sampling floor (Engine(keep_sampling_mask=True))."""
     if not problems:
         raise ValueError(f"task {task.name!r}: no problems to sample (a .jsonl task holds out ~10% of its rows)")
     prompts = [prompt_ids(tok, p) for p in problems]
@@ -100,7 +102,8 @@ def sample_groups(model: Transformer, tok: Tokenizer, task: Task, problems: list
     if max_batch is None:
         max_batch = rollout_batch(model, in_play, longest + 64)
     eng = Engine(model, tok, max_batch=max_batch, cache_tokens=min(in_play, max_batch) * (longest + 64),
-                 keep_logits=keep_logits, keep_logprobs=keep_logprobs, keep_routing=keep_routing)
+                 keep_logits=keep_logits, keep_logprobs=keep_logprobs, keep_routing=keep_routing,
+                 keep_sampling_mask=keep_sampling_mask)
     owner, outs, done = {}, [[] for _ in problems], []  # request -> problem; each problem's finished requests
     drawn = 0
 
@@ -150,7 +153,8 @@ def rollout_batch(model: Transformer, seqs: int, tokens: int) -> int:
 def _rollout(tok: Tokenizer, task: Task, problem: Problem, prompt: list[int], s) -> Rollout:
     text = tok.decode(s.out)
     return Rollout(prompt, s.out, text, s.finish_reason == "length", float(task.correct(text, problem.answer)),
-                   format_reward(text), extract_answer(text), s.logits or None, s.sampled or None, s.routes)
+                   format_reward(text), extract_answer(text), s.logits or None, s.sampled or None, s.routes,
+                   s.floors or None)
 
 
 class CastWeights:

@@ -155,12 +155,35 @@ def penalized(seqs: list, logits: torch.Tensor) -> torch.Tensor:
 
 
 
-def tempered_logprobs(seqs: list, logits: torch.Tensor, chosen: torch.Tensor) -> list[float]:
+def tempered_logprobs(seqs: list, logits: torch.Tensor, chosen: torch.Tensor,
+                      floors: list[float] | None = None) -> list[float]:
     """Each row's chosen token's log-prob under logits [B, V] / its sequence's temperature (1 for greedy), before
-    top-k / top-p / min-p, in one batched pass: the distribution it was drawn from (Engine(keep_logprobs=True))."""
+    top-k / top-p / min-p, in one batched pass: the distribution it was drawn from (Engine(keep_logprobs=True));
+    floors (sampling_floors): over the tokens at or above each row's floor only, as they were drawn."""
     t = logits.new_tensor([s.params.temperature or 1.0 for s in seqs], dtype=torch.float32)[:, None]
     scaled = logits.float() / t
+    if floors is not None:
+        scaled = scaled.masked_fill(scaled < scaled.new_tensor(floors)[:, None], float("-inf"))
     return (scaled.gather(1, chosen.to(logits.device)[:, None])[:, 0] - scaled.logsumexp(-1)).tolist()
+
+
+def sampling_floors(seqs: list, logits: torch.Tensor) -> list[float]:
+    """Each row's floor under its sequence's top-k / top-p / min-p (filter_logits): halfway between the lowest
+    tempered logit they keep and the highest they drop, so the tokens it may draw are those above it, and a logit
+    computed again (rounding ~1e-6 apart) falls on the same side (-inf where nothing is cut). DeepSeek-V3.2's Keep
+    Sampling Mask: GRPO's update renormalises its log-probs over the same tokens (Engine(keep_sampling_mask=True))."""
+    params = [s.params for s in seqs]
+    if all(p.temperature == 0 or _unfiltered(p, logits.shape[1]) for p in params):
+        return [float("-inf")] * len(seqs)
+    temps = logits.new_tensor([p.temperature or 1.0 for p in params], dtype=torch.float32)[:, None]
+    kept = filter_logits(logits.float(), [p if p.temperature > 0 else SamplingParams() for p in params])
+    dropped = kept.isinf()
+    low = kept.masked_fill(dropped, float("inf")).amin(-1)
+    high = (logits.float() / temps).masked_fill(~dropped, float("-inf")).amax(-1)
+    floors = torch.where(high > float("-inf"), (low + high) / 2, float("-inf"))
+    free = logits.new_tensor([p.temperature == 0 or _unfiltered(p, logits.shape[1]) for p in params],
+                             dtype=torch.bool)
+    return floors.masked_fill(free, float("-inf")).tolist()
 
 TOP_CANDIDATES = 1024  # top-k / top-p / min-p decided among each row's best this-many tokens when they hold its kept
 #   set (filter_logits)

@@ -1119,3 +1119,102 @@ def test_update_on_kept_routing_takes_the_routers_own_step(tmp_path):
     sobre.save(dense, tmp_path / "qwen", tokenizer_dir=tmp_path)
     with pytest.raises(ValueError, match="dense model"):
         G.grpo(GRPOArgs(out=str(tmp_path / "run"), init=str(tmp_path / "qwen"), steps=1, keep_routing=True))
+
+
+def test_sampling_floors_bound_the_tokens_sampling_keeps():
+    """sampling_floors: each row's floor between the tempered logits top-k / top-p / min-p keep (filter_logits)
+    and those they drop, so the kept tokens are exactly those above it; -inf where nothing is cut (or greedy)."""
+    from sobre.request import Sequence
+    from sobre.sampling import SamplingParams, filter_logits, sampling_floors
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g) * 3
+    params = [SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.0, top_p=0.5),
+              SamplingParams(temperature=1.3, min_p=0.2), SamplingParams(temperature=1.0), SamplingParams()]
+    floors = sampling_floors([Sequence(i, [1], p) for i, p in enumerate(params)], logits)
+    kept = filter_logits(logits, [p if p.temperature else SamplingParams() for p in params]) > float("-inf")
+    for i, p in enumerate(params[:3]):
+        assert torch.equal(logits[i] / p.temperature >= floors[i], kept[i]), i
+    assert int(kept[0].sum()) == 3 and floors[3:] == [float("-inf")] * 2
+
+
+def test_head_logprobs_over_the_kept_tokens_equal_autograds(monkeypatch):
+    """Keep Sampling Mask in the head: head_logprobs and head_weighted_logprobs with floors take each row's
+    softmax over its tokens at or above the floor (and its target, even below it): log-probs, entropies and both
+    gradients against log_softmax over those tokens, chunks of 7 rows."""
+    import torch.nn.functional as F
+
+    import sobre.loss
+    monkeypatch.setattr(sobre.loss, "CHUNK_LOGITS", 7 * 50)
+    monkeypatch.setattr(sobre.loss, "MIN_ROWS", 1)
+    g = torch.Generator().manual_seed(5)
+    h0, w0 = torch.randn(30, 16, generator=g), torch.randn(50, 16, generator=g) * 0.5
+    y = torch.randint(0, 50, (30,), generator=g)
+    z = F.linear(h0, w0) / 0.7
+    floors = z.sort(-1, descending=True).values[torch.arange(30), torch.randint(0, 20, (30,), generator=g)]
+    floors[0] = z[0, y[0]] + 0.5  # (a target under its floor: kept all the same)
+    coef = torch.randn(30, generator=g)
+
+    def plain(h, w):
+        s = F.linear(h, w) / 0.7
+        keep = (s >= floors[:, None]) | F.one_hot(y, 50).bool()
+        la = F.log_softmax(s.masked_fill(~keep, float("-inf")), -1)
+        lp = la.gather(1, y[:, None])[:, 0]
+        return (lp * coef).sum(), lp, -(la.exp() * la.masked_fill(~keep, 0)).sum(-1).detach()
+
+    def logprobs(h, w):
+        lp, ent = sobre.loss.head_logprobs(h, w, y, 0.7, entropy=True, floors=floors)
+        return (lp * coef).sum(), lp, ent
+
+    def weighted(h, w):
+        total, lp, ent = sobre.loss.head_weighted_logprobs(h, w, y, coef, 0.7, True, floors=floors)
+        return total, lp, ent
+
+    results = []
+    for fn in (logprobs, weighted, plain):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        total, lp, ent = fn(h, w)
+        total.backward()
+        results.append((total.detach(), lp.detach(), ent, h.grad, w.grad))
+    for got in results[:2]:
+        for a, b in zip(got, results[2]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_rollouts_keep_sampling_floors_and_the_update_renormalises_over_them(tmp_path, monkeypatch):
+    """Engine(keep_sampling_mask=True) under top-k 4: each token's floor leaves exactly its row's 4 best tempered
+    logits above it, the drawn token among them, and its kept log-prob (keep_logprobs) is the truncated
+    distribution's; token_logprobs(masked=True) then equals log_softmax over those 4 at every token, and the
+    update on them takes the same step on the linear surrogate as on the general path, not the step over the
+    whole vocabulary."""
+    from sobre.rollout import sample_groups
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    task = get_task("arithmetic")
+    groups, _ = sample_groups(model, tok, task, task.problems("train", 3), 3, 3, max_new_tokens=8, seed=3,
+                              temperature=0.8, top_k=4, keep_logits=True, keep_logprobs=True,
+                              keep_sampling_mask=True)
+    batch = [r for _, g in groups for r in g]
+    for r in batch:
+        z = torch.stack(r.logits) / 0.8  # [n, V]
+        above = z >= torch.tensor(r.floors)[:, None]
+        assert above.sum(-1).tolist() == [4] * len(r.ids) and bool(above.gather(1, torch.tensor(r.ids)[:, None]).all())
+        want = torch.log_softmax(z.masked_fill(~above, float("-inf")), -1).gather(1, torch.tensor(r.ids)[:, None])
+        torch.testing.assert_close(torch.tensor(r.sampled), want[:, 0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        logp, mask, _ = token_logprobs(model, batch, temperature=0.8, masked=True)
+    for row, m, r in zip(logp, mask, batch):
+        z = torch.stack(r.logits) / 0.8
+        want = torch.log_softmax(z.masked_fill(z < torch.tensor(r.floors)[:, None], float("-inf")), -1)
+        torch.testing.assert_close(row[m], want.gather(1, torch.tensor(r.ids)[:, None])[:, 0], atol=1e-4, rtol=1e-4)
+    rewarded = [(g, torch.tensor([float(i % 2), 1.0, 0.0])) for i, (_, g) in enumerate(groups)]
+    steps = []
+    for linear in (True, False):
+        monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
+        steps.append(sgd_step(model, rewarded, GRPOArgs(micro_batch=4, max_new_tokens=8, temperature=0.8, top_k=4,
+                                                        keep_sampling_mask=True, clip=1e9)))
+    same_step(model, steps)
+    _, whole = sgd_step(model, rewarded, GRPOArgs(micro_batch=4, max_new_tokens=8, temperature=0.8, top_k=4,
+                                                 clip=1e9))  # (over the whole vocabulary: another step)
+    assert max((whole[n] - w).abs().max().item() for n, w in steps[0][1].items()) > 1e-3
