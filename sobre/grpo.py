@@ -42,6 +42,7 @@ from .objective import (
     Surrogate,
     advantages,
     completion_mask,
+    decoupled_advantages,
     float_rows,
     high_entropy,
     policy_loss,
@@ -54,7 +55,7 @@ from .rewards import overlong_penalty
 from .rollout import CastWeights, Rollout, evaluate_task, sample_groups
 from .sampling import ParamError, SamplingParams
 from .sft import adapter_base, start_model
-from .tasks import get_task
+from .tasks import get_task, load_reward
 from .train import (
     RunArgs,
     adamw,
@@ -79,6 +80,7 @@ SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_mas
 #   are weighed or the tokens or completions masked)
 PER_SEEN = ("is_weight", "is_masked", "entropy_kept")  # ... those that are means over the tokens trained
 PER_SEQ = ("off_policy_masked",)  # ... and over the batch's completions
+AGGREGATIONS = ("sum", "normalize_then_sum")  # --reward-aggregation
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -149,6 +151,12 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     overlong_filter: bool = False  # truncated completions leave the loss (always on with --loss dapo)
     overlong_buffer: int = 0  # soft overlong punishment over the last N tokens (0 = off)
     format_weight: float = 0.1  # reward = correct + format_weight * well-formed + overlong penalty
+    rewards: tuple[str, ...] = ()  # more reward terms, module:function (completion, reference answer) -> float each
+    reward_weights: tuple[float, ...] = ()  # --rewards' weights in the reward, in order (empty: 1 each)
+    # how the terms (correct, format, overlong penalty, --rewards) make the advantages: sum (weighed, then
+    # normalised as --scale-rewards says) or normalize_then_sum (GDPO, TRL's multi_objective_aggregation: each term
+    # normalised in its group, then weighed and summed, the sum normalised over the batch)
+    reward_aggregation: str = "sum"
     router_bias_update: float = 0.0  # MoE: aux-loss-free balancing on the rollout tokens (0: routers frozen)
     # DeepSeek-V3.2's Keep Routing (MoE): the update's forwards route every token to the experts its rollout's
     # sampling routed it to (the engine records them; the gate's weights still train), so that rounding apart
@@ -192,6 +200,13 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
         if not 0 <= self.rollout_is_min < self.rollout_is_max:
             raise ValueError(f"--rollout-is-min / --rollout-is-max must satisfy 0 <= min < max, got "
                              f"{self.rollout_is_min}, {self.rollout_is_max}")
+        if self.reward_aggregation not in AGGREGATIONS:
+            raise ValueError(f"--reward-aggregation must be one of {AGGREGATIONS}, got {self.reward_aggregation!r}")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"--reward-weights gives {len(self.reward_weights)} weights for {len(self.rewards)} "
+                             f"--rewards functions")
+        for spec in self.rewards:
+            load_reward(spec)  # (a missing module or function: an error before the model loads)
         if self.scale_rewards not in ("",) + SCALES:
             raise ValueError(f"--scale-rewards must be one of {SCALES}, got {self.scale_rewards!r}")
         require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
@@ -308,11 +323,16 @@ def grpo(a: GRPOArgs) -> Path:
         tqdm.write(f"task {task.name!r} holds out no problems: no held-out evaluation (eval.jsonl)")
     if start == 0 and evaluate:
         held_out(0)
-    scores = {}  # id(group) -> its rewards, this step's
+    scores, terms = {}, {}  # id(group) -> its rewards [G], its reward terms [G, K], this step's
+    extra = [load_reward(spec) for spec in a.rewards]
+    term_weights = [1.0, a.format_weight, 1.0, *(a.reward_weights or [1.0] * len(extra))]
+    decoupled = a.reward_aggregation == "normalize_then_sum"
 
     def accept(g: list[Rollout]) -> bool:  # a finished group: scored; kept unless dynamic sampling drops it
-        scores[id(g)] = r = torch.tensor([_reward(x, a) for x in g])
-        return not dynamic or bool(r.std() > 0)
+        t = [_terms(x, a, extra) for x in g]
+        terms[id(g)] = torch.tensor(t, dtype=torch.float64)
+        scores[id(g)] = r = torch.tensor([sum(w * v for w, v in zip(term_weights, row)) for row in t])
+        return not dynamic or bool((terms[id(g)].std(0) > 0).any() if decoupled else r.std() > 0)
 
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"grpo ({a.loss})", unit="step",
                      disable=rank > 0):
@@ -322,6 +342,7 @@ def grpo(a: GRPOArgs) -> Path:
         problems = [p for k in range(a.max_attempts if dynamic else 1)
                     for p in task.problems("train", a.prompts, f"{a.seed}/{step}/{k}")][rank::world]
         scores.clear()
+        terms.clear()
         with weights as m:
             groups, drawn = sample_groups(m, tok, task, problems, a.group, share, accept, a.max_new_tokens,
                                           a.temperature, a.top_p, seed=(a.seed * 1_000_003 + step) * 8 * world + rank,
@@ -339,12 +360,19 @@ def grpo(a: GRPOArgs) -> Path:
         rec = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                "accuracy": correct / n, "format": form / n, "completion_length": length / n,
                "truncated": truncated / n, "groups_kept": int(n_kept), "groups_drawn": int(drawn)}
+        if extra:  # each --rewards function's mean over the step's completions (every rank's)
+            sums = parallel.all_sum(*(float(sum(terms[id(g)][:, 3 + k].sum() for g, _ in seen)) for k in
+                                      range(len(extra))))
+            rec |= {f"reward_{f.__name__}": v / n for f, v in zip(extra, sums)}
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
-        adv = group_advantages(kept, a)
+        adv = group_advantages(kept, a) if not decoupled else decoupled_advantages(
+            torch.stack([terms[id(g)] for g, _ in kept]) if kept else torch.zeros(0, a.group, len(term_weights),
+                                                                                  dtype=torch.float64),
+            torch.tensor(term_weights, dtype=torch.float64)).flatten().float()
         if a.log_completions:
-            rows = sum(parallel.gather_objects(_completion_rows(step + 1, problems, groups, scores, kept, adv, a)),
-                       [])
+            rows = sum(parallel.gather_objects(_completion_rows(step + 1, problems, groups, scores, kept, adv, a,
+                                                                {f.__name__: terms for f in extra})), [])
             if rank == 0:
                 with open(run / "completions.jsonl", "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
@@ -385,8 +413,10 @@ def sync_reference(ref: Transformer, model: Transformer, alpha: float):
         parallel.local(r).lerp_(parallel.local(theirs[name]), alpha)
 
 
-def _reward(x: Rollout, a: GRPOArgs) -> float:
-    return x.correct + a.format_weight * x.format + overlong_penalty(len(x.ids), a.max_new_tokens, a.overlong_buffer)
+def _terms(x: Rollout, a: GRPOArgs, extra: list) -> list[float]:
+    """A completion's reward terms: correctness, format, the overlong penalty, then each --rewards function's."""
+    return [x.correct, x.format, overlong_penalty(len(x.ids), a.max_new_tokens, a.overlong_buffer),
+            *(float(f(x.text, x.reference)) for f in extra)]
 
 
 def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs) -> torch.Tensor:
@@ -400,12 +430,14 @@ def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs
     return advantages(rewards, scale).flatten() if kept else torch.zeros(0)
 
 
-def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch.Tensor, a: GRPOArgs) -> list[dict]:
+def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch.Tensor, a: GRPOArgs,
+                     extra: dict | None = None) -> list[dict]:
     """The first a.log_completions of this step's completions (in draw order) as JSONL rows, as TRL's
     log_completions table: the problem, its answer, the completion text, reward, correctness, format, length, whether
     it ran to the limit, whether its group was kept and the advantage its group gave it (None: the group dropped; a
     truncated one leaves the loss under overlong filtering, one of advantage 0 carries no gradient). kept: the
-    step's kept [(group, rewards)], adv their advantages, as _update takes them."""
+    step's kept [(group, rewards)], adv their advantages, as _update takes them; extra: {--rewards function name:
+    the step's reward terms by group}, each function's value logged too."""
     adv = dict(zip((id(x) for g, _ in kept for x in g), adv.tolist()))
     rows = []
     for problem, (ok, g) in zip(problems, groups):  # (groups come back in draw order: problems[i] is group i's)
@@ -414,7 +446,8 @@ def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch
         rows += [{"step": step, "prompt": problem.prompt, "answer": problem.answer, "completion": x.text,
                   "reward": r, "correct": x.correct, "format": x.format, "length": len(x.ids),
                   "truncated": x.truncated, "kept": ok, "advantage": adv.get(id(x))}
-                 for x, r in zip(g, scores[id(g)].tolist())]
+                 | {f"reward_{name}": float(t[id(g)][i, 3 + k]) for k, (name, t) in enumerate((extra or {}).items())}
+                 for i, (x, r) in enumerate(zip(g, scores[id(g)].tolist()))]
     return rows[:a.log_completions]
 
 

@@ -83,6 +83,16 @@ def advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -
     return adv / ((rewards.std(1, keepdim=True) if scale == "group" else rewards.std()) + eps)
 
 
+def decoupled_advantages(terms: torch.Tensor, weights: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GDPO's (TRL's multi_objective_aggregation="normalize_then_sum"): terms [P, G, K] (each completion's K reward
+    terms) -> advantages [P, G]: each term normalised in its group ((r - mean) / (std + eps), unbiased std; a term
+    equal across the group gives 0), weighed and summed, then normalised over the batch, every rank's."""
+    norm = (terms - terms.mean(1, keepdim=True)) / (terms.std(1, keepdim=True) + eps)
+    s = (norm.masked_fill((terms == terms[:, :1]).all(1, keepdim=True), 0) * weights).sum(-1)  # [P, G]
+    every = torch.cat(parallel.gather_objects(s.flatten()))
+    return (s - every.mean()) / (every.std() + eps)
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
     d = ref_logp - logp

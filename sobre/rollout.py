@@ -41,6 +41,7 @@ class Rollout:
     # sample_groups(keep_routing=True): the experts each MoE layer routed prompt + ids[:-1] to [layers, positions, K]
     routes: torch.Tensor | None = None
     floors: list[float] | None = None  # sample_groups(keep_sampling_mask=True): each id's sampling floor
+    reference: str = ""  # the problem's reference answer (what reward functions score the text against)
 
 
 def prompt_ids(tok: Tokenizer, problem: Problem) -> list[int]:
@@ -154,7 +155,7 @@ def _rollout(tok: Tokenizer, task: Task, problem: Problem, prompt: list[int], s)
     text = tok.decode(s.out)
     return Rollout(prompt, s.out, text, s.finish_reason == "length", float(task.correct(text, problem.answer)),
                    format_reward(text), extract_answer(text), s.logits or None, s.sampled or None, s.routes,
-                   s.floors or None)
+                   s.floors or None, problem.answer)
 
 
 class CastWeights:

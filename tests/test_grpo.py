@@ -661,6 +661,55 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
         "whole", "completions.jsonl"))
 
 
+def test_decoupled_advantages_normalise_each_term_in_its_group_then_the_sum_over_the_batch():
+    """GDPO (--reward-aggregation normalize_then_sum, TRL's): each term normalised in its group (a term equal across
+    the group: 0), weighed and summed, the sum normalised over the batch, against hand-computed values."""
+    from sobre.objective import decoupled_advantages
+    terms = torch.tensor([[[1.0, 0.5], [0.0, 0.5], [0.0, 0.5]],  # group 0: term 1 equal across it
+                          [[1.0, 1.0], [1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    z = lambda v: (torch.tensor(v) - torch.tensor(v).mean()) / (torch.tensor(v).std() + 1e-4)  # noqa: E731
+    s = torch.stack([z([1.0, 0.0, 0.0]), z([1.0, 1.0, 0.0]) + 2 * z([1.0, 0.0, 2.0])])
+    want = (s - s.mean()) / (s.std() + 1e-4)
+    torch.testing.assert_close(decoupled_advantages(terms, w), want.double())
+    flat = torch.full((1, 4, 3), 0.7, dtype=torch.float64)  # (every term equal: no signal)
+    assert torch.equal(decoupled_advantages(torch.cat([flat, flat]), torch.ones(3, dtype=torch.float64)),
+                       torch.zeros(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "normalize_then_sum"])
+def test_grpo_adds_reward_functions_with_their_weights(tmp_path, aggregation):
+    """--rewards module:function --reward-weights W: each function a term of the reward (correct + 0.1 format + W
+    x its value), logged per step (reward_NAME) and per completion; normalize_then_sum takes its advantages from
+    the terms (decoupled_advantages), sum from the reward (group-scaled)."""
+    from sobre import grpo as G
+    from sobre.objective import decoupled_advantages
+    run = G.grpo(GRPOArgs(out=str(tmp_path / "run"), preset="debug", task="arithmetic", steps=2, prompts=2, group=3,
+                          max_new_tokens=6, eval_every=100, eval_problems=1, rewards=("test_grpo:spread_reward",),
+                          reward_weights=(0.5,), reward_aggregation=aggregation))
+    rows = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    for r in rows:
+        assert r["reward_spread_reward"] == pytest.approx(spread_reward(r["completion"], r["answer"]))
+        assert r["reward"] == pytest.approx(r["correct"] + 0.1 * r["format"] + 0.5 * r["reward_spread_reward"])
+    for step in (1, 2):
+        mine = [r for r in rows if r["step"] == step]
+        terms = torch.tensor([[[r["correct"], r["format"], 0.0, r["reward_spread_reward"]] for r in mine[i:i + 3]]
+                              for i in (0, 3)], dtype=torch.float64)
+        want = decoupled_advantages(terms, torch.tensor([1.0, 0.1, 1.0, 0.5], dtype=torch.float64)) \
+            if aggregation != "sum" else advantages(torch.tensor([[r["reward"] for r in mine[i:i + 3]]
+                                                                  for i in (0, 3)]))
+        assert [r["advantage"] for r in mine] == pytest.approx(want.flatten().tolist(), abs=1e-5)
+    metrics = untimed_rows(run / "metrics.jsonl")
+    assert metrics[0]["reward_spread_reward"] == pytest.approx(
+        sum(r["reward_spread_reward"] for r in rows[:6]) / 6)
+    for bad, says in ((dict(rewards=("test_grpo:spread_reward",), reward_weights=(1.0, 2.0)), "2 weights for 1"),
+                      (dict(reward_aggregation="mean"), "reward-aggregation"), (dict(rewards=("nowhere:f",)),
+                                                                                "nowhere")):
+        with pytest.raises(ValueError, match=says):
+            GRPOArgs(**bad).validate()
+
+
 @pytest.mark.parametrize("loss", ["grpo", "dapo"])
 def test_grpo_logs_completions_with_rewards_and_advantages(tmp_path, loss):
     """completions.jsonl (TRL's log_completions): the first --log-completions completions of each step in draw
@@ -1001,12 +1050,12 @@ def test_grpo_runs_alike_on_the_rollouts_logits_or_its_own(tmp_path, monkeypatch
     allows) logs the same steps and exports the same model as one that computes them again."""
     from sobre import grpo as G
     runs = []
-    monkeypatch.setattr(G, "_reward", lambda x, a: zlib.crc32(x.text.encode()) / 2**32)  # (a random model: spread)
     for reuse in (True, False):
         monkeypatch.setattr(G, "REUSE_LOGITS", reuse)
         given = spy_given_logits(monkeypatch)
         run = G.grpo(GRPOArgs(out=str(tmp_path / str(reuse)), preset="debug", task="arithmetic", steps=2, prompts=2,
-                              group=3, max_new_tokens=6, eval_every=1000, lr=1e-2, log_completions=0))
+                              group=3, max_new_tokens=6, eval_every=1000, lr=1e-2, log_completions=0,
+                              rewards=("test_grpo:spread_reward",)))  # (a random model: rewards that differ)
         assert given and set(given) == {reuse}
         runs.append((untimed_rows(run / "metrics.jsonl"), sobre.load(run / "model").state_dict()))
     (rows, weights), (rows2, weights2) = runs
