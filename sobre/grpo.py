@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -143,6 +143,10 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
     vespo_gamma: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)  # --loss vespo: k and lambda of phi(w) for
     #   advantages >= 0, then for negative ones (TRL's defaults)
     mu: int = 1  # optimisation epochs per batch of rollouts (old log-probs kept from before the first)
+    # optimizer steps per batch of rollouts (TRL's steps_per_generation, PPO's mini-batches): the step's groups
+    # split into this many mini-batches, one step each (in each of --mu epochs), every loss normalised over its own
+    # mini-batch, the ratios against the log-probs of the policy that sampled them
+    steps_per_generation: int = 1
     micro_batch: int = 64  # completions per forward/backward (the defaults: a whole step, 8 x 8, in one)
     dynamic_sampling: bool = False  # always on with --loss dapo
     top_entropy_quantile: float = 1.0  # rho < 1: only the batch's top-rho tokens by entropy in the policy loss
@@ -210,7 +214,7 @@ class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameter
         if self.scale_rewards not in ("",) + SCALES:
             raise ValueError(f"--scale-rewards must be one of {SCALES}, got {self.scale_rewards!r}")
         require_positive(self, "steps", "prompts", "group", "max_new_tokens", "mu", "micro_batch", "max_attempts",
-                         "save_every", "eval_every", "eval_samples")
+                         "save_every", "eval_every", "eval_samples", "steps_per_generation")
         if self.group < 2:
             raise ValueError("--group must be >= 2: advantages are relative to the group")
         if self.temperature <= 0:
@@ -380,7 +384,8 @@ def grpo(a: GRPOArgs) -> Path:
         if a.entropy_bonus:
             rec["entropy_coef"] = bonus  # (the coefficient this step's loss took)
         if n_kept:
-            rec.update(_update(model, ref, opt, moes, kept, a, overlong, reuse, adv, bonus))
+            rec.update(_mini_batches(model, ref, opt, moes, kept, a, overlong, adv, bonus) if a.steps_per_generation > 1
+                       else _update(model, ref, opt, moes, kept, a, overlong, reuse, adv, bonus))
             if a.fsdp:
                 parallel.copy_whole(policy, model)
             if a.adaptive_entropy and "entropy" in rec:  # Skywork-OR1: up at or below the target, down above
@@ -456,7 +461,7 @@ def linear_surrogate(a: GRPOArgs) -> bool:
     log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward; not
     where the update reads the rollouts' own log-probs (their weights, or the drift that masks off-policy
     completions, need the log-probs first)."""
-    return LINEAR_SURROGATE and a.mu == 1 and not a.beta and not sampler_logprobs(a)
+    return LINEAR_SURROGATE and a.mu == 1 and a.steps_per_generation == 1 and not a.beta and not sampler_logprobs(a)
 
 
 def weighed(a: GRPOArgs) -> bool:
@@ -484,11 +489,45 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
             and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
 
 
+def _mini_batches(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, adv: torch.Tensor, bonus: float) -> dict:
+    """--steps-per-generation K: the kept groups in K mini-batches (in order, as even as whole groups split), an
+    optimizer step on each (_update, one epoch), through --mu epochs; every completion's old log-probs first, from
+    the policy that sampled it (each later step is off-policy: its ratios move). Returns the steps' statistics'
+    means. Under torchrun each rank splits its own groups (every rank runs K x mu steps)."""
+    olds = _old_logprobs(model, [x for g, _ in kept for x in g], a)
+    bounds = [round(j * len(kept) / a.steps_per_generation) for j in range(a.steps_per_generation + 1)]
+    once, runs = replace(a, mu=1), []
+    for _ in range(a.mu):
+        for lo, hi in zip(bounds, bounds[1:]):
+            runs.append(_update(model, ref, opt, moes, kept[lo:hi], once, overlong, False,
+                                adv[lo * a.group:hi * a.group], bonus, olds))
+    return {k: sum(r[k] for r in runs if k in r) / sum(k in r for r in runs) for k in dict.fromkeys(k for r in runs
+                                                                                                 for k in r)}
+
+
+@torch.no_grad()
+def _old_logprobs(model, batch: list[Rollout], a: GRPOArgs) -> dict[int, list[float]]:
+    """Each completion's log-probs under the model as it is (id(rollout) -> [len(ids)]), in micro-batches as the
+    update's forwards (under FSDP every rank as many: _idle)."""
+    fsdp = parallel.sharded(model)
+    chunks = [batch[i:i + a.micro_batch] for i in range(0, len(batch), a.micro_batch)]
+    olds = {}
+    model.train()  # (as the update's own passes: LoRA dropout on)
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=a.bf16):
+        for mb in chunks:
+            logp, mask, _ = token_logprobs(model, mb, temperature=a.temperature, shared=not fsdp,
+                                           replay=a.keep_routing, masked=a.keep_sampling_mask)
+            olds |= {id(x): row[m].tolist() for x, row, m in zip(mb, logp.float(), mask)}
+        _idle(model, max(parallel.gather_objects(len(chunks))) - len(chunks) if fsdp else 0, a.temperature)
+    return olds
+
+
 def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: bool = False,
-            adv: torch.Tensor | None = None, bonus: float | None = None) -> dict:
+            adv: torch.Tensor | None = None, bonus: float | None = None, olds: dict | None = None) -> dict:
     """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
     rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'); bonus: the
-    entropy bonus's coefficient (None: a.entropy_coef; --adaptive-entropy's for the step). Under torchrun
+    entropy bonus's coefficient (None: a.entropy_coef; --adaptive-entropy's for the step); olds: each completion's
+    old log-probs (_old_logprobs, id -> list), taken before an earlier mini-batch moved the policy. Under torchrun
     every rank calls it, on its own groups (maybe none): the normalisers and statistics are every rank's, the
     gradients summed before each step. An FSDP-sharded model (and reference): every rank runs as many forwards as
     the rank of most micro-batches (their blocks' all-gathers and reduce-scatters are collective), one that has
@@ -536,7 +575,7 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
                 passes = [token_logprobs(model, [batch[i] for i in c], entropy=masking, temperature=a.temperature,
                                          shared=not fsdp, replay=a.keep_routing, masked=a.keep_sampling_mask)
                           for c in chunks]
-                old = [p[0] for p in passes] if a.mu > 1 else None
+                old = [p[0] for p in passes] if a.mu > 1 and olds is None else None
                 if masking:  # (these entropies are also epoch 0's statistic: its forward leaves them out)
                     ents = [p[2] for p in passes]
                     keep = high_entropy(ents, [p[1] for p in passes], a.top_entropy_quantile)
@@ -546,6 +585,9 @@ def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: boo
                     ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature,
                                              shared=not fsdp, masked=a.keep_sampling_mask)[0] for c in chunks]
                 _idle(ref, idle, a.temperature)
+    if olds is not None:  # (--steps-per-generation: from the policy that sampled them)
+        old = [float_rows([olds[id(batch[i])] for i in c], completion_mask([batch[i] for i in c], adv.device))
+               for c in chunks]
     linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), a.rollout_bf16 and a.off_policy_mask > 0
     acting = parallel.all_sum(sum(float(k.sum()) for k in keep))[0] if keep else seen_tokens  # (the bonus's)
     objective = a.surrogate()

@@ -14,7 +14,9 @@ import hashlib
 import importlib
 import itertools
 import json
+import os
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,10 +231,13 @@ def get_task(name: str, reward: str | None = None) -> Task:
 
 
 def load_reward(spec: str) -> Callable[[str, str], float]:
-    """"module:function" -> the function, called as fn(completion, reference_answer) -> float."""
+    """"module:function" -> the function, called as fn(completion, reference_answer) -> float. The module is looked
+    for in the current directory too, as `python -m` would (the `sobre` script's own path holds only its bin/)."""
     mod, _, fn = spec.partition(":")
     if not mod or not fn:
         raise ValueError(f"reward must be given as module:function, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         f = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:

@@ -396,6 +396,38 @@ def test_completions_without_advantage_leave_the_update(variant, mu, monkeypatch
         assert torch.allclose(w, after[1][name], atol=1e-6), name
 
 
+def test_mini_batches_step_each_on_the_sampling_policys_ratios(monkeypatch):
+    """--steps-per-generation 2 (over --mu 2 epochs): the groups in 2 mini-batches, an SGD step on each in turn and
+    again, each loss normalised over its own mini-batch, its ratios against the log-probs of the policy that sampled
+    the rollouts: the reference, autograd through token_logprobs + policy_loss step by step."""
+    from sobre.grpo import _mini_batches, group_advantages
+    torch.manual_seed(0)
+    model, groups = random_model(), ragged_groups()
+    a = GRPOArgs(loss="dapo", micro_batch=2, max_new_tokens=4, clip=1e9, steps_per_generation=2, mu=2, group=3)
+    adv = group_advantages(groups, a)
+    m = copy.deepcopy(model)
+    stats = _mini_batches(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, False, adv, 0.0)
+    ref = copy.deepcopy(model)
+    batch = [x for g, _ in groups for x in g]
+    with torch.no_grad():
+        old_lp, old_mask, _ = token_logprobs(ref, batch, shared=False)
+    opt = torch.optim.SGD(ref.parameters(), lr=1.0)
+    for _ in range(2):
+        for rows in (slice(0, 6), slice(6, 9)):  # (3 groups in 2: 2 whole groups, then 1)
+            mb = batch[rows]
+            opt.zero_grad()
+            ref.train()
+            logp, mask, _ = token_logprobs(ref, mb, shared=False)
+            T = mask.shape[1]
+            loss, _ = policy_loss(logp, old_lp[rows, :T], adv[rows], mask, a.surrogate(), n_seqs=len(mb),
+                                  n_tokens=int(mask.sum()), max_len=4)
+            loss.backward()
+            opt.step()
+    for name, w in m.named_parameters():
+        torch.testing.assert_close(w, dict(ref.named_parameters())[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert stats["clip_fraction"] > 0 and math.isfinite(stats["loss"])  # (the later steps' ratios moved off 1)
+
+
 def test_pass_at_k_and_majority():
     assert pass_at_k(4, 0, 1) == 0 and pass_at_k(4, 4, 2) == 1
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)

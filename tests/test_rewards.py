@@ -108,6 +108,13 @@ def test_user_task_from_jsonl_with_pluggable_reward(tmp_path, monkeypatch):
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         get_task(str(bad))
+    # a reward module in the current directory, as the `sobre` script runs (its sys.path holds neither '' nor cwd)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "localreward.py").write_text("def third(completion, answer):\n    return 1 / 3\n")
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setattr(sys, "path", [x for x in sys.path if x not in ("", str(tmp_path / "here"))])
+    assert get_task("countdown", "localreward:third").correct("anything", "x") == pytest.approx(1 / 3)
+    sys.modules.pop("localreward", None)
 
 
 @pytest.mark.parametrize("a,b", [(72, 49), (99, 1), (5, 7), (98, 93), (57, 72), (100, 1), (1234, 987), (10, 10)])
