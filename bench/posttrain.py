@@ -8,7 +8,7 @@ tiny model (medians of --reps, the two interleaved so that a machine's drift hit
                       once, its completions attending to it, FFNs and head on the positions whose output is read
                       (no padding) vs every row prompt + completion, right-padded (shared=False, its twin)
   GRPO update's head  the same batch under the linear surrogate (mu = 1, beta = 0: loss.head_weighted_logprobs),
-                      the head on the rollouts' own logits (grpo.reuse_logits) vs computing them again
+                      the head on the rollouts' own logits (update.reuse_logits) vs computing them again
     python bench/posttrain.py [--reps 5] [--group 64]
 """
 

@@ -34,7 +34,7 @@ from .int8 import Int8Experts, Int8Linear
 from .linear import inference_dtype
 from .model import Transformer
 from .moe import MoE
-from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
+from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
 from .sampling import SamplingParams, penalized, sample, sampling_floors, tempered_logprobs, top_logprobs
@@ -52,7 +52,7 @@ class Engine:
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         # each sequence keeps the model's raw logits row of every token it is given (Sequence.logits: views of the
         # step's [B, V] logits, so each step's stays alive while one of its rows is kept): GRPO's update takes
-        # them as its head's logits instead of computing them again (grpo.reuse_logits); keep_logprobs: each
+        # them as its head's logits instead of computing them again (update.reuse_logits); keep_logprobs: each
         # token's log-prob where it was drawn (Sequence.sampled, sampling.tempered_logprobs: as vLLM's logprobs
         # give TRL the sampler's policy), for GRPO's weights of rollouts sampled by other weights
         self.keep_logits, self.keep_logprobs = keep_logits, keep_logprobs
@@ -323,7 +323,7 @@ class Engine:
         and their own first token, the prefix cache its blocks, and it starts decoding."""
         events = []
         for twin in twins:  # before seq's first token may finish it and free its blocks
-            self._copy_prompt(seq, twin)
+            self.pool.copy_prompt(seq, twin)
             self.running.append(twin)
             events.append(self._emit(twin, int(self._choose([twin], logits[None])[0]), logits))
         if self.prefix_cache:
@@ -435,26 +435,9 @@ class Engine:
         return batch
 
     def _route(self, batch):
-        """keep_routing: the forward just made over `batch` routed its rows (each MoE layer's last_idx [B * T, K])
-        to these experts: stored at their slots."""
+        """keep_routing: where the forward just made over `batch` routed its rows (PagedPool.store_routes)."""
         if self.routing:
-            slots = batch.slot_new.flatten()
-            for store, m in zip(self.pool.routes, self.routing):
-                store[slots] = torch.as_tensor(m.last_idx, device=self.device).to(store.dtype)
-
-    def _copy_prompt(self, src: Sequence, dst: Sequence):
-        """dst's cache gets src's prompt entries (every layer), as if dst had been prefilled itself."""
-        blk, n = self.pool.block, len(src.prompt)
-        if self.pool.rings:
-            v4cache.copy_prompt(self.pool, src, dst, n)
-            dst.length = n
-            return
-        pos = torch.arange(n, device=self.device)
-        slots = [paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], blk)[0] for s in (src, dst)]
-        for layer in self.pool.slots + [self.pool.routes]:
-            for t in layer:
-                t[slots[1]] = t[slots[0]]
-        dst.length = n
+            self.pool.store_routes(batch, self.routing)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         scores = penalized(seqs, logits)
@@ -552,34 +535,11 @@ class Engine:
     def _finish(self, s: Sequence, reason: str):
         s.finish_reason, s.pending = reason, None
         if self.routing and s.length:  # (before its blocks go) the routing of every position it ran through
-            pos = torch.arange(s.length, device=self.device)
-            slots = paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], self.pool.block)[0]
-            s.routes = torch.stack([store[slots] for store in self.pool.routes])  # [layers, length, K]
+            s.routes = self.pool.routes_of(s)
         self.unkeyed.pop(s.rid, None)
-        self._keep_run(s)
+        self.pool.keep_run(s, self.running)
         self.pool.release(s)
         self.finished[s.rid] = s
-
-    def _keep_run(self, s: Sequence):
-        """s leaves a run of blocks (PagedPool.run): the run's last sequence moves its cache into s's blocks and
-        takes them, so the rows still running stay a run, read as views of the pool (one sequence's cache copied
-        once instead of every row's blocks gathered at every later step). Not for blocks shared or keyed by the
-        prefix cache, nor NSA's or V4's per-block entries and rings."""
-        pool = self.pool
-        if not s.blocks or pool.rings or pool.compressed:
-            return
-        rows = sorted(self.running + [s], key=lambda x: x.blocks[0])
-        last = rows[-1]
-        if last is s or len(last.blocks) != len(s.blocks) or last.params.max_new_tokens - len(last.out) <= 1 or \
-                pool.run(rows, len(s.blocks)) is None or \
-                any(pool.users[b] > 1 or b in pool.key_of for b in s.blocks + last.blocks):
-            return
-        src, dst = (torch.tensor(x.blocks, device=self.device) for x in (last, s))
-        for layer in pool.slots + [pool.routes]:
-            for t in layer:
-                blocks = t.view(pool.n_blocks, pool.block, *t.shape[1:])
-                blocks[dst] = blocks[src]
-        s.blocks, last.blocks = last.blocks, s.blocks
 
     # ---- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], **kw) -> list[list[int]]:

@@ -7,10 +7,8 @@ k3 KL penalty toward the frozen starting model (beta, default 0 as in DAPO / Dr.
 The loss variants (grpo, dr_grpo, dapo, luspo: the per-token clipped surrogate normalised four ways; DAPO also
 with clip-higher, dynamic sampling and overlong filtering; cispo: MiniMax-M1's clipped importance weights; sapo
 and vespo: soft gates in place of the clip), two-sided clipping, GSPO's sequence-level ratios, DeepSeek-V3.2's
-unbiased KL and off-policy sequence masking, and the update's forward are in objective.py.
-With beta = 0 a completion whose advantage is 0 (every completion of a group with equal rewards) has no
-gradient, so the update leaves it out (the normalisers still count it; `signal` logs the share that trains;
-`entropy` is the mean over the completions the update ran). TRL trains on them all.
+unbiased KL and off-policy sequence masking, and the update's forward are in objective.py; the optimizer steps
+on a batch of rollouts in update.py.
 MoE: routers are frozen by default (router_bias_update 0: expert choice stays the one pretraining balanced);
 set router_bias_update > 0 to keep aux-loss-free balancing running on the rollout tokens.
 """
@@ -23,7 +21,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,25 +29,9 @@ from tqdm import tqdm
 
 from . import parallel
 from .linear import native_bf16
-from .lora import TuneArgs, add_lora, disabled
-from .model import Transformer
+from .lora import TuneArgs, add_lora
 from .moe import MoE
-from .objective import (
-    IMPORTANCE,
-    ROLLOUT_IS,
-    SCALES,
-    VARIANTS,
-    Surrogate,
-    advantages,
-    completion_mask,
-    decoupled_advantages,
-    float_rows,
-    high_entropy,
-    policy_loss,
-    rollout_weights,
-    token_logprobs,
-    token_weights,
-)
+from .objective import IMPORTANCE, ROLLOUT_IS, SCALES, VARIANTS, Surrogate, decoupled_advantages
 from .report import plot_grpo
 from .rewards import overlong_penalty
 from .rollout import CastWeights, Rollout, evaluate_task, sample_groups
@@ -68,18 +50,17 @@ from .train import (
     param_groups,
     require_positive,
     truncate_metrics,
-    update_router_bias,
+)
+from .update import (
+    group_advantages,
+    mini_batch_steps,
+    policy_step,
+    reuse_logits,
+    sampler_logprobs,
+    sync_reference,
+    weighed,
 )
 
-LINEAR_SURROGATE = True  # mu = 1, beta = 0: the head's gradients made in its forward (False: the general path)
-REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update's (reuse_logits; False: computed)
-REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
-SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
-SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked", "entropy_kept",
-          "off_policy_masked")  # _update's statistics that add up over the ranks (the last four where the rollouts
-#   are weighed or the tokens or completions masked)
-PER_SEEN = ("is_weight", "is_masked", "entropy_kept")  # ... those that are means over the tokens trained
-PER_SEQ = ("off_policy_masked",)  # ... and over the batch's completions
 AGGREGATIONS = ("sum", "normalize_then_sum")  # --reward-aggregation
 
 
@@ -384,8 +365,9 @@ def grpo(a: GRPOArgs) -> Path:
         if a.entropy_bonus:
             rec["entropy_coef"] = bonus  # (the coefficient this step's loss took)
         if n_kept:
-            rec.update(_mini_batches(model, ref, opt, moes, kept, a, overlong, adv, bonus) if a.steps_per_generation > 1
-                       else _update(model, ref, opt, moes, kept, a, overlong, reuse, adv, bonus))
+            rec.update(policy_step(model, ref, opt, moes, kept, a, overlong, reuse, adv, bonus)
+                       if a.steps_per_generation == 1 else mini_batch_steps(model, ref, opt, moes, kept, a, overlong,
+                                                                            adv, bonus))
             if a.fsdp:
                 parallel.copy_whole(policy, model)
             if a.adaptive_entropy and "entropy" in rec:  # Skywork-OR1: up at or below the target, down above
@@ -409,30 +391,10 @@ def grpo(a: GRPOArgs) -> Path:
     return run
 
 
-@torch.no_grad()
-def sync_reference(ref: Transformer, model: Transformer, alpha: float):
-    """TR-DPO's soft update of the KL's reference (TRL's sync_ref_model): ref := alpha model + (1 - alpha) ref,
-    parameter by parameter (under --fsdp shard by shard: both are sharded alike)."""
-    theirs = dict(model.named_parameters())
-    for name, r in ref.named_parameters():
-        parallel.local(r).lerp_(parallel.local(theirs[name]), alpha)
-
-
 def _terms(x: Rollout, a: GRPOArgs, extra: list) -> list[float]:
     """A completion's reward terms: correctness, format, the overlong penalty, then each --rewards function's."""
     return [x.correct, x.format, overlong_penalty(len(x.ids), a.max_new_tokens, a.overlong_buffer),
             *(float(f(x.text, x.reference)) for f in extra)]
-
-
-def group_advantages(kept: list[tuple[list[Rollout], torch.Tensor]], a: GRPOArgs) -> torch.Tensor:
-    """[G * n] the advantages of the kept groups' completions, in order, under the run's reward scaling (under
-    torchrun the batch's std, scale "batch", is every rank's kept rewards': every rank calls this each step)."""
-    scale = a.scale_rewards or ("none" if a.loss == "dr_grpo" else "group")
-    rewards = torch.stack([r for _, r in kept]) if kept else torch.zeros(0, a.group)
-    if scale == "batch" and parallel.rank_world()[1] > 1:
-        every = torch.cat(parallel.gather_objects(rewards))
-        return (advantages(rewards, "none") / (every.std() + 1e-4)).flatten() if kept else torch.zeros(0)
-    return advantages(rewards, scale).flatten() if kept else torch.zeros(0)
 
 
 def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch.Tensor, a: GRPOArgs,
@@ -454,213 +416,6 @@ def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch
                  | {f"reward_{name}": float(t[id(g)][i, 3 + k]) for k, (name, t) in enumerate((extra or {}).items())}
                  for i, (x, r) in enumerate(zip(g, scores[id(g)].tolist()))]
     return rows[:a.log_completions]
-
-
-def linear_surrogate(a: GRPOArgs) -> bool:
-    """One epoch, no KL: every ratio is 1 when the gradient is taken, where the clipped surrogate is linear in the
-    log-probs (d loss / d logp = -advantage * token weight), so the head makes its gradients in the forward; not
-    where the update reads the rollouts' own log-probs (their weights, or the drift that masks off-policy
-    completions, need the log-probs first)."""
-    return LINEAR_SURROGATE and a.mu == 1 and a.steps_per_generation == 1 and not a.beta and not sampler_logprobs(a)
-
-
-def weighed(a: GRPOArgs) -> bool:
-    """Whether the update weighs the rollouts toward the trained policy (rollout_weights): sampled on bf16 copies."""
-    return a.rollout_bf16 and a.rollout_is != "none"
-
-
-def sampler_logprobs(a: GRPOArgs) -> bool:
-    """Whether the rollouts keep the log-probs they were drawn with (Rollout.sampled): for the update's rollout
-    weights or for off-policy masking, where another policy than the one trained drew them (--rollout-bf16)."""
-    return weighed(a) or a.rollout_bf16 and a.off_policy_mask > 0
-
-
-def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
-    """Whether the rollouts keep their logits rows for the update's head to take (loss.head_weighted_logprobs:
-    its forward matmul skipped): where they are the update's own logits up to rounding, i.e. the linear surrogate
-    (mu = 1, beta = 0: one epoch, on the weights the rollouts sampled from), fp32 weights sampled and trained
-    in fp32 (no --rollout-bf16, no --bf16 autocast), no dropout in the update (--lora-dropout), and at most
-    REUSE_BYTES of rows (every token that can be drawn a step: a [V] row each). The two forwards round apart by
-    ~1e-6, so a near-tie of expert scores (or of DSA / NSA's top-k) may go either way in either, as between any
-    two forwards."""
-    drawn = a.prompts * (a.max_attempts if a.dynamic else 1) * a.group
-    return (REUSE_LOGITS and linear_surrogate(a) and not a.bf16 and not a.rollout_bf16
-            and not (a.lora_rank and a.lora_dropout) and all(p.dtype == torch.float32 for p in model.parameters())
-            and drawn * a.max_new_tokens * model.config.vocab_size * 4 <= REUSE_BYTES)
-
-
-def _mini_batches(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, adv: torch.Tensor, bonus: float) -> dict:
-    """--steps-per-generation K: the kept groups in K mini-batches (in order, as even as whole groups split), an
-    optimizer step on each (_update, one epoch), through --mu epochs; every completion's old log-probs first, from
-    the policy that sampled it (each later step is off-policy: its ratios move). Returns the steps' statistics'
-    means. Under torchrun each rank splits its own groups (every rank runs K x mu steps)."""
-    olds = _old_logprobs(model, [x for g, _ in kept for x in g], a)
-    bounds = [round(j * len(kept) / a.steps_per_generation) for j in range(a.steps_per_generation + 1)]
-    once, runs = replace(a, mu=1), []
-    for _ in range(a.mu):
-        for lo, hi in zip(bounds, bounds[1:]):
-            runs.append(_update(model, ref, opt, moes, kept[lo:hi], once, overlong, False,
-                                adv[lo * a.group:hi * a.group], bonus, olds))
-    return {k: sum(r[k] for r in runs if k in r) / sum(k in r for r in runs) for k in dict.fromkeys(k for r in runs
-                                                                                                 for k in r)}
-
-
-@torch.no_grad()
-def _old_logprobs(model, batch: list[Rollout], a: GRPOArgs) -> dict[int, list[float]]:
-    """Each completion's log-probs under the model as it is (id(rollout) -> [len(ids)]), in micro-batches as the
-    update's forwards (under FSDP every rank as many: _idle)."""
-    fsdp = parallel.sharded(model)
-    chunks = [batch[i:i + a.micro_batch] for i in range(0, len(batch), a.micro_batch)]
-    olds = {}
-    model.train()  # (as the update's own passes: LoRA dropout on)
-    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=a.bf16):
-        for mb in chunks:
-            logp, mask, _ = token_logprobs(model, mb, temperature=a.temperature, shared=not fsdp,
-                                           replay=a.keep_routing, masked=a.keep_sampling_mask)
-            olds |= {id(x): row[m].tolist() for x, row, m in zip(mb, logp.float(), mask)}
-        _idle(model, max(parallel.gather_objects(len(chunks))) - len(chunks) if fsdp else 0, a.temperature)
-    return olds
-
-
-def _update(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: bool = False,
-            adv: torch.Tensor | None = None, bonus: float | None = None, olds: dict | None = None) -> dict:
-    """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
-    rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'); bonus: the
-    entropy bonus's coefficient (None: a.entropy_coef; --adaptive-entropy's for the step); olds: each completion's
-    old log-probs (_old_logprobs, id -> list), taken before an earlier mini-batch moved the policy. Under torchrun
-    every rank calls it, on its own groups (maybe none): the normalisers and statistics are every rank's, the
-    gradients summed before each step. An FSDP-sharded model (and reference): every rank runs as many forwards as
-    the rank of most micro-batches (their blocks' all-gathers and reduce-scatters are collective), one that has
-    run out taking a one-token pass that adds nothing (_idle), and each pass is one forward of its padded rows
-    (token_logprobs' shared=False: a shared prompt's two forwards gather each block twice, a micro-batch of
-    one-token completions once); each rank's loss weighs world times, FSDP averaging its blocks' gradients."""
-    adv = group_advantages(kept, a) if adv is None else adv
-    batch = [x for g, _ in kept for x in g]
-    use = [not (overlong and x.truncated) for x in batch]
-    batch, adv = [x for x, u in zip(batch, use) if u], adv[torch.tensor(use, dtype=torch.bool)]
-    adv = adv.to(next(model.parameters()).device)
-    # the normalisers: the whole batch's (every rank's)
-    n_seqs, n_tokens, signal = map(int, parallel.all_sum(len(batch), sum(len(x.ids) for x in batch),
-                                                         int((adv != 0).sum())))
-    if not n_seqs:
-        return {"loss": 0.0}
-    bonus = a.entropy_coef if bonus is None else bonus
-    if SKIP_ZERO_ADVANTAGE and not a.beta and not a.router_bias_update and not a.entropy_bonus:
-        # beta = 0: a completion with advantage 0 (a group of equal rewards) has a zero surrogate at every ratio,
-        # so no gradient: left out of the forward and backward. With none left (on any rank), the shortest stays
-        # in, so the step (zero gradients; AdamW's moments decay) touches the parameters the full step would.
-        keep = [i for i, v in enumerate(adv.tolist()) if v]
-        if not signal:  # the first shortest of the batch (every rank's, in rank order), kept by its rank
-            mine = min(((len(x.ids), i) for i, x in enumerate(batch)), default=(math.inf, -1))
-            every = [n for n, _ in parallel.gather_objects(mine)]
-            keep = [mine[1]] if every.index(min(every)) == parallel.rank_world()[0] else []
-        batch, adv = [batch[i] for i in keep], adv[keep]
-    seen_tokens = parallel.all_sum(sum(len(x.ids) for x in batch))[0]  # (in the forward: the entropy's denominator)
-    # micro-batches of micro_batch completions, each prompt in one forward (token_logprobs)
-    chunks = [list(range(i, min(i + a.micro_batch, len(batch)))) for i in range(0, len(batch), a.micro_batch)]
-    fsdp, world = parallel.sharded(model), parallel.rank_world()[1]
-    idle = max(parallel.gather_objects(len(chunks))) - len(chunks) if fsdp else 0  # FSDP: the passes others run
-    weigh = world if fsdp else 1  # (FSDP averages the blocks' gradients: each rank's loss weighs world times)
-    model.train()
-    old = ref_lp = None
-
-    def amp():  # --bf16: every log-prob of the update under the same autocast (ratios start at 1)
-        return torch.autocast(adv.device.type, dtype=torch.bfloat16, enabled=a.bf16)
-
-    masking = a.top_entropy_quantile < 1
-    keep = ents = None
-    if a.mu > 1 or a.beta or masking:
-        with torch.no_grad(), amp():
-            if a.mu > 1 or masking:  # (the old log-probs and the entropies in one pass)
-                passes = [token_logprobs(model, [batch[i] for i in c], entropy=masking, temperature=a.temperature,
-                                         shared=not fsdp, replay=a.keep_routing, masked=a.keep_sampling_mask)
-                          for c in chunks]
-                old = [p[0] for p in passes] if a.mu > 1 and olds is None else None
-                if masking:  # (these entropies are also epoch 0's statistic: its forward leaves them out)
-                    ents = [p[2] for p in passes]
-                    keep = high_entropy(ents, [p[1] for p in passes], a.top_entropy_quantile)
-                _idle(model, idle, a.temperature)
-            if a.beta:
-                with disabled(ref) if ref is model else nullcontext():
-                    ref_lp = [token_logprobs(ref, [batch[i] for i in c], temperature=a.temperature,
-                                             shared=not fsdp, masked=a.keep_sampling_mask)[0] for c in chunks]
-                _idle(ref, idle, a.temperature)
-    if olds is not None:  # (--steps-per-generation: from the policy that sampled them)
-        old = [float_rows([olds[id(batch[i])] for i in c], completion_mask([batch[i] for i in c], adv.device))
-               for c in chunks]
-    linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), a.rollout_bf16 and a.off_policy_mask > 0
-    acting = parallel.all_sum(sum(float(k.sum()) for k in keep))[0] if keep else seen_tokens  # (the bonus's)
-    objective = a.surrogate()
-    sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-    if weigh_rollouts:
-        sums |= {"is_weight": 0.0, "is_masked": 0.0}
-    if masking:
-        sums["entropy_kept"] = 0.0
-    if a.off_policy_mask:
-        sums["off_policy_masked"] = 0.0
-    for epoch in range(a.mu):
-        loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
-        for j, c in enumerate(chunks):
-            mb = [batch[i] for i in c]
-            coef = entropy_bonus = None
-            if linear:
-                w = token_weights(completion_mask(mb, adv.device), a.loss, n_seqs, n_tokens, a.max_new_tokens)
-                coef = -adv[list(c), None] * w * weigh * (keep[j] if keep else 1)
-            if bonus:  # - bonus x the mean entropy over the tokens it acts on
-                entropy_bonus = completion_mask(mb, adv.device) * (keep[j] if keep else 1) * (-bonus * weigh
-                                                                                             / max(acting, 1))
-            with amp():
-                logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
-                                                             shared=not fsdp,
-                                                             temperature=a.temperature, coef=coef,
-                                                             reuse=reuse, bonus=entropy_bonus,
-                                                             replay=a.keep_routing, masked=a.keep_sampling_mask)
-            before = old[j] if old else logp.detach()
-            drawn = float_rows([x.sampled for x in mb], mask) if weigh_rollouts or sampler else None
-            weight = rollout_weights(before, drawn, mask, a.rollout_is, a.rollout_is_min,
-                                     a.rollout_is_max) if weigh_rollouts else None
-            loss, st = policy_loss(logp, before, adv[list(c)], mask, objective, n_seqs, n_tokens, a.max_new_tokens,
-                                   ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None,
-                                   drawn if sampler else None)
-            if linear:
-                surrogate[0].backward()
-            else:
-                (loss * weigh + (0 if entropy_bonus is None else (ent * entropy_bonus).sum())).backward()
-            sums["loss"] += loss.item() / a.mu
-            for k, v in st.items():  # (the rollouts' weights, the entropy mask: means over the tokens trained)
-                sums[k] += v / (seen_tokens if k in PER_SEEN else n_seqs if k in PER_SEQ else n_tokens) / a.mu
-            if epoch == 0:
-                sums["entropy"] += (ents[j] if ents else ent).sum().item() / seen_tokens
-            for m in moes:
-                loads[m] += m.last_load
-        with amp():
-            _idle(model, idle, a.temperature, backward=True)
-        parallel.sync_grads(model, average=fsdp)
-        sums["grad_norm"] += (parallel.clip_grad_norm_(model, a.max_grad_norm, world) if fsdp else
-                              float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))) / a.mu
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if a.router_bias_update and moes:
-            parallel.all_reduce_(loads.values())
-            with torch.no_grad():
-                update_router_bias(loads, a.router_bias_update)
-    model.eval()
-    summed = [k for k in SUMMED if k in sums]
-    for k, v in zip(summed, parallel.all_sum(*(sums[k] for k in summed))):
-        sums[k] = v
-    sums["clip_fraction"] = sums["clip_low"] + sums["clip_high"]
-    sums["signal"] = signal / n_seqs  # the share of completions with a nonzero advantage
-    return sums
-
-
-def _idle(model: Transformer, n: int, temperature: float, backward: bool = False):
-    """n passes of one token that change nothing (backward: gradients of zero), for a rank of an FSDP-sharded model
-    with fewer micro-batches than another: its blocks join every rank's all-gathers (and reduce-scatters)."""
-    for _ in range(n):
-        logp = token_logprobs(model, [Rollout([0], [0], "", False, 0.0, 0.0, None)], temperature=temperature,
-                              shared=False)[0]
-        if backward:
-            (logp.sum() * 0).backward()
 
 
 def _append(path: Path, row: dict):

@@ -38,7 +38,7 @@ def head_weighted_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch
     for a loss linear in the log-probs with coefficients known beforehand (GRPO's surrogate at ratio 1).
     h [N, D], weight [V, D], targets / coef [N] -> (that sum, the log-probs [N] and the entropies [N] when asked
     (else [0]), these two without gradient). logits: h @ weight.T already computed, as N rows [V] (the rollout
-    engine's, of the same weights: grpo.reuse_logits): the head's forward matmul is skipped, two remain. bonus [N]:
+    engine's, of the same weights: update.reuse_logits): the head's forward matmul is skipped, two remain. bonus [N]:
     the sum also adds bonus[i] * H_i, each row's entropy (GRPO's entropy bonus: negative coefficients), its
     gradients made too. floors [N]: each row's softmax over the tokens whose tempered logit is at least its floor
     (and its target) only (Keep Sampling Mask: the tokens its sampling kept)."""

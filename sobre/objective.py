@@ -309,7 +309,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with these coefficients):
     a fourth value, that loss, whose gradients the head makes in its forward (loss.head_weighted_logprobs); the
     log-probs then carry none. reuse (with coef): the head takes each rollout's kept logits rows (Rollout.logits)
-    as its logits instead of computing them (grpo.reuse_logits says when). bonus [N, T] (an entropy bonus, GRPO's
+    as its logits instead of computing them (update.reuse_logits says when). bonus [N, T] (an entropy bonus, GRPO's
     --entropy-coef): with coef, that loss adds sum bonus x entropy, its gradients made in the head too; without,
     the entropies returned carry gradients (the caller adds the term). replay (DeepSeek-V3.2's Keep Routing):
     every MoE layer routes each position to the experts its rollout's sampling routed it to (Rollout.routes).

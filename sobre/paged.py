@@ -76,6 +76,54 @@ class PagedPool:
         self.routes = [torch.zeros(self.n_blocks * self.block, k, dtype=torch.int16, device=self.device)
                        for _ in range(layers)]
 
+    def store_routes(self, batch: PagedStep, layers: list):
+        """keep_routes: the experts each MoE layer of `layers` routed the rows of the forward just made over batch to
+        (their last_idx [B * T, K]), stored at the rows' slots."""
+        slots = batch.slot_new.flatten()
+        for store, m in zip(self.routes, layers):
+            store[slots] = torch.as_tensor(m.last_idx, device=self.device).to(store.dtype)
+
+    def routes_of(self, seq: Sequence) -> torch.Tensor:
+        """keep_routes: the experts of every position seq's cache holds [layers, seq.length, K]."""
+        pos = torch.arange(seq.length, device=self.device)
+        slots = paged_rows(torch.tensor([seq.blocks], device=self.device), pos[None], self.block)[0]
+        return torch.stack([store[slots] for store in self.routes])
+
+    def copy_prompt(self, src: Sequence, dst: Sequence):
+        """dst's cache gets src's prompt entries (every layer, and the kept routing), as if dst had been prefilled
+        itself (a prompt's twins: n samples, GRPO's groups)."""
+        n = len(src.prompt)
+        if self.rings:
+            v4cache.copy_prompt(self, src, dst, n)
+        else:
+            pos = torch.arange(n, device=self.device)
+            a, b = (paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], self.block)[0]
+                    for s in (src, dst))
+            for layer in self.slots + [self.routes]:
+                for t in layer:
+                    t[b] = t[a]
+        dst.length = n
+
+    def keep_run(self, s: Sequence, running: list[Sequence]):
+        """s leaves a run of blocks (run()): the run's last running sequence moves its cache into s's blocks and
+        takes them, so the rows still running stay a run, read as views of the pool (one sequence's cache copied
+        once instead of every row's blocks gathered at every later step). Not for blocks shared or keyed by the
+        prefix cache, nor NSA's or V4's per-block entries and rings."""
+        if not s.blocks or self.rings or self.compressed:
+            return
+        rows = sorted(running + [s], key=lambda x: x.blocks[0])
+        last = rows[-1]
+        if last is s or len(last.blocks) != len(s.blocks) or last.params.max_new_tokens - len(last.out) <= 1 or \
+                self.run(rows, len(s.blocks)) is None or \
+                any(self.users[b] > 1 or b in self.key_of for b in s.blocks + last.blocks):
+            return
+        src, dst = (torch.tensor(x.blocks, device=self.device) for x in (last, s))
+        for layer in self.slots + [self.routes]:
+            for t in layer:
+                blocks = t.view(self.n_blocks, self.block, *t.shape[1:])
+                blocks[dst] = blocks[src]
+        s.blocks, last.blocks = last.blocks, s.blocks
+
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block)
 

@@ -209,7 +209,7 @@ def test_block_run_reads_strided_views_equal_to_the_gather():
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2"])
 def test_rollout_batches_decode_through_block_runs_and_match_the_gather(arch, monkeypatch):
     """A batch admitted together (GRPO's groups: n samples of a prompt) decodes in block order with its cache
-    read as views of the pool; a sequence that stops hands its blocks to the run's last one (Engine._keep_run),
+    read as views of the pool; a sequence that stops hands its blocks to the run's last one (PagedPool.keep_run),
     so the rest stay a run. Tokens equal the gather's (seeded per request: the batch's order may differ)."""
     model = random_model(sobre.preset("debug", arch=arch))
     prompts = [[5, 9, 3, 7, 2, 8, 1] * 3] * 4 + [[4, 4, 6] * 5] * 4

@@ -14,9 +14,10 @@ import torch
 
 import sobre
 from sobre.cli import main
-from sobre.grpo import GRPOArgs, _update
+from sobre.grpo import GRPOArgs
 from sobre.objective import Surrogate, advantages, completion_mask, kl_k3, policy_loss, token_logprobs
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
+from sobre.update import policy_step
 
 from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows
 
@@ -177,7 +178,7 @@ def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completion
     """--off-policy-mask on rollouts drawn by another policy (--rollout-bf16: Rollout.sampled, here 1 nat above the
     trained policy's log-probs at every token): every completion of negative advantage leaves the policy loss, the
     step equal to one with those advantages set to 0 (dapo: the normaliser is the batch's tokens either way)."""
-    from sobre.grpo import group_advantages
+    from sobre.update import group_advantages
     torch.manual_seed(0)
     model, groups = random_model(), ragged_groups()
     batch = [r for g, _ in groups for r in g]
@@ -190,7 +191,7 @@ def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completion
     steps = []
     for threshold, given in ((0.5, adv), (0.0, adv.clamp(min=0))):
         m = copy.deepcopy(model)
-        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, replace(a, off_policy_mask=
+        stats = policy_step(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, replace(a, off_policy_mask=
                         threshold), False, adv=given)
         steps.append((stats, dict(m.named_parameters())))
     assert steps[0][0]["off_policy_masked"] == pytest.approx(float((adv < 0).float().mean()))
@@ -201,7 +202,7 @@ def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completion
 def test_reference_sync_mixes_the_policy_into_the_reference(tmp_path):
     """--ref-sync-steps (TR-DPO, TRL's sync_ref_model): ref := alpha policy + (1 - alpha) ref, every parameter;
     errors where there is no reference of its own."""
-    from sobre.grpo import sync_reference
+    from sobre.update import sync_reference
     torch.manual_seed(0)
     model, ref = random_model(), random_model()
     want = {n: 0.25 * p.detach() + 0.75 * dict(ref.named_parameters())[n].detach()
@@ -259,7 +260,7 @@ def test_grpo_step_raises_the_probability_of_the_rewarded_token(variant, arch, b
     before = p(good), p(bad)
     group = [Rollout(prompt, [t], "", False, float(t == good), 1.0, None) for t in (good, bad, bad, good)]
     a = GRPOArgs(loss=variant, lr=1e-2, mu=2, max_new_tokens=1, bf16=bf16)  # bf16: the update under autocast
-    stats = _update(model, None, torch.optim.Adam(model.parameters(), lr=1e-2), [],
+    stats = policy_step(model, None, torch.optim.Adam(model.parameters(), lr=1e-2), [],
                     [(group, torch.tensor([r.correct for r in group]))], a, False)
     assert p(good) > 5 * before[0] and p(bad) < before[1], (before, p(good), p(bad))
     assert stats["entropy"] > 0 and 0 <= stats["clip_fraction"] <= 1
@@ -280,7 +281,7 @@ def ragged_groups():
 def sgd_step(model, groups, a: GRPOArgs):
     """(stats, parameters) of a copy of model after one _update with SGD at lr 1."""
     m = copy.deepcopy(model)
-    stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, False)
+    stats = policy_step(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, False)
     return stats, dict(m.named_parameters())
 
 
@@ -312,14 +313,14 @@ def test_micro_batches_add_up_to_the_whole_batch(variant):
                                         ("dapo", dict(entropy_coef=0.05, top_entropy_quantile=0.5))])
 def test_linear_surrogate_takes_the_general_step(variant, kw, monkeypatch):
     """mu = 1, beta = 0: the head makes its gradients in the forward from d loss / d logp = -advantage x token
-    weight (grpo.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
+    weight (update.LINEAR_SURROGATE); the step equals the general path's, autograd through the clipped surrogate
     (micro-batches of 4 over ragged groups; CISPO's ratio bound 5, SAPO's and VESPO's gates, two-sided clipping's
     delta, the top 40% of the tokens by entropy, off-policy masking on the policy's own rollouts, an entropy bonus
     over every token or over the kept half)."""
     torch.manual_seed(0)
     model, groups, steps = random_model(), ragged_groups(), []
     for linear in (True, False):
-        monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
+        monkeypatch.setattr(sobre.update, "LINEAR_SURROGATE", linear)
         a = GRPOArgs(loss=variant, micro_batch=4, max_new_tokens=4, clip=1e9, **kw)  # (no grad clipping)
         steps.append(sgd_step(model, groups, a))
     same_step(model, steps)
@@ -354,7 +355,7 @@ def test_sequence_level_ratios_change_only_the_later_epochs(variant, monkeypatch
     ratios differ from the tokens' and so does the step."""
     torch.manual_seed(0)
     model, groups = random_model(), ragged_groups()
-    monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", False)
+    monkeypatch.setattr(sobre.update, "LINEAR_SURROGATE", False)
     for mu, same in ((1, True), (2, False)):
         steps = [sgd_step(model, groups, GRPOArgs(loss=variant, mu=mu, micro_batch=4, max_new_tokens=4,
                                                   importance=imp, clip=1e9)) for imp in ("token", "sequence")]
@@ -365,7 +366,7 @@ def test_sequence_level_ratios_change_only_the_later_epochs(variant, monkeypatch
 
 
 @pytest.mark.parametrize("variant,mu", [("grpo", 1), ("dr_grpo", 1), ("dapo", 2)])
-def test_completions_without_advantage_leave_the_update(variant, mu, monkeypatch):
+def test_completions_without_advantage_leave_thepolicy_step(variant, mu, monkeypatch):
     """beta = 0: completions with advantage 0 (a group of equal rewards; here one of three) are left out of
     the forward and backward: the step equals training on all of them; with every group's rewards equal, so
     does the step (zero gradients: SGD's momentum and weight decay still move every parameter)."""
@@ -375,7 +376,7 @@ def test_completions_without_advantage_leave_the_update(variant, mu, monkeypatch
     a = GRPOArgs(loss=variant, mu=mu, micro_batch=4, max_new_tokens=4, clip=1e9)
     steps = []
     for skip in (True, False):
-        monkeypatch.setattr(sobre.grpo, "SKIP_ZERO_ADVANTAGE", skip)
+        monkeypatch.setattr(sobre.update, "SKIP_ZERO_ADVANTAGE", skip)
         steps.append(sgd_step(model, groups, a))
     (s1, p1), (s2, p2) = steps
     assert s1["signal"] == s2["signal"] == pytest.approx(2 / 3)
@@ -385,11 +386,11 @@ def test_completions_without_advantage_leave_the_update(variant, mu, monkeypatch
     flat = [(g, torch.zeros(len(g))) for g, _ in groups]
     after = []
     for skip in (True, False):
-        monkeypatch.setattr(sobre.grpo, "SKIP_ZERO_ADVANTAGE", skip)
+        monkeypatch.setattr(sobre.update, "SKIP_ZERO_ADVANTAGE", skip)
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-        _update(m, None, opt, [], groups, a, False)
-        stats = _update(m, None, opt, [], flat, a, False)
+        policy_step(m, None, opt, [], groups, a, False)
+        stats = policy_step(m, None, opt, [], flat, a, False)
         assert stats["signal"] == 0 and stats["grad_norm"] == 0
         after.append(dict(m.named_parameters()))
     for name, w in after[0].items():
@@ -400,13 +401,13 @@ def test_mini_batches_step_each_on_the_sampling_policys_ratios(monkeypatch):
     """--steps-per-generation 2 (over --mu 2 epochs): the groups in 2 mini-batches, an SGD step on each in turn and
     again, each loss normalised over its own mini-batch, its ratios against the log-probs of the policy that sampled
     the rollouts: the reference, autograd through token_logprobs + policy_loss step by step."""
-    from sobre.grpo import _mini_batches, group_advantages
+    from sobre.update import group_advantages, mini_batch_steps
     torch.manual_seed(0)
     model, groups = random_model(), ragged_groups()
     a = GRPOArgs(loss="dapo", micro_batch=2, max_new_tokens=4, clip=1e9, steps_per_generation=2, mu=2, group=3)
     adv = group_advantages(groups, a)
     m = copy.deepcopy(model)
-    stats = _mini_batches(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, False, adv, 0.0)
+    stats = mini_batch_steps(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], groups, a, False, adv, 0.0)
     ref = copy.deepcopy(model)
     batch = [x for g, _ in groups for x in g]
     with torch.no_grad():
@@ -975,7 +976,7 @@ def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, kind, monkeyp
         m = copy.deepcopy(model)
         a = GRPOArgs(micro_batch=4, max_new_tokens=8, temperature=0.7)
         calls = spy_given_logits(monkeypatch)
-        stats = _update(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], rewarded, a, False, reuse)
+        stats = policy_step(m, None, torch.optim.SGD(m.parameters(), lr=1.0), [], rewarded, a, False, reuse)
         assert calls and set(calls) == {reuse}
         steps.append((stats, dict(m.named_parameters())))
     same_step(model, steps)
@@ -1069,21 +1070,21 @@ def test_update_weighs_rollouts_sampled_by_another_policy(mode):
                                           (dict(lora_rank=4, lora_dropout=0.1), False),
                                           (dict(lora_rank=4), True), (dict(max_new_tokens=1 << 16), False)])
 def test_rollouts_keep_their_logits_only_where_they_are_the_updates(change, reuse):
-    """grpo.reuse_logits: the linear surrogate on fp32 rollouts of the weights it trains, without dropout,
+    """update.reuse_logits: the linear surrogate on fp32 rollouts of the weights it trains, without dropout,
     within REUSE_BYTES (64k tokens x 64 completions x V rows: past it)."""
-    from sobre.grpo import reuse_logits
+    from sobre.update import reuse_logits
     model = random_model()
     assert reuse_logits(model, GRPOArgs(**change)) is reuse
     assert not reuse_logits(model.to(torch.bfloat16), GRPOArgs(**change))
 
 
 def test_grpo_runs_alike_on_the_rollouts_logits_or_its_own(tmp_path, monkeypatch):
-    """A `grpo` run whose update takes the rollouts' logits (grpo.REUSE_LOGITS, the default where reuse_logits
+    """A `grpo` run whose update takes the rollouts' logits (update.REUSE_LOGITS, the default where reuse_logits
     allows) logs the same steps and exports the same model as one that computes them again."""
     from sobre import grpo as G
     runs = []
     for reuse in (True, False):
-        monkeypatch.setattr(G, "REUSE_LOGITS", reuse)
+        monkeypatch.setattr(sobre.update, "REUSE_LOGITS", reuse)
         given = spy_given_logits(monkeypatch)
         run = G.grpo(GRPOArgs(out=str(tmp_path / str(reuse)), preset="debug", task="arithmetic", steps=2, prompts=2,
                               group=3, max_new_tokens=6, eval_every=1000, lr=1e-2, log_completions=0,
@@ -1117,7 +1118,8 @@ def test_engine_keeps_the_routing_of_every_position(prefix_cache, chunk):
     """Engine(keep_routing=True): each finished sequence holds the experts every MoE layer routed each position of
     prompt + output[:-1] to, as a plain forward of those tokens routes them (a near tie of router scores aside):
     ragged prompts prefilled together, a prompt's twins (its cache copied), prompts past the prefill chunk, shared
-    prefixes from the prefix cache, and sequences of different lengths (finished rows' blocks moved: _keep_run)."""
+    prefixes from the prefix cache, and sequences of different lengths (finished rows' blocks moved:
+    PagedPool.keep_run)."""
     from sobre.engine import Engine
     torch.manual_seed(0)
     model = random_model()
@@ -1149,7 +1151,7 @@ def test_engine_keeps_the_routing_of_every_position(prefix_cache, chunk):
         Engine(random_model(sobre.preset("debug", arch="qwen2")), keep_routing=True)
 
 
-def test_replayed_routing_reaches_every_row_of_the_update():
+def test_replayed_routing_reaches_every_row_of_thepolicy_step():
     """token_logprobs(replay=True) routes each position to its rollout's kept experts (here random ones, not the
     router's): the shared-prompt forward (padded prompts, completions' FFN on their kept rows only) equals the
     padded reference forward, both far from the router's own choice."""
@@ -1292,7 +1294,7 @@ def test_rollouts_keep_sampling_floors_and_the_update_renormalises_over_them(tmp
     rewarded = [(g, torch.tensor([float(i % 2), 1.0, 0.0])) for i, (_, g) in enumerate(groups)]
     steps = []
     for linear in (True, False):
-        monkeypatch.setattr(sobre.grpo, "LINEAR_SURROGATE", linear)
+        monkeypatch.setattr(sobre.update, "LINEAR_SURROGATE", linear)
         steps.append(sgd_step(model, rewarded, GRPOArgs(micro_batch=4, max_new_tokens=8, temperature=0.8, top_k=4,
                                                         keep_sampling_mask=True, clip=1e9)))
     same_step(model, steps)

@@ -9,7 +9,8 @@ import sys
 import torch
 
 import sobre
-from sobre.grpo import GRPOArgs, _update
+from sobre.grpo import GRPOArgs
+from sobre.update import policy_step
 from sobre.moe import MoE
 from sobre.parallel import apply_fsdp, copy_whole, finish, init
 from sobre.rollout import Rollout
@@ -54,7 +55,7 @@ def step(model, kept, overrides, overlong, fsdp=False):
         if ref is not None:
             apply_fsdp(ref, root=False)
     moes = [x for x in m.layers.modules() if isinstance(x, MoE)]
-    stats = _update(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, overlong)
+    stats = policy_step(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, overlong)
     if fsdp:
         whole = copy.deepcopy(model)
         copy_whole(whole, m)
