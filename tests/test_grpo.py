@@ -174,18 +174,25 @@ def test_unbiased_kl_and_off_policy_sequence_masking():
         0.1 * kl_k3(RATIO.log(), ref)[MASK].sum().item() / 3, rel=1e-5)  # (the KL term stays)
 
 
-def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completions():
-    """--off-policy-mask on rollouts drawn by another policy (--rollout-bf16: Rollout.sampled, here 1 nat above the
-    trained policy's log-probs at every token): every completion of negative advantage leaves the policy loss, the
-    step equal to one with those advantages set to 0 (dapo: the normaliser is the batch's tokens either way)."""
-    from sobre.update import group_advantages
+def sampled_off_policy(shift: float):
+    """A random model and ragged_groups() whose rollouts were drawn by another policy: Rollout.sampled, each token's
+    log-prob under the model plus shift."""
     torch.manual_seed(0)
     model, groups = random_model(), ragged_groups()
     batch = [r for g, _ in groups for r in g]
     with torch.no_grad():
         logp, mask, _ = token_logprobs(model, batch, shared=False)
     for r, lp, m in zip(batch, logp, mask):
-        r.sampled = (lp[m] + 1.0).tolist()
+        r.sampled = (lp[m] + shift).tolist()
+    return model, groups
+
+
+def test_off_policy_masking_in_the_update_leaves_out_drifted_negative_completions():
+    """--off-policy-mask on rollouts drawn by another policy (--rollout-bf16: Rollout.sampled, here 1 nat above the
+    trained policy's log-probs at every token): every completion of negative advantage leaves the policy loss, the
+    step equal to one with those advantages set to 0 (dapo: the normaliser is the batch's tokens either way)."""
+    from sobre.update import group_advantages
+    model, groups = sampled_off_policy(1.0)
     a = GRPOArgs(loss="dapo", micro_batch=4, max_new_tokens=4, rollout_bf16=True, rollout_is="none", clip=0)
     adv = group_advantages(groups, a)
     steps = []
@@ -1041,13 +1048,8 @@ def test_update_weighs_rollouts_sampled_by_another_policy(mode):
     """--rollout-bf16: with every token sampled at 0.2 nats below the trained policy's log-prob, each token's
     gradient weighs e^0.2 (token_truncate: the step e^0.2 times the unweighted one's, SGD at lr 1), or each
     sequence's e^(0.2 length), left out past the bound (sequence_mask, bound e^0.5: completions of 3+ tokens)."""
-    torch.manual_seed(0)
-    model, groups = random_model(), ragged_groups()
+    model, groups = sampled_off_policy(-0.2)
     batch = [r for g, _ in groups for r in g]
-    with torch.no_grad():
-        logp, mask, _ = token_logprobs(model, batch, shared=False)
-    for r, lp, m in zip(batch, logp, mask):
-        r.sampled = (lp[m] - 0.2).tolist()
     steps = {}
     for weigh in ("none", mode):
         a = GRPOArgs(loss="dapo", micro_batch=4, max_new_tokens=4, rollout_bf16=True, rollout_is=weigh,
