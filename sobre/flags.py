@@ -118,7 +118,8 @@ def add_dataclass_flags(parser, cls):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction if f.default else "store_true",
                                 default=f.default, help=about or None)
         elif isinstance(f.default, tuple):  # (tuple[float, float]: two floats; tuple[str, ...]: any number)
-            kind = type(f.default[0]) if f.default else str
+            kind = type(f.default[0]) if f.default else {"float": float, "int": int}.get(
+                str(f.type).removeprefix("tuple[").split(",")[0].strip(), str)  # (an empty default: the annotation's)
             n = "*" if "..." in str(f.type) or not f.default else len(f.default)
             parser.add_argument(flag, nargs=n, type=kind, default=f.default, metavar=kind.__name__.upper(),
                                 help=f"{about} (default: {' '.join(map(str, f.default)) or 'none'})")

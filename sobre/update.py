@@ -101,18 +101,19 @@ def reuse_logits(model: Transformer, a: GRPOArgs) -> bool:
 
 def mini_batch_steps(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, adv: torch.Tensor, bonus: float) -> dict:
     """--steps-per-generation K: the kept groups in K mini-batches (in order, as even as whole groups split), an
-    optimizer step on each (policy_step, one epoch), through --mu epochs; every completion's old log-probs first, from
-    the policy that sampled it (each later step is off-policy: its ratios move). Returns the steps' statistics'
-    means. Under torchrun each rank splits its own groups (every rank runs K x mu steps)."""
+    optimizer step on each (policy_step, one epoch), through --mu epochs; every completion's old log-probs first,
+    from the policy that sampled it (each later step is off-policy: its ratios move). Returns the means of the
+    statistics of the steps that trained. Under torchrun each rank splits its own groups (every rank runs K x mu
+    steps)."""
     olds = old_logprobs(model, [x for g, _ in kept for x in g], a)
     bounds = [round(j * len(kept) / a.steps_per_generation) for j in range(a.steps_per_generation + 1)]
     once, runs = replace(a, mu=1), []
     for _ in range(a.mu):
         for lo, hi in zip(bounds, bounds[1:]):
             runs.append(policy_step(model, ref, opt, moes, kept[lo:hi], once, overlong, False,
-                                adv[lo * a.group:hi * a.group], bonus, olds))
-    return {k: sum(r[k] for r in runs if k in r) / sum(k in r for r in runs) for k in dict.fromkeys(k for r in runs
-                                                                                                 for k in r)}
+                                    adv[lo * a.group:hi * a.group], bonus, olds))
+    runs = [r for r in runs if "grad_norm" in r] or runs[:1]  # (a mini-batch of nothing to train: no step)
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def old_logprobs(model, batch: list[Rollout], a: GRPOArgs) -> dict[int, list[flo
 
 
 def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse: bool = False,
-            adv: torch.Tensor | None = None, bonus: float | None = None, olds: dict | None = None) -> dict:
+                adv: torch.Tensor | None = None, bonus: float | None = None, olds: dict | None = None) -> dict:
     """mu epochs of one optimizer step each over the kept groups; reuse: the linear surrogate's head takes the
     rollouts' logits (reuse_logits); adv: their completions' advantages (None: group_advantages'); bonus: the
     entropy bonus's coefficient (None: a.entropy_coef; --adaptive-entropy's for the step); olds: each completion's

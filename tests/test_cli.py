@@ -68,9 +68,11 @@ def test_dataclass_flags_give_back_the_dataclass():
     from sobre.grpo import GRPOArgs  # tuples of numbers: typed, as many as the default holds
     p, got = argparse.ArgumentParser(), []
     add_dataclass_flags(p, GRPOArgs)
-    a = GRPOArgs(sapo_temperatures=(2.0, 0.5), vespo_gamma=(1.0, 2.0, 3.0, 4.5), kl_correction=False)
+    a = GRPOArgs(sapo_temperatures=(2.0, 0.5), vespo_gamma=(1.0, 2.0, 3.0, 4.5), kl_correction=False,
+                 rewards=("m:f", "m:g"), reward_weights=(0.5, 2.0))
     run_dataclass(p.parse_args(dataclass_argv(a)), GRPOArgs, lambda b: got.append(b) or "runs/x", "")
     assert got == [a] and p.parse_args(["--sapo-temperatures", "1", "3"]).sapo_temperatures == [1.0, 3.0]
+    assert p.parse_args(["--reward-weights", "1", "0.5"]).reward_weights == [1.0, 0.5]  # (floats, the default empty)
     with pytest.raises(SystemExit):
         p.parse_args(["--sapo-temperatures", "1"])
 
