@@ -1263,6 +1263,11 @@ def test_head_logprobs_over_the_kept_tokens_equal_autograds(monkeypatch):
     for got in results[:2]:
         for a, b in zip(got, results[2]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the dropped tokens' probabilities exactly 0 (their e^-87 shares scaled by a loss's coefficients turn denormal,
+    # and products over denormals run many times slower)
+    probs = sobre.loss._softmax_parts(z.clone(), y, False, floors)[0]
+    dropped = (z < floors[:, None]) & ~F.one_hot(y, 50).bool()
+    assert bool((probs[dropped] == 0).all()) and bool((probs[~dropped] > 0).all())
 
 
 def test_rollouts_keep_sampling_floors_and_the_update_renormalises_over_them(tmp_path, monkeypatch):
