@@ -16,14 +16,26 @@ from sobre.parallel import apply_fsdp, copy_whole, finish, init
 from sobre.rollout import Rollout
 
 
-def groups(truncated=(), equal=()):
+def groups(truncated=(), equal=(), kept=False):
     """Four prompts x 3 completions of 1-5 tokens (rank 0 takes groups 0-1, rank 1 groups 2-3); the groups in
-    `truncated` ran to the limit, those in `equal` have equal rewards (advantage 0)."""
+    `truncated` ran to the limit, those in `equal` have equal rewards (advantage 0); kept: each rollout carries a
+    routing (random experts, its prompt's alike in its group, as the engine's twins) and sampling floors."""
     g = torch.Generator().manual_seed(1)
+    c = sobre.preset("debug")
+    layers = sum(c.is_moe_layer(i) for i in range(c.n_layers))
+
+    def routes(n):
+        return torch.rand(layers, n, c.n_routed_experts, generator=g).argsort(-1)[..., :c.n_activated_experts]
+
     out = []
     for i, prompt in enumerate([[5, 6, 7], [9, 3], [4, 4, 8, 1], [7, 2, 2]]):
         rows = [Rollout(prompt, torch.randint(10, 60, (1 + (i + j) % 5,), generator=g).tolist(), "", i in truncated,
                         1.0 if i in equal else float((i + j) % 2) + 0.1 * j, 1.0, None) for j in range(3)]
+        if kept:
+            first = routes(len(prompt))
+            for r in rows:
+                r.routes = torch.cat([first, routes(len(r.ids) - 1)], 1).to(torch.int16)
+                r.floors = (torch.rand(len(r.ids), generator=g) * 0.2 - 0.1).tolist()  # (tempered logits ~ +-0.2)
         out.append((rows, torch.tensor([r.correct for r in rows])))
     return out
 
@@ -43,6 +55,9 @@ CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
     "entropy_top40": (dict(loss="dapo", top_entropy_quantile=0.4, micro_batch=4), False, groups()),
     # an entropy bonus over the kept half of every rank's tokens (its mean's count: every rank's), rank 1 no signal
     "entropy_bonus": (dict(entropy_coef=0.1, top_entropy_quantile=0.5, micro_batch=4), False, groups(equal=(2, 3))),
+    # DeepSeek-V3.2's Keep Routing and Keep Sampling Mask over two epochs (FSDP: the padded forward's rows)
+    "keep_routing_mask": (dict(keep_routing=True, keep_sampling_mask=True, mu=2, micro_batch=4), False,
+                          groups(kept=True)),
 }
 
 
