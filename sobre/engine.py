@@ -56,9 +56,9 @@ class Engine:
         # token's log-prob where it was drawn (Sequence.sampled, sampling.tempered_logprobs: as vLLM's logprobs
         # give TRL the sampler's policy), for GRPO's weights of rollouts sampled by other weights
         self.keep_logits, self.keep_logprobs = keep_logits, keep_logprobs
-        # DeepSeek-V3.2's Keep Sampling Mask: each token's floor (sampling.sampling_floors: the lowest tempered logit
-        # top-k / top-p / min-p kept, Sequence.floors), for GRPO's update to renormalise over the same tokens; the
-        # kept log-probs are then the truncated distribution's
+        # DeepSeek-V3.2's Keep Sampling Mask: each token's floor (sampling.sampling_floors: between the tempered
+        # logits top-k / top-p / min-p kept and those they dropped, Sequence.floors), for GRPO's update to
+        # renormalise over the same tokens; the kept log-probs are then the truncated distribution's
         self.keep_sampling_mask = keep_sampling_mask
         if compile and loras:
             raise ValueError("compile=True does not serve LoRA adapters (loras=): decode them eagerly")
