@@ -119,12 +119,13 @@ def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
     kept, as one process keeps it), ranks of different micro-batch counts, the KL to a reference over two epochs,
     the top 40% of the tokens by entropy (the threshold over every rank's tokens), an entropy bonus over the kept
     half (its mean over every rank's kept tokens; rank 1's completions carry no advantage, and train for it), the
-    rollouts' kept routing and sampling floors (DeepSeek-V3.2's Keep Routing and Keep Sampling Mask).
+    rollouts' kept routing and sampling floors (DeepSeek-V3.2's Keep Routing and Keep Sampling Mask), two
+    mini-batches a step over two epochs (--steps-per-generation: each rank's k-th group in the k-th step).
     Under FSDP the router biases move by loads that count each completion's prompt (its own padded row)."""
     out = tmp_path / "grpo.json"
     check(TORCHRUN + [str(Path(__file__).parent / "dist" / "grpo_update.py"), str(out)], timeout=240)
     r = json.loads(out.read_text())
-    assert len(r) == 24
+    assert len(r) == 26
     for name, v in r.items():
         assert v["state"] < 1e-5, (name, v["state"])
         # (FSDP's update runs each completion's prompt in its own row: the router biases' loads count it each time)

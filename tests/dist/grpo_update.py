@@ -10,7 +10,7 @@ import torch
 
 import sobre
 from sobre.grpo import GRPOArgs
-from sobre.update import policy_step
+from sobre.update import group_advantages, mini_batch_steps, policy_step
 from sobre.moe import MoE
 from sobre.parallel import apply_fsdp, copy_whole, finish, init
 from sobre.rollout import Rollout
@@ -58,7 +58,11 @@ CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
     # DeepSeek-V3.2's Keep Routing and Keep Sampling Mask over two epochs (FSDP: the padded forward's rows)
     "keep_routing_mask": (dict(keep_routing=True, keep_sampling_mask=True, mu=2, micro_batch=4), False,
                           groups(kept=True)),
+    # --steps-per-generation 2 over two epochs: each rank splits its own groups, so the k-th step holds every rank's
+    # k-th group (one process: its groups in the order 0, 2, 1, 3)
+    "mini_batches": (dict(loss="dapo", steps_per_generation=2, mu=2, group=3), False, groups()),
 }
+ONE_ORDER = {"mini_batches": [0, 2, 1, 3]}  # the groups' order in one process, where the ranks split them otherwise
 
 
 def step(model, kept, overrides, overlong, fsdp=False):
@@ -70,7 +74,9 @@ def step(model, kept, overrides, overlong, fsdp=False):
         if ref is not None:
             apply_fsdp(ref, root=False)
     moes = [x for x in m.layers.modules() if isinstance(x, MoE)]
-    stats = policy_step(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), moes, kept, a, overlong)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    stats = policy_step(m, ref, opt, moes, kept, a, overlong) if a.steps_per_generation == 1 else \
+        mini_batch_steps(m, ref, opt, moes, kept, a, overlong, group_advantages(kept, a), 0.0)
     if fsdp:
         whole = copy.deepcopy(model)
         copy_whole(whole, m)
@@ -80,7 +86,8 @@ def step(model, kept, overrides, overlong, fsdp=False):
 
 torch.manual_seed(0)
 model = sobre.init_weights(sobre.Transformer(sobre.preset("debug")), std=0.05)
-one = {name: step(model, kept, kw, overlong) for name, (kw, overlong, kept) in CASES.items()}  # one process
+one = {name: step(model, [kept[i] for i in ONE_ORDER.get(name, range(4))], kw, overlong)  # one process
+       for name, (kw, overlong, kept) in CASES.items()}
 
 rank, world, _ = init()
 result = {}
