@@ -62,6 +62,7 @@ from .update import (
 )
 
 AGGREGATIONS = ("sum", "normalize_then_sum")  # --reward-aggregation
+BUILTIN_TERMS = 3  # a completion's reward terms before the --rewards functions' (_terms)
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -346,8 +347,8 @@ def grpo(a: GRPOArgs) -> Path:
                "accuracy": correct / n, "format": form / n, "completion_length": length / n,
                "truncated": truncated / n, "groups_kept": int(n_kept), "groups_drawn": int(drawn)}
         if extra:  # each --rewards function's mean over the step's completions (every rank's)
-            sums = parallel.all_sum(*(float(sum(terms[id(g)][:, 3 + k].sum() for g, _ in seen)) for k in
-                                      range(len(extra))))
+            sums = parallel.all_sum(*(float(sum(terms[id(g)][:, BUILTIN_TERMS + k].sum() for g, _ in seen))
+                                      for k in range(len(extra))))
             rec |= {f"reward_{f.__name__}": v / n for f, v in zip(extra, sums)}
         for g in opt.param_groups:
             g["lr"] = a.lr * lr_at(a, step)
@@ -357,7 +358,7 @@ def grpo(a: GRPOArgs) -> Path:
             torch.tensor(term_weights, dtype=torch.float64)).flatten().float()
         if a.log_completions:
             rows = sum(parallel.gather_objects(_completion_rows(step + 1, problems, groups, scores, kept, adv, a,
-                                                                {f.__name__: terms for f in extra})), [])
+                                                                tuple(f.__name__ for f in extra), terms)), [])
             if rank == 0:
                 with open(run / "completions.jsonl", "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows[:a.log_completions])
@@ -398,13 +399,13 @@ def _terms(x: Rollout, a: GRPOArgs, extra: list) -> list[float]:
 
 
 def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch.Tensor, a: GRPOArgs,
-                     extra: dict | None = None) -> list[dict]:
+                     names: tuple[str, ...] = (), terms: dict | None = None) -> list[dict]:
     """The first a.log_completions of this step's completions (in draw order) as JSONL rows, as TRL's
     log_completions table: the problem, its answer, the completion text, reward, correctness, format, length, whether
     it ran to the limit, whether its group was kept and the advantage its group gave it (None: the group dropped; a
     truncated one leaves the loss under overlong filtering, one of advantage 0 carries no gradient). kept: the
-    step's kept [(group, rewards)], adv their advantages, as _update takes them; extra: {--rewards function name:
-    the step's reward terms by group}, each function's value logged too."""
+    step's kept [(group, rewards)], adv their advantages, as policy_step takes them; names: the --rewards
+    functions', whose values (terms: id(group) -> its reward terms [G, K]) are logged too."""
     adv = dict(zip((id(x) for g, _ in kept for x in g), adv.tolist()))
     rows = []
     for problem, (ok, g) in zip(problems, groups):  # (groups come back in draw order: problems[i] is group i's)
@@ -413,7 +414,7 @@ def _completion_rows(step: int, problems, groups, scores: dict, kept, adv: torch
         rows += [{"step": step, "prompt": problem.prompt, "answer": problem.answer, "completion": x.text,
                   "reward": r, "correct": x.correct, "format": x.format, "length": len(x.ids),
                   "truncated": x.truncated, "kept": ok, "advantage": adv.get(id(x))}
-                 | {f"reward_{name}": float(t[id(g)][i, 3 + k]) for k, (name, t) in enumerate((extra or {}).items())}
+                 | {f"reward_{name}": float(terms[id(g)][i, BUILTIN_TERMS + k]) for k, name in enumerate(names)}
                  for i, (x, r) in enumerate(zip(g, scores[id(g)].tolist()))]
     return rows[:a.log_completions]
 

@@ -83,10 +83,13 @@ class PagedPool:
         for store, m in zip(self.routes, layers):
             store[slots] = torch.as_tensor(m.last_idx, device=self.device).to(store.dtype)
 
+    def first_slots(self, seq: Sequence, n: int) -> torch.Tensor:
+        """The pool rows of seq's positions 0..n-1 [n]."""
+        return paged_rows(self.block_table([seq], n), torch.arange(n, device=self.device)[None], self.block)[0]
+
     def routes_of(self, seq: Sequence) -> torch.Tensor:
         """keep_routes: the experts of every position seq's cache holds [layers, seq.length, K]."""
-        pos = torch.arange(seq.length, device=self.device)
-        slots = paged_rows(torch.tensor([seq.blocks], device=self.device), pos[None], self.block)[0]
+        slots = self.first_slots(seq, seq.length)
         return torch.stack([store[slots] for store in self.routes])
 
     def copy_prompt(self, src: Sequence, dst: Sequence):
@@ -96,9 +99,7 @@ class PagedPool:
         if self.rings:
             v4cache.copy_prompt(self, src, dst, n)
         else:
-            pos = torch.arange(n, device=self.device)
-            a, b = (paged_rows(torch.tensor([s.blocks], device=self.device), pos[None], self.block)[0]
-                    for s in (src, dst))
+            a, b = self.first_slots(src, n), self.first_slots(dst, n)
             for layer in self.slots + [self.routes]:
                 for t in layer:
                     t[b] = t[a]

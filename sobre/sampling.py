@@ -154,7 +154,6 @@ def penalized(seqs: list, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-
 def tempered_logprobs(seqs: list, logits: torch.Tensor, chosen: torch.Tensor,
                       floors: list[float] | None = None) -> list[float]:
     """Each row's chosen token's log-prob under logits [B, V] / its sequence's temperature (1 for greedy), before
@@ -180,10 +179,8 @@ def sampling_floors(seqs: list, logits: torch.Tensor) -> list[float]:
     dropped = kept.isinf()
     low = kept.masked_fill(dropped, float("inf")).amin(-1)
     high = (logits.float() / temps).masked_fill(~dropped, float("-inf")).amax(-1)
-    floors = torch.where(high > float("-inf"), (low + high) / 2, float("-inf"))
-    free = logits.new_tensor([p.temperature == 0 or _unfiltered(p, logits.shape[1]) for p in params],
-                             dtype=torch.bool)
-    return floors.masked_fill(free, float("-inf")).tolist()
+    return torch.where(high > float("-inf"), (low + high) / 2, float("-inf")).tolist()  # (nothing dropped: -inf)
+
 
 TOP_CANDIDATES = 1024  # top-k / top-p / min-p decided among each row's best this-many tokens when they hold its kept
 #   set (filter_logits)

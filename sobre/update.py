@@ -199,7 +199,7 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
     if olds is not None:  # (--steps-per-generation: from the policy that sampled them)
         old = [float_rows([olds[id(batch[i])] for i in c], completion_mask([batch[i] for i in c], adv.device))
                for c in chunks]
-    linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), a.rollout_bf16 and a.off_policy_mask > 0
+    linear, weigh_rollouts, sampler = linear_surrogate(a), weighed(a), sampler_logprobs(a)
     acting = parallel.all_sum(sum(float(k.sum()) for k in keep))[0] if keep else seen_tokens  # (the bonus's)
     objective = a.surrogate()
     sums = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
@@ -227,12 +227,11 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
                                                              reuse=reuse, bonus=entropy_bonus,
                                                              replay=a.keep_routing, masked=a.keep_sampling_mask)
             before = old[j] if old else logp.detach()
-            drawn = float_rows([x.sampled for x in mb], mask) if weigh_rollouts or sampler else None
+            drawn = float_rows([x.sampled for x in mb], mask) if sampler else None  # (the sampler's log-probs)
             weight = rollout_weights(before, drawn, mask, a.rollout_is, a.rollout_is_min,
                                      a.rollout_is_max) if weigh_rollouts else None
             loss, st = policy_loss(logp, before, adv[list(c)], mask, objective, n_seqs, n_tokens, a.max_new_tokens,
-                                   ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None,
-                                   drawn if sampler else None)
+                                   ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None, drawn)
             if linear:
                 surrogate[0].backward()
             else:
