@@ -33,8 +33,8 @@ from .host import ints
 from .int8 import Int8Experts, Int8Linear
 from .linear import inference_dtype
 from .model import Transformer
-from .moe import MoE
-from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode
+from .moe import moe_layers
+from .paged import BLOCK, PagedBatch, PagedPool, compiled_decode, paged_rows
 from .parallel import keep_freed_memory
 from .request import Event, Limits, Prefill, Sequence
 from .sampling import SamplingParams, penalized, sample, sampling_floors, tempered_logprobs, top_logprobs
@@ -108,15 +108,15 @@ class Engine:
         # step runs them
         self.plan = plan.DecodePlan(model, self.pool) if not compile and plan.unsupported(model) is None else None
         # DeepSeek-V3.2's Keep Routing: each finished sequence holds the experts every MoE layer of the model routed
-        # each of its positions to (Sequence.routes; recorded from MoE.last_idx after each forward, paged with the
-        # cache), for GRPO's update to route its forward alike (MoE.replay). Every forward through the modules
-        self.routing = [m for m in model.layers.modules() if isinstance(m, MoE)] if keep_routing else []
+        # each of its positions to (Sequence.routes; recorded from the layers' last_idx after each forward, the
+        # module path's or the plan's, paged with the cache), for GRPO's update to route its forward alike (the
+        # layers' replay). V4's hash layers too (their experts follow the token: replayed, the same).
+        self.routing = moe_layers(model.layers) if keep_routing else []
         if keep_routing:
-            if not self.routing or c.arch == "deepseek_v4" or compile or self.drafts:
-                raise ValueError("keep_routing records the routing of a DeepSeek-V2/V3 MoE model's plain decoding: "
-                                 "not of a dense or DeepSeek-V4 model, nor with compile or speculative decoding")
+            if not self.routing or compile or self.drafts:
+                raise ValueError("keep_routing records the routing of a MoE model's plain decoding: not of a dense "
+                                 "model, nor with compile or speculative decoding")
             self.pool.keep_routes(len(self.routing), c.n_activated_experts)
-            self.plan = None
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -299,6 +299,8 @@ class Engine:
             h = self.plan.batch(plain, pending) if self.plan and plan.ON and len(plain) <= plan.MAX_SEQS else None
             if h is not None:  # a few sequences' step as straight-line code (plan.py)
                 logits = self.model.head(h)
+                if self.routing:
+                    self.pool.store_routes(self.plan.new_slots, self.routing)
             else:
                 tokens = ints(pending, self.device)[:, None]
                 if self.compiled and len(plain) <= self.compiled_batch:
@@ -437,7 +439,7 @@ class Engine:
     def _route(self, batch):
         """keep_routing: where the forward just made over `batch` routed its rows (PagedPool.store_routes)."""
         if self.routing:
-            self.pool.store_routes(batch, self.routing)
+            self.pool.store_routes(paged_rows(batch.table, batch.pos, batch.block), self.routing)
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         scores = penalized(seqs, logits)

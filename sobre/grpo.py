@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import parallel
 from .linear import native_bf16
 from .lora import TuneArgs, add_lora
-from .moe import MoE
+from .moe import moe_layers
 from .objective import IMPORTANCE, ROLLOUT_IS, SCALES, VARIANTS, Surrogate, decoupled_advantages
 from .report import plot_grpo
 from .rewards import overlong_penalty
@@ -283,10 +283,9 @@ def grpo(a: GRPOArgs) -> Path:
     if a.rollout_bf16 and next(model.parameters()).device.type == "cpu" and not native_bf16() and rank == 0:
         warnings.warn("--rollout-bf16 on a CPU without native bf16 (AVX512-BF16, AMX): its bf16 products are "
                       "emulated, and rollouts run far slower than in fp32", stacklevel=2)
-    moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
-    if a.keep_routing and (not moes or model.config.arch == "deepseek_v4"):
-        raise ValueError(f"--keep-routing keeps a DeepSeek-V2/V3 MoE model's routing: {a.init or a.preset!r} is "
-                         f"{'a dense model' if not moes else 'DeepSeek-V4'}")
+    moes = moe_layers(model.layers)  # (V3's and V4's; the MTP module sits out)
+    if a.keep_routing and not moes:
+        raise ValueError(f"--keep-routing keeps a MoE model's routing: {a.init or a.preset!r} is a dense model")
     reuse = reuse_logits(policy, a)
     log = None
     if rank == 0:

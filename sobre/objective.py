@@ -41,7 +41,7 @@ from .attention import causal
 from .host import int_rows, ints
 from .loss import head_logprobs, head_weighted_logprobs
 from .model import Cache, Transformer
-from .moe import MoE
+from .moe import moe_layers
 
 if TYPE_CHECKING:
     from .rollout import Rollout
@@ -287,7 +287,7 @@ def routes_of(spans: list[tuple[Rollout, int, int]], L: int) -> torch.Tensor:
 def replaying(model: Transformer, routes: torch.Tensor | None):
     """The model's MoE layers (model.layers' order, as the engine records them) route the next forward's rows to
     routes [layers, rows, K] (None: their own choice) while in the block."""
-    layers = [m for m in model.layers.modules() if isinstance(m, MoE)] if routes is not None else []
+    layers = moe_layers(model.layers) if routes is not None else []
     for m, r in zip(layers, routes if routes is not None else ()):
         m.replay = r
     try:
@@ -339,7 +339,8 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
             used = mask[:, 1:].flatten()
             cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
             routes = routes_of([(r, len(r.prompt), len(r.ids) - 1) for r in batch], T - 1) if replay else None
-            if routes is not None and cache.keep is not None:  # (the FFNs run on the kept rows only)
+            if routes is not None and cache.keep is not None and c.arch != "deepseek_v4":  # (the FFNs run on the
+                #   kept rows only; V4's layers run every row)
                 routes = routes[:, cache.keep]
             with replaying(model, routes):
                 h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]

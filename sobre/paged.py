@@ -76,10 +76,10 @@ class PagedPool:
         self.routes = [torch.zeros(self.n_blocks * self.block, k, dtype=torch.int16, device=self.device)
                        for _ in range(layers)]
 
-    def store_routes(self, batch: PagedStep, layers: list):
-        """keep_routes: the experts each MoE layer of `layers` routed the rows of the forward just made over batch to
-        (their last_idx [B * T, K]), stored at the rows' slots."""
-        slots = batch.slot_new.flatten()
+    def store_routes(self, slots: torch.Tensor | slice, layers: list):
+        """keep_routes: the experts each MoE layer of `layers` routed the rows of the forward just made to (their
+        last_idx [R, K]), stored at the rows' slots (their pool rows [B, T] in row order, or a slice of them)."""
+        slots = slots if type(slots) is slice else slots.flatten()
         for store, m in zip(self.routes, layers):
             store[slots] = torch.as_tensor(m.last_idx, device=self.device).to(store.dtype)
 
@@ -96,13 +96,12 @@ class PagedPool:
         """dst's cache gets src's prompt entries (every layer, and the kept routing), as if dst had been prefilled
         itself (a prompt's twins: n samples, GRPO's groups)."""
         n = len(src.prompt)
+        a, b = self.first_slots(src, n), self.first_slots(dst, n)
         if self.rings:
             v4cache.copy_prompt(self, src, dst, n)
-        else:
-            a, b = self.first_slots(src, n), self.first_slots(dst, n)
-            for layer in self.slots + [self.routes]:
-                for t in layer:
-                    t[b] = t[a]
+        for layer in ([] if self.rings else self.slots) + [self.routes]:
+            for t in layer:
+                t[b] = t[a]
         dst.length = n
 
     def keep_run(self, s: Sequence, running: list[Sequence]):

@@ -111,6 +111,7 @@ class DecodePlan:
         self.kept = None  # held(): the prepared weights, checked once for several calls
         self.rot = None  # [MAX_TOKENS, rd, rd] rotations of this call's positions (rewritten in place each call)
         self.causal = {}  # T -> [T, 1, T - 1] True where a new row's key is past it
+        self.new_slots = None  # the last step's new rows' pool rows (a slice, or a tensor in row order)
 
     def watched(self) -> tuple[list[dict], list[dict], list[torch.Tensor], list[torch.Tensor]]:
         """The module and parameter dicts the steps read through (those holding entries, those holding none), the
@@ -257,6 +258,7 @@ class DecodePlan:
         m, D = self.model, self.model.config.dim
         lengths = [s.length for s in seqs]
         rot, where = self.rotation(lengths, T), self.rows(seqs, lengths, T)
+        self.new_slots = where[0]
         x = m.embed.weight[tokens[0]].view(1, D) if R == 1 else m.embed.weight[tokens]  # [R, D]
         for i, p in enumerate(made[0]):
             x = self.block(p, x, self.pool.slots[i][0], where, rot)

@@ -25,7 +25,7 @@ from .config import preset
 from .data import builtin_docs
 from .lora import TuneArgs, add_lora
 from .model import Transformer, build_model, head_loss, init_weights
-from .moe import MoE
+from .moe import moe_layers
 from .parallel import pick_device
 from .report import plot_training
 from .tasks import get_task
@@ -179,6 +179,7 @@ class Packed:
     a token attends to the earlier tokens of its own document (padding, doc -1, only to itself)."""
 
     stateless = True  # no per-layer state: blocks compiled by train.compile_blocks run compiled with it
+    length = 0  # (no cached tokens before these: V4's forward reads it)
 
     def __init__(self, docs: torch.Tensor):  # docs [B, T]
         self.docs = docs
@@ -200,6 +201,17 @@ class Packed:
 
     def advance(self, T):
         pass
+
+
+def check_rows(model: Transformer, docs: torch.Tensor, who: str = "the model"):
+    """Packed rows (docs [N, T]: each position's document, -1 padding) that the model can take: DeepSeek-V4's
+    compressed attention pools windows of consecutive positions whatever their document, so a row of several
+    documents would let each read its predecessors' pooled entries; it takes rows of one document each."""
+    if getattr(model.config, "arch", "") == "deepseek_v4" and bool(((docs[:, 1:] != docs[:, :-1])
+                                                                     & (docs[:, 1:] >= 0)).any()):
+        raise ValueError(f"{who} is a DeepSeek-V4 model, whose compressed attention pools consecutive positions "
+                         "across documents: packed rows would let one conversation read another; give --no-packing "
+                         "(one conversation a row)")
 
 
 def target_logits(model: Transformer, x, y, docs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +303,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     rank, world = parallel.rank_world()
     dev = next(model.parameters()).device
     X, Y, D = (t.to(dev) for t in data)
+    check_rows(model, D)
     val = val and tuple(t.to(dev) for t in val)
     loss_fn = loss_fn or (lambda model, rows: sft_loss(model, X[rows], Y[rows], D[rows]))
     if model.config.max_seq_len < a.seq_len:
@@ -310,7 +323,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
                                                      "rows": len(X), "dropped_too_long": dropped, "world": world},
                                                     indent=2) + "\n")
         truncate_metrics(run / "metrics.jsonl", start)
-    moes = [m for m in model.layers.modules() if isinstance(m, MoE)]  # the MTP module sits out
+    moes = moe_layers(model.layers)  # (V3's and V4's; the MTP module sits out)
     log = open(run / "metrics.jsonl", "a") if rank == 0 else None
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(a.seed))
     share = slice(rank * a.batch_size // world, (rank + 1) * a.batch_size // world)

@@ -210,7 +210,7 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
     if a.off_policy_mask:
         sums["off_policy_masked"] = 0.0
     for epoch in range(a.mu):
-        loads = {m: torch.zeros_like(m.gate.bias) for m in moes}
+        loads = {m: torch.zeros(m.n_experts, device=m.gate.weight.device) for m in moes}
         for j, c in enumerate(chunks):
             mb = [batch[i] for i in c]
             coef = entropy_bonus = None

@@ -378,13 +378,18 @@ class Router(nn.Module):
     def bias(self) -> torch.Tensor | None:  # the balancing bias training nudges (none in hash layers)
         return None if self.hashed else self.e_score_correction_bias
 
-    def forward(self, x, tokens):  # x [N, D], tokens [N] -> weights [N, k], experts [N, k], scores [N, E]
+    def forward(self, x, tokens, idx=None):  # x [N, D], tokens [N] -> weights [N, k], experts [N, k], scores
+        #   [N, E]; idx [N, k]: the experts given (Keep Routing's replay), their weights from these scores
         logits = F.linear(x, self.weight)  # in the model dtype (transformers does not upcast the router)
         f = self.c.score_func
         scores = F.softplus(logits).sqrt() if f == "sqrtsoftplus" else logits.sigmoid() if f == "sigmoid" \
             else logits.softmax(-1)
-        idx = self.tid2eid[tokens] if self.hashed else \
-            (scores + self.e_score_correction_bias).topk(self.c.n_activated_experts, dim=-1).indices
+        if idx is not None:
+            idx = idx.to(x.device, torch.long)
+        elif self.hashed:
+            idx = self.tid2eid[tokens]
+        else:
+            idx = (scores + self.e_score_correction_bias).topk(self.c.n_activated_experts, dim=-1).indices
         w = scores.gather(1, idx)
         return w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.route_scale, idx, scores
 
@@ -425,10 +430,11 @@ class MoE(RoutedLoad, nn.Module):
         self.shared_experts = MLP(c)
         self.n_experts = E  # (last_load: tokens per expert in the last forward, for balancing and EPLB)
         self.balance_loss = None  # training forwards of learned-routing layers
+        self.replay = None  # [N, K]: the experts the next forward's rows go to (Keep Routing: GRPO's update)
 
     def forward(self, x, tokens):  # x [B, T, D], tokens [B, T]
         flat = x.flatten(0, 1)
-        w, idx, scores = self.gate(flat, tokens.flatten())
+        w, idx, scores = self.gate(flat, tokens.flatten(), self.replay)
         self.last_idx = idx
         if self.training:
             self.balance_loss = torch.zeros((), device=x.device) if self.gate.hashed else \

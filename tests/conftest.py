@@ -68,6 +68,19 @@ def random_model(cfg=None, seed=0, std=0.1):
     return model.eval()
 
 
+def v4_model(seed=0, **kw):
+    """A random DeepSeek-V4 model of test_v4's config (3 hash-routed MoE layers, then a learned one; kw: its HF
+    config's keys)."""
+    import transformers
+
+    from sobre.config import Config
+    from sobre.v4 import V4Transformer, init_weights
+
+    from test_v4 import HF
+    return init_weights(V4Transformer(Config.from_hf(transformers.DeepseekV4Config(**{**HF, **kw}).to_dict())),
+                        std=0.1, seed=seed).eval()
+
+
 @pytest.fixture
 def debug_model():
     return random_model()

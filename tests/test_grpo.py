@@ -19,7 +19,7 @@ from sobre.objective import Surrogate, advantages, completion_mask, kl_k3, polic
 from sobre.rollout import Rollout, maj_at_k, pass_at_k, sign_test
 from sobre.update import policy_step
 
-from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows
+from conftest import SPARSE_MODELS, crash_then_resume, random_model, untimed_rows, v4_model
 
 # two completions: ratios 1.5, 0.9 (advantage +1) and 0.7, padding (advantage -1)
 RATIO = torch.tensor([[1.5, 0.9], [0.7, 1.0]])
@@ -636,16 +636,8 @@ def test_update_forward_of_sparse_attention_equals_the_padded_reference(kind):
     """One prompt and completions of different lengths through NSA (the padded forward: its per-layer state
     holds one row per sequence), DSA's indexer and V4's attention (the shared prompt, the FFNs left out past
     each row's last needed position): the padded reference's log-probs and gradients."""
-    from conftest import SPARSE_MODELS
     if kind == "deepseek_v4":
-        import transformers
-
-        from sobre.config import Config
-        from sobre.v4 import V4Transformer, init_weights
-
-        from test_v4 import HF
-        model = init_weights(V4Transformer(Config.from_hf(transformers.DeepseekV4Config(**HF).to_dict())),
-                             std=0.1, seed=0).train()
+        model = v4_model().train()
     else:
         model = random_model(sobre.preset("debug", **SPARSE_MODELS[kind], max_seq_len=256)).train()
     prompt = list(range(3, 23))
@@ -1103,11 +1095,12 @@ def test_grpo_runs_alike_on_the_rollouts_logits_or_its_own(tmp_path, monkeypatch
 
 
 def moe_choices(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A plain forward of ids: each MoE layer's experts [layers, L, K] and biased router scores [layers, L, E]."""
-    from sobre.moe import MoE
-    layers = [m for m in model.layers.modules() if isinstance(m, MoE)]
+    """A plain forward of ids: each MoE layer's experts [layers, L, K] and biased router scores [layers, L, E]
+    (V3's gates, V4's routers: a hash layer's scores unbiased)."""
+    from sobre.moe import moe_layers
     seen = []
-    hooks = [m.gate.register_forward_hook(lambda g, i, o: seen.append((o[1], o[2] + g.bias))) for m in layers]
+    hooks = [m.gate.register_forward_hook(lambda g, i, o: seen.append((o[1], o[2] + (0 if g.bias is None else g.bias))))
+             for m in moe_layers(model.layers)]
     with torch.no_grad():
         model(torch.tensor([ids]))
     for h in hooks:
@@ -1115,19 +1108,26 @@ def moe_choices(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([i for i, _ in seen]), torch.stack([s for _, s in seen])
 
 
-@pytest.mark.parametrize("prefix_cache,chunk", [(False, 1024), (True, 5)])
-def test_engine_keeps_the_routing_of_every_position(prefix_cache, chunk):
+@pytest.mark.parametrize("arch,prefix_cache,chunk", [("deepseek_v3", False, 1024), ("deepseek_v3", True, 5),
+                                                      ("deepseek_v4", False, 1024), ("deepseek_v4", True, 5)])
+def test_engine_keeps_the_routing_of_every_position(arch, prefix_cache, chunk):
     """Engine(keep_routing=True): each finished sequence holds the experts every MoE layer routed each position of
     prompt + output[:-1] to, as a plain forward of those tokens routes them (a near tie of router scores aside):
     ragged prompts prefilled together, a prompt's twins (its cache copied), prompts past the prefill chunk, shared
-    prefixes from the prefix cache, and sequences of different lengths (finished rows' blocks moved:
-    PagedPool.keep_run)."""
+    prefixes from the prefix cache, sequences of different lengths (finished rows' blocks moved:
+    PagedPool.keep_run), the last few sequences' steps as straight-line code (sobre.plan); DeepSeek-V4 too (its
+    rings and compressed entries; hash-routed layers and a learned one)."""
     from sobre.engine import Engine
     torch.manual_seed(0)
-    model = random_model()
+    model = random_model() if arch == "deepseek_v3" else v4_model()
     engine = Engine(model, max_batch=16, keep_routing=True, prefix_cache=prefix_cache, prefill_chunk=chunk)
+    planned = []
+    if engine.plan is not None:  # (sobre.plan runs a step of at most plan.MAX_SEQS sequences)
+        real = engine.plan.batch
+        engine.plan.batch = lambda seqs, tokens: planned.append(len(seqs)) or real(seqs, tokens)
+    assert (engine.plan is not None) == (arch == "deepseek_v3")
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (3, 7, 12, 4)]
+    prompts = [torch.randint(3, min(400, model.config.vocab_size), (n,), generator=g).tolist() for n in (3, 7, 12, 4)]
     prompts.append(prompts[2][:9] + [5, 6])  # (a prefix of another's)
     for i, p in enumerate(prompts):
         for j in range(2):  # twins
@@ -1149,6 +1149,7 @@ def test_engine_keeps_the_routing_of_every_position(prefix_cache, chunk):
         assert bool((same | (gap < 1e-4)).all()), (s.rid, gap[~same])
         flips += int((~same).sum())
     assert flips <= 2
+    assert bool(planned) == (arch == "deepseek_v3")  # (V4 decodes through its modules)
     with pytest.raises(ValueError, match="keep_routing"):
         Engine(random_model(sobre.preset("debug", arch="qwen2")), keep_routing=True)
 
@@ -1183,6 +1184,30 @@ def test_replayed_routing_reaches_every_row_of_thepolicy_step():
         routes_of([(batch[0], 0, 99)], 99)
 
 
+def test_replayed_routing_reaches_every_row_of_a_v4_policy_step():
+    """DeepSeek-V4 (every layer routed: hash layers and a learned one): token_logprobs(replay=True) routes each
+    position to its rollout's kept experts, the shared-prompt forward (one prompt, completions of different
+    lengths: V4's layers run every row) equal to the padded reference, both far from the routers' own choice."""
+    torch.manual_seed(0)
+    model = v4_model()
+    c = model.config
+    prompt = list(range(3, 23))
+    g = torch.Generator().manual_seed(4)
+    prompt_routes = torch.rand(c.n_layers, len(prompt), c.n_routed_experts, generator=g).argsort(-1)[..., :2]
+    batch = []
+    for i, n in enumerate((9, 2, 30, 17)):
+        r = Rollout(prompt, [(7 * i + t) % 50 + 5 for t in range(n)], "", False, 0.0, 0.0, None)
+        own = torch.rand(c.n_layers, n - 1, c.n_routed_experts, generator=g).argsort(-1)[..., :2]
+        r.routes = torch.cat([prompt_routes, own], 1).to(torch.int16)
+        batch.append(r)
+    with torch.no_grad():
+        shared, mask, _ = token_logprobs(model, batch, replay=True)
+        padded = token_logprobs(model, batch, shared=False, replay=True)[0]
+        own = token_logprobs(model, batch)[0]
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    assert (shared - own)[mask].abs().max() > 1e-2
+
+
 def test_update_on_kept_routing_takes_the_routers_own_step(tmp_path):
     """--keep-routing: rollouts sampled by the engine keep their routing, and the update routed by it takes the
     step the update takes routing by itself (the same experts, as the engine's batched decode chose them); a dense
@@ -1204,6 +1229,35 @@ def test_update_on_kept_routing_takes_the_routers_own_step(tmp_path):
     sobre.save(dense, tmp_path / "qwen", tokenizer_dir=tmp_path)
     with pytest.raises(ValueError, match="dense model"):
         G.grpo(GRPOArgs(out=str(tmp_path / "run"), init=str(tmp_path / "qwen"), steps=1, keep_routing=True))
+
+
+def test_grpo_on_a_v4_model_keeps_its_routing_and_balances_its_routers(tmp_path):
+    """`grpo --keep-routing --router-bias-update` on a DeepSeek-V4 model: the engine keeps the routing of its
+    rollouts (hash-routed layers and the learned one) and the update routed by it takes the routers' own step; the
+    learned layer's balancing bias moves with the rollout tokens' loads (V4's MoE layers are not sobre.moe.MoE:
+    they were left out of the loads, silently)."""
+    from sobre import grpo as G
+    from sobre.moe import moe_layers
+    from sobre.rollout import sample_groups
+    from sobre.tasks import get_task
+    from sobre.tokenizer import train_tokenizer
+    tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
+    model = v4_model(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    task = get_task("arithmetic")
+    groups, _ = sample_groups(model, tok, task, task.problems("train", 3), 3, 3, max_new_tokens=8, seed=3,
+                              keep_routing=True)
+    rewarded = [(g, torch.tensor([float(i % 2), 1.0, 0.0])) for i, (_, g) in enumerate(groups)]
+    assert all(r.routes.shape == (4, len(r.prompt) + len(r.ids) - 1, 2) for g, _ in rewarded for r in g)
+    same_step(model, [sgd_step(model, rewarded, GRPOArgs(micro_batch=4, max_new_tokens=8, keep_routing=keep))
+                      for keep in (True, False)])
+    sobre.save(model, tmp_path / "v4", tokenizer_dir=tmp_path)
+    G.grpo(GRPOArgs(out=str(tmp_path / "run"), init=str(tmp_path / "v4"), task="arithmetic", steps=1, prompts=2,
+                    group=3, max_new_tokens=6, eval_every=100, eval_problems=1, keep_routing=True,
+                    router_bias_update=0.1))
+    trained = sobre.load(tmp_path / "run" / "model")
+    before, after = (m.gate.bias for m in (moe_layers(model.layers)[-1], moe_layers(trained.layers)[-1]))
+    assert (after - before).abs().min() == pytest.approx(0.1)  # (each expert over or under the mean: +- 0.1)
+    assert [m.gate.bias is None for m in moe_layers(trained.layers)] == [True, True, True, False]
 
 
 def test_sampling_floors_bound_the_tokens_sampling_keeps():

@@ -126,3 +126,39 @@ def test_sft_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
                                                                        **args)))
     cut, whole = untimed_rows(tmp_path / "cut" / "metrics.jsonl"), untimed_rows(tmp_path / "whole" / "metrics.jsonl")
     assert ran == [3, 4] and cut == whole and len({r["loss"] for r in whole}) == 4
+
+
+def test_sft_of_a_v4_model_one_conversation_a_row(tmp_path, tok):
+    """SFT of a DeepSeek-V4 model: rows of one conversation each (--no-packing) run as the plain causal forward
+    (the hidden states at the conversation's positions, padding after it); packed rows of several are refused
+    with a clear error (V4's compressed attention pools consecutive positions across documents), for a teacher's
+    logits too (distillation). Its aux-loss-free balancing
+    (--bias-update): the learned-routing layer's bias moves by the update for every expert over or under the mean
+    load; hash-routed layers have none (V4's MoE layers are not sobre.moe.MoE: SFT left them out, silently)."""
+    import sobre
+    from sobre.distill import teacher_topk
+    from sobre.moe import moe_layers
+    from sobre.sft import Packed
+
+    from conftest import v4_model
+    model = v4_model(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    examples = task_examples(tok, "arithmetic", 6)
+    X, _, D, _ = pack(examples, 200, tok.pad_id, packing=False)
+    with torch.no_grad():  # (against the plain forward of the same row, padding included: products of another
+        h = model.hidden(X, cache=Packed(D))  # length round apart, and a near tie in the indexer's top-k may flip)
+        for i in range(len(X)):
+            n = int((D[i] == 0).sum())
+            torch.testing.assert_close(h[i, :n], model.hidden(X[i:i + 1])[0, :n], atol=1e-5, rtol=1e-5)
+    tok.save(tmp_path / "tok")
+    sobre.save(model, tmp_path / "v4", tokenizer_dir=tmp_path / "tok")
+    args = dict(init=str(tmp_path / "v4"), task=("arithmetic",), examples=20, steps=1, batch_size=2, seq_len=200,
+                bias_update=0.1, eval_every=100)
+    with pytest.raises(ValueError, match="--no-packing"):
+        sft(SFTArgs(out=str(tmp_path / "packed"), **args))
+    with pytest.raises(ValueError, match="the teacher is a DeepSeek-V4 model"):  # (distillation's logits of it)
+        teacher_topk(model, *pack(examples, 200, tok.pad_id)[::2], 4)
+    sft(SFTArgs(out=str(tmp_path / "run"), packing=False, **args))
+    trained = sobre.load(tmp_path / "run" / "model")
+    before, after = (moe_layers(m.layers) for m in (model, trained))
+    assert [m.gate.bias is None for m in after] == [True, True, True, False]
+    assert (after[-1].gate.bias - before[-1].gate.bias).abs().min() == pytest.approx(0.1)
