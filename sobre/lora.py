@@ -7,7 +7,10 @@ adapters read (merged into the weights as a checkpoint loads) and written.
 so a fresh adapter changes nothing. Targets are named as PEFT's `target_modules`, by the HF module's last name
 (q_proj, kv_b_proj, gate_proj, ...); the default is every linear layer of the decoder blocks (PEFT's
 "all-linear": attention and MLP / shared-expert projections; not the routed experts, router, DSA indexer, NSA
-gates, MTP module, embedding or head). The frozen reference of GRPO's KL is the model with its adapters off.
+gates, MTP module, embedding or head). DeepSeek-V4 (its modules keep transformers' names): V4_TARGETS, named as
+PEFT's target_modules by their last two names (self_attn.kv_proj: the compressors' kv_proj and gate_proj and the
+indexer's q_b_proj share the last one) or by the last alone. The frozen reference of GRPO's KL is the model with
+its adapters off.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from .names import HF_LAYER_MODULES, hf_to_ours
 TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
            "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."  # PEFT's key prefix (PeftModel -> LoraModel -> the transformers model)
+# DeepSeek-V4's: attention's and the shared expert's projections, by the last two names of their modules; not the
+# grouped o_a_proj (one product per head group: a plain adapter's [in, out] does not fit it, nor peft's layer), the
+# compressors, the indexer, the routed experts or the routers
+V4_TARGETS = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj", "self_attn.o_b_proj",
+              "shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")
 
 
 @dataclass
@@ -50,7 +58,7 @@ class TuneArgs:
     def frozen_int8(self) -> dict:
         """start_model's keywords for --int8: the weights in int8 as they load, the head kept (the fused
         cross-entropy reads it whole)."""
-        return {"int8": True, "int8_skip": ("head",)} if self.int8 else {}
+        return {"int8": True, "int8_skip": ("head", "lm_head")} if self.int8 else {}  # (V4's: lm_head)
 
     def check_lora(self, init: str):
         if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1 or self.lora_alpha < 0:
@@ -61,8 +69,10 @@ class TuneArgs:
         if (self.lora_targets or self.int8) and not self.lora_rank:
             raise ValueError(f"--{'int8' if self.int8 else 'lora-targets'} needs --lora-rank R (int8 weights stay "
                              "frozen: they train through adapters)")
-        if bad := sorted(set(self.lora_targets) - set(TARGETS)):
-            raise ValueError(f"--lora-targets: unknown module {bad[0]!r}; choose among {', '.join(TARGETS)}")
+        known = {*TARGETS, *V4_TARGETS, *(t.rpartition(".")[2] for t in V4_TARGETS)}
+        if bad := sorted(set(self.lora_targets) - known):
+            raise ValueError(f"--lora-targets: unknown module {bad[0]!r}; choose among {', '.join(TARGETS)} "
+                             f"(DeepSeek-V4: {', '.join(V4_TARGETS)}, or their last names)")
 
     def check_fsdp(self, world: int):
         """--fsdp only among several torchrun processes, and not on int8 weights (buffers, which FSDP2 leaves
@@ -109,15 +119,26 @@ class LoRALinear(nn.Module):
 
 
 def _hf_module(name: str) -> str:
-    """Our decoder-layer module name -> transformers' (layers.3.attn.wkv_b -> model.layers.3.self_attn.kv_b_proj)."""
+    """Our decoder-layer module name -> transformers' (layers.3.attn.wkv_b -> model.layers.3.self_attn.kv_b_proj;
+    DeepSeek-V4's modules have transformers' names already)."""
     i, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
-    return f"model.layers.{i}.{HF_LAYER_MODULES[rest]}"
+    return f"model.layers.{i}.{HF_LAYER_MODULES.get(rest, rest)}"
+
+
+def v4_target(module: str) -> str | None:
+    """The V4_TARGETS entry a V4 module name (ours or transformers') ends with, or None."""
+    return next((t for t in V4_TARGETS if module.endswith("." + t)), None)
 
 
 def targets(model: nn.Module, names: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
-    """The model's linear layers PEFT's target_modules `names` (empty: all of TARGETS) pick, by our module name."""
+    """The model's linear layers PEFT's target_modules `names` (empty: all of TARGETS, V4_TARGETS for DeepSeek-V4)
+    pick, by our module name."""
+    if getattr(model.config, "arch", "") == "deepseek_v4":
+        return _v4_targets(model, names)
     if not isinstance(model, Transformer):
-        raise ValueError(f"LoRA adapts deepseek_v3 / v2 / v32 and dense models; not {model.config.arch}")
+        raise ValueError(f"LoRA adapts DeepSeek and dense models; not {type(model).__name__}")
+    if bad := sorted(set(names) - set(TARGETS)):
+        raise ValueError(f"LoRA adapts {', '.join(TARGETS)} of a {model.config.arch} model, not {bad}")
     names = set(names or TARGETS)
     leaf = {ours: hf.rpartition(".")[2] for ours, hf in HF_LAYER_MODULES.items()}
     found = {}
@@ -130,6 +151,22 @@ def targets(model: nn.Module, names: tuple[str, ...] = ()) -> dict[str, nn.Linea
             found[name] = m
     if not found:
         raise ValueError(f"no module of this {model.config.arch} model is named {sorted(names)}")
+    return found
+
+
+def _v4_targets(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """targets() of a DeepSeek-V4 model: V4_TARGETS, each picked by its last two names or its last alone."""
+    picked = [t for t in V4_TARGETS if not names or t in names or t.rpartition(".")[2] in names]
+    unknown = [n for n in names if not any(n in (t, t.rpartition(".")[2]) for t in V4_TARGETS)]
+    if unknown or not picked:
+        raise ValueError(f"LoRA adapts {', '.join(V4_TARGETS)} of a DeepSeek-V4 model, not {unknown or names}")
+    found = {}
+    for name, m in model.layers.named_modules(prefix="layers"):
+        if v4_target(name) in picked:
+            if not isinstance(m, (nn.Linear, Int8Linear)):
+                raise ValueError(f"{name} is {type(m).__name__}: LoRA adapts full-precision or int8 linear layers "
+                                 "(not --fp8's)")
+            found[name] = m
     return found
 
 
@@ -201,7 +238,8 @@ def save_adapter(model: nn.Module, path, base: str):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    names = sorted({_hf_module(n).rpartition(".")[2] for n in mods})
+    v4 = model.config.arch == "deepseek_v4"  # (V4: by the last two names, as V4_TARGETS)
+    names = sorted({v4_target(n) if v4 else _hf_module(n).rpartition(".")[2] for n in mods})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
               "lora_alpha": first.scale * rank, "lora_dropout": 0.0, "target_modules": names, "bias": "none",
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
@@ -230,8 +268,6 @@ def adapter_factors(path, config) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     """A PEFT LoRA adapter folder -> {our weight name: (A [r, in], B [out, r] in fp32, scale)} for a model of
     `config`; what it cannot merge exactly (DoRA, trained biases, extra saved modules, embedding adapters) is
     refused."""
-    if config.arch == "deepseek_v4":
-        raise ValueError("LoRA adapters are read for deepseek_v3 / v2 / v32 and dense models, not deepseek_v4")
     path = Path(path)
     cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists() or not w_file.exists():
@@ -255,22 +291,33 @@ def adapter_factors(path, config) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{w_file}: {module} has lora_{next(iter(ab))} without its pair")
-        layer = re.match(r"model\.layers\.(\d+)\.", module)
-        try:
-            target = hf_to_ours(module + ".weight", config) if layer and int(layer.group(1)) < config.n_layers \
-                else None
-        except KeyError:
-            target = None
-        if target is None or target[1] is not None:
+        target = _adapted(module, config)
+        if target is None:
             raise ValueError(f"{w_file}: {module} is not a linear layer of this {config.arch} model with "
-                             f"{config.n_layers} layers")
+                             f"{config.n_layers} layers" + (" that sobre adapts" if config.arch == "deepseek_v4"
+                                                            else ""))
         A, B = ab["A"].float(), ab["B"].float()
         r = A.shape[0]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
             raise ValueError(f"{w_file}: {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not pair")
         alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
-        out[target[0]] = A, B, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        out[target] = A, B, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
     return out
+
+
+def _adapted(module: str, config) -> str | None:
+    """Our weight name of the linear layer an adapter's module (transformers' name) adapts; None where it is none
+    of this model's (DeepSeek-V4: none of V4_TARGETS)."""
+    layer = re.match(r"model\.layers\.(\d+)\.", module)
+    if not layer or int(layer.group(1)) >= config.n_layers:
+        return None
+    if config.arch == "deepseek_v4":
+        return module.removeprefix("model.") + ".weight" if v4_target(module) else None
+    try:
+        target = hf_to_ours(module + ".weight", config)
+    except KeyError:
+        return None
+    return None if target is None or target[1] is not None else target[0]
 
 
 class Rows:
@@ -369,7 +416,8 @@ def serve_adapters(model: nn.Module, factors: list[dict]) -> Rows:
     """Put a MultiLoRA in place of every linear layer some adapter (adapter_factors, by index) adapts; -> the
     Rows the engine sets per forward. DSA models' kv_b_proj is refused (their sparse attention reads its weight
     whole: merge such an adapter, --adapter); absorbed MLA adds kv_b's terms itself (absorbed_q / absorbed_o)."""
-    p = model.embed.weight  # (the model's dtype and device: an int8 model's embedding stays in it)
+    p = model.get_submodule("embed_tokens" if model.config.arch == "deepseek_v4" else "embed").weight  # (the
+    #   model's dtype and device: an int8 model's embedding stays in it)
     rows = Rows(p.device)
     found = targets(model)
     for name in sorted({n.rpartition(".")[0] for f in factors for n in f}):

@@ -299,3 +299,58 @@ def test_engine_serves_several_adapters_at_once(tmp_path, model_type, kw):
         eng.add_request(prompts[0], lora="nope")
     with pytest.raises(ValueError, match="compile=True"):
         Engine(sobre.load(base), loras=folders, compile=True)
+
+
+def test_lora_on_a_v4_model(tmp_path):
+    """DeepSeek-V4: LoRA on attention's q_a / q_b / kv / o_b projections and the shared expert's (not the grouped
+    o_a_proj, the compressors, the indexer), named by their last two names (the compressors' kv_proj and gate_proj
+    share the last): our saved adapter loads in peft on transformers' model with our adapted logits, and merges as
+    it loads; an adapter peft wrote on some of them merges into ours with peft's logits; the engine serves one
+    beside the base model (greedy as the merged model); --int8's frozen weights keep the head (lm_head) whole;
+    modules outside those are refused."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sobre.int8 import Int8Linear
+
+    from conftest import v4_model
+    base = sobre.save(v4_model(), tmp_path / "base")
+    ours = sobre.load(base)
+    names = lora.add_lora(ours, rank=4, alpha=12)
+    assert len(names) == 4 * 7 and not any("compressor" in n or "o_a_proj" in n for n in names)
+    randomize_adapters(ours)
+    with torch.no_grad():
+        want = ours(TOKENS)
+        assert (want - sobre.load(base)(TOKENS)).abs().max() > 1e-2
+    lora.save_adapter(ours, tmp_path / "ours", str(base))
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(lora.V4_TARGETS)
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                   tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sobre.load(base, adapter=tmp_path / "ours")(TOKENS), want, atol=1e-4, rtol=1e-4)
+
+    torch.manual_seed(3)
+    some = ["self_attn.q_b_proj", "self_attn.kv_proj", "shared_experts.down_proj"]
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=some, init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(sobre.load(base, adapter=tmp_path / "peft")(TOKENS), peft_model(TOKENS).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+    sobre.save(lora.merge(ours), tmp_path / "merged")
+    prompts = [TOKENS[0, :9].tolist(), TOKENS[1].tolist()]
+    eng = Engine(sobre.load(base), loras={"ours": tmp_path / "ours"})
+    assert eng.generate(prompts, max_new_tokens=5, lora="ours") == Engine(sobre.load(tmp_path / "merged")).generate(
+        prompts, max_new_tokens=5)
+    frozen = sobre.load(base, **SFTArgs(lora_rank=4, int8=True).frozen_int8())
+    assert type(frozen.lm_head) is not Int8Linear and type(frozen.layers[0].self_attn.q_a_proj) is Int8Linear
+    with pytest.raises(ValueError, match="o_a_proj"):
+        lora.add_lora(sobre.load(base), rank=2, names=("o_a_proj",))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                LoraConfig(r=2, target_modules=["compressor.kv_proj"]))
+    peft_model.save_pretrained(tmp_path / "compressor")
+    with pytest.raises(ValueError, match="that sobre adapts"):
+        sobre.load(base, adapter=tmp_path / "compressor")
