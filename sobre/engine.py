@@ -311,8 +311,9 @@ class Engine:
                     batch = self._batch(plain, 1)
                     logits = self.model.head(self.model.hidden(tokens, batch)[:, -1])
                     self._route(batch)
-            chosen = self._choose(plain, logits)
-            floors = sampling_floors(plain, logits) if self.keep_sampling_mask else [None] * len(plain)
+            kept = [] if self.keep_sampling_mask else None  # (the sampler's filtered logits, for the floors)
+            chosen = self._choose(plain, logits, kept)
+            floors = sampling_floors(plain, logits, *kept[:1]) if self.keep_sampling_mask else [None] * len(plain)
             lps = tempered_logprobs(plain, logits, chosen, floors if self.keep_sampling_mask else None) \
                 if self.keep_logprobs else [None] * len(plain)
             events += [self._emit(s, t, row, lp, f) for s, t, row, lp, f in zip(plain, chosen.tolist(),
@@ -441,9 +442,9 @@ class Engine:
         if self.routing:
             self.pool.store_routes(paged_rows(batch.table, batch.pos, batch.block), self.routing)
 
-    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        scores = penalized(seqs, logits)
-        out = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, kept: list | None = None) -> torch.Tensor:
+        scores = penalized(seqs, logits)  # (kept: sample()'s where the scores are the logits, as the floors read them)
+        out = sample(scores, [s.params for s in seqs], [s.generator for s in seqs], kept if scores is logits else None)
         for i, s in enumerate(seqs):  # JSON mode: a token that would leave the object is drawn again without it
             if s.json is not None and not self._fits(s, int(out[i])):
                 t = redraw(scores[i], int(out[i]), lambda t, s=s: self._fits(s, t),

@@ -166,16 +166,18 @@ def tempered_logprobs(seqs: list, logits: torch.Tensor, chosen: torch.Tensor,
     return (scaled.gather(1, chosen.to(logits.device)[:, None])[:, 0] - scaled.logsumexp(-1)).tolist()
 
 
-def sampling_floors(seqs: list, logits: torch.Tensor) -> list[float]:
+def sampling_floors(seqs: list, logits: torch.Tensor, kept: torch.Tensor | None = None) -> list[float]:
     """Each row's floor under its sequence's top-k / top-p / min-p (filter_logits): halfway between the lowest
     tempered logit they keep and the highest they drop, so the tokens it may draw are those above it, and a logit
     computed again (rounding ~1e-6 apart) falls on the same side (-inf where nothing is cut). DeepSeek-V3.2's Keep
-    Sampling Mask: GRPO's update renormalises its log-probs over the same tokens (Engine(keep_sampling_mask=True))."""
+    Sampling Mask: GRPO's update renormalises its log-probs over the same tokens (Engine(keep_sampling_mask=True)).
+    kept: filter_logits of these logits and rows, where sample() made it already (its `kept`)."""
     params = [s.params for s in seqs]
     if all(p.temperature == 0 or _unfiltered(p, logits.shape[1]) for p in params):
         return [float("-inf")] * len(seqs)
     temps = logits.new_tensor([p.temperature or 1.0 for p in params], dtype=torch.float32)[:, None]
-    kept = filter_logits(logits.float(), [p if p.temperature > 0 else SamplingParams() for p in params])
+    if kept is None:
+        kept = filter_logits(logits.float(), [p if p.temperature > 0 else SamplingParams() for p in params])
     dropped = kept.isinf()
     low = kept.masked_fill(dropped, float("inf")).amin(-1)
     high = (logits.float() / temps).masked_fill(~dropped, float("-inf")).amax(-1)
@@ -268,16 +270,20 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+           generators: list[torch.Generator | None] | None = None, kept: list | None = None) -> torch.Tensor:
     """logits [B, V] (already penalized) -> token ids [B]. Greedy rows take the argmax; others draw with their
-    own generator (per-request seed) so a request's tokens do not depend on its batch neighbours."""
+    own generator (per-request seed) so a request's tokens do not depend on its batch neighbours. kept (a list):
+    where every row draws, the tempered and filtered logits it drew from [B, V] appended (sampling_floors')."""
     logits = logits.float()
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if len(rows) < len(params):
         out = greedy(logits)
     if rows:
         every = len(rows) == len(params)  # (a GRPO rollout: no row gathered, no argmax computed for nothing)
-        probs = filter_logits(logits if every else logits[rows], [params[i] for i in rows]).softmax(dim=-1)
+        filtered = filter_logits(logits if every else logits[rows], [params[i] for i in rows])
+        if every and kept is not None:
+            kept.append(filtered)
+        probs = filtered.softmax(dim=-1)
         gens = [generators[i] if generators else None for i in rows]  # None: the global generator
         if all(g is None for g in gens):
             u = torch.rand(len(rows), device=probs.device)

@@ -1274,6 +1274,9 @@ def test_sampling_floors_bound_the_tokens_sampling_keeps():
     for i, p in enumerate(params[:3]):
         assert torch.equal(logits[i] / p.temperature >= floors[i], kept[i]), i
     assert int(kept[0].sum()) == 3 and floors[3:] == [float("-inf")] * 2
+    every = params[:4]  # (sample()'s filtered logits where every row draws, as the engine hands them over)
+    assert sampling_floors([Sequence(i, [1], p) for i, p in enumerate(every)], logits[:4],
+                           filter_logits(logits[:4], every)) == floors[:4]
 
 
 def test_head_logprobs_over_the_kept_tokens_equal_autograds(monkeypatch):
@@ -1329,16 +1332,21 @@ def test_rollouts_keep_sampling_floors_and_the_update_renormalises_over_them(tmp
     logits above it, the drawn token among them, and its kept log-prob (keep_logprobs) is the truncated
     distribution's; token_logprobs(masked=True) then equals log_softmax over those 4 at every token, and the
     update on them takes the same step on the linear surrogate as on the general path, not the step over the
-    whole vocabulary."""
+    whole vocabulary. The decode steps' floors come from the logits sample() filtered (not filtered again)."""
+    import sobre.engine as E
     from sobre.rollout import sample_groups
     from sobre.tasks import get_task
     from sobre.tokenizer import train_tokenizer
     tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
     model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
     task = get_task("arithmetic")
+    given, real = [], E.sampling_floors
+    monkeypatch.setattr(E, "sampling_floors", lambda seqs, logits, *kept: given.append(bool(kept)) or real(
+        seqs, logits, *kept))
     groups, _ = sample_groups(model, tok, task, task.problems("train", 3), 3, 3, max_new_tokens=8, seed=3,
                               temperature=0.8, top_k=4, keep_logits=True, keep_logprobs=True,
                               keep_sampling_mask=True)
+    assert given.count(True) >= 7  # (the decode steps; a first token's floor, from the prompt, is made apart)
     batch = [r for _, g in groups for r in g]
     for r in batch:
         z = torch.stack(r.logits) / 0.8  # [n, V]
