@@ -1154,6 +1154,17 @@ def test_engine_keeps_the_routing_of_every_position(arch, prefix_cache, chunk):
         Engine(random_model(sobre.preset("debug", arch="qwen2")), keep_routing=True)
 
 
+def replay_reaches_every_row(model, batch):
+    """token_logprobs(replay=True) of rollouts with kept routing: the shared-prompt forward equals the padded
+    reference forward, both far from the routers' own choice."""
+    with torch.no_grad():
+        shared, mask, _ = token_logprobs(model, batch, replay=True)
+        padded = token_logprobs(model, batch, shared=False, replay=True)[0]
+        own = token_logprobs(model, batch)[0]
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
+    assert (shared - own)[mask].abs().max() > 1e-2
+
+
 def test_replayed_routing_reaches_every_row_of_thepolicy_step():
     """token_logprobs(replay=True) routes each position to its rollout's kept experts (here random ones, not the
     router's): the shared-prompt forward (padded prompts, completions' FFN on their kept rows only) equals the
@@ -1173,12 +1184,7 @@ def test_replayed_routing_reaches_every_row_of_thepolicy_step():
         prompt = random_routes(len(rows[0].prompt))
         for r in rows:
             r.routes = torch.cat([prompt, random_routes(len(r.ids) - 1)], 1).to(torch.int16)
-    with torch.no_grad():
-        shared, mask, _ = token_logprobs(model, batch, replay=True)
-        padded = token_logprobs(model, batch, shared=False, replay=True)[0]
-        own = token_logprobs(model, batch)[0]
-    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
-    assert (shared - own)[mask].abs().max() > 1e-2
+    replay_reaches_every_row(model, batch)
     assert routes_of([(batch[0], 0, len(batch[0].prompt))], 6).shape == (layers, 6, c.n_activated_experts)
     with pytest.raises(ValueError, match="keep_routing=True"):
         routes_of([(batch[0], 0, 99)], 99)
@@ -1200,12 +1206,7 @@ def test_replayed_routing_reaches_every_row_of_a_v4_policy_step():
         own = torch.rand(c.n_layers, n - 1, c.n_routed_experts, generator=g).argsort(-1)[..., :2]
         r.routes = torch.cat([prompt_routes, own], 1).to(torch.int16)
         batch.append(r)
-    with torch.no_grad():
-        shared, mask, _ = token_logprobs(model, batch, replay=True)
-        padded = token_logprobs(model, batch, shared=False, replay=True)[0]
-        own = token_logprobs(model, batch)[0]
-    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=1e-5)
-    assert (shared - own)[mask].abs().max() > 1e-2
+    replay_reaches_every_row(model, batch)
 
 
 def test_update_on_kept_routing_takes_the_routers_own_step(tmp_path):
