@@ -339,8 +339,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
             used = mask[:, 1:].flatten()
             cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
             routes = routes_of([(r, len(r.prompt), len(r.ids) - 1) for r in batch], T - 1) if replay else None
-            if routes is not None and cache.keep is not None and c.arch != "deepseek_v4":  # (the FFNs run on the
-                #   kept rows only; V4's layers run every row)
+            if routes is not None and cache.keep is not None:  # (the FFNs run on the kept rows only)
                 routes = routes[:, cache.keep]
             with replaying(model, routes):
                 h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]

@@ -457,6 +457,13 @@ class Layer(nn.Module):
         h = hc_apply(h, post, comb, self.self_attn(self.input_layernorm(x), pos, rope, see, cache))
         if last:  # the FFN of the last position only
             h, tokens = h[:, -1:], tokens[:, -1:]
+        keep = getattr(cache, "keep", None)  # [n] flat rows whose output is read (GRPO's update: no padding)
+        if keep is not None:  # the FFN on those rows only (one sequence of n); the others keep their streams
+            flat = h.flatten(0, 1)  # [B T, N, D]
+            hk, tk = flat.index_select(0, keep)[None], tokens.flatten().index_select(0, keep)[None]
+            post, comb, x = self.ffn_hc(hk)
+            return flat.index_copy(0, keep, hc_apply(hk, post, comb, self.mlp(self.post_attention_layernorm(x),
+                                                                              tk))[0]).view_as(h)
         post, comb, x = self.ffn_hc(h)
         return hc_apply(h, post, comb, self.mlp(self.post_attention_layernorm(x), tokens))
 

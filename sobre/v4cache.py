@@ -157,12 +157,12 @@ class V4Batch(V4Step):
     def __init__(self, pool, seqs, T: int, mtp: int | None = None, keep: bool = False):
         self.seqs, self.T, self.mtp = seqs, T, mtp
         self.lengths = [s.length if mtp is None else s.mtp_length[mtp] for s in seqs]
-        # keep: the prompt's block ends among the new tokens whose ring rows the prefix cache keeps (the last
+        # keep=True: the prompt's block ends among the new tokens whose ring rows the prefix cache keeps (the last
         # max_rings_at of the prompt: it would drop earlier ones at once)
         blk, most = pool.block, pool.max_rings_at
-        self.keep = None if not keep else [list(range(max(n // blk + 1, len(s.prompt) // blk - most + 1) * blk,
-                                                      min(n + T, len(s.prompt)) + 1, blk))
-                                           for s, n in zip(seqs, self.lengths)]
+        self.ring_ends = None if not keep else [
+            list(range(max(n // blk + 1, len(s.prompt) // blk - most + 1) * blk, min(n + T, len(s.prompt)) + 1, blk))
+            for s, n in zip(seqs, self.lengths)]
         self.end = max(self.lengths) + T  # tokens the longest sequence will hold
         dev = pool.device
         super().__init__(pool.rings, pool.slots, pool.block_table(seqs, self.end),
@@ -175,7 +175,7 @@ class V4Batch(V4Step):
 
     def _with_past(self, ring, rows, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         kv, kpos = super()._with_past(ring, rows, n)  # row i of kv holds position length - n + i
-        for b, ends in enumerate(self.keep or ()):  # what the ring holds before a block end e: e - n .. e - 1
+        for b, ends in enumerate(self.ring_ends or ()):  # what the ring holds before a block end e: e - n .. e - 1
             for e in ends:
                 i = e - self.lengths[b]
                 self.seqs[b].rings_at.setdefault(e, []).append(kv[b, i:i + n].clone())

@@ -645,10 +645,12 @@ def test_update_forward_of_sparse_attention_equals_the_padded_reference(kind):
     batch = [Rollout(prompt, [(7 * i + t) % 50 + 5 for t in range(n)], "", False, 0.0, 0.0, None)
              for i, n in enumerate(lengths)]
     ffn = []
-    if kind == "dsa":  # (V4's blocks are its own: they run every position)
-        model.layers[-1].ffn.register_forward_hook(lambda m, args, out: ffn.append(args[0].shape[:-1].numel()))
+    if kind != "nsa":  # (the rows each FFN runs on)
+        last = model.layers[-1]
+        (last.mlp if kind == "deepseek_v4" else last.ffn).register_forward_hook(
+            lambda m, args, out: ffn.append(args[0].shape[:-1].numel()))
     shared, mask, _ = token_logprobs(model, batch)
-    if kind == "dsa":
+    if kind != "nsa":
         assert ffn == [len(prompt), sum(n - 1 for n in lengths)]
         ffn.clear()
     assert_same_logprobs_and_gradients(model, shared, token_logprobs(model, batch, shared=False)[0], mask)
