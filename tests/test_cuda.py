@@ -16,7 +16,7 @@ from sobre.engine import Engine
 from sobre.int8 import quantize_int8
 from sobre.v4 import V4Transformer
 
-from conftest import SPARSE_MODELS, V3, hf_checkpoint, random_model, randomize, run_requests
+from conftest import SPARSE_MODELS, V3, hf_checkpoint, random_model, randomize, run_requests, v4_model
 from test_engine import DENSE, PROMPTS, hf_greedy
 from test_fp8 import fp8_experts
 from test_lora import randomize_adapters
@@ -220,3 +220,29 @@ def test_grpo_with_bf16_rollouts(tmp_path):
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
     assert sobre.load(run / "model").layers[0].attn.wkv_a.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v4"])
+def test_kept_routing_on_the_device(arch):
+    """Engine(keep_routing=True, keep_sampling_mask=True) on the device: each finished sequence's kept routing is a
+    plain forward's on the device (a near tie of router scores aside), and the floors leave its top-k 5 tokens."""
+    from test_grpo import moe_choices
+    torch.manual_seed(0)
+    model = (random_model() if arch == "deepseek_v3" else v4_model()).to(DEV)
+    eng = Engine(model, keep_routing=True, keep_sampling_mask=True, keep_logits=True)
+    rids = [eng.add_request(p, temperature=1.0, top_k=5, max_new_tokens=6) for p in PROMPTS for _ in range(2)]
+    done = {}
+    while eng.has_work():
+        eng.step()
+        done |= eng.collect()
+    flips = 0
+    for r in rids:
+        s = done[r]
+        want, scores = moe_choices(model, s.prompt + s.out[:-1])
+        same = (s.routes.long().sort(-1).values == want.sort(-1).values).all(-1)
+        gap = (scores.gather(2, want).sum(-1) - scores.gather(2, s.routes.long()).sum(-1)).abs()
+        assert bool((same | (gap < 1e-3)).all())
+        flips += int((~same).sum())
+        z = torch.stack(s.logits).float()
+        assert ((z >= torch.tensor(s.floors, device=z.device)[:, None]).sum(-1) == 5).all()
+    assert flips <= 4

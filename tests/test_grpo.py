@@ -1104,7 +1104,7 @@ def moe_choices(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     hooks = [m.gate.register_forward_hook(lambda g, i, o: seen.append((o[1], o[2] + (0 if g.bias is None else g.bias))))
              for m in moe_layers(model.layers)]
     with torch.no_grad():
-        model(torch.tensor([ids]))
+        model(torch.tensor([ids], device=next(model.parameters()).device))
     for h in hooks:
         h.remove()
     return torch.stack([i for i, _ in seen]), torch.stack([s for _, s in seen])
