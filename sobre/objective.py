@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from . import parallel
 from .attention import causal
@@ -300,21 +301,21 @@ def replaying(model: Transformer, routes: torch.Tensor | None):
 def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = False, temperature: float = 1.0,
                    shared: bool = True, coef: torch.Tensor | None = None, reuse: bool = False,
                    bonus: torch.Tensor | None = None, replay: bool = False, masked: bool = False):
-    """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the
-    policy the rollouts came from): [N, T] (right-padded), mask [N, T], and the entropy of that distribution at
-    each completion position [N, T] (0 on padding and where not asked; a statistic, no gradient). shared=True:
-    each distinct prompt runs once and its completions attend to it (SharedPrefix; prompts of different lengths
-    only under plain attention: V4's compressed blocks would pool the padding; never NSA, whose per-layer state
-    has a row per sequence of the forward); shared=False or otherwise: every row is prompt + completion, padded
-    (the reference the test compares to). coef [N, T] (a loss linear in the log-probs, with these coefficients):
-    a fourth value, that loss, whose gradients the head makes in its forward (loss.head_weighted_logprobs); the
-    log-probs then carry none. reuse (with coef): the head takes each rollout's kept logits rows (Rollout.logits)
-    as its logits instead of computing them (update.reuse_logits says when). bonus [N, T] (an entropy bonus, GRPO's
-    --entropy-coef): with coef, that loss adds sum bonus x entropy, its gradients made in the head too; without,
-    the entropies returned carry gradients (the caller adds the term). replay (DeepSeek-V3.2's Keep Routing):
-    every MoE layer routes each position to the experts its rollout's sampling routed it to (Rollout.routes).
-    masked (DeepSeek-V3.2's Keep Sampling Mask): each token's distribution over the tokens its sampling's top-k /
-    top-p / min-p kept (Rollout.floors) only."""
+    """Log-probs of each completion's tokens under the model's sampling distribution (logits / temperature, the policy
+    the rollouts came from): [N, T] (right-padded), mask [N, T], and the entropy of that distribution at each
+    completion position [N, T] (0 on padding and where not asked; a statistic, no gradient). shared=True: each
+    distinct prompt runs once and its completions attend to it (SharedPrefix; prompts of different lengths together
+    under plain attention, one such forward per prompt length under V4's and DSA's, whose compressed blocks or
+    indexer would read the padding; never NSA, whose per-layer state has a row per sequence of the forward);
+    shared=False: every row is prompt + completion, padded (the reference the test compares to). coef [N, T] (a loss
+    linear in the log-probs, with these coefficients): a fourth value, that loss, whose gradients the head makes in
+    its forward (loss.head_weighted_logprobs); the log-probs then carry none. reuse (with coef): the head takes each
+    rollout's kept logits rows (Rollout.logits) as its logits instead of computing them (update.reuse_logits says
+    when). bonus [N, T] (an entropy bonus, GRPO's --entropy-coef): with coef, that loss adds sum bonus x entropy,
+    its gradients made in the head too; without, the entropies returned carry gradients (the caller adds the term).
+    replay (DeepSeek-V3.2's Keep Routing): every MoE layer routes each position to the experts its rollout's
+    sampling routed it to (Rollout.routes). masked (DeepSeek-V3.2's Keep Sampling Mask): each token's distribution
+    over the tokens its sampling's top-k / top-p / min-p kept (Rollout.floors) only."""
     dev = next(model.parameters()).device
     c = model.config
     mask = completion_mask(batch, dev)
@@ -322,8 +323,11 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     tgt = int_rows([r.ids + [0] * (T - len(r.ids)) for r in batch], dev)  # [N, T]
     prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
     lengths = [len(p) for p in prompts]
-    if shared and c.attn_type != "nsa" and (len(set(lengths)) == 1 or c.attn_type == "full"
-                                           and c.arch != "deepseek_v4"):
+    if shared and c.attn_type != "nsa" and len(set(lengths)) > 1 and (c.attn_type != "full"
+                                                                      or c.arch == "deepseek_v4"):
+        return _by_prompt_length(model, batch, mask, coef, bonus, entropy=entropy, temperature=temperature,
+                                 reuse=reuse, replay=replay, masked=masked)
+    if shared and c.attn_type != "nsa":
         row = {p: i for i, p in enumerate(prompts)}
         of = [row[tuple(r.prompt)] for r in batch]
         cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
@@ -369,7 +373,27 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
                                                   temperature, entropy, given,
                                                   None if bonus is None else bonus.flatten().index_select(0, rows),
                                                   floors)
-    logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)
+    logp = lp.new_zeros(mask.numel()).index_add(0, rows, lp).view(mask.shape)  # [N, T]
     ent = lp.new_zeros(mask.numel()).index_add(0, rows, ents if graded else ents.detach()).view(mask.shape) \
         if entropy or bonus is not None else torch.zeros_like(logp, requires_grad=False)
     return (logp, mask, ent) + ((linear,) if coef is not None else ())
+
+
+def _by_prompt_length(model: Transformer, batch: list[Rollout], mask: torch.Tensor, coef, bonus, **kw):
+    """token_logprobs' shared forward where prompts of different lengths cannot share one: a forward per prompt
+    length (each its rows' coef and bonus), the results put back in the batch's row order [N, T]."""
+    N, T = mask.shape
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(batch):
+        groups.setdefault(len(r.prompt), []).append(i)
+    parts, order = [], []
+    for rows in groups.values():
+        idx = ints(rows, mask.device)
+        t = max(len(batch[i].ids) for i in rows)
+        part = token_logprobs(model, [batch[i] for i in rows], coef=None if coef is None else coef[idx, :t],
+                              bonus=None if bonus is None else bonus[idx, :t], **kw)
+        parts.append(part)
+        order += rows
+    back = ints(order, mask.device).argsort()  # the batch's row i among the groups' rows, in order
+    logp, ent = (torch.cat([F.pad(p[k], (0, T - p[k].shape[1])) for p in parts])[back] for k in (0, 2))
+    return (logp, mask, ent) + ((sum(p[3] for p in parts),) if coef is not None else ())

@@ -633,16 +633,18 @@ def assert_same_logprobs_and_gradients(model, a, b, mask):
 
 @pytest.mark.parametrize("kind", ["nsa", "dsa", "deepseek_v4"])
 def test_update_forward_of_sparse_attention_equals_the_padded_reference(kind):
-    """One prompt and completions of different lengths through NSA (the padded forward: its per-layer state
-    holds one row per sequence), DSA's indexer and V4's attention (the shared prompt, the FFNs left out past
-    each row's last needed position): the padded reference's log-probs and gradients."""
+    """Two prompts of different lengths and completions of different lengths through NSA (the padded forward: its
+    per-layer state holds one row per sequence), DSA's indexer and V4's attention (a shared-prompt forward per
+    prompt length: the padding would reach the indexer or V4's pooled blocks; the FFNs left out past each row's
+    last needed position): the padded reference's log-probs and gradients, and the linear surrogate's loss and
+    gradients (coef: the head makes them) as those of the log-probs it weighs."""
     if kind == "deepseek_v4":
         model = v4_model().train()
     else:
         model = random_model(sobre.preset("debug", **SPARSE_MODELS[kind], max_seq_len=256)).train()
-    prompt = list(range(3, 23))
-    lengths = (9, 2, 30, 17)
-    batch = [Rollout(prompt, [(7 * i + t) % 50 + 5 for t in range(n)], "", False, 0.0, 0.0, None)
+    prompts = [list(range(3, 23)), list(range(30, 43))]
+    lengths = (9, 2, 30, 17, 5)
+    batch = [Rollout(prompts[i % 2], [(7 * i + t) % 50 + 5 for t in range(n)], "", False, 0.0, 0.0, None)
              for i, n in enumerate(lengths)]
     ffn = []
     if kind != "nsa":  # (the rows each FFN runs on)
@@ -650,10 +652,18 @@ def test_update_forward_of_sparse_attention_equals_the_padded_reference(kind):
         (last.mlp if kind == "deepseek_v4" else last.ffn).register_forward_hook(
             lambda m, args, out: ffn.append(args[0].shape[:-1].numel()))
     shared, mask, _ = token_logprobs(model, batch)
-    if kind != "nsa":
-        assert ffn == [len(prompt), sum(n - 1 for n in lengths)]
+    if kind != "nsa":  # (a forward per prompt length, in the batch's order)
+        assert ffn == [20, sum(n - 1 for n in lengths[::2]), 13, sum(n - 1 for n in lengths[1::2])]
         ffn.clear()
     assert_same_logprobs_and_gradients(model, shared, token_logprobs(model, batch, shared=False)[0], mask)
+    coef = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    grads = []
+    for loss in (token_logprobs(model, batch, coef=coef)[3], (token_logprobs(model, batch)[0] * coef).sum()):
+        model.zero_grad()
+        loss.backward()
+        grads.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
 
 
 def spread_reward(completion: str, answer: str) -> float:
