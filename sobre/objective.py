@@ -333,19 +333,23 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
         cache = SharedPrefix(lengths, of, dev, max(lengths) + T)
         L = max(lengths)
         firsts = [batch[of.index(i)] for i in range(len(prompts))]  # (a prompt's routing: its first rollout's)
-        with replaying(model, routes_of([(r, 0, len(r.prompt)) for r in firsts], L) if replay else None):
+
+        def read(used: torch.Tensor, spans: list) -> torch.Tensor | None:  # used [rows, L]: the next forward's
+            #   positions read; -> their kept routing, where replayed
+            cache.keep = None if bool(used.all()) else used.flatten().nonzero()[:, 0]  # (the others' FFNs left out)
+            routes = routes_of(spans, used.shape[1]) if replay else None  # (cut alike: the FFNs route those rows)
+            return routes if routes is None or cache.keep is None else routes[:, cache.keep]
+
+        # a prompt's own positions (not the padding after a shorter one, which no completion attends to)
+        with replaying(model, read(cache.lengths[:, None] > torch.arange(L, device=dev),
+                                   [(r, 0, len(r.prompt)) for r in firsts])):
             h = model.hidden(int_rows([list(p) + [0] * (L - len(p)) for p in prompts], dev), cache)
         last = h[torch.arange(len(prompts), device=dev), cache.lengths - 1]  # [P, D]: predicts token 0
         h = last.index_select(0, cache.of)[:, None]  # [N, 1, D]
         if T > 1:  # token t > 0 is predicted at completion position t - 1
             # positions t whose token t + 1 exists: the rest (each row's last token, the padding after it) is
-            # attended by none of these (causal), so their FFNs are left out (Block)
-            used = mask[:, 1:].flatten()
-            cache.keep = None if bool(used.all()) else used.nonzero()[:, 0]
-            routes = routes_of([(r, len(r.prompt), len(r.ids) - 1) for r in batch], T - 1) if replay else None
-            if routes is not None and cache.keep is not None:  # (the FFNs run on the kept rows only)
-                routes = routes[:, cache.keep]
-            with replaying(model, routes):
+            # attended by none of these (causal)
+            with replaying(model, read(mask[:, 1:], [(r, len(r.prompt), len(r.ids) - 1) for r in batch])):
                 h = torch.cat([h, model.hidden(tgt[:, :-1], cache)], 1)  # [N, T, D]
     else:
         seqs = [r.prompt + r.ids for r in batch]

@@ -11,7 +11,7 @@ gradient, so the update leaves it out (the normalisers still count it; `signal` 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -220,7 +220,7 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
             if bonus:  # - bonus x the mean entropy over the tokens it acts on
                 entropy_bonus = completion_mask(mb, adv.device) * (keep[j] if keep else 1) * (-bonus * weigh
                                                                                              / max(acting, 1))
-            with amp():
+            with amp(), counted(loads):
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
@@ -241,8 +241,6 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
                 sums[k] += v / (seen_tokens if k in PER_SEEN else n_seqs if k in PER_SEQ else n_tokens) / a.mu
             if epoch == 0:
                 sums["entropy"] += (ents[j] if ents else ent).sum().item() / seen_tokens
-            for m in moes:
-                loads[m] += m.last_load
         with amp():
             idle_passes(model, idle, a.temperature, backward=True)
         parallel.sync_grads(model, average=fsdp)
@@ -271,3 +269,19 @@ def idle_passes(model: Transformer, n: int, temperature: float, backward: bool =
                               shared=False)[0]
         if backward:
             (logp.sum() * 0).backward()
+
+
+@contextmanager
+def counted(loads: dict):
+    """Every forward of the MoE layers keyed in loads adds its tokens per expert there ([E] each), inside the
+    block: the update's forwards of a micro-batch (its prompts' and its completions', one of each per prompt length
+    where they take several) count every token routed, each prompt once."""
+    def count(mod, args, out):  # (a forward hook: returns None, the output unchanged)
+        loads[mod].add_(mod.last_load)
+
+    hooks = [m.register_forward_hook(count) for m in loads]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()

@@ -99,8 +99,9 @@ class Compressor(nn.Module):
         window first-1's (kv, gate) [B, rate, width] (None: -inf gates, as before window 0)."""
         B, S, _ = kv.shape
         m, d, n = self.rate, self.dim, S // self.rate
-        if n == 0:
-            return kv.new_zeros(B, 0, d)
+        if n == 0:  # (empty, but from every parameter: their gradients zeros, not missing, as where windows pool:
+            #   data-parallel ranks and FSDP's reduce-scatter then sum the same parameters)
+            return self.kv_norm(kv[:, :0, :d] + gate[:, :0, :d] + self.position_bias[:0, :d])
         kv = kv[:, :n * m].view(B, n, m, kv.shape[-1])
         gate = gate[:, :n * m].view(B, n, m, gate.shape[-1]) + self.position_bias
         if self.overlap:  # slots [0, m): the previous window's first half; [m, 2m): the window's own second half

@@ -610,8 +610,9 @@ def test_shared_prompt_forward_equals_the_padded_reference(arch):
         seen.clear(), ffn.clear()
         shared, mask, ent = token_logprobs(model, rows, entropy=True)
         assert seen == [(P, 6), (len(rows), 5)]
-        # the completions' FFN: on the positions whose next token exists (each row's length - 1), not the padding
-        assert ffn == [P * 6, sum(len(r.ids) - 1 for r in rows)]
+        # the FFN on each prompt's own positions (not the shorter one's padding), then on the completions' positions
+        # whose next token exists (each row's length - 1, not the padding)
+        assert ffn == [6 + 2 * (P - 1), sum(len(r.ids) - 1 for r in rows)]
         padded, mask2, ent2 = token_logprobs(model, rows, entropy=True, shared=False)
         assert torch.equal(mask, mask2)
         torch.testing.assert_close(ent, ent2, rtol=1e-4, atol=1e-5)
@@ -1219,6 +1220,23 @@ def test_replayed_routing_reaches_every_row_of_a_v4_policy_step():
         r.routes = torch.cat([prompt_routes, own], 1).to(torch.int16)
         batch.append(r)
     replay_reaches_every_row(model, batch)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v4"])
+def test_router_balancing_counts_every_token_the_update_routes(arch):
+    """GRPO's router balancing (--router-bias-update) counts every token the update's forwards route in every MoE
+    layer (update.counted): each distinct prompt's own positions once and the completions' positions whose next
+    token exists; V4 (a forward pair per prompt length) alike. It had read the last forward's alone (the
+    completions': with V4's forwards per prompt length, the last length's)."""
+    from sobre.moe import moe_layers
+    from sobre.update import counted
+    model = (random_model() if arch == "deepseek_v3" else v4_model()).train()
+    batch = [r for g, _ in ragged_groups() for r in g]
+    loads = {m: torch.zeros(m.n_experts) for m in moe_layers(model.layers)}
+    with counted(loads):
+        token_logprobs(model, batch)
+    rows = sum(map(len, {tuple(r.prompt) for r in batch})) + sum(len(r.ids) - 1 for r in batch)
+    assert [float(v.sum()) for v in loads.values()] == [rows * model.config.n_activated_experts] * len(loads)
 
 
 def test_update_on_kept_routing_takes_the_routers_own_step(tmp_path):

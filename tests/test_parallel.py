@@ -120,20 +120,22 @@ def test_grpo_update_over_two_ranks_equals_one_process(tmp_path):
     the top 40% of the tokens by entropy (the threshold over every rank's tokens), an entropy bonus over the kept
     half (its mean over every rank's kept tokens; rank 1's completions carry no advantage, and train for it), the
     rollouts' kept routing and sampling floors (DeepSeek-V3.2's Keep Routing and Keep Sampling Mask), two
-    mini-batches a step over two epochs (--steps-per-generation: each rank's k-th group in the k-th step).
-    Under FSDP the router biases move by loads that count each completion's prompt (its own padded row)."""
+    mini-batches a step over two epochs (--steps-per-generation: each rank's k-th group in the k-th step), and a
+    DeepSeek-V4 model's kept routing and balancing bias over two epochs. Under FSDP the router biases move by loads
+    that count each completion's prompt (its own padded row)."""
     out = tmp_path / "grpo.json"
     check(TORCHRUN + [str(Path(__file__).parent / "dist" / "grpo_update.py"), str(out)], timeout=240)
     r = json.loads(out.read_text())
-    assert len(r) == 26
+    assert len(r) == 28
     for name, v in r.items():
         assert v["state"] < 1e-5, (name, v["state"])
         # (FSDP's update runs each completion's prompt in its own row: the router biases' loads count it each time)
-        assert v["bias"] < 1e-5 or name == "router_bias fsdp", (name, v["bias"])
+        assert v["bias"] < 1e-5 or name in ("router_bias fsdp", "v4_routing_bias fsdp"), (name, v["bias"])
         assert (v["moved"] > 0.01) == (not name.startswith("no_signal_anywhere")), (name, v["moved"])
         for k, (two, one) in v["stats"].items():
             assert two == pytest.approx(one, rel=1e-5, abs=1e-6), (name, k, two, one)
     assert r["router_bias"]["bias_moved"] > 0.005 and r["grpo"]["bias_moved"] == 0
+    assert r["v4_routing_bias"]["bias_moved"] > 0.005 and r["v4_routing_bias fsdp"]["bias_moved"] > 0.005
     assert r["router_bias fsdp"]["bias_moved"] > 0.005 and r["beta_mu2 fsdp"]["stats"]["kl"][1] > 0
     assert 0.3 < r["entropy_top40"]["stats"]["entropy_kept"][1] < 0.5  # (one process's share: the top 40%)
     assert r["entropy_bonus"]["stats"]["signal"][1] == pytest.approx(0.5)

@@ -5,24 +5,31 @@ first, before the process group starts)."""
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 import sobre
 from sobre.grpo import GRPOArgs
-from sobre.update import group_advantages, mini_batch_steps, policy_step
-from sobre.moe import MoE
+from sobre.moe import moe_layers
 from sobre.parallel import apply_fsdp, copy_whole, finish, init
 from sobre.rollout import Rollout
+from sobre.update import group_advantages, mini_batch_steps, policy_step
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from conftest import v4_model  # noqa: E402
+
+V4 = v4_model(seed=0, vocab_size=64)  # (DeepSeek-V4: 3 hash-routed MoE layers, then a learned one)
 
 
-def groups(truncated=(), equal=(), kept=False):
+def groups(truncated=(), equal=(), kept=False, c=None):
     """Four prompts x 3 completions of 1-5 tokens (rank 0 takes groups 0-1, rank 1 groups 2-3); the groups in
     `truncated` ran to the limit, those in `equal` have equal rewards (advantage 0); kept: each rollout carries a
-    routing (random experts, its prompt's alike in its group, as the engine's twins) and sampling floors."""
+    routing (random experts of config c's MoE layers, its prompt's alike in its group, as the engine's twins) and
+    sampling floors."""
     g = torch.Generator().manual_seed(1)
-    c = sobre.preset("debug")
-    layers = sum(c.is_moe_layer(i) for i in range(c.n_layers))
+    c = c or sobre.preset("debug")
+    layers = c.n_layers if c.arch == "deepseek_v4" else sum(c.is_moe_layer(i) for i in range(c.n_layers))
 
     def routes(n):
         return torch.rand(layers, n, c.n_routed_experts, generator=g).argsort(-1)[..., :c.n_activated_experts]
@@ -61,8 +68,16 @@ CASES = {  # name: (GRPOArgs overrides, overlong filter, groups)
     # --steps-per-generation 2 over two epochs: each rank splits its own groups, so the k-th step holds every rank's
     # k-th group (one process: its groups in the order 0, 2, 1, 3)
     "mini_batches": (dict(loss="dapo", steps_per_generation=2, mu=2, group=3), False, groups()),
+    # DeepSeek-V4: kept routing and its learned layer's balancing bias over two epochs (replicas: a shared-prompt
+    # forward per prompt length, the prompts being of 2-4 tokens)
+    "v4_routing_bias": (dict(keep_routing=True, router_bias_update=1e-2, mu=2, micro_batch=4), False,
+                        groups(kept=True, c=V4.config)),
 }
 ONE_ORDER = {"mini_batches": [0, 2, 1, 3]}  # the groups' order in one process, where the ranks split them otherwise
+
+
+def is_bias(name: str) -> bool:  # a router's balancing bias (V3's gate.bias, V4's gate.e_score_correction_bias)
+    return name.endswith(("gate.bias", "gate.e_score_correction_bias"))
 
 
 def step(model, kept, overrides, overlong, fsdp=False):
@@ -73,7 +88,7 @@ def step(model, kept, overrides, overlong, fsdp=False):
         apply_fsdp(m, root=False)
         if ref is not None:
             apply_fsdp(ref, root=False)
-    moes = [x for x in m.layers.modules() if isinstance(x, MoE)]
+    moes = moe_layers(m.layers)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
     stats = policy_step(m, ref, opt, moes, kept, a, overlong) if a.steps_per_generation == 1 else \
         mini_batch_steps(m, ref, opt, moes, kept, a, overlong, group_advantages(kept, a), 0.0)
@@ -85,22 +100,23 @@ def step(model, kept, overrides, overlong, fsdp=False):
 
 
 torch.manual_seed(0)
-model = sobre.init_weights(sobre.Transformer(sobre.preset("debug")), std=0.05)
-one = {name: step(model, [kept[i] for i in ONE_ORDER.get(name, range(4))], kw, overlong)  # one process
+V3 = sobre.init_weights(sobre.Transformer(sobre.preset("debug")), std=0.05)
+MODEL = {name: V4 if name.startswith("v4") else V3 for name in CASES}
+one = {name: step(MODEL[name], [kept[i] for i in ONE_ORDER.get(name, range(4))], kw, overlong)  # one process
        for name, (kw, overlong, kept) in CASES.items()}
 
 rank, world, _ = init()
 result = {}
 for fsdp in (False, True):
     for name, (kw, overlong, kept) in CASES.items():
+        model = MODEL[name]
         stats, state = step(model, kept[rank * 2:(rank + 1) * 2], kw, overlong, fsdp)
         ref_stats, ref_state = one[name]
         moved = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state)
-        bias = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state
-                   if k.endswith("gate.bias"))
+        bias = max((ref_state[k] - model.state_dict()[k]).abs().max().item() for k in ref_state if is_bias(k))
         diff = {k: (state[k] - ref_state[k]).abs().max().item() for k in state}
-        result[name + " fsdp" * fsdp] = {"state": max(v for k, v in diff.items() if not k.endswith("gate.bias")),
-                                         "bias": max(v for k, v in diff.items() if k.endswith("gate.bias")),
+        result[name + " fsdp" * fsdp] = {"state": max(v for k, v in diff.items() if not is_bias(k)),
+                                         "bias": max(v for k, v in diff.items() if is_bias(k)),
                                          "moved": moved, "bias_moved": bias,
                                          "stats": {k: (stats.get(k), ref_stats.get(k)) for k in ref_stats}}
 if rank == 0:
