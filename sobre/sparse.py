@@ -69,8 +69,9 @@ class Compressor(NamedTuple):
 def compress(x: torch.Tensor, cmp: Compressor, block: int, stride: int) -> torch.Tensor:
     """x [B, S, H, D] -> [B, N, H, D] for the N = (S - block) // stride + 1 complete blocks (0 if S < block)."""
     B, S, H, D = x.shape
-    if S < block:
-        return x.new_zeros(B, 0, H, cmp.w2.shape[-1])
+    if S < block:  # (empty, but from every parameter: their gradients zeros, not missing, as where blocks complete:
+        #   data-parallel ranks and FSDP's reduce-scatter then sum the same parameters)
+        return F.silu((x[:, :0, :, None] + cmp.pos).flatten(-2) @ cmp.w1) @ cmp.w2
     blocks = x.unfold(1, block, stride).transpose(-1, -2) + cmp.pos  # [B, N, H, block, D]
     return F.silu(blocks.flatten(-2) @ cmp.w1 * block**-0.5) @ cmp.w2  # the 1/sqrt(block) fan-in multiplier keeps
     # Adam's steps on w1 from swinging the output block-times harder than other layers' (mu-P style)

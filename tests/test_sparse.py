@@ -257,3 +257,20 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="deepseek_v32"):
         preset("debug", arch="deepseek_v2", attn_type="dsa", n_expert_groups=1, n_limited_groups=1,
                topk_method="greedy", score_func="softmax")
+
+
+@pytest.mark.parametrize("kind", ["nsa", "deepseek_v4"])
+def test_rows_shorter_than_a_compressed_block_still_reach_the_compressors(kind):
+    """A training forward over rows too short to complete a compressed block (NSA's, V4's CSA / HCA windows)
+    reaches the parameters longer rows reach (the compressors': their gradients zeros): data-parallel ranks sum
+    the same parameters, and FSDP's reduce-scatter, which sends the gradients a rank has, met ranks of short and
+    long rows with different sizes (GRPO's update: its rows as long as their rollouts)."""
+    from conftest import random_model, v4_model
+    model = (v4_model() if kind == "deepseek_v4" else random_model(preset("debug", **SPARSE_MODELS["nsa"]))).train()
+    reached = []
+    for T in (40, 3):  # (NSA's blocks: 32 tokens; V4's windows: 4 and 8)
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randint(3, 100, (2, T)))
+        (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
+        reached.append({n for n, p in model.named_parameters() if p.grad is not None})
+    assert reached[0] == reached[1] and any("compress" in n or "cmp_" in n for n in reached[0])
