@@ -220,7 +220,7 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
             if bonus:  # - bonus x the mean entropy over the tokens it acts on
                 entropy_bonus = completion_mask(mb, adv.device) * (keep[j] if keep else 1) * (-bonus * weigh
                                                                                              / max(acting, 1))
-            with amp(), counted(loads):
+            with amp(), counted(loads if a.router_bias_update else {}):
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
