@@ -320,13 +320,13 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
     c = model.config
     mask = completion_mask(batch, dev)
     T = mask.shape[1]
-    tgt = int_rows([r.ids + [0] * (T - len(r.ids)) for r in batch], dev)  # [N, T]
     prompts = list(dict.fromkeys(tuple(r.prompt) for r in batch))  # distinct, in order
     lengths = [len(p) for p in prompts]
     if shared and c.attn_type != "nsa" and len(set(lengths)) > 1 and (c.attn_type != "full"
                                                                       or c.arch == "deepseek_v4"):
         return _by_prompt_length(model, batch, mask, coef, bonus, entropy=entropy, temperature=temperature,
                                  reuse=reuse, replay=replay, masked=masked)
+    tgt = int_rows([r.ids + [0] * (T - len(r.ids)) for r in batch], dev)  # [N, T]
     if shared and c.attn_type != "nsa":
         row = {p: i for i, p in enumerate(prompts)}
         of = [row[tuple(r.prompt)] for r in batch]
@@ -386,7 +386,7 @@ def token_logprobs(model: Transformer, batch: list[Rollout], entropy: bool = Fal
 def _by_prompt_length(model: Transformer, batch: list[Rollout], mask: torch.Tensor, coef, bonus, **kw):
     """token_logprobs' shared forward where prompts of different lengths cannot share one: a forward per prompt
     length (each its rows' coef and bonus), the results put back in the batch's row order [N, T]."""
-    N, T = mask.shape
+    T = mask.shape[1]
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(batch):
         groups.setdefault(len(r.prompt), []).append(i)

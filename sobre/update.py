@@ -210,7 +210,8 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
     if a.off_policy_mask:
         sums["off_policy_masked"] = 0.0
     for epoch in range(a.mu):
-        loads = {m: torch.zeros(m.n_experts, device=m.gate.weight.device) for m in moes}
+        loads = {m: torch.zeros(m.n_experts, device=m.gate.weight.device) for m in moes} \
+            if a.router_bias_update else {}  # (every token the epoch's forwards route, where balancing reads them)
         for j, c in enumerate(chunks):
             mb = [batch[i] for i in c]
             coef = entropy_bonus = None
@@ -220,7 +221,7 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
             if bonus:  # - bonus x the mean entropy over the tokens it acts on
                 entropy_bonus = completion_mask(mb, adv.device) * (keep[j] if keep else 1) * (-bonus * weigh
                                                                                              / max(acting, 1))
-            with amp(), counted(loads if a.router_bias_update else {}):
+            with amp(), counted(loads):
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
@@ -248,7 +249,7 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
                               float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))) / a.mu
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if a.router_bias_update and moes:
+        if loads:
             parallel.all_reduce_(loads.values())
             with torch.no_grad():
                 update_router_bias(loads, a.router_bias_update)
