@@ -310,6 +310,8 @@ class NSA(nn.Module):
         self.cmp_k, self.cmp_v = BlockCompressor(c.nsa_block, hd), BlockCompressor(c.nsa_block, hd)
 
     def forward(self, x, rope, mask, cache=None):
+        if hasattr(cache, "split"):  # packed documents (sft.Packed): blocks pool and select within one document
+            return cache.merge(self(cache.split(x), tuple(map(cache.split, rope)), None))
         c = self.c
         B, T, _ = x.shape
         hd, H, Hkv = c.dense_head_dim, c.n_heads, c.kv_heads

@@ -176,13 +176,39 @@ def pack(examples, seq_len: int, pad_id: int, packing: bool = True):
 
 class Packed:
     """The model's cache protocol used for attention structure only: positions restart at each document and
-    a token attends to the earlier tokens of its own document (padding, doc -1, only to itself)."""
+    a token attends to the earlier tokens of its own document (padding, doc -1, only to itself). Attention that
+    pools or selects blocks of positions (NSA, DeepSeek-V4's compressed attention) cannot take a mask for that:
+    it runs over the documents as rows of their own (split / merge), each attended as if it came alone."""
 
     stateless = True  # no per-layer state: blocks compiled by train.compile_blocks run compiled with it
     length = 0  # (no cached tokens before these: V4's forward reads it)
 
     def __init__(self, docs: torch.Tensor):  # docs [B, T]
         self.docs = docs
+        B, T = docs.shape
+        d = docs.flatten()
+        first = torch.ones_like(d, dtype=torch.bool)  # a run of one document (or of padding) starts here
+        first[1:] = d[1:] != d[:-1]
+        first[::T] = True
+        starts = first.nonzero()[:, 0]
+        ends = torch.cat([starts[1:], starts.new_tensor([B * T])])
+        real = d[starts] >= 0
+        if real.any():  # (rows of padding alone: taken as they are)
+            starts, ends = starts[real], ends[real]
+        n = ends - starts  # [S] each document's length
+        j = torch.arange(int(n.max()), device=d.device)
+        self.valid = j < n[:, None]  # [S, L]: a document's positions; past them its last token repeats
+        self.rows = starts[:, None] + torch.minimum(j, n[:, None] - 1)  # [S, L] their flat positions in [B T]
+        self.doc_pos = j.masked_fill(~self.valid, -1)  # [S, L] positions in the document (-1 past its end)
+        self.src, self.dst = self.valid.flatten().nonzero()[:, 0], self.rows[self.valid]
+
+    def split(self, x):  # [B, T, ...] -> [S, L, ...]: each document a row of its own
+        return x.flatten(0, 1)[self.rows]
+
+    def merge(self, y):  # [S, L, ...] -> [B, T, ...], padding's rows 0
+        B, T = self.docs.shape
+        return y.new_zeros(B * T, *y.shape[2:]).index_put((self.dst,), y.flatten(0, 1)[self.src]).view(
+            B, T, *y.shape[2:])
 
     def positions(self, tokens):
         T = self.docs.shape[1]
@@ -201,17 +227,6 @@ class Packed:
 
     def advance(self, T):
         pass
-
-
-def check_rows(model: Transformer, docs: torch.Tensor, who: str = "the model"):
-    """Packed rows (docs [N, T]: each position's document, -1 padding) that the model can take: DeepSeek-V4's
-    compressed attention pools windows of consecutive positions whatever their document, so a row of several
-    documents would let each read its predecessors' pooled entries; it takes rows of one document each."""
-    if getattr(model.config, "arch", "") == "deepseek_v4" and bool(((docs[:, 1:] != docs[:, :-1])
-                                                                     & (docs[:, 1:] >= 0)).any()):
-        raise ValueError(f"{who} is a DeepSeek-V4 model, whose compressed attention pools consecutive positions "
-                         "across documents: packed rows would let one conversation read another; give --no-packing "
-                         "(one conversation a row)")
 
 
 def target_logits(model: Transformer, x, y, docs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +318,6 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     rank, world = parallel.rank_world()
     dev = next(model.parameters()).device
     X, Y, D = (t.to(dev) for t in data)
-    check_rows(model, D)
     val = val and tuple(t.to(dev) for t in val)
     loss_fn = loss_fn or (lambda model, rows: sft_loss(model, X[rows], Y[rows], D[rows]))
     if model.config.max_seq_len < a.seq_len:

@@ -180,6 +180,11 @@ class Attention(nn.Module):
         read (causal, valid). Scores under masks: over all of them up to ATTN_CHUNK queries (the reference),
         past that chunk by chunk over the band of rows each chunk sees (recomputed in the backward pass).
         -> [B, T, dim]"""
+        if hasattr(cache, "split"):  # packed documents (sft.Packed): windows pool within one document
+            pos, ok = cache.doc_pos, cache.valid  # [S, L] (-1 past a document's end: no entry, no query)
+            L = pos.shape[1]
+            return cache.merge(self(cache.split(x), pos, rope, ok[:, :, None] & ok[:, None] & visible(
+                None, L, L, x.device)))
         c = self.c
         B, T, _ = x.shape
         H, D, G = c.n_heads, c.head_dim, c.o_groups

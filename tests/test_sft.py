@@ -128,36 +128,74 @@ def test_sft_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     assert ran == [3, 4] and cut == whole and len({r["loss"] for r in whole}) == 4
 
 
-def test_sft_of_a_v4_model_one_conversation_a_row(tmp_path, tok):
-    """SFT of a DeepSeek-V4 model: rows of one conversation each (--no-packing) run as the plain causal forward
-    (the hidden states at the conversation's positions, padding after it); packed rows of several are refused
-    with a clear error (V4's compressed attention pools consecutive positions across documents), for a teacher's
-    logits too (distillation). Its aux-loss-free balancing
-    (--bias-update): the learned-routing layer's bias moves by the update for every expert over or under the mean
-    load; hash-routed layers have none (V4's MoE layers are not sobre.moe.MoE: SFT left them out, silently)."""
+def sparse_model(kind):
+    import sobre
+
+    from conftest import SPARSE_MODELS, v4_model
+    return v4_model() if kind == "deepseek_v4" else random_model(sobre.preset("debug", **SPARSE_MODELS[kind]))
+
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa", "deepseek_v4"])
+def test_packed_rows_of_sparse_attention_equal_separate_forwards(kind):
+    """Packed rows of models whose attention pools or selects blocks of positions (NSA, DeepSeek-V4's compressed
+    attention: each document a row of its own, Packed.split) or picks keys by an indexer (DSA: under the packed
+    mask) give each document what it gets alone, and the SFT loss's gradients are those of the documents' losses
+    taken alone: documents long enough to complete several of NSA's blocks, V4's windows (8) and pooled entries
+    (4 and 8 tokens), padding after them. (NSA crashed here; V4 refused packed rows.)"""
+    model = sparse_model(kind).eval()
+    g = torch.Generator().manual_seed(0)
+    docs = [(torch.randint(2, model.config.vocab_size, (n,), generator=g).tolist(), [False] * 3 + [True] * (n - 3))
+            for n in (38, 30, 21)]
+    X, Y, D, _ = pack(docs, seq_len=96, pad_id=0)
+    assert X.shape == (1, 96) and D[0].tolist().count(-1) == 96 - 37 - 29 - 20
+    loss = sft_loss(model, X, Y, D)
+    loss.backward()
+    got = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]  # (MTP: none)
+    model.zero_grad()
+    with torch.no_grad():
+        h = model.hidden(X, cache=Packed(D))[0]
+    at, total = 0, 0
+    for ids, _ in docs:
+        x = torch.tensor([ids[:-1]])
+        with torch.no_grad():
+            torch.testing.assert_close(h[at:at + x.shape[1]], model.hidden(x)[0], atol=1e-5, rtol=1e-5)
+        logits = model(x)[0]
+        total = total + F.cross_entropy(logits[2:], torch.tensor(ids[3:]), reduction="sum")
+        at += x.shape[1]
+    (total / int((Y != IGNORE).sum())).backward()
+    for (name, p), g in zip(model.named_parameters(), got):
+        assert (g is None) == (p.grad is None), name
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sft_of_a_v4_model(tmp_path, tok):
+    """`sobre sft` of a DeepSeek-V4 model on packed rows (and a V4 teacher's logits of them: each conversation's
+    own, as with --no-packing). Its aux-loss-free balancing (--bias-update): the learned-routing layer's bias moves
+    by the update for every expert over or under the mean load; hash-routed layers have none (V4's MoE layers are
+    not sobre.moe.MoE: SFT left them out, silently)."""
     import sobre
     from sobre.distill import teacher_topk
     from sobre.moe import moe_layers
-    from sobre.sft import Packed
 
     from conftest import v4_model
     model = v4_model(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     examples = task_examples(tok, "arithmetic", 6)
-    X, _, D, _ = pack(examples, 200, tok.pad_id, packing=False)
-    with torch.no_grad():  # (against the plain forward of the same row, padding included: products of another
-        h = model.hidden(X, cache=Packed(D))  # length round apart, and a near tie in the indexer's top-k may flip)
-        for i in range(len(X)):
-            n = int((D[i] == 0).sum())
-            torch.testing.assert_close(h[i, :n], model.hidden(X[i:i + 1])[0, :n], atol=1e-5, rtol=1e-5)
+    X, _, D, _ = pack(examples, 200, tok.pad_id)
+    assert D.amax().item() > 0  # (several conversations a row)
+    def by_conversation(X, D):  # {a conversation's tokens: the teacher's top-k logits at them}
+        top = teacher_topk(model, X, D, 4)[0]
+        return {tuple(X[r][D[r] == d].tolist()): top[r][D[r] == d] for r in range(len(X)) for d in
+                range(int(D[r].max()) + 1)}
+
+    packed, alone = by_conversation(X, D), by_conversation(*pack(examples, 200, tok.pad_id, packing=False)[::2])
+    assert packed.keys() == alone.keys() and len(packed) == 6
+    for k in packed:
+        torch.testing.assert_close(packed[k], alone[k], atol=1e-5, rtol=1e-5)
     tok.save(tmp_path / "tok")
     sobre.save(model, tmp_path / "v4", tokenizer_dir=tmp_path / "tok")
-    args = dict(init=str(tmp_path / "v4"), task=("arithmetic",), examples=20, steps=1, batch_size=2, seq_len=200,
-                bias_update=0.1, eval_every=100)
-    with pytest.raises(ValueError, match="--no-packing"):
-        sft(SFTArgs(out=str(tmp_path / "packed"), **args))
-    with pytest.raises(ValueError, match="the teacher is a DeepSeek-V4 model"):  # (distillation's logits of it)
-        teacher_topk(model, *pack(examples, 200, tok.pad_id)[::2], 4)
-    sft(SFTArgs(out=str(tmp_path / "run"), packing=False, **args))
+    sft(SFTArgs(out=str(tmp_path / "run"), init=str(tmp_path / "v4"), task=("arithmetic",), examples=20, steps=1,
+                batch_size=2, seq_len=200, bias_update=0.1, eval_every=100))
     trained = sobre.load(tmp_path / "run" / "model")
     before, after = (moe_layers(m.layers) for m in (model, trained))
     assert [m.gate.bias is None for m in after] == [True, True, True, False]
