@@ -137,7 +137,7 @@ def resolve(path: str | os.PathLike) -> Path:
         return p
     if p.exists():
         raise ValueError(f"{p}: expected a model directory (config.json + safetensors), got a file")
-    if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(path)):  # (./x, ../x, /x: paths, never Hub ids)
+    if is_hub_id(path):  # (./x, ../x, /x: paths, never Hub ids)
         from huggingface_hub import snapshot_download
         try:
             return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.md"]))
@@ -145,6 +145,37 @@ def resolve(path: str | os.PathLike) -> Path:
             raise FileNotFoundError(f"{path}: not a local directory, and fetching it from the Hugging Face Hub "
                                     f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     raise FileNotFoundError(f"{path}: no such directory (and not a Hugging Face Hub id like 'org/name')")
+
+
+def is_hub_id(name) -> bool:
+    return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name)))
+
+
+def hub_repo(repo: str, private: bool = False) -> str:
+    """--push-to-hub's repo, created (or found) before a run trains, so that a missing token or a refused repo
+    fails at once and not after the training. -> its id."""
+    from huggingface_hub import HfApi, get_token
+    if not is_hub_id(repo):
+        raise ValueError(f"--push-to-hub expects a Hub repo id like 'org/name', got {repo!r}")
+    if get_token() is None:
+        raise ValueError("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    try:
+        return HfApi().create_repo(repo, private=private, exist_ok=True).repo_id
+    except Exception as e:  # offline, no write access: one clear line
+        raise ValueError(f"--push-to-hub {repo}: the Hub did not create or find it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def push(run: Path, repo: str) -> str:
+    """Upload a run's exported model (run/model: weights, tokenizer, model card, manifest) to the Hub repo, its
+    LoRA adapter (run/adapter) into the repo's adapter/ folder. -> the model's commit URL."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    done = api.upload_folder(repo_id=repo, folder_path=run / "model", commit_message="sobre: the trained model")
+    if (run / "adapter").is_dir():
+        api.upload_folder(repo_id=repo, folder_path=run / "adapter", path_in_repo="adapter",
+                          commit_message="sobre: the LoRA adapter (PEFT format)")
+    return done.commit_url
 
 
 def mtp_tensor(name: str, c: Config) -> bool:
@@ -405,9 +436,10 @@ def _hf_names(model, ours, experts):
 
 # ---- writing -------------------------------------------------------------------------------------
 def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes: int = 4 << 30,
-         tokenizer_dir=None):
+         tokenizer_dir=None, base_model: str = "", about: str = ""):
     """Write an HF directory (config.json, safetensors shards + index, model card) transformers loads, with
-    manifest.json (sha256 of every file, config, command, git commit; `sobre verify` checks it)."""
+    manifest.json (sha256 of every file, config, command, git commit; `sobre verify` checks it). The card names
+    base_model (a Hub id goes in its metadata, as the Hub links it) and ends with `about` (markdown)."""
     c = model.config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -443,24 +475,26 @@ def save(model: Transformer, path, dtype: torch.dtype | None = None, shard_bytes
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (Path(tokenizer_dir) / f).exists():
                 (path / f).write_bytes((Path(tokenizer_dir) / f).read_bytes())
-    (path / "README.md").write_text(model_card(model, dtype))
+    (path / "README.md").write_text(model_card(model, dtype, base_model) + about)
     write_manifest(path)
     return path
 
 
-def model_card(model: Transformer, dtype) -> str:
+def model_card(model: Transformer, dtype, base_model: str = "") -> str:
     from .stats import model_stats
     c, s = model.config, model_stats(model.config)
+    base = f"base_model: {base_model}\n" if is_hub_id(base_model) else ""
+    made = f", trained from `{base_model}`" if base_model else ""
     return f"""---
 library_name: transformers
 license: apache-2.0
-tags: [sobre, {c.arch}, {"moe" if c.n_routed_experts else "dense"}]
+{base}tags: [sobre, {c.arch}, {"moe" if c.n_routed_experts else "dense"}]
 pipeline_tag: text-generation
 ---
 
 # {c.arch} model exported by sobre
 
-A `{c.arch}` checkpoint in Hugging Face format written by [sobre](https://github.com/sobre-llm/sobre).
+A `{c.arch}` checkpoint in Hugging Face format written by [sobre](https://github.com/sobre-llm/sobre){made}.
 transformers loads it with `AutoModelForCausalLM.from_pretrained(path)`; sobre with `sobre.load(path)`.
 
 | | |

@@ -28,6 +28,7 @@ from .train import open_run, require_positive
 
 @dataclass
 class DistillArgs(SFTArgs):
+    VERB = "distill"
     out: str = "runs/distill"  # the run folder (the teacher's traces, metrics, checkpoints, model/)
     teacher: str = ""  # sobre run folder, HF directory or Hub id
     arch: str = "qwen2"  # the fresh student's type (qwen2 / llama / qwen3 dense, or deepseek_v3: a small MoE)

@@ -68,6 +68,7 @@ BUILTIN_TERMS = 3  # a completion's reward terms before the --rewards functions'
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
 class GRPOArgs(TuneArgs, RunArgs):  # --bf16 autocasts the update; the parameters stay fp32
+    VERB = "grpo"
     out: str = "runs/grpo"  # the run folder (metrics, eval, completions, plots, checkpoints, model/)
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"  # a fresh model's sizes: debug | tiny | small
@@ -386,7 +387,7 @@ def grpo(a: GRPOArgs) -> Path:
         end_step(log, rec, run, step, a, model, opt, rank, state)
     if rank == 0:
         log.close()
-        export(policy, run, plot_grpo, base=adapter_base(a.init))
+        export(policy, run, plot_grpo, a, base=adapter_base(a.init))
     parallel.finish()
     return run
 

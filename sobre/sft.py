@@ -247,6 +247,7 @@ def sft_loss(model: Transformer, x, y, docs) -> torch.Tensor:
 # ---- the run --------------------------------------------------------------------------------------
 @dataclass
 class SFTArgs(TuneArgs, RunArgs):  # --lora-rank: the router biases stay as they are (the adapter cannot carry them)
+    VERB = "sft"
     out: str = "runs/sft"  # the run folder (metrics, plots, checkpoints, the model in model/)
     init: str = ""  # sobre run folder, HF model directory or Hub id; empty = a fresh --preset model
     preset: str = "debug"  # a fresh model's sizes: debug | tiny | small
@@ -380,7 +381,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
             model.load_state_dict(msd)
     if rank == 0:
         log.close()
-        export(model, run, plot_training, base=adapter_base(a.init))
+        export(model, run, plot_training, a, base=adapter_base(a.init))
     parallel.finish()
     return run
 

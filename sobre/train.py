@@ -44,6 +44,9 @@ class RunArgs:
     seed: int = 0  # the initialisation, data order and sampling draws
     threads: int = 0  # torch's CPU threads (0: torch's default)
     device: str = "auto"  # auto (the GPU when torch sees one) | cpu | cuda | cuda:N | mps; torchrun: each rank's GPU
+    push_to_hub: str = ""  # a Hub repo id (org/name): the exported model uploaded there at the end (needs a token)
+    hub_private: bool = False  # (--push-to-hub) a repo it creates is private
+    VERB = "pretrain"  # (the sobre verb these flags belong to: the model card names it)
 
     @property
     def max_grad_norm(self) -> float:
@@ -295,6 +298,8 @@ def open_run(a: RunArgs) -> Path:
         torch.set_num_threads(a.threads)
     if (run / "metrics.jsonl").exists() and checkpoints(run) and not a.resume:
         raise ValueError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+    if a.push_to_hub and parallel.rank_world()[0] == 0:  # (a missing token fails now, not after the training)
+        a.push_to_hub = checkpoint.hub_repo(a.push_to_hub, a.hub_private)
     run.mkdir(parents=True, exist_ok=True)
     return run
 
@@ -330,17 +335,32 @@ def make_optimizer(model, a: TrainArgs):
                       adamw([g for g in rest if g["params"]], a.lr))
 
 
-def export(model: Transformer, run: Path, plot, base: str = "") -> Path:
-    """The trained model as an HF checkpoint in run/model (with the run's tokenizer), then the run's plots. LoRA
-    adapters go to run/adapter in PEFT's format (for the model `base`), then merge into run/model (adapters on
-    int8 weights: into `base` loaded afresh in fp32)."""
+def export(model: Transformer, run: Path, plot, a: RunArgs, base: str = "") -> Path:
+    """The trained model as an HF checkpoint in run/model (with the run's tokenizer and a model card of the run),
+    then the run's plots, then (--push-to-hub) the upload. LoRA adapters go to run/adapter in PEFT's format (for
+    the model `base`), then merge into run/model (adapters on int8 weights: into `base` loaded afresh in fp32)."""
     if adapters := lora.adapters(model):
         lora.save_adapter(model, run / "adapter", base)
         int8 = any(not m.base.weight.is_floating_point() for m in adapters.values())
         model = checkpoint.load(base, dtype=torch.float32, adapter=run / "adapter") if int8 else lora.merge(model)
-    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer")
+    init = getattr(a, "init", "")
+    save(model.eval(), run / "model", tokenizer_dir=run / "tokenizer", base_model=init,
+         about=training_card(run, a.VERB, init))
     plot(run)
+    if a.push_to_hub:
+        print(f"pushed {run / 'model'} to the Hub: {checkpoint.push(run, a.push_to_hub)}")
     return run
+
+
+def training_card(run: Path, verb: str, init: str) -> str:
+    """The model card's training section: the verb, the model it started from, the last step's logged numbers."""
+    rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    last = json.loads(rows[-1]) if rows else {}
+    nums = {k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    table = "".join(f"| {k} | {v:.6g} |\n" for k, v in nums.items())
+    start = f"`{init}`" if init else "a freshly initialised model"
+    return (f"\n## Training\n\nTrained with `sobre {verb}` from {start} (the command line: manifest.json).\n"
+            + (f"\nThe last step's metrics (metrics.jsonl):\n\n| metric | value |\n|---|---|\n{table}" if nums else ""))
 
 
 def pretrain(a: TrainArgs) -> Path:
@@ -428,9 +448,8 @@ def pretrain(a: TrainArgs) -> Path:
         log.close()
         final = build_model(cfg)
         final.load_state_dict(msd)
-        save(final.eval(), run / "model", tokenizer_dir=run / "tokenizer")
         from .report import plot_training
-        plot_training(run)
+        export(final, run, plot_training, a)
     parallel.finish()
     return run
 

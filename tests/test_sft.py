@@ -200,3 +200,46 @@ def test_sft_of_a_v4_model(tmp_path, tok):
     before, after = (moe_layers(m.layers) for m in (model, trained))
     assert [m.gate.bias is None for m in after] == [True, True, True, False]
     assert (after[-1].gate.bias - before[-1].gate.bias).abs().min() == pytest.approx(0.1)
+
+
+def test_push_to_hub_and_the_model_card(tmp_path, monkeypatch):
+    """--push-to-hub: the repo is made (or found) before the run trains, a missing token or a bad id refused then
+    with a clear error, and the exported model (its card naming the verb, the starting model and the last metrics)
+    uploaded at the end, the LoRA adapter into adapter/. The Hub is a stand-in here (tests stay offline)."""
+    import huggingface_hub
+
+    calls = []
+
+    class Hub:
+        def create_repo(self, repo, private=False, exist_ok=False):
+            calls.append(("create", repo, private, exist_ok))
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo}")
+
+        def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=""):
+            card = (folder_path / "README.md").read_text() if path_in_repo is None else ""
+            calls.append(("upload", repo_id, sorted(p.name for p in folder_path.iterdir()), path_in_repo, card))
+            return huggingface_hub.CommitInfo(f"https://huggingface.co/{repo_id}/commit/1", "", "", "1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    args = dict(preset="debug", task=("arithmetic",), examples=20, steps=2, batch_size=2, seq_len=192, eval_every=100)
+    with pytest.raises(ValueError, match="needs a Hugging Face token"):
+        sft(SFTArgs(out=str(tmp_path / "a"), push_to_hub="me/run", **args))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    with pytest.raises(ValueError, match="a Hub repo id like 'org/name'"):
+        sft(SFTArgs(out=str(tmp_path / "a"), push_to_hub="./run", **args))
+    assert not calls and not (tmp_path / "a" / "metrics.jsonl").exists()  # (refused before any training)
+    sft(SFTArgs(out=str(tmp_path / "a"), push_to_hub="me/run", hub_private=True, **args))
+    assert calls[0] == ("create", "me/run", True, True)
+    assert calls[1][:2] == ("upload", "me/run") and {"model.safetensors", "README.md", "manifest.json",
+                                                     "tokenizer.json"} <= set(calls[1][2])
+    card = calls[1][4]
+    assert "`sobre sft` from a freshly initialised model" in card and "| loss |" in card and "| step | 2 |" in card
+    calls.clear()
+    sft(SFTArgs(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "model"), push_to_hub="me/lora", lora_rank=2,
+                **args))
+    assert [c[3] for c in calls if c[0] == "upload"] == [None, "adapter"]
+    card = calls[1][4]
+    assert f"from `{tmp_path / 'a' / 'model'}`" in card and "base_model:" not in card  # (a local folder)
+    from sobre.checkpoint import model_card
+    assert "\nbase_model: org/name\ntags:" in model_card(random_model(), torch.float32, "org/name")
