@@ -179,8 +179,7 @@ def talk(eng, sampling: dict, system: str = "", show: bool = True, thinking: boo
          max_new_tokens: int = 2048):
     """Converse on the terminal with an engine (max_batch 1, with its tokenizer): each answer streamed, its
     reasoning dimmed (show) or counted (/think toggles), commands /reset /think /help /exit."""
-    from .engine import eos_ids
-    from .tokenizer import TextStream
+    from .tokenizer import TextStream, eos_ids
     tok = eng.tokenizer
     stop = eos_ids(eng.model.config, tok)
     history = [{"role": "system", "content": system}] if system else []

@@ -267,9 +267,8 @@ def load(path, dtype: torch.dtype | None = None, device=None, mtp: bool = True, 
     load_weights(model, path, files, block, skip_from=c.n_layers if c.n_mtp_layers < mtp_in_file else None,
                  deltas=deltas)
     if int8 and c.tie_embeddings and "head" not in int8_skip:  # the tied head's own int8 codes
-        head, embed = (model.lm_head, model.embed_tokens) if v4 else (model.head, model.embed)
         with torch.no_grad():
-            for dst, src in zip((head.weight, head.scale), quantize_rows(embed.weight)):
+            for dst, src in zip((model.head.weight, model.head.scale), quantize_rows(model.embed.weight)):
                 dst.copy_(src)
     if device is not None:
         model.to(device)

@@ -135,10 +135,10 @@ def cmd_convert(args):
 
 def cmd_generate(args):
     from .checkpoint import load, resolve
-    from .engine import Engine, eos_ids
+    from .engine import Engine
     from .linear import inference_dtype
     from .schema import check_schema
-    from .tokenizer import TextStream, load_tokenizer
+    from .tokenizer import TextStream, eos_ids, load_tokenizer
     schema = None
     if args.json_schema:  # (a bad file or schema: one line, before the model loads)
         try:

@@ -586,13 +586,6 @@ class Engine:
             self.finished.pop(rid, None)
 
 
-def eos_ids(config, tokenizer=None) -> tuple[int, ...]:
-    """End-of-sequence ids: the config's (one id or a list) and the tokenizer's, each once."""
-    eos = config.eos_token_id
-    ids = (list(eos) if isinstance(eos, list) else [eos]) + [getattr(tokenizer, "eos_id", None)]
-    return tuple(dict.fromkeys(t for t in ids if t is not None))
-
-
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: tuple[int, ...] = (),
              speculative: bool = False, compile: bool = False, tokenizer=None, min_acceptance: float = 0.3,

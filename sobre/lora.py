@@ -416,8 +416,7 @@ def serve_adapters(model: nn.Module, factors: list[dict]) -> Rows:
     """Put a MultiLoRA in place of every linear layer some adapter (adapter_factors, by index) adapts; -> the
     Rows the engine sets per forward. DSA models' kv_b_proj is refused (their sparse attention reads its weight
     whole: merge such an adapter, --adapter); absorbed MLA adds kv_b's terms itself (absorbed_q / absorbed_o)."""
-    p = model.get_submodule("embed_tokens" if model.config.arch == "deepseek_v4" else "embed").weight  # (the
-    #   model's dtype and device: an int8 model's embedding stays in it)
+    p = model.embed.weight  # (the model's dtype and device: an int8 model's embedding stays in it)
     rows = Rows(p.device)
     found = targets(model)
     for name in sorted({n.rpartition(".")[0] for f in factors for n in f}):

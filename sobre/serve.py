@@ -24,11 +24,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from .chat import ReasoningStream, split_reasoning
-from .engine import Engine, eos_ids
+from .engine import Engine
 from .protocol import APIError, error_body
 from .request import Event
 from .sampling import GENERATION_KEYS, SamplingParams
-from .tokenizer import TextStream
+from .tokenizer import TextStream, eos_ids
 from .worker import Done, EngineClient, EngineThread, Sink
 
 log = logging.getLogger("sobre.serve")

@@ -138,3 +138,10 @@ def bytes_per_token(tok: Tokenizer, texts) -> float:
         n_bytes += len(t.encode())
         n_tokens += len(tok.encode(t))
     return n_bytes / max(n_tokens, 1)
+
+
+def eos_ids(config, tokenizer=None) -> tuple[int, ...]:
+    """End-of-sequence ids: the config's (one id or a list) and the tokenizer's, each once."""
+    eos = config.eos_token_id
+    ids = (list(eos) if isinstance(eos, list) else [eos]) + [getattr(tokenizer, "eos_id", None)]
+    return tuple(dict.fromkeys(t for t in ids if t is not None))

@@ -534,6 +534,10 @@ class V4Transformer(nn.Module):
     def head(self) -> nn.Linear:  # model.head(h) and model.head.weight, as model.Transformer's
         return self.lm_head
 
+    @property
+    def embed(self) -> nn.Embedding:  # (as model.Transformer's)
+        return self.embed_tokens
+
     def hidden_state(self, tokens, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [B, T, D], the MTP draft's input: the last layer's streams [B, T, N, D])."""
         h = self.streams(tokens, cache)
