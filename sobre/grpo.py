@@ -250,7 +250,8 @@ def grpo(a: GRPOArgs) -> Path:
     held-out problems; rank 0 logs and saves.
     a.fsdp: the update on blocks sharded over the ranks (FSDP2; the reference model's too), the rollouts and
     evaluations on a whole copy of the weights refreshed after every update (parallel.copy_whole, TRL's vLLM
-    weight sync in one process): a replica's weights per rank, not its gradients and AdamW's moments."""
+    weight sync in one process): a replica's weights per rank, not its gradients and AdamW's moments, and those
+    freed during the update (parallel.release_whole, TRL's vLLM sleep mode)."""
     a.validate()
     dynamic, overlong = a.dynamic, a.overlong_filter or a.loss == "dapo"
     rank, world, device = parallel.init(a.device)
@@ -366,6 +367,8 @@ def grpo(a: GRPOArgs) -> Path:
         if a.entropy_bonus:
             rec["entropy_coef"] = bonus  # (the coefficient this step's loss took)
         if n_kept:
+            if a.fsdp:  # (the rollouts' whole weights: not held through the update, gathered again after it)
+                parallel.release_whole(policy, model)
             rec.update(policy_step(model, ref, opt, moes, kept, a, overlong, reuse, adv, bonus)
                        if a.steps_per_generation == 1 else mini_batch_steps(model, ref, opt, moes, kept, a, overlong,
                                                                             adv, bonus))

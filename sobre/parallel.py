@@ -360,7 +360,18 @@ def copy_whole(dst: nn.Module, src: nn.Module) -> None:
     for name, t in list(dst.named_parameters()) + list(dst.named_buffers()):
         s = theirs[name]
         if not isinstance(s, nn.Parameter) or s.requires_grad:
+            if t.untyped_storage().nbytes() == 0 < t.numel():  # (released: its memory again)
+                t.untyped_storage().resize_((t.storage_offset() + t.numel()) * t.element_size())
             t.copy_(whole(s))
+
+
+def release_whole(dst: nn.Module, src: nn.Module) -> None:
+    """Free the memory of dst's parameters that copy_whole refreshes from src (those src trains) until copy_whole
+    fills them again: GRPO's whole copy of the weights is not held through the update (TRL's vLLM sleep mode)."""
+    theirs = dict(src.named_parameters())
+    for name, t in dst.named_parameters():
+        if theirs[name].requires_grad:
+            t.untyped_storage().resize_(0)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -346,3 +346,31 @@ def test_gpu_ranks_take_nccl_and_gloo_for_host_tensors(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert parallel.init("cuda") == (1, 2, torch.device("cuda", 1))
     assert got == {"gpu": torch.device("cuda", 1), "backend": "cpu:gloo,cuda:nccl"}
+
+
+def test_release_whole_frees_what_copy_whole_refills():
+    """GRPO --fsdp's whole copy of the weights (the rollouts') is freed through the update: release_whole frees
+    the memory of the parameters that train (a frozen MTP module's stays), copy_whole gives it back, filled with
+    the trained weights; the copy then samples as the model does."""
+    import copy
+
+    import torch
+
+    from sobre.engine import generate
+    from sobre.parallel import copy_whole, release_whole
+
+    from conftest import random_model
+    model = random_model()
+    model.mtp.requires_grad_(False)
+    policy = copy.deepcopy(model).eval()
+    release_whole(policy, model)
+    for (name, p), q in zip(policy.named_parameters(), model.parameters()):
+        assert (p.untyped_storage().nbytes() == 0) == q.requires_grad, name
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # (an update)
+    copy_whole(policy, model)
+    for (name, p), q in zip(policy.named_parameters(), model.parameters()):
+        assert torch.equal(p, q) if q.requires_grad else not torch.equal(p, q), name
+    prompt = [1, 5, 9, 2]
+    assert list(generate(policy, prompt, 8)) == list(generate(model.eval(), prompt, 8))
