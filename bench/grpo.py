@@ -11,7 +11,8 @@ them all), so with countdown's reward alone a fresh model's update would train o
 `--reward digits`: 0.1 x the share of digits, which many random completions lack (groups of equal rewards).
 `--bf16`: both sides' generation and update in bf16 (TRL's bf16=True runs its generation under the same
 autocast as its update: checked with a hook on its LM head; sobre's rollouts then run on bf16 copies of the weights,
-`grpo --rollout-bf16`, its update under autocast, `--bf16`).
+`grpo --rollout-bf16`, its update under autocast, `--bf16`). TRL's GRPOConfig sets bf16=True unless fp16 is set
+(TRL 1.16): `--bf16` is TRL at its defaults, the fp32 default here the stricter comparison.
     pip install -e ".[bench]"   # TRL, the baseline: not a sobre dependency
     python bench/grpo.py [--init MODEL_DIR] [--steps 4] [--prompts 8] [--group 8] [--max-new-tokens 64] [--rounds 2]
                          [--reward spread|digits] [--onednn auto|on|off] [--device cpu|cuda]
