@@ -162,6 +162,7 @@ class MLA(nn.Module):
             self.indexer = Indexer(c)
             self.dense_warmup = False  # DSA training stage 1: dense attention, only the indexer learns
             self.indexer_loss = None
+            self.learn_indexer = True  # training forwards make its KL (train.learn_indexers: off where unread)
 
     def forward(self, x, rope, mask, cache=None):
         c = self.c
@@ -188,7 +189,7 @@ class MLA(nn.Module):
             see = None if mask is None else sparse.visible(mask, T, S, x.device)  # [B|1, T, S]; None: causal
             kw = dict(rank=r, topk=c.index_topk, scale=c.softmax_scale, see=see)
             dense = self.training and self.dense_warmup  # the warm-up stage: plain MLA below
-            if self.training:  # the indexer's KL to the main attention; the only loss that reaches the indexer
+            if self.training and self.learn_indexer:  # its KL to the main attention: the only loss reaching it
                 q_full = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_pe], dim=-1).detach()
                 self.indexer_loss = sparse.indexer_kl(q_full, kv_pe.detach(), *idx, dense=dense, **kw)
             if not dense:  # latent attention over the chosen rows, whatever attn_impl says (the fast path

@@ -37,6 +37,7 @@ from .train import (
     compile_blocks,
     end_step,
     export,
+    learn_indexers,
     load_checkpoint,
     lr_at,
     open_run,
@@ -324,6 +325,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
+    learn_indexers(model, False)  # (no loss here reads the sparse-attention indexers' KL)
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
     if a.compile:

@@ -180,6 +180,15 @@ def losses(model: Transformer, x, y, a: TrainArgs) -> dict:
     return out
 
 
+def learn_indexers(model: torch.nn.Module, on: bool):
+    """Whether training forwards make the sparse-attention indexers' KL to the main attention (DSA's MLA, V4's CSA
+    layers: a product over every visible key, as dense attention's scores): losses() reads it; SFT, distillation
+    and GRPO train no indexer, and turn it off rather than make it and drop it."""
+    for m in model.modules():
+        if hasattr(m, "learn_indexer"):
+            m.learn_indexer = on
+
+
 def set_dsa_warmup(model: Transformer, on: bool):
     """DSA's two stages: warm-up (on) runs dense attention and trains only the indexers; then sparse attention
     and every parameter trains (the indexers still learn only from their KL)."""

@@ -170,6 +170,7 @@ class Attention(nn.Module):
         self.o_b_proj = Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(H))
         self.indexer_loss = None  # CSA training forwards: the indexer's KL to the main attention
+        self.learn_indexer = True  # (train.learn_indexers: off where no loss reads it)
         if kind != "sliding":
             self.compressor = Compressor(c, c.compress_rate(kind), D, overlap=kind == "csa")
             if kind == "csa":
@@ -204,7 +205,7 @@ class Attention(nn.Module):
                                    or T * min(c.index_topk, keys.shape[1]) < keys.shape[1]):
             # decode: gather each query's top-k entries, O(k) not O(N) per step (compiled: at any N, one graph)
             top, chosen, score = self.compressor.indexer.select(x.detach(), q_lat.detach(), pos, rope, causal, keys)
-            if self.training:
+            if self.training and self.learn_indexer:
                 self.indexer_loss = self.indexer_kl(q, ent, score, causal)
             mine = ent[torch.arange(B, device=x.device)[:, None, None], top]  # [B, T, k, D]
             o = self.attend(q, kv, see, mine, chosen)
@@ -215,7 +216,8 @@ class Attention(nn.Module):
                      for args in ((q, x, q_lat, pos, rope, kv, see, ent, causal, keys, c0, c1, len(spans) > 1)
                                   for c0, c1 in spans)]
             o = torch.cat([p[0] for p in parts], 1)
-            if self.kind == "csa" and self.training:  # the KL averaged over every query that sees an entry
+            if self.kind == "csa" and self.training and self.learn_indexer:  # the KL averaged over every query
+                #   that sees an entry
                 kl, rows = zip(*[p[1:] for p in parts])
                 self.indexer_loss = kl[0] if len(kl) == 1 else sum(k * r for k, r in zip(kl, rows)) / max(
                     sum(rows), 1)
@@ -241,7 +243,7 @@ class Attention(nn.Module):
             if self.kind == "csa":
                 top, chosen, score = self.compressor.indexer.select(x[:, c0:c1].detach(), q_lat[:, c0:c1].detach(),
                                                                     pos[:, c0:c1], rope, causal, keys)
-                if self.training:
+                if self.training and self.learn_indexer:
                     kl, rows = self.indexer_kl(q, ent, score, causal), int(causal.any(-1).sum())
                 if ent.shape[1] > CSA_GATHER * top.shape[-1]:  # few chosen of many: gather each query's own
                     mine = ent[torch.arange(len(q), device=q.device)[:, None, None], top]  # [B, C, k, D]

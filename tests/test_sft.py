@@ -243,3 +243,44 @@ def test_push_to_hub_and_the_model_card(tmp_path, monkeypatch):
     assert f"from `{tmp_path / 'a' / 'model'}`" in card and "base_model:" not in card  # (a local folder)
     from sobre.checkpoint import model_card
     assert "\nbase_model: org/name\ntags:" in model_card(random_model(), torch.float32, "org/name")
+
+
+@pytest.mark.parametrize("kind", ["dsa", "deepseek_v4"])
+def test_post_training_makes_no_indexer_kl(kind, tmp_path, tok, monkeypatch):
+    """The sparse-attention indexers' KL to the main attention (a product over every visible key) is made in
+    training forwards for pretraining's loss; sft and grpo read no such loss and do not make it (they made it and
+    dropped it). train.learn_indexers turns it back on."""
+    import sobre
+    import sobre.sparse
+    import sobre.v4
+    from sobre.grpo import GRPOArgs, grpo
+    from sobre.train import learn_indexers
+
+    from conftest import SPARSE_MODELS, v4_model
+    ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = v4_model(**ids) if kind == "deepseek_v4" else random_model(sobre.preset("debug", **ids,
+                                                                                   **SPARSE_MODELS[kind]))
+    x = torch.randint(2, tok.vocab_size, (1, 80))
+    model.train()(x)
+    indexed = [m for m in model.layers.modules() if hasattr(m, "learn_indexer") and getattr(m, "kind", "csa") == "csa"]
+    #   (DSA's MLA and V4's CSA layers, not the MTP layers, which a plain forward does not run)
+    assert indexed and all(m.indexer_loss is not None for m in indexed)
+    tok.save(tmp_path / "tok")
+    sobre.save(model, tmp_path / "m", tokenizer_dir=tmp_path / "tok")
+
+    def made(*a, **kw):
+        raise AssertionError("an indexer KL was made")
+    monkeypatch.setattr(sobre.sparse, "indexer_kl", made)
+    monkeypatch.setattr(sobre.v4.Attention, "indexer_kl", made)
+    learn_indexers(model, False)
+    for m in indexed:
+        m.indexer_loss = None
+    model(x)
+    assert all(m.indexer_loss is None for m in indexed)
+    sft(SFTArgs(out=str(tmp_path / "sft"), init=str(tmp_path / "m"), task=("arithmetic",), examples=8, steps=1,
+                batch_size=2, seq_len=160, eval_every=100))
+    grpo(GRPOArgs(out=str(tmp_path / "grpo"), init=str(tmp_path / "m"), task="arithmetic", steps=1, prompts=2,
+                  group=2, max_new_tokens=8, eval_every=100, eval_problems=1, micro_batch=4))
+    learn_indexers(model, True)
+    with pytest.raises(AssertionError, match="an indexer KL was made"):
+        model(x)
