@@ -122,6 +122,39 @@ def test_v4_on_the_device_equals_the_cpu():
                                                                                              max_new_tokens=8)
 
 
+@pytest.mark.parametrize("kind", ["nsa", "dsa", "deepseek_v4"])
+def test_packed_rows_of_sparse_attention_on_the_device(kind):
+    """SFT's packed rows (each document a row of its own for NSA's and V4's pooled blocks, DSA under the mask):
+    the hidden states and the loss as on the CPU."""
+    from test_sft import sparse_model
+
+    from sobre.sft import Packed, pack, sft_loss
+    model = sparse_model(kind).eval()
+    g = torch.Generator().manual_seed(0)
+    docs = [(torch.randint(2, model.config.vocab_size, (n,), generator=g).tolist(), [True] * n) for n in (38, 30, 21)]
+    X, Y, D, _ = pack(docs, seq_len=60, pad_id=0)  # (two rows)
+    with torch.no_grad():
+        cpu, loss = model.hidden(X, cache=Packed(D)), sft_loss(model, X, Y, D)
+        model.to(DEV)
+        on = model.hidden(X.to(DEV), cache=Packed(D.to(DEV))).cpu()
+        assert_close(on, cpu)
+        assert abs(sft_loss(model, X.to(DEV), Y.to(DEV), D.to(DEV)).item() - loss.item()) < 1e-4
+
+
+def test_release_whole_on_the_device():
+    """GRPO --fsdp's whole copy freed through the update and refilled after it: device memory back, the weights
+    those of the model."""
+    import copy
+
+    from sobre.parallel import copy_whole, release_whole
+    model = random_model().to(DEV)
+    policy = copy.deepcopy(model)
+    release_whole(policy, model)
+    assert all(p.untyped_storage().nbytes() == 0 for p in policy.parameters())
+    copy_whole(policy, model)
+    assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), model.parameters()))
+
+
 def test_fp8_weights_on_the_tensor_cores():
     """FP8Linear / FP8Experts pick torch._scaled_mm on sm89+ GPUs (auto): close to their dequantised twin, and a
     quantised model decodes in the engine."""
