@@ -271,11 +271,15 @@ class SFTArgs(TuneArgs, RunArgs):  # --lora-rank: the router biases stay as they
     save_every: int = 100  # steps between checkpoints (and one at the end)
     keep: int = 2  # checkpoints kept
     compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
+    indexer_kl: float = 0.0  # > 0: DSA's / V4's CSA indexers keep learning from their KL to the main attention, this
+    #   weight in the loss (V3.2's post-training; pretrain's is 1); 0: they stay as they are, their KL not made
 
     def validate(self):
         require_positive(self, "steps", "batch_size", "seq_len", "examples", "eval_every", "save_every", "keep")
         self.check_ranges()
         self.check_lora(self.init)
+        if self.indexer_kl and self.lora_rank:
+            raise ValueError("--indexer-kl trains the sparse-attention indexers, which --lora-rank freezes")
 
     def check_world(self, world: int):
         """What the torchrun processes need: a batch they split, and --fsdp only among several of them."""
@@ -325,7 +329,10 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
-    learn_indexers(model, False)  # (no loss here reads the sparse-attention indexers' KL)
+    indexed = [m for m in model.layers.modules() if hasattr(m, "learn_indexer")] if a.indexer_kl else []
+    if a.indexer_kl and not indexed:
+        raise ValueError("--indexer-kl: the model has no sparse-attention indexer (DSA, DeepSeek-V4's CSA layers)")
+    learn_indexers(model, bool(indexed))  # (made only where the loss reads it)
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
     if a.compile:
@@ -352,11 +359,16 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         rows = order[(torch.arange(a.batch_size) + step * a.batch_size) % len(X)][share].to(dev)
         mine = int((Y[rows] != IGNORE).sum())
         ntok = int(parallel.all_sum(mine)[0])
-        loss, ran = torch.zeros(()), bool(mine) or world == 1 or fsdp
+        loss, kl, ran = torch.zeros(()), torch.zeros(()), bool(mine) or world == 1 or fsdp
         if ran:  # (a rank whose rows hold no target joins the gradients' sum with zeros; FSDP's blocks all run)
+            for m in indexed:
+                m.indexer_loss = None
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss = loss_fn(model, rows) * (mine / ntok if world > 1 else 1)
-            (loss * world if fsdp else loss).backward()
+            if indexed:  # the layers' mean KL, weighed by the rank's share of the targets as its loss
+                kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
+                kl = sum(kls) / max(len(kls), 1) * (mine / ntok if world > 1 else 1)
+            ((loss + a.indexer_kl * kl) * (world if fsdp else 1)).backward()
         parallel.sync_grads(model, average=fsdp)
         gnorm = parallel.clip_grad_norm_(model, a.max_grad_norm, world) if fsdp else \
             float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
@@ -371,6 +383,8 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
         rec = {"step": step + 1, "loss": parallel.all_sum(loss.item())[0], "lr": opt.param_groups[0]["lr"],
                "grad_norm": gnorm, "target_tokens": ntok,
                "tokens_per_s": a.batch_size * a.seq_len / (time.perf_counter() - t0)}
+        if indexed:
+            rec["indexer_kl"] = parallel.all_sum(float(kl.detach()))[0]
         if val is not None and ((step + 1) % a.eval_every == 0 or step + 1 == a.steps):
             rec["val_loss"] = val_loss(model, *val, a.batch_size, split=not fsdp)  # (FSDP: every rank all of it)
         end_step(log, rec, run, step, a, model, opt, rank)

@@ -66,7 +66,7 @@ class RunArgs:
 # flag -> (low, high, low included) for check_ranges; counts that must be positive are checked by require_positive
 RANGES = {**dict.fromkeys(("lr", "warmup", "weight_decay", "clip", "mtp_weight", "balance_alpha", "bias_update",
                            "router_bias_update", "beta", "format_weight", "overlong_buffer", "dsa_warmup", "threads",
-                           "vocab_size", "epsilon_high", "log_completions"), (0, math.inf, True)),
+                           "vocab_size", "epsilon_high", "log_completions", "indexer_kl"), (0, math.inf, True)),
           **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight"), (0, 1, True)),
           "epsilon_low": (0, 1, False), "kd_temperature": (0, math.inf, False)}
 

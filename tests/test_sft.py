@@ -284,3 +284,36 @@ def test_post_training_makes_no_indexer_kl(kind, tmp_path, tok, monkeypatch):
     learn_indexers(model, True)
     with pytest.raises(AssertionError, match="an indexer KL was made"):
         model(x)
+
+
+@pytest.mark.parametrize("kind", ["dsa", "deepseek_v4"])
+def test_sft_keeps_the_indexers_learning_with_indexer_kl(kind, tmp_path, tok):
+    """--indexer-kl W: the sparse-attention indexers learn from their KL to the main attention (W x the layers'
+    mean in the loss, logged as indexer_kl), as in V3.2's post-training; without it they stay as they were.
+    Refused with --lora-rank (which freezes them) and on a model without indexers."""
+    import sobre
+
+    from conftest import SPARSE_MODELS, v4_model
+    ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = v4_model(**ids) if kind == "deepseek_v4" else random_model(sobre.preset("debug", **ids,
+                                                                                   **SPARSE_MODELS[kind]))
+    tok.save(tmp_path / "tok")
+    sobre.save(model, tmp_path / "m", tokenizer_dir=tmp_path / "tok")
+    args = dict(init=str(tmp_path / "m"), task=("arithmetic",), examples=16, steps=3, batch_size=4, seq_len=160,
+                eval_every=100, bias_update=0.0)
+
+    def indexers(run):
+        sd = sobre.load(tmp_path / run / "model").state_dict()
+        return {k: v for k, v in sd.items() if ".indexer." in k and not k.startswith("mtp")}
+    before = {k: v for k, v in model.state_dict().items() if ".indexer." in k and not k.startswith("mtp")}
+    assert before
+    sft(SFTArgs(out=str(tmp_path / "off"), **args))
+    assert all(torch.equal(v, before[k]) for k, v in indexers("off").items())
+    sft(SFTArgs(out=str(tmp_path / "on"), indexer_kl=1.0, **args))
+    assert any(not torch.equal(v, before[k]) for k, v in indexers("on").items())
+    rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["indexer_kl"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="which --lora-rank freezes"):
+        sft(SFTArgs(out=str(tmp_path / "lora"), indexer_kl=1.0, lora_rank=2, **args))
+    with pytest.raises(ValueError, match="has no sparse-attention indexer"):
+        sft(SFTArgs(out=str(tmp_path / "v3"), indexer_kl=1.0, **{**args, "init": ""}, preset="debug"))
