@@ -162,9 +162,9 @@ class CastWeights:
     """`with CastWeights(model, torch.bfloat16) as m:` the model's weights as dtype copies inside the block (each
     parameter's data swapped for its copy, then put back), as sobre.load(dtype=...) would give them: what that keeps
     in fp32 (checkpoint.kept_fp32: the routers, DeepSeek-V4's fp32 names) stays as it is, buffers too. The copies
-    are made once; the parameters that train (requires_grad) are copied again at each entry. GRPO's
-    --rollout-bf16: rollouts on bf16 weights while the update trains the fp32 ones, as TRL's generation under its
-    bf16 autocast."""
+    are made once; those of the parameters that train (requires_grad) are copied again at each entry and freed at
+    each exit (not held through GRPO's update). GRPO's --rollout-bf16: rollouts on bf16 weights while the update
+    trains the fp32 ones, as TRL's generation under its bf16 autocast."""
 
     def __init__(self, model: Transformer, dtype: torch.dtype):
         keep = {id(t) for t in kept_fp32(model)}
@@ -179,6 +179,7 @@ class CastWeights:
         with torch.no_grad():
             for p, c in zip(self.params, self.copies):
                 if p.requires_grad:
+                    c.untyped_storage().resize_(c.numel() * c.element_size())  # (freed at the last exit)
                     c.copy_(p)
         self.saved = [p.data for p in self.params]
         for p, c in zip(self.params, self.copies):
@@ -186,8 +187,10 @@ class CastWeights:
         return self.model
 
     def __exit__(self, *exc):
-        for p, d in zip(self.params, self.saved):
+        for p, d, c in zip(self.params, self.saved, self.copies):
             p.data = d
+            if p.requires_grad:
+                c.untyped_storage().resize_(0)
         self.saved = None
 
 

@@ -850,6 +850,7 @@ def test_cast_weights_are_a_bf16_load_of_the_model_put_back_after(tmp_path):
     assert [[r.ids for r in g] for g in ours] == [[r.ids for r in g] for g in theirs]
     for name, p in model.named_parameters():
         assert p is was[name][0] and p.dtype == torch.float32 and torch.equal(p, was[name][1]), name
+    assert all(c.untyped_storage().nbytes() == 0 for c in weights.copies)  # (the trained ones' copies: freed)
     with torch.no_grad():
         model.embed.weight.add_(1.0)
     with weights:
