@@ -365,9 +365,9 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
                 m.indexer_loss = None
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss = loss_fn(model, rows) * (mine / ntok if world > 1 else 1)
-            if indexed:  # the layers' mean KL, weighed by the rank's share of the targets as its loss
+            if indexed:  # the layers' mean KL (over a rank's rows: each rank 1 / world of the batch's)
                 kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
-                kl = sum(kls) / max(len(kls), 1) * (mine / ntok if world > 1 else 1)
+                kl = sum(kls) / max(len(kls), 1) / world
             ((loss + a.indexer_kl * kl) * (world if fsdp else 1)).backward()
         parallel.sync_grads(model, average=fsdp)
         gnorm = parallel.clip_grad_norm_(model, a.max_grad_norm, world) if fsdp else \

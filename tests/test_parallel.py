@@ -374,3 +374,24 @@ def test_release_whole_frees_what_copy_whole_refills():
         assert torch.equal(p, q) if q.requires_grad else not torch.equal(p, q), name
     prompt = [1, 5, 9, 2]
     assert list(generate(policy, prompt, 8)) == list(generate(model.eval(), prompt, 8))
+
+
+def test_sft_indexer_kl_over_two_ranks_equals_one_process(tmp_path):
+    """sft --indexer-kl on a DSA model in 2 processes with its blocks sharded (--fsdp): one process's losses,
+    indexer KLs and grad norms (each rank's mean KL is 1 / world of the batch's: the ranks' rows are equal
+    shares)."""
+    import sobre
+    from sobre.data import builtin_docs
+    from sobre.tokenizer import train_tokenizer
+
+    from conftest import SPARSE_MODELS, random_model
+    tok = train_tokenizer(builtin_docs(200_000), 512, tmp_path / "tok")
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                                      eos_token_id=tok.eos_id, **SPARSE_MODELS["dsa"]))
+    sobre.save(model, tmp_path / "m", tokenizer_dir=tmp_path / "tok")
+    sft = ["--init", str(tmp_path / "m"), "--task", "arithmetic", "--examples", "40", "--steps", "3",
+           "--batch-size", "4", "--seq-len", "160", "--indexer-kl", "1", "--eval-every", "100"]
+    one = post_train("sft", tmp_path / "one", *sft)
+    assert all(r["indexer_kl"] > 0 for r in one)
+    close(one, post_train("sft", tmp_path / "two", *sft, "--fsdp", procs=2),
+          ("step", "loss", "indexer_kl", "grad_norm", "target_tokens"))
