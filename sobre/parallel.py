@@ -360,9 +360,7 @@ def copy_whole(dst: nn.Module, src: nn.Module) -> None:
     for name, t in list(dst.named_parameters()) + list(dst.named_buffers()):
         s = theirs[name]
         if not isinstance(s, nn.Parameter) or s.requires_grad:
-            if t.untyped_storage().nbytes() == 0 < t.numel():  # (released: its memory again)
-                t.untyped_storage().resize_((t.storage_offset() + t.numel()) * t.element_size())
-            t.copy_(whole(s))
+            reclaim(t).copy_(whole(s))  # (released through an update: its memory again)
 
 
 def release_whole(dst: nn.Module, src: nn.Module) -> None:
@@ -371,7 +369,19 @@ def release_whole(dst: nn.Module, src: nn.Module) -> None:
     theirs = dict(src.named_parameters())
     for name, t in dst.named_parameters():
         if theirs[name].requires_grad:
-            t.untyped_storage().resize_(0)
+            release(t)
+
+
+def release(t: torch.Tensor) -> None:
+    """Free t's memory (its shape kept; its values gone until reclaim gives the memory back and they are written)."""
+    t.untyped_storage().resize_(0)
+
+
+def reclaim(t: torch.Tensor) -> torch.Tensor:
+    """t with memory again where release freed it (its values to be written), else t as it is."""
+    if t.untyped_storage().nbytes() == 0 < t.numel():
+        t.untyped_storage().resize_((t.storage_offset() + t.numel()) * t.element_size())
+    return t
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -179,8 +179,7 @@ class CastWeights:
         with torch.no_grad():
             for p, c in zip(self.params, self.copies):
                 if p.requires_grad:
-                    c.untyped_storage().resize_(c.numel() * c.element_size())  # (freed at the last exit)
-                    c.copy_(p)
+                    parallel.reclaim(c).copy_(p)  # (freed at the last exit)
         self.saved = [p.data for p in self.params]
         for p, c in zip(self.params, self.copies):
             p.data = c
@@ -190,7 +189,7 @@ class CastWeights:
         for p, d, c in zip(self.params, self.saved, self.copies):
             p.data = d
             if p.requires_grad:
-                c.untyped_storage().resize_(0)
+                parallel.release(c)
         self.saved = None
 
 

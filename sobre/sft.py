@@ -37,9 +37,11 @@ from .train import (
     compile_blocks,
     end_step,
     export,
+    indexed_layers,
     learn_indexers,
     load_checkpoint,
     lr_at,
+    mean_indexer_kl,
     open_run,
     param_groups,
     require_positive,
@@ -329,7 +331,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
-    indexed = [m for m in model.layers.modules() if hasattr(m, "learn_indexer")] if a.indexer_kl else []
+    indexed = indexed_layers(model) if a.indexer_kl else []
     if a.indexer_kl and not indexed:
         raise ValueError("--indexer-kl: the model has no sparse-attention indexer (DSA, DeepSeek-V4's CSA layers)")
     learn_indexers(model, bool(indexed))  # (made only where the loss reads it)
@@ -366,8 +368,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 loss = loss_fn(model, rows) * (mine / ntok if world > 1 else 1)
             if indexed:  # the layers' mean KL (over a rank's rows: each rank 1 / world of the batch's)
-                kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
-                kl = sum(kls) / max(len(kls), 1) / world
+                kl = mean_indexer_kl(indexed) / world
             ((loss + a.indexer_kl * kl) * (world if fsdp else 1)).backward()
         parallel.sync_grads(model, average=fsdp)
         gnorm = parallel.clip_grad_norm_(model, a.max_grad_norm, world) if fsdp else \

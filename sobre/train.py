@@ -167,26 +167,36 @@ def param_groups(model: Transformer, weight_decay: float):
 def losses(model: Transformer, x, y, a: TrainArgs) -> dict:
     """Main cross-entropy, MTP cross-entropy (mean over depths), the balance term and DSA's indexer KL (which
     reaches only the indexers: they see detached inputs)."""
-    indexed = [m for m in model.modules() if hasattr(m, "indexer_loss")]  # DSA's MLA, V4's CSA attention
+    indexed = indexed_layers(model)
     for m in indexed:
         m.indexer_loss = None
     ce, mtp = model(x, mtp=bool(model.mtp and a.mtp_weight), targets=y)  # (the logits never made whole)
     out = {"ce": ce, "mtp": sum(mtp) / len(mtp) if mtp else torch.zeros(())}
     moes = moe_layers(model)
     out["balance"] = sum(m.balance_loss for m in moes) if moes else torch.zeros(())
-    kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
-    out["indexer"] = sum(kls) / len(kls) if kls else torch.zeros(())
+    out["indexer"] = mean_indexer_kl(indexed)
     out["total"] = out["ce"] + a.mtp_weight * out["mtp"] + a.balance_alpha * out["balance"] + out["indexer"]
     return out
+
+
+def indexed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules whose training forwards make a sparse-attention indexer's KL (`indexer_loss`): DSA's
+    MLA, V4's attention (its CSA layers make one)."""
+    return [m for m in model.modules() if hasattr(m, "indexer_loss")]
+
+
+def mean_indexer_kl(indexed: list[torch.nn.Module]) -> torch.Tensor:
+    """The mean of the KLs the last forward made in those modules (0 where none)."""
+    kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
+    return sum(kls) / len(kls) if kls else torch.zeros(())
 
 
 def learn_indexers(model: torch.nn.Module, on: bool):
     """Whether training forwards make the sparse-attention indexers' KL to the main attention (DSA's MLA, V4's CSA
     layers: a product over every visible key, as dense attention's scores): losses() reads it; SFT, distillation
-    and GRPO train no indexer, and turn it off rather than make it and drop it."""
-    for m in model.modules():
-        if hasattr(m, "learn_indexer"):
-            m.learn_indexer = on
+    and GRPO train no indexer unless told to (--indexer-kl), and turn it off rather than make it and drop it."""
+    for m in indexed_layers(model):
+        m.learn_indexer = on
 
 
 def set_dsa_warmup(model: Transformer, on: bool):

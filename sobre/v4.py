@@ -181,11 +181,9 @@ class Attention(nn.Module):
         read (causal, valid). Scores under masks: over all of them up to ATTN_CHUNK queries (the reference),
         past that chunk by chunk over the band of rows each chunk sees (recomputed in the backward pass).
         -> [B, T, dim]"""
-        if hasattr(cache, "split"):  # packed documents (sft.Packed): windows pool within one document
-            pos, ok = cache.doc_pos, cache.valid  # [S, L] (-1 past a document's end: no entry, no query)
-            L = pos.shape[1]
-            return cache.merge(self(cache.split(x), pos, rope, ok[:, :, None] & ok[:, None] & visible(
-                None, L, L, x.device)))
+        if hasattr(cache, "split"):  # packed documents (sft.Packed): windows pool within one document, see its
+            #   [S, L, L] mask (streams); positions -1 past a document's end: no entry, no query
+            return cache.merge(self(cache.split(x), cache.doc_pos, rope, see))
         c = self.c
         B, T, _ = x.shape
         H, D, G = c.n_heads, c.head_dim, c.o_groups
@@ -521,6 +519,9 @@ class V4Transformer(nn.Module):
         pos = positions(tokens, cache, self.config.max_seq_len)
         if hasattr(cache, "context"):  # the engine's incremental cache masks each layer itself
             see = None
+        elif hasattr(cache, "split"):  # packed documents (sft.Packed): each a row of its own, attended alone
+            ok, L = cache.valid, cache.valid.shape[1]  # [S, L]
+            see = ok[:, :, None] & ok[:, None] & visible(None, L, L, tokens.device)  # [S, L, L]
         else:
             S = int(pos.max()) + 1 if cache is None else cache.length + T
             see = visible(cache.mask(tokens) if cache is not None else None, T, S, tokens.device)  # [B|1, T, S]
