@@ -5,9 +5,10 @@ A decode step multiplies a few rows by every weight matrix, so on a CPU its time
 `torch.ops.aten._weight_int8pack_mm` multiplies bf16 rows by int8 weights without materialising them in high
 precision ([1, 1536] x [8960, 1536]: 0.58 ms against 1.4 ms for bf16 `torch.mv` and 3.6 ms in fp32 on a 2-core AVX2
 CPU; `python bench/dense.py --int8` times whole models). Activations enter it in bf16 and leave in their own
-dtype. The kernel needs in_features % 8 == 0 (others crashed it); those layers, and other devices, take the
-reference path: the rows' matmul with the weight dequantised a slice at a time (`int8_reference`, the twin the
-tests hold the kernel to).
+dtype. The kernel steps through in_features 16 at a time with aligned loads on AVX-512 CPUs (8 on AVX2): it needs
+in_features % 16 == 0 and rows at 32-byte addresses (in % 8 alone crashed it on an AVX-512 Xeon, e.g. a 200-wide
+expert layer); those layers, and other devices, take the reference path: the rows' matmul with the weight
+dequantised a slice at a time (`int8_reference`, the twin the tests hold the kernel to).
 
 Symmetric per-row quantisation: scale = absmax / 127, q = round(w / scale). Left in their own precision: the
 embedding (a lookup reads one row), the routers (fp32, as in the reference code), MLA's wkv_b and V4's o_a_proj
@@ -36,13 +37,15 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q [out, in] * scale [out, None]).T -> [..., out] in x's dtype: the int8 kernel on the CPU for
-    in % 8 == 0, else `int8_reference`. An x that needs a gradient (LoRA on int8 weights) takes Int8Grad."""
+    in % 16 == 0, else `int8_reference`. An x that needs a gradient (LoRA on int8 weights) takes Int8Grad."""
     K = q.shape[1]
     if x.requires_grad and torch.is_grad_enabled():
         return Int8Grad.apply(x, q, scale)
-    if x.device.type != "cpu" or K % 8:
+    if x.device.type != "cpu" or K % 16 or q.data_ptr() % 16:
         return int8_reference(x, q, scale)
     rows = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+    if rows.data_ptr() % 32:  # (a view at an odd offset: the kernel's aligned loads need a fresh copy)
+        rows = rows.clone()
     y = torch.ops.aten._weight_int8pack_mm(rows, q, scale.to(torch.bfloat16))
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
