@@ -131,10 +131,11 @@ def fp8_block(hf: dict, source: str) -> tuple[int, int] | None:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A local directory, or a Hugging Face Hub id fetched with huggingface_hub."""
+    """A local directory (a sobre run folder: the model it exported, model/), or a Hugging Face Hub id fetched with
+    huggingface_hub."""
     p = Path(path)
     if p.is_dir():
-        return p
+        return p / "model" if (p / "model" / "config.json").exists() else p
     if p.exists():
         raise ValueError(f"{p}: expected a model directory (config.json + safetensors), got a file")
     if is_hub_id(path):  # (./x, ../x, /x: paths, never Hub ids)

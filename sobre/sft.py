@@ -64,7 +64,7 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
     (checkpoint.load)."""
     dev = pick_device(device)
     if init:
-        path = init_dir(init)
+        path = resolve(init)
         tok = load_tokenizer(path)
         if tok is None:
             raise ValueError(f"{path} has no tokenizer.json; post-training needs the model's tokenizer")
@@ -81,15 +81,9 @@ def start_model(init: str, preset_name: str = "debug", run: Path | None = None, 
     return init_weights(Transformer(cfg)).to(dev), tok
 
 
-def init_dir(init: str) -> Path:
-    """The HF directory of an --init value: a sobre run folder's model/, an HF directory or a Hub id's snapshot."""
-    path = resolve(init)
-    return path / "model" if (path / "model" / "config.json").exists() else path
-
-
 def adapter_base(init: str) -> str:
     """What a LoRA adapter trained from --init names as its base model: the Hub id, or the local HF directory."""
-    return str(init_dir(init).resolve()) if init and Path(init).exists() else init
+    return str(resolve(init).resolve()) if init and Path(init).exists() else init
 
 
 # ---- examples: prompt tokens (no loss) + completion tokens (loss) ---------------------------------

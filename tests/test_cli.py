@@ -153,6 +153,13 @@ def test_generate_greedy_ids_match_the_python_api(tmp_path, capsys):
     ids = [int(t) for t in out.stdout.split()]
     assert ids == list(sobre.generate(model, [5, 6, 7], max_new_tokens=8, stop=(1,)))
     assert "tok/s" in out.stderr and "MTP" not in out.stderr
+    run_dir = tmp_path / "run"  # a sobre run folder (its own config.json): the model it exported, model/
+    sobre.save(model, run_dir / "model")
+    (run_dir / "config.json").write_text(json.dumps({"sft": {"steps": 1}, "model": {}}))
+    code, stdout, _ = call(capsys, "generate", str(run_dir), "--ids", "5,6,7", "--max-new-tokens", "8")
+    assert code == 0 and [int(t) for t in stdout.split()] == ids
+    code, stdout, _ = call(capsys, "info", str(run_dir))
+    assert code == 0 and stdout.startswith("deepseek_v3: 3 layers (+2 MTP)")
     # MTP drafts: one per MTP layer (2), or 1; never stopping; over the first 16 ids
     for k in ([], ["1"], ["--min-acceptance", "0"], ["--draft-vocab", "16"]):
         code, stdout, stderr = call(capsys, "generate", str(path), "--ids", "5,6,7", "--max-new-tokens", "8",
