@@ -14,7 +14,7 @@ from .chat import END_THINK, THINK
 from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Message, NamedTool, TokenizeRequest
 from .schema import check_schema
 from .serve import Server, request_id, split_final, sse
-from .tools import ToolCallStream, call_prefix, split_tool_calls
+from .tools import CALL_END, CALLS_END, ToolCallStream, call_prefix, split_tool_calls
 
 
 def routes(app: FastAPI, srv: Server, auth):
@@ -33,6 +33,9 @@ def routes(app: FastAPI, srv: Server, auth):
         name = srv.check_model(req.model)
         json_mode = response_json(req)
         tools, forced = tool_setup(req)
+        named = isinstance(req.tool_choice, NamedTool) and forced is not None
+        if named:  # the call's arguments: structured output under the function's parameters
+            json_mode = arguments_schema(req, json_mode)
         text = render_chat(tok, req.messages, tools, req.chat_template_kwargs)
         if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
             text += (END_THINK if text.rstrip().endswith(THINK) else "") + (forced or "")
@@ -57,7 +60,8 @@ def routes(app: FastAPI, srv: Server, auth):
                 if reasoning is not None:
                     msg["reasoning_content"] = reasoning
                 if forced is not None:
-                    content, calls = split_tool_calls(forced + content)  # (no call finished: the text)
+                    closed = CALL_END + CALLS_END if named and complete_json(content) else ""
+                    content, calls = split_tool_calls(forced + content + closed)  # (no call finished: the text)
                     msg["content"] = content
                     if calls:  # (OpenAI's shape: content null when the turn is only calls)
                         msg.update(content=content.strip() or None, tool_calls=calls)
@@ -76,6 +80,7 @@ def routes(app: FastAPI, srv: Server, auth):
         calling = {c.index: ToolCallStream() for c in choices} if forced is not None else {}
         for s in calling.values():
             s.feed(forced)  # (held: it opens the calls)
+        arguments = {c.index: "" for c in choices}  # (a named function's: closed where they end as JSON)
 
         async def body():
             for c in choices:
@@ -90,7 +95,9 @@ def routes(app: FastAPI, srv: Server, auth):
                 delta, calls, s = {}, [], calling.get(c.index)
                 if s is not None:
                     done = s.calls
-                    content, calls = s.feed(content)
+                    arguments[c.index] += content
+                    closed = CALL_END + CALLS_END if final and named and complete_json(arguments[c.index]) else ""
+                    content, calls = s.feed(content + closed)
                     if final:
                         rest, _ = s.flush()
                         content += rest
@@ -115,7 +122,7 @@ def routes(app: FastAPI, srv: Server, auth):
         if req.messages is None:
             ids = tok.encode(req.prompt, add_special_tokens=True)  # (as /v1/completions encodes a text prompt)
         else:
-            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            tools = tool_dicts(req) if req.tools else None
             kw = {"add_generation_prompt": req.add_generation_prompt} | (req.chat_template_kwargs or {})
             ids = tok.encode(render_chat(tok, req.messages, tools, kw))
         out = {"count": len(ids), "max_model_len": srv.context, "tokens": ids}
@@ -205,7 +212,8 @@ def render_chat(tok, messages: list[Message], tools: list[dict] | None, template
 def tool_setup(req: ChatRequest) -> tuple[list[dict] | None, str | None]:
     """(the tools the chat template shows, or None; what the answer is parsed for calls after: "" with
     tool_choice "auto", the start of a call the completion is forced to continue with "required" or a named
-    function (the model then writes that call's arguments, no grammar constrains them); None: no tools)."""
+    function (its arguments then constrained: arguments_schema; "required" leaves the name and arguments to the
+    model, unconstrained); None: no tools)."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
@@ -213,13 +221,52 @@ def tool_setup(req: ChatRequest) -> tuple[list[dict] | None, str | None]:
         return None, None
     if choice == "none":
         return None, None
-    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    tools = tool_dicts(req)
     if isinstance(choice, NamedTool):
         if choice.function.name not in {t.function.name for t in req.tools}:
             raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
                            param="tool_choice")
         return tools, call_prefix(choice.function.name)
     return tools, call_prefix() if choice == "required" else ""
+
+
+def tool_dicts(req) -> list[dict]:
+    """The request's tools as the chat template takes them; a function without parameters takes none (OpenAI's
+    omitted parameters: the templates write them as JSON, and had failed on the missing key)."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    for t in tools:
+        t["function"].setdefault("parameters", {"type": "object", "properties": {}})
+    return tools
+
+
+def arguments_schema(req: ChatRequest, json_mode) -> dict | bool:
+    """A named tool_choice's arguments as structured output (vLLM guides a named function's arguments by its
+    parameters): the function's `parameters` schema, `{}` where it has none, any JSON object where sobre.schema
+    cannot enforce the schema (a 400 instead where the function is `strict`). The JSON's end closes the call
+    (complete_json). response_format beside it: a 400 (the answer is the call)."""
+    if json_mode:
+        raise APIError(400, "response_format with a named tool_choice: the answer is the call, whose arguments "
+                       "follow the function's parameters", param="response_format")
+    fn = next(t.function for t in req.tools if t.function.name == req.tool_choice.function.name)
+    if fn.parameters is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    try:
+        check_schema(fn.parameters)
+    except ValueError as e:
+        if fn.strict:
+            raise APIError(400, f"tools: function {fn.name!r} is strict, and its parameters cannot be enforced: {e}",
+                           param="tools") from None
+        return True
+    return fn.parameters
+
+
+def complete_json(text: str) -> bool:
+    """Is text one whole JSON value (a constrained call's arguments that ended as JSON, not cut short)?"""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def chat_message(m: Message, i: int) -> dict:

@@ -242,6 +242,33 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
             assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
             assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
 
+        # a named function's arguments follow its parameters (a key it does not take refused; none: {}), and the
+        # call closes where they end, streamed or not; strict parameters sobre cannot enforce, or response_format
+        # beside a named function: 400
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        for stream in (False, True):
+            head.script, head.i = tok.encode('{"city": "Rome", "zz": 1} and more'), 0
+            r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, tool_choice=named,
+                                               stream=stream)
+            chunks = [c for c in r if c.choices] if stream else None
+            calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()] if stream else \
+                r.choices[0].message.tool_calls
+            finish = chunks[-1].choices[0].finish_reason if stream else r.choices[0].finish_reason
+            assert finish == "tool_calls" and json.loads(calls[0].function.arguments) == {"city": "Rome"}
+        bare = [{"type": "function", "function": {"name": "now"}}]
+        head.script, head.i = tok.encode('{"a": 1}'), 0
+        r = client.chat.completions.create(model="tiny", messages=msgs, tools=bare,
+                                           tool_choice={"type": "function", "function": {"name": "now"}})
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {}
+        strict = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+            "type": "object", "properties": {"a": {"type": "string"}}, "dependentRequired": {}}}}]
+        for kw, param in ((dict(tools=strict), "tools"), (dict(tools=tools, response_format={"type": "json_object"}),
+                                                          "response_format")):
+            with pytest.raises(BadRequestError) as e:
+                client.chat.completions.create(model="tiny", messages=msgs, **kw, tool_choice={
+                    "type": "function", "function": {"name": kw["tools"][0]["function"]["name"]}})
+            assert e.value.body["param"] == param
+
         head.script, head.i = tok.encode("Sunny.</think>It is 20C."), 0  # the tool's result goes back
         past = {"id": "call_1", "type": "function",  # (arguments as an object, as some clients send them back)
                 "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
