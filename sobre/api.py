@@ -1,6 +1,7 @@
 """The API's routes: /v1/chat/completions, /v1/completions, /v1/models (responses in OpenAI's shapes; chat adds
-DeepSeek's `reasoning_content`, also streamed as deltas, and tool calls in DeepSeek's format (sobre.tools)), and
-vLLM's /tokenize and /detokenize (the token ids those endpoints feed the model, and back)."""
+DeepSeek's `reasoning_content`, also streamed as deltas, and tool calls in DeepSeek's format (sobre.tools);
+completions take DeepSeek's fill-in-the-middle `suffix`, also at its /beta/completions), and vLLM's /tokenize and
+/detokenize (the token ids those endpoints feed the model, and back)."""
 
 from __future__ import annotations
 
@@ -139,13 +140,12 @@ def routes(app: FastAPI, srv: Server, auth):
         return {"prompt": tok.decode(req.tokens)}
 
     @app.post("/v1/completions", dependencies=[auth])
+    @app.post("/beta/completions", dependencies=[auth], include_in_schema=False)  # (DeepSeek's FIM endpoint)
     async def completions(req: CompletionRequest, request: Request):
         name = srv.check_model(req.model)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
-        prompts = to_prompts(req.prompt, tok)
+        prompts = to_prompts(req.prompt, tok) if req.suffix is None else fim_prompts(req, tok)
         choices = await srv.start(prompts, req.n, lambda n, j: srv.params(req, n, req.max_tokens, req.logprobs, j),
                                   False, "prompt")
         rid, created = request_id("cmpl"), int(time.time())
@@ -310,6 +310,20 @@ def model_card(srv: Server, name: str) -> dict:
     parent = {"parent": srv.name} if name != srv.name else {}
     return {"id": name, "object": "model", "created": srv.created, "owned_by": "sobre", "max_model_len": srv.context,
             **parent}
+
+
+def fim_prompts(req: CompletionRequest, tok) -> list[list[int]]:
+    """`suffix` (DeepSeek's FIM completion): each text prompt is the text before the hole, suffix the text after
+    it; the model writes the middle (Tokenizer.fim_prompt: PSM with DeepSeek's tokens)."""
+    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "suffix (fill in the middle) takes text prompts, not token ids", param="prompt")
+    if tok.fim_ids is None:
+        raise APIError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens (<｜fim▁begin｜>, "
+                       "<｜fim▁hole｜>, <｜fim▁end｜>)", param="suffix")
+    if len(texts) > 64:
+        raise APIError(400, "at most 64 prompts per request", param="prompt")
+    return [tok.fim_prompt(t, req.suffix) for t in texts]
 
 
 def to_prompts(prompt, tok) -> list[list[int]]:

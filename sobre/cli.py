@@ -161,9 +161,12 @@ def cmd_generate(args):
     elif args.prompt is not None:
         if tok is None:
             sys.exit(f"{path}: no tokenizer.json; pass token ids with --ids 1,2,3")
-        prompt = tok.encode(args.prompt, add_special_tokens=True)
+        prompt = tok.encode(args.prompt, add_special_tokens=True) if args.suffix is None else \
+            tok.fim_prompt(args.prompt, args.suffix)
     else:
         sys.exit("give --prompt TEXT or --ids 1,2,3")
+    if args.suffix is not None and (tok is None or args.ids):
+        sys.exit("--suffix (fill in the middle) needs a text --prompt and the model's tokenizer.json")
     if (args.json or schema) and (tok is None or args.ids):
         sys.exit("--json and --json-schema need a text --prompt and the model's tokenizer.json")
     stop = eos_ids(model.config)
@@ -181,6 +184,7 @@ def cmd_generate(args):
             print(text.feed(t) if text else f"{t} ", end="", flush=True)
     dt = time.perf_counter() - t0
     if rank == 0:
+        print(text.flush() if text else "", end="")  # (a partial character held back at the end)
         spec = eng.spec_summary()
         print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s{'; ' + spec if spec else ''}]",
               file=sys.stderr)
@@ -405,6 +409,8 @@ def main(argv=None):
     s = sub.add_parser("generate", help="continue a prompt (greedy or sampled)")
     s.add_argument("path", help="model directory or Hub id")
     s.add_argument("--prompt", help="text prompt (needs the model's tokenizer.json)")
+    s.add_argument("--suffix", help="fill in the middle: the text after the hole, --prompt the text before it (the "
+                   "model writes the middle; DeepSeek's FIM tokens)")
     s.add_argument("--ids", type=token_ids, help="comma-separated prompt token ids instead of text")
     s.add_argument("--max-new-tokens", type=at_least(1), default=64)
     s.add_argument("--min-tokens", type=at_least(0), default=0, help="tokens before a stop token may end the text")

@@ -5,6 +5,11 @@ procedurally generated reasoning problems (sobre.tasks). User data: .txt, .jsonl
 "messages"), .parquet ("text" column). Documents are tokenised once into memory-mapped uint16/uint32
 shards with a manifest; training reads packed windows (documents separated by EOS) in an order fixed by
 (seed, step) alone, so any step's batch can be rebuilt: that is what makes resume exact.
+
+Fill in the middle (DeepSeek-V3's pretraining, after DeepSeek-Coder): a share of the training documents
+(`fim_rate`, V3's 0.1) is cut at two points drawn uniformly over its characters and written
+Prefix-Suffix-Middle, `<｜fim▁begin｜>PREFIX<｜fim▁hole｜>SUFFIX<｜fim▁end｜>MIDDLE` then EOS, so that the model
+learns to fill a hole from both sides (served as the completions' `suffix`); the validation split stays plain text.
 """
 
 from __future__ import annotations
@@ -86,14 +91,19 @@ def file_docs(path: str | Path, tokenizer=None) -> Iterator[str]:
 
 
 def build(docs: Iterable[str], tokenizer, out: str | Path, val_every: int = 50, shard_tokens: int = 1 << 26,
-          batch_docs: int = 256) -> dict:
+          batch_docs: int = 256, fim_rate: float = 0.0, seed: int = 0) -> dict:
     """Tokenise documents once into out/{train,val}-NNNNN.bin + manifest.json. A document goes to the
     validation split while that split holds under 1/val_every of the tokens so far (a share of the tokens, not
-    of the documents: corpora mix long files and short problems). Each document ends with EOS."""
+    of the documents: corpora mix long files and short problems). Each document ends with EOS. fim_rate: the
+    share of training documents written fill-in-the-middle (fim_ids; drawn with seed)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no eos_token; documents need a separator")
+    if fim_rate and tokenizer.fim_ids is None:
+        raise ValueError("fill in the middle (--fim-rate) needs the tokenizer's <｜fim▁begin｜>, <｜fim▁hole｜> and "
+                         "<｜fim▁end｜> tokens (sobre's tokenizers have them; give --fim-rate 0 otherwise)")
+    rng = np.random.default_rng(seed)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     splits = {s: {"shards": [], "tokens": 0, "bytes": 0, "docs": 0} for s in ("train", "val")}
     files = {}
@@ -119,7 +129,11 @@ def build(docs: Iterable[str], tokenizer, out: str | Path, val_every: int = 50, 
         for text, enc in zip(batch, tokenizer.tok.encode_batch(batch, add_special_tokens=False)):
             short = val_every and splits["val"]["tokens"] * (val_every - 1) < splits["train"]["tokens"]
             split = "val" if short else "train"
-            write(split, np.asarray(enc.ids + [tokenizer.eos_id], dtype=dtype))
+            ids = enc.ids
+            if split == "train" and fim_rate and rng.random() < fim_rate:
+                ids = fim_ids(text, tokenizer, rng)
+                splits[split]["fim_docs"] = splits[split].get("fim_docs", 0) + 1
+            write(split, np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
             splits[split]["bytes"] += len(text.encode())
             splits[split]["docs"] += 1
         batch.clear()
@@ -135,6 +149,15 @@ def build(docs: Iterable[str], tokenizer, out: str | Path, val_every: int = 50, 
                 **splits}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def fim_ids(doc: str, tokenizer, rng: np.random.Generator) -> list[int]:
+    """A document as a fill-in-the-middle example, PSM: begin PREFIX hole SUFFIX end MIDDLE (its EOS follows),
+    cut at two points drawn uniformly over its characters; each part encoded alone."""
+    i, j = sorted(int(k) for k in rng.integers(0, len(doc) + 1, size=2))
+    begin, hole, end = tokenizer.fim_ids
+    enc = tokenizer.encode
+    return [begin, *enc(doc[:i]), hole, *enc(doc[j:]), end, *enc(doc[i:j])]
 
 
 class Batches:

@@ -13,7 +13,10 @@ from .chat import DEFAULT_TEMPLATE, render
 # DeepSeek's special tokens (the fullwidth bars and U+2581 are part of the names)
 SPECIAL = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
            "pad_token": "<｜▁pad▁｜>", "user": "<｜User｜>", "assistant": "<｜Assistant｜>",
-           "think": "<think>", "end_think": "</think>"}
+           "think": "<think>", "end_think": "</think>",
+           "fim_begin": "<｜fim▁begin｜>", "fim_hole": "<｜fim▁hole｜>", "fim_end": "<｜fim▁end｜>"}
+FIM = (SPECIAL["fim_begin"], SPECIAL["fim_hole"], SPECIAL["fim_end"])  # fill in the middle, PSM: begin PREFIX hole
+#   SUFFIX end MIDDLE (DeepSeek-Coder's and V3's tokens and order)
 
 
 def _content(t):
@@ -37,6 +40,19 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """DeepSeek's fill-in-the-middle tokens (begin, hole, end), or None where the vocabulary lacks one."""
+        ids = tuple(self.tok.token_to_id(t) for t in FIM)
+        return None if None in ids else ids
+
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        """The ids of a fill-in-the-middle prompt, PSM (the model writes the middle, then end-of-sentence):
+        the tokenizer's own specials (begin-of-sentence), then begin PREFIX hole SUFFIX end."""
+        if self.fim_ids is None:
+            raise ValueError(f"the model's tokenizer has no fill-in-the-middle tokens ({', '.join(FIM)})")
+        return self.encode(FIM[0] + prefix + FIM[1] + suffix + FIM[2], add_special_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text. add_special_tokens: also what tokenizer.json's post-processor adds (DeepSeek's

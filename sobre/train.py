@@ -67,7 +67,7 @@ class RunArgs:
 RANGES = {**dict.fromkeys(("lr", "warmup", "weight_decay", "clip", "mtp_weight", "balance_alpha", "bias_update",
                            "router_bias_update", "beta", "format_weight", "overlong_buffer", "dsa_warmup", "threads",
                            "vocab_size", "epsilon_high", "log_completions", "indexer_kl"), (0, math.inf, True)),
-          **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight"), (0, 1, True)),
+          **dict.fromkeys(("min_lr_ratio", "val_share", "direct", "logit_weight", "fim_rate"), (0, 1, True)),
           "epsilon_low": (0, 1, False), "kd_temperature": (0, math.inf, False)}
 
 
@@ -94,6 +94,7 @@ class TrainArgs(RunArgs):
     sample_every: int = 100  # steps between sampled texts in metrics.jsonl ("sample")
     data: tuple[str, ...] = ()  # user files (.txt/.jsonl/.parquet); empty = built-in corpus
     data_bytes: int = 2 << 20  # size of the built-in corpus
+    fim_rate: float = 0.1  # share of training documents written fill-in-the-middle (PSM; DeepSeek-V3's 0.1)
     vocab_size: int = 0  # 0 = the preset's
     expert_parallel: bool = False  # under torchrun: experts split over ranks (all-to-all dispatch)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
@@ -246,7 +247,7 @@ def prepare(a: TrainArgs, run: Path):
         (run / "tokenizer" / "stats.json").write_text(json.dumps({"heldout_bytes_per_token": bpt}) + "\n")
     if not (run / "data" / "manifest.json").exists():
         docs = builtin_docs(a.data_bytes, a.seed) if not a.data else (d for f in a.data for d in file_docs(f, tok))
-        build(docs, tok, run / "data")
+        build(docs, tok, run / "data", fim_rate=a.fim_rate, seed=a.seed)
     return tok
 
 

@@ -202,6 +202,22 @@ def test_generate_with_tokenizer_text_prompt(tmp_path, capsys):
     assert code == 1 and "the top level must be" in stderr
 
 
+def test_generate_fills_in_the_middle(tmp_path, capsys):
+    """--suffix: the model continues the PSM prompt (Tokenizer.fim_prompt), greedy as the Python API; without the
+    FIM tokens in the vocabulary, or with --ids, a clear error."""
+    from sobre.tokenizer import train_tokenizer
+    path = tmp_path / "m"
+    tok = train_tokenizer(["def add(a, b):\n    return a + b\n"] * 50, 300, path)
+    model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
+    sobre.save(model, path)
+    want = sobre.generate(model, tok.fim_prompt("def add(a, b):", "\n"), max_new_tokens=6, stop=(tok.eos_id,))
+    code, stdout, stderr = call(capsys, "generate", str(path), "--prompt", "def add(a, b):", "--suffix", "\n",
+                                "--max-new-tokens", "6")
+    assert code == 0 and stdout == tok.decode([t for t in want if t != tok.eos_id])  # (its end flushed)
+    code, _, stderr = call(capsys, "generate", str(path), "--ids", "5,6", "--suffix", "x")
+    assert code == 1 and "--suffix (fill in the middle) needs a text --prompt" in stderr
+
+
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     out = run("info", str(tmp_path / "nope"), check=False)
     assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr

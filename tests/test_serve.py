@@ -458,7 +458,7 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
         assert err.json()["error"]["param"] is None and "not valid JSON" in err.json()["error"]["message"]
         check_error(c.post("/v1/completions", json={"prompt": [10**9]}), 400)
         check_error(c.post("/v1/completions", json={"prompt": []}), 400)
-        check_error(c.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400)
+        check_error(c.post("/v1/completions", json={"prompt": [1, 2], "suffix": "y"}), 400)  # (FIM: text prompts)
         check_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400)
         for body, param in (({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"stop_token_ids": [10**9]},
                             "stop_token_ids"), ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
@@ -482,9 +482,11 @@ def test_bad_input_storm_gets_4xx_and_server_survives(live):
             assert name in metrics
 
 
-def test_text_prompts_get_the_tokenizers_special_tokens(ckpt, tmp_path):
+def test_text_prompts_get_the_tokenizers_special_tokens(ckpt, tmp_path, monkeypatch):
     """A checkpoint whose tokenizer.json puts begin-of-sentence first (DeepSeek's): text prompts are encoded with
-    it, as transformers' tokenizer(text) and vLLM do; token-id prompts and echo stay as sent."""
+    it, as transformers' tokenizer(text) and vLLM do; token-id prompts and echo stay as sent. Fill in the middle
+    (`suffix`, also at DeepSeek's /beta/completions): the PSM prompt after begin-of-sentence; token-id prompts and
+    tokenizers without the FIM tokens get a 400."""
     from tokenizers import processors
     path = shutil.copytree(ckpt, tmp_path / "bos")
     tok = sobre.load_tokenizer(path)
@@ -500,6 +502,19 @@ def test_text_prompts_get_the_tokenizers_special_tokens(ckpt, tmp_path):
             assert r["usage"]["prompt_tokens"] == len(ids) and r["choices"][0]["text"].startswith("Hello there")
             r = c.post("/v1/completions", json={"prompt": ids[1:], "max_tokens": 3}).json()
             assert r["usage"]["prompt_tokens"] == len(ids) - 1
+            begin, hole, end = tok.fim_ids
+            fim = tok.fim_prompt("Hello", " you")
+            assert fim == [tok.bos_id, begin, *tok.encode("Hello"), hole, *tok.encode(" you"), end]
+            want = Engine.from_pretrained(path).generate([fim], max_new_tokens=4, stop_token_ids=(tok.eos_id,))[0]
+            for url in ("/v1/completions", "/beta/completions"):
+                r = c.post(url, json={"prompt": "Hello", "suffix": " you", "max_tokens": 4, "temperature": 0}).json()
+                assert r["usage"]["prompt_tokens"] == len(fim), r
+                assert r["choices"][0]["text"] == tok.decode([t for t in want if t != tok.eos_id])
+            r = c.post("/v1/completions", json={"prompt": ids, "suffix": "x"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+            monkeypatch.setattr(type(tok), "fim_ids", property(lambda self: None))
+            r = c.post("/beta/completions", json={"prompt": "Hello", "suffix": "x"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
     finally:
         s.close()
 

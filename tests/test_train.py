@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,7 @@ def tok(tmp_path_factory):
     ("pretrain", {"warmup": -1}, "--warmup must be >= 0, got -1"),
     ("pretrain", {"mtp_weight": -1.0}, "--mtp-weight must be >= 0, got -1.0"),
     ("pretrain", {"min_lr_ratio": 1.5}, "--min-lr-ratio must be in [0, 1], got 1.5"),
+    ("pretrain", {"fim_rate": 1.5}, "--fim-rate must be in [0, 1], got 1.5"),
     ("pretrain", {"eval_every": 0}, "--eval-every must be positive, got 0"),
     ("sft", {"val_share": 2.0}, "--val-share must be in [0, 1], got 2.0"),
     ("sft", {"steps": 0}, "--steps must be positive, got 0"),
@@ -92,6 +94,34 @@ def test_data_shards_are_deterministic_and_batches_rebuildable(tok, tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(xa[:, 1:], ya[:, :-1])
     assert not torch.equal(a.batch(0)[0], Batches(tmp_path / "a", "train", 64, 4, seed=4).batch(0)[0])
     assert int(a.batch(5)[0].max()) < tok.vocab_size
+
+
+def test_fill_in_the_middle_documents(tok, tmp_path):
+    """fim_rate: that share of the training documents written PSM (begin PREFIX hole SUFFIX end MIDDLE, EOS), cut
+    at two points of the text; the rest and the validation split plain; the same draws for the same seed."""
+    docs = [f"def f{i}(x):\n    return x * {i} + {i * 7}\n" for i in range(200)]
+    begin, hole, end = tok.fim_ids
+    plain = build(docs, tok, tmp_path / "plain", val_every=10, fim_rate=0.0)
+    assert "fim_docs" not in plain["train"]
+    m = build(docs, tok, tmp_path / "all", val_every=0, fim_rate=1.0, seed=3)
+    ids = np.fromfile(tmp_path / "all" / m["train"]["shards"][0]["file"], dtype=m["dtype"]).tolist()
+    rows = []
+    while ids:
+        k = ids.index(tok.eos_id)
+        rows, ids = rows + [ids[:k]], ids[k + 1:]
+    assert len(rows) == len(docs) == m["train"]["fim_docs"]
+    cuts = set()
+    for doc, row in zip(docs, rows):
+        assert row[0] == begin and row.count(hole) == row.count(end) == 1 and row.index(hole) < row.index(end)
+        pre, suf, mid = (tok.decode(row[1:row.index(hole)]), tok.decode(row[row.index(hole) + 1:row.index(end)]),
+                         tok.decode(row[row.index(end) + 1:]))
+        assert pre + mid + suf == doc
+        cuts.add((len(pre), len(mid)))
+    assert len(cuts) > 150  # (the cuts move from document to document)
+    half = [build(docs, tok, tmp_path / f"half{k}", val_every=10, fim_rate=0.5, seed=1) for k in range(2)]
+    assert half[0] == half[1] and 60 < half[0]["train"]["fim_docs"] < 120
+    val = np.fromfile(tmp_path / "half0" / half[0]["val"]["shards"][0]["file"], dtype=half[0]["dtype"])
+    assert half[0]["val"]["docs"] > 10 and begin not in val.tolist()  # (validation: plain text)
 
 
 def test_user_data_files_and_errors(tok, tmp_path):
