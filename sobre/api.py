@@ -34,9 +34,12 @@ def routes(app: FastAPI, srv: Server, auth):
         name = srv.check_model(req.model)
         json_mode = response_json(req)
         tools, forced = tool_setup(req)
+        if forced and json_mode:
+            raise APIError(400, "response_format with tool_choice required or a named function: the answer is the "
+                           "call", param="response_format")
         named = isinstance(req.tool_choice, NamedTool) and forced is not None
         if named:  # the call's arguments: structured output under the function's parameters
-            json_mode = arguments_schema(req, json_mode)
+            json_mode = arguments_schema(req)
         text = render_chat(tok, req.messages, tools, req.chat_template_kwargs)
         if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
             text += (END_THINK if text.rstrip().endswith(THINK) else "") + (forced or "")
@@ -239,14 +242,11 @@ def tool_dicts(req) -> list[dict]:
     return tools
 
 
-def arguments_schema(req: ChatRequest, json_mode) -> dict | bool:
+def arguments_schema(req: ChatRequest) -> dict | bool:
     """A named tool_choice's arguments as structured output (vLLM guides a named function's arguments by its
     parameters): the function's `parameters` schema, `{}` where it has none, any JSON object where sobre.schema
     cannot enforce the schema (a 400 instead where the function is `strict`). The JSON's end closes the call
-    (complete_json). response_format beside it: a 400 (the answer is the call)."""
-    if json_mode:
-        raise APIError(400, "response_format with a named tool_choice: the answer is the call, whose arguments "
-                       "follow the function's parameters", param="response_format")
+    (complete_json)."""
     fn = next(t.function for t in req.tools if t.function.name == req.tool_choice.function.name)
     if fn.parameters is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}

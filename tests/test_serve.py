@@ -262,11 +262,13 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
         assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {}
         strict = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
             "type": "object", "properties": {"a": {"type": "string"}}, "dependentRequired": {}}}}]
-        for kw, param in ((dict(tools=strict), "tools"), (dict(tools=tools, response_format={"type": "json_object"}),
-                                                          "response_format")):
+        for kw, param in ((dict(tools=strict, tool_choice={"type": "function", "function": {"name": "f"}}), "tools"),
+                          (dict(tools=tools, tool_choice=named, response_format={"type": "json_object"}),
+                           "response_format"),
+                          (dict(tools=tools, tool_choice="required", response_format={"type": "json_object"}),
+                           "response_format")):
             with pytest.raises(BadRequestError) as e:
-                client.chat.completions.create(model="tiny", messages=msgs, **kw, tool_choice={
-                    "type": "function", "function": {"name": kw["tools"][0]["function"]["name"]}})
+                client.chat.completions.create(model="tiny", messages=msgs, **kw)
             assert e.value.body["param"] == param
 
         head.script, head.i = tok.encode("Sunny.</think>It is 20C."), 0  # the tool's result goes back
