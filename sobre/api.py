@@ -12,10 +12,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from .chat import END_THINK, THINK
-from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, Message, NamedTool, TokenizeRequest
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    Function,
+    Message,
+    NamedTool,
+    TokenizeRequest,
+)
 from .schema import check_schema
 from .serve import Server, request_id, split_final, sse
-from .tools import CALL_END, CALLS_END, ToolCallStream, call_prefix, split_tool_calls
+from .tools import CALL_END, CALLS_END, SEP, ToolCallStream, call_prefix, split_tool_calls
 
 
 def routes(app: FastAPI, srv: Server, auth):
@@ -37,9 +46,15 @@ def routes(app: FastAPI, srv: Server, auth):
         if forced and json_mode:
             raise APIError(400, "response_format with tool_choice required or a named function: the answer is the "
                            "call", param="response_format")
+        # the forced call as structured output: a named function's arguments under its parameters; "required": a
+        # name, then its arguments under its own (where <｜tool▁sep｜> is one token of the vocabulary, as in
+        # DeepSeek's: the constraint reads each token's text, and a separator spelled in bytes has none)
         named = isinstance(req.tool_choice, NamedTool) and forced is not None
-        if named:  # the call's arguments: structured output under the function's parameters
-            json_mode = arguments_schema(req)
+        schemas = {t.function.name: None if (s := arguments_schema(t.function)) is True else s for t in req.tools} \
+            if forced and not named and tok.tok.token_to_id(SEP) is not None else None
+        if named:
+            json_mode = arguments_schema(next(t.function for t in req.tools
+                                              if t.function.name == req.tool_choice.function.name))
         text = render_chat(tok, req.messages, tools, req.chat_template_kwargs)
         if forced or json_mode:  # the answer starts now, with the call or the object (no reasoning first)
             text += (END_THINK if text.rstrip().endswith(THINK) else "") + (forced or "")
@@ -47,7 +62,8 @@ def routes(app: FastAPI, srv: Server, auth):
         thinking = text.rstrip().endswith(THINK)
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
-        choices = await srv.start([prompt], req.n, lambda n, j: srv.params(req, n, max_tokens, top, j, json_mode),
+        choices = await srv.start([prompt], req.n, lambda n, j: srv.params(req, n, max_tokens, top, j, json_mode,
+                                                                           schemas),
                                   thinking, "messages")
         rid, created = request_id("chatcmpl"), int(time.time())
         request.state.prompt_tokens = len(prompt) * req.n
@@ -64,7 +80,7 @@ def routes(app: FastAPI, srv: Server, auth):
                 if reasoning is not None:
                     msg["reasoning_content"] = reasoning
                 if forced is not None:
-                    closed = CALL_END + CALLS_END if named and complete_json(content) else ""
+                    closed = CALL_END + CALLS_END if (named or schemas) and call_ended(content, schemas) else ""
                     content, calls = split_tool_calls(forced + content + closed)  # (no call finished: the text)
                     msg["content"] = content
                     if calls:  # (OpenAI's shape: content null when the turn is only calls)
@@ -84,7 +100,7 @@ def routes(app: FastAPI, srv: Server, auth):
         calling = {c.index: ToolCallStream() for c in choices} if forced is not None else {}
         for s in calling.values():
             s.feed(forced)  # (held: it opens the calls)
-        arguments = {c.index: "" for c in choices}  # (a named function's: closed where they end as JSON)
+        arguments = {c.index: "" for c in choices}  # (a forced call: closed where its arguments end as JSON)
 
         async def body():
             for c in choices:
@@ -100,7 +116,8 @@ def routes(app: FastAPI, srv: Server, auth):
                 if s is not None:
                     done = s.calls
                     arguments[c.index] += content
-                    closed = CALL_END + CALLS_END if final and named and complete_json(arguments[c.index]) else ""
+                    closed = CALL_END + CALLS_END if final and (named or schemas) and \
+                        call_ended(arguments[c.index], schemas) else ""
                     content, calls = s.feed(content + closed)
                     if final:
                         rest, _ = s.flush()
@@ -215,8 +232,8 @@ def render_chat(tok, messages: list[Message], tools: list[dict] | None, template
 def tool_setup(req: ChatRequest) -> tuple[list[dict] | None, str | None]:
     """(the tools the chat template shows, or None; what the answer is parsed for calls after: "" with
     tool_choice "auto", the start of a call the completion is forced to continue with "required" or a named
-    function (its arguments then constrained: arguments_schema; "required" leaves the name and arguments to the
-    model, unconstrained); None: no tools)."""
+    function (the call then constrained: arguments_schema, tools.CallPrefix where the vocabulary holds the
+    separator); None: no tools)."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
@@ -242,12 +259,10 @@ def tool_dicts(req) -> list[dict]:
     return tools
 
 
-def arguments_schema(req: ChatRequest) -> dict | bool:
-    """A named tool_choice's arguments as structured output (vLLM guides a named function's arguments by its
-    parameters): the function's `parameters` schema, `{}` where it has none, any JSON object where sobre.schema
-    cannot enforce the schema (a 400 instead where the function is `strict`). The JSON's end closes the call
-    (complete_json)."""
-    fn = next(t.function for t in req.tools if t.function.name == req.tool_choice.function.name)
+def arguments_schema(fn: Function) -> dict | bool:
+    """A forced call's arguments as structured output (vLLM guides a forced call's arguments by the function's
+    parameters): the function's `parameters` schema, `{}` where it has none, True (any JSON object) where
+    sobre.schema cannot enforce the schema (a 400 instead where the function is `strict`)."""
     if fn.parameters is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}
     try:
@@ -260,10 +275,11 @@ def arguments_schema(req: ChatRequest) -> dict | bool:
     return fn.parameters
 
 
-def complete_json(text: str) -> bool:
-    """Is text one whole JSON value (a constrained call's arguments that ended as JSON, not cut short)?"""
+def call_ended(text: str, schemas: dict | None) -> bool:
+    """Did a forced call's text end with its arguments whole, as JSON (not cut short)? text: a named function's
+    arguments, or ("required": the functions' schemas given) a name, <｜tool▁sep｜> and the arguments."""
     try:
-        json.loads(text)
+        json.loads(text.partition(SEP)[2] if schemas else text)
     except ValueError:
         return False
     return True

@@ -41,6 +41,7 @@ from .sampling import SamplingParams, penalized, sample, sampling_floors, temper
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
+from .tools import SEP, CallPrefix
 
 
 class Engine:
@@ -126,6 +127,7 @@ class Engine:
         self.finished: dict[int, Sequence] = {}
         self.next_id = 0
         self.texts: list[str] | None = None  # each token's text, made for the first JSON-mode request
+        self.call_texts: list[str] | None = None  # ... with the tool-call separator's (tool_choice "required")
 
     @property
     def speculative(self) -> bool:
@@ -187,8 +189,13 @@ class Engine:
             seq.seen[prompt] = True
             seq.counts = torch.zeros(c.vocab_size, device=self.device)
         if params.json:
-            seq.json = JsonPrefix() if params.json_schema is None else SchemaPrefix(params.json_schema)
+            seq.json = CallPrefix(params.tool_calls) if params.tool_calls else \
+                JsonPrefix() if params.json_schema is None else SchemaPrefix(params.json_schema)
             self.texts = self.texts or token_texts(self.tokenizer, c.vocab_size)
+            if params.tool_calls and self.call_texts is None:  # (the separator may be a special token: kept)
+                self.call_texts = list(self.texts)
+                if (sep := self.tokenizer.tok.token_to_id(SEP)) is not None and sep < len(self.texts):
+                    self.call_texts[sep] = SEP
         if params.logit_bias:
             ids, vals = zip(*params.logit_bias.items())
             seq.bias = torch.zeros(c.vocab_size, device=self.device).index_put_(
@@ -456,8 +463,11 @@ class Engine:
                 out[i] = t
         return out
 
+    def _texts(self, s: Sequence) -> list[str]:
+        return self.call_texts if isinstance(s.json, CallPrefix) else self.texts
+
     def _fits(self, s: Sequence, tok: int) -> bool:
-        text = self.texts[tok]
+        text = self._texts(s)[tok]
         return bool(text) and tok not in s.params.stop_token_ids and s.json.accepts(text)
 
     def _fitting(self, s: Sequence) -> list[bool]:
@@ -466,7 +476,7 @@ class Engine:
         first: dict[str, bool] = {}
         stops = set(s.params.stop_token_ids)
         out = []
-        for tok, text in enumerate(self.texts):
+        for tok, text in enumerate(self._texts(s)):
             ok = bool(text) and tok not in stops
             if ok:
                 c = text[0]
@@ -497,7 +507,7 @@ class Engine:
             s.seen[tok] = True
             s.counts[tok] += 1
         if s.json is not None:
-            s.json.feed(self.texts[tok])
+            s.json.feed(self._texts(s)[tok])
         reason = self._stop_reason(s, tok)
         if reason:
             self.running.remove(s)

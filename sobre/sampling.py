@@ -49,6 +49,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI's)
     json: bool = False  # JSON mode: the completion is one JSON object and ends with it (sobre.constrain)
     json_schema: dict | None = None  # ... that satisfies this schema (sobre.schema; implies json)
+    tool_calls: dict[str, dict | None] | None = None  # the completion is one call: a name among these functions',
+    #   <｜tool▁sep｜>, its arguments under its parameters' schema (None: any JSON object) (tools.CallPrefix; implies
+    #   json)
     lora: str | None = None  # the LoRA adapter the request runs with, by name (Engine(loras=...)); None: the base
 
     def __post_init__(self):
@@ -73,11 +76,14 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not s for s in self.stop):
             raise ParamError("sampling parameter stop: stop strings must be non-empty", "stop")
-        if self.json_schema is not None:
+        for name, schema in [("json_schema", self.json_schema)] + [("tool_calls", s) for s in
+                                                                   (self.tool_calls or {}).values()]:
             try:
-                check_schema(self.json_schema)
+                if schema is not None:
+                    check_schema(schema)
             except ValueError as e:
-                raise ParamError(f"sampling parameter json_schema: {e}", "json_schema") from None
+                raise ParamError(f"sampling parameter {name}: {e}", name) from None
+        if self.json_schema is not None or self.tool_calls:
             self.json = True
         if self.min_tokens and self.json:
             raise ParamError("sampling parameter min_tokens: JSON mode ends the completion when its object "

@@ -166,7 +166,7 @@ class Server:
         return model or self.name
 
     def params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None, seed_offset: int,
-               json: bool | dict = False) -> SamplingParams:
+               json: bool | dict = False, tool_calls: dict | None = None) -> SamplingParams:
         room = self.context - prompt_len
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
@@ -187,7 +187,7 @@ class Server:
                 stop=tuple(req.stop or ()), include_stop_str_in_output=req.include_stop_str_in_output,
                 seed=None if req.seed is None else req.seed + seed_offset, logprobs=logprobs,
                 logit_bias=req.logit_bias, json=bool(json),  # (SamplingParams makes the ids ints)
-                json_schema=json if isinstance(json, dict) else None,
+                json_schema=json if isinstance(json, dict) else None, tool_calls=tool_calls,
                 lora=req.model if req.model in self.loop.limits.loras else None)
         except ValueError as e:
             raise APIError(400, str(e), param=field(e, None)) from None

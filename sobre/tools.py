@@ -22,6 +22,8 @@ import re
 import uuid
 
 from .chat import partial_suffix
+from .constrain import JsonPrefix
+from .schema import SchemaPrefix
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -33,6 +35,44 @@ PARAM = re.compile(f'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?)
 def call_prefix(name: str | None = None) -> str:
     """What a forced call starts with (tool_choice "required", or a named function: its name too), V3.1's way."""
     return CALLS_BEGIN + CALL_BEGIN + (f"{name}{SEP}" if name is not None else "")
+
+
+class CallPrefix:
+    """tool_choice "required" as a constraint (the engine's JSON-mode interface: accepts / feed / complete): after
+    the forced opening (call_prefix()), the text is one of the functions' names, <｜tool▁sep｜>, then that function's
+    arguments as structured output (schemas: name -> its parameters' schema, None: any JSON object), and it is
+    complete when they are."""
+
+    def __init__(self, schemas: dict[str, dict | None]):
+        self.schemas, self.head, self.args = schemas, "", None
+
+    @property
+    def complete(self) -> bool:
+        return self.args is not None and self.args.complete
+
+    def accepts(self, text: str) -> bool:
+        if self.args is not None:
+            return self.args.accepts(text)
+        head, rest, args = self._name(self.head, text)
+        return head is not None and (args is None or args.accepts(rest))
+
+    def feed(self, text: str) -> bool:
+        if self.args is not None:
+            return self.args.feed(text)
+        self.head, rest, self.args = self._name(self.head, text)
+        return self.head is not None and (self.args is None or self.args.feed(rest))
+
+    def _name(self, head: str, text: str):
+        """(the name part after text, None where it leaves every name; the text past the separator; the arguments'
+        constraint once the separator is there, else None)."""
+        for i, ch in enumerate(text):
+            head += ch
+            if not any((name + SEP).startswith(head) for name in self.schemas):
+                return None, "", None
+            if head.endswith(SEP) and head[:-len(SEP)] in self.schemas:
+                schema = self.schemas[head[:-len(SEP)]]
+                return head, text[i + 1:], JsonPrefix() if schema is None else SchemaPrefix(schema)
+        return head, "", None
 
 
 def tool_call(name: str, arguments: str) -> dict:

@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 import sobre
 from sobre.chat import ReasoningStream, render, split_reasoning
 from sobre.tokenizer import TextStream, Tokenizer
-from sobre.tools import CALLS_BEGIN, CALLS_END, ToolCallStream, split_tool_calls
+from sobre.tools import CALLS_BEGIN, CALLS_END, SEP, CallPrefix, ToolCallStream, split_tool_calls
 
 from conftest import random_model
 
@@ -116,6 +116,20 @@ def test_tool_calls_parsed_whole_and_streamed(text, content, calls):
                 names += [(c["function"]["name"], c["function"]["arguments"]) for c in cs]
             o, cs = s.flush()
             assert (out + o, names + cs) == (content, calls)
+
+
+def test_call_prefix_reads_a_name_then_its_arguments():
+    """tool_choice "required"'s constraint: a name among the functions', the separator, then that function's
+    arguments (its schema, or any JSON object), complete when they close; accepts() leaves the state as it was."""
+    schemas = {"add": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, "now": None}
+    c = CallPrefix(schemas)
+    assert c.accepts("ad") and c.accepts("now" + SEP + "{") and not c.accepts("sub") and not c.accepts("add{")
+    assert not c.accepts(" add") and c.head == "" and c.args is None
+    assert c.feed("ad") and c.feed("d" + SEP) and not c.complete
+    assert not c.accepts('{"b"') and not c.accepts("{}") and c.accepts('{"a": 1}')
+    assert c.feed('{"a": 12') and not c.complete and c.feed("}") and c.complete
+    free = CallPrefix(schemas)
+    assert free.feed("now" + SEP + '{"x": [1]}') and free.complete
 
 
 @pytest.mark.parametrize("text,started,want", [

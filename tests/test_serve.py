@@ -21,7 +21,7 @@ from sobre.chat import split_reasoning
 from sobre.engine import Engine
 from sobre.serve import create_app
 from sobre.tokenizer import train_tokenizer
-from sobre.tools import CALLS_BEGIN, CALLS_END, call_prefix
+from sobre.tools import CALLS_BEGIN, CALLS_END, SEP, call_prefix
 from sobre.worker import EngineProcess
 
 from conftest import random_model
@@ -320,6 +320,42 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
         r = httpx.post(server.url + "/v1/chat/completions", json={"messages": msgs, "tools": bad})
         assert r.status_code == 422 and r.json()["error"]["param"] == "tools.0.function.name"
         assert len(prompts) == n  # none reached the engine
+    finally:
+        server.close()
+
+
+def test_required_tool_call_is_constrained(tmp_path):
+    """tool_choice "required" where the vocabulary holds <｜tool▁sep｜> (DeepSeek's, here a special token): the
+    answer is one call, a function's name, the separator, its arguments under its parameters (a key it does not
+    take refused), closed where they end, streamed or not."""
+    from openai import OpenAI
+    from tokenizers import AddedToken
+    path = tmp_path / "m"
+    tok = train_tokenizer(CORPUS, vocab_size=300, out=path)
+    tok.tok.add_tokens([AddedToken(SEP, special=True)])
+    tok.save(path)
+    sep = tok.tok.token_to_id(SEP)
+    cfg = sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, max_seq_len=2048)
+    sobre.save(random_model(cfg, seed=3), path)
+    eng = Engine.from_pretrained(path)
+    head = eng.model.head = Scripted(cfg.vocab_size, tok.eos_id)
+    server = Live(create_app(eng, "tiny"))
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}},
+             {"type": "function", "function": {"name": "add", "parameters": {
+                 "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    try:
+        for stream in (False, True):
+            head.script, head.i = tok.encode("get_weather") + [sep] + tok.encode('{"city": "Rome", "zz": 1} more'), 0
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Rome?"}],
+                                               tools=tools, tool_choice="required", stream=stream)
+            chunks = [c for c in r if c.choices] if stream else None
+            calls = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()] if stream else \
+                r.choices[0].message.tool_calls
+            finish = chunks[-1].choices[0].finish_reason if stream else r.choices[0].finish_reason
+            assert finish == "tool_calls" and calls[0].function.name == "get_weather"
+            assert json.loads(calls[0].function.arguments) == {"city": "Rome"}
     finally:
         server.close()
 
