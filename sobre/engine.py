@@ -41,7 +41,7 @@ from .sampling import SamplingParams, penalized, sample, sampling_floors, temper
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
-from .tools import SEP, CallPrefix
+from .tools import CallPrefix, with_separator
 
 
 class Engine:
@@ -192,10 +192,8 @@ class Engine:
             seq.json = CallPrefix(params.tool_calls) if params.tool_calls else \
                 JsonPrefix() if params.json_schema is None else SchemaPrefix(params.json_schema)
             self.texts = self.texts or token_texts(self.tokenizer, c.vocab_size)
-            if params.tool_calls and self.call_texts is None:  # (the separator may be a special token: kept)
-                self.call_texts = list(self.texts)
-                if (sep := self.tokenizer.tok.token_to_id(SEP)) is not None and sep < len(self.texts):
-                    self.call_texts[sep] = SEP
+            if params.tool_calls and self.call_texts is None:
+                self.call_texts = with_separator(self.texts, self.tokenizer)
         if params.logit_bias:
             ids, vals = zip(*params.logit_bias.items())
             seq.bias = torch.zeros(c.vocab_size, device=self.device).index_put_(

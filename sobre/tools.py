@@ -75,6 +75,15 @@ class CallPrefix:
         return head, "", None
 
 
+def with_separator(texts: list[str], tokenizer) -> list[str]:
+    """Each token's text (constrain.token_texts) with <｜tool▁sep｜>'s kept where it is one token, special or not
+    (token_texts gives special tokens none): what CallPrefix reads."""
+    out = list(texts)
+    if (sep := tokenizer.tok.token_to_id(SEP)) is not None and sep < len(out):
+        out[sep] = SEP
+    return out
+
+
 def tool_call(name: str, arguments: str) -> dict:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": name.strip(), "arguments": arguments.strip()}}
