@@ -10,6 +10,7 @@ import torch
 from .constrain import JsonPrefix
 from .sampling import ParamError, SamplingParams
 from .schema import SchemaPrefix
+from .tools import SEP
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Limits:
     blocks: int  # usable cache blocks
     tokenizer: bool
     loras: tuple[str, ...] = ()  # the LoRA adapters served beside the base model, by name
+    separator: bool = False  # the vocabulary holds <｜tool▁sep｜> as one token (tool_calls' constraint reads it)
 
     def check(self, prompt: list[int], params: SamplingParams):
         """ValueError unless the request can run: ids in the vocabulary, prompt inside the context, cache room."""
@@ -90,6 +92,9 @@ class Limits:
         if (params.stop or params.json) and not self.tokenizer:
             raise ValueError(f"{'stop strings need' if params.stop else 'JSON mode needs'} a tokenizer "
                              "(Engine(model, tokenizer))")
+        if params.tool_calls and not self.separator:
+            raise ParamError(f"tool_calls: the vocabulary has no {SEP} token (a call's name and arguments are read "
+                             "token by token; sobre-trained vocabularies spell it in bytes)", "tool_calls")
         need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
         if need > self.blocks:
             raise ValueError(f"request needs {need} cache blocks, the pool has {self.blocks}; raise cache_tokens")

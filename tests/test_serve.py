@@ -324,10 +324,11 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
         server.close()
 
 
-def test_required_tool_call_is_constrained(tmp_path):
+def test_required_tool_call_is_constrained(tmp_path, long_ckpt):
     """tool_choice "required" where the vocabulary holds <｜tool▁sep｜> (DeepSeek's, here a special token): the
     answer is one call, a function's name, the separator, its arguments under its parameters (a key it does not
-    take refused), closed where they end, streamed or not."""
+    take refused), closed where they end, streamed or not; an engine whose vocabulary lacks the separator refuses
+    such a request."""
     from openai import OpenAI
     from tokenizers import AddedToken
     path = tmp_path / "m"
@@ -358,6 +359,9 @@ def test_required_tool_call_is_constrained(tmp_path):
             assert json.loads(calls[0].function.arguments) == {"city": "Rome"}
     finally:
         server.close()
+    plain = Engine.from_pretrained(long_ckpt)  # (a sobre vocabulary: the separator in bytes, no token)
+    with pytest.raises(ValueError, match="tool_calls: the vocabulary has no"):
+        plain.add_request([1, 2], tool_calls={"add": None})
 
 
 def test_logit_bias(live, ref):
