@@ -24,7 +24,7 @@ from .protocol import (
 )
 from .schema import check_schema
 from .serve import Server, request_id, split_final, sse
-from .tools import CALL_END, CALLS_END, SEP, ToolCallStream, call_prefix, split_tool_calls
+from .tools import CALL_END, CALLS_END, SEP, ToolCallStream, call_prefix, has_separator, split_tool_calls
 
 
 def routes(app: FastAPI, srv: Server, auth):
@@ -51,7 +51,7 @@ def routes(app: FastAPI, srv: Server, auth):
         # DeepSeek's: the constraint reads each token's text, and a separator spelled in bytes has none)
         named = isinstance(req.tool_choice, NamedTool) and forced is not None
         schemas = {t.function.name: None if (s := arguments_schema(t.function)) is True else s for t in req.tools} \
-            if forced and not named and tok.tok.token_to_id(SEP) is not None else None
+            if forced and not named and has_separator(tok) else None
         if named:
             json_mode = arguments_schema(next(t.function for t in req.tools
                                               if t.function.name == req.tool_choice.function.name))

@@ -41,7 +41,7 @@ from .sampling import SamplingParams, penalized, sample, sampling_floors, temper
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
 from .tokenizer import framing_ids
-from .tools import SEP, CallPrefix, with_separator
+from .tools import CallPrefix, has_separator, with_separator
 
 
 class Engine:
@@ -97,7 +97,7 @@ class Engine:
         cache_tokens = cache_tokens or min(c.max_seq_len * 8, 1 << 16)
         self.pool = PagedPool(model, 1 + -(-cache_tokens // block), block, max_batch)
         self.limits = Limits(c.vocab_size, c.max_seq_len, block, self.pool.n_blocks - 1, tokenizer is not None,
-                             tuple(self.loras), tokenizer is not None and tokenizer.tok.token_to_id(SEP) is not None)
+                             tuple(self.loras), has_separator(tokenizer))
         if compile and any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules()):
             raise ValueError("compile=True does not take int8 weights (torch's inductor cannot lower their "
                              "_weight_int8pack_mm); decode them eagerly")

@@ -75,6 +75,12 @@ class CallPrefix:
         return head, "", None
 
 
+def has_separator(tokenizer) -> bool:
+    """Does the vocabulary hold <｜tool▁sep｜> as one token (DeepSeek's do; sobre-trained ones spell it in bytes)?"""
+    tok = getattr(tokenizer, "tok", None)
+    return tok is not None and tok.token_to_id(SEP) is not None
+
+
 def with_separator(texts: list[str], tokenizer) -> list[str]:
     """Each token's text (constrain.token_texts) with <｜tool▁sep｜>'s kept where it is one token, special or not
     (token_texts gives special tokens none): what CallPrefix reads."""
