@@ -24,7 +24,7 @@ from .protocol import (
 )
 from .schema import check_schema
 from .serve import Server, request_id, split_final, sse
-from .tools import CALL_END, CALLS_END, SEP, ToolCallStream, call_prefix, has_separator, split_tool_calls
+from .tools import CALL_END, CALLS_END, SEP, ToolCallStream, call_prefix, split_tool_calls
 
 
 def routes(app: FastAPI, srv: Server, auth):
@@ -51,7 +51,7 @@ def routes(app: FastAPI, srv: Server, auth):
         # DeepSeek's: the constraint reads each token's text, and a separator spelled in bytes has none)
         named = isinstance(req.tool_choice, NamedTool) and forced is not None
         schemas = {t.function.name: None if (s := arguments_schema(t.function)) is True else s for t in req.tools} \
-            if forced and not named and has_separator(tok) else None
+            if forced and not named and srv.loop.limits.separator else None
         if named:
             json_mode = arguments_schema(next(t.function for t in req.tools
                                               if t.function.name == req.tool_choice.function.name))
@@ -165,7 +165,7 @@ def routes(app: FastAPI, srv: Server, auth):
         name = srv.check_model(req.model)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n (no server-side ranking)", param="best_of")
-        prompts = to_prompts(req.prompt, tok) if req.suffix is None else fim_prompts(req, tok)
+        prompts = to_prompts(req.prompt, tok, req.suffix)
         choices = await srv.start(prompts, req.n, lambda n, j: srv.params(req, n, req.max_tokens, req.logprobs, j),
                                   False, "prompt")
         rid, created = request_id("cmpl"), int(time.time())
@@ -328,30 +328,25 @@ def model_card(srv: Server, name: str) -> dict:
             **parent}
 
 
-def fim_prompts(req: CompletionRequest, tok) -> list[list[int]]:
-    """`suffix` (DeepSeek's FIM completion): each text prompt is the text before the hole, suffix the text after
-    it; the model writes the middle (Tokenizer.fim_prompt: PSM with DeepSeek's tokens)."""
-    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise APIError(400, "suffix (fill in the middle) takes text prompts, not token ids", param="prompt")
-    if tok.fim_ids is None:
-        raise APIError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens (<｜fim▁begin｜>, "
-                       "<｜fim▁hole｜>, <｜fim▁end｜>)", param="suffix")
-    if len(texts) > 64:
-        raise APIError(400, "at most 64 prompts per request", param="prompt")
-    return [tok.fim_prompt(t, req.suffix) for t in texts]
-
-
-def to_prompts(prompt, tok) -> list[list[int]]:
+def to_prompts(prompt, tok, suffix: str | None = None) -> list[list[int]]:
     """OpenAI's four prompt forms: text, list of texts, token ids, list of token-id lists. Text gets the
-    tokenizer's own special tokens (begin-of-sentence for DeepSeek's), as transformers and vLLM encode it."""
+    tokenizer's own special tokens (begin-of-sentence for DeepSeek's), as transformers and vLLM encode it.
+    suffix (DeepSeek's FIM completion): each text prompt is the text before the hole, suffix the text after it,
+    the model writes the middle (Tokenizer.fim_prompt: PSM with DeepSeek's tokens); text prompts only."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    out = [tok.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p) for p in prompt]
+    if suffix is not None:
+        if not all(isinstance(p, str) for p in prompt):
+            raise APIError(400, "suffix (fill in the middle) takes text prompts, not token ids", param="prompt")
+        if tok.fim_ids is None:
+            raise APIError(400, "suffix: this model's tokenizer has no fill-in-the-middle tokens (<｜fim▁begin｜>, "
+                           "<｜fim▁hole｜>, <｜fim▁end｜>)", param="suffix")
+    out = [(tok.encode(p, add_special_tokens=True) if suffix is None else tok.fim_prompt(p, suffix))
+           if isinstance(p, str) else list(p) for p in prompt]
     if len(out) > 64:
         raise APIError(400, "at most 64 prompts per request", param="prompt")
     if any(not p for p in out):
