@@ -48,7 +48,8 @@ def routes(app: FastAPI, srv: Server, auth):
                            "call", param="response_format")
         # the forced call as structured output: a named function's arguments under its parameters; "required": a
         # name, then its arguments under its own (where <｜tool▁sep｜> is one token of the vocabulary, as in
-        # DeepSeek's: the constraint reads each token's text, and a separator spelled in bytes has none)
+        # DeepSeek's and sobre's: the constraint reads each token's text, and a separator spelled in bytes has
+        # none)
         named = isinstance(req.tool_choice, NamedTool) and forced is not None
         schemas = {t.function.name: None if (s := arguments_schema(t.function)) is True else s for t in req.tools} \
             if forced and not named and srv.loop.limits.separator else None

@@ -40,7 +40,7 @@ from .request import Event, Limits, Prefill, Sequence
 from .sampling import SamplingParams, penalized, sample, sampling_floors, tempered_logprobs, top_logprobs
 from .schema import SchemaPrefix
 from .speculative import draft_vocabulary, speculate
-from .tokenizer import framing_ids
+from .tokenizer import eos_ids, framing_ids
 from .tools import CallPrefix, has_separator, with_separator
 
 
@@ -456,8 +456,9 @@ class Engine:
                            lambda row, s=s: int(sample(row[None], [s.params], [s.generator])[0]),
                            lambda s=s: self._fitting(s))
                 if t is None:  # no token continues the object: the answer ends here, cut short ("length"),
-                    s.stuck = True  # with a stop token (no text) where the request has one
-                    t = s.params.stop_token_ids[0] if s.params.stop_token_ids else int(out[i])
+                    s.stuck = True  # with a stop token, else end-of-sentence (no text; the model's, the tokenizer's)
+                    ends = s.params.stop_token_ids or eos_ids(self.model.config, self.tokenizer)
+                    t = ends[0] if ends else int(out[i])
                 out[i] = t
         return out
 

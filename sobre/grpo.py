@@ -44,6 +44,7 @@ from .train import (
     checkpoints,
     end_step,
     export,
+    indexers_to_train,
     learn_indexers,
     load_checkpoint,
     lr_at,
@@ -263,7 +264,8 @@ def grpo(a: GRPOArgs) -> Path:
     model, tok = parallel.rank_zero_first(lambda: start_model(a.init, a.preset, run, a.seed, device=str(device),
                                                               **a.frozen_int8()))
     model.mtp.requires_grad_(False)  # rollouts are plain decoding: the MTP module is carried along unchanged
-    learn_indexers(model, False)  # (no loss here reads the sparse-attention indexers' KL)
+    learn_indexers(model, False)  # (--indexer-kl: the update's training forwards make it, update.indexer_kls)
+    indexers_to_train(model, a.indexer_kl)
     if a.lora_rank:  # the KL's reference is then the model with its adapters off: no copy
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)
     ref = (model if a.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)) if a.beta else None

@@ -46,7 +46,7 @@ V4_TARGETS = ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_proj", "
 
 @dataclass
 class TuneArgs:
-    """The flags of the verbs that fine-tune (sft, distill, grpo): LoRA, and FSDP under torchrun."""
+    """The flags of the verbs that fine-tune (sft, distill, grpo): LoRA, FSDP under torchrun, the indexers' KL."""
     lora_rank: int = 0  # r > 0: train LoRA adapters of rank r, the model frozen (0: every weight trains)
     lora_alpha: float = 0.0  # scale alpha / r (0: alpha = 2 r)
     lora_dropout: float = 0.0  # on the adapters' input, training only
@@ -54,6 +54,8 @@ class TuneArgs:
     int8: bool = False  # --lora-rank on the model's weights in int8 (QLoRA-style: a quarter of fp32's bytes; the
     #   head, embedding and what int8.SKIP names stay fp32)
     fsdp: bool = False  # under torchrun: the blocks sharded over the ranks (FSDP2) instead of a replica each
+    indexer_kl: float = 0.0  # > 0: DSA's / V4's CSA indexers keep learning from their KL to the main attention, this
+    #   weight in the loss (V3.2's post-training; pretrain's is 1); 0: they stay as they are, their KL not made
 
     def frozen_int8(self) -> dict:
         """start_model's keywords for --int8: the weights in int8 as they load, the head kept (the fused
@@ -66,6 +68,8 @@ class TuneArgs:
                              f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
         if self.lora_rank and not init:
             raise ValueError("--lora-rank adapts a trained model: give --init (a fresh model trains all its weights)")
+        if self.indexer_kl and self.lora_rank:
+            raise ValueError("--indexer-kl trains the sparse-attention indexers, which --lora-rank freezes")
         if (self.lora_targets or self.int8) and not self.lora_rank:
             raise ValueError(f"--{'int8' if self.int8 else 'lora-targets'} needs --lora-rank R (int8 weights stay "
                              "frozen: they train through adapters)")

@@ -94,7 +94,8 @@ class Limits:
                              "(Engine(model, tokenizer))")
         if params.tool_calls and not self.separator:
             raise ParamError(f"tool_calls: the vocabulary has no {SEP} token (a call's name and arguments are read "
-                             "token by token; sobre-trained vocabularies spell it in bytes)", "tool_calls")
+                             "token by token: a vocabulary trained before sobre added it spells it in bytes)",
+                             "tool_calls")
         need = -(-min(len(prompt) + params.max_new_tokens, self.max_seq_len) // self.block)
         if need > self.blocks:
             raise ValueError(f"request needs {need} cache blocks, the pool has {self.blocks}; raise cache_tokens")

@@ -38,6 +38,7 @@ from .scalars import NUMBER_KEYS, STRING_KEYS, Bounds, Text
 TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 DOC = {"title", "description", "$schema", "default", "examples", "$comment"}  # (documentation only)
 DEFS = {"$defs", "definitions"}
+KEY_CHARS = [chr(i) for i in range(32, 127) if chr(i) not in '"\\']  # what a key written already may go on with
 CHOICE = ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")  # keywords that pick among values, one per schema
 BESIDE = {"enum": {"type"}, "const": {"type"}, "anyOf": {"discriminator"}, "oneOf": {"discriminator"}}  # (and DOC)
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
@@ -416,16 +417,20 @@ class _Reading(JsonPrefix):
 
     def _may_start(self, key: str) -> bool:
         """Can a key that starts with `key` still be written in the open object? (its propertyNames allow it; once
-        the required keys missing would fill maxProperties, only those)"""
+        the required keys missing would fill maxProperties, only those; not one written already)"""
         schema, used, _ = self.ctx[-1]
         names = self.schema.names.get(id(schema))
         if names is not None and not names.viable(key):
             return False
         reserved = self._reserved()
         if reserved is not None:
-            return any(k.startswith(key) for k in reserved)
-        return self._free_keys() or any(k.startswith(key) for k in self._keys_left()) or \
-            any(t.viable(key) for t, _ in self._patterns())
+            ok = any(k.startswith(key) for k in reserved)
+        else:
+            ok = self._free_keys() or any(k.startswith(key) for k in self._keys_left()) or \
+                any(t.viable(key) for t, _ in self._patterns())
+        # a key written already, typed again: only as the start of a longer key (one printable ASCII character
+        # further), else the object would dead-end at its closing quote
+        return ok and (key not in used or any(self._may_start(key + c) for c in KEY_CHARS))
 
     def _reserved(self) -> set[str] | None:
         """The required keys the open object still misses, where they alone may still be written (they would fill

@@ -37,7 +37,7 @@ from .train import (
     compile_blocks,
     end_step,
     export,
-    indexed_layers,
+    indexers_to_train,
     learn_indexers,
     load_checkpoint,
     lr_at,
@@ -267,15 +267,11 @@ class SFTArgs(TuneArgs, RunArgs):  # --lora-rank: the router biases stay as they
     save_every: int = 100  # steps between checkpoints (and one at the end)
     keep: int = 2  # checkpoints kept
     compile: bool = False  # torch.compile each block's training forward (as pretrain --compile)
-    indexer_kl: float = 0.0  # > 0: DSA's / V4's CSA indexers keep learning from their KL to the main attention, this
-    #   weight in the loss (V3.2's post-training; pretrain's is 1); 0: they stay as they are, their KL not made
 
     def validate(self):
         require_positive(self, "steps", "batch_size", "seq_len", "examples", "eval_every", "save_every", "keep")
         self.check_ranges()
         self.check_lora(self.init)
-        if self.indexer_kl and self.lora_rank:
-            raise ValueError("--indexer-kl trains the sparse-attention indexers, which --lora-rank freezes")
 
     def check_world(self, world: int):
         """What the torchrun processes need: a batch they split, and --fsdp only among several of them."""
@@ -325,9 +321,7 @@ def fit(model: Transformer, tok: Tokenizer, run: Path, a, data, val, dropped: in
     if model.config.max_seq_len < a.seq_len:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     model.train().mtp.requires_grad_(False)
-    indexed = indexed_layers(model) if a.indexer_kl else []
-    if a.indexer_kl and not indexed:
-        raise ValueError("--indexer-kl: the model has no sparse-attention indexer (DSA, DeepSeek-V4's CSA layers)")
+    indexed = indexers_to_train(model, a.indexer_kl)
     learn_indexers(model, bool(indexed))  # (made only where the loss reads it)
     if a.lora_rank:
         add_lora(model, a.lora_rank, a.lora_alpha, a.lora_dropout, a.lora_targets, a.seed)

@@ -14,7 +14,11 @@ from .chat import DEFAULT_TEMPLATE, render
 SPECIAL = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
            "pad_token": "<｜▁pad▁｜>", "user": "<｜User｜>", "assistant": "<｜Assistant｜>",
            "think": "<think>", "end_think": "</think>",
-           "fim_begin": "<｜fim▁begin｜>", "fim_hole": "<｜fim▁hole｜>", "fim_end": "<｜fim▁end｜>"}
+           "fim_begin": "<｜fim▁begin｜>", "fim_hole": "<｜fim▁hole｜>", "fim_end": "<｜fim▁end｜>",
+           "tool_calls_begin": "<｜tool▁calls▁begin｜>", "tool_calls_end": "<｜tool▁calls▁end｜>",
+           "tool_call_begin": "<｜tool▁call▁begin｜>", "tool_call_end": "<｜tool▁call▁end｜>",
+           "tool_sep": "<｜tool▁sep｜>",
+           "tool_output_begin": "<｜tool▁output▁begin｜>", "tool_output_end": "<｜tool▁output▁end｜>"}
 FIM = (SPECIAL["fim_begin"], SPECIAL["fim_hole"], SPECIAL["fim_end"])  # fill in the middle, PSM: begin PREFIX hole
 #   SUFFIX end MIDDLE (DeepSeek-Coder's and V3's tokens and order)
 

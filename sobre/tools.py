@@ -24,9 +24,10 @@ import uuid
 from .chat import partial_suffix
 from .constrain import JsonPrefix
 from .schema import SchemaPrefix
+from .tokenizer import SPECIAL
 
-CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
-CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+CALLS_BEGIN, CALLS_END = SPECIAL["tool_calls_begin"], SPECIAL["tool_calls_end"]
+CALL_BEGIN, CALL_END, SEP = SPECIAL["tool_call_begin"], SPECIAL["tool_call_end"], SPECIAL["tool_sep"]
 DSML = "｜DSML｜"
 INVOKE = re.compile(f'<{DSML}invoke name="([^"]*)">')
 PARAM = re.compile(f'<{DSML}parameter name="([^"]*)" string="(true|false)">(.*?)</{DSML}parameter>', re.DOTALL)
@@ -76,7 +77,7 @@ class CallPrefix:
 
 
 def has_separator(tokenizer) -> bool:
-    """Does the vocabulary hold <｜tool▁sep｜> as one token (DeepSeek's do; sobre-trained ones spell it in bytes)?"""
+    """Does the vocabulary hold <｜tool▁sep｜> as one token (DeepSeek's and sobre's do; older ones in bytes)?"""
     tok = getattr(tokenizer, "tok", None)
     return tok is not None and tok.token_to_id(SEP) is not None
 

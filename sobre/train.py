@@ -186,6 +186,14 @@ def indexed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "indexer_loss")]
 
 
+def indexers_to_train(model: torch.nn.Module, weight: float) -> list[torch.nn.Module]:
+    """--indexer-kl W's layers (none for W = 0); a model without an indexer refused."""
+    indexed = indexed_layers(model) if weight else []
+    if weight and not indexed:
+        raise ValueError("--indexer-kl: the model has no sparse-attention indexer (DSA, DeepSeek-V4's CSA layers)")
+    return indexed
+
+
 def mean_indexer_kl(indexed: list[torch.nn.Module]) -> torch.Tensor:
     """The mean of the KLs the last forward made in those modules (0 where none)."""
     kls = [m.indexer_loss for m in indexed if m.indexer_loss is not None]
@@ -195,7 +203,8 @@ def mean_indexer_kl(indexed: list[torch.nn.Module]) -> torch.Tensor:
 def learn_indexers(model: torch.nn.Module, on: bool):
     """Whether training forwards make the sparse-attention indexers' KL to the main attention (DSA's MLA, V4's CSA
     layers: a product over every visible key, as dense attention's scores): losses() reads it; SFT, distillation
-    and GRPO train no indexer unless told to (--indexer-kl), and turn it off rather than make it and drop it."""
+    and GRPO train no indexer unless told to (--indexer-kl), and turn it off rather than make it and drop it
+    (GRPO's update turns it on for its training forwards only: update.indexer_kls)."""
     for m in indexed_layers(model):
         m.learn_indexer = on
 

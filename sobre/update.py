@@ -31,7 +31,7 @@ from .objective import (
     token_weights,
 )
 from .rollout import Rollout
-from .train import update_router_bias
+from .train import indexers_to_train, update_router_bias
 
 if TYPE_CHECKING:
     from .grpo import GRPOArgs
@@ -41,8 +41,8 @@ REUSE_LOGITS = True  # ... on the rollouts' own logits where they are the update
 REUSE_BYTES = 1 << 30  # at most this much of the rollouts' logits kept for the update (fp32 rows of V)
 SKIP_ZERO_ADVANTAGE = True  # beta = 0: completions with advantage 0 leave the update (False: every one trained)
 SUMMED = ("loss", "clip_low", "clip_high", "kl", "entropy", "is_weight", "is_masked", "entropy_kept",
-          "off_policy_masked")  # policy_step's statistics that add up over the ranks (the last four where the rollouts
-#   are weighed or the tokens or completions masked)
+          "off_policy_masked", "indexer_kl")  # policy_step's statistics that add up over the ranks (the last five
+#   where the rollouts are weighed, the tokens or completions masked, the indexers trained)
 PER_SEEN = ("is_weight", "is_masked", "entropy_kept")  # ... those that are means over the tokens trained
 PER_SEQ = ("off_policy_masked",)  # ... and over the batch's completions
 
@@ -172,6 +172,9 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
     fsdp, world = parallel.sharded(model), parallel.rank_world()[1]
     idle = max(parallel.gather_objects(len(chunks))) - len(chunks) if fsdp else 0  # FSDP: the passes others run
     weigh = world if fsdp else 1  # (FSDP averages the blocks' gradients: each rank's loss weighs world times)
+    # --indexer-kl: W x the mean over every rank's micro-batches of each one's mean KL (its layers and forwards)
+    indexed = indexers_to_train(model, a.indexer_kl)
+    n_chunks = parallel.all_sum(len(chunks))[0] if indexed else 1
     model.train()
     old = ref_lp = None
 
@@ -209,6 +212,8 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
         sums["entropy_kept"] = 0.0
     if a.off_policy_mask:
         sums["off_policy_masked"] = 0.0
+    if indexed:
+        sums["indexer_kl"] = 0.0
     for epoch in range(a.mu):
         loads = {m: torch.zeros(m.n_experts, device=m.gate.weight.device) for m in moes} \
             if a.router_bias_update else {}  # (every token the epoch's forwards route, where balancing reads them)
@@ -221,7 +226,8 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
             if bonus:  # - bonus x the mean entropy over the tokens it acts on
                 entropy_bonus = completion_mask(mb, adv.device) * (keep[j] if keep else 1) * (-bonus * weigh
                                                                                              / max(acting, 1))
-            with amp(), counted(loads):
+            kls = []  # (one a layer and forward)
+            with amp(), counted(loads), indexer_kls(indexed, kls):
                 logp, mask, ent, *surrogate = token_logprobs(model, mb, entropy=epoch == 0 and not masking,
                                                              shared=not fsdp,
                                                              temperature=a.temperature, coef=coef,
@@ -233,11 +239,15 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
                                      a.rollout_is_max) if weigh_rollouts else None
             loss, st = policy_loss(logp, before, adv[list(c)], mask, objective, n_seqs, n_tokens, a.max_new_tokens,
                                    ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None, drawn)
+            kl = sum(kls) / len(kls) if kls else torch.zeros(())  # the micro-batch's mean indexer KL
             if linear:
-                surrogate[0].backward()
+                (surrogate[0] + a.indexer_kl * kl * weigh / n_chunks).backward()
             else:
-                (loss * weigh + (0 if entropy_bonus is None else (ent * entropy_bonus).sum())).backward()
+                (loss * weigh + (0 if entropy_bonus is None else (ent * entropy_bonus).sum())
+                 + a.indexer_kl * kl * weigh / n_chunks).backward()
             sums["loss"] += loss.item() / a.mu
+            if indexed:
+                sums["indexer_kl"] += float(kl.detach()) / n_chunks / a.mu
             for k, v in st.items():  # (the rollouts' weights, the entropy mask: means over the tokens trained)
                 sums[k] += v / (seen_tokens if k in PER_SEEN else n_seqs if k in PER_SEQ else n_tokens) / a.mu
             if epoch == 0:
@@ -270,6 +280,28 @@ def idle_passes(model: Transformer, n: int, temperature: float, backward: bool =
                               shared=False)[0]
         if backward:
             (logp.sum() * 0).backward()
+
+
+@contextmanager
+def indexer_kls(indexed: list, kls: list):
+    """The forwards inside make the sparse-attention indexers' KL to the main attention (learn_indexer on there
+    only; indexed: train.indexed_layers) and append it to kls, one a layer and forward: a micro-batch's prompts run
+    apart from its completions (one of each per prompt length under DSA and V4), each forward's KL its own."""
+    def keep(mod, args, out):  # (a forward hook)
+        if mod.indexer_loss is not None:
+            kls.append(mod.indexer_loss)
+            mod.indexer_loss = None
+
+    hooks = [m.register_forward_hook(keep) for m in indexed]
+    for m in indexed:
+        m.learn_indexer, m.indexer_loss = True, None
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in indexed:
+            m.learn_indexer = False
 
 
 @contextmanager

@@ -683,7 +683,9 @@ def test_grpo_resumes_exactly_after_a_crash(tmp_path, monkeypatch):
     rows = [{"prompt": p.prompt, "answer": p.answer} for p in task.problems("train", 40) + task.problems("test", 4)]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = dict(preset="debug", task=str(tmp_path / "task.jsonl"), reward="test_grpo:spread_reward", steps=4,
-                prompts=2, group=4, max_new_tokens=12, eval_every=2, eval_problems=2, save_every=2, loss="dapo",
+                prompts=2, group=4, max_new_tokens=12, eval_every=2, eval_problems=2, save_every=2, loss="grpo",
+                dynamic_sampling=True, epsilon_high=0.28,  # (DAPO's but the overlong filter: a fresh model's
+                #   completions all run to the end some steps, leaving nothing to train)
                 beta=0.05, mu=2, router_bias_update=1e-3, adaptive_entropy=True, entropy_coef=0.01,
                 entropy_coef_delta=0.01, entropy_target=100.0, ref_sync_steps=1, ref_mixup=0.5)
     G.grpo(GRPOArgs(out=str(tmp_path / "whole"), **args))
@@ -969,15 +971,8 @@ def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, kind, monkeyp
                 m.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     task = get_task("arithmetic")
     problems = task.problems("train", 3)
-    eos = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
-    for scale in (1.0, 0.5, 0.3, 0.7, -0.3, -0.5, 1.5, -0.2):  # end-of-sentence likely at some positions: the first
-        with torch.no_grad():  # scale that gives completions of several lengths (a few, not all 1)
-            model.head.weight[tok.eos_id] = scale * eos
-        groups, _ = sample_groups(model, tok, task, problems, 3, 3, max_new_tokens=8, seed=3, keep_logits=True)
-        batch = [r for _, g in groups for r in g]
-        if len({len(r.ids) for r in batch}) > 2:
-            break
-    assert len({len(r.ids) for r in batch}) > 2, [len(r.ids) for r in batch]  # ragged: some stop early
+    groups, batch = ragged(model, tok, lambda: sample_groups(model, tok, task, problems, 3, 3, max_new_tokens=8,
+                                                             seed=3, keep_logits=True)[0])
     for r in batch:
         assert len(r.logits) == len(r.ids)
         with torch.no_grad():
@@ -997,6 +992,22 @@ def test_the_update_takes_the_rollouts_logits_as_its_own(tmp_path, kind, monkeyp
     same_step(model, steps)
 
 
+def ragged(model, tok, draw):
+    """Groups of completions of several lengths (a few, not all 1) from a random model: its head's end-of-sentence
+    row set to the first of a few scales of one direction at which draw() -> groups gives them; (groups, the
+    completions)."""
+    eos = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
+    for scale in (1.0, 0.5, 0.3, 0.7, -0.3, -0.5, 1.5, -0.2):
+        with torch.no_grad():
+            model.head.weight[tok.eos_id] = scale * eos
+        groups = draw()
+        batch = [r for _, g in groups for r in g]
+        if len({len(r.ids) for r in batch}) > 2:
+            break
+    assert len({len(r.ids) for r in batch}) > 2, [len(r.ids) for r in batch]  # ragged: some stop early
+    return groups, batch
+
+
 def test_rollouts_keep_each_tokens_log_prob_where_it_was_drawn(tmp_path):
     """sample_groups(keep_logprobs=True): each completion carries each token's log-prob under the distribution it
     was drawn from, its logits row / the temperature (ragged completions, first tokens from shared prefills); the
@@ -1007,14 +1018,11 @@ def test_rollouts_keep_each_tokens_log_prob_where_it_was_drawn(tmp_path):
     from sobre.tokenizer import train_tokenizer
     tok = train_tokenizer(["12 + 34 = 46 <think> </think> " * 50], 300, tmp_path)
     model = random_model(sobre.preset("debug", vocab_size=tok.vocab_size))
-    with torch.no_grad():  # end-of-sentence likely at some positions: completions of several lengths
-        model.head.weight[tok.eos_id] = torch.randn(model.config.dim, generator=torch.Generator().manual_seed(0))
     task, T = get_task("arithmetic"), 0.7
     problems = task.problems("train", 3)
     kw = dict(max_new_tokens=8, seed=3, temperature=T)
-    groups, _ = sample_groups(model, tok, task, problems, 3, 3, keep_logits=True, keep_logprobs=True, **kw)
-    batch = [r for _, g in groups for r in g]
-    assert len({len(r.ids) for r in batch}) > 2
+    groups, batch = ragged(model, tok, lambda: sample_groups(model, tok, task, problems, 3, 3, keep_logits=True,
+                                                             keep_logprobs=True, **kw)[0])
     for r in batch:
         want = torch.stack(r.logits).div(T).log_softmax(-1).gather(1, torch.tensor(r.ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(r.sampled), want, atol=1e-5, rtol=1e-5)

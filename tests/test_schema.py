@@ -513,7 +513,7 @@ def sampled_objects(eng: Engine, schema: dict, max_new_tokens: int) -> int:
         eng.step()
         done.update(eng.collect())
     for r in rids:
-        text = eng.tokenizer.decode(done[r].out)
+        text = eng.tokenizer.decode(done[r].out, skip_special=True)  # (a dead end: end-of-sentence last)
         fed, complete = run(text, schema)
         assert fed and (done[r].finish_reason == "length" or complete and valid(parse(text), schema)), text
     return sum(done[r].finish_reason != "length" for r in rids)
@@ -530,10 +530,24 @@ def test_engine_decodes_pattern_properties(tmp_path):
     assert sampled_objects(Engine(model, tok), schema, 80)  # (objects closed, not only cut short)
 
 
+def test_a_key_written_already_is_typed_again_only_as_the_start_of_a_longer_one():
+    """A key prefix equal to a key the object holds is refused where no longer key may follow it (its closing
+    quote would be a dead end: the key cannot repeat); where one may, it is typed on."""
+    names = {"type": "object", "additionalProperties": {"type": "integer"},
+             "propertyNames": {"pattern": "^[a-c]{1,2}$"}}
+    assert run('{"bc": 1, "b', names) == (True, False)
+    assert not run('{"bc": 1, "bc', names)[0] and not run('{"n5": null, "n5', {
+        "type": "object", "patternProperties": {"^n[0-9]$": {"type": "null"}}})[0]
+    assert run('{"b": 1, "bc": 2}', names) == (True, True)  # ("b" goes on: "ba", "bb", "bc" are free)
+    props = {"type": "object", "properties": {"a": {}, "ab": {}}}
+    assert run('{"a": 1, "ab": 2}', props) == (True, True) and not run('{"ab": 1, "ab', props)[0]
+
+
 def test_a_dead_end_ends_the_answer(tmp_path, monkeypatch):
     """Where no token of the vocabulary continues the object (here: a pattern whose search time is spent before
     it starts, so no string character fits), the answer ends there with a stop token, cut short: finish_reason
-    "length", long before max_new_tokens, the text a valid prefix."""
+    "length", long before max_new_tokens, the text a valid prefix; a request without stop tokens ends on the
+    model's end-of-sentence."""
     import sobre.scalars
     monkeypatch.setattr(sobre.scalars, "PATTERN_SECONDS", 0.0)
     tok = train_tokenizer(['{"r": "x"}', "Hello world, 42."] * 20, vocab_size=300, out=tmp_path)
@@ -550,13 +564,15 @@ def test_a_dead_end_ends_the_answer(tmp_path, monkeypatch):
 
     model.head = Writes()
     eng = Engine(model, tok)
-    rid = eng.add_request([5, 6], max_new_tokens=200, json_schema=schema, stop_token_ids=(tok.eos_id,))
-    while eng.has_work():
-        eng.step()
-    seq = eng.collect()[rid]
-    text = tok.decode(seq.out[:-1])
-    assert seq.finish_reason == "length" and seq.out[-1] == tok.eos_id and len(seq.out) < 200, text
-    assert run(text, schema) == (True, False) and '"r"' in text, text  # (stuck in the string)
+    for stops in ((tok.eos_id,), ()):  # (none: the model's end-of-sentence ends it, not a token that does not fit)
+        steps.clear()
+        rid = eng.add_request([5, 6], max_new_tokens=200, json_schema=schema, stop_token_ids=stops)
+        while eng.has_work():
+            eng.step()
+        seq = eng.collect()[rid]
+        text = tok.decode(seq.out[:-1])
+        assert seq.finish_reason == "length" and seq.out[-1] == tok.eos_id and len(seq.out) < 200, text
+        assert run(text, schema) == (True, False) and '"r"' in text, text  # (stuck in the string)
 
 
 UNIQUE = {"type": "object", "properties": {

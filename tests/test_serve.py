@@ -20,7 +20,7 @@ import sobre
 from sobre.chat import split_reasoning
 from sobre.engine import Engine
 from sobre.serve import create_app
-from sobre.tokenizer import train_tokenizer
+from sobre.tokenizer import Tokenizer, train_tokenizer
 from sobre.tools import CALLS_BEGIN, CALLS_END, SEP, call_prefix
 from sobre.worker import EngineProcess
 
@@ -324,17 +324,14 @@ def test_tool_calls_and_json_mode_openai_client(long_ckpt):
         server.close()
 
 
-def test_required_tool_call_is_constrained(tmp_path, long_ckpt):
-    """tool_choice "required" where the vocabulary holds <｜tool▁sep｜> (DeepSeek's, here a special token): the
+def test_required_tool_call_is_constrained(tmp_path):
+    """tool_choice "required" where the vocabulary holds <｜tool▁sep｜> (DeepSeek's and sobre's, a special token): the
     answer is one call, a function's name, the separator, its arguments under its parameters (a key it does not
     take refused), closed where they end, streamed or not; an engine whose vocabulary lacks the separator refuses
     such a request."""
     from openai import OpenAI
-    from tokenizers import AddedToken
     path = tmp_path / "m"
     tok = train_tokenizer(CORPUS, vocab_size=300, out=path)
-    tok.tok.add_tokens([AddedToken(SEP, special=True)])
-    tok.save(path)
     sep = tok.tok.token_to_id(SEP)
     cfg = sobre.preset("debug", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, max_seq_len=2048)
     sobre.save(random_model(cfg, seed=3), path)
@@ -359,7 +356,9 @@ def test_required_tool_call_is_constrained(tmp_path, long_ckpt):
             assert json.loads(calls[0].function.arguments) == {"city": "Rome"}
     finally:
         server.close()
-    plain = Engine.from_pretrained(long_ckpt)  # (a sobre vocabulary: the separator in bytes, no token)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    plain = Engine(eng.model, Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))))
     with pytest.raises(ValueError, match="tool_calls: the vocabulary has no"):
         plain.add_request([1, 2], tool_calls={"add": None})
 

@@ -287,11 +287,18 @@ def test_post_training_makes_no_indexer_kl(kind, tmp_path, tok, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dsa", "deepseek_v4"])
-def test_sft_keeps_the_indexers_learning_with_indexer_kl(kind, tmp_path, tok):
-    """--indexer-kl W: the sparse-attention indexers learn from their KL to the main attention (W x the layers'
-    mean in the loss, logged as indexer_kl), as in V3.2's post-training; without it they stay as they were.
-    Refused with --lora-rank (which freezes them) and on a model without indexers."""
+def test_post_training_keeps_the_indexers_learning_with_indexer_kl(kind, tmp_path, tok):
+    """sft / grpo --indexer-kl W: the sparse-attention indexers learn from their KL to the main attention (W x the
+    layers' mean in the loss, logged as indexer_kl), as in V3.2's post-training; without it they stay as they
+    were. GRPO's update makes the KL in each of its forwards (a micro-batch's prompts and its completions, one of
+    each per prompt length) and no other. Refused with --lora-rank (which freezes them) and on a model without
+    indexers."""
     import sobre
+    from sobre.grpo import GRPOArgs, grpo
+    from sobre.objective import token_logprobs
+    from sobre.rollout import Rollout
+    from sobre.train import indexed_layers
+    from sobre.update import indexer_kls
 
     from conftest import SPARSE_MODELS, v4_model
     ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
@@ -317,3 +324,26 @@ def test_sft_keeps_the_indexers_learning_with_indexer_kl(kind, tmp_path, tok):
         sft(SFTArgs(out=str(tmp_path / "lora"), indexer_kl=1.0, lora_rank=2, **args))
     with pytest.raises(ValueError, match="has no sparse-attention indexer"):
         sft(SFTArgs(out=str(tmp_path / "v3"), indexer_kl=1.0, **{**args, "init": ""}, preset="debug"))
+
+    indexed = [m for m in indexed_layers(model) if getattr(m, "kind", "csa") == "csa" and m in set(
+        model.layers.modules())]  # (those a forward runs: not the MTP layers; V4's CSA layers)
+    batch = [Rollout(p, [5, 6, 7], "", False, 0.0, 0.0, None) for p in ([3] * 20, [3] * 20, [4] * 13)]
+    kls = []
+    with indexer_kls(indexed_layers(model), kls):
+        token_logprobs(model.train(), batch)
+    assert len(kls) == 4 * len(indexed) and all(k > 0 for k in kls)  # 2 prompt lengths x (prompts, completions)
+    assert all(not m.learn_indexer for m in indexed)
+    token_logprobs(model, batch)
+    assert len(kls) == 4 * len(indexed)  # (outside: none made)
+    rl = dict(init=str(tmp_path / "m"), task="arithmetic", steps=2, prompts=2, group=2, max_new_tokens=8,
+              eval_every=100, eval_problems=1, micro_batch=2, lr=1e-3, router_bias_update=0.0)
+    grpo(GRPOArgs(out=str(tmp_path / "rl_off"), **rl))
+    assert all(torch.equal(v, before[k]) for k, v in indexers("rl_off").items())
+    grpo(GRPOArgs(out=str(tmp_path / "rl_on"), indexer_kl=1.0, **rl))
+    assert any(not torch.equal(v, before[k]) for k, v in indexers("rl_on").items())
+    rows = [json.loads(x) for x in (tmp_path / "rl_on" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["indexer_kl"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="which --lora-rank freezes"):
+        grpo(GRPOArgs(out=str(tmp_path / "rl_lora"), indexer_kl=1.0, lora_rank=2, **rl))
+    with pytest.raises(ValueError, match="has no sparse-attention indexer"):
+        grpo(GRPOArgs(out=str(tmp_path / "rl_v3"), indexer_kl=1.0, **{**rl, "init": ""}, preset="debug"))
