@@ -3,24 +3,24 @@ that satisfies a schema, the same way JSON mode is constrained (constrain.JsonPr
 whose text would leave the language and draws again without it).
 
 `SchemaPrefix` follows JsonPrefix's syntax and checks the schema as the text arrives: an object's keys are among its
-`properties` (each once; any key where `additionalProperties` is true or a schema, or where neither it nor
-properties are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), or
-keys a `patternProperties` regex finds (such an object is closed alike; a key that would have to satisfy two
-different schemas, a property's and a pattern's or two patterns', is refused), a key being typed is a prefix of one
-still allowed; every key follows `propertyNames` (a string schema: pattern, format, length, or an enum / const of
-strings) as it is typed; `}` only once every `required` key is there and `minProperties` keys, a `,` only below
-`maxProperties` (and once the required keys missing would fill it, only those may be written), each value's first
-character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` / `const` values
-(any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems` and
-`maxItems` of them, `uniqueItems` (an element equal to an earlier one refused where it ends). `anyOf` (and a
-one-entry `allOf`) forks the reading: each alternative is followed until the text leaves it (readings that agree
-again are merged); `oneOf` too where it is a discriminated union (no value satisfies two alternatives); `$ref`
-points inside the schema (`#`, `#/$defs/...`), recursion included. A string's `pattern`, `format`, `minLength` /
-`maxLength` and a number's bounds and `multipleOf` are checked on its text so far (sobre.scalars). A `,` or key in
-an object with no key left to write is refused (it would be a dead end); a string whose pattern and maxLength leave
-no common completion can still dead-end (the engine then ends the answer there, finish_reason "length"). That is
-what pydantic models and OpenAI's strict mode use, and more; any other keyword (if / then, dependentRequired, ...),
-or a oneOf whose alternatives may overlap, is refused by `check_schema`, never ignored.
+`properties` (each once; any key where `additionalProperties` is true or a schema, or where neither it nor properties
+are given: an object with properties is closed unless it says otherwise, as OpenAI's strict mode), or keys a
+`patternProperties` regex finds (such an object is closed alike; a key that would have to satisfy two different schemas,
+a property's and a pattern's or two patterns', is refused), a key being typed is a prefix of one still allowed (one
+written already only as the start of a longer one); every key follows `propertyNames` (a string schema: pattern, format,
+length, or an enum / const of strings) as it is typed; `}` only once every `required` key is there and `minProperties`
+keys, a `,` only below `maxProperties` (and once the required keys missing would fill it, only those may be written),
+each value's first character fits its `type` (a list of types too), an `integer` has no fraction or exponent, `enum` /
+`const` values (any JSON) are typed as their compact JSON text, an array's elements follow `items`, between `minItems`
+and `maxItems` of them, `uniqueItems` (an element equal to an earlier one refused where it ends). `anyOf` (and a
+one-entry `allOf`) forks the reading: each alternative is followed until the text leaves it (readings that agree again
+are merged); `oneOf` too where it is a discriminated union (no value satisfies two alternatives); `$ref` points inside
+the schema (`#`, `#/$defs/...`), recursion included. A string's `pattern`, `format`, `minLength` / `maxLength` and a
+number's bounds and `multipleOf` are checked on its text so far (sobre.scalars). A `,` or key in an object with no key
+left to write is refused (it would be a dead end); a string whose pattern and maxLength leave no common completion can
+still dead-end (the engine then ends the answer there, finish_reason "length"). That is what pydantic models and
+OpenAI's strict mode use, and more; any other keyword (if / then, dependentRequired, ...), or a oneOf whose alternatives
+may overlap, is refused by `check_schema`, never ignored.
 """
 
 from __future__ import annotations

@@ -314,16 +314,20 @@ def test_post_training_keeps_the_indexers_learning_with_indexer_kl(kind, tmp_pat
         return {k: v for k, v in sd.items() if ".indexer." in k and not k.startswith("mtp")}
     before = {k: v for k, v in model.state_dict().items() if ".indexer." in k and not k.startswith("mtp")}
     assert before
-    sft(SFTArgs(out=str(tmp_path / "off"), **args))
-    assert all(torch.equal(v, before[k]) for k, v in indexers("off").items())
-    sft(SFTArgs(out=str(tmp_path / "on"), indexer_kl=1.0, **args))
-    assert any(not torch.equal(v, before[k]) for k, v in indexers("on").items())
-    rows = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["indexer_kl"] > 0 for r in rows)
-    with pytest.raises(ValueError, match="which --lora-rank freezes"):
-        sft(SFTArgs(out=str(tmp_path / "lora"), indexer_kl=1.0, lora_rank=2, **args))
-    with pytest.raises(ValueError, match="has no sparse-attention indexer"):
-        sft(SFTArgs(out=str(tmp_path / "v3"), indexer_kl=1.0, **{**args, "init": ""}, preset="debug"))
+    rl = dict(init=str(tmp_path / "m"), task="arithmetic", steps=2, prompts=2, group=2, max_new_tokens=8,
+              eval_every=100, eval_problems=1, micro_batch=2, lr=1e-3, router_bias_update=0.0)
+    for train, make, kw in ((sft, SFTArgs, args), (grpo, GRPOArgs, rl)):
+        name = train.__name__
+        train(make(out=str(tmp_path / f"{name}_off"), **kw))
+        assert all(torch.equal(v, before[k]) for k, v in indexers(f"{name}_off").items())
+        train(make(out=str(tmp_path / f"{name}_on"), indexer_kl=1.0, **kw))
+        assert any(not torch.equal(v, before[k]) for k, v in indexers(f"{name}_on").items())
+        rows = [json.loads(x) for x in (tmp_path / f"{name}_on" / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["indexer_kl"] > 0 for r in rows)
+        with pytest.raises(ValueError, match="which --lora-rank freezes"):
+            train(make(out=str(tmp_path / "lora"), indexer_kl=1.0, lora_rank=2, **kw))
+        with pytest.raises(ValueError, match="has no sparse-attention indexer"):
+            train(make(out=str(tmp_path / "v3"), indexer_kl=1.0, **{**kw, "init": ""}, preset="debug"))
 
     indexed = [m for m in indexed_layers(model) if getattr(m, "kind", "csa") == "csa" and m in set(
         model.layers.modules())]  # (those a forward runs: not the MTP layers; V4's CSA layers)
@@ -335,15 +339,3 @@ def test_post_training_keeps_the_indexers_learning_with_indexer_kl(kind, tmp_pat
     assert all(not m.learn_indexer for m in indexed)
     token_logprobs(model, batch)
     assert len(kls) == 4 * len(indexed)  # (outside: none made)
-    rl = dict(init=str(tmp_path / "m"), task="arithmetic", steps=2, prompts=2, group=2, max_new_tokens=8,
-              eval_every=100, eval_problems=1, micro_batch=2, lr=1e-3, router_bias_update=0.0)
-    grpo(GRPOArgs(out=str(tmp_path / "rl_off"), **rl))
-    assert all(torch.equal(v, before[k]) for k, v in indexers("rl_off").items())
-    grpo(GRPOArgs(out=str(tmp_path / "rl_on"), indexer_kl=1.0, **rl))
-    assert any(not torch.equal(v, before[k]) for k, v in indexers("rl_on").items())
-    rows = [json.loads(x) for x in (tmp_path / "rl_on" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["indexer_kl"] > 0 for r in rows)
-    with pytest.raises(ValueError, match="which --lora-rank freezes"):
-        grpo(GRPOArgs(out=str(tmp_path / "rl_lora"), indexer_kl=1.0, lora_rank=2, **rl))
-    with pytest.raises(ValueError, match="has no sparse-attention indexer"):
-        grpo(GRPOArgs(out=str(tmp_path / "rl_v3"), indexer_kl=1.0, **{**rl, "init": ""}, preset="debug"))
