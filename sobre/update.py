@@ -240,11 +240,11 @@ def policy_step(model, ref, opt, moes, kept, a: GRPOArgs, overlong: bool, reuse:
             loss, st = policy_loss(logp, before, adv[list(c)], mask, objective, n_seqs, n_tokens, a.max_new_tokens,
                                    ref_lp[j] if ref_lp else None, weight, keep[j] if keep else None, drawn)
             kl = sum(kls) / len(kls) if kls else torch.zeros(())  # the micro-batch's mean indexer KL
+            indexer_term = a.indexer_kl * kl * weigh / n_chunks
             if linear:
-                (surrogate[0] + a.indexer_kl * kl * weigh / n_chunks).backward()
+                (surrogate[0] + indexer_term).backward()
             else:
-                (loss * weigh + (0 if entropy_bonus is None else (ent * entropy_bonus).sum())
-                 + a.indexer_kl * kl * weigh / n_chunks).backward()
+                (loss * weigh + (0 if entropy_bonus is None else (ent * entropy_bonus).sum()) + indexer_term).backward()
             sums["loss"] += loss.item() / a.mu
             if indexed:
                 sums["indexer_kl"] += float(kl.detach()) / n_chunks / a.mu
